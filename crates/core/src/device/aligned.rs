@@ -1,0 +1,95 @@
+//! A heap buffer aligned to the block size, as O_DIRECT requires.
+
+use std::alloc::{self, Layout};
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+use super::BLOCK_SIZE;
+
+/// A zero-initialised byte buffer whose start is `BLOCK_SIZE`-aligned.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf uniquely owns its allocation (like Vec<u8>), so moving it to or sharing
+// it with another thread is as safe as for Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out &[u8]; mutation requires &mut self.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (`len` may be 0).
+    pub fn zeroed(len: usize) -> Self {
+        if len == 0 {
+            return AlignedBuf { ptr: NonNull::dangling(), len: 0 };
+        }
+        let layout = Self::layout(len);
+        // SAFETY: layout has non-zero size (len > 0) and a valid power-of-two alignment.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, len }
+    }
+
+    fn layout(len: usize) -> Layout {
+        match Layout::from_size_align(len, BLOCK_SIZE) {
+            Ok(l) => l,
+            // Only reachable for len > isize::MAX - 4095, which no caller can allocate anyway.
+            Err(_) => alloc::handle_alloc_error(Layout::new::<[u8; BLOCK_SIZE]>()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr points to len initialised (zeroed at allocation) bytes owned by self, or
+        // is dangling with len 0, which from_raw_parts allows for a well-aligned pointer.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref; &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: ptr was allocated by alloc_zeroed with exactly this layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_zeroed() {
+        for len in [0, 1, 4096, 3 * 4096 + 17] {
+            let mut b = AlignedBuf::zeroed(len);
+            assert_eq!(b.len(), len);
+            assert!(b.iter().all(|&x| x == 0));
+            if len > 0 {
+                assert_eq!(b.as_ptr() as usize % BLOCK_SIZE, 0);
+                b[len - 1] = 9;
+                assert_eq!(b[len - 1], 9);
+            }
+        }
+    }
+}

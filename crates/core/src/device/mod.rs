@@ -1,0 +1,59 @@
+//! The data device: where block contents live (docs/design.md §4).
+//!
+//! Invariants: every offset and length passed to a `DataDevice` is a multiple of
+//! [`BLOCK_SIZE`] and every buffer is [`BLOCK_SIZE`]-aligned (callers use [`AlignedBuf`]), so
+//! implementations may use O_DIRECT. Implementations are `Send + Sync`; any thread may submit.
+
+pub mod aligned;
+pub mod header;
+pub mod mem;
+pub mod uring;
+
+use std::io;
+
+pub use aligned::AlignedBuf;
+pub use header::DeviceHeader;
+
+pub const BLOCK_SIZE: usize = 4096;
+pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
+/// Bytes reserved at the start of the device for the header.
+pub const DATA_START: u64 = 1 << 20;
+
+pub struct ReadSeg<'a> {
+    pub offset: u64,
+    pub buf: &'a mut [u8],
+}
+
+pub struct WriteSeg<'a> {
+    pub offset: u64,
+    pub buf: &'a [u8],
+}
+
+pub trait DataDevice: Send + Sync {
+    /// Size of the device in bytes.
+    fn len(&self) -> u64;
+    /// Whether the device is empty (0 bytes).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Reads every segment completely (submitted together where the backend allows).
+    fn read(&self, segs: &mut [ReadSeg<'_>]) -> io::Result<()>;
+    /// Writes every segment completely; with `fua` each is durable when this returns.
+    fn write(&self, segs: &[WriteSeg<'_>], fua: bool) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// Checks the alignment invariant; backends call it so a caller bug is an error, not UB.
+pub(crate) fn check_aligned(offset: u64, buf: &[u8]) -> io::Result<()> {
+    if offset % BLOCK_SIZE_U64 != 0
+        || buf.len() % BLOCK_SIZE != 0
+        || (buf.as_ptr() as usize) % BLOCK_SIZE != 0
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unaligned data device I/O at offset {offset}, {} bytes", buf.len()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! What block frontends (NBD, ublk) see: an export with one set of operations. Frontends
+//! translate protocol requests to these calls and `Error::errno` back to protocol errors;
+//! they never reach into the pool.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+
+/// Block status run: `(bytes, flags)` with NBD base:allocation flags.
+pub type StatusRun = (u64, u32);
+
+pub trait Export: Send + Sync {
+    /// Current size in bytes.
+    fn size(&self) -> Result<u64>;
+    fn read_only(&self) -> bool;
+    /// The name clients use (`vol` or `vol@snap`).
+    fn name(&self) -> &str;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
+    fn flush(&self) -> Result<()>;
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>>;
+}
+
+/// Resolves export names for a frontend.
+pub trait ExportProvider: Send + Sync {
+    fn open(&self, name: &str) -> Result<Arc<dyn Export>>;
+    /// Every export name, for NBD_OPT_LIST.
+    fn list(&self) -> Vec<String>;
+}

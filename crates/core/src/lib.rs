@@ -1,0 +1,20 @@
+//! snapblk-core: thin volumes, O(1) copy-on-write snapshots and clones over a metadata
+//! store and a data device. Depends on no particular store (RocksDB lives in
+//! `snapblk-rocks`) and on no frontend (NBD lives in `snapblk-nbd`). See docs/design.md.
+
+pub mod alloc;
+pub mod device;
+pub mod error;
+pub mod export;
+pub mod keys;
+pub mod lock;
+pub mod meta;
+pub mod names;
+pub mod pool;
+pub mod volume;
+
+pub use error::{Error, Result, StoreError};
+pub use export::{Export, ExportProvider};
+pub use meta::{MemStore, MetaStore, WriteBatch};
+pub use pool::{Pool, Target};
+pub use volume::{PoolExports, VolumeHandle};

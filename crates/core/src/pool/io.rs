@@ -1,0 +1,398 @@
+//! The data path: read, write, zero/trim, block status (docs/design.md §2, §5, §6).
+//!
+//! Requests arrive here already validated by `volume::VolumeHandle` (range, size limits,
+//! read-only). This file re-checks only what can change concurrently (the volume's size)
+//! under the tree lock at commit time.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::alloc::Run;
+use crate::device::{AlignedBuf, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::error::{Error, Result};
+use crate::keys::{self, LayerId, MapValue, VolId};
+use crate::meta::WriteBatch;
+
+use super::mapping::{resolve, scan_layer, visible_data};
+use super::{lock, Pool, Target, Tree, STRIPES};
+
+/// Whole blocks zeroed per metadata batch by `zero`.
+const ZERO_CHUNK_BLOCKS: u64 = 16 * 1024;
+/// Largest range one `block_status` call describes.
+pub const BLOCK_STATUS_MAX: u64 = 1 << 30;
+
+/// Block status flags, as NBD's base:allocation context defines them.
+pub const STATUS_HOLE: u32 = 1;
+pub const STATUS_ZERO: u32 = 2;
+
+pub(crate) fn target_layer(tree: &Tree, t: &Target) -> Result<(LayerId, u64)> {
+    match t {
+        Target::Volume(id) => {
+            let v = tree.volume(*id)?;
+            Ok((v.head, v.size))
+        }
+        Target::Snapshot(id, s) => {
+            let s = tree.snapshot(*id, s)?;
+            Ok((s.layer, s.size))
+        }
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let words = b.chunks_exact(8);
+    let rem = words.remainder();
+    words.into_iter().all(|w| <[u8; 8]>::try_from(w).is_ok_and(|a| u64::from_ne_bytes(a) == 0))
+        && rem.iter().all(|&x| x == 0)
+}
+
+impl Pool {
+    pub fn target_size(&self, t: &Target) -> Result<u64> {
+        Ok(target_layer(&self.tree_read(), t)?.1)
+    }
+
+    /// Reads `n` whole blocks starting at `b0` of `t` into an aligned buffer, verifying
+    /// each block's checksum.
+    pub(crate) fn read_blocks(&self, t: &Target, b0: u64, n: u64) -> Result<AlignedBuf> {
+        let _gate = self.gate_read();
+        let map = {
+            let tree = self.tree_read();
+            let (layer, _) = target_layer(&tree, t)?;
+            let chain = tree.chain(layer)?;
+            resolve(&**self.store(), &chain, b0, b0 + n)?
+        };
+        let mut buf = AlignedBuf::zeroed((n * BLOCK_SIZE_U64) as usize);
+        // Runs of (first index, first pba, count) with consecutive lbas and pbas.
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        for (&lba, v) in &map {
+            if let MapValue::Data { pba, .. } = *v {
+                let idx = lba - b0;
+                match runs.last_mut() {
+                    Some((i, p, c)) if *i + *c == idx && *p + *c == pba => *c += 1,
+                    _ => runs.push((idx, pba, 1)),
+                }
+            }
+        }
+        if !runs.is_empty() {
+            let mut segs = Vec::with_capacity(runs.len());
+            let mut rest: &mut [u8] = &mut buf;
+            let mut consumed = 0u64;
+            for &(idx, pba, cnt) in &runs {
+                let skip = ((idx - consumed) * BLOCK_SIZE_U64) as usize;
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
+                let (seg, tail) = tail.split_at_mut((cnt * BLOCK_SIZE_U64) as usize);
+                segs.push(ReadSeg { offset: self.block_offset(pba), buf: seg });
+                rest = tail;
+                consumed = idx + cnt;
+            }
+            self.device().read(&mut segs).map_err(|e| Error::device("read", e))?;
+        }
+        for (&lba, v) in &map {
+            if let MapValue::Data { pba, crc } = *v {
+                let i = ((lba - b0) * BLOCK_SIZE_U64) as usize;
+                let got = crc32c::crc32c(&buf[i..i + BLOCK_SIZE]);
+                if got != crc {
+                    log::error!("checksum mismatch: {t:?} lba {lba} pba {pba}: stored {crc:08x}, data {got:08x}");
+                    return Err(Error::Checksum(format!(
+                        "block {lba} of {t:?} (data block {pba}): stored crc32c {crc:08x}, data has {got:08x}"
+                    )));
+                }
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Reads `out.len()` bytes at byte `offset` of `t`.
+    pub fn read(&self, t: &Target, offset: u64, out: &mut [u8]) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let b0 = offset / BLOCK_SIZE_U64;
+        let b1 = (offset + out.len() as u64).div_ceil(BLOCK_SIZE_U64);
+        let buf = self.read_blocks(t, b0, b1 - b0)?;
+        let start = (offset - b0 * BLOCK_SIZE_U64) as usize;
+        out.copy_from_slice(&buf[start..start + out.len()]);
+        Ok(())
+    }
+
+    fn stripe(vol: VolId, lba: u64) -> usize {
+        ((vol.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) >> 32) as usize % STRIPES
+    }
+
+    /// Writes `data` at byte `offset` of volume `vol`.
+    pub fn write(&self, vol: VolId, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset + data.len() as u64;
+        let b0 = offset / BLOCK_SIZE_U64;
+        let b1 = end.div_ceil(BLOCK_SIZE_U64);
+        let n = b1 - b0;
+        let head_partial = offset % BLOCK_SIZE_U64 != 0;
+        let tail_partial = end % BLOCK_SIZE_U64 != 0;
+        let mut stripes = Vec::new();
+        if head_partial {
+            stripes.push(Self::stripe(vol, b0));
+        }
+        if tail_partial {
+            stripes.push(Self::stripe(vol, b1 - 1));
+        }
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<_> = stripes.iter().map(|&i| lock(&self.stripes[i])).collect();
+        let mut buf = AlignedBuf::zeroed((n * BLOCK_SIZE_U64) as usize);
+        let t = Target::Volume(vol);
+        if head_partial {
+            let old = self.read_blocks(&t, b0, 1)?;
+            buf[..BLOCK_SIZE].copy_from_slice(&old);
+        }
+        if tail_partial && !(head_partial && n == 1) {
+            let old = self.read_blocks(&t, b1 - 1, 1)?;
+            buf[((n - 1) * BLOCK_SIZE_U64) as usize..].copy_from_slice(&old);
+        }
+        let start = (offset - b0 * BLOCK_SIZE_U64) as usize;
+        buf[start..start + data.len()].copy_from_slice(data);
+        self.write_blocks(vol, b0, &buf, fua)
+    }
+
+    /// Allocates `n` blocks; when the pool looks full, syncs once so that pending frees
+    /// return, then tries again.
+    fn allocate(&self, n: u64) -> Result<Vec<Run>> {
+        if let Some(r) = self.alloc_lock().alloc(n) {
+            return Ok(r);
+        }
+        self.sync()?;
+        let mut a = self.alloc_lock();
+        let free = a.free();
+        a.alloc(n).ok_or(Error::NoSpace { needed: n, free })
+    }
+
+    fn free_now(&self, pbas: &[u64]) {
+        let mut a = self.alloc_lock();
+        for &p in pbas {
+            a.free_now(p);
+        }
+    }
+
+    /// Writes whole blocks (buf is a multiple of the block size) starting at block `b0`.
+    fn write_blocks(&self, vol: VolId, b0: u64, buf: &AlignedBuf, fua: bool) -> Result<()> {
+        let blocks: Vec<&[u8]> = buf.chunks(BLOCK_SIZE).collect();
+        let nonzero: Vec<bool> = blocks.iter().map(|b| !is_zero(b)).collect();
+        let ndata = nonzero.iter().filter(|x| **x).count() as u64;
+        let runs = self.allocate(ndata)?;
+        let mut pbas = runs.iter().flat_map(|r| r.start..r.start + r.len);
+        let assigned: Vec<Option<(u64, u32)>> = blocks
+            .iter()
+            .zip(&nonzero)
+            .map(|(b, &nz)| if nz { pbas.next().map(|p| (p, crc32c::crc32c(b))) } else { None })
+            .collect();
+        let allocated: Vec<u64> = assigned.iter().flatten().map(|(p, _)| *p).collect();
+        // One segment per run of blocks that are consecutive in both buf and pba.
+        let mut segs: Vec<WriteSeg<'_>> = Vec::new();
+        let mut i = 0;
+        while i < assigned.len() {
+            let Some((p0, _)) = assigned[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < assigned.len() && matches!(assigned[j], Some((p, _)) if p == p0 + (j - i) as u64) {
+                j += 1;
+            }
+            segs.push(WriteSeg { offset: self.block_offset(p0), buf: &buf[i * BLOCK_SIZE..j * BLOCK_SIZE] });
+            i = j;
+        }
+        if let Err(e) = self.device().write(&segs, fua) {
+            self.free_now(&allocated);
+            return Err(Error::device("write", e));
+        }
+        if let Err(e) = self.commit_blocks(vol, b0, &assigned, fua) {
+            self.free_now(&allocated);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Points blocks `b0..` of `vol`'s head at their new data (Some) or at zeros (None).
+    fn commit_blocks(&self, vol: VolId, b0: u64, assigned: &[Option<(u64, u32)>], fua: bool) -> Result<()> {
+        let n = assigned.len() as u64;
+        let store = &**self.store();
+        let mut tree = self.tree_write();
+        let v = tree.volume(vol)?;
+        if b0 + n > v.size / BLOCK_SIZE_U64 {
+            return Err(Error::OutOfRange { offset: b0 * BLOCK_SIZE_U64, len: n * BLOCK_SIZE_U64, size: v.size });
+        }
+        let head = v.head;
+        let mut existing = BTreeMap::new();
+        scan_layer(store, head, b0, b0 + n, |l, mv| {
+            existing.insert(l, mv);
+        })?;
+        let below = if assigned.iter().any(Option::is_none) {
+            let chain = tree.chain(head)?;
+            visible_data(store, &chain[1..], b0, b0 + n)?
+        } else {
+            BTreeSet::new()
+        };
+        let mut batch = WriteBatch::new();
+        let mut frees = Vec::new();
+        let (mut d_entries, mut d_data) = (0i64, 0i64);
+        for (i, a) in assigned.iter().enumerate() {
+            let lba = b0 + i as u64;
+            let old = existing.get(&lba).copied();
+            if let Some(MapValue::Data { pba, .. }) = old {
+                frees.push(pba);
+                d_data -= 1;
+            }
+            let key = keys::map_key(head, lba);
+            match *a {
+                Some((pba, crc)) => {
+                    batch.put(key.to_vec(), MapValue::Data { pba, crc }.encode().to_vec());
+                    d_entries += i64::from(old.is_none());
+                    d_data += 1;
+                }
+                None if below.contains(&lba) => {
+                    if old != Some(MapValue::Zero) {
+                        batch.put(key.to_vec(), MapValue::Zero.encode().to_vec());
+                        d_entries += i64::from(old.is_none());
+                    }
+                }
+                None => {
+                    if old.is_some() {
+                        batch.delete(key.to_vec());
+                        d_entries -= 1;
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            store.commit(batch, fua)?;
+        }
+        tree.adjust_counts(head, d_entries, d_data);
+        self.defer_frees(&frees);
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Queues `pbas` (unreferenced by the batch just committed) for release after the next
+    /// sync. Called with the tree write lock held, right after the commit.
+    pub(crate) fn defer_frees(&self, pbas: &[u64]) {
+        if pbas.is_empty() {
+            return;
+        }
+        let g = self.current_generation();
+        let mut a = self.alloc_lock();
+        for &p in pbas {
+            a.free_deferred(g, p);
+        }
+    }
+
+    /// Makes `[offset, offset + len)` of `vol` read as zeros without storing data (TRIM and
+    /// WRITE_ZEROES). Whole blocks become holes; partial blocks at the edges are written.
+    pub fn zero(&self, vol: VolId, offset: u64, len: u64, fua: bool) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let w0 = offset.div_ceil(BLOCK_SIZE_U64);
+        let w1 = end / BLOCK_SIZE_U64;
+        if w0 >= w1 {
+            return self.write(vol, offset, &vec![0u8; len as usize], fua);
+        }
+        if offset < w0 * BLOCK_SIZE_U64 {
+            self.write(vol, offset, &vec![0u8; (w0 * BLOCK_SIZE_U64 - offset) as usize], fua)?;
+        }
+        if end > w1 * BLOCK_SIZE_U64 {
+            self.write(vol, w1 * BLOCK_SIZE_U64, &vec![0u8; (end - w1 * BLOCK_SIZE_U64) as usize], fua)?;
+        }
+        let mut c0 = w0;
+        while c0 < w1 {
+            let c1 = (c0 + ZERO_CHUNK_BLOCKS).min(w1);
+            self.zero_blocks(vol, c0, c1, fua, true)?;
+            c0 = c1;
+        }
+        Ok(())
+    }
+
+    /// Turns whole blocks `[c0, c1)` of `vol`'s head into holes, in one batch.
+    pub(crate) fn zero_blocks(&self, vol: VolId, c0: u64, c1: u64, fua: bool, check_size: bool) -> Result<()> {
+        let store = &**self.store();
+        let mut tree = self.tree_write();
+        let v = tree.volume(vol)?;
+        if check_size && c1 > v.size / BLOCK_SIZE_U64 {
+            return Err(Error::OutOfRange { offset: c0 * BLOCK_SIZE_U64, len: (c1 - c0) * BLOCK_SIZE_U64, size: v.size });
+        }
+        let head = v.head;
+        let mut existing = BTreeMap::new();
+        scan_layer(store, head, c0, c1, |l, mv| {
+            existing.insert(l, mv);
+        })?;
+        let chain = tree.chain(head)?;
+        let below = visible_data(store, &chain[1..], c0, c1)?;
+        let lbas: BTreeSet<u64> = existing.keys().copied().chain(below.iter().copied()).collect();
+        let mut batch = WriteBatch::new();
+        let mut frees = Vec::new();
+        let (mut d_entries, mut d_data) = (0i64, 0i64);
+        for lba in lbas {
+            let old = existing.get(&lba).copied();
+            if let Some(MapValue::Data { pba, .. }) = old {
+                frees.push(pba);
+                d_data -= 1;
+            }
+            let key = keys::map_key(head, lba).to_vec();
+            if below.contains(&lba) {
+                if old != Some(MapValue::Zero) {
+                    batch.put(key, MapValue::Zero.encode().to_vec());
+                    d_entries += i64::from(old.is_none());
+                }
+            } else if old.is_some() {
+                batch.delete(key);
+                d_entries -= 1;
+            }
+        }
+        if !batch.is_empty() {
+            store.commit(batch, fua)?;
+        }
+        tree.adjust_counts(head, d_entries, d_data);
+        self.defer_frees(&frees);
+        self.mark_dirty();
+        Ok(())
+    }
+
+    /// Allocation status of `[offset, offset + len)` of `t` (len capped at
+    /// [`BLOCK_STATUS_MAX`]): runs of (bytes, flags) covering the range from `offset`.
+    pub fn block_status(&self, t: &Target, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+        let len = len.min(BLOCK_STATUS_MAX);
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset + len;
+        let b0 = offset / BLOCK_SIZE_U64;
+        let b1 = end.div_ceil(BLOCK_SIZE_U64);
+        let map = {
+            let tree = self.tree_read();
+            let (layer, _) = target_layer(&tree, t)?;
+            let chain = tree.chain(layer)?;
+            resolve(&**self.store(), &chain, b0, b1)?
+        };
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut push = |bytes: u64, flags: u32| match out.last_mut() {
+            Some((l, f)) if *f == flags => *l += bytes,
+            _ => out.push((bytes, flags)),
+        };
+        let mut pos = offset;
+        for (&lba, v) in map.range(b0..b1) {
+            if !matches!(v, MapValue::Data { .. }) {
+                continue;
+            }
+            let s = (lba * BLOCK_SIZE_U64).max(offset);
+            let e = ((lba + 1) * BLOCK_SIZE_U64).min(end);
+            if s > pos {
+                push(s - pos, STATUS_HOLE | STATUS_ZERO);
+            }
+            push(e - s, 0);
+            pos = e;
+        }
+        if pos < end {
+            push(end - pos, STATUS_HOLE | STATUS_ZERO);
+        }
+        Ok(out)
+    }
+}

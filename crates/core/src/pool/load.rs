@@ -1,0 +1,237 @@
+//! Formatting a new pool and opening an existing one (loading the tree, rebuilding the
+//! allocator from the extent map).
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use crate::alloc::Allocator;
+use crate::device::{AlignedBuf, DataDevice, DeviceHeader, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64, DATA_START};
+use crate::error::{Error, Result};
+use crate::keys::{self, LayerRecord, MapValue, SnapshotRecord, SuperRecord, VolumeRecord, FORMAT_VERSION};
+use crate::meta::{MetaStore, WriteBatch};
+
+use super::{Pool, Tree, STRIPES};
+
+fn uuid_bytes(s: &str) -> Result<[u8; 16]> {
+    uuid::Uuid::parse_str(s)
+        .map(|u| *u.as_bytes())
+        .map_err(|e| Error::Corrupt(format!("pool uuid '{s}': {e}")))
+}
+
+impl Pool {
+    /// Formats an empty store and a data device as a new pool; returns its uuid.
+    pub fn format(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<String> {
+        if store.get(&keys::super_key())?.is_some() {
+            return Err(Error::exists("pool", "metadata directory already holds a pool"));
+        }
+        let len = dev.len();
+        if len < DATA_START + 16 * BLOCK_SIZE_U64 {
+            return Err(Error::invalid(
+                "data device size",
+                format!("{len} bytes is too small (minimum {} bytes)", DATA_START + 16 * BLOCK_SIZE_U64),
+            ));
+        }
+        let uuid = uuid::Uuid::new_v4();
+        let header = DeviceHeader {
+            format_version: FORMAT_VERSION,
+            block_size: BLOCK_SIZE as u32,
+            pool_uuid: *uuid.as_bytes(),
+            data_start: DATA_START,
+            size_at_format: len,
+        };
+        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
+        buf.copy_from_slice(&header.encode());
+        dev.write(&[WriteSeg { offset: 0, buf: &buf }], true)
+            .map_err(|e| Error::device("writing header", e))?;
+        dev.sync().map_err(|e| Error::device("sync", e))?;
+        let sup = SuperRecord {
+            format_version: FORMAT_VERSION,
+            pool_uuid: uuid.to_string(),
+            block_size: BLOCK_SIZE as u32,
+            data_start: DATA_START,
+            data_blocks: (len - DATA_START) / BLOCK_SIZE_U64,
+            created: keys::now_secs(),
+        };
+        let mut b = WriteBatch::new();
+        b.put(keys::super_key(), keys::encode_record(&sup));
+        b.put(keys::next_id_key(), 1u64.to_be_bytes().to_vec());
+        store.commit(b, true)?;
+        Ok(sup.pool_uuid)
+    }
+
+    /// Reads and checks the superblock and the device header.
+    fn check_identity(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<SuperRecord> {
+        let key = keys::super_key();
+        let raw = store
+            .get(&key)?
+            .ok_or_else(|| Error::not_found("pool", "no pool superblock in the metadata store (not formatted?)"))?;
+        let sup: SuperRecord = keys::decode_record("superblock", &key, &raw)?;
+        if sup.format_version != FORMAT_VERSION {
+            return Err(Error::invalid(
+                "pool",
+                format!("metadata format version {} is not supported (this snapblk reads version {FORMAT_VERSION})", sup.format_version),
+            ));
+        }
+        if sup.block_size as usize != BLOCK_SIZE {
+            return Err(Error::invalid("pool", format!("block size {} is not supported", sup.block_size)));
+        }
+        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
+        dev.read(&mut [ReadSeg { offset: 0, buf: &mut buf }])
+            .map_err(|e| Error::device("reading header", e))?;
+        let h = DeviceHeader::decode(&buf, "data device")?;
+        if h.format_version != FORMAT_VERSION {
+            return Err(Error::invalid(
+                "data device",
+                format!("format version {} is not supported (this snapblk reads version {FORMAT_VERSION})", h.format_version),
+            ));
+        }
+        if h.pool_uuid != uuid_bytes(&sup.pool_uuid)? {
+            return Err(Error::invalid(
+                "data device",
+                format!(
+                    "it belongs to pool {}, but the metadata is pool {}",
+                    uuid::Uuid::from_bytes(h.pool_uuid),
+                    sup.pool_uuid
+                ),
+            ));
+        }
+        let need = sup.data_start + sup.data_blocks * BLOCK_SIZE_U64;
+        if dev.len() < need {
+            return Err(Error::invalid(
+                "data device",
+                format!("{} bytes, smaller than the {need} bytes the pool was formatted with", dev.len()),
+            ));
+        }
+        Ok(sup)
+    }
+
+    /// Loads names and layers from the store.
+    pub(crate) fn load_tree(store: &dyn MetaStore) -> Result<Tree> {
+        let mut tree = Tree::default();
+        let nk = keys::next_id_key();
+        tree.next_id = match store.get(&nk)? {
+            Some(v) if v.len() == 8 => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&v);
+                u64::from_be_bytes(a)
+            }
+            Some(v) => return Err(Error::Corrupt(format!("next-id record of {} bytes", v.len()))),
+            None => 1,
+        };
+        let mut err: Option<Error> = None;
+        let mut keep = |r: Result<()>| match r {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                err = Some(e);
+                ControlFlow::Break(())
+            }
+        };
+        let mut layers = Vec::new();
+        let (a, b) = keys::prefix_range(keys::K_LAYER);
+        store.scan(&a, &b, &mut |k, v| keep(keys::decode_record::<LayerRecord>("layer", k, v).map(|r| layers.push(r))))?;
+        let (a, b) = keys::prefix_range(keys::K_VOLUME);
+        store.scan(&a, &b, &mut |k, v| {
+            keep(keys::decode_record::<VolumeRecord>("volume", k, v).map(|r| {
+                tree.names.insert(r.name.clone(), r.id);
+                tree.volumes.insert(r.id, r);
+            }))
+        })?;
+        let (a, b) = keys::prefix_range(keys::K_SNAPSHOT);
+        store.scan(&a, &b, &mut |k, v| {
+            keep(keys::decode_u64_suffix(k, keys::K_SNAPSHOT).and_then(|vol| {
+                let r: SnapshotRecord = keys::decode_record("snapshot", k, v)?;
+                tree.snapshots.insert((vol, r.name.clone()), r);
+                Ok(())
+            }))
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        for l in &layers {
+            tree.layers.insert(
+                l.id,
+                super::tree::LayerInfo { rec: l.clone(), children: Default::default(), entries: 0, data_blocks: 0 },
+            );
+        }
+        for l in &layers {
+            if let Some(p) = l.parent {
+                match tree.layers.get_mut(&p) {
+                    Some(pl) => {
+                        pl.children.insert(l.id);
+                    }
+                    None => return Err(Error::Corrupt(format!("layer {} has missing parent {p}", l.id))),
+                }
+            }
+        }
+        Ok(tree)
+    }
+
+    /// Opens a formatted pool: checks identity, loads the tree, rebuilds the allocator and
+    /// per-layer counts from the extent map, and queues reclaim of unreferenced layers.
+    pub fn open(store: Arc<dyn MetaStore>, dev: Arc<dyn DataDevice>) -> Result<Arc<Pool>> {
+        let sup = Self::check_identity(&*store, &*dev)?;
+        let mut tree = Self::load_tree(&*store)?;
+        let mut alloc = Allocator::new(sup.data_blocks);
+        let mut err: Option<Error> = None;
+        let mut counts: HashMap<u64, (u64, u64)> = HashMap::new();
+        let (a, b) = keys::prefix_range(keys::K_MAP);
+        store.scan(&a, &b, &mut |k, v| {
+            let r = keys::decode_map_key(k).and_then(|(layer, lba)| {
+                let mv = MapValue::decode(v)?;
+                let c = counts.entry(layer).or_default();
+                c.0 += 1;
+                if let Some(pba) = mv.pba() {
+                    c.1 += 1;
+                    if !alloc.mark_used(pba) {
+                        return Err(Error::Corrupt(format!(
+                            "block {pba} (layer {layer}, lba {lba}) is out of range or mapped twice; run `snapblk pool check`"
+                        )));
+                    }
+                }
+                Ok(())
+            });
+            match r {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    err = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        for (layer, (entries, data)) in counts {
+            match tree.layers.get_mut(&layer) {
+                Some(l) => {
+                    l.entries = entries;
+                    l.data_blocks = data;
+                }
+                None => {
+                    return Err(Error::Corrupt(format!(
+                        "{entries} map entries belong to missing layer {layer}; run `snapblk pool check`"
+                    )))
+                }
+            }
+        }
+        let pool = Arc::new(Pool {
+            store,
+            dev,
+            sup,
+            tree: RwLock::new(tree),
+            alloc: Mutex::new(alloc),
+            gate: RwLock::new(()),
+            generation: AtomicU64::new(1),
+            sync_lock: Mutex::new(()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            open_targets: Mutex::new(HashMap::new()),
+            wake: (Mutex::new(false), Condvar::new()),
+            shutdown: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            background: Mutex::new(None),
+        });
+        Ok(pool)
+    }
+}

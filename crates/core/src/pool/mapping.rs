@@ -1,0 +1,71 @@
+//! Reading the extent map: one layer's entries, and the visible entries through a chain.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+
+use crate::error::{Error, Result};
+use crate::keys::{self, LayerId, MapValue};
+use crate::meta::MetaStore;
+
+/// Calls `f(lba, value)` for each entry of `layer` with lba in `[from, to)`, ascending.
+pub(crate) fn scan_layer(
+    store: &dyn MetaStore,
+    layer: LayerId,
+    from: u64,
+    to: u64,
+    mut f: impl FnMut(u64, MapValue),
+) -> Result<()> {
+    if from >= to {
+        return Ok(());
+    }
+    let (a, b) = keys::map_range(layer, from, to);
+    let mut err: Option<Error> = None;
+    store.scan(&a, &b, &mut |k, v| {
+        match keys::decode_map_key(k).and_then(|(_, lba)| Ok((lba, MapValue::decode(v)?))) {
+            Ok((lba, mv)) => {
+                f(lba, mv);
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                err = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    err.map_or(Ok(()), Err)
+}
+
+/// The visible entry of each lba in `[from, to)` through `chain` (nearest layer first).
+/// Lbas absent from the result read as zeros.
+pub(crate) fn resolve(
+    store: &dyn MetaStore,
+    chain: &[LayerId],
+    from: u64,
+    to: u64,
+) -> Result<BTreeMap<u64, MapValue>> {
+    let mut out = BTreeMap::new();
+    let want = to.saturating_sub(from);
+    for &layer in chain {
+        if out.len() as u64 >= want {
+            break;
+        }
+        scan_layer(store, layer, from, to, |lba, mv| {
+            out.entry(lba).or_insert(mv);
+        })?;
+    }
+    Ok(out)
+}
+
+/// Lbas in `[from, to)` whose visible value through `chain` is data (not zero, not absent).
+pub(crate) fn visible_data(
+    store: &dyn MetaStore,
+    chain: &[LayerId],
+    from: u64,
+    to: u64,
+) -> Result<std::collections::BTreeSet<u64>> {
+    Ok(resolve(store, chain, from, to)?
+        .into_iter()
+        .filter(|(_, v)| matches!(v, MapValue::Data { .. }))
+        .map(|(l, _)| l)
+        .collect())
+}

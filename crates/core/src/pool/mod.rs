@@ -1,0 +1,247 @@
+//! The pool: metadata store + data device + the layer tree, and every operation on them.
+//!
+//! Threading rules (docs/design.md §6):
+//! * `tree` (RwLock): read side to resolve mappings and read names; write side for every
+//!   metadata commit, held for one store batch. Never held across data-device I/O except
+//!   for `snapshot create`, which syncs the data device under it.
+//! * `alloc` (Mutex): taken briefly, never while waiting for I/O; may be taken while `tree`
+//!   is held, never the other way round.
+//! * `gate` (RwLock): reads hold the shared side from mapping lookup to the end of their
+//!   data I/O; returning pending frees to the allocator takes the exclusive side. Taken
+//!   before `tree`.
+//! * `stripes`: sub-block writes lock the stripe of their block before anything else.
+
+mod io;
+mod load;
+mod mapping;
+mod ops;
+mod reclaim;
+
+pub mod check;
+pub mod diff;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::alloc::Allocator;
+use crate::device::{DataDevice, BLOCK_SIZE_U64};
+use crate::error::{Error, Result};
+use crate::keys::{SuperRecord, VolId};
+use crate::meta::MetaStore;
+
+pub use ops::{SnapshotInfo, VolumeInfo};
+pub(crate) use tree::Tree;
+
+mod tree;
+
+/// What an I/O addresses: a volume's current head, or a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Volume(VolId),
+    Snapshot(VolId, String),
+}
+
+const STRIPES: usize = 1024;
+
+pub struct Pool {
+    store: Arc<dyn MetaStore>,
+    dev: Arc<dyn DataDevice>,
+    sup: SuperRecord,
+    tree: RwLock<Tree>,
+    alloc: Mutex<Allocator>,
+    gate: RwLock<()>,
+    generation: AtomicU64,
+    sync_lock: Mutex<()>,
+    stripes: Vec<Mutex<()>>,
+    open_targets: Mutex<HashMap<Target, usize>>,
+    wake: (Mutex<bool>, Condvar),
+    shutdown: AtomicBool,
+    dirty: AtomicBool,
+    background: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolInfo {
+    pub uuid: String,
+    pub format_version: u32,
+    pub block_size: u64,
+    pub capacity: u64,
+    pub used: u64,
+    pub free: u64,
+    pub pending_free: u64,
+    pub metadata_size: u64,
+    pub volumes: usize,
+    pub snapshots: usize,
+    pub hidden_layers: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning means another thread panicked mid-update of plain in-memory state; the
+    // durable state is in the store, and the data structures here are updated only after
+    // a successful commit, so continuing is no worse than the panic itself.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pool {
+    pub(crate) fn tree_read(&self) -> RwLockReadGuard<'_, Tree> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+    pub(crate) fn tree_write(&self) -> RwLockWriteGuard<'_, Tree> {
+        self.tree.write().unwrap_or_else(|p| p.into_inner())
+    }
+    pub(crate) fn alloc_lock(&self) -> MutexGuard<'_, Allocator> {
+        lock(&self.alloc)
+    }
+    pub(crate) fn gate_read(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn store(&self) -> &Arc<dyn MetaStore> {
+        &self.store
+    }
+    pub fn device(&self) -> &Arc<dyn DataDevice> {
+        &self.dev
+    }
+    pub fn uuid(&self) -> &str {
+        &self.sup.pool_uuid
+    }
+    pub fn data_blocks(&self) -> u64 {
+        self.sup.data_blocks
+    }
+    pub(crate) fn block_offset(&self, pba: u64) -> u64 {
+        self.sup.data_start + pba * BLOCK_SIZE_U64
+    }
+    /// The generation that frees committed now are tagged with.
+    pub(crate) fn current_generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+    pub(crate) fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Makes every acknowledged write durable (data device, then metadata) and returns the
+    /// blocks freed before this call to the allocator.
+    pub fn sync(&self) -> Result<()> {
+        let _serial = lock(&self.sync_lock);
+        self.dirty.store(false, Ordering::Release);
+        let g = self.generation.fetch_add(1, Ordering::AcqRel);
+        self.dev.sync().map_err(|e| Error::device("sync", e))?;
+        self.store.sync()?;
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.alloc_lock().release_through(g);
+        Ok(())
+    }
+
+    pub fn info(&self) -> PoolInfo {
+        let tree = self.tree_read();
+        let (free, pending) = {
+            let a = self.alloc_lock();
+            (a.free(), a.pending())
+        };
+        let referenced: std::collections::BTreeSet<_> = tree
+            .volumes
+            .values()
+            .map(|v| v.head)
+            .chain(tree.snapshots.values().map(|s| s.layer))
+            .collect();
+        PoolInfo {
+            uuid: self.sup.pool_uuid.clone(),
+            format_version: self.sup.format_version,
+            block_size: BLOCK_SIZE_U64,
+            capacity: self.sup.data_blocks * BLOCK_SIZE_U64,
+            used: (self.sup.data_blocks - free) * BLOCK_SIZE_U64,
+            free: free * BLOCK_SIZE_U64,
+            pending_free: pending * BLOCK_SIZE_U64,
+            metadata_size: self.store.size_on_disk(),
+            volumes: tree.volumes.len(),
+            snapshots: tree.snapshots.len(),
+            hidden_layers: tree.layers.keys().filter(|l| !referenced.contains(l)).count(),
+        }
+    }
+
+    /// Registers an open export of `target` (NBD connection, ublk device); volumes and
+    /// snapshots with open exports cannot be deleted.
+    pub(crate) fn register_open(&self, t: &Target) {
+        *lock(&self.open_targets).entry(t.clone()).or_insert(0) += 1;
+    }
+    pub(crate) fn unregister_open(&self, t: &Target) {
+        let mut m = lock(&self.open_targets);
+        if let Some(n) = m.get_mut(t) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(t);
+            }
+        }
+    }
+    pub(crate) fn open_count(&self, pred: impl Fn(&Target) -> bool) -> usize {
+        lock(&self.open_targets).iter().filter(|(t, _)| pred(t)).map(|(_, n)| *n).sum()
+    }
+
+    /// Starts the background thread: reclaim of unreferenced layers and a sync every
+    /// second when something changed.
+    pub fn start_background(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        let h = std::thread::Builder::new()
+            .name("snapblk-bg".into())
+            .spawn(move || me.background_loop());
+        match h {
+            Ok(h) => *lock(&self.background) = Some(h),
+            Err(e) => log::error!("cannot start background thread: {e}"),
+        }
+    }
+
+    fn background_loop(&self) {
+        while !self.shutdown.load(Ordering::Acquire) {
+            match self.reclaim_step() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => log::error!("reclaim: {e}"),
+            }
+            if self.dirty.load(Ordering::Acquire) {
+                if let Err(e) = self.sync() {
+                    log::error!("periodic sync: {e}");
+                }
+            }
+            let (m, cv) = &self.wake;
+            let mut woken = lock(m);
+            if !*woken {
+                woken = cv.wait_timeout(woken, Duration::from_secs(1)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+            }
+            *woken = false;
+        }
+    }
+
+    pub(crate) fn wake_background(&self) {
+        let (m, cv) = &self.wake;
+        *lock(m) = true;
+        cv.notify_all();
+    }
+
+    /// Runs reclaim until nothing is left (tests, `pool check` callers that want a settled
+    /// pool).
+    pub fn reclaim_all(&self) -> Result<()> {
+        while self.reclaim_step()? {}
+        Ok(())
+    }
+
+    /// Stops the background thread and makes everything durable.
+    pub fn shutdown(&self) -> Result<()> {
+        self.shutdown.store(true, Ordering::Release);
+        self.wake_background();
+        if let Some(h) = lock(&self.background).take() {
+            let _ = h.join();
+        }
+        self.sync()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shutdown.store(true, Ordering::Release);
+    }
+}

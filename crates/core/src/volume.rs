@@ -1,0 +1,116 @@
+//! `VolumeHandle`: the one place where block requests are validated (range, size limit,
+//! read-only) before they reach the pool. Every frontend goes through it.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::export::{Export, ExportProvider, StatusRun};
+use crate::names::parse_target;
+use crate::pool::{Pool, Target};
+
+/// Largest single read or write (NBD's maximum block size advertises the same).
+pub const MAX_IO: u64 = 32 << 20;
+
+pub struct VolumeHandle {
+    pool: Arc<Pool>,
+    target: Target,
+    name: String,
+}
+
+impl VolumeHandle {
+    /// Opens `vol` (read-write) or `vol@snap` (read-only).
+    pub fn open(pool: &Arc<Pool>, name: &str) -> Result<Self> {
+        let (vol, snap) = parse_target(name)?;
+        let vid = pool.volume_id(vol)?;
+        let target = match snap {
+            Some(s) => {
+                pool.snapshot_info(vol, s)?;
+                Target::Snapshot(vid, s.to_string())
+            }
+            None => Target::Volume(vid),
+        };
+        pool.register_open(&target);
+        Ok(VolumeHandle { pool: Arc::clone(pool), target, name: name.to_string() })
+    }
+
+    fn check(&self, offset: u64, len: u64, write: bool, limit: bool) -> Result<()> {
+        if write && self.read_only() {
+            return Err(Error::ReadOnly(format!("snapshot export '{}'", self.name)));
+        }
+        if limit && len > MAX_IO {
+            return Err(Error::invalid("request", format!("{len} bytes exceeds the maximum of {MAX_IO}")));
+        }
+        let size = self.pool.target_size(&self.target)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    fn vol(&self) -> Result<u64> {
+        match &self.target {
+            Target::Volume(v) => Ok(*v),
+            Target::Snapshot(..) => Err(Error::ReadOnly(format!("snapshot export '{}'", self.name))),
+        }
+    }
+}
+
+impl Drop for VolumeHandle {
+    fn drop(&mut self) {
+        self.pool.unregister_open(&self.target);
+    }
+}
+
+impl Export for VolumeHandle {
+    fn size(&self) -> Result<u64> {
+        self.pool.target_size(&self.target)
+    }
+    fn read_only(&self) -> bool {
+        matches!(self.target, Target::Snapshot(..))
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64, false, true)?;
+        self.pool.read(&self.target, offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check(offset, data.len() as u64, true, true)?;
+        self.pool.write(self.vol()?, offset, data, fua)
+    }
+    fn flush(&self) -> Result<()> {
+        self.pool.sync()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check(offset, len, true, false)?;
+        self.pool.zero(self.vol()?, offset, len, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check(offset, len, true, false)?;
+        self.pool.zero(self.vol()?, offset, len, fua)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>> {
+        self.check(offset, len, false, false)?;
+        self.pool.block_status(&self.target, offset, len)
+    }
+}
+
+/// Exports every volume (read-write) and snapshot (read-only) of a pool by name.
+pub struct PoolExports(pub Arc<Pool>);
+
+impl ExportProvider for PoolExports {
+    fn open(&self, name: &str) -> Result<Arc<dyn Export>> {
+        Ok(Arc::new(VolumeHandle::open(&self.0, name)?))
+    }
+    fn list(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for v in self.0.list_volumes() {
+            out.push(v.name.clone());
+        }
+        if let Ok(snaps) = self.0.list_snapshots(None) {
+            out.extend(snaps.into_iter().map(|s| format!("{}@{}", s.volume, s.name)));
+        }
+        out
+    }
+}

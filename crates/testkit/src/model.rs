@@ -1,0 +1,269 @@
+//! The pool against a simple in-memory model: random sequences of write / trim /
+//! write_zeroes / snapshot / clone / rollback / delete / resize / reclaim / reopen, with every
+//! volume and snapshot compared byte for byte after every step and `pool check` clean.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use snapblk_core::device::BLOCK_SIZE;
+use snapblk_core::{Error, Pool, Target};
+
+use crate::PoolEnv;
+
+/// Blocks per volume at creation; small so that operations collide often.
+pub const VOL_BLOCKS: u64 = 16;
+const SECTOR: u64 = 512;
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Create,
+    Write { vol: usize, sector: u64, sectors: u64, seed: u8, zeros: bool, fua: bool },
+    Zero { vol: usize, sector: u64, sectors: u64 },
+    Snapshot { vol: usize },
+    Clone { snap: usize },
+    Rollback { snap: usize },
+    DeleteSnapshot { snap: usize },
+    DeleteVolume { vol: usize, recursive: bool },
+    Resize { vol: usize, blocks: u64 },
+    Rename { vol: usize },
+    Reclaim,
+    Sync,
+    Reopen,
+}
+
+pub fn op_strategy() -> impl Strategy<Value = Op> {
+    let span = VOL_BLOCKS * (BLOCK_SIZE as u64) / SECTOR;
+    prop_oneof![
+        1 => Just(Op::Create),
+        8 => (any::<usize>(), 0..span, 1..=24u64, any::<u8>(), prop::bool::weighted(0.1), any::<bool>())
+            .prop_map(|(vol, sector, sectors, seed, zeros, fua)| Op::Write { vol, sector, sectors, seed, zeros, fua }),
+        3 => (any::<usize>(), 0..span, 1..=40u64).prop_map(|(vol, sector, sectors)| Op::Zero { vol, sector, sectors }),
+        3 => any::<usize>().prop_map(|vol| Op::Snapshot { vol }),
+        1 => any::<usize>().prop_map(|snap| Op::Clone { snap }),
+        1 => any::<usize>().prop_map(|snap| Op::Rollback { snap }),
+        2 => any::<usize>().prop_map(|snap| Op::DeleteSnapshot { snap }),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(vol, recursive)| Op::DeleteVolume { vol, recursive }),
+        1 => (any::<usize>(), 1..=(2 * VOL_BLOCKS)).prop_map(|(vol, blocks)| Op::Resize { vol, blocks }),
+        1 => any::<usize>().prop_map(|vol| Op::Rename { vol }),
+        1 => Just(Op::Reclaim),
+        1 => Just(Op::Sync),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+#[derive(Default)]
+struct Model {
+    /// (name, contents)
+    volumes: Vec<(String, Vec<u8>)>,
+    /// (volume name, snapshot name, contents)
+    snapshots: Vec<(String, String, Vec<u8>)>,
+    counter: u64,
+}
+
+impl Model {
+    fn fresh(&mut self, p: &str) -> String {
+        self.counter += 1;
+        format!("{p}{}", self.counter)
+    }
+}
+
+fn pattern(seed: u8, len: usize, zeros: bool) -> Vec<u8> {
+    if zeros {
+        return vec![0; len];
+    }
+    (0..len).map(|i| seed.wrapping_add((i / 7) as u8).wrapping_mul(31).wrapping_add(1)).collect()
+}
+
+fn read_all(pool: &Pool, t: &Target) -> Vec<u8> {
+    let size = pool.target_size(t).expect("size");
+    let mut buf = vec![0xeeu8; size as usize];
+    // Read in uneven pieces to exercise partial-block reads.
+    let mut off = 0u64;
+    let mut step = 3 * SECTOR;
+    while off < size {
+        let n = step.min(size - off);
+        pool.read(t, off, &mut buf[off as usize..(off + n) as usize]).expect("read");
+        off += n;
+        step = step * 2 + SECTOR;
+    }
+    buf
+}
+
+fn verify(pool: &Pool, m: &Model) {
+    for (name, data) in &m.volumes {
+        let id = pool.volume_id(name).expect("volume exists");
+        let got = read_all(pool, &Target::Volume(id));
+        assert!(got == *data, "volume {name} differs from the model");
+    }
+    for (vol, snap, data) in &m.snapshots {
+        let id = pool.volume_id(vol).expect("volume of snapshot exists");
+        let got = read_all(pool, &Target::Snapshot(id, snap.clone()));
+        assert!(got == *data, "snapshot {vol}@{snap} differs from the model");
+    }
+    assert_eq!(pool.list_volumes().len(), m.volumes.len());
+    assert_eq!(pool.list_snapshots(None).unwrap().len(), m.snapshots.len());
+    let r = pool.check().expect("check runs");
+    assert!(r.is_clean(), "pool check: {:?}", r.errors);
+}
+
+/// Applies `ops` to a pool from `env` and to the model, verifying after every step; at
+/// the end deletes everything and checks that all space comes back.
+pub fn run(env: &mut dyn PoolEnv, ops: &[Op]) {
+    let mut pool = env.open();
+    let mut m = Model::default();
+    let bs = BLOCK_SIZE as u64;
+    for op in ops {
+        match op.clone() {
+            Op::Create => {
+                let name = m.fresh("v");
+                pool.create_volume(&name, VOL_BLOCKS * bs).unwrap();
+                m.volumes.push((name, vec![0; (VOL_BLOCKS * bs) as usize]));
+            }
+            Op::Write { vol, sector, sectors, seed, zeros, fua } => {
+                if m.volumes.is_empty() {
+                    continue;
+                }
+                let n = m.volumes.len();
+                let (name, data) = &mut m.volumes[vol % n];
+                let id = pool.volume_id(name).unwrap();
+                let off = sector * SECTOR;
+                let len = sectors * SECTOR;
+                let buf = pattern(seed, len as usize, zeros);
+                let r = pool.write(id, off, &buf, fua);
+                if off + len > data.len() as u64 {
+                    assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
+                } else {
+                    r.unwrap();
+                    data[off as usize..(off + len) as usize].copy_from_slice(&buf);
+                }
+            }
+            Op::Zero { vol, sector, sectors } => {
+                if m.volumes.is_empty() {
+                    continue;
+                }
+                let n = m.volumes.len();
+                let (name, data) = &mut m.volumes[vol % n];
+                let id = pool.volume_id(name).unwrap();
+                let (off, len) = (sector * SECTOR, sectors * SECTOR);
+                let r = pool.zero(id, off, len, false);
+                if off + len > data.len() as u64 {
+                    assert!(r.is_err());
+                } else {
+                    r.unwrap();
+                    data[off as usize..(off + len) as usize].fill(0);
+                }
+            }
+            Op::Snapshot { vol } => {
+                if m.volumes.is_empty() {
+                    continue;
+                }
+                let snap = m.fresh("s");
+                let (name, data) = &m.volumes[vol % m.volumes.len()];
+                pool.create_snapshot(name, &snap).unwrap();
+                m.snapshots.push((name.clone(), snap, data.clone()));
+            }
+            Op::Clone { snap } => {
+                if m.snapshots.is_empty() {
+                    continue;
+                }
+                let new = m.fresh("c");
+                let (vol, s, data) = m.snapshots[snap % m.snapshots.len()].clone();
+                pool.clone_snapshot(&vol, &s, &new).unwrap();
+                m.volumes.push((new, data));
+            }
+            Op::Rollback { snap } => {
+                if m.snapshots.is_empty() {
+                    continue;
+                }
+                let (vol, s, data) = m.snapshots[snap % m.snapshots.len()].clone();
+                pool.rollback(&vol, &s).unwrap();
+                if let Some(v) = m.volumes.iter_mut().find(|(n, _)| *n == vol) {
+                    v.1 = data;
+                }
+            }
+            Op::DeleteSnapshot { snap } => {
+                if m.snapshots.is_empty() {
+                    continue;
+                }
+                let (vol, s, _) = m.snapshots.remove(snap % m.snapshots.len());
+                pool.delete_snapshot(&vol, &s).unwrap();
+            }
+            Op::DeleteVolume { vol, recursive } => {
+                if m.volumes.is_empty() {
+                    continue;
+                }
+                let i = vol % m.volumes.len();
+                let name = m.volumes[i].0.clone();
+                let has_snaps = m.snapshots.iter().any(|(v, _, _)| *v == name);
+                let r = pool.delete_volume(&name, recursive);
+                if has_snaps && !recursive {
+                    assert!(matches!(r, Err(Error::Busy(_))), "{r:?}");
+                } else {
+                    r.unwrap();
+                    m.volumes.remove(i);
+                    m.snapshots.retain(|(v, _, _)| *v != name);
+                }
+            }
+            Op::Resize { vol, blocks } => {
+                if m.volumes.is_empty() {
+                    continue;
+                }
+                let n = m.volumes.len();
+                let (name, data) = &mut m.volumes[vol % n];
+                let new = (blocks * bs) as usize;
+                let r = pool.resize_volume(name, new as u64, false);
+                if new < data.len() {
+                    assert!(r.is_err());
+                    pool.resize_volume(name, new as u64, true).unwrap();
+                } else {
+                    r.unwrap();
+                }
+                data.resize(new, 0);
+            }
+            Op::Rename { vol } => {
+                if m.volumes.is_empty() {
+                    continue;
+                }
+                let new = m.fresh("r");
+                let i = vol % m.volumes.len();
+                let old = m.volumes[i].0.clone();
+                pool.rename_volume(&old, &new).unwrap();
+                m.volumes[i].0 = new.clone();
+                for s in m.snapshots.iter_mut().filter(|s| s.0 == old) {
+                    s.0 = new.clone();
+                }
+            }
+            Op::Reclaim => pool.reclaim_all().unwrap(),
+            Op::Sync => pool.sync().unwrap(),
+            Op::Reopen => {
+                drop(pool);
+                pool = env.open();
+            }
+        }
+        verify(&pool, &m);
+    }
+    // Delete everything; all space must come back.
+    for (vol, s, _) in std::mem::take(&mut m.snapshots) {
+        pool.delete_snapshot(&vol, &s).unwrap();
+    }
+    for (name, _) in std::mem::take(&mut m.volumes) {
+        pool.delete_volume(&name, false).unwrap();
+    }
+    pool.reclaim_all().unwrap();
+    pool.sync().unwrap();
+    let info = pool.info();
+    assert_eq!(info.used, 0, "space leaked: {info:?}");
+    assert_eq!(info.hidden_layers, 0, "layers leaked: {info:?}");
+    verify(&pool, &m);
+}
+
+/// Blocks of the device a model run needs at most (writes, frees pending until sync).
+pub fn device_bytes() -> u64 {
+    64 << 20
+}
+
+/// Convenience for callers that hold an `Arc<Pool>` already.
+pub fn verify_pool(pool: &Arc<Pool>) {
+    let r = pool.check().expect("check");
+    assert!(r.is_clean(), "{:?}", r.errors);
+}

@@ -1,0 +1,85 @@
+//! The model test bodies, run against both metadata stores and both data devices.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use snapblk_core::device::uring::UringFile;
+use snapblk_core::device::DataDevice;
+use snapblk_core::MetaStore;
+use snapblk_rocks::RocksStore;
+use snapblk_testkit::model::{self, op_strategy, Op};
+use snapblk_testkit::{mem_env, FactoryEnv, PoolEnv};
+
+fn rocks_env(dir: &std::path::Path) -> impl PoolEnv {
+    let meta = dir.join("meta");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&meta).unwrap();
+    UringFile::create_file(&data, model::device_bytes()).unwrap();
+    let mut first = true;
+    FactoryEnv {
+        make_store: move || -> Arc<dyn MetaStore> {
+            let s = RocksStore::open(&meta, first).unwrap();
+            first = false;
+            Arc::new(s)
+        },
+        make_dev: move || -> Arc<dyn DataDevice> { Arc::new(UringFile::open(&data).unwrap()) },
+        formatted: false,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #[test]
+    fn model_memstore(ops in prop::collection::vec(op_strategy(), 1..60)) {
+        let mut env = mem_env(model::device_bytes());
+        model::run(&mut env, &ops);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn model_rocksdb_uring(ops in prop::collection::vec(op_strategy(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = rocks_env(dir.path());
+        model::run(&mut env, &ops);
+    }
+}
+
+/// A fixed scenario that touches every operation, on both backends.
+fn scripted() -> Vec<Op> {
+    use Op::*;
+    vec![
+        Create,
+        Write { vol: 0, sector: 0, sectors: 128, seed: 1, zeros: false, fua: false },
+        Snapshot { vol: 0 },
+        Write { vol: 0, sector: 3, sectors: 5, seed: 2, zeros: false, fua: true },
+        Zero { vol: 0, sector: 8, sectors: 40 },
+        Snapshot { vol: 0 },
+        Clone { snap: 0 },
+        Write { vol: 1, sector: 60, sectors: 9, seed: 3, zeros: false, fua: false },
+        Reopen,
+        Rollback { snap: 0 },
+        DeleteSnapshot { snap: 0 },
+        Reclaim,
+        Write { vol: 0, sector: 0, sectors: 16, seed: 4, zeros: true, fua: false },
+        Resize { vol: 1, blocks: 3 },
+        Resize { vol: 1, blocks: 20 },
+        Rename { vol: 0 },
+        Reopen,
+        DeleteVolume { vol: 0, recursive: true },
+        Reclaim,
+        Sync,
+    ]
+}
+
+#[test]
+fn scripted_memstore() {
+    model::run(&mut mem_env(model::device_bytes()), &scripted());
+}
+
+#[test]
+fn scripted_rocksdb_uring() {
+    let dir = tempfile::tempdir().unwrap();
+    model::run(&mut rocks_env(dir.path()), &scripted());
+}
