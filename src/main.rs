@@ -1,1 +1,129 @@
-fn main() {}
+//! The `snapblk` binary: CLI and daemon. Wires the RocksDB store, the io_uring data device,
+//! the NBD server and the control socket around snapblk-core.
+
+mod admin;
+mod cli;
+mod control;
+mod daemon;
+mod freeze;
+mod human;
+mod open;
+mod render;
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+
+use admin::Command;
+use cli::{Cli, Cmd, PoolCmd, SnapshotCmd, VolumeCmd};
+use human::parse_size;
+
+fn command(cmd: &Cmd) -> Result<Command> {
+    Ok(match cmd {
+        Cmd::Pool(PoolCmd::Info) => Command::PoolInfo,
+        Cmd::Pool(PoolCmd::Check) => Command::PoolCheck,
+        Cmd::Volume(VolumeCmd::Create { name, size }) => Command::VolumeCreate { name: name.clone(), size: parse_size(size)? },
+        Cmd::Volume(VolumeCmd::List) => Command::VolumeList,
+        Cmd::Volume(VolumeCmd::Info { name }) => Command::VolumeInfo { name: name.clone() },
+        Cmd::Volume(VolumeCmd::Resize { name, size, force }) => {
+            Command::VolumeResize { name: name.clone(), size: parse_size(size)?, force: *force }
+        }
+        Cmd::Volume(VolumeCmd::Rename { old, new }) => Command::VolumeRename { old: old.clone(), new: new.clone() },
+        Cmd::Volume(VolumeCmd::Delete { name, recursive }) => {
+            Command::VolumeDelete { name: name.clone(), recursive: *recursive }
+        }
+        Cmd::Snapshot(SnapshotCmd::Create { snapshot, .. }) => Command::SnapshotCreate { snapshot: snapshot.clone() },
+        Cmd::Snapshot(SnapshotCmd::List { volume }) => Command::SnapshotList { volume: volume.clone() },
+        Cmd::Snapshot(SnapshotCmd::Info { snapshot }) => Command::SnapshotInfo { snapshot: snapshot.clone() },
+        Cmd::Snapshot(SnapshotCmd::Delete { snapshot }) => Command::SnapshotDelete { snapshot: snapshot.clone() },
+        Cmd::Clone { snapshot, name } => Command::Clone { snapshot: snapshot.clone(), name: name.clone() },
+        Cmd::Rollback { snapshot } => Command::Rollback { snapshot: snapshot.clone() },
+        Cmd::Diff { from, to } => Command::Diff { from: from.clone(), to: to.clone() },
+        Cmd::Pool(PoolCmd::Create { .. }) | Cmd::Daemon(_) => bail!("not a management command"),
+    })
+}
+
+/// Runs a management command through the daemon, or on a directly opened pool.
+fn run_command(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
+    let socket = cli.socket.clone().unwrap_or_else(control::default_socket);
+    if let Some(conn) = control::connect(&socket) {
+        return control::call(&conn, cmd);
+    }
+    let (Some(meta), Some(data)) = (&cli.meta, &cli.data) else {
+        bail!(
+            "no daemon answers at {} and no --meta/--data were given to open the pool directly",
+            socket.display()
+        );
+    };
+    let opened = open::open_pool(meta, data, "snapblk CLI")?;
+    let r = admin::execute(&opened.pool, cmd);
+    if admin::mutates(cmd) {
+        opened.pool.reclaim_all()?;
+    }
+    opened.pool.shutdown()?;
+    Ok(r?)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.cmd {
+        Cmd::Daemon(a) => {
+            let base = match &a.config {
+                Some(p) => daemon::DaemonConfig::load(p)?,
+                None => daemon::DaemonConfig::default(),
+            };
+            let cfg = base.merge(daemon::DaemonConfig {
+                meta: cli.meta.clone(),
+                data: cli.data.clone(),
+                socket: cli.socket.clone(),
+                nbd_socket: a.nbd_socket.clone(),
+                nbd_tcp: a.nbd_tcp.clone(),
+                workers: a.workers,
+            });
+            daemon::run(cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pool(PoolCmd::Create { size, force }) => {
+            let (Some(meta), Some(data)) = (&cli.meta, &cli.data) else {
+                bail!("pool create needs --meta DIR and --data PATH");
+            };
+            let size = size.as_deref().map(parse_size).transpose()?;
+            let uuid = open::create_pool(meta, data, size, *force)?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "uuid": uuid, "meta": meta, "data": data }));
+            } else {
+                println!("created pool {uuid} (meta {}, data {})", meta.display(), data.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            let cmd = command(other)?;
+            let frozen = match other {
+                Cmd::Snapshot(SnapshotCmd::Create { freeze: Some(m), .. }) => Some(freeze::freeze(m)?),
+                _ => None,
+            };
+            let result = run_command(&cli, &cmd);
+            drop(frozen);
+            let v = result?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", render::render(&cmd, &v));
+            }
+            let clean = !matches!(cmd, Command::PoolCheck) || v["errors"].as_array().is_none_or(|e| e.is_empty());
+            Ok(if clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("snapblk: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

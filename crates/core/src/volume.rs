@@ -23,12 +23,10 @@ impl VolumeHandle {
         let (vol, snap) = parse_target(name)?;
         let vid = pool.volume_id(vol)?;
         let target = match snap {
-            Some(s) => {
-                pool.snapshot_info(vol, s)?;
-                Target::Snapshot(vid, s.to_string())
-            }
+            Some(s) => Target::Snapshot(vid, s.to_string()),
             None => Target::Volume(vid),
         };
+        pool.target_size(&target)?;
         pool.register_open(&target);
         Ok(VolumeHandle { pool: Arc::clone(pool), target, name: name.to_string() })
     }

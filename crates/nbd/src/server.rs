@@ -1,0 +1,298 @@
+//! The transmission phase. Threading: one thread per connection reads requests (and WRITE
+//! payloads) in order; a worker pool shared by all connections executes them and writes
+//! each reply whole under the connection's writer mutex, so replies may complete out of
+//! order (as NBD allows) but never interleave. A per-connection byte budget bounds the
+//! payload memory held by requests in flight.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crossbeam_channel::{Receiver, Sender};
+use snapblk_core::{Export, ExportProvider};
+
+use crate::codec::{self, Request};
+use crate::handshake::{negotiate, Session};
+use crate::proto::*;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Payload bytes one connection may hold in flight.
+const CONN_BUDGET: u64 = 128 << 20;
+
+pub struct Server {
+    provider: Arc<dyn ExportProvider>,
+    jobs: Sender<Job>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Maps an errno from the volume API to the NBD error set.
+pub fn nbd_error(errno: i32) -> u32 {
+    match errno {
+        libc::EPERM | libc::EROFS => EPERM,
+        libc::EINVAL => EINVAL,
+        libc::ENOSPC => ENOSPC,
+        libc::ENOMEM => ENOMEM,
+        libc::EOVERFLOW => EOVERFLOW,
+        libc::ENOTSUP => ENOTSUP,
+        libc::ESHUTDOWN => ESHUTDOWN,
+        _ => EIO,
+    }
+}
+
+struct Conn {
+    writer: Mutex<Box<dyn Write + Send>>,
+    /// (payload bytes in flight, requests in flight)
+    inflight: Mutex<(u64, usize)>,
+    cv: Condvar,
+}
+
+impl Conn {
+    fn send(&self, parts: &[&[u8]]) {
+        let mut w = lock(&self.writer);
+        for p in parts {
+            if let Err(e) = w.write_all(p) {
+                log::debug!("nbd: reply not sent: {e}");
+                return;
+            }
+        }
+        let _ = w.flush();
+    }
+
+    fn admit(&self, bytes: u64) {
+        let mut g = lock(&self.inflight);
+        while g.1 > 0 && g.0 + bytes > CONN_BUDGET {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.0 += bytes;
+        g.1 += 1;
+    }
+
+    fn done(&self, bytes: u64) {
+        let mut g = lock(&self.inflight);
+        g.0 -= bytes;
+        g.1 -= 1;
+        self.cv.notify_all();
+    }
+
+    fn drain(&self) {
+        let mut g = lock(&self.inflight);
+        while g.1 > 0 {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+struct Duplex<R, W> {
+    r: R,
+    w: W,
+}
+impl<R: Read, W> Read for Duplex<R, W> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.r.read(b)
+    }
+}
+impl<R, W: Write> Write for Duplex<R, W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.w.write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+impl Server {
+    /// A server with `workers` threads executing requests for all connections.
+    pub fn new(provider: Arc<dyn ExportProvider>, workers: usize) -> io::Result<Arc<Server>> {
+        let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
+        for i in 0..workers.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new().name(format!("nbd-worker-{i}")).spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })?;
+        }
+        Ok(Arc::new(Server { provider, jobs: tx }))
+    }
+
+    /// Serves one connection to the end: handshake, then requests until NBD_CMD_DISC or
+    /// the client goes away. In-flight requests finish before this returns.
+    pub fn serve(&self, reader: impl Read, writer: Box<dyn Write + Send>) -> io::Result<()> {
+        let mut d = Duplex { r: reader, w: writer };
+        let Some(session) = negotiate(&mut d, &*self.provider)? else {
+            return Ok(());
+        };
+        let Duplex { r: mut reader, w: writer } = d;
+        let conn = Arc::new(Conn { writer: Mutex::new(writer), inflight: Mutex::new((0, 0)), cv: Condvar::new() });
+        let session = Arc::new(session);
+        let r = self.transmission(&mut reader, &conn, &session);
+        conn.drain();
+        r
+    }
+
+    fn transmission(&self, reader: &mut impl Read, conn: &Arc<Conn>, session: &Arc<Session>) -> io::Result<()> {
+        loop {
+            let mut hdr = [0u8; codec::REQUEST_LEN];
+            match reader.read_exact(&mut hdr) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            let req = codec::parse_request(&hdr)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("request: {e}")))?;
+            let mut payload = Vec::new();
+            if req.command == CMD_WRITE {
+                if req.length > MAX_PAYLOAD {
+                    // The payload cannot be skipped safely; say why, then hang up.
+                    conn.send(&[&codec::simple_reply(EOVERFLOW, req.cookie)]);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("write of {} bytes", req.length)));
+                }
+                payload = vec![0u8; req.length as usize];
+                reader.read_exact(&mut payload)?;
+            }
+            if req.command == CMD_DISC {
+                return Ok(());
+            }
+            let bytes = match req.command {
+                CMD_READ | CMD_WRITE => u64::from(req.length),
+                _ => 0,
+            };
+            conn.admit(bytes);
+            let (c, s) = (Arc::clone(conn), Arc::clone(session));
+            let job: Job = Box::new(move || {
+                handle(&c, &s, req, payload);
+                c.done(bytes);
+            });
+            if self.jobs.send(job).is_err() {
+                return Err(io::Error::other("worker pool stopped"));
+            }
+        }
+    }
+}
+
+fn error_reply(conn: &Conn, session: &Session, req: &Request, err: u32, msg: &str) {
+    let structured_cmd = matches!(req.command, CMD_READ | CMD_BLOCK_STATUS);
+    if session.structured && structured_cmd {
+        conn.send(&[&codec::error_chunk(req.cookie, err, msg)]);
+    } else {
+        conn.send(&[&codec::simple_reply(err, req.cookie)]);
+    }
+}
+
+fn handle(conn: &Conn, session: &Session, req: Request, payload: Vec<u8>) {
+    let export: &dyn Export = &*session.export;
+    if req.flags & !CMD_FLAGS_KNOWN != 0 {
+        return error_reply(conn, session, &req, EINVAL, "unknown command flags");
+    }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let (off, len) = (req.offset, u64::from(req.length));
+    let result = match req.command {
+        CMD_READ => {
+            if req.length > MAX_PAYLOAD {
+                return error_reply(conn, session, &req, EINVAL, "read larger than the maximum block size");
+            }
+            let mut buf = vec![0u8; req.length as usize];
+            match export.read(off, &mut buf) {
+                Ok(()) => {
+                    if session.structured {
+                        let h = codec::chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, req.cookie, req.length + 8);
+                        conn.send(&[&h, &off.to_be_bytes(), &buf]);
+                    } else {
+                        conn.send(&[&codec::simple_reply(0, req.cookie), &buf]);
+                    }
+                    return;
+                }
+                Err(e) => Err(e),
+            }
+        }
+        CMD_WRITE => export.write(off, &payload, fua),
+        CMD_FLUSH => export.flush(),
+        CMD_TRIM => export.trim(off, len, fua),
+        CMD_WRITE_ZEROES => export.write_zeroes(off, len, fua),
+        CMD_CACHE => export.size().and_then(|size| match off.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(snapblk_core::Error::OutOfRange { offset: off, len, size }),
+        }),
+        CMD_BLOCK_STATUS => {
+            if !session.structured || !session.allocation_context {
+                return error_reply(conn, session, &req, EINVAL, "base:allocation was not negotiated");
+            }
+            match export.block_status(off, len) {
+                Ok(runs) => {
+                    let mut descs: Vec<(u32, u32)> = runs
+                        .into_iter()
+                        .filter(|(l, _)| *l > 0)
+                        .map(|(l, f)| (l.min(u64::from(u32::MAX) & !4095) as u32, f))
+                        .collect();
+                    if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                        descs.truncate(1);
+                    }
+                    if descs.is_empty() {
+                        return error_reply(conn, session, &req, EINVAL, "empty range");
+                    }
+                    conn.send(&[&codec::block_status_chunk(req.cookie, BASE_ALLOCATION_ID, &descs)]);
+                    return;
+                }
+                Err(e) => Err(e),
+            }
+        }
+        other => {
+            return error_reply(conn, session, &req, EINVAL, &format!("unknown command {other}"));
+        }
+    };
+    match result {
+        Ok(()) => conn.send(&[&codec::simple_reply(0, req.cookie)]),
+        Err(e) => {
+            log::debug!("nbd {}: command {} at {off}+{len}: {e}", export.name(), req.command);
+            error_reply(conn, session, &req, nbd_error(e.errno()), &e.to_string());
+        }
+    }
+}
+
+/// Accepts connections on a Unix socket forever, one thread per connection.
+pub fn serve_unix(server: Arc<Server>, listener: UnixListener) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => spawn_conn(&server, s.try_clone(), s),
+            Err(e) => log::warn!("nbd accept (unix): {e}"),
+        }
+    }
+}
+
+/// Accepts connections on a TCP socket forever, one thread per connection.
+pub fn serve_tcp(server: Arc<Server>, listener: TcpListener) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                spawn_conn(&server, s.try_clone(), s)
+            }
+            Err(e) => log::warn!("nbd accept (tcp): {e}"),
+        }
+    }
+}
+
+trait Stream: Read + Write + Send + 'static {}
+impl Stream for UnixStream {}
+impl Stream for TcpStream {}
+
+fn spawn_conn<S: Stream>(server: &Arc<Server>, writer: io::Result<S>, reader: S) {
+    let writer = match writer {
+        Ok(w) => w,
+        Err(e) => return log::warn!("nbd: cannot clone socket: {e}"),
+    };
+    let server = Arc::clone(server);
+    let r = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
+        if let Err(e) = server.serve(reader, Box::new(writer)) {
+            log::info!("nbd connection ended: {e}");
+        }
+    });
+    if let Err(e) = r {
+        log::warn!("nbd: cannot start connection thread: {e}");
+    }
+}

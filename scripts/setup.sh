@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what building and testing snapblk needs on a fresh Debian machine (run as root).
+# Idempotent: installs only what is missing.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+pkgs=(libclang-dev clang libnbd-bin nbdkit fio qemu-utils e2fsprogs xfsprogs fuse3 kmod python3 util-linux)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install Rust (rustup) first" >&2
+    exit 1
+fi
+for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null 2>&1 || true
+done
+# FUSE and loop devices for the host-side end-to-end tests.
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+[ -e /dev/loop-control ] || modprobe loop 2>/dev/null || true

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test command: formatting, lints, unit/property/conformance tests, then the
+# end-to-end tests with real NBD clients and kernel filesystems. Run as root.
+# One cargo profile (release) only, so RocksDB's C++ is compiled once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/snapblk/target}
+mkdir -p "$CARGO_TARGET_DIR"
+step() { echo; echo "=== $* ($(date +%T))"; }
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo build --release"
+cargo build --release --workspace --all-targets
+step "cargo clippy"
+cargo clippy --release --workspace --all-targets -- -D warnings
+step "cargo test"
+cargo test --release --workspace
+step "end-to-end tests"
+bash tests/e2e/run.sh

@@ -1,0 +1,107 @@
+//! The management command set, executed the same way whether it came over the control
+//! socket (daemon) or from the CLI on a directly opened pool.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use snapblk_core::names::{parse_snap_ref, parse_target};
+use snapblk_core::{Pool, Target};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    PoolInfo,
+    PoolCheck,
+    VolumeCreate { name: String, size: u64 },
+    VolumeList,
+    VolumeInfo { name: String },
+    VolumeResize { name: String, size: u64, force: bool },
+    VolumeRename { old: String, new: String },
+    VolumeDelete { name: String, recursive: bool },
+    SnapshotCreate { snapshot: String },
+    SnapshotList { volume: Option<String> },
+    SnapshotInfo { snapshot: String },
+    SnapshotDelete { snapshot: String },
+    Clone { snapshot: String, name: String },
+    Rollback { snapshot: String },
+    Diff { from: String, to: String },
+}
+
+fn to_value<T: Serialize>(v: T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn target(pool: &Pool, s: &str) -> Result<Target, snapblk_core::Error> {
+    let (v, snap) = parse_target(s)?;
+    let id = pool.volume_id(v)?;
+    let t = match snap {
+        Some(sn) => Target::Snapshot(id, sn.to_string()),
+        None => Target::Volume(id),
+    };
+    pool.target_size(&t)?;
+    Ok(t)
+}
+
+pub fn execute(pool: &Arc<Pool>, cmd: &Command) -> Result<Value, snapblk_core::Error> {
+    Ok(match cmd {
+        Command::PoolInfo => to_value(pool.info()),
+        Command::PoolCheck => to_value(pool.check()?),
+        Command::VolumeCreate { name, size } => to_value(pool.create_volume(name, *size)?),
+        Command::VolumeList => to_value(pool.list_volumes()),
+        Command::VolumeInfo { name } => to_value(pool.volume_info(name)?),
+        Command::VolumeResize { name, size, force } => to_value(pool.resize_volume(name, *size, *force)?),
+        Command::VolumeRename { old, new } => to_value(pool.rename_volume(old, new)?),
+        Command::VolumeDelete { name, recursive } => {
+            pool.delete_volume(name, *recursive)?;
+            json!({ "deleted": name })
+        }
+        Command::SnapshotCreate { snapshot } => {
+            let (v, s) = parse_snap_ref(snapshot)?;
+            let t0 = std::time::Instant::now();
+            let info = pool.create_snapshot(v, s)?;
+            let mut val = to_value(info);
+            val["create_micros"] = json!(t0.elapsed().as_micros() as u64);
+            val
+        }
+        Command::SnapshotList { volume } => to_value(pool.list_snapshots(volume.as_deref())?),
+        Command::SnapshotInfo { snapshot } => {
+            let (v, s) = parse_snap_ref(snapshot)?;
+            to_value(pool.snapshot_info(v, s)?)
+        }
+        Command::SnapshotDelete { snapshot } => {
+            let (v, s) = parse_snap_ref(snapshot)?;
+            pool.delete_snapshot(v, s)?;
+            json!({ "deleted": snapshot })
+        }
+        Command::Clone { snapshot, name } => {
+            let (v, s) = parse_snap_ref(snapshot)?;
+            to_value(pool.clone_snapshot(v, s, name)?)
+        }
+        Command::Rollback { snapshot } => {
+            let (v, s) = parse_snap_ref(snapshot)?;
+            to_value(pool.rollback(v, s)?)
+        }
+        Command::Diff { from, to } => {
+            let a = target(pool, from)?;
+            let b = target(pool, to)?;
+            let ranges = pool.diff(&a, &b)?;
+            let bytes: u64 = ranges.iter().map(|r| r.length).sum();
+            json!({ "from": from, "to": to, "changed_bytes": bytes, "ranges": to_value(ranges) })
+        }
+    })
+}
+
+/// Whether a command changes the pool (direct mode then lets reclaim finish before exit).
+pub fn mutates(cmd: &Command) -> bool {
+    !matches!(
+        cmd,
+        Command::PoolInfo
+            | Command::PoolCheck
+            | Command::VolumeList
+            | Command::VolumeInfo { .. }
+            | Command::SnapshotList { .. }
+            | Command::SnapshotInfo { .. }
+            | Command::Diff { .. }
+    )
+}

@@ -1,0 +1,146 @@
+//! Command-line definitions (clap).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "snapblk", version, about = "Thin volumes with O(1) snapshots, served over NBD")]
+pub struct Cli {
+    /// Control socket of the daemon.
+    #[arg(long, global = true, env = "SNAPBLK_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Metadata directory (SSD), to open the pool directly when no daemon runs.
+    #[arg(long, global = true, env = "SNAPBLK_META")]
+    pub meta: Option<PathBuf>,
+    /// Data file or block device (HDD), to open the pool directly when no daemon runs.
+    #[arg(long, global = true, env = "SNAPBLK_DATA")]
+    pub data: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create, inspect and check the pool.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Run the daemon in the foreground: holds the pool, serves NBD and the control socket.
+    Daemon(DaemonArgs),
+    /// Thin volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Read-only point-in-time snapshots (VOLUME@SNAPSHOT).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Create a writable volume sharing all data with a snapshot.
+    Clone {
+        /// VOLUME@SNAPSHOT
+        snapshot: String,
+        /// Name of the new volume.
+        name: String,
+    },
+    /// Return a volume to a snapshot's contents (later snapshots are kept).
+    Rollback {
+        /// VOLUME@SNAPSHOT
+        snapshot: String,
+    },
+    /// List the byte ranges that differ between two snapshots, or a snapshot and a volume.
+    Diff {
+        /// VOLUME@SNAPSHOT (or VOLUME)
+        from: String,
+        /// VOLUME@SNAPSHOT or VOLUME
+        to: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// Format a new pool: metadata in --meta, data in --data.
+    Create {
+        /// Size of the data file to create (e.g. 100G); not for block devices.
+        #[arg(long)]
+        size: Option<String>,
+        /// Overwrite an existing data file or pool header.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Capacity, usage and metadata size.
+    Info,
+    /// Verify every metadata invariant; exits 1 on any violation.
+    Check,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, workers.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Unix socket for NBD clients.
+    #[arg(long, env = "SNAPBLK_NBD_SOCKET")]
+    pub nbd_socket: Option<PathBuf>,
+    /// TCP address for NBD clients, or "none".
+    #[arg(long)]
+    pub nbd_tcp: Option<String>,
+    /// Worker threads executing NBD requests.
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+    List,
+    Info {
+        name: String,
+    },
+    /// Grow a volume (shrinking needs --force and discards the cut-off data).
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+        #[arg(long)]
+        force: bool,
+    },
+    Rename {
+        old: String,
+        new: String,
+    },
+    /// Delete a volume (with --recursive also its snapshots).
+    Delete {
+        name: String,
+        #[arg(long, short)]
+        recursive: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Take a snapshot in O(1).
+    Create {
+        /// VOLUME@SNAPSHOT
+        snapshot: String,
+        /// Freeze the filesystem mounted here around the snapshot (like fsfreeze).
+        #[arg(long)]
+        freeze: Option<PathBuf>,
+    },
+    /// Snapshots of one volume, or of all.
+    List {
+        volume: Option<String>,
+    },
+    Info {
+        snapshot: String,
+    },
+    /// Delete a snapshot; its space is reclaimed in the background.
+    Delete {
+        snapshot: String,
+    },
+}

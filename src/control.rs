@@ -1,0 +1,95 @@
+//! The control socket: one JSON `Command` per line in, one JSON reply per line out:
+//! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The socket file is mode 0600.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use snapblk_core::Pool;
+
+use crate::admin::{execute, Command};
+
+/// Longest request line accepted.
+const MAX_LINE: u64 = 64 << 10;
+
+pub const DEFAULT_SOCKET: &str = "/run/snapblk/control.sock";
+
+pub fn default_socket() -> PathBuf {
+    std::env::var_os("SNAPBLK_SOCKET").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file but refusing to steal one
+/// that a live process still answers on.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by another running process", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+pub fn serve(pool: Arc<Pool>, listener: UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let pool = Arc::clone(&pool);
+        let _ = std::thread::Builder::new().name("control".into()).spawn(move || handle(&pool, conn));
+    }
+}
+
+fn handle(pool: &Arc<Pool>, conn: UnixStream) {
+    let Ok(mut w) = conn.try_clone() else { return };
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        match (&mut r).take(MAX_LINE).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
+            let _ = writeln!(w, "{}", json!({ "ok": false, "error": "request line too long" }));
+            return;
+        }
+        let reply = match serde_json::from_str::<Command>(line.trim()) {
+            Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
+            Ok(cmd) => match execute(pool, &cmd) {
+                Ok(v) => json!({ "ok": true, "result": v }),
+                Err(e) => json!({ "ok": false, "error": e.to_string() }),
+            },
+        };
+        if writeln!(w, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+/// Connects to a daemon; `None` when nothing listens at `path`.
+pub fn connect(path: &Path) -> Option<UnixStream> {
+    UnixStream::connect(path).ok()
+}
+
+/// Sends one command and returns its result, or the daemon's error.
+pub fn call(conn: &UnixStream, cmd: &Command) -> Result<Value> {
+    let mut w = conn;
+    writeln!(w, "{}", serde_json::to_string(cmd)?)?;
+    conn.set_read_timeout(Some(Duration::from_secs(3600)))?;
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line).context("reading the daemon's reply")?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| anyhow!("bad reply from daemon: {e}"))?;
+    if v["ok"].as_bool() == Some(true) {
+        Ok(v["result"].clone())
+    } else {
+        bail!("{}", v["error"].as_str().unwrap_or("unknown error from daemon"))
+    }
+}

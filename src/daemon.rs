@@ -1,0 +1,104 @@
+//! `snapblk daemon`: holds the pool, serves NBD (Unix socket and TCP) and the control
+//! socket, runs background reclaim and the periodic sync, and shuts down cleanly (sync,
+//! remove sockets) on SIGTERM or SIGINT.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use snapblk_core::PoolExports;
+
+use crate::control;
+use crate::open::open_pool;
+
+pub const DEFAULT_NBD_SOCKET: &str = "/run/snapblk/nbd.sock";
+pub const DEFAULT_NBD_TCP: &str = "127.0.0.1:10809";
+
+/// Daemon settings: from the TOML config file, overridden by command-line flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    pub meta: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub nbd_socket: Option<PathBuf>,
+    /// "host:port", or "none" to disable TCP.
+    pub nbd_tcp: Option<String>,
+    pub workers: Option<usize>,
+}
+
+impl DaemonConfig {
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// `other` (the command line) wins where it is set.
+    pub fn merge(self, other: DaemonConfig) -> DaemonConfig {
+        DaemonConfig {
+            meta: other.meta.or(self.meta),
+            data: other.data.or(self.data),
+            socket: other.socket.or(self.socket),
+            nbd_socket: other.nbd_socket.or(self.nbd_socket),
+            nbd_tcp: other.nbd_tcp.or(self.nbd_tcp),
+            workers: other.workers.or(self.workers),
+        }
+    }
+}
+
+pub fn run(cfg: DaemonConfig) -> Result<()> {
+    let (Some(meta), Some(data)) = (cfg.meta.clone(), cfg.data.clone()) else {
+        bail!("the daemon needs --meta and --data (or both in the config file)");
+    };
+    let socket = cfg.socket.clone().unwrap_or_else(control::default_socket);
+    let nbd_socket = cfg
+        .nbd_socket
+        .clone()
+        .or_else(|| std::env::var_os("SNAPBLK_NBD_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_NBD_SOCKET));
+    let nbd_tcp = cfg.nbd_tcp.clone().unwrap_or_else(|| DEFAULT_NBD_TCP.to_string());
+
+    // Signals are blocked before any thread starts so that only the iterator sees them.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    let opened = open_pool(&meta, &data, "snapblk daemon")?;
+    let pool = Arc::clone(&opened.pool);
+    pool.start_background();
+
+    let ctl = control::bind_unix(&socket, 0o600)?;
+    let nbd = snapblk_nbd::Server::new(Arc::new(PoolExports(Arc::clone(&pool))), cfg.workers.unwrap_or(16))?;
+    let nbd_unix = control::bind_unix(&nbd_socket, 0o660)?;
+    {
+        let s = Arc::clone(&nbd);
+        std::thread::Builder::new().name("nbd-unix".into()).spawn(move || snapblk_nbd::serve_unix(s, nbd_unix))?;
+    }
+    if nbd_tcp != "none" {
+        let l = TcpListener::bind(&nbd_tcp).with_context(|| format!("binding NBD TCP {nbd_tcp}"))?;
+        let s = Arc::clone(&nbd);
+        std::thread::Builder::new().name("nbd-tcp".into()).spawn(move || snapblk_nbd::serve_tcp(s, l))?;
+    }
+    {
+        let p = Arc::clone(&pool);
+        std::thread::Builder::new().name("control-accept".into()).spawn(move || control::serve(p, ctl))?;
+    }
+    eprintln!(
+        "snapblk daemon: pool {} ready; control {}, NBD {}{}",
+        pool.uuid(),
+        socket.display(),
+        nbd_socket.display(),
+        if nbd_tcp == "none" { String::new() } else { format!(" and {nbd_tcp}") }
+    );
+    if let Some(sig) = signals.forever().next() {
+        eprintln!("snapblk daemon: signal {sig}, shutting down");
+    }
+    let r = pool.shutdown();
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&nbd_socket);
+    r.context("final sync")?;
+    drop(opened);
+    // Connection threads may still hold the pool; everything is durable, so exit now.
+    std::process::exit(0);
+}

@@ -1,0 +1,127 @@
+//! Human-readable output of command results (the `--json` output is the raw result).
+
+use serde_json::Value;
+
+use crate::admin::Command;
+use crate::human::format_size;
+
+const SIZE_KEYS: &[&str] = &[
+    "size", "written", "snapshot_bytes", "capacity", "used", "free", "pending_free", "metadata_size", "exclusive",
+    "changed_bytes", "block_size",
+];
+
+/// Formats seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn format_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn cell(key: &str, v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::Number(n) if SIZE_KEYS.contains(&key) => n.as_u64().map(format_size).unwrap_or_else(|| n.to_string()),
+        Value::Number(n) if key == "created" => n.as_u64().map(format_time).unwrap_or_else(|| n.to_string()),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(|x| cell(key, x)).collect::<Vec<_>>().join("; "),
+        other => other.to_string(),
+    }
+}
+
+fn table(rows: &[Value], cols: &[(&str, &str)]) -> String {
+    let mut grid: Vec<Vec<String>> = vec![cols.iter().map(|(_, h)| h.to_string()).collect()];
+    for r in rows {
+        grid.push(
+            cols.iter()
+                .map(|(k, _)| {
+                    if *k == "vol@snap" {
+                        format!("{}@{}", cell("", &r["volume"]), cell("", &r["name"]))
+                    } else {
+                        cell(k, &r[*k])
+                    }
+                })
+                .collect(),
+        );
+    }
+    let widths: Vec<usize> = (0..cols.len()).map(|i| grid.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    grid.iter()
+        .map(|r| {
+            r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn keyvals(v: &Value) -> String {
+    match v.as_object() {
+        Some(o) => o.iter().map(|(k, x)| format!("{k:<15} {}", cell(k, x))).collect::<Vec<_>>().join("\n"),
+        None => v.to_string(),
+    }
+}
+
+pub fn render(cmd: &Command, v: &Value) -> String {
+    let rows = v.as_array().cloned().unwrap_or_default();
+    match cmd {
+        Command::VolumeList => table(
+            &rows,
+            &[("name", "NAME"), ("size", "SIZE"), ("written", "WRITTEN"), ("snapshots", "SNAPSHOTS"), ("snapshot_bytes", "SNAP-DATA"), ("origin", "ORIGIN")],
+        ),
+        Command::SnapshotList { .. } => table(
+            &rows,
+            &[("vol@snap", "SNAPSHOT"), ("size", "SIZE"), ("written", "WRITTEN"), ("created", "CREATED"), ("parent", "PARENT")],
+        ),
+        Command::Diff { .. } => {
+            let ranges = v["ranges"].as_array().cloned().unwrap_or_default();
+            let mut s = String::new();
+            for r in &ranges {
+                s.push_str(&format!("{}\t{}\n", r["offset"], r["length"]));
+            }
+            s.push_str(&format!(
+                "{} range(s), {} changed",
+                ranges.len(),
+                format_size(v["changed_bytes"].as_u64().unwrap_or(0))
+            ));
+            s
+        }
+        Command::VolumeDelete { .. } | Command::SnapshotDelete { .. } => format!("deleted {}", cell("", &v["deleted"])),
+        Command::PoolCheck => {
+            let errors = v["errors"].as_array().cloned().unwrap_or_default();
+            let notes = v["notes"].as_array().cloned().unwrap_or_default();
+            let mut s = String::new();
+            for e in &errors {
+                s.push_str(&format!("ERROR: {}\n", cell("", e)));
+            }
+            for n in &notes {
+                s.push_str(&format!("note: {}\n", cell("", n)));
+            }
+            s.push_str(&format!(
+                "pool check: {} ({} volumes, {} snapshots, {} layers, {} data blocks, {} zero entries)",
+                if errors.is_empty() { "clean".to_string() } else { format!("{} error(s)", errors.len()) },
+                v["volumes"], v["snapshots"], v["layers"], v["data_blocks"], v["zero_entries"]
+            ));
+            s
+        }
+        _ => keyvals(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13:20 UTC");
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every end-to-end test (they need root: loop devices, mounts, FUSE) and prints
+# "N passed, M failed".
+set -u
+cd "$(dirname "$0")"
+pass=0; failed=0; names=()
+for t in ${E2E_TESTS:-nbd_clients bad_input filesystems crash}; do
+    echo "=== e2e: $t"
+    start=$(date +%s)
+    if bash "./$t.sh"; then
+        pass=$((pass + 1)); echo "=== e2e: $t passed ($(( $(date +%s) - start ))s)"
+    else
+        failed=$((failed + 1)); names+=("$t"); echo "=== e2e: $t FAILED ($(( $(date +%s) - start ))s)"
+    fi
+done
+[ $failed -eq 0 ] || echo "failed: ${names[*]}"
+echo "e2e: $pass passed, $failed failed"
+[ $failed -eq 0 ]
