@@ -62,7 +62,8 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_NBD_SOCKET));
     let nbd_tcp = cfg.nbd_tcp.clone().unwrap_or_else(|| DEFAULT_NBD_TCP.to_string());
 
-    // Signals are blocked before any thread starts so that only the iterator sees them.
+    // Handlers are installed before any thread starts; SIGTERM/SIGINT then only wake the
+    // iterator below instead of killing the process mid-write.
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let opened = open_pool(&meta, &data, "snapblk daemon")?;
     let pool = Arc::clone(&opened.pool);

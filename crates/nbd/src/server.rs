@@ -198,6 +198,10 @@ fn handle(conn: &Conn, session: &Session, req: Request, payload: Vec<u8>) {
             }
             let mut buf = vec![0u8; req.length as usize];
             match export.read(off, &mut buf) {
+                Ok(()) if req.length == 0 && session.structured => {
+                    conn.send(&[&codec::chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0)]);
+                    return;
+                }
                 Ok(()) => {
                     if session.structured {
                         let h = codec::chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, req.cookie, req.length + 8);

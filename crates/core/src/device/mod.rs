@@ -46,9 +46,9 @@ pub trait DataDevice: Send + Sync {
 
 /// Checks the alignment invariant; backends call it so a caller bug is an error, not UB.
 pub(crate) fn check_aligned(offset: u64, buf: &[u8]) -> io::Result<()> {
-    if offset % BLOCK_SIZE_U64 != 0
-        || buf.len() % BLOCK_SIZE != 0
-        || (buf.as_ptr() as usize) % BLOCK_SIZE != 0
+    if !offset.is_multiple_of(BLOCK_SIZE_U64)
+        || !buf.len().is_multiple_of(BLOCK_SIZE)
+        || !(buf.as_ptr() as usize).is_multiple_of(BLOCK_SIZE)
     {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -24,7 +24,7 @@ thread_local! {
 
 enum RingState {
     Untried,
-    Ready(IoUring),
+    Ready(Box<IoUring>),
     Unavailable,
 }
 
@@ -45,7 +45,7 @@ impl UringFile {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok()
-            .filter(|f| probe_direct(f));
+            .filter(probe_direct);
         let (file, direct) = match direct {
             Some(f) => (f, true),
             None => (OpenOptions::new().read(true).write(true).open(path)?, false),
@@ -74,7 +74,7 @@ impl UringFile {
             let mut st = cell.borrow_mut();
             if matches!(*st, RingState::Untried) {
                 *st = match IoUring::new(RING_ENTRIES) {
-                    Ok(r) => RingState::Ready(r),
+                    Ok(r) => RingState::Ready(Box::new(r)),
                     Err(e) => {
                         log::warn!("io_uring unavailable ({e}); using pread/pwrite on this thread");
                         RingState::Unavailable

@@ -126,8 +126,8 @@ impl Pool {
         let b0 = offset / BLOCK_SIZE_U64;
         let b1 = end.div_ceil(BLOCK_SIZE_U64);
         let n = b1 - b0;
-        let head_partial = offset % BLOCK_SIZE_U64 != 0;
-        let tail_partial = end % BLOCK_SIZE_U64 != 0;
+        let head_partial = !offset.is_multiple_of(BLOCK_SIZE_U64);
+        let tail_partial = !end.is_multiple_of(BLOCK_SIZE_U64);
         let mut stripes = Vec::new();
         if head_partial {
             stripes.push(Self::stripe(vol, b0));

@@ -52,7 +52,7 @@ pub fn validate_size(size: u64) -> Result<()> {
     if size == 0 {
         return Err(Error::invalid("size", "must be greater than zero"));
     }
-    if size % BLOCK_SIZE_U64 != 0 {
+    if !size.is_multiple_of(BLOCK_SIZE_U64) {
         return Err(Error::invalid("size", format!("{size} bytes is not a multiple of 4 KiB")));
     }
     if size > MAX_VOLUME_SIZE {
