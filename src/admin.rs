@@ -13,19 +13,50 @@ use snapblk_core::{Pool, Target};
 pub enum Command {
     PoolInfo,
     PoolCheck,
-    VolumeCreate { name: String, size: u64 },
+    VolumeCreate {
+        name: String,
+        size: u64,
+    },
     VolumeList,
-    VolumeInfo { name: String },
-    VolumeResize { name: String, size: u64, force: bool },
-    VolumeRename { old: String, new: String },
-    VolumeDelete { name: String, recursive: bool },
-    SnapshotCreate { snapshot: String },
-    SnapshotList { volume: Option<String> },
-    SnapshotInfo { snapshot: String },
-    SnapshotDelete { snapshot: String },
-    Clone { snapshot: String, name: String },
-    Rollback { snapshot: String },
-    Diff { from: String, to: String },
+    VolumeInfo {
+        name: String,
+    },
+    VolumeResize {
+        name: String,
+        size: u64,
+        force: bool,
+    },
+    VolumeRename {
+        old: String,
+        new: String,
+    },
+    VolumeDelete {
+        name: String,
+        recursive: bool,
+    },
+    SnapshotCreate {
+        snapshot: String,
+    },
+    SnapshotList {
+        volume: Option<String>,
+    },
+    SnapshotInfo {
+        snapshot: String,
+    },
+    SnapshotDelete {
+        snapshot: String,
+    },
+    Clone {
+        snapshot: String,
+        name: String,
+    },
+    Rollback {
+        snapshot: String,
+    },
+    Diff {
+        from: String,
+        to: String,
+    },
 }
 
 fn to_value<T: Serialize>(v: T) -> Value {
@@ -50,7 +81,9 @@ pub fn execute(pool: &Arc<Pool>, cmd: &Command) -> Result<Value, snapblk_core::E
         Command::VolumeCreate { name, size } => to_value(pool.create_volume(name, *size)?),
         Command::VolumeList => to_value(pool.list_volumes()),
         Command::VolumeInfo { name } => to_value(pool.volume_info(name)?),
-        Command::VolumeResize { name, size, force } => to_value(pool.resize_volume(name, *size, *force)?),
+        Command::VolumeResize { name, size, force } => {
+            to_value(pool.resize_volume(name, *size, *force)?)
+        }
         Command::VolumeRename { old, new } => to_value(pool.rename_volume(old, new)?),
         Command::VolumeDelete { name, recursive } => {
             pool.delete_volume(name, *recursive)?;

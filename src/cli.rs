@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "snapblk", version, about = "Thin volumes with O(1) snapshots, served over NBD")]
+#[command(
+    name = "snapblk",
+    version,
+    about = "Thin volumes with O(1) snapshots, served over NBD"
+)]
 pub struct Cli {
     /// Control socket of the daemon.
     #[arg(long, global = true, env = "SNAPBLK_SOCKET")]

@@ -20,7 +20,9 @@ const MAX_LINE: u64 = 64 << 10;
 pub const DEFAULT_SOCKET: &str = "/run/snapblk/control.sock";
 
 pub fn default_socket() -> PathBuf {
-    std::env::var_os("SNAPBLK_SOCKET").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    std::env::var_os("SNAPBLK_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file but refusing to steal one
@@ -33,7 +35,8 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener> {
         if UnixStream::connect(path).is_ok() {
             bail!("{} is in use by another running process", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
@@ -44,7 +47,9 @@ pub fn serve(pool: Arc<Pool>, listener: UnixListener) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let pool = Arc::clone(&pool);
-        let _ = std::thread::Builder::new().name("control".into()).spawn(move || handle(&pool, conn));
+        let _ = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || handle(&pool, conn));
     }
 }
 
@@ -58,7 +63,11 @@ fn handle(pool: &Arc<Pool>, conn: UnixStream) {
             Ok(_) => {}
         }
         if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
-            let _ = writeln!(w, "{}", json!({ "ok": false, "error": "request line too long" }));
+            let _ = writeln!(
+                w,
+                "{}",
+                json!({ "ok": false, "error": "request line too long" })
+            );
             return;
         }
         let reply = match serde_json::from_str::<Command>(line.trim()) {
@@ -85,11 +94,17 @@ pub fn call(conn: &UnixStream, cmd: &Command) -> Result<Value> {
     writeln!(w, "{}", serde_json::to_string(cmd)?)?;
     conn.set_read_timeout(Some(Duration::from_secs(3600)))?;
     let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line).context("reading the daemon's reply")?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| anyhow!("bad reply from daemon: {e}"))?;
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .context("reading the daemon's reply")?;
+    let v: Value =
+        serde_json::from_str(&line).map_err(|e| anyhow!("bad reply from daemon: {e}"))?;
     if v["ok"].as_bool() == Some(true) {
         Ok(v["result"].clone())
     } else {
-        bail!("{}", v["error"].as_str().unwrap_or("unknown error from daemon"))
+        bail!(
+            "{}",
+            v["error"].as_str().unwrap_or("unknown error from daemon")
+        )
     }
 }

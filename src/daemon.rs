@@ -33,7 +33,8 @@ pub struct DaemonConfig {
 
 impl DaemonConfig {
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("config {}", path.display()))
     }
 
@@ -60,7 +61,10 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         .clone()
         .or_else(|| std::env::var_os("SNAPBLK_NBD_SOCKET").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_NBD_SOCKET));
-    let nbd_tcp = cfg.nbd_tcp.clone().unwrap_or_else(|| DEFAULT_NBD_TCP.to_string());
+    let nbd_tcp = cfg
+        .nbd_tcp
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NBD_TCP.to_string());
 
     // Handlers are installed before any thread starts; SIGTERM/SIGINT then only wake the
     // iterator below instead of killing the process mid-write.
@@ -70,27 +74,41 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     pool.start_background();
 
     let ctl = control::bind_unix(&socket, 0o600)?;
-    let nbd = snapblk_nbd::Server::new(Arc::new(PoolExports(Arc::clone(&pool))), cfg.workers.unwrap_or(16))?;
+    let nbd = snapblk_nbd::Server::new(
+        Arc::new(PoolExports(Arc::clone(&pool))),
+        cfg.workers.unwrap_or(16),
+    )?;
     let nbd_unix = control::bind_unix(&nbd_socket, 0o660)?;
     {
         let s = Arc::clone(&nbd);
-        std::thread::Builder::new().name("nbd-unix".into()).spawn(move || snapblk_nbd::serve_unix(s, nbd_unix))?;
+        std::thread::Builder::new()
+            .name("nbd-unix".into())
+            .spawn(move || snapblk_nbd::serve_unix(s, nbd_unix))?;
     }
     if nbd_tcp != "none" {
-        let l = TcpListener::bind(&nbd_tcp).with_context(|| format!("binding NBD TCP {nbd_tcp}"))?;
+        let l =
+            TcpListener::bind(&nbd_tcp).with_context(|| format!("binding NBD TCP {nbd_tcp}"))?;
         let s = Arc::clone(&nbd);
-        std::thread::Builder::new().name("nbd-tcp".into()).spawn(move || snapblk_nbd::serve_tcp(s, l))?;
+        std::thread::Builder::new()
+            .name("nbd-tcp".into())
+            .spawn(move || snapblk_nbd::serve_tcp(s, l))?;
     }
     {
         let p = Arc::clone(&pool);
-        std::thread::Builder::new().name("control-accept".into()).spawn(move || control::serve(p, ctl))?;
+        std::thread::Builder::new()
+            .name("control-accept".into())
+            .spawn(move || control::serve(p, ctl))?;
     }
     eprintln!(
         "snapblk daemon: pool {} ready; control {}, NBD {}{}",
         pool.uuid(),
         socket.display(),
         nbd_socket.display(),
-        if nbd_tcp == "none" { String::new() } else { format!(" and {nbd_tcp}") }
+        if nbd_tcp == "none" {
+            String::new()
+        } else {
+            format!(" and {nbd_tcp}")
+        }
     );
     if let Some(sig) = signals.forever().next() {
         eprintln!("snapblk daemon: signal {sig}, shutting down");

@@ -17,7 +17,8 @@ pub struct Frozen {
 }
 
 pub fn freeze(mountpoint: &Path) -> Result<Frozen> {
-    let dir = File::open(mountpoint).with_context(|| format!("opening mount point {}", mountpoint.display()))?;
+    let dir = File::open(mountpoint)
+        .with_context(|| format!("opening mount point {}", mountpoint.display()))?;
     let mut arg: libc::c_int = 0;
     // SAFETY: FIFREEZE takes a pointer to an int the kernel ignores; `dir` is an open fd and
     // `arg` outlives the call.
@@ -26,7 +27,10 @@ pub fn freeze(mountpoint: &Path) -> Result<Frozen> {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("freezing the filesystem at {}", mountpoint.display()));
     }
-    Ok(Frozen { dir, path: mountpoint.to_path_buf() })
+    Ok(Frozen {
+        dir,
+        path: mountpoint.to_path_buf(),
+    })
 }
 
 impl Drop for Frozen {

@@ -7,9 +7,13 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     if digits_end == 0 {
-        bail!("invalid size '{s}': expected a number with an optional unit (K, M, G, T, P), e.g. 10G");
+        bail!(
+            "invalid size '{s}': expected a number with an optional unit (K, M, G, T, P), e.g. 10G"
+        );
     }
-    let n: u64 = t[..digits_end].parse().map_err(|_| anyhow::anyhow!("invalid size '{s}': number too large"))?;
+    let n: u64 = t[..digits_end]
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid size '{s}': number too large"))?;
     let unit = t[digits_end..].trim();
     let shift = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 0,
@@ -20,7 +24,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "P" | "PB" | "PIB" => 50,
         _ => bail!("invalid size '{s}': unknown unit '{unit}' (use K, M, G, T or P)"),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| anyhow::anyhow!("invalid size '{s}': too large"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| anyhow::anyhow!("invalid size '{s}': too large"))
 }
 
 pub fn format_size(n: u64) -> String {
@@ -50,7 +55,15 @@ mod tests {
         assert_eq!(parse_size("10G").unwrap(), 10 << 30);
         assert_eq!(parse_size("1TiB").unwrap(), 1 << 40);
         assert_eq!(parse_size("512 m").unwrap(), 512 << 20);
-        for bad in ["", "G", "-1", "1.5G", "10X", "99999999999999999999", "20000000P"] {
+        for bad in [
+            "",
+            "G",
+            "-1",
+            "1.5G",
+            "10X",
+            "99999999999999999999",
+            "20000000P",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         assert_eq!(format_size(512), "512 B");

@@ -23,23 +23,48 @@ fn command(cmd: &Cmd) -> Result<Command> {
     Ok(match cmd {
         Cmd::Pool(PoolCmd::Info) => Command::PoolInfo,
         Cmd::Pool(PoolCmd::Check) => Command::PoolCheck,
-        Cmd::Volume(VolumeCmd::Create { name, size }) => Command::VolumeCreate { name: name.clone(), size: parse_size(size)? },
+        Cmd::Volume(VolumeCmd::Create { name, size }) => Command::VolumeCreate {
+            name: name.clone(),
+            size: parse_size(size)?,
+        },
         Cmd::Volume(VolumeCmd::List) => Command::VolumeList,
         Cmd::Volume(VolumeCmd::Info { name }) => Command::VolumeInfo { name: name.clone() },
-        Cmd::Volume(VolumeCmd::Resize { name, size, force }) => {
-            Command::VolumeResize { name: name.clone(), size: parse_size(size)?, force: *force }
-        }
-        Cmd::Volume(VolumeCmd::Rename { old, new }) => Command::VolumeRename { old: old.clone(), new: new.clone() },
-        Cmd::Volume(VolumeCmd::Delete { name, recursive }) => {
-            Command::VolumeDelete { name: name.clone(), recursive: *recursive }
-        }
-        Cmd::Snapshot(SnapshotCmd::Create { snapshot, .. }) => Command::SnapshotCreate { snapshot: snapshot.clone() },
-        Cmd::Snapshot(SnapshotCmd::List { volume }) => Command::SnapshotList { volume: volume.clone() },
-        Cmd::Snapshot(SnapshotCmd::Info { snapshot }) => Command::SnapshotInfo { snapshot: snapshot.clone() },
-        Cmd::Snapshot(SnapshotCmd::Delete { snapshot }) => Command::SnapshotDelete { snapshot: snapshot.clone() },
-        Cmd::Clone { snapshot, name } => Command::Clone { snapshot: snapshot.clone(), name: name.clone() },
-        Cmd::Rollback { snapshot } => Command::Rollback { snapshot: snapshot.clone() },
-        Cmd::Diff { from, to } => Command::Diff { from: from.clone(), to: to.clone() },
+        Cmd::Volume(VolumeCmd::Resize { name, size, force }) => Command::VolumeResize {
+            name: name.clone(),
+            size: parse_size(size)?,
+            force: *force,
+        },
+        Cmd::Volume(VolumeCmd::Rename { old, new }) => Command::VolumeRename {
+            old: old.clone(),
+            new: new.clone(),
+        },
+        Cmd::Volume(VolumeCmd::Delete { name, recursive }) => Command::VolumeDelete {
+            name: name.clone(),
+            recursive: *recursive,
+        },
+        Cmd::Snapshot(SnapshotCmd::Create { snapshot, .. }) => Command::SnapshotCreate {
+            snapshot: snapshot.clone(),
+        },
+        Cmd::Snapshot(SnapshotCmd::List { volume }) => Command::SnapshotList {
+            volume: volume.clone(),
+        },
+        Cmd::Snapshot(SnapshotCmd::Info { snapshot }) => Command::SnapshotInfo {
+            snapshot: snapshot.clone(),
+        },
+        Cmd::Snapshot(SnapshotCmd::Delete { snapshot }) => Command::SnapshotDelete {
+            snapshot: snapshot.clone(),
+        },
+        Cmd::Clone { snapshot, name } => Command::Clone {
+            snapshot: snapshot.clone(),
+            name: name.clone(),
+        },
+        Cmd::Rollback { snapshot } => Command::Rollback {
+            snapshot: snapshot.clone(),
+        },
+        Cmd::Diff { from, to } => Command::Diff {
+            from: from.clone(),
+            to: to.clone(),
+        },
         Cmd::Pool(PoolCmd::Create { .. }) | Cmd::Daemon(_) => bail!("not a management command"),
     })
 }
@@ -90,16 +115,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let size = size.as_deref().map(parse_size).transpose()?;
             let uuid = open::create_pool(meta, data, size, *force)?;
             if cli.json {
-                println!("{}", serde_json::json!({ "uuid": uuid, "meta": meta, "data": data }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "uuid": uuid, "meta": meta, "data": data })
+                );
             } else {
-                println!("created pool {uuid} (meta {}, data {})", meta.display(), data.display());
+                println!(
+                    "created pool {uuid} (meta {}, data {})",
+                    meta.display(),
+                    data.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         other => {
             let cmd = command(other)?;
             let frozen = match other {
-                Cmd::Snapshot(SnapshotCmd::Create { freeze: Some(m), .. }) => Some(freeze::freeze(m)?),
+                Cmd::Snapshot(SnapshotCmd::Create {
+                    freeze: Some(m), ..
+                }) => Some(freeze::freeze(m)?),
                 _ => None,
             };
             let result = run_command(&cli, &cmd);
@@ -110,8 +144,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{}", render::render(&cmd, &v));
             }
-            let clean = !matches!(cmd, Command::PoolCheck) || v["errors"].as_array().is_none_or(|e| e.is_empty());
-            Ok(if clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            let clean = !matches!(cmd, Command::PoolCheck)
+                || v["errors"].as_array().is_none_or(|e| e.is_empty());
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

@@ -18,23 +18,40 @@ pub struct Opened {
 
 pub fn open_pool(meta: &Path, data: &Path, holder: &str) -> Result<Opened> {
     if !meta.is_dir() {
-        bail!("metadata directory {} does not exist (create the pool with `snapblk pool create`)", meta.display());
+        bail!(
+            "metadata directory {} does not exist (create the pool with `snapblk pool create`)",
+            meta.display()
+        );
     }
     let lock = PoolLock::acquire(meta, holder)?;
     let store = RocksStore::open(&meta.join("db"), false)
         .with_context(|| format!("opening metadata in {}", meta.display()))?;
-    let dev = UringFile::open(data).with_context(|| format!("opening data device {}", data.display()))?;
+    let dev =
+        UringFile::open(data).with_context(|| format!("opening data device {}", data.display()))?;
     if !dev.is_direct() {
-        log::info!("{}: O_DIRECT not supported here; using buffered I/O", data.display());
+        log::info!(
+            "{}: O_DIRECT not supported here; using buffered I/O",
+            data.display()
+        );
     }
-    let pool = Pool::open(Arc::new(store), Arc::new(dev))
-        .with_context(|| format!("opening pool (meta {}, data {})", meta.display(), data.display()))?;
+    let pool = Pool::open(Arc::new(store), Arc::new(dev)).with_context(|| {
+        format!(
+            "opening pool (meta {}, data {})",
+            meta.display(),
+            data.display()
+        )
+    })?;
     Ok(Opened { pool, _lock: lock })
 }
 
 fn has_header(dev: &UringFile) -> bool {
     let mut b = AlignedBuf::zeroed(BLOCK_SIZE);
-    dev.read(&mut [ReadSeg { offset: 0, buf: &mut b }]).is_ok() && DeviceHeader::decode(&b, "").is_ok()
+    dev.read(&mut [ReadSeg {
+        offset: 0,
+        buf: &mut b,
+    }])
+    .is_ok()
+        && DeviceHeader::decode(&b, "").is_ok()
 }
 
 pub fn create_pool(meta: &Path, data: &Path, size: Option<u64>, force: bool) -> Result<String> {
@@ -45,21 +62,35 @@ pub fn create_pool(meta: &Path, data: &Path, size: Option<u64>, force: bool) -> 
         bail!("{} already holds a pool's metadata", meta.display());
     }
     match (data.exists(), size) {
-        (false, Some(sz)) => UringFile::create_file(data, sz).with_context(|| format!("creating {}", data.display()))?,
-        (false, None) => bail!("{} does not exist: give --size to create a data file", data.display()),
+        (false, Some(sz)) => UringFile::create_file(data, sz)
+            .with_context(|| format!("creating {}", data.display()))?,
+        (false, None) => bail!(
+            "{} does not exist: give --size to create a data file",
+            data.display()
+        ),
         (true, Some(_)) if data.metadata()?.is_file() && !force => {
-            bail!("{} already exists; refusing to overwrite it without --force", data.display())
+            bail!(
+                "{} already exists; refusing to overwrite it without --force",
+                data.display()
+            )
         }
         (true, Some(sz)) if data.metadata()?.is_file() => {
             UringFile::create_file(data, sz)?;
         }
-        (true, Some(_)) => bail!("--size applies to data files only; {} is a device", data.display()),
+        (true, Some(_)) => bail!(
+            "--size applies to data files only; {} is a device",
+            data.display()
+        ),
         (true, None) => {}
     }
     let dev = UringFile::open(data).with_context(|| format!("opening {}", data.display()))?;
     if has_header(&dev) && !force {
-        bail!("{} already holds a snapblk pool; refusing to overwrite it without --force", data.display());
+        bail!(
+            "{} already holds a snapblk pool; refusing to overwrite it without --force",
+            data.display()
+        );
     }
-    let store = RocksStore::open(&db, true).with_context(|| format!("creating metadata in {}", db.display()))?;
+    let store = RocksStore::open(&db, true)
+        .with_context(|| format!("creating metadata in {}", db.display()))?;
     Ok(Pool::format(&store, &dev)?)
 }

@@ -6,8 +6,17 @@ use crate::admin::Command;
 use crate::human::format_size;
 
 const SIZE_KEYS: &[&str] = &[
-    "size", "written", "snapshot_bytes", "capacity", "used", "free", "pending_free", "metadata_size", "exclusive",
-    "changed_bytes", "block_size",
+    "size",
+    "written",
+    "snapshot_bytes",
+    "capacity",
+    "used",
+    "free",
+    "pending_free",
+    "metadata_size",
+    "exclusive",
+    "changed_bytes",
+    "block_size",
 ];
 
 /// Formats seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
@@ -24,16 +33,29 @@ pub fn format_time(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn cell(key: &str, v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::Number(n) if SIZE_KEYS.contains(&key) => n.as_u64().map(format_size).unwrap_or_else(|| n.to_string()),
-        Value::Number(n) if key == "created" => n.as_u64().map(format_time).unwrap_or_else(|| n.to_string()),
+        Value::Number(n) if SIZE_KEYS.contains(&key) => {
+            n.as_u64().map(format_size).unwrap_or_else(|| n.to_string())
+        }
+        Value::Number(n) if key == "created" => {
+            n.as_u64().map(format_time).unwrap_or_else(|| n.to_string())
+        }
         Value::String(s) => s.clone(),
-        Value::Array(a) => a.iter().map(|x| cell(key, x)).collect::<Vec<_>>().join("; "),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| cell(key, x))
+            .collect::<Vec<_>>()
+            .join("; "),
         other => other.to_string(),
     }
 }
@@ -53,10 +75,18 @@ fn table(rows: &[Value], cols: &[(&str, &str)]) -> String {
                 .collect(),
         );
     }
-    let widths: Vec<usize> = (0..cols.len()).map(|i| grid.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols.len())
+        .map(|i| grid.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
     grid.iter()
         .map(|r| {
-            r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+            r.iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -64,7 +94,11 @@ fn table(rows: &[Value], cols: &[(&str, &str)]) -> String {
 
 fn keyvals(v: &Value) -> String {
     match v.as_object() {
-        Some(o) => o.iter().map(|(k, x)| format!("{k:<15} {}", cell(k, x))).collect::<Vec<_>>().join("\n"),
+        Some(o) => o
+            .iter()
+            .map(|(k, x)| format!("{k:<15} {}", cell(k, x)))
+            .collect::<Vec<_>>()
+            .join("\n"),
         None => v.to_string(),
     }
 }
@@ -74,11 +108,24 @@ pub fn render(cmd: &Command, v: &Value) -> String {
     match cmd {
         Command::VolumeList => table(
             &rows,
-            &[("name", "NAME"), ("size", "SIZE"), ("written", "WRITTEN"), ("snapshots", "SNAPSHOTS"), ("snapshot_bytes", "SNAP-DATA"), ("origin", "ORIGIN")],
+            &[
+                ("name", "NAME"),
+                ("size", "SIZE"),
+                ("written", "WRITTEN"),
+                ("snapshots", "SNAPSHOTS"),
+                ("snapshot_bytes", "SNAP-DATA"),
+                ("origin", "ORIGIN"),
+            ],
         ),
         Command::SnapshotList { .. } => table(
             &rows,
-            &[("vol@snap", "SNAPSHOT"), ("size", "SIZE"), ("written", "WRITTEN"), ("created", "CREATED"), ("parent", "PARENT")],
+            &[
+                ("vol@snap", "SNAPSHOT"),
+                ("size", "SIZE"),
+                ("written", "WRITTEN"),
+                ("created", "CREATED"),
+                ("parent", "PARENT"),
+            ],
         ),
         Command::Diff { .. } => {
             let ranges = v["ranges"].as_array().cloned().unwrap_or_default();
@@ -93,7 +140,9 @@ pub fn render(cmd: &Command, v: &Value) -> String {
             ));
             s
         }
-        Command::VolumeDelete { .. } | Command::SnapshotDelete { .. } => format!("deleted {}", cell("", &v["deleted"])),
+        Command::VolumeDelete { .. } | Command::SnapshotDelete { .. } => {
+            format!("deleted {}", cell("", &v["deleted"]))
+        }
         Command::PoolCheck => {
             let errors = v["errors"].as_array().cloned().unwrap_or_default();
             let notes = v["notes"].as_array().cloned().unwrap_or_default();

@@ -80,7 +80,10 @@ impl Allocator {
             let avail = self.used[start..].first_one().unwrap_or(total - start);
             let len = avail.min(need);
             self.used[start..start + len].fill(true);
-            runs.push(Run { start: start as u64, len: len as u64 });
+            runs.push(Run {
+                start: start as u64,
+                len: len as u64,
+            });
             need -= len;
             pos = start + len;
         }
@@ -134,7 +137,10 @@ mod tests {
         a.free_now(1);
         a.free_now(2);
         assert_eq!(a.free(), 10);
-        assert_eq!(a.alloc(9).unwrap(), vec![Run { start: 8, len: 8 }, Run { start: 1, len: 1 }]);
+        assert_eq!(
+            a.alloc(9).unwrap(),
+            vec![Run { start: 8, len: 8 }, Run { start: 1, len: 1 }]
+        );
         assert_eq!(a.free(), 1);
         assert!(a.alloc(2).is_none());
         assert_eq!(a.alloc(1).unwrap(), vec![Run { start: 2, len: 1 }]);

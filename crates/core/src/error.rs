@@ -42,22 +42,36 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("pool is shutting down")]
     Shutdown,
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn invalid(what: &'static str, why: impl Into<String>) -> Self {
-        Error::Invalid { what, why: why.into() }
+        Error::Invalid {
+            what,
+            why: why.into(),
+        }
     }
     pub fn not_found(kind: &'static str, name: impl Into<String>) -> Self {
-        Error::NotFound { kind, name: name.into() }
+        Error::NotFound {
+            kind,
+            name: name.into(),
+        }
     }
     pub fn exists(kind: &'static str, name: impl Into<String>) -> Self {
-        Error::Exists { kind, name: name.into() }
+        Error::Exists {
+            kind,
+            name: name.into(),
+        }
     }
     pub fn device(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Device { context: context.into(), source }
+        Error::Device {
+            context: context.into(),
+            source,
+        }
     }
 
     /// The errno a block frontend should report for this error.
@@ -70,6 +84,7 @@ impl Error {
             Error::NoSpace { .. } => libc::ENOSPC,
             Error::Busy(_) => libc::EBUSY,
             Error::Shutdown => libc::ESHUTDOWN,
+            Error::Unsupported(_) => libc::ENOTSUP,
             Error::Checksum(_) | Error::Corrupt(_) | Error::Device { .. } | Error::Store(_) => {
                 libc::EIO
             }

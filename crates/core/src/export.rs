@@ -19,7 +19,8 @@ pub trait Export: Send + Sync {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
     fn flush(&self) -> Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
+    /// With `fast`, fails with `Error::Unsupported` rather than writing data (NBD FAST_ZERO).
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, fast: bool) -> Result<()>;
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>>;
 }
 

@@ -117,7 +117,10 @@ impl MapValue {
     }
     pub fn decode(v: &[u8]) -> Result<Self> {
         if v.len() != 12 {
-            return Err(Error::Corrupt(format!("map value of {} bytes, expected 12", v.len())));
+            return Err(Error::Corrupt(format!(
+                "map value of {} bytes, expected 12",
+                v.len()
+            )));
         }
         let mut p = [0u8; 8];
         p.copy_from_slice(&v[..8]);
@@ -127,7 +130,10 @@ impl MapValue {
         Ok(if pba == ZERO_PBA {
             MapValue::Zero
         } else {
-            MapValue::Data { pba, crc: u32::from_le_bytes(c) }
+            MapValue::Data {
+                pba,
+                crc: u32::from_le_bytes(c),
+            }
         })
     }
     pub fn pba(&self) -> Option<u64> {
@@ -197,7 +203,13 @@ mod tests {
 
     #[test]
     fn map_value_roundtrip() {
-        for v in [MapValue::Zero, MapValue::Data { pba: 7, crc: 0xdead_beef }] {
+        for v in [
+            MapValue::Zero,
+            MapValue::Data {
+                pba: 7,
+                crc: 0xdead_beef,
+            },
+        ] {
             assert_eq!(MapValue::decode(&v.encode()).unwrap(), v);
         }
         assert!(MapValue::decode(&[1, 2, 3]).is_err());

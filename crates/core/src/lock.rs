@@ -33,7 +33,11 @@ impl PoolLock {
             return Err(Error::Busy(format!(
                 "pool {} is locked by {}",
                 meta_dir.display(),
-                if who.is_empty() { "another process" } else { who }
+                if who.is_empty() {
+                    "another process"
+                } else {
+                    who
+                }
             )));
         }
         let _ = f.set_len(0);
@@ -56,8 +60,14 @@ mod tests {
     fn second_holder_is_refused_with_name() {
         let d = tempfile::tempdir().unwrap();
         let l = PoolLock::acquire(d.path(), "snapblk daemon").unwrap();
-        let e = PoolLock::acquire(d.path(), "other").err().unwrap().to_string();
-        assert!(e.contains("snapblk daemon") && e.contains(&std::process::id().to_string()), "{e}");
+        let e = PoolLock::acquire(d.path(), "other")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("snapblk daemon") && e.contains(&std::process::id().to_string()),
+            "{e}"
+        );
         drop(l);
         PoolLock::acquire(d.path(), "other").unwrap();
     }

@@ -32,9 +32,12 @@ pub fn validate_name(kind: &'static str, name: &str) -> Result<()> {
 
 /// Splits `vol@snap`; both parts validated.
 pub fn parse_snap_ref(s: &str) -> Result<(&str, &str)> {
-    let (vol, snap) = s
-        .split_once('@')
-        .ok_or_else(|| Error::invalid("snapshot reference", format!("'{s}' is not VOLUME@SNAPSHOT")))?;
+    let (vol, snap) = s.split_once('@').ok_or_else(|| {
+        Error::invalid(
+            "snapshot reference",
+            format!("'{s}' is not VOLUME@SNAPSHOT"),
+        )
+    })?;
     validate_name("volume name", vol)?;
     validate_name("snapshot name", snap)?;
     Ok((vol, snap))

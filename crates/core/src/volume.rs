@@ -26,9 +26,12 @@ impl VolumeHandle {
             Some(s) => Target::Snapshot(vid, s.to_string()),
             None => Target::Volume(vid),
         };
-        pool.target_size(&target)?;
-        pool.register_open(&target);
-        Ok(VolumeHandle { pool: Arc::clone(pool), target, name: name.to_string() })
+        pool.register_open(&target)?;
+        Ok(VolumeHandle {
+            pool: Arc::clone(pool),
+            target,
+            name: name.to_string(),
+        })
     }
 
     fn check(&self, offset: u64, len: u64, write: bool, limit: bool) -> Result<()> {
@@ -36,7 +39,10 @@ impl VolumeHandle {
             return Err(Error::ReadOnly(format!("snapshot export '{}'", self.name)));
         }
         if limit && len > MAX_IO {
-            return Err(Error::invalid("request", format!("{len} bytes exceeds the maximum of {MAX_IO}")));
+            return Err(Error::invalid(
+                "request",
+                format!("{len} bytes exceeds the maximum of {MAX_IO}"),
+            ));
         }
         let size = self.pool.target_size(&self.target)?;
         match offset.checked_add(len) {
@@ -48,7 +54,9 @@ impl VolumeHandle {
     fn vol(&self) -> Result<u64> {
         match &self.target {
             Target::Volume(v) => Ok(*v),
-            Target::Snapshot(..) => Err(Error::ReadOnly(format!("snapshot export '{}'", self.name))),
+            Target::Snapshot(..) => {
+                Err(Error::ReadOnly(format!("snapshot export '{}'", self.name)))
+            }
         }
     }
 }
@@ -82,10 +90,14 @@ impl Export for VolumeHandle {
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check(offset, len, true, false)?;
-        self.pool.zero(self.vol()?, offset, len, fua)
+        self.pool.trim(self.vol()?, offset, len, fua)
     }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, fast: bool) -> Result<()> {
         self.check(offset, len, true, false)?;
+        let bs = crate::device::BLOCK_SIZE_U64;
+        if fast && (!offset.is_multiple_of(bs) || !(offset + len).is_multiple_of(bs)) {
+            return Err(Error::Unsupported("fast zeroing of a partial block".into()));
+        }
         self.pool.zero(self.vol()?, offset, len, fua)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>> {
@@ -107,7 +119,11 @@ impl ExportProvider for PoolExports {
             out.push(v.name.clone());
         }
         if let Ok(snaps) = self.0.list_snapshots(None) {
-            out.extend(snaps.into_iter().map(|s| format!("{}@{}", s.volume, s.name)));
+            out.extend(
+                snaps
+                    .into_iter()
+                    .map(|s| format!("{}@{}", s.volume, s.name)),
+            );
         }
         out
     }

@@ -81,7 +81,13 @@ pub fn parse_request(b: &[u8]) -> Result<Request, CodecError> {
     if magic != REQUEST_MAGIC {
         return Err(CodecError::BadMagic(u64::from(magic)));
     }
-    Ok(Request { flags: r.u16()?, command: r.u16()?, cookie: r.u64()?, offset: r.u64()?, length: r.u32()? })
+    Ok(Request {
+        flags: r.u16()?,
+        command: r.u16()?,
+        cookie: r.u64()?,
+        offset: r.u64()?,
+        length: r.u32()?,
+    })
 }
 
 pub fn encode_request(q: &Request) -> [u8; REQUEST_LEN] {
@@ -103,12 +109,18 @@ pub struct OptionHeader {
 }
 
 pub fn parse_option_header(b: &[u8]) -> Result<OptionHeader, CodecError> {
-    let mut r = Rd { b, what: "option header" };
+    let mut r = Rd {
+        b,
+        what: "option header",
+    };
     let magic = r.u64()?;
     if magic != IHAVEOPT {
         return Err(CodecError::BadMagic(magic));
     }
-    Ok(OptionHeader { option: r.u32()?, length: r.u32()? })
+    Ok(OptionHeader {
+        option: r.u32()?,
+        length: r.u32()?,
+    })
 }
 
 /// NBD_OPT_INFO / NBD_OPT_GO payload.
@@ -119,7 +131,10 @@ pub struct InfoRequest {
 }
 
 pub fn parse_info_request(b: &[u8]) -> Result<InfoRequest, CodecError> {
-    let mut r = Rd { b, what: "NBD_OPT_INFO/GO payload" };
+    let mut r = Rd {
+        b,
+        what: "NBD_OPT_INFO/GO payload",
+    };
     let n = r.u32()? as usize;
     let name = r.string(n, "export name")?;
     let count = r.u16()?;
@@ -139,7 +154,10 @@ pub struct MetaContextRequest {
 }
 
 pub fn parse_meta_context_request(b: &[u8]) -> Result<MetaContextRequest, CodecError> {
-    let mut r = Rd { b, what: "meta context payload" };
+    let mut r = Rd {
+        b,
+        what: "meta context payload",
+    };
     let n = r.u32()? as usize;
     let export = r.string(n, "export name")?;
     let count = r.u32()?;
@@ -218,7 +236,13 @@ pub fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> [u8; 20]
 /// A complete NBD_REPLY_TYPE_ERROR chunk with the DONE flag.
 pub fn error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
     let msg = &message.as_bytes()[..message.len().min(1024)];
-    let mut v = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + msg.len() as u32).to_vec();
+    let mut v = chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + msg.len() as u32,
+    )
+    .to_vec();
     v.extend_from_slice(&error.to_be_bytes());
     v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     v.extend_from_slice(msg);
@@ -244,13 +268,22 @@ mod tests {
 
     #[test]
     fn request_roundtrip_and_bad_magic() {
-        let q = Request { flags: 1, command: CMD_WRITE, cookie: 9, offset: 4096, length: 512 };
+        let q = Request {
+            flags: 1,
+            command: CMD_WRITE,
+            cookie: 9,
+            offset: 4096,
+            length: 512,
+        };
         let b = encode_request(&q);
         assert_eq!(parse_request(&b).unwrap(), q);
         let mut bad = b;
         bad[0] ^= 0xff;
         assert!(matches!(parse_request(&bad), Err(CodecError::BadMagic(_))));
-        assert!(matches!(parse_request(&b[..10]), Err(CodecError::Truncated(_))));
+        assert!(matches!(
+            parse_request(&b[..10]),
+            Err(CodecError::Truncated(_))
+        ));
     }
 
     #[test]
@@ -260,7 +293,13 @@ mod tests {
         p.extend_from_slice(&2u16.to_be_bytes());
         p.extend_from_slice(&3u16.to_be_bytes());
         p.extend_from_slice(&1u16.to_be_bytes());
-        assert_eq!(parse_info_request(&p).unwrap(), InfoRequest { name: "vol".into(), infos: vec![3, 1] });
+        assert_eq!(
+            parse_info_request(&p).unwrap(),
+            InfoRequest {
+                name: "vol".into(),
+                infos: vec![3, 1]
+            }
+        );
         p.push(0);
         assert!(parse_info_request(&p).is_err());
         // A name length pointing past the end.

@@ -23,7 +23,8 @@ fn invalid(e: CodecError) -> io::Error {
 
 /// Transmission flags for an export.
 pub fn transmission_flags(export: &dyn Export) -> u16 {
-    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    let mut f =
+        TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
     if export.read_only() {
         f |= TF_READ_ONLY;
     } else {
@@ -42,7 +43,10 @@ fn reply_err(w: &mut impl Write, opt: u32, kind: u32, msg: &str) -> io::Result<(
 }
 
 /// Runs the handshake on `s`. `Ok(None)`: the client aborted or went away cleanly.
-pub fn negotiate<S: Read + Write>(s: &mut S, provider: &dyn ExportProvider) -> io::Result<Option<Session>> {
+pub fn negotiate<S: Read + Write>(
+    s: &mut S,
+    provider: &dyn ExportProvider,
+) -> io::Result<Option<Session>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -52,11 +56,16 @@ pub fn negotiate<S: Read + Write>(s: &mut S, provider: &dyn ExportProvider) -> i
     s.read_exact(&mut cf)?;
     let client_flags = u32::from_be_bytes(cf);
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown client flags {client_flags:#x}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown client flags {client_flags:#x}"),
+        ));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
-    let mut allocation_context = false;
+    // The export SET_META_CONTEXT selected base:allocation for; it applies only if GO or
+    // EXPORT_NAME then names the same export.
+    let mut allocation_for: Option<String> = None;
     loop {
         let mut hdr = [0u8; 16];
         match s.read_exact(&mut hdr) {
@@ -70,18 +79,22 @@ pub fn negotiate<S: Read + Write>(s: &mut S, provider: &dyn ExportProvider) -> i
             if h.option != OPT_EXPORT_NAME {
                 let _ = reply_err(s, h.option, REP_ERR_TOO_BIG, "option payload too large");
             }
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("option of {} bytes", h.length)));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("option of {} bytes", h.length),
+            ));
         }
         let mut data = vec![0u8; h.length as usize];
         s.read_exact(&mut data)?;
         let opt = h.option;
         match opt {
             OPT_EXPORT_NAME => {
-                let name = String::from_utf8(data)
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "export name is not UTF-8"))?;
-                let export = provider
-                    .open(&name)
-                    .map_err(|e| io::Error::new(io::ErrorKind::NotFound, format!("export '{name}': {e}")))?;
+                let name = String::from_utf8(data).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, "export name is not UTF-8")
+                })?;
+                let export = provider.open(&name).map_err(|e| {
+                    io::Error::new(io::ErrorKind::NotFound, format!("export '{name}': {e}"))
+                })?;
                 let size = export.size().map_err(|e| io::Error::other(e.to_string()))?;
                 let mut v = size.to_be_bytes().to_vec();
                 v.extend_from_slice(&transmission_flags(&*export).to_be_bytes());
@@ -89,7 +102,12 @@ pub fn negotiate<S: Read + Write>(s: &mut S, provider: &dyn ExportProvider) -> i
                     v.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&v)?;
-                return Ok(Some(Session { export, structured, allocation_context }));
+                let allocation_context = allocation_for.as_deref() == Some(name.as_str());
+                return Ok(Some(Session {
+                    export,
+                    structured,
+                    allocation_context,
+                }));
             }
             OPT_ABORT => {
                 let _ = reply(s, opt, REP_ACK, &[]);
@@ -116,7 +134,12 @@ pub fn negotiate<S: Read + Write>(s: &mut S, provider: &dyn ExportProvider) -> i
                 let export = match provider.open(&req.name) {
                     Ok(e) => e,
                     Err(e) => {
-                        reply_err(s, opt, REP_ERR_UNKNOWN, &format!("export '{}': {e}", req.name))?;
+                        reply_err(
+                            s,
+                            opt,
+                            REP_ERR_UNKNOWN,
+                            &format!("export '{}': {e}", req.name),
+                        )?;
                         continue;
                     }
                 };
@@ -127,19 +150,39 @@ pub fn negotiate<S: Read + Write>(s: &mut S, provider: &dyn ExportProvider) -> i
                         continue;
                     }
                 };
-                reply(s, opt, REP_INFO, &codec::info_export(size, transmission_flags(&*export)))?;
+                reply(
+                    s,
+                    opt,
+                    REP_INFO,
+                    &codec::info_export(size, transmission_flags(&*export)),
+                )?;
                 if req.infos.contains(&INFO_NAME) {
                     reply(s, opt, REP_INFO, &codec::info_name(export.name()))?;
                 }
-                reply(s, opt, REP_INFO, &codec::info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD))?;
+                reply(
+                    s,
+                    opt,
+                    REP_INFO,
+                    &codec::info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD),
+                )?;
                 reply(s, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
-                    return Ok(Some(Session { export, structured, allocation_context }));
+                    let allocation_context = allocation_for.as_deref() == Some(req.name.as_str());
+                    return Ok(Some(Session {
+                        export,
+                        structured,
+                        allocation_context,
+                    }));
                 }
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    reply_err(s, opt, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                    reply_err(
+                        s,
+                        opt,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )?;
                 } else {
                     structured = true;
                     reply(s, opt, REP_ACK, &[])?;
@@ -147,7 +190,12 @@ pub fn negotiate<S: Read + Write>(s: &mut S, provider: &dyn ExportProvider) -> i
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 if !structured {
-                    reply_err(s, opt, REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")?;
+                    reply_err(
+                        s,
+                        opt,
+                        REP_ERR_INVALID,
+                        "negotiate NBD_OPT_STRUCTURED_REPLY first",
+                    )?;
                     continue;
                 }
                 let req = match codec::parse_meta_context_request(&data) {
@@ -158,22 +206,46 @@ pub fn negotiate<S: Read + Write>(s: &mut S, provider: &dyn ExportProvider) -> i
                     }
                 };
                 if let Err(e) = provider.open(&req.export) {
-                    reply_err(s, opt, REP_ERR_UNKNOWN, &format!("export '{}': {e}", req.export))?;
+                    reply_err(
+                        s,
+                        opt,
+                        REP_ERR_UNKNOWN,
+                        &format!("export '{}': {e}", req.export),
+                    )?;
                     continue;
                 }
                 let set = opt == OPT_SET_META_CONTEXT;
                 let matches = |q: &str| q == BASE_ALLOCATION || (!set && q == "base:");
-                let selected = if req.queries.is_empty() { !set } else { req.queries.iter().any(|q| matches(q)) };
+                let selected = if req.queries.is_empty() {
+                    !set
+                } else {
+                    req.queries.iter().any(|q| matches(q))
+                };
                 if set {
-                    allocation_context = selected;
+                    allocation_for = selected.then(|| req.export.clone());
                 }
                 if selected {
-                    reply(s, opt, REP_META_CONTEXT, &codec::meta_context_entry(BASE_ALLOCATION_ID, BASE_ALLOCATION))?;
+                    reply(
+                        s,
+                        opt,
+                        REP_META_CONTEXT,
+                        &codec::meta_context_entry(BASE_ALLOCATION_ID, BASE_ALLOCATION),
+                    )?;
                 }
                 reply(s, opt, REP_ACK, &[])?;
             }
-            OPT_STARTTLS => reply_err(s, opt, REP_ERR_POLICY, "TLS is not supported by this server")?,
-            _ => reply_err(s, opt, REP_ERR_UNSUP, &format!("option {opt} is not supported"))?,
+            OPT_STARTTLS => reply_err(
+                s,
+                opt,
+                REP_ERR_POLICY,
+                "TLS is not supported by this server",
+            )?,
+            _ => reply_err(
+                s,
+                opt,
+                REP_ERR_UNSUP,
+                &format!("option {opt} is not supported"),
+            )?,
         }
     }
 }

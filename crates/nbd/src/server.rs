@@ -44,28 +44,37 @@ pub fn nbd_error(errno: i32) -> u32 {
     }
 }
 
+/// Requests one connection may have in flight.
+const CONN_MAX_REQUESTS: usize = 256;
+
 struct Conn {
-    writer: Mutex<Box<dyn Write + Send>>,
-    /// (payload bytes in flight, requests in flight)
+    /// Replies go to the connection's writer thread, so a worker never blocks on a socket
+    /// whose client does not read.
+    replies: Sender<(Vec<u8>, u64)>,
+    /// (payload bytes in flight, requests in flight); a request counts until its reply has
+    /// been written.
     inflight: Mutex<(u64, usize)>,
     cv: Condvar,
 }
 
 impl Conn {
-    fn send(&self, parts: &[&[u8]]) {
-        let mut w = lock(&self.writer);
+    fn send(&self, bytes: u64, parts: &[&[u8]]) {
+        let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
         for p in parts {
-            if let Err(e) = w.write_all(p) {
-                log::debug!("nbd: reply not sent: {e}");
-                return;
-            }
+            v.extend_from_slice(p);
         }
-        let _ = w.flush();
+        self.send_buf(bytes, v);
+    }
+
+    fn send_buf(&self, bytes: u64, v: Vec<u8>) {
+        if self.replies.send((v, bytes)).is_err() {
+            self.done(bytes);
+        }
     }
 
     fn admit(&self, bytes: u64) {
         let mut g = lock(&self.inflight);
-        while g.1 > 0 && g.0 + bytes > CONN_BUDGET {
+        while g.1 > 0 && (g.0 + bytes > CONN_BUDGET || g.1 >= CONN_MAX_REQUESTS) {
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         g.0 += bytes;
@@ -84,6 +93,21 @@ impl Conn {
         while g.1 > 0 {
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+/// Writes queued replies in order; after a write error it keeps draining (and counting)
+/// replies without writing, so the connection's requests all finish.
+fn writer_loop(mut w: Box<dyn Write + Send>, rx: Receiver<(Vec<u8>, u64)>, conn: Arc<Conn>) {
+    let mut broken = false;
+    for (buf, bytes) in rx {
+        if !broken {
+            if let Err(e) = w.write_all(&buf).and_then(|()| w.flush()) {
+                log::debug!("nbd: reply not sent: {e}");
+                broken = true;
+            }
+        }
+        conn.done(bytes);
     }
 }
 
@@ -111,11 +135,13 @@ impl Server {
         let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
         for i in 0..workers.max(1) {
             let rx = rx.clone();
-            std::thread::Builder::new().name(format!("nbd-worker-{i}")).spawn(move || {
-                for job in rx {
-                    job();
-                }
-            })?;
+            std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })?;
         }
         Ok(Arc::new(Server { provider, jobs: tx }))
     }
@@ -123,19 +149,41 @@ impl Server {
     /// Serves one connection to the end: handshake, then requests until NBD_CMD_DISC or
     /// the client goes away. In-flight requests finish before this returns.
     pub fn serve(&self, reader: impl Read, writer: Box<dyn Write + Send>) -> io::Result<()> {
-        let mut d = Duplex { r: reader, w: writer };
+        let mut d = Duplex {
+            r: reader,
+            w: writer,
+        };
         let Some(session) = negotiate(&mut d, &*self.provider)? else {
             return Ok(());
         };
-        let Duplex { r: mut reader, w: writer } = d;
-        let conn = Arc::new(Conn { writer: Mutex::new(writer), inflight: Mutex::new((0, 0)), cv: Condvar::new() });
+        let Duplex {
+            r: mut reader,
+            w: writer,
+        } = d;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let conn = Arc::new(Conn {
+            replies: tx,
+            inflight: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+        });
+        let c = Arc::clone(&conn);
+        let writer_thread = std::thread::Builder::new()
+            .name("nbd-reply".into())
+            .spawn(move || writer_loop(writer, rx, c))?;
         let session = Arc::new(session);
         let r = self.transmission(&mut reader, &conn, &session);
         conn.drain();
+        drop(conn);
+        let _ = writer_thread.join();
         r
     }
 
-    fn transmission(&self, reader: &mut impl Read, conn: &Arc<Conn>, session: &Arc<Session>) -> io::Result<()> {
+    fn transmission(
+        &self,
+        reader: &mut impl Read,
+        conn: &Arc<Conn>,
+        session: &Arc<Session>,
+    ) -> io::Result<()> {
         loop {
             let mut hdr = [0u8; codec::REQUEST_LEN];
             match reader.read_exact(&mut hdr) {
@@ -149,8 +197,12 @@ impl Server {
             if req.command == CMD_WRITE {
                 if req.length > MAX_PAYLOAD {
                     // The payload cannot be skipped safely; say why, then hang up.
-                    conn.send(&[&codec::simple_reply(EOVERFLOW, req.cookie)]);
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("write of {} bytes", req.length)));
+                    conn.admit(0);
+                    conn.send(0, &[&codec::simple_reply(EOVERFLOW, req.cookie)]);
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("write of {} bytes", req.length),
+                    ));
                 }
                 payload = vec![0u8; req.length as usize];
                 reader.read_exact(&mut payload)?;
@@ -164,10 +216,7 @@ impl Server {
             };
             conn.admit(bytes);
             let (c, s) = (Arc::clone(conn), Arc::clone(session));
-            let job: Job = Box::new(move || {
-                handle(&c, &s, req, payload);
-                c.done(bytes);
-            });
+            let job: Job = Box::new(move || handle(&c, &s, req, payload, bytes));
             if self.jobs.send(job).is_err() {
                 return Err(io::Error::other("worker pool stopped"));
             }
@@ -175,40 +224,65 @@ impl Server {
     }
 }
 
-fn error_reply(conn: &Conn, session: &Session, req: &Request, err: u32, msg: &str) {
+fn error_reply(conn: &Conn, session: &Session, req: &Request, bytes: u64, err: u32, msg: &str) {
     let structured_cmd = matches!(req.command, CMD_READ | CMD_BLOCK_STATUS);
     if session.structured && structured_cmd {
-        conn.send(&[&codec::error_chunk(req.cookie, err, msg)]);
+        conn.send(bytes, &[&codec::error_chunk(req.cookie, err, msg)]);
     } else {
-        conn.send(&[&codec::simple_reply(err, req.cookie)]);
+        conn.send(bytes, &[&codec::simple_reply(err, req.cookie)]);
     }
 }
 
-fn handle(conn: &Conn, session: &Session, req: Request, payload: Vec<u8>) {
+/// Executes one request and queues exactly one reply (which releases `bytes` of budget).
+fn handle(conn: &Conn, session: &Session, req: Request, payload: Vec<u8>, bytes: u64) {
     let export: &dyn Export = &*session.export;
     if req.flags & !CMD_FLAGS_KNOWN != 0 {
-        return error_reply(conn, session, &req, EINVAL, "unknown command flags");
+        return error_reply(conn, session, &req, bytes, EINVAL, "unknown command flags");
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let (off, len) = (req.offset, u64::from(req.length));
     let result = match req.command {
         CMD_READ => {
             if req.length > MAX_PAYLOAD {
-                return error_reply(conn, session, &req, EINVAL, "read larger than the maximum block size");
+                return error_reply(
+                    conn,
+                    session,
+                    &req,
+                    bytes,
+                    EINVAL,
+                    "read larger than the maximum block size",
+                );
             }
-            let mut buf = vec![0u8; req.length as usize];
-            match export.read(off, &mut buf) {
+            // The reply header and the data share one buffer: the data is read in place.
+            let hdr = if session.structured { 28 } else { 16 };
+            let mut buf = vec![0u8; hdr + req.length as usize];
+            match export.read(off, &mut buf[hdr..]) {
                 Ok(()) if req.length == 0 && session.structured => {
-                    conn.send(&[&codec::chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0)]);
+                    conn.send(
+                        bytes,
+                        &[&codec::chunk_header(
+                            REPLY_FLAG_DONE,
+                            REPLY_TYPE_NONE,
+                            req.cookie,
+                            0,
+                        )],
+                    );
                     return;
                 }
                 Ok(()) => {
                     if session.structured {
-                        let h = codec::chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, req.cookie, req.length + 8);
-                        conn.send(&[&h, &off.to_be_bytes(), &buf]);
+                        let h = codec::chunk_header(
+                            REPLY_FLAG_DONE,
+                            REPLY_TYPE_OFFSET_DATA,
+                            req.cookie,
+                            req.length + 8,
+                        );
+                        buf[..20].copy_from_slice(&h);
+                        buf[20..28].copy_from_slice(&off.to_be_bytes());
                     } else {
-                        conn.send(&[&codec::simple_reply(0, req.cookie), &buf]);
+                        buf[..16].copy_from_slice(&codec::simple_reply(0, req.cookie));
                     }
+                    conn.send_buf(bytes, buf);
                     return;
                 }
                 Err(e) => Err(e),
@@ -217,14 +291,25 @@ fn handle(conn: &Conn, session: &Session, req: Request, payload: Vec<u8>) {
         CMD_WRITE => export.write(off, &payload, fua),
         CMD_FLUSH => export.flush(),
         CMD_TRIM => export.trim(off, len, fua),
-        CMD_WRITE_ZEROES => export.write_zeroes(off, len, fua),
+        CMD_WRITE_ZEROES => export.write_zeroes(off, len, fua, req.flags & CMD_FLAG_FAST_ZERO != 0),
         CMD_CACHE => export.size().and_then(|size| match off.checked_add(len) {
             Some(end) if end <= size => Ok(()),
-            _ => Err(snapblk_core::Error::OutOfRange { offset: off, len, size }),
+            _ => Err(snapblk_core::Error::OutOfRange {
+                offset: off,
+                len,
+                size,
+            }),
         }),
         CMD_BLOCK_STATUS => {
             if !session.structured || !session.allocation_context {
-                return error_reply(conn, session, &req, EINVAL, "base:allocation was not negotiated");
+                return error_reply(
+                    conn,
+                    session,
+                    &req,
+                    bytes,
+                    EINVAL,
+                    "base:allocation was not negotiated",
+                );
             }
             match export.block_status(off, len) {
                 Ok(runs) => {
@@ -237,23 +322,48 @@ fn handle(conn: &Conn, session: &Session, req: Request, payload: Vec<u8>) {
                         descs.truncate(1);
                     }
                     if descs.is_empty() {
-                        return error_reply(conn, session, &req, EINVAL, "empty range");
+                        return error_reply(conn, session, &req, bytes, EINVAL, "empty range");
                     }
-                    conn.send(&[&codec::block_status_chunk(req.cookie, BASE_ALLOCATION_ID, &descs)]);
+                    conn.send(
+                        bytes,
+                        &[&codec::block_status_chunk(
+                            req.cookie,
+                            BASE_ALLOCATION_ID,
+                            &descs,
+                        )],
+                    );
                     return;
                 }
                 Err(e) => Err(e),
             }
         }
         other => {
-            return error_reply(conn, session, &req, EINVAL, &format!("unknown command {other}"));
+            return error_reply(
+                conn,
+                session,
+                &req,
+                bytes,
+                EINVAL,
+                &format!("unknown command {other}"),
+            );
         }
     };
     match result {
-        Ok(()) => conn.send(&[&codec::simple_reply(0, req.cookie)]),
+        Ok(()) => conn.send(bytes, &[&codec::simple_reply(0, req.cookie)]),
         Err(e) => {
-            log::debug!("nbd {}: command {} at {off}+{len}: {e}", export.name(), req.command);
-            error_reply(conn, session, &req, nbd_error(e.errno()), &e.to_string());
+            log::debug!(
+                "nbd {}: command {} at {off}+{len}: {e}",
+                export.name(),
+                req.command
+            );
+            error_reply(
+                conn,
+                session,
+                &req,
+                bytes,
+                nbd_error(e.errno()),
+                &e.to_string(),
+            );
         }
     }
 }
@@ -291,11 +401,13 @@ fn spawn_conn<S: Stream>(server: &Arc<Server>, writer: io::Result<S>, reader: S)
         Err(e) => return log::warn!("nbd: cannot clone socket: {e}"),
     };
     let server = Arc::clone(server);
-    let r = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
-        if let Err(e) = server.serve(reader, Box::new(writer)) {
-            log::info!("nbd connection ended: {e}");
-        }
-    });
+    let r = std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            if let Err(e) = server.serve(reader, Box::new(writer)) {
+                log::info!("nbd connection ended: {e}");
+            }
+        });
     if let Err(e) = r {
         log::warn!("nbd: cannot start connection thread: {e}");
     }

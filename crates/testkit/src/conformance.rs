@@ -79,11 +79,16 @@ pub fn run_all(s: &dyn MetaStore) {
         b.put(k, vec![7u8; 12]);
     }
     s.commit(b, false).unwrap();
-    assert_eq!(collect(s, b"Z", b"["), (0..10_000u64).map(|i| {
-        let mut k = vec![b'Z'];
-        k.extend_from_slice(&i.to_be_bytes());
-        (k, vec![7u8; 12])
-    }).collect::<Vec<_>>());
+    assert_eq!(
+        collect(s, b"Z", b"["),
+        (0..10_000u64)
+            .map(|i| {
+                let mut k = vec![b'Z'];
+                k.extend_from_slice(&i.to_be_bytes());
+                (k, vec![7u8; 12])
+            })
+            .collect::<Vec<_>>()
+    );
 }
 
 /// Checks, on a store reopened after `run_all`, that committed data survived the close.

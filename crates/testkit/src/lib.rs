@@ -41,7 +41,8 @@ where
 /// An environment in memory; reopening keeps the same store and device.
 pub fn mem_env(device_bytes: u64) -> impl PoolEnv {
     let store: Arc<dyn MetaStore> = Arc::new(snapblk_core::MemStore::new());
-    let dev: Arc<dyn DataDevice> = Arc::new(snapblk_core::device::mem::MemDevice::new(device_bytes));
+    let dev: Arc<dyn DataDevice> =
+        Arc::new(snapblk_core::device::mem::MemDevice::new(device_bytes));
     FactoryEnv {
         make_store: move || Arc::clone(&store),
         make_dev: move || Arc::clone(&dev),

@@ -17,15 +17,47 @@ const SECTOR: u64 = 512;
 #[derive(Debug, Clone)]
 pub enum Op {
     Create,
-    Write { vol: usize, sector: u64, sectors: u64, seed: u8, zeros: bool, fua: bool },
-    Zero { vol: usize, sector: u64, sectors: u64 },
-    Snapshot { vol: usize },
-    Clone { snap: usize },
-    Rollback { snap: usize },
-    DeleteSnapshot { snap: usize },
-    DeleteVolume { vol: usize, recursive: bool },
-    Resize { vol: usize, blocks: u64 },
-    Rename { vol: usize },
+    Write {
+        vol: usize,
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+        zeros: bool,
+        fua: bool,
+    },
+    Zero {
+        vol: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Trim {
+        vol: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Snapshot {
+        vol: usize,
+    },
+    Clone {
+        snap: usize,
+    },
+    Rollback {
+        snap: usize,
+    },
+    DeleteSnapshot {
+        snap: usize,
+    },
+    DeleteVolume {
+        vol: usize,
+        recursive: bool,
+    },
+    Resize {
+        vol: usize,
+        blocks: u64,
+    },
+    Rename {
+        vol: usize,
+    },
     Reclaim,
     Sync,
     Reopen,
@@ -38,6 +70,7 @@ pub fn op_strategy() -> impl Strategy<Value = Op> {
         8 => (any::<usize>(), 0..span, 1..=24u64, any::<u8>(), prop::bool::weighted(0.1), any::<bool>())
             .prop_map(|(vol, sector, sectors, seed, zeros, fua)| Op::Write { vol, sector, sectors, seed, zeros, fua }),
         3 => (any::<usize>(), 0..span, 1..=40u64).prop_map(|(vol, sector, sectors)| Op::Zero { vol, sector, sectors }),
+        2 => (any::<usize>(), 0..span, 1..=40u64).prop_map(|(vol, sector, sectors)| Op::Trim { vol, sector, sectors }),
         3 => any::<usize>().prop_map(|vol| Op::Snapshot { vol }),
         1 => any::<usize>().prop_map(|snap| Op::Clone { snap }),
         1 => any::<usize>().prop_map(|snap| Op::Rollback { snap }),
@@ -71,7 +104,13 @@ fn pattern(seed: u8, len: usize, zeros: bool) -> Vec<u8> {
     if zeros {
         return vec![0; len];
     }
-    (0..len).map(|i| seed.wrapping_add((i / 7) as u8).wrapping_mul(31).wrapping_add(1)).collect()
+    (0..len)
+        .map(|i| {
+            seed.wrapping_add((i / 7) as u8)
+                .wrapping_mul(31)
+                .wrapping_add(1)
+        })
+        .collect()
 }
 
 fn read_all(pool: &Pool, t: &Target) -> Vec<u8> {
@@ -82,7 +121,8 @@ fn read_all(pool: &Pool, t: &Target) -> Vec<u8> {
     let mut step = 3 * SECTOR;
     while off < size {
         let n = step.min(size - off);
-        pool.read(t, off, &mut buf[off as usize..(off + n) as usize]).expect("read");
+        pool.read(t, off, &mut buf[off as usize..(off + n) as usize])
+            .expect("read");
         off += n;
         step = step * 2 + SECTOR;
     }
@@ -119,7 +159,14 @@ pub fn run(env: &mut dyn PoolEnv, ops: &[Op]) {
                 pool.create_volume(&name, VOL_BLOCKS * bs).unwrap();
                 m.volumes.push((name, vec![0; (VOL_BLOCKS * bs) as usize]));
             }
-            Op::Write { vol, sector, sectors, seed, zeros, fua } => {
+            Op::Write {
+                vol,
+                sector,
+                sectors,
+                seed,
+                zeros,
+                fua,
+            } => {
                 if m.volumes.is_empty() {
                     continue;
                 }
@@ -137,7 +184,11 @@ pub fn run(env: &mut dyn PoolEnv, ops: &[Op]) {
                     data[off as usize..(off + len) as usize].copy_from_slice(&buf);
                 }
             }
-            Op::Zero { vol, sector, sectors } => {
+            Op::Zero {
+                vol,
+                sector,
+                sectors,
+            } => {
                 if m.volumes.is_empty() {
                     continue;
                 }
@@ -151,6 +202,33 @@ pub fn run(env: &mut dyn PoolEnv, ops: &[Op]) {
                 } else {
                     r.unwrap();
                     data[off as usize..(off + len) as usize].fill(0);
+                }
+            }
+            Op::Trim {
+                vol,
+                sector,
+                sectors,
+            } => {
+                if m.volumes.is_empty() {
+                    continue;
+                }
+                let n = m.volumes.len();
+                let (name, data) = &mut m.volumes[vol % n];
+                let id = pool.volume_id(name).unwrap();
+                let (off, len) = (sector * SECTOR, sectors * SECTOR);
+                let r = pool.trim(id, off, len, false);
+                if off + len > data.len() as u64 {
+                    // Validation is the VolumeHandle's job; the pool only refuses whole blocks
+                    // past the end.
+                    let _ = r;
+                } else {
+                    r.unwrap();
+                    // Whole blocks inside the range read as zeros; partial edges are kept.
+                    let b0 = off.div_ceil(bs);
+                    let b1 = (off + len) / bs;
+                    if b0 < b1 {
+                        data[(b0 * bs) as usize..(b1 * bs) as usize].fill(0);
+                    }
                 }
             }
             Op::Snapshot { vol } => {

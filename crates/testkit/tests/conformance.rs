@@ -23,6 +23,8 @@ fn rocksdb_conforms_and_persists() {
 #[test]
 fn rocksdb_refuses_missing_dir() {
     let dir = tempfile::tempdir().unwrap();
-    let e = RocksStore::open(&dir.path().join("nope"), false).err().unwrap();
+    let e = RocksStore::open(&dir.path().join("nope"), false)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("no snapblk metadata"), "{e}");
 }

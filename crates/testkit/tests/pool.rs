@@ -52,12 +52,21 @@ fn snapshot_cost_does_not_grow_with_data() {
     let mut costs = Vec::new();
     for round in 0..3u8 {
         // Write more data each round, then measure the snapshot's metadata operations.
-        pool.write(id, 0, &vec![round + 1; (round as usize + 1) * (16 << 20)], false).unwrap();
+        pool.write(
+            id,
+            0,
+            &vec![round + 1; (round as usize + 1) * (16 << 20)],
+            false,
+        )
+        .unwrap();
         let before = store.ops.load(Ordering::SeqCst);
         pool.create_snapshot("v", &format!("s{round}")).unwrap();
         costs.push(store.ops.load(Ordering::SeqCst) - before);
     }
-    assert!(costs.iter().all(|&c| c == costs[0] && c <= 5), "snapshot batch sizes {costs:?}");
+    assert!(
+        costs.iter().all(|&c| c == costs[0] && c <= 5),
+        "snapshot batch sizes {costs:?}"
+    );
 }
 
 #[test]
@@ -97,10 +106,20 @@ fn snapshot_is_atomic_point_in_time_under_concurrent_writes() {
     for (i, (lo, hi)) in windows.iter().enumerate() {
         for t in 0..THREADS {
             let mut b = [0u8; 8];
-            pool.read(&Target::Snapshot(id, format!("s{i}")), t as u64 * 4096, &mut b).unwrap();
+            pool.read(
+                &Target::Snapshot(id, format!("s{i}")),
+                t as u64 * 4096,
+                &mut b,
+            )
+            .unwrap();
             let v = u64::from_le_bytes(b);
             // Acknowledged before the snapshot started => in it; in it => issued before it ended.
-            assert!(v >= lo[t] && v <= hi[t] + 1, "snapshot s{i} thread {t}: {v} not in [{}, {}]", lo[t], hi[t] + 1);
+            assert!(
+                v >= lo[t] && v <= hi[t] + 1,
+                "snapshot s{i} thread {t}: {v} not in [{}, {}]",
+                lo[t],
+                hi[t] + 1
+            );
         }
     }
     assert!(pool.check().unwrap().is_clean());
@@ -113,7 +132,9 @@ fn out_of_space_fails_cleanly_and_recovers_after_trim() {
     pool.create_volume("v", 1 << 20).unwrap();
     let id = pool.volume_id("v").unwrap();
     pool.write(id, 0, &vec![1u8; 60 * 4096], false).unwrap();
-    let e = pool.write(id, 60 * 4096, &vec![2u8; 8 * 4096], false).unwrap_err();
+    let e = pool
+        .write(id, 60 * 4096, &vec![2u8; 8 * 4096], false)
+        .unwrap_err();
     assert!(matches!(e, Error::NoSpace { .. }), "{e}");
     assert_eq!(e.errno(), libc_enospc());
     // Nothing of the failed write is visible, and everything else still reads.
@@ -125,7 +146,8 @@ fn out_of_space_fails_cleanly_and_recovers_after_trim() {
     assert!(b.iter().all(|&x| x == 1));
     // Trim frees space (released at the sync the failed allocation triggers): writes work again.
     pool.zero(id, 0, 32 * 4096, false).unwrap();
-    pool.write(id, 60 * 4096, &vec![2u8; 8 * 4096], false).unwrap();
+    pool.write(id, 60 * 4096, &vec![2u8; 8 * 4096], false)
+        .unwrap();
     assert!(pool.check().unwrap().is_clean());
 }
 
@@ -143,9 +165,20 @@ fn corrupted_data_is_reported_never_returned() {
     let mut buf = snapblk_core::device::AlignedBuf::zeroed(4096);
     for blk in 0..2u64 {
         let off = DATA_START + blk * 4096;
-        dev.read(&mut [ReadSeg { offset: off, buf: &mut buf }]).unwrap();
+        dev.read(&mut [ReadSeg {
+            offset: off,
+            buf: &mut buf,
+        }])
+        .unwrap();
         buf[100] ^= 0x10;
-        dev.write(&[WriteSeg { offset: off, buf: &buf }], false).unwrap();
+        dev.write(
+            &[WriteSeg {
+                offset: off,
+                buf: &buf,
+            }],
+            false,
+        )
+        .unwrap();
     }
     let mut out = vec![0u8; 4096];
     let e = pool.read(&Target::Volume(id), 4096, &mut out).unwrap_err();
@@ -168,16 +201,25 @@ fn diff_lists_exactly_the_written_blocks() {
     let a = Target::Snapshot(id, "a".into());
     let b = Target::Snapshot(id, "b".into());
     let d = pool.diff(&a, &b).unwrap();
-    assert_eq!(d.iter().map(|r| (r.offset, r.length)).collect::<Vec<_>>(), vec![(8192, 8192)]);
+    assert_eq!(
+        d.iter().map(|r| (r.offset, r.length)).collect::<Vec<_>>(),
+        vec![(8192, 8192)]
+    );
     let d = pool.diff(&a, &Target::Volume(id)).unwrap();
-    assert_eq!(d.iter().map(|r| (r.offset, r.length)).collect::<Vec<_>>(), vec![(8192, 8192), (1 << 20, 4096)]);
+    assert_eq!(
+        d.iter().map(|r| (r.offset, r.length)).collect::<Vec<_>>(),
+        vec![(8192, 8192), (1 << 20, 4096)]
+    );
     // Symmetric, and across a clone.
     assert_eq!(pool.diff(&b, &a).unwrap(), pool.diff(&a, &b).unwrap());
     pool.clone_snapshot("v", "a", "c").unwrap();
     let c = pool.volume_id("c").unwrap();
     pool.write(c, 0, &[9u8; 4096], false).unwrap();
     let d = pool.diff(&b, &Target::Volume(c)).unwrap();
-    assert_eq!(d.iter().map(|r| (r.offset, r.length)).collect::<Vec<_>>(), vec![(0, 4096), (8192, 8192)]);
+    assert_eq!(
+        d.iter().map(|r| (r.offset, r.length)).collect::<Vec<_>>(),
+        vec![(0, 4096), (8192, 8192)]
+    );
 }
 
 #[test]
@@ -207,8 +249,11 @@ fn deleting_snapshots_frees_exactly_their_exclusive_space() {
     pool.sync().unwrap();
     assert_eq!(u0 - used(&pool), (64 + 128) * 4096);
     let mut b = vec![0u8; 1 << 20];
-    pool.read(&Target::Snapshot(id, "new".into()), 0, &mut b).unwrap();
-    assert!(b[..256 << 10].iter().all(|&x| x == 3) && b[256 << 10..512 << 10].iter().all(|&x| x == 2));
+    pool.read(&Target::Snapshot(id, "new".into()), 0, &mut b)
+        .unwrap();
+    assert!(
+        b[..256 << 10].iter().all(|&x| x == 3) && b[256 << 10..512 << 10].iter().all(|&x| x == 2)
+    );
     assert!(b[512 << 10..].iter().all(|&x| x == 1));
     assert!(pool.check().unwrap().is_clean());
     // The store holds no entries of the removed layers.
@@ -219,5 +264,9 @@ fn deleting_snapshots_frees_exactly_their_exclusive_space() {
             ControlFlow::Continue(())
         })
         .unwrap();
-    assert_eq!(layers.len(), 1, "only the layer of 'new' holds entries (the head is empty)");
+    assert_eq!(
+        layers.len(),
+        1,
+        "only the layer of 'new' holds entries (the head is empty)"
+    );
 }

@@ -22,7 +22,10 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (`len` may be 0).
     pub fn zeroed(len: usize) -> Self {
         if len == 0 {
-            return AlignedBuf { ptr: NonNull::dangling(), len: 0 };
+            return AlignedBuf {
+                ptr: NonNull::dangling(),
+                len: 0,
+            };
         }
         let layout = Self::layout(len);
         // SAFETY: layout has non-zero size (len > 0) and a valid power-of-two alignment.

@@ -77,7 +77,10 @@ mod tests {
         let mut b = h.encode();
         assert_eq!(DeviceHeader::decode(&b, "dev").unwrap(), h);
         b[20] ^= 1;
-        assert!(DeviceHeader::decode(&b, "dev").unwrap_err().to_string().contains("checksum"));
+        assert!(DeviceHeader::decode(&b, "dev")
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
         assert!(DeviceHeader::decode(&[0u8; 4096], "dev").is_err());
         assert!(DeviceHeader::decode(&[], "dev").is_err());
     }

@@ -11,7 +11,9 @@ pub struct MemDevice {
 
 impl MemDevice {
     pub fn new(len: u64) -> Self {
-        MemDevice { data: Mutex::new(vec![0u8; len as usize]) }
+        MemDevice {
+            data: Mutex::new(vec![0u8; len as usize]),
+        }
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
@@ -20,7 +22,8 @@ impl MemDevice {
     }
 
     fn range(len: usize, offset: u64, n: usize) -> io::Result<std::ops::Range<usize>> {
-        let start = usize::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         match start.checked_add(n) {
             Some(end) if end <= len => Ok(start..end),
             _ => Err(io::Error::from_raw_os_error(libc::EIO)),

@@ -52,7 +52,10 @@ pub(crate) fn check_aligned(offset: u64, buf: &[u8]) -> io::Result<()> {
     {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("unaligned data device I/O at offset {offset}, {} bytes", buf.len()),
+            format!(
+                "unaligned data device I/O at offset {offset}, {} bytes",
+                buf.len()
+            ),
         ));
     }
     Ok(())

@@ -51,12 +51,22 @@ impl UringFile {
             None => (OpenOptions::new().read(true).write(true).open(path)?, false),
         };
         let len = (&file).seek(SeekFrom::End(0))?;
-        Ok(UringFile { file, path: path.to_path_buf(), len, direct })
+        Ok(UringFile {
+            file,
+            path: path.to_path_buf(),
+            len,
+            direct,
+        })
     }
 
     /// Creates (or truncates) a regular file of `size` bytes, sparse.
     pub fn create_file(path: &Path, size: u64) -> io::Result<()> {
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
         f.set_len(size)?;
         f.sync_all()
     }
@@ -103,30 +113,43 @@ struct Op {
     len: usize,
 }
 
-fn run_ops(ring: &mut IoUring, fd: i32, ops: &[Op], write: bool, fua: bool) -> io::Result<Vec<i32>> {
+fn run_ops(
+    ring: &mut IoUring,
+    fd: i32,
+    ops: &[Op],
+    write: bool,
+    fua: bool,
+) -> io::Result<Vec<i32>> {
+    let lens = ops
+        .iter()
+        .map(|op| u32::try_from(op.len))
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment over 4 GiB"))?;
     let mut results = vec![0i32; ops.len()];
     let mut next = 0usize;
     let mut inflight = 0usize;
     let mut first_err: Option<io::Error> = None;
-    while next < ops.len() || inflight > 0 {
+    let mut hard_errors = 0u32;
+    while (next < ops.len() && first_err.is_none()) || inflight > 0 {
         while next < ops.len() && first_err.is_none() {
             let op = &ops[next];
-            let len = u32::try_from(op.len)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment over 4 GiB"))?;
             let sqe = if write {
-                let mut w = opcode::Write::new(types::Fd(fd), op.ptr as *const u8, len).offset(op.offset);
+                let mut w = opcode::Write::new(types::Fd(fd), op.ptr as *const u8, lens[next])
+                    .offset(op.offset);
                 if fua {
                     w = w.rw_flags(libc::RWF_DSYNC);
                 }
                 w.build()
             } else {
-                opcode::Read::new(types::Fd(fd), op.ptr, len).offset(op.offset).build()
+                opcode::Read::new(types::Fd(fd), op.ptr, lens[next])
+                    .offset(op.offset)
+                    .build()
             }
             .user_data(next as u64);
             // SAFETY: the buffer behind op.ptr/len belongs to a segment borrowed by our
-            // caller for the whole call, and this function does not return until every
-            // pushed entry has completed (the loop runs while inflight > 0), so the kernel
-            // never touches memory that has been freed or reused.
+            // caller for the whole call, and this function does not return while any pushed
+            // entry is still in flight (the loop runs while inflight > 0, even after errors;
+            // see below), so the kernel never touches memory that has been freed or reused.
             if unsafe { ring.submission().push(&sqe) }.is_err() {
                 break; // submission queue full: submit what we have first
             }
@@ -138,18 +161,37 @@ fn run_ops(ring: &mut IoUring, fd: i32, ops: &[Op], write: bool, fua: bool) -> i
         }
         match ring.submit_and_wait(1) {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => {}
-            Err(e) => return Err(e),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                ) => {}
+            Err(e) => {
+                // Stop submitting, but keep reaping: returning now would free buffers the
+                // kernel may still be using.
+                hard_errors += 1;
+                if first_err.is_none() {
+                    first_err = Some(e);
+                }
+                if hard_errors > 10_000 {
+                    log::error!("io_uring: cannot reap {inflight} in-flight operations; aborting to avoid memory corruption");
+                    std::process::abort();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
         for cqe in ring.completion() {
             let i = cqe.user_data() as usize;
             if let Some(r) = results.get_mut(i) {
                 *r = cqe.result();
             }
-            inflight -= 1;
+            inflight = inflight.saturating_sub(1);
         }
         if first_err.is_none() {
-            if let Some(r) = results[..next].iter().find(|r| **r < 0 && **r != -libc::EAGAIN && **r != -libc::EINTR) {
+            if let Some(r) = results[..next]
+                .iter()
+                .find(|r| **r < 0 && **r != -libc::EAGAIN && **r != -libc::EINTR)
+            {
                 first_err = Some(io::Error::from_raw_os_error(-r));
             }
         }
@@ -171,7 +213,11 @@ impl DataDevice for UringFile {
         }
         let ops: Vec<Op> = segs
             .iter_mut()
-            .map(|s| Op { offset: s.offset, ptr: s.buf.as_mut_ptr(), len: s.buf.len() })
+            .map(|s| Op {
+                offset: s.offset,
+                ptr: s.buf.as_mut_ptr(),
+                len: s.buf.len(),
+            })
             .collect();
         let fd = self.file.as_raw_fd();
         let results = self.with_ring(|ring| match ring {
@@ -182,7 +228,8 @@ impl DataDevice for UringFile {
             let done = results.as_ref().map_or(0, |r| r[i].max(0) as usize);
             if done < s.buf.len() {
                 // Short or retryable completion (or no ring): finish synchronously.
-                self.file.read_exact_at(&mut s.buf[done..], s.offset + done as u64)?;
+                self.file
+                    .read_exact_at(&mut s.buf[done..], s.offset + done as u64)?;
             }
         }
         Ok(())
@@ -194,7 +241,11 @@ impl DataDevice for UringFile {
         }
         let ops: Vec<Op> = segs
             .iter()
-            .map(|s| Op { offset: s.offset, ptr: s.buf.as_ptr() as *mut u8, len: s.buf.len() })
+            .map(|s| Op {
+                offset: s.offset,
+                ptr: s.buf.as_ptr() as *mut u8,
+                len: s.buf.len(),
+            })
             .collect();
         let fd = self.file.as_raw_fd();
         let results = self.with_ring(|ring| match ring {
@@ -205,7 +256,8 @@ impl DataDevice for UringFile {
         for (i, s) in segs.iter().enumerate() {
             let done = results.as_ref().map_or(0, |r| r[i].max(0) as usize);
             if done < s.buf.len() {
-                self.file.write_all_at(&s.buf[done..], s.offset + done as u64)?;
+                self.file
+                    .write_all_at(&s.buf[done..], s.offset + done as u64)?;
                 slow = true;
             }
         }
@@ -235,16 +287,44 @@ mod tests {
         a.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
         let mut b = AlignedBuf::zeroed(4096);
         b.fill(0xab);
-        d.write(&[WriteSeg { offset: 4096, buf: &a }, WriteSeg { offset: 65536, buf: &b }], true).unwrap();
+        d.write(
+            &[
+                WriteSeg {
+                    offset: 4096,
+                    buf: &a,
+                },
+                WriteSeg {
+                    offset: 65536,
+                    buf: &b,
+                },
+            ],
+            true,
+        )
+        .unwrap();
         let mut r1 = AlignedBuf::zeroed(8192);
         let mut r2 = AlignedBuf::zeroed(4096);
-        d.read(&mut [ReadSeg { offset: 4096, buf: &mut r1 }, ReadSeg { offset: 65536, buf: &mut r2 }]).unwrap();
+        d.read(&mut [
+            ReadSeg {
+                offset: 4096,
+                buf: &mut r1,
+            },
+            ReadSeg {
+                offset: 65536,
+                buf: &mut r2,
+            },
+        ])
+        .unwrap();
         assert_eq!(&r1[..], &a[..]);
         assert_eq!(&r2[..], &b[..]);
         d.sync().unwrap();
         // Past the end: an error, not a panic.
         let mut r3 = AlignedBuf::zeroed(4096);
-        assert!(d.read(&mut [ReadSeg { offset: 2 << 20, buf: &mut r3 }]).is_err());
+        assert!(d
+            .read(&mut [ReadSeg {
+                offset: 2 << 20,
+                buf: &mut r3
+            }])
+            .is_err());
         // Unaligned: refused.
         let v = vec![0u8; 100];
         assert!(d.write(&[WriteSeg { offset: 0, buf: &v }], false).is_err());

@@ -52,7 +52,11 @@ fn check_store(store: &dyn MetaStore, r: &mut CheckReport) -> Result<Found> {
             }
         },
     };
-    let mut found = Found { tree: None, counts: HashMap::new(), used: bitvec![u64, Lsb0; 0; data_blocks as usize] };
+    let mut found = Found {
+        tree: None,
+        counts: HashMap::new(),
+        used: bitvec![u64, Lsb0; 0; data_blocks as usize],
+    };
     let tree = match Pool::load_tree(store) {
         Ok(t) => t,
         Err(e) => {
@@ -72,18 +76,39 @@ fn check_store(store: &dyn MetaStore, r: &mut CheckReport) -> Result<Found> {
         match <[u8; 8]>::try_from(v).map(u64::from_be_bytes) {
             Ok(id) => match tree.volumes.get(&id) {
                 Some(vr) if vr.name == name => {}
-                Some(vr) => r.errors.push(format!("name index '{name}' points at volume {id} named '{}'", vr.name)),
-                None => r.errors.push(format!("name index '{name}' points at missing volume {id}")),
+                Some(vr) => r.errors.push(format!(
+                    "name index '{name}' points at volume {id} named '{}'",
+                    vr.name
+                )),
+                None => r
+                    .errors
+                    .push(format!("name index '{name}' points at missing volume {id}")),
             },
-            Err(_) => r.errors.push(format!("name index '{name}' has a bad value")),
+            Err(_) => r
+                .errors
+                .push(format!("name index '{name}' has a bad value")),
         }
         ControlFlow::Continue(())
     })?;
     if indexed != tree.volumes.len() {
-        r.errors.push(format!("{} volumes but {indexed} name index entries", tree.volumes.len()));
+        r.errors.push(format!(
+            "{} volumes but {indexed} name index entries",
+            tree.volumes.len()
+        ));
     }
-    if tree.next_id <= tree.layers.keys().chain(tree.volumes.keys()).copied().max().unwrap_or(0) {
-        r.errors.push(format!("next id {} is not above every used id", tree.next_id));
+    if tree.next_id
+        <= tree
+            .layers
+            .keys()
+            .chain(tree.volumes.keys())
+            .copied()
+            .max()
+            .unwrap_or(0)
+    {
+        r.errors.push(format!(
+            "next id {} is not above every used id",
+            tree.next_id
+        ));
     }
     // Tree shape.
     for (id, l) in &tree.layers {
@@ -91,46 +116,70 @@ fn check_store(store: &dyn MetaStore, r: &mut CheckReport) -> Result<Found> {
             r.errors.push(e.to_string());
         }
         if l.rec.id != *id {
-            r.errors.push(format!("layer record {id} carries id {}", l.rec.id));
+            r.errors
+                .push(format!("layer record {id} carries id {}", l.rec.id));
         }
     }
     let mut heads = BTreeSet::new();
     for v in tree.volumes.values() {
         match tree.layers.get(&v.head) {
-            None => r.errors.push(format!("volume '{}' head layer {} is missing", v.name, v.head)),
+            None => r.errors.push(format!(
+                "volume '{}' head layer {} is missing",
+                v.name, v.head
+            )),
             Some(l) => {
                 if l.rec.frozen {
-                    r.errors.push(format!("volume '{}' head layer {} is frozen", v.name, v.head));
+                    r.errors.push(format!(
+                        "volume '{}' head layer {} is frozen",
+                        v.name, v.head
+                    ));
                 }
                 if !l.children.is_empty() {
-                    r.errors.push(format!("volume '{}' head layer {} has children", v.name, v.head));
+                    r.errors.push(format!(
+                        "volume '{}' head layer {} has children",
+                        v.name, v.head
+                    ));
                 }
             }
         }
         if !heads.insert(v.head) {
-            r.errors.push(format!("layer {} is the head of two volumes", v.head));
+            r.errors
+                .push(format!("layer {} is the head of two volumes", v.head));
         }
     }
     for ((vid, _), s) in &tree.snapshots {
         let vname = tree.volumes.get(vid).map(|v| v.name.clone());
         let Some(vname) = vname else {
-            r.errors.push(format!("snapshot '{}' belongs to missing volume {vid}", s.name));
+            r.errors.push(format!(
+                "snapshot '{}' belongs to missing volume {vid}",
+                s.name
+            ));
             continue;
         };
         match tree.layers.get(&s.layer) {
-            None => r.errors.push(format!("snapshot {vname}@{} layer {} is missing", s.name, s.layer)),
-            Some(l) if !l.rec.frozen => {
-                r.errors.push(format!("snapshot {vname}@{} layer {} is not frozen", s.name, s.layer))
-            }
+            None => r.errors.push(format!(
+                "snapshot {vname}@{} layer {} is missing",
+                s.name, s.layer
+            )),
+            Some(l) if !l.rec.frozen => r.errors.push(format!(
+                "snapshot {vname}@{} layer {} is not frozen",
+                s.name, s.layer
+            )),
             _ => {}
         }
         if heads.contains(&s.layer) {
-            r.errors.push(format!("snapshot {vname}@{} shares layer {} with a volume head", s.name, s.layer));
+            r.errors.push(format!(
+                "snapshot {vname}@{} shares layer {} with a volume head",
+                s.name, s.layer
+            ));
         }
     }
     let pending = tree.reclaimable();
     if !pending.is_empty() {
-        r.notes.push(format!("{} unreferenced layer(s) awaiting background reclaim", pending.len()));
+        r.notes.push(format!(
+            "{} unreferenced layer(s) awaiting background reclaim",
+            pending.len()
+        ));
     }
     // Extent map.
     let (a, b) = keys::prefix_range(keys::K_MAP);
@@ -196,7 +245,8 @@ impl Pool {
         }
         if let Some(st) = &found.tree {
             if st.layers.len() != tree.layers.len() || st.volumes.len() != tree.volumes.len() {
-                r.errors.push("in-memory tree differs from the store".into());
+                r.errors
+                    .push("in-memory tree differs from the store".into());
             }
         }
         let a = self.alloc_lock();
@@ -207,14 +257,21 @@ impl Pool {
             }
         }
         if not_marked > 0 {
-            r.errors.push(format!("{not_marked} mapped data blocks are free in the allocator"));
+            r.errors.push(format!(
+                "{not_marked} mapped data blocks are free in the allocator"
+            ));
         }
         let used = a.capacity() - a.free();
         let accounted = r.data_blocks + a.pending();
         if used > accounted {
-            r.notes.push(format!("{} blocks allocated to writes in flight", used - accounted));
+            r.notes.push(format!(
+                "{} blocks allocated to writes in flight",
+                used - accounted
+            ));
         } else if used < accounted {
-            r.errors.push(format!("allocator has {used} blocks in use, but {accounted} are mapped or pending"));
+            r.errors.push(format!(
+                "allocator has {used} blocks in use, but {accounted} are mapped or pending"
+            ));
         }
         Ok(r)
     }

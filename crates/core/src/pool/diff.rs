@@ -42,17 +42,22 @@ impl Pool {
             let off = lba * BLOCK_SIZE_U64;
             match out.last_mut() {
                 Some(r) if r.offset + r.length == off => r.length += BLOCK_SIZE_U64,
-                _ => out.push(DiffRange { offset: off, length: BLOCK_SIZE_U64 }),
+                _ => out.push(DiffRange {
+                    offset: off,
+                    length: BLOCK_SIZE_U64,
+                }),
             }
         }
         let (lo, hi) = (size_a.min(size_b), size_a.max(size_b));
         if hi > lo {
             match out.last_mut() {
                 Some(r) if r.offset + r.length == lo => r.length += hi - lo,
-                _ => out.push(DiffRange { offset: lo, length: hi - lo }),
+                _ => out.push(DiffRange {
+                    offset: lo,
+                    length: hi - lo,
+                }),
             }
         }
         Ok(out)
     }
 }
-

@@ -40,7 +40,9 @@ pub(crate) fn target_layer(tree: &Tree, t: &Target) -> Result<(LayerId, u64)> {
 fn is_zero(b: &[u8]) -> bool {
     let words = b.chunks_exact(8);
     let rem = words.remainder();
-    words.into_iter().all(|w| <[u8; 8]>::try_from(w).is_ok_and(|a| u64::from_ne_bytes(a) == 0))
+    words
+        .into_iter()
+        .all(|w| <[u8; 8]>::try_from(w).is_ok_and(|a| u64::from_ne_bytes(a) == 0))
         && rem.iter().all(|&x| x == 0)
 }
 
@@ -79,11 +81,16 @@ impl Pool {
                 let skip = ((idx - consumed) * BLOCK_SIZE_U64) as usize;
                 let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
                 let (seg, tail) = tail.split_at_mut((cnt * BLOCK_SIZE_U64) as usize);
-                segs.push(ReadSeg { offset: self.block_offset(pba), buf: seg });
+                segs.push(ReadSeg {
+                    offset: self.block_offset(pba),
+                    buf: seg,
+                });
                 rest = tail;
                 consumed = idx + cnt;
             }
-            self.device().read(&mut segs).map_err(|e| Error::device("read", e))?;
+            self.device()
+                .read(&mut segs)
+                .map_err(|e| Error::device("read", e))?;
         }
         for (&lba, v) in &map {
             if let MapValue::Data { pba, crc } = *v {
@@ -114,7 +121,9 @@ impl Pool {
     }
 
     fn stripe(vol: VolId, lba: u64) -> usize {
-        ((vol.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) >> 32) as usize % STRIPES
+        ((vol.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) >> 32)
+            as usize
+            % STRIPES
     }
 
     /// Writes `data` at byte `offset` of volume `vol`.
@@ -182,7 +191,13 @@ impl Pool {
         let assigned: Vec<Option<(u64, u32)>> = blocks
             .iter()
             .zip(&nonzero)
-            .map(|(b, &nz)| if nz { pbas.next().map(|p| (p, crc32c::crc32c(b))) } else { None })
+            .map(|(b, &nz)| {
+                if nz {
+                    pbas.next().map(|p| (p, crc32c::crc32c(b)))
+                } else {
+                    None
+                }
+            })
             .collect();
         let allocated: Vec<u64> = assigned.iter().flatten().map(|(p, _)| *p).collect();
         // One segment per run of blocks that are consecutive in both buf and pba.
@@ -194,10 +209,15 @@ impl Pool {
                 continue;
             };
             let mut j = i + 1;
-            while j < assigned.len() && matches!(assigned[j], Some((p, _)) if p == p0 + (j - i) as u64) {
+            while j < assigned.len()
+                && matches!(assigned[j], Some((p, _)) if p == p0 + (j - i) as u64)
+            {
                 j += 1;
             }
-            segs.push(WriteSeg { offset: self.block_offset(p0), buf: &buf[i * BLOCK_SIZE..j * BLOCK_SIZE] });
+            segs.push(WriteSeg {
+                offset: self.block_offset(p0),
+                buf: &buf[i * BLOCK_SIZE..j * BLOCK_SIZE],
+            });
             i = j;
         }
         if let Err(e) = self.device().write(&segs, fua) {
@@ -212,13 +232,23 @@ impl Pool {
     }
 
     /// Points blocks `b0..` of `vol`'s head at their new data (Some) or at zeros (None).
-    fn commit_blocks(&self, vol: VolId, b0: u64, assigned: &[Option<(u64, u32)>], fua: bool) -> Result<()> {
+    fn commit_blocks(
+        &self,
+        vol: VolId,
+        b0: u64,
+        assigned: &[Option<(u64, u32)>],
+        fua: bool,
+    ) -> Result<()> {
         let n = assigned.len() as u64;
         let store = &**self.store();
         let mut tree = self.tree_write();
         let v = tree.volume(vol)?;
         if b0 + n > v.size / BLOCK_SIZE_U64 {
-            return Err(Error::OutOfRange { offset: b0 * BLOCK_SIZE_U64, len: n * BLOCK_SIZE_U64, size: v.size });
+            return Err(Error::OutOfRange {
+                offset: b0 * BLOCK_SIZE_U64,
+                len: n * BLOCK_SIZE_U64,
+                size: v.size,
+            });
         }
         let head = v.head;
         let mut existing = BTreeMap::new();
@@ -284,8 +314,22 @@ impl Pool {
         }
     }
 
-    /// Makes `[offset, offset + len)` of `vol` read as zeros without storing data (TRIM and
-    /// WRITE_ZEROES). Whole blocks become holes; partial blocks at the edges are written.
+    /// TRIM: whole blocks inside `[offset, offset + len)` become holes (read as zeros, space
+    /// returned); partial blocks at the edges are left alone, as NBD and the block layer allow.
+    pub fn trim(&self, vol: VolId, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let w0 = offset.div_ceil(BLOCK_SIZE_U64);
+        let w1 = (offset + len) / BLOCK_SIZE_U64;
+        let mut c0 = w0;
+        while c0 < w1 {
+            let c1 = (c0 + ZERO_CHUNK_BLOCKS).min(w1);
+            self.zero_blocks(vol, c0, c1, fua, true)?;
+            c0 = c1;
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` of `vol` read as zeros without storing data
+    /// (WRITE_ZEROES). Whole blocks become holes; partial blocks at the edges are written.
     pub fn zero(&self, vol: VolId, offset: u64, len: u64, fua: bool) -> Result<()> {
         if len == 0 {
             return Ok(());
@@ -297,10 +341,20 @@ impl Pool {
             return self.write(vol, offset, &vec![0u8; len as usize], fua);
         }
         if offset < w0 * BLOCK_SIZE_U64 {
-            self.write(vol, offset, &vec![0u8; (w0 * BLOCK_SIZE_U64 - offset) as usize], fua)?;
+            self.write(
+                vol,
+                offset,
+                &vec![0u8; (w0 * BLOCK_SIZE_U64 - offset) as usize],
+                fua,
+            )?;
         }
         if end > w1 * BLOCK_SIZE_U64 {
-            self.write(vol, w1 * BLOCK_SIZE_U64, &vec![0u8; (end - w1 * BLOCK_SIZE_U64) as usize], fua)?;
+            self.write(
+                vol,
+                w1 * BLOCK_SIZE_U64,
+                &vec![0u8; (end - w1 * BLOCK_SIZE_U64) as usize],
+                fua,
+            )?;
         }
         let mut c0 = w0;
         while c0 < w1 {
@@ -312,12 +366,23 @@ impl Pool {
     }
 
     /// Turns whole blocks `[c0, c1)` of `vol`'s head into holes, in one batch.
-    pub(crate) fn zero_blocks(&self, vol: VolId, c0: u64, c1: u64, fua: bool, check_size: bool) -> Result<()> {
+    pub(crate) fn zero_blocks(
+        &self,
+        vol: VolId,
+        c0: u64,
+        c1: u64,
+        fua: bool,
+        check_size: bool,
+    ) -> Result<()> {
         let store = &**self.store();
         let mut tree = self.tree_write();
         let v = tree.volume(vol)?;
         if check_size && c1 > v.size / BLOCK_SIZE_U64 {
-            return Err(Error::OutOfRange { offset: c0 * BLOCK_SIZE_U64, len: (c1 - c0) * BLOCK_SIZE_U64, size: v.size });
+            return Err(Error::OutOfRange {
+                offset: c0 * BLOCK_SIZE_U64,
+                len: (c1 - c0) * BLOCK_SIZE_U64,
+                size: v.size,
+            });
         }
         let head = v.head;
         let mut existing = BTreeMap::new();
@@ -326,7 +391,11 @@ impl Pool {
         })?;
         let chain = tree.chain(head)?;
         let below = visible_data(store, &chain[1..], c0, c1)?;
-        let lbas: BTreeSet<u64> = existing.keys().copied().chain(below.iter().copied()).collect();
+        let lbas: BTreeSet<u64> = existing
+            .keys()
+            .copied()
+            .chain(below.iter().copied())
+            .collect();
         let mut batch = WriteBatch::new();
         let mut frees = Vec::new();
         let (mut d_entries, mut d_data) = (0i64, 0i64);

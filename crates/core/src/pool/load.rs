@@ -7,9 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use crate::alloc::Allocator;
-use crate::device::{AlignedBuf, DataDevice, DeviceHeader, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64, DATA_START};
+use crate::device::{
+    AlignedBuf, DataDevice, DeviceHeader, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64, DATA_START,
+};
 use crate::error::{Error, Result};
-use crate::keys::{self, LayerRecord, MapValue, SnapshotRecord, SuperRecord, VolumeRecord, FORMAT_VERSION};
+use crate::keys::{
+    self, LayerRecord, MapValue, SnapshotRecord, SuperRecord, VolumeRecord, FORMAT_VERSION,
+};
 use crate::meta::{MetaStore, WriteBatch};
 
 use super::{Pool, Tree, STRIPES};
@@ -24,13 +28,19 @@ impl Pool {
     /// Formats an empty store and a data device as a new pool; returns its uuid.
     pub fn format(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<String> {
         if store.get(&keys::super_key())?.is_some() {
-            return Err(Error::exists("pool", "metadata directory already holds a pool"));
+            return Err(Error::exists(
+                "pool",
+                "metadata directory already holds a pool",
+            ));
         }
         let len = dev.len();
         if len < DATA_START + 16 * BLOCK_SIZE_U64 {
             return Err(Error::invalid(
                 "data device size",
-                format!("{len} bytes is too small (minimum {} bytes)", DATA_START + 16 * BLOCK_SIZE_U64),
+                format!(
+                    "{len} bytes is too small (minimum {} bytes)",
+                    DATA_START + 16 * BLOCK_SIZE_U64
+                ),
             ));
         }
         let uuid = uuid::Uuid::new_v4();
@@ -43,8 +53,14 @@ impl Pool {
         };
         let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
         buf.copy_from_slice(&header.encode());
-        dev.write(&[WriteSeg { offset: 0, buf: &buf }], true)
-            .map_err(|e| Error::device("writing header", e))?;
+        dev.write(
+            &[WriteSeg {
+                offset: 0,
+                buf: &buf,
+            }],
+            true,
+        )
+        .map_err(|e| Error::device("writing header", e))?;
         dev.sync().map_err(|e| Error::device("sync", e))?;
         let sup = SuperRecord {
             format_version: FORMAT_VERSION,
@@ -64,9 +80,12 @@ impl Pool {
     /// Reads and checks the superblock and the device header.
     fn check_identity(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<SuperRecord> {
         let key = keys::super_key();
-        let raw = store
-            .get(&key)?
-            .ok_or_else(|| Error::not_found("pool", "no pool superblock in the metadata store (not formatted?)"))?;
+        let raw = store.get(&key)?.ok_or_else(|| {
+            Error::not_found(
+                "pool",
+                "no pool superblock in the metadata store (not formatted?)",
+            )
+        })?;
         let sup: SuperRecord = keys::decode_record("superblock", &key, &raw)?;
         if sup.format_version != FORMAT_VERSION {
             return Err(Error::invalid(
@@ -75,11 +94,17 @@ impl Pool {
             ));
         }
         if sup.block_size as usize != BLOCK_SIZE {
-            return Err(Error::invalid("pool", format!("block size {} is not supported", sup.block_size)));
+            return Err(Error::invalid(
+                "pool",
+                format!("block size {} is not supported", sup.block_size),
+            ));
         }
         let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
-        dev.read(&mut [ReadSeg { offset: 0, buf: &mut buf }])
-            .map_err(|e| Error::device("reading header", e))?;
+        dev.read(&mut [ReadSeg {
+            offset: 0,
+            buf: &mut buf,
+        }])
+        .map_err(|e| Error::device("reading header", e))?;
         let h = DeviceHeader::decode(&buf, "data device")?;
         if h.format_version != FORMAT_VERSION {
             return Err(Error::invalid(
@@ -97,11 +122,35 @@ impl Pool {
                 ),
             ));
         }
-        let need = sup.data_start + sup.data_blocks * BLOCK_SIZE_U64;
+        if h.block_size as usize != BLOCK_SIZE {
+            return Err(Error::invalid(
+                "data device",
+                format!("block size {} is not supported", h.block_size),
+            ));
+        }
+        if h.data_start != sup.data_start || !sup.data_start.is_multiple_of(BLOCK_SIZE_U64) {
+            return Err(Error::Corrupt(format!(
+                "data start differs: device header says {}, metadata says {}",
+                h.data_start, sup.data_start
+            )));
+        }
+        let need = sup
+            .data_blocks
+            .checked_mul(BLOCK_SIZE_U64)
+            .and_then(|b| b.checked_add(sup.data_start))
+            .ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "superblock data size {} blocks overflows",
+                    sup.data_blocks
+                ))
+            })?;
         if dev.len() < need {
             return Err(Error::invalid(
                 "data device",
-                format!("{} bytes, smaller than the {need} bytes the pool was formatted with", dev.len()),
+                format!(
+                    "{} bytes, smaller than the {need} bytes the pool was formatted with",
+                    dev.len()
+                ),
             ));
         }
         Ok(sup)
@@ -117,7 +166,12 @@ impl Pool {
                 a.copy_from_slice(&v);
                 u64::from_be_bytes(a)
             }
-            Some(v) => return Err(Error::Corrupt(format!("next-id record of {} bytes", v.len()))),
+            Some(v) => {
+                return Err(Error::Corrupt(format!(
+                    "next-id record of {} bytes",
+                    v.len()
+                )))
+            }
             None => 1,
         };
         let mut err: Option<Error> = None;
@@ -130,21 +184,27 @@ impl Pool {
         };
         let mut layers = Vec::new();
         let (a, b) = keys::prefix_range(keys::K_LAYER);
-        store.scan(&a, &b, &mut |k, v| keep(keys::decode_record::<LayerRecord>("layer", k, v).map(|r| layers.push(r))))?;
+        store.scan(&a, &b, &mut |k, v| {
+            keep(keys::decode_record::<LayerRecord>("layer", k, v).map(|r| layers.push(r)))
+        })?;
         let (a, b) = keys::prefix_range(keys::K_VOLUME);
         store.scan(&a, &b, &mut |k, v| {
-            keep(keys::decode_record::<VolumeRecord>("volume", k, v).map(|r| {
-                tree.names.insert(r.name.clone(), r.id);
-                tree.volumes.insert(r.id, r);
-            }))
+            keep(
+                keys::decode_record::<VolumeRecord>("volume", k, v).map(|r| {
+                    tree.names.insert(r.name.clone(), r.id);
+                    tree.volumes.insert(r.id, r);
+                }),
+            )
         })?;
         let (a, b) = keys::prefix_range(keys::K_SNAPSHOT);
         store.scan(&a, &b, &mut |k, v| {
-            keep(keys::decode_u64_suffix(k, keys::K_SNAPSHOT).and_then(|vol| {
-                let r: SnapshotRecord = keys::decode_record("snapshot", k, v)?;
-                tree.snapshots.insert((vol, r.name.clone()), r);
-                Ok(())
-            }))
+            keep(
+                keys::decode_u64_suffix(k, keys::K_SNAPSHOT).and_then(|vol| {
+                    let r: SnapshotRecord = keys::decode_record("snapshot", k, v)?;
+                    tree.snapshots.insert((vol, r.name.clone()), r);
+                    Ok(())
+                }),
+            )
         })?;
         if let Some(e) = err {
             return Err(e);
@@ -152,7 +212,12 @@ impl Pool {
         for l in &layers {
             tree.layers.insert(
                 l.id,
-                super::tree::LayerInfo { rec: l.clone(), children: Default::default(), entries: 0, data_blocks: 0 },
+                super::tree::LayerInfo {
+                    rec: l.clone(),
+                    children: Default::default(),
+                    entries: 0,
+                    data_blocks: 0,
+                },
             );
         }
         for l in &layers {
@@ -161,7 +226,12 @@ impl Pool {
                     Some(pl) => {
                         pl.children.insert(l.id);
                     }
-                    None => return Err(Error::Corrupt(format!("layer {} has missing parent {p}", l.id))),
+                    None => {
+                        return Err(Error::Corrupt(format!(
+                            "layer {} has missing parent {p}",
+                            l.id
+                        )))
+                    }
                 }
             }
         }
@@ -227,6 +297,7 @@ impl Pool {
             sync_lock: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             open_targets: Mutex::new(HashMap::new()),
+            resize_lock: Mutex::new(()),
             wake: (Mutex::new(false), Condvar::new()),
             shutdown: AtomicBool::new(false),
             dirty: AtomicBool::new(false),

@@ -20,16 +20,16 @@ pub(crate) fn scan_layer(
     }
     let (a, b) = keys::map_range(layer, from, to);
     let mut err: Option<Error> = None;
-    store.scan(&a, &b, &mut |k, v| {
-        match keys::decode_map_key(k).and_then(|(_, lba)| Ok((lba, MapValue::decode(v)?))) {
-            Ok((lba, mv)) => {
-                f(lba, mv);
-                ControlFlow::Continue(())
-            }
-            Err(e) => {
-                err = Some(e);
-                ControlFlow::Break(())
-            }
+    store.scan(&a, &b, &mut |k, v| match keys::decode_map_key(k)
+        .and_then(|(_, lba)| Ok((lba, MapValue::decode(v)?)))
+    {
+        Ok((lba, mv)) => {
+            f(lba, mv);
+            ControlFlow::Continue(())
+        }
+        Err(e) => {
+            err = Some(e);
+            ControlFlow::Break(())
         }
     })?;
     err.map_or(Ok(()), Err)

@@ -47,6 +47,8 @@ pub enum Target {
 }
 
 const STRIPES: usize = 1024;
+/// Reclaim steps between syncs that return the freed blocks to the allocator.
+const RECLAIM_SYNC_EVERY: u64 = 64;
 
 pub struct Pool {
     store: Arc<dyn MetaStore>,
@@ -59,6 +61,8 @@ pub struct Pool {
     sync_lock: Mutex<()>,
     stripes: Vec<Mutex<()>>,
     open_targets: Mutex<HashMap<Target, usize>>,
+    /// Serialises resizes (a shrink zeroes the cut-off tail after committing the size).
+    resize_lock: Mutex<()>,
     wake: (Mutex<bool>, Condvar),
     shutdown: AtomicBool,
     dirty: AtomicBool,
@@ -93,6 +97,9 @@ impl Pool {
     }
     pub(crate) fn tree_write(&self) -> RwLockWriteGuard<'_, Tree> {
         self.tree.write().unwrap_or_else(|p| p.into_inner())
+    }
+    pub(crate) fn resize_guard(&self) -> MutexGuard<'_, ()> {
+        lock(&self.resize_lock)
     }
     pub(crate) fn alloc_lock(&self) -> MutexGuard<'_, Allocator> {
         lock(&self.alloc)
@@ -130,8 +137,15 @@ impl Pool {
         let _serial = lock(&self.sync_lock);
         self.dirty.store(false, Ordering::Release);
         let g = self.generation.fetch_add(1, Ordering::AcqRel);
-        self.dev.sync().map_err(|e| Error::device("sync", e))?;
-        self.store.sync()?;
+        let r = self
+            .dev
+            .sync()
+            .map_err(|e| Error::device("sync", e))
+            .and_then(|()| Ok(self.store.sync()?));
+        if let Err(e) = r {
+            self.mark_dirty();
+            return Err(e);
+        }
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         self.alloc_lock().release_through(g);
         Ok(())
@@ -160,14 +174,23 @@ impl Pool {
             metadata_size: self.store.size_on_disk(),
             volumes: tree.volumes.len(),
             snapshots: tree.snapshots.len(),
-            hidden_layers: tree.layers.keys().filter(|l| !referenced.contains(l)).count(),
+            hidden_layers: tree
+                .layers
+                .keys()
+                .filter(|l| !referenced.contains(l))
+                .count(),
         }
     }
 
     /// Registers an open export of `target` (NBD connection, ublk device); volumes and
     /// snapshots with open exports cannot be deleted.
-    pub(crate) fn register_open(&self, t: &Target) {
+    /// Checks that `t` exists and registers it as open, atomically with respect to deletes
+    /// (which check the open count under the tree write lock).
+    pub(crate) fn register_open(&self, t: &Target) -> Result<()> {
+        let tree = self.tree_read();
+        io::target_layer(&tree, t)?;
         *lock(&self.open_targets).entry(t.clone()).or_insert(0) += 1;
+        Ok(())
     }
     pub(crate) fn unregister_open(&self, t: &Target) {
         let mut m = lock(&self.open_targets);
@@ -179,7 +202,11 @@ impl Pool {
         }
     }
     pub(crate) fn open_count(&self, pred: impl Fn(&Target) -> bool) -> usize {
-        lock(&self.open_targets).iter().filter(|(t, _)| pred(t)).map(|(_, n)| *n).sum()
+        lock(&self.open_targets)
+            .iter()
+            .filter(|(t, _)| pred(t))
+            .map(|(_, n)| *n)
+            .sum()
     }
 
     /// Starts the background thread: reclaim of unreferenced layers and a sync every
@@ -196,9 +223,19 @@ impl Pool {
     }
 
     fn background_loop(&self) {
+        let mut steps = 0u64;
         while !self.shutdown.load(Ordering::Acquire) {
             match self.reclaim_step() {
-                Ok(true) => continue,
+                Ok(true) => {
+                    // Return reclaimed space regularly instead of piling up pending frees.
+                    steps += 1;
+                    if steps.is_multiple_of(RECLAIM_SYNC_EVERY) {
+                        if let Err(e) = self.sync() {
+                            log::error!("sync during reclaim: {e}");
+                        }
+                    }
+                    continue;
+                }
                 Ok(false) => {}
                 Err(e) => log::error!("reclaim: {e}"),
             }
@@ -210,7 +247,10 @@ impl Pool {
             let (m, cv) = &self.wake;
             let mut woken = lock(m);
             if !*woken {
-                woken = cv.wait_timeout(woken, Duration::from_secs(1)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+                woken = cv
+                    .wait_timeout(woken, Duration::from_secs(1))
+                    .map(|r| r.0)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
             *woken = false;
         }
@@ -225,7 +265,13 @@ impl Pool {
     /// Runs reclaim until nothing is left (tests, `pool check` callers that want a settled
     /// pool).
     pub fn reclaim_all(&self) -> Result<()> {
-        while self.reclaim_step()? {}
+        let mut steps = 0u64;
+        while self.reclaim_step()? {
+            steps += 1;
+            if steps.is_multiple_of(RECLAIM_SYNC_EVERY) {
+                self.sync()?;
+            }
+        }
         Ok(())
     }
 

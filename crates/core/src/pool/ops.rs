@@ -53,10 +53,16 @@ pub fn validate_size(size: u64) -> Result<()> {
         return Err(Error::invalid("size", "must be greater than zero"));
     }
     if !size.is_multiple_of(BLOCK_SIZE_U64) {
-        return Err(Error::invalid("size", format!("{size} bytes is not a multiple of 4 KiB")));
+        return Err(Error::invalid(
+            "size",
+            format!("{size} bytes is not a multiple of 4 KiB"),
+        ));
     }
     if size > MAX_VOLUME_SIZE {
-        return Err(Error::invalid("size", format!("{size} bytes exceeds the maximum of {MAX_VOLUME_SIZE} bytes (64 PiB)")));
+        return Err(Error::invalid(
+            "size",
+            format!("{size} bytes exceeds the maximum of {MAX_VOLUME_SIZE} bytes (64 PiB)"),
+        ));
     }
     Ok(())
 }
@@ -82,7 +88,12 @@ fn next_id_put(b: &mut WriteBatch, tree: &Tree) {
 }
 
 impl Pool {
-    fn volume_info_locked(&self, tree: &Tree, names: &HashMap<LayerId, String>, v: &VolumeRecord) -> VolumeInfo {
+    fn volume_info_locked(
+        &self,
+        tree: &Tree,
+        names: &HashMap<LayerId, String>,
+        v: &VolumeRecord,
+    ) -> VolumeInfo {
         let head = tree.layers.get(&v.head);
         let snaps: Vec<&SnapshotRecord> = tree.snapshots_of(v.id).collect();
         VolumeInfo {
@@ -110,8 +121,19 @@ impl Pool {
         }
         let (vid, lid) = (tree.take_id(), tree.take_id());
         let now = keys::now_secs();
-        let layer = LayerRecord { id: lid, parent: None, frozen: false, created: now };
-        let vol = VolumeRecord { id: vid, name: name.to_string(), size, head: lid, created: now };
+        let layer = LayerRecord {
+            id: lid,
+            parent: None,
+            frozen: false,
+            created: now,
+        };
+        let vol = VolumeRecord {
+            id: vid,
+            name: name.to_string(),
+            size,
+            head: lid,
+            created: now,
+        };
         let mut b = WriteBatch::new();
         b.put(keys::layer_key(lid), keys::encode_record(&layer));
         b.put(keys::volume_key(vid), keys::encode_record(&vol));
@@ -131,7 +153,11 @@ impl Pool {
     pub fn list_volumes(&self) -> Vec<VolumeInfo> {
         let tree = self.tree_read();
         let names = snapshot_names(&tree);
-        let mut out: Vec<VolumeInfo> = tree.volumes.values().map(|v| self.volume_info_locked(&tree, &names, v)).collect();
+        let mut out: Vec<VolumeInfo> = tree
+            .volumes
+            .values()
+            .map(|v| self.volume_info_locked(&tree, &names, v))
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
@@ -145,6 +171,7 @@ impl Pool {
     /// Grows a volume, or shrinks it with `force` (the cut-off data is discarded).
     pub fn resize_volume(&self, name: &str, size: u64, force: bool) -> Result<VolumeInfo> {
         validate_size(size)?;
+        let _serial = self.resize_guard();
         let (vid, old) = {
             let tree = self.tree_read();
             let v = tree.volume_by_name(name)?;
@@ -176,13 +203,27 @@ impl Pool {
         self.volume_info(name)
     }
 
+    /// Makes `[from, to)` of the volume read as zeros; cost follows the entries mapped
+    /// there in the volume's chain, not the length of the range.
     fn zero_tail(&self, vid: VolId, from: u64, to: u64) -> Result<()> {
         let (c0, c1) = (from / BLOCK_SIZE_U64, to / BLOCK_SIZE_U64);
-        let mut c = c0;
-        while c < c1 {
-            let e = (c + 16 * 1024).min(c1);
-            self.zero_blocks(vid, c, e, false, false)?;
-            c = e;
+        let mut lbas = std::collections::BTreeSet::new();
+        {
+            let tree = self.tree_read();
+            let chain = tree.chain(tree.volume(vid)?.head)?;
+            for l in chain {
+                scan_layer(&**self.store(), l, c0, c1, |lba, _| {
+                    lbas.insert(lba);
+                })?;
+            }
+        }
+        let mut it = lbas.into_iter().peekable();
+        while let Some(first) = it.next() {
+            let end = (first + 16 * 1024).min(c1);
+            while it.peek().is_some_and(|l| *l < end) {
+                it.next();
+            }
+            self.zero_blocks(vid, first, end, false, false)?;
         }
         Ok(())
     }
@@ -226,7 +267,9 @@ impl Pool {
                 Target::Volume(v) | Target::Snapshot(v, _) => *v == vid,
             });
             if open > 0 {
-                return Err(Error::Busy(format!("volume '{name}' is in use by {open} export(s); disconnect them first")));
+                return Err(Error::Busy(format!(
+                    "volume '{name}' is in use by {open} export(s); disconnect them first"
+                )));
             }
             let mut b = WriteBatch::new();
             b.delete(keys::volume_key(vid));
@@ -261,8 +304,18 @@ impl Pool {
         frozen.frozen = true;
         let new_id = tree.take_id();
         let now = keys::now_secs();
-        let new_head = LayerRecord { id: new_id, parent: Some(old_head), frozen: false, created: now };
-        let srec = SnapshotRecord { name: snap.to_string(), layer: old_head, size: v.size, created: now };
+        let new_head = LayerRecord {
+            id: new_id,
+            parent: Some(old_head),
+            frozen: false,
+            created: now,
+        };
+        let srec = SnapshotRecord {
+            name: snap.to_string(),
+            layer: old_head,
+            size: v.size,
+            created: now,
+        };
         v.head = new_id;
         let mut b = WriteBatch::new();
         b.put(keys::layer_key(old_head), keys::encode_record(&frozen));
@@ -270,7 +323,9 @@ impl Pool {
         b.put(keys::volume_key(vid), keys::encode_record(&v));
         b.put(keys::snapshot_key(vid, snap), keys::encode_record(&srec));
         next_id_put(&mut b, &tree);
-        self.device().sync().map_err(|e| Error::device("sync before snapshot", e))?;
+        self.device()
+            .sync()
+            .map_err(|e| Error::device("sync before snapshot", e))?;
         self.store().commit(b, true)?;
         if let Some(l) = tree.layers.get_mut(&old_head) {
             l.rec.frozen = true;
@@ -293,7 +348,11 @@ impl Pool {
         let v = tree.volume(vid)?;
         let s = tree.snapshot(vid, snap)?;
         let layer = tree.layer(s.layer)?;
-        let exclusive = if exclusive { Some(self.exclusive_bytes(tree, s.layer)?) } else { None };
+        let exclusive = if exclusive {
+            Some(self.exclusive_bytes(tree, s.layer)?)
+        } else {
+            None
+        };
         Ok(SnapshotInfo {
             volume: v.name.clone(),
             name: s.name.clone(),
@@ -361,7 +420,9 @@ impl Pool {
             tree.snapshot(vid, snap)?;
             let open = self.open_count(|t| *t == Target::Snapshot(vid, snap.to_string()));
             if open > 0 {
-                return Err(Error::Busy(format!("snapshot '{vol}@{snap}' is in use by {open} export(s)")));
+                return Err(Error::Busy(format!(
+                    "snapshot '{vol}@{snap}' is in use by {open} export(s)"
+                )));
             }
             let mut b = WriteBatch::new();
             b.delete(keys::snapshot_key(vid, snap));
@@ -383,8 +444,19 @@ impl Pool {
         }
         let (nvid, lid) = (tree.take_id(), tree.take_id());
         let now = keys::now_secs();
-        let layer = LayerRecord { id: lid, parent: Some(s.layer), frozen: false, created: now };
-        let v = VolumeRecord { id: nvid, name: new.to_string(), size: s.size, head: lid, created: now };
+        let layer = LayerRecord {
+            id: lid,
+            parent: Some(s.layer),
+            frozen: false,
+            created: now,
+        };
+        let v = VolumeRecord {
+            id: nvid,
+            name: new.to_string(),
+            size: s.size,
+            head: lid,
+            created: now,
+        };
         let mut b = WriteBatch::new();
         b.put(keys::layer_key(lid), keys::encode_record(&layer));
         b.put(keys::volume_key(nvid), keys::encode_record(&v));
@@ -413,7 +485,12 @@ impl Pool {
             }
             let mut v = tree.volume(vid)?.clone();
             let lid = tree.take_id();
-            let layer = LayerRecord { id: lid, parent: Some(s.layer), frozen: false, created: keys::now_secs() };
+            let layer = LayerRecord {
+                id: lid,
+                parent: Some(s.layer),
+                frozen: false,
+                created: keys::now_secs(),
+            };
             v.head = lid;
             v.size = s.size;
             let mut b = WriteBatch::new();

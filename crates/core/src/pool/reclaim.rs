@@ -52,7 +52,7 @@ impl Pool {
         let (mut c_entries, mut c_data) = (0i64, 0i64);
         let mut shadowed = BTreeMap::new();
         if let (Some(c), Some(first), Some(last)) = (child, entries.first(), entries.last()) {
-            scan_layer(store, c, first.0, last.0 + 1, |lba, mv| {
+            scan_layer(store, c, first.0, last.0.saturating_add(1), |lba, mv| {
                 shadowed.insert(lba, mv);
             })?;
         }
@@ -77,7 +77,9 @@ impl Pool {
             }
         }
         if info.children.len() > 1 {
-            return Err(Error::Corrupt(format!("reclaim picked layer {l} with several children")));
+            return Err(Error::Corrupt(format!(
+                "reclaim picked layer {l} with several children"
+            )));
         }
         store.commit(batch, false)?;
         tree.adjust_counts(l, -(entries.len() as i64), -l_data);

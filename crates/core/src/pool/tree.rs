@@ -34,11 +34,16 @@ pub struct Tree {
 
 impl Tree {
     pub fn volume_id(&self, name: &str) -> Result<VolId> {
-        self.names.get(name).copied().ok_or_else(|| Error::not_found("volume", name))
+        self.names
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::not_found("volume", name))
     }
 
     pub fn volume(&self, id: VolId) -> Result<&VolumeRecord> {
-        self.volumes.get(&id).ok_or_else(|| Error::not_found("volume", format!("#{id}")))
+        self.volumes
+            .get(&id)
+            .ok_or_else(|| Error::not_found("volume", format!("#{id}")))
     }
 
     pub fn volume_by_name(&self, name: &str) -> Result<&VolumeRecord> {
@@ -53,11 +58,16 @@ impl Tree {
     }
 
     pub fn snapshots_of(&self, vol: VolId) -> impl Iterator<Item = &SnapshotRecord> {
-        self.snapshots.range((vol, String::new())..).take_while(move |((v, _), _)| *v == vol).map(|(_, s)| s)
+        self.snapshots
+            .range((vol, String::new())..)
+            .take_while(move |((v, _), _)| *v == vol)
+            .map(|(_, s)| s)
     }
 
     pub fn layer(&self, id: LayerId) -> Result<&LayerInfo> {
-        self.layers.get(&id).ok_or_else(|| Error::Corrupt(format!("layer {id} is missing")))
+        self.layers
+            .get(&id)
+            .ok_or_else(|| Error::Corrupt(format!("layer {id} is missing")))
     }
 
     /// The layer and its ancestors, nearest first.
@@ -65,7 +75,9 @@ impl Tree {
         let mut out = Vec::new();
         loop {
             if out.len() > self.layers.len() {
-                return Err(Error::Corrupt(format!("cycle in the layer tree at layer {id}")));
+                return Err(Error::Corrupt(format!(
+                    "cycle in the layer tree at layer {id}"
+                )));
             }
             out.push(id);
             match self.layer(id)?.rec.parent {
@@ -89,14 +101,16 @@ impl Tree {
             .map(|v| v.head)
             .chain(self.snapshots.values().map(|s| s.layer))
             .collect();
-        let mut out: Vec<LayerId> = self
+        // Leaves first: freeing a leaf is cheaper than merging a layer into a child that
+        // is itself about to go (e.g. a volume deleted with its snapshots).
+        let mut out: Vec<(usize, LayerId)> = self
             .layers
             .iter()
             .filter(|(id, l)| !referenced.contains(id) && l.children.len() <= 1)
-            .map(|(id, _)| *id)
+            .map(|(id, l)| (l.children.len(), *id))
             .collect();
         out.sort_unstable();
-        out
+        out.into_iter().map(|(_, id)| id).collect()
     }
 
     pub fn insert_layer(&mut self, rec: LayerRecord) {
@@ -107,7 +121,12 @@ impl Tree {
         }
         self.layers.insert(
             rec.id,
-            LayerInfo { rec, children: BTreeSet::new(), entries: 0, data_blocks: 0 },
+            LayerInfo {
+                rec,
+                children: BTreeSet::new(),
+                entries: 0,
+                data_blocks: 0,
+            },
         );
     }
 
