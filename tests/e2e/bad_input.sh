@@ -27,7 +27,7 @@ expect_error "locked by pid $DAEMON_PID" env -u SNAPBLK_SOCKET "$SNAPBLK_BIN" --
 log "bad names and sizes"
 expect_error "volume name.*character '/'" snapblk volume create "a/b" --size 1G
 expect_error "volume name.*must not be empty" snapblk volume create "" --size 1G
-expect_error "start with a letter or digit" snapblk volume create "-x" --size 1G
+expect_error "start with a letter or digit" snapblk volume create --size 1G -- "-x"
 expect_error "longer than 128" snapblk volume create "$(printf 'x%.0s' $(seq 1 200))" --size 1G
 expect_error "multiple of 4 KiB" snapblk volume create odd --size 1000
 expect_error "greater than zero" snapblk volume create zero --size 0
@@ -67,6 +67,6 @@ expect_error "format version 9 is not supported" snapblk --socket "$T/none.sock"
 log "nothing lost"
 start_daemon
 qemu-io -f raw -c "read -P 0x77 1M 1M" "$(uri vol)" | grep -q "read 1048576" || fail "data changed"
-qemu-io -f raw -c "read -P 0x77 1M 1M" "$(uri vol@s)" | grep -q "read 1048576" || fail "snapshot changed"
+qemu-io -r -f raw -c "read -P 0x77 1M 1M" "$(uri vol@s)" | grep -q "read 1048576" || fail "snapshot changed"
 assert_check_clean
 log "bad_input: ok"

@@ -2,7 +2,7 @@
 # with its own daemon, sockets and pool, and cleans up on exit.
 set -euo pipefail
 
-: "${CARGO_TARGET_DIR:=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target}"
+: "${CARGO_TARGET_DIR:=/var/cache/snapblk/target}"
 SNAPBLK_BIN=${SNAPBLK_BIN:-$CARGO_TARGET_DIR/release/snapblk}
 [ -x "$SNAPBLK_BIN" ] || { echo "snapblk binary not found at $SNAPBLK_BIN (build with cargo build --release)" >&2; exit 2; }
 

@@ -51,8 +51,12 @@ struct Conn {
     /// Replies go to the connection's writer thread, so a worker never blocks on a socket
     /// whose client does not read.
     replies: Sender<(Vec<u8>, u64)>,
-    /// (payload bytes in flight, requests in flight); a request counts until its reply has
-    /// been written.
+    budget: Arc<Budget>,
+}
+
+/// (payload bytes in flight, requests in flight); a request counts until its reply has been
+/// written. Shared by the reader, the workers and the writer thread.
+struct Budget {
     inflight: Mutex<(u64, usize)>,
     cv: Condvar,
 }
@@ -68,10 +72,12 @@ impl Conn {
 
     fn send_buf(&self, bytes: u64, v: Vec<u8>) {
         if self.replies.send((v, bytes)).is_err() {
-            self.done(bytes);
+            self.budget.done(bytes);
         }
     }
+}
 
+impl Budget {
     fn admit(&self, bytes: u64) {
         let mut g = lock(&self.inflight);
         while g.1 > 0 && (g.0 + bytes > CONN_BUDGET || g.1 >= CONN_MAX_REQUESTS) {
@@ -98,7 +104,7 @@ impl Conn {
 
 /// Writes queued replies in order; after a write error it keeps draining (and counting)
 /// replies without writing, so the connection's requests all finish.
-fn writer_loop(mut w: Box<dyn Write + Send>, rx: Receiver<(Vec<u8>, u64)>, conn: Arc<Conn>) {
+fn writer_loop(mut w: Box<dyn Write + Send>, rx: Receiver<(Vec<u8>, u64)>, budget: Arc<Budget>) {
     let mut broken = false;
     for (buf, bytes) in rx {
         if !broken {
@@ -107,7 +113,7 @@ fn writer_loop(mut w: Box<dyn Write + Send>, rx: Receiver<(Vec<u8>, u64)>, conn:
                 broken = true;
             }
         }
-        conn.done(bytes);
+        budget.done(bytes);
     }
 }
 
@@ -161,18 +167,16 @@ impl Server {
             w: writer,
         } = d;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let conn = Arc::new(Conn {
-            replies: tx,
-            inflight: Mutex::new((0, 0)),
-            cv: Condvar::new(),
-        });
-        let c = Arc::clone(&conn);
-        let writer_thread = std::thread::Builder::new()
-            .name("nbd-reply".into())
-            .spawn(move || writer_loop(writer, rx, c))?;
+        let budget = Arc::new(Budget { inflight: Mutex::new((0, 0)), cv: Condvar::new() });
+        let b = Arc::clone(&budget);
+        let writer_thread =
+            std::thread::Builder::new().name("nbd-reply".into()).spawn(move || writer_loop(writer, rx, b))?;
+        let conn = Arc::new(Conn { replies: tx, budget: Arc::clone(&budget) });
         let session = Arc::new(session);
         let r = self.transmission(&mut reader, &conn, &session);
-        conn.drain();
+        // Every request in flight holds a clone of `conn`; once they are done and ours is
+        // dropped, the reply channel closes and the writer thread ends.
+        budget.drain();
         drop(conn);
         let _ = writer_thread.join();
         r
@@ -197,7 +201,7 @@ impl Server {
             if req.command == CMD_WRITE {
                 if req.length > MAX_PAYLOAD {
                     // The payload cannot be skipped safely; say why, then hang up.
-                    conn.admit(0);
+                    conn.budget.admit(0);
                     conn.send(0, &[&codec::simple_reply(EOVERFLOW, req.cookie)]);
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -214,7 +218,7 @@ impl Server {
                 CMD_READ | CMD_WRITE => u64::from(req.length),
                 _ => 0,
             };
-            conn.admit(bytes);
+            conn.budget.admit(bytes);
             let (c, s) = (Arc::clone(conn), Arc::clone(session));
             let job: Job = Box::new(move || handle(&c, &s, req, payload, bytes));
             if self.jobs.send(job).is_err() {

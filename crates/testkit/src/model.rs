@@ -218,9 +218,7 @@ pub fn run(env: &mut dyn PoolEnv, ops: &[Op]) {
                 let (off, len) = (sector * SECTOR, sectors * SECTOR);
                 let r = pool.trim(id, off, len, false);
                 if off + len > data.len() as u64 {
-                    // Validation is the VolumeHandle's job; the pool only refuses whole blocks
-                    // past the end.
-                    let _ = r;
+                    assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
                 } else {
                     r.unwrap();
                     // Whole blocks inside the range read as zeros; partial edges are kept.

@@ -28,7 +28,7 @@ fn rocks_env(dir: &std::path::Path) -> impl PoolEnv {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
     #[test]
     fn model_memstore(ops in prop::collection::vec(op_strategy(), 1..60)) {
         let mut env = mem_env(model::device_bytes());
@@ -37,7 +37,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
     fn model_rocksdb_uring(ops in prop::collection::vec(op_strategy(), 1..40)) {
         let dir = tempfile::tempdir().unwrap();

@@ -120,6 +120,16 @@ impl Pool {
         Ok(())
     }
 
+    /// Refuses a request that does not fit the volume before any part of it is applied
+    /// (the commit re-checks, since the size can change meanwhile).
+    fn check_range(&self, vol: VolId, offset: u64, len: u64) -> Result<()> {
+        let size = self.tree_read().volume(vol)?.size;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
     fn stripe(vol: VolId, lba: u64) -> usize {
         ((vol.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)) >> 32)
             as usize
@@ -131,6 +141,7 @@ impl Pool {
         if data.is_empty() {
             return Ok(());
         }
+        self.check_range(vol, offset, data.len() as u64)?;
         let end = offset + data.len() as u64;
         let b0 = offset / BLOCK_SIZE_U64;
         let b1 = end.div_ceil(BLOCK_SIZE_U64);
@@ -317,6 +328,7 @@ impl Pool {
     /// TRIM: whole blocks inside `[offset, offset + len)` become holes (read as zeros, space
     /// returned); partial blocks at the edges are left alone, as NBD and the block layer allow.
     pub fn trim(&self, vol: VolId, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_range(vol, offset, len)?;
         let w0 = offset.div_ceil(BLOCK_SIZE_U64);
         let w1 = (offset + len) / BLOCK_SIZE_U64;
         let mut c0 = w0;
@@ -334,6 +346,7 @@ impl Pool {
         if len == 0 {
             return Ok(());
         }
+        self.check_range(vol, offset, len)?;
         let end = offset + len;
         let w0 = offset.div_ceil(BLOCK_SIZE_U64);
         let w1 = end / BLOCK_SIZE_U64;
