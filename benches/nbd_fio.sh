@@ -26,9 +26,10 @@ run_fio() { # LABEL URI
     for j in "${JOBS[@]}"; do
         set -- $j
         local out
-        out=$(fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs="$2" --iodepth="$3" \
+        fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs="$2" --iodepth="$3" \
             --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --ramp_time=2 --group_reporting \
-            --output-format=json 2>/dev/null)
+            --output-format=json --output="$W/fio.json" >/dev/null 2>&1
+        out=$(cat "$W/fio.json")
         local v
         if [ "$2" = 4k ]; then
             v=$(python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["write"]["iops"]+j["read"]["iops"]))' <<<"$out")
@@ -63,7 +64,7 @@ wait_sock "$W/qemu.sock"
 run_fio qemu-qcow2-snap "nbd+unix:///q?socket=$W/qemu.sock"
 
 echo "== snapblk" >&2
-"$BIN" pool create --meta "$W/meta" --data "$W/data.img" --size "$((SIZE_MIB * 16 + 4096))M" >/dev/null
+"$BIN" pool create --meta "$W/meta" --data "$W/data.img" --size "$((SIZE_MIB * 16 + 24576))M" >/dev/null
 "$BIN" daemon --meta "$W/meta" --data "$W/data.img" --nbd-socket "$W/snapblk.sock" --nbd-tcp none 2>"$W/daemon.log" & PIDS+=($!)
 wait_sock "$W/snapblk.sock"; wait_sock "$SNAPBLK_SOCKET"
 "$BIN" volume create fresh --size "${SIZE_MIB}M" >/dev/null

@@ -1,7 +1,10 @@
 //! The block allocator: a bitmap of the data device's blocks, derived from the extent map at
-//! open (docs/design.md §3), with next-fit allocation so sequential writes get contiguous
-//! runs, and deferred frees (§5): a freed block returns to use only after the metadata change
-//! that freed it is durable.
+//! open (docs/design.md §3), with first-fit allocation (lowest free blocks first, found from a
+//! low-water hint) so that freed blocks are reused before untouched ones: a data *file* then
+//! stays dense, and rewrites land in already-allocated file extents instead of sparse holes
+//! that the host filesystem must allocate (and journal) on every write. Sequential writes
+//! into free space still get contiguous runs. Deferred frees (§5): a freed block returns to
+//! use only after the metadata change that freed it is durable.
 //!
 //! Threading: not synchronised; the pool keeps it in a Mutex.
 
@@ -17,7 +20,8 @@ pub struct Run {
 pub struct Allocator {
     used: BitVec<u64, Lsb0>,
     free: u64,
-    cursor: usize,
+    /// No block below this index is free.
+    low: usize,
     /// (sync generation, pba) of blocks freed by not-yet-durable metadata changes.
     pending: Vec<(u64, u64)>,
 }
@@ -27,7 +31,7 @@ impl Allocator {
         Allocator {
             used: bitvec![u64, Lsb0; 0; blocks as usize],
             free: blocks,
-            cursor: 0,
+            low: 0,
             pending: Vec::new(),
         }
     }
@@ -59,7 +63,7 @@ impl Allocator {
         }
     }
 
-    /// Allocates `n` blocks, as few runs as next-fit finds; all or nothing.
+    /// Allocates `n` blocks, lowest free blocks first; all or nothing.
     pub fn alloc(&mut self, n: u64) -> Option<Vec<Run>> {
         if n == 0 {
             return Some(Vec::new());
@@ -70,24 +74,21 @@ impl Allocator {
         let total = self.used.len();
         let mut runs = Vec::new();
         let mut need = n as usize;
-        let mut pos = self.cursor.min(total);
+        let mut pos = self.low.min(total);
+        let mut first_free = None;
         while need > 0 {
-            let Some(i) = self.used[pos..].first_zero() else {
-                pos = 0;
-                continue;
-            };
-            let start = pos + i;
-            let avail = self.used[start..].first_one().unwrap_or(total - start);
-            let len = avail.min(need);
+            // free >= n guarantees enough zeros at or above `low`.
+            let start = pos + self.used[pos..].first_zero()?;
+            first_free.get_or_insert(start);
+            let limit = (start + need).min(total);
+            let len = self.used[start..limit].first_one().unwrap_or(limit - start);
             self.used[start..start + len].fill(true);
-            runs.push(Run {
-                start: start as u64,
-                len: len as u64,
-            });
+            runs.push(Run { start: start as u64, len: len as u64 });
             need -= len;
             pos = start + len;
         }
-        self.cursor = pos;
+        // Everything below the first free block we found was in use, and it is now too.
+        self.low = first_free.unwrap_or(self.low);
         self.free -= n;
         Some(runs)
     }
@@ -99,6 +100,7 @@ impl Allocator {
             if *b {
                 b.set(false);
                 self.free += 1;
+                self.low = self.low.min(pba as usize);
             }
         }
     }
@@ -130,21 +132,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn next_fit_contiguous_and_wraps() {
+    fn first_fit_reuses_low_blocks() {
         let mut a = Allocator::new(16);
         assert_eq!(a.alloc(4).unwrap(), vec![Run { start: 0, len: 4 }]);
         assert_eq!(a.alloc(4).unwrap(), vec![Run { start: 4, len: 4 }]);
         a.free_now(1);
         a.free_now(2);
         assert_eq!(a.free(), 10);
-        assert_eq!(
-            a.alloc(9).unwrap(),
-            vec![Run { start: 8, len: 8 }, Run { start: 1, len: 1 }]
-        );
+        assert_eq!(a.alloc(9).unwrap(), vec![Run { start: 1, len: 2 }, Run { start: 8, len: 7 }]);
         assert_eq!(a.free(), 1);
         assert!(a.alloc(2).is_none());
-        assert_eq!(a.alloc(1).unwrap(), vec![Run { start: 2, len: 1 }]);
+        assert_eq!(a.alloc(1).unwrap(), vec![Run { start: 15, len: 1 }]);
         assert!(a.alloc(1).is_none());
+        a.free_now(3);
+        assert_eq!(a.alloc(1).unwrap(), vec![Run { start: 3, len: 1 }]);
+    }
+
+    #[test]
+    fn mark_used_then_alloc_skips_used() {
+        let mut a = Allocator::new(8);
+        assert!(a.mark_used(0) && a.mark_used(2));
+        assert_eq!(a.alloc(3).unwrap(), vec![Run { start: 1, len: 1 }, Run { start: 3, len: 2 }]);
     }
 
     #[test]

@@ -1,29 +1,29 @@
-//! The transmission phase. Threading: one thread per connection reads requests (and WRITE
-//! payloads) in order; a worker pool shared by all connections executes them and writes
-//! each reply whole under the connection's writer mutex, so replies may complete out of
-//! order (as NBD allows) but never interleave. A per-connection byte budget bounds the
-//! payload memory held by requests in flight.
+//! The transmission phase. Threading (as nbdkit does it): one thread per connection reads
+//! requests (and WRITE payloads) in order and hands them to that connection's own workers,
+//! which execute them and write each reply whole under the connection's writer mutex, so
+//! replies may complete out of order (as NBD allows) but never interleave. A client that
+//! stops reading its replies therefore stalls only its own connection. A per-connection
+//! budget (bytes and requests) bounds the memory held by requests in flight.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use snapblk_core::{Export, ExportProvider};
 
 use crate::codec::{self, Request};
 use crate::handshake::{negotiate, Session};
 use crate::proto::*;
 
-type Job = Box<dyn FnOnce() + Send>;
-
 /// Payload bytes one connection may hold in flight.
 const CONN_BUDGET: u64 = 128 << 20;
 
 pub struct Server {
     provider: Arc<dyn ExportProvider>,
-    jobs: Sender<Job>,
+    workers: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -48,14 +48,14 @@ pub fn nbd_error(errno: i32) -> u32 {
 const CONN_MAX_REQUESTS: usize = 256;
 
 struct Conn {
-    /// Replies go to the connection's writer thread, so a worker never blocks on a socket
-    /// whose client does not read.
-    replies: Sender<(Vec<u8>, u64)>,
-    budget: Arc<Budget>,
+    writer: Mutex<Box<dyn Write + Send>>,
+    /// Set after a failed write: later replies are dropped (the client is gone).
+    broken: AtomicBool,
+    budget: Budget,
 }
 
 /// (payload bytes in flight, requests in flight); a request counts until its reply has been
-/// written. Shared by the reader, the workers and the writer thread.
+/// written.
 struct Budget {
     inflight: Mutex<(u64, usize)>,
     cv: Condvar,
@@ -63,17 +63,21 @@ struct Budget {
 
 impl Conn {
     fn send(&self, bytes: u64, parts: &[&[u8]]) {
-        let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
-        for p in parts {
-            v.extend_from_slice(p);
+        {
+            let mut w = lock(&self.writer);
+            if !self.broken.load(Ordering::Acquire) {
+                let r = parts.iter().try_for_each(|p| w.write_all(p)).and_then(|()| w.flush());
+                if let Err(e) = r {
+                    log::debug!("nbd: reply not sent: {e}");
+                    self.broken.store(true, Ordering::Release);
+                }
+            }
         }
-        self.send_buf(bytes, v);
+        self.budget.done(bytes);
     }
 
     fn send_buf(&self, bytes: u64, v: Vec<u8>) {
-        if self.replies.send((v, bytes)).is_err() {
-            self.budget.done(bytes);
-        }
+        self.send(bytes, &[&v]);
     }
 }
 
@@ -92,28 +96,6 @@ impl Budget {
         g.0 -= bytes;
         g.1 -= 1;
         self.cv.notify_all();
-    }
-
-    fn drain(&self) {
-        let mut g = lock(&self.inflight);
-        while g.1 > 0 {
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-/// Writes queued replies in order; after a write error it keeps draining (and counting)
-/// replies without writing, so the connection's requests all finish.
-fn writer_loop(mut w: Box<dyn Write + Send>, rx: Receiver<(Vec<u8>, u64)>, budget: Arc<Budget>) {
-    let mut broken = false;
-    for (buf, bytes) in rx {
-        if !broken {
-            if let Err(e) = w.write_all(&buf).and_then(|()| w.flush()) {
-                log::debug!("nbd: reply not sent: {e}");
-                broken = true;
-            }
-        }
-        budget.done(bytes);
     }
 }
 
@@ -136,57 +118,54 @@ impl<R, W: Write> Write for Duplex<R, W> {
 }
 
 impl Server {
-    /// A server with `workers` threads executing requests for all connections.
+    /// A server whose connections each get `workers` threads executing their requests.
     pub fn new(provider: Arc<dyn ExportProvider>, workers: usize) -> io::Result<Arc<Server>> {
-        let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
-        for i in 0..workers.max(1) {
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn(move || {
-                    for job in rx {
-                        job();
-                    }
-                })?;
-        }
-        Ok(Arc::new(Server { provider, jobs: tx }))
+        Ok(Arc::new(Server { provider, workers: workers.max(1) }))
     }
 
     /// Serves one connection to the end: handshake, then requests until NBD_CMD_DISC or
     /// the client goes away. In-flight requests finish before this returns.
     pub fn serve(&self, reader: impl Read, writer: Box<dyn Write + Send>) -> io::Result<()> {
-        let mut d = Duplex {
-            r: reader,
-            w: writer,
-        };
+        let mut d = Duplex { r: reader, w: writer };
         let Some(session) = negotiate(&mut d, &*self.provider)? else {
             return Ok(());
         };
-        let Duplex {
-            r: mut reader,
-            w: writer,
-        } = d;
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let budget = Arc::new(Budget { inflight: Mutex::new((0, 0)), cv: Condvar::new() });
-        let b = Arc::clone(&budget);
-        let writer_thread =
-            std::thread::Builder::new().name("nbd-reply".into()).spawn(move || writer_loop(writer, rx, b))?;
-        let conn = Arc::new(Conn { replies: tx, budget: Arc::clone(&budget) });
-        let session = Arc::new(session);
-        let r = self.transmission(&mut reader, &conn, &session);
-        // Every request in flight holds a clone of `conn`; once they are done and ours is
-        // dropped, the reply channel closes and the writer thread ends.
-        budget.drain();
-        drop(conn);
-        let _ = writer_thread.join();
-        r
+        let Duplex { r: mut reader, w: writer } = d;
+        let conn = Conn {
+            writer: Mutex::new(writer),
+            broken: AtomicBool::new(false),
+            budget: Budget { inflight: Mutex::new((0, 0)), cv: Condvar::new() },
+        };
+        let (tx, rx) = crossbeam_channel::unbounded::<(Request, Vec<u8>, u64)>();
+        std::thread::scope(|scope| {
+            for i in 0..self.workers {
+                let rx = rx.clone();
+                let (conn, session) = (&conn, &session);
+                let spawned = std::thread::Builder::new().name(format!("nbd-worker-{i}")).spawn_scoped(scope, move || {
+                    for (req, payload, bytes) in rx {
+                        handle(conn, session, req, payload, bytes);
+                    }
+                });
+                if let Err(e) = spawned {
+                    if i == 0 {
+                        return Err(e);
+                    }
+                    break;
+                }
+            }
+            let r = self.transmission(&mut reader, &conn, &tx);
+            // Closing the queue ends the workers once they have drained it; the scope
+            // joins them.
+            drop(tx);
+            r
+        })
     }
 
     fn transmission(
         &self,
         reader: &mut impl Read,
-        conn: &Arc<Conn>,
-        session: &Arc<Session>,
+        conn: &Conn,
+        jobs: &Sender<(Request, Vec<u8>, u64)>,
     ) -> io::Result<()> {
         loop {
             let mut hdr = [0u8; codec::REQUEST_LEN];
@@ -219,10 +198,9 @@ impl Server {
                 _ => 0,
             };
             conn.budget.admit(bytes);
-            let (c, s) = (Arc::clone(conn), Arc::clone(session));
-            let job: Job = Box::new(move || handle(&c, &s, req, payload, bytes));
-            if self.jobs.send(job).is_err() {
-                return Err(io::Error::other("worker pool stopped"));
+            if jobs.send((req, payload, bytes)).is_err() {
+                conn.budget.done(bytes);
+                return Err(io::Error::other("connection workers stopped"));
             }
         }
     }
