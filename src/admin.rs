@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use snapblk_core::names::{parse_snap_ref, parse_target};
-use snapblk_core::{Pool, Target};
+use snapblk_core::names::parse_snap_ref;
+use snapblk_core::Pool;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -63,17 +63,6 @@ fn to_value<T: Serialize>(v: T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-fn target(pool: &Pool, s: &str) -> Result<Target, snapblk_core::Error> {
-    let (v, snap) = parse_target(s)?;
-    let id = pool.volume_id(v)?;
-    let t = match snap {
-        Some(sn) => Target::Snapshot(id, sn.to_string()),
-        None => Target::Volume(id),
-    };
-    pool.target_size(&t)?;
-    Ok(t)
-}
-
 pub fn execute(pool: &Arc<Pool>, cmd: &Command) -> Result<Value, snapblk_core::Error> {
     Ok(match cmd {
         Command::PoolInfo => to_value(pool.info()),
@@ -116,8 +105,8 @@ pub fn execute(pool: &Arc<Pool>, cmd: &Command) -> Result<Value, snapblk_core::E
             to_value(pool.rollback(v, s)?)
         }
         Command::Diff { from, to } => {
-            let a = target(pool, from)?;
-            let b = target(pool, to)?;
+            let a = pool.resolve_target(from)?;
+            let b = pool.resolve_target(to)?;
             let ranges = pool.diff(&a, &b)?;
             let bytes: u64 = ranges.iter().map(|r| r.length).sum();
             json!({ "from": from, "to": to, "changed_bytes": bytes, "ranges": to_value(ranges) })

@@ -83,7 +83,10 @@ impl Allocator {
             let limit = (start + need).min(total);
             let len = self.used[start..limit].first_one().unwrap_or(limit - start);
             self.used[start..start + len].fill(true);
-            runs.push(Run { start: start as u64, len: len as u64 });
+            runs.push(Run {
+                start: start as u64,
+                len: len as u64,
+            });
             need -= len;
             pos = start + len;
         }
@@ -139,7 +142,10 @@ mod tests {
         a.free_now(1);
         a.free_now(2);
         assert_eq!(a.free(), 10);
-        assert_eq!(a.alloc(9).unwrap(), vec![Run { start: 1, len: 2 }, Run { start: 8, len: 7 }]);
+        assert_eq!(
+            a.alloc(9).unwrap(),
+            vec![Run { start: 1, len: 2 }, Run { start: 8, len: 7 }]
+        );
         assert_eq!(a.free(), 1);
         assert!(a.alloc(2).is_none());
         assert_eq!(a.alloc(1).unwrap(), vec![Run { start: 15, len: 1 }]);
@@ -152,7 +158,10 @@ mod tests {
     fn mark_used_then_alloc_skips_used() {
         let mut a = Allocator::new(8);
         assert!(a.mark_used(0) && a.mark_used(2));
-        assert_eq!(a.alloc(3).unwrap(), vec![Run { start: 1, len: 1 }, Run { start: 3, len: 2 }]);
+        assert_eq!(
+            a.alloc(3).unwrap(),
+            vec![Run { start: 1, len: 1 }, Run { start: 3, len: 2 }]
+        );
     }
 
     #[test]

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportProvider, StatusRun};
-use crate::names::parse_target;
 use crate::pool::{Pool, Target};
 
 /// Largest single read or write (NBD's maximum block size advertises the same).
@@ -20,12 +19,7 @@ pub struct VolumeHandle {
 impl VolumeHandle {
     /// Opens `vol` (read-write) or `vol@snap` (read-only).
     pub fn open(pool: &Arc<Pool>, name: &str) -> Result<Self> {
-        let (vol, snap) = parse_target(name)?;
-        let vid = pool.volume_id(vol)?;
-        let target = match snap {
-            Some(s) => Target::Snapshot(vid, s.to_string()),
-            None => Target::Volume(vid),
-        };
+        let target = pool.resolve_target(name)?;
         pool.register_open(&target)?;
         Ok(VolumeHandle {
             pool: Arc::clone(pool),

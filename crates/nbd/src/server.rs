@@ -66,7 +66,10 @@ impl Conn {
         {
             let mut w = lock(&self.writer);
             if !self.broken.load(Ordering::Acquire) {
-                let r = parts.iter().try_for_each(|p| w.write_all(p)).and_then(|()| w.flush());
+                let r = parts
+                    .iter()
+                    .try_for_each(|p| w.write_all(p))
+                    .and_then(|()| w.flush());
                 if let Err(e) = r {
                     log::debug!("nbd: reply not sent: {e}");
                     self.broken.store(true, Ordering::Release);
@@ -120,32 +123,46 @@ impl<R, W: Write> Write for Duplex<R, W> {
 impl Server {
     /// A server whose connections each get `workers` threads executing their requests.
     pub fn new(provider: Arc<dyn ExportProvider>, workers: usize) -> io::Result<Arc<Server>> {
-        Ok(Arc::new(Server { provider, workers: workers.max(1) }))
+        Ok(Arc::new(Server {
+            provider,
+            workers: workers.max(1),
+        }))
     }
 
     /// Serves one connection to the end: handshake, then requests until NBD_CMD_DISC or
     /// the client goes away. In-flight requests finish before this returns.
     pub fn serve(&self, reader: impl Read, writer: Box<dyn Write + Send>) -> io::Result<()> {
-        let mut d = Duplex { r: reader, w: writer };
+        let mut d = Duplex {
+            r: reader,
+            w: writer,
+        };
         let Some(session) = negotiate(&mut d, &*self.provider)? else {
             return Ok(());
         };
-        let Duplex { r: mut reader, w: writer } = d;
+        let Duplex {
+            r: mut reader,
+            w: writer,
+        } = d;
         let conn = Conn {
             writer: Mutex::new(writer),
             broken: AtomicBool::new(false),
-            budget: Budget { inflight: Mutex::new((0, 0)), cv: Condvar::new() },
+            budget: Budget {
+                inflight: Mutex::new((0, 0)),
+                cv: Condvar::new(),
+            },
         };
         let (tx, rx) = crossbeam_channel::unbounded::<(Request, Vec<u8>, u64)>();
         std::thread::scope(|scope| {
             for i in 0..self.workers {
                 let rx = rx.clone();
                 let (conn, session) = (&conn, &session);
-                let spawned = std::thread::Builder::new().name(format!("nbd-worker-{i}")).spawn_scoped(scope, move || {
-                    for (req, payload, bytes) in rx {
-                        handle(conn, session, req, payload, bytes);
-                    }
-                });
+                let spawned = std::thread::Builder::new()
+                    .name(format!("nbd-worker-{i}"))
+                    .spawn_scoped(scope, move || {
+                        for (req, payload, bytes) in rx {
+                            handle(conn, session, req, payload, bytes);
+                        }
+                    });
                 if let Err(e) = spawned {
                     if i == 0 {
                         return Err(e);

@@ -37,6 +37,72 @@ pub(crate) fn target_layer(tree: &Tree, t: &Target) -> Result<(LayerId, u64)> {
     }
 }
 
+/// The mapping changes of one commit to a volume's head, with the blocks they free and the
+/// head's count deltas. `commit_blocks` and `zero_blocks` build one each.
+struct HeadEdit {
+    head: LayerId,
+    batch: WriteBatch,
+    frees: Vec<u64>,
+    d_entries: i64,
+    d_data: i64,
+}
+
+impl HeadEdit {
+    fn new(head: LayerId) -> Self {
+        HeadEdit {
+            head,
+            batch: WriteBatch::new(),
+            frees: Vec::new(),
+            d_entries: 0,
+            d_data: 0,
+        }
+    }
+
+    /// The old entry's data block (if it owned one) is freed.
+    fn release(&mut self, old: Option<MapValue>) {
+        if let Some(MapValue::Data { pba, .. }) = old {
+            self.frees.push(pba);
+            self.d_data -= 1;
+        }
+    }
+
+    fn set_data(&mut self, lba: u64, old: Option<MapValue>, pba: u64, crc: u32) {
+        self.release(old);
+        let key = keys::map_key(self.head, lba).to_vec();
+        self.batch
+            .put(key, MapValue::Data { pba, crc }.encode().to_vec());
+        self.d_entries += i64::from(old.is_none());
+        self.d_data += 1;
+    }
+
+    /// Makes `lba` read as zeros: a ZERO entry if data below the head shows through,
+    /// otherwise no entry at all.
+    fn set_zero(&mut self, lba: u64, old: Option<MapValue>, data_below: bool) {
+        self.release(old);
+        let key = keys::map_key(self.head, lba).to_vec();
+        if data_below {
+            if old != Some(MapValue::Zero) {
+                self.batch.put(key, MapValue::Zero.encode().to_vec());
+                self.d_entries += i64::from(old.is_none());
+            }
+        } else if old.is_some() {
+            self.batch.delete(key);
+            self.d_entries -= 1;
+        }
+    }
+
+    /// Commits the batch, then applies counts and frees. Called with the tree write lock held.
+    fn apply(self, pool: &Pool, tree: &mut Tree, fua: bool) -> Result<()> {
+        if !self.batch.is_empty() {
+            pool.store().commit(self.batch, fua)?;
+        }
+        tree.adjust_counts(self.head, self.d_entries, self.d_data);
+        pool.defer_frees(&self.frees);
+        pool.mark_dirty();
+        Ok(())
+    }
+}
+
 fn is_zero(b: &[u8]) -> bool {
     let words = b.chunks_exact(8);
     let rem = words.remainder();
@@ -47,6 +113,19 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl Pool {
+    /// Parses `vol` or `vol@snap` and finds it.
+    pub fn resolve_target(&self, name: &str) -> Result<Target> {
+        let (vol, snap) = crate::names::parse_target(name)?;
+        let tree = self.tree_read();
+        let id = tree.volume_id(vol)?;
+        let t = match snap {
+            Some(s) => Target::Snapshot(id, s.to_string()),
+            None => Target::Volume(id),
+        };
+        target_layer(&tree, &t)?;
+        Ok(t)
+    }
+
     pub fn target_size(&self, t: &Target) -> Result<u64> {
         Ok(target_layer(&self.tree_read(), t)?.1)
     }
@@ -235,6 +314,9 @@ impl Pool {
             self.free_now(&allocated);
             return Err(Error::device("write", e));
         }
+        if !segs.is_empty() {
+            self.mark_data_dirty();
+        }
         if let Err(e) = self.commit_blocks(vol, b0, &assigned, fua) {
             self.free_now(&allocated);
             return Err(e);
@@ -272,44 +354,16 @@ impl Pool {
         } else {
             BTreeSet::new()
         };
-        let mut batch = WriteBatch::new();
-        let mut frees = Vec::new();
-        let (mut d_entries, mut d_data) = (0i64, 0i64);
+        let mut edit = HeadEdit::new(head);
         for (i, a) in assigned.iter().enumerate() {
             let lba = b0 + i as u64;
             let old = existing.get(&lba).copied();
-            if let Some(MapValue::Data { pba, .. }) = old {
-                frees.push(pba);
-                d_data -= 1;
-            }
-            let key = keys::map_key(head, lba);
             match *a {
-                Some((pba, crc)) => {
-                    batch.put(key.to_vec(), MapValue::Data { pba, crc }.encode().to_vec());
-                    d_entries += i64::from(old.is_none());
-                    d_data += 1;
-                }
-                None if below.contains(&lba) => {
-                    if old != Some(MapValue::Zero) {
-                        batch.put(key.to_vec(), MapValue::Zero.encode().to_vec());
-                        d_entries += i64::from(old.is_none());
-                    }
-                }
-                None => {
-                    if old.is_some() {
-                        batch.delete(key.to_vec());
-                        d_entries -= 1;
-                    }
-                }
+                Some((pba, crc)) => edit.set_data(lba, old, pba, crc),
+                None => edit.set_zero(lba, old, below.contains(&lba)),
             }
         }
-        if !batch.is_empty() {
-            store.commit(batch, fua)?;
-        }
-        tree.adjust_counts(head, d_entries, d_data);
-        self.defer_frees(&frees);
-        self.mark_dirty();
-        Ok(())
+        edit.apply(self, &mut tree, fua)
     }
 
     /// Queues `pbas` (unreferenced by the batch just committed) for release after the next
@@ -409,33 +463,11 @@ impl Pool {
             .copied()
             .chain(below.iter().copied())
             .collect();
-        let mut batch = WriteBatch::new();
-        let mut frees = Vec::new();
-        let (mut d_entries, mut d_data) = (0i64, 0i64);
+        let mut edit = HeadEdit::new(head);
         for lba in lbas {
-            let old = existing.get(&lba).copied();
-            if let Some(MapValue::Data { pba, .. }) = old {
-                frees.push(pba);
-                d_data -= 1;
-            }
-            let key = keys::map_key(head, lba).to_vec();
-            if below.contains(&lba) {
-                if old != Some(MapValue::Zero) {
-                    batch.put(key, MapValue::Zero.encode().to_vec());
-                    d_entries += i64::from(old.is_none());
-                }
-            } else if old.is_some() {
-                batch.delete(key);
-                d_entries -= 1;
-            }
+            edit.set_zero(lba, existing.get(&lba).copied(), below.contains(&lba));
         }
-        if !batch.is_empty() {
-            store.commit(batch, fua)?;
-        }
-        tree.adjust_counts(head, d_entries, d_data);
-        self.defer_frees(&frees);
-        self.mark_dirty();
-        Ok(())
+        edit.apply(self, &mut tree, fua)
     }
 
     /// Allocation status of `[offset, offset + len)` of `t` (len capped at

@@ -301,6 +301,7 @@ impl Pool {
             wake: (Mutex::new(false), Condvar::new()),
             shutdown: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
+            data_dirty: AtomicBool::new(true),
             background: Mutex::new(None),
         });
         Ok(pool)

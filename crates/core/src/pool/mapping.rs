@@ -18,6 +18,14 @@ pub(crate) fn scan_layer(
     if from >= to {
         return Ok(());
     }
+    if to - from == 1 {
+        // One block (the common 4K request): a point lookup, which the store can answer
+        // from bloom filters, is much cheaper than setting up a range iterator.
+        if let Some(v) = store.get(&keys::map_key(layer, from))? {
+            f(from, MapValue::decode(&v)?);
+        }
+        return Ok(());
+    }
     let (a, b) = keys::map_range(layer, from, to);
     let mut err: Option<Error> = None;
     store.scan(&a, &b, &mut |k, v| match keys::decode_map_key(k)

@@ -66,6 +66,9 @@ pub struct Pool {
     wake: (Mutex<bool>, Condvar),
     shutdown: AtomicBool,
     dirty: AtomicBool,
+    /// Set after every data-device write, cleared by the sync that covers it: lets `sync`
+    /// and `snapshot create` skip an `fdatasync` that has nothing to do.
+    data_dirty: AtomicBool,
     background: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -127,6 +130,21 @@ impl Pool {
     pub(crate) fn current_generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
+    pub(crate) fn mark_data_dirty(&self) {
+        self.data_dirty.store(true, Ordering::Release);
+    }
+
+    /// `fdatasync`s the data device if anything was written since the last time.
+    pub(crate) fn sync_device(&self) -> Result<()> {
+        if self.data_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.dev.sync() {
+                self.mark_data_dirty();
+                return Err(Error::device("sync", e));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Release);
     }
@@ -137,11 +155,7 @@ impl Pool {
         let _serial = lock(&self.sync_lock);
         self.dirty.store(false, Ordering::Release);
         let g = self.generation.fetch_add(1, Ordering::AcqRel);
-        let r = self
-            .dev
-            .sync()
-            .map_err(|e| Error::device("sync", e))
-            .and_then(|()| Ok(self.store.sync()?));
+        let r = self.sync_device().and_then(|()| Ok(self.store.sync()?));
         if let Err(e) = r {
             self.mark_dirty();
             return Err(e);

@@ -323,9 +323,7 @@ impl Pool {
         b.put(keys::volume_key(vid), keys::encode_record(&v));
         b.put(keys::snapshot_key(vid, snap), keys::encode_record(&srec));
         next_id_put(&mut b, &tree);
-        self.device()
-            .sync()
-            .map_err(|e| Error::device("sync before snapshot", e))?;
+        self.sync_device()?;
         self.store().commit(b, true)?;
         if let Some(l) = tree.layers.get_mut(&old_head) {
             l.rec.frozen = true;
