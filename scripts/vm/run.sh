@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs a script inside the test VM (Debian 6.12 kernel under qemu TCG via virtme-ng) and
+# returns its exit status. The guest sees the host's filesystem (writes outside --rwdir go
+# to an overlay). vng itself always exits 255 with this kernel, so the guest script's status
+# comes back through a sentinel line on the console.
+# Usage: scripts/vm/run.sh GUEST_SCRIPT [ARGS...]     (env: VM_TIMEOUT seconds, default 600)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+kimg=$(bash "$here/setup.sh" | tail -1)
+# The guest cannot see the host's /var (virtme overlays it), so the binary under test goes
+# into the VM cache, which the guest sees at the same path.
+cache=${SNAPBLK_VM_CACHE:-/root/.cache/snapblk-vm}
+bin=${SNAPBLK_BIN:-${CARGO_TARGET_DIR:-/var/cache/snapblk/target}/release/snapblk}
+[ -x "$bin" ] || { echo "vm: snapblk binary not found at $bin" >&2; exit 2; }
+mkdir -p "$cache/bin" && cp "$bin" "$cache/bin/snapblk"
+export SNAPBLK_VM_BIN=$cache/bin/snapblk
+script=$(realpath "$1"); shift
+args=$(printf '%q ' "$@")
+log=$(mktemp /tmp/snapblk-vm.XXXXXX.log)
+cmd="SNAPBLK_BIN=$SNAPBLK_VM_BIN bash $script $args; echo SNAPBLK-VM-STATUS=\$?"
+timeout --kill-after=10 "${VM_TIMEOUT:-600}" \
+    vng -r "$kimg" --disable-kvm --force-9p --verbose --cpus 2 --memory 2G --cwd /tmp -e "$cmd" >"$log" 2>&1 || true
+# Guest output without the kernel's own log lines.
+grep -vE '^\[ *[0-9]+\.[0-9]+\]|KASLR|Probing EDD|virtme_|^\s*$' "$log" || true
+status=$(grep -ao 'SNAPBLK-VM-STATUS=[0-9]*' "$log" | tail -1 | cut -d= -f2)
+rm -f "$log"
+if [ -z "$status" ]; then
+    echo "vm: the guest did not report a status (boot failure or timeout)" >&2
+    exit 124
+fi
+exit "$status"
