@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/snapblk/target}
+source scripts/env.sh
 echo "building snapblk (release; the first build compiles RocksDB and takes a while)..."
 cargo build --release --bin snapblk
+save_rocksdb_cache
 BIN=$CARGO_TARGET_DIR/release/snapblk
 W=$(mktemp -d /tmp/snapblk-demo.XXXXXX)
 export SNAPBLK_SOCKET=$W/control.sock

@@ -5,13 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/snapblk/target}
+source scripts/env.sh
 mkdir -p "$CARGO_TARGET_DIR"
 step() { echo; echo "=== $* ($(date +%T))"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo build --release"
 cargo build --release --workspace --all-targets
+save_rocksdb_cache
 step "cargo clippy"
 cargo clippy --release --workspace --all-targets -- -D warnings
 step "cargo test"

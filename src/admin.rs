@@ -8,6 +8,8 @@ use serde_json::{json, Value};
 use snapblk_core::names::parse_snap_ref;
 use snapblk_core::Pool;
 
+use crate::devices::{self, Devices};
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
@@ -57,14 +59,37 @@ pub enum Command {
         from: String,
         to: String,
     },
+    Attach {
+        target: String,
+        read_only: bool,
+        queues: u16,
+        depth: u16,
+    },
+    Detach {
+        what: String,
+    },
+    List,
 }
 
 fn to_value<T: Serialize>(v: T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-pub fn execute(pool: &Arc<Pool>, cmd: &Command) -> Result<Value, snapblk_core::Error> {
+/// Executes `cmd`; `devices` is the daemon's ublk registry (None in direct mode).
+pub fn execute(
+    pool: &Arc<Pool>,
+    devices: Option<&Devices>,
+    cmd: &Command,
+) -> anyhow::Result<Value> {
     Ok(match cmd {
+        Command::Attach {
+            target,
+            read_only,
+            queues,
+            depth,
+        } => devices::need(devices)?.attach(target, *read_only, *queues, *depth)?,
+        Command::Detach { what } => devices::need(devices)?.detach(what)?,
+        Command::List => devices::need(devices)?.list(),
         Command::PoolInfo => to_value(pool.info()),
         Command::PoolCheck => to_value(pool.check()?),
         Command::VolumeCreate { name, size } => to_value(pool.create_volume(name, *size)?),
@@ -125,5 +150,6 @@ pub fn mutates(cmd: &Command) -> bool {
             | Command::SnapshotList { .. }
             | Command::SnapshotInfo { .. }
             | Command::Diff { .. }
+            | Command::List
     )
 }

@@ -52,6 +52,25 @@ pub enum Cmd {
         /// VOLUME@SNAPSHOT
         snapshot: String,
     },
+    /// Attach a volume (read-write) or snapshot (read-only) as a ublk block device
+    /// (/dev/ublkbN); needs the daemon and the ublk_drv kernel module.
+    Attach {
+        /// VOLUME or VOLUME@SNAPSHOT
+        target: String,
+        /// Attach a volume read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Hardware queues (one thread each).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        queues: u16,
+        /// Requests in flight per queue.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=4096))]
+        depth: u16,
+    },
+    /// Detach a ublk device (by VOLUME, VOLUME@SNAPSHOT or /dev/ublkbN); in-flight I/O drains.
+    Detach { what: String },
+    /// Attached ublk devices.
+    List,
     /// List the byte ranges that differ between two snapshots, or a snapshot and a volume.
     Diff {
         /// VOLUME@SNAPSHOT (or VOLUME)

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use snapblk_core::Pool;
 
 use crate::admin::{execute, Command};
+use crate::devices::Devices;
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 << 10;
@@ -43,17 +44,17 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener> {
     Ok(l)
 }
 
-pub fn serve(pool: Arc<Pool>, listener: UnixListener) {
+pub fn serve(pool: Arc<Pool>, devices: Arc<Devices>, listener: UnixListener) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let pool = Arc::clone(&pool);
+        let (pool, devices) = (Arc::clone(&pool), Arc::clone(&devices));
         let _ = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || handle(&pool, conn));
+            .spawn(move || handle(&pool, &devices, conn));
     }
 }
 
-fn handle(pool: &Arc<Pool>, conn: UnixStream) {
+fn handle(pool: &Arc<Pool>, devices: &Devices, conn: UnixStream) {
     let Ok(mut w) = conn.try_clone() else { return };
     let mut r = BufReader::new(conn);
     loop {
@@ -72,9 +73,9 @@ fn handle(pool: &Arc<Pool>, conn: UnixStream) {
         }
         let reply = match serde_json::from_str::<Command>(line.trim()) {
             Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
-            Ok(cmd) => match execute(pool, &cmd) {
+            Ok(cmd) => match execute(pool, Some(devices), &cmd) {
                 Ok(v) => json!({ "ok": true, "result": v }),
-                Err(e) => json!({ "ok": false, "error": e.to_string() }),
+                Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
             },
         };
         if writeln!(w, "{reply}").is_err() {

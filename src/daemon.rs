@@ -13,6 +13,7 @@ use signal_hook::iterator::Signals;
 use snapblk_core::PoolExports;
 
 use crate::control;
+use crate::devices::Devices;
 use crate::open::open_pool;
 
 pub const DEFAULT_NBD_SOCKET: &str = "/run/snapblk/nbd.sock";
@@ -73,6 +74,8 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     let pool = Arc::clone(&opened.pool);
     pool.start_background();
 
+    private_mount_namespace();
+    let devices = Arc::new(Devices::new(Arc::clone(&pool)));
     let ctl = control::bind_unix(&socket, 0o600)?;
     let nbd = snapblk_nbd::Server::new(
         Arc::new(PoolExports(Arc::clone(&pool))),
@@ -94,10 +97,10 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
             .spawn(move || snapblk_nbd::serve_tcp(s, l))?;
     }
     {
-        let p = Arc::clone(&pool);
+        let (p, d) = (Arc::clone(&pool), Arc::clone(&devices));
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || control::serve(p, ctl))?;
+            .spawn(move || control::serve(p, d, ctl))?;
     }
     eprintln!(
         "snapblk daemon: pool {} ready; control {}, NBD {}{}",
@@ -113,6 +116,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     if let Some(sig) = signals.forever().next() {
         eprintln!("snapblk daemon: signal {sig}, shutting down");
     }
+    devices.detach_all();
     let r = pool.shutdown();
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&nbd_socket);
@@ -120,4 +124,29 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     drop(opened);
     // Connection threads may still hold the pool; everything is durable, so exit now.
     std::process::exit(0);
+}
+
+/// Moves the daemon into its own mount namespace with private propagation, so that
+/// filesystems users mount on its ublk devices are never mounted in the daemon's namespace:
+/// otherwise tearing that namespace down at exit would need I/O from the exiting daemon
+/// (the deadlock libublk warns about). Needs root; without it, say so and go on.
+fn private_mount_namespace() {
+    // SAFETY: unshare and mount take no Rust-owned memory besides the static C strings,
+    // which outlive the calls.
+    let ok = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+    };
+    if !ok {
+        log::warn!(
+            "could not make a private mount namespace ({}); do not mount ublk devices in the daemon's namespace",
+            std::io::Error::last_os_error()
+        );
+    }
 }

@@ -5,6 +5,7 @@ mod admin;
 mod cli;
 mod control;
 mod daemon;
+mod devices;
 mod freeze;
 mod human;
 mod open;
@@ -65,6 +66,19 @@ fn command(cmd: &Cmd) -> Result<Command> {
             from: from.clone(),
             to: to.clone(),
         },
+        Cmd::Attach {
+            target,
+            read_only,
+            queues,
+            depth,
+        } => Command::Attach {
+            target: target.clone(),
+            read_only: *read_only,
+            queues: *queues,
+            depth: *depth,
+        },
+        Cmd::Detach { what } => Command::Detach { what: what.clone() },
+        Cmd::List => Command::List,
         Cmd::Pool(PoolCmd::Create { .. }) | Cmd::Daemon(_) => bail!("not a management command"),
     })
 }
@@ -82,12 +96,12 @@ fn run_command(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
         );
     };
     let opened = open::open_pool(meta, data, "snapblk CLI")?;
-    let r = admin::execute(&opened.pool, cmd);
+    let r = admin::execute(&opened.pool, None, cmd);
     if admin::mutates(cmd) {
         opened.pool.reclaim_all()?;
     }
     opened.pool.shutdown()?;
-    Ok(r?)
+    r
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

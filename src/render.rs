@@ -140,6 +140,17 @@ pub fn render(cmd: &Command, v: &Value) -> String {
             ));
             s
         }
+        Command::List => table(
+            &rows,
+            &[
+                ("path", "DEVICE"),
+                ("export", "EXPORT"),
+                ("read_only", "READ-ONLY"),
+                ("id", "ID"),
+            ],
+        ),
+        Command::Attach { .. } => cell("", &v["path"]),
+        Command::Detach { .. } => format!("detached {}", cell("", &v["path"])),
         Command::VolumeDelete { .. } | Command::SnapshotDelete { .. } => {
             format!("deleted {}", cell("", &v["deleted"]))
         }

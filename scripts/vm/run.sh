@@ -14,14 +14,16 @@ bin=${SNAPBLK_BIN:-${CARGO_TARGET_DIR:-/var/cache/snapblk/target}/release/snapbl
 [ -x "$bin" ] || { echo "vm: snapblk binary not found at $bin" >&2; exit 2; }
 mkdir -p "$cache/bin" && cp "$bin" "$cache/bin/snapblk"
 export SNAPBLK_VM_BIN=$cache/bin/snapblk
+# A directory the guest can write back to, for logs of failed runs.
+out=$cache/out
+rm -rf "$out" && mkdir -p "$out"
 script=$(realpath "$1"); shift
 args=$(printf '%q ' "$@")
 log=$(mktemp /tmp/snapblk-vm.XXXXXX.log)
-cmd="SNAPBLK_BIN=$SNAPBLK_VM_BIN bash $script $args; echo SNAPBLK-VM-STATUS=\$?"
+cmd="RUST_LOG=${RUST_LOG:-warn} SNAPBLK_BIN=$SNAPBLK_VM_BIN SNAPBLK_VM_OUT=$out bash $script $args >$out/guest.log 2>&1; echo SNAPBLK-VM-STATUS=\$?"
 timeout --kill-after=10 "${VM_TIMEOUT:-600}" \
-    vng -r "$kimg" --disable-kvm --force-9p --verbose --cpus 2 --memory 2G --cwd /tmp -e "$cmd" >"$log" 2>&1 || true
-# Guest output without the kernel's own log lines.
-grep -vE '^\[ *[0-9]+\.[0-9]+\]|KASLR|Probing EDD|virtme_|^\s*$' "$log" || true
+    vng -r "$kimg" --disable-kvm --force-9p --verbose --cpus 2 --memory 2G --cwd /tmp --rwdir="$out" -e "$cmd" >"$log" 2>&1 || true
+cat "$out/guest.log" 2>/dev/null || true
 status=$(grep -ao 'SNAPBLK-VM-STATUS=[0-9]*' "$log" | tail -1 | cut -d= -f2)
 rm -f "$log"
 if [ -z "$status" ]; then

@@ -6,9 +6,10 @@ export SNAPBLK_SOCKET=$T/control.sock
 NBD_SOCK=$T/nbd.sock
 DAEMON_PID=
 log() { echo "[guest $(date +%T)] $*"; }
-fail() { echo "FAIL: $*"; exit 1; }
+fail() { echo "FAIL: $*"; echo "--- daemon log"; tail -20 "$T/daemon.log" 2>/dev/null; exit 1; }
+trap 'echo "--- daemon log"; tail -20 "$T/daemon.log" 2>/dev/null; echo "--- dmesg"; dmesg | tail -15' ERR
 start_daemon() {
-    "$BIN" daemon --meta "$T/meta" --data "$T/data.img" --nbd-socket "$NBD_SOCK" --nbd-tcp none "$@" >>"$T/daemon.log" 2>&1 &
+    RUST_LOG=${RUST_LOG:-warn} "$BIN" daemon --meta "$T/meta" --data "$T/data.img" --nbd-socket "$NBD_SOCK" --nbd-tcp none "$@" >>"$T/daemon.log" 2>&1 &
     DAEMON_PID=$!
     for _ in $(seq 1 300); do
         [ -S "$SNAPBLK_SOCKET" ] && "$BIN" pool info >/dev/null 2>&1 && return 0

@@ -30,3 +30,42 @@ pub trait ExportProvider: Send + Sync {
     /// Every export name, for NBD_OPT_LIST.
     fn list(&self) -> Vec<String>;
 }
+
+/// An export that refuses writes, around any other (`attach VOL --read-only`).
+pub struct ReadOnly(pub Arc<dyn Export>);
+
+impl ReadOnly {
+    fn refuse(&self) -> crate::Error {
+        crate::Error::ReadOnly(format!("read-only attachment of '{}'", self.0.name()))
+    }
+}
+
+impl Export for ReadOnly {
+    fn size(&self) -> Result<u64> {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.read(offset, buf)
+    }
+    fn write(&self, _: u64, _: &[u8], _: bool) -> Result<()> {
+        Err(self.refuse())
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _: u64, _: u64, _: bool) -> Result<()> {
+        Err(self.refuse())
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<()> {
+        Err(self.refuse())
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>> {
+        self.0.block_status(offset, len)
+    }
+}

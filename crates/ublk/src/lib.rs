@@ -1,0 +1,266 @@
+//! snapblk-ublk: `/dev/ublkbN` block devices backed by a `snapblk_core::Export`, through
+//! the kernel's ublk driver and the `libublk` crate.
+//!
+//! Threading (as libublk intends): each device has a control thread that owns its
+//! `UblkCtrl` (libublk's control ring is per thread) and runs the target; each queue has
+//! its own thread and io_uring, created by libublk. A queue thread executes its requests
+//! itself, calling the volume API (and through it the data device's per-thread io_uring),
+//! so a request's data I/O never hops to another thread. Each queue handles one request
+//! at a time; parallelism comes from the number of queues (`--queues`).
+//!
+//! Invariants: every request is completed exactly once, with the byte count or a negative
+//! errno; an invalid request (unknown op, a length beyond the I/O buffer) gets -EINVAL and
+//! never panics. Detach stops the device (in-flight requests complete first) and deletes it.
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
+use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
+use snapblk_core::Export;
+
+pub const CONTROL_DEVICE: &str = "/dev/ublk-control";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ublk is not available: {0}")]
+    Unavailable(String),
+    #[error("ublk: {0}")]
+    Ublk(String),
+    #[error("volume: {0}")]
+    Volume(#[from] snapblk_core::Error),
+}
+
+/// How a device is created.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub queues: u16,
+    pub depth: u16,
+    /// Largest request in bytes (the kernel splits bigger ones).
+    pub io_buf_bytes: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            queues: 2,
+            depth: 64,
+            io_buf_bytes: 1 << 20,
+        }
+    }
+}
+
+/// An attached device. Dropping it without `detach` leaves the device running until the
+/// process exits.
+pub struct Device {
+    pub id: i32,
+    pub path: String,
+    pub export: String,
+    pub read_only: bool,
+    control: Option<JoinHandle<()>>,
+}
+
+/// Creates a ublk device for `export` and returns once `/dev/ublkbN` exists.
+pub fn attach(export: Arc<dyn Export>, opts: Options) -> Result<Device, Error> {
+    if !Path::new(CONTROL_DEVICE).exists() {
+        return Err(Error::Unavailable(format!(
+            "{CONTROL_DEVICE} does not exist; load the ublk_drv kernel module (modprobe ublk_drv)"
+        )));
+    }
+    let size = export.size()?;
+    let read_only = export.read_only();
+    let name = export.name().to_string();
+    let (tx, rx) = mpsc::channel::<Result<(i32, String), String>>();
+    let control = std::thread::Builder::new()
+        .name("ublk-ctrl".into())
+        .spawn(move || run_device(export, size, read_only, opts, tx))
+        .map_err(|e| Error::Ublk(format!("cannot start the control thread: {e}")))?;
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok((id, path))) => Ok(Device {
+            id,
+            path,
+            export: name,
+            read_only,
+            control: Some(control),
+        }),
+        Ok(Err(e)) => {
+            let _ = control.join();
+            Err(Error::Ublk(e))
+        }
+        Err(_) => Err(Error::Ublk("the device did not start within 60 s".into())),
+    }
+}
+
+impl Device {
+    /// Stops and deletes the device; returns when its threads have ended.
+    pub fn detach(mut self) -> Result<(), Error> {
+        // A control handle for this thread (libublk's control ring is per thread).
+        let ctrl = UblkCtrl::new_simple(self.id)
+            .map_err(|e| Error::Ublk(format!("device {}: {e}", self.id)))?;
+        ctrl.kill_dev()
+            .map_err(|e| Error::Ublk(format!("stopping device {}: {e}", self.id)))?;
+        if let Some(h) = self.control.take() {
+            let _ = h.join();
+        }
+        Ok(())
+    }
+}
+
+fn run_device(
+    export: Arc<dyn Export>,
+    size: u64,
+    read_only: bool,
+    opts: Options,
+    tx: mpsc::Sender<Result<(i32, String), String>>,
+) {
+    let ctrl = match UblkCtrlBuilder::default()
+        .name("snapblk")
+        .id(-1)
+        .nr_queues(opts.queues.max(1))
+        .depth(opts.depth.max(1))
+        .io_buf_bytes(opts.io_buf_bytes)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(format!("creating the device: {e}")));
+            return;
+        }
+    };
+    let ready = tx.clone();
+    let name = export.name().to_string();
+    let tgt_init = move |dev: &mut UblkDev| {
+        set_params(dev, size, read_only);
+        dev.set_target_json(serde_json::json!({ "export": name }));
+        Ok(())
+    };
+    let queue = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, &*export);
+    let started = move |c: &UblkCtrl| {
+        let _ = ready.send(Ok((c.dev_info().dev_id as i32, c.get_bdev_path())));
+    };
+    if let Err(e) = ctrl.run_target(tgt_init, queue, started) {
+        let _ = tx.send(Err(format!("running the device: {e}")));
+    }
+    // Dropping `ctrl` here deletes the device (it was created with UBLK_DEV_F_ADD_DEV).
+}
+
+fn set_params(dev: &mut UblkDev, size: u64, read_only: bool) {
+    dev.set_default_params(size);
+    let p = &mut dev.tgt.params;
+    // A volatile cache (the kernel sends FLUSH) and FUA, as the volume API implements both.
+    p.basic.attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
+    if read_only {
+        p.basic.attrs |= sys::UBLK_ATTR_READ_ONLY;
+    } else {
+        // 1 GiB per discard / write-zeroes request; 4 KiB granularity (the pool's block).
+        p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
+        p.discard = sys::ublk_param_discard {
+            discard_alignment: 0,
+            discard_granularity: 4096,
+            max_discard_sectors: 1 << 21,
+            max_write_zeroes_sectors: 1 << 21,
+            max_discard_segments: 1,
+            reserved0: 0,
+        };
+    }
+}
+
+fn queue_main(qid: u16, dev: &UblkDev, export: &dyn Export) {
+    let bufs = Rc::new(RefCell::new(dev.alloc_queue_io_bufs()));
+    let queue = {
+        let b = bufs.borrow();
+        match UblkQueue::new(qid, dev)
+            .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&b))))
+        {
+            Ok(q) => q,
+            Err(e) => {
+                log::error!("ublk queue {qid}: {e}");
+                return;
+            }
+        }
+    };
+    let handler = |q: &UblkQueue, tag: u16, _io: &UblkIOCtx| {
+        let mut bufs = bufs.borrow_mut();
+        let Some(buf) = bufs.get_mut(tag as usize) else {
+            log::error!("ublk queue {qid}: tag {tag} out of range");
+            return;
+        };
+        let iod = q.get_iod(tag);
+        let res = execute(
+            export,
+            iod.op_flags,
+            iod.start_sector,
+            iod.nr_sectors,
+            buf.as_mut_slice(),
+        );
+        if let Err(e) = q.complete_io_cmd_unified(
+            tag,
+            BufDesc::Slice(buf.as_slice()),
+            Ok(UblkIORes::Result(res)),
+        ) {
+            log::error!("ublk queue {qid}: completing tag {tag}: {e}");
+        }
+    };
+    queue.wait_and_handle_io(handler);
+}
+
+/// Runs one ublk request against the export; returns bytes done or a negative errno.
+pub fn execute(
+    export: &dyn Export,
+    op_flags: u32,
+    start_sector: u64,
+    nr_sectors: u32,
+    buf: &mut [u8],
+) -> i32 {
+    let op = op_flags & 0xff;
+    let fua = op_flags & sys::UBLK_IO_F_FUA != 0;
+    log::trace!(
+        "ublk {}: op {op} flags {op_flags:#x} sector {start_sector} sectors {nr_sectors}",
+        export.name()
+    );
+    if op == sys::UBLK_IO_OP_FLUSH {
+        // A flush carries no range (the kernel sends start_sector u64::MAX).
+        return match export.flush() {
+            Ok(()) => 0,
+            Err(e) => {
+                log::warn!("ublk {}: flush: {e}", export.name());
+                -e.errno()
+            }
+        };
+    }
+    let Some(off) = start_sector.checked_mul(512) else {
+        return -libc::EINVAL;
+    };
+    let len = u64::from(nr_sectors) * 512;
+    let data_len = usize::try_from(len).ok().filter(|l| *l <= buf.len());
+    let r = match (op, data_len) {
+        (sys::UBLK_IO_OP_READ, Some(n)) => export.read(off, &mut buf[..n]),
+        (sys::UBLK_IO_OP_WRITE, Some(n)) => export.write(off, &buf[..n], fua),
+        (sys::UBLK_IO_OP_DISCARD, _) => export.trim(off, len, fua),
+        (sys::UBLK_IO_OP_WRITE_ZEROES, _) => export.write_zeroes(off, len, fua, false),
+        _ => {
+            log::warn!(
+                "ublk {}: unsupported op {op} ({len} bytes at {off})",
+                export.name()
+            );
+            return -libc::EINVAL;
+        }
+    };
+    match r {
+        Ok(()) => match op {
+            sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => len as i32,
+            _ => 0,
+        },
+        Err(e) => {
+            log::warn!("ublk {}: op {op} at {off}+{len}: {e}", export.name());
+            -e.errno()
+        }
+    }
+}

@@ -1,0 +1,47 @@
+# In the VM: ublk devices for ext4 and xfs. Attach a volume, mkfs, mount, write files with
+# checksums, snapshot while mounted (--freeze), change files, attach the snapshot
+# read-only, mount it and verify the original checksums, detach, fsck clean.
+source "$(dirname "$0")/lib.sh"
+cleanup() {
+    for m in "$T"/mnt-* "$T"/snap-*; do umount "$m" 2>/dev/null || true; done
+    stop_daemon
+}
+trap cleanup EXIT
+modprobe ublk_drv
+"$BIN" pool create --meta "$T/meta" --data "$T/data.img" --size 3G >/dev/null
+start_daemon
+for fs in ext4 xfs; do
+    vol=u-$fs
+    "$BIN" volume create "$vol" --size 512M >/dev/null
+    dev=$("$BIN" attach "$vol")
+    log "$fs: $vol attached as $dev"
+    [ -b "$dev" ] || fail "$dev is not a block device"
+    [ "$(blockdev --getsize64 "$dev")" = $((512 << 20)) ] || fail "$dev has the wrong size"
+    "$BIN" list | grep -q "$dev" || fail "list does not show $dev"
+    case $fs in ext4) mkfs.ext4 -q "$dev" ;; xfs) mkfs.xfs -q "$dev" ;; esac
+    mnt=$T/mnt-$fs; mkdir -p "$mnt"
+    mount "$dev" "$mnt"
+    write_tree "$mnt"
+    sums "$mnt" >"$T/sums-$fs"
+    "$BIN" snapshot create "$vol@s1" --freeze "$mnt" >/dev/null
+    rm -rf "$mnt/a"; echo changed >"$mnt/b/f1"; sync
+    sdev=$("$BIN" attach "$vol@s1")
+    log "$fs: snapshot attached read-only as $sdev"
+    [ "$(blockdev --getro "$sdev")" = 1 ] || fail "$sdev should be read-only"
+    smnt=$T/snap-$fs; mkdir -p "$smnt"
+    case $fs in ext4) mount -o ro,noload "$sdev" "$smnt" ;; xfs) mount -o ro,norecovery,nouuid "$sdev" "$smnt" ;; esac
+    (cd "$smnt" && sha256sum -c --quiet "$T/sums-$fs") || fail "$fs: snapshot contents differ"
+    umount "$smnt"
+    "$BIN" detach "$sdev" >/dev/null
+    umount "$mnt"
+    case $fs in
+        ext4) e2fsck -fn "$dev" >/dev/null || fail "e2fsck $dev" ;;
+        xfs) xfs_repair -n "$dev" >/dev/null 2>&1 || fail "xfs_repair $dev" ;;
+    esac
+    "$BIN" detach "$vol" >/dev/null
+    [ ! -e "$dev" ] || sleep 1
+    "$BIN" list | grep -q "$dev" && fail "$dev still listed after detach"
+    log "$fs: ok"
+done
+"$BIN" pool check >/dev/null || fail "pool check"
+log "ublk: ok"
