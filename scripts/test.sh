@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: formatting, lints, unit/property/conformance tests, then the
-# end-to-end tests with real NBD clients and kernel filesystems. Run as root.
+# The test command: formatting, lints, unit/property/conformance tests, the end-to-end
+# tests with real NBD clients and kernel filesystems, then the real-kernel tests in a VM
+# (ublk, the kernel NBD client). Run as root.
 # One cargo profile (release) only, so RocksDB's C++ is compiled once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +18,7 @@ step "cargo clippy"
 cargo clippy --release --workspace --all-targets -- -D warnings
 step "cargo test"
 cargo test --release --workspace
-step "end-to-end tests"
+step "end-to-end tests (host: NBD clients, nbdfuse + loop, crash cycles)"
 bash tests/e2e/run.sh
+step "real-kernel tests (VM: ublk, kernel nbd client)"
+bash tests/vm/run.sh

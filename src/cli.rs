@@ -71,6 +71,9 @@ pub enum Cmd {
     Detach { what: String },
     /// Attached ublk devices.
     List,
+    /// For udev rules: print the export a ublk device serves (`udev-name ublkb0`).
+    #[command(hide = true)]
+    UdevName { kernel_name: String },
     /// List the byte ranges that differ between two snapshots, or a snapshot and a volume.
     Diff {
         /// VOLUME@SNAPSHOT (or VOLUME)

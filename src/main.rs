@@ -79,7 +79,9 @@ fn command(cmd: &Cmd) -> Result<Command> {
         },
         Cmd::Detach { what } => Command::Detach { what: what.clone() },
         Cmd::List => Command::List,
-        Cmd::Pool(PoolCmd::Create { .. }) | Cmd::Daemon(_) => bail!("not a management command"),
+        Cmd::Pool(PoolCmd::Create { .. }) | Cmd::Daemon(_) | Cmd::UdevName { .. } => {
+            bail!("not a management command")
+        }
     })
 }
 
@@ -120,6 +122,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 workers: a.workers,
             });
             daemon::run(cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::UdevName { kernel_name } => {
+            println!("{}", snapblk_ublk::export_of_device(kernel_name)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Pool(PoolCmd::Create { size, force }) => {

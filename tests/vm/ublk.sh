@@ -8,6 +8,15 @@ cleanup() {
 }
 trap cleanup EXIT
 modprobe ublk_drv
+# udev names (the guest runs udevd when the host has udev installed).
+if command -v udevadm >/dev/null && pgrep -x systemd-udevd >/dev/null; then
+    sed "s|@SNAPBLK@|$BIN|" "$(dirname "$0")/../../udev/99-snapblk.rules" >/etc/udev/rules.d/99-snapblk.rules
+    udevadm control --reload
+    UDEV=1
+else
+    UDEV=0
+    log "no udevd in the guest: udev names not checked"
+fi
 "$BIN" pool create --meta "$T/meta" --data "$T/data.img" --size 3G >/dev/null
 start_daemon
 for fs in ext4 xfs; do
@@ -18,6 +27,11 @@ for fs in ext4 xfs; do
     [ -b "$dev" ] || fail "$dev is not a block device"
     [ "$(blockdev --getsize64 "$dev")" = $((512 << 20)) ] || fail "$dev has the wrong size"
     "$BIN" list | grep -q "$dev" || fail "list does not show $dev"
+    [ "$("$BIN" udev-name "${dev#/dev/}")" = "$vol" ] || fail "udev-name of $dev"
+    if [ "$UDEV" = 1 ]; then
+        udevadm settle
+        [ "$(readlink -f "/dev/disk/by-snapblk/$vol")" = "$dev" ] || fail "/dev/disk/by-snapblk/$vol does not point to $dev"
+    fi
     case $fs in ext4) mkfs.ext4 -q "$dev" ;; xfs) mkfs.xfs -q "$dev" ;; esac
     mnt=$T/mnt-$fs; mkdir -p "$mnt"
     mount "$dev" "$mnt"
@@ -28,6 +42,10 @@ for fs in ext4 xfs; do
     sdev=$("$BIN" attach "$vol@s1")
     log "$fs: snapshot attached read-only as $sdev"
     [ "$(blockdev --getro "$sdev")" = 1 ] || fail "$sdev should be read-only"
+    if [ "$UDEV" = 1 ]; then
+        udevadm settle
+        [ "$(readlink -f "/dev/disk/by-snapblk/$vol@s1")" = "$sdev" ] || fail "/dev/disk/by-snapblk/$vol@s1 missing"
+    fi
     smnt=$T/snap-$fs; mkdir -p "$smnt"
     case $fs in ext4) mount -o ro,noload "$sdev" "$smnt" ;; xfs) mount -o ro,norecovery,nouuid "$sdev" "$smnt" ;; esac
     (cd "$smnt" && sha256sum -c --quiet "$T/sums-$fs") || fail "$fs: snapshot contents differ"

@@ -264,3 +264,20 @@ pub fn execute(
         }
     }
 }
+
+/// The export (`vol` or `vol@snap`) that ublk block device `kernel_name` (`ublkbN`, as
+/// udev's %k gives it) serves, from the description libublk keeps in /run/ublksrvd.
+/// Used by the udev rules for /dev/disk/by-snapblk/ names.
+pub fn export_of_device(kernel_name: &str) -> Result<String, Error> {
+    let id: u32 = kernel_name
+        .strip_prefix("ublkb")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::Ublk(format!("'{kernel_name}' is not a ublk block device name (ublkbN)")))?;
+    let path = format!("{}/{id:04}.json", UblkCtrl::run_dir());
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Ublk(format!("{path}: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Ublk(format!("{path}: {e}")))?;
+    v["target_data"]["export"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::Ublk(format!("{path}: device {id} is not a snapblk device")))
+}
