@@ -76,6 +76,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
 
     private_mount_namespace();
     let devices = Arc::new(Devices::new(Arc::clone(&pool)));
+    devices.recover_all();
     let ctl = control::bind_unix(&socket, 0o600)?;
     let nbd = snapblk_nbd::Server::new(
         Arc::new(PoolExports(Arc::clone(&pool))),

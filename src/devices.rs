@@ -40,7 +40,7 @@ impl Devices {
             depth,
             ..Default::default()
         };
-        let dev = snapblk_ublk::attach(export, opts)?;
+        let dev = snapblk_ublk::attach(export, self.pool.uuid(), opts)?;
         let v = describe(&dev);
         self.lock().push(dev);
         Ok(v)
@@ -59,6 +59,34 @@ impl Devices {
         let v = describe(&dev);
         dev.detach()?;
         Ok(v)
+    }
+
+    /// Takes over this pool's devices that a crashed daemon left quiesced (their filesystems
+    /// stay mounted; I/O that waited continues).
+    pub fn recover_all(&self) {
+        for o in snapblk_ublk::orphans(self.pool.uuid()) {
+            let r = VolumeHandle::open(&self.pool, &o.export)
+                .map_err(anyhow::Error::from)
+                .and_then(|h| {
+                    let h: Arc<dyn Export> = Arc::new(h);
+                    let export: Arc<dyn Export> = if o.read_only && !h.read_only() {
+                        Arc::new(ReadOnly(h))
+                    } else {
+                        h
+                    };
+                    Ok(snapblk_ublk::recover(export, self.pool.uuid(), o.id)?)
+                });
+            match r {
+                Ok(dev) => {
+                    eprintln!("snapblk daemon: recovered {} ({})", dev.path, dev.export);
+                    self.lock().push(dev);
+                }
+                Err(e) => eprintln!(
+                    "snapblk daemon: cannot recover ublk device {} ({}): {e:#}",
+                    o.id, o.export
+                ),
+            }
+        }
     }
 
     pub fn list(&self) -> Value {

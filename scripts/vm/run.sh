@@ -20,11 +20,12 @@ rm -rf "$out" && mkdir -p "$out"
 script=$(realpath "$1"); shift
 args=$(printf '%q ' "$@")
 log=$(mktemp /tmp/snapblk-vm.XXXXXX.log)
-cmd="RUST_LOG=${RUST_LOG:-warn} SNAPBLK_BIN=$SNAPBLK_VM_BIN SNAPBLK_VM_OUT=$out bash $script $args >$out/guest.log 2>&1; echo SNAPBLK-VM-STATUS=\$?"
+cmd="RUST_LOG=${RUST_LOG:-warn} SNAPBLK_BIN=$SNAPBLK_VM_BIN SNAPBLK_VM_OUT=$out bash $script $args >$out/guest.log 2>&1; st=\$?; sync; echo SNAPBLK-VM-STATUS=\$st"
 timeout --kill-after=10 "${VM_TIMEOUT:-600}" \
     vng -r "$kimg" --disable-kvm --force-9p --verbose --cpus 2 --memory 2G --cwd /tmp --rwdir="$out" -e "$cmd" >"$log" 2>&1 || true
 cat "$out/guest.log" 2>/dev/null || true
-status=$(grep -ao 'SNAPBLK-VM-STATUS=[0-9]*' "$log" | tail -1 | cut -d= -f2)
+status=$(grep -ao "SNAPBLK-VM-STATUS=[0-9]*" "$log" | tail -1 | cut -d= -f2 || true)
+[ -n "${VM_KEEP_LOG:-}" ] && cp "$log" /tmp/snapblk-vm-console.log
 rm -f "$log"
 if [ -z "$status" ]; then
     echo "vm: the guest did not report a status (boot failure or timeout)" >&2

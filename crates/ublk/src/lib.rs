@@ -63,23 +63,120 @@ pub struct Device {
     pub path: String,
     pub export: String,
     pub read_only: bool,
+    /// Taken over after a crash: libublk then leaves deleting the device to us.
+    pub recovered: bool,
     control: Option<JoinHandle<()>>,
 }
 
-/// Creates a ublk device for `export` and returns once `/dev/ublkbN` exists.
-pub fn attach(export: Arc<dyn Export>, opts: Options) -> Result<Device, Error> {
+/// Devices survive a crash of the daemon: the kernel holds their I/O (UBLK_F_USER_RECOVERY)
+/// and hands requests that were in flight to the restarted daemon (REISSUE).
+const CTRL_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+
+fn check_available() -> Result<(), Error> {
     if !Path::new(CONTROL_DEVICE).exists() {
         return Err(Error::Unavailable(format!(
             "{CONTROL_DEVICE} does not exist; load the ublk_drv kernel module (modprobe ublk_drv)"
         )));
     }
+    Ok(())
+}
+
+/// How a device is started: new, or taking over a quiesced one after a crash.
+#[derive(Clone, Copy)]
+enum Start {
+    New(Options),
+    Recover {
+        id: i32,
+        queues: u16,
+        depth: u16,
+        io_buf_bytes: u32,
+    },
+}
+
+/// Creates a ublk device for `export` and returns once `/dev/ublkbN` exists. `owner` (the
+/// pool uuid) is recorded with the device so that only this pool's daemon recovers it.
+pub fn attach(export: Arc<dyn Export>, owner: &str, opts: Options) -> Result<Device, Error> {
+    check_available()?;
+    start(export, owner, Start::New(opts))
+}
+
+/// A device left quiesced by a daemon that died, which this owner can take over.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub id: i32,
+    pub export: String,
+    pub read_only: bool,
+}
+
+/// Quiesced snapblk devices of `owner` (after a crash of its daemon).
+pub fn orphans(owner: &str) -> Vec<Orphan> {
+    if check_available().is_err() {
+        return Vec::new();
+    }
+    let found = std::rc::Rc::new(RefCell::new(Vec::new()));
+    let f = found.clone();
+    let owner = owner.to_string();
+    UblkCtrl::for_each_dev_id(move |id| {
+        let Ok(ctrl) = UblkCtrl::new_simple(id as i32) else {
+            return;
+        };
+        let info = ctrl.dev_info();
+        let Some(t) = ctrl.get_target_data_from_json() else {
+            return;
+        };
+        if u32::from(info.state) == sys::UBLK_S_DEV_QUIESCED
+            && t["owner"].as_str() == Some(owner.as_str())
+        {
+            if let Some(export) = t["export"].as_str() {
+                f.borrow_mut().push(Orphan {
+                    id: id as i32,
+                    export: export.to_string(),
+                    read_only: t["read_only"].as_bool().unwrap_or(false),
+                });
+            }
+        }
+        // new_simple() handles never delete the device when dropped.
+    });
+    let v = found.borrow().clone();
+    v
+}
+
+/// Takes over quiesced device `id` (see `orphans`), serving it from `export`: I/O that
+/// waited meanwhile continues, in-flight requests are reissued.
+pub fn recover(export: Arc<dyn Export>, owner: &str, id: i32) -> Result<Device, Error> {
+    check_available()?;
+    let old = UblkCtrl::new_simple(id).map_err(|e| Error::Ublk(format!("device {id}: {e}")))?;
+    let r = old
+        .start_user_recover()
+        .map_err(|e| Error::Ublk(format!("recovering device {id}: {e}")))?;
+    if r < 0 {
+        return Err(Error::Ublk(format!("recovering device {id}: error {r}")));
+    }
+    let info = old.dev_info();
+    drop(old);
+    let mut dev = start(
+        export,
+        owner,
+        Start::Recover {
+            id,
+            queues: info.nr_hw_queues,
+            depth: info.queue_depth,
+            io_buf_bytes: info.max_io_buf_bytes,
+        },
+    )?;
+    dev.recovered = true;
+    Ok(dev)
+}
+
+fn start(export: Arc<dyn Export>, owner: &str, how: Start) -> Result<Device, Error> {
     let size = export.size()?;
     let read_only = export.read_only();
     let name = export.name().to_string();
+    let owner = owner.to_string();
     let (tx, rx) = mpsc::channel::<Result<(i32, String), String>>();
     let control = std::thread::Builder::new()
         .name("ublk-ctrl".into())
-        .spawn(move || run_device(export, size, read_only, opts, tx))
+        .spawn(move || run_device(export, &owner, size, read_only, how, tx))
         .map_err(|e| Error::Ublk(format!("cannot start the control thread: {e}")))?;
     match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(Ok((id, path))) => Ok(Device {
@@ -87,6 +184,7 @@ pub fn attach(export: Arc<dyn Export>, opts: Options) -> Result<Device, Error> {
             path,
             export: name,
             read_only,
+            recovered: false,
             control: Some(control),
         }),
         Ok(Err(e)) => {
@@ -108,26 +206,45 @@ impl Device {
         if let Some(h) = self.control.take() {
             let _ = h.join();
         }
+        if self.recovered {
+            ctrl.del_dev()
+                .map_err(|e| Error::Ublk(format!("deleting device {}: {e}", self.id)))?;
+        }
         Ok(())
     }
 }
 
 fn run_device(
     export: Arc<dyn Export>,
+    owner: &str,
     size: u64,
     read_only: bool,
-    opts: Options,
+    how: Start,
     tx: mpsc::Sender<Result<(i32, String), String>>,
 ) {
-    let ctrl = match UblkCtrlBuilder::default()
+    let builder = UblkCtrlBuilder::default()
         .name("snapblk")
-        .id(-1)
-        .nr_queues(opts.queues.max(1))
-        .depth(opts.depth.max(1))
-        .io_buf_bytes(opts.io_buf_bytes)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-        .build()
-    {
+        .ctrl_flags(CTRL_FLAGS);
+    let builder = match how {
+        Start::New(o) => builder
+            .id(-1)
+            .nr_queues(o.queues.max(1))
+            .depth(o.depth.max(1))
+            .io_buf_bytes(o.io_buf_bytes)
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV),
+        Start::Recover {
+            id,
+            queues,
+            depth,
+            io_buf_bytes,
+        } => builder
+            .id(id)
+            .nr_queues(queues)
+            .depth(depth)
+            .io_buf_bytes(io_buf_bytes)
+            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV),
+    };
+    let ctrl = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             let _ = tx.send(Err(format!("creating the device: {e}")));
@@ -135,10 +252,11 @@ fn run_device(
         }
     };
     let ready = tx.clone();
-    let name = export.name().to_string();
+    let target =
+        serde_json::json!({ "export": export.name(), "read_only": read_only, "owner": owner });
     let tgt_init = move |dev: &mut UblkDev| {
         set_params(dev, size, read_only);
-        dev.set_target_json(serde_json::json!({ "export": name }));
+        dev.set_target_json(target);
         Ok(())
     };
     let queue = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, &*export);
@@ -148,7 +266,8 @@ fn run_device(
     if let Err(e) = ctrl.run_target(tgt_init, queue, started) {
         let _ = tx.send(Err(format!("running the device: {e}")));
     }
-    // Dropping `ctrl` here deletes the device (it was created with UBLK_DEV_F_ADD_DEV).
+    // Dropping a new device's `ctrl` deletes the device (UBLK_DEV_F_ADD_DEV); a recovered
+    // one is deleted by `Device::detach`.
 }
 
 fn set_params(dev: &mut UblkDev, size: u64, read_only: bool) {
@@ -272,10 +391,15 @@ pub fn export_of_device(kernel_name: &str) -> Result<String, Error> {
     let id: u32 = kernel_name
         .strip_prefix("ublkb")
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| Error::Ublk(format!("'{kernel_name}' is not a ublk block device name (ublkbN)")))?;
+        .ok_or_else(|| {
+            Error::Ublk(format!(
+                "'{kernel_name}' is not a ublk block device name (ublkbN)"
+            ))
+        })?;
     let path = format!("{}/{id:04}.json", UblkCtrl::run_dir());
     let text = std::fs::read_to_string(&path).map_err(|e| Error::Ublk(format!("{path}: {e}")))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Ublk(format!("{path}: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Ublk(format!("{path}: {e}")))?;
     v["target_data"]["export"]
         .as_str()
         .map(str::to_string)

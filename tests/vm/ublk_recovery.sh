@@ -1,0 +1,40 @@
+# WORK IN PROGRESS, not in the default VM run (tests/vm/run.sh): after the restarted daemon
+# recovers the device and fio passes, e2fsck on the device hangs; see the issue notes.
+# In the VM: kill -9 of the daemon while fio writes (and then verifies) a file on a
+# mounted ublk device; the restarted daemon recovers the device (UBLK_F_USER_RECOVERY),
+# the filesystem stays mounted, fio completes and its verify passes; fsck is clean.
+source "$(dirname "$0")/lib.sh"
+cleanup() {
+    umount "$T/mnt" 2>/dev/null || true
+    stop_daemon
+}
+trap cleanup EXIT
+modprobe ublk_drv
+"$BIN" pool create --meta "$T/meta" --data "$T/data.img" --size 2G >/dev/null
+start_daemon
+"$BIN" volume create r --size 512M >/dev/null
+dev=$("$BIN" attach r)
+mkfs.ext4 -q "$dev"
+mkdir -p "$T/mnt"
+mount "$dev" "$T/mnt"
+log "fio on $dev, kill -9 of the daemon in the middle"
+fio --name=rec --filename="$T/mnt/f" --rw=randwrite --bs=4k --size=48M --ioengine=psync --fsync=64 \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$T/fio.out" &
+fio_pid=$!
+sleep 4
+old=$DAEMON_PID
+kill -9 "$old"
+wait "$old" 2>/dev/null || true
+DAEMON_PID=
+sleep 1
+log "restarting the daemon"
+start_daemon
+"$BIN" list | grep -q "$dev" || fail "the restarted daemon did not recover $dev"
+wait "$fio_pid" || { cat "$T/fio.out"; fail "fio failed across the daemon restart"; }
+grep -q "err= 0" "$T/fio.out" || { cat "$T/fio.out"; fail "fio reported errors"; }
+mountpoint -q "$T/mnt" || fail "the filesystem is no longer mounted"
+umount "$T/mnt"
+e2fsck -fn "$dev" >/dev/null || fail "e2fsck after recovery"
+"$BIN" detach r >/dev/null
+"$BIN" pool check >/dev/null || fail "pool check"
+log "ublk_recovery: ok"
