@@ -24,7 +24,11 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
     apt-get install -y -qq --allow-downgrades "${need[@]}" >/dev/null
 fi
-command -v vng >/dev/null || pip install -q virtme-ng >/dev/null
+if ! command -v vng >/dev/null; then
+    python3 -m pip install -q virtme-ng >/dev/null
+    hash -r
+    command -v vng >/dev/null || { echo "vm setup: virtme-ng installed but vng is not on PATH" >&2; exit 1; }
+fi
 
 kroot=$CACHE/kroot
 if ! ls "$kroot"/boot/vmlinuz-* >/dev/null 2>&1; then
