@@ -379,12 +379,8 @@ impl Pool {
         }
     }
 
-    /// TRIM: whole blocks inside `[offset, offset + len)` become holes (read as zeros, space
-    /// returned); partial blocks at the edges are left alone, as NBD and the block layer allow.
-    pub fn trim(&self, vol: VolId, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.check_range(vol, offset, len)?;
-        let w0 = offset.div_ceil(BLOCK_SIZE_U64);
-        let w1 = (offset + len) / BLOCK_SIZE_U64;
+    /// Whole blocks `[w0, w1)` become holes, one metadata batch per chunk.
+    fn zero_whole_blocks(&self, vol: VolId, w0: u64, w1: u64, fua: bool) -> Result<()> {
         let mut c0 = w0;
         while c0 < w1 {
             let c1 = (c0 + ZERO_CHUNK_BLOCKS).min(w1);
@@ -392,6 +388,15 @@ impl Pool {
             c0 = c1;
         }
         Ok(())
+    }
+
+    /// TRIM: whole blocks inside `[offset, offset + len)` become holes (read as zeros, space
+    /// returned); partial blocks at the edges are left alone, as NBD and the block layer allow.
+    pub fn trim(&self, vol: VolId, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_range(vol, offset, len)?;
+        let w0 = offset.div_ceil(BLOCK_SIZE_U64);
+        let w1 = (offset + len) / BLOCK_SIZE_U64;
+        self.zero_whole_blocks(vol, w0, w1, fua)
     }
 
     /// Makes `[offset, offset + len)` of `vol` read as zeros without storing data
@@ -423,13 +428,7 @@ impl Pool {
                 fua,
             )?;
         }
-        let mut c0 = w0;
-        while c0 < w1 {
-            let c1 = (c0 + ZERO_CHUNK_BLOCKS).min(w1);
-            self.zero_blocks(vol, c0, c1, fua, true)?;
-            c0 = c1;
-        }
-        Ok(())
+        self.zero_whole_blocks(vol, w0, w1, fua)
     }
 
     /// Turns whole blocks `[c0, c1)` of `vol`'s head into holes, in one batch.
