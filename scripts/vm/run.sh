@@ -20,7 +20,7 @@ rm -rf "$out" && mkdir -p "$out"
 script=$(realpath "$1"); shift
 args=$(printf '%q ' "$@")
 log=$(mktemp /tmp/snapblk-vm.XXXXXX.log)
-cmd="RUST_LOG=${RUST_LOG:-warn} SNAPBLK_BIN=$SNAPBLK_VM_BIN SNAPBLK_VM_OUT=$out bash $script $args >$out/guest.log 2>&1; st=\$?; sync; echo SNAPBLK-VM-STATUS=\$st"
+cmd="RUST_LOG=${RUST_LOG:-warn} SNAPBLK_BIN=$SNAPBLK_VM_BIN SNAPBLK_VM_OUT=$out bash $script $args >$out/guest.log 2>&1; st=\$?; sync -f $out/guest.log; echo SNAPBLK-VM-STATUS=\$st"
 timeout --kill-after=10 "${VM_TIMEOUT:-600}" \
     vng -r "$kimg" --disable-kvm --force-9p --verbose --cpus 2 --memory 2G --cwd /tmp --rwdir="$out" -e "$cmd" >"$log" 2>&1 || true
 cat "$out/guest.log" 2>/dev/null || true
