@@ -59,6 +59,7 @@ except nbd.Error as e:
 h.shutdown()
 PY
 log "fio nbd engine with verify (4K random, QD16, flushes)"
+cd "$T" # fio leaves its verify state files in the working directory
 fio --name=verify --ioengine=nbd --uri="$(uri vol)" --rw=randwrite --bs=4k --iodepth=16 \
     --size=64M --verify=crc32c --verify_fatal=1 --do_verify=1 --fsync=32 --randrepeat=0 \
     --output="$T/fio.out" || { cat "$T/fio.out"; fail "fio verify"; }
