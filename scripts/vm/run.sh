@@ -17,7 +17,14 @@ export SNAPBLK_VM_BIN=$cache/bin/snapblk
 # A directory the guest can write back to, for logs of failed runs.
 out=$cache/out
 rm -rf "$out" && mkdir -p "$out"
+# Likewise the guest scripts: the clone may live where the guest cannot see it.
+repo=$(cd "$here/../.." && pwd)
+rm -rf "$cache/src" && mkdir -p "$cache/src/tests"
+cp -r "$repo/tests/vm" "$cache/src/tests/" && cp -r "$repo/udev" "$cache/src/"
 script=$(realpath "$1"); shift
+case "$script" in
+    "$repo"/tests/vm/*) script=$cache/src/tests/vm/${script##*/} ;;
+esac
 args=$(printf '%q ' "$@")
 log=$(mktemp /tmp/snapblk-vm.XXXXXX.log)
 cmd="RUST_LOG=${RUST_LOG:-warn} SNAPBLK_BIN=$SNAPBLK_VM_BIN SNAPBLK_VM_OUT=$out bash $script $args >$out/guest.log 2>&1; st=\$?; sync -f $out/guest.log; echo SNAPBLK-VM-STATUS=\$st"
