@@ -120,13 +120,11 @@ pub fn orphans(owner: &str) -> Vec<Orphan> {
         let Ok(ctrl) = UblkCtrl::new_simple(id as i32) else {
             return;
         };
-        let info = ctrl.dev_info();
         let Some(t) = ctrl.get_target_data_from_json() else {
             return;
         };
-        if u32::from(info.state) == sys::UBLK_S_DEV_QUIESCED
-            && t["owner"].as_str() == Some(owner.as_str())
-        {
+        drop(ctrl);
+        if t["owner"].as_str() == Some(owner.as_str()) && wait_quiesced(id as i32) {
             if let Some(export) = t["export"].as_str() {
                 f.borrow_mut().push(Orphan {
                     id: id as i32,
@@ -139,6 +137,29 @@ pub fn orphans(owner: &str) -> Vec<Orphan> {
     });
     let v = found.borrow().clone();
     v
+}
+
+/// Whether device `id` is (or, its daemon having just died, soon becomes) quiesced: the
+/// kernel notices a dead server asynchronously, so a device can still read LIVE for a few
+/// seconds after the kill; wait up to 15 s while its server process is gone.
+fn wait_quiesced(id: i32) -> bool {
+    for _ in 0..150 {
+        let Ok(ctrl) = UblkCtrl::new_simple(id) else {
+            return false;
+        };
+        let info = ctrl.dev_info();
+        let state = u32::from(info.state);
+        if state == sys::UBLK_S_DEV_QUIESCED {
+            return true;
+        }
+        // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
+        let alive = info.ublksrv_pid > 0 && unsafe { libc::kill(info.ublksrv_pid, 0) } == 0;
+        if state != sys::UBLK_S_DEV_LIVE || alive {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 /// Takes over quiesced device `id` (see `orphans`), serving it from `export`: I/O that
