@@ -28,6 +28,7 @@ on_exit() {
     # Whatever a failed test left mounted or attached under $T.
     for m in $(findmnt -rn -o TARGET | grep "^$T" | sort -r); do umount -l "$m"; done
     for l in $(losetup -nO NAME,BACK-FILE | awk -v t="$T" 'index($2, t) == 1 {print $1}'); do losetup -d "$l"; done
+    pkill -f "nbdfuse .*$T/" 2>/dev/null
     stop_daemon >/dev/null 2>&1
     if [ $rc -ne 0 ] && [ -f "$T/daemon.log" ]; then
         echo "--- daemon log (last 30 lines) ---" >&2; tail -30 "$T/daemon.log" >&2
