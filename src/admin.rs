@@ -6,9 +6,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use snapblk_core::names::parse_snap_ref;
+use snapblk_backup::Progress;
 use snapblk_core::Pool;
 
 use crate::devices::{self, Devices};
+use crate::repos::RepoSpec;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -69,19 +71,39 @@ pub enum Command {
         what: String,
     },
     List,
+    Backup {
+        snapshot: String,
+        repo: RepoSpec,
+        full: bool,
+    },
+    Restore {
+        repo: RepoSpec,
+        backup: String,
+        name: String,
+    },
 }
 
 fn to_value<T: Serialize>(v: T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-/// Executes `cmd`; `devices` is the daemon's ublk registry (None in direct mode).
+/// Executes `cmd`; `devices` is the daemon's ublk registry (None in direct mode);
+/// long commands report to `progress`.
 pub fn execute(
     pool: &Arc<Pool>,
     devices: Option<&Devices>,
     cmd: &Command,
+    progress: &dyn Progress,
 ) -> anyhow::Result<Value> {
     Ok(match cmd {
+        Command::Backup {
+            snapshot,
+            repo,
+            full,
+        } => crate::backups::backup(pool, &repo.open()?, snapshot, *full, progress)?,
+        Command::Restore { repo, backup, name } => {
+            crate::backups::restore(pool, &repo.open()?, backup, name, progress)?
+        }
         Command::Attach {
             target,
             read_only,

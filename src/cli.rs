@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::repos::RepoArgs;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "snapblk",
@@ -74,6 +76,24 @@ pub enum Cmd {
     /// For udev rules: print the export a ublk device serves (`udev-name ublkb0`).
     #[command(hide = true)]
     UdevName { kernel_name: String },
+    /// Create backup repositories (s3://BUCKET/PREFIX or file:///PATH).
+    #[command(subcommand)]
+    Repo(RepoCmd),
+    /// Back up a snapshot (`backup VOL@SNAP --to TARGET`), or list, verify, prune and
+    /// garbage-collect a repository's backups.
+    Backup(BackupArgs),
+    /// Restore a backed-up snapshot as a new volume.
+    Restore {
+        /// Repository: s3://BUCKET/PREFIX or file:///PATH
+        target: String,
+        /// VOLUME@SNAPSHOT as backed up (the newest such backup), or a backup id.
+        backup: String,
+        /// Name of the new volume.
+        #[arg(long = "as", value_name = "NEWVOL")]
+        name: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// List the byte ranges that differ between two snapshots, or a snapshot and a volume.
     Diff {
         /// VOLUME@SNAPSHOT (or VOLUME)
@@ -169,4 +189,100 @@ pub enum SnapshotCmd {
     Delete {
         snapshot: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCmd {
+    /// Create an encrypted repository at TARGET (creates the S3 bucket if missing).
+    Init {
+        /// s3://BUCKET/PREFIX or file:///PATH
+        target: String,
+        /// Chunk (dedup unit) size: a power of two, 4K .. 4M.
+        #[arg(long, default_value = "64K")]
+        chunk_size: String,
+        /// Target pack object size, 1M .. 256M.
+        #[arg(long, default_value = "8M")]
+        pack_size: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub cmd: Option<BackupCmd>,
+    /// VOLUME@SNAPSHOT to back up.
+    #[arg(required = true)]
+    pub snapshot: Option<String>,
+    /// Repository: s3://BUCKET/PREFIX or file:///PATH.
+    #[arg(long, value_name = "TARGET", required = true)]
+    pub to: Option<String>,
+    /// Read the whole snapshot even if an earlier one of its lineage is backed up.
+    #[arg(long)]
+    pub full: bool,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCmd {
+    /// Backups in a repository, with sizes and the dedup ratio.
+    List {
+        target: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Check that every referenced chunk is stored; with --read-data, download, decrypt
+    /// and hash every chunk. Exits 1 naming each bad chunk and the backups it affects.
+    Verify {
+        target: String,
+        #[arg(long)]
+        read_data: bool,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Remove backups by retention policy, then garbage-collect (unless --no-gc).
+    Prune {
+        target: String,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        /// Show what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        no_gc: bool,
+        #[command(flatten)]
+        gc: GcArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Delete chunks no backup references (safe while backups run, see --grace).
+    Gc {
+        target: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        gc: GcArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GcArgs {
+    /// How long unreferenced packs stay marked before deletion (e.g. 1d, 6h, 0 when no
+    /// backup can be running).
+    #[arg(long, default_value = "1d")]
+    pub grace: String,
+    /// Repack packs with more than this percentage of unreferenced bytes.
+    #[arg(long, default_value_t = 10.0)]
+    pub max_unused: f64,
 }

@@ -14,6 +14,7 @@ use snapblk_core::Pool;
 
 use crate::admin::{execute, Command};
 use crate::devices::Devices;
+use crate::progress::{show_relayed, Bar};
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 << 10;
@@ -73,7 +74,7 @@ fn handle(pool: &Arc<Pool>, devices: &Devices, conn: UnixStream) {
         }
         let reply = match serde_json::from_str::<Command>(line.trim()) {
             Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
-            Ok(cmd) => match execute(pool, Some(devices), &cmd) {
+            Ok(cmd) => match execute(pool, Some(devices), &cmd, &*relay(&w)) {
                 Ok(v) => json!({ "ok": true, "result": v }),
                 Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
             },
@@ -84,22 +85,39 @@ fn handle(pool: &Arc<Pool>, devices: &Devices, conn: UnixStream) {
     }
 }
 
+/// Progress lines go to the client through their own handle on the connection.
+fn relay(w: &UnixStream) -> Box<dyn snapblk_backup::Progress> {
+    match w.try_clone() {
+        Ok(c) => Box::new(crate::progress::Relay::new(c)),
+        Err(_) => Box::new(snapblk_backup::NoProgress),
+    }
+}
+
 /// Connects to a daemon; `None` when nothing listens at `path`.
 pub fn connect(path: &Path) -> Option<UnixStream> {
     UnixStream::connect(path).ok()
 }
 
-/// Sends one command and returns its result, or the daemon's error.
-pub fn call(conn: &UnixStream, cmd: &Command) -> Result<Value> {
+/// Sends one command and returns its result, or the daemon's error; progress lines that
+/// come first are shown on `bar`.
+pub fn call(conn: &UnixStream, cmd: &Command, bar: &Bar) -> Result<Value> {
     let mut w = conn;
     writeln!(w, "{}", serde_json::to_string(cmd)?)?;
+    // Long jobs send progress at least every few seconds; a silent daemon is stuck.
     conn.set_read_timeout(Some(Duration::from_secs(3600)))?;
-    let mut line = String::new();
-    BufReader::new(conn)
-        .read_line(&mut line)
-        .context("reading the daemon's reply")?;
-    let v: Value =
-        serde_json::from_str(&line).map_err(|e| anyhow!("bad reply from daemon: {e}"))?;
+    let mut r = BufReader::new(conn);
+    let v = loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).context("reading the daemon's reply")? == 0 {
+            bail!("the daemon closed the connection without replying");
+        }
+        let v: Value =
+            serde_json::from_str(&line).map_err(|e| anyhow!("bad reply from daemon: {e}"))?;
+        if !show_relayed(bar, &v) {
+            break v;
+        }
+    };
+    bar.finish();
     if v["ok"].as_bool() == Some(true) {
         Ok(v["result"].clone())
     } else {

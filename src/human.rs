@@ -71,3 +71,19 @@ mod tests {
         assert_eq!(format_size(10 << 30), "10 GiB");
     }
 }
+
+/// Parses a duration: `90`, `90s`, `30m`, `12h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        Some((i, 'd')) => (&t[..i], 86_400),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is not a duration (like 90s, 30m, 12h, 7d)"))
+}

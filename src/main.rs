@@ -2,6 +2,7 @@
 //! the NBD server and the control socket around snapblk-core.
 
 mod admin;
+mod backups;
 mod cli;
 mod control;
 mod daemon;
@@ -9,7 +10,10 @@ mod devices;
 mod freeze;
 mod human;
 mod open;
+mod progress;
 mod render;
+mod repo_cmds;
+mod repos;
 
 use std::process::ExitCode;
 
@@ -17,7 +21,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use admin::Command;
-use cli::{Cli, Cmd, PoolCmd, SnapshotCmd, VolumeCmd};
+use cli::{BackupArgs, Cli, Cmd, PoolCmd, SnapshotCmd, VolumeCmd};
 use human::parse_size;
 
 fn command(cmd: &Cmd) -> Result<Command> {
@@ -79,7 +83,32 @@ fn command(cmd: &Cmd) -> Result<Command> {
         },
         Cmd::Detach { what } => Command::Detach { what: what.clone() },
         Cmd::List => Command::List,
-        Cmd::Pool(PoolCmd::Create { .. }) | Cmd::Daemon(_) | Cmd::UdevName { .. } => {
+        Cmd::Backup(BackupArgs {
+            cmd: None,
+            snapshot: Some(snapshot),
+            to: Some(to),
+            full,
+            repo,
+        }) => Command::Backup {
+            snapshot: snapshot.clone(),
+            repo: repo.spec(to)?,
+            full: *full,
+        },
+        Cmd::Restore {
+            target,
+            backup,
+            name,
+            repo,
+        } => Command::Restore {
+            repo: repo.spec(target)?,
+            backup: backup.clone(),
+            name: name.clone(),
+        },
+        Cmd::Pool(PoolCmd::Create { .. })
+        | Cmd::Daemon(_)
+        | Cmd::UdevName { .. }
+        | Cmd::Repo(_)
+        | Cmd::Backup(_) => {
             bail!("not a management command")
         }
     })
@@ -89,7 +118,7 @@ fn command(cmd: &Cmd) -> Result<Command> {
 fn run_command(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
     let socket = cli.socket.clone().unwrap_or_else(control::default_socket);
     if let Some(conn) = control::connect(&socket) {
-        return control::call(&conn, cmd);
+        return control::call(&conn, cmd, &progress::Bar::new(cli.json));
     }
     let (Some(meta), Some(data)) = (&cli.meta, &cli.data) else {
         bail!(
@@ -98,7 +127,9 @@ fn run_command(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
         );
     };
     let opened = open::open_pool(meta, data, "snapblk CLI")?;
-    let r = admin::execute(&opened.pool, None, cmd);
+    let bar = progress::Local::new(cli.json);
+    let r = admin::execute(&opened.pool, None, cmd, &bar);
+    bar.bar.finish();
     if admin::mutates(cmd) {
         opened.pool.reclaim_all()?;
     }
@@ -123,6 +154,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             });
             daemon::run(cfg)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Repo(c) => print_outcome(&cli, repo_cmds::repo(c)?),
+        Cmd::Backup(BackupArgs { cmd: Some(c), .. }) => {
+            let bar = progress::Local::new(cli.json);
+            let out = repo_cmds::backup(c, &bar);
+            bar.bar.finish();
+            print_outcome(&cli, out?)
         }
         Cmd::UdevName { kernel_name } => {
             println!("{}", snapblk_ublk::export_of_device(kernel_name)?);
@@ -173,6 +211,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
     }
+}
+
+fn print_outcome(cli: &Cli, out: repo_cmds::Outcome) -> Result<ExitCode> {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&out.json)?);
+    } else {
+        println!("{}", out.text);
+    }
+    Ok(if out.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn main() -> ExitCode {

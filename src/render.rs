@@ -171,8 +171,44 @@ pub fn render(cmd: &Command, v: &Value) -> String {
             ));
             s
         }
+        Command::Backup { .. } => {
+            let st = &v["stats"];
+            let u = |k: &str| st[k].as_u64().unwrap_or(0);
+            if v["already_stored"].as_bool() == Some(true) {
+                return format!("{} is already backed up (backup {})", v_name(v), cell("", &v["manifest"]));
+            }
+            format!(
+                "backed up {} as {} ({}): read {}, {} new chunks ({}), uploaded {} in {} packs, {} chunks reused, {:.1} s",
+                v_name(v),
+                cell("", &v["manifest"]),
+                match v["base"].as_str() {
+                    Some(b) => format!("incremental on {}", b.get(..12).unwrap_or(b)),
+                    None => "full".into(),
+                },
+                format_size(u("bytes_read")),
+                u("chunks_new"),
+                format_size(u("bytes_new")),
+                format_size(u("bytes_uploaded")),
+                u("packs"),
+                u("chunks_reused"),
+                st["seconds"].as_f64().unwrap_or(0.0)
+            )
+        }
+        Command::Restore { name, .. } => format!(
+            "restored {} (backup {}) as volume {name}: wrote {}, downloaded {} ({} chunks) in {:.1} s",
+            v_name(v),
+            cell("", &v["manifest"]),
+            format_size(v["bytes_written"].as_u64().unwrap_or(0)),
+            format_size(v["bytes_downloaded"].as_u64().unwrap_or(0)),
+            v["chunks"],
+            v["seconds"].as_f64().unwrap_or(0.0)
+        ),
         _ => keyvals(v),
     }
+}
+
+fn v_name(v: &Value) -> String {
+    format!("{}@{}", cell("", &v["volume"]), cell("", &v["snapshot"]))
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ pub struct VolumeInfo {
 pub struct SnapshotInfo {
     pub volume: String,
     pub name: String,
+    /// Identifies the snapshot within its pool for as long as it exists (its layer id);
+    /// never reused. Backups record it to find their incremental base.
+    pub id: u64,
     pub size: u64,
     pub created: u64,
     /// Bytes of data stored in this snapshot's own layer (written between the previous
@@ -354,6 +357,7 @@ impl Pool {
         Ok(SnapshotInfo {
             volume: v.name.clone(),
             name: s.name.clone(),
+            id: s.layer,
             size: s.size,
             created: s.created,
             written: layer.data_blocks * BLOCK_SIZE_U64,
@@ -390,6 +394,13 @@ impl Pool {
         let tree = self.tree_read();
         let vid = tree.volume_id(vol)?;
         self.snapshot_info_locked(&tree, &snapshot_names(&tree), vid, snap, true)
+    }
+
+    /// The `vol@snap` name of the snapshot whose `SnapshotInfo::id` is `id`, if it exists.
+    pub fn snapshot_by_id(&self, id: u64) -> Option<String> {
+        let tree = self.tree_read();
+        let ((vol, name), _) = tree.snapshots.iter().find(|(_, r)| r.layer == id)?;
+        Some(format!("{}@{}", tree.volume(*vol).ok()?.name, name))
     }
 
     /// Snapshots of one volume, or of all volumes, oldest first within a volume.

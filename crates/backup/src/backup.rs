@@ -1,0 +1,366 @@
+//! Backing up one frozen snapshot.
+//!
+//! Pipeline (bounded channels throughout, so memory stays at a few packs):
+//! reader threads take cells in order, read them from the snapshot, drop all-zero cells,
+//! hash the rest and, for chunks not yet in the repository, compress and seal them ->
+//! one packer thread fills packs -> uploader threads store each pack, then its index.
+//! The manifest (table, then header) is written only after every upload succeeded.
+//!
+//! Incremental: with a base manifest and the ranges `diff` reports between the base's
+//! snapshot and this one, only cells touching those ranges are read; every other cell is
+//! taken from the base's table. Resume: chunks already in the repository (from an
+//! interrupted earlier run whose packs and indexes were stored) are never uploaded again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::bounded;
+use snapblk_core::Export;
+
+use crate::crypto::ChunkId;
+use crate::error::{BackupError, Result};
+use crate::index::ChunkIndex;
+use crate::manifest::{self, BackupStats, Header, Table};
+use crate::pack::{Pack, PackBuilder};
+use crate::par::lock;
+use crate::progress::Progress;
+use crate::repo::{self, Repository};
+
+/// What to back up.
+pub struct Job {
+    /// The frozen snapshot, read through the volume API.
+    pub source: Arc<dyn Export>,
+    pub volume: String,
+    pub snapshot: String,
+    pub snapshot_id: u64,
+    pub pool: String,
+    pub created: u64,
+    /// Byte ranges of the snapshot that hold data (others read as zeros).
+    pub allocated: Vec<(u64, u64)>,
+    /// Incremental base: its manifest header and the byte ranges changed since it.
+    pub base: Option<(Header, Vec<(u64, u64)>)>,
+    pub readers: usize,
+    pub uploaders: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub manifest: String,
+    pub volume: String,
+    pub snapshot: String,
+    pub size: u64,
+    pub base: Option<String>,
+    /// True when this snapshot was already in the repository (nothing was done).
+    pub already_stored: bool,
+    pub stats: BackupStats,
+}
+
+/// Cells (of `cs` bytes) that overlap any of `ranges`, within `cells`.
+fn cells_of(ranges: &[(u64, u64)], cs: u64, cells: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for &(off, len) in ranges {
+        if len == 0 {
+            continue;
+        }
+        let first = off / cs;
+        let last = (off.saturating_add(len) - 1) / cs;
+        out.extend((first..=last.min(cells.saturating_sub(1))).filter(|c| *c < cells));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summary> {
+    let t0 = Instant::now();
+    let (headers, _) = manifest::list(repo)?;
+    if let Some(h) = headers
+        .iter()
+        .find(|h| h.pool == job.pool && h.snapshot_id == job.snapshot_id)
+    {
+        return Ok(Summary {
+            manifest: h.id.clone(),
+            volume: h.volume.clone(),
+            snapshot: h.snapshot.clone(),
+            size: h.size,
+            base: h.base.clone(),
+            already_stored: true,
+            stats: h.stats.clone(),
+        });
+    }
+    let size = job.source.size()?;
+    let cs = repo.chunk_size();
+    let table0 = Table {
+        size,
+        chunk_size: repo.config().chunk_size,
+        cells: Vec::new(),
+    };
+    let ncells = table0.cell_count();
+    let mut result: HashMap<u64, ChunkId> = HashMap::new();
+    let to_read = match &job.base {
+        Some((bh, changed)) => {
+            let bt = manifest::read_table(repo, bh)?;
+            if bt.chunk_size != table0.chunk_size {
+                return Err(BackupError::invalid("base", "chunk size differs"));
+            }
+            let read = cells_of(changed, cs, ncells);
+            let reread: HashSet<u64> = read.iter().copied().collect();
+            // A base cell whose length differs (the old last cell) must be read again.
+            let keep_below = bt.size.min(size) / cs;
+            for (c, id) in bt.cells {
+                if c < keep_below && !reread.contains(&c) {
+                    result.insert(c, id);
+                }
+            }
+            let mut read = read;
+            read.extend((keep_below..ncells).filter(|c| !reread.contains(c)));
+            read.sort_unstable();
+            read.dedup();
+            // Cells past the base's end that hold no data need not be read.
+            let alloc: HashSet<u64> = cells_of(&job.allocated, cs, ncells).into_iter().collect();
+            read.retain(|c| *c < keep_below || alloc.contains(c));
+            read
+        }
+        None => cells_of(&job.allocated, cs, ncells),
+    };
+    let mut stats = BackupStats::default();
+    let mut forced: HashSet<ChunkId> = HashSet::new();
+    let mut pending = to_read;
+    // Normally one pass; another when garbage collection condemned a pack holding a chunk
+    // we reused while we ran (those cells are read and stored again).
+    for _pass in 0..3 {
+        let index = ChunkIndex::load(repo, true)?;
+        let mut known: HashSet<ChunkId> = index.map.keys().copied().collect();
+        for id in &forced {
+            known.remove(id);
+        }
+        let got = pipeline(repo, &job, &table0, &pending, known, progress, &mut stats)?;
+        for (c, id) in got {
+            match id {
+                Some(id) => result.insert(c, id),
+                None => result.remove(&c),
+            };
+        }
+        // Everything referenced must be in a live pack now.
+        let after = ChunkIndex::load(repo, true)?;
+        let missing: HashSet<ChunkId> = result
+            .values()
+            .filter(|id| !after.map.contains_key(id))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            pending.clear();
+            break;
+        }
+        pending = result
+            .iter()
+            .filter(|(_, id)| missing.contains(id))
+            .map(|(c, _)| *c)
+            .collect();
+        pending.sort_unstable();
+        forced = missing;
+    }
+    if !pending.is_empty() {
+        return Err(BackupError::invalid(
+            "backup",
+            "chunks kept disappearing from the repository while backing up (garbage collection running with no grace period?)",
+        ));
+    }
+    let mut cells: Vec<(u64, ChunkId)> = result.into_iter().collect();
+    cells.sort_unstable_by_key(|(c, _)| *c);
+    let table = Table { cells, ..table0 };
+    stats.seconds = t0.elapsed().as_secs_f64();
+    let stored: u64 = table.cells.iter().map(|(c, _)| table.cell_len(*c)).sum();
+    let header = Header {
+        id: uuid::Uuid::new_v4().simple().to_string(),
+        volume: job.volume.clone(),
+        snapshot: job.snapshot.clone(),
+        snapshot_id: job.snapshot_id,
+        pool: job.pool.clone(),
+        created: job.created,
+        backed_up: repo::now(),
+        size,
+        chunk_size: table.chunk_size,
+        cells: table.cells.len() as u64,
+        stored_bytes: stored,
+        digest: manifest::digest(&table),
+        base: job.base.as_ref().map(|(h, _)| h.id.clone()),
+        stats: stats.clone(),
+    };
+    manifest::write(repo, &header, &table)?;
+    Ok(Summary {
+        manifest: header.id,
+        volume: job.volume,
+        snapshot: job.snapshot,
+        size,
+        base: header.base,
+        already_stored: false,
+        stats,
+    })
+}
+
+/// Shared failure slot: the first error wins and everyone stops.
+struct Abort {
+    flag: AtomicBool,
+    err: Mutex<Option<BackupError>>,
+}
+
+impl Abort {
+    fn set(&self, e: BackupError) {
+        self.flag.store(true, Ordering::SeqCst);
+        lock(&self.err).get_or_insert(e);
+    }
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads `cells`, stores new chunks, returns each cell's chunk (None: all zeros).
+fn pipeline(
+    repo: &Repository,
+    job: &Job,
+    table: &Table,
+    cells: &[u64],
+    known: HashSet<ChunkId>,
+    progress: &dyn Progress,
+    stats: &mut BackupStats,
+) -> Result<Vec<(u64, Option<ChunkId>)>> {
+    let total: u64 = cells.iter().map(|c| table.cell_len(*c)).sum();
+    progress.start("backup", total);
+    let cs = repo.chunk_size();
+    let level = repo.config().zstd_level;
+    let pack_size = repo.config().pack_size as usize;
+    let keys = repo.keys();
+    let next = AtomicU64::new(0);
+    let known = Mutex::new(known);
+    let out: Mutex<Vec<(u64, Option<ChunkId>)>> = Mutex::new(Vec::with_capacity(cells.len()));
+    let abort = Abort {
+        flag: AtomicBool::new(false),
+        err: Mutex::new(None),
+    };
+    let (bytes_read, bytes_new, chunks_new, reused, uploaded, packs) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    let (chunk_tx, chunk_rx) = bounded::<(ChunkId, Vec<u8>)>(64);
+    let (pack_tx, pack_rx) = bounded::<Pack>(2);
+    std::thread::scope(|s| {
+        for _ in 0..job.readers.max(1) {
+            let chunk_tx = chunk_tx.clone();
+            let (next, known, out, abort) = (&next, &known, &out, &abort);
+            let (bytes_read, bytes_new, chunks_new, reused) =
+                (&bytes_read, &bytes_new, &chunks_new, &reused);
+            s.spawn(move || {
+                let mut buf = vec![0u8; cs as usize];
+                loop {
+                    if abort.is_set() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(&cell) = cells.get(i) else { return };
+                    let len = table.cell_len(cell) as usize;
+                    let data = &mut buf[..len];
+                    if let Err(e) = job.source.read(cell * cs, data) {
+                        abort.set(e.into());
+                        return;
+                    }
+                    bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                    progress.advance(len as u64);
+                    if data.iter().all(|b| *b == 0) {
+                        lock(out).push((cell, None));
+                        continue;
+                    }
+                    let id = keys.chunk_id(data);
+                    lock(out).push((cell, Some(id)));
+                    if !lock(known).insert(id) {
+                        reused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let (_, sealed) = crate::chunk::encode(keys, level, data);
+                    bytes_new.fetch_add(len as u64, Ordering::Relaxed);
+                    chunks_new.fetch_add(1, Ordering::Relaxed);
+                    if chunk_tx.send((id, sealed)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(chunk_tx);
+        {
+            let abort = &abort;
+            s.spawn(move || {
+                let mut b = PackBuilder::default();
+                for (id, sealed) in chunk_rx {
+                    b.add(id, &sealed);
+                    if b.len() >= pack_size {
+                        let p = std::mem::take(&mut b).finish(keys);
+                        if pack_tx.send(p).is_err() {
+                            return;
+                        }
+                    }
+                    if abort.is_set() {
+                        return;
+                    }
+                }
+                if !b.is_empty() && !abort.is_set() {
+                    let _ = pack_tx.send(b.finish(keys));
+                }
+            });
+        }
+        for _ in 0..job.uploaders.max(1) {
+            let pack_rx = pack_rx.clone();
+            let (abort, uploaded, packs) = (&abort, &uploaded, &packs);
+            s.spawn(move || {
+                for p in pack_rx {
+                    if abort.is_set() {
+                        return;
+                    }
+                    let store = repo.store();
+                    let r = store
+                        .put(&repo::pack_key(&p.id), &p.bytes)
+                        .and_then(|_| store.put(&repo::index_key(&p.id), &p.index));
+                    match r {
+                        Ok(()) => {
+                            uploaded.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+                            packs.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            abort.set(e.into());
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        drop(pack_rx);
+    });
+    stats.bytes_read += bytes_read.into_inner();
+    stats.bytes_new += bytes_new.into_inner();
+    stats.chunks_new += chunks_new.into_inner();
+    stats.chunks_reused += reused.into_inner();
+    stats.bytes_uploaded += uploaded.into_inner();
+    stats.packs += packs.into_inner();
+    if let Some(e) = abort.err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cells_of;
+
+    #[test]
+    fn cells_touching_ranges() {
+        assert_eq!(cells_of(&[(0, 1)], 4096, 10), vec![0]);
+        assert_eq!(cells_of(&[(4095, 2)], 4096, 10), vec![0, 1]);
+        assert_eq!(cells_of(&[(8192, 4096), (0, 0)], 4096, 10), vec![2]);
+        assert_eq!(cells_of(&[(36864, 1 << 20)], 4096, 10), vec![9]);
+    }
+}

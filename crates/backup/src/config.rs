@@ -1,0 +1,88 @@
+//! The repository's `config` object: plain JSON (it must be readable before any key is
+//! known), holding the format version, chunking and packing parameters and the wrapped
+//! master key slots. Everything else in a repository is sealed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::KeySlot;
+use crate::error::{BackupError, Result};
+
+pub const FORMAT: &str = "snapblk-backup";
+pub const VERSION: u32 = 1;
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
+pub const DEFAULT_PACK_SIZE: u32 = 8 << 20;
+pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
+pub const MAX_CHUNK_SIZE: u32 = 4 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepoConfig {
+    pub format: String,
+    pub version: u32,
+    /// Random id of this repository.
+    pub id: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// Image cell (and chunk) size in bytes: a power of two, 4 KiB .. 4 MiB.
+    pub chunk_size: u32,
+    /// Target size of a pack object in bytes.
+    pub pack_size: u32,
+    /// "zstd".
+    pub compression: String,
+    pub zstd_level: i32,
+    /// "xchacha20poly1305".
+    pub cipher: String,
+    /// "blake3-keyed".
+    pub chunk_hash: String,
+    /// Wrapped copies of the master key (at least one).
+    pub keys: Vec<KeySlot>,
+}
+
+impl RepoConfig {
+    /// Parses and checks a config object's bytes.
+    pub fn parse(bytes: &[u8]) -> Result<RepoConfig> {
+        let c: RepoConfig = serde_json::from_slice(bytes)
+            .map_err(|e| BackupError::corrupt("config", format!("not a repository config: {e}")))?;
+        if c.format != FORMAT {
+            return Err(BackupError::corrupt(
+                "config",
+                format!("format is {:?}, not {FORMAT:?}", c.format),
+            ));
+        }
+        if c.version != VERSION {
+            return Err(BackupError::Unsupported(format!(
+                "repository format version {} (this snapblk reads version {VERSION})",
+                c.version
+            )));
+        }
+        check_chunk_size(c.chunk_size)?;
+        if !(1 << 20..=256 << 20).contains(&c.pack_size) {
+            return Err(BackupError::corrupt(
+                "config",
+                format!("pack size {} is outside 1 MiB .. 256 MiB", c.pack_size),
+            ));
+        }
+        if c.compression != "zstd" || c.cipher != "xchacha20poly1305" || c.chunk_hash != "blake3-keyed" {
+            return Err(BackupError::Unsupported(format!(
+                "compression {:?}, cipher {:?}, chunk hash {:?}",
+                c.compression, c.cipher, c.chunk_hash
+            )));
+        }
+        if !(-7..=22).contains(&c.zstd_level) {
+            return Err(BackupError::corrupt("config", format!("zstd level {}", c.zstd_level)));
+        }
+        if c.keys.is_empty() {
+            return Err(BackupError::corrupt("config", "no key slots"));
+        }
+        Ok(c)
+    }
+}
+
+pub fn check_chunk_size(size: u32) -> Result<()> {
+    if !size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size) {
+        return Err(BackupError::invalid(
+            "chunk size",
+            format!("{size} is not a power of two between 4 KiB and 4 MiB"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! Errors of the backup engine. Each names the object, chunk or input that was wrong.
+
+use crate::store::StoreError;
+
+pub type Result<T, E = BackupError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no snapblk backup repository at {0} (run `snapblk repo init` first)")]
+    NoRepository(String),
+    #[error("a repository already exists at {0}")]
+    RepositoryExists(String),
+    #[error("wrong key or passphrase for the repository at {0}")]
+    WrongKey(String),
+    #[error("repository object {object} is corrupt: {detail}")]
+    Corrupt { object: String, detail: String },
+    #[error("chunk {chunk} (pack {pack}) is bad: {detail}")]
+    BadChunk {
+        chunk: String,
+        pack: String,
+        detail: String,
+    },
+    #[error("chunk {0} is referenced but not stored in any pack")]
+    MissingChunk(String),
+    #[error("no backup of {0} in the repository")]
+    NoSuchBackup(String),
+    #[error("{what}: {detail}")]
+    Invalid { what: String, detail: String },
+    #[error("unsupported repository: {0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Volume(#[from] snapblk_core::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BackupError {
+    pub fn corrupt(object: impl Into<String>, detail: impl Into<String>) -> Self {
+        BackupError::Corrupt {
+            object: object.into(),
+            detail: detail.into(),
+        }
+    }
+    pub fn invalid(what: impl Into<String>, detail: impl Into<String>) -> Self {
+        BackupError::Invalid {
+            what: what.into(),
+            detail: detail.into(),
+        }
+    }
+}

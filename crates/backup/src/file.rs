@@ -1,0 +1,185 @@
+//! `file:///path` repositories: one file per object under a directory (for a second local
+//! disk). Objects are written to a temporary file, fsynced and renamed into place (then the
+//! directory is fsynced), so a crash leaves either no object or the whole object.
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use crate::store::{ObjectMeta, ObjectStore, StoreError};
+
+pub struct FileStore {
+    root: PathBuf,
+}
+
+impl FileStore {
+    /// A store rooted at `root` (created on the first write if missing).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FileStore { root: root.into() }
+    }
+
+    fn fail(&self, op: &'static str, key: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Failed {
+            store: self.describe(),
+            op,
+            key: key.to_string(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn path(&self, op: &'static str, key: &str) -> Result<PathBuf, StoreError> {
+        let ok = !key.is_empty()
+            && !key.starts_with('/')
+            && key
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".tmp"));
+        if !ok {
+            return Err(self.fail(op, key, "invalid object key"));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn write_tmp(&self, key: &str, path: &Path, data: &[u8]) -> Result<PathBuf, StoreError> {
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).map_err(|e| self.fail("put", key, e))?;
+        let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+        let res = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        })();
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.fail("put", key, e));
+        }
+        Ok(tmp)
+    }
+
+    fn sync_dir(&self, key: &str, path: &Path) -> Result<(), StoreError> {
+        let dir = path.parent().unwrap_or(&self.root);
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.fail("put", key, e))
+    }
+}
+
+impl ObjectStore for FileStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.path("get", key)?;
+        match fs::read(&path) {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound {
+                store: self.describe(),
+                key: key.to_string(),
+            }),
+            Err(e) => Err(self.fail("get", key, e)),
+        }
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let path = self.path("get", key)?;
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound {
+                    store: self.describe(),
+                    key: key.to_string(),
+                })
+            }
+            Err(e) => return Err(self.fail("get", key, e)),
+        };
+        let mut out = Vec::new();
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.take(len).read_to_end(&mut out))
+            .map_err(|e| self.fail("get", key, e))?;
+        Ok(out)
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        let path = self.path("put", key)?;
+        let tmp = self.write_tmp(key, &path, data)?;
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.fail("put", key, e));
+        }
+        self.sync_dir(key, &path)
+    }
+
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool, StoreError> {
+        let path = self.path("put", key)?;
+        let tmp = self.write_tmp(key, &path, data)?;
+        // link(2) fails with EEXIST instead of replacing: the atomic "if none match".
+        let res = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match res {
+            Ok(()) => self.sync_dir(key, &path).map(|_| true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(self.fail("put", key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        // Walk the deepest directory the prefix names, then filter by the full prefix.
+        let dir_part = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.path("list", dir_part)?
+        };
+        let mut out = Vec::new();
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.fail("list", prefix, e)),
+            };
+            for ent in entries {
+                let ent = ent.map_err(|e| self.fail("list", prefix, e))?;
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".tmp") {
+                    continue;
+                }
+                let meta = ent.metadata().map_err(|e| self.fail("list", prefix, e))?;
+                if meta.is_dir() {
+                    stack.push(ent.path());
+                    continue;
+                }
+                let Ok(rel) = ent.path().strip_prefix(&self.root).map(Path::to_path_buf) else {
+                    continue;
+                };
+                let key = rel.to_string_lossy().into_owned();
+                if key.starts_with(prefix) {
+                    let modified = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs());
+                    out.push(ObjectMeta {
+                        key,
+                        size: meta.len(),
+                        modified,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path("delete", key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.fail("delete", key, e)),
+        }
+    }
+}

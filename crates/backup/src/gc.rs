@@ -1,0 +1,186 @@
+//! Garbage collection of chunks no manifest references, safe while backups run.
+//!
+//! Two phases with a grace period (default one day, longer than any backup):
+//! 1. A pack none of whose chunks is referenced, and which is itself older than the grace
+//!    period (so it is not a running backup's fresh pack), is *condemned*: marked with
+//!    `trash/<pack>`. Backups ignore chunks in condemned packs (they store them again), and
+//!    a backup that reused such a chunk notices the mark before committing its manifest.
+//! 2. A condemned pack whose mark is older than the grace period, and which still holds no
+//!    referenced chunk, is deleted with its index. A condemned pack referenced again (by a
+//!    backup that committed before seeing the mark) is un-marked.
+//! Packs whose unreferenced share exceeds `max_unused` are repacked: their live chunks'
+//! sealed blobs are copied as they are into new packs, and the old pack is condemned.
+//! With a grace period of zero, both phases happen in one run (only safe when no backup
+//! runs at the same time).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::crypto::ChunkId;
+use crate::error::{BackupError, Result};
+use crate::index::ChunkIndex;
+use crate::manifest;
+use crate::pack::PackBuilder;
+use crate::progress::Progress;
+use crate::repo::{self, now, Repository};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub grace_secs: u64,
+    /// Repack a pack when more than this share of its bytes is unreferenced (0.0 .. 1.0).
+    pub max_unused: f64,
+    pub dry_run: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            grace_secs: 86_400,
+            max_unused: 0.1,
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub packs: u64,
+    pub packs_condemned: u64,
+    pub packs_deleted: u64,
+    pub packs_rescued: u64,
+    pub packs_repacked: u64,
+    pub chunks_deleted: u64,
+    pub bytes_deleted: u64,
+    pub bytes_repacked: u64,
+    pub orphans_deleted: u64,
+    pub chunks_referenced: u64,
+}
+
+pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result<Report> {
+    let store = repo.store();
+    let (headers, bad) = manifest::list(repo)?;
+    if let Some((id, e)) = bad.first() {
+        return Err(BackupError::invalid(
+            "gc",
+            format!("manifest {id} cannot be read ({e}); refusing to collect while its references are unknown"),
+        ));
+    }
+    let mut live: HashSet<ChunkId> = HashSet::new();
+    for h in &headers {
+        live.extend(manifest::read_table(repo, h)?.cells.into_iter().map(|(_, id)| id));
+    }
+    let index = ChunkIndex::load(repo, false)?;
+    let t = now();
+    let marks: HashMap<String, u64> = store
+        .list(repo::TRASH)?
+        .into_iter()
+        .filter_map(|o| Some((o.key.strip_prefix(repo::TRASH)?.to_string(), o.modified)))
+        .collect();
+    let objects: HashMap<String, (u64, u64)> = store
+        .list(repo::PACKS)?
+        .into_iter()
+        .filter_map(|o| Some((o.key.rsplit('/').next()?.to_string(), (o.size, o.modified))))
+        .collect();
+    let old = |since: u64| opts.grace_secs == 0 || t.saturating_sub(since) >= opts.grace_secs;
+    // Where each live chunk will be read from: the index prefers live packs.
+    let mut needed: HashMap<u32, Vec<ChunkId>> = HashMap::new();
+    for id in &live {
+        if let Some(loc) = index.map.get(id) {
+            needed.entry(loc.pack).or_default().push(*id);
+        }
+    }
+    let mut rep = Report {
+        packs: index.packs.len() as u64,
+        chunks_referenced: live.len() as u64,
+        ..Default::default()
+    };
+    progress.start("gc", index.packs.len() as u64);
+    let delete_pack = |id: &str, rep: &mut Report, chunks: usize| -> Result<()> {
+        rep.packs_deleted += 1;
+        rep.chunks_deleted += chunks as u64;
+        rep.bytes_deleted += objects.get(id).map_or(0, |o| o.0);
+        if !opts.dry_run {
+            store.delete(&repo::pack_key(id))?;
+            store.delete(&repo::index_key(id))?;
+            store.delete(&repo::trash_key(id))?;
+        }
+        Ok(())
+    };
+    let condemn = |id: &str, rep: &mut Report| -> Result<()> {
+        rep.packs_condemned += 1;
+        if !opts.dry_run {
+            let mark = serde_json::json!({ "condemned": now() }).to_string();
+            store.put(&repo::trash_key(id), mark.as_bytes())?;
+        }
+        Ok(())
+    };
+    for (p, info) in index.packs.iter().enumerate() {
+        progress.advance(1);
+        let keep = needed.get(&(p as u32));
+        let modified = objects.get(&info.id).map_or(0, |o| o.1);
+        if info.condemned {
+            if keep.is_some() {
+                rep.packs_rescued += 1;
+                if !opts.dry_run {
+                    store.delete(&repo::trash_key(&info.id))?;
+                }
+            } else if old(marks.get(&info.id).copied().unwrap_or(0)) {
+                delete_pack(&info.id, &mut rep, info.entries.len())?;
+            }
+            continue;
+        }
+        let Some(keep) = keep else {
+            if old(modified) {
+                condemn(&info.id, &mut rep)?;
+                if opts.grace_secs == 0 {
+                    delete_pack(&info.id, &mut rep, info.entries.len())?;
+                }
+            }
+            continue;
+        };
+        let total: u64 = info.entries.iter().map(|e| u64::from(e.len)).sum();
+        let keep_set: HashSet<&ChunkId> = keep.iter().collect();
+        let live_bytes: u64 = info
+            .entries
+            .iter()
+            .filter(|e| keep_set.contains(&e.id))
+            .map(|e| u64::from(e.len))
+            .sum();
+        let unused = 1.0 - live_bytes as f64 / total.max(1) as f64;
+        if unused <= opts.max_unused || !old(modified) {
+            continue;
+        }
+        rep.packs_repacked += 1;
+        rep.bytes_repacked += live_bytes;
+        if opts.dry_run {
+            continue;
+        }
+        let bytes = store.get(&repo::pack_key(&info.id))?;
+        let mut b = PackBuilder::default();
+        for e in info.entries.iter().filter(|e| keep_set.contains(&e.id)) {
+            let blob = bytes
+                .get(e.offset as usize..(e.offset + e.len) as usize)
+                .ok_or_else(|| BackupError::corrupt(repo::pack_key(&info.id), "shorter than its index"))?;
+            b.add(e.id, blob);
+        }
+        let np = b.finish(repo.keys());
+        store.put(&repo::pack_key(&np.id), &np.bytes)?;
+        store.put(&repo::index_key(&np.id), &np.index)?;
+        condemn(&info.id, &mut rep)?;
+        if opts.grace_secs == 0 {
+            let dead = info.entries.len() - keep.len();
+            delete_pack(&info.id, &mut rep, dead)?;
+        }
+    }
+    // Packs without an index: a backup died between storing a pack and its index.
+    let indexed: HashSet<&str> = index.packs.iter().map(|p| p.id.as_str()).collect();
+    for (id, (size, modified)) in &objects {
+        if !indexed.contains(id.as_str()) && old(*modified) {
+            rep.orphans_deleted += 1;
+            rep.bytes_deleted += size;
+            if !opts.dry_run {
+                store.delete(&repo::pack_key(id))?;
+            }
+        }
+    }
+    Ok(rep)
+}

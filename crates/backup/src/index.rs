@@ -1,0 +1,93 @@
+//! The repository's chunk map, loaded from every `index/` object: chunk id -> where its
+//! sealed blob lies. Packs marked in `trash/` (condemned by garbage collection) can be
+//! left out, so a backup never references a chunk that is about to be deleted.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::crypto::ChunkId;
+use crate::error::{BackupError, Result};
+use crate::pack::{decode_index, PackEntry, INDEX_AAD};
+use crate::repo::{self, Repository};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    /// Position in `ChunkIndex::packs`.
+    pub pack: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct PackInfo {
+    pub id: String,
+    pub entries: Vec<PackEntry>,
+    pub condemned: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct ChunkIndex {
+    pub packs: Vec<PackInfo>,
+    pub map: HashMap<ChunkId, Loc>,
+}
+
+pub const FETCH_THREADS: usize = 8;
+
+impl ChunkIndex {
+    /// Loads every index object. With `skip_condemned`, chunks that live only in packs
+    /// marked for deletion are left out of `map`.
+    pub fn load(repo: &Repository, skip_condemned: bool) -> Result<ChunkIndex> {
+        let store = repo.store();
+        let condemned: HashSet<String> = store
+            .list(repo::TRASH)?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
+            .collect();
+        let mut ids: Vec<String> = store
+            .list(repo::INDEX)?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(repo::INDEX).map(str::to_string))
+            .collect();
+        ids.sort();
+        let loaded = crate::par::map(&ids, FETCH_THREADS, |id| -> Result<Vec<PackEntry>> {
+            let key = repo::index_key(id);
+            let sealed = store.get(&key)?;
+            let plain = repo
+                .keys()
+                .open(&sealed, INDEX_AAD)
+                .ok_or_else(|| BackupError::corrupt(&key, "fails authentication (altered, or another repository's)"))?;
+            decode_index(&plain, None).map_err(|d| BackupError::corrupt(&key, d))
+        })?;
+        let mut ix = ChunkIndex::default();
+        for (id, entries) in ids.into_iter().zip(loaded) {
+            let dead = condemned.contains(&id);
+            let p = ix.packs.len() as u32;
+            for e in &entries {
+                if dead && skip_condemned {
+                    continue;
+                }
+                let loc = Loc {
+                    pack: p,
+                    offset: e.offset,
+                    len: e.len,
+                };
+                // Prefer a live pack when a chunk is stored twice (after a repack).
+                match ix.map.get(&e.id) {
+                    Some(old) if !ix.packs[old.pack as usize].condemned || dead => {}
+                    _ => {
+                        ix.map.insert(e.id, loc);
+                    }
+                }
+            }
+            ix.packs.push(PackInfo {
+                id,
+                entries,
+                condemned: dead,
+            });
+        }
+        Ok(ix)
+    }
+
+    pub fn pack_id(&self, loc: &Loc) -> &str {
+        &self.packs[loc.pack as usize].id
+    }
+}

@@ -1,0 +1,157 @@
+//! Packs: many sealed chunks in one object, to keep object counts and S3 requests low.
+//!
+//! Pack layout: `chunk blob*`, then the sealed pack index, then the index's length (u32 LE)
+//! and the magic `SBPK`. The same sealed index is also stored as `index/<pack id>`, so a
+//! repository's chunk map loads without reading packs, and can be rebuilt from packs
+//! alone. A pack's id is the BLAKE3 hash of its bytes.
+//!
+//! Index plaintext: `SBIX`, version u8 = 1, count u32 LE, then per chunk: id (32 bytes),
+//! offset u32 LE, length u32 LE (of the sealed blob within the pack).
+
+use crate::crypto::{ChunkId, Keys};
+
+pub const INDEX_AAD: &[u8] = b"snapblk pack index";
+const MAGIC: &[u8; 4] = b"SBPK";
+const IX_MAGIC: &[u8; 4] = b"SBIX";
+const ENTRY: usize = 40;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    pub id: ChunkId,
+    pub offset: u32,
+    pub len: u32,
+}
+
+pub fn encode_index(entries: &[PackEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + entries.len() * ENTRY);
+    out.extend_from_slice(IX_MAGIC);
+    out.push(1);
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(&e.id.0);
+        out.extend_from_slice(&e.offset.to_le_bytes());
+        out.extend_from_slice(&e.len.to_le_bytes());
+    }
+    out
+}
+
+/// Parses an index plaintext; checks every entry lies within a pack of `pack_len` bytes
+/// (when known).
+pub fn decode_index(b: &[u8], pack_len: Option<u64>) -> Result<Vec<PackEntry>, String> {
+    if b.len() < 9 || &b[..4] != IX_MAGIC {
+        return Err("not a pack index".into());
+    }
+    if b[4] != 1 {
+        return Err(format!("pack index version {}", b[4]));
+    }
+    let n = u32::from_le_bytes([b[5], b[6], b[7], b[8]]) as usize;
+    let body = &b[9..];
+    if body.len() != n.checked_mul(ENTRY).ok_or("entry count overflows")? {
+        return Err(format!("{n} entries need {} bytes, found {}", n * ENTRY, body.len()));
+    }
+    let mut out = Vec::with_capacity(n);
+    for e in body.chunks_exact(ENTRY) {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&e[..32]);
+        let offset = u32::from_le_bytes([e[32], e[33], e[34], e[35]]);
+        let len = u32::from_le_bytes([e[36], e[37], e[38], e[39]]);
+        if let Some(pl) = pack_len {
+            if u64::from(offset) + u64::from(len) > pl {
+                return Err(format!("entry {} ends past the pack's {pl} bytes", hex::encode(id)));
+            }
+        }
+        out.push(PackEntry {
+            id: ChunkId(id),
+            offset,
+            len,
+        });
+    }
+    Ok(out)
+}
+
+/// Accumulates sealed chunks into one pack.
+#[derive(Default)]
+pub struct PackBuilder {
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+/// A finished pack, ready to upload.
+pub struct Pack {
+    pub id: String,
+    pub bytes: Vec<u8>,
+    /// The sealed index (stored again as `index/<id>`).
+    pub index: Vec<u8>,
+    pub entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    pub fn add(&mut self, id: ChunkId, sealed: &[u8]) {
+        self.entries.push(PackEntry {
+            id,
+            offset: self.buf.len() as u32,
+            len: sealed.len() as u32,
+        });
+        self.buf.extend_from_slice(sealed);
+    }
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    pub fn finish(self, keys: &Keys) -> Pack {
+        let index = keys.seal(&encode_index(&self.entries), INDEX_AAD);
+        let mut bytes = self.buf;
+        bytes.extend_from_slice(&index);
+        bytes.extend_from_slice(&(index.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(MAGIC);
+        Pack {
+            id: blake3::hash(&bytes).to_hex().to_string(),
+            bytes,
+            index,
+            entries: self.entries,
+        }
+    }
+}
+
+/// Reads the index from a whole pack's bytes (to rebuild a lost `index/` object).
+pub fn index_from_pack(keys: &Keys, pack: &[u8]) -> Result<Vec<PackEntry>, String> {
+    let n = pack.len();
+    if n < 8 || &pack[n - 4..] != MAGIC {
+        return Err("no pack trailer".into());
+    }
+    let il = u32::from_le_bytes([pack[n - 8], pack[n - 7], pack[n - 6], pack[n - 5]]) as usize;
+    let start = (n - 8).checked_sub(il).ok_or("index length exceeds the pack")?;
+    let plain = keys
+        .open(&pack[start..n - 8], INDEX_AAD)
+        .ok_or("pack index fails authentication")?;
+    decode_index(&plain, Some(start as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::random_bytes;
+
+    #[test]
+    fn pack_round_trip_and_trailer() {
+        let k = Keys::from_master(&random_bytes());
+        let mut b = PackBuilder::default();
+        for i in 0..5u8 {
+            let (id, sealed) = crate::chunk::encode(&k, 1, &[i; 4096]);
+            b.add(id, &sealed);
+        }
+        let p = b.finish(&k);
+        assert_eq!(p.id, blake3::hash(&p.bytes).to_hex().to_string());
+        let from_trailer = index_from_pack(&k, &p.bytes).unwrap();
+        assert_eq!(from_trailer, p.entries);
+        let sep = decode_index(&k.open(&p.index, INDEX_AAD).unwrap(), Some(p.bytes.len() as u64)).unwrap();
+        assert_eq!(sep, p.entries);
+        for e in &p.entries {
+            let blob = &p.bytes[e.offset as usize..(e.offset + e.len) as usize];
+            crate::chunk::decode(&k, &e.id, blob, 4096).unwrap();
+        }
+        assert!(decode_index(b"SBIX\x01\xff\xff\xff\xff", None).is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! `backup prune`: retention policies over the backups of each volume, newest first, with
+//! the usual meaning (as in restic or borg): keep the N newest; and for the N most recent
+//! days / weeks / months that have backups, the newest backup of each. A backup kept by
+//! any rule stays. Times are the snapshots' creation times, in UTC.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::error::{BackupError, Result};
+use crate::manifest::{self, Header};
+use crate::repo::Repository;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Policy {
+    pub keep_last: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+}
+
+impl Policy {
+    pub fn is_empty(&self) -> bool {
+        *self == Policy::default()
+    }
+}
+
+/// (year, month) of a day number since 1970-01-01 (Howard Hinnant's civil_from_days).
+fn year_month(days: i64) -> (i64, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m)
+}
+
+/// Ids of the backups `policy` keeps among `headers`.
+pub fn select(headers: &[Header], policy: &Policy) -> HashSet<String> {
+    let mut groups: BTreeMap<(&str, &str), Vec<&Header>> = BTreeMap::new();
+    for h in headers {
+        groups.entry((h.pool.as_str(), h.volume.as_str())).or_default().push(h);
+    }
+    let mut keep = HashSet::new();
+    for (_, mut hs) in groups {
+        hs.sort_by(|a, b| (b.created, b.backed_up, &b.id).cmp(&(a.created, a.backed_up, &a.id)));
+        for h in hs.iter().take(policy.keep_last as usize) {
+            keep.insert(h.id.clone());
+        }
+        let day = |h: &Header| (h.created / 86_400) as i64;
+        let rules: [(u32, &dyn Fn(&Header) -> i64); 3] = [
+            (policy.keep_daily, &day),
+            // Weeks start on Monday; 1970-01-01 was a Thursday.
+            (policy.keep_weekly, &|h| (day(h) + 3).div_euclid(7)),
+            (policy.keep_monthly, &|h| {
+                let (y, m) = year_month(day(h));
+                y * 12 + i64::from(m)
+            }),
+        ];
+        for (n, bucket) in rules {
+            let mut seen = HashSet::new();
+            for h in &hs {
+                if seen.len() >= n as usize {
+                    break;
+                }
+                if seen.insert(bucket(h)) {
+                    keep.insert(h.id.clone());
+                }
+            }
+        }
+    }
+    keep
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub kept: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// Deletes the manifests `policy` does not keep (chunks go with `gc`).
+pub fn run(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<Outcome> {
+    if policy.is_empty() {
+        return Err(BackupError::invalid(
+            "prune",
+            "no --keep-* rule given (refusing to remove every backup)",
+        ));
+    }
+    let (headers, _) = manifest::list(repo)?;
+    let keep = select(&headers, policy);
+    let mut out = Outcome {
+        kept: Vec::new(),
+        removed: Vec::new(),
+    };
+    for h in &headers {
+        let label = format!("{} ({})", h.name(), h.id);
+        if keep.contains(&h.id) {
+            out.kept.push(label);
+        } else {
+            if !dry_run {
+                manifest::delete(repo, &h.id)?;
+            }
+            out.removed.push(label);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(id: &str, vol: &str, created: u64) -> Header {
+        Header {
+            id: id.into(),
+            volume: vol.into(),
+            snapshot: id.into(),
+            snapshot_id: 0,
+            pool: "p".into(),
+            created,
+            backed_up: created,
+            size: 0,
+            chunk_size: 65536,
+            cells: 0,
+            stored_bytes: 0,
+            digest: String::new(),
+            base: None,
+            stats: Default::default(),
+        }
+    }
+
+    #[test]
+    fn calendar() {
+        assert_eq!(year_month(0), (1970, 1));
+        assert_eq!(year_month(31), (1970, 2));
+        assert_eq!(year_month(20_454), (2026, 1)); // 2026-01-01
+        assert_eq!(year_month(20_513), (2026, 3)); // 2026-03-01
+    }
+
+    #[test]
+    fn policies() {
+        let d = 86_400;
+        // Two backups a day for 10 days, on two volumes.
+        let mut hs = Vec::new();
+        for day in 0..10u64 {
+            for k in 0..2u64 {
+                hs.push(h(&format!("a{day}-{k}"), "a", 20_454 * d + day * d + k * 3600));
+                hs.push(h(&format!("b{day}-{k}"), "b", 20_454 * d + day * d + k * 3600));
+            }
+        }
+        let last = select(&hs, &Policy { keep_last: 3, ..Default::default() });
+        assert_eq!(last.len(), 6);
+        assert!(last.contains("a9-1") && last.contains("a9-0") && last.contains("a8-1"));
+        let daily = select(&hs, &Policy { keep_daily: 4, ..Default::default() });
+        let mut a: Vec<_> = daily.iter().filter(|s| s.starts_with('a')).cloned().collect();
+        a.sort();
+        assert_eq!(a, ["a6-1", "a7-1", "a8-1", "a9-1"]);
+        let monthly = select(&hs, &Policy { keep_monthly: 5, ..Default::default() });
+        assert_eq!(monthly.len(), 2, "one month of backups per volume");
+        let both = select(&hs, &Policy { keep_last: 1, keep_weekly: 2, ..Default::default() });
+        // 2026-01-01 is a Thursday: days 0-3 in one week, 4-9 in the next.
+        assert!(both.contains("a3-1") && both.contains("a9-1") && both.len() == 4);
+    }
+}

@@ -1,0 +1,140 @@
+//! An open repository: its store, config and keys, and the names of its objects.
+//!
+//! Object layout (all keys relative to the target's prefix; docs/design.md §12):
+//! `config` (plain JSON), `packs/<2 hex>/<64 hex>` (pack, named by the BLAKE3 hash of its
+//! bytes), `index/<64 hex>` (sealed chunk list of that pack), `tables/<id>` (sealed cell
+//! table of a manifest), `manifests/<id>` (sealed manifest header, written last),
+//! `trash/<64 hex>` (garbage-collection mark of a pack, plain JSON).
+
+use std::sync::Arc;
+
+use crate::config::{check_chunk_size, RepoConfig, DEFAULT_PACK_SIZE, FORMAT, VERSION};
+use crate::crypto::{random_bytes, unwrap_master, wrap_master, Keys};
+use crate::error::{BackupError, Result};
+use crate::store::ObjectStore;
+
+pub const CONFIG_KEY: &str = "config";
+pub const PACKS: &str = "packs/";
+pub const INDEX: &str = "index/";
+pub const TABLES: &str = "tables/";
+pub const MANIFESTS: &str = "manifests/";
+pub const TRASH: &str = "trash/";
+
+pub fn pack_key(id: &str) -> String {
+    format!("{PACKS}{}/{id}", id.get(..2).unwrap_or("00"))
+}
+pub fn index_key(id: &str) -> String {
+    format!("{INDEX}{id}")
+}
+pub fn table_key(id: &str) -> String {
+    format!("{TABLES}{id}")
+}
+pub fn manifest_key(id: &str) -> String {
+    format!("{MANIFESTS}{id}")
+}
+pub fn trash_key(id: &str) -> String {
+    format!("{TRASH}{id}")
+}
+
+/// Parameters of a new repository.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub chunk_size: u32,
+    pub pack_size: u32,
+    pub zstd_level: i32,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_size: crate::config::DEFAULT_CHUNK_SIZE,
+            pack_size: DEFAULT_PACK_SIZE,
+            zstd_level: 3,
+        }
+    }
+}
+
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    config: RepoConfig,
+    keys: Keys,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Repository {
+    /// Creates a repository in `store`, whose master key is wrapped for `secret`.
+    pub fn init(store: Arc<dyn ObjectStore>, secret: &[u8], opts: &InitOptions) -> Result<Repository> {
+        check_chunk_size(opts.chunk_size)?;
+        if secret.is_empty() {
+            return Err(BackupError::invalid("key", "the passphrase or key file is empty"));
+        }
+        if !(1 << 20..=256 << 20).contains(&opts.pack_size) {
+            return Err(BackupError::invalid("pack size", "must be between 1 MiB and 256 MiB"));
+        }
+        let master: [u8; 32] = random_bytes();
+        let config = RepoConfig {
+            format: FORMAT.into(),
+            version: VERSION,
+            id: uuid::Uuid::new_v4().to_string(),
+            created: now(),
+            chunk_size: opts.chunk_size,
+            pack_size: opts.pack_size,
+            compression: "zstd".into(),
+            zstd_level: opts.zstd_level,
+            cipher: "xchacha20poly1305".into(),
+            chunk_hash: "blake3-keyed".into(),
+            keys: vec![wrap_master(&master, secret)?],
+        };
+        let bytes = serde_json::to_vec_pretty(&config)
+            .map_err(|e| BackupError::invalid("config", e.to_string()))?;
+        if !store.put_new(CONFIG_KEY, &bytes)? {
+            return Err(BackupError::RepositoryExists(store.describe()));
+        }
+        Ok(Repository {
+            store,
+            config,
+            keys: Keys::from_master(&master),
+        })
+    }
+
+    /// Opens the repository in `store` with `secret`.
+    pub fn open(store: Arc<dyn ObjectStore>, secret: &[u8]) -> Result<Repository> {
+        let bytes = match store.get(CONFIG_KEY) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(BackupError::NoRepository(store.describe())),
+            Err(e) => return Err(e.into()),
+        };
+        let config = RepoConfig::parse(&bytes)?;
+        for slot in &config.keys {
+            if let Some(master) = unwrap_master(slot, secret)? {
+                return Ok(Repository {
+                    store,
+                    config,
+                    keys: Keys::from_master(&master),
+                });
+            }
+        }
+        Err(BackupError::WrongKey(store.describe()))
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+    pub fn chunk_size(&self) -> u64 {
+        u64::from(self.config.chunk_size)
+    }
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+}

@@ -1,0 +1,50 @@
+//! The object store a repository lives in: flat keys (with `/` separators) to immutable
+//! byte objects. Implementations: [`crate::file::FileStore`] and `snapblk_s3::S3Store`.
+//! All methods may be called concurrently from several threads.
+
+/// One stored object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the store's root (the same form `get` takes).
+    pub key: String,
+    pub size: u64,
+    /// Last modification, seconds since the Unix epoch (0 if unknown).
+    pub modified: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{store}: object {key} does not exist")]
+    NotFound { store: String, key: String },
+    #[error("{store}: {op} {key} failed: {detail}")]
+    Failed {
+        store: String,
+        op: &'static str,
+        key: String,
+        detail: String,
+    },
+}
+
+impl StoreError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+pub trait ObjectStore: Send + Sync {
+    /// Where this store is, for messages (`s3://bucket/prefix`, `file:///path`).
+    fn describe(&self) -> String;
+    /// The whole object; `StoreError::NotFound` if there is none.
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
+    /// `len` bytes at `offset`; fewer only if the object ends first.
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError>;
+    /// Stores `data` under `key`, replacing any object there. Atomic: readers see the old
+    /// object or the whole new one.
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError>;
+    /// Stores `data` only if `key` does not exist yet; returns false if it did.
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool, StoreError>;
+    /// Every object whose key starts with `prefix`, in no particular order.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
+    /// Deletes `key`; deleting a missing object is not an error.
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
+}

@@ -1,0 +1,153 @@
+//! `backup verify`: every chunk every manifest references is indexed and lies inside an
+//! existing pack; with `read_data`, every referenced chunk is downloaded, opened and
+//! hashed. Each problem names the object or chunk and the snapshots it affects.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::crypto::ChunkId;
+use crate::error::{BackupError, Result};
+use crate::index::ChunkIndex;
+use crate::manifest;
+use crate::par::lock;
+use crate::progress::Progress;
+use crate::repo::{self, Repository};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Problem {
+    /// What is bad: `chunk <hex>`, `pack <hex>`, `manifest <id>`.
+    pub object: String,
+    pub detail: String,
+    /// `vol@snap` of every backup that cannot be restored because of it.
+    pub affects: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub manifests: u64,
+    pub chunks: u64,
+    pub packs: u64,
+    pub bytes_read: u64,
+    pub problems: Vec<Problem>,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+pub fn run(repo: &Repository, read_data: bool, threads: usize, progress: &dyn Progress) -> Result<Report> {
+    let mut rep = Report::default();
+    let (headers, bad) = manifest::list(repo)?;
+    for (id, e) in bad {
+        rep.problems.push(Problem {
+            object: format!("manifest {id}"),
+            detail: e.to_string(),
+            affects: vec![format!("backup {id}")],
+        });
+    }
+    let mut refs: HashMap<ChunkId, BTreeSet<String>> = HashMap::new();
+    for h in &headers {
+        rep.manifests += 1;
+        match manifest::read_table(repo, h) {
+            Ok(t) => {
+                for (_, id) in t.cells {
+                    refs.entry(id).or_default().insert(h.name());
+                }
+            }
+            Err(e) => rep.problems.push(Problem {
+                object: format!("manifest {}", h.id),
+                detail: e.to_string(),
+                affects: vec![h.name()],
+            }),
+        }
+    }
+    rep.chunks = refs.len() as u64;
+    let index = ChunkIndex::load(repo, false)?;
+    let sizes: HashMap<String, u64> = repo
+        .store()
+        .list(repo::PACKS)?
+        .into_iter()
+        .filter_map(|o| {
+            let id = o.key.rsplit('/').next()?.to_string();
+            Some((id, o.size))
+        })
+        .collect();
+    // Referenced chunks grouped by pack.
+    let mut by_pack: HashMap<u32, Vec<ChunkId>> = HashMap::new();
+    for (id, snaps) in &refs {
+        let affects: Vec<String> = snaps.iter().cloned().collect();
+        let Some(loc) = index.map.get(id) else {
+            rep.problems.push(Problem {
+                object: format!("chunk {}", id.hex()),
+                detail: "referenced but in no pack index".into(),
+                affects,
+            });
+            continue;
+        };
+        let pack = index.pack_id(loc);
+        match sizes.get(pack) {
+            None => rep.problems.push(Problem {
+                object: format!("chunk {}", id.hex()),
+                detail: format!("its pack {pack} is missing"),
+                affects,
+            }),
+            Some(&sz) if u64::from(loc.offset) + u64::from(loc.len) > sz => rep.problems.push(Problem {
+                object: format!("chunk {}", id.hex()),
+                detail: format!("lies past the end of pack {pack} ({sz} bytes)"),
+                affects,
+            }),
+            Some(_) => by_pack.entry(loc.pack).or_default().push(*id),
+        }
+    }
+    if !read_data {
+        return Ok(rep);
+    }
+    let packs: Vec<(u32, Vec<ChunkId>)> = by_pack.into_iter().collect();
+    let total: u64 = packs
+        .iter()
+        .map(|(p, _)| sizes.get(&index.packs[*p as usize].id).copied().unwrap_or(0))
+        .sum();
+    progress.start("verify", total);
+    let problems = Mutex::new(Vec::new());
+    let read = AtomicU64::new(0);
+    let max = repo.config().chunk_size as usize;
+    crate::par::map(&packs, threads, |(p, ids)| -> Result<()> {
+        let pid = &index.packs[*p as usize].id;
+        let bytes = repo.store().get(&repo::pack_key(pid))?;
+        read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        progress.advance(bytes.len() as u64);
+        let mut any_bad = false;
+        for id in ids {
+            let Some(loc) = index.map.get(id) else { continue };
+            let blob = bytes.get(loc.offset as usize..(loc.offset + loc.len) as usize);
+            let res = match blob {
+                None => Err("pack is shorter than its index says".to_string()),
+                Some(b) => crate::chunk::decode(repo.keys(), id, b, max).map(|_| ()),
+            };
+            if let Err(detail) = res {
+                any_bad = true;
+                lock(&problems).push(Problem {
+                    object: format!("chunk {}", id.hex()),
+                    detail: format!("in pack {pid}: {detail}"),
+                    affects: refs.get(id).map(|s| s.iter().cloned().collect()).unwrap_or_default(),
+                });
+            }
+        }
+        if !any_bad && blake3::hash(&bytes).to_hex().as_str() != pid {
+            lock(&problems).push(Problem {
+                object: format!("pack {pid}"),
+                detail: "bytes do not match its name (damage outside the referenced chunks)".into(),
+                affects: Vec::new(),
+            });
+        }
+        Ok(())
+    })
+    .map_err(|e: BackupError| e)?;
+    rep.packs = packs.len() as u64;
+    rep.bytes_read = read.into_inner();
+    rep.problems.extend(problems.into_inner().unwrap_or_else(|p| p.into_inner()));
+    Ok(rep)
+}

@@ -1,0 +1,326 @@
+//! `s3://bucket/prefix` repositories through aws-sdk-s3: the standard AWS credential chain
+//! (environment, profile files, ...), any S3-compatible endpoint (`--endpoint`, which also
+//! switches to path-style addressing), bounded retries with backoff for transient errors,
+//! and timeouts, so a dead server makes a backup fail instead of hang.
+//!
+//! Threading: the store owns a small multi-threaded tokio runtime; the synchronous
+//! `ObjectStore` methods are called from the backup engine's plain threads and block on
+//! it. They must not be called from inside an async context.
+
+use std::time::Duration;
+
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+use snapblk_backup::{ObjectMeta, ObjectStore, StoreError};
+
+/// Where and how to reach the store.
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    pub bucket: String,
+    /// Key prefix inside the bucket ("" or ending in '/').
+    pub prefix: String,
+    /// S3-compatible endpoint URL (path-style addressing), e.g. http://127.0.0.1:9000.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Attempts per request, including the first.
+    pub max_attempts: u32,
+    pub attempt_timeout: Duration,
+}
+
+impl S3Options {
+    /// Parses `s3://bucket[/prefix]`.
+    pub fn from_url(url: &str) -> Result<S3Options, String> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("{url:?} is not an s3:// URL"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid {
+            return Err(format!(
+                "{bucket:?} is not a valid bucket name (3-63 lowercase letters, digits, '-', '.')"
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        Ok(S3Options {
+            bucket: bucket.to_string(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            endpoint: None,
+            region: None,
+            max_attempts: 5,
+            attempt_timeout: Duration::from_secs(60),
+        })
+    }
+}
+
+pub struct S3Store {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    opts: S3Options,
+}
+
+fn describe_err<E: std::error::Error + ProvideErrorMetadata + 'static>(e: &SdkError<E>) -> String {
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    match (e.code(), status) {
+        (Some(code), st) => format!(
+            "{code}{}: {}",
+            st.map(|s| format!(" (HTTP {s})")).unwrap_or_default(),
+            e.message().unwrap_or("")
+        ),
+        (None, Some(s)) => format!("HTTP {s}"),
+        (None, None) => match e {
+            SdkError::TimeoutError(_) => "timed out".to_string(),
+            SdkError::DispatchFailure(d) => {
+                let mut msg = "cannot reach the server".to_string();
+                if let Some(c) = d.as_connector_error() {
+                    msg = format!("cannot reach the server: {c}");
+                }
+                msg
+            }
+            other => aws_sdk_s3::error::DisplayErrorContext(other)
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("request failed")
+                .to_string(),
+        },
+    }
+}
+
+fn status<E>(e: &SdkError<E>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+impl S3Store {
+    pub fn new(opts: S3Options) -> Result<S3Store, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("s3")
+            .build()
+            .map_err(|e| StoreError::Failed {
+                store: format!("s3://{}", opts.bucket),
+                op: "connect",
+                key: String::new(),
+                detail: format!("starting the I/O runtime: {e}"),
+            })?;
+        let client = rt.block_on(async {
+            let region = match &opts.region {
+                Some(r) => RegionProviderChain::first_try(Region::new(r.clone())),
+                None => RegionProviderChain::first_try(
+                    aws_config::environment::EnvironmentVariableRegionProvider::new(),
+                )
+                .or_else(aws_config::profile::ProfileFileRegionProvider::new())
+                .or_else(Region::new("us-east-1")),
+            };
+            let mut loader = aws_config::defaults(BehaviorVersion::latest())
+                .region(region)
+                .retry_config(
+                    RetryConfig::standard()
+                        .with_max_attempts(opts.max_attempts.max(1))
+                        .with_initial_backoff(Duration::from_millis(200))
+                        .with_max_backoff(Duration::from_secs(5)),
+                )
+                .timeout_config(
+                    TimeoutConfig::builder()
+                        .connect_timeout(Duration::from_secs(5))
+                        .operation_attempt_timeout(opts.attempt_timeout)
+                        .build(),
+                );
+            if let Some(ep) = &opts.endpoint {
+                loader = loader.endpoint_url(ep);
+            }
+            let conf = loader.load().await;
+            let mut b = aws_sdk_s3::config::Builder::from(&conf);
+            if opts.endpoint.is_some() {
+                b = b.force_path_style(true);
+            }
+            Client::from_conf(b.build())
+        });
+        Ok(S3Store { rt, client, opts })
+    }
+
+    /// Creates the bucket if it does not exist (for `repo init`).
+    pub fn ensure_bucket(&self) -> Result<(), StoreError> {
+        self.rt.block_on(async {
+            let b = &self.opts.bucket;
+            match self.client.head_bucket().bucket(b).send().await {
+                Ok(_) => Ok(()),
+                Err(e) if status(&e) == Some(404) => self
+                    .client
+                    .create_bucket()
+                    .bucket(b)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.fail("create bucket", b, describe_err(&e))),
+                Err(e) => Err(self.fail("head bucket", b, describe_err(&e))),
+            }
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.opts.prefix)
+    }
+
+    fn fail(&self, op: &'static str, key: &str, detail: String) -> StoreError {
+        StoreError::Failed {
+            store: self.describe(),
+            op,
+            key: key.to_string(),
+            detail,
+        }
+    }
+
+    fn not_found(&self, key: &str) -> StoreError {
+        StoreError::NotFound {
+            store: self.describe(),
+            key: key.to_string(),
+        }
+    }
+
+    fn get_impl(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, StoreError> {
+        self.rt.block_on(async {
+            let mut req = self
+                .client
+                .get_object()
+                .bucket(&self.opts.bucket)
+                .key(self.key(key));
+            if let Some((off, len)) = range {
+                if len == 0 {
+                    return Ok(Vec::new());
+                }
+                req = req.range(format!("bytes={off}-{}", off + len - 1));
+            }
+            match req.send().await {
+                Ok(out) => out
+                    .body
+                    .collect()
+                    .await
+                    .map(|b| b.to_vec())
+                    .map_err(|e| self.fail("get", key, format!("reading the body: {e}"))),
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                    Err(self.not_found(key))
+                }
+                Err(e) if status(&e) == Some(404) => Err(self.not_found(key)),
+                Err(e) if status(&e) == Some(416) => Ok(Vec::new()),
+                Err(e) => Err(self.fail("get", key, describe_err(&e))),
+            }
+        })
+    }
+}
+
+impl ObjectStore for S3Store {
+    fn describe(&self) -> String {
+        format!("s3://{}/{}", self.opts.bucket, self.opts.prefix)
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        self.get_impl(key, None)
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        self.get_impl(key, Some((offset, len)))
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        self.rt.block_on(async {
+            self.client
+                .put_object()
+                .bucket(&self.opts.bucket)
+                .key(self.key(key))
+                .body(ByteStream::from(data.to_vec()))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.fail("put", key, describe_err(&e)))
+        })
+    }
+
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool, StoreError> {
+        self.rt.block_on(async {
+            match self
+                .client
+                .put_object()
+                .bucket(&self.opts.bucket)
+                .key(self.key(key))
+                .body(ByteStream::from(data.to_vec()))
+                .if_none_match("*")
+                .send()
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if status(&e) == Some(412) || e.code() == Some("PreconditionFailed") => {
+                    Ok(false)
+                }
+                Err(e) => Err(self.fail("put", key, describe_err(&e))),
+            }
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.rt.block_on(async {
+            let full = self.key(prefix);
+            let mut out = Vec::new();
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.opts.bucket)
+                .prefix(&full)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| self.fail("list", prefix, describe_err(&e)))?;
+                for o in page.contents() {
+                    let Some(k) = o.key().and_then(|k| k.strip_prefix(&self.opts.prefix)) else {
+                        continue;
+                    };
+                    out.push(ObjectMeta {
+                        key: k.to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        modified: o.last_modified().map_or(0, |t| t.secs().max(0) as u64),
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.rt.block_on(async {
+            self.client
+                .delete_object()
+                .bucket(&self.opts.bucket)
+                .key(self.key(key))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.fail("delete", key, describe_err(&e)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::S3Options;
+
+    #[test]
+    fn urls() {
+        let o = S3Options::from_url("s3://my-bucket/a/b/").unwrap();
+        assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("my-bucket", "a/b/"));
+        assert_eq!(S3Options::from_url("s3://bkt").unwrap().prefix, "");
+        assert!(S3Options::from_url("s3://B").is_err());
+        assert!(S3Options::from_url("file:///x").is_err());
+    }
+}

@@ -1,0 +1,135 @@
+//! Backup and restore on the pool: run where the pool is open (the daemon, or the CLI in
+//! direct mode). Chooses the incremental base, gathers the snapshot's allocated ranges,
+//! and restores into a new volume (deleted again if the restore fails).
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+use snapblk_backup::manifest::{self, Header};
+use snapblk_backup::{backup, restore, Progress, Repository};
+use snapblk_core::device::BLOCK_SIZE_U64;
+use snapblk_core::names::parse_snap_ref;
+use snapblk_core::{Export, Pool, VolumeHandle};
+
+/// NBD_STATE_HOLE in block status flags.
+const HOLE: u32 = 1;
+/// Block-status query length (the pool answers in pieces).
+const STATUS_STEP: u64 = 1 << 30;
+/// How many recent candidate bases are compared by diff size.
+const MAX_BASE_CANDIDATES: usize = 8;
+
+/// Byte ranges of `src` holding data.
+fn allocated(src: &dyn Export) -> Result<Vec<(u64, u64)>> {
+    let size = src.size()?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let len = STATUS_STEP.min(size - off);
+        let runs = src.block_status(off, len)?;
+        if runs.is_empty() {
+            bail!("block status returned nothing at offset {off}");
+        }
+        for (n, flags) in runs {
+            let n = n.min(size - off);
+            if flags & HOLE == 0 {
+                match out.last_mut() {
+                    Some(r) if r.0 + r.1 == off => r.1 += n,
+                    _ => out.push((off, n)),
+                }
+            }
+            off += n;
+            if n == 0 {
+                bail!("block status returned an empty run at offset {off}");
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The backup in `repo` of a snapshot still in this pool that differs least from `snap`.
+fn choose_base(
+    pool: &Pool,
+    repo: &Repository,
+    snap: &str,
+) -> Result<Option<(Header, Vec<(u64, u64)>)>> {
+    let (headers, _) = manifest::list(repo)?;
+    let target = pool.resolve_target(snap)?;
+    let mut cands: Vec<(&Header, String)> = headers
+        .iter()
+        .filter(|h| h.pool == pool.uuid() && h.chunk_size == repo.config().chunk_size)
+        .filter_map(|h| pool.snapshot_by_id(h.snapshot_id).map(|n| (h, n)))
+        .collect();
+    cands.sort_by_key(|(h, _)| std::cmp::Reverse((h.created, h.backed_up)));
+    let mut best: Option<(u64, Header, Vec<(u64, u64)>)> = None;
+    for (h, name) in cands.into_iter().take(MAX_BASE_CANDIDATES) {
+        let ranges: Vec<(u64, u64)> = pool
+            .diff(&pool.resolve_target(&name)?, &target)?
+            .into_iter()
+            .map(|r| (r.offset, r.length))
+            .collect();
+        let changed: u64 = ranges.iter().map(|r| r.1).sum();
+        if best.as_ref().is_none_or(|b| changed < b.0) {
+            best = Some((changed, h.clone(), ranges));
+        }
+    }
+    Ok(best.map(|(_, h, r)| (h, r)))
+}
+
+pub fn backup(
+    pool: &Arc<Pool>,
+    repo: &Repository,
+    snapshot: &str,
+    full: bool,
+    progress: &dyn Progress,
+) -> Result<Value> {
+    let (v, s) = parse_snap_ref(snapshot)?;
+    let info = pool.snapshot_info(v, s)?;
+    let source: Arc<dyn Export> = Arc::new(VolumeHandle::open(pool, snapshot)?);
+    let base = if full {
+        None
+    } else {
+        choose_base(pool, repo, snapshot)?
+    };
+    let job = backup::Job {
+        allocated: allocated(&*source)?,
+        source,
+        volume: v.to_string(),
+        snapshot: s.to_string(),
+        snapshot_id: info.id,
+        pool: pool.uuid().to_string(),
+        created: info.created,
+        base,
+        readers: 2,
+        uploaders: 4,
+    };
+    Ok(serde_json::to_value(backup::run(repo, job, progress)?)?)
+}
+
+pub fn restore(
+    pool: &Arc<Pool>,
+    repo: &Repository,
+    backup_name: &str,
+    new_volume: &str,
+    progress: &dyn Progress,
+) -> Result<Value> {
+    let (headers, _) = manifest::list(repo)?;
+    let Some(h) = manifest::find(&headers, backup_name) else {
+        return Err(snapblk_backup::BackupError::NoSuchBackup(backup_name.to_string()).into());
+    };
+    let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
+    pool.create_volume(new_volume, size)?;
+    let sink = VolumeHandle::open(pool, new_volume)?;
+    match restore::run(repo, h, &sink, 4, progress) {
+        Ok(s) => Ok(serde_json::to_value(s)?),
+        Err(e) => {
+            drop(sink);
+            if let Err(d) = pool.delete_volume(new_volume, false) {
+                log::warn!("removing the partly restored volume {new_volume}: {d}");
+            }
+            Err(anyhow::Error::new(e).context(format!(
+                "restore of {backup_name} failed; the partly restored volume {new_volume} was removed"
+            )))
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Repository commands that need no pool: `repo init`, `backup list|verify|prune|gc`.
+//! They run in the CLI process itself. Each returns its JSON result, the human rendering
+//! and whether it found the repository healthy (exit status 1 otherwise).
+
+use anyhow::Result;
+use serde_json::{json, Value};
+use snapblk_backup::repo::InitOptions;
+use snapblk_backup::{gc, manifest, prune, verify, Progress};
+
+use crate::cli::{BackupCmd, GcArgs, RepoCmd};
+use crate::human::{format_size, parse_duration, parse_size};
+use crate::render::format_time;
+
+pub struct Outcome {
+    pub json: Value,
+    pub text: String,
+    pub ok: bool,
+}
+
+fn fits_u32(what: &str, v: u64) -> Result<u32> {
+    u32::try_from(v).map_err(|_| anyhow::anyhow!("{what} {v} is too large"))
+}
+
+pub fn repo(cmd: &RepoCmd) -> Result<Outcome> {
+    let RepoCmd::Init {
+        target,
+        chunk_size,
+        pack_size,
+        repo,
+    } = cmd;
+    let opts = InitOptions {
+        chunk_size: fits_u32("chunk size", parse_size(chunk_size)?)?,
+        pack_size: fits_u32("pack size", parse_size(pack_size)?)?,
+        ..Default::default()
+    };
+    let r = repo.spec(target)?.init(&opts)?;
+    let c = r.config();
+    Ok(Outcome {
+        json: json!({ "target": target, "id": c.id, "chunk_size": c.chunk_size,
+            "pack_size": c.pack_size, "version": c.version }),
+        text: format!(
+            "created repository {} at {target} (chunks {}, packs {}, zstd, XChaCha20-Poly1305)",
+            c.id,
+            format_size(u64::from(c.chunk_size)),
+            format_size(u64::from(c.pack_size))
+        ),
+        ok: true,
+    })
+}
+
+fn gc_opts(g: &GcArgs, dry_run: bool) -> Result<gc::Options> {
+    if !(0.0..=100.0).contains(&g.max_unused) {
+        anyhow::bail!("--max-unused {} is not a percentage (0-100)", g.max_unused);
+    }
+    Ok(gc::Options {
+        grace_secs: parse_duration(&g.grace)?,
+        max_unused: g.max_unused / 100.0,
+        dry_run,
+    })
+}
+
+fn gc_text(r: &gc::Report) -> String {
+    format!(
+        "gc: {} packs; {} condemned, {} deleted ({} chunks, {}), {} repacked ({}), {} orphans removed, {} rescued",
+        r.packs,
+        r.packs_condemned,
+        r.packs_deleted,
+        r.chunks_deleted,
+        format_size(r.bytes_deleted),
+        r.packs_repacked,
+        format_size(r.bytes_repacked),
+        r.orphans_deleted,
+        r.packs_rescued
+    )
+}
+
+pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
+    match cmd {
+        BackupCmd::List { target, repo } => list(&repo.spec(target)?.open()?),
+        BackupCmd::Verify {
+            target,
+            read_data,
+            repo,
+        } => {
+            let r = repo.spec(target)?.open()?;
+            let rep = verify::run(&r, *read_data, 4, progress)?;
+            let mut text = format!(
+                "verified {} backups, {} chunks{}: {}",
+                rep.manifests,
+                rep.chunks,
+                if *read_data {
+                    format!(", read {} from {} packs", format_size(rep.bytes_read), rep.packs)
+                } else {
+                    String::new()
+                },
+                if rep.is_clean() { "no problems" } else { "PROBLEMS FOUND" }
+            );
+            for p in &rep.problems {
+                text.push_str(&format!(
+                    "\n  {}: {} (affects: {})",
+                    p.object,
+                    p.detail,
+                    if p.affects.is_empty() { "no backup".into() } else { p.affects.join(", ") }
+                ));
+            }
+            Ok(Outcome {
+                ok: rep.is_clean(),
+                json: serde_json::to_value(&rep)?,
+                text,
+            })
+        }
+        BackupCmd::Prune {
+            target,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            dry_run,
+            no_gc,
+            gc: g,
+            repo,
+        } => {
+            let r = repo.spec(target)?.open()?;
+            let policy = prune::Policy {
+                keep_last: *keep_last,
+                keep_daily: *keep_daily,
+                keep_weekly: *keep_weekly,
+                keep_monthly: *keep_monthly,
+            };
+            let out = prune::run(&r, &policy, *dry_run)?;
+            let mut text = format!(
+                "{} {} backups, kept {}",
+                if *dry_run { "would remove" } else { "removed" },
+                out.removed.len(),
+                out.kept.len()
+            );
+            for x in &out.removed {
+                text.push_str(&format!("\n  - {x}"));
+            }
+            let gc_rep = if *no_gc {
+                None
+            } else {
+                let rep = gc::run(&r, &gc_opts(g, *dry_run)?, progress)?;
+                text.push('\n');
+                text.push_str(&gc_text(&rep));
+                Some(rep)
+            };
+            Ok(Outcome {
+                json: json!({ "prune": out, "gc": gc_rep }),
+                text,
+                ok: true,
+            })
+        }
+        BackupCmd::Gc {
+            target,
+            dry_run,
+            gc: g,
+            repo,
+        } => {
+            let r = repo.spec(target)?.open()?;
+            let rep = gc::run(&r, &gc_opts(g, *dry_run)?, progress)?;
+            Ok(Outcome {
+                text: gc_text(&rep),
+                json: serde_json::to_value(&rep)?,
+                ok: true,
+            })
+        }
+    }
+}
+
+fn list(r: &snapblk_backup::Repository) -> Result<Outcome> {
+    let (headers, bad) = manifest::list(r)?;
+    let packs = r.store().list(snapblk_backup::repo::PACKS)?;
+    let stored: u64 = packs.iter().map(|p| p.size).sum();
+    let logical: u64 = headers.iter().map(|h| h.stored_bytes).sum();
+    let ratio = if stored == 0 { 0.0 } else { logical as f64 / stored as f64 };
+    let mut text = format!(
+        "{:<32} {:<12} {:<23} {:>10} {:>10} {:>10}  {}\n",
+        "BACKUP", "ID", "SNAPSHOT TAKEN", "SIZE", "DATA", "UPLOADED", "BASE"
+    );
+    for h in &headers {
+        let base = h
+            .base
+            .as_deref()
+            .map_or("-".to_string(), |b| b.get(..12).unwrap_or(b).to_string());
+        text.push_str(&format!(
+            "{:<32} {:<12} {:<23} {:>10} {:>10} {:>10}  {}\n",
+            h.name(),
+            h.id.get(..12).unwrap_or(&h.id),
+            format_time(h.created),
+            format_size(h.size),
+            format_size(h.stored_bytes),
+            format_size(h.stats.bytes_uploaded),
+            base
+        ));
+    }
+    for (id, e) in &bad {
+        text.push_str(&format!("{id}: unreadable: {e}\n"));
+    }
+    text.push_str(&format!(
+        "{} backups, {} of snapshot data in {} packs ({}): {:.2}x after dedup and compression",
+        headers.len(),
+        format_size(logical),
+        packs.len(),
+        format_size(stored),
+        ratio
+    ));
+    let json = json!({
+        "backups": headers,
+        "unreadable": bad.iter().map(|(id, e)| json!({"id": id, "error": e.to_string()})).collect::<Vec<_>>(),
+        "packs": packs.len(),
+        "stored_bytes": stored,
+        "logical_bytes": logical,
+        "dedup_ratio": ratio,
+    });
+    Ok(Outcome {
+        json,
+        text,
+        ok: bad.is_empty(),
+    })
+}

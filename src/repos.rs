@@ -1,0 +1,131 @@
+//! Backup targets named on the command line: `s3://bucket/prefix` or `file:///path`, the
+//! key material for them, and opening the repository there.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use snapblk_backup::file::FileStore;
+use snapblk_backup::repo::InitOptions;
+use snapblk_backup::{ObjectStore, Repository};
+use snapblk_s3::{S3Options, S3Store};
+
+/// Key material; never printed (Debug is redacted) and never part of any output.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Secret {
+    fn bytes(&self) -> Result<Vec<u8>> {
+        hex::decode(&self.0).context("malformed key material")
+    }
+}
+
+/// Everything needed to open a repository; travels to the daemon over the control socket
+/// (mode 0600) for backup and restore.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepoSpec {
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub secret: Secret,
+}
+
+/// Command-line options naming a repository's key and S3 endpoint.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RepoArgs {
+    /// File whose whole contents are the repository key (e.g. 32 random bytes).
+    #[arg(long, env = "SNAPBLK_KEY_FILE", conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
+    /// File holding a passphrase (first line). Or set SNAPBLK_PASSPHRASE.
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
+    /// S3-compatible endpoint URL (MinIO, Garage, Ceph RGW, ...); implies path-style.
+    #[arg(long, env = "SNAPBLK_S3_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// S3 region (default: the AWS configuration's, else us-east-1).
+    #[arg(long, env = "SNAPBLK_S3_REGION")]
+    pub region: Option<String>,
+}
+
+impl RepoArgs {
+    pub fn spec(&self, url: &str) -> Result<RepoSpec> {
+        let secret: Vec<u8> = if let Some(p) = &self.key_file {
+            std::fs::read(p).with_context(|| format!("reading key file {}", p.display()))?
+        } else if let Some(p) = &self.passphrase_file {
+            let s = std::fs::read_to_string(p)
+                .with_context(|| format!("reading passphrase file {}", p.display()))?;
+            s.lines().next().unwrap_or("").as_bytes().to_vec()
+        } else if let Ok(p) = std::env::var("SNAPBLK_PASSPHRASE") {
+            p.into_bytes()
+        } else {
+            bail!("no repository key: give --key-file FILE or --passphrase-file FILE, or set SNAPBLK_PASSPHRASE");
+        };
+        if secret.is_empty() {
+            bail!("the repository key is empty");
+        }
+        parse_target(url, self.endpoint.as_deref())?;
+        Ok(RepoSpec {
+            url: url.to_string(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            secret: Secret(hex::encode(secret)),
+        })
+    }
+}
+
+enum Target {
+    File(PathBuf),
+    S3(S3Options),
+}
+
+fn parse_target(url: &str, endpoint: Option<&str>) -> Result<Target> {
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            bail!("{url:?}: a file:// target needs an absolute path (file:///backups/x)");
+        }
+        return Ok(Target::File(PathBuf::from(path)));
+    }
+    if url.starts_with("s3://") {
+        let mut o = S3Options::from_url(url).map_err(anyhow::Error::msg)?;
+        o.endpoint = endpoint.map(str::to_string);
+        return Ok(Target::S3(o));
+    }
+    bail!("{url:?} is not a backup target: use s3://BUCKET/PREFIX or file:///PATH")
+}
+
+impl RepoSpec {
+    pub fn store(&self, create_bucket: bool) -> Result<Arc<dyn ObjectStore>> {
+        Ok(match parse_target(&self.url, self.endpoint.as_deref())? {
+            Target::File(p) => Arc::new(FileStore::new(p)),
+            Target::S3(mut o) => {
+                o.region = self.region.clone();
+                o.attempt_timeout = Duration::from_secs(60);
+                let s = S3Store::new(o)?;
+                if create_bucket {
+                    s.ensure_bucket()?;
+                }
+                Arc::new(s)
+            }
+        })
+    }
+
+    pub fn open(&self) -> Result<Repository> {
+        Ok(Repository::open(self.store(false)?, &self.secret.bytes()?)?)
+    }
+
+    pub fn init(&self, opts: &InitOptions) -> Result<Repository> {
+        Ok(Repository::init(
+            self.store(true)?,
+            &self.secret.bytes()?,
+            opts,
+        )?)
+    }
+}
