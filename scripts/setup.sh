@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(libclang-dev clang libnbd-bin python3-libnbd nbdkit fio qemu-utils e2fsprogs xfsprogs fuse3 kmod python3 util-linux)
+pkgs=(libclang-dev clang libnbd-bin python3-libnbd nbdkit fio qemu-utils e2fsprogs xfsprogs fuse3 kmod python3 util-linux awscli)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,3 +23,13 @@ done
 # FUSE and loop devices for the host-side end-to-end tests.
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 [ -e /dev/loop-control ] || modprobe loop 2>/dev/null || true
+# A real S3-compatible server for the backup tests: s3s-fs from crates.io (checks SigV4
+# signatures). Built once into a cache outside the clone, with its own target dir.
+S3S_ROOT=/var/cache/snapblk/tools
+if [ ! -x "$S3S_ROOT/bin/s3s-fs" ]; then
+    echo "setup: installing s3s-fs 0.14.1 (cargo install, a few minutes)"
+    mkdir -p "$S3S_ROOT"
+    CARGO_TARGET_DIR=/var/cache/snapblk/tools-target cargo install s3s-fs@0.14.1 --locked \
+        --features binary --root "$S3S_ROOT" --quiet
+    rm -rf /var/cache/snapblk/tools-target
+fi

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use snapblk_backup::{volume, Progress};
 use snapblk_core::names::parse_snap_ref;
-use snapblk_backup::Progress;
 use snapblk_core::Pool;
 
 use crate::devices::{self, Devices};
@@ -100,10 +100,20 @@ pub fn execute(
             snapshot,
             repo,
             full,
-        } => crate::backups::backup(pool, &repo.open()?, snapshot, *full, progress)?,
-        Command::Restore { repo, backup, name } => {
-            crate::backups::restore(pool, &repo.open()?, backup, name, progress)?
-        }
+        } => to_value(volume::backup_snapshot(
+            pool,
+            &repo.open()?,
+            snapshot,
+            *full,
+            progress,
+        )?),
+        Command::Restore { repo, backup, name } => to_value(volume::restore_volume(
+            pool,
+            &repo.open()?,
+            backup,
+            name,
+            progress,
+        )?),
         Command::Attach {
             target,
             read_only,

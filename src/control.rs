@@ -108,7 +108,10 @@ pub fn call(conn: &UnixStream, cmd: &Command, bar: &Bar) -> Result<Value> {
     let mut r = BufReader::new(conn);
     let v = loop {
         let mut line = String::new();
-        if r.read_line(&mut line).context("reading the daemon's reply")? == 0 {
+        if r.read_line(&mut line)
+            .context("reading the daemon's reply")?
+            == 0
+        {
             bail!("the daemon closed the connection without replying");
         }
         let v: Value =

@@ -45,6 +45,22 @@ pub fn format_size(n: u64) -> String {
     }
 }
 
+/// Parses a duration: `90`, `90s`, `30m`, `12h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        Some((i, 'd')) => (&t[..i], 86_400),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is not a duration (like 90s, 30m, 12h, 7d)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,20 +86,14 @@ mod tests {
         assert_eq!(format_size(1536), "1.5 KiB");
         assert_eq!(format_size(10 << 30), "10 GiB");
     }
-}
 
-/// Parses a duration: `90`, `90s`, `30m`, `12h`, `7d`.
-pub fn parse_duration(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 's')) => (&t[..i], 1),
-        Some((i, 'm')) => (&t[..i], 60),
-        Some((i, 'h')) => (&t[..i], 3600),
-        Some((i, 'd')) => (&t[..i], 86_400),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| anyhow::anyhow!("{s:?} is not a duration (like 90s, 30m, 12h, 7d)"))
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0").unwrap(), 0);
+        assert_eq!(parse_duration("90s").unwrap(), 90);
+        assert_eq!(parse_duration("2h").unwrap(), 7200);
+        assert_eq!(parse_duration("1d").unwrap(), 86_400);
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
 }

@@ -2,7 +2,6 @@
 //! the NBD server and the control socket around snapblk-core.
 
 mod admin;
-mod backups;
 mod cli;
 mod control;
 mod daemon;

@@ -38,7 +38,9 @@ impl Bar {
             return;
         }
         let mut g = self.lock();
-        let same = g.as_ref().is_some_and(|b| b.message() == phase && b.length() == Some(total));
+        let same = g
+            .as_ref()
+            .is_some_and(|b| b.message() == phase && b.length() == Some(total));
         if !same {
             if let Some(b) = g.take() {
                 b.finish();

@@ -89,18 +89,30 @@ pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
                 rep.manifests,
                 rep.chunks,
                 if *read_data {
-                    format!(", read {} from {} packs", format_size(rep.bytes_read), rep.packs)
+                    format!(
+                        ", read {} from {} packs",
+                        format_size(rep.bytes_read),
+                        rep.packs
+                    )
                 } else {
                     String::new()
                 },
-                if rep.is_clean() { "no problems" } else { "PROBLEMS FOUND" }
+                if rep.is_clean() {
+                    "no problems"
+                } else {
+                    "PROBLEMS FOUND"
+                }
             );
             for p in &rep.problems {
                 text.push_str(&format!(
                     "\n  {}: {} (affects: {})",
                     p.object,
                     p.detail,
-                    if p.affects.is_empty() { "no backup".into() } else { p.affects.join(", ") }
+                    if p.affects.is_empty() {
+                        "no backup".into()
+                    } else {
+                        p.affects.join(", ")
+                    }
                 ));
             }
             Ok(Outcome {
@@ -173,7 +185,11 @@ fn list(r: &snapblk_backup::Repository) -> Result<Outcome> {
     let packs = r.store().list(snapblk_backup::repo::PACKS)?;
     let stored: u64 = packs.iter().map(|p| p.size).sum();
     let logical: u64 = headers.iter().map(|h| h.stored_bytes).sum();
-    let ratio = if stored == 0 { 0.0 } else { logical as f64 / stored as f64 };
+    let ratio = if stored == 0 {
+        0.0
+    } else {
+        logical as f64 / stored as f64
+    };
     let mut text = format!(
         "{:<32} {:<12} {:<23} {:>10} {:>10} {:>10}  {}\n",
         "BACKUP", "ID", "SNAPSHOT TAKEN", "SIZE", "DATA", "UPLOADED", "BASE"

@@ -28,6 +28,12 @@ use crate::par::lock;
 use crate::progress::Progress;
 use crate::repo::{self, Repository};
 
+/// Byte ranges `(offset, length)`.
+pub type Ranges = Vec<(u64, u64)>;
+
+/// An incremental base: its manifest header and the ranges changed since it.
+pub type Base = (Header, Ranges);
+
 /// What to back up.
 pub struct Job {
     /// The frozen snapshot, read through the volume API.
@@ -38,9 +44,8 @@ pub struct Job {
     pub pool: String,
     pub created: u64,
     /// Byte ranges of the snapshot that hold data (others read as zeros).
-    pub allocated: Vec<(u64, u64)>,
-    /// Incremental base: its manifest header and the byte ranges changed since it.
-    pub base: Option<(Header, Vec<(u64, u64)>)>,
+    pub allocated: Ranges,
+    pub base: Option<Base>,
     pub readers: usize,
     pub uploaders: usize,
 }

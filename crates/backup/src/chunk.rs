@@ -55,16 +55,23 @@ mod tests {
     fn round_trip_compressible_and_random() {
         let k = Keys::from_master(&random_bytes());
         let text = b"snapblk ".repeat(8192);
-        let noise: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         for data in [&text[..], &noise[..]] {
             let (id, sealed) = encode(&k, 3, data);
             assert_eq!(decode(&k, &id, &sealed, 65536).unwrap(), data);
         }
         let (id, sealed) = encode(&k, 3, &text);
-        assert!(sealed.len() < text.len() / 10, "compressible data compresses");
+        assert!(
+            sealed.len() < text.len() / 10,
+            "compressible data compresses"
+        );
         let mut bad = sealed.clone();
         bad[40] ^= 0x80;
-        assert!(decode(&k, &id, &bad, 65536).unwrap_err().contains("altered"));
+        assert!(decode(&k, &id, &bad, 65536)
+            .unwrap_err()
+            .contains("altered"));
         let other = k.chunk_id(b"other");
         assert!(decode(&k, &other, &sealed, 65536).is_err());
     }

@@ -61,14 +61,20 @@ impl RepoConfig {
                 format!("pack size {} is outside 1 MiB .. 256 MiB", c.pack_size),
             ));
         }
-        if c.compression != "zstd" || c.cipher != "xchacha20poly1305" || c.chunk_hash != "blake3-keyed" {
+        if c.compression != "zstd"
+            || c.cipher != "xchacha20poly1305"
+            || c.chunk_hash != "blake3-keyed"
+        {
             return Err(BackupError::Unsupported(format!(
                 "compression {:?}, cipher {:?}, chunk hash {:?}",
                 c.compression, c.cipher, c.chunk_hash
             )));
         }
         if !(-7..=22).contains(&c.zstd_level) {
-            return Err(BackupError::corrupt("config", format!("zstd level {}", c.zstd_level)));
+            return Err(BackupError::corrupt(
+                "config",
+                format!("zstd level {}", c.zstd_level),
+            ));
         }
         if c.keys.is_empty() {
             return Err(BackupError::corrupt("config", "no key slots"));

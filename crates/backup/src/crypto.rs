@@ -91,13 +91,7 @@ fn cipher(key: &[u8; 32]) -> XChaCha20Poly1305 {
 fn seal_with(c: &XChaCha20Poly1305, plain: &[u8], aad: &[u8]) -> Vec<u8> {
     let nonce: [u8; NONCE_LEN] = random_bytes();
     let ct = c
-        .encrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: plain,
-                aad,
-            },
-        )
+        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad })
         .expect("XChaCha20-Poly1305 seals any message shorter than 256 GiB");
     let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
     out.extend_from_slice(&nonce);
@@ -186,7 +180,10 @@ mod tests {
     fn slot_round_trip_and_wrong_secret() {
         let master: [u8; 32] = random_bytes();
         let slot = wrap_master(&master, b"correct horse").unwrap();
-        assert_eq!(unwrap_master(&slot, b"correct horse").unwrap(), Some(master));
+        assert_eq!(
+            unwrap_master(&slot, b"correct horse").unwrap(),
+            Some(master)
+        );
         assert_eq!(unwrap_master(&slot, b"wrong horse").unwrap(), None);
     }
 

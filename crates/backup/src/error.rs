@@ -30,6 +30,11 @@ pub enum BackupError {
     Invalid { what: String, detail: String },
     #[error("unsupported repository: {0}")]
     Unsupported(String),
+    #[error("{source}; the partly restored volume {volume} was removed")]
+    RestoreFailed {
+        volume: String,
+        source: Box<BackupError>,
+    },
     #[error(transparent)]
     Volume(#[from] snapblk_core::Error),
     #[error("{0}")]

@@ -8,8 +8,10 @@
 //! 2. A condemned pack whose mark is older than the grace period, and which still holds no
 //!    referenced chunk, is deleted with its index. A condemned pack referenced again (by a
 //!    backup that committed before seeing the mark) is un-marked.
+//!
 //! Packs whose unreferenced share exceeds `max_unused` are repacked: their live chunks'
 //! sealed blobs are copied as they are into new packs, and the old pack is condemned.
+//!
 //! With a grace period of zero, both phases happen in one run (only safe when no backup
 //! runs at the same time).
 
@@ -66,7 +68,12 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
     }
     let mut live: HashSet<ChunkId> = HashSet::new();
     for h in &headers {
-        live.extend(manifest::read_table(repo, h)?.cells.into_iter().map(|(_, id)| id));
+        live.extend(
+            manifest::read_table(repo, h)?
+                .cells
+                .into_iter()
+                .map(|(_, id)| id),
+        );
     }
     let index = ChunkIndex::load(repo, false)?;
     let t = now();
@@ -159,7 +166,9 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         for e in info.entries.iter().filter(|e| keep_set.contains(&e.id)) {
             let blob = bytes
                 .get(e.offset as usize..(e.offset + e.len) as usize)
-                .ok_or_else(|| BackupError::corrupt(repo::pack_key(&info.id), "shorter than its index"))?;
+                .ok_or_else(|| {
+                    BackupError::corrupt(repo::pack_key(&info.id), "shorter than its index")
+                })?;
             b.add(e.id, blob);
         }
         let np = b.finish(repo.keys());

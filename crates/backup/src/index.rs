@@ -51,10 +51,12 @@ impl ChunkIndex {
         let loaded = crate::par::map(&ids, FETCH_THREADS, |id| -> Result<Vec<PackEntry>> {
             let key = repo::index_key(id);
             let sealed = store.get(&key)?;
-            let plain = repo
-                .keys()
-                .open(&sealed, INDEX_AAD)
-                .ok_or_else(|| BackupError::corrupt(&key, "fails authentication (altered, or another repository's)"))?;
+            let plain = repo.keys().open(&sealed, INDEX_AAD).ok_or_else(|| {
+                BackupError::corrupt(
+                    &key,
+                    "fails authentication (altered, or another repository's)",
+                )
+            })?;
             decode_index(&plain, None).map_err(|d| BackupError::corrupt(&key, d))
         })?;
         let mut ix = ChunkIndex::default();

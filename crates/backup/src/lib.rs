@@ -30,6 +30,7 @@ pub mod repo;
 pub mod restore;
 pub mod store;
 pub mod verify;
+pub mod volume;
 
 pub use error::{BackupError, Result};
 pub use progress::{NoProgress, Progress};

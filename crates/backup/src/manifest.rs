@@ -133,7 +133,9 @@ impl Table {
             a.copy_from_slice(&e[..8]);
             let c = u64::from_le_bytes(a);
             if c >= count || prev.is_some_and(|p| c <= p) {
-                return Err(format!("cell {c} out of order or beyond the image's {count} cells"));
+                return Err(format!(
+                    "cell {c} out of order or beyond the image's {count} cells"
+                ));
             }
             prev = Some(c);
             let mut id = [0u8; 32];
@@ -156,11 +158,16 @@ pub fn write(repo: &Repository, header: &Header, table: &Table) -> Result<()> {
     let enc = table.encode();
     let z = zstd::bulk::compress(&enc, 3).map_err(BackupError::Io)?;
     let keys = repo.keys();
-    repo.store()
-        .put(&repo::table_key(&header.id), &keys.seal(&z, &table_aad(&header.id)))?;
-    let h = serde_json::to_vec(header).map_err(|e| BackupError::invalid("manifest", e.to_string()))?;
-    repo.store()
-        .put(&repo::manifest_key(&header.id), &keys.seal(&h, &header_aad(&header.id)))?;
+    repo.store().put(
+        &repo::table_key(&header.id),
+        &keys.seal(&z, &table_aad(&header.id)),
+    )?;
+    let h =
+        serde_json::to_vec(header).map_err(|e| BackupError::invalid("manifest", e.to_string()))?;
+    repo.store().put(
+        &repo::manifest_key(&header.id),
+        &keys.seal(&h, &header_aad(&header.id)),
+    )?;
     Ok(())
 }
 
@@ -194,18 +201,27 @@ pub fn read_table(repo: &Repository, h: &Header) -> Result<Table> {
     let plain = zstd::bulk::decompress(&z, limit)
         .map_err(|e| BackupError::corrupt(&key, format!("does not decompress: {e}")))?;
     if blake3::hash(&plain).to_hex().as_str() != h.digest {
-        return Err(BackupError::corrupt(&key, "does not match the digest in its manifest"));
+        return Err(BackupError::corrupt(
+            &key,
+            "does not match the digest in its manifest",
+        ));
     }
     let t = Table::decode(&plain).map_err(|d| BackupError::corrupt(&key, d))?;
     if t.size != h.size || t.chunk_size != h.chunk_size {
-        return Err(BackupError::corrupt(&key, "size or chunk size differs from its manifest"));
+        return Err(BackupError::corrupt(
+            &key,
+            "size or chunk size differs from its manifest",
+        ));
     }
     Ok(t)
 }
 
 /// Every committed manifest header, oldest backup first. Headers that fail to read are
 /// returned separately (id, error) so listing still works around damage.
-pub fn list(repo: &Repository) -> Result<(Vec<Header>, Vec<(String, BackupError)>)> {
+/// Manifest ids whose header could not be read, with why.
+pub type Unreadable = Vec<(String, BackupError)>;
+
+pub fn list(repo: &Repository) -> Result<(Vec<Header>, Unreadable)> {
     let ids: Vec<String> = repo
         .store()
         .list(repo::MANIFESTS)?

@@ -47,7 +47,11 @@ pub fn decode_index(b: &[u8], pack_len: Option<u64>) -> Result<Vec<PackEntry>, S
     let n = u32::from_le_bytes([b[5], b[6], b[7], b[8]]) as usize;
     let body = &b[9..];
     if body.len() != n.checked_mul(ENTRY).ok_or("entry count overflows")? {
-        return Err(format!("{n} entries need {} bytes, found {}", n * ENTRY, body.len()));
+        return Err(format!(
+            "{n} entries need {} bytes, found {}",
+            n * ENTRY,
+            body.len()
+        ));
     }
     let mut out = Vec::with_capacity(n);
     for e in body.chunks_exact(ENTRY) {
@@ -57,7 +61,10 @@ pub fn decode_index(b: &[u8], pack_len: Option<u64>) -> Result<Vec<PackEntry>, S
         let len = u32::from_le_bytes([e[36], e[37], e[38], e[39]]);
         if let Some(pl) = pack_len {
             if u64::from(offset) + u64::from(len) > pl {
-                return Err(format!("entry {} ends past the pack's {pl} bytes", hex::encode(id)));
+                return Err(format!(
+                    "entry {} ends past the pack's {pl} bytes",
+                    hex::encode(id)
+                ));
             }
         }
         out.push(PackEntry {
@@ -122,7 +129,9 @@ pub fn index_from_pack(keys: &Keys, pack: &[u8]) -> Result<Vec<PackEntry>, Strin
         return Err("no pack trailer".into());
     }
     let il = u32::from_le_bytes([pack[n - 8], pack[n - 7], pack[n - 6], pack[n - 5]]) as usize;
-    let start = (n - 8).checked_sub(il).ok_or("index length exceeds the pack")?;
+    let start = (n - 8)
+        .checked_sub(il)
+        .ok_or("index length exceeds the pack")?;
     let plain = keys
         .open(&pack[start..n - 8], INDEX_AAD)
         .ok_or("pack index fails authentication")?;
@@ -146,7 +155,11 @@ mod tests {
         assert_eq!(p.id, blake3::hash(&p.bytes).to_hex().to_string());
         let from_trailer = index_from_pack(&k, &p.bytes).unwrap();
         assert_eq!(from_trailer, p.entries);
-        let sep = decode_index(&k.open(&p.index, INDEX_AAD).unwrap(), Some(p.bytes.len() as u64)).unwrap();
+        let sep = decode_index(
+            &k.open(&p.index, INDEX_AAD).unwrap(),
+            Some(p.bytes.len() as u64),
+        )
+        .unwrap();
         assert_eq!(sep, p.entries);
         for e in &p.entries {
             let blob = &p.bytes[e.offset as usize..(e.offset + e.len) as usize];

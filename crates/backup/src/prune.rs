@@ -36,11 +36,31 @@ fn year_month(days: i64) -> (i64, u32) {
     (y, m)
 }
 
+/// A backup's day, week or month number.
+type BucketFn = fn(&Header) -> i64;
+
+fn day(h: &Header) -> i64 {
+    (h.created / 86_400) as i64
+}
+
+/// Weeks start on Monday; 1970-01-01 was a Thursday.
+fn week(h: &Header) -> i64 {
+    (day(h) + 3).div_euclid(7)
+}
+
+fn month(h: &Header) -> i64 {
+    let (y, m) = year_month(day(h));
+    y * 12 + i64::from(m)
+}
+
 /// Ids of the backups `policy` keeps among `headers`.
 pub fn select(headers: &[Header], policy: &Policy) -> HashSet<String> {
     let mut groups: BTreeMap<(&str, &str), Vec<&Header>> = BTreeMap::new();
     for h in headers {
-        groups.entry((h.pool.as_str(), h.volume.as_str())).or_default().push(h);
+        groups
+            .entry((h.pool.as_str(), h.volume.as_str()))
+            .or_default()
+            .push(h);
     }
     let mut keep = HashSet::new();
     for (_, mut hs) in groups {
@@ -48,15 +68,10 @@ pub fn select(headers: &[Header], policy: &Policy) -> HashSet<String> {
         for h in hs.iter().take(policy.keep_last as usize) {
             keep.insert(h.id.clone());
         }
-        let day = |h: &Header| (h.created / 86_400) as i64;
-        let rules: [(u32, &dyn Fn(&Header) -> i64); 3] = [
-            (policy.keep_daily, &day),
-            // Weeks start on Monday; 1970-01-01 was a Thursday.
-            (policy.keep_weekly, &|h| (day(h) + 3).div_euclid(7)),
-            (policy.keep_monthly, &|h| {
-                let (y, m) = year_month(day(h));
-                y * 12 + i64::from(m)
-            }),
+        let rules: [(u32, BucketFn); 3] = [
+            (policy.keep_daily, day),
+            (policy.keep_weekly, week),
+            (policy.keep_monthly, month),
         ];
         for (n, bucket) in rules {
             let mut seen = HashSet::new();
@@ -145,20 +160,57 @@ mod tests {
         let mut hs = Vec::new();
         for day in 0..10u64 {
             for k in 0..2u64 {
-                hs.push(h(&format!("a{day}-{k}"), "a", 20_454 * d + day * d + k * 3600));
-                hs.push(h(&format!("b{day}-{k}"), "b", 20_454 * d + day * d + k * 3600));
+                hs.push(h(
+                    &format!("a{day}-{k}"),
+                    "a",
+                    20_454 * d + day * d + k * 3600,
+                ));
+                hs.push(h(
+                    &format!("b{day}-{k}"),
+                    "b",
+                    20_454 * d + day * d + k * 3600,
+                ));
             }
         }
-        let last = select(&hs, &Policy { keep_last: 3, ..Default::default() });
+        let last = select(
+            &hs,
+            &Policy {
+                keep_last: 3,
+                ..Default::default()
+            },
+        );
         assert_eq!(last.len(), 6);
         assert!(last.contains("a9-1") && last.contains("a9-0") && last.contains("a8-1"));
-        let daily = select(&hs, &Policy { keep_daily: 4, ..Default::default() });
-        let mut a: Vec<_> = daily.iter().filter(|s| s.starts_with('a')).cloned().collect();
+        let daily = select(
+            &hs,
+            &Policy {
+                keep_daily: 4,
+                ..Default::default()
+            },
+        );
+        let mut a: Vec<_> = daily
+            .iter()
+            .filter(|s| s.starts_with('a'))
+            .cloned()
+            .collect();
         a.sort();
         assert_eq!(a, ["a6-1", "a7-1", "a8-1", "a9-1"]);
-        let monthly = select(&hs, &Policy { keep_monthly: 5, ..Default::default() });
+        let monthly = select(
+            &hs,
+            &Policy {
+                keep_monthly: 5,
+                ..Default::default()
+            },
+        );
         assert_eq!(monthly.len(), 2, "one month of backups per volume");
-        let both = select(&hs, &Policy { keep_last: 1, keep_weekly: 2, ..Default::default() });
+        let both = select(
+            &hs,
+            &Policy {
+                keep_last: 1,
+                keep_weekly: 2,
+                ..Default::default()
+            },
+        );
         // 2026-01-01 is a Thursday: days 0-3 in one week, 4-9 in the next.
         assert!(both.contains("a3-1") && both.contains("a9-1") && both.len() == 4);
     }

@@ -68,13 +68,23 @@ pub fn now() -> u64 {
 
 impl Repository {
     /// Creates a repository in `store`, whose master key is wrapped for `secret`.
-    pub fn init(store: Arc<dyn ObjectStore>, secret: &[u8], opts: &InitOptions) -> Result<Repository> {
+    pub fn init(
+        store: Arc<dyn ObjectStore>,
+        secret: &[u8],
+        opts: &InitOptions,
+    ) -> Result<Repository> {
         check_chunk_size(opts.chunk_size)?;
         if secret.is_empty() {
-            return Err(BackupError::invalid("key", "the passphrase or key file is empty"));
+            return Err(BackupError::invalid(
+                "key",
+                "the passphrase or key file is empty",
+            ));
         }
         if !(1 << 20..=256 << 20).contains(&opts.pack_size) {
-            return Err(BackupError::invalid("pack size", "must be between 1 MiB and 256 MiB"));
+            return Err(BackupError::invalid(
+                "pack size",
+                "must be between 1 MiB and 256 MiB",
+            ));
         }
         let master: [u8; 32] = random_bytes();
         let config = RepoConfig {

@@ -83,8 +83,16 @@ fn describe_err<E: std::error::Error + ProvideErrorMetadata + 'static>(e: &SdkEr
             SdkError::TimeoutError(_) => "timed out".to_string(),
             SdkError::DispatchFailure(d) => {
                 let mut msg = "cannot reach the server".to_string();
-                if let Some(c) = d.as_connector_error() {
-                    msg = format!("cannot reach the server: {c}");
+                // The connector error's own text is generic ("io error"); its sources
+                // say what happened ("Connection refused").
+                let mut src: Option<&dyn std::error::Error> =
+                    d.as_connector_error().map(|c| c as &dyn std::error::Error);
+                while let Some(s) = src {
+                    let t = s.to_string();
+                    if !msg.contains(&t) {
+                        msg = format!("{msg}: {t}");
+                    }
+                    src = s.source();
                 }
                 msg
             }
@@ -318,7 +326,10 @@ mod tests {
     #[test]
     fn urls() {
         let o = S3Options::from_url("s3://my-bucket/a/b/").unwrap();
-        assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("my-bucket", "a/b/"));
+        assert_eq!(
+            (o.bucket.as_str(), o.prefix.as_str()),
+            ("my-bucket", "a/b/")
+        );
         assert_eq!(S3Options::from_url("s3://bkt").unwrap().prefix, "");
         assert!(S3Options::from_url("s3://B").is_err());
         assert!(S3Options::from_url("file:///x").is_err());

@@ -1,16 +1,20 @@
-//! Backup and restore on the pool: run where the pool is open (the daemon, or the CLI in
-//! direct mode). Chooses the incremental base, gathers the snapshot's allocated ranges,
-//! and restores into a new volume (deleted again if the restore fails).
+//! Backing up a pool's snapshots and restoring into its volumes: chooses the incremental
+//! base, gathers the snapshot's allocated ranges, and restores into a new volume (deleted
+//! again if the restore fails). Runs wherever the pool is open (the daemon, or the CLI in
+//! direct mode).
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
-use serde_json::Value;
-use snapblk_backup::manifest::{self, Header};
-use snapblk_backup::{backup, restore, Progress, Repository};
 use snapblk_core::device::BLOCK_SIZE_U64;
 use snapblk_core::names::parse_snap_ref;
 use snapblk_core::{Export, Pool, VolumeHandle};
+
+use crate::backup::Base;
+use crate::error::{BackupError, Result};
+use crate::manifest::{self, Header};
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::{backup, restore};
 
 /// NBD_STATE_HOLE in block status flags.
 const HOLE: u32 = 1;
@@ -20,7 +24,7 @@ const STATUS_STEP: u64 = 1 << 30;
 const MAX_BASE_CANDIDATES: usize = 8;
 
 /// Byte ranges of `src` holding data.
-fn allocated(src: &dyn Export) -> Result<Vec<(u64, u64)>> {
+pub fn allocated(src: &dyn Export) -> Result<Vec<(u64, u64)>> {
     let size = src.size()?;
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut off = 0;
@@ -28,7 +32,10 @@ fn allocated(src: &dyn Export) -> Result<Vec<(u64, u64)>> {
         let len = STATUS_STEP.min(size - off);
         let runs = src.block_status(off, len)?;
         if runs.is_empty() {
-            bail!("block status returned nothing at offset {off}");
+            return Err(BackupError::invalid(
+                "block status",
+                format!("nothing at offset {off}"),
+            ));
         }
         for (n, flags) in runs {
             let n = n.min(size - off);
@@ -40,7 +47,10 @@ fn allocated(src: &dyn Export) -> Result<Vec<(u64, u64)>> {
             }
             off += n;
             if n == 0 {
-                bail!("block status returned an empty run at offset {off}");
+                return Err(BackupError::invalid(
+                    "block status",
+                    format!("empty run at offset {off}"),
+                ));
             }
         }
     }
@@ -48,11 +58,7 @@ fn allocated(src: &dyn Export) -> Result<Vec<(u64, u64)>> {
 }
 
 /// The backup in `repo` of a snapshot still in this pool that differs least from `snap`.
-fn choose_base(
-    pool: &Pool,
-    repo: &Repository,
-    snap: &str,
-) -> Result<Option<(Header, Vec<(u64, u64)>)>> {
+fn choose_base(pool: &Pool, repo: &Repository, snap: &str) -> Result<Option<Base>> {
     let (headers, _) = manifest::list(repo)?;
     let target = pool.resolve_target(snap)?;
     let mut cands: Vec<(&Header, String)> = headers
@@ -61,7 +67,7 @@ fn choose_base(
         .filter_map(|h| pool.snapshot_by_id(h.snapshot_id).map(|n| (h, n)))
         .collect();
     cands.sort_by_key(|(h, _)| std::cmp::Reverse((h.created, h.backed_up)));
-    let mut best: Option<(u64, Header, Vec<(u64, u64)>)> = None;
+    let mut best: Option<(u64, Base)> = None;
     for (h, name) in cands.into_iter().take(MAX_BASE_CANDIDATES) {
         let ranges: Vec<(u64, u64)> = pool
             .diff(&pool.resolve_target(&name)?, &target)?
@@ -70,19 +76,20 @@ fn choose_base(
             .collect();
         let changed: u64 = ranges.iter().map(|r| r.1).sum();
         if best.as_ref().is_none_or(|b| changed < b.0) {
-            best = Some((changed, h.clone(), ranges));
+            best = Some((changed, (h.clone(), ranges)));
         }
     }
-    Ok(best.map(|(_, h, r)| (h, r)))
+    Ok(best.map(|(_, b)| b))
 }
 
-pub fn backup(
+/// Backs up `vol@snap` of `pool`; incrementally unless `full` or no base is found.
+pub fn backup_snapshot(
     pool: &Arc<Pool>,
     repo: &Repository,
     snapshot: &str,
     full: bool,
     progress: &dyn Progress,
-) -> Result<Value> {
+) -> Result<backup::Summary> {
     let (v, s) = parse_snap_ref(snapshot)?;
     let info = pool.snapshot_info(v, s)?;
     let source: Arc<dyn Export> = Arc::new(VolumeHandle::open(pool, snapshot)?);
@@ -103,33 +110,32 @@ pub fn backup(
         readers: 2,
         uploaders: 4,
     };
-    Ok(serde_json::to_value(backup::run(repo, job, progress)?)?)
+    backup::run(repo, job, progress)
 }
 
-pub fn restore(
+/// Restores the backup `backup_name` (`vol@snap` or id) as the new volume `new_volume`.
+pub fn restore_volume(
     pool: &Arc<Pool>,
     repo: &Repository,
     backup_name: &str,
     new_volume: &str,
     progress: &dyn Progress,
-) -> Result<Value> {
+) -> Result<restore::Summary> {
     let (headers, _) = manifest::list(repo)?;
     let Some(h) = manifest::find(&headers, backup_name) else {
-        return Err(snapblk_backup::BackupError::NoSuchBackup(backup_name.to_string()).into());
+        return Err(BackupError::NoSuchBackup(backup_name.to_string()));
     };
     let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
     pool.create_volume(new_volume, size)?;
     let sink = VolumeHandle::open(pool, new_volume)?;
-    match restore::run(repo, h, &sink, 4, progress) {
-        Ok(s) => Ok(serde_json::to_value(s)?),
-        Err(e) => {
-            drop(sink);
-            if let Err(d) = pool.delete_volume(new_volume, false) {
-                log::warn!("removing the partly restored volume {new_volume}: {d}");
-            }
-            Err(anyhow::Error::new(e).context(format!(
-                "restore of {backup_name} failed; the partly restored volume {new_volume} was removed"
-            )))
+    restore::run(repo, h, &sink, 4, progress).map_err(|e| {
+        drop(sink);
+        if let Err(d) = pool.delete_volume(new_volume, false) {
+            log::warn!("removing the partly restored volume {new_volume}: {d}");
         }
-    }
+        BackupError::RestoreFailed {
+            volume: new_volume.to_string(),
+            source: Box::new(e),
+        }
+    })
 }
