@@ -80,7 +80,10 @@ pub enum Command {
         repo: RepoSpec,
         backup: String,
         name: String,
+        #[serde(default)]
+        lazy: bool,
     },
+    RestoreStatus,
 }
 
 fn to_value<T: Serialize>(v: T) -> Value {
@@ -95,6 +98,9 @@ pub fn execute(
     cmd: &Command,
     progress: &dyn Progress,
 ) -> anyhow::Result<Value> {
+    if let (Some(d), Some(vol)) = (devices, touched_volume(cmd)) {
+        d.check_not_restoring(&vol)?;
+    }
     Ok(match cmd {
         Command::Backup {
             snapshot,
@@ -107,13 +113,34 @@ pub fn execute(
             *full,
             progress,
         )?),
-        Command::Restore { repo, backup, name } => to_value(volume::restore_volume(
+        Command::Restore {
+            repo,
+            backup,
+            name,
+            lazy: false,
+        } => to_value(volume::restore_volume(
             pool,
             &repo.open()?,
             backup,
             name,
             progress,
         )?),
+        Command::Restore {
+            repo,
+            backup,
+            name,
+            lazy: true,
+        } => {
+            let d = devices.ok_or_else(|| {
+                anyhow::anyhow!("a lazy restore needs the daemon (it serves the volume while it hydrates)")
+            })?;
+            let t0 = std::time::Instant::now();
+            let h = volume::restore_lazy(pool, &repo.open()?, backup, name, &d.restores, &d.restore_dir)?;
+            let mut v = h.status();
+            v["ready_seconds"] = json!(t0.elapsed().as_secs_f64());
+            v
+        }
+        Command::RestoreStatus => json!(devices::need(devices)?.restores.status()),
         Command::Attach {
             target,
             read_only,
@@ -171,6 +198,20 @@ pub fn execute(
     })
 }
 
+/// The volume a command snapshots, clones from, reshapes or removes: such commands must
+/// wait until a lazy restore into it completes.
+fn touched_volume(cmd: &Command) -> Option<String> {
+    let vol_of = |s: &str| parse_snap_ref(s).map(|(v, _)| v.to_string()).ok();
+    match cmd {
+        Command::SnapshotCreate { snapshot } | Command::Rollback { snapshot } => vol_of(snapshot),
+        Command::VolumeResize { name, .. } | Command::VolumeDelete { name, .. } => {
+            Some(name.clone())
+        }
+        Command::VolumeRename { old, .. } => Some(old.clone()),
+        _ => None,
+    }
+}
+
 /// Whether a command changes the pool (direct mode then lets reclaim finish before exit).
 pub fn mutates(cmd: &Command) -> bool {
     !matches!(
@@ -183,5 +224,6 @@ pub fn mutates(cmd: &Command) -> bool {
             | Command::SnapshotInfo { .. }
             | Command::Diff { .. }
             | Command::List
+            | Command::RestoreStatus
     )
 }

@@ -91,9 +91,15 @@ pub enum Cmd {
         /// Name of the new volume.
         #[arg(long = "as", value_name = "NEWVOL")]
         name: String,
+        /// Return at once: the volume can be attached and mounted while its data is
+        /// fetched (on demand first, the rest in the background). Needs the daemon.
+        #[arg(long)]
+        lazy: bool,
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Progress of lazy restores.
+    RestoreStatus,
     /// List the byte ranges that differ between two snapshots, or a snapshot and a volume.
     Diff {
         /// VOLUME@SNAPSHOT (or VOLUME)

@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use snapblk_core::PoolExports;
 
 use crate::control;
 use crate::devices::Devices;
@@ -75,13 +74,10 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     pool.start_background();
 
     private_mount_namespace();
-    let devices = Arc::new(Devices::new(Arc::clone(&pool)));
+    let devices = Arc::new(Devices::new(Arc::clone(&pool), meta.join("restores")));
     devices.recover_all();
     let ctl = control::bind_unix(&socket, 0o600)?;
-    let nbd = snapblk_nbd::Server::new(
-        Arc::new(PoolExports(Arc::clone(&pool))),
-        cfg.workers.unwrap_or(16),
-    )?;
+    let nbd = snapblk_nbd::Server::new(Arc::clone(&devices.exports), cfg.workers.unwrap_or(16))?;
     let nbd_unix = control::bind_unix(&nbd_socket, 0o660)?;
     {
         let s = Arc::clone(&nbd);
@@ -117,6 +113,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     if let Some(sig) = signals.forever().next() {
         eprintln!("snapblk daemon: signal {sig}, shutting down");
     }
+    devices.restores.stop_all();
     devices.detach_all();
     let r = pool.shutdown();
     let _ = std::fs::remove_file(&socket);

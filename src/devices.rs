@@ -1,15 +1,25 @@
-//! ublk devices owned by the daemon: attach, detach, list, and detach-all at shutdown.
+//! What the daemon serves besides NBD: ublk devices (attach, detach, list, detach-all at
+//! shutdown) and lazy restores in progress (whose volumes every frontend opens through
+//! `exports`, so they hydrate on access).
 
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
+use std::path::PathBuf;
+
+use snapblk_backup::lazy::{LazyExports, Restores};
 use snapblk_core::export::ReadOnly;
-use snapblk_core::{Export, Pool, VolumeHandle};
+use snapblk_core::{Export, ExportProvider, Pool, PoolExports};
 
 pub struct Devices {
     pool: Arc<Pool>,
     list: Mutex<Vec<snapblk_ublk::Device>>,
+    /// Every volume and snapshot, with lazy restores wrapped (see snapblk_backup::lazy).
+    pub exports: Arc<dyn ExportProvider>,
+    pub restores: Arc<Restores>,
+    /// Where lazy restores keep their state (`<meta>/restores`).
+    pub restore_dir: PathBuf,
 }
 
 fn describe(d: &snapblk_ublk::Device) -> Value {
@@ -17,11 +27,32 @@ fn describe(d: &snapblk_ublk::Device) -> Value {
 }
 
 impl Devices {
-    pub fn new(pool: Arc<Pool>) -> Self {
+    pub fn new(pool: Arc<Pool>, restore_dir: PathBuf) -> Self {
+        let restores = Arc::new(Restores::default());
+        for s in snapblk_backup::lazy::interrupted(&restore_dir) {
+            if pool.volume_info(&s.volume).is_ok_and(|v| v.id == s.volume_id) {
+                log::warn!("lazy restore of {} into {} was interrupted", s.backup, s.volume);
+                restores.suspend(s);
+            }
+        }
         Devices {
+            exports: Arc::new(LazyExports {
+                inner: Arc::new(PoolExports(Arc::clone(&pool))),
+                restores: Arc::clone(&restores),
+            }),
             pool,
             list: Mutex::new(Vec::new()),
+            restores,
+            restore_dir,
         }
+    }
+
+    /// Refuses commands that would see a half-restored volume.
+    pub fn check_not_restoring(&self, volume: &str) -> Result<()> {
+        if self.restores.busy(volume) {
+            bail!("volume {volume} is still being restored lazily (see `snapblk restore-status`); wait until it completes");
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<snapblk_ublk::Device>> {
@@ -29,7 +60,7 @@ impl Devices {
     }
 
     pub fn attach(&self, target: &str, read_only: bool, queues: u16, depth: u16) -> Result<Value> {
-        let handle: Arc<dyn Export> = Arc::new(VolumeHandle::open(&self.pool, target)?);
+        let handle = self.exports.open(target)?;
         let export: Arc<dyn Export> = if read_only && !handle.read_only() {
             Arc::new(ReadOnly(handle))
         } else {
@@ -65,10 +96,11 @@ impl Devices {
     /// stay mounted; I/O that waited continues).
     pub fn recover_all(&self) {
         for o in snapblk_ublk::orphans(self.pool.uuid()) {
-            let r = VolumeHandle::open(&self.pool, &o.export)
+            let r = self
+                .exports
+                .open(&o.export)
                 .map_err(anyhow::Error::from)
                 .and_then(|h| {
-                    let h: Arc<dyn Export> = Arc::new(h);
                     let export: Arc<dyn Export> = if o.read_only && !h.read_only() {
                         Arc::new(ReadOnly(h))
                     } else {

@@ -97,12 +97,15 @@ fn command(cmd: &Cmd) -> Result<Command> {
             target,
             backup,
             name,
+            lazy,
             repo,
         } => Command::Restore {
             repo: repo.spec(target)?,
             backup: backup.clone(),
             name: name.clone(),
+            lazy: *lazy,
         },
+        Cmd::RestoreStatus => Command::RestoreStatus,
         Cmd::Pool(PoolCmd::Create { .. })
         | Cmd::Daemon(_)
         | Cmd::UdevName { .. }

@@ -194,6 +194,34 @@ pub fn render(cmd: &Command, v: &Value) -> String {
                 st["seconds"].as_f64().unwrap_or(0.0)
             )
         }
+        Command::Restore { lazy: true, name, .. } => format!(
+            "volume {name} is ready ({:.2} s); restoring {} lazily in the background (see `snapblk restore-status`)",
+            v["ready_seconds"].as_f64().unwrap_or(0.0),
+            cell("", &v["backup"])
+        ),
+        Command::RestoreStatus => {
+            let mut s = String::new();
+            for r in &rows {
+                s.push_str(&format!(
+                    "{} <- {} ({}): {} {:.1}% of {}{}\n",
+                    cell("", &r["volume"]),
+                    cell("", &r["backup"]),
+                    cell("", &r["target"]),
+                    if r["complete"].as_bool() == Some(true) { "complete" } else { "hydrating" },
+                    r["percent"].as_f64().unwrap_or(0.0),
+                    format_size(r["bytes_total"].as_u64().unwrap_or(0)),
+                    match r["error"].as_str() {
+                        Some(e) => format!("; last error: {e}"),
+                        None => String::new(),
+                    }
+                ));
+            }
+            if s.is_empty() {
+                "no lazy restores".into()
+            } else {
+                s.trim_end().to_string()
+            }
+        }
         Command::Restore { name, .. } => format!(
             "restored {} (backup {}) as volume {name}: wrote {}, downloaded {} ({} chunks) in {:.1} s",
             v_name(v),

@@ -71,6 +71,43 @@ snapblk restore "$S3" inc@b --as inc-b >/dev/null
 same inc@a inc-a
 same inc@b inc-b
 
+log "lazy restore: mount and read while hydrating; afterwards S3 is not needed"
+snapblk volume create lz --size 512M >/dev/null
+dev=$(attach_loop lz)
+mkfs.ext4 -q "$dev"
+mount "$dev" "$T/mnt"
+for i in $(seq 1 20); do head -c $((RANDOM * 16)) /dev/urandom >"$T/mnt/small$i"; done
+head -c 300M /dev/urandom >"$T/mnt/big"
+(cd "$T/mnt" && sha256sum small* big) >"$T/lzsums"
+snapblk snapshot create lz@s --freeze "$T/mnt" >/dev/null
+umount "$T/mnt"; detach_loop lz "$dev"
+snapblk backup lz@s --to "$S3" >/dev/null
+snapblk --json restore "$S3" lz@s --as lz-r --lazy >"$T/lazy.json"
+ready=$(jq_ 'v["ready_seconds"]' <"$T/lazy.json")
+log "lazy restore ready after $ready s"
+python3 -c "import sys; sys.exit(0 if $ready < 2 else 1)" || fail "lazy restore took $ready s to be ready"
+dev=$(attach_loop lz-r)
+mount "$dev" "$T/mnt"
+(cd "$T/mnt" && grep small "$T/lzsums" | sha256sum --quiet -c) || fail "files differ while hydrating"
+echo "written during hydration" >"$T/mnt/new"
+remaining=$(snapblk --json restore-status | jq_ '[r for r in v if r["volume"]=="lz-r"][0]["cells_remaining"]')
+log "read and wrote files with $remaining cells still to hydrate"
+[ "$remaining" -gt 0 ] || fail "hydration finished before the first read; the test proves nothing"
+(cd "$T/mnt" && sha256sum --quiet -c "$T/lzsums") || fail "files differ while hydrating"
+umount "$T/mnt"
+for _ in $(seq 1 600); do
+    [ "$(snapblk --json restore-status | jq_ '[r for r in v if r["volume"]=="lz-r"][0]["complete"]')" = True ] && break
+    sleep 0.1
+done
+snapblk restore-status
+stop_s3
+e2fsck -fn "$dev" >/dev/null || fail "fsck of the lazily restored volume"
+mount "$dev" "$T/mnt"
+(cd "$T/mnt" && sha256sum --quiet -c "$T/lzsums") || fail "files differ after hydration"
+grep -q "written during hydration" "$T/mnt/new" || fail "write during hydration lost"
+umount "$T/mnt"; detach_loop lz-r "$dev"
+start_s3
+
 log "dedup: two clones of one snapshot"
 D=s3://snapblk-test/dedup
 snapblk repo init "$D" >/dev/null
@@ -160,7 +197,7 @@ grep -q "inc@a" "$T/p.out" || fail "prune --keep-last 1 kept inc@a"
 snapblk --json backup verify "$S3" --read-data >"$T/v.json" || { cat "$T/v.json"; fail "verify after gc"; }
 [ "$(jq_ 'v["chunks_unreferenced"]' <"$T/v.json")" -eq 0 ] || fail "unreferenced chunks left after gc"
 snapblk --json backup list "$S3" | jq_ '"\n".join(b["volume"]+"@"+b["snapshot"] for b in v["backups"])' >"$T/left"
-[ "$(sort "$T/left" | tr '\n' ' ')" = "fs@one inc@b " ] || fail "unexpected backups left: $(cat "$T/left")"
+[ "$(sort "$T/left" | tr "\n" " ")" = "fs@one inc@b lz@s " ] || fail "unexpected backups left: $(cat "$T/left")"
 snapblk restore "$S3" inc@b --as inc-b2 >/dev/null
 same inc@b inc-b2
 snapblk restore "$S3" fs@one --as fs-2 >/dev/null

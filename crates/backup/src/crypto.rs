@@ -145,6 +145,7 @@ pub fn unwrap_master(slot: &KeySlot, secret: &[u8]) -> Result<Option<[u8; 32]>> 
 }
 
 /// The working keys of an open repository.
+#[derive(Clone)]
 pub struct Keys {
     id_key: [u8; 32],
     seal: XChaCha20Poly1305,

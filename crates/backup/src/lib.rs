@@ -21,6 +21,7 @@ pub mod error;
 pub mod file;
 pub mod gc;
 pub mod index;
+pub mod lazy;
 pub mod manifest;
 pub mod pack;
 mod par;

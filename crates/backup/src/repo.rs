@@ -54,6 +54,7 @@ impl Default for InitOptions {
     }
 }
 
+#[derive(Clone)]
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
     config: RepoConfig,

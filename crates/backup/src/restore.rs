@@ -36,15 +36,15 @@ pub struct Summary {
 }
 
 /// Reads and verifies chunks of one repository.
-pub struct Fetcher<'a> {
-    pub repo: &'a Repository,
+pub struct Fetcher {
+    pub repo: Repository,
     pub index: ChunkIndex,
 }
 
-impl<'a> Fetcher<'a> {
-    pub fn new(repo: &'a Repository) -> Result<Self> {
+impl Fetcher {
+    pub fn new(repo: &Repository) -> Result<Self> {
         Ok(Fetcher {
-            repo,
+            repo: repo.clone(),
             index: ChunkIndex::load(repo, false)?,
         })
     }

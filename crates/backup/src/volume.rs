@@ -11,6 +11,7 @@ use snapblk_core::{Export, Pool, VolumeHandle};
 
 use crate::backup::Base;
 use crate::error::{BackupError, Result};
+use crate::lazy::{Hydration, Restores, State};
 use crate::manifest::{self, Header};
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -138,4 +139,60 @@ pub fn restore_volume(
             source: Box::new(e),
         }
     })
+}
+
+/// Starts a lazy restore of `backup_name` as `new_volume`: the volume is usable as soon as
+/// this returns; `restores` serves it while it hydrates. If `new_volume` is an interrupted
+/// lazy restore of the same backup, it resumes.
+pub fn restore_lazy(
+    pool: &Arc<Pool>,
+    repo: &Repository,
+    backup_name: &str,
+    new_volume: &str,
+    restores: &Restores,
+    state_dir: &std::path::Path,
+) -> Result<Arc<Hydration>> {
+    let (headers, _) = manifest::list(repo)?;
+    let Some(h) = manifest::find(&headers, backup_name) else {
+        return Err(BackupError::NoSuchBackup(backup_name.to_string()));
+    };
+    if restores.active(new_volume).is_some() {
+        return Err(BackupError::invalid(new_volume, "is already being restored"));
+    }
+    let resume = restores.suspended(new_volume);
+    if let Some(s) = &resume {
+        if s.manifest != h.id {
+            return Err(BackupError::invalid(
+                new_volume,
+                format!("is an interrupted restore of {} ({}), not of {}", s.backup, s.manifest, h.id),
+            ));
+        }
+    } else {
+        let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
+        pool.create_volume(new_volume, size)?;
+    }
+    let state = State {
+        volume: new_volume.to_string(),
+        volume_id: pool.volume_info(new_volume)?.id,
+        manifest: h.id.clone(),
+        backup: h.name(),
+        target: repo.describe(),
+    };
+    let sink: Arc<dyn Export> = Arc::new(VolumeHandle::open(pool, new_volume)?);
+    match Hydration::start(repo, h, sink, state, state_dir) {
+        Ok(hyd) => {
+            restores.insert(Arc::clone(&hyd));
+            Ok(hyd)
+        }
+        Err(e) if resume.is_none() => {
+            if let Err(d) = pool.delete_volume(new_volume, false) {
+                log::warn!("removing {new_volume} after a failed lazy restore: {d}");
+            }
+            Err(BackupError::RestoreFailed {
+                volume: new_volume.to_string(),
+                source: Box::new(e),
+            })
+        }
+        Err(e) => Err(e),
+    }
 }
