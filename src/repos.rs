@@ -26,6 +26,9 @@ impl Secret {
     fn bytes(&self) -> Result<Vec<u8>> {
         hex::decode(&self.0).context("malformed key material")
     }
+    fn text(&self) -> String {
+        self.0.clone()
+    }
 }
 
 /// Everything needed to open a repository; travels to the daemon over the control socket
@@ -36,6 +39,10 @@ pub struct RepoSpec {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub secret: Secret,
+    /// S3 credentials the CLI resolved (access key id, secret key, session token), so the
+    /// daemon acts with the invoking user's credentials. Absent: the daemon's own chain.
+    #[serde(default)]
+    pub credentials: Option<(String, Secret, Option<Secret>)>,
 }
 
 /// Command-line options naming a repository's key and S3 endpoint.
@@ -71,12 +78,22 @@ impl RepoArgs {
         if secret.is_empty() {
             bail!("the repository key is empty");
         }
-        parse_target(url, self.endpoint.as_deref())?;
+        let credentials = match parse_target(url, self.endpoint.as_deref())? {
+            Target::S3(_) => snapblk_s3::resolve_credentials().map(|c| {
+                (
+                    c.access_key_id,
+                    Secret(c.secret_access_key),
+                    c.session_token.map(Secret),
+                )
+            }),
+            Target::File(_) => None,
+        };
         Ok(RepoSpec {
             url: url.to_string(),
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),
             secret: Secret(hex::encode(secret)),
+            credentials,
         })
     }
 }
@@ -107,6 +124,13 @@ impl RepoSpec {
             Target::File(p) => Arc::new(FileStore::new(p)),
             Target::S3(mut o) => {
                 o.region = self.region.clone();
+                o.credentials = self.credentials.as_ref().map(|(id, key, token)| {
+                    snapblk_s3::StaticCredentials {
+                        access_key_id: id.clone(),
+                        secret_access_key: key.text(),
+                        session_token: token.as_ref().map(Secret::text),
+                    }
+                });
                 o.attempt_timeout = Duration::from_secs(60);
                 let s = S3Store::new(o)?;
                 if create_bucket {

@@ -9,7 +9,8 @@ source "$(dirname "$0")/s3lib.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 start_s3
 create_pool 4G
-start_daemon
+# The daemon has no S3 credentials of its own: it must use the ones the CLI resolves.
+AWS_ACCESS_KEY_ID= AWS_SECRET_ACCESS_KEY= start_daemon
 head -c 32 /dev/urandom >"$T/key"
 export SNAPBLK_KEY_FILE=$T/key
 S3=s3://snapblk-test/main
@@ -203,4 +204,9 @@ same inc@b inc-b2
 snapblk restore "$S3" fs@one --as fs-2 >/dev/null
 same fs@one fs-2
 assert_check_clean
+log "no key material or S3 secret in logs or JSON output"
+keyhex=$(od -An -tx1 "$T/key" | tr -d ' \n')
+if grep -rl -e "$AWS_SECRET_ACCESS_KEY" -e "$keyhex" "$T"/*.json "$T"/*.out "$T/daemon.log" 2>/dev/null; then
+    fail "a secret appears in output"
+fi
 log "backup: all checks passed"

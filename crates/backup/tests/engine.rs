@@ -322,3 +322,100 @@ proptest! {
         }
     }
 }
+
+/// Fails ranged reads (chunk fetches) while `down` is set.
+struct Outage {
+    inner: FileStore,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl ObjectStore for Outage {
+    fn describe(&self) -> String {
+        "outage".into()
+    }
+    fn get(&self, k: &str) -> Result<Vec<u8>, StoreError> {
+        self.inner.get(k)
+    }
+    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Failed {
+                store: "outage".into(),
+                op: "get",
+                key: k.into(),
+                detail: "503 Slow Down".into(),
+            });
+        }
+        self.inner.get_range(k, o, l)
+    }
+    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
+        self.inner.put(k, d)
+    }
+    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
+        self.inner.put_new(k, d)
+    }
+    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner.list(p)
+    }
+    fn delete(&self, k: &str) -> Result<(), StoreError> {
+        self.inner.delete(k)
+    }
+}
+
+#[test]
+fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
+    use snapblk_backup::lazy::{LazyExports, Restores};
+    use snapblk_backup::volume::restore_lazy;
+    use snapblk_core::{ExportProvider, PoolExports};
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let p = pool();
+    let r = repo(dir.path(), 64 << 10);
+    let mut rng = Rng(5);
+    p.create_volume("v", 24 * MIB).unwrap();
+    write(&p, "v", 0, 20 * MIB as usize, &mut rng);
+    let s = snap(&p, "v", "s");
+    backup_snapshot(&p, &r, &s, false, &NoProgress).unwrap();
+    let want = image(&p, &s);
+
+    let outage = Arc::new(Outage {
+        inner: FileStore::new(dir.path()),
+        down: std::sync::atomic::AtomicBool::new(true),
+    });
+    let store: Arc<dyn ObjectStore> = outage.clone();
+    let r2 = Repository::open(store, b"test key").unwrap();
+    let restores = Arc::new(Restores::default());
+    let hyd = restore_lazy(&p, &r2, &s, "lazy", &restores, state.path()).unwrap();
+    let exports = LazyExports {
+        inner: Arc::new(PoolExports(Arc::clone(&p))),
+        restores: Arc::clone(&restores),
+    };
+    let e = exports.open("lazy").unwrap();
+    // The store is down: reads fail with EIO, never zeros.
+    let mut buf = vec![0u8; 128 << 10];
+    let err = e.read(5 * MIB, &mut buf).unwrap_err();
+    assert_eq!(err.errno(), libc_eio(), "{err}");
+    assert_eq!(e.block_status(0, 24 * MIB).unwrap(), vec![(24 * MIB, 0)], "unhydrated is data");
+    // Back up: reads return the backed-up bytes, a write in the middle of a cell sticks.
+    outage.down.store(false, Ordering::SeqCst);
+    e.read(5 * MIB, &mut buf).unwrap();
+    assert!(buf[..] == want[5 * MIB as usize..5 * MIB as usize + buf.len()]);
+    e.write(7 * MIB + 4096, &[0xab; 4096], false).unwrap();
+    e.flush().unwrap();
+    for _ in 0..600 {
+        if hyd.is_complete() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(hyd.is_complete(), "{}", hyd.status());
+    let mut got = image(&p, "lazy");
+    assert!(got[7 * MIB as usize + 4096..7 * MIB as usize + 8192].iter().all(|b| *b == 0xab));
+    got[7 * MIB as usize + 4096..7 * MIB as usize + 8192].copy_from_slice(&want[7 * MIB as usize + 4096..7 * MIB as usize + 8192]);
+    assert!(got == want, "hydrated volume differs from the snapshot");
+    assert!(std::fs::read_dir(state.path()).unwrap().next().is_none(), "state files removed");
+}
+
+fn libc_eio() -> i32 {
+    5
+}

@@ -30,6 +30,46 @@ pub struct S3Options {
     /// Attempts per request, including the first.
     pub max_attempts: u32,
     pub attempt_timeout: Duration,
+    /// Use these credentials instead of this process's credential chain (the daemon runs
+    /// backups with the credentials the CLI user resolved).
+    pub credentials: Option<StaticCredentials>,
+}
+
+/// Credentials resolved by the standard chain, to hand to another process.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StaticCredentials({}, <redacted>)", self.access_key_id)
+    }
+}
+
+/// Resolves credentials with the standard AWS chain (environment, shared config and
+/// credentials files, web identity, container and instance metadata) in this process.
+/// `None` when the chain has none.
+pub fn resolve_credentials() -> Option<StaticCredentials> {
+    use aws_sdk_s3::config::ProvideCredentials;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        let conf = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .load()
+            .await;
+        let c = conf.credentials_provider()?.provide_credentials().await.ok()?;
+        Some(StaticCredentials {
+            access_key_id: c.access_key_id().to_string(),
+            secret_access_key: c.secret_access_key().to_string(),
+            session_token: c.session_token().map(str::to_string),
+        })
+    })
 }
 
 impl S3Options {
@@ -60,6 +100,7 @@ impl S3Options {
             region: None,
             max_attempts: 5,
             attempt_timeout: Duration::from_secs(60),
+            credentials: None,
         })
     }
 }
@@ -148,6 +189,15 @@ impl S3Store {
                 );
             if let Some(ep) = &opts.endpoint {
                 loader = loader.endpoint_url(ep);
+            }
+            if let Some(c) = &opts.credentials {
+                loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                    c.access_key_id.clone(),
+                    c.secret_access_key.clone(),
+                    c.session_token.clone(),
+                    None,
+                    "snapblk-cli",
+                ));
             }
             let conf = loader.load().await;
             let mut b = aws_sdk_s3::config::Builder::from(&conf);
