@@ -132,10 +132,19 @@ pub fn execute(
             lazy: true,
         } => {
             let d = devices.ok_or_else(|| {
-                anyhow::anyhow!("a lazy restore needs the daemon (it serves the volume while it hydrates)")
+                anyhow::anyhow!(
+                    "a lazy restore needs the daemon (it serves the volume while it hydrates)"
+                )
             })?;
             let t0 = std::time::Instant::now();
-            let h = volume::restore_lazy(pool, &repo.open()?, backup, name, &d.restores, &d.restore_dir)?;
+            let h = volume::restore_lazy(
+                pool,
+                &repo.open()?,
+                backup,
+                name,
+                &d.restores,
+                &d.restore_dir,
+            )?;
             let mut v = h.status();
             v["ready_seconds"] = json!(t0.elapsed().as_secs_f64());
             v

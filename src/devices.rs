@@ -30,8 +30,15 @@ impl Devices {
     pub fn new(pool: Arc<Pool>, restore_dir: PathBuf) -> Self {
         let restores = Arc::new(Restores::default());
         for s in snapblk_backup::lazy::interrupted(&restore_dir) {
-            if pool.volume_info(&s.volume).is_ok_and(|v| v.id == s.volume_id) {
-                log::warn!("lazy restore of {} into {} was interrupted", s.backup, s.volume);
+            if pool
+                .volume_info(&s.volume)
+                .is_ok_and(|v| v.id == s.volume_id)
+            {
+                log::warn!(
+                    "lazy restore of {} into {} was interrupted",
+                    s.backup,
+                    s.volume
+                );
                 restores.suspend(s);
             }
         }

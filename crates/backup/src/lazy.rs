@@ -43,7 +43,7 @@ use crate::restore::Fetcher;
 
 const STRIPES: usize = 256;
 /// Cells fetched per background request batch.
-const BATCH: usize = 64;
+const BATCH: usize = 512;
 /// The background thread saves the bitmap at least this often.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -200,7 +200,10 @@ impl Hydration {
 
     fn eio(&self, e: impl std::fmt::Display) -> VolError {
         VolError::device(
-            format!("lazy restore of {} from {}", self.state.volume, self.state.target),
+            format!(
+                "lazy restore of {} from {}",
+                self.state.volume, self.state.target
+            ),
             std::io::Error::other(e.to_string()),
         )
     }
@@ -215,7 +218,8 @@ impl Hydration {
         self.sink
             .write(cell * u64::from(self.table.chunk_size), data, false)?;
         self.done[p / 64].fetch_or(1 << (p % 64), Ordering::AcqRel);
-        self.bytes_done.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.bytes_done
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.remaining.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }
@@ -261,7 +265,11 @@ impl Hydration {
         if self.is_complete() {
             return Ok(());
         }
-        let words: Vec<u64> = self.done.iter().map(|w| w.load(Ordering::Acquire)).collect();
+        let words: Vec<u64> = self
+            .done
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect();
         self.sink.flush()?;
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         write_atomic(&bits_path(&self.dir, self.state.volume_id), &bytes)
@@ -303,7 +311,10 @@ impl Hydration {
                     p0 = end + 1;
                 }
                 Err(e) => {
-                    log::warn!("lazy restore of {}: {e}; retrying in {backoff:?}", self.state.volume);
+                    log::warn!(
+                        "lazy restore of {}: {e}; retrying in {backoff:?}",
+                        self.state.volume
+                    );
                     *lock(&self.error) = Some(e.to_string());
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -384,7 +395,13 @@ impl Export for LazyExport {
         self.hyd.ensure(offset, len)?;
         self.inner.trim(offset, len, fua)
     }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, fast: bool) -> snapblk_core::Result<()> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        fast: bool,
+    ) -> snapblk_core::Result<()> {
         self.hyd.ensure(offset, len)?;
         self.inner.write_zeroes(offset, len, fua, fast)
     }

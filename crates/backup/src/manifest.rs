@@ -239,7 +239,14 @@ pub fn list(repo: &Repository) -> Result<(Vec<Header>, Unreadable)> {
             Err(e) => bad.push((id, e)),
         }
     }
-    ok.sort_by(|a, b| (a.backed_up, a.created, &a.id).cmp(&(b.backed_up, b.created, &b.id)));
+    ok.sort_by(|a, b| {
+        (a.backed_up, a.created, a.snapshot_id, &a.id).cmp(&(
+            b.backed_up,
+            b.created,
+            b.snapshot_id,
+            &b.id,
+        ))
+    });
     Ok((ok, bad))
 }
 

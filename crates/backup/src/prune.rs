@@ -64,7 +64,16 @@ pub fn select(headers: &[Header], policy: &Policy) -> HashSet<String> {
     }
     let mut keep = HashSet::new();
     for (_, mut hs) in groups {
-        hs.sort_by(|a, b| (b.created, b.backed_up, &b.id).cmp(&(a.created, a.backed_up, &a.id)));
+        // Newest first; snapshot ids grow within a pool, so they order snapshots taken in
+        // the same second.
+        hs.sort_by(|a, b| {
+            (b.created, b.snapshot_id, b.backed_up, &b.id).cmp(&(
+                a.created,
+                a.snapshot_id,
+                a.backed_up,
+                &a.id,
+            ))
+        });
         for h in hs.iter().take(policy.keep_last as usize) {
             keep.insert(h.id.clone());
         }

@@ -67,7 +67,7 @@ fn choose_base(pool: &Pool, repo: &Repository, snap: &str) -> Result<Option<Base
         .filter(|h| h.pool == pool.uuid() && h.chunk_size == repo.config().chunk_size)
         .filter_map(|h| pool.snapshot_by_id(h.snapshot_id).map(|n| (h, n)))
         .collect();
-    cands.sort_by_key(|(h, _)| std::cmp::Reverse((h.created, h.backed_up)));
+    cands.sort_by_key(|(h, _)| std::cmp::Reverse((h.created, h.snapshot_id, h.backed_up)));
     let mut best: Option<(u64, Base)> = None;
     for (h, name) in cands.into_iter().take(MAX_BASE_CANDIDATES) {
         let ranges: Vec<(u64, u64)> = pool
@@ -157,14 +157,20 @@ pub fn restore_lazy(
         return Err(BackupError::NoSuchBackup(backup_name.to_string()));
     };
     if restores.active(new_volume).is_some() {
-        return Err(BackupError::invalid(new_volume, "is already being restored"));
+        return Err(BackupError::invalid(
+            new_volume,
+            "is already being restored",
+        ));
     }
     let resume = restores.suspended(new_volume);
     if let Some(s) = &resume {
         if s.manifest != h.id {
             return Err(BackupError::invalid(
                 new_volume,
-                format!("is an interrupted restore of {} ({}), not of {}", s.backup, s.manifest, h.id),
+                format!(
+                    "is an interrupted restore of {} ({}), not of {}",
+                    s.backup, s.manifest, h.id
+                ),
             ));
         }
     } else {

@@ -395,7 +395,11 @@ fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
     let mut buf = vec![0u8; 128 << 10];
     let err = e.read(5 * MIB, &mut buf).unwrap_err();
     assert_eq!(err.errno(), libc_eio(), "{err}");
-    assert_eq!(e.block_status(0, 24 * MIB).unwrap(), vec![(24 * MIB, 0)], "unhydrated is data");
+    assert_eq!(
+        e.block_status(0, 24 * MIB).unwrap(),
+        vec![(24 * MIB, 0)],
+        "unhydrated is data"
+    );
     // Back up: reads return the backed-up bytes, a write in the middle of a cell sticks.
     outage.down.store(false, Ordering::SeqCst);
     e.read(5 * MIB, &mut buf).unwrap();
@@ -410,12 +414,50 @@ fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
     }
     assert!(hyd.is_complete(), "{}", hyd.status());
     let mut got = image(&p, "lazy");
-    assert!(got[7 * MIB as usize + 4096..7 * MIB as usize + 8192].iter().all(|b| *b == 0xab));
-    got[7 * MIB as usize + 4096..7 * MIB as usize + 8192].copy_from_slice(&want[7 * MIB as usize + 4096..7 * MIB as usize + 8192]);
+    assert!(got[7 * MIB as usize + 4096..7 * MIB as usize + 8192]
+        .iter()
+        .all(|b| *b == 0xab));
+    got[7 * MIB as usize + 4096..7 * MIB as usize + 8192]
+        .copy_from_slice(&want[7 * MIB as usize + 4096..7 * MIB as usize + 8192]);
     assert!(got == want, "hydrated volume differs from the snapshot");
-    assert!(std::fs::read_dir(state.path()).unwrap().next().is_none(), "state files removed");
+    assert!(
+        std::fs::read_dir(state.path()).unwrap().next().is_none(),
+        "state files removed"
+    );
 }
 
 fn libc_eio() -> i32 {
     5
+}
+
+/// Garbage collection's first phase only marks; a backup then stores marked chunks again
+/// rather than referencing them, so deleting the marked packs later loses nothing.
+#[test]
+fn gc_marks_first_and_backups_avoid_marked_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool();
+    let r = repo(dir.path(), 64 << 10);
+    let mut rng = Rng(9);
+    p.create_volume("v", 8 * MIB).unwrap();
+    write(&p, "v", 0, 4 * MIB as usize, &mut rng);
+    let s1 = snap(&p, "v", "s1");
+    let b1 = backup_snapshot(&p, &r, &s1, false, &NoProgress).unwrap();
+    manifest::delete(&r, &b1.manifest).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let opts = gc::Options {
+        grace_secs: 1,
+        max_unused: 0.0,
+        dry_run: false,
+    };
+    let g = gc::run(&r, &opts, &NoProgress).unwrap();
+    assert!(g.packs_condemned > 0 && g.packs_deleted == 0, "{g:?}");
+    // Same data again: the marked chunks are not reused.
+    let s2 = snap(&p, "v", "s2");
+    let b2 = backup_snapshot(&p, &r, &s2, true, &NoProgress).unwrap();
+    assert_eq!(b2.stats.chunks_reused, 0, "{:?}", b2.stats);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let g2 = gc::run(&r, &opts, &NoProgress).unwrap();
+    assert_eq!(g2.packs_deleted, g.packs_condemned, "{g2:?}");
+    restored_equals(&p, &r, &s2, "r");
+    assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
 }

@@ -63,7 +63,11 @@ pub fn resolve_credentials() -> Option<StaticCredentials> {
             .region(Region::new("us-east-1"))
             .load()
             .await;
-        let c = conf.credentials_provider()?.provide_credentials().await.ok()?;
+        let c = conf
+            .credentials_provider()?
+            .provide_credentials()
+            .await
+            .ok()?;
         Some(StaticCredentials {
             access_key_id: c.access_key_id().to_string(),
             secret_access_key: c.secret_access_key().to_string(),
