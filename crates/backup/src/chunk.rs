@@ -1,5 +1,6 @@
-//! Chunk encoding: `seal(flag || payload)` with the chunk id as associated data, where
-//! flag 0 means the payload is the raw cell and flag 1 a zstd frame of it. Decoding checks
+//! Chunk encoding: `seal(payload || flag)` with the chunk id as associated data, where
+//! flag 0 means the payload is the raw cell and flag 1 a zstd frame of it (the flag is last
+//! so a raw payload is used in place, without a copy). Decoding checks
 //! the seal, decompresses (bounded by the chunk size) and recomputes the keyed hash, so a
 //! chunk that decodes is exactly the data that was backed up.
 
@@ -11,29 +12,30 @@ const ZSTD: u8 = 1;
 /// Compresses and seals one cell's data. Returns its id and the sealed blob.
 pub fn encode(keys: &Keys, level: i32, data: &[u8]) -> (ChunkId, Vec<u8>) {
     let id = keys.chunk_id(data);
-    let mut plain = Vec::with_capacity(data.len() + 1);
-    match zstd::bulk::compress(data, level) {
-        Ok(z) if z.len() < data.len() => {
-            plain.push(ZSTD);
-            plain.extend_from_slice(&z);
+    let plain = match zstd::bulk::compress(data, level) {
+        Ok(mut z) if z.len() < data.len() => {
+            z.push(ZSTD);
+            z
         }
         _ => {
-            plain.push(RAW);
-            plain.extend_from_slice(data);
+            let mut p = Vec::with_capacity(data.len() + 1);
+            p.extend_from_slice(data);
+            p.push(RAW);
+            p
         }
-    }
+    };
     (id, keys.seal(&plain, &id.0))
 }
 
 /// Opens, decompresses and verifies a sealed chunk; the error says what failed.
 pub fn decode(keys: &Keys, id: &ChunkId, sealed: &[u8], max_len: usize) -> Result<Vec<u8>, String> {
-    let plain = keys
+    let mut plain = keys
         .open(sealed, &id.0)
         .ok_or("authentication failed: the stored bytes were altered (or belong to another key)")?;
-    let (flag, payload) = plain.split_first().ok_or("empty chunk")?;
-    let data = match *flag {
-        RAW => payload.to_vec(),
-        ZSTD => zstd::bulk::decompress(payload, max_len)
+    let flag = plain.pop().ok_or("empty chunk")?;
+    let data = match flag {
+        RAW => plain,
+        ZSTD => zstd::bulk::decompress(&plain, max_len)
             .map_err(|e| format!("zstd frame does not decompress: {e}"))?,
         f => return Err(format!("unknown chunk encoding {f}")),
     };

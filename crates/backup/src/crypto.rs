@@ -11,7 +11,7 @@
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
@@ -104,8 +104,11 @@ fn open_with(c: &XChaCha20Poly1305, sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>
         return None;
     }
     let (nonce, ct) = sealed.split_at(NONCE_LEN);
-    c.decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
-        .ok()
+    // One copy of the ciphertext, decrypted in place.
+    let mut buf = ct.to_vec();
+    c.decrypt_in_place(XNonce::from_slice(nonce), aad, &mut buf)
+        .ok()?;
+    Some(buf)
 }
 
 /// Wraps `master` for `secret` into a new slot.

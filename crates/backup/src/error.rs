@@ -30,10 +30,10 @@ pub enum BackupError {
     Invalid { what: String, detail: String },
     #[error("unsupported repository: {0}")]
     Unsupported(String),
-    #[error("{source}; the partly restored volume {volume} was removed")]
+    #[error("{cause}; the partly restored volume {volume} was removed")]
     RestoreFailed {
         volume: String,
-        source: Box<BackupError>,
+        cause: Box<BackupError>,
     },
     #[error(transparent)]
     Volume(#[from] snapblk_core::Error),

@@ -30,7 +30,8 @@ pub struct ChunkIndex {
     pub map: HashMap<ChunkId, Loc>,
 }
 
-pub const FETCH_THREADS: usize = 8;
+/// Parallel small GETs (index objects, manifest headers): latency-bound, so many.
+pub const FETCH_THREADS: usize = 32;
 
 impl ChunkIndex {
     /// Loads every index object. With `skip_condemned`, chunks that live only in packs

@@ -295,10 +295,12 @@ impl Hydration {
             let dl = AtomicU64::new(0);
             let r = self.fetcher.fetch_many(
                 &ids,
-                4,
-                |id, data| {
-                    for &p in by_id.get(id).map(Vec::as_slice).unwrap_or(&[]) {
-                        self.put(p, &data)?;
+                8,
+                |chunks| {
+                    for (id, data) in chunks {
+                        for &p in by_id.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
+                            self.put(p, &data)?;
+                        }
                     }
                     Ok(())
                 },

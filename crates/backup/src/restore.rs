@@ -20,6 +20,9 @@ use crate::par::lock;
 use crate::progress::Progress;
 use crate::repo::{self, Repository};
 
+/// Largest single write into the restored volume.
+const MAX_WRITE: usize = 8 << 20;
+
 /// Largest coalesced ranged GET.
 const MAX_FETCH: u64 = 16 << 20;
 
@@ -87,12 +90,12 @@ impl Fetcher {
     }
 
     /// Fetches `ids` (sorted into ranged GETs per pack) on `threads` threads, handing each
-    /// verified chunk to `sink`. Stops at the first error.
+    /// request's verified chunks to `sink` together. Stops at the first error.
     pub fn fetch_many(
         &self,
         ids: &[ChunkId],
         threads: usize,
-        sink: impl Fn(&ChunkId, Vec<u8>) -> Result<()> + Sync,
+        sink: impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync,
         downloaded: &AtomicU64,
     ) -> Result<()> {
         let mut locs: Vec<(Loc, ChunkId)> = Vec::with_capacity(ids.len());
@@ -145,7 +148,7 @@ impl Fetcher {
     fn fetch_request(
         &self,
         req: &[(Loc, ChunkId)],
-        sink: &(impl Fn(&ChunkId, Vec<u8>) -> Result<()> + Sync),
+        sink: &(impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync),
         downloaded: &AtomicU64,
     ) -> Result<()> {
         let (first, last) = (req[0].0, req[req.len() - 1].0);
@@ -157,6 +160,7 @@ impl Fetcher {
             .store()
             .get_range(&repo::pack_key(pack), start, len)?;
         downloaded.fetch_add(b.len() as u64, Ordering::Relaxed);
+        let mut got = Vec::with_capacity(req.len());
         for (l, id) in req {
             let a = (u64::from(l.offset) - start) as usize;
             let z = a + l.len as usize;
@@ -167,9 +171,9 @@ impl Fetcher {
                     detail: format!("pack is truncated ({} bytes from offset {start})", b.len()),
                 });
             };
-            sink(id, self.decode(id, l, sealed)?)?;
+            got.push((*id, self.decode(id, l, sealed)?));
         }
-        Ok(())
+        sink(got)
     }
 }
 
@@ -207,24 +211,43 @@ pub fn run(
     fetcher.fetch_many(
         &ids,
         threads,
-        |id, data| {
-            for &c in by_chunk.get(id).map(Vec::as_slice).unwrap_or(&[]) {
-                let len = table.cell_len(c) as usize;
-                if data.len() != len {
-                    return Err(BackupError::corrupt(
-                        repo::table_key(&header.id),
-                        format!(
-                            "cell {c} is {len} bytes but chunk {} holds {}",
-                            id.hex(),
-                            data.len()
-                        ),
-                    ));
+        |chunks| {
+            // Cells of one request are mostly adjacent: write runs of them at once.
+            let mut cells: Vec<(u64, &[u8])> = Vec::new();
+            for (id, data) in &chunks {
+                for &c in by_chunk.get(id).map(Vec::as_slice).unwrap_or(&[]) {
+                    let len = table.cell_len(c) as usize;
+                    if data.len() != len {
+                        return Err(BackupError::corrupt(
+                            repo::table_key(&header.id),
+                            format!("cell {c} is {len} bytes but chunk {} holds {}", id.hex(), data.len()),
+                        ));
+                    }
+                    cells.push((c, data));
                 }
-                sink.write(c * cs, &data, false)?;
-                written.fetch_add(len as u64, Ordering::Relaxed);
-                progress.advance(len as u64);
             }
-            Ok(())
+            cells.sort_unstable_by_key(|(c, _)| *c);
+            let mut run: Vec<u8> = Vec::new();
+            let mut start = 0u64;
+            let mut next = u64::MAX;
+            let flush_run = |run: &mut Vec<u8>, start: u64| -> Result<()> {
+                if !run.is_empty() {
+                    sink.write(start * cs, run, false)?;
+                    written.fetch_add(run.len() as u64, Ordering::Relaxed);
+                    progress.advance(run.len() as u64);
+                    run.clear();
+                }
+                Ok(())
+            };
+            for (c, data) in cells {
+                if c != next || run.len() >= MAX_WRITE {
+                    flush_run(&mut run, start)?;
+                    start = c;
+                }
+                run.extend_from_slice(data);
+                next = c + 1;
+            }
+            flush_run(&mut run, start)
         },
         &downloaded,
     )?;

@@ -129,14 +129,14 @@ pub fn restore_volume(
     let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
     pool.create_volume(new_volume, size)?;
     let sink = VolumeHandle::open(pool, new_volume)?;
-    restore::run(repo, h, &sink, 4, progress).map_err(|e| {
+    restore::run(repo, h, &sink, 8, progress).map_err(|e| {
         drop(sink);
         if let Err(d) = pool.delete_volume(new_volume, false) {
             log::warn!("removing the partly restored volume {new_volume}: {d}");
         }
         BackupError::RestoreFailed {
             volume: new_volume.to_string(),
-            source: Box::new(e),
+            cause: Box::new(e),
         }
     })
 }
@@ -196,7 +196,7 @@ pub fn restore_lazy(
             }
             Err(BackupError::RestoreFailed {
                 volume: new_volume.to_string(),
-                source: Box::new(e),
+                cause: Box::new(e),
             })
         }
         Err(e) => Err(e),

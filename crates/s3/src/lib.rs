@@ -266,12 +266,19 @@ impl S3Store {
                 req = req.range(format!("bytes={off}-{}", off + len - 1));
             }
             match req.send().await {
-                Ok(out) => out
-                    .body
-                    .collect()
-                    .await
-                    .map(|b| b.to_vec())
-                    .map_err(|e| self.fail("get", key, format!("reading the body: {e}"))),
+                Ok(out) => {
+                    // Copy segment by segment into one buffer (AggregatedBytes::to_vec goes
+                    // byte by byte, which dominated restore CPU time).
+                    let cap = out.content_length().unwrap_or(0).clamp(0, 1 << 30) as usize;
+                    let mut v = Vec::with_capacity(cap);
+                    let mut body = out.body;
+                    while let Some(chunk) = body.next().await {
+                        let chunk = chunk
+                            .map_err(|e| self.fail("get", key, format!("reading the body: {e}")))?;
+                        v.extend_from_slice(&chunk);
+                    }
+                    Ok(v)
+                }
                 Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
                     Err(self.not_found(key))
                 }
