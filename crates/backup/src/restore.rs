@@ -220,7 +220,11 @@ pub fn run(
                     if data.len() != len {
                         return Err(BackupError::corrupt(
                             repo::table_key(&header.id),
-                            format!("cell {c} is {len} bytes but chunk {} holds {}", id.hex(), data.len()),
+                            format!(
+                                "cell {c} is {len} bytes but chunk {} holds {}",
+                                id.hex(),
+                                data.len()
+                            ),
                         ));
                     }
                     cells.push((c, data));
