@@ -164,7 +164,14 @@ pub fn execute(
         Command::VolumeList => to_value(pool.list_volumes()),
         Command::VolumeInfo { name } => to_value(pool.volume_info(name)?),
         Command::VolumeResize { name, size, force } => {
-            to_value(pool.resize_volume(name, *size, *force)?)
+            let mut v = to_value(pool.resize_volume(name, *size, *force)?);
+            if let Some(d) = devices {
+                let devs = d.resized(name, *size);
+                if !devs.is_empty() {
+                    v["devices"] = json!(devs);
+                }
+            }
+            v
         }
         Command::VolumeRename { old, new } => to_value(pool.rename_volume(old, new)?),
         Command::VolumeDelete { name, recursive } => {

@@ -84,6 +84,19 @@ impl Devices {
         Ok(v)
     }
 
+    /// After `volume` changed size: tells the kernel about every device attached to it.
+    /// Returns one entry per device (path, and the error if the kernel refused).
+    pub fn resized(&self, volume: &str, size: u64) -> Vec<Value> {
+        self.lock()
+            .iter()
+            .filter(|d| d.export == volume)
+            .map(|d| match d.update_size(size) {
+                Ok(()) => json!({ "path": d.path, "resized": true }),
+                Err(e) => json!({ "path": d.path, "resized": false, "error": e.to_string() }),
+            })
+            .collect()
+    }
+
     /// Detaches by export name (`vol`, `vol@snap`) or device path (`/dev/ublkbN`).
     pub fn detach(&self, what: &str) -> Result<Value> {
         let dev = {

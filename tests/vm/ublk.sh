@@ -61,5 +61,22 @@ for fs in ext4 xfs; do
     "$BIN" list | grep -q "$dev" && fail "$dev still listed after detach"
     log "$fs: ok"
 done
+log "resize of an attached volume"
+"$BIN" volume create grow --size 64M >/dev/null
+gdev=$("$BIN" attach grow)
+"$BIN" --json volume resize grow --size 128M >"$T/resize.json"
+if grep -q '"resized": true' "$T/resize.json"; then
+    [ "$(blockdev --getsize64 "$gdev")" = $((128 << 20)) ] || fail "$gdev did not grow"
+    log "the kernel resized $gdev to 128 MiB"
+else
+    # UBLK_U_CMD_UPDATE_SIZE needs Linux 6.16; older kernels must get a clear message.
+    grep -q "needs Linux 6.16" "$T/resize.json" || { cat "$T/resize.json"; fail "unclear resize error"; }
+    [ "$(blockdev --getsize64 "$gdev")" = $((64 << 20)) ] || fail "$gdev changed size unexpectedly"
+    log "kernel $(uname -r) cannot resize attached ublk devices; reported clearly"
+fi
+"$BIN" detach grow >/dev/null
+gdev=$("$BIN" attach grow)
+[ "$(blockdev --getsize64 "$gdev")" = $((128 << 20)) ] || fail "re-attached $gdev does not have the new size"
+"$BIN" detach grow >/dev/null
 "$BIN" pool check >/dev/null || fail "pool check"
 log "ublk: ok"

@@ -217,6 +217,20 @@ fn start(export: Arc<dyn Export>, owner: &str, how: Start) -> Result<Device, Err
 }
 
 impl Device {
+    /// Tells the kernel the export's new size (`UBLK_U_CMD_UPDATE_SIZE`, Linux 6.16 and
+    /// later). Older kernels refuse the command; the device then keeps its old size until
+    /// it is attached again.
+    pub fn update_size(&self, bytes: u64) -> Result<(), Error> {
+        let ctrl = UblkCtrl::new_simple(self.id)
+            .map_err(|e| Error::Ublk(format!("device {}: {e}", self.id)))?;
+        ctrl.update_size(bytes).map(|_| ()).map_err(|e| {
+            Error::Ublk(format!(
+                "the kernel did not resize {} ({e}; resizing an attached ublk device needs Linux 6.16 or later): detach and attach it again to see the new size",
+                self.path
+            ))
+        })
+    }
+
     /// Stops and deletes the device; returns when its threads have ended.
     pub fn detach(mut self) -> Result<(), Error> {
         // A control handle for this thread (libublk's control ring is per thread).
