@@ -1,0 +1,53 @@
+# In the VM (not a test; run by benches/ublk_vm.sh): fio 4K randread/randwrite QD32 and 1M
+# read/write QD8 (libaio, O_DIRECT) on /dev/ublkb0, on a loop device over a raw file in the
+# same guest directory, and on /dev/nbd0 (kernel NBD client) on the same snapblk volume.
+# Every device is filled first so reads hit data. Prints IOPS/MB/s and ratios to loop.
+source "$(dirname "$0")/lib.sh"
+SIZE=${BENCH_SIZE_MIB:-512}
+RT=${BENCH_RUNTIME:-8}
+cleanup() {
+    nbd-client -d /dev/nbd0 >/dev/null 2>&1 || true
+    [ -n "${LOOP:-}" ] && losetup -d "$LOOP"
+    stop_daemon
+}
+trap cleanup EXIT
+modprobe ublk_drv
+modprobe nbd
+"$BIN" pool create --meta "$T/meta" --data "$T/data.img" --size $((SIZE * 3))M >/dev/null
+start_daemon
+"$BIN" volume create b --size "${SIZE}M" >/dev/null
+declare -A R
+JOBS=("randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8")
+run_dev() { # LABEL DEV
+    fio --name=fill --filename="$2" --rw=write --bs=1M --iodepth=8 --ioengine=libaio --direct=1 \
+        --size="${SIZE}M" >/dev/null 2>&1
+    for j in "${JOBS[@]}"; do
+        set -- $1 $2 $j
+        local out
+        out=$(fio --name=b --filename="$2" --rw="$3" --bs="$4" --iodepth="$5" --ioengine=libaio \
+            --direct=1 --size="${SIZE}M" --time_based --runtime="$RT" --ramp_time=1 \
+            --output-format=json 2>/dev/null)
+        R["$1 $3 $4"]=$(echo "$out" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]
+s = j["read"] if j["read"]["io_bytes"] else j["write"]
+print("%.0f %.1f" % (s["iops"], s["bw_bytes"] / 1e6))')
+        log "$1 $3 $4: ${R["$1 $3 $4"]}"
+    done
+}
+dev=$("$BIN" attach b --queues 2 --depth 64)
+run_dev ublk "$dev"
+"$BIN" detach b >/dev/null
+truncate -s "${SIZE}M" "$T/loop.img"
+LOOP=$(losetup -f --show --direct-io=on "$T/loop.img" 2>/dev/null || losetup -f --show "$T/loop.img")
+run_dev loop "$LOOP"
+nbd-client -unix "$NBD_SOCK" -N b -b 4096 -C 2 /dev/nbd0 >/dev/null
+run_dev nbd /dev/nbd0
+echo "== ublk vs loop vs kernel NBD, $(uname -r), TCG guest with 2 vCPUs (IOPS, MB/s)"
+printf '%-16s %16s %16s %16s %10s %10s\n' job ublk loop nbd0 ublk/loop ublk/nbd0
+for j in "${JOBS[@]}"; do
+    set -- $j
+    u=${R["ublk $1 $2"]}; l=${R["loop $1 $2"]}; n=${R["nbd $1 $2"]}
+    printf '%-16s %16s %16s %16s %9.2fx %9.2fx\n' "$1 $2" "$u" "$l" "$n" \
+        "$(python3 -c "print(${u%% *}/max(${l%% *},1))")" "$(python3 -c "print(${u%% *}/max(${n%% *},1))")"
+done
