@@ -3,7 +3,7 @@
 # same guest directory, and on /dev/nbd0 (kernel NBD client) on the same snapblk volume.
 # Every device is filled first so reads hit data. Prints IOPS/MB/s and ratios to loop.
 source "$(dirname "$0")/lib.sh"
-SIZE=${BENCH_SIZE_MIB:-512}
+SIZE=${BENCH_SIZE_MIB:-256}
 RT=${BENCH_RUNTIME:-8}
 cleanup() {
     nbd-client -d /dev/nbd0 >/dev/null 2>&1 || true
@@ -13,7 +13,8 @@ cleanup() {
 trap cleanup EXIT
 modprobe ublk_drv
 modprobe nbd
-"$BIN" pool create --meta "$T/meta" --data "$T/data.img" --size $((SIZE * 3))M >/dev/null
+modprobe loop 2>/dev/null || true
+"$BIN" pool create --meta "$T/meta" --data "$T/data.img" --size $((SIZE * 2))M >/dev/null
 start_daemon
 "$BIN" volume create b --size "${SIZE}M" >/dev/null
 declare -A R
@@ -38,11 +39,15 @@ print("%.0f %.1f" % (s["iops"], s["bw_bytes"] / 1e6))')
 dev=$("$BIN" attach b --queues 2 --depth 64)
 run_dev ublk "$dev"
 "$BIN" detach b >/dev/null
+nbd-client -unix "$NBD_SOCK" -N b -b 4096 -C 2 /dev/nbd0 >/dev/null
+run_dev nbd /dev/nbd0
+nbd-client -d /dev/nbd0 >/dev/null
+# The guest's /tmp is a small tmpfs: free the pool before the loop device's file.
+stop_daemon
+rm -rf "$T/meta" "$T/data.img"
 truncate -s "${SIZE}M" "$T/loop.img"
 LOOP=$(losetup -f --show --direct-io=on "$T/loop.img" 2>/dev/null || losetup -f --show "$T/loop.img")
 run_dev loop "$LOOP"
-nbd-client -unix "$NBD_SOCK" -N b -b 4096 -C 2 /dev/nbd0 >/dev/null
-run_dev nbd /dev/nbd0
 echo "== ublk vs loop vs kernel NBD, $(uname -r), TCG guest with 2 vCPUs (IOPS, MB/s)"
 printf '%-16s %16s %16s %16s %10s %10s\n' job ublk loop nbd0 ublk/loop ublk/nbd0
 for j in "${JOBS[@]}"; do
