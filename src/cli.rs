@@ -128,7 +128,7 @@ pub enum PoolCmd {
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
-    /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, workers.
+    /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, insecure, workers.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Unix socket for NBD clients.
@@ -137,6 +137,10 @@ pub struct DaemonArgs {
     /// TCP address for NBD clients, or "none".
     #[arg(long)]
     pub nbd_tcp: Option<String>,
+    /// Serve NBD over plain TCP on a non-loopback address (no authentication, no
+    /// encryption: anyone who can reach it can read and write every volume).
+    #[arg(long)]
+    pub insecure: bool,
     /// Worker threads executing NBD requests.
     #[arg(long)]
     pub workers: Option<usize>,

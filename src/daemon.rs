@@ -28,6 +28,8 @@ pub struct DaemonConfig {
     pub nbd_socket: Option<PathBuf>,
     /// "host:port", or "none" to disable TCP.
     pub nbd_tcp: Option<String>,
+    /// Allow plain TCP on a non-loopback address.
+    pub insecure: Option<bool>,
     pub workers: Option<usize>,
 }
 
@@ -46,6 +48,7 @@ impl DaemonConfig {
             socket: other.socket.or(self.socket),
             nbd_socket: other.nbd_socket.or(self.nbd_socket),
             nbd_tcp: other.nbd_tcp.or(self.nbd_tcp),
+            insecure: other.insecure.or(self.insecure),
             workers: other.workers.or(self.workers),
         }
     }
@@ -65,6 +68,10 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         .nbd_tcp
         .clone()
         .unwrap_or_else(|| DEFAULT_NBD_TCP.to_string());
+
+    if nbd_tcp != "none" {
+        check_tcp_address(&nbd_tcp, cfg.insecure == Some(true))?;
+    }
 
     // Handlers are installed before any thread starts; SIGTERM/SIGINT then only wake the
     // iterator below instead of killing the process mid-write.
@@ -122,6 +129,27 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     drop(opened);
     // Connection threads may still hold the pool; everything is durable, so exit now.
     std::process::exit(0);
+}
+
+/// Refuses plain NBD over TCP on anything but loopback unless `insecure`.
+fn check_tcp_address(addr: &str, insecure: bool) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .with_context(|| format!("NBD TCP address {addr:?} (expected host:port or none)"))?
+        .collect();
+    if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+        if !insecure {
+            bail!(
+                "refusing to serve NBD over plain TCP on {a}, which is not a loopback address: \
+                 NBD has no authentication or encryption here, so anyone who can reach it could \
+                 read and write every volume; use a loopback address or the Unix socket, or pass \
+                 --insecure (config: insecure = true) to do it anyway"
+            );
+        }
+        log::warn!("serving NBD over plain TCP on {a} (--insecure)");
+    }
+    Ok(())
 }
 
 /// Moves the daemon into its own mount namespace with private propagation, so that

@@ -152,6 +152,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 socket: cli.socket.clone(),
                 nbd_socket: a.nbd_socket.clone(),
                 nbd_tcp: a.nbd_tcp.clone(),
+                insecure: a.insecure.then_some(true),
                 workers: a.workers,
             });
             daemon::run(cfg)?;

@@ -24,6 +24,15 @@ expect_error "locked by pid $DAEMON_PID" "$SNAPBLK_BIN" daemon --meta "$META" --
 expect_error "locked by pid $DAEMON_PID" env -u SNAPBLK_SOCKET "$SNAPBLK_BIN" --socket "$T/none.sock" \
     --meta "$META" --data "$DATA" volume list
 
+log "plain NBD over TCP on a non-loopback address needs --insecure"
+expect_error "not a loopback address.*--insecure" "$SNAPBLK_BIN" daemon --meta "$META" --data "$DATA" \
+    --socket "$T/other.sock" --nbd-socket "$T/other-nbd.sock" --nbd-tcp 0.0.0.0:0
+expect_error "NBD TCP address" "$SNAPBLK_BIN" daemon --meta "$META" --data "$DATA" \
+    --socket "$T/other.sock" --nbd-socket "$T/other-nbd.sock" --nbd-tcp nonsense
+# With --insecure it gets past the check (and then finds the pool locked by the daemon).
+expect_error "locked by pid $DAEMON_PID" "$SNAPBLK_BIN" daemon --meta "$META" --data "$DATA" \
+    --socket "$T/other.sock" --nbd-socket "$T/other-nbd.sock" --nbd-tcp 0.0.0.0:0 --insecure
+
 log "bad names and sizes"
 expect_error "volume name.*character '/'" snapblk volume create "a/b" --size 1G
 expect_error "volume name.*must not be empty" snapblk volume create "" --size 1G
