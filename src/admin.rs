@@ -17,6 +17,7 @@ use crate::repos::RepoSpec;
 pub enum Command {
     PoolInfo,
     PoolCheck,
+    PoolScrub,
     VolumeCreate {
         name: String,
         size: u64,
@@ -160,6 +161,17 @@ pub fn execute(
         Command::List => devices::need(devices)?.list(),
         Command::PoolInfo => to_value(pool.info()),
         Command::PoolCheck => to_value(pool.check()?),
+        Command::PoolScrub => {
+            let started = std::sync::atomic::AtomicBool::new(false);
+            let last = std::sync::atomic::AtomicU64::new(0);
+            to_value(pool.scrub(&|done, total| {
+                use std::sync::atomic::Ordering;
+                if !started.swap(true, Ordering::Relaxed) {
+                    progress.start("scrub", total);
+                }
+                progress.advance(done - last.swap(done, Ordering::Relaxed));
+            })?)
+        }
         Command::VolumeCreate { name, size } => to_value(pool.create_volume(name, *size)?),
         Command::VolumeList => to_value(pool.list_volumes()),
         Command::VolumeInfo { name } => to_value(pool.volume_info(name)?),
@@ -234,6 +246,7 @@ pub fn mutates(cmd: &Command) -> bool {
         cmd,
         Command::PoolInfo
             | Command::PoolCheck
+            | Command::PoolScrub
             | Command::VolumeList
             | Command::VolumeInfo { .. }
             | Command::SnapshotList { .. }

@@ -124,6 +124,9 @@ pub enum PoolCmd {
     Info,
     /// Verify every metadata invariant; exits 1 on any violation.
     Check,
+    /// Read every stored data block and verify its checksum; exit 1 naming each bad
+    /// block and the volumes and snapshots it can affect.
+    Scrub,
 }
 
 #[derive(Args, Debug)]

@@ -27,6 +27,7 @@ fn command(cmd: &Cmd) -> Result<Command> {
     Ok(match cmd {
         Cmd::Pool(PoolCmd::Info) => Command::PoolInfo,
         Cmd::Pool(PoolCmd::Check) => Command::PoolCheck,
+        Cmd::Pool(PoolCmd::Scrub) => Command::PoolScrub,
         Cmd::Volume(VolumeCmd::Create { name, size }) => Command::VolumeCreate {
             name: name.clone(),
             size: parse_size(size)?,
@@ -205,8 +206,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{}", render::render(&cmd, &v));
             }
-            let clean = !matches!(cmd, Command::PoolCheck)
-                || v["errors"].as_array().is_none_or(|e| e.is_empty());
+            let clean = match cmd {
+                Command::PoolCheck => v["errors"].as_array().is_none_or(|e| e.is_empty()),
+                Command::PoolScrub => v["bad"].as_array().is_none_or(|e| e.is_empty()),
+                _ => true,
+            };
             Ok(if clean {
                 ExitCode::SUCCESS
             } else {

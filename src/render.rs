@@ -154,6 +154,27 @@ pub fn render(cmd: &Command, v: &Value) -> String {
         Command::VolumeDelete { .. } | Command::SnapshotDelete { .. } => {
             format!("deleted {}", cell("", &v["deleted"]))
         }
+        Command::PoolScrub => {
+            let bad = v["bad"].as_array().cloned().unwrap_or_default();
+            let mut s = String::new();
+            for b in &bad {
+                let affects: Vec<String> = b["affects"]
+                    .as_array()
+                    .map(|a| a.iter().map(|x| cell("", x)).collect())
+                    .unwrap_or_default();
+                s.push_str(&format!(
+                    "BAD: block {} of layer {} (data block {}): {} (affects: {})\n",
+                    b["lba"], b["layer"], b["pba"], cell("", &b["detail"]),
+                    if affects.is_empty() { "nothing visible".into() } else { affects.join(", ") }
+                ));
+            }
+            s.push_str(&format!(
+                "pool scrub: {} ({} layers, {} blocks, {} read)",
+                if bad.is_empty() { "clean".to_string() } else { format!("{} bad block(s)", bad.len()) },
+                v["layers"], v["blocks"], format_size(v["bytes"].as_u64().unwrap_or(0))
+            ));
+            s
+        }
         Command::PoolCheck => {
             let errors = v["errors"].as_array().cloned().unwrap_or_default();
             let notes = v["notes"].as_array().cloned().unwrap_or_default();

@@ -111,4 +111,7 @@ done
 
 snapblk snapshot list >/dev/null
 assert_check_clean
+snapblk pool scrub >"$T/scrub.out" 2>&1 || { cat "$T/scrub.out"; fail "pool scrub found bad blocks"; }
+grep -q "pool scrub: clean" "$T/scrub.out" || { cat "$T/scrub.out"; fail "unexpected scrub output"; }
+log "$(tail -1 "$T/scrub.out")"
 log "filesystems: ok"

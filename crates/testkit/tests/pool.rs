@@ -270,3 +270,40 @@ fn deleting_snapshots_frees_exactly_their_exclusive_space() {
         "only the layer of 'new' holds entries (the head is empty)"
     );
 }
+
+#[test]
+fn scrub_names_bad_blocks_and_what_they_affect() {
+    let (pool, _, dev) = mem_pool(16 << 20);
+    pool.create_volume("v", 1 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    pool.write(id, 0, &vec![7u8; 8192], false).unwrap();
+    pool.create_snapshot("v", "s").unwrap();
+    pool.write(id, 65536, &vec![9u8; 4096], false).unwrap();
+    let clean = pool.scrub(&|_, _| {}).unwrap();
+    assert!(clean.is_clean(), "{clean:?}");
+    assert_eq!(clean.blocks, 3);
+    // Flip one bit in the first data block (lba 0, owned by the snapshot's layer).
+    let mut buf = snapblk_core::device::AlignedBuf::zeroed(4096);
+    dev.read(&mut [ReadSeg {
+        offset: DATA_START,
+        buf: &mut buf,
+    }])
+    .unwrap();
+    buf[9] ^= 1;
+    dev.write(
+        &[WriteSeg {
+            offset: DATA_START,
+            buf: &buf,
+        }],
+        false,
+    )
+    .unwrap();
+    let rep = pool.scrub(&|_, _| {}).unwrap();
+    assert_eq!(rep.bad.len(), 1, "{rep:?}");
+    let b = &rep.bad[0];
+    assert_eq!((b.lba, b.pba), (0, 0));
+    assert!(b.detail.contains("crc32c"), "{}", b.detail);
+    let mut affects = b.affects.clone();
+    affects.sort();
+    assert_eq!(affects, vec!["v".to_string(), "v@s".to_string()]);
+}

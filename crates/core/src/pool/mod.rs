@@ -19,6 +19,7 @@ mod reclaim;
 
 pub mod check;
 pub mod diff;
+pub mod scrub;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
