@@ -173,10 +173,11 @@ if snapblk backup verify "$D" --read-data >"$T/v.out" 2>&1; then cat "$T/v.out";
 cat "$T/v.out" >&2
 chunk=$(grep -o 'chunk [0-9a-f]\{64\}' "$T/v.out" | head -1 | cut -d' ' -f2)
 [ -n "$chunk" ] || fail "verify did not name the bad chunk"
-grep -q "c1@x" "$T/v.out" || fail "verify did not name the affected backup"
-if snapblk restore "$D" c1@x --as c1-bad >"$T/r.out" 2>&1; then fail "restore of damaged data succeeded"; fi
+hit=$(grep -o 'affects: c[12]@x' "$T/v.out" | head -1 | cut -d' ' -f2)
+[ -n "$hit" ] || fail "verify did not name the affected backup"
+if snapblk restore "$D" "$hit" --as bad-r >"$T/r.out" 2>&1; then fail "restore of damaged data succeeded"; fi
 grep -q "$chunk" "$T/r.out" || { cat "$T/r.out"; fail "restore did not name the bad chunk"; }
-snapblk volume info c1-bad >/dev/null 2>&1 && fail "a partly restored volume was left behind"
+snapblk volume info bad-r >/dev/null 2>&1 && fail "a partly restored volume was left behind"
 
 log "wrong key, missing repository, bad target"
 head -c 32 /dev/urandom >"$T/key2"
