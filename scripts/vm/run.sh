@@ -28,14 +28,25 @@ esac
 args=$(printf '%q ' "$@")
 log=$(mktemp /tmp/snapblk-vm.XXXXXX.log)
 cmd="RUST_LOG=${RUST_LOG:-warn} SNAPBLK_BIN=$SNAPBLK_VM_BIN SNAPBLK_VM_OUT=$out bash $script $args >$out/guest.log 2>&1; st=\$?; sync -f $out/guest.log; echo SNAPBLK-VM-STATUS=\$st"
-timeout --kill-after=10 "${VM_TIMEOUT:-600}" \
-    vng -r "$kimg" --disable-kvm --force-9p --verbose --cpus 2 --memory 2G --cwd /tmp --rwdir="$out" -e "$cmd" >"$log" 2>&1 || true
+# A boot that never reaches the script (seen once in CI, after 6 s) is retried once; a
+# script that started and then hung is not.
+for attempt in 1 2; do
+    rm -f "$out/guest.log"
+    timeout --kill-after=10 "${VM_TIMEOUT:-600}" \
+        vng -r "$kimg" --disable-kvm --force-9p --verbose --cpus 2 --memory 2G --cwd /tmp --rwdir="$out" -e "$cmd" >"$log" 2>&1 || true
+    status=$(grep -ao "SNAPBLK-VM-STATUS=[0-9]*" "$log" | tail -1 | cut -d= -f2 || true)
+    [ -n "$status" ] && break
+    grep -aq "starting script" "$log" && break
+    echo "vm: the guest did not boot (attempt $attempt); console tail:" >&2
+    tail -20 "$log" >&2
+done
 cat "$out/guest.log" 2>/dev/null || true
-status=$(grep -ao "SNAPBLK-VM-STATUS=[0-9]*" "$log" | tail -1 | cut -d= -f2 || true)
 [ -n "${VM_KEEP_LOG:-}" ] && cp "$log" /tmp/snapblk-vm-console.log
-rm -f "$log"
 if [ -z "$status" ]; then
-    echo "vm: the guest did not report a status (boot failure or timeout)" >&2
+    echo "vm: the guest did not report a status (boot failure or timeout); console tail:" >&2
+    grep -av 'powernow\|kvm_amd' "$log" | tail -30 >&2
+    rm -f "$log"
     exit 124
 fi
+rm -f "$log"
 exit "$status"

@@ -165,7 +165,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         let mut b = PackBuilder::default();
         for e in info.entries.iter().filter(|e| keep_set.contains(&e.id)) {
             let blob = bytes
-                .get(e.offset as usize..(e.offset + e.len) as usize)
+                .get(e.offset as usize..e.offset as usize + e.len as usize)
                 .ok_or_else(|| {
                     BackupError::corrupt(repo::pack_key(&info.id), "shorter than its index")
                 })?;

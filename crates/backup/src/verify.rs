@@ -196,7 +196,7 @@ pub fn run(
             let Some(loc) = index.map.get(id) else {
                 continue;
             };
-            let blob = bytes.get(loc.offset as usize..(loc.offset + loc.len) as usize);
+            let blob = bytes.get(loc.offset as usize..loc.offset as usize + loc.len as usize);
             let res = match blob {
                 None => Err("pack is shorter than its index says".to_string()),
                 Some(b) => crate::chunk::decode(repo.keys(), id, b, max).map(|_| ()),
