@@ -23,16 +23,22 @@ impl Policy {
     }
 }
 
-/// (year, month) of a day number since 1970-01-01 (Howard Hinnant's civil_from_days).
-fn year_month(days: i64) -> (i64, u32) {
+/// (year, month, day) of a day number since 1970-01-01 (Howard Hinnant's civil_from_days).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn year_month(days: i64) -> (i64, u32) {
+    let (y, m, _) = civil_from_days(days);
     (y, m)
 }
 

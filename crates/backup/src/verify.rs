@@ -145,6 +145,14 @@ pub fn run(
     let problems = Mutex::new(Vec::new());
     let read = AtomicU64::new(0);
     let max = repo.config().chunk_size as usize;
+    let bad_chunk = |id: &ChunkId, pid: &str, detail: &str| Problem {
+        object: format!("chunk {}", id.hex()),
+        detail: format!("in pack {pid}: {detail}"),
+        affects: refs
+            .get(id)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default(),
+    };
     crate::par::map(&packs, threads, |(p, ids)| -> Result<()> {
         let pid = &index.packs[*p as usize].id;
         let key = repo::pack_key(pid);
@@ -166,14 +174,7 @@ pub fn run(
                     read.fetch_add(u64::from(loc.len), Ordering::Relaxed);
                     if let Err(detail) = res {
                         found = true;
-                        lock(&problems).push(Problem {
-                            object: format!("chunk {}", id.hex()),
-                            detail: format!("in pack {pid}: {detail}"),
-                            affects: refs
-                                .get(id)
-                                .map(|s| s.iter().cloned().collect())
-                                .unwrap_or_default(),
-                        });
+                        lock(&problems).push(bad_chunk(id, pid, &detail));
                     }
                 }
                 if !found {
@@ -203,14 +204,7 @@ pub fn run(
             };
             if let Err(detail) = res {
                 any_bad = true;
-                lock(&problems).push(Problem {
-                    object: format!("chunk {}", id.hex()),
-                    detail: format!("in pack {pid}: {detail}"),
-                    affects: refs
-                        .get(id)
-                        .map(|s| s.iter().cloned().collect())
-                        .unwrap_or_default(),
-                });
+                lock(&problems).push(bad_chunk(id, pid, &detail));
             }
         }
         if !any_bad && blake3::hash(&bytes).to_hex().as_str() != pid {

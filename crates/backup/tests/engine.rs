@@ -224,31 +224,51 @@ fn damage_is_named_and_never_restored() {
     ));
 }
 
-/// Fails every `put` after the first `allow`.
-struct Flaky {
+/// A directory store with injected faults: every `put` after the first `allow_puts`
+/// fails, and ranged reads (chunk fetches) fail while `down` is set.
+struct Faulty {
     inner: FileStore,
-    allow: u64,
+    allow_puts: u64,
     puts: AtomicU64,
+    down: std::sync::atomic::AtomicBool,
 }
 
-impl ObjectStore for Flaky {
+impl Faulty {
+    fn new(dir: &std::path::Path, allow_puts: u64, down: bool) -> Faulty {
+        Faulty {
+            inner: FileStore::new(dir),
+            allow_puts,
+            puts: AtomicU64::new(0),
+            down: std::sync::atomic::AtomicBool::new(down),
+        }
+    }
+}
+
+fn failed(op: &'static str, key: &str, detail: &str) -> StoreError {
+    StoreError::Failed {
+        store: "faulty".into(),
+        op,
+        key: key.into(),
+        detail: detail.into(),
+    }
+}
+
+impl ObjectStore for Faulty {
     fn describe(&self) -> String {
-        "flaky".into()
+        "faulty".into()
     }
     fn get(&self, k: &str) -> Result<Vec<u8>, StoreError> {
         self.inner.get(k)
     }
     fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(failed("get", k, "503 Slow Down"));
+        }
         self.inner.get_range(k, o, l)
     }
     fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
-        if self.puts.fetch_add(1, Ordering::SeqCst) >= self.allow {
-            return Err(StoreError::Failed {
-                store: "flaky".into(),
-                op: "put",
-                key: k.into(),
-                detail: "connection refused".into(),
-            });
+        if self.puts.fetch_add(1, Ordering::SeqCst) >= self.allow_puts {
+            return Err(failed("put", k, "connection refused"));
         }
         self.inner.put(k, d)
     }
@@ -272,11 +292,8 @@ fn interrupted_backup_resumes_without_reuploading() {
     p.create_volume("v", 16 * MIB).unwrap();
     write(&p, "v", 0, 12 * MIB as usize, &mut rng);
     let s = snap(&p, "v", "s");
-    let flaky: Arc<dyn ObjectStore> = Arc::new(Flaky {
-        inner: FileStore::new(dir.path()),
-        allow: 8, // four packs and their indexes
-        puts: AtomicU64::new(0),
-    });
+    // Four packs and their indexes get stored, then puts fail.
+    let flaky: Arc<dyn ObjectStore> = Arc::new(Faulty::new(dir.path(), 8, false));
     let r1 = Repository::open(flaky, b"test key").unwrap();
     let err = backup_snapshot(&p, &r1, &s, false, &NoProgress).unwrap_err();
     assert!(err.to_string().contains("connection refused"), "{err}");
@@ -323,44 +340,6 @@ proptest! {
     }
 }
 
-/// Fails ranged reads (chunk fetches) while `down` is set.
-struct Outage {
-    inner: FileStore,
-    down: std::sync::atomic::AtomicBool,
-}
-
-impl ObjectStore for Outage {
-    fn describe(&self) -> String {
-        "outage".into()
-    }
-    fn get(&self, k: &str) -> Result<Vec<u8>, StoreError> {
-        self.inner.get(k)
-    }
-    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::Failed {
-                store: "outage".into(),
-                op: "get",
-                key: k.into(),
-                detail: "503 Slow Down".into(),
-            });
-        }
-        self.inner.get_range(k, o, l)
-    }
-    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
-        self.inner.put(k, d)
-    }
-    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
-        self.inner.put_new(k, d)
-    }
-    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.inner.list(p)
-    }
-    fn delete(&self, k: &str) -> Result<(), StoreError> {
-        self.inner.delete(k)
-    }
-}
-
 #[test]
 fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
     use snapblk_backup::lazy::{LazyExports, Restores};
@@ -378,10 +357,7 @@ fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
     backup_snapshot(&p, &r, &s, false, &NoProgress).unwrap();
     let want = image(&p, &s);
 
-    let outage = Arc::new(Outage {
-        inner: FileStore::new(dir.path()),
-        down: std::sync::atomic::AtomicBool::new(true),
-    });
+    let outage = Arc::new(Faulty::new(dir.path(), u64::MAX, true));
     let store: Arc<dyn ObjectStore> = outage.clone();
     let r2 = Repository::open(store, b"test key").unwrap();
     let restores = Arc::new(Restores::default());
