@@ -43,6 +43,20 @@ pub struct RepoSpec {
     /// daemon acts with the invoking user's credentials. Absent: the daemon's own chain.
     #[serde(default)]
     pub credentials: Option<(String, Secret, Option<Secret>)>,
+    /// Seconds one S3 request attempt may take before it is abandoned and retried.
+    #[serde(default = "default_s3_timeout")]
+    pub s3_timeout: u64,
+    /// Attempts per S3 request, the first included (transient errors back off and retry).
+    #[serde(default = "default_s3_attempts")]
+    pub s3_attempts: u32,
+}
+
+fn default_s3_timeout() -> u64 {
+    60
+}
+
+fn default_s3_attempts() -> u32 {
+    5
 }
 
 /// Command-line options naming a repository's key and S3 endpoint.
@@ -60,6 +74,15 @@ pub struct RepoArgs {
     /// S3 region (default: the AWS configuration's, else us-east-1).
     #[arg(long, env = "SNAPBLK_S3_REGION")]
     pub region: Option<String>,
+    /// Seconds one S3 request attempt may take before it is retried.
+    #[arg(long, env = "SNAPBLK_S3_TIMEOUT", default_value_t = default_s3_timeout(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub s3_timeout: u64,
+    /// Attempts per S3 request, the first included; transient errors (5xx, throttling,
+    /// dropped connections, timeouts) back off and retry.
+    #[arg(long, env = "SNAPBLK_S3_ATTEMPTS", default_value_t = default_s3_attempts(),
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub s3_attempts: u32,
 }
 
 impl RepoArgs {
@@ -94,6 +117,8 @@ impl RepoArgs {
             region: self.region.clone(),
             secret: Secret(hex::encode(secret)),
             credentials,
+            s3_timeout: self.s3_timeout,
+            s3_attempts: self.s3_attempts,
         })
     }
 }
@@ -131,7 +156,8 @@ impl RepoSpec {
                         session_token: token.as_ref().map(Secret::text),
                     }
                 });
-                o.attempt_timeout = Duration::from_secs(60);
+                o.attempt_timeout = Duration::from_secs(self.s3_timeout.max(1));
+                o.max_attempts = self.s3_attempts.max(1);
                 let s = S3Store::new(o)?;
                 if create_bucket {
                     s.ensure_bucket()?;
