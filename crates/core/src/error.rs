@@ -44,6 +44,9 @@ pub enum Error {
     Shutdown,
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// A failpoint armed by a test (`failpoints` feature only; see `failpoints.rs`).
+    #[error("injected failure at failpoint {0}")]
+    Injected(&'static str),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -85,9 +88,11 @@ impl Error {
             Error::Busy(_) => libc::EBUSY,
             Error::Shutdown => libc::ESHUTDOWN,
             Error::Unsupported(_) => libc::ENOTSUP,
-            Error::Checksum(_) | Error::Corrupt(_) | Error::Device { .. } | Error::Store(_) => {
-                libc::EIO
-            }
+            Error::Checksum(_)
+            | Error::Corrupt(_)
+            | Error::Device { .. }
+            | Error::Store(_)
+            | Error::Injected(_) => libc::EIO,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod device;
 pub mod error;
 pub mod export;
+pub mod failpoints;
 pub mod keys;
 pub mod lock;
 pub mod meta;

@@ -29,6 +29,9 @@ impl RocksStore {
         opts.set_max_background_jobs(2);
         opts.set_write_buffer_size(64 << 20);
         opts.set_max_total_wal_size(256 << 20);
+        // After a power cut, recover the WAL up to its first damaged record: a prefix of
+        // the committed batches, whole batches only (docs/design.md §5).
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         // Point lookups and short range scans over 17-byte map keys: bloom filters on the
         // 9-byte (prefix byte + layer id) prefix would not help range scans, so use a
         // plain block cache with whole-key blooms for `get`.

@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod model;
+pub mod powerloss;
 
 use std::sync::Arc;
 

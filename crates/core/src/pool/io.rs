@@ -93,9 +93,11 @@ impl HeadEdit {
 
     /// Commits the batch, then applies counts and frees. Called with the tree write lock held.
     fn apply(self, pool: &Pool, tree: &mut Tree, fua: bool) -> Result<()> {
+        crate::failpoint!("head_edit.before_commit");
         if !self.batch.is_empty() {
             pool.store().commit(self.batch, fua)?;
         }
+        crate::failpoint!("head_edit.after_commit");
         tree.adjust_counts(self.head, self.d_entries, self.d_data);
         pool.defer_frees(&self.frees);
         pool.mark_dirty();
@@ -317,7 +319,11 @@ impl Pool {
         if !segs.is_empty() {
             self.mark_data_dirty();
         }
-        if let Err(e) = self.commit_blocks(vol, b0, &assigned, fua) {
+        let committed = (|| {
+            crate::failpoint!("write.before_commit");
+            self.commit_blocks(vol, b0, &assigned, fua)
+        })();
+        if let Err(e) = committed {
             self.free_now(&allocated);
             return Err(e);
         }

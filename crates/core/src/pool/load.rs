@@ -73,6 +73,7 @@ impl Pool {
         let mut b = WriteBatch::new();
         b.put(keys::super_key(), keys::encode_record(&sup));
         b.put(keys::next_id_key(), 1u64.to_be_bytes().to_vec());
+        crate::failpoint!("format.before_commit");
         store.commit(b, true)?;
         Ok(sup.pool_uuid)
     }

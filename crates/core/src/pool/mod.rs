@@ -156,11 +156,15 @@ impl Pool {
         let _serial = lock(&self.sync_lock);
         self.dirty.store(false, Ordering::Release);
         let g = self.generation.fetch_add(1, Ordering::AcqRel);
-        let r = self.sync_device().and_then(|()| Ok(self.store.sync()?));
+        let r = self.sync_device().and_then(|()| {
+            crate::failpoint!("sync.before_store_sync");
+            Ok(self.store.sync()?)
+        });
         if let Err(e) = r {
             self.mark_dirty();
             return Err(e);
         }
+        crate::failpoint!("sync.before_release");
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         self.alloc_lock().release_through(g);
         Ok(())

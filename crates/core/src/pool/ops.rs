@@ -142,6 +142,7 @@ impl Pool {
         b.put(keys::volume_key(vid), keys::encode_record(&vol));
         b.put(keys::name_key(name), vid.to_be_bytes().to_vec());
         next_id_put(&mut b, &tree);
+        crate::failpoint!("volume_create.before_commit");
         self.store().commit(b, true)?;
         tree.insert_layer(layer);
         tree.names.insert(name.to_string(), vid);
@@ -197,9 +198,11 @@ impl Pool {
             v.size = size;
             let mut b = WriteBatch::new();
             b.put(keys::volume_key(vid), keys::encode_record(&v));
+            crate::failpoint!("resize.before_commit");
             self.store().commit(b, true)?;
             tree.volumes.insert(vid, v);
         }
+        crate::failpoint!("resize.after_commit");
         if size < old {
             self.zero_tail(vid, size, old)?;
         }
@@ -245,6 +248,7 @@ impl Pool {
             b.put(keys::volume_key(vid), keys::encode_record(&v));
             b.delete(keys::name_key(old));
             b.put(keys::name_key(new), vid.to_be_bytes().to_vec());
+            crate::failpoint!("rename.before_commit");
             self.store().commit(b, true)?;
             tree.names.remove(old);
             tree.names.insert(new.to_string(), vid);
@@ -280,6 +284,7 @@ impl Pool {
             for s in &snaps {
                 b.delete(keys::snapshot_key(vid, &s.name));
             }
+            crate::failpoint!("volume_delete.before_commit");
             self.store().commit(b, true)?;
             tree.volumes.remove(&vid);
             tree.names.remove(name);
@@ -326,7 +331,9 @@ impl Pool {
         b.put(keys::volume_key(vid), keys::encode_record(&v));
         b.put(keys::snapshot_key(vid, snap), keys::encode_record(&srec));
         next_id_put(&mut b, &tree);
+        crate::failpoint!("snapshot_create.before_sync");
         self.sync_device()?;
+        crate::failpoint!("snapshot_create.before_commit");
         self.store().commit(b, true)?;
         if let Some(l) = tree.layers.get_mut(&old_head) {
             l.rec.frozen = true;
@@ -435,6 +442,7 @@ impl Pool {
             }
             let mut b = WriteBatch::new();
             b.delete(keys::snapshot_key(vid, snap));
+            crate::failpoint!("snapshot_delete.before_commit");
             self.store().commit(b, true)?;
             tree.snapshots.remove(&(vid, snap.to_string()));
         }
@@ -471,6 +479,7 @@ impl Pool {
         b.put(keys::volume_key(nvid), keys::encode_record(&v));
         b.put(keys::name_key(new), nvid.to_be_bytes().to_vec());
         next_id_put(&mut b, &tree);
+        crate::failpoint!("clone.before_commit");
         self.store().commit(b, true)?;
         tree.insert_layer(layer);
         tree.names.insert(new.to_string(), nvid);
@@ -506,6 +515,7 @@ impl Pool {
             b.put(keys::layer_key(lid), keys::encode_record(&layer));
             b.put(keys::volume_key(vid), keys::encode_record(&v));
             next_id_put(&mut b, &tree);
+            crate::failpoint!("rollback.before_commit");
             self.store().commit(b, true)?;
             tree.insert_layer(layer);
             tree.volumes.insert(vid, v);

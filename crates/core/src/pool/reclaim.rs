@@ -81,7 +81,9 @@ impl Pool {
                 "reclaim picked layer {l} with several children"
             )));
         }
+        crate::failpoint!("reclaim.before_commit");
         store.commit(batch, false)?;
+        crate::failpoint!("reclaim.after_commit");
         tree.adjust_counts(l, -(entries.len() as i64), -l_data);
         if let Some(c) = child {
             tree.adjust_counts(c, c_entries, c_data);
