@@ -3,89 +3,15 @@
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use snapblk_backup::{volume, Progress};
 use snapblk_core::names::parse_snap_ref;
 use snapblk_core::Pool;
 
 use crate::devices::{self, Devices};
-use crate::repos::RepoSpec;
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Command {
-    PoolInfo,
-    PoolCheck,
-    PoolScrub,
-    VolumeCreate {
-        name: String,
-        size: u64,
-    },
-    VolumeList,
-    VolumeInfo {
-        name: String,
-    },
-    VolumeResize {
-        name: String,
-        size: u64,
-        force: bool,
-    },
-    VolumeRename {
-        old: String,
-        new: String,
-    },
-    VolumeDelete {
-        name: String,
-        recursive: bool,
-    },
-    SnapshotCreate {
-        snapshot: String,
-    },
-    SnapshotList {
-        volume: Option<String>,
-    },
-    SnapshotInfo {
-        snapshot: String,
-    },
-    SnapshotDelete {
-        snapshot: String,
-    },
-    Clone {
-        snapshot: String,
-        name: String,
-    },
-    Rollback {
-        snapshot: String,
-    },
-    Diff {
-        from: String,
-        to: String,
-    },
-    Attach {
-        target: String,
-        read_only: bool,
-        queues: u16,
-        depth: u16,
-    },
-    Detach {
-        what: String,
-    },
-    List,
-    Backup {
-        snapshot: String,
-        repo: RepoSpec,
-        full: bool,
-    },
-    Restore {
-        repo: RepoSpec,
-        backup: String,
-        name: String,
-        #[serde(default)]
-        lazy: bool,
-    },
-    RestoreStatus,
-}
+use crate::repos::RepoOpen;
+pub use snapblk_control::Command;
 
 fn to_value<T: Serialize>(v: T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)

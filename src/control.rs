@@ -1,7 +1,7 @@
-//! The control socket: one JSON `Command` per line in, one JSON reply per line out:
-//! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The socket file is mode 0600.
+//! The control socket (protocol and framing: crates/control): the daemon's listener and
+//! the CLI's client. The socket file is mode 0600.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -9,15 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use snapblk_core::Pool;
 
-use crate::admin::{execute, Command};
+use crate::admin::execute;
 use crate::devices::Devices;
 use crate::progress::{show_relayed, Bar};
-
-/// Longest request line accepted.
-const MAX_LINE: u64 = 64 << 10;
+use snapblk_control::Command;
 
 pub const DEFAULT_SOCKET: &str = "/run/snapblk/control.sock";
 
@@ -58,31 +56,13 @@ pub fn serve(pool: Arc<Pool>, devices: Arc<Devices>, listener: UnixListener) {
 fn handle(pool: &Arc<Pool>, devices: &Devices, conn: UnixStream) {
     let Ok(mut w) = conn.try_clone() else { return };
     let mut r = BufReader::new(conn);
-    loop {
-        let mut line = String::new();
-        match (&mut r).take(MAX_LINE).read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
-            let _ = writeln!(
-                w,
-                "{}",
-                json!({ "ok": false, "error": "request line too long" })
-            );
-            return;
-        }
-        let reply = match serde_json::from_str::<Command>(line.trim()) {
-            Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
-            Ok(cmd) => match execute(pool, Some(devices), &cmd, &*relay(&w)) {
-                Ok(v) => json!({ "ok": true, "result": v }),
-                Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
-            },
-        };
-        if writeln!(w, "{reply}").is_err() {
-            return;
-        }
-    }
+    let relay_to = match w.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    snapblk_control::serve_lines(&mut r, &mut w, |cmd| {
+        execute(pool, Some(devices), cmd, &*relay(&relay_to)).map_err(|e| format!("{e:#}"))
+    });
 }
 
 /// Progress lines go to the client through their own handle on the connection.

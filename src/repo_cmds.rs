@@ -10,6 +10,7 @@ use snapblk_backup::{gc, manifest, prune, verify, Progress};
 use crate::cli::{BackupCmd, GcArgs, RepoCmd};
 use crate::human::{format_size, parse_duration, parse_size};
 use crate::render::format_time;
+use crate::repos::RepoOpen;
 
 pub struct Outcome {
     pub json: Value,

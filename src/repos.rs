@@ -6,58 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use snapblk_backup::file::FileStore;
 use snapblk_backup::repo::InitOptions;
 use snapblk_backup::{ObjectStore, Repository};
+use snapblk_control::{default_s3_attempts, default_s3_timeout, RepoSpec, Secret};
 use snapblk_s3::{S3Options, S3Store};
-
-/// Key material; never printed (Debug is redacted) and never part of any output.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl Secret {
-    fn bytes(&self) -> Result<Vec<u8>> {
-        hex::decode(&self.0).context("malformed key material")
-    }
-    fn text(&self) -> String {
-        self.0.clone()
-    }
-}
-
-/// Everything needed to open a repository; travels to the daemon over the control socket
-/// (mode 0600) for backup and restore.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RepoSpec {
-    pub url: String,
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    pub secret: Secret,
-    /// S3 credentials the CLI resolved (access key id, secret key, session token), so the
-    /// daemon acts with the invoking user's credentials. Absent: the daemon's own chain.
-    #[serde(default)]
-    pub credentials: Option<(String, Secret, Option<Secret>)>,
-    /// Seconds one S3 request attempt may take before it is abandoned and retried.
-    #[serde(default = "default_s3_timeout")]
-    pub s3_timeout: u64,
-    /// Attempts per S3 request, the first included (transient errors back off and retry).
-    #[serde(default = "default_s3_attempts")]
-    pub s3_attempts: u32,
-}
-
-fn default_s3_timeout() -> u64 {
-    60
-}
-
-fn default_s3_attempts() -> u32 {
-    5
-}
 
 /// Command-line options naming a repository's key and S3 endpoint.
 #[derive(clap::Args, Debug, Clone)]
@@ -105,8 +58,8 @@ impl RepoArgs {
             Target::S3(_) => snapblk_s3::resolve_credentials().map(|c| {
                 (
                     c.access_key_id,
-                    Secret(c.secret_access_key),
-                    c.session_token.map(Secret),
+                    Secret::new(c.secret_access_key),
+                    c.session_token.map(Secret::new),
                 )
             }),
             Target::File(_) => None,
@@ -115,7 +68,7 @@ impl RepoArgs {
             url: url.to_string(),
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),
-            secret: Secret(hex::encode(secret)),
+            secret: Secret::new(hex::encode(secret)),
             credentials,
             s3_timeout: self.s3_timeout,
             s3_attempts: self.s3_attempts,
@@ -143,8 +96,20 @@ fn parse_target(url: &str, endpoint: Option<&str>) -> Result<Target> {
     bail!("{url:?} is not a backup target: use s3://BUCKET/PREFIX or file:///PATH")
 }
 
-impl RepoSpec {
-    pub fn store(&self, create_bucket: bool) -> Result<Arc<dyn ObjectStore>> {
+/// Opening the repository a [`RepoSpec`] names (the spec itself is protocol data:
+/// crates/control).
+pub trait RepoOpen {
+    fn store(&self, create_bucket: bool) -> Result<Arc<dyn ObjectStore>>;
+    fn open(&self) -> Result<Repository>;
+    fn init(&self, opts: &InitOptions) -> Result<Repository>;
+}
+
+fn key_bytes(s: &Secret) -> Result<Vec<u8>> {
+    hex::decode(s.expose()).context("malformed key material")
+}
+
+impl RepoOpen for RepoSpec {
+    fn store(&self, create_bucket: bool) -> Result<Arc<dyn ObjectStore>> {
         Ok(match parse_target(&self.url, self.endpoint.as_deref())? {
             Target::File(p) => Arc::new(FileStore::new(p)),
             Target::S3(mut o) => {
@@ -152,8 +117,8 @@ impl RepoSpec {
                 o.credentials = self.credentials.as_ref().map(|(id, key, token)| {
                     snapblk_s3::StaticCredentials {
                         access_key_id: id.clone(),
-                        secret_access_key: key.text(),
-                        session_token: token.as_ref().map(Secret::text),
+                        secret_access_key: key.expose().to_string(),
+                        session_token: token.as_ref().map(|t| t.expose().to_string()),
                     }
                 });
                 o.attempt_timeout = Duration::from_secs(self.s3_timeout.max(1));
@@ -167,14 +132,17 @@ impl RepoSpec {
         })
     }
 
-    pub fn open(&self) -> Result<Repository> {
-        Ok(Repository::open(self.store(false)?, &self.secret.bytes()?)?)
+    fn open(&self) -> Result<Repository> {
+        Ok(Repository::open(
+            self.store(false)?,
+            &key_bytes(&self.secret)?,
+        )?)
     }
 
-    pub fn init(&self, opts: &InitOptions) -> Result<Repository> {
+    fn init(&self, opts: &InitOptions) -> Result<Repository> {
         Ok(Repository::init(
             self.store(true)?,
-            &self.secret.bytes()?,
+            &key_bytes(&self.secret)?,
             opts,
         )?)
     }

@@ -14,7 +14,7 @@ writes {"port": P, "control": C} to the --ready file.
 The control port takes one command per connection (one line) and answers one JSON line
 after the change is in force, so a request whose head arrives after the answer sees it:
 
-    mode MODE [count=K] [skip=N] [method=M] [path=SUBSTRING] [rate=KIB_PER_S]
+    mode MODE [count=K] [skip=N] [method=M] [path=SUBSTRING] [rate=KIB_PER_S] [cut]
     stats            counters (also written to --stats after every change)
     cut              close every open connection now (in-flight transfers included)
     reset            zero the counters
@@ -22,13 +22,17 @@ after the change is in force, so a request whose head arrives after the answer s
 A rule applies to requests matching `method` and `path` (a substring of the path, query
 excluded); other requests pass. `skip=N` lets the first N matching requests pass; `count=K`
 faults K matching requests, then the proxy reverts to `pass` (no count: until changed).
+`cut` also closes every open connection once the rule is in force (in-flight transfers
+fail; the next requests see the new rule).
+
 Modes:
 
     pass      forward
     500       answer 500 InternalError (S3 XML error body) without forwarding
     503       answer 503 SlowDown without forwarding
     throttle  forward, both directions paced to `rate` KiB/s (one budget shared by all
-              connections; in-flight transfers speed up as soon as the mode changes)
+              connections); a throttled transfer speeds up once the mode is `pass` and
+              otherwise keeps its pace until it ends or is cut
     timeout   read the request, never answer (the connection stays open until the client
               gives up)
     drop      a request with a body: forward the head and half the body (8 KiB of a chunked
@@ -214,20 +218,20 @@ class Proxy:
             r = self.rule
             mode = r["mode"]
             if mode == "pass":
-                return "pass", self.seq
+                return "pass", self.seq, None
             if r.get("method") and r["method"] != method:
-                return "pass", self.seq
+                return "pass", self.seq, None
             if r.get("path") and r["path"] not in path:
-                return "pass", self.seq
+                return "pass", self.seq, None
             if r.get("skip", 0) > 0:
                 r["skip"] -= 1
-                return "pass", self.seq
+                return "pass", self.seq, None
             if r.get("count") is not None:
                 r["count"] -= 1
                 if r["count"] <= 0:
                     self.rule = {"mode": "pass"}
             self._save()
-            return mode, self.seq
+            return mode, self.seq, r.get("rate")
 
     def throttling(self, rate):
         """The pace for a throttled transfer now: the current rate while throttling, full
@@ -278,19 +282,15 @@ class Proxy:
                 self._save()
             return {"ok": True}
         if words[0] == "cut":
-            with self.lock:
-                socks = list(self.active)
-            for s in socks:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self.bump("cut", len(socks))
-            return {"ok": True, "cut": len(socks)}
+            return {"ok": True, "cut": self.cut()}
         if words[0] == "mode" and len(words) >= 2 and words[1] in MODES:
             rule = {"mode": words[1]}
+            cut = False
             for w in words[2:]:
                 k, _, v = w.partition("=")
+                if w == "cut":
+                    cut = True
+                    continue
                 if k in ("count", "skip", "rate"):
                     try:
                         rule[k] = int(v)
@@ -309,8 +309,23 @@ class Proxy:
             with self.lock:
                 self.rule = rule
                 self._save()
-            return {"ok": True, "rule": rule}
+            reply = {"ok": True, "rule": dict(rule)}
+            if cut:
+                reply["cut"] = self.cut()
+            return reply
         return {"ok": False, "error": f"unknown command {line.strip()!r}"}
+
+    def cut(self):
+        """Closes every open connection (both sides); returns how many."""
+        with self.lock:
+            socks = list(self.active)
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.bump("cut", len(socks))
+        return len(socks)
 
     def control_client(self, sock):
         with sock:
@@ -371,7 +386,7 @@ class Proxy:
                     return
                 (method, target, *_), headers = parse_head(head)
                 path = target.split("?", 1)[0]
-                action, seq = self.decide(method, path)
+                action, seq, rate = self.decide(method, path)
                 self.bump("req_" + method)
                 log(f"#{seq} {method} {target[:120]} -> {action}")
                 if VERBOSE:
@@ -405,7 +420,7 @@ class Proxy:
                     up = self.connect_upstream()
                 throttled = None
                 if action == "throttle":
-                    throttled = {"rate": self.throttling(None)}
+                    throttled = {"rate": rate}
                     self.bump("throttled_requests")
                 self.send(up.sock, head, throttled)
 

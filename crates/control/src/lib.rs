@@ -1,0 +1,245 @@
+//! snapblk-control: the daemon's control-socket protocol, shared by the CLI (client) and
+//! the daemon (server), and fuzzed (fuzz/fuzz_targets/control.rs).
+//!
+//! Wire format: one JSON [`Command`] per line in; zero or more progress lines and then one
+//! JSON reply per line out: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
+//! Lines longer than [`MAX_LINE`] end the connection after an error reply. Nothing a client
+//! sends can panic the server: bad UTF-8, bad JSON, unknown commands and fields, and
+//! oversized lines all get an error reply.
+//!
+//! Threading: [`serve_lines`] runs on the connection's thread and calls `exec` there.
+
+use std::io::{BufRead, Read, Write};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Longest request line accepted.
+pub const MAX_LINE: u64 = 64 << 10;
+
+/// Key material; never printed (Debug is redacted) and never part of any output.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Secret {
+    pub fn new(text: String) -> Secret {
+        Secret(text)
+    }
+    /// The secret in clear, for the one place that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Everything needed to open a repository; travels to the daemon over the control socket
+/// (mode 0600) for backup and restore.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepoSpec {
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub secret: Secret,
+    /// S3 credentials the CLI resolved (access key id, secret key, session token), so the
+    /// daemon acts with the invoking user's credentials. Absent: the daemon's own chain.
+    #[serde(default)]
+    pub credentials: Option<(String, Secret, Option<Secret>)>,
+    /// Seconds one S3 request attempt may take before it is abandoned and retried.
+    #[serde(default = "default_s3_timeout")]
+    pub s3_timeout: u64,
+    /// Attempts per S3 request, the first included (transient errors back off and retry).
+    #[serde(default = "default_s3_attempts")]
+    pub s3_attempts: u32,
+}
+
+pub fn default_s3_timeout() -> u64 {
+    60
+}
+
+pub fn default_s3_attempts() -> u32 {
+    5
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    PoolInfo,
+    PoolCheck,
+    PoolScrub,
+    VolumeCreate {
+        name: String,
+        size: u64,
+    },
+    VolumeList,
+    VolumeInfo {
+        name: String,
+    },
+    VolumeResize {
+        name: String,
+        size: u64,
+        force: bool,
+    },
+    VolumeRename {
+        old: String,
+        new: String,
+    },
+    VolumeDelete {
+        name: String,
+        recursive: bool,
+    },
+    SnapshotCreate {
+        snapshot: String,
+    },
+    SnapshotList {
+        volume: Option<String>,
+    },
+    SnapshotInfo {
+        snapshot: String,
+    },
+    SnapshotDelete {
+        snapshot: String,
+    },
+    Clone {
+        snapshot: String,
+        name: String,
+    },
+    Rollback {
+        snapshot: String,
+    },
+    Diff {
+        from: String,
+        to: String,
+    },
+    Attach {
+        target: String,
+        read_only: bool,
+        queues: u16,
+        depth: u16,
+    },
+    Detach {
+        what: String,
+    },
+    List,
+    Backup {
+        snapshot: String,
+        repo: RepoSpec,
+        full: bool,
+    },
+    Restore {
+        repo: RepoSpec,
+        backup: String,
+        name: String,
+        #[serde(default)]
+        lazy: bool,
+    },
+    RestoreStatus,
+}
+
+/// One request read from a connection.
+#[derive(Debug)]
+pub enum Request {
+    Command(Box<Command>),
+    /// A line that is not a command: the reply names what was wrong.
+    Bad(String),
+    /// A line over [`MAX_LINE`]: replied to, then the connection ends.
+    TooLong,
+}
+
+/// Reads the next request line; `None` at the end of the stream (or on a read error).
+pub fn read_request(r: &mut impl BufRead) -> Option<Request> {
+    let mut line = Vec::new();
+    match r.take(MAX_LINE).read_until(b'\n', &mut line) {
+        Ok(0) | Err(_) => return None,
+        Ok(_) => {}
+    }
+    if !line.ends_with(b"\n") && line.len() as u64 >= MAX_LINE {
+        return Some(Request::TooLong);
+    }
+    let Ok(text) = std::str::from_utf8(&line) else {
+        return Some(Request::Bad("bad request: not UTF-8".into()));
+    };
+    Some(match serde_json::from_str::<Command>(text.trim()) {
+        Ok(c) => Request::Command(Box::new(c)),
+        Err(e) => Request::Bad(format!("bad request: {e}")),
+    })
+}
+
+/// The reply line for a command's outcome.
+pub fn reply(outcome: Result<Value, String>) -> Value {
+    match outcome {
+        Ok(v) => json!({ "ok": true, "result": v }),
+        Err(e) => json!({ "ok": false, "error": e }),
+    }
+}
+
+/// Serves one connection: every request line gets exactly one reply line; `exec` runs the
+/// commands. Returns when the client closes, a line is too long, or a write fails.
+pub fn serve_lines(
+    r: &mut impl BufRead,
+    w: &mut impl Write,
+    mut exec: impl FnMut(&Command) -> Result<Value, String>,
+) {
+    while let Some(req) = read_request(r) {
+        let (v, last) = match req {
+            Request::Command(c) => (reply(exec(&c)), false),
+            Request::Bad(e) => (reply(Err(e)), false),
+            Request::TooLong => (reply(Err("request line too long".into())), true),
+        };
+        if writeln!(w, "{v}").is_err() || last {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(input: &[u8]) -> Vec<Value> {
+        let mut out = Vec::new();
+        serve_lines(&mut &input[..], &mut out, |c| {
+            serde_json::to_value(c).map_err(|e| e.to_string())
+        });
+        String::from_utf8(out)
+            .expect("replies are UTF-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("replies are JSON"))
+            .collect()
+    }
+
+    #[test]
+    fn one_reply_per_line_and_errors_name_the_problem() {
+        let r = run(b"{\"cmd\":\"pool_info\"}\nnot json\n{\"cmd\":\"launch\"}\n\xff\xfe\n");
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0]["ok"], true);
+        assert!(r[1]["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("bad request"));
+        assert!(r[2]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown variant"));
+        assert!(r[3]["error"].as_str().unwrap_or("").contains("UTF-8"));
+    }
+
+    #[test]
+    fn an_overlong_line_ends_the_connection() {
+        let mut input = vec![b' '; MAX_LINE as usize + 10];
+        input.extend_from_slice(b"\n{\"cmd\":\"pool_info\"}\n");
+        let r = run(&input);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0]["error"], "request line too long");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let s = Secret::new("topsecret".into());
+        assert_eq!(format!("{s:?}"), "<redacted>");
+    }
+}
