@@ -33,3 +33,10 @@ if [ ! -x "$S3S_ROOT/bin/s3s-fs" ]; then
         --features binary --root "$S3S_ROOT" --quiet
     rm -rf /var/cache/snapblk/tools-target
 fi
+# cargo-fuzz for scripts/fuzz.sh (runs on the stable toolchain with RUSTC_BOOTSTRAP=1).
+if [ ! -x "$S3S_ROOT/bin/cargo-fuzz" ]; then
+    echo "setup: installing cargo-fuzz 0.13.2 (cargo install, a minute or two)"
+    CARGO_TARGET_DIR=/var/cache/snapblk/tools-target cargo install cargo-fuzz@0.13.2 --locked \
+        --root "$S3S_ROOT" --quiet
+    rm -rf /var/cache/snapblk/tools-target
+fi

@@ -43,6 +43,7 @@ Modes:
               client cannot know)
 
 `ctl` sends one command and prints the answer; it exits 1 if the proxy refused it.
+Every request is logged to stderr with the decision; S3_FAULT_PROXY_VERBOSE=1 adds its head.
 """
 import argparse
 import json

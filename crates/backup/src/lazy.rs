@@ -286,7 +286,12 @@ impl Hydration {
                 return;
             }
             let batch: Vec<usize> = (p0..n).filter(|&p| !self.is_done(p)).take(BATCH).collect();
-            let Some(&end) = batch.last() else { break };
+            let Some(&end) = batch.last() else {
+                // Client reads hydrated the rest (perhaps while this thread backed off):
+                // whatever failed before is no longer outstanding.
+                *lock(&self.error) = None;
+                break;
+            };
             let mut by_id: HashMap<ChunkId, Vec<usize>> = HashMap::new();
             for &p in &batch {
                 by_id.entry(self.table.cells[p].1).or_default().push(p);

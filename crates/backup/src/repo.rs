@@ -103,7 +103,10 @@ impl Repository {
         };
         let bytes = serde_json::to_vec_pretty(&config)
             .map_err(|e| BackupError::invalid("config", e.to_string()))?;
-        if !store.put_new(CONFIG_KEY, &bytes)? {
+        // A create-only put that reports "exists" may be the retry of our own put whose
+        // answer was lost: the stored config is then byte-for-byte ours (it holds a fresh
+        // uuid and key slot, so no other writer's can match).
+        if !store.put_new(CONFIG_KEY, &bytes)? && store.get(CONFIG_KEY)? != bytes {
             return Err(BackupError::RepositoryExists(store.describe()));
         }
         Ok(Repository {

@@ -253,6 +253,43 @@ impl S3Store {
     }
 
     fn get_impl(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, StoreError> {
+        if range.is_some_and(|(_, len)| len == 0) {
+            return Ok(Vec::new());
+        }
+        // The SDK retries a request until its response head arrives; a connection that
+        // drops while the body streams is retried here, with the same attempt budget.
+        let attempts = self.opts.max_attempts.max(1);
+        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match self.get_once(key, range) {
+                Err(BodyError(detail)) if attempt < attempts => {
+                    log::warn!(
+                        "get {key}: {detail}; retrying (attempt {} of {attempts})",
+                        attempt + 1
+                    );
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(BodyError(detail)) => {
+                    return Err(self.fail(
+                        "get",
+                        key,
+                        format!("reading the body: {detail} ({attempts} attempts)"),
+                    ))
+                }
+                Ok(r) => return r,
+            }
+        }
+    }
+
+    /// One GET: `Err(BodyError)` when the body stream broke (retryable), else the outcome.
+    fn get_once(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<Result<Vec<u8>, StoreError>, BodyError> {
         self.rt.block_on(async {
             let mut req = self
                 .client
@@ -260,9 +297,6 @@ impl S3Store {
                 .bucket(&self.opts.bucket)
                 .key(self.key(key));
             if let Some((off, len)) = range {
-                if len == 0 {
-                    return Ok(Vec::new());
-                }
                 req = req.range(format!("bytes={off}-{}", off + len - 1));
             }
             match req.send().await {
@@ -273,22 +307,24 @@ impl S3Store {
                     let mut v = Vec::with_capacity(cap);
                     let mut body = out.body;
                     while let Some(chunk) = body.next().await {
-                        let chunk = chunk
-                            .map_err(|e| self.fail("get", key, format!("reading the body: {e}")))?;
+                        let chunk = chunk.map_err(|e| BodyError(e.to_string()))?;
                         v.extend_from_slice(&chunk);
                     }
-                    Ok(v)
+                    Ok(Ok(v))
                 }
                 Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                    Err(self.not_found(key))
+                    Ok(Err(self.not_found(key)))
                 }
-                Err(e) if status(&e) == Some(404) => Err(self.not_found(key)),
-                Err(e) if status(&e) == Some(416) => Ok(Vec::new()),
-                Err(e) => Err(self.fail("get", key, describe_err(&e))),
+                Err(e) if status(&e) == Some(404) => Ok(Err(self.not_found(key))),
+                Err(e) if status(&e) == Some(416) => Ok(Ok(Vec::new())),
+                Err(e) => Ok(Err(self.fail("get", key, describe_err(&e)))),
             }
         })
     }
 }
+
+/// A response body that broke off while streaming.
+struct BodyError(String);
 
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
