@@ -131,7 +131,8 @@ pub enum PoolCmd {
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
-    /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, insecure, workers.
+    /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, insecure, workers, tls_cert,
+    /// tls_key, tls_client_ca.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Unix socket for NBD clients.
@@ -147,6 +148,16 @@ pub struct DaemonArgs {
     /// Worker threads executing NBD requests.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// TLS certificate chain (PEM) for NBD over TCP; with --tls-key, TCP clients must use
+    /// TLS (NBD STARTTLS) and a non-loopback address is allowed.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) matching --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM): TCP clients must present a certificate it signed.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

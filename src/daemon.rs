@@ -31,6 +31,11 @@ pub struct DaemonConfig {
     /// Allow plain TCP on a non-loopback address.
     pub insecure: Option<bool>,
     pub workers: Option<usize>,
+    /// TLS certificate chain and key (PEM) for NBD over TCP: TLS is then required there.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// CA whose client certificates TCP clients must present (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -50,6 +55,9 @@ impl DaemonConfig {
             nbd_tcp: other.nbd_tcp.or(self.nbd_tcp),
             insecure: other.insecure.or(self.insecure),
             workers: other.workers.or(self.workers),
+            tls_cert: other.tls_cert.or(self.tls_cert),
+            tls_key: other.tls_key.or(self.tls_key),
+            tls_client_ca: other.tls_client_ca.or(self.tls_client_ca),
         }
     }
 }
@@ -69,7 +77,16 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         .clone()
         .unwrap_or_else(|| DEFAULT_NBD_TCP.to_string());
 
-    if nbd_tcp != "none" {
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(snapblk_nbd::tls::server_config(
+            cert,
+            key,
+            cfg.tls_client_ca.as_deref(),
+        )?),
+        (None, None) if cfg.tls_client_ca.is_none() => None,
+        _ => bail!("TLS needs both tls_cert and tls_key (tls_client_ca is optional)"),
+    };
+    if nbd_tcp != "none" && tls.is_none() {
         check_tcp_address(&nbd_tcp, cfg.insecure == Some(true))?;
     }
 
@@ -84,7 +101,13 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     let devices = Arc::new(Devices::new(Arc::clone(&pool), meta.join("restores")));
     devices.recover_all();
     let ctl = control::bind_unix(&socket, 0o600)?;
-    let nbd = snapblk_nbd::Server::new(Arc::clone(&devices.exports), cfg.workers.unwrap_or(16))?;
+    let workers = cfg.workers.unwrap_or(16);
+    let nbd = match &tls {
+        Some(t) => {
+            snapblk_nbd::Server::with_tls(Arc::clone(&devices.exports), workers, Arc::clone(t))?
+        }
+        None => snapblk_nbd::Server::new(Arc::clone(&devices.exports), workers)?,
+    };
     let nbd_unix = control::bind_unix(&nbd_socket, 0o660)?;
     {
         let s = Arc::clone(&nbd);
@@ -111,10 +134,10 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         pool.uuid(),
         socket.display(),
         nbd_socket.display(),
-        if nbd_tcp == "none" {
-            String::new()
-        } else {
-            format!(" and {nbd_tcp}")
+        match (nbd_tcp.as_str(), tls.is_some()) {
+            ("none", _) => String::new(),
+            (t, true) => format!(" and {t} (TLS required)"),
+            (t, false) => format!(" and {t}"),
         }
     );
     if let Some(sig) = signals.forever().next() {
@@ -131,7 +154,8 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     std::process::exit(0);
 }
 
-/// Refuses plain NBD over TCP on anything but loopback unless `insecure`.
+/// Refuses plain NBD over TCP on anything but loopback unless `insecure` (with TLS
+/// configured, TCP is never plain and any address is allowed).
 fn check_tcp_address(addr: &str, insecure: bool) -> Result<()> {
     use std::net::ToSocketAddrs;
     let addrs: Vec<_> = addr
@@ -143,8 +167,9 @@ fn check_tcp_address(addr: &str, insecure: bool) -> Result<()> {
             bail!(
                 "refusing to serve NBD over plain TCP on {a}, which is not a loopback address: \
                  NBD has no authentication or encryption here, so anyone who can reach it could \
-                 read and write every volume; use a loopback address or the Unix socket, or pass \
-                 --insecure (config: insecure = true) to do it anyway"
+                 read and write every volume; use a loopback address or the Unix socket, require \
+                 TLS (--tls-cert/--tls-key), or pass --insecure (config: insecure = true) to do \
+                 it anyway"
             );
         }
         log::warn!("serving NBD over plain TCP on {a} (--insecure)");

@@ -155,6 +155,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 nbd_tcp: a.nbd_tcp.clone(),
                 insecure: a.insecure.then_some(true),
                 workers: a.workers,
+                tls_cert: a.tls_cert.clone(),
+                tls_key: a.tls_key.clone(),
+                tls_client_ca: a.tls_client_ca.clone(),
             });
             daemon::run(cfg)?;
             Ok(ExitCode::SUCCESS)
@@ -234,7 +237,12 @@ fn print_outcome(cli: &Cli, out: repo_cmds::Outcome) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // rustls warns about every client that sends an IP address as SNI (libnbd does);
+    // RUST_LOG still overrides this.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,rustls::msgs::handshake=error"),
+    )
+    .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(c) => c,

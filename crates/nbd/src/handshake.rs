@@ -42,11 +42,44 @@ fn reply_err(w: &mut impl Write, opt: u32, kind: u32, msg: &str) -> io::Result<(
     reply(w, opt, kind, msg.as_bytes())
 }
 
-/// Runs the handshake on `s`. `Ok(None)`: the client aborted or went away cleanly.
+/// Where a connection stands with TLS (NBD_OPT_STARTTLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsState {
+    /// This listener has no TLS: STARTTLS is refused by policy.
+    Unavailable,
+    /// TLS is configured and required: until STARTTLS only ABORT is allowed.
+    Required,
+    /// The connection is already encrypted.
+    Active,
+}
+
+/// How option haggling ended.
+pub enum Outcome {
+    /// Transmission starts on this export.
+    Session(Session),
+    /// The client asked for TLS and got the ACK: the caller runs the TLS handshake on the
+    /// socket and calls [`haggle`] again on the encrypted stream, with fresh option state.
+    StartTls,
+    /// The client aborted or went away cleanly.
+    Done,
+}
+
+/// Runs the whole handshake on a stream without TLS. `Ok(None)`: the client aborted or
+/// went away cleanly.
 pub fn negotiate<S: Read + Write>(
     s: &mut S,
     provider: &dyn ExportProvider,
 ) -> io::Result<Option<Session>> {
+    let no_zeroes = greet(s)?;
+    match haggle(s, provider, no_zeroes, TlsState::Unavailable)? {
+        Outcome::Session(session) => Ok(Some(session)),
+        Outcome::StartTls | Outcome::Done => Ok(None),
+    }
+}
+
+/// Sends the server greeting and reads the client flags; returns whether the client set
+/// NO_ZEROES.
+pub fn greet<S: Read + Write>(s: &mut S) -> io::Result<bool> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -61,7 +94,16 @@ pub fn negotiate<S: Read + Write>(
             format!("unknown client flags {client_flags:#x}"),
         ));
     }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+}
+
+/// Option haggling, until an export is chosen, TLS is started, or the client leaves.
+pub fn haggle<S: Read + Write>(
+    s: &mut S,
+    provider: &dyn ExportProvider,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> io::Result<Outcome> {
     let mut structured = false;
     // The export SET_META_CONTEXT selected base:allocation for; it applies only if GO or
     // EXPORT_NAME then names the same export.
@@ -70,7 +112,7 @@ pub fn negotiate<S: Read + Write>(
         let mut hdr = [0u8; 16];
         match s.read_exact(&mut hdr) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Done),
             Err(e) => return Err(e),
         }
         let h = codec::parse_option_header(&hdr).map_err(invalid)?;
@@ -87,6 +129,22 @@ pub fn negotiate<S: Read + Write>(
         let mut data = vec![0u8; h.length as usize];
         s.read_exact(&mut data)?;
         let opt = h.option;
+        if tls == TlsState::Required && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                // No reply is possible to EXPORT_NAME: hang up.
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only listener",
+                ));
+            }
+            reply_err(
+                s,
+                opt,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: use STARTTLS",
+            )?;
+            continue;
+        }
         match opt {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8(data).map_err(|_| {
@@ -103,7 +161,7 @@ pub fn negotiate<S: Read + Write>(
                 }
                 s.write_all(&v)?;
                 let allocation_context = allocation_for.as_deref() == Some(name.as_str());
-                return Ok(Some(Session {
+                return Ok(Outcome::Session(Session {
                     export,
                     structured,
                     allocation_context,
@@ -111,7 +169,7 @@ pub fn negotiate<S: Read + Write>(
             }
             OPT_ABORT => {
                 let _ = reply(s, opt, REP_ACK, &[]);
-                return Ok(None);
+                return Ok(Outcome::Done);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -168,7 +226,7 @@ pub fn negotiate<S: Read + Write>(
                 reply(s, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
                     let allocation_context = allocation_for.as_deref() == Some(req.name.as_str());
-                    return Ok(Some(Session {
+                    return Ok(Outcome::Session(Session {
                         export,
                         structured,
                         allocation_context,
@@ -234,12 +292,23 @@ pub fn negotiate<S: Read + Write>(
                 }
                 reply(s, opt, REP_ACK, &[])?;
             }
-            OPT_STARTTLS => reply_err(
-                s,
-                opt,
-                REP_ERR_POLICY,
-                "TLS is not supported by this server",
-            )?,
+            OPT_STARTTLS => match tls {
+                _ if !data.is_empty() => {
+                    reply_err(s, opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?
+                }
+                TlsState::Unavailable => reply_err(
+                    s,
+                    opt,
+                    REP_ERR_POLICY,
+                    "TLS is not configured on this listener",
+                )?,
+                TlsState::Active => reply_err(s, opt, REP_ERR_INVALID, "TLS is already active")?,
+                TlsState::Required => {
+                    reply(s, opt, REP_ACK, &[])?;
+                    s.flush()?;
+                    return Ok(Outcome::StartTls);
+                }
+            },
             _ => reply_err(
                 s,
                 opt,

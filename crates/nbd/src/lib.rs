@@ -6,5 +6,7 @@ pub mod codec;
 pub mod handshake;
 pub mod proto;
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use server::{serve_tcp, serve_unix, Server};

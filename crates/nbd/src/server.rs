@@ -24,6 +24,9 @@ const CONN_BUDGET: u64 = 128 << 20;
 pub struct Server {
     provider: Arc<dyn ExportProvider>,
     workers: usize,
+    /// TLS for TCP connections (then required there); Unix sockets stay plain.
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -126,7 +129,49 @@ impl Server {
         Ok(Arc::new(Server {
             provider,
             workers: workers.max(1),
+            #[cfg(feature = "tls")]
+            tls: None,
         }))
+    }
+
+    /// Like [`Server::new`], with TLS required on TCP connections.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(
+        provider: Arc<dyn ExportProvider>,
+        workers: usize,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> io::Result<Arc<Server>> {
+        Ok(Arc::new(Server {
+            provider,
+            workers: workers.max(1),
+            tls: Some(tls),
+        }))
+    }
+
+    /// Serves one TCP connection that must switch to TLS (STARTTLS) before it may choose an
+    /// export.
+    #[cfg(feature = "tls")]
+    fn serve_tls(&self, mut tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
+        use crate::handshake::{greet, haggle, Outcome, TlsState};
+        let no_zeroes = greet(&mut tcp)?;
+        match haggle(&mut tcp, &*self.provider, no_zeroes, TlsState::Required)? {
+            Outcome::StartTls => {}
+            Outcome::Done => return Ok(()),
+            Outcome::Session(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "export chosen without TLS on a TLS-only listener",
+                ))
+            }
+        }
+        let mut app = crate::tls::start(tcp, config)?;
+        match haggle(&mut app, &*self.provider, no_zeroes, TlsState::Active)? {
+            Outcome::Session(session) => {
+                let writer = app.try_clone()?;
+                self.transmit(session, app, Box::new(writer))
+            }
+            Outcome::StartTls | Outcome::Done => Ok(()),
+        }
     }
 
     /// Serves one connection to the end: handshake, then requests until NBD_CMD_DISC or
@@ -139,10 +184,17 @@ impl Server {
         let Some(session) = negotiate(&mut d, &*self.provider)? else {
             return Ok(());
         };
-        let Duplex {
-            r: mut reader,
-            w: writer,
-        } = d;
+        self.transmit(session, d.r, d.w)
+    }
+
+    /// The transmission phase of a negotiated connection; in-flight requests finish before
+    /// this returns.
+    fn transmit(
+        &self,
+        session: Session,
+        mut reader: impl Read,
+        writer: Box<dyn Write + Send>,
+    ) -> io::Result<()> {
         let conn = Conn {
             writer: Mutex::new(writer),
             broken: AtomicBool::new(false),
@@ -383,6 +435,21 @@ pub fn serve_tcp(server: Arc<Server>, listener: TcpListener) {
         match stream {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
+                #[cfg(feature = "tls")]
+                if let Some(config) = &server.tls {
+                    let (server, config) = (Arc::clone(&server), Arc::clone(config));
+                    let r = std::thread::Builder::new()
+                        .name("nbd-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = server.serve_tls(s, config) {
+                                log::info!("nbd TLS connection ended: {e}");
+                            }
+                        });
+                    if let Err(e) = r {
+                        log::warn!("nbd: cannot start connection thread: {e}");
+                    }
+                    continue;
+                }
                 spawn_conn(&server, s.try_clone(), s)
             }
             Err(e) => log::warn!("nbd accept (tcp): {e}"),
