@@ -10,6 +10,7 @@ secs=${1:-30}; shift || true
 export PATH=/var/cache/snapblk/tools/bin:$PATH
 export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-/var/cache/snapblk/fuzz-target}
 export RUSTC_BOOTSTRAP=1
+export LSAN_OPTIONS=suppressions=$PWD/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz not found (run scripts/setup.sh)" >&2; exit 2; }
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(nbd control repo_objects metadata)
