@@ -199,5 +199,78 @@ fn private_mount_namespace() {
             "could not make a private mount namespace ({}); do not mount ublk devices in the daemon's namespace",
             std::io::Error::last_os_error()
         );
+        return;
+    }
+    // A daemon restarted to recover devices copied the users' mounts of them into its new
+    // namespace; those copies would keep each device open after the users unmount it, so
+    // deleting it (detach) would wait forever. Drop them here (only in this namespace).
+    for target in ublk_mounts(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+    {
+        let Ok(c) = std::ffi::CString::new(target.clone()) else {
+            continue;
+        };
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            log::warn!(
+                "could not drop the mount of a ublk device at {target} from the daemon's namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Mount points (deepest first) of filesystems on ublk block devices, from mountinfo.
+fn ublk_mounts(mountinfo: &str) -> Vec<String> {
+    let mut out: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            // Fields: id parent major:minor root mount-point options ... - fstype source ...
+            let dash = f.iter().position(|x| *x == "-")?;
+            let source = f.get(dash + 2)?;
+            let target = f.get(4)?;
+            source
+                .starts_with("/dev/ublkb")
+                .then(|| unescape_mountinfo(target))
+        })
+        .collect();
+    out.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    out
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo (octal).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_ublk_mounts_deepest_first() {
+        let mi = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                  40 22 259:0 / /mnt/a rw,relatime - ext4 /dev/ublkb0 rw\n\
+                  41 40 259:1 / /mnt/a/b\\040c rw - xfs /dev/ublkb1 rw\n\
+                  42 22 7:0 / /mnt/loop rw - ext4 /dev/loop0 rw\n";
+        assert_eq!(
+            ublk_mounts(mi),
+            vec!["/mnt/a/b c".to_string(), "/mnt/a".to_string()]
+        );
     }
 }

@@ -21,11 +21,7 @@ fn bench(c: &mut Criterion) {
         let data: Vec<u8> = (0..size).map(|i| (i * 7 + 1) as u8).collect();
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::new("crc32c", size), &data, |b, d| {
-            b.iter(|| {
-                d.chunks(4096)
-                    .map(crc32c::crc32c)
-                    .fold(0u32, |a, x| a ^ x)
-            })
+            b.iter(|| d.chunks(4096).map(crc32c::crc32c).fold(0u32, |a, x| a ^ x))
         });
         let mut off = 0u64;
         g.bench_with_input(BenchmarkId::new("pool_write", size), &data, |b, d| {
