@@ -61,7 +61,11 @@ fn handle(pool: &Arc<Pool>, devices: &Devices, conn: UnixStream) {
         Err(_) => return,
     };
     snapblk_control::serve_lines(&mut r, &mut w, |cmd| {
-        execute(pool, Some(devices), cmd, &*relay(&relay_to)).map_err(|e| format!("{e:#}"))
+        let out = execute(pool, Some(devices), cmd, &*relay(&relay_to));
+        // Progress writes give up on a client that stopped reading (a write timeout on the
+        // socket); the reply waits for it as long as it takes.
+        let _ = relay_to.set_write_timeout(None);
+        out.map_err(|e| format!("{e:#}"))
     });
 }
 

@@ -102,18 +102,29 @@ pub struct Relay {
     w: Mutex<(UnixStream, Instant)>,
     phase: Mutex<(String, u64)>,
     done: AtomicU64,
+    /// Set when a progress line could not be written: no more are sent.
+    gave_up: std::sync::atomic::AtomicBool,
 }
+
+/// A CLI that stops reading (suspended with ^Z, say) may hold up a job's progress reports
+/// this long; then the job goes on without them.
+const RELAY_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Relay {
     pub fn new(w: UnixStream) -> Relay {
+        let _ = w.set_write_timeout(Some(RELAY_WRITE_TIMEOUT));
         Relay {
             w: Mutex::new((w, Instant::now() - Duration::from_secs(1))),
             phase: Mutex::new((String::new(), 0)),
             done: AtomicU64::new(0),
+            gave_up: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn send(&self, force: bool) {
+        if self.gave_up.load(Ordering::Relaxed) {
+            return;
+        }
         let mut g = self.w.lock().unwrap_or_else(|p| p.into_inner());
         if !force && g.1.elapsed() < Duration::from_millis(200) {
             return;
@@ -122,8 +133,11 @@ impl Relay {
         let (phase, total) = self.phase.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let line = json!({ "progress": { "phase": phase, "total": total,
             "done": self.done.load(Ordering::Relaxed) } });
-        // A client that went away just stops seeing progress; the job goes on.
-        let _ = writeln!(g.0, "{line}");
+        // A client that went away or stopped reading just stops seeing progress; the job
+        // goes on.
+        if writeln!(g.0, "{line}").is_err() {
+            self.gave_up.store(true, Ordering::Relaxed);
+        }
     }
 }
 

@@ -106,6 +106,45 @@ if nbdinfo "$(tls_uri v "$C/distrust")" >"$T/distrust.out" 2>&1; then fail "a cl
 nbdinfo "$(tls_uri v "$C/noclient")" >/dev/null || fail "nbdinfo over TLS"
 snapblk pool info >/dev/null || fail "the daemon stopped answering"
 
+log "a client sends close_notify with more bytes behind it: the daemon does not spin"
+/usr/bin/python3 - "$PORT" "$C/ca-cert.pem" "$DAEMON_PID" <<'PY' || fail "close_notify followed by data"
+import os, socket, ssl, struct, sys, time
+port, ca, pid = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+def cpu():  # utime + stime of the daemon, in clock ticks
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+s = socket.create_connection(("127.0.0.1", port))
+def recv(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b)); assert c, "server closed"; b += c
+    return b
+recv(18)                                   # greeting
+s.sendall(struct.pack(">I", 3))            # fixed newstyle, no zeroes
+s.sendall(struct.pack(">QII", 0x49484156454F5054, 5, 0))  # NBD_OPT_STARTTLS
+hdr = recv(20); recv(struct.unpack(">I", hdr[16:20])[0])
+assert struct.unpack(">I", hdr[12:16])[0] == 1, "STARTTLS not acknowledged"
+ctx = ssl.create_default_context(cafile=ca)
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+o = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
+while True:
+    try:
+        o.do_handshake(); break
+    except ssl.SSLWantReadError:
+        s.sendall(out.read()); inc.write(s.recv(65536))
+s.sendall(out.read())
+try:
+    o.unwrap()
+except ssl.SSLWantReadError:
+    pass
+s.sendall(out.read() + os.urandom(4096))   # close_notify and more, in one write
+t0 = cpu(); time.sleep(2); used = cpu() - t0
+s.close()
+ticks = os.sysconf("SC_CLK_TCK")
+assert used < ticks, f"daemon used {used / ticks:.2f} s of CPU in 2 s idle: spinning"
+PY
+snapblk pool info >/dev/null || fail "the daemon stopped answering after a close_notify with trailing data"
+
 log "mutual TLS: --tls-client-ca requires a client certificate from that CA"
 stop_daemon
 start_tls_daemon --tls-client-ca "$C/ca-cert.pem"

@@ -70,16 +70,23 @@ pub fn negotiate<S: Read + Write>(
     s: &mut S,
     provider: &dyn ExportProvider,
 ) -> io::Result<Option<Session>> {
-    let no_zeroes = greet(s)?;
-    match haggle(s, provider, no_zeroes, TlsState::Unavailable)? {
+    let g = greet(s)?;
+    match haggle(s, provider, g.no_zeroes, TlsState::Unavailable)? {
         Outcome::Session(session) => Ok(Some(session)),
         Outcome::StartTls | Outcome::Done => Ok(None),
     }
 }
 
-/// Sends the server greeting and reads the client flags; returns whether the client set
-/// NO_ZEROES.
-pub fn greet<S: Read + Write>(s: &mut S) -> io::Result<bool> {
+/// What the client said in its flags.
+pub struct Greeting {
+    /// NBD_FLAG_C_FIXED_NEWSTYLE: option replies (and so STARTTLS) are understood.
+    pub fixed: bool,
+    /// NBD_FLAG_C_NO_ZEROES: no 124 zero bytes after EXPORT_NAME's reply.
+    pub no_zeroes: bool,
+}
+
+/// Sends the server greeting and reads the client flags.
+pub fn greet<S: Read + Write>(s: &mut S) -> io::Result<Greeting> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -94,7 +101,10 @@ pub fn greet<S: Read + Write>(s: &mut S) -> io::Result<bool> {
             format!("unknown client flags {client_flags:#x}"),
         ));
     }
-    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+    Ok(Greeting {
+        fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+    })
 }
 
 /// Option haggling, until an export is chosen, TLS is started, or the client leaves.

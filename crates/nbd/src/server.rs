@@ -153,8 +153,17 @@ impl Server {
     #[cfg(feature = "tls")]
     fn serve_tls(&self, mut tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
         use crate::handshake::{greet, haggle, Outcome, TlsState};
-        let no_zeroes = greet(&mut tcp)?;
-        match haggle(&mut tcp, &*self.provider, no_zeroes, TlsState::Required)? {
+        // A client must get to STARTTLS promptly; afterwards the session has no timeout.
+        tcp.set_read_timeout(Some(crate::tls::HANDSHAKE_TIMEOUT))?;
+        let g = greet(&mut tcp)?;
+        if !g.fixed {
+            // Without fixed newstyle the client cannot negotiate TLS (NOTLS mode only).
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "client without fixed newstyle on a TLS-only listener",
+            ));
+        }
+        match haggle(&mut tcp, &*self.provider, g.no_zeroes, TlsState::Required)? {
             Outcome::StartTls => {}
             Outcome::Done => return Ok(()),
             Outcome::Session(_) => {
@@ -165,7 +174,7 @@ impl Server {
             }
         }
         let mut app = crate::tls::start(tcp, config)?;
-        match haggle(&mut app, &*self.provider, no_zeroes, TlsState::Active)? {
+        match haggle(&mut app, &*self.provider, g.no_zeroes, TlsState::Active)? {
             Outcome::Session(session) => {
                 let writer = app.try_clone()?;
                 self.transmit(session, app, Box::new(writer))

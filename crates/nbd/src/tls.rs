@@ -19,7 +19,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::pem::PemObject;
@@ -27,9 +27,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
-/// A TLS handshake that takes longer than this fails (a client that stalls mid-handshake
-/// must not hold a thread forever).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Option haggling before STARTTLS and the TLS handshake each must finish within this (a
+/// client that stalls must not hold a thread forever).
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -121,9 +121,15 @@ fn send_queued(shared: &Shared, mut conn: MutexGuard<'_, ServerConnection>) -> i
 /// the NBD code.
 pub(crate) fn start(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<UnixStream> {
     let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
-    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     while conn.is_handshaking() {
+        // One deadline for the whole handshake, however slowly the client trickles bytes.
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake: timed out"))?;
+        tcp.set_read_timeout(Some(left))?;
+        tcp.set_write_timeout(Some(left))?;
         if let Err(e) = conn.complete_io(&mut tcp) {
             // Tell the client why (a TLS alert), if rustls has one queued.
             while conn.wants_write() && conn.write_tls(&mut tcp).is_ok() {}
@@ -173,8 +179,13 @@ fn receive(mut tcp: TcpStream, shared: &Shared, mut app: UnixStream, early: Vec<
         let mut conn = lock(&shared.conn);
         let mut input = &buf[..n];
         while !input.is_empty() {
-            if conn.read_tls(&mut input).is_err() {
-                break 'outer;
+            match conn.read_tls(&mut input) {
+                // Ok(0): rustls takes nothing more after the peer's close_notify.
+                Ok(0) | Err(_) => {
+                    closed = true;
+                    break;
+                }
+                Ok(_) => {}
             }
             match conn.process_new_packets() {
                 Ok(st) => {
@@ -186,11 +197,16 @@ fn receive(mut tcp: TcpStream, shared: &Shared, mut app: UnixStream, early: Vec<
                             break 'outer;
                         }
                     }
-                    closed |= st.peer_has_closed();
+                    if st.peer_has_closed() {
+                        closed = true;
+                        break;
+                    }
                 }
                 Err(e) => {
                     log::info!("nbd TLS: {e}");
                     let _ = send_queued(shared, conn);
+                    // A broken session: end both directions (the transmit pump wakes).
+                    let _ = lock(&shared.out).shutdown(Shutdown::Both);
                     break 'outer;
                 }
             }
@@ -234,4 +250,7 @@ fn transmit(mut app: UnixStream, shared: &Shared) {
     conn.send_close_notify();
     let _ = send_queued(shared, conn);
     let _ = lock(&shared.out).shutdown(Shutdown::Both);
+    // Whatever still reads or writes the NBD end fails at once instead of waiting on a
+    // pair nobody serves (the receive pump holds the other handle of this end).
+    let _ = app.shutdown(Shutdown::Both);
 }

@@ -64,8 +64,11 @@ struct State {
 }
 
 /// What the last cut did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct CutStats {
+    /// Byte offsets of the device blocks whose pending write was dropped or torn: the only
+    /// blocks whose contents may now disagree with a checksum written for them.
+    pub lost: std::collections::BTreeSet<usize>,
     pub blocks_kept: u64,
     pub blocks_dropped: u64,
     pub blocks_torn: u64,
@@ -163,14 +166,19 @@ impl PowerLoss {
                     0..=3 => {
                         st.durable[off..off + data.len()].copy_from_slice(&data);
                         stats.blocks_kept += 1;
+                        stats.lost.remove(&off);
                     }
-                    4..=7 => stats.blocks_dropped += 1,
+                    4..=7 => {
+                        stats.blocks_dropped += 1;
+                        stats.lost.insert(off);
+                    }
                     _ => {
                         // A tear that ends inside a sector.
                         let k = 1 + rng.below(data.len() as u64 - 1) as usize;
                         let k = if k.is_multiple_of(512) { k - 1 } else { k };
                         st.durable[off..off + k].copy_from_slice(&data[..k]);
                         stats.blocks_torn += 1;
+                        stats.lost.insert(off);
                     }
                 }
             }

@@ -11,7 +11,7 @@
 //! * `pool check` is clean, and the pool keeps working (more writes, a flush, reclaim, and
 //!   everything checks again).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use snapblk_core::device::{DataDevice, BLOCK_SIZE, DATA_START};
@@ -304,7 +304,16 @@ fn read_block(pool: &Pool, target: &str, b: u64) -> Result<Vec<u8>, String> {
 }
 
 /// What one block reads as: the tag whose pattern it holds, or `BAD` when the read fails.
-fn observe(pool: &Pool, target: &str, b: u64, allowed: &[u64]) -> Result<u64, String> {
+/// A failed read is accepted only for a block with unflushed writes whose data block is one
+/// the cut really dropped or tore (`lost`): EIO anywhere else means flushed data was
+/// overwritten, e.g. by a block reused before the metadata freeing it was durable.
+fn observe(
+    pool: &Pool,
+    target: &str,
+    b: u64,
+    allowed: &[u64],
+    lost: &BTreeSet<usize>,
+) -> Result<u64, String> {
     match read_block(pool, target, b) {
         Ok(data) => allowed
             .iter()
@@ -313,14 +322,24 @@ fn observe(pool: &Pool, target: &str, b: u64, allowed: &[u64]) -> Result<u64, St
             .ok_or_else(|| {
                 format!("{target} block {b}: unexpected contents (allowed {allowed:?})")
             }),
-        Err(_) if allowed.len() > 1 || allowed.contains(&BAD) => Ok(BAD),
-        Err(e) => Err(format!("{target} block {b}: flushed data unreadable: {e}")),
+        Err(e) => {
+            let t = pool.resolve_target(target).map_err(|e| e.to_string())?;
+            let at = pool.block_location(&t, b).map_err(|e| e.to_string())?;
+            let unflushed = allowed.len() > 1 || allowed.contains(&BAD);
+            match at {
+                Some(off) if unflushed && lost.contains(&(off as usize)) => Ok(BAD),
+                _ => Err(format!(
+                    "{target} block {b}: unreadable (allowed {allowed:?}, data at {at:?}, not a \
+                     block the power cut lost): {e}"
+                )),
+            }
+        }
     }
 }
 
 /// Checks the reopened pool against the model; returns what it found (every block exact),
 /// or the first difference, in words.
-fn verify(pool: &Pool, m: &Model) -> Result<Model, String> {
+fn verify(pool: &Pool, m: &Model, lost: &BTreeSet<usize>) -> Result<Model, String> {
     let mut names: Vec<String> = pool.list_volumes().into_iter().map(|v| v.name).collect();
     names.sort();
     let want: Vec<String> = m.vols.keys().cloned().collect();
@@ -339,8 +358,13 @@ fn verify(pool: &Pool, m: &Model) -> Result<Model, String> {
         }
         let mut out = Vol::default();
         for (b, cell) in vol.blocks.iter().enumerate() {
-            out.blocks
-                .push(Cell::exact(observe(pool, name, b as u64, &cell.allowed)?));
+            out.blocks.push(Cell::exact(observe(
+                pool,
+                name,
+                b as u64,
+                &cell.allowed,
+                lost,
+            )?));
         }
         let mut snaps: Vec<String> = pool
             .list_snapshots(Some(name))
@@ -356,7 +380,7 @@ fn verify(pool: &Pool, m: &Model) -> Result<Model, String> {
         for (s, contents) in &vol.snaps {
             let target = format!("{name}@{s}");
             for (b, &tag) in contents.iter().enumerate() {
-                observe(pool, &target, b as u64, &[tag])?;
+                observe(pool, &target, b as u64, &[tag], lost)?;
             }
             out.snaps.insert(s.clone(), contents.clone());
         }
@@ -421,11 +445,11 @@ fn workload(
 
 /// After the cut: the reopened pool matches the model before or after the interrupted
 /// operation; returns what it holds.
-fn check_after_cut(pool: &Pool, o: &Outcome, what: &str) -> Model {
-    match verify(pool, &o.before) {
+fn check_after_cut(pool: &Pool, o: &Outcome, lost: &BTreeSet<usize>, what: &str) -> Model {
+    match verify(pool, &o.before, lost) {
         Ok(seen) => seen,
         Err(e1) => match &o.after {
-            Some(after) => match verify(pool, after) {
+            Some(after) => match verify(pool, after, lost) {
                 Ok(seen) => seen,
                 Err(e2) => panic!(
                     "{what}: state after the power cut matches neither side of the interrupted \
@@ -438,13 +462,13 @@ fn check_after_cut(pool: &Pool, o: &Outcome, what: &str) -> Model {
 }
 
 /// The reopened pool keeps working: more operations, a flush, full reclaim, all checked.
-fn keep_going(pool: &Pool, g: &mut Gen, mut m: Model, what: &str) {
+fn keep_going(pool: &Pool, g: &mut Gen, mut m: Model, lost: &BTreeSet<usize>, what: &str) {
     let o = workload(pool, g, &mut m, 25, &|_| false);
     let mut m = o.before;
     pool.sync().expect("flush");
     m.vols.values_mut().for_each(Vol::settle);
     pool.reclaim_all().expect("reclaim");
-    if let Err(e) = verify(pool, &m) {
+    if let Err(e) = verify(pool, &m, lost) {
         panic!("{what}: after reopening and more work: {e}");
     }
     // Nothing may stay unreadable once every block was written again and flushed.
@@ -465,7 +489,7 @@ fn keep_going(pool: &Pool, g: &mut Gen, mut m: Model, what: &str) {
     }
     pool.sync().expect("flush");
     m.vols.values_mut().for_each(Vol::settle);
-    if let Err(e) = verify(pool, &m) {
+    if let Err(e) = verify(pool, &m, lost) {
         panic!("{what}: after rewriting every block: {e}");
     }
 }
@@ -507,8 +531,8 @@ fn random_power_cuts_lose_nothing_flushed() {
         lost_blocks += stats.blocks_dropped + stats.blocks_torn;
         lost_batches += stats.batches_dropped;
         let pool = open(&rebooted);
-        let m = check_after_cut(&pool, &o, &format!("{what} ({} ops)", o.ops));
-        keep_going(&pool, &mut g, m, &what);
+        let m = check_after_cut(&pool, &o, &stats.lost, &format!("{what} ({} ops)", o.ops));
+        keep_going(&pool, &mut g, m, &stats.lost, &what);
     }
     // The torture must really have cut operations and thrown unsynced state away.
     assert!(mid_op > 300, "only {mid_op} cuts fell inside an operation");
@@ -556,10 +580,10 @@ fn every_failpoint_is_survived() {
             fail::remove(fp);
             assert!(o.after.is_some(), "{what}: never reached in {} ops", o.ops);
             drop(pool);
-            let (rebooted, _) = machine.power.cut(&mut g.rng);
+            let (rebooted, stats) = machine.power.cut(&mut g.rng);
             let pool = open(&rebooted);
-            let m = check_after_cut(&pool, &o, &what);
-            keep_going(&pool, &mut g, m, &what);
+            let m = check_after_cut(&pool, &o, &stats.lost, &what);
+            keep_going(&pool, &mut g, m, &stats.lost, &what);
         }
     }
 }

@@ -132,6 +132,19 @@ impl Pool {
         Ok(target_layer(&self.tree_read(), t)?.1)
     }
 
+    /// Where block `lba` of `t` is read from: the data device's byte offset, or `None` when
+    /// it reads as zeros (diagnostics and tests).
+    pub fn block_location(&self, t: &Target, lba: u64) -> Result<Option<u64>> {
+        let tree = self.tree_read();
+        let (layer, _) = target_layer(&tree, t)?;
+        let chain = tree.chain(layer)?;
+        let map = resolve(&**self.store(), &chain, lba, lba.saturating_add(1))?;
+        Ok(match map.get(&lba) {
+            Some(MapValue::Data { pba, .. }) => Some(self.block_offset(*pba)),
+            _ => None,
+        })
+    }
+
     /// Reads `n` whole blocks starting at `b0` of `t` into an aligned buffer, verifying
     /// each block's checksum.
     pub(crate) fn read_blocks(&self, t: &Target, b0: u64, n: u64) -> Result<AlignedBuf> {
