@@ -214,6 +214,7 @@ impl Server {
         };
         let (tx, rx) = crossbeam_channel::unbounded::<(Request, Vec<u8>, u64)>();
         std::thread::scope(|scope| {
+            let mut workers = Vec::with_capacity(self.workers);
             for i in 0..self.workers {
                 let rx = rx.clone();
                 let (conn, session) = (&conn, &session);
@@ -224,17 +225,22 @@ impl Server {
                             handle(conn, session, req, payload, bytes);
                         }
                     });
-                if let Err(e) = spawned {
-                    if i == 0 {
-                        return Err(e);
-                    }
-                    break;
+                match spawned {
+                    Ok(h) => workers.push(h),
+                    Err(e) if i == 0 => return Err(e),
+                    Err(_) => break,
                 }
             }
             let r = self.transmission(&mut reader, &conn, &tx);
-            // Closing the queue ends the workers once they have drained it; the scope
-            // joins them.
+            // Closing the queue ends the workers once they have drained it. Joining them
+            // here (rather than leaving it to the scope) waits until each thread has fully
+            // exited, so nothing of the connection outlives this call.
             drop(tx);
+            for h in workers {
+                if let Err(panic) = h.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
             r
         })
     }
