@@ -102,11 +102,28 @@ attach_loop() {
 }
 
 detach_loop() {
-    local name=$1 dev=$2 dir
+    local name=$1 dev=$2 dir info
     dir=$T/fuse-${name//@/_}
     losetup -d "$dev" 2>/dev/null || true
-    for _ in $(seq 1 100); do
+    local i
+    for i in $(seq 1 100); do
         fusermount3 -u "$dir.file" 2>/dev/null && break
         sleep 0.1
     done
+    [ "$i" -lt 100 ] || log "detach_loop: $dir.file still mounted after 10 s"
+    # nbdfuse exits (closing its NBD connections) shortly after the unmount; wait for it,
+    # then for the daemon to see the connections end, so the export is no longer in use.
+    for _ in $(seq 1 100); do
+        pgrep -f "nbdfuse .*$dir.file" >/dev/null || break
+        sleep 0.1
+    done
+    case $name in
+        *@*) ;;
+        *) for i in $(seq 1 100); do
+               info=$(snapblk --json volume info "$name" 2>/dev/null) || break
+               [ "$(json_get open <<<"$info")" = 0 ] && break
+               sleep 0.1
+           done
+           [ "$i" -lt 100 ] || log "detach_loop: $name still has open exports after 10 s" ;;
+    esac
 }

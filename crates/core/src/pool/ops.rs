@@ -31,6 +31,9 @@ pub struct VolumeInfo {
     /// The snapshot this volume was cloned from or rolled back to, if any.
     pub origin: Option<String>,
     pub created: u64,
+    /// Open exports of the volume itself (NBD connections, ublk devices): rollback and
+    /// delete wait for 0.
+    pub open: usize,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -112,6 +115,7 @@ impl Pool {
                 * BLOCK_SIZE_U64,
             origin: named_ancestor(tree, names, v.head),
             created: v.created,
+            open: self.open_count(|t| *t == Target::Volume(v.id)),
         }
     }
 
