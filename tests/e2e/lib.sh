@@ -89,6 +89,12 @@ attach_loop() {
     touch "$dir.file"
     local ro=()
     [ "$mode" = ro ] && ro=(-r)
+    # The volume's open exports before ours (the daemon may hold some itself, e.g. while
+    # a lazy restore hydrates): detach_loop waits to get back to this.
+    case $name in
+        *@*) ;;
+        *) snapblk --json volume info "$name" 2>/dev/null | json_get open >"$dir.open0" 2>/dev/null || echo 0 >"$dir.open0" ;;
+    esac
     nbdfuse "${ro[@]}" "$dir.file" "$(uri "$name")" >>"$T/nbdfuse.log" 2>&1 &
     for _ in $(seq 1 100); do
         findmnt -n "$dir.file" >/dev/null 2>&1 && break
@@ -121,7 +127,7 @@ detach_loop() {
         *@*) ;;
         *) for i in $(seq 1 100); do
                info=$(snapblk --json volume info "$name" 2>/dev/null) || break
-               [ "$(json_get open <<<"$info")" = 0 ] && break
+               [ "$(json_get open <<<"$info")" -le "$(cat "$dir.open0" 2>/dev/null || echo 0)" ] && break
                sleep 0.1
            done
            [ "$i" -lt 100 ] || log "detach_loop: $name still has open exports after 10 s" ;;
