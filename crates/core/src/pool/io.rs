@@ -105,15 +105,6 @@ impl HeadEdit {
     }
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    let words = b.chunks_exact(8);
-    let rem = words.remainder();
-    words
-        .into_iter()
-        .all(|w| <[u8; 8]>::try_from(w).is_ok_and(|a| u64::from_ne_bytes(a) == 0))
-        && rem.iter().all(|&x| x == 0)
-}
-
 impl Pool {
     /// Parses `vol` or `vol@snap` and finds it.
     pub fn resolve_target(&self, name: &str) -> Result<Target> {
@@ -148,56 +139,28 @@ impl Pool {
     /// Reads `n` whole blocks starting at `b0` of `t` into an aligned buffer, verifying
     /// each block's checksum.
     pub(crate) fn read_blocks(&self, t: &Target, b0: u64, n: u64) -> Result<AlignedBuf> {
-        let _gate = self.gate_read();
-        let map = {
-            let tree = self.tree_read();
-            let (layer, _) = target_layer(&tree, t)?;
-            let chain = tree.chain(layer)?;
-            resolve(&**self.store(), &chain, b0, b0 + n)?
-        };
-        let mut buf = AlignedBuf::zeroed((n * BLOCK_SIZE_U64) as usize);
-        // Runs of (first index, first pba, count) with consecutive lbas and pbas.
-        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
-        for (&lba, v) in &map {
-            if let MapValue::Data { pba, .. } = *v {
-                let idx = lba - b0;
-                match runs.last_mut() {
-                    Some((i, p, c)) if *i + *c == idx && *p + *c == pba => *c += 1,
-                    _ => runs.push((idx, pba, 1)),
-                }
-            }
-        }
-        if !runs.is_empty() {
-            let mut segs = Vec::with_capacity(runs.len());
+        let len = (n * BLOCK_SIZE_U64) as usize;
+        let plan = self.plan_read(t, b0 * BLOCK_SIZE_U64, len)?;
+        let mut buf = AlignedBuf::zeroed(len);
+        if !plan.segs.is_empty() {
+            let mut segs = Vec::with_capacity(plan.segs.len());
             let mut rest: &mut [u8] = &mut buf;
-            let mut consumed = 0u64;
-            for &(idx, pba, cnt) in &runs {
-                let skip = ((idx - consumed) * BLOCK_SIZE_U64) as usize;
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
-                let (seg, tail) = tail.split_at_mut((cnt * BLOCK_SIZE_U64) as usize);
+            let mut consumed = 0usize;
+            for s in &plan.segs {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(s.buf_offset - consumed);
+                let (seg, tail) = tail.split_at_mut(s.len);
                 segs.push(ReadSeg {
-                    offset: self.block_offset(pba),
+                    offset: s.dev_offset,
                     buf: seg,
                 });
                 rest = tail;
-                consumed = idx + cnt;
+                consumed = s.buf_offset + s.len;
             }
             self.device()
                 .read(&mut segs)
                 .map_err(|e| Error::device("read", e))?;
         }
-        for (&lba, v) in &map {
-            if let MapValue::Data { pba, crc } = *v {
-                let i = ((lba - b0) * BLOCK_SIZE_U64) as usize;
-                let got = crc32c::crc32c(&buf[i..i + BLOCK_SIZE]);
-                if got != crc {
-                    log::error!("checksum mismatch: {t:?} lba {lba} pba {pba}: stored {crc:08x}, data {got:08x}");
-                    return Err(Error::Checksum(format!(
-                        "block {lba} of {t:?} (data block {pba}): stored crc32c {crc:08x}, data has {got:08x}"
-                    )));
-                }
-            }
-        }
+        plan.finish(&buf)?;
         Ok(buf)
     }
 
@@ -269,7 +232,7 @@ impl Pool {
 
     /// Allocates `n` blocks; when the pool looks full, syncs once so that pending frees
     /// return, then tries again.
-    fn allocate(&self, n: u64) -> Result<Vec<Run>> {
+    pub(crate) fn allocate(&self, n: u64) -> Result<Vec<Run>> {
         if let Some(r) = self.alloc_lock().alloc(n) {
             return Ok(r);
         }
@@ -279,7 +242,7 @@ impl Pool {
         a.alloc(n).ok_or(Error::NoSpace { needed: n, free })
     }
 
-    fn free_now(&self, pbas: &[u64]) {
+    pub(crate) fn free_now(&self, pbas: &[u64]) {
         let mut a = self.alloc_lock();
         for &p in pbas {
             a.free_now(p);
@@ -288,63 +251,21 @@ impl Pool {
 
     /// Writes whole blocks (buf is a multiple of the block size) starting at block `b0`.
     fn write_blocks(&self, vol: VolId, b0: u64, buf: &AlignedBuf, fua: bool) -> Result<()> {
-        let blocks: Vec<&[u8]> = buf.chunks(BLOCK_SIZE).collect();
-        let nonzero: Vec<bool> = blocks.iter().map(|b| !is_zero(b)).collect();
-        let ndata = nonzero.iter().filter(|x| **x).count() as u64;
-        let runs = self.allocate(ndata)?;
-        let mut pbas = runs.iter().flat_map(|r| r.start..r.start + r.len);
-        let assigned: Vec<Option<(u64, u32)>> = blocks
+        let plan = self.plan_write(vol, b0 * BLOCK_SIZE_U64, buf, fua)?;
+        let segs: Vec<WriteSeg<'_>> = plan
+            .segs
             .iter()
-            .zip(&nonzero)
-            .map(|(b, &nz)| {
-                if nz {
-                    pbas.next().map(|p| (p, crc32c::crc32c(b)))
-                } else {
-                    None
-                }
+            .map(|s| WriteSeg {
+                offset: s.dev_offset,
+                buf: &buf[s.buf_offset..s.buf_offset + s.len],
             })
             .collect();
-        let allocated: Vec<u64> = assigned.iter().flatten().map(|(p, _)| *p).collect();
-        // One segment per run of blocks that are consecutive in both buf and pba.
-        let mut segs: Vec<WriteSeg<'_>> = Vec::new();
-        let mut i = 0;
-        while i < assigned.len() {
-            let Some((p0, _)) = assigned[i] else {
-                i += 1;
-                continue;
-            };
-            let mut j = i + 1;
-            while j < assigned.len()
-                && matches!(assigned[j], Some((p, _)) if p == p0 + (j - i) as u64)
-            {
-                j += 1;
-            }
-            segs.push(WriteSeg {
-                offset: self.block_offset(p0),
-                buf: &buf[i * BLOCK_SIZE..j * BLOCK_SIZE],
-            });
-            i = j;
-        }
-        if let Err(e) = self.device().write(&segs, fua) {
-            self.free_now(&allocated);
-            return Err(Error::device("write", e));
-        }
-        if !segs.is_empty() {
-            self.mark_data_dirty();
-        }
-        let committed = (|| {
-            crate::failpoint!("write.before_commit");
-            self.commit_blocks(vol, b0, &assigned, fua)
-        })();
-        if let Err(e) = committed {
-            self.free_now(&allocated);
-            return Err(e);
-        }
-        Ok(())
+        let io = self.device().write(&segs, fua);
+        self.finish_write(plan, io)
     }
 
     /// Points blocks `b0..` of `vol`'s head at their new data (Some) or at zeros (None).
-    fn commit_blocks(
+    pub(crate) fn commit_blocks(
         &self,
         vol: VolId,
         b0: u64,

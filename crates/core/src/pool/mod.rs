@@ -15,6 +15,7 @@ mod io;
 mod load;
 mod mapping;
 mod ops;
+pub mod plan;
 mod reclaim;
 
 pub mod check;

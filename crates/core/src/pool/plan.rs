@@ -1,0 +1,223 @@
+//! Whole-block I/O split into plan → data-device I/O → finish, so that the data I/O can be
+//! done by whoever holds the plan: the pool itself (`read_blocks`, `write_blocks` in io.rs
+//! run plan, device call, finish in a row) or, later, a frontend on its own io_uring (a ublk
+//! queue task per tag, without a thread hop).
+//!
+//! Invariants:
+//! * A [`ReadPlan`] holds the shared reclaim gate from the mapping lookup until it is
+//!   finished or dropped, so no block it names is freed and reused meanwhile (design §6).
+//! * A [`WritePlan`] owns freshly allocated blocks that nothing references yet. Finishing it
+//!   after the data writes succeeded commits the mapping (one batch); finishing it with an
+//!   I/O error, or failing to commit, returns the blocks to the allocator at once.
+//! * Offsets and lengths are whole blocks; device segments are block-aligned, so a
+//!   block-aligned buffer can be used for O_DIRECT I/O.
+
+use std::io;
+use std::ops::Range;
+use std::sync::RwLockReadGuard;
+
+use crate::device::{BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::error::{Error, Result};
+use crate::keys::{MapValue, VolId};
+
+use super::io::target_layer;
+use super::mapping::resolve;
+use super::{Pool, Target};
+
+/// One contiguous data-device transfer: `len` bytes at `dev_offset` to or from
+/// `buf[buf_offset..]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSeg {
+    pub dev_offset: u64,
+    pub buf_offset: usize,
+    pub len: usize,
+}
+
+/// A planned read of whole blocks: fill `zeros` with zeros, read `segs` from the device,
+/// then [`ReadPlan::finish`] verifies every block's checksum.
+pub struct ReadPlan<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
+    pub segs: Vec<DeviceSeg>,
+    /// Byte ranges of the buffer that read as zeros (holes and zero entries).
+    pub zeros: Vec<Range<usize>>,
+    /// (buffer offset, lba, pba, crc32c) of every block read from the device.
+    checks: Vec<(usize, u64, u64, u32)>,
+    target: Target,
+}
+
+impl ReadPlan<'_> {
+    /// Checks the checksums of the blocks the device I/O brought into `buf`.
+    pub fn finish(self, buf: &[u8]) -> Result<()> {
+        for &(i, lba, pba, crc) in &self.checks {
+            let Some(block) = buf.get(i..i + BLOCK_SIZE) else {
+                return Err(Error::invalid("read buffer", "shorter than the plan"));
+            };
+            let got = crc32c::crc32c(block);
+            if got != crc {
+                let t = &self.target;
+                log::error!(
+                    "checksum mismatch: {t:?} lba {lba} pba {pba}: stored {crc:08x}, data {got:08x}"
+                );
+                return Err(Error::Checksum(format!(
+                    "block {lba} of {t:?} (data block {pba}): stored crc32c {crc:08x}, data has {got:08x}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A planned write of whole blocks: write `segs` (data from the caller's buffer) to the
+/// device, then [`Pool::finish_write`] commits the mapping.
+pub struct WritePlan {
+    pub segs: Vec<DeviceSeg>,
+    vol: VolId,
+    b0: u64,
+    /// Per block: its new data block and checksum, or None for an all-zero block (a hole).
+    assigned: Vec<Option<(u64, u32)>>,
+    allocated: Vec<u64>,
+    pub fua: bool,
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let words = b.chunks_exact(8);
+    let rem = words.remainder();
+    words
+        .into_iter()
+        .all(|w| <[u8; 8]>::try_from(w).is_ok_and(|a| u64::from_ne_bytes(a) == 0))
+        && rem.iter().all(|&x| x == 0)
+}
+
+fn whole_blocks(what: &'static str, offset: u64, len: usize) -> Result<(u64, u64)> {
+    if !offset.is_multiple_of(BLOCK_SIZE_U64) || !len.is_multiple_of(BLOCK_SIZE) {
+        return Err(Error::invalid(
+            what,
+            format!("offset {offset} and length {len} must be whole 4 KiB blocks"),
+        ));
+    }
+    Ok((offset / BLOCK_SIZE_U64, (len / BLOCK_SIZE) as u64))
+}
+
+impl Pool {
+    /// Plans a read of `len` bytes (whole blocks) at `offset` of `t`.
+    pub fn plan_read(&self, t: &Target, offset: u64, len: usize) -> Result<ReadPlan<'_>> {
+        let (b0, n) = whole_blocks("read", offset, len)?;
+        let gate = self.gate_read();
+        let map = {
+            let tree = self.tree_read();
+            let (layer, _) = target_layer(&tree, t)?;
+            let chain = tree.chain(layer)?;
+            resolve(&**self.store(), &chain, b0, b0 + n)?
+        };
+        let mut segs: Vec<DeviceSeg> = Vec::new();
+        let mut checks = Vec::new();
+        let mut zeros: Vec<Range<usize>> = Vec::new();
+        let mut zero_from = 0usize;
+        for (&lba, v) in &map {
+            let MapValue::Data { pba, crc } = *v else {
+                continue;
+            };
+            let i = ((lba - b0) * BLOCK_SIZE_U64) as usize;
+            if i > zero_from {
+                zeros.push(zero_from..i);
+            }
+            zero_from = i + BLOCK_SIZE;
+            checks.push((i, lba, pba, crc));
+            let dev = self.block_offset(pba);
+            match segs.last_mut() {
+                Some(s) if s.buf_offset + s.len == i && s.dev_offset + s.len as u64 == dev => {
+                    s.len += BLOCK_SIZE
+                }
+                _ => segs.push(DeviceSeg {
+                    dev_offset: dev,
+                    buf_offset: i,
+                    len: BLOCK_SIZE,
+                }),
+            }
+        }
+        if zero_from < len {
+            zeros.push(zero_from..len);
+        }
+        Ok(ReadPlan {
+            _gate: gate,
+            segs,
+            zeros,
+            checks,
+            target: t.clone(),
+        })
+    }
+
+    /// Plans a write of `data` (whole blocks) at `offset` of volume `vol`: allocates a data
+    /// block for every block that is not all zeros and checksums it. The caller writes
+    /// `segs` (from `data`) and then calls [`Pool::finish_write`].
+    pub fn plan_write(&self, vol: VolId, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan> {
+        let (b0, _) = whole_blocks("write", offset, data.len())?;
+        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
+        let nonzero: Vec<bool> = blocks.iter().map(|b| !is_zero(b)).collect();
+        let ndata = nonzero.iter().filter(|x| **x).count() as u64;
+        let runs = self.allocate(ndata)?;
+        let mut pbas = runs.iter().flat_map(|r| r.start..r.start + r.len);
+        let assigned: Vec<Option<(u64, u32)>> = blocks
+            .iter()
+            .zip(&nonzero)
+            .map(|(b, &nz)| {
+                if nz {
+                    pbas.next().map(|p| (p, crc32c::crc32c(b)))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let allocated: Vec<u64> = assigned.iter().flatten().map(|(p, _)| *p).collect();
+        // One segment per run of blocks that are consecutive in both the buffer and pba.
+        let mut segs: Vec<DeviceSeg> = Vec::new();
+        let mut i = 0;
+        while i < assigned.len() {
+            let Some((p0, _)) = assigned[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < assigned.len()
+                && matches!(assigned[j], Some((p, _)) if p == p0 + (j - i) as u64)
+            {
+                j += 1;
+            }
+            segs.push(DeviceSeg {
+                dev_offset: self.block_offset(p0),
+                buf_offset: i * BLOCK_SIZE,
+                len: (j - i) * BLOCK_SIZE,
+            });
+            i = j;
+        }
+        Ok(WritePlan {
+            segs,
+            vol,
+            b0,
+            assigned,
+            allocated,
+            fua,
+        })
+    }
+
+    /// Completes a planned write: with the data I/O's outcome `io`, commits the mapping, or
+    /// returns the plan's blocks to the allocator when the I/O or the commit failed.
+    pub fn finish_write(&self, plan: WritePlan, io: io::Result<()>) -> Result<()> {
+        if let Err(e) = io {
+            self.free_now(&plan.allocated);
+            return Err(Error::device("write", e));
+        }
+        if !plan.segs.is_empty() {
+            self.mark_data_dirty();
+        }
+        let committed = (|| {
+            crate::failpoint!("write.before_commit");
+            self.commit_blocks(plan.vol, plan.b0, &plan.assigned, plan.fua)
+        })();
+        if let Err(e) = committed {
+            self.free_now(&plan.allocated);
+            return Err(e);
+        }
+        Ok(())
+    }
+}
