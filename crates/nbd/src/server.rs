@@ -10,6 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use snapblk_core::{Export, ExportProvider};
@@ -21,9 +22,14 @@ use crate::proto::*;
 /// Payload bytes one connection may hold in flight.
 const CONN_BUDGET: u64 = 128 << 20;
 
+/// A client must finish option haggling (or, on a TLS listener, reach STARTTLS) within
+/// this, or it is disconnected: an idle half-open connection must not hold a thread.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Server {
     provider: Arc<dyn ExportProvider>,
     workers: usize,
+    handshake_timeout: Duration,
     /// TLS for TCP connections (then required there); Unix sockets stay plain.
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -129,6 +135,7 @@ impl Server {
         Ok(Arc::new(Server {
             provider,
             workers: workers.max(1),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
             #[cfg(feature = "tls")]
             tls: None,
         }))
@@ -144,6 +151,7 @@ impl Server {
         Ok(Arc::new(Server {
             provider,
             workers: workers.max(1),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
             tls: Some(tls),
         }))
     }
@@ -154,7 +162,7 @@ impl Server {
     fn serve_tls(&self, mut tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
         use crate::handshake::{greet, haggle, Outcome, TlsState};
         // A client must get to STARTTLS promptly; afterwards the session has no timeout.
-        tcp.set_read_timeout(Some(crate::tls::HANDSHAKE_TIMEOUT))?;
+        tcp.set_read_timeout(Some(self.handshake_timeout))?;
         let g = greet(&mut tcp)?;
         if !g.fixed {
             // Without fixed newstyle the client cannot negotiate TLS (NOTLS mode only).
@@ -181,6 +189,22 @@ impl Server {
             }
             Outcome::StartTls | Outcome::Done => Ok(()),
         }
+    }
+
+    /// Serves one socket connection: the handshake must finish within the handshake
+    /// timeout; transmission then has none (clients may idle between requests).
+    fn serve_socket<S: Stream>(&self, s: S) -> io::Result<()> {
+        s.read_timeout(Some(self.handshake_timeout))?;
+        let writer = s.clone_stream()?;
+        let mut d = Duplex {
+            r: s,
+            w: Box::new(writer) as Box<dyn Write + Send>,
+        };
+        let Some(session) = negotiate(&mut d, &*self.provider)? else {
+            return Ok(());
+        };
+        d.r.read_timeout(None)?;
+        self.transmit(session, d.r, d.w)
     }
 
     /// Serves one connection to the end: handshake, then requests until NBD_CMD_DISC or
@@ -438,7 +462,7 @@ fn handle(conn: &Conn, session: &Session, req: Request, payload: Vec<u8>, bytes:
 pub fn serve_unix(server: Arc<Server>, listener: UnixListener) {
     for stream in listener.incoming() {
         match stream {
-            Ok(s) => spawn_conn(&server, s.try_clone(), s),
+            Ok(s) => spawn_conn(&server, s),
             Err(e) => log::warn!("nbd accept (unix): {e}"),
         }
     }
@@ -465,31 +489,88 @@ pub fn serve_tcp(server: Arc<Server>, listener: TcpListener) {
                     }
                     continue;
                 }
-                spawn_conn(&server, s.try_clone(), s)
+                spawn_conn(&server, s)
             }
             Err(e) => log::warn!("nbd accept (tcp): {e}"),
         }
     }
 }
 
-trait Stream: Read + Write + Send + 'static {}
-impl Stream for UnixStream {}
-impl Stream for TcpStream {}
+trait Stream: Read + Write + Send + 'static + Sized {
+    fn read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    fn clone_stream(&self) -> io::Result<Self>;
+}
+impl Stream for UnixStream {
+    fn read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(d)
+    }
+    fn clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+impl Stream for TcpStream {
+    fn read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(d)
+    }
+    fn clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
 
-fn spawn_conn<S: Stream>(server: &Arc<Server>, writer: io::Result<S>, reader: S) {
-    let writer = match writer {
-        Ok(w) => w,
-        Err(e) => return log::warn!("nbd: cannot clone socket: {e}"),
-    };
+fn spawn_conn<S: Stream>(server: &Arc<Server>, s: S) {
     let server = Arc::clone(server);
     let r = std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            if let Err(e) = server.serve(reader, Box::new(writer)) {
+            if let Err(e) = server.serve_socket(s) {
                 log::info!("nbd connection ended: {e}");
             }
         });
     if let Err(e) = r {
         log::warn!("nbd: cannot start connection thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapblk_core::{Error, Export};
+
+    struct NoExports;
+    impl ExportProvider for NoExports {
+        fn open(&self, name: &str) -> snapblk_core::Result<Arc<dyn Export>> {
+            Err(Error::not_found("export", name))
+        }
+        fn list(&self) -> Vec<String> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn a_client_that_stalls_in_the_handshake_is_dropped() {
+        let server = Server {
+            provider: Arc::new(NoExports),
+            workers: 1,
+            handshake_timeout: Duration::from_millis(200),
+            #[cfg(feature = "tls")]
+            tls: None,
+        };
+        let (ours, mut client) = UnixStream::pair().expect("socket pair");
+        let t0 = std::time::Instant::now();
+        let h = std::thread::spawn(move || server.serve_socket(ours));
+        let mut greeting = [0u8; 18];
+        client.read_exact(&mut greeting).expect("greeting");
+        // Send nothing more: the server must give up on its own.
+        let r = h.join().expect("server thread");
+        assert!(r.is_err(), "a stalled handshake ended without an error");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t0.elapsed()
+        );
+        let mut rest = Vec::new();
+        client
+            .read_to_end(&mut rest)
+            .expect("the server closed the connection");
     }
 }
