@@ -54,24 +54,9 @@ fn planned_read(p: &Pool, target: &str, offset: u64, len: usize) -> snapblk_core
     for z in &plan.zeros {
         buf[z.clone()].fill(0);
     }
-    {
-        let mut segs = Vec::new();
-        let mut rest: &mut [u8] = &mut buf;
-        let mut consumed = 0;
-        for s in &plan.segs {
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(s.buf_offset - consumed);
-            let (seg, tail) = tail.split_at_mut(s.len);
-            segs.push(ReadSeg {
-                offset: s.dev_offset,
-                buf: seg,
-            });
-            rest = tail;
-            consumed = s.buf_offset + s.len;
-        }
-        p.device()
-            .read(&mut segs)
-            .map_err(|e| Error::device("read", e))?;
-    }
+    p.device()
+        .read(&mut plan.device_reads(&mut buf))
+        .map_err(|e| Error::device("read", e))?;
     plan.finish(&buf)?;
     Ok(buf.to_vec())
 }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::alloc::Run;
-use crate::device::{AlignedBuf, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::device::{AlignedBuf, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::{self, LayerId, MapValue, VolId};
 use crate::meta::WriteBatch;
@@ -143,21 +143,8 @@ impl Pool {
         let plan = self.plan_read(t, b0 * BLOCK_SIZE_U64, len)?;
         let mut buf = AlignedBuf::zeroed(len);
         if !plan.segs.is_empty() {
-            let mut segs = Vec::with_capacity(plan.segs.len());
-            let mut rest: &mut [u8] = &mut buf;
-            let mut consumed = 0usize;
-            for s in &plan.segs {
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(s.buf_offset - consumed);
-                let (seg, tail) = tail.split_at_mut(s.len);
-                segs.push(ReadSeg {
-                    offset: s.dev_offset,
-                    buf: seg,
-                });
-                rest = tail;
-                consumed = s.buf_offset + s.len;
-            }
             self.device()
-                .read(&mut segs)
+                .read(&mut plan.device_reads(&mut buf))
                 .map_err(|e| Error::device("read", e))?;
         }
         plan.finish(&buf)?;

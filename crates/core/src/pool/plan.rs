@@ -16,7 +16,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::RwLockReadGuard;
 
-use crate::device::{BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::device::{ReadSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::{MapValue, VolId};
 
@@ -46,6 +46,24 @@ pub struct ReadPlan<'a> {
 }
 
 impl ReadPlan<'_> {
+    /// The device reads of this plan as segments of `buf` (the whole request's buffer).
+    pub fn device_reads<'b>(&self, buf: &'b mut [u8]) -> Vec<ReadSeg<'b>> {
+        let mut segs = Vec::with_capacity(self.segs.len());
+        let mut rest: &mut [u8] = buf;
+        let mut consumed = 0usize;
+        for s in &self.segs {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(s.buf_offset - consumed);
+            let (seg, tail) = tail.split_at_mut(s.len);
+            segs.push(ReadSeg {
+                offset: s.dev_offset,
+                buf: seg,
+            });
+            rest = tail;
+            consumed = s.buf_offset + s.len;
+        }
+        segs
+    }
+
     /// Checks the checksums of the blocks the device I/O brought into `buf`.
     pub fn finish(self, buf: &[u8]) -> Result<()> {
         for &(i, lba, pba, crc) in &self.checks {
