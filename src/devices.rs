@@ -23,7 +23,11 @@ pub struct Devices {
 }
 
 fn describe(d: &snapblk_ublk::Device) -> Value {
-    json!({ "id": d.id, "path": d.path, "export": d.export, "read_only": d.read_only })
+    let (direct, via_api, failed) = d.stats.get();
+    json!({
+        "id": d.id, "path": d.path, "export": d.export, "read_only": d.read_only,
+        "requests_direct": direct, "requests_via_api": via_api, "requests_failed": failed,
+    })
 }
 
 impl Devices {

@@ -13,6 +13,10 @@ cache=${SNAPBLK_VM_CACHE:-/root/.cache/snapblk-vm}
 bin=${SNAPBLK_BIN:-${CARGO_TARGET_DIR:-/var/cache/snapblk/target}/release/snapblk}
 [ -x "$bin" ] || { echo "vm: snapblk binary not found at $bin" >&2; exit 2; }
 mkdir -p "$cache/bin" && cp "$bin" "$cache/bin/snapblk"
+# The ublk ceiling helper for benches/ublk_vm.sh, when built (cargo build --examples).
+null=$(dirname "$bin")/examples/null_ceiling
+rm -f "$cache/bin/null_ceiling"
+[ -x "$null" ] && cp "$null" "$cache/bin/null_ceiling"
 export SNAPBLK_VM_BIN=$cache/bin/snapblk
 # A directory the guest can write back to, for logs of failed runs.
 out=$cache/out

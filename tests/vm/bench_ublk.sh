@@ -1,13 +1,16 @@
 # In the VM (not a test; run by benches/ublk_vm.sh): fio 4K randread/randwrite QD32 and 1M
 # read/write QD8 (libaio, O_DIRECT) on /dev/ublkb0, on a loop device over a raw file in the
-# same guest directory, and on /dev/nbd0 (kernel NBD client) on the same snapblk volume.
-# Every device is filled first so reads hit data. Prints IOPS/MB/s and ratios to loop.
+# same guest directory, and on /dev/nbd0 (kernel NBD client) on the same snapblk volume;
+# and on a ublk device served by the same queue code over an export that does nothing
+# (crates/ublk/examples/null_ceiling.rs): the ceiling of ublk itself on this machine.
+# Every device is filled first so reads hit data. Prints IOPS/MB/s and ratios.
 source "$(dirname "$0")/lib.sh"
 SIZE=${BENCH_SIZE_MIB:-256}
 RT=${BENCH_RUNTIME:-8}
 cleanup() {
     nbd-client -d /dev/nbd0 >/dev/null 2>&1 || true
     [ -n "${LOOP:-}" ] && losetup -d "$LOOP"
+    exec 3>&- 2>/dev/null || true
     stop_daemon
 }
 trap cleanup EXIT
@@ -42,17 +45,33 @@ run_dev ublk "$dev"
 nbd-client -unix "$NBD_SOCK" -N b -b 4096 -C 2 /dev/nbd0 >/dev/null
 run_dev nbd /dev/nbd0
 nbd-client -d /dev/nbd0 >/dev/null
+NULL_BIN=$(dirname "$BIN")/null_ceiling
+if [ -x "$NULL_BIN" ]; then
+    mkfifo "$T/null.ctl"
+    "$NULL_BIN" "$SIZE" 2 64 <"$T/null.ctl" >"$T/null.path" &
+    null_pid=$!
+    exec 3>"$T/null.ctl"  # the device lives until this closes
+    for _ in $(seq 100); do [ -s "$T/null.path" ] && break; sleep 0.2; done
+    run_dev null "$(cat "$T/null.path")"
+    exec 3>&-
+    wait "$null_pid"
+else
+    log "no null_ceiling next to $BIN: ceiling not measured"
+fi
 # The guest's /tmp is a small tmpfs: free the pool before the loop device's file.
 stop_daemon
 rm -rf "$T/meta" "$T/data.img"
 truncate -s "${SIZE}M" "$T/loop.img"
 LOOP=$(losetup -f --show --direct-io=on "$T/loop.img" 2>/dev/null || losetup -f --show "$T/loop.img")
 run_dev loop "$LOOP"
-echo "== ublk vs loop vs kernel NBD, $(uname -r), TCG guest with 2 vCPUs (IOPS, MB/s)"
-printf '%-16s %16s %16s %16s %10s %10s\n' job ublk loop nbd0 ublk/loop ublk/nbd0
+echo "== ublk vs loop vs kernel NBD, $(uname -r), $(nproc) vCPUs (IOPS, MB/s); null = ublk ceiling"
+printf '%-14s %14s %14s %14s %14s %10s %10s %10s %10s\n' job ublk loop nbd0 null \
+    ublk/loop ublk/nbd0 ublk/null null/loop
+ratio() { python3 -c "print('%.2fx' % ($1 / max($2, 1)))"; }
 for j in "${JOBS[@]}"; do
     set -- $j
-    u=${R["ublk $1 $2"]}; l=${R["loop $1 $2"]}; n=${R["nbd $1 $2"]}
-    printf '%-16s %16s %16s %16s %9.2fx %9.2fx\n' "$1 $2" "$u" "$l" "$n" \
-        "$(python3 -c "print(${u%% *}/max(${l%% *},1))")" "$(python3 -c "print(${u%% *}/max(${n%% *},1))")"
+    u=${R["ublk $1 $2"]}; l=${R["loop $1 $2"]}; n=${R["nbd $1 $2"]}; z=${R["null $1 $2"]:-0 0}
+    printf '%-14s %14s %14s %14s %14s %10s %10s %10s %10s\n' "$1 $2" "$u" "$l" "$n" "$z" \
+        "$(ratio "${u%% *}" "${l%% *}")" "$(ratio "${u%% *}" "${n%% *}")" \
+        "$(ratio "${u%% *}" "${z%% *}")" "$(ratio "${z%% *}" "${l%% *}")"
 done

@@ -50,6 +50,12 @@ for fs in ext4 xfs; do
     case $fs in ext4) mount -o ro,noload "$sdev" "$smnt" ;; xfs) mount -o ro,norecovery,nouuid "$sdev" "$smnt" ;; esac
     (cd "$smnt" && sha256sum -c --quiet "$T/sums-$fs") || fail "$fs: snapshot contents differ"
     umount "$smnt"
+    # Whole-block I/O took the queue ring's direct path, for the volume and its snapshot.
+    "$BIN" list --json | python3 -c '
+import json, sys
+for d in json.load(sys.stdin):
+    assert d["requests_direct"] > 0 and d["requests_failed"] == 0, d
+' || fail "$fs: requests did not take the direct path ($("$BIN" list --json))"
     "$BIN" detach "$sdev" >/dev/null
     umount "$mnt"
     case $fs in

@@ -2,9 +2,11 @@
 //! translate protocol requests to these calls and `Error::errno` back to protocol errors;
 //! they never reach into the pool.
 
+use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::pool::plan::{ReadPlan, WritePlan};
 
 /// Block status run: `(bytes, flags)` with NBD base:allocation flags.
 pub type StatusRun = (u64, u32);
@@ -22,6 +24,25 @@ pub trait Export: Send + Sync {
     /// With `fast`, fails with `Error::Unsupported` rather than writing data (NBD FAST_ZERO).
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, fast: bool) -> Result<()>;
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>>;
+    /// Planned I/O, for a frontend that does the data-device I/O itself on its own
+    /// io_uring. `None` (the default) when the export cannot offer it; the frontend then
+    /// uses `read` and `write`.
+    fn direct(&self) -> Option<&dyn DirectIo> {
+        None
+    }
+}
+
+/// Whole-block reads and writes split into plan → data I/O → finish (`pool/plan.rs`),
+/// validated like `Export::read`/`write`. The caller reads or writes the plan's device
+/// segments on `data_fd` (block-aligned offsets, lengths and buffers), then finishes it.
+pub trait DirectIo {
+    fn data_fd(&self) -> RawFd;
+    /// Offset and length must be whole 4 KiB blocks.
+    fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>>;
+    /// Offset and length must be whole 4 KiB blocks.
+    fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan>;
+    /// Commits a planned write after its data I/O, or frees its blocks if `io` failed.
+    fn finish_write(&self, plan: WritePlan, io: std::io::Result<()>) -> Result<()>;
 }
 
 /// Resolves export names for a frontend.
@@ -67,5 +88,34 @@ impl Export for ReadOnly {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>> {
         self.0.block_status(offset, len)
+    }
+    fn direct(&self) -> Option<&dyn DirectIo> {
+        self.0.direct().map(|_| self as &dyn DirectIo)
+    }
+}
+
+/// Planned reads pass through; planned writes are refused like `write`.
+impl DirectIo for ReadOnly {
+    fn data_fd(&self) -> RawFd {
+        self.0.direct().map_or(-1, |d| d.data_fd())
+    }
+    fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>> {
+        match self.0.direct() {
+            Some(d) => d.plan_read(offset, len),
+            None => Err(crate::Error::Unsupported(format!(
+                "planned I/O on '{}'",
+                self.0.name()
+            ))),
+        }
+    }
+    fn plan_write(&self, _: u64, _: &[u8], _: bool) -> Result<WritePlan> {
+        Err(self.refuse())
+    }
+    fn finish_write(&self, plan: WritePlan, io: std::io::Result<()>) -> Result<()> {
+        // No plan_write of ours succeeds; a plan from elsewhere is finished where it came from.
+        match self.0.direct() {
+            Some(d) => d.finish_write(plan, io),
+            None => Err(self.refuse()),
+        }
     }
 }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::export::{Export, ExportProvider, StatusRun};
+use crate::export::{DirectIo, Export, ExportProvider, StatusRun};
+use crate::pool::plan::{ReadPlan, WritePlan};
 use crate::pool::{Pool, Target};
 
 /// Largest single read or write (NBD's maximum block size advertises the same).
@@ -97,6 +98,27 @@ impl Export for VolumeHandle {
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>> {
         self.check(offset, len, false, false)?;
         self.pool.block_status(&self.target, offset, len)
+    }
+    fn direct(&self) -> Option<&dyn DirectIo> {
+        self.pool.device().raw_fd().map(|_| self as &dyn DirectIo)
+    }
+}
+
+impl DirectIo for VolumeHandle {
+    fn data_fd(&self) -> std::os::unix::io::RawFd {
+        // `direct` hands this trait out only for devices with a descriptor.
+        self.pool.device().raw_fd().unwrap_or(-1)
+    }
+    fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>> {
+        self.check(offset, len as u64, false, true)?;
+        self.pool.plan_read(&self.target, offset, len)
+    }
+    fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan> {
+        self.check(offset, data.len() as u64, true, true)?;
+        self.pool.plan_write(self.vol()?, offset, data, fua)
+    }
+    fn finish_write(&self, plan: WritePlan, io: std::io::Result<()>) -> Result<()> {
+        self.pool.finish_write(plan, io)
     }
 }
 

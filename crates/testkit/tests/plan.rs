@@ -162,3 +162,51 @@ fn plans_take_whole_blocks_only() {
         Err(Error::Invalid { .. })
     ));
 }
+
+/// A read plan held across syncs (as a ublk task holds one across its awaited I/O) blocks
+/// nobody, not even a sync on the same thread, and the blocks it names are not reused
+/// while it lives, however full the pool gets.
+#[test]
+fn a_read_plan_held_across_sync_keeps_its_blocks() {
+    let p = pool();
+    let b = BLOCK_SIZE;
+    let old = pattern(7, b);
+    planned_write(&p, 0, &old, false).expect("write");
+    p.sync().expect("sync");
+    let t = p.resolve_target("v").expect("target");
+    let plan = p.plan_read(&t, 0, b).expect("plan");
+    // Overwrite the block the plan names; its old block is freed (pending).
+    p.write(p.volume_id("v").expect("id"), 0, &pattern(8, b), false)
+        .expect("overwrite");
+    p.sync().expect("a sync on the reader's own thread returns");
+    assert!(
+        p.info().pending_free >= b as u64,
+        "the pinned block was returned to the allocator: {:?}",
+        p.info()
+    );
+    // Fill the pool: allocation syncs when it runs out, and must still skip the block.
+    p.create_volume("fill", 64 << 20).expect("volume");
+    let fill = p.volume_id("fill").expect("id");
+    let mut off = 0u64;
+    let mut seed = 0u8;
+    loop {
+        seed = seed.wrapping_add(1);
+        match p.write(fill, off, &pattern(seed, 256 * 1024), false) {
+            Ok(()) => off += 256 * 1024,
+            Err(Error::NoSpace { .. }) => break,
+            Err(e) => panic!("filling: {e}"),
+        }
+    }
+    let mut buf = AlignedBuf::zeroed(b);
+    p.device()
+        .read(&mut plan.device_reads(&mut buf))
+        .expect("read");
+    plan.finish(&buf)
+        .expect("the pinned block kept its data (checksum)");
+    assert_eq!(&buf[..], &old[..]);
+    // Once the reader is done, the next sync returns the block.
+    p.sync().expect("sync");
+    assert_eq!(p.info().pending_free, 0, "{:?}", p.info());
+    assert!(p.info().free >= b as u64);
+    assert!(p.check().expect("check").is_clean());
+}

@@ -3,10 +3,11 @@
 //!
 //! Threading (as libublk intends): each device has a control thread that owns its
 //! `UblkCtrl` (libublk's control ring is per thread) and runs the target; each queue has
-//! its own thread and io_uring, created by libublk. A queue thread executes its requests
-//! itself, calling the volume API (and through it the data device's per-thread io_uring),
-//! so a request's data I/O never hops to another thread. Each queue handles one request
-//! at a time; parallelism comes from the number of queues (`--queues`).
+//! its own thread and io_uring, created by libublk, and one async task per tag
+//! (queue.rs). Whole-block reads and writes do their data-device I/O on the queue's own
+//! ring, so a request's data never hops to another thread and a queue serves up to
+//! `--depth` requests at once; other requests run synchronously on the queue thread
+//! (request.rs).
 //!
 //! Invariants: every request is completed exactly once, with the byte count or a negative
 //! errno; an invalid request (unknown op, a length beyond the I/O buffer) gets -EINVAL and
@@ -15,15 +16,21 @@
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
-use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
-use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
+use libublk::io::UblkDev;
+use libublk::{sys, UblkFlags};
 use snapblk_core::Export;
+
+mod queue;
+mod request;
+
+pub use request::execute;
 
 pub const CONTROL_DEVICE: &str = "/dev/ublk-control";
 
@@ -56,6 +63,37 @@ impl Default for Options {
     }
 }
 
+/// Requests a device's queues have completed, by path (counted with relaxed atomics).
+#[derive(Debug, Default)]
+pub struct IoStats {
+    /// Whole-block reads and writes whose data I/O ran on the queue's own ring.
+    pub direct: AtomicU64,
+    /// Requests run through the `Export` API on the queue thread (flush, discard,
+    /// write-zeroes, unaligned requests, exports without direct I/O).
+    pub via_api: AtomicU64,
+    /// Requests completed with an error (counted in one of the above too).
+    pub failed: AtomicU64,
+}
+
+impl IoStats {
+    pub(crate) fn count(&self, direct: bool, res: i32) {
+        let c = if direct { &self.direct } else { &self.via_api };
+        c.fetch_add(1, Ordering::Relaxed);
+        if res < 0 {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (direct, via_api, failed).
+    pub fn get(&self) -> (u64, u64, u64) {
+        (
+            self.direct.load(Ordering::Relaxed),
+            self.via_api.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// An attached device. Dropping it without `detach` leaves the device running until the
 /// process exits.
 pub struct Device {
@@ -65,6 +103,7 @@ pub struct Device {
     pub read_only: bool,
     /// Taken over after a crash: libublk then leaves deleting the device to us.
     pub recovered: bool,
+    pub stats: Arc<IoStats>,
     control: Option<JoinHandle<()>>,
 }
 
@@ -113,7 +152,7 @@ pub fn orphans(owner: &str) -> Vec<Orphan> {
     if check_available().is_err() {
         return Vec::new();
     }
-    let found = std::rc::Rc::new(RefCell::new(Vec::new()));
+    let found = Rc::new(RefCell::new(Vec::new()));
     let f = found.clone();
     let owner = owner.to_string();
     UblkCtrl::for_each_dev_id(move |id| {
@@ -195,9 +234,11 @@ fn start(export: Arc<dyn Export>, owner: &str, how: Start) -> Result<Device, Err
     let name = export.name().to_string();
     let owner = owner.to_string();
     let (tx, rx) = mpsc::channel::<Result<(i32, String), String>>();
+    let stats = Arc::new(IoStats::default());
+    let st = Arc::clone(&stats);
     let control = std::thread::Builder::new()
         .name("ublk-ctrl".into())
-        .spawn(move || run_device(export, &owner, size, read_only, how, tx))
+        .spawn(move || run_device(export, st, &owner, size, read_only, how, tx))
         .map_err(|e| Error::Ublk(format!("cannot start the control thread: {e}")))?;
     match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(Ok((id, path))) => Ok(Device {
@@ -206,6 +247,7 @@ fn start(export: Arc<dyn Export>, owner: &str, how: Start) -> Result<Device, Err
             export: name,
             read_only,
             recovered: false,
+            stats,
             control: Some(control),
         }),
         Ok(Err(e)) => {
@@ -251,6 +293,7 @@ impl Device {
 
 fn run_device(
     export: Arc<dyn Export>,
+    stats: Arc<IoStats>,
     owner: &str,
     size: u64,
     read_only: bool,
@@ -291,10 +334,14 @@ fn run_device(
         serde_json::json!({ "export": export.name(), "read_only": read_only, "owner": owner });
     let tgt_init = move |dev: &mut UblkDev| {
         set_params(dev, size, read_only);
+        // Room on the queue ring for every tag's command plus its data I/O.
+        let entries = dev.dev_info.queue_depth.saturating_mul(4).min(4096);
+        dev.tgt.sq_depth = entries;
+        dev.tgt.cq_depth = entries;
         dev.set_target_json(target);
         Ok(())
     };
-    let queue = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, &*export);
+    let queue = move |qid: u16, dev: &UblkDev| queue::queue_main(qid, dev, &export, &stats);
     let started = move |c: &UblkCtrl| {
         let _ = ready.send(Ok((c.dev_info().dev_id as i32, c.get_bdev_path())));
     };
@@ -323,99 +370,6 @@ fn set_params(dev: &mut UblkDev, size: u64, read_only: bool) {
             max_discard_segments: 1,
             reserved0: 0,
         };
-    }
-}
-
-fn queue_main(qid: u16, dev: &UblkDev, export: &dyn Export) {
-    let bufs = Rc::new(RefCell::new(dev.alloc_queue_io_bufs()));
-    let queue = {
-        let b = bufs.borrow();
-        match UblkQueue::new(qid, dev)
-            .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&b))))
-        {
-            Ok(q) => q,
-            Err(e) => {
-                log::error!("ublk queue {qid}: {e}");
-                return;
-            }
-        }
-    };
-    let handler = |q: &UblkQueue, tag: u16, _io: &UblkIOCtx| {
-        let mut bufs = bufs.borrow_mut();
-        let Some(buf) = bufs.get_mut(tag as usize) else {
-            log::error!("ublk queue {qid}: tag {tag} out of range");
-            return;
-        };
-        let iod = q.get_iod(tag);
-        let res = execute(
-            export,
-            iod.op_flags,
-            iod.start_sector,
-            iod.nr_sectors,
-            buf.as_mut_slice(),
-        );
-        if let Err(e) = q.complete_io_cmd_unified(
-            tag,
-            BufDesc::Slice(buf.as_slice()),
-            Ok(UblkIORes::Result(res)),
-        ) {
-            log::error!("ublk queue {qid}: completing tag {tag}: {e}");
-        }
-    };
-    queue.wait_and_handle_io(handler);
-}
-
-/// Runs one ublk request against the export; returns bytes done or a negative errno.
-pub fn execute(
-    export: &dyn Export,
-    op_flags: u32,
-    start_sector: u64,
-    nr_sectors: u32,
-    buf: &mut [u8],
-) -> i32 {
-    let op = op_flags & 0xff;
-    let fua = op_flags & sys::UBLK_IO_F_FUA != 0;
-    log::trace!(
-        "ublk {}: op {op} flags {op_flags:#x} sector {start_sector} sectors {nr_sectors}",
-        export.name()
-    );
-    if op == sys::UBLK_IO_OP_FLUSH {
-        // A flush carries no range (the kernel sends start_sector u64::MAX).
-        return match export.flush() {
-            Ok(()) => 0,
-            Err(e) => {
-                log::warn!("ublk {}: flush: {e}", export.name());
-                -e.errno()
-            }
-        };
-    }
-    let Some(off) = start_sector.checked_mul(512) else {
-        return -libc::EINVAL;
-    };
-    let len = u64::from(nr_sectors) * 512;
-    let data_len = usize::try_from(len).ok().filter(|l| *l <= buf.len());
-    let r = match (op, data_len) {
-        (sys::UBLK_IO_OP_READ, Some(n)) => export.read(off, &mut buf[..n]),
-        (sys::UBLK_IO_OP_WRITE, Some(n)) => export.write(off, &buf[..n], fua),
-        (sys::UBLK_IO_OP_DISCARD, _) => export.trim(off, len, fua),
-        (sys::UBLK_IO_OP_WRITE_ZEROES, _) => export.write_zeroes(off, len, fua, false),
-        _ => {
-            log::warn!(
-                "ublk {}: unsupported op {op} ({len} bytes at {off})",
-                export.name()
-            );
-            return -libc::EINVAL;
-        }
-    };
-    match r {
-        Ok(()) => match op {
-            sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => len as i32,
-            _ => 0,
-        },
-        Err(e) => {
-            log::warn!("ublk {}: op {op} at {off}+{len}: {e}", export.name());
-            -e.errno()
-        }
     }
 }
 

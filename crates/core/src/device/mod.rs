@@ -10,6 +10,7 @@ pub mod mem;
 pub mod uring;
 
 use std::io;
+use std::os::unix::io::RawFd;
 
 pub use aligned::AlignedBuf;
 pub use header::DeviceHeader;
@@ -42,6 +43,13 @@ pub trait DataDevice: Send + Sync {
     fn write(&self, segs: &[WriteSeg<'_>], fua: bool) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// The device's file descriptor, for a caller that submits block I/O on its own
+    /// io_uring (a ublk queue) under the same invariants (block-aligned offsets, lengths
+    /// and buffers). `None` (the default) for devices that are not one plain file: memory,
+    /// test wrappers that inject faults. Callers then use `read` and `write`.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// Checks the alignment invariant; backends call it so a caller bug is an error, not UB.

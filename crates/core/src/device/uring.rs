@@ -270,6 +270,10 @@ impl DataDevice for UringFile {
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    fn raw_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        Some(self.file.as_raw_fd())
+    }
 }
 
 #[cfg(test)]

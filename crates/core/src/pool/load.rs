@@ -293,7 +293,7 @@ impl Pool {
             sup,
             tree: RwLock::new(tree),
             alloc: Mutex::new(alloc),
-            gate: RwLock::new(()),
+            pins: Default::default(),
             generation: AtomicU64::new(1),
             sync_lock: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),

@@ -6,15 +6,17 @@
 //!   for `snapshot create`, which syncs the data device under it.
 //! * `alloc` (Mutex): taken briefly, never while waiting for I/O; may be taken while `tree`
 //!   is held, never the other way round.
-//! * `gate` (RwLock): reads hold the shared side from mapping lookup to the end of their
-//!   data I/O; returning pending frees to the allocator takes the exclusive side. Taken
-//!   before `tree`.
+//! * `pins` (pins.rs): reads pin the sync generation from before their mapping lookup to
+//!   the end of their data I/O; a sync returns to the allocator only frees older than every
+//!   pin. Never waits, so a reader may hold a pin across asynchronous I/O. Taken before
+//!   `tree`.
 //! * `stripes`: sub-block writes lock the stripe of their block before anything else.
 
 mod io;
 mod load;
 mod mapping;
 mod ops;
+mod pins;
 pub mod plan;
 mod reclaim;
 
@@ -37,6 +39,7 @@ use crate::keys::{SuperRecord, VolId};
 use crate::meta::MetaStore;
 
 pub use ops::{SnapshotInfo, VolumeInfo};
+pub use pins::ReadPin;
 pub(crate) use tree::Tree;
 
 mod tree;
@@ -58,7 +61,7 @@ pub struct Pool {
     sup: SuperRecord,
     tree: RwLock<Tree>,
     alloc: Mutex<Allocator>,
-    gate: RwLock<()>,
+    pins: pins::Pins,
     generation: AtomicU64,
     sync_lock: Mutex<()>,
     stripes: Vec<Mutex<()>>,
@@ -109,8 +112,9 @@ impl Pool {
     pub(crate) fn alloc_lock(&self) -> MutexGuard<'_, Allocator> {
         lock(&self.alloc)
     }
-    pub(crate) fn gate_read(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    /// Pins the current sync generation for a reader (see pins.rs).
+    pub(crate) fn pin_read(&self) -> pins::ReadPin<'_> {
+        self.pins.pin(&self.generation)
     }
 
     pub fn store(&self) -> &Arc<dyn MetaStore> {
@@ -152,7 +156,8 @@ impl Pool {
     }
 
     /// Makes every acknowledged write durable (data device, then metadata) and returns the
-    /// blocks freed before this call to the allocator.
+    /// blocks freed before this call to the allocator, except those a reader that is still
+    /// running may be reading (pins.rs); those wait for a later sync.
     pub fn sync(&self) -> Result<()> {
         let _serial = lock(&self.sync_lock);
         self.dirty.store(false, Ordering::Release);
@@ -166,8 +171,14 @@ impl Pool {
             return Err(e);
         }
         crate::failpoint!("sync.before_release");
-        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.alloc_lock().release_through(g);
+        let through = self.pins.release_bound(g);
+        if let Some(t) = through {
+            self.alloc_lock().release_through(t);
+        }
+        if through != Some(g) && self.alloc_lock().pending() > 0 {
+            // Frees held back for a running reader: the background sync comes back for them.
+            self.mark_dirty();
+        }
         Ok(())
     }
 

@@ -4,8 +4,9 @@
 //! queue task per tag, without a thread hop).
 //!
 //! Invariants:
-//! * A [`ReadPlan`] holds the shared reclaim gate from the mapping lookup until it is
-//!   finished or dropped, so no block it names is freed and reused meanwhile (design §6).
+//! * A [`ReadPlan`] holds a read pin (pins.rs) from before the mapping lookup until it is
+//!   finished or dropped, so no block it names is reused meanwhile (design §6). Holding a
+//!   plan never blocks anyone, so it may be held across asynchronous I/O.
 //! * A [`WritePlan`] owns freshly allocated blocks that nothing references yet. Finishing it
 //!   after the data writes succeeded commits the mapping (one batch); finishing it with an
 //!   I/O error, or failing to commit, returns the blocks to the allocator at once.
@@ -14,7 +15,6 @@
 
 use std::io;
 use std::ops::Range;
-use std::sync::RwLockReadGuard;
 
 use crate::device::{ReadSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
@@ -22,6 +22,7 @@ use crate::keys::{MapValue, VolId};
 
 use super::io::target_layer;
 use super::mapping::resolve;
+use super::pins::ReadPin;
 use super::{Pool, Target};
 
 /// One contiguous data-device transfer: `len` bytes at `dev_offset` to or from
@@ -36,7 +37,7 @@ pub struct DeviceSeg {
 /// A planned read of whole blocks: fill `zeros` with zeros, read `segs` from the device,
 /// then [`ReadPlan::finish`] verifies every block's checksum.
 pub struct ReadPlan<'a> {
-    _gate: RwLockReadGuard<'a, ()>,
+    _pin: ReadPin<'a>,
     pub segs: Vec<DeviceSeg>,
     /// Byte ranges of the buffer that read as zeros (holes and zero entries).
     pub zeros: Vec<Range<usize>>,
@@ -120,7 +121,7 @@ impl Pool {
     /// Plans a read of `len` bytes (whole blocks) at `offset` of `t`.
     pub fn plan_read(&self, t: &Target, offset: u64, len: usize) -> Result<ReadPlan<'_>> {
         let (b0, n) = whole_blocks("read", offset, len)?;
-        let gate = self.gate_read();
+        let pin = self.pin_read();
         let map = {
             let tree = self.tree_read();
             let (layer, _) = target_layer(&tree, t)?;
@@ -157,7 +158,7 @@ impl Pool {
             zeros.push(zero_from..len);
         }
         Ok(ReadPlan {
-            _gate: gate,
+            _pin: pin,
             segs,
             zeros,
             checks,

@@ -1,10 +1,10 @@
 //! `pool scrub`: reads every data block every layer owns and checks it against the CRC32C
 //! stored with its mapping entry, naming the volumes and snapshots a bad block can affect.
 //!
-//! Consistency with concurrent I/O: each step holds the read side of `gate` from looking up
-//! a slice of a layer's entries to the end of reading their blocks, so no block freed in
-//! the meantime can be reused under it (frees return to the allocator only under the write
-//! side). Steps are bounded, so writers and reclaim wait at most one step.
+//! Consistency with concurrent I/O: each step holds a read pin (pins.rs) from looking up a
+//! slice of a layer's entries to the end of reading their blocks, so no block freed in the
+//! meantime can be reused under it. Steps are bounded, so frees are held back for at most
+//! one step; nobody waits for a scrub.
 
 use std::collections::BTreeMap;
 
@@ -91,7 +91,7 @@ impl Pool {
         for layer in layers {
             let mut from = 0;
             while from < max_lba {
-                let _gate = self.gate_read();
+                let _pin = self.pin_read();
                 let mut entries: Vec<(u64, u64, u32)> = Vec::new();
                 scan_layer(&**self.store(), layer, from, from + STEP_LBAS, |lba, mv| {
                     if let MapValue::Data { pba, crc } = mv {

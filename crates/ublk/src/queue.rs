@@ -1,0 +1,274 @@
+//! One ublk queue: one thread, one io_uring and one async task per tag, as libublk intends.
+//!
+//! Each tag's task fetches a request, serves it, commits the result (which fetches the
+//! next request) and so on until the queue goes down. Whole-block reads and writes of an
+//! export that offers [`DirectIo`] are planned in the pool, and their data-device I/O is
+//! submitted on this queue's own io_uring (the ring that carries the ublk commands): no
+//! thread hop, and while one task awaits its data the other tags' tasks go on. Everything
+//! else (flush, discard, write-zeroes, requests not aligned to 4 KiB, exports without
+//! direct I/O such as lazy restores) runs synchronously
+//! through the `Export` API on this thread (`request::execute`).
+//!
+//! Threading: everything here runs on the queue thread; tasks are `!Send`. What a task
+//! holds across an `.await` never blocks another task: a read plan holds a pin, not a lock
+//! (snapblk-core `pool/pins.rs`), and a write plan holds only blocks nobody else sees.
+//!
+//! Invariants: every request is completed exactly once. A task never returns while a data
+//! SQE it submitted is in flight (it awaits every one, also after errors). Should the
+//! executor be dropped with tasks still pending (the event loop failed), their I/O buffers
+//! are leaked rather than freed under the kernel's feet (`ManuallyDrop`).
+
+use std::mem::ManuallyDrop;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use io_uring::{opcode, types};
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::{sys, BufDesc, UblkError};
+use snapblk_core::device::BLOCK_SIZE_U64;
+use snapblk_core::export::DirectIo;
+use snapblk_core::pool::plan::DeviceSeg;
+use snapblk_core::Export;
+
+use crate::request::execute;
+use crate::IoStats;
+
+/// Re-submissions of a short or interrupted data transfer before it counts as failed.
+const TRANSFER_ATTEMPTS: usize = 8;
+
+pub(crate) fn queue_main(qid: u16, dev: &UblkDev, export: &Arc<dyn Export>, stats: &Arc<IoStats>) {
+    let queue = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            log::error!("ublk queue {qid}: {e}");
+            return;
+        }
+    };
+    let buf_bytes = dev.dev_info.max_io_buf_bytes as usize;
+    let exe = smol::LocalExecutor::new();
+    let tasks: Vec<_> = queue
+        .tags()
+        .map(|tag| {
+            let q = Rc::clone(&queue);
+            let export = Arc::clone(export);
+            let stats = Arc::clone(stats);
+            exe.spawn(async move {
+                let mut buf = ManuallyDrop::new(IoBuf::<u8>::new(buf_bytes));
+                match serve_tag(&q, tag, &*export, &stats, &mut buf).await {
+                    Ok(()) | Err(UblkError::QueueIsDown) => {}
+                    Err(e) => log::error!("ublk queue {qid} tag {tag}: {e}"),
+                }
+                // serve_tag has returned, so none of its SQEs is in flight: free the buffer.
+                drop(ManuallyDrop::into_inner(buf));
+            })
+        })
+        .collect();
+    smol::block_on(exe.run(async {
+        let run_ops = || while exe.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&queue, Some(20), run_ops, done).await {
+            log::error!("ublk queue {qid}: {e}");
+        }
+    }));
+}
+
+async fn serve_tag(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    export: &dyn Export,
+    stats: &IoStats,
+    buf: &mut IoBuf<u8>,
+) -> Result<(), UblkError> {
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(buf))
+        .await?;
+    loop {
+        let iod = q.get_iod(tag);
+        let (op_flags, sector, sectors) = (iod.op_flags, iod.start_sector, iod.nr_sectors);
+        let (direct, res) = serve(q, export, op_flags, sector, sectors, buf.as_mut_slice()).await;
+        stats.count(direct, res);
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
+    }
+}
+
+/// A read or write that can take the direct path: whole blocks that fit the buffer.
+fn direct_range(op: u32, sector: u64, sectors: u32, buf_len: usize) -> Option<(u64, usize)> {
+    if op != sys::UBLK_IO_OP_READ && op != sys::UBLK_IO_OP_WRITE {
+        return None;
+    }
+    let off = sector.checked_mul(512)?;
+    let len = usize::try_from(u64::from(sectors) * 512).ok()?;
+    let whole = off.is_multiple_of(BLOCK_SIZE_U64) && (len as u64).is_multiple_of(BLOCK_SIZE_U64);
+    (whole && len > 0 && len <= buf_len).then_some((off, len))
+}
+
+/// Serves one request; returns whether it took the direct path, and bytes done or a
+/// negative errno.
+async fn serve(
+    q: &UblkQueue<'_>,
+    export: &dyn Export,
+    op_flags: u32,
+    sector: u64,
+    sectors: u32,
+    buf: &mut [u8],
+) -> (bool, i32) {
+    let op = op_flags & 0xff;
+    let direct = export
+        .direct()
+        .and_then(|d| direct_range(op, sector, sectors, buf.len()).map(|r| (d, r)));
+    let Some((d, (off, len))) = direct else {
+        return (false, execute(export, op_flags, sector, sectors, buf));
+    };
+    let buf = &mut buf[..len];
+    let r = if op == sys::UBLK_IO_OP_READ {
+        direct_read(q, d, off, buf).await
+    } else {
+        direct_write(q, d, off, buf, op_flags & sys::UBLK_IO_F_FUA != 0).await
+    };
+    let res = match r {
+        Ok(()) => len as i32,
+        Err(e) => {
+            log::warn!("ublk {}: op {op} at {off}+{len}: {e}", export.name());
+            -e.errno()
+        }
+    };
+    (true, res)
+}
+
+async fn direct_read(
+    q: &UblkQueue<'_>,
+    d: &dyn DirectIo,
+    off: u64,
+    buf: &mut [u8],
+) -> snapblk_core::Result<()> {
+    let plan = d.plan_read(off, buf.len())?;
+    for z in &plan.zeros {
+        if let Some(b) = buf.get_mut(z.clone()) {
+            b.fill(0);
+        }
+    }
+    transfer(q, d.data_fd(), buf, &plan.segs, Dir::Read)
+        .await
+        .map_err(|e| snapblk_core::Error::device("read", e))?;
+    plan.finish(buf)
+}
+
+async fn direct_write(
+    q: &UblkQueue<'_>,
+    d: &dyn DirectIo,
+    off: u64,
+    buf: &mut [u8],
+    fua: bool,
+) -> snapblk_core::Result<()> {
+    let plan = d.plan_write(off, buf, fua)?;
+    let io = transfer(q, d.data_fd(), buf, &plan.segs, Dir::Write { fua }).await;
+    d.finish_write(plan, io)
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Read,
+    Write { fua: bool },
+}
+
+/// Moves every segment completely, all submitted together on the queue's ring. Short
+/// transfers continue where they stopped; EAGAIN/EINTR are retried.
+async fn transfer(
+    q: &UblkQueue<'_>,
+    fd: i32,
+    buf: &mut [u8],
+    segs: &[DeviceSeg],
+    dir: Dir,
+) -> std::io::Result<()> {
+    if segs.iter().any(|s| {
+        s.buf_offset
+            .checked_add(s.len)
+            .is_none_or(|e| e > buf.len())
+    }) || segs.iter().any(|s| u32::try_from(s.len).is_err())
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "data segment outside the request buffer",
+        ));
+    }
+    let base = buf.as_mut_ptr();
+    let mut pending: Vec<DeviceSeg> = segs.to_vec();
+    for _ in 0..TRANSFER_ATTEMPTS {
+        let futures: Vec<_> = pending
+            .iter()
+            .map(|s| {
+                // SAFETY: `buf_offset + len <= buf.len()` (checked above, and retries only
+                // shrink a segment from its front), so the pointer and length stay inside
+                // `buf`, which this function borrows mutably until every submitted entry
+                // has completed: all futures are awaited below before we return.
+                let ptr = unsafe { base.add(s.buf_offset) };
+                let len = s.len as u32;
+                let sqe = match dir {
+                    Dir::Read => opcode::Read::new(types::Fd(fd), ptr, len)
+                        .offset(s.dev_offset)
+                        .build(),
+                    Dir::Write { fua } => {
+                        let w = opcode::Write::new(types::Fd(fd), ptr, len).offset(s.dev_offset);
+                        if fua { w.rw_flags(libc::RWF_DSYNC) } else { w }.build()
+                    }
+                };
+                q.ublk_submit_sqe(sqe)
+            })
+            .collect();
+        let mut again = Vec::new();
+        let mut failed = None;
+        for (s, f) in pending.iter().zip(futures) {
+            let r = f.await;
+            if r == -libc::EAGAIN || r == -libc::EINTR {
+                again.push(*s);
+            } else if r < 0 {
+                failed.get_or_insert(std::io::Error::from_raw_os_error(-r));
+            } else if r == 0 {
+                failed.get_or_insert(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("data device ended at byte {}", s.dev_offset),
+                ));
+            } else if (r as usize) < s.len {
+                let done = r as usize;
+                again.push(DeviceSeg {
+                    dev_offset: s.dev_offset + done as u64,
+                    buf_offset: s.buf_offset + done,
+                    len: s.len - done,
+                });
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if again.is_empty() {
+            return Ok(());
+        }
+        pending = again;
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("data transfer still incomplete after {TRANSFER_ATTEMPTS} submissions"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_block_reads_and_writes_go_direct() {
+        let r = sys::UBLK_IO_OP_READ;
+        let w = sys::UBLK_IO_OP_WRITE;
+        assert_eq!(direct_range(r, 8, 8, 1 << 20), Some((4096, 4096)));
+        assert_eq!(direct_range(w, 0, 2048, 1 << 20), Some((0, 1 << 20)));
+        // Not 4 KiB aligned, empty, larger than the buffer, other ops, offset overflow.
+        assert_eq!(direct_range(r, 1, 8, 1 << 20), None);
+        assert_eq!(direct_range(w, 8, 1, 1 << 20), None);
+        assert_eq!(direct_range(r, 8, 0, 1 << 20), None);
+        assert_eq!(direct_range(r, 0, 4096, 1 << 20), None);
+        assert_eq!(direct_range(sys::UBLK_IO_OP_FLUSH, 0, 8, 1 << 20), None);
+        assert_eq!(direct_range(sys::UBLK_IO_OP_DISCARD, 0, 8, 1 << 20), None);
+        assert_eq!(direct_range(r, u64::MAX / 256, 8, 1 << 20), None);
+    }
+}
