@@ -3,7 +3,8 @@
 # returns its exit status. The guest sees the host's filesystem (writes outside --rwdir go
 # to an overlay). vng itself always exits 255 with this kernel, so the guest script's status
 # comes back through a sentinel line on the console.
-# Usage: scripts/vm/run.sh GUEST_SCRIPT [ARGS...]     (env: VM_TIMEOUT seconds, default 600)
+# Usage: scripts/vm/run.sh GUEST_SCRIPT [ARGS...]     (env: VM_TIMEOUT seconds, default 600;
+#        VM_DISK=FILE adds FILE as a virtio-scsi disk)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kimg=$(bash "$here/setup.sh" | tail -1)
@@ -37,7 +38,8 @@ cmd="RUST_LOG=${RUST_LOG:-warn} SNAPBLK_BIN=$SNAPBLK_VM_BIN SNAPBLK_VM_OUT=$out 
 for attempt in 1 2; do
     rm -f "$out/guest.log"
     timeout --kill-after=10 "${VM_TIMEOUT:-600}" \
-        vng -r "$kimg" --disable-kvm --force-9p --verbose --cpus 2 --memory 2G --cwd /tmp --rwdir="$out" -e "$cmd" >"$log" 2>&1 || true
+        vng -r "$kimg" --disable-kvm --force-9p --verbose --cpus 2 --memory 2G --cwd /tmp --rwdir="$out" \
+            ${VM_DISK:+--disk "$VM_DISK"} -e "$cmd" >"$log" 2>&1 || true
     status=$(grep -ao "SNAPBLK-VM-STATUS=[0-9]*" "$log" | tail -1 | cut -d= -f2 || true)
     [ -n "$status" ] && break
     grep -aq "starting script" "$log" && break

@@ -12,11 +12,24 @@ cleanup() {
     [ -n "${LOOP:-}" ] && losetup -d "$LOOP"
     exec 3>&- 2>/dev/null || true
     stop_daemon
+    [ "$D" = "$T" ] || umount "$D"
 }
 trap cleanup EXIT
 modprobe ublk_drv
 modprobe nbd
 modprobe loop 2>/dev/null || true
+# `disk`: the pool's data file and the loop device's file live on an ext4 on the extra
+# virtio disk (VM_DISK) instead of the guest's tmpfs; metadata stays on tmpfs (the "SSD").
+D=$T
+if [ "${1:-}" = disk ]; then
+    # The guest's root is 9p, so the only disk is the one VM_DISK added.
+    disk=$(lsblk -dnpbo NAME,TYPE,SIZE | awk '$2 == "disk" && $3 > 0 {print $1}' | head -1)
+    [ -b "$disk" ] || fail "no extra disk in the guest (run with VM_DISK)"
+    mkfs.ext4 -q -F "$disk"
+    D=$T/disk; mkdir -p "$D"; mount "$disk" "$D"
+    ln -s "$D/data.img" "$T/data.img"
+    log "data files on $disk (ext4)"
+fi
 "$BIN" pool create --meta "$T/meta" --data "$T/data.img" --size $((SIZE * 2))M >/dev/null
 start_daemon
 "$BIN" volume create b --size "${SIZE}M" >/dev/null
@@ -60,11 +73,11 @@ else
 fi
 # The guest's /tmp is a small tmpfs: free the pool before the loop device's file.
 stop_daemon
-rm -rf "$T/meta" "$T/data.img"
-truncate -s "${SIZE}M" "$T/loop.img"
-LOOP=$(losetup -f --show --direct-io=on "$T/loop.img" 2>/dev/null || losetup -f --show "$T/loop.img")
+rm -rf "$T/meta" "$D/data.img"
+truncate -s "${SIZE}M" "$D/loop.img"
+LOOP=$(losetup -f --show --direct-io=on "$D/loop.img" 2>/dev/null || losetup -f --show "$D/loop.img")
 run_dev loop "$LOOP"
-echo "== ublk vs loop vs kernel NBD, $(uname -r), $(nproc) vCPUs (IOPS, MB/s); null = ublk ceiling"
+echo "== ublk vs loop vs kernel NBD, $(uname -r), $(nproc) vCPUs, data on ${disk:-tmpfs} (IOPS, MB/s); null = ublk ceiling"
 printf '%-14s %14s %14s %14s %14s %10s %10s %10s %10s\n' job ublk loop nbd0 null \
     ublk/loop ublk/nbd0 ublk/null null/loop
 ratio() { python3 -c "print('%.2fx' % ($1 / max($2, 1)))"; }
