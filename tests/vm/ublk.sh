@@ -32,6 +32,24 @@ for fs in ext4 xfs; do
         udevadm settle
         [ "$(readlink -f "/dev/disk/by-snapblk/$vol")" = "$dev" ] || fail "/dev/disk/by-snapblk/$vol does not point to $dev"
     fi
+    if [ "$fs" = ext4 ]; then
+        # Raw requests first: writes with FUA and flushes (oflag=direct,sync / conv=fsync),
+        # discard and write-zeroes (served on the queue's helper thread), unaligned I/O.
+        head -c $((8 << 20)) /dev/urandom >"$T/raw"
+        dd if="$T/raw" of="$dev" bs=1M oflag=direct,sync conv=fsync status=none
+        cmp -n $((8 << 20)) "$T/raw" "$dev" || fail "raw data differs"
+        blkdiscard -o $((1 << 20)) -l $((2 << 20)) "$dev" || fail "blkdiscard"
+        blkdiscard -z -o $((4 << 20)) -l $((1 << 20)) "$dev" || fail "blkdiscard -z"
+        cmp -n $((2 << 20)) /dev/zero "$dev" --ignore-initial=0:$((1 << 20)) || fail "discarded range not zero"
+        cmp -n $((1 << 20)) /dev/zero "$dev" --ignore-initial=0:$((4 << 20)) || fail "zeroed range not zero"
+        cmp -n $((1 << 20)) "$T/raw" "$dev" || fail "data before the discard changed"
+        cmp -n $((1 << 20)) "$T/raw" "$dev" --ignore-initial=$((6 << 20)):$((6 << 20)) || fail "data after the zeroed range changed"
+        # A 512-byte write and read (not 4 KiB aligned: the queue's synchronous path).
+        head -c 512 /dev/urandom >"$T/sector"
+        dd if="$T/sector" of="$dev" bs=512 seek=3 oflag=direct status=none || fail "512-byte write"
+        [ "$(dd if="$dev" bs=512 skip=3 count=1 iflag=direct status=none | sha256sum)" = "$(sha256sum <"$T/sector")" ] \
+            || fail "512-byte read back differs"
+    fi
     case $fs in ext4) mkfs.ext4 -q "$dev" ;; xfs) mkfs.xfs -q "$dev" ;; esac
     mnt=$T/mnt-$fs; mkdir -p "$mnt"
     mount "$dev" "$mnt"

@@ -6,8 +6,8 @@
 //! its own thread and io_uring, created by libublk, and one async task per tag
 //! (queue.rs). Whole-block reads and writes do their data-device I/O on the queue's own
 //! ring, so a request's data never hops to another thread and a queue serves up to
-//! `--depth` requests at once; other requests run synchronously on the queue thread
-//! (request.rs).
+//! `--depth` requests at once. FLUSH, DISCARD and WRITE_ZEROES run on a helper thread per
+//! queue (offload.rs); other requests run synchronously on the queue thread (request.rs).
 //!
 //! Invariants: every request is completed exactly once, with the byte count or a negative
 //! errno; an invalid request (unknown op, a length beyond the I/O buffer) gets -EINVAL and
@@ -27,6 +27,7 @@ use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
 use snapblk_core::Export;
 
+mod offload;
 mod queue;
 mod request;
 
@@ -68,8 +69,8 @@ impl Default for Options {
 pub struct IoStats {
     /// Whole-block reads and writes whose data I/O ran on the queue's own ring.
     pub direct: AtomicU64,
-    /// Requests run through the `Export` API on the queue thread (flush, discard,
-    /// write-zeroes, unaligned requests, exports without direct I/O).
+    /// Requests run through the `Export` API: flush, discard and write-zeroes (on the
+    /// queue's helper thread), unaligned requests and exports without direct I/O.
     pub via_api: AtomicU64,
     /// Requests completed with an error (counted in one of the above too).
     pub failed: AtomicU64,

@@ -4,10 +4,11 @@
 //! next request) and so on until the queue goes down. Whole-block reads and writes of an
 //! export that offers [`DirectIo`] are planned in the pool, and their data-device I/O is
 //! submitted on this queue's own io_uring (the ring that carries the ublk commands): no
-//! thread hop, and while one task awaits its data the other tags' tasks go on. Everything
-//! else (flush, discard, write-zeroes, requests not aligned to 4 KiB, exports without
-//! direct I/O such as lazy restores) runs synchronously
-//! through the `Export` API on this thread (`request::execute`).
+//! thread hop, and while one task awaits its data the other tags' tasks go on. FLUSH,
+//! DISCARD and WRITE_ZEROES, which can block for long, run on the queue's helper thread
+//! while the task awaits them on the ring (offload.rs). The rest (requests not aligned to
+//! 4 KiB, exports without direct I/O such as lazy restores) runs synchronously through the
+//! `Export` API on this thread (`request::execute`).
 //!
 //! Threading: everything here runs on the queue thread; tasks are `!Send`. What a task
 //! holds across an `.await` never blocks another task: a read plan holds a pin, not a lock
@@ -31,6 +32,7 @@ use snapblk_core::export::DirectIo;
 use snapblk_core::pool::plan::DeviceSeg;
 use snapblk_core::Export;
 
+use crate::offload::Offload;
 use crate::request::execute;
 use crate::IoStats;
 
@@ -46,6 +48,7 @@ pub(crate) fn queue_main(qid: u16, dev: &UblkDev, export: &Arc<dyn Export>, stat
         }
     };
     let buf_bytes = dev.dev_info.max_io_buf_bytes as usize;
+    let offload = Rc::new(Offload::start(qid));
     let exe = smol::LocalExecutor::new();
     let tasks: Vec<_> = queue
         .tags()
@@ -53,9 +56,15 @@ pub(crate) fn queue_main(qid: u16, dev: &UblkDev, export: &Arc<dyn Export>, stat
             let q = Rc::clone(&queue);
             let export = Arc::clone(export);
             let stats = Arc::clone(stats);
+            let offload = Rc::clone(&offload);
             exe.spawn(async move {
                 let mut buf = ManuallyDrop::new(IoBuf::<u8>::new(buf_bytes));
-                match serve_tag(&q, tag, &*export, &stats, &mut buf).await {
+                let ctx = Ctx {
+                    export: &export,
+                    stats: &stats,
+                    offload: &offload,
+                };
+                match serve_tag(&q, tag, &ctx, &mut buf).await {
                     Ok(()) | Err(UblkError::QueueIsDown) => {}
                     Err(e) => log::error!("ublk queue {qid} tag {tag}: {e}"),
                 }
@@ -73,11 +82,17 @@ pub(crate) fn queue_main(qid: u16, dev: &UblkDev, export: &Arc<dyn Export>, stat
     }));
 }
 
+/// What every task of a queue shares.
+struct Ctx<'a> {
+    export: &'a Arc<dyn Export>,
+    stats: &'a IoStats,
+    offload: &'a Offload,
+}
+
 async fn serve_tag(
     q: &UblkQueue<'_>,
     tag: u16,
-    export: &dyn Export,
-    stats: &IoStats,
+    ctx: &Ctx<'_>,
     buf: &mut IoBuf<u8>,
 ) -> Result<(), UblkError> {
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(buf))
@@ -85,8 +100,8 @@ async fn serve_tag(
     loop {
         let iod = q.get_iod(tag);
         let (op_flags, sector, sectors) = (iod.op_flags, iod.start_sector, iod.nr_sectors);
-        let (direct, res) = serve(q, export, op_flags, sector, sectors, buf.as_mut_slice()).await;
-        stats.count(direct, res);
+        let (direct, res) = serve(q, ctx, op_flags, sector, sectors, buf.as_mut_slice()).await;
+        ctx.stats.count(direct, res);
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
     }
@@ -107,13 +122,24 @@ fn direct_range(op: u32, sector: u64, sectors: u32, buf_len: usize) -> Option<(u
 /// negative errno.
 async fn serve(
     q: &UblkQueue<'_>,
-    export: &dyn Export,
+    ctx: &Ctx<'_>,
     op_flags: u32,
     sector: u64,
     sectors: u32,
     buf: &mut [u8],
 ) -> (bool, i32) {
     let op = op_flags & 0xff;
+    let export = &**ctx.export;
+    if matches!(
+        op,
+        sys::UBLK_IO_OP_FLUSH | sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES
+    ) {
+        let res = ctx
+            .offload
+            .run(q, ctx.export, op_flags, sector, sectors)
+            .await;
+        return (false, res);
+    }
     let direct = export
         .direct()
         .and_then(|d| direct_range(op, sector, sectors, buf.len()).map(|r| (d, r)));
