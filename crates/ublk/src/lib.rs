@@ -30,6 +30,7 @@ use snapblk_core::Export;
 mod offload;
 mod queue;
 mod request;
+mod transfer;
 
 pub use request::execute;
 

@@ -36,9 +36,6 @@ use crate::offload::Offload;
 use crate::request::execute;
 use crate::IoStats;
 
-/// Re-submissions of a short or interrupted data transfer before it counts as failed.
-const TRANSFER_ATTEMPTS: usize = 8;
-
 pub(crate) fn queue_main(qid: u16, dev: &UblkDev, export: &Arc<dyn Export>, stats: &Arc<IoStats>) {
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
@@ -198,8 +195,7 @@ enum Dir {
     Write { fua: bool },
 }
 
-/// Moves every segment completely, all submitted together on the queue's ring. Short
-/// transfers continue where they stopped; EAGAIN/EINTR are retried.
+/// Moves every segment completely on the queue's ring (see transfer.rs).
 async fn transfer(
     q: &UblkQueue<'_>,
     fd: i32,
@@ -207,75 +203,28 @@ async fn transfer(
     segs: &[DeviceSeg],
     dir: Dir,
 ) -> std::io::Result<()> {
-    if segs.iter().any(|s| {
-        s.buf_offset
-            .checked_add(s.len)
-            .is_none_or(|e| e > buf.len())
-    }) || segs.iter().any(|s| u32::try_from(s.len).is_err())
-    {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "data segment outside the request buffer",
-        ));
-    }
+    let len = buf.len();
     let base = buf.as_mut_ptr();
-    let mut pending: Vec<DeviceSeg> = segs.to_vec();
-    for _ in 0..TRANSFER_ATTEMPTS {
-        let futures: Vec<_> = pending
-            .iter()
-            .map(|s| {
-                // SAFETY: `buf_offset + len <= buf.len()` (checked above, and retries only
-                // shrink a segment from its front), so the pointer and length stay inside
-                // `buf`, which this function borrows mutably until every submitted entry
-                // has completed: all futures are awaited below before we return.
-                let ptr = unsafe { base.add(s.buf_offset) };
-                let len = s.len as u32;
-                let sqe = match dir {
-                    Dir::Read => opcode::Read::new(types::Fd(fd), ptr, len)
-                        .offset(s.dev_offset)
-                        .build(),
-                    Dir::Write { fua } => {
-                        let w = opcode::Write::new(types::Fd(fd), ptr, len).offset(s.dev_offset);
-                        if fua { w.rw_flags(libc::RWF_DSYNC) } else { w }.build()
-                    }
-                };
-                q.ublk_submit_sqe(sqe)
-            })
-            .collect();
-        let mut again = Vec::new();
-        let mut failed = None;
-        for (s, f) in pending.iter().zip(futures) {
-            let r = f.await;
-            if r == -libc::EAGAIN || r == -libc::EINTR {
-                again.push(*s);
-            } else if r < 0 {
-                failed.get_or_insert(std::io::Error::from_raw_os_error(-r));
-            } else if r == 0 {
-                failed.get_or_insert(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("data device ended at byte {}", s.dev_offset),
-                ));
-            } else if (r as usize) < s.len {
-                let done = r as usize;
-                again.push(DeviceSeg {
-                    dev_offset: s.dev_offset + done as u64,
-                    buf_offset: s.buf_offset + done,
-                    len: s.len - done,
-                });
+    let submit = |s: DeviceSeg| {
+        // SAFETY: `transfer::run` passes only segments inside `0..len` (it checks them
+        // before submitting anything, and a resubmission is a tail of a checked segment),
+        // so the pointer stays inside `buf`. `buf` stays mutably borrowed by this function
+        // until `run` returns, and `run` awaits every future it created first, so the
+        // kernel is done with the memory before anyone else can touch it.
+        let ptr = unsafe { base.add(s.buf_offset) };
+        let n = s.len as u32; // run checks that every length fits in u32
+        let sqe = match dir {
+            Dir::Read => opcode::Read::new(types::Fd(fd), ptr, n)
+                .offset(s.dev_offset)
+                .build(),
+            Dir::Write { fua } => {
+                let w = opcode::Write::new(types::Fd(fd), ptr, n).offset(s.dev_offset);
+                if fua { w.rw_flags(libc::RWF_DSYNC) } else { w }.build()
             }
-        }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if again.is_empty() {
-            return Ok(());
-        }
-        pending = again;
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("data transfer still incomplete after {TRANSFER_ATTEMPTS} submissions"),
-    ))
+        };
+        q.ublk_submit_sqe(sqe)
+    };
+    crate::transfer::run(len, segs, submit).await
 }
 
 #[cfg(test)]

@@ -219,6 +219,11 @@ impl Pool {
         })
     }
 
+    fn commit_plan(&self, plan: &WritePlan) -> Result<()> {
+        crate::failpoint!("write.before_commit");
+        self.commit_blocks(plan.vol, plan.b0, &plan.assigned, plan.fua)
+    }
+
     /// Completes a planned write: with the data I/O's outcome `io`, commits the mapping, or
     /// returns the plan's blocks to the allocator when the I/O or the commit failed.
     pub fn finish_write(&self, plan: WritePlan, io: io::Result<()>) -> Result<()> {
@@ -229,11 +234,7 @@ impl Pool {
         if !plan.segs.is_empty() {
             self.mark_data_dirty();
         }
-        let committed = (|| {
-            crate::failpoint!("write.before_commit");
-            self.commit_blocks(plan.vol, plan.b0, &plan.assigned, plan.fua)
-        })();
-        if let Err(e) = committed {
+        if let Err(e) = self.commit_plan(&plan) {
             self.free_now(&plan.allocated);
             return Err(e);
         }
