@@ -336,10 +336,14 @@ fn run_device(
         serde_json::json!({ "export": export.name(), "read_only": read_only, "owner": owner });
     let tgt_init = move |dev: &mut UblkDev| {
         set_params(dev, size, read_only);
-        // Room on the queue ring for every tag's command plus its data I/O.
-        let entries = dev.dev_info.queue_depth.saturating_mul(4).min(4096);
-        dev.tgt.sq_depth = entries;
-        dev.tgt.cq_depth = entries;
+        // Room on the queue ring: submissions for every tag's command and some data I/O (a
+        // full queue is flushed and retried); completions for every tag's command plus a
+        // full window of data segments each (transfer::WINDOW), so nothing overflows.
+        let depth = dev.dev_info.queue_depth;
+        dev.tgt.sq_depth = depth.saturating_mul(4).min(4096);
+        dev.tgt.cq_depth = depth
+            .saturating_mul(1 + transfer::WINDOW as u16)
+            .clamp(dev.tgt.sq_depth, 4096);
         dev.set_target_json(target);
         Ok(())
     };

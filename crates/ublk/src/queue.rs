@@ -20,6 +20,7 @@
 //! are leaked rather than freed under the kernel's feet (`ManuallyDrop`).
 
 use std::mem::ManuallyDrop;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ use io_uring::{opcode, types};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{sys, BufDesc, UblkError};
+use smol::future::FutureExt;
 use snapblk_core::device::BLOCK_SIZE_U64;
 use snapblk_core::export::DirectIo;
 use snapblk_core::pool::plan::DeviceSeg;
@@ -92,14 +94,33 @@ async fn serve_tag(
     ctx: &Ctx<'_>,
     buf: &mut IoBuf<u8>,
 ) -> Result<(), UblkError> {
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(buf))
+    let mut fetched = q
+        .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(buf))
         .await?;
     loop {
+        // Anything but OK is the kernel refusing our command: the descriptor is stale, so
+        // serving it again would repeat the previous request. End this tag.
+        if fetched != sys::UBLK_IO_RES_OK as i32 {
+            log::error!("ublk tag {tag}: the kernel answered {fetched} to fetch/commit");
+            return Err(UblkError::OtherError(fetched));
+        }
         let iod = q.get_iod(tag);
         let (op_flags, sector, sectors) = (iod.op_flags, iod.start_sector, iod.nr_sectors);
-        let (direct, res) = serve(q, ctx, op_flags, sector, sectors, buf.as_mut_slice()).await;
+        let request = serve(q, ctx, op_flags, sector, sectors, buf.as_mut_slice());
+        // A bug that panics fails this request with EIO instead of leaving it uncompleted
+        // (the device could then never be deleted). The buffer outlives the panic.
+        let (direct, res) = match AssertUnwindSafe(request).catch_unwind().await {
+            Ok(r) => r,
+            Err(_) => {
+                log::error!(
+                    "ublk tag {tag}: panic while serving op {op_flags:#x}; failed with EIO"
+                );
+                (false, -libc::EIO)
+            }
+        };
         ctx.stats.count(direct, res);
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+        fetched = q
+            .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
     }
 }
@@ -206,11 +227,17 @@ async fn transfer(
     let len = buf.len();
     let base = buf.as_mut_ptr();
     let submit = |s: DeviceSeg| {
-        // SAFETY: `transfer::run` passes only segments inside `0..len` (it checks them
-        // before submitting anything, and a resubmission is a tail of a checked segment),
-        // so the pointer stays inside `buf`. `buf` stays mutably borrowed by this function
-        // until `run` returns, and `run` awaits every future it created first, so the
-        // kernel is done with the memory before anyone else can touch it.
+        assert!(
+            s.buf_offset
+                .checked_add(s.len)
+                .is_some_and(|end| end <= len),
+            "segment outside the request buffer"
+        );
+        // SAFETY: the segment lies inside `0..len` (asserted above; `transfer::run` checks
+        // every segment before submitting any, so this never fires mid-round), so the
+        // pointer stays inside `buf`. `buf` stays mutably borrowed by this function until
+        // `run` returns, and `run` awaits every future it created first, so the kernel is
+        // done with the memory before anyone else can touch it.
         let ptr = unsafe { base.add(s.buf_offset) };
         let n = s.len as u32; // run checks that every length fits in u32
         let sqe = match dir {

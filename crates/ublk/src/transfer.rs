@@ -7,17 +7,21 @@
 //! `0..buf_len` whose length fits in u32 (all checked before anything is submitted); every
 //! future `submit` returned has been awaited when `run` returns, also after an error.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 
 use snapblk_core::pool::plan::DeviceSeg;
 
-/// Submission rounds (the first included) before a transfer that keeps coming back short
-/// or interrupted counts as failed.
+/// Submissions of one piece (the first included) before a transfer that keeps coming back
+/// short or interrupted counts as failed.
 pub(crate) const ATTEMPTS: usize = 8;
+/// Most segments of one request in flight at once: bounds what a fragmented request puts on
+/// the queue's ring (its completion queue is sized for depth × (1 + WINDOW)).
+pub(crate) const WINDOW: usize = 32;
 
-/// Submits every segment (one round at a time, all of a round before awaiting any) and
-/// awaits them; `submit` returns bytes moved or a negative errno.
+/// Submits the segments in rounds of at most [`WINDOW`] (all of a round before awaiting
+/// any) and awaits them; `submit` returns bytes moved or a negative errno.
 pub(crate) async fn run<F, Fut>(buf_len: usize, segs: &[DeviceSeg], mut submit: F) -> io::Result<()>
 where
     F: FnMut(DeviceSeg) -> Fut,
@@ -35,53 +39,59 @@ where
             "data segment outside the request buffer",
         ));
     }
-    let mut pending: Vec<DeviceSeg> = segs.iter().copied().filter(|s| s.len > 0).collect();
-    for _ in 0..ATTEMPTS {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let futures: Vec<Fut> = pending.iter().map(|s| submit(*s)).collect();
-        let mut again = Vec::new();
+    // Each piece with the number of times it has been submitted.
+    let mut queue: VecDeque<(DeviceSeg, usize)> =
+        segs.iter().filter(|s| s.len > 0).map(|s| (*s, 0)).collect();
+    while !queue.is_empty() {
+        let round: Vec<(DeviceSeg, usize)> = queue.drain(..queue.len().min(WINDOW)).collect();
+        let futures: Vec<Fut> = round.iter().map(|(s, _)| submit(*s)).collect();
         let mut failed = None;
-        for (s, f) in pending.iter().zip(futures) {
+        for ((s, tries), f) in round.into_iter().zip(futures) {
             let r = f.await;
-            if r == -libc::EAGAIN || r == -libc::EINTR {
-                again.push(*s);
+            let rest = if r == -libc::EAGAIN || r == -libc::EINTR {
+                Some(s)
             } else if r < 0 {
                 failed.get_or_insert(io::Error::from_raw_os_error(-r));
+                None
             } else if r == 0 {
                 failed.get_or_insert(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("the data device ended at byte {}", s.dev_offset),
                 ));
+                None
             } else if (r as usize) < s.len {
                 let done = r as usize;
-                again.push(DeviceSeg {
+                Some(DeviceSeg {
                     dev_offset: s.dev_offset + done as u64,
                     buf_offset: s.buf_offset + done,
                     len: s.len - done,
-                });
+                })
+            } else {
+                None
+            };
+            if let Some(rest) = rest {
+                if tries + 1 >= ATTEMPTS {
+                    failed.get_or_insert(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("data transfer still incomplete after {ATTEMPTS} submissions"),
+                    ));
+                } else {
+                    queue.push_back((rest, tries + 1));
+                }
             }
         }
+        // Every future of the round has been awaited: nothing of ours is in flight.
         if let Some(e) = failed {
             return Err(e);
         }
-        pending = again;
     }
-    if pending.is_empty() {
-        return Ok(());
-    }
-    Err(io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!("data transfer still incomplete after {ATTEMPTS} submissions"),
-    ))
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::VecDeque;
+    use std::cell::{Cell, RefCell};
 
     fn seg(dev_offset: u64, buf_offset: usize, len: usize) -> DeviceSeg {
         DeviceSeg {
@@ -91,26 +101,45 @@ mod tests {
         }
     }
 
-    /// Runs a transfer whose submissions answer from `answers` (full length when empty);
-    /// returns the outcome, every submitted segment, and how many futures were awaited.
+    struct Sim {
+        result: io::Result<()>,
+        submitted: Vec<DeviceSeg>,
+        awaited: usize,
+        max_in_flight: usize,
+    }
+
+    /// Runs a transfer whose submissions answer from `answers` (full length when empty).
+    fn sim(buf_len: usize, segs: &[DeviceSeg], answers: Vec<i32>) -> Sim {
+        let answers = RefCell::new(VecDeque::from(answers));
+        let submitted = RefCell::new(Vec::new());
+        let (awaited, in_flight, max) = (Cell::new(0), Cell::new(0usize), Cell::new(0));
+        let result = smol::block_on(run(buf_len, segs, |s| {
+            submitted.borrow_mut().push(s);
+            in_flight.set(in_flight.get() + 1);
+            max.set(max.get().max(in_flight.get()));
+            let a = answers.borrow_mut().pop_front().unwrap_or(s.len as i32);
+            let (awaited, in_flight) = (&awaited, &in_flight);
+            async move {
+                awaited.set(awaited.get() + 1);
+                in_flight.set(in_flight.get() - 1);
+                a
+            }
+        }));
+        Sim {
+            result,
+            submitted: submitted.into_inner(),
+            awaited: awaited.get(),
+            max_in_flight: max.get(),
+        }
+    }
+
     fn simulate(
         buf_len: usize,
         segs: &[DeviceSeg],
         answers: Vec<i32>,
     ) -> (io::Result<()>, Vec<DeviceSeg>, usize) {
-        let answers = RefCell::new(VecDeque::from(answers));
-        let submitted = RefCell::new(Vec::new());
-        let awaited = RefCell::new(0usize);
-        let r = smol::block_on(run(buf_len, segs, |s| {
-            submitted.borrow_mut().push(s);
-            let a = answers.borrow_mut().pop_front().unwrap_or(s.len as i32);
-            let awaited = &awaited;
-            async move {
-                *awaited.borrow_mut() += 1;
-                a
-            }
-        }));
-        (r, submitted.into_inner(), awaited.into_inner())
+        let s = sim(buf_len, segs, answers);
+        (s.result, s.submitted, s.awaited)
     }
 
     #[test]
@@ -172,5 +201,23 @@ mod tests {
             assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidInput);
             assert!(sub.is_empty());
         }
+    }
+
+    #[test]
+    fn a_fragmented_request_keeps_at_most_a_window_in_flight() {
+        let segs: Vec<DeviceSeg> = (0..100)
+            .map(|i| seg(i as u64 * 8192, i * 4096, 4096))
+            .collect();
+        let mut answers = vec![4096; 100];
+        answers[50] = 2048; // one short piece comes back at the end
+        let s = sim(100 * 4096, &segs, answers);
+        s.result.unwrap();
+        assert_eq!(s.max_in_flight, WINDOW);
+        assert_eq!(s.submitted.len(), 101);
+        assert_eq!(
+            s.submitted[100],
+            seg(50 * 8192 + 2048, 50 * 4096 + 2048, 2048)
+        );
+        assert_eq!(s.awaited, 101);
     }
 }

@@ -5,8 +5,11 @@
 //! when its free was committed, and a later `sync` returns frees up to some generation to
 //! the allocator (design §6). A reader takes a [`ReadPin`] *before* it looks up the mapping;
 //! the pin records the generation at that moment, `G`. Any block the reader then finds is
-//! freed, if at all, by a commit ordered after the lookup (commits take the tree lock for
-//! writing, lookups for reading), so its free carries a tag `>= G`. Hence a sync may return
+//! freed, if at all, by a commit ordered after the lookup, and every free is tagged after
+//! its commit (`defer_frees` runs after the store batch, under the tree write lock), so the
+//! tag is `>= G`. The order holds both for lookups under the tree read lock (plan_read:
+//! commits hold the write side) and for scrub's direct store scans (a scan sees the store
+//! as of its start, so an entry it sees was removed by a later commit). Hence a sync may return
 //! every free tagged below the oldest pinned generation, and no other: [`Pins::release_bound`].
 //!
 //! Why not a lock: a reader that holds the pin across asynchronous data I/O (a ublk queue
