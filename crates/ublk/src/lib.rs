@@ -352,7 +352,9 @@ fn run_device(
         let _ = ready.send(Ok((c.dev_info().dev_id as i32, c.get_bdev_path())));
     };
     if let Err(e) = ctrl.run_target(tgt_init, queue, started) {
-        let _ = tx.send(Err(format!("running the device: {e}")));
+        let _ = tx.send(Err(format!(
+            "running the device: {e} (the daemon log names the queue that failed, if one did)"
+        )));
     }
     // Dropping a new device's `ctrl` deletes the device (UBLK_DEV_F_ADD_DEV); a recovered
     // one is deleted by `Device::detach`.

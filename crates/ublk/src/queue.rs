@@ -42,7 +42,10 @@ pub(crate) fn queue_main(qid: u16, dev: &UblkDev, export: &Arc<dyn Export>, stat
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
-            log::error!("ublk queue {qid}: {e}");
+            log::error!("ublk queue {qid}: cannot set up the queue: {e}");
+            // Without this the device's start would wait forever for this queue's buffers;
+            // reported as an mlock failure, it makes the start (and the attach) fail now.
+            dev.notify_buffer_registration_complete(true);
             return;
         }
     };
