@@ -1,0 +1,71 @@
+//! Metadata cost per request on the real store (RocksDB) with no data I/O: the mapping
+//! lookup of a 4 KiB read, and the commit of a write of 1 block versus 8 blocks in one
+//! batch (per block). Commits hold the tree lock for writing, so their cost bounds write
+//! IOPS across all queues; the 1-vs-8 ratio is what grouping commits could gain.
+//! `cargo bench -p snapblk-testkit --bench metadata`; results in docs/benchmarks.md.
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use snapblk_core::device::uring::UringFile;
+use snapblk_core::export::Export;
+use snapblk_core::{Pool, VolumeHandle};
+use snapblk_rocks::RocksStore;
+
+const VOLUME: u64 = 64 << 20;
+const BLOCKS: u64 = VOLUME / 4096;
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("data");
+    UringFile::create_file(&path, (1 << 20) + (512 << 20)).expect("data file");
+    let dev = Arc::new(UringFile::open(&path).expect("open data"));
+    let store = Arc::new(RocksStore::open(&dir.path().join("meta"), true).expect("store"));
+    Pool::format(&*store, &*dev).expect("format");
+    let pool = Pool::open(store, dev).expect("open");
+    pool.create_volume("v", VOLUME).expect("volume");
+    let h = VolumeHandle::open(&pool, "v").expect("handle");
+    let mib = vec![5u8; 1 << 20];
+    for i in 0..VOLUME >> 20 {
+        h.write(i << 20, &mib, false).expect("fill");
+    }
+    pool.sync().expect("sync");
+    let d = h.direct().expect("direct I/O");
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % BLOCKS
+    };
+    let mut g = c.benchmark_group("metadata");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("read_lookup_4k", |b| {
+        b.iter(|| drop(d.plan_read(next() * 4096, 4096).expect("plan")))
+    });
+    let mut commits = 0u64;
+    for blocks in [1usize, 8] {
+        let data = vec![7u8; blocks * 4096];
+        g.throughput(Throughput::Elements(blocks as u64));
+        g.bench_with_input(
+            BenchmarkId::new("write_commit", blocks),
+            &data,
+            |b, data| {
+                b.iter(|| {
+                    let lba = next() / blocks as u64 * blocks as u64;
+                    let plan = d.plan_write(lba * 4096, data, false).expect("plan");
+                    // No data I/O: this measures allocation, checksums and the commit only.
+                    d.finish_write(plan, Ok(())).expect("commit");
+                    commits += 1;
+                    if commits.is_multiple_of(4096) {
+                        pool.sync().expect("sync"); // return overwritten blocks
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
