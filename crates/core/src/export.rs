@@ -40,9 +40,9 @@ pub trait DirectIo {
     /// Offset and length must be whole 4 KiB blocks.
     fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>>;
     /// Offset and length must be whole 4 KiB blocks.
-    fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan>;
+    fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan<'_>>;
     /// Commits a planned write after its data I/O, or frees its blocks if `io` failed.
-    fn finish_write(&self, plan: WritePlan, io: std::io::Result<()>) -> Result<()>;
+    fn finish_write(&self, plan: WritePlan<'_>, io: std::io::Result<()>) -> Result<()>;
 }
 
 /// Resolves export names for a frontend.
@@ -108,10 +108,10 @@ impl DirectIo for ReadOnly {
             ))),
         }
     }
-    fn plan_write(&self, _: u64, _: &[u8], _: bool) -> Result<WritePlan> {
+    fn plan_write(&self, _: u64, _: &[u8], _: bool) -> Result<WritePlan<'_>> {
         Err(self.refuse())
     }
-    fn finish_write(&self, plan: WritePlan, io: std::io::Result<()>) -> Result<()> {
+    fn finish_write(&self, plan: WritePlan<'_>, io: std::io::Result<()>) -> Result<()> {
         // No plan_write of ours succeeds; a plan from elsewhere is finished where it came from.
         match self.0.direct() {
             Some(d) => d.finish_write(plan, io),

@@ -113,11 +113,11 @@ impl DirectIo for VolumeHandle {
         self.check(offset, len as u64, false, true)?;
         self.pool.plan_read(&self.target, offset, len)
     }
-    fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan> {
+    fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan<'_>> {
         self.check(offset, data.len() as u64, true, true)?;
         self.pool.plan_write(self.vol()?, offset, data, fua)
     }
-    fn finish_write(&self, plan: WritePlan, io: std::io::Result<()>) -> Result<()> {
+    fn finish_write(&self, plan: WritePlan<'_>, io: std::io::Result<()>) -> Result<()> {
         self.pool.finish_write(plan, io)
     }
 }

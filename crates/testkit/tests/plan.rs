@@ -210,3 +210,22 @@ fn a_read_plan_held_across_sync_keeps_its_blocks() {
     assert!(p.info().free >= b as u64);
     assert!(p.check().expect("check").is_clean());
 }
+
+/// A frontend that gives up on a planned write (drops it unfinished) leaks nothing.
+#[test]
+fn a_dropped_write_plan_returns_its_blocks() {
+    let p = pool();
+    let free = p.info().free;
+    let vol = p.volume_id("v").expect("id");
+    let plan = p
+        .plan_write(vol, 0, &pattern(4, 8 * BLOCK_SIZE), false)
+        .expect("plan");
+    assert_eq!(p.info().free, free - 8 * BLOCK_SIZE as u64);
+    drop(plan);
+    assert_eq!(p.info().free, free, "the plan's blocks were not returned");
+    assert_eq!(
+        &planned_read(&p, "v", 0, BLOCK_SIZE).expect("read")[..],
+        &[0u8; BLOCK_SIZE][..]
+    );
+    assert!(p.check().expect("check").is_clean());
+}

@@ -9,7 +9,8 @@
 //!   plan never blocks anyone, so it may be held across asynchronous I/O.
 //! * A [`WritePlan`] owns freshly allocated blocks that nothing references yet. Finishing it
 //!   after the data writes succeeded commits the mapping (one batch); finishing it with an
-//!   I/O error, or failing to commit, returns the blocks to the allocator at once.
+//!   I/O error, failing to commit, or dropping it unfinished (a frontend that gave up)
+//!   returns the blocks to the allocator at once.
 //! * Offsets and lengths are whole blocks; device segments are block-aligned, so a
 //!   block-aligned buffer can be used for O_DIRECT I/O.
 
@@ -88,7 +89,8 @@ impl ReadPlan<'_> {
 
 /// A planned write of whole blocks: write `segs` (data from the caller's buffer) to the
 /// device, then [`Pool::finish_write`] commits the mapping.
-pub struct WritePlan {
+pub struct WritePlan<'a> {
+    pool: &'a Pool,
     pub segs: Vec<DeviceSeg>,
     vol: VolId,
     b0: u64,
@@ -169,7 +171,13 @@ impl Pool {
     /// Plans a write of `data` (whole blocks) at `offset` of volume `vol`: allocates a data
     /// block for every block that is not all zeros and checksums it. The caller writes
     /// `segs` (from `data`) and then calls [`Pool::finish_write`].
-    pub fn plan_write(&self, vol: VolId, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan> {
+    pub fn plan_write(
+        &self,
+        vol: VolId,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<WritePlan<'_>> {
         let (b0, _) = whole_blocks("write", offset, data.len())?;
         let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
         let nonzero: Vec<bool> = blocks.iter().map(|b| !is_zero(b)).collect();
@@ -210,6 +218,7 @@ impl Pool {
             i = j;
         }
         Ok(WritePlan {
+            pool: self,
             segs,
             vol,
             b0,
@@ -219,25 +228,33 @@ impl Pool {
         })
     }
 
-    fn commit_plan(&self, plan: &WritePlan) -> Result<()> {
+    fn commit_plan(&self, plan: &WritePlan<'_>) -> Result<()> {
         crate::failpoint!("write.before_commit");
         self.commit_blocks(plan.vol, plan.b0, &plan.assigned, plan.fua)
     }
 
     /// Completes a planned write: with the data I/O's outcome `io`, commits the mapping, or
     /// returns the plan's blocks to the allocator when the I/O or the commit failed.
-    pub fn finish_write(&self, plan: WritePlan, io: io::Result<()>) -> Result<()> {
+    pub fn finish_write(&self, mut plan: WritePlan<'_>, io: io::Result<()>) -> Result<()> {
+        debug_assert!(std::ptr::eq(self, plan.pool), "a plan of another pool");
+        // On every error return below, dropping `plan` frees its blocks.
         if let Err(e) = io {
-            self.free_now(&plan.allocated);
             return Err(Error::device("write", e));
         }
         if !plan.segs.is_empty() {
             self.mark_data_dirty();
         }
-        if let Err(e) = self.commit_plan(&plan) {
-            self.free_now(&plan.allocated);
-            return Err(e);
-        }
+        self.commit_plan(&plan)?;
+        // Committed: the mapping references the blocks now.
+        plan.allocated.clear();
         Ok(())
+    }
+}
+
+impl Drop for WritePlan<'_> {
+    fn drop(&mut self) {
+        if !self.allocated.is_empty() {
+            self.pool.free_now(&self.allocated);
+        }
     }
 }
