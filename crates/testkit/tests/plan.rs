@@ -32,15 +32,7 @@ fn planned_write(p: &Pool, offset: u64, data: &[u8], fail: bool) -> snapblk_core
     let io = if fail {
         Err(io::Error::from_raw_os_error(5))
     } else {
-        let segs: Vec<WriteSeg<'_>> = plan
-            .segs
-            .iter()
-            .map(|s| WriteSeg {
-                offset: s.dev_offset,
-                buf: &data[s.buf_offset..s.buf_offset + s.len],
-            })
-            .collect();
-        p.device().write(&segs, false)
+        p.device().write(&plan.device_writes(data), false)
     };
     p.finish_write(plan, io)
 }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::alloc::Run;
-use crate::device::{AlignedBuf, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::device::{AlignedBuf, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::{self, LayerId, MapValue, VolId};
 use crate::meta::WriteBatch;
@@ -239,15 +239,7 @@ impl Pool {
     /// Writes whole blocks (buf is a multiple of the block size) starting at block `b0`.
     fn write_blocks(&self, vol: VolId, b0: u64, buf: &AlignedBuf, fua: bool) -> Result<()> {
         let plan = self.plan_write(vol, b0 * BLOCK_SIZE_U64, buf, fua)?;
-        let segs: Vec<WriteSeg<'_>> = plan
-            .segs
-            .iter()
-            .map(|s| WriteSeg {
-                offset: s.dev_offset,
-                buf: &buf[s.buf_offset..s.buf_offset + s.len],
-            })
-            .collect();
-        let io = self.device().write(&segs, fua);
+        let io = self.device().write(&plan.device_writes(buf), fua);
         self.finish_write(plan, io)
     }
 

@@ -17,7 +17,7 @@
 use std::io;
 use std::ops::Range;
 
-use crate::device::{ReadSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::device::{ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::{MapValue, VolId};
 
@@ -98,6 +98,19 @@ pub struct WritePlan<'a> {
     assigned: Vec<Option<(u64, u32)>>,
     allocated: Vec<u64>,
     pub fua: bool,
+}
+
+impl WritePlan<'_> {
+    /// The device writes of this plan as segments of `data` (the buffer it was planned from).
+    pub fn device_writes<'b>(&self, data: &'b [u8]) -> Vec<WriteSeg<'b>> {
+        self.segs
+            .iter()
+            .map(|s| WriteSeg {
+                offset: s.dev_offset,
+                buf: &data[s.buf_offset..s.buf_offset + s.len],
+            })
+            .collect()
+    }
 }
 
 fn is_zero(b: &[u8]) -> bool {
