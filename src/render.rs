@@ -93,11 +93,27 @@ fn keyvals(v: &Value) -> String {
     }
 }
 
+/// Adds a STATE cell to volume rows: `incomplete` for a volume whose restore has not
+/// finished (its `incomplete` field says why; `volume info` shows it), else `ok`.
+fn with_state(mut rows: Vec<Value>) -> Vec<Value> {
+    for r in &mut rows {
+        let state = if r.get("incomplete").is_some_and(|v| !v.is_null()) {
+            "incomplete"
+        } else {
+            "ok"
+        };
+        if let Some(o) = r.as_object_mut() {
+            o.insert("state".into(), Value::String(state.into()));
+        }
+    }
+    rows
+}
+
 pub fn render(cmd: &Command, v: &Value) -> String {
     let rows = v.as_array().cloned().unwrap_or_default();
     match cmd {
         Command::VolumeList => table(
-            &rows,
+            &with_state(rows),
             &[
                 ("name", "NAME"),
                 ("size", "SIZE"),
@@ -105,6 +121,7 @@ pub fn render(cmd: &Command, v: &Value) -> String {
                 ("snapshots", "SNAPSHOTS"),
                 ("snapshot_bytes", "SNAP-DATA"),
                 ("origin", "ORIGIN"),
+                ("state", "STATE"),
             ],
         ),
         Command::SnapshotList { .. } => table(

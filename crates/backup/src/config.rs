@@ -13,6 +13,9 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
 pub const DEFAULT_PACK_SIZE: u32 = 8 << 20;
 pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
 pub const MAX_CHUNK_SIZE: u32 = 4 << 20;
+pub const MAX_PACK_SIZE: u32 = 256 << 20;
+/// Largest `config` object read (a few KiB of JSON with a handful of key slots).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RepoConfig {
@@ -55,7 +58,7 @@ impl RepoConfig {
             )));
         }
         check_chunk_size(c.chunk_size)?;
-        if !(1 << 20..=256 << 20).contains(&c.pack_size) {
+        if !(1 << 20..=MAX_PACK_SIZE).contains(&c.pack_size) {
             return Err(BackupError::corrupt(
                 "config",
                 format!("pack size {} is outside 1 MiB .. 256 MiB", c.pack_size),

@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use crate::store::{ObjectMeta, ObjectStore, StoreError};
+use crate::store::{ObjectMeta, ObjectStore, StoreError, MAX_PREALLOC};
 
 pub struct FileStore {
     root: PathBuf,
@@ -69,16 +69,35 @@ impl ObjectStore for FileStore {
         format!("file://{}", self.root.display())
     }
 
-    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+    fn get(&self, key: &str, max: u64) -> Result<Vec<u8>, StoreError> {
         let path = self.path("get", key)?;
-        match fs::read(&path) {
-            Ok(v) => Ok(v),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound {
-                store: self.describe(),
-                key: key.to_string(),
-            }),
-            Err(e) => Err(self.fail("get", key, e)),
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound {
+                    store: self.describe(),
+                    key: key.to_string(),
+                })
+            }
+            Err(e) => return Err(self.fail("get", key, e)),
+        };
+        let too_large = || StoreError::TooLarge {
+            store: self.describe(),
+            key: key.to_string(),
+            max,
+        };
+        let len = f.metadata().map_err(|e| self.fail("get", key, e))?.len();
+        if len > max {
+            return Err(too_large());
         }
+        let mut out = Vec::with_capacity(len.min(MAX_PREALLOC) as usize);
+        f.take(max.saturating_add(1))
+            .read_to_end(&mut out)
+            .map_err(|e| self.fail("get", key, e))?;
+        if out.len() as u64 > max {
+            return Err(too_large());
+        }
+        Ok(out)
     }
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
@@ -93,7 +112,7 @@ impl ObjectStore for FileStore {
             }
             Err(e) => return Err(self.fail("get", key, e)),
         };
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(len.min(MAX_PREALLOC) as usize);
         f.seek(SeekFrom::Start(offset))
             .and_then(|_| f.take(len).read_to_end(&mut out))
             .map_err(|e| self.fail("get", key, e))?;

@@ -161,7 +161,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         if opts.dry_run {
             continue;
         }
-        let bytes = store.get(&repo::pack_key(&info.id))?;
+        let bytes = store.get(&repo::pack_key(&info.id), crate::pack::MAX_PACK_OBJECT)?;
         let mut b = PackBuilder::default();
         for e in info.entries.iter().filter(|e| keep_set.contains(&e.id)) {
             let blob = bytes

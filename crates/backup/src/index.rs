@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::pack::{decode_index, PackEntry, INDEX_AAD};
+use crate::pack::{decode_index, PackEntry, INDEX_AAD, MAX_PACK_OBJECT};
 use crate::repo::{self, Repository};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +51,7 @@ impl ChunkIndex {
         ids.sort();
         let loaded = crate::par::map(&ids, FETCH_THREADS, |id| -> Result<Vec<PackEntry>> {
             let key = repo::index_key(id);
-            let sealed = store.get(&key)?;
+            let sealed = store.get(&key, MAX_PACK_OBJECT)?;
             let plain = repo.keys().open(&sealed, INDEX_AAD).ok_or_else(|| {
                 BackupError::corrupt(
                     &key,

@@ -99,6 +99,30 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reads a saved hydration bitmap of `words` u64s: `None` if none was saved yet; an error
+/// if its length is not what the table needs (never read more than that).
+fn read_bits(path: &Path, words: usize) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let want = words as u64 * 8;
+    let mut b = Vec::with_capacity(words * 8);
+    f.take(want + 1).read_to_end(&mut b)?;
+    if b.len() as u64 != want {
+        return Err(BackupError::corrupt(
+            path.display().to_string(),
+            format!(
+                "hydration bitmap of {} bytes, the backup's table needs {want}",
+                b.len()
+            ),
+        ));
+    }
+    Ok(Some(b))
+}
+
 /// Interrupted lazy restores recorded in `dir`.
 pub fn interrupted(dir: &Path) -> Vec<State> {
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -132,7 +156,7 @@ impl Hydration {
         let spath = state_path(dir, state.volume_id);
         let resumed = spath.exists();
         if resumed {
-            if let Ok(b) = std::fs::read(bits_path(dir, state.volume_id)) {
+            if let Some(b) = read_bits(&bits_path(dir, state.volume_id), done.len())? {
                 for (w, c) in done.iter().zip(b.chunks_exact(8)) {
                     let mut a = [0u8; 8];
                     a.copy_from_slice(c);

@@ -30,6 +30,7 @@ pub mod prune;
 pub mod repo;
 pub mod restore;
 pub mod store;
+pub mod table;
 pub mod verify;
 pub mod volume;
 

@@ -6,21 +6,26 @@
 //! is a keyed hash of the cell's bytes, so header + table + chunks pin down the image byte
 //! for byte.
 //!
-//! Table plaintext (zstd-compressed before sealing): `SBMT`, version u8 = 1, image size
-//! u64 LE, chunk size u32 LE, count u64 LE, then `count` entries of cell index u64 LE and
-//! chunk id (32 bytes), cell indexes strictly increasing and below the image's cell count.
-//! Cells not listed read as zeros.
+//! The table's encoding is in [`crate::table`]. Reading a table never allocates by a size
+//! read from stored bytes: the object is fetched with a cap derived from the authenticated
+//! header's cell count, then decompressed and parsed as a stream.
+
+use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::ChunkId;
+use crate::crypto::SEAL_OVERHEAD;
 use crate::error::{BackupError, Result};
 use crate::repo::{self, Repository};
+use crate::table::{Hashing, TableReader};
+pub use crate::table::{Table, MAX_ENTRIES};
 
-const T_MAGIC: &[u8; 4] = b"SBMT";
-const T_ENTRY: usize = 40;
-/// A table never holds more entries than 2^40 bytes / 4 KiB cells; reject more at parse.
-const MAX_ENTRIES: u64 = 1 << 28;
+/// Largest sealed manifest header accepted (headers are a few hundred bytes of JSON).
+pub const MAX_HEADER_BYTES: u64 = 1 << 20;
+/// zstd window accepted when decompressing a table (tables are compressed in one shot at
+/// level 3, whose window is at most 2 MiB): a frame asking for more is refused instead of
+/// sizing a larger buffer.
+const TABLE_WINDOW_LOG_MAX: u32 = 24;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BackupStats {
@@ -68,84 +73,6 @@ impl Header {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Table {
-    pub size: u64,
-    pub chunk_size: u32,
-    /// (cell index, chunk), strictly increasing by cell.
-    pub cells: Vec<(u64, ChunkId)>,
-}
-
-impl Table {
-    pub fn cell_count(&self) -> u64 {
-        self.size.div_ceil(u64::from(self.chunk_size))
-    }
-
-    /// Bytes of cell `cell` (the last cell may be short).
-    pub fn cell_len(&self, cell: u64) -> u64 {
-        let cs = u64::from(self.chunk_size);
-        (self.size - cell * cs).min(cs)
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(25 + self.cells.len() * T_ENTRY);
-        out.extend_from_slice(T_MAGIC);
-        out.push(1);
-        out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(&self.chunk_size.to_le_bytes());
-        out.extend_from_slice(&(self.cells.len() as u64).to_le_bytes());
-        for (c, id) in &self.cells {
-            out.extend_from_slice(&c.to_le_bytes());
-            out.extend_from_slice(&id.0);
-        }
-        out
-    }
-
-    pub fn decode(b: &[u8]) -> Result<Table, String> {
-        if b.len() < 25 || &b[..4] != T_MAGIC {
-            return Err("not a manifest table".into());
-        }
-        if b[4] != 1 {
-            return Err(format!("table version {}", b[4]));
-        }
-        let u64at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(a)
-        };
-        let size = u64at(5);
-        let chunk_size = u32::from_le_bytes([b[13], b[14], b[15], b[16]]);
-        crate::config::check_chunk_size(chunk_size).map_err(|e| e.to_string())?;
-        let n = u64at(17);
-        if n > MAX_ENTRIES || (b.len() - 25) as u64 != n * T_ENTRY as u64 {
-            return Err(format!("{n} entries do not match {} bytes", b.len() - 25));
-        }
-        let t = Table {
-            size,
-            chunk_size,
-            cells: Vec::new(),
-        };
-        let count = t.cell_count();
-        let mut cells = Vec::with_capacity(n as usize);
-        let mut prev: Option<u64> = None;
-        for e in b[25..].chunks_exact(T_ENTRY) {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&e[..8]);
-            let c = u64::from_le_bytes(a);
-            if c >= count || prev.is_some_and(|p| c <= p) {
-                return Err(format!(
-                    "cell {c} out of order or beyond the image's {count} cells"
-                ));
-            }
-            prev = Some(c);
-            let mut id = [0u8; 32];
-            id.copy_from_slice(&e[8..]);
-            cells.push((c, ChunkId(id)));
-        }
-        Ok(Table { cells, ..t })
-    }
-}
-
 fn header_aad(id: &str) -> Vec<u8> {
     format!("snapblk manifest {id}").into_bytes()
 }
@@ -155,6 +82,15 @@ fn table_aad(id: &str) -> Vec<u8> {
 
 /// Writes the table then the header (the commit point).
 pub fn write(repo: &Repository, header: &Header, table: &Table) -> Result<()> {
+    if table.cells.len() as u64 > MAX_ENTRIES {
+        return Err(BackupError::invalid(
+            header.name(),
+            format!(
+                "{} cells hold data; a backup table holds at most {MAX_ENTRIES} (use a larger --chunk-size)",
+                table.cells.len()
+            ),
+        ));
+    }
     let enc = table.encode();
     let z = zstd::bulk::compress(&enc, 3).map_err(BackupError::Io)?;
     let keys = repo.keys();
@@ -177,7 +113,7 @@ pub fn digest(table: &Table) -> String {
 
 pub fn read_header(repo: &Repository, id: &str) -> Result<Header> {
     let key = repo::manifest_key(id);
-    let sealed = repo.store().get(&key)?;
+    let sealed = repo.store().get(&key, MAX_HEADER_BYTES)?;
     let plain = repo
         .keys()
         .open(&sealed, &header_aad(id))
@@ -190,27 +126,61 @@ pub fn read_header(repo: &Repository, id: &str) -> Result<Header> {
     Ok(h)
 }
 
+/// Largest sealed table object that can hold `count` entries (zstd's worst-case expansion
+/// of incompressible input is well under 1/128, plus frame overhead and the seal).
+fn max_sealed_table(count: u64) -> u64 {
+    let plain = Table::encoded_len(count);
+    plain + plain / 128 + 4096 + SEAL_OVERHEAD as u64
+}
+
+/// Reads, authenticates and decodes the table of `h`, streaming: memory is the decoded
+/// entries plus the sealed object, whose size is capped by the header's cell count.
 pub fn read_table(repo: &Repository, h: &Header) -> Result<Table> {
     let key = repo::table_key(&h.id);
-    let sealed = repo.store().get(&key)?;
+    crate::config::check_chunk_size(h.chunk_size)
+        .map_err(|e| BackupError::corrupt(repo::manifest_key(&h.id), e.to_string()))?;
+    let image_cells = h.size.div_ceil(u64::from(h.chunk_size));
+    if h.cells > image_cells.min(MAX_ENTRIES) {
+        return Err(BackupError::corrupt(
+            repo::manifest_key(&h.id),
+            format!(
+                "claims {} cells in an image of {image_cells} (at most {MAX_ENTRIES})",
+                h.cells
+            ),
+        ));
+    }
+    let sealed = repo.store().get(&key, max_sealed_table(h.cells))?;
     let z = repo
         .keys()
         .open(&sealed, &table_aad(&h.id))
         .ok_or_else(|| BackupError::corrupt(&key, "fails authentication (altered or misplaced)"))?;
-    let limit = 25 + (MAX_ENTRIES as usize) * T_ENTRY;
-    let plain = zstd::bulk::decompress(&z, limit)
-        .map_err(|e| BackupError::corrupt(&key, format!("does not decompress: {e}")))?;
-    if blake3::hash(&plain).to_hex().as_str() != h.digest {
+    drop(sealed);
+    let bad = |d: String| BackupError::corrupt(&key, d);
+    let mut dec = zstd::stream::read::Decoder::with_buffer(&z[..])
+        .map_err(|e| bad(format!("does not decompress: {e}")))?;
+    dec.window_log_max(TABLE_WINDOW_LOG_MAX)
+        .map_err(|e| bad(format!("does not decompress: {e}")))?;
+    // One byte past the expected length is read so trailing data is caught, never more.
+    let limit = Table::encoded_len(h.cells) + 1;
+    let stream = Hashing {
+        inner: dec.take(limit),
+        hasher: blake3::Hasher::new(),
+    };
+    let mut reader = TableReader::new(stream).map_err(bad)?;
+    if reader.head.count != h.cells
+        || reader.head.size != h.size
+        || reader.head.chunk_size != h.chunk_size
+    {
+        return Err(bad(
+            "cell count, size or chunk size differs from its manifest".to_string(),
+        ));
+    }
+    let t = reader.read_all().map_err(bad)?;
+    let stream = reader.finish().map_err(bad)?;
+    if stream.hasher.finalize().to_hex().as_str() != h.digest {
         return Err(BackupError::corrupt(
             &key,
             "does not match the digest in its manifest",
-        ));
-    }
-    let t = Table::decode(&plain).map_err(|d| BackupError::corrupt(&key, d))?;
-    if t.size != h.size || t.chunk_size != h.chunk_size {
-        return Err(BackupError::corrupt(
-            &key,
-            "size or chunk size differs from its manifest",
         ));
     }
     Ok(t)
@@ -263,27 +233,4 @@ pub fn delete(repo: &Repository, id: &str) -> Result<()> {
     repo.store().delete(&repo::manifest_key(id))?;
     repo.store().delete(&repo::table_key(id))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn table_decode_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = Table::decode(&b);
-        }
-
-        #[test]
-        fn table_round_trip(cells in proptest::collection::btree_set(0u64..1000, 0..50)) {
-            let t = Table {
-                size: 1000 * 65536 - 4096,
-                chunk_size: 65536,
-                cells: cells.into_iter().map(|c| (c, ChunkId([c as u8; 32]))).collect(),
-            };
-            prop_assert_eq!(Table::decode(&t.encode()).unwrap(), t);
-        }
-    }
 }

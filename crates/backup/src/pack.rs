@@ -8,12 +8,17 @@
 //! Index plaintext: `SBIX`, version u8 = 1, count u32 LE, then per chunk: id (32 bytes),
 //! offset u32 LE, length u32 LE (of the sealed blob within the pack).
 
+use crate::config::{MAX_CHUNK_SIZE, MAX_PACK_SIZE};
 use crate::crypto::{ChunkId, Keys};
 
 pub const INDEX_AAD: &[u8] = b"snapblk pack index";
 const MAGIC: &[u8; 4] = b"SBPK";
 const IX_MAGIC: &[u8; 4] = b"SBIX";
 const ENTRY: usize = 40;
+/// Largest pack (or pack index) object read: a pack closes once it reaches the configured
+/// pack size, so it holds at most that plus one chunk blob, then its index, whose entries
+/// (40 bytes each) cannot outnumber the blobs (each at least as long as an entry).
+pub const MAX_PACK_OBJECT: u64 = 2 * (MAX_PACK_SIZE as u64 + MAX_CHUNK_SIZE as u64 + 4096) + 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackEntry {

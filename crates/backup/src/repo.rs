@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use crate::config::{check_chunk_size, RepoConfig, DEFAULT_PACK_SIZE, FORMAT, VERSION};
+use crate::config::{
+    check_chunk_size, RepoConfig, DEFAULT_PACK_SIZE, FORMAT, MAX_CONFIG_BYTES, VERSION,
+};
 use crate::crypto::{random_bytes, unwrap_master, wrap_master, Keys};
 use crate::error::{BackupError, Result};
 use crate::store::ObjectStore;
@@ -106,7 +108,8 @@ impl Repository {
         // A create-only put that reports "exists" may be the retry of our own put whose
         // answer was lost: the stored config is then byte-for-byte ours (it holds a fresh
         // uuid and key slot, so no other writer's can match).
-        if !store.put_new(CONFIG_KEY, &bytes)? && store.get(CONFIG_KEY)? != bytes {
+        if !store.put_new(CONFIG_KEY, &bytes)? && store.get(CONFIG_KEY, MAX_CONFIG_BYTES)? != bytes
+        {
             return Err(BackupError::RepositoryExists(store.describe()));
         }
         Ok(Repository {
@@ -118,7 +121,7 @@ impl Repository {
 
     /// Opens the repository in `store` with `secret`.
     pub fn open(store: Arc<dyn ObjectStore>, secret: &[u8]) -> Result<Repository> {
-        let bytes = match store.get(CONFIG_KEY) {
+        let bytes = match store.get(CONFIG_KEY, MAX_CONFIG_BYTES) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Err(BackupError::NoRepository(store.describe())),
             Err(e) => return Err(e.into()),

@@ -16,6 +16,12 @@ pub struct ObjectMeta {
 pub enum StoreError {
     #[error("{store}: object {key} does not exist")]
     NotFound { store: String, key: String },
+    #[error("{store}: object {key} is larger than the {max} bytes such an object may hold")]
+    TooLarge {
+        store: String,
+        key: String,
+        max: u64,
+    },
     #[error("{store}: {op} {key} failed: {detail}")]
     Failed {
         store: String,
@@ -31,12 +37,19 @@ impl StoreError {
     }
 }
 
+/// Largest buffer reserved up front for an object whose size the store reports; larger
+/// objects grow as their bytes arrive.
+pub const MAX_PREALLOC: u64 = 16 << 20;
+
 pub trait ObjectStore: Send + Sync {
     /// Where this store is, for messages (`s3://bucket/prefix`, `file:///path`).
     fn describe(&self) -> String;
-    /// The whole object; `StoreError::NotFound` if there is none.
-    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
-    /// `len` bytes at `offset`; fewer only if the object ends first.
+    /// The whole object; `StoreError::NotFound` if there is none, `StoreError::TooLarge`
+    /// if it holds more than `max` bytes (checked before and while reading: no buffer is
+    /// ever sized by what the store claims beyond `max`).
+    fn get(&self, key: &str, max: u64) -> Result<Vec<u8>, StoreError>;
+    /// `len` bytes at `offset`; fewer only if the object ends first. A store that answers
+    /// with more than `len` bytes is an error, not a larger buffer.
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError>;
     /// Stores `data` under `key`, replacing any object there. Atomic: readers see the old
     /// object or the whole new one.

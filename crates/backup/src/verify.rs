@@ -156,7 +156,7 @@ pub fn run(
     crate::par::map(&packs, threads, |(p, ids)| -> Result<()> {
         let pid = &index.packs[*p as usize].id;
         let key = repo::pack_key(pid);
-        let bytes = match repo.store().get(&key) {
+        let bytes = match repo.store().get(&key, crate::pack::MAX_PACK_OBJECT) {
             Ok(b) => b,
             Err(e) => {
                 // The store refused the whole object (e.g. its own checksum failed): check

@@ -127,9 +127,22 @@ pub fn restore_volume(
         return Err(BackupError::NoSuchBackup(backup_name.to_string()));
     };
     let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
-    pool.create_volume(new_volume, size)?;
+    // Marked incomplete from its first commit: if this process dies before the restore
+    // ends, the volume says so instead of passing for a good copy.
+    let why = format!(
+        "full restore of {} ({}) from {} has not finished (if no restore is running, it was interrupted: delete the volume and restore again)",
+        h.name(),
+        h.id,
+        repo.describe(),
+    );
+    pool.create_volume_marked(new_volume, size, Some(&why))?;
     let sink = VolumeHandle::open(pool, new_volume)?;
-    restore::run(repo, h, &sink, 8, progress).map_err(|e| {
+    let done = restore::run(repo, h, &sink, 8, progress).and_then(|summary| {
+        // restore::run flushed the data; only now is the volume whole.
+        pool.set_volume_incomplete(new_volume, None)?;
+        Ok(summary)
+    });
+    done.map_err(|e| {
         drop(sink);
         if let Err(d) = pool.delete_volume(new_volume, false) {
             log::warn!("removing the partly restored volume {new_volume}: {d}");

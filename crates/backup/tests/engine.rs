@@ -257,8 +257,8 @@ impl ObjectStore for Faulty {
     fn describe(&self) -> String {
         "faulty".into()
     }
-    fn get(&self, k: &str) -> Result<Vec<u8>, StoreError> {
-        self.inner.get(k)
+    fn get(&self, k: &str, max: u64) -> Result<Vec<u8>, StoreError> {
+        self.inner.get(k, max)
     }
     fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
         if self.down.load(Ordering::SeqCst) {

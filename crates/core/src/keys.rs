@@ -161,6 +161,10 @@ pub struct VolumeRecord {
     pub size: u64,
     pub head: LayerId,
     pub created: u64,
+    /// Set while something fills the volume that must finish before its contents are
+    /// whole (a full restore): says what, so a crash leaves it clearly marked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -16,6 +16,7 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
+use snapblk_backup::store::MAX_PREALLOC;
 use snapblk_backup::{ObjectMeta, ObjectStore, StoreError};
 
 /// Where and how to reach the store.
@@ -252,7 +253,22 @@ impl S3Store {
         }
     }
 
-    fn get_impl(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, StoreError> {
+    fn too_large(&self, key: &str, max: u64) -> StoreError {
+        StoreError::TooLarge {
+            store: self.describe(),
+            key: key.to_string(),
+            max,
+        }
+    }
+
+    /// GETs `key` (or a range of it): at most `max` bytes are accepted, whatever the
+    /// server's Content-Length says.
+    fn get_impl(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        max: u64,
+    ) -> Result<Vec<u8>, StoreError> {
         if range.is_some_and(|(_, len)| len == 0) {
             return Ok(Vec::new());
         }
@@ -262,7 +278,7 @@ impl S3Store {
         let mut backoff = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
-            match self.get_once(key, range) {
+            match self.get_once(key, range, max) {
                 Err(BodyError(detail)) if attempt < attempts => {
                     log::warn!(
                         "get {key}: {detail}; retrying (attempt {} of {attempts})",
@@ -289,6 +305,7 @@ impl S3Store {
         &self,
         key: &str,
         range: Option<(u64, u64)>,
+        max: u64,
     ) -> Result<Result<Vec<u8>, StoreError>, BodyError> {
         self.rt.block_on(async {
             let mut req = self
@@ -303,11 +320,19 @@ impl S3Store {
                 Ok(out) => {
                     // Copy segment by segment into one buffer (AggregatedBytes::to_vec goes
                     // byte by byte, which dominated restore CPU time).
-                    let cap = out.content_length().unwrap_or(0).clamp(0, 1 << 30) as usize;
-                    let mut v = Vec::with_capacity(cap);
+                    // The declared length is checked, and only trusted up to a bound, before
+                    // it sizes the buffer; the bytes that arrive are checked too.
+                    let declared = out.content_length().unwrap_or(0).max(0) as u64;
+                    if declared > max {
+                        return Ok(Err(self.too_large(key, max)));
+                    }
+                    let mut v = Vec::with_capacity(declared.min(MAX_PREALLOC) as usize);
                     let mut body = out.body;
                     while let Some(chunk) = body.next().await {
                         let chunk = chunk.map_err(|e| BodyError(e.to_string()))?;
+                        if (v.len() + chunk.len()) as u64 > max {
+                            return Ok(Err(self.too_large(key, max)));
+                        }
                         v.extend_from_slice(&chunk);
                     }
                     Ok(Ok(v))
@@ -331,12 +356,12 @@ impl ObjectStore for S3Store {
         format!("s3://{}/{}", self.opts.bucket, self.opts.prefix)
     }
 
-    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
-        self.get_impl(key, None)
+    fn get(&self, key: &str, max: u64) -> Result<Vec<u8>, StoreError> {
+        self.get_impl(key, None, max)
     }
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        self.get_impl(key, Some((offset, len)))
+        self.get_impl(key, Some((offset, len)), len)
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {

@@ -34,6 +34,10 @@ pub struct VolumeInfo {
     /// Open exports of the volume itself (NBD connections, ublk devices): rollback and
     /// delete wait for 0.
     pub open: usize,
+    /// Why the volume's contents are not whole yet (an unfinished or interrupted restore);
+    /// `None` for an ordinary volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -116,10 +120,23 @@ impl Pool {
             origin: named_ancestor(tree, names, v.head),
             created: v.created,
             open: self.open_count(|t| *t == Target::Volume(v.id)),
+            incomplete: v.incomplete.clone(),
         }
     }
 
     pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        self.create_volume_marked(name, size, None)
+    }
+
+    /// Creates a volume, marked incomplete when `incomplete` says why (e.g. a restore is
+    /// about to fill it). The mark is committed with the volume, so a crash while it fills
+    /// leaves a volume that says it is incomplete, never one that looks whole.
+    pub fn create_volume_marked(
+        &self,
+        name: &str,
+        size: u64,
+        incomplete: Option<&str>,
+    ) -> Result<VolumeInfo> {
         validate_name("volume name", name)?;
         validate_size(size)?;
         let mut tree = self.tree_write();
@@ -140,6 +157,7 @@ impl Pool {
             size,
             head: lid,
             created: now,
+            incomplete: incomplete.map(str::to_string),
         };
         let mut b = WriteBatch::new();
         b.put(keys::layer_key(lid), keys::encode_record(&layer));
@@ -236,6 +254,25 @@ impl Pool {
             self.zero_blocks(vid, first, end, false, false)?;
         }
         Ok(())
+    }
+
+    /// Sets (`Some(why)`) or clears (`None`) the volume's incomplete mark; durable on return.
+    pub fn set_volume_incomplete(
+        &self,
+        name: &str,
+        incomplete: Option<&str>,
+    ) -> Result<VolumeInfo> {
+        {
+            let mut tree = self.tree_write();
+            let vid = tree.volume_id(name)?;
+            let mut v = tree.volume(vid)?.clone();
+            v.incomplete = incomplete.map(str::to_string);
+            let mut b = WriteBatch::new();
+            b.put(keys::volume_key(vid), keys::encode_record(&v));
+            self.store().commit(b, true)?;
+            tree.volumes.insert(vid, v);
+        }
+        self.volume_info(name)
     }
 
     pub fn rename_volume(&self, old: &str, new: &str) -> Result<VolumeInfo> {
@@ -477,6 +514,7 @@ impl Pool {
             size: s.size,
             head: lid,
             created: now,
+            incomplete: None,
         };
         let mut b = WriteBatch::new();
         b.put(keys::layer_key(lid), keys::encode_record(&layer));
