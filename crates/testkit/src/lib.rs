@@ -1,6 +1,7 @@
 //! Test bodies shared by every implementation: each takes a factory, so the same
 //! assertions run against `MemStore` and RocksDB, `MemDevice` and the io_uring file.
 
+pub mod cells;
 pub mod conformance;
 pub mod model;
 pub mod powerloss;

@@ -14,6 +14,13 @@
 //!   commits) across both, so a cut can fall inside any operation; every call after that
 //!   fails, as on a machine that lost power.
 //!
+//! * [`PowerLoss::set_sync_time`]: a device `sync` takes that long, like a real
+//!   `fdatasync`: it covers the writes pending when it began and they become durable only
+//!   when it ends, so a cut while it runs loses them (and concurrent callers can observe
+//!   the window). [`PowerLoss::fail_next_commits`]: the next commits reach the log (so a
+//!   cut may keep them) and then report failure, as RocksDB does when a WAL write lands
+//!   but its fsync fails.
+//!
 //! A cut produces a new [`Machine`] built from the durable state only. Handles of the old
 //! machine keep failing forever, so a pool still holding them cannot touch the new state.
 //!
@@ -22,6 +29,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use snapblk_core::device::{DataDevice, ReadSeg, WriteSeg, BLOCK_SIZE};
 use snapblk_core::meta::{BatchOp, MetaStore, ScanVisitor, WriteBatch};
@@ -56,7 +64,12 @@ struct State {
     // Data device.
     durable: Vec<u8>,
     view: Vec<u8>,
-    pending: Vec<(usize, Vec<u8>)>,
+    /// Unsynced block writes: (sequence number, byte offset, data).
+    pending: Vec<(u64, usize, Vec<u8>)>,
+    next_seq: u64,
+    sync_time: Duration,
+    /// Commits left that land in the log and then report failure.
+    failing_commits: u64,
     // Metadata store.
     meta_durable: BTreeMap<Vec<u8>, Vec<u8>>,
     meta_view: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -116,6 +129,9 @@ impl PowerLoss {
             durable: vec![0; len],
             view: vec![0; len],
             pending: Vec::new(),
+            next_seq: 0,
+            sync_time: Duration::ZERO,
+            failing_commits: 0,
             meta_durable: BTreeMap::new(),
             meta_view: BTreeMap::new(),
             log: Vec::new(),
@@ -150,6 +166,16 @@ impl PowerLoss {
         self.lock().budget = Some(n);
     }
 
+    /// Device syncs take `t` from now on (see the module doc).
+    pub fn set_sync_time(&self, t: Duration) {
+        self.lock().sync_time = t;
+    }
+
+    /// The next `n` commits are logged (a cut may keep them) but report failure.
+    pub fn fail_next_commits(&self, n: u64) {
+        self.lock().failing_commits = n;
+    }
+
     /// Whether the power has failed (an armed budget ran out).
     pub fn failed(&self) -> bool {
         self.lock().dead
@@ -161,7 +187,7 @@ impl PowerLoss {
         let stats = {
             let mut st = self.lock();
             let mut stats = CutStats::default();
-            for (off, data) in std::mem::take(&mut st.pending) {
+            for (_, off, data) in std::mem::take(&mut st.pending) {
                 match rng.below(10) {
                     0..=3 => {
                         st.durable[off..off + data.len()].copy_from_slice(&data);
@@ -194,6 +220,7 @@ impl PowerLoss {
             st.epoch += 1;
             st.budget = None;
             st.dead = false;
+            st.failing_commits = 0;
             stats
         };
         (self.boot(), stats)
@@ -225,8 +252,13 @@ impl PowerLoss {
 }
 
 impl State {
-    fn persist_device(&mut self) {
-        for (off, data) in std::mem::take(&mut self.pending) {
+    /// Makes the pending writes issued before sequence number `before` durable.
+    fn persist_device(&mut self, before: u64) {
+        let (done, left): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(seq, _, _)| *seq < before);
+        self.pending = left;
+        for (_, off, data) in done {
             self.durable[off..off + data.len()].copy_from_slice(&data);
         }
     }
@@ -284,10 +316,12 @@ impl DataDevice for SimDevice {
             for (i, block) in s.buf.chunks(BLOCK_SIZE).enumerate() {
                 let off = r.start + i * BLOCK_SIZE;
                 if fua {
-                    st.pending.retain(|(o, _)| *o != off);
+                    st.pending.retain(|(_, o, _)| *o != off);
                     st.durable[off..off + BLOCK_SIZE].copy_from_slice(block);
                 } else {
-                    st.pending.push((off, block.to_vec()));
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    st.pending.push((seq, off, block.to_vec()));
                 }
             }
         }
@@ -295,8 +329,15 @@ impl DataDevice for SimDevice {
     }
 
     fn sync(&self) -> io::Result<()> {
+        let (before, t) = {
+            let st = self.power.live(self.epoch)?;
+            (st.next_seq, st.sync_time)
+        };
+        if !t.is_zero() {
+            std::thread::sleep(t);
+        }
         let mut st = self.power.mutate(self.epoch)?;
-        st.persist_device();
+        st.persist_device(before);
         Ok(())
     }
 }
@@ -335,6 +376,15 @@ impl MetaStore for SimStore {
 
     fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
         let mut st = self.power.mutate(self.epoch)?;
+        if st.failing_commits > 0 {
+            // Logged (a cut may keep it) but not applied to the view this boot reads:
+            // a store that reports failure is not read from again by a careful caller.
+            st.failing_commits -= 1;
+            st.log.push(batch);
+            return Err(StoreError::Backend(
+                "commit failed after its log record was written (simulated)".into(),
+            ));
+        }
         apply(&mut st.meta_view, &batch);
         st.log.push(batch);
         if durable {

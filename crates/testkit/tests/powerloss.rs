@@ -16,59 +16,12 @@ use std::sync::Arc;
 
 use snapblk_core::device::{DataDevice, BLOCK_SIZE, DATA_START};
 use snapblk_core::{Error, MetaStore, Pool};
+use snapblk_testkit::cells::{observe, pattern, Cell};
 use snapblk_testkit::powerloss::{Machine, PowerLoss, Rng};
 
 const BS: u64 = BLOCK_SIZE as u64;
 const DEVICE_BYTES: usize = DATA_START as usize + 2048 * BLOCK_SIZE;
 const MAX_BLOCKS: u64 = 40;
-
-/// A block that fails to read (EIO): an unflushed write that did not fully reach the disk
-/// before the cut, caught by its checksum. It stays so until it is written again.
-const BAD: u64 = u64::MAX;
-
-/// The contents written for `tag` (0: zeros). Tags are unique per written block.
-fn pattern(tag: u64) -> Vec<u8> {
-    if tag == 0 {
-        return vec![0; BLOCK_SIZE];
-    }
-    let mut v = Vec::with_capacity(BLOCK_SIZE);
-    let mut x = tag;
-    while v.len() < BLOCK_SIZE {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        v.extend_from_slice(&(x ^ tag).to_le_bytes());
-    }
-    v
-}
-
-/// What a block may read as: `allowed` holds the value guaranteed by the last flush (or FUA)
-/// and every value written since; `latest` is the last one.
-#[derive(Clone, Debug)]
-struct Cell {
-    latest: u64,
-    allowed: Vec<u64>,
-}
-
-impl Cell {
-    fn exact(tag: u64) -> Cell {
-        Cell {
-            latest: tag,
-            allowed: vec![tag],
-        }
-    }
-    fn set(&mut self, tag: u64, durable: bool) {
-        self.latest = tag;
-        if durable {
-            self.allowed = vec![tag];
-        } else if !self.allowed.contains(&tag) {
-            self.allowed.push(tag);
-        }
-    }
-    fn settle(&mut self) {
-        *self = Cell::exact(self.latest);
-    }
-}
 
 #[derive(Clone, Debug, Default)]
 struct Vol {
@@ -294,47 +247,6 @@ fn model_after(m: &Model, op: &Op, written: &[u64]) -> Model {
         Op::Reclaim => {}
     }
     m
-}
-
-fn read_block(pool: &Pool, target: &str, b: u64) -> Result<Vec<u8>, String> {
-    let t = pool.resolve_target(target).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; BLOCK_SIZE];
-    pool.read(&t, b * BS, &mut buf).map_err(|e| e.to_string())?;
-    Ok(buf)
-}
-
-/// What one block reads as: the tag whose pattern it holds, or `BAD` when the read fails.
-/// A failed read is accepted only for a block with unflushed writes whose data block is one
-/// the cut really dropped or tore (`lost`): EIO anywhere else means flushed data was
-/// overwritten, e.g. by a block reused before the metadata freeing it was durable.
-fn observe(
-    pool: &Pool,
-    target: &str,
-    b: u64,
-    allowed: &[u64],
-    lost: &BTreeSet<usize>,
-) -> Result<u64, String> {
-    match read_block(pool, target, b) {
-        Ok(data) => allowed
-            .iter()
-            .copied()
-            .find(|&t| t != BAD && pattern(t) == data)
-            .ok_or_else(|| {
-                format!("{target} block {b}: unexpected contents (allowed {allowed:?})")
-            }),
-        Err(e) => {
-            let t = pool.resolve_target(target).map_err(|e| e.to_string())?;
-            let at = pool.block_location(&t, b).map_err(|e| e.to_string())?;
-            let unflushed = allowed.len() > 1 || allowed.contains(&BAD);
-            match at {
-                Some(off) if unflushed && lost.contains(&(off as usize)) => Ok(BAD),
-                _ => Err(format!(
-                    "{target} block {b}: unreadable (allowed {allowed:?}, data at {at:?}, not a \
-                     block the power cut lost): {e}"
-                )),
-            }
-        }
-    }
 }
 
 /// Checks the reopened pool against the model; returns what it found (every block exact),

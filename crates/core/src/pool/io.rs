@@ -96,6 +96,11 @@ impl HeadEdit {
         crate::failpoint!("head_edit.before_commit");
         if !self.batch.is_empty() {
             pool.store().commit(self.batch, fua)?;
+        } else if fua {
+            // Nothing to change: the blocks already read as asked, but possibly only through
+            // an earlier commit that is not durable yet (a TRIM before a FUA write-zeroes).
+            // FUA promises the state is durable, so make the log durable.
+            pool.store().sync()?;
         }
         crate::failpoint!("head_edit.after_commit");
         tree.adjust_counts(self.head, self.d_entries, self.d_data);

@@ -296,6 +296,7 @@ impl Pool {
             pins: Default::default(),
             generation: AtomicU64::new(1),
             sync_lock: Mutex::new(()),
+            device_sync: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             open_targets: Mutex::new(HashMap::new()),
             resize_lock: Mutex::new(()),

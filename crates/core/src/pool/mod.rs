@@ -64,6 +64,10 @@ pub struct Pool {
     pins: pins::Pins,
     generation: AtomicU64,
     sync_lock: Mutex<()>,
+    /// Held across the data device's `fdatasync`, so a caller that finds nothing dirty
+    /// (because another caller's sync is covering it) waits for that sync to finish
+    /// before it counts its writes as durable.
+    device_sync: Mutex<()>,
     stripes: Vec<Mutex<()>>,
     open_targets: Mutex<HashMap<Target, usize>>,
     /// Serialises resizes (a shrink zeroes the cut-off tail after committing the size).
@@ -140,8 +144,13 @@ impl Pool {
         self.data_dirty.store(true, Ordering::Release);
     }
 
-    /// `fdatasync`s the data device if anything was written since the last time.
+    /// `fdatasync`s the data device if anything was written since the last time. Every
+    /// data write that completed before this call is durable when it returns: the flag
+    /// is cleared only under `device_sync`, held until the `fdatasync` that covers the
+    /// writes it stood for has returned (a concurrent caller that sees it clear waits
+    /// here for that `fdatasync`, instead of returning while it is still running).
     pub(crate) fn sync_device(&self) -> Result<()> {
+        let _covering = lock(&self.device_sync);
         if self.data_dirty.swap(false, Ordering::AcqRel) {
             if let Err(e) = self.dev.sync() {
                 self.mark_data_dirty();

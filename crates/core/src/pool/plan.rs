@@ -257,7 +257,26 @@ impl Pool {
         if !plan.segs.is_empty() {
             self.mark_data_dirty();
         }
-        self.commit_plan(&plan)?;
+        if let Err(e) = self.commit_plan(&plan) {
+            if !matches!(e, Error::Store(_)) {
+                // Refused before anything reached the store (the volume shrank or went
+                // away meanwhile): dropping the plan frees its blocks.
+                return Err(e);
+            }
+            // A store may fail a commit after making it durable (RocksDB: the WAL record
+            // was written, then its fsync or memtable insert failed), so after a restart
+            // the mapping may reference these blocks. They are not reused in this run; the
+            // next open rebuilds the allocator from the mapping and returns them if the
+            // commit did not survive.
+            if !plan.allocated.is_empty() {
+                log::warn!(
+                    "commit of a write failed: {} data blocks set aside until the pool is reopened",
+                    plan.allocated.len()
+                );
+            }
+            plan.allocated.clear();
+            return Err(e);
+        }
         // Committed: the mapping references the blocks now.
         plan.allocated.clear();
         Ok(())
