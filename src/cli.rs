@@ -131,25 +131,34 @@ pub enum PoolCmd {
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
-    /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, insecure, workers, tls_cert,
-    /// tls_key, tls_client_ca.
+    /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, nbd_group, max_connections,
+    /// insecure, workers, tls_cert, tls_key, tls_client_ca.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Unix socket for NBD clients.
     #[arg(long, env = "SNAPBLK_NBD_SOCKET")]
     pub nbd_socket: Option<PathBuf>,
-    /// TCP address for NBD clients, or "none".
+    /// Also serve NBD on this TCP address (host:port); default "none": TCP is opt-in.
     #[arg(long)]
     pub nbd_tcp: Option<String>,
-    /// Serve NBD over plain TCP on a non-loopback address (no authentication, no
-    /// encryption: anyone who can reach it can read and write every volume).
+    /// Group (name or gid) that may use the NBD Unix socket (mode 0660); without it the
+    /// socket is root's only (0600).
+    #[arg(long)]
+    pub nbd_group: Option<String>,
+    /// NBD connections served at once (Unix and TCP together); more are closed at once.
+    /// Default 64.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Serve NBD on a non-loopback TCP address without client authentication (plain NBD,
+    /// or TLS without --tls-client-ca): anyone who can reach it can read and write every
+    /// volume.
     #[arg(long)]
     pub insecure: bool,
     /// Worker threads executing NBD requests.
     #[arg(long)]
     pub workers: Option<usize>,
     /// TLS certificate chain (PEM) for NBD over TCP; with --tls-key, TCP clients must use
-    /// TLS (NBD STARTTLS) and a non-loopback address is allowed.
+    /// TLS (NBD STARTTLS). A non-loopback address also needs --tls-client-ca.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM) matching --tls-cert.

@@ -2,7 +2,6 @@
 //! the CLI's client. The socket file is mode 0600.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,24 +22,6 @@ pub fn default_socket() -> PathBuf {
     std::env::var_os("SNAPBLK_SOCKET")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
-}
-
-/// Binds a Unix socket at `path`, replacing a stale socket file but refusing to steal one
-/// that a live process still answers on.
-pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            bail!("{} is in use by another running process", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
-    }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(l)
 }
 
 pub fn serve(pool: Arc<Pool>, devices: Arc<Devices>, listener: UnixListener) {

@@ -14,9 +14,12 @@ use signal_hook::iterator::Signals;
 use crate::control;
 use crate::devices::Devices;
 use crate::open::open_pool;
+use crate::sockets;
 
 pub const DEFAULT_NBD_SOCKET: &str = "/run/snapblk/nbd.sock";
-pub const DEFAULT_NBD_TCP: &str = "127.0.0.1:10809";
+/// NBD over TCP is opt-in (`--nbd-tcp ADDR`): plain NBD has no authentication, and any
+/// local user or container sharing the host network could reach a TCP port.
+pub const DEFAULT_NBD_TCP: &str = "none";
 
 /// Daemon settings: from the TOML config file, overridden by command-line flags.
 #[derive(Debug, Default, Deserialize)]
@@ -26,8 +29,12 @@ pub struct DaemonConfig {
     pub data: Option<PathBuf>,
     pub socket: Option<PathBuf>,
     pub nbd_socket: Option<PathBuf>,
-    /// "host:port", or "none" to disable TCP.
+    /// "host:port", or "none" (the default) to disable TCP.
     pub nbd_tcp: Option<String>,
+    /// Group (name or gid) allowed to use the NBD Unix socket; without it only root can.
+    pub nbd_group: Option<String>,
+    /// NBD connections served at once; more are closed at once.
+    pub max_connections: Option<usize>,
     /// Allow plain TCP on a non-loopback address.
     pub insecure: Option<bool>,
     pub workers: Option<usize>,
@@ -53,6 +60,8 @@ impl DaemonConfig {
             socket: other.socket.or(self.socket),
             nbd_socket: other.nbd_socket.or(self.nbd_socket),
             nbd_tcp: other.nbd_tcp.or(self.nbd_tcp),
+            nbd_group: other.nbd_group.or(self.nbd_group),
+            max_connections: other.max_connections.or(self.max_connections),
             insecure: other.insecure.or(self.insecure),
             workers: other.workers.or(self.workers),
             tls_cert: other.tls_cert.or(self.tls_cert),
@@ -86,8 +95,21 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         (None, None) if cfg.tls_client_ca.is_none() => None,
         _ => bail!("TLS needs both tls_cert and tls_key (tls_client_ca is optional)"),
     };
-    if nbd_tcp != "none" && tls.is_none() {
-        check_tcp_address(&nbd_tcp, cfg.insecure == Some(true))?;
+    if nbd_tcp != "none" {
+        let auth = match (&tls, &cfg.tls_client_ca) {
+            (None, _) => TcpAuth::Plain,
+            (Some(_), None) => TcpAuth::TlsAnyClient,
+            (Some(_), Some(_)) => TcpAuth::TlsClientCerts,
+        };
+        check_tcp_address(&nbd_tcp, auth, cfg.insecure == Some(true))?;
+    }
+    let nbd_gid = cfg
+        .nbd_group
+        .as_deref()
+        .map(sockets::group_id)
+        .transpose()?;
+    if cfg.max_connections == Some(0) {
+        bail!("max_connections must be at least 1");
     }
 
     // Handlers are installed before any thread starts; SIGTERM/SIGINT then only wake the
@@ -100,7 +122,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     private_mount_namespace();
     let devices = Arc::new(Devices::new(Arc::clone(&pool), meta.join("restores")));
     devices.recover_all();
-    let ctl = control::bind_unix(&socket, 0o600)?;
+    let ctl = sockets::bind_unix(&socket, 0o600, None)?;
     let workers = cfg.workers.unwrap_or(16);
     let nbd = match &tls {
         Some(t) => {
@@ -108,7 +130,15 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         }
         None => snapblk_nbd::Server::new(Arc::clone(&devices.exports), workers)?,
     };
-    let nbd_unix = control::bind_unix(&nbd_socket, 0o660)?;
+    nbd.admission().set_max(
+        cfg.max_connections
+            .unwrap_or(snapblk_nbd::admission::DEFAULT_MAX_CONNECTIONS),
+    );
+    // Root only, unless a group is named: the socket then belongs to it, mode 0660.
+    let nbd_unix = match nbd_gid {
+        Some(gid) => sockets::bind_unix(&nbd_socket, 0o660, Some(gid))?,
+        None => sockets::bind_unix(&nbd_socket, 0o600, None)?,
+    };
     {
         let s = Arc::clone(&nbd);
         std::thread::Builder::new()
@@ -154,15 +184,43 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     std::process::exit(0);
 }
 
-/// Refuses plain NBD over TCP on anything but loopback unless `insecure` (with TLS
-/// configured, TCP is never plain and any address is allowed).
-fn check_tcp_address(addr: &str, insecure: bool) -> Result<()> {
+/// How TCP clients are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TcpAuth {
+    /// Plain NBD: no encryption, no authentication.
+    Plain,
+    /// TLS without client certificates: encrypted, but any client may connect.
+    TlsAnyClient,
+    /// Mutual TLS: only clients with a certificate from `--tls-client-ca`.
+    TlsClientCerts,
+}
+
+/// Refuses NBD over TCP on anything but loopback unless clients must authenticate (mutual
+/// TLS) or `insecure` is set: plain NBD, and TLS without client certificates, let anyone
+/// who can reach the address read and write every volume.
+fn check_tcp_address(addr: &str, auth: TcpAuth, insecure: bool) -> Result<()> {
     use std::net::ToSocketAddrs;
     let addrs: Vec<_> = addr
         .to_socket_addrs()
         .with_context(|| format!("NBD TCP address {addr:?} (expected host:port or none)"))?
         .collect();
+    if auth == TcpAuth::TlsClientCerts {
+        return Ok(());
+    }
     if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+        if auth == TcpAuth::TlsAnyClient && !insecure {
+            bail!(
+                "refusing to serve NBD over TLS on {a}, which is not a loopback address, without \
+                 client authentication: TLS without --tls-client-ca encrypts the traffic but lets \
+                 any client that can reach it read and write every volume; add --tls-client-ca \
+                 (config: tls_client_ca) so clients must present a certificate, or pass --insecure \
+                 (config: insecure = true) to do it anyway"
+            );
+        }
+        if auth == TcpAuth::TlsAnyClient {
+            log::warn!("serving NBD over TLS on {a} without client certificates (--insecure)");
+            return Ok(());
+        }
         if !insecure {
             bail!(
                 "refusing to serve NBD over plain TCP on {a}, which is not a loopback address: \

@@ -13,6 +13,7 @@ mod progress;
 mod render;
 mod repo_cmds;
 mod repos;
+mod sockets;
 
 use std::process::ExitCode;
 
@@ -153,6 +154,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 socket: cli.socket.clone(),
                 nbd_socket: a.nbd_socket.clone(),
                 nbd_tcp: a.nbd_tcp.clone(),
+                nbd_group: a.nbd_group.clone(),
+                max_connections: a.max_connections,
                 insecure: a.insecure.then_some(true),
                 workers: a.workers,
                 tls_cert: a.tls_cert.clone(),

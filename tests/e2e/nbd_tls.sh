@@ -5,8 +5,8 @@
 # nobody trusts. Checks: data written over TLS reads back exactly; a plain client is refused
 # (TLS required); a client that does not trust the server's CA fails; with
 # --tls-client-ca a client without a certificate, or with one from another CA, is refused;
-# a non-loopback address is allowed without --insecure once TLS is on; bad key files give
-# clear errors.
+# a non-loopback address is allowed without --insecure only with client certificates
+# (--tls-client-ca); bad key files give clear errors.
 source "$(dirname "$0")/lib.sh"
 
 C=$T/pki
@@ -155,12 +155,18 @@ if nbdinfo "$(tls_uri v "$C/wrongca")" >/dev/null 2>&1; then fail "a client cert
 nbdinfo "$(tls_uri v "$C/client")" >/dev/null || fail "the daemon stopped serving after refusals"
 stop_daemon
 
-log "TLS allows a non-loopback address without --insecure; bad key material is named"
+log "a non-loopback address needs client certificates (or --insecure); bad key material is named"
+if "$SNAPBLK_BIN" daemon --meta "$META" --data "$DATA" --nbd-socket "$NBD_SOCK" --nbd-tcp 0.0.0.0:0 \
+    --tls-cert "$C/server-cert.pem" --tls-key "$C/server-key.pem" >"$T/noauth.out" 2>&1; then
+    fail "TLS without client certificates was allowed on 0.0.0.0"
+fi
+grep -q "without client authentication.*--tls-client-ca" "$T/noauth.out" || { cat "$T/noauth.out" >&2; fail "unclear error for TLS without client certificates on 0.0.0.0"; }
 "$SNAPBLK_BIN" daemon --meta "$META" --data "$DATA" --nbd-socket "$NBD_SOCK" --nbd-tcp 0.0.0.0:0 \
-    --tls-cert "$C/server-cert.pem" --tls-key "$C/server-key.pem" >>"$T/daemon.log" 2>&1 &
+    --tls-cert "$C/server-cert.pem" --tls-key "$C/server-key.pem" --tls-client-ca "$C/ca-cert.pem" \
+    >>"$T/daemon.log" 2>&1 &
 DAEMON_PID=$!
-for _ in $(seq 1 200); do snapblk pool info >/dev/null 2>&1 && break; kill -0 $DAEMON_PID || fail "daemon with TLS on 0.0.0.0 exited"; sleep 0.05; done
-snapblk pool info >/dev/null || fail "daemon with TLS on 0.0.0.0 did not come up"
+for _ in $(seq 1 200); do snapblk pool info >/dev/null 2>&1 && break; kill -0 $DAEMON_PID || fail "daemon with mutual TLS on 0.0.0.0 exited"; sleep 0.05; done
+snapblk pool info >/dev/null || fail "daemon with mutual TLS on 0.0.0.0 did not come up"
 stop_daemon
 bad() { # PATTERN ARGS...
     local pat=$1; shift

@@ -2,6 +2,7 @@
 //! `snapblk_core::ExportProvider`. `codec` is pure; `handshake` and `server` do the I/O.
 //! See docs/design.md §7.
 
+pub mod admission;
 pub mod codec;
 pub mod handshake;
 pub mod proto;

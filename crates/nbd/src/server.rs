@@ -3,7 +3,9 @@
 //! which execute them and write each reply whole under the connection's writer mutex, so
 //! replies may complete out of order (as NBD allows) but never interleave. A client that
 //! stops reading its replies therefore stalls only its own connection. A per-connection
-//! budget (bytes and requests) bounds the memory held by requests in flight.
+//! budget (bytes and requests) bounds the memory held by requests in flight, and
+//! `admission` bounds how many connections are served at once, so the whole server holds
+//! at most `max_connections` x `CONN_BUDGET` of payload.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -15,12 +17,13 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use snapblk_core::{Export, ExportProvider};
 
+use crate::admission::{Admission, Slot, DEFAULT_MAX_CONNECTIONS};
 use crate::codec::{self, Request};
 use crate::handshake::{negotiate, Session};
 use crate::proto::*;
 
 /// Payload bytes one connection may hold in flight.
-const CONN_BUDGET: u64 = 128 << 20;
+pub const CONN_BUDGET: u64 = 64 << 20;
 
 /// A client must finish option haggling (or, on a TLS listener, reach STARTTLS) within
 /// this, or it is disconnected: an idle half-open connection must not hold a thread.
@@ -30,6 +33,7 @@ pub struct Server {
     provider: Arc<dyn ExportProvider>,
     workers: usize,
     handshake_timeout: Duration,
+    admission: Arc<Admission>,
     /// TLS for TCP connections (then required there); Unix sockets stay plain.
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -136,9 +140,15 @@ impl Server {
             provider,
             workers: workers.max(1),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            admission: Admission::new(DEFAULT_MAX_CONNECTIONS),
             #[cfg(feature = "tls")]
             tls: None,
         }))
+    }
+
+    /// How many connections are served at once and how many were refused.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// Like [`Server::new`], with TLS required on TCP connections.
@@ -152,6 +162,7 @@ impl Server {
             provider,
             workers: workers.max(1),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            admission: Admission::new(DEFAULT_MAX_CONNECTIONS),
             tls: Some(tls),
         }))
     }
@@ -458,21 +469,33 @@ fn handle(conn: &Conn, session: &Session, req: Request, payload: Vec<u8>, bytes:
     }
 }
 
-/// Accepts connections on a Unix socket forever, one thread per connection.
+/// Accepts connections on a Unix socket forever, one thread per admitted connection.
 pub fn serve_unix(server: Arc<Server>, listener: UnixListener) {
     for stream in listener.incoming() {
         match stream {
-            Ok(s) => spawn_conn(&server, s),
+            Ok(s) => {
+                let Some(slot) = server.admission.try_enter("the Unix socket") else {
+                    continue;
+                };
+                spawn_conn(&server, s, slot)
+            }
             Err(e) => log::warn!("nbd accept (unix): {e}"),
         }
     }
 }
 
-/// Accepts connections on a TCP socket forever, one thread per connection.
+/// Accepts connections on a TCP socket forever, one thread per admitted connection.
 pub fn serve_tcp(server: Arc<Server>, listener: TcpListener) {
     for stream in listener.incoming() {
         match stream {
             Ok(s) => {
+                let peer = s
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| "an unknown peer".into());
+                let Some(slot) = server.admission.try_enter(&peer) else {
+                    continue;
+                };
                 let _ = s.set_nodelay(true);
                 #[cfg(feature = "tls")]
                 if let Some(config) = &server.tls {
@@ -480,6 +503,7 @@ pub fn serve_tcp(server: Arc<Server>, listener: TcpListener) {
                     let r = std::thread::Builder::new()
                         .name("nbd-conn".into())
                         .spawn(move || {
+                            let _slot = slot;
                             if let Err(e) = server.serve_tls(s, config) {
                                 log::info!("nbd TLS connection ended: {e}");
                             }
@@ -489,7 +513,7 @@ pub fn serve_tcp(server: Arc<Server>, listener: TcpListener) {
                     }
                     continue;
                 }
-                spawn_conn(&server, s)
+                spawn_conn(&server, s, slot)
             }
             Err(e) => log::warn!("nbd accept (tcp): {e}"),
         }
@@ -517,11 +541,12 @@ impl Stream for TcpStream {
     }
 }
 
-fn spawn_conn<S: Stream>(server: &Arc<Server>, s: S) {
+fn spawn_conn<S: Stream>(server: &Arc<Server>, s: S, slot: Slot) {
     let server = Arc::clone(server);
     let r = std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
+            let _slot = slot;
             if let Err(e) = server.serve_socket(s) {
                 log::info!("nbd connection ended: {e}");
             }
@@ -552,6 +577,7 @@ mod tests {
             provider: Arc::new(NoExports),
             workers: 1,
             handshake_timeout: Duration::from_millis(200),
+            admission: Admission::new(1),
             #[cfg(feature = "tls")]
             tls: None,
         };
