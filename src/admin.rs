@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{json, Value};
 use snapblk_backup::{volume, Progress};
+use snapblk_core::keys::Filling;
 use snapblk_core::names::parse_snap_ref;
 use snapblk_core::Pool;
 
@@ -25,8 +26,12 @@ pub fn execute(
     cmd: &Command,
     progress: &dyn Progress,
 ) -> anyhow::Result<Value> {
-    if let (Some(d), Some(vol)) = (devices, touched_volume(cmd)) {
-        d.check_not_restoring(&vol)?;
+    if let Some(vol) = touched_volume(cmd) {
+        let deleting = matches!(cmd, Command::VolumeDelete { .. });
+        check_whole(pool, &vol, deleting)?;
+        if let Some(d) = devices {
+            d.check_not_restoring(&vol, deleting)?;
+        }
     }
     Ok(match cmd {
         Command::Backup {
@@ -113,7 +118,11 @@ pub fn execute(
         }
         Command::VolumeRename { old, new } => to_value(pool.rename_volume(old, new)?),
         Command::VolumeDelete { name, recursive } => {
+            let id = pool.volume_info(name)?.id;
             pool.delete_volume(name, *recursive)?;
+            if let Some(d) = devices {
+                d.forget_restore(name, id);
+            }
             json!({ "deleted": name })
         }
         Command::SnapshotCreate { snapshot } => {
@@ -150,6 +159,27 @@ pub fn execute(
             json!({ "from": from, "to": to, "changed_bytes": bytes, "ranges": to_value(ranges) })
         }
     })
+}
+
+/// Refuses to snapshot, roll back, rename or resize a volume whose restore has not
+/// finished (it is marked incomplete in the pool, so this holds in direct mode too, with
+/// the daemon stopped); deleting it is how an interrupted restore is abandoned.
+fn check_whole(pool: &Pool, vol: &str, deleting: bool) -> anyhow::Result<()> {
+    let Ok(info) = pool.volume_info(vol) else {
+        return Ok(()); // the command itself reports a missing volume
+    };
+    match info.incomplete {
+        Some(_) if deleting => Ok(()),
+        Some(m) => anyhow::bail!(
+            "volume {vol} is not whole: {m}; {}",
+            match m.by {
+                Filling::LazyRestore =>
+                    "wait until `snapblk restore-status` shows it complete (resume an interrupted one with `snapblk restore ... --lazy`), or delete it",
+                Filling::FullRestore => "delete it and restore again",
+            }
+        ),
+        None => Ok(()),
+    }
 }
 
 /// The volume a command snapshots, clones from, reshapes or removes: such commands must

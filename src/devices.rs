@@ -8,8 +8,9 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
-use snapblk_backup::lazy::{LazyExports, Restores};
+use snapblk_backup::lazy::{LazyExports, Restores, State};
 use snapblk_core::export::ReadOnly;
+use snapblk_core::keys::Filling;
 use snapblk_core::{Export, ExportProvider, Pool, PoolExports};
 
 pub struct Devices {
@@ -33,23 +34,34 @@ fn describe(d: &snapblk_ublk::Device) -> Value {
 impl Devices {
     pub fn new(pool: Arc<Pool>, restore_dir: PathBuf) -> Self {
         let restores = Arc::new(Restores::default());
-        for s in snapblk_backup::lazy::interrupted(&restore_dir) {
-            if pool
-                .volume_info(&s.volume)
-                .is_ok_and(|v| v.id == s.volume_id)
-            {
-                log::warn!(
-                    "lazy restore of {} into {} was interrupted",
-                    s.backup,
-                    s.volume
-                );
-                restores.suspend(s);
+        // Interrupted lazy restores are the volumes still marked as such in the pool;
+        // state files of any other volume are left over from finished or deleted ones.
+        let mut live = Vec::new();
+        for v in pool.list_volumes() {
+            let Some(m) = v.incomplete else { continue };
+            if m.by != Filling::LazyRestore {
+                continue;
             }
+            log::warn!(
+                "lazy restore of {} into {} was interrupted",
+                m.backup,
+                v.name
+            );
+            live.push(v.id);
+            restores.suspend(State {
+                volume: v.name,
+                volume_id: v.id,
+                manifest: m.manifest,
+                backup: m.backup,
+                target: m.source,
+            });
         }
+        snapblk_backup::lazy::remove_stale(&restore_dir, &live);
         Devices {
             exports: Arc::new(LazyExports {
                 inner: Arc::new(PoolExports(Arc::clone(&pool))),
                 restores: Arc::clone(&restores),
+                pool: Arc::clone(&pool),
             }),
             pool,
             list: Mutex::new(Vec::new()),
@@ -58,12 +70,36 @@ impl Devices {
         }
     }
 
-    /// Refuses commands that would see a half-restored volume.
-    pub fn check_not_restoring(&self, volume: &str) -> Result<()> {
-        if self.restores.busy(volume) {
+    /// Refuses commands that would see a half-restored volume while its lazy restore runs
+    /// (an interrupted one may be deleted: `deleting`).
+    pub fn check_not_restoring(&self, volume: &str, deleting: bool) -> Result<()> {
+        if self.restores.active(volume).is_some() {
             bail!("volume {volume} is still being restored lazily (see `snapblk restore-status`); wait until it completes");
         }
+        if !deleting && self.restores.suspended(volume).is_some() {
+            bail!("volume {volume} is an interrupted lazy restore; resume it (`snapblk restore ... --lazy`) or delete it");
+        }
         Ok(())
+    }
+
+    /// After `volume` was deleted: forget its interrupted restore and remove its state.
+    pub fn forget_restore(&self, volume: &str, id: u64) {
+        if self.restores.suspended(volume).is_some() {
+            self.restores.forget(volume);
+            let live: Vec<u64> = self
+                .pool
+                .list_volumes()
+                .into_iter()
+                .filter(|v| v.id != id)
+                .filter(|v| {
+                    v.incomplete
+                        .as_ref()
+                        .is_some_and(|m| m.by == Filling::LazyRestore)
+                })
+                .map(|v| v.id)
+                .collect();
+            snapblk_backup::lazy::remove_stale(&self.restore_dir, &live);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<snapblk_ublk::Device>> {

@@ -82,25 +82,47 @@ fn table(rows: &[Value], cols: &[(&str, &str)]) -> String {
         .join("\n")
 }
 
+/// The `incomplete` mark of a volume, in words.
+fn incomplete(m: &Value) -> String {
+    let how = match m["by"].as_str() {
+        Some("lazy-restore") => "lazy restore",
+        _ => "full restore",
+    };
+    format!(
+        "{how} of {} ({}) from {} has not finished",
+        cell("", &m["backup"]),
+        cell("", &m["manifest"]),
+        cell("", &m["source"])
+    )
+}
+
 fn keyvals(v: &Value) -> String {
     match v.as_object() {
         Some(o) => o
             .iter()
-            .map(|(k, x)| format!("{k:<15} {}", cell(k, x)))
+            .map(|(k, x)| match k.as_str() {
+                "incomplete" => format!("{k:<15} {}", incomplete(x)),
+                _ => format!("{k:<15} {}", cell(k, x)),
+            })
             .collect::<Vec<_>>()
             .join("\n"),
         None => v.to_string(),
     }
 }
 
-/// Adds a STATE cell to volume rows: `incomplete` for a volume whose restore has not
-/// finished (its `incomplete` field says why; `volume info` shows it), else `ok`.
+/// Adds a STATE cell to volume rows: `incomplete` for a volume whose full restore has
+/// not finished, `lazy-restore` while a lazy restore fills it (its `incomplete` field says
+/// which backup; `volume info` shows it), else `ok`.
 fn with_state(mut rows: Vec<Value>) -> Vec<Value> {
     for r in &mut rows {
-        let state = if r.get("incomplete").is_some_and(|v| !v.is_null()) {
-            "incomplete"
-        } else {
-            "ok"
+        let state = match r
+            .get("incomplete")
+            .and_then(|m| m.get("by"))
+            .and_then(Value::as_str)
+        {
+            Some("lazy-restore") => "lazy-restore",
+            Some(_) => "incomplete",
+            None => "ok",
         };
         if let Some(o) = r.as_object_mut() {
             o.insert("state".into(), Value::String(state.into()));

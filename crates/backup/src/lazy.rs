@@ -5,24 +5,43 @@
 //! a client, or by a background thread working through the table in order. A bitmap over
 //! table positions records hydrated cells.
 //!
+//! The restore's identity lives in the pool: the volume is created *marked* (`Incomplete`
+//! with `Filling::LazyRestore`, naming backup, manifest and repository) in the same commit
+//! that creates it, and the mark is cleared only when hydration is complete and durable.
+//! While marked, the volume opens only through a running `Hydration` ([`LazyExports`]);
+//! management commands that would see half-restored data are refused (src/admin.rs), in
+//! the daemon and in direct mode alike. Two files per restore sit in the state directory,
+//! keyed by volume id: `<id>.bits` and `<id>.hot`.
+//!
 //! Invariants:
 //! - A table cell is never read, written, trimmed or reported as a hole before it is
 //!   hydrated: `LazyExport` hydrates every table cell a request touches first, and block
 //!   status reports a range with unhydrated cells as data.
-//! - A cell is hydrated at most once, under its stripe lock, so hydration never overwrites a
-//!   client's write (clients write only after the cell is hydrated).
-//! - The bitmap on disk only claims cells whose data the pool has synced: it is saved after
-//!   a pool flush (on client FLUSH, and periodically by the background thread). After a
-//!   crash, a cell hydrated but not recorded is hydrated again, which is only wrong for a
-//!   client write that was never flushed (and may be lost anyway).
+//! - A cell is hydrated at most once per run, under its stripe lock, so hydration never
+//!   overwrites a client's write in this run (clients write only after the cell is
+//!   hydrated).
+//! - After a restart a cell is hydrated again only if no acknowledged client write to it
+//!   can be lost by that:
+//!   * `<id>.bits` claims only cells whose data the pool had synced: it is written (and
+//!     fsynced) after a pool flush — on a client FLUSH, on a FUA request that touches a cell
+//!     hydrated since the last save, and periodically by the background thread. It survives
+//!     a power cut, and so does everything a FLUSH or FUA acknowledged.
+//!   * `<id>.hot` records every hydrated cell before any client request that touched it
+//!     returns (one `pwrite` of the bitmap word, no fsync), headed by the kernel's boot id.
+//!     A daemon killed without a reboot left it, and the pool data it describes, in the page
+//!     cache; a resume in the same boot trusts it, so plain acknowledged writes survive
+//!     kill -9 too. After a reboot it is ignored (its data may not have reached the disk).
 //! - A failed fetch fails the request with EIO (never zeros or stale data); the background
 //!   thread records the error and retries with backoff until the store answers again.
 //!
-//! When every cell is hydrated the volume is synced, the state files are removed and the
-//! volume is an ordinary local volume (requests pass straight through).
+//! Completion: every cell hydrated → flush the volume → clear the pool's mark (the commit
+//! point) → remove the state files and fsync the directory → `complete` → the daemon drops
+//! the hydration (its index and its handle on the volume). A crash anywhere before the mark
+//! is cleared resumes; after it, leftover state files are stale and removed at start.
 //!
-//! Threading: one background thread per hydration; client requests hydrate on their own
-//! threads; stripe locks serialise work on one cell.
+//! Threading: one background thread per hydration (started by [`Hydration::spawn`] once
+//! the restore is registered); client requests hydrate on their own threads; stripe locks
+//! serialise work on one cell.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +51,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use snapblk_core::export::{Export, ExportProvider, StatusRun};
-use snapblk_core::Error as VolError;
+use snapblk_core::keys::Filling;
+use snapblk_core::{Error as VolError, Pool};
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
@@ -47,7 +67,7 @@ const BATCH: usize = 512;
 /// The background thread saves the bitmap at least this often.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
-/// What the state file records, to resume after a restart.
+/// Which restore a hydration is (from the volume's mark in the pool).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct State {
     pub volume: String,
@@ -59,8 +79,19 @@ pub struct State {
     pub target: String,
 }
 
+/// Called when hydration is complete and flushed: clears the volume's mark (durable on
+/// return).
+pub type CommitFn = Box<dyn Fn() -> snapblk_core::Result<()> + Send + Sync>;
+/// Called once the restore is finished, to drop it from the daemon's registry.
+pub type ReleaseFn = Box<dyn Fn(&str) + Send + Sync>;
+
 pub struct Hydration {
     state: State,
+    /// Bitmap words as last saved to `<id>.bits` (cells whose data is durable).
+    saved: Vec<AtomicU64>,
+    hot: std::fs::File,
+    commit: CommitFn,
+    release: ReleaseFn,
     fetcher: Fetcher,
     table: Table,
     sink: Arc<dyn Export>,
@@ -80,8 +111,45 @@ pub struct Hydration {
 fn bits_path(dir: &Path, vol_id: u64) -> PathBuf {
     dir.join(format!("{vol_id}.bits"))
 }
-fn state_path(dir: &Path, vol_id: u64) -> PathBuf {
-    dir.join(format!("{vol_id}.json"))
+fn hot_path(dir: &Path, vol_id: u64) -> PathBuf {
+    dir.join(format!("{vol_id}.hot"))
+}
+
+/// Bytes of the boot id heading `<id>.hot`.
+const BOOT_ID_LEN: usize = 36;
+
+/// The kernel's id of this boot: page-cache contents survive exactly while it stays the same.
+fn boot_id() -> [u8; BOOT_ID_LEN] {
+    let mut id = [b'?'; BOOT_ID_LEN];
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        let b = s.trim().as_bytes();
+        let n = b.len().min(BOOT_ID_LEN);
+        id[..n].copy_from_slice(&b[..n]);
+    }
+    id
+}
+
+/// Removes the state files of restores that are no longer marked in the pool (finished,
+/// or their volume deleted), keeping those of `live` volume ids. Files of an older
+/// snapblk (`<id>.json`) go too: their restore's mark is what counts now.
+pub fn remove_stale(dir: &Path, live: &[u64]) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let id = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok());
+        if id.is_none_or(|id| !live.contains(&id)) {
+            log::info!("removing stale lazy-restore state {}", path.display());
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -97,6 +165,45 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         std::fs::File::open(d)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Reads `<id>.hot` if it was written in this boot and fits the table (`words` u64s).
+fn read_hot(path: &Path, words: usize, boot: &[u8; BOOT_ID_LEN]) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let want = BOOT_ID_LEN + words * 8;
+    let mut b = Vec::with_capacity(want);
+    f.take(want as u64 + 1).read_to_end(&mut b)?;
+    if b.len() != want || b[..BOOT_ID_LEN] != boot[..] {
+        log::info!(
+            "{}: from another boot or another table; using the saved bitmap only",
+            path.display()
+        );
+        return Ok(None);
+    }
+    Ok(Some(b.split_off(BOOT_ID_LEN)))
+}
+
+/// Writes `<id>.hot` afresh (this boot's id, then `done`), replacing the old one in one
+/// rename so a kill at any point leaves a whole file; returns it open for word updates.
+fn open_hot(
+    path: &Path,
+    boot: &[u8; BOOT_ID_LEN],
+    done: &[AtomicU64],
+) -> std::io::Result<std::fs::File> {
+    let mut b = Vec::with_capacity(BOOT_ID_LEN + done.len() * 8);
+    b.extend_from_slice(boot);
+    for w in done {
+        b.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+    }
+    let tmp = path.with_extension("hot-tmp");
+    std::fs::write(&tmp, &b)?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::OpenOptions::new().write(true).open(path)
 }
 
 /// Reads a saved hydration bitmap of `words` u64s: `None` if none was saved yet; an error
@@ -123,27 +230,18 @@ fn read_bits(path: &Path, words: usize) -> Result<Option<Vec<u8>>> {
     Ok(Some(b))
 }
 
-/// Interrupted lazy restores recorded in `dir`.
-pub fn interrupted(dir: &Path) -> Vec<State> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|b| serde_json::from_slice(&b).ok())
-        .collect()
-}
-
 impl Hydration {
-    /// Starts (or, with a saved bitmap in `dir`, resumes) hydrating `sink` — the volume
-    /// `state.volume`, new and empty on a fresh start — from `header`.
+    /// Prepares hydrating `sink` — the volume `state.volume`, new and empty on a fresh
+    /// start — from `header`, resuming from the state files in `dir` if there are any.
+    /// Nothing runs in the background until [`Hydration::spawn`].
     pub fn start(
         repo: &Repository,
         header: &Header,
         sink: Arc<dyn Export>,
         state: State,
         dir: &Path,
+        commit: CommitFn,
+        release: ReleaseFn,
     ) -> Result<Arc<Hydration>> {
         let table = manifest::read_table(repo, header)?;
         let fetcher = Fetcher::new(repo)?;
@@ -151,19 +249,30 @@ impl Hydration {
             fetcher.locate(id)?;
         }
         let n = table.cells.len();
-        let done: Vec<AtomicU64> = (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let words = n.div_ceil(64);
+        let done: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
+        let saved: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
         std::fs::create_dir_all(dir)?;
-        let spath = state_path(dir, state.volume_id);
-        let resumed = spath.exists();
-        if resumed {
-            if let Some(b) = read_bits(&bits_path(dir, state.volume_id), done.len())? {
-                for (w, c) in done.iter().zip(b.chunks_exact(8)) {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(c);
-                    w.store(u64::from_le_bytes(a), Ordering::Relaxed);
-                }
+        let id = state.volume_id;
+        if let Some(b) = read_bits(&bits_path(dir, id), words)? {
+            for ((w, s), c) in done.iter().zip(&saved).zip(b.chunks_exact(8)) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                w.store(u64::from_le_bytes(a), Ordering::Relaxed);
+                s.store(u64::from_le_bytes(a), Ordering::Relaxed);
             }
         }
+        let boot = boot_id();
+        if let Some(b) = read_hot(&hot_path(dir, id), words, &boot)? {
+            // Same boot: what the killed daemon hydrated is in the page cache, and so is
+            // the pool data it wrote for it.
+            for (w, c) in done.iter().zip(b.chunks_exact(8)) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                w.fetch_or(u64::from_le_bytes(a), Ordering::Relaxed);
+            }
+        }
+        let hot = open_hot(&hot_path(dir, id), &boot, &done)?;
         let bytes_total = header.stored_bytes;
         let h = Arc::new(Hydration {
             fetcher,
@@ -179,6 +288,10 @@ impl Hydration {
             started: Instant::now(),
             dir: dir.to_path_buf(),
             done,
+            saved,
+            hot,
+            commit,
+            release,
             table,
             state,
         });
@@ -193,16 +306,17 @@ impl Hydration {
         }
         h.remaining.store(rem, Ordering::Relaxed);
         h.bytes_done.store(bytes, Ordering::Relaxed);
-        if !resumed {
-            let s = serde_json::to_vec_pretty(&h.state)
-                .map_err(|e| BackupError::invalid("restore state", e.to_string()))?;
-            write_atomic(&spath, &s)?;
-        }
-        let bg = Arc::clone(&h);
-        std::thread::Builder::new()
-            .name(format!("hydrate-{}", h.state.volume))
-            .spawn(move || bg.background())?;
         Ok(h)
+    }
+
+    /// Starts the background thread (once the restore is registered, so the thread's
+    /// completion finds it there to release).
+    pub fn spawn(self: &Arc<Self>) -> Result<()> {
+        let bg = Arc::clone(self);
+        std::thread::Builder::new()
+            .name(format!("hydrate-{}", self.state.volume))
+            .spawn(move || bg.background())?;
+        Ok(())
     }
 
     pub fn volume(&self) -> &str {
@@ -241,10 +355,53 @@ impl Hydration {
         let cell = self.table.cells[p].0;
         self.sink
             .write(cell * u64::from(self.table.chunk_size), data, false)?;
-        self.done[p / 64].fetch_or(1 << (p % 64), Ordering::AcqRel);
+        let word = self.done[p / 64].fetch_or(1 << (p % 64), Ordering::AcqRel) | (1 << (p % 64));
+        self.write_hot(p / 64, word)?;
         self.bytes_done
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.remaining.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records bitmap word `i` in `<id>.hot` (page cache only; see the module doc).
+    fn write_hot(&self, i: usize, word: u64) -> snapblk_core::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.hot
+            .write_all_at(&word.to_le_bytes(), (BOOT_ID_LEN + i * 8) as u64)
+            .map_err(|e| VolError::device("recording hydrated cells", e))
+    }
+
+    /// Table positions of the cells overlapping `[off, off + len)`.
+    fn positions(&self, off: u64, len: u64) -> std::ops::Range<usize> {
+        if len == 0 {
+            return 0..0;
+        }
+        let cs = u64::from(self.table.chunk_size);
+        let (first, last) = (off / cs, (off + len - 1) / cs);
+        let start = self.table.cells.partition_point(|(c, _)| *c < first);
+        let end = self.table.cells.partition_point(|(c, _)| *c <= last);
+        start..end.max(start)
+    }
+
+    /// Whether a cell in the range was hydrated since the bitmap was last saved: a FUA
+    /// request there must save it, or a power cut could undo the request by hydrating
+    /// the cell again.
+    fn unsaved_in(&self, off: u64, len: u64) -> bool {
+        if self.is_complete() {
+            return false;
+        }
+        self.positions(off, len).any(|p| {
+            let bit = 1 << (p % 64);
+            self.done[p / 64].load(Ordering::Acquire) & bit != 0
+                && self.saved[p / 64].load(Ordering::Acquire) & bit == 0
+        })
+    }
+
+    /// After a FUA request to `[off, off + len)`: makes the hydration of its cells durable.
+    fn fua_done(&self, off: u64, len: u64) -> snapblk_core::Result<()> {
+        if self.unsaved_in(off, len) {
+            self.save()?;
+        }
         Ok(())
     }
 
@@ -297,7 +454,11 @@ impl Hydration {
         self.sink.flush()?;
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         write_atomic(&bits_path(&self.dir, self.state.volume_id), &bytes)
-            .map_err(|e| VolError::device("saving the lazy restore bitmap", e))
+            .map_err(|e| VolError::device("saving the lazy restore bitmap", e))?;
+        for (s, w) in self.saved.iter().zip(&words) {
+            s.fetch_or(*w, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     fn background(self: Arc<Self>) {
@@ -359,21 +520,40 @@ impl Hydration {
                 last_save = Instant::now();
             }
         }
-        // Everything is hydrated: make it durable, then forget the restore.
-        match self.sink.flush() {
-            Ok(()) => {
-                let _g = lock(&self.save_lock);
-                self.complete.store(true, Ordering::Release);
-                let _ = std::fs::remove_file(state_path(&self.dir, self.state.volume_id));
-                let _ = std::fs::remove_file(bits_path(&self.dir, self.state.volume_id));
-                log::info!(
-                    "lazy restore of {} complete in {:.1} s",
-                    self.state.volume,
-                    self.started.elapsed().as_secs_f64()
-                );
-            }
-            Err(e) => *lock(&self.error) = Some(format!("final flush: {e}")),
+        // Everything is hydrated: make it durable, clear the mark (the commit point),
+        // remove the state, then let the daemon forget the restore.
+        let _g = lock(&self.save_lock);
+        let finished = self
+            .sink
+            .flush()
+            .map_err(|e| format!("final flush: {e}"))
+            .and_then(|()| {
+                (self.commit)().map_err(|e| format!("clearing the volume's restore mark: {e}"))
+            });
+        if let Err(e) = finished {
+            log::warn!("lazy restore of {}: {e}", self.state.volume);
+            *lock(&self.error) = Some(e);
+            return;
         }
+        let id = self.state.volume_id;
+        for p in [bits_path(&self.dir, id), hot_path(&self.dir, id)] {
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    // Harmless: the mark is gone, so the next start removes it as stale.
+                    log::warn!("removing {}: {e}", p.display());
+                }
+            }
+        }
+        if let Err(e) = std::fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
+            log::warn!("syncing {}: {e}", self.dir.display());
+        }
+        self.complete.store(true, Ordering::Release);
+        log::info!(
+            "lazy restore of {} complete in {:.1} s",
+            self.state.volume,
+            self.started.elapsed().as_secs_f64()
+        );
+        (self.release)(&self.state.volume);
     }
 
     pub fn status(&self) -> Value {
@@ -416,7 +596,11 @@ impl Export for LazyExport {
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> snapblk_core::Result<()> {
         self.hyd.ensure(offset, data.len() as u64)?;
-        self.inner.write(offset, data, fua)
+        self.inner.write(offset, data, fua)?;
+        if fua {
+            self.hyd.fua_done(offset, data.len() as u64)?;
+        }
+        Ok(())
     }
     fn flush(&self) -> snapblk_core::Result<()> {
         self.inner.flush()?;
@@ -424,7 +608,11 @@ impl Export for LazyExport {
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> snapblk_core::Result<()> {
         self.hyd.ensure(offset, len)?;
-        self.inner.trim(offset, len, fua)
+        self.inner.trim(offset, len, fua)?;
+        if fua {
+            self.hyd.fua_done(offset, len)?;
+        }
+        Ok(())
     }
     fn write_zeroes(
         &self,
@@ -434,7 +622,11 @@ impl Export for LazyExport {
         fast: bool,
     ) -> snapblk_core::Result<()> {
         self.hyd.ensure(offset, len)?;
-        self.inner.write_zeroes(offset, len, fua, fast)
+        self.inner.write_zeroes(offset, len, fua, fast)?;
+        if fua {
+            self.hyd.fua_done(offset, len)?;
+        }
+        Ok(())
     }
     fn block_status(&self, offset: u64, len: u64) -> snapblk_core::Result<Vec<StatusRun>> {
         if self.hyd.pending_in(offset, len) {
@@ -450,15 +642,69 @@ pub struct Restores {
     map: Mutex<HashMap<String, Arc<Hydration>>>,
     /// Interrupted restores not resumed yet: volume name -> backup.
     suspended: Mutex<HashMap<String, State>>,
+    /// Volumes a `restore --lazy` is starting or resuming right now.
+    starting: Mutex<std::collections::HashSet<String>>,
+    /// Status of the last restores that finished (their hydrations are dropped).
+    finished: Mutex<Vec<Value>>,
+}
+
+/// Finished restores `restore-status` still shows.
+const FINISHED_KEPT: usize = 16;
+
+/// A volume reserved by a starting restore; dropping it frees the name.
+pub struct Reservation<'a> {
+    restores: &'a Restores,
+    volume: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        lock(&self.restores.starting).remove(&self.volume);
+    }
 }
 
 impl Restores {
+    /// Reserves `volume` for a restore that is starting or resuming: fails if one is
+    /// running or starting already (two resumes of one volume must never both run).
+    pub fn reserve(&self, volume: &str) -> Result<Reservation<'_>> {
+        if self.active(volume).is_some() {
+            return Err(BackupError::invalid(volume, "is already being restored"));
+        }
+        if !lock(&self.starting).insert(volume.to_string()) {
+            return Err(BackupError::invalid(
+                volume,
+                "another restore into it is starting",
+            ));
+        }
+        Ok(Reservation {
+            restores: self,
+            volume: volume.to_string(),
+        })
+    }
     pub fn insert(&self, h: Arc<Hydration>) {
         lock(&self.suspended).remove(h.volume());
+        lock(&self.finished).retain(|v| v["volume"] != h.volume());
         lock(&self.map).insert(h.volume().to_string(), h);
+    }
+    /// Forgets a restore (its hydration, index and volume handle are dropped once no client
+    /// holds them); a finished one stays in `status` as a summary.
+    pub fn remove(&self, volume: &str) {
+        let Some(h) = lock(&self.map).remove(volume) else {
+            return;
+        };
+        if h.is_complete() {
+            let mut f = lock(&self.finished);
+            f.push(h.status());
+            let n = f.len().saturating_sub(FINISHED_KEPT);
+            f.drain(..n);
+        }
     }
     pub fn suspend(&self, s: State) {
         lock(&self.suspended).insert(s.volume.clone(), s);
+    }
+    /// Forgets an interrupted restore whose volume was deleted.
+    pub fn forget(&self, volume: &str) {
+        lock(&self.suspended).remove(volume);
     }
     /// The unfinished hydration of `volume`, if any.
     pub fn active(&self, volume: &str) -> Option<Arc<Hydration>> {
@@ -475,7 +721,8 @@ impl Restores {
         self.active(volume).is_some() || self.suspended(volume).is_some()
     }
     pub fn status(&self) -> Vec<Value> {
-        let mut out: Vec<Value> = lock(&self.map).values().map(|h| h.status()).collect();
+        let mut out: Vec<Value> = lock(&self.finished).clone();
+        out.extend(lock(&self.map).values().map(|h| h.status()));
         out.extend(lock(&self.suspended).values().map(|s| {
             json!({ "volume": s.volume, "backup": s.backup, "manifest": s.manifest,
                 "target": s.target, "complete": false,
@@ -490,26 +737,36 @@ impl Restores {
     }
 }
 
-/// Wraps a provider so volumes being restored lazily hydrate on access, and volumes whose
-/// lazy restore was interrupted refuse I/O until it is resumed.
+/// Wraps a provider so volumes being restored lazily hydrate on access, and volumes that
+/// are marked incomplete (a restore not running, interrupted, or still being set up)
+/// refuse to open: nothing reads or writes a half-restored volume behind its restore.
 pub struct LazyExports {
     pub inner: Arc<dyn ExportProvider>,
     pub restores: Arc<Restores>,
+    pub pool: Arc<Pool>,
 }
 
 impl ExportProvider for LazyExports {
     fn open(&self, name: &str) -> snapblk_core::Result<Arc<dyn Export>> {
-        if let Some(s) = self.restores.suspended(name) {
-            return Err(VolError::Busy(format!(
-                "volume {name} is a lazy restore of {} from {} that was interrupted; run `snapblk restore {} {} --as {name} --lazy` to resume it",
-                s.backup, s.target, s.target, s.backup
-            )));
+        if !name.contains('@') {
+            if let Some(hyd) = self.restores.active(name) {
+                let e = self.inner.open(name)?;
+                return Ok(Arc::new(LazyExport { hyd, inner: e }));
+            }
+            if let Some(m) = self.pool.volume_info(name).ok().and_then(|v| v.incomplete) {
+                let how = match m.by {
+                    Filling::LazyRestore => format!(
+                        "resume it with `snapblk restore {} {} --as {name} --lazy`",
+                        m.source, m.backup
+                    ),
+                    Filling::FullRestore => "delete it and restore again".to_string(),
+                };
+                return Err(VolError::Busy(format!(
+                    "volume {name} is not whole: {m} ({how})"
+                )));
+            }
         }
-        let e = self.inner.open(name)?;
-        Ok(match self.restores.active(name) {
-            Some(hyd) => Arc::new(LazyExport { hyd, inner: e }),
-            None => e,
-        })
+        self.inner.open(name)
     }
     fn list(&self) -> Vec<String> {
         self.inner.list()

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use snapblk_core::device::BLOCK_SIZE_U64;
+use snapblk_core::keys::{Filling, Incomplete};
 use snapblk_core::names::parse_snap_ref;
 use snapblk_core::{Export, Pool, VolumeHandle};
 
@@ -129,13 +130,13 @@ pub fn restore_volume(
     let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
     // Marked incomplete from its first commit: if this process dies before the restore
     // ends, the volume says so instead of passing for a good copy.
-    let why = format!(
-        "full restore of {} ({}) from {} has not finished (if no restore is running, it was interrupted: delete the volume and restore again)",
-        h.name(),
-        h.id,
-        repo.describe(),
-    );
-    pool.create_volume_marked(new_volume, size, Some(&why))?;
+    let mark = Incomplete {
+        by: Filling::FullRestore,
+        backup: h.name(),
+        manifest: h.id.clone(),
+        source: repo.describe(),
+    };
+    pool.create_volume_marked(new_volume, size, Some(&mark))?;
     let sink = VolumeHandle::open(pool, new_volume)?;
     let done = restore::run(repo, h, &sink, 8, progress).and_then(|summary| {
         // restore::run flushed the data; only now is the volume whole.
@@ -156,39 +157,48 @@ pub fn restore_volume(
 
 /// Starts a lazy restore of `backup_name` as `new_volume`: the volume is usable as soon as
 /// this returns; `restores` serves it while it hydrates. If `new_volume` is an interrupted
-/// lazy restore of the same backup, it resumes.
+/// lazy restore of the same backup (its mark in the pool says so), it resumes.
 pub fn restore_lazy(
     pool: &Arc<Pool>,
     repo: &Repository,
     backup_name: &str,
     new_volume: &str,
-    restores: &Restores,
+    restores: &Arc<Restores>,
     state_dir: &std::path::Path,
 ) -> Result<Arc<Hydration>> {
     let (headers, _) = manifest::list(repo)?;
     let Some(h) = manifest::find(&headers, backup_name) else {
         return Err(BackupError::NoSuchBackup(backup_name.to_string()));
     };
-    if restores.active(new_volume).is_some() {
-        return Err(BackupError::invalid(
-            new_volume,
-            "is already being restored",
-        ));
-    }
-    let resume = restores.suspended(new_volume);
-    if let Some(s) = &resume {
-        if s.manifest != h.id {
-            return Err(BackupError::invalid(
-                new_volume,
-                format!(
-                    "is an interrupted restore of {} ({}), not of {}",
-                    s.backup, s.manifest, h.id
-                ),
-            ));
-        }
-    } else {
+    let _reserved = restores.reserve(new_volume)?;
+    let mark = Incomplete {
+        by: Filling::LazyRestore,
+        backup: h.name(),
+        manifest: h.id.clone(),
+        source: repo.describe(),
+    };
+    let resume = match pool.volume_info(new_volume) {
+        Ok(v) => match v.incomplete {
+            Some(m) if m.by == Filling::LazyRestore && m.manifest == h.id => true,
+            Some(m) if m.by == Filling::LazyRestore => {
+                return Err(BackupError::invalid(
+                    new_volume,
+                    format!(
+                        "is an interrupted lazy restore of {} ({}), not of {}",
+                        m.backup, m.manifest, h.id
+                    ),
+                ))
+            }
+            _ => return Err(snapblk_core::Error::exists("volume", new_volume).into()),
+        },
+        Err(snapblk_core::Error::NotFound { .. }) => false,
+        Err(e) => return Err(e.into()),
+    };
+    if !resume {
+        // Marked in the commit that creates it: until the hydration below is registered,
+        // nothing can open it (LazyExports) or reshape it (src/admin.rs).
         let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
-        pool.create_volume(new_volume, size)?;
+        pool.create_volume_marked(new_volume, size, Some(&mark))?;
     }
     let state = State {
         volume: new_volume.to_string(),
@@ -197,13 +207,29 @@ pub fn restore_lazy(
         backup: h.name(),
         target: repo.describe(),
     };
+    let again = state.clone();
     let sink: Arc<dyn Export> = Arc::new(VolumeHandle::open(pool, new_volume)?);
-    match Hydration::start(repo, h, sink, state, state_dir) {
-        Ok(hyd) => {
+    let commit = {
+        let (pool, name) = (Arc::clone(pool), new_volume.to_string());
+        Box::new(move || pool.set_volume_incomplete(&name, None).map(|_| ()))
+    };
+    let release = {
+        let r = Arc::downgrade(restores);
+        Box::new(move |v: &str| {
+            if let Some(r) = r.upgrade() {
+                r.remove(v);
+            }
+        })
+    };
+    let started =
+        Hydration::start(repo, h, sink, state, state_dir, commit, release).and_then(|hyd| {
             restores.insert(Arc::clone(&hyd));
-            Ok(hyd)
-        }
-        Err(e) if resume.is_none() => {
+            hyd.spawn().map(|()| hyd)
+        });
+    match started {
+        Ok(hyd) => Ok(hyd),
+        Err(e) if !resume => {
+            restores.remove(new_volume);
             if let Err(d) = pool.delete_volume(new_volume, false) {
                 log::warn!("removing {new_volume} after a failed lazy restore: {d}");
             }
@@ -212,6 +238,10 @@ pub fn restore_lazy(
                 cause: Box::new(e),
             })
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            restores.remove(new_volume);
+            restores.suspend(again);
+            Err(e)
+        }
     }
 }

@@ -367,6 +367,7 @@ fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
     let exports = LazyExports {
         inner: Arc::new(PoolExports(Arc::clone(&p))),
         restores: Arc::clone(&restores),
+        pool: Arc::clone(&p),
     };
     let e = exports.open("lazy").unwrap();
     // The store is down: reads fail with EIO, never zeros.

@@ -171,7 +171,7 @@ fn every_job_allocates_by_the_data_not_by_stored_sizes() {
     check(
         "a lazy restore",
         largest_during(|| {
-            let restores = Restores::default();
+            let restores = Arc::new(Restores::default());
             let h = restore_lazy(&p, &r, "v@a", "lazy", &restores, state.path()).unwrap();
             for _ in 0..600 {
                 if h.is_complete() {

@@ -162,9 +162,45 @@ pub struct VolumeRecord {
     pub head: LayerId,
     pub created: u64,
     /// Set while something fills the volume that must finish before its contents are
-    /// whole (a full restore): says what, so a crash leaves it clearly marked.
+    /// whole (a restore): says what, so a crash leaves it clearly marked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub incomplete: Option<String>,
+    pub incomplete: Option<Incomplete>,
+}
+
+/// What is filling a volume whose contents are not whole yet.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filling {
+    /// A full restore writes every cell, then clears the mark; interrupted, the volume is
+    /// useless (delete it and restore again).
+    FullRestore,
+    /// A lazy restore serves the volume while it hydrates; only the daemon may open it, and
+    /// an interrupted one resumes where it was.
+    LazyRestore,
+}
+
+/// The mark on a volume being filled (see [`VolumeRecord::incomplete`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Incomplete {
+    pub by: Filling,
+    /// `vol@snap` as backed up, the manifest id, and the repository it comes from.
+    pub backup: String,
+    pub manifest: String,
+    pub source: String,
+}
+
+impl std::fmt::Display for Incomplete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = match self.by {
+            Filling::FullRestore => "full restore",
+            Filling::LazyRestore => "lazy restore",
+        };
+        write!(
+            f,
+            "{how} of {} ({}) from {} has not finished",
+            self.backup, self.manifest, self.source
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::device::BLOCK_SIZE_U64;
 use crate::error::{Error, Result};
-use crate::keys::{self, LayerId, LayerRecord, SnapshotRecord, VolId, VolumeRecord};
+use crate::keys::{self, Incomplete, LayerId, LayerRecord, SnapshotRecord, VolId, VolumeRecord};
 use crate::meta::WriteBatch;
 use crate::names::validate_name;
 
@@ -37,7 +37,7 @@ pub struct VolumeInfo {
     /// Why the volume's contents are not whole yet (an unfinished or interrupted restore);
     /// `None` for an ordinary volume.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub incomplete: Option<String>,
+    pub incomplete: Option<Incomplete>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -135,7 +135,7 @@ impl Pool {
         &self,
         name: &str,
         size: u64,
-        incomplete: Option<&str>,
+        incomplete: Option<&Incomplete>,
     ) -> Result<VolumeInfo> {
         validate_name("volume name", name)?;
         validate_size(size)?;
@@ -157,7 +157,7 @@ impl Pool {
             size,
             head: lid,
             created: now,
-            incomplete: incomplete.map(str::to_string),
+            incomplete: incomplete.cloned(),
         };
         let mut b = WriteBatch::new();
         b.put(keys::layer_key(lid), keys::encode_record(&layer));
@@ -260,13 +260,13 @@ impl Pool {
     pub fn set_volume_incomplete(
         &self,
         name: &str,
-        incomplete: Option<&str>,
+        incomplete: Option<&Incomplete>,
     ) -> Result<VolumeInfo> {
         {
             let mut tree = self.tree_write();
             let vid = tree.volume_id(name)?;
             let mut v = tree.volume(vid)?.clone();
-            v.incomplete = incomplete.map(str::to_string);
+            v.incomplete = incomplete.cloned();
             let mut b = WriteBatch::new();
             b.put(keys::volume_key(vid), keys::encode_record(&v));
             self.store().commit(b, true)?;
