@@ -239,6 +239,26 @@ pub enum RepoCmd {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Make the pack indexes agree with the packs: rebuild a missing index from its pack,
+    /// remove indexes whose pack is gone; report backups that reference chunks no pack
+    /// holds (exit 1). Writes only index objects.
+    Repair {
+        /// s3://BUCKET/PREFIX or file:///PATH
+        target: String,
+        /// Say what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Convert a format-1 repository (unauthenticated config) to the current format:
+    /// authenticates its config as stored now. Run it where you trust the repository.
+    Upgrade {
+        /// s3://BUCKET/PREFIX or file:///PATH
+        target: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -23,12 +23,57 @@ fn fits_u32(what: &str, v: u64) -> Result<u32> {
 }
 
 pub fn repo(cmd: &RepoCmd) -> Result<Outcome> {
-    let RepoCmd::Init {
-        target,
-        chunk_size,
-        pack_size,
-        repo,
-    } = cmd;
+    let (target, chunk_size, pack_size, repo) = match cmd {
+        RepoCmd::Init {
+            target,
+            chunk_size,
+            pack_size,
+            repo,
+        } => (target, chunk_size, pack_size, repo),
+        RepoCmd::Repair {
+            target,
+            dry_run,
+            repo,
+        } => {
+            let r = repo.spec(target)?.open()?;
+            let rep = snapblk_backup::repair::run(&r, *dry_run)?;
+            let verb = if rep.dry_run { "would be" } else { "were" };
+            let mut text = format!(
+                "{} packs, {} indexes: {} indexes {verb} rebuilt from their packs, {} {verb} removed (pack gone)",
+                rep.packs,
+                rep.indexes,
+                rep.indexes_rebuilt.len(),
+                rep.indexes_removed.len()
+            );
+            for (p, why) in &rep.packs_unreadable {
+                text.push_str(&format!(
+                    "\n  pack {p} has no index and cannot be read: {why}"
+                ));
+            }
+            for (b, n) in &rep.backups_damaged {
+                text.push_str(&format!(
+                    "\n  backup {b} references {n} chunks no pack holds: it cannot be restored; back it up again"
+                ));
+            }
+            return Ok(Outcome {
+                ok: rep.is_clean(),
+                json: serde_json::to_value(&rep)?,
+                text,
+            });
+        }
+        RepoCmd::Upgrade { target, repo } => {
+            let r = repo.spec(target)?.upgrade()?;
+            let c = r.config();
+            return Ok(Outcome {
+                json: json!({ "target": target, "id": c.id, "version": c.version }),
+                text: format!(
+                    "repository {} at {target} is format {} (config authenticated)",
+                    c.id, c.version
+                ),
+                ok: true,
+            });
+        }
+    };
     let opts = InitOptions {
         chunk_size: fits_u32("chunk size", parse_size(chunk_size)?)?,
         pack_size: fits_u32("pack size", parse_size(pack_size)?)?,

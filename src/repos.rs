@@ -102,6 +102,7 @@ pub trait RepoOpen {
     fn store(&self, create_bucket: bool) -> Result<Arc<dyn ObjectStore>>;
     fn open(&self) -> Result<Repository>;
     fn init(&self, opts: &InitOptions) -> Result<Repository>;
+    fn upgrade(&self) -> Result<Repository>;
 }
 
 fn key_bytes(s: &Secret) -> Result<Vec<u8>> {
@@ -134,6 +135,13 @@ impl RepoOpen for RepoSpec {
 
     fn open(&self) -> Result<Repository> {
         Ok(Repository::open(
+            self.store(false)?,
+            &key_bytes(&self.secret)?,
+        )?)
+    }
+
+    fn upgrade(&self) -> Result<Repository> {
+        Ok(Repository::upgrade(
             self.store(false)?,
             &key_bytes(&self.secret)?,
         )?)

@@ -21,7 +21,7 @@ use snapblk_core::Export;
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::ChunkIndex;
+use crate::index::{ChunkIndex, Purpose};
 use crate::manifest::{self, BackupStats, Header, Table};
 use crate::pack::{Pack, PackBuilder};
 use crate::par::lock;
@@ -136,7 +136,7 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     // Normally one pass; another when garbage collection condemned a pack holding a chunk
     // we reused while we ran (those cells are read and stored again).
     for _pass in 0..3 {
-        let index = ChunkIndex::load(repo, true)?;
+        let index = ChunkIndex::load(repo, Purpose::Backup)?;
         let mut known: HashSet<ChunkId> = index.map.keys().copied().collect();
         for id in &forced {
             known.remove(id);
@@ -149,7 +149,7 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
             };
         }
         // Everything referenced must be in a live pack now.
-        let after = ChunkIndex::load(repo, true)?;
+        let after = ChunkIndex::load(repo, Purpose::Backup)?;
         let missing: HashSet<ChunkId> = result
             .values()
             .filter(|id| !after.map.contains_key(id))

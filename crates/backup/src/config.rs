@@ -1,6 +1,13 @@
 //! The repository's `config` object: plain JSON (it must be readable before any key is
 //! known), holding the format version, chunking and packing parameters and the wrapped
 //! master key slots. Everything else in a repository is sealed.
+//!
+//! Format 2 authenticates the config: `mac` is a keyed BLAKE3 hash, under a key derived
+//! from the master key, of the config's JSON without `mac`. It can only be checked once a
+//! key slot is open, so everything a slot costs to open is bounded first (`parse`: at most
+//! `MAX_KEY_SLOTS` slots; `crypto::unwrap_master`: Argon2 cost). A config that fails its
+//! mac (altered chunk size, added slots, ...) is refused. Format 1 (no mac) is refused
+//! with a pointer to `snapblk repo upgrade`, which authenticates it.
 
 use serde::{Deserialize, Serialize};
 
@@ -8,7 +15,11 @@ use crate::crypto::KeySlot;
 use crate::error::{BackupError, Result};
 
 pub const FORMAT: &str = "snapblk-backup";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The format before configs were authenticated; `repo upgrade` converts it.
+pub const VERSION_UNAUTHENTICATED: u32 = 1;
+/// Key slots a config may hold (each costs an Argon2 run to try).
+pub const MAX_KEY_SLOTS: usize = 16;
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
 pub const DEFAULT_PACK_SIZE: u32 = 8 << 20;
 pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
@@ -38,6 +49,9 @@ pub struct RepoConfig {
     pub chunk_hash: String,
     /// Wrapped copies of the master key (at least one).
     pub keys: Vec<KeySlot>,
+    /// Hex keyed BLAKE3 of this config without `mac` (format 2; see the module doc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl RepoConfig {
@@ -51,11 +65,17 @@ impl RepoConfig {
                 format!("format is {:?}, not {FORMAT:?}", c.format),
             ));
         }
-        if c.version != VERSION {
+        if c.version != VERSION && c.version != VERSION_UNAUTHENTICATED {
             return Err(BackupError::Unsupported(format!(
                 "repository format version {} (this snapblk reads version {VERSION})",
                 c.version
             )));
+        }
+        if c.keys.len() > MAX_KEY_SLOTS {
+            return Err(BackupError::corrupt(
+                "config",
+                format!("{} key slots (at most {MAX_KEY_SLOTS})", c.keys.len()),
+            ));
         }
         check_chunk_size(c.chunk_size)?;
         if !(1 << 20..=MAX_PACK_SIZE).contains(&c.pack_size) {
@@ -83,6 +103,18 @@ impl RepoConfig {
             return Err(BackupError::corrupt("config", "no key slots"));
         }
         Ok(c)
+    }
+}
+
+impl RepoConfig {
+    /// The bytes the mac covers: this config's JSON with `mac` left out.
+    pub fn mac_input(&self) -> Vec<u8> {
+        let unsigned = RepoConfig {
+            mac: None,
+            ..self.clone()
+        };
+        // Plain struct of strings and numbers: serializing cannot fail.
+        serde_json::to_vec(&unsigned).unwrap_or_default()
     }
 }
 

@@ -73,6 +73,10 @@ const SLOT_AAD: &[u8] = b"snapblk key slot";
 /// Argon2id cost for new slots: the OWASP minimum (19 MiB, 2 passes).
 pub const KDF_M_KIB: u32 = 19 * 1024;
 pub const KDF_T: u32 = 2;
+/// Bounds on a key slot's Argon2 cost (checked before running it).
+pub const MAX_KDF_M_KIB: u32 = 1 << 20;
+pub const MAX_KDF_T: u32 = 10;
+pub const MAX_KDF_P: u32 = 8;
 
 fn kek(secret: &[u8], slot_salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 32]> {
     let params = Params::new(m, t, p, Some(32))
@@ -133,8 +137,10 @@ pub fn unwrap_master(slot: &KeySlot, secret: &[u8]) -> Result<Option<[u8; 32]>> 
             slot.kdf
         )));
     }
-    // Bound the cost a hostile config can make us pay (4 GiB, 100 passes).
-    if slot.m_kib > 4 << 20 || slot.t > 100 || slot.p == 0 || slot.p > 64 {
+    // The config is authenticated only after a slot opens, so bound what trying one can
+    // cost before running Argon2: at most 1 GiB of memory, 10 passes, 8 lanes (ours: 19 MiB,
+    // 2 passes, 1 lane).
+    if slot.m_kib > MAX_KDF_M_KIB || slot.t > MAX_KDF_T || slot.p == 0 || slot.p > MAX_KDF_P {
         return Err(BackupError::Unsupported(format!(
             "argon2 cost m={} KiB t={} p={}",
             slot.m_kib, slot.t, slot.p
@@ -151,6 +157,7 @@ pub fn unwrap_master(slot: &KeySlot, secret: &[u8]) -> Result<Option<[u8; 32]>> 
 #[derive(Clone)]
 pub struct Keys {
     id_key: [u8; 32],
+    config_key: [u8; 32],
     seal: XChaCha20Poly1305,
 }
 
@@ -158,12 +165,18 @@ impl Keys {
     pub fn from_master(master: &[u8; 32]) -> Keys {
         Keys {
             id_key: blake3::derive_key("snapblk backup 2026 chunk id", master),
+            config_key: blake3::derive_key("snapblk backup 2026 config mac", master),
             seal: cipher(&blake3::derive_key("snapblk backup 2026 seal", master)),
         }
     }
 
     pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
         ChunkId(*blake3::keyed_hash(&self.id_key, data).as_bytes())
+    }
+
+    /// The config's mac (hex) over `bytes` (`RepoConfig::mac_input`).
+    pub fn config_mac(&self, bytes: &[u8]) -> blake3::Hash {
+        blake3::keyed_hash(&self.config_key, bytes)
     }
 
     pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Vec<u8> {

@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::ChunkIndex;
+use crate::index::{ChunkIndex, Purpose};
 use crate::manifest;
 use crate::pack::PackBuilder;
 use crate::progress::Progress;
@@ -75,7 +75,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
                 .map(|(_, id)| id),
         );
     }
-    let index = ChunkIndex::load(repo, false)?;
+    let index = ChunkIndex::load(repo, Purpose::Read)?;
     let t = now();
     let marks: HashMap<String, u64> = store
         .list(repo::TRASH)?

@@ -1,6 +1,9 @@
 //! The repository's chunk map, loaded from every `index/` object: chunk id -> where its
-//! sealed blob lies. Packs marked in `trash/` (condemned by garbage collection) can be
-//! left out, so a backup never references a chunk that is about to be deleted.
+//! sealed blob lies. For a backup ([`Purpose::Backup`]) two kinds of pack are left out of
+//! the map, so a backup never references a chunk it cannot count on: packs marked in
+//! `trash/` (condemned by garbage collection, about to be deleted), and indexes whose pack
+//! object is not in the store's listing (an index left behind after its pack was lost or
+//! deleted: referencing its chunks would make the new backup unrestorable).
 
 use std::collections::{HashMap, HashSet};
 
@@ -33,10 +36,24 @@ pub struct ChunkIndex {
 /// Parallel small GETs (index objects, manifest headers): latency-bound, so many.
 pub const FETCH_THREADS: usize = 32;
 
+/// What the chunk map is loaded for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Checking or collecting: every index, as stored.
+    Read,
+    /// Restoring: every index whose pack exists (condemned ones included: they still
+    /// hold the data until gc deletes them), so a chunk stored again after its first pack
+    /// was lost is read from where it is.
+    Restore,
+    /// Deduplicating a new backup against: only chunks in packs that exist and are not
+    /// condemned.
+    Backup,
+}
+
 impl ChunkIndex {
-    /// Loads every index object. With `skip_condemned`, chunks that live only in packs
-    /// marked for deletion are left out of `map`.
-    pub fn load(repo: &Repository, skip_condemned: bool) -> Result<ChunkIndex> {
+    /// Loads every index object (see [`Purpose`] for what a backup leaves out of `map`).
+    pub fn load(repo: &Repository, purpose: Purpose) -> Result<ChunkIndex> {
+        let skip_condemned = purpose == Purpose::Backup;
         let store = repo.store();
         let condemned: HashSet<String> = store
             .list(repo::TRASH)?
@@ -49,6 +66,22 @@ impl ChunkIndex {
             .filter_map(|o| o.key.strip_prefix(repo::INDEX).map(str::to_string))
             .collect();
         ids.sort();
+        if purpose != Purpose::Read {
+            let packs: HashSet<String> = store
+                .list(repo::PACKS)?
+                .into_iter()
+                .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
+                .collect();
+            let before = ids.len();
+            ids.retain(|id| packs.contains(id));
+            if ids.len() < before {
+                log::warn!(
+                    "{}: {} pack indexes have no pack; their chunks are stored again (run `snapblk repo repair`)",
+                    repo.describe(),
+                    before - ids.len()
+                );
+            }
+        }
         let loaded = crate::par::map(&ids, FETCH_THREADS, |id| -> Result<Vec<PackEntry>> {
             let key = repo::index_key(id);
             let sealed = store.get(&key, MAX_PACK_OBJECT)?;

@@ -27,6 +27,7 @@ pub mod pack;
 mod par;
 pub mod progress;
 pub mod prune;
+pub mod repair;
 pub mod repo;
 pub mod restore;
 pub mod store;

@@ -127,8 +127,8 @@ impl PackBuilder {
     }
 }
 
-/// Reads the index from a whole pack's bytes (to rebuild a lost `index/` object).
-pub fn index_from_pack(keys: &Keys, pack: &[u8]) -> Result<Vec<PackEntry>, String> {
+/// The sealed index stored at the end of a whole pack's bytes.
+pub fn trailer(pack: &[u8]) -> Result<&[u8], String> {
     let n = pack.len();
     if n < 8 || &pack[n - 4..] != MAGIC {
         return Err("no pack trailer".into());
@@ -137,8 +137,15 @@ pub fn index_from_pack(keys: &Keys, pack: &[u8]) -> Result<Vec<PackEntry>, Strin
     let start = (n - 8)
         .checked_sub(il)
         .ok_or("index length exceeds the pack")?;
+    Ok(&pack[start..n - 8])
+}
+
+/// Reads the index from a whole pack's bytes (to rebuild a lost `index/` object).
+pub fn index_from_pack(keys: &Keys, pack: &[u8]) -> Result<Vec<PackEntry>, String> {
+    let sealed = trailer(pack)?;
+    let start = pack.len() - 8 - sealed.len();
     let plain = keys
-        .open(&pack[start..n - 8], INDEX_AAD)
+        .open(sealed, INDEX_AAD)
         .ok_or("pack index fails authentication")?;
     decode_index(&plain, Some(start as u64))
 }

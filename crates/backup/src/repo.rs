@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::config::{
     check_chunk_size, RepoConfig, DEFAULT_PACK_SIZE, FORMAT, MAX_CONFIG_BYTES, VERSION,
+    VERSION_UNAUTHENTICATED,
 };
 use crate::crypto::{random_bytes, unwrap_master, wrap_master, Keys};
 use crate::error::{BackupError, Result};
@@ -102,12 +103,21 @@ impl Repository {
             cipher: "xchacha20poly1305".into(),
             chunk_hash: "blake3-keyed".into(),
             keys: vec![wrap_master(&master, secret)?],
+            mac: None,
         };
-        let bytes = serde_json::to_vec_pretty(&config)
-            .map_err(|e| BackupError::invalid("config", e.to_string()))?;
-        // A create-only put that reports "exists" may be the retry of our own put whose
-        // answer was lost: the stored config is then byte-for-byte ours (it holds a fresh
-        // uuid and key slot, so no other writer's can match).
+        let keys = Keys::from_master(&master);
+        let (config, bytes) = signed(config, &keys)?;
+        // Look first: some S3-compatible servers ignore If-None-Match, and a put over an
+        // existing repository's config would make every backup in it unreadable.
+        match store.get(CONFIG_KEY, MAX_CONFIG_BYTES) {
+            Ok(_) => return Err(BackupError::RepositoryExists(store.describe())),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Then create conditionally. A create-only put that reports "exists" may be the
+        // retry of our own put whose answer was lost: the stored config is then
+        // byte-for-byte ours (it holds a fresh uuid and key slot, so no other writer's can
+        // match).
         if !store.put_new(CONFIG_KEY, &bytes)? && store.get(CONFIG_KEY, MAX_CONFIG_BYTES)? != bytes
         {
             return Err(BackupError::RepositoryExists(store.describe()));
@@ -115,28 +125,55 @@ impl Repository {
         Ok(Repository {
             store,
             config,
-            keys: Keys::from_master(&master),
+            keys,
         })
     }
 
-    /// Opens the repository in `store` with `secret`.
+    /// Opens the repository in `store` with `secret`: unwraps the master key, then checks
+    /// the config's mac (format 2).
     pub fn open(store: Arc<dyn ObjectStore>, secret: &[u8]) -> Result<Repository> {
-        let bytes = match store.get(CONFIG_KEY, MAX_CONFIG_BYTES) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => return Err(BackupError::NoRepository(store.describe())),
-            Err(e) => return Err(e.into()),
-        };
-        let config = RepoConfig::parse(&bytes)?;
-        for slot in &config.keys {
-            if let Some(master) = unwrap_master(slot, secret)? {
-                return Ok(Repository {
-                    store,
-                    config,
-                    keys: Keys::from_master(&master),
-                });
-            }
+        let (config, keys) = unlock(&*store, secret)?;
+        if config.version == VERSION_UNAUTHENTICATED {
+            return Err(BackupError::Unsupported(format!(
+                "the repository at {} is format 1, whose config is not authenticated; \
+                 run `snapblk repo upgrade {}` once to authenticate it",
+                store.describe(),
+                store.describe()
+            )));
         }
-        Err(BackupError::WrongKey(store.describe()))
+        check_mac(&config, &keys)?;
+        Ok(Repository {
+            store,
+            config,
+            keys,
+        })
+    }
+
+    /// Converts a format-1 repository: authenticates its config as it is now (so run it
+    /// where you trust the stored config). Idempotent.
+    pub fn upgrade(store: Arc<dyn ObjectStore>, secret: &[u8]) -> Result<Repository> {
+        let (config, keys) = unlock(&*store, secret)?;
+        if config.version == VERSION {
+            check_mac(&config, &keys)?;
+            return Ok(Repository {
+                store,
+                config,
+                keys,
+            });
+        }
+        let (config, bytes) = signed(
+            RepoConfig {
+                version: VERSION,
+                ..config
+            },
+            &keys,
+        )?;
+        store.put(CONFIG_KEY, &bytes)?;
+        Ok(Repository {
+            store,
+            config,
+            keys,
+        })
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -154,4 +191,44 @@ impl Repository {
     pub fn describe(&self) -> String {
         self.store.describe()
     }
+}
+
+/// Reads the config and opens a key slot with `secret` (the config is not checked yet).
+fn unlock(store: &dyn ObjectStore, secret: &[u8]) -> Result<(RepoConfig, Keys)> {
+    let bytes = match store.get(CONFIG_KEY, MAX_CONFIG_BYTES) {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Err(BackupError::NoRepository(store.describe())),
+        Err(e) => return Err(e.into()),
+    };
+    let config = RepoConfig::parse(&bytes)?;
+    for slot in &config.keys {
+        if let Some(master) = unwrap_master(slot, secret)? {
+            return Ok((config, Keys::from_master(&master)));
+        }
+    }
+    Err(BackupError::WrongKey(store.describe()))
+}
+
+fn check_mac(config: &RepoConfig, keys: &Keys) -> Result<()> {
+    let want = keys.config_mac(&config.mac_input());
+    let ok = config
+        .mac
+        .as_deref()
+        .and_then(|m| blake3::Hash::from_hex(m).ok())
+        .is_some_and(|m| m == want); // blake3::Hash compares in constant time
+    if !ok {
+        return Err(BackupError::corrupt(
+            CONFIG_KEY,
+            "fails authentication: it was altered (or its mac removed) since it was written",
+        ));
+    }
+    Ok(())
+}
+
+/// `config` with its mac set, and its stored bytes.
+fn signed(mut config: RepoConfig, keys: &Keys) -> Result<(RepoConfig, Vec<u8>)> {
+    config.mac = Some(keys.config_mac(&config.mac_input()).to_hex().to_string());
+    let bytes = serde_json::to_vec_pretty(&config)
+        .map_err(|e| BackupError::invalid("config", e.to_string()))?;
+    Ok((config, bytes))
 }

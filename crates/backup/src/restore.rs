@@ -14,7 +14,7 @@ use snapblk_core::Export;
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::{ChunkIndex, Loc};
+use crate::index::{ChunkIndex, Loc, Purpose};
 use crate::manifest::{self, Header, Table};
 use crate::par::lock;
 use crate::progress::Progress;
@@ -48,7 +48,7 @@ impl Fetcher {
     pub fn new(repo: &Repository) -> Result<Self> {
         Ok(Fetcher {
             repo: repo.clone(),
-            index: ChunkIndex::load(repo, false)?,
+            index: ChunkIndex::load(repo, Purpose::Restore)?,
         })
     }
 

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::ChunkIndex;
+use crate::index::{ChunkIndex, Purpose};
 use crate::manifest;
 use crate::par::lock;
 use crate::progress::Progress;
@@ -74,7 +74,7 @@ pub fn run(
         }
     }
     rep.chunks = refs.len() as u64;
-    let index = ChunkIndex::load(repo, false)?;
+    let index = ChunkIndex::load(repo, Purpose::Read)?;
     rep.chunks_unreferenced = index
         .packs
         .iter()

@@ -1,0 +1,133 @@
+//! `repo repair`: makes the pack indexes agree with the packs, and says what could not be
+//! recovered.
+//!
+//! - A pack without an `index/` object gets one again, read from the pack's own trailer
+//!   (the same sealed index, stored inside every pack); a pack whose trailer does not open
+//!   is reported (its chunks cannot be located).
+//! - An index whose pack is gone is removed, so nothing dedups against chunks that are not
+//!   stored; every backup that references a chunk no remaining pack holds is reported
+//!   with how many chunks it misses (its restore would fail; back up again).
+//!
+//! Reads every pack that lacks an index and every manifest table; writes only `index/`.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::crypto::ChunkId;
+use crate::error::{BackupError, Result};
+use crate::index::{ChunkIndex, Purpose};
+use crate::manifest;
+use crate::pack::{index_from_pack, MAX_PACK_OBJECT};
+use crate::repo::{self, Repository};
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub packs: u64,
+    pub indexes: u64,
+    /// Packs whose index was rebuilt from their trailer.
+    pub indexes_rebuilt: Vec<String>,
+    /// Indexes removed because their pack is gone.
+    pub indexes_removed: Vec<String>,
+    /// Packs that lack an index and whose trailer cannot be read: (pack, why).
+    pub packs_unreadable: Vec<(String, String)>,
+    /// Backups referencing chunks no pack holds: (vol@snap (id), chunks missing).
+    pub backups_damaged: Vec<(String, u64)>,
+    pub dry_run: bool,
+}
+
+impl Report {
+    /// Whether everything the repository references is stored and located.
+    pub fn is_clean(&self) -> bool {
+        self.packs_unreadable.is_empty() && self.backups_damaged.is_empty()
+    }
+}
+
+fn ids_under(repo: &Repository, prefix: &str) -> Result<HashSet<String>> {
+    Ok(repo
+        .store()
+        .list(prefix)?
+        .into_iter()
+        .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
+        .collect())
+}
+
+pub fn run(repo: &Repository, dry_run: bool) -> Result<Report> {
+    let store = repo.store();
+    let packs = ids_under(repo, repo::PACKS)?;
+    let indexes = ids_under(repo, repo::INDEX)?;
+    let mut rep = Report {
+        packs: packs.len() as u64,
+        indexes: indexes.len() as u64,
+        dry_run,
+        ..Default::default()
+    };
+    let mut sorted: Vec<&String> = packs.difference(&indexes).collect();
+    sorted.sort();
+    for id in sorted {
+        let key = repo::pack_key(id);
+        let rebuilt = store
+            .get(&key, MAX_PACK_OBJECT)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                index_from_pack(repo.keys(), &bytes)?;
+                // The trailer is the sealed index as stored in index/: copy it verbatim.
+                crate::pack::trailer(&bytes).map(<[u8]>::to_vec)
+            });
+        match rebuilt {
+            Ok(index) => {
+                if !dry_run {
+                    store.put(&repo::index_key(id), &index)?;
+                }
+                rep.indexes_rebuilt.push(id.clone());
+            }
+            Err(why) => rep.packs_unreadable.push((id.clone(), why)),
+        }
+    }
+    let mut gone: Vec<&String> = indexes.difference(&packs).collect();
+    gone.sort();
+    for id in gone {
+        if !dry_run {
+            store.delete(&repo::index_key(id))?;
+        }
+        rep.indexes_removed.push(id.clone());
+    }
+    // What every backup needs, against what the (repaired) indexes locate in existing packs.
+    let stored: HashSet<ChunkId> = if dry_run {
+        let ix = ChunkIndex::load(repo, Purpose::Read)?;
+        ix.packs
+            .iter()
+            .filter(|p| packs.contains(&p.id) && !rep.packs_unreadable.iter().any(|u| u.0 == p.id))
+            .flat_map(|p| p.entries.iter().map(|e| e.id))
+            .collect()
+    } else {
+        ChunkIndex::load(repo, Purpose::Read)?
+            .map
+            .keys()
+            .copied()
+            .collect()
+    };
+    let (headers, bad) = manifest::list(repo)?;
+    if let Some((id, e)) = bad.first() {
+        return Err(BackupError::invalid(
+            "repair",
+            format!("manifest {id} cannot be read ({e})"),
+        ));
+    }
+    let mut damaged: HashMap<String, u64> = HashMap::new();
+    for h in &headers {
+        let t = manifest::read_table(repo, h)?;
+        let missing = t
+            .cells
+            .iter()
+            .map(|(_, c)| c)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .filter(|c| !stored.contains(c))
+            .count() as u64;
+        if missing > 0 {
+            damaged.insert(format!("{} ({})", h.name(), h.id), missing);
+        }
+    }
+    rep.backups_damaged = damaged.into_iter().collect();
+    rep.backups_damaged.sort();
+    Ok(rep)
+}

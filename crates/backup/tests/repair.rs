@@ -1,0 +1,124 @@
+//! An index left behind after its pack is gone must not make later backups unrestorable,
+//! and `repo repair` puts indexes and packs back in agreement, naming what is lost.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use snapblk_backup::file::FileStore;
+use snapblk_backup::repo::InitOptions;
+use snapblk_backup::store::ObjectStore;
+use snapblk_backup::volume::{backup_snapshot, restore_volume};
+use snapblk_backup::{repair, verify, NoProgress, Repository};
+use snapblk_core::device::mem::MemDevice;
+use snapblk_core::{Export, MemStore, Pool, VolumeHandle};
+
+const MIB: u64 = 1 << 20;
+
+fn pool() -> Arc<Pool> {
+    let store = Arc::new(MemStore::new());
+    let dev = Arc::new(MemDevice::new(256 * MIB));
+    Pool::format(&*store, &*dev).unwrap();
+    Pool::open(store, dev).unwrap()
+}
+
+fn image(pool: &Arc<Pool>, name: &str) -> Vec<u8> {
+    let h = VolumeHandle::open(pool, name).unwrap();
+    let mut b = vec![0u8; h.size().unwrap() as usize];
+    h.read(0, &mut b).unwrap();
+    b
+}
+
+/// Object files under `dir/sub`, sorted.
+fn files(dir: &Path, sub: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.join(sub)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn setup() -> (Arc<Pool>, tempfile::TempDir, Repository) {
+    let p = pool();
+    let d = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(d.path()));
+    let r = Repository::init(
+        store,
+        b"k",
+        &InitOptions {
+            pack_size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.create_volume("v", 8 * MIB).unwrap();
+    let mut x = 3u64;
+    let data: Vec<u8> = (0..8 * MIB)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    VolumeHandle::open(&p, "v")
+        .unwrap()
+        .write(0, &data, false)
+        .unwrap();
+    p.create_snapshot("v", "a").unwrap();
+    backup_snapshot(&p, &r, "v@a", false, &NoProgress).unwrap();
+    (p, d, r)
+}
+
+#[test]
+fn a_backup_never_references_chunks_of_a_missing_pack() {
+    let (p, d, r) = setup();
+    let packs = files(d.path(), "packs");
+    assert!(packs.len() > 2, "{packs:?}");
+    std::fs::remove_file(&packs[1]).unwrap(); // its index stays behind
+    p.create_snapshot("v", "b").unwrap();
+    backup_snapshot(&p, &r, "v@b", false, &NoProgress).unwrap();
+    restore_volume(&p, &r, "v@b", "rb", &NoProgress).expect("the new backup restores");
+    assert!(image(&p, "v@b") == image(&p, "rb"));
+}
+
+#[test]
+fn repair_rebuilds_lost_indexes_and_names_lost_chunks() {
+    let (p, d, r) = setup();
+    let indexes = files(d.path(), "index");
+    std::fs::remove_file(&indexes[0]).unwrap();
+    let rep = repair::run(&r, false).unwrap();
+    assert_eq!(rep.indexes_rebuilt.len(), 1, "{rep:?}");
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(files(d.path(), "index").len(), indexes.len());
+    assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
+    restore_volume(&p, &r, "v@a", "ra", &NoProgress).unwrap();
+    assert!(image(&p, "v@a") == image(&p, "ra"));
+
+    // A pack is lost for good: its index goes, the backup that needs it is named.
+    let packs = files(d.path(), "packs");
+    std::fs::remove_file(&packs[0]).unwrap();
+    let dry = repair::run(&r, true).unwrap();
+    assert_eq!(
+        (dry.indexes_removed.len(), files(d.path(), "index").len()),
+        (1, indexes.len()),
+        "a dry run changes nothing"
+    );
+    let rep = repair::run(&r, false).unwrap();
+    assert_eq!(rep.indexes_removed.len(), 1, "{rep:?}");
+    assert!(!rep.is_clean());
+    assert_eq!(rep.backups_damaged.len(), 1, "{rep:?}");
+    assert!(rep.backups_damaged[0].0.starts_with("v@a") && rep.backups_damaged[0].1 > 0);
+    // A new backup stores the lost chunks again; then nothing is missing for it.
+    p.create_snapshot("v", "c").unwrap();
+    backup_snapshot(&p, &r, "v@c", false, &NoProgress).unwrap();
+    restore_volume(&p, &r, "v@c", "rc", &NoProgress).unwrap();
+    assert!(image(&p, "v@c") == image(&p, "rc"));
+}
