@@ -24,7 +24,8 @@ fuzz_target!(|data: &[u8]| {
             let _ = pack::decode_index(body, None);
         }
         2 => {
-            let _ = pack::index_from_pack(&keys, body);
+            let _ = pack::index_from_pack(&keys, "00", body);
+            let _ = pack::names("00", body);
         }
         3 => {
             if let Ok(t) = Table::decode(body) {

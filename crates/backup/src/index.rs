@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::pack::{decode_index, PackEntry, INDEX_AAD, MAX_PACK_OBJECT};
+use crate::pack::{decode_index, index_aad, PackEntry, MAX_PACK_OBJECT};
 use crate::repo::{self, Repository};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,10 +85,10 @@ impl ChunkIndex {
         let loaded = crate::par::map(&ids, FETCH_THREADS, |id| -> Result<Vec<PackEntry>> {
             let key = repo::index_key(id);
             let sealed = store.get(&key, MAX_PACK_OBJECT)?;
-            let plain = repo.keys().open(&sealed, INDEX_AAD).ok_or_else(|| {
+            let plain = repo.keys().open(&sealed, &index_aad(id)).ok_or_else(|| {
                 BackupError::corrupt(
                     &key,
-                    "fails authentication (altered, or another repository's)",
+                    "fails authentication (altered, moved from another pack's name, or another repository's)",
                 )
             })?;
             decode_index(&plain, None).map_err(|d| BackupError::corrupt(&key, d))

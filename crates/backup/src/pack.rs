@@ -3,7 +3,12 @@
 //! Pack layout: `chunk blob*`, then the sealed pack index, then the index's length (u32 LE)
 //! and the magic `SBPK`. The same sealed index is also stored as `index/<pack id>`, so a
 //! repository's chunk map loads without reading packs, and can be rebuilt from packs
-//! alone. A pack's id is the BLAKE3 hash of its bytes.
+//! alone. A pack's id is the BLAKE3 hash of its blob section (everything before the
+//! index), and the index is sealed with its pack's id in the associated data, so an index
+//! moved to another pack's name does not open (format 2). Packs written by format 1 are
+//! named by the hash of all their bytes and their trailer index is sealed with a constant
+//! associated data; `repo upgrade` re-seals their `index/` objects, and only repairing a
+//! format-1 pack from its trailer still accepts the constant.
 //!
 //! Index plaintext: `SBIX`, version u8 = 1, count u32 LE, then per chunk: id (32 bytes),
 //! offset u32 LE, length u32 LE (of the sealed blob within the pack).
@@ -11,7 +16,13 @@
 use crate::config::{MAX_CHUNK_SIZE, MAX_PACK_SIZE};
 use crate::crypto::{ChunkId, Keys};
 
-pub const INDEX_AAD: &[u8] = b"snapblk pack index";
+/// The associated data of format-1 pack indexes (not bound to a pack).
+pub const LEGACY_INDEX_AAD: &[u8] = b"snapblk pack index";
+
+/// The associated data of the index of pack `id`.
+pub fn index_aad(id: &str) -> Vec<u8> {
+    format!("snapblk pack index {id}").into_bytes()
+}
 const MAGIC: &[u8; 4] = b"SBPK";
 const IX_MAGIC: &[u8; 4] = b"SBIX";
 const ENTRY: usize = 40;
@@ -113,13 +124,14 @@ impl PackBuilder {
         self.entries.is_empty()
     }
     pub fn finish(self, keys: &Keys) -> Pack {
-        let index = keys.seal(&encode_index(&self.entries), INDEX_AAD);
+        let id = blake3::hash(&self.buf).to_hex().to_string();
+        let index = keys.seal(&encode_index(&self.entries), &index_aad(&id));
         let mut bytes = self.buf;
         bytes.extend_from_slice(&index);
         bytes.extend_from_slice(&(index.len() as u32).to_le_bytes());
         bytes.extend_from_slice(MAGIC);
         Pack {
-            id: blake3::hash(&bytes).to_hex().to_string(),
+            id,
             bytes,
             index,
             entries: self.entries,
@@ -140,13 +152,28 @@ pub fn trailer(pack: &[u8]) -> Result<&[u8], String> {
     Ok(&pack[start..n - 8])
 }
 
-/// Reads the index from a whole pack's bytes (to rebuild a lost `index/` object).
-pub fn index_from_pack(keys: &Keys, pack: &[u8]) -> Result<Vec<PackEntry>, String> {
+/// Whether `id` names `pack`'s bytes: the hash of its blob section (format 2) or of all
+/// of it (format 1).
+pub fn names(id: &str, pack: &[u8]) -> bool {
+    let blobs = trailer(pack).map_or(pack.len(), |t| pack.len() - 8 - t.len());
+    blake3::hash(&pack[..blobs]).to_hex().as_str() == id
+        || blake3::hash(pack).to_hex().as_str() == id
+}
+
+/// Reads the index from the whole bytes of pack `id` (to rebuild a lost `index/` object):
+/// the trailer must open under the pack's name, or be a format-1 trailer of a pack that
+/// hashes to `id`.
+pub fn index_from_pack(keys: &Keys, id: &str, pack: &[u8]) -> Result<Vec<PackEntry>, String> {
     let sealed = trailer(pack)?;
     let start = pack.len() - 8 - sealed.len();
     let plain = keys
-        .open(sealed, INDEX_AAD)
-        .ok_or("pack index fails authentication")?;
+        .open(sealed, &index_aad(id))
+        .or_else(|| {
+            (blake3::hash(pack).to_hex().as_str() == id)
+                .then(|| keys.open(sealed, LEGACY_INDEX_AAD))
+                .flatten()
+        })
+        .ok_or("pack index fails authentication (altered, or not this pack's)")?;
     decode_index(&plain, Some(start as u64))
 }
 
@@ -164,11 +191,16 @@ mod tests {
             b.add(id, &sealed);
         }
         let p = b.finish(&k);
-        assert_eq!(p.id, blake3::hash(&p.bytes).to_hex().to_string());
-        let from_trailer = index_from_pack(&k, &p.bytes).unwrap();
+        assert!(names(&p.id, &p.bytes));
+        let from_trailer = index_from_pack(&k, &p.id, &p.bytes).unwrap();
         assert_eq!(from_trailer, p.entries);
+        assert!(
+            index_from_pack(&k, &"0".repeat(64), &p.bytes).is_err(),
+            "a pack's index opens only under its own name"
+        );
+        assert!(k.open(&p.index, LEGACY_INDEX_AAD).is_none());
         let sep = decode_index(
-            &k.open(&p.index, INDEX_AAD).unwrap(),
+            &k.open(&p.index, &index_aad(&p.id)).unwrap(),
             Some(p.bytes.len() as u64),
         )
         .unwrap();

@@ -2,8 +2,8 @@
 //! recovered.
 //!
 //! - A pack without an `index/` object gets one again, read from the pack's own trailer
-//!   (the same sealed index, stored inside every pack); a pack whose trailer does not open
-//!   is reported (its chunks cannot be located).
+//!   (the same index, stored inside every pack) and sealed under the pack's name; a pack
+//!   whose trailer does not open is reported (its chunks cannot be located).
 //! - An index whose pack is gone is removed, so nothing dedups against chunks that are not
 //!   stored; every backup that references a chunk no remaining pack holds is reported
 //!   with how many chunks it misses (its restore would fail; back up again).
@@ -16,7 +16,7 @@ use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::index::{ChunkIndex, Purpose};
 use crate::manifest;
-use crate::pack::{index_from_pack, MAX_PACK_OBJECT};
+use crate::pack::{encode_index, index_aad, index_from_pack, MAX_PACK_OBJECT};
 use crate::repo::{self, Repository};
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -68,9 +68,9 @@ pub fn run(repo: &Repository, dry_run: bool) -> Result<Report> {
             .get(&key, MAX_PACK_OBJECT)
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
-                index_from_pack(repo.keys(), &bytes)?;
-                // The trailer is the sealed index as stored in index/: copy it verbatim.
-                crate::pack::trailer(&bytes).map(<[u8]>::to_vec)
+                let entries = index_from_pack(repo.keys(), id, &bytes)?;
+                // Sealed under the pack's name (a format-1 trailer is not).
+                Ok(repo.keys().seal(&encode_index(&entries), &index_aad(id)))
             });
         match rebuilt {
             Ok(index) => {

@@ -1,10 +1,11 @@
 //! An open repository: its store, config and keys, and the names of its objects.
 //!
 //! Object layout (all keys relative to the target's prefix; docs/design.md §12):
-//! `config` (plain JSON), `packs/<2 hex>/<64 hex>` (pack, named by the BLAKE3 hash of its
-//! bytes), `index/<64 hex>` (sealed chunk list of that pack), `tables/<id>` (sealed cell
-//! table of a manifest), `manifests/<id>` (sealed manifest header, written last),
-//! `trash/<64 hex>` (garbage-collection mark of a pack, plain JSON).
+//! `config` (plain JSON, authenticated), `packs/<2 hex>/<64 hex>` (pack, named by the BLAKE3
+//! hash of its blob section), `index/<64 hex>` (chunk list of that pack, sealed under its
+//! name), `tables/<id>` (sealed cell table of a manifest), `manifests/<id>` (sealed
+//! manifest header, written last), `trash/<64 hex>` (garbage-collection mark of a pack,
+//! plain JSON).
 
 use std::sync::Arc;
 
@@ -161,6 +162,9 @@ impl Repository {
                 keys,
             });
         }
+        // Pack indexes first, bound to their pack's name; the config last, so an upgrade
+        // cut short runs again from where it stopped.
+        reseal_indexes(&*store, &keys)?;
         let (config, bytes) = signed(
             RepoConfig {
                 version: VERSION,
@@ -231,4 +235,24 @@ fn signed(mut config: RepoConfig, keys: &Keys) -> Result<(RepoConfig, Vec<u8>)> 
     let bytes = serde_json::to_vec_pretty(&config)
         .map_err(|e| BackupError::invalid("config", e.to_string()))?;
     Ok((config, bytes))
+}
+
+/// Re-seals every format-1 `index/` object (constant associated data) under its pack's
+/// name; indexes already bound are left alone.
+fn reseal_indexes(store: &dyn ObjectStore, keys: &Keys) -> Result<()> {
+    use crate::pack::{index_aad, LEGACY_INDEX_AAD, MAX_PACK_OBJECT};
+    for o in store.list(INDEX)? {
+        let Some(id) = o.key.strip_prefix(INDEX) else {
+            continue;
+        };
+        let sealed = store.get(&o.key, MAX_PACK_OBJECT)?;
+        if keys.open(&sealed, &index_aad(id)).is_some() {
+            continue;
+        }
+        let plain = keys
+            .open(&sealed, LEGACY_INDEX_AAD)
+            .ok_or_else(|| BackupError::corrupt(&o.key, "fails authentication"))?;
+        store.put(&o.key, &keys.seal(&plain, &index_aad(id)))?;
+    }
+    Ok(())
 }

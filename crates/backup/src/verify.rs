@@ -207,7 +207,7 @@ pub fn run(
                 lock(&problems).push(bad_chunk(id, pid, &detail));
             }
         }
-        if !any_bad && blake3::hash(&bytes).to_hex().as_str() != pid {
+        if !any_bad && !crate::pack::names(pid, &bytes) {
             lock(&problems).push(Problem {
                 object: format!("pack {pid}"),
                 detail: "bytes do not match its name (damage outside the referenced chunks)".into(),

@@ -122,3 +122,42 @@ fn repair_rebuilds_lost_indexes_and_names_lost_chunks() {
     restore_volume(&p, &r, "v@c", "rc", &NoProgress).unwrap();
     assert!(image(&p, "v@c") == image(&p, "rc"));
 }
+
+/// Pack indexes are bound to their pack's name: one copied over another's name fails to
+/// open (before, it opened and sent reads to the wrong pack).
+#[test]
+fn a_pack_index_moved_to_another_name_does_not_open() {
+    let (_p, d, r) = setup();
+    let indexes = files(d.path(), "index");
+    assert!(indexes.len() >= 2);
+    std::fs::copy(&indexes[0], &indexes[1]).unwrap();
+    let e = verify::run(&r, false, 2, &NoProgress).expect_err("a moved index was accepted");
+    assert!(e.to_string().contains("moved"), "{e}");
+}
+
+/// A format-1 repository (unauthenticated config, indexes sealed without their pack's
+/// name) is refused until `upgrade`, which re-seals its indexes; then it restores.
+#[test]
+fn upgrade_binds_format_1_indexes_to_their_packs() {
+    use snapblk_backup::pack::{index_aad, LEGACY_INDEX_AAD};
+    let (p, d, r) = setup();
+    for f in files(d.path(), "index") {
+        let id = f.file_name().unwrap().to_str().unwrap().to_string();
+        let plain = r
+            .keys()
+            .open(&std::fs::read(&f).unwrap(), &index_aad(&id))
+            .unwrap();
+        std::fs::write(&f, r.keys().seal(&plain, LEGACY_INDEX_AAD)).unwrap();
+    }
+    let cfg = d.path().join("config");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["version"] = 1.into();
+    v.as_object_mut().unwrap().remove("mac");
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(d.path()));
+    assert!(Repository::open(Arc::clone(&store), b"k").is_err());
+    let up = Repository::upgrade(Arc::clone(&store), b"k").unwrap();
+    assert!(verify::run(&up, true, 2, &NoProgress).unwrap().is_clean());
+    restore_volume(&p, &up, "v@a", "ra", &NoProgress).unwrap();
+    assert!(image(&p, "v@a") == image(&p, "ra"));
+}
