@@ -1,8 +1,12 @@
 //! The metadata-store abstraction: an ordered byte-key store with atomic batches.
 //!
-//! Invariants every implementation keeps (checked by `tests/store_conformance.rs`):
+//! Invariants every implementation keeps (checked by `snapblk_testkit::conformance`):
 //! * a committed batch is visible as a whole to every later `get`/`scan`, never in part;
 //! * `scan` yields keys in ascending byte order within `[from, to)`;
+//! * a `view` sees the store as it was when the view was taken, whatever is committed
+//!   after (so a long scan on a view is consistent without holding writers off);
+//! * `DeleteRange(from, to)` removes every key in `[from, to)`, in batch order with the
+//!   batch's other operations;
 //! * after `sync` returns, every batch committed before `sync` was called survives a crash
 //!   (a batch committed with `durable = true` survives once `commit` returns).
 //!
@@ -10,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::StoreError;
 
@@ -19,6 +23,8 @@ use crate::error::StoreError;
 pub enum BatchOp {
     Put(Vec<u8>, Vec<u8>),
     Delete(Vec<u8>),
+    /// Every key in `[from, to)`.
+    DeleteRange(Vec<u8>, Vec<u8>),
 }
 
 /// An atomic group of puts and deletes, applied in order.
@@ -37,6 +43,10 @@ impl WriteBatch {
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
         self.ops.push(BatchOp::Delete(key.into()));
     }
+    /// Deletes every key in `[from, to)` (one range tombstone on RocksDB).
+    pub fn delete_range(&mut self, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::DeleteRange(from.into(), to.into()));
+    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -48,10 +58,21 @@ impl WriteBatch {
 /// Visitor for [`MetaStore::scan`]: return `ControlFlow::Break(())` to stop early.
 pub type ScanVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
 
+/// Reads of one point in time (a [`MetaStore::view`]).
+pub trait MetaRead: Send + Sync {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Visits every key in `[from, to)` in ascending order.
+    fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError>;
+}
+
 pub trait MetaStore: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Visits every key in `[from, to)` in ascending order.
     fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError>;
+    /// A read-only view of the store as of now: batches committed later are not visible in
+    /// it. Cheap to take; hold it only as long as a scan needs (RocksDB keeps the versions
+    /// it sees from compaction meanwhile).
+    fn view(&self) -> Result<Box<dyn MetaRead + '_>, StoreError>;
     /// Applies `batch` atomically; with `durable`, it is on stable storage when this returns.
     fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError>;
     /// Makes every batch committed so far durable.
@@ -60,17 +81,88 @@ pub trait MetaStore: Send + Sync {
     fn size_on_disk(&self) -> u64;
 }
 
-/// In-memory store for tests and models. A clone of an `Arc<MemStore>` "reopens" it.
+/// Visits `[from, to)` with a visitor that may fail: its first error stops the scan and is
+/// returned (as is a store error). The one place that carries a visitor's error out.
+pub fn try_scan<E: From<StoreError>>(
+    store: &(impl MetaRead + ?Sized),
+    from: &[u8],
+    to: &[u8],
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<ControlFlow<()>, E>,
+) -> Result<(), E> {
+    let mut err = None;
+    store.scan(from, to, &mut |k, v| match visit(k, v) {
+        Ok(c) => c,
+        Err(e) => {
+            err = Some(e);
+            ControlFlow::Break(())
+        }
+    })?;
+    err.map_or(Ok(()), Err)
+}
+
+/// Every store reads like a view of itself at each call.
+impl<T: MetaStore + ?Sized> MetaRead for T {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        MetaStore::get(self, key)
+    }
+    fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
+        MetaStore::scan(self, from, to, visit)
+    }
+}
+
+type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Applies `op` to an ordered map (the memory stores and the power-loss simulator).
+pub fn apply_op(map: &mut Map, op: BatchOp) {
+    match op {
+        BatchOp::Put(k, v) => {
+            map.insert(k, v);
+        }
+        BatchOp::Delete(k) => {
+            map.remove(&k);
+        }
+        BatchOp::DeleteRange(from, to) => {
+            if from < to {
+                let doomed: Vec<Vec<u8>> = map.range(from..to).map(|(k, _)| k.clone()).collect();
+                for k in doomed {
+                    map.remove(&k);
+                }
+            }
+        }
+    }
+}
+
+/// A frozen copy of an ordered map, read as a store view.
+pub struct MapView(pub Arc<Map>);
+
+impl MetaRead for MapView {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.0.get(key).cloned())
+    }
+    fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
+        if from < to {
+            for (k, v) in self.0.range(from.to_vec()..to.to_vec()) {
+                if visit(k, v).is_break() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// In-memory store for tests and models. A clone of an `Arc<MemStore>` "reopens" it. The
+/// map is shared copy-on-write with views: a commit copies it only while a view lives.
 #[derive(Default)]
 pub struct MemStore {
-    map: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+    map: Mutex<Arc<Map>>,
 }
 
 impl MemStore {
     pub fn new() -> Self {
         Self::default()
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Arc<Map>> {
         // A panic while holding this lock can only come from a bug in this file; the map is
         // never left half-updated by the code below, so the poison flag carries no meaning.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
@@ -86,26 +178,20 @@ impl MetaStore for MemStore {
         if from >= to {
             return Ok(());
         }
-        let map = self.lock();
-        for (k, v) in map.range(from.to_vec()..to.to_vec()) {
-            if visit(k, v).is_break() {
-                break;
-            }
-        }
-        Ok(())
+        // The visitor may call back into the store: scan a snapshot of the map.
+        let map = Arc::clone(&self.lock());
+        MapView(map).scan(from, to, visit)
+    }
+
+    fn view(&self) -> Result<Box<dyn MetaRead + '_>, StoreError> {
+        Ok(Box::new(MapView(Arc::clone(&self.lock()))))
     }
 
     fn commit(&self, batch: WriteBatch, _durable: bool) -> Result<(), StoreError> {
-        let mut map = self.lock();
+        let mut guard = self.lock();
+        let map = Arc::make_mut(&mut guard);
         for op in batch.ops {
-            match op {
-                BatchOp::Put(k, v) => {
-                    map.insert(k, v);
-                }
-                BatchOp::Delete(k) => {
-                    map.remove(&k);
-                }
-            }
+            apply_op(map, op);
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use rocksdb::{BlockBasedOptions, Cache, IteratorMode, Options, ReadOptions, WriteOptions, DB};
-use snapblk_core::meta::{BatchOp, MetaStore, ScanVisitor, WriteBatch};
+use snapblk_core::meta::{BatchOp, MetaRead, MetaStore, ScanVisitor, WriteBatch};
 use snapblk_core::StoreError;
 
 pub struct RocksStore {
@@ -51,6 +51,47 @@ impl RocksStore {
     }
 }
 
+/// Visits `[from, to)` of an iterator source (the database or one of its snapshots).
+fn scan_iter<'a>(
+    it: impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+    visit: &mut ScanVisitor<'a>,
+) -> Result<(), StoreError> {
+    for item in it {
+        let (k, v) = item.map_err(err)?;
+        if visit(&k, &v) == ControlFlow::Break(()) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn bounded(to: &[u8]) -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_upper_bound(to.to_vec());
+    ro
+}
+
+/// A RocksDB snapshot: reads as of when it was taken.
+struct RocksView<'a> {
+    snap: rocksdb::SnapshotWithThreadMode<'a, DB>,
+}
+
+impl MetaRead for RocksView<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.snap.get(key).map_err(err)
+    }
+    fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
+        if from >= to {
+            return Ok(());
+        }
+        let it = self.snap.iterator_opt(
+            IteratorMode::From(from, rocksdb::Direction::Forward),
+            bounded(to),
+        );
+        scan_iter(it, visit)
+    }
+}
+
 impl MetaStore for RocksStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.db.get(key).map_err(err)
@@ -60,18 +101,17 @@ impl MetaStore for RocksStore {
         if from >= to {
             return Ok(());
         }
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(to.to_vec());
-        let it = self
-            .db
-            .iterator_opt(IteratorMode::From(from, rocksdb::Direction::Forward), ro);
-        for item in it {
-            let (k, v) = item.map_err(err)?;
-            if visit(&k, &v) == ControlFlow::Break(()) {
-                break;
-            }
-        }
-        Ok(())
+        let it = self.db.iterator_opt(
+            IteratorMode::From(from, rocksdb::Direction::Forward),
+            bounded(to),
+        );
+        scan_iter(it, visit)
+    }
+
+    fn view(&self) -> Result<Box<dyn MetaRead + '_>, StoreError> {
+        Ok(Box::new(RocksView {
+            snap: self.db.snapshot(),
+        }))
     }
 
     fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
@@ -80,6 +120,11 @@ impl MetaStore for RocksStore {
             match op {
                 BatchOp::Put(k, v) => b.put(k, v),
                 BatchOp::Delete(k) => b.delete(k),
+                BatchOp::DeleteRange(from, to) => {
+                    if from < to {
+                        b.delete_range(from, to)
+                    }
+                }
             }
         }
         let mut wo = WriteOptions::default();

@@ -2,9 +2,10 @@
 
 use std::ops::ControlFlow;
 
-use snapblk_core::{MetaStore, WriteBatch};
+use snapblk_core::meta::{try_scan, MetaRead};
+use snapblk_core::{MetaStore, StoreError, WriteBatch};
 
-fn collect(s: &dyn MetaStore, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn collect(s: &(impl MetaRead + ?Sized), from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
     s.scan(from, to, &mut |k, v| {
         out.push((k.to_vec(), v.to_vec()));
@@ -89,6 +90,58 @@ pub fn run_all(s: &dyn MetaStore) {
             })
             .collect::<Vec<_>>()
     );
+
+    views_and_ranges(s);
+}
+
+fn keys_of(v: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<u8>> {
+    v.iter().map(|(k, _)| k.clone()).collect()
+}
+
+/// Views see one point in time; range deletes are half-open and ordered within a batch;
+/// a visitor's error ends a scan and is returned.
+fn views_and_ranges(s: &dyn MetaStore) {
+    let k = |i: u8| vec![b'R', i];
+    let mut b = WriteBatch::new();
+    for i in 0..10 {
+        b.put(k(i), vec![i]);
+    }
+    s.commit(b, false).unwrap();
+
+    let view = s.view().unwrap();
+    let mut b = WriteBatch::new();
+    b.delete_range(k(2), k(5)); // removes 2, 3, 4
+    b.put(k(3), b"again".to_vec()); // after the range delete: stays
+    b.put(k(7), b"new".to_vec());
+    b.delete_range(k(7), k(8)); // removes the put just before it
+    b.delete_range(k(9), k(9)); // empty: nothing
+    b.delete_range(k(6), k(5)); // inverted: nothing
+    b.delete(k(0));
+    s.commit(b, true).unwrap();
+
+    let now: Vec<Vec<u8>> = keys_of(&collect(s, b"R", b"S"));
+    assert_eq!(now, vec![k(1), k(3), k(5), k(6), k(8), k(9)]);
+    assert_eq!(s.get(&k(3)).unwrap().as_deref(), Some(&b"again"[..]));
+    assert_eq!(s.get(&k(7)).unwrap(), None);
+    // The view still sees the store as it was before that batch.
+    let then = collect(&*view, b"R", b"S");
+    assert_eq!(keys_of(&then), (0..10).map(k).collect::<Vec<_>>());
+    assert_eq!(view.get(&k(3)).unwrap().as_deref(), Some(&[3u8][..]));
+    assert_eq!(view.get(&k(0)).unwrap().as_deref(), Some(&[0u8][..]));
+    drop(view);
+
+    // A failing visitor stops the scan; its error comes back.
+    let mut seen = 0;
+    let r = try_scan(s, b"R", b"S", |_, _| {
+        seen += 1;
+        if seen == 2 {
+            Err(StoreError::Backend("visitor gave up".into()))
+        } else {
+            Ok(std::ops::ControlFlow::Continue(()))
+        }
+    });
+    assert!(matches!(r, Err(StoreError::Backend(m)) if m == "visitor gave up"));
+    assert_eq!(seen, 2);
 }
 
 /// Checks, on a store reopened after `run_all`, that committed data survived the close.

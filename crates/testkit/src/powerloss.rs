@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use snapblk_core::device::{DataDevice, ReadSeg, WriteSeg, BLOCK_SIZE};
-use snapblk_core::meta::{BatchOp, MetaStore, ScanVisitor, WriteBatch};
+use snapblk_core::meta::{apply_op, MapView, MetaRead, MetaStore, ScanVisitor, WriteBatch};
 use snapblk_core::StoreError;
 
 /// A small deterministic generator (splitmix64), so a failing seed replays exactly.
@@ -104,14 +104,7 @@ pub struct Machine {
 
 fn apply(map: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
     for op in &batch.ops {
-        match op {
-            BatchOp::Put(k, v) => {
-                map.insert(k.clone(), v.clone());
-            }
-            BatchOp::Delete(k) => {
-                map.remove(k);
-            }
-        }
+        apply_op(map, op.clone());
     }
 }
 
@@ -372,6 +365,11 @@ impl MetaStore for SimStore {
             }
         }
         Ok(())
+    }
+
+    fn view(&self) -> Result<Box<dyn MetaRead + '_>, StoreError> {
+        let st = self.power.live(self.epoch)?;
+        Ok(Box::new(MapView(Arc::new(st.meta_view.clone()))))
     }
 
     fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {

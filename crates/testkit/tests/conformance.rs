@@ -9,6 +9,13 @@ fn memstore_conforms() {
     conformance::run_all(&MemStore::new());
 }
 
+/// The power-loss simulator's store too (its view of the current boot).
+#[test]
+fn simstore_conforms() {
+    let m = snapblk_testkit::powerloss::PowerLoss::machine(1 << 20);
+    conformance::run_all(&*m.store);
+}
+
 #[test]
 fn rocksdb_conforms_and_persists() {
     let dir = tempfile::tempdir().unwrap();

@@ -24,6 +24,9 @@ impl MetaStore for CountingStore {
     fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
         self.inner.scan(from, to, visit)
     }
+    fn view(&self) -> Result<Box<dyn snapblk_core::meta::MetaRead + '_>, StoreError> {
+        self.inner.view()
+    }
     fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
         self.ops.fetch_add(batch.len() as u64, Ordering::SeqCst);
         self.inner.commit(batch, durable)

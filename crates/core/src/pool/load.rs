@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::keys::{
     self, LayerRecord, MapValue, SnapshotRecord, SuperRecord, VolumeRecord, FORMAT_VERSION,
 };
-use crate::meta::{MetaStore, WriteBatch};
+use crate::meta::{try_scan, MetaStore, WriteBatch};
 
 use super::{Pool, Tree, STRIPES};
 
@@ -175,41 +175,26 @@ impl Pool {
             }
             None => 1,
         };
-        let mut err: Option<Error> = None;
-        let mut keep = |r: Result<()>| match r {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(e) => {
-                err = Some(e);
-                ControlFlow::Break(())
-            }
-        };
         let mut layers = Vec::new();
         let (a, b) = keys::prefix_range(keys::K_LAYER);
-        store.scan(&a, &b, &mut |k, v| {
-            keep(keys::decode_record::<LayerRecord>("layer", k, v).map(|r| layers.push(r)))
+        try_scan(store, &a, &b, |k, v| {
+            layers.push(keys::decode_record::<LayerRecord>("layer", k, v)?);
+            Ok::<_, Error>(ControlFlow::Continue(()))
         })?;
         let (a, b) = keys::prefix_range(keys::K_VOLUME);
-        store.scan(&a, &b, &mut |k, v| {
-            keep(
-                keys::decode_record::<VolumeRecord>("volume", k, v).map(|r| {
-                    tree.names.insert(r.name.clone(), r.id);
-                    tree.volumes.insert(r.id, r);
-                }),
-            )
+        try_scan(store, &a, &b, |k, v| {
+            let r: VolumeRecord = keys::decode_record("volume", k, v)?;
+            tree.names.insert(r.name.clone(), r.id);
+            tree.volumes.insert(r.id, r);
+            Ok::<_, Error>(ControlFlow::Continue(()))
         })?;
         let (a, b) = keys::prefix_range(keys::K_SNAPSHOT);
-        store.scan(&a, &b, &mut |k, v| {
-            keep(
-                keys::decode_u64_suffix(k, keys::K_SNAPSHOT).and_then(|vol| {
-                    let r: SnapshotRecord = keys::decode_record("snapshot", k, v)?;
-                    tree.snapshots.insert((vol, r.name.clone()), r);
-                    Ok(())
-                }),
-            )
+        try_scan(store, &a, &b, |k, v| {
+            let vol = keys::decode_u64_suffix(k, keys::K_SNAPSHOT)?;
+            let r: SnapshotRecord = keys::decode_record("snapshot", k, v)?;
+            tree.snapshots.insert((vol, r.name.clone()), r);
+            Ok::<_, Error>(ControlFlow::Continue(()))
         })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
         for l in &layers {
             tree.layers.insert(
                 l.id,
@@ -245,35 +230,23 @@ impl Pool {
         let sup = Self::check_identity(&*store, &*dev)?;
         let mut tree = Self::load_tree(&*store)?;
         let mut alloc = Allocator::new(sup.data_blocks);
-        let mut err: Option<Error> = None;
         let mut counts: HashMap<u64, (u64, u64)> = HashMap::new();
         let (a, b) = keys::prefix_range(keys::K_MAP);
-        store.scan(&a, &b, &mut |k, v| {
-            let r = keys::decode_map_key(k).and_then(|(layer, lba)| {
-                let mv = MapValue::decode(v)?;
-                let c = counts.entry(layer).or_default();
-                c.0 += 1;
-                if let Some(pba) = mv.pba() {
-                    c.1 += 1;
-                    if !alloc.mark_used(pba) {
-                        return Err(Error::Corrupt(format!(
-                            "block {pba} (layer {layer}, lba {lba}) is out of range or mapped twice; run `snapblk pool check`"
-                        )));
-                    }
-                }
-                Ok(())
-            });
-            match r {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => {
-                    err = Some(e);
-                    ControlFlow::Break(())
+        try_scan(&*store, &a, &b, |k, v| {
+            let (layer, lba) = keys::decode_map_key(k)?;
+            let mv = MapValue::decode(v)?;
+            let c = counts.entry(layer).or_default();
+            c.0 += 1;
+            if let Some(pba) = mv.pba() {
+                c.1 += 1;
+                if !alloc.mark_used(pba) {
+                    return Err(Error::Corrupt(format!(
+                        "block {pba} (layer {layer}, lba {lba}) is out of range or mapped twice; run `snapblk pool check`"
+                    )));
                 }
             }
+            Ok(ControlFlow::Continue(()))
         })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
         for (layer, (entries, data)) in counts {
             match tree.layers.get_mut(&layer) {
                 Some(l) => {

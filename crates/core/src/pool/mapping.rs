@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 
 use crate::error::{Error, Result};
 use crate::keys::{self, LayerId, MapValue};
-use crate::meta::MetaStore;
+use crate::meta::{try_scan, MetaStore};
 
 /// Calls `f(lba, value)` for each entry of `layer` with lba in `[from, to)`, ascending.
 pub(crate) fn scan_layer(
@@ -27,20 +27,11 @@ pub(crate) fn scan_layer(
         return Ok(());
     }
     let (a, b) = keys::map_range(layer, from, to);
-    let mut err: Option<Error> = None;
-    store.scan(&a, &b, &mut |k, v| match keys::decode_map_key(k)
-        .and_then(|(_, lba)| Ok((lba, MapValue::decode(v)?)))
-    {
-        Ok((lba, mv)) => {
-            f(lba, mv);
-            ControlFlow::Continue(())
-        }
-        Err(e) => {
-            err = Some(e);
-            ControlFlow::Break(())
-        }
-    })?;
-    err.map_or(Ok(()), Err)
+    try_scan(store, &a, &b, |k, v| {
+        let (_, lba) = keys::decode_map_key(k)?;
+        f(lba, MapValue::decode(v)?);
+        Ok::<_, Error>(ControlFlow::Continue(()))
+    })
 }
 
 /// The visible entry of each lba in `[from, to)` through `chain` (nearest layer first).

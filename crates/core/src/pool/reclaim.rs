@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use crate::error::{Error, Result};
 use crate::keys::{self, MapValue};
-use crate::meta::WriteBatch;
+use crate::meta::{try_scan, WriteBatch};
 
 use super::mapping::scan_layer;
 use super::Pool;
@@ -27,24 +27,15 @@ impl Pool {
         let info = tree.layer(l)?.clone();
         let mut entries: Vec<(u64, MapValue)> = Vec::new();
         let (a, b) = keys::map_range(l, 0, u64::MAX);
-        let mut err = None;
-        store.scan(&a, &b, &mut |k, v| {
-            match keys::decode_map_key(k).and_then(|(_, lba)| Ok((lba, MapValue::decode(v)?))) {
-                Ok(e) => entries.push(e),
-                Err(e) => {
-                    err = Some(e);
-                    return ControlFlow::Break(());
-                }
-            }
-            if entries.len() >= RECLAIM_BATCH {
+        try_scan(store, &a, &b, |k, v| {
+            let (_, lba) = keys::decode_map_key(k)?;
+            entries.push((lba, MapValue::decode(v)?));
+            Ok::<_, Error>(if entries.len() >= RECLAIM_BATCH {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
-            }
+            })
         })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
         let done = entries.len() < RECLAIM_BATCH;
         let child = info.children.iter().next().copied();
         let mut batch = WriteBatch::new();
