@@ -12,16 +12,13 @@ use snapblk_backup::repo::InitOptions;
 use snapblk_backup::store::{ObjectMeta, ObjectStore, StoreError};
 use snapblk_backup::volume::{backup_snapshot, restore_volume};
 use snapblk_backup::{gc, manifest, prune, verify, BackupError, NoProgress, Repository};
-use snapblk_core::device::mem::MemDevice;
-use snapblk_core::{Export, MemStore, Pool, VolumeHandle};
+use snapblk_core::{Export, Pool, VolumeHandle};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{image, MIB};
 
 fn pool() -> Arc<Pool> {
-    let store = Arc::new(MemStore::new());
-    let dev = Arc::new(MemDevice::new(512 * MIB));
-    Pool::format(&*store, &*dev).unwrap();
-    Pool::open(store, dev).unwrap()
+    common::pool(512 * MIB)
 }
 
 struct Rng(u64);
@@ -47,15 +44,6 @@ fn write(pool: &Arc<Pool>, vol: &str, off: u64, len: usize, rng: &mut Rng) {
         .unwrap()
         .write(off, &b, false)
         .unwrap();
-}
-
-fn image(pool: &Arc<Pool>, name: &str) -> Vec<u8> {
-    let h = VolumeHandle::open(pool, name).unwrap();
-    let mut b = vec![0u8; h.size().unwrap() as usize];
-    for (i, c) in b.chunks_mut(MIB as usize).enumerate() {
-        h.read(i as u64 * MIB, c).unwrap();
-    }
-    b
 }
 
 fn snap(pool: &Arc<Pool>, vol: &str, s: &str) -> String {

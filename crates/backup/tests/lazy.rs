@@ -22,11 +22,12 @@ use snapblk_backup::repo::InitOptions;
 use snapblk_backup::store::{ObjectMeta, ObjectStore, StoreError};
 use snapblk_backup::volume::{backup_snapshot, restore_lazy};
 use snapblk_backup::{NoProgress, Repository};
-use snapblk_core::device::mem::MemDevice;
 use snapblk_core::keys::{Filling, Incomplete};
-use snapblk_core::{Export, ExportProvider, MemStore, Pool, PoolExports, VolumeHandle};
+use snapblk_core::{ExportProvider, Pool, PoolExports};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{random_bytes, MIB};
+
 const CELL: u64 = 64 << 10;
 
 /// A store that fails ranged GETs longer than `max_range` (the background's batches).
@@ -75,10 +76,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let store = Arc::new(MemStore::new());
-    let dev = Arc::new(MemDevice::new(256 * MIB));
-    Pool::format(&*store, &*dev).unwrap();
-    let pool = Pool::open(store, dev).unwrap();
+    let pool = common::pool(256 * MIB);
     let dir = tempfile::tempdir().unwrap();
     let r = Repository::init(
         Arc::new(FileStore::new(dir.path())),
@@ -91,19 +89,8 @@ fn setup() -> Setup {
     )
     .unwrap();
     pool.create_volume("v", 8 * MIB).unwrap();
-    let mut x = 7u64;
-    let data: Vec<u8> = (0..8 * MIB)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    VolumeHandle::open(&pool, "v")
-        .unwrap()
-        .write(0, &data, false)
-        .unwrap();
+    let data = random_bytes(8 * MIB as usize, 7);
+    common::put(&pool, "v", 0, &data);
     pool.create_snapshot("v", "s").unwrap();
     backup_snapshot(&pool, &r, "v@s", false, &NoProgress).unwrap();
     Setup {
@@ -147,10 +134,7 @@ impl Setup {
     }
 
     fn image(&self, name: &str) -> Vec<u8> {
-        let h = VolumeHandle::open(&self.pool, name).unwrap();
-        let mut b = vec![0u8; h.size().unwrap() as usize];
-        h.read(0, &mut b).unwrap();
-        b
+        common::image(&self.pool, name)
     }
 
     fn state_file(&self, ext: &str) -> std::path::PathBuf {

@@ -20,8 +20,10 @@ use snapblk_backup::repo::InitOptions;
 use snapblk_backup::store::ObjectStore;
 use snapblk_backup::volume::{backup_snapshot, restore_lazy, restore_volume};
 use snapblk_backup::{gc, manifest, prune, verify, NoProgress, Progress, Repository};
-use snapblk_core::device::mem::MemDevice;
-use snapblk_core::{Export, MemStore, Pool, VolumeHandle};
+use snapblk_core::Pool;
+
+mod common;
+use common::{image, pool, put, random_bytes, MIB};
 
 struct Counting;
 
@@ -60,43 +62,10 @@ static ALLOC: Counting = Counting;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const MIB: u64 = 1 << 20;
 /// The largest buffer a job over this 32 MiB volume may need: a 16 MiB coalesced ranged
 /// GET (restore), packs of 1 MiB, chunks of 64 KiB. Anything past this is sized by
 /// something other than the data at hand.
 const LIMIT: u64 = 24 * MIB;
-
-fn pool() -> Arc<Pool> {
-    let store = Arc::new(MemStore::new());
-    let dev = Arc::new(MemDevice::new(256 * MIB));
-    Pool::format(&*store, &*dev).unwrap();
-    Pool::open(store, dev).unwrap()
-}
-
-fn fill(pool: &Arc<Pool>, vol: &str, off: u64, len: usize, seed: u64) {
-    let mut x = seed | 1;
-    let b: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    VolumeHandle::open(pool, vol)
-        .unwrap()
-        .write(off, &b, false)
-        .unwrap();
-}
-
-fn image(pool: &Arc<Pool>, name: &str) -> Vec<u8> {
-    let h = VolumeHandle::open(pool, name).unwrap();
-    let mut b = vec![0u8; h.size().unwrap() as usize];
-    for (i, c) in b.chunks_mut(MIB as usize).enumerate() {
-        h.read(i as u64 * MIB, c).unwrap();
-    }
-    b
-}
 
 /// Runs `f` and returns the largest single allocation it made.
 fn largest_during(f: impl FnOnce()) -> u64 {
@@ -117,7 +86,7 @@ fn every_job_allocates_by_the_data_not_by_stored_sizes() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let p = pool();
+    let p = pool(256 * MIB);
     let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(dir.path()));
     let opts = InitOptions {
         chunk_size: 64 << 10,
@@ -126,9 +95,9 @@ fn every_job_allocates_by_the_data_not_by_stored_sizes() {
     };
     let r = Repository::init(store, b"test key", &opts).unwrap();
     p.create_volume("v", 32 * MIB).unwrap();
-    fill(&p, "v", 0, 12 * MIB as usize, 1);
+    put(&p, "v", 0, &random_bytes(12 * MIB as usize, 1));
     p.create_snapshot("v", "a").unwrap();
-    fill(&p, "v", 20 * MIB, 2 * MIB as usize, 2);
+    put(&p, "v", 20 * MIB, &random_bytes(2 * MIB as usize, 2));
     p.create_snapshot("v", "b").unwrap();
 
     check(
@@ -230,11 +199,11 @@ impl Progress for Watch {
 fn a_full_restore_is_marked_incomplete_until_it_ends() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let p = pool();
+    let p = pool(256 * MIB);
     let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(dir.path()));
     let r = Repository::init(store, b"test key", &InitOptions::default()).unwrap();
     p.create_volume("v", 8 * MIB).unwrap();
-    fill(&p, "v", 0, 4 * MIB as usize, 3);
+    put(&p, "v", 0, &random_bytes(4 * MIB as usize, 3));
     p.create_snapshot("v", "s").unwrap();
     backup_snapshot(&p, &r, "v@s", false, &NoProgress).unwrap();
     let w = Watch {

@@ -9,24 +9,10 @@ use snapblk_backup::repo::InitOptions;
 use snapblk_backup::store::ObjectStore;
 use snapblk_backup::volume::{backup_snapshot, restore_volume};
 use snapblk_backup::{repair, verify, NoProgress, Repository};
-use snapblk_core::device::mem::MemDevice;
-use snapblk_core::{Export, MemStore, Pool, VolumeHandle};
+use snapblk_core::Pool;
 
-const MIB: u64 = 1 << 20;
-
-fn pool() -> Arc<Pool> {
-    let store = Arc::new(MemStore::new());
-    let dev = Arc::new(MemDevice::new(256 * MIB));
-    Pool::format(&*store, &*dev).unwrap();
-    Pool::open(store, dev).unwrap()
-}
-
-fn image(pool: &Arc<Pool>, name: &str) -> Vec<u8> {
-    let h = VolumeHandle::open(pool, name).unwrap();
-    let mut b = vec![0u8; h.size().unwrap() as usize];
-    h.read(0, &mut b).unwrap();
-    b
-}
+mod common;
+use common::{image, pool, put, random_bytes, MIB};
 
 /// Object files under `dir/sub`, sorted.
 fn files(dir: &Path, sub: &str) -> Vec<std::path::PathBuf> {
@@ -46,7 +32,7 @@ fn files(dir: &Path, sub: &str) -> Vec<std::path::PathBuf> {
 }
 
 fn setup() -> (Arc<Pool>, tempfile::TempDir, Repository) {
-    let p = pool();
+    let p = pool(256 * MIB);
     let d = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(d.path()));
     let r = Repository::init(
@@ -59,19 +45,7 @@ fn setup() -> (Arc<Pool>, tempfile::TempDir, Repository) {
     )
     .unwrap();
     p.create_volume("v", 8 * MIB).unwrap();
-    let mut x = 3u64;
-    let data: Vec<u8> = (0..8 * MIB)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    VolumeHandle::open(&p, "v")
-        .unwrap()
-        .write(0, &data, false)
-        .unwrap();
+    put(&p, "v", 0, &random_bytes(8 * MIB as usize, 3));
     p.create_snapshot("v", "a").unwrap();
     backup_snapshot(&p, &r, "v@a", false, &NoProgress).unwrap();
     (p, d, r)

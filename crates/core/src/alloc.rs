@@ -50,6 +50,10 @@ impl Allocator {
     pub fn is_used(&self, pba: u64) -> bool {
         self.used.get(pba as usize).is_some_and(|b| *b)
     }
+    /// A copy of the state `pool check` compares against: (used bitmap, free, pending).
+    pub(crate) fn snapshot(&self) -> (BitVec<u64, Lsb0>, u64, u64) {
+        (self.used.clone(), self.free, self.pending())
+    }
 
     /// Marks `pba` used while loading; false if out of range or already used (corruption).
     pub fn mark_used(&mut self, pba: u64) -> bool {

@@ -7,25 +7,71 @@ use std::sync::Arc;
 
 use snapblk_core::device::mem::MemDevice;
 use snapblk_core::device::{DataDevice, ReadSeg, WriteSeg, DATA_START};
-use snapblk_core::meta::{ScanVisitor, WriteBatch};
+use snapblk_core::meta::{MetaRead, ScanVisitor, WriteBatch};
 use snapblk_core::{Error, MemStore, MetaStore, Pool, StoreError, Target};
 
-/// A MemStore that counts the operations of every committed batch.
+/// A MemStore that counts the operations of every committed batch; with `slow` set, its
+/// scans (and its views' scans) take 1 ms per 64 keys and raise `scanning` meanwhile.
 #[derive(Default)]
 struct CountingStore {
     inner: MemStore,
     ops: AtomicU64,
+    slow: AtomicBool,
+    scanning: AtomicBool,
 }
 
-impl MetaStore for CountingStore {
+impl CountingStore {
+    fn slow_scan(
+        &self,
+        read: &dyn MetaRead,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut ScanVisitor<'_>,
+    ) -> Result<(), StoreError> {
+        if !self.slow.load(Ordering::SeqCst) {
+            return read.scan(from, to, visit);
+        }
+        self.scanning.store(true, Ordering::SeqCst);
+        let mut n = 0u64;
+        let r = read.scan(from, to, &mut |k, v| {
+            n += 1;
+            if n.is_multiple_of(64) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            visit(k, v)
+        });
+        self.scanning.store(false, Ordering::SeqCst);
+        r
+    }
+}
+
+/// A view of a `CountingStore` (slow like it).
+struct CountingView<'a> {
+    store: &'a CountingStore,
+    inner: Box<dyn MetaRead + 'a>,
+}
+
+impl MetaRead for CountingView<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(key)
     }
     fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
-        self.inner.scan(from, to, visit)
+        self.store.slow_scan(&*self.inner, from, to, visit)
     }
-    fn view(&self) -> Result<Box<dyn snapblk_core::meta::MetaRead + '_>, StoreError> {
-        self.inner.view()
+}
+
+impl MetaStore for CountingStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        MetaStore::get(&self.inner, key)
+    }
+    fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
+        self.slow_scan(&self.inner, from, to, visit)
+    }
+    fn view(&self) -> Result<Box<dyn MetaRead + '_>, StoreError> {
+        Ok(Box::new(CountingView {
+            store: self,
+            inner: self.inner.view()?,
+        }))
     }
     fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
         self.ops.fetch_add(batch.len() as u64, Ordering::SeqCst);
@@ -261,12 +307,11 @@ fn deleting_snapshots_frees_exactly_their_exclusive_space() {
     assert!(pool.check().unwrap().is_clean());
     // The store holds no entries of the removed layers.
     let mut layers = std::collections::BTreeSet::new();
-    store
-        .scan(b"M", b"N", &mut |k, _| {
-            layers.insert(k[1..9].to_vec());
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    MetaStore::scan(&*store, b"M", b"N", &mut |k, _| {
+        layers.insert(k[1..9].to_vec());
+        ControlFlow::Continue(())
+    })
+    .unwrap();
     assert_eq!(
         layers.len(),
         1,
@@ -309,4 +354,41 @@ fn scrub_names_bad_blocks_and_what_they_affect() {
     let mut affects = b.affects.clone();
     affects.sort();
     assert_eq!(affects, vec!["v".to_string(), "v@s".to_string()]);
+}
+
+/// `pool check` scans a store view, not the store under the tree lock: writes keep
+/// completing while it scans the whole map (before, every commit waited for the check).
+#[test]
+fn pool_check_does_not_stall_writes() {
+    let (pool, store, _) = mem_pool(256 << 20);
+    pool.create_volume("v", 128 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    pool.write(id, 0, &vec![1u8; 64 << 20], false).unwrap(); // 16 Ki mapped blocks
+    store.slow.store(true, Ordering::SeqCst);
+    let checking = AtomicBool::new(true);
+    let during = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let r = pool.check().unwrap();
+            checking.store(false, Ordering::SeqCst);
+            assert!(r.is_clean(), "{r:?}");
+        });
+        let mut n = 0u64;
+        while checking.load(Ordering::SeqCst) {
+            let scanning = store.scanning.load(Ordering::SeqCst);
+            pool.write(id, (100 << 20) + (n % 1024) * 4096, &[2u8; 4096], false)
+                .unwrap();
+            if scanning && store.scanning.load(Ordering::SeqCst) {
+                during.fetch_add(1, Ordering::SeqCst);
+            }
+            n += 1;
+        }
+    });
+    store.slow.store(false, Ordering::SeqCst);
+    let during = during.load(Ordering::SeqCst);
+    assert!(
+        during >= 20,
+        "only {during} writes completed while pool check scanned the map"
+    );
+    assert!(pool.check().unwrap().is_clean());
 }

@@ -1,5 +1,10 @@
 //! `pool check`: verifies every metadata invariant of docs/design.md against the store
 //! (and, for an open pool, against the in-memory allocator and counts).
+//!
+//! On an open pool the check reads a store *view* taken, together with copies of the
+//! in-memory layer counts and allocator state, under the tree write lock (no commit runs
+//! then, so the four agree); the lock is released before the scan, so I/O and management
+//! commands go on while the whole map is checked.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::ControlFlow;
@@ -8,8 +13,9 @@ use bitvec::prelude::*;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::keys::LayerId;
 use crate::keys::{self, MapValue, SuperRecord};
-use crate::meta::MetaStore;
+use crate::meta::{MetaRead, MetaStore};
 
 use super::{Pool, Tree};
 
@@ -37,7 +43,7 @@ struct Found {
     used: BitVec<u64, Lsb0>,
 }
 
-fn check_store(store: &dyn MetaStore, r: &mut CheckReport) -> Result<Found> {
+fn check_store(store: &(impl MetaRead + ?Sized), r: &mut CheckReport) -> Result<Found> {
     let sk = keys::super_key();
     let data_blocks = match store.get(&sk)? {
         None => {
@@ -229,30 +235,41 @@ pub fn check_offline(store: &dyn MetaStore) -> Result<CheckReport> {
 }
 
 impl Pool {
-    /// Checks the open pool. Holds the tree write lock, so I/O commits wait meanwhile.
+    /// Checks the open pool (see the module doc: commits wait only while the view and the
+    /// copies are taken, not during the scan).
     pub fn check(&self) -> Result<CheckReport> {
-        let tree = self.tree_write();
+        let (view, counts, (layers, volumes), (used_bits, free, pending)) = {
+            let tree = self.tree_write();
+            let view = self.store().view()?;
+            let counts: HashMap<LayerId, (u64, u64)> = tree
+                .layers
+                .iter()
+                .map(|(id, l)| (*id, (l.entries, l.data_blocks)))
+                .collect();
+            let sizes = (tree.layers.len(), tree.volumes.len());
+            let alloc = self.alloc_lock().snapshot();
+            (view, counts, sizes, alloc)
+        };
         let mut r = CheckReport::default();
-        let found = check_store(&**self.store(), &mut r)?;
-        for (id, l) in &tree.layers {
+        let found = check_store(&*view, &mut r)?;
+        drop(view);
+        for (id, (entries, data)) in &counts {
             let (e, d) = found.counts.get(id).copied().unwrap_or((0, 0));
-            if (l.entries, l.data_blocks) != (e, d) {
+            if (*entries, *data) != (e, d) {
                 r.errors.push(format!(
-                    "layer {id}: in-memory counts {}/{} differ from the store's {e}/{d}",
-                    l.entries, l.data_blocks
+                    "layer {id}: in-memory counts {entries}/{data} differ from the store's {e}/{d}"
                 ));
             }
         }
         if let Some(st) = &found.tree {
-            if st.layers.len() != tree.layers.len() || st.volumes.len() != tree.volumes.len() {
+            if st.layers.len() != layers || st.volumes.len() != volumes {
                 r.errors
                     .push("in-memory tree differs from the store".into());
             }
         }
-        let a = self.alloc_lock();
         let mut not_marked = 0u64;
         for pba in found.used.iter_ones() {
-            if !a.is_used(pba as u64) {
+            if !used_bits.get(pba).is_some_and(|b| *b) {
                 not_marked += 1;
             }
         }
@@ -261,8 +278,8 @@ impl Pool {
                 "{not_marked} mapped data blocks are free in the allocator"
             ));
         }
-        let used = a.capacity() - a.free();
-        let accounted = r.data_blocks + a.pending();
+        let used = used_bits.len() as u64 - free;
+        let accounted = r.data_blocks + pending;
         if used > accounted {
             r.notes.push(format!(
                 "{} blocks allocated to writes in flight",

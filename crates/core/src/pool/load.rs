@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::keys::{
     self, LayerRecord, MapValue, SnapshotRecord, SuperRecord, VolumeRecord, FORMAT_VERSION,
 };
-use crate::meta::{try_scan, MetaStore, WriteBatch};
+use crate::meta::{try_scan, MetaRead, MetaStore, WriteBatch};
 
 use super::{Pool, Tree, STRIPES};
 
@@ -158,7 +158,7 @@ impl Pool {
     }
 
     /// Loads names and layers from the store.
-    pub(crate) fn load_tree(store: &dyn MetaStore) -> Result<Tree> {
+    pub(crate) fn load_tree(store: &(impl MetaRead + ?Sized)) -> Result<Tree> {
         let mut tree = Tree::default();
         let nk = keys::next_id_key();
         tree.next_id = match store.get(&nk)? {
