@@ -10,7 +10,6 @@
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/s3lib.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
-PROXY=$HERE/s3_fault_proxy.py
 CYCLES=${LAZY_CRASH_CYCLES:-4}
 start_s3
 create_pool 2G
@@ -28,15 +27,9 @@ snapblk snapshot create src@s >/dev/null
 snapblk repo init "$S3" >/dev/null
 snapblk backup src@s --to "$S3" >/dev/null
 
-python3 "$PROXY" serve --upstream "127.0.0.1:$S3_PORT" --ready "$T/proxy.ready" >>"$T/proxy.log" 2>&1 &
-PROXY_PID=$!
-defer "kill $PROXY_PID; wait $PROXY_PID"
-for _ in $(seq 1 100); do [ -s "$T/proxy.ready" ] && break; sleep 0.05; done
-[ -s "$T/proxy.ready" ] || fail "the fault proxy did not come up"
-PROXY_CTL=$(json_get control <"$T/proxy.ready")
-export SNAPBLK_S3_ENDPOINT=http://127.0.0.1:$(json_get port <"$T/proxy.ready")
+start_proxy
 # Slow enough that the background hydration lasts through every cycle.
-python3 "$PROXY" ctl "$PROXY_CTL" mode throttle method=GET path=/packs/ rate=8192 >/dev/null
+fault throttle method=GET path=/packs/ rate=8192
 
 snapblk restore "$S3" src@s --as lz --lazy >/dev/null
 snapblk snapshot create lz@x >"$T/e.out" 2>&1 && fail "a snapshot of a volume being restored was taken"
@@ -63,7 +56,7 @@ for c in $(seq 1 "$CYCLES"); do
     snapblk restore-status | grep -q "interrupted" || fail "the restart does not report the interrupted restore"
     snapblk restore "$S3" src@s --as lz --lazy >/dev/null || fail "resume failed"
 done
-python3 "$PROXY" ctl "$PROXY_CTL" mode pass >/dev/null
+fault pass
 for _ in $(seq 1 600); do
     [ "$(snapblk --json volume info lz | python3 -c 'import json,sys; print(json.load(sys.stdin).get("incomplete") is None)')" = True ] && break
     sleep 0.1

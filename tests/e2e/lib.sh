@@ -45,8 +45,11 @@ create_pool() {
     snapblk pool create --meta "$META" --data "$DATA" --size "${1:-4G}" >/dev/null
 }
 
+# Starts the daemon on the test's pool; with DAEMON_ULIMIT_KIB set, under that
+# address-space limit (ulimit -v).
 start_daemon() {
-    "$SNAPBLK_BIN" daemon --meta "$META" --data "$DATA" --nbd-socket "$NBD_SOCK" --nbd-tcp none \
+    bash -c '[ -z "$1" ] || ulimit -v "$1"; shift; exec "$@"' _ "${DAEMON_ULIMIT_KIB:-}" \
+        "$SNAPBLK_BIN" daemon --meta "$META" --data "$DATA" --nbd-socket "$NBD_SOCK" --nbd-tcp none \
         >>"$T/daemon.log" 2>&1 &
     DAEMON_PID=$!
     for _ in $(seq 1 200); do

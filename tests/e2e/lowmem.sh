@@ -9,7 +9,6 @@
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/s3lib.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
-PROXY=$HERE/s3_fault_proxy.py
 # Address space of the daemon at rest is ~0.5 GiB (thread stacks, malloc arenas, RocksDB,
 # io_uring rings); jobs must fit in what is left.
 LIMIT=${LOWMEM_LIMIT_KIB:-1048576}
@@ -18,23 +17,12 @@ start_s3
 create_pool 2G
 
 limited() { (ulimit -v "$LIMIT"; exec "$SNAPBLK_BIN" "$@"); }
-start_limited_daemon() {
-    bash -c 'ulimit -v "$1"; shift; exec "$@"' _ "$LIMIT" \
-        "$SNAPBLK_BIN" daemon --meta "$META" --data "$DATA" --nbd-socket "$NBD_SOCK" --nbd-tcp none \
-        >>"$T/daemon.log" 2>&1 &
-    DAEMON_PID=$!
-    for _ in $(seq 1 200); do
-        [ -S "$SNAPBLK_SOCKET" ] && [ -S "$NBD_SOCK" ] && snapblk pool info >/dev/null 2>&1 && return 0
-        kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$T/daemon.log" >&2; fail "daemon exited at start"; }
-        sleep 0.05
-    done
-    fail "daemon did not come up"
-}
+export DAEMON_ULIMIT_KIB=$LIMIT
 alive() { kill -0 "$DAEMON_PID" 2>/dev/null || fail "the daemon died ($1)"; }
 same() { qemu-img compare -q -f raw -F raw "$(uri "$1")" "$(uri "$2")" || fail "$2 differs from $1"; }
 jq_() { python3 -c "import json,sys; v=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
 
-start_limited_daemon
+start_daemon
 log "daemon at rest: $(awk '/VmSize/ {print $2, $3}' /proc/$DAEMON_PID/status) of ${LIMIT} kB allowed"
 head -c 32 /dev/urandom >"$T/key"
 export SNAPBLK_KEY_FILE=$T/key
@@ -79,19 +67,13 @@ log "direct mode (no daemon): restore in the CLI process under the same limit"
 stop_daemon
 limited restore "$S3" v@b --as rb2 --meta "$META" --data "$DATA" >"$T/direct.out" 2>&1 ||
     { cat "$T/direct.out"; fail "direct-mode restore"; }
-start_limited_daemon
+start_daemon
 same v@b rb2
 
 log "a full restore killed midway leaves a volume marked incomplete"
-python3 "$PROXY" serve --upstream "127.0.0.1:$S3_PORT" --ready "$T/proxy.ready" >>"$T/proxy.log" 2>&1 &
-PROXY_PID=$!
-defer "kill $PROXY_PID; wait $PROXY_PID"
-for _ in $(seq 1 100); do [ -s "$T/proxy.ready" ] && break; sleep 0.05; done
-[ -s "$T/proxy.ready" ] || fail "the fault proxy did not come up"
-PROXY_CTL=$(json_get control <"$T/proxy.ready")
-python3 "$PROXY" ctl "$PROXY_CTL" mode throttle method=GET path=/packs/ rate=4096 >/dev/null
-SNAPBLK_S3_ENDPOINT=http://127.0.0.1:$(json_get port <"$T/proxy.ready") \
-    snapblk restore "$S3" v@b --as cut >"$T/cut.out" 2>&1 &
+start_proxy
+fault throttle method=GET path=/packs/ rate=4096
+snapblk restore "$S3" v@b --as cut >"$T/cut.out" 2>&1 &
 rpid=$!
 for _ in $(seq 1 600); do
     w=$(snapblk --json volume info cut 2>/dev/null | json_get written 2>/dev/null || echo 0)
@@ -101,8 +83,8 @@ done
 [ "$w" -gt 0 ] || { cat "$T/cut.out"; fail "the throttled restore wrote nothing"; }
 kill9_daemon
 wait $rpid 2>/dev/null || true
-python3 "$PROXY" ctl "$PROXY_CTL" mode pass >/dev/null
-start_limited_daemon
+fault pass
+start_daemon
 snapblk --json volume info cut >"$T/cut.json"
 grep -q '"incomplete"' "$T/cut.json" || { cat "$T/cut.json"; fail "the interrupted restore's volume is not marked incomplete"; }
 grep -q "v@b" "$T/cut.json" || fail "the mark does not name the backup"

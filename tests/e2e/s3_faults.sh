@@ -11,7 +11,6 @@
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/s3lib.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
-PROXY=$HERE/s3_fault_proxy.py
 STRICT=${S3_FAULTS_STRICT:-1}
 
 # No command may hang the test: a hung S3 request must end in --s3-timeout x --s3-attempts.
@@ -26,22 +25,6 @@ known_issue() {
     log "KNOWN ISSUE (S3_FAULTS_STRICT=1 fails on it): $*"
 }
 
-start_proxy() {
-    python3 "$PROXY" serve --upstream "127.0.0.1:$S3_PORT" --ready "$T/proxy.ready" \
-        --stats "$T/proxy.stats" >>"$T/proxy.log" 2>&1 &
-    PROXY_PID=$!
-    defer "kill $PROXY_PID; wait $PROXY_PID"
-    for _ in $(seq 1 100); do
-        [ -s "$T/proxy.ready" ] && break
-        kill -0 "$PROXY_PID" 2>/dev/null || fail "the fault proxy exited at start"
-        sleep 0.05
-    done
-    [ -s "$T/proxy.ready" ] || fail "the fault proxy did not come up"
-    PROXY_CTL=$(json_get control <"$T/proxy.ready")
-    export SNAPBLK_S3_ENDPOINT=http://127.0.0.1:$(json_get port <"$T/proxy.ready")
-}
-# fault MODE [count=K] [method=M] [path=P] [rate=KIB] [cut]  (see s3_fault_proxy.py)
-fault() { python3 "$PROXY" ctl "$PROXY_CTL" mode "$@" >"$T/ctl.out" || fail "proxy refused: $(cat "$T/ctl.out")"; }
 preset() { python3 "$PROXY" ctl "$PROXY_CTL" reset >/dev/null; }
 # pstat COUNTER: how many since the last preset (0 if none)
 pstat() {

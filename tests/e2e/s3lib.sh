@@ -29,3 +29,23 @@ stop_s3() {
     S3_PID=
 }
 defer stop_s3
+
+# The fault-injecting proxy (s3_fault_proxy.py) in front of the S3 server: start_proxy
+# points SNAPBLK_S3_ENDPOINT at it; fault MODE [count=K] [method=M] [path=P] [rate=KIB]
+# [cut] changes what it does (see the proxy's doc).
+PROXY=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/s3_fault_proxy.py
+start_proxy() {
+    python3 "$PROXY" serve --upstream "127.0.0.1:$S3_PORT" --ready "$T/proxy.ready" \
+        --stats "$T/proxy.stats" >>"$T/proxy.log" 2>&1 &
+    PROXY_PID=$!
+    defer "kill $PROXY_PID; wait $PROXY_PID"
+    for _ in $(seq 1 100); do
+        [ -s "$T/proxy.ready" ] && break
+        kill -0 "$PROXY_PID" 2>/dev/null || fail "the fault proxy exited at start"
+        sleep 0.05
+    done
+    [ -s "$T/proxy.ready" ] || fail "the fault proxy did not come up"
+    PROXY_CTL=$(json_get control <"$T/proxy.ready")
+    export SNAPBLK_S3_ENDPOINT=http://127.0.0.1:$(json_get port <"$T/proxy.ready")
+}
+fault() { python3 "$PROXY" ctl "$PROXY_CTL" mode "$@" >"$T/ctl.out" || fail "proxy refused: $(cat "$T/ctl.out")"; }
