@@ -93,7 +93,7 @@ pub fn backup_snapshot(
     progress: &dyn Progress,
 ) -> Result<backup::Summary> {
     let (v, s) = parse_snap_ref(snapshot)?;
-    let info = pool.snapshot_info(v, s)?;
+    let info = pool.snapshot_summary(v, s)?;
     let source: Arc<dyn Export> = Arc::new(VolumeHandle::open(pool, snapshot)?);
     let base = if full {
         None

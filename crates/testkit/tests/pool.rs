@@ -283,6 +283,11 @@ fn deleting_snapshots_frees_exactly_their_exclusive_space() {
     pool.write(id, 0, &vec![3u8; 256 << 10], false).unwrap(); // overwrite 64
     pool.create_snapshot("v", "new").unwrap();
     let info = pool.snapshot_info("v", "old").unwrap();
+    let brief = pool.snapshot_summary("v", "old").unwrap();
+    assert_eq!(
+        (brief.id, brief.created, brief.exclusive),
+        (info.id, info.created, None)
+    );
     assert_eq!(info.exclusive, Some(128 * 4096));
     pool.sync().unwrap();
     let used = |p: &Pool| p.info().used;

@@ -438,10 +438,19 @@ impl Pool {
         Ok(count * BLOCK_SIZE_U64)
     }
 
+    /// A snapshot's record with the bytes deleting it would free (`exclusive`): that scans
+    /// the snapshot's own map under the tree's read side (`snapshot info`).
     pub fn snapshot_info(&self, vol: &str, snap: &str) -> Result<SnapshotInfo> {
         let tree = self.tree_read();
         let vid = tree.volume_id(vol)?;
         self.snapshot_info_locked(&tree, &snapshot_names(&tree), vid, snap, true)
+    }
+
+    /// A snapshot's record without `exclusive`: no scan (backups need only its id and time).
+    pub fn snapshot_summary(&self, vol: &str, snap: &str) -> Result<SnapshotInfo> {
+        let tree = self.tree_read();
+        let vid = tree.volume_id(vol)?;
+        self.snapshot_info_locked(&tree, &snapshot_names(&tree), vid, snap, false)
     }
 
     /// The `vol@snap` name of the snapshot whose `SnapshotInfo::id` is `id`, if it exists.
