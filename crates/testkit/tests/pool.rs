@@ -361,27 +361,25 @@ fn scrub_names_bad_blocks_and_what_they_affect() {
     assert_eq!(affects, vec!["v".to_string(), "v@s".to_string()]);
 }
 
-/// `pool check` scans a store view, not the store under the tree lock: writes keep
-/// completing while it scans the whole map (before, every commit waited for the check).
-#[test]
-fn pool_check_does_not_stall_writes() {
-    let (pool, store, _) = mem_pool(256 << 20);
-    pool.create_volume("v", 128 << 20).unwrap();
-    let id = pool.volume_id("v").unwrap();
-    pool.write(id, 0, &vec![1u8; 64 << 20], false).unwrap(); // 16 Ki mapped blocks
+/// Writes to `vol` that complete while `f` is inside a (slowed) store scan.
+fn writes_during_scan(
+    pool: &Pool,
+    store: &CountingStore,
+    vol: u64,
+    f: impl FnOnce() + Send,
+) -> u64 {
     store.slow.store(true, Ordering::SeqCst);
-    let checking = AtomicBool::new(true);
+    let running = AtomicBool::new(true);
     let during = AtomicU64::new(0);
     std::thread::scope(|s| {
         s.spawn(|| {
-            let r = pool.check().unwrap();
-            checking.store(false, Ordering::SeqCst);
-            assert!(r.is_clean(), "{r:?}");
+            f();
+            running.store(false, Ordering::SeqCst);
         });
         let mut n = 0u64;
-        while checking.load(Ordering::SeqCst) {
+        while running.load(Ordering::SeqCst) {
             let scanning = store.scanning.load(Ordering::SeqCst);
-            pool.write(id, (100 << 20) + (n % 1024) * 4096, &[2u8; 4096], false)
+            pool.write(vol, (100 << 20) + (n % 1024) * 4096, &[2u8; 4096], false)
                 .unwrap();
             if scanning && store.scanning.load(Ordering::SeqCst) {
                 during.fetch_add(1, Ordering::SeqCst);
@@ -390,10 +388,47 @@ fn pool_check_does_not_stall_writes() {
         }
     });
     store.slow.store(false, Ordering::SeqCst);
-    let during = during.load(Ordering::SeqCst);
+    during.load(Ordering::SeqCst)
+}
+
+/// `pool check`, `diff` and `snapshot info` (exclusive bytes) scan a store view, not the
+/// store under the tree lock: writes keep completing while they scan the whole map
+/// (before, every commit waited: 0 writes completed during the scan).
+#[test]
+fn long_scans_do_not_stall_writes() {
+    let (pool, store, _) = mem_pool(256 << 20);
+    pool.create_volume("v", 128 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    pool.write(id, 0, &vec![1u8; 64 << 20], false).unwrap(); // 16 Ki mapped blocks
+    pool.create_snapshot("v", "a").unwrap();
+    pool.write(id, 0, &vec![3u8; 64 << 20], false).unwrap();
+    pool.create_snapshot("v", "b").unwrap();
+    let (a, b) = (
+        pool.resolve_target("v@a").unwrap(),
+        pool.resolve_target("v@b").unwrap(),
+    );
+    let n = writes_during_scan(&pool, &store, id, || {
+        assert!(pool.check().unwrap().is_clean());
+    });
     assert!(
-        during >= 20,
-        "only {during} writes completed while pool check scanned the map"
+        n >= 20,
+        "only {n} writes completed while pool check scanned the map"
+    );
+    let n = writes_during_scan(&pool, &store, id, || {
+        let d = pool.diff(&a, &b).unwrap();
+        assert_eq!(d.iter().map(|r| r.length).sum::<u64>(), 64 << 20);
+    });
+    assert!(
+        n >= 20,
+        "only {n} writes completed while diff scanned the map"
+    );
+    let n = writes_during_scan(&pool, &store, id, || {
+        let info = pool.snapshot_info("v", "a").unwrap();
+        assert_eq!(info.exclusive, Some(64 << 20));
+    });
+    assert!(
+        n >= 20,
+        "only {n} writes completed while snapshot info scanned the map"
     );
     assert!(pool.check().unwrap().is_clean());
 }

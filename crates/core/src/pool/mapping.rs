@@ -5,11 +5,11 @@ use std::ops::ControlFlow;
 
 use crate::error::{Error, Result};
 use crate::keys::{self, LayerId, MapValue};
-use crate::meta::{try_scan, MetaStore};
+use crate::meta::{try_scan, MetaRead, MetaStore};
 
 /// Calls `f(lba, value)` for each entry of `layer` with lba in `[from, to)`, ascending.
 pub(crate) fn scan_layer(
-    store: &dyn MetaStore,
+    store: &(impl MetaRead + ?Sized),
     layer: LayerId,
     from: u64,
     to: u64,

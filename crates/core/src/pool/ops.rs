@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::device::BLOCK_SIZE_U64;
 use crate::error::{Error, Result};
 use crate::keys::{self, Incomplete, LayerId, LayerRecord, SnapshotRecord, VolId, VolumeRecord};
-use crate::meta::WriteBatch;
+use crate::meta::{MetaRead, WriteBatch};
 use crate::names::validate_name;
 
 use super::mapping::scan_layer;
@@ -383,7 +383,7 @@ impl Pool {
         tree.volumes.insert(vid, v);
         tree.snapshots.insert((vid, snap.to_string()), srec);
         let names = snapshot_names(&tree);
-        self.snapshot_info_locked(&tree, &names, vid, snap, false)
+        self.snapshot_info_locked(&tree, &names, vid, snap)
     }
 
     fn snapshot_info_locked(
@@ -392,16 +392,10 @@ impl Pool {
         names: &HashMap<LayerId, String>,
         vid: VolId,
         snap: &str,
-        exclusive: bool,
     ) -> Result<SnapshotInfo> {
         let v = tree.volume(vid)?;
         let s = tree.snapshot(vid, snap)?;
         let layer = tree.layer(s.layer)?;
-        let exclusive = if exclusive {
-            Some(self.exclusive_bytes(tree, s.layer)?)
-        } else {
-            None
-        };
         Ok(SnapshotInfo {
             volume: v.name.clone(),
             name: s.name.clone(),
@@ -409,15 +403,18 @@ impl Pool {
             size: s.size,
             created: s.created,
             written: layer.data_blocks * BLOCK_SIZE_U64,
-            exclusive,
+            exclusive: None,
             parent: named_ancestor(tree, names, s.layer),
         })
     }
 
-    /// Bytes of `layer`'s data that every child shadows (freed if the layer went away).
-    fn exclusive_bytes(&self, tree: &Tree, layer: LayerId) -> Result<u64> {
-        let children: Vec<LayerId> = tree.layer(layer)?.children.iter().copied().collect();
-        let store = &**self.store();
+    /// Bytes of `layer`'s data that every one of `children` shadows (freed if the layer
+    /// went away), read from `store` (a view).
+    fn exclusive_bytes(
+        store: &(impl MetaRead + ?Sized),
+        layer: LayerId,
+        children: &[LayerId],
+    ) -> Result<u64> {
         let mut data = Vec::new();
         scan_layer(store, layer, 0, u64::MAX, |lba, mv| {
             if mv.pba().is_some() {
@@ -427,7 +424,7 @@ impl Pool {
         let mut count = 0u64;
         for lba in data {
             let mut all = true;
-            for &c in &children {
+            for &c in children {
                 if store.get(&keys::map_key(c, lba))?.is_none() {
                     all = false;
                     break;
@@ -439,18 +436,25 @@ impl Pool {
     }
 
     /// A snapshot's record with the bytes deleting it would free (`exclusive`): that scans
-    /// the snapshot's own map under the tree's read side (`snapshot info`).
+    /// the snapshot's own map, on a store view taken with the record (no lock held while
+    /// it scans).
     pub fn snapshot_info(&self, vol: &str, snap: &str) -> Result<SnapshotInfo> {
-        let tree = self.tree_read();
-        let vid = tree.volume_id(vol)?;
-        self.snapshot_info_locked(&tree, &snapshot_names(&tree), vid, snap, true)
+        let (mut info, children, view) = {
+            let tree = self.tree_read();
+            let vid = tree.volume_id(vol)?;
+            let info = self.snapshot_info_locked(&tree, &snapshot_names(&tree), vid, snap)?;
+            let children: Vec<LayerId> = tree.layer(info.id)?.children.iter().copied().collect();
+            (info, children, self.store().view()?)
+        };
+        info.exclusive = Some(Self::exclusive_bytes(&*view, info.id, &children)?);
+        Ok(info)
     }
 
     /// A snapshot's record without `exclusive`: no scan (backups need only its id and time).
     pub fn snapshot_summary(&self, vol: &str, snap: &str) -> Result<SnapshotInfo> {
         let tree = self.tree_read();
         let vid = tree.volume_id(vol)?;
-        self.snapshot_info_locked(&tree, &snapshot_names(&tree), vid, snap, false)
+        self.snapshot_info_locked(&tree, &snapshot_names(&tree), vid, snap)
     }
 
     /// The `vol@snap` name of the snapshot whose `SnapshotInfo::id` is `id`, if it exists.
@@ -473,7 +477,7 @@ impl Pool {
             let mut snaps: Vec<&SnapshotRecord> = tree.snapshots_of(vid).collect();
             snaps.sort_by_key(|s| (s.layer, s.created));
             for s in snaps {
-                out.push(self.snapshot_info_locked(&tree, &names, vid, &s.name, false)?);
+                out.push(self.snapshot_info_locked(&tree, &names, vid, &s.name)?);
             }
         }
         Ok(out)
