@@ -64,23 +64,27 @@ impl FileStore {
     }
 }
 
+impl FileStore {
+    /// Opens object `key` for reading; `NotFound` if there is none.
+    fn open_object(&self, key: &str) -> Result<File, StoreError> {
+        let path = self.path("get", key)?;
+        File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::NotFound {
+                store: self.describe(),
+                key: key.to_string(),
+            },
+            _ => self.fail("get", key, e),
+        })
+    }
+}
+
 impl ObjectStore for FileStore {
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }
 
     fn get(&self, key: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        let path = self.path("get", key)?;
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound {
-                    store: self.describe(),
-                    key: key.to_string(),
-                })
-            }
-            Err(e) => return Err(self.fail("get", key, e)),
-        };
+        let f = self.open_object(key)?;
         let too_large = || StoreError::TooLarge {
             store: self.describe(),
             key: key.to_string(),
@@ -101,17 +105,7 @@ impl ObjectStore for FileStore {
     }
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        let path = self.path("get", key)?;
-        let mut f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound {
-                    store: self.describe(),
-                    key: key.to_string(),
-                })
-            }
-            Err(e) => return Err(self.fail("get", key, e)),
-        };
+        let mut f = self.open_object(key)?;
         let mut out = Vec::with_capacity(len.min(MAX_PREALLOC) as usize);
         f.seek(SeekFrom::Start(offset))
             .and_then(|_| f.take(len).read_to_end(&mut out))

@@ -119,17 +119,25 @@ impl Setup {
         }
     }
 
-    fn start(&self, open: bool) -> (Arc<Restores>, Arc<Hydration>) {
-        let restores = Arc::new(Restores::default());
-        let h = restore_lazy(
+    /// `restore --lazy` of v@s as lz through `restores` (`open`: see `repo`).
+    fn restore(
+        &self,
+        restores: &Arc<Restores>,
+        open: bool,
+    ) -> snapblk_backup::Result<Arc<Hydration>> {
+        restore_lazy(
             &self.pool,
             &self.repo(open),
             "v@s",
             "lz",
-            &restores,
+            restores,
             self.state.path(),
         )
-        .unwrap();
+    }
+
+    fn start(&self, open: bool) -> (Arc<Restores>, Arc<Hydration>) {
+        let restores = Arc::new(Restores::default());
+        let h = self.restore(&restores, open).unwrap();
         (restores, h)
     }
 
@@ -181,35 +189,14 @@ fn two_starts_of_one_restore_never_both_run() {
     let s = setup();
     let restores = Arc::new(Restores::default());
     let held = restores.reserve("lz").unwrap();
-    let err = restore_lazy(
-        &s.pool,
-        &s.repo(true),
-        "v@s",
-        "lz",
-        &restores,
-        s.state.path(),
-    )
-    .err()
-    .expect("a second start ran");
+    let err = s
+        .restore(&restores, true)
+        .err()
+        .expect("a second start ran");
     assert!(err.to_string().contains("starting"), "{err}");
     drop(held);
-    let h = restore_lazy(
-        &s.pool,
-        &s.repo(true),
-        "v@s",
-        "lz",
-        &restores,
-        s.state.path(),
-    )
-    .unwrap();
-    let again = restore_lazy(
-        &s.pool,
-        &s.repo(true),
-        "v@s",
-        "lz",
-        &restores,
-        s.state.path(),
-    );
+    let h = s.restore(&restores, true).unwrap();
+    let again = s.restore(&restores, true);
     assert!(
         h.is_complete() || again.is_err(),
         "a running restore was started again"
