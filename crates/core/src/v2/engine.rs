@@ -1,0 +1,641 @@
+//! [`Meta2`]: the format-2 metadata engine. Operations are applied to a [`Group`] — they read
+//! through the group's cache, so later operations of a group see earlier ones — and
+//! [`Meta2::commit`] writes the group as one store batch (format2.md §4.1).
+//!
+//! Fail-stop: in-memory state (lineages, regions, jobs) changes as operations are applied;
+//! if the store refuses a batch, the engine refuses every later call, and a reopen reads
+//! whatever the store kept — which is consistent, because each batch carried its own
+//! regions and lineage records (C3 of docs/format2-review.md).
+//!
+//! Threading: one thread owns a `Meta2`. Readers use [`super::read::read_page`] on the
+//! store concurrently; they never see a half-applied group.
+
+use std::collections::hash_map::Entry;
+use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::ids::{Epoch, LineageId, PageNo};
+use super::jobs::{Job, JobKind};
+use super::keys;
+use super::lineage::Lineage;
+use super::page::{self, DeadRecord, Page};
+use super::piece::{Piece, PieceFlags, MAX_PBA};
+use super::read::{self, Bases};
+use super::region::Regions;
+use super::PAGE_BLOCKS;
+use crate::error::{Error, Result};
+use crate::meta::{try_scan, BatchOp, MetaRead, MetaStore, WriteBatch};
+
+/// Change-index flag: `d(L, page, w)` exists.
+pub const X_DEAD: u8 = 1;
+
+/// One range of a volume's blocks, mapped to new data or unmapped (trim, zero).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub lineage: LineageId,
+    pub lba: u64,
+    pub len: u64,
+    /// `Some((pba, crcs))`: blocks `lba..lba+len` now live at `pba..`, one CRC each.
+    pub map: Option<(u64, Vec<u32>)>,
+}
+
+#[derive(Debug)]
+pub(super) struct Cached<T> {
+    pub(super) value: Option<T>,
+    pub(super) dirty: bool,
+}
+
+/// The pending changes of one group commit.
+#[derive(Debug, Default)]
+pub struct Group {
+    pages: HashMap<(LineageId, PageNo), Cached<Page>>,
+    deads: HashMap<(LineageId, PageNo, Epoch), Cached<DeadRecord>>,
+    index: BTreeMap<(LineageId, Epoch, PageNo), Option<u8>>,
+    lineages: BTreeSet<LineageId>,
+    jobs: BTreeMap<u64, Option<Vec<u8>>>,
+    next_dirty: bool,
+    extra: Vec<BatchOp>,
+    freed: Vec<(u64, u64)>,
+    allocated: Vec<(u64, u64)>,
+    durable: bool,
+}
+
+impl Group {
+    /// Adds store operations of the caller (catalog records) to this group's batch.
+    pub fn extra(&mut self, op: BatchOp) {
+        self.extra.push(op);
+    }
+    /// Makes the commit durable (FUA, management operations).
+    pub fn set_durable(&mut self) {
+        self.durable = true;
+    }
+    pub(super) fn jobs_done(&mut self, seq: u64) {
+        self.jobs.insert(seq, None);
+    }
+    pub(super) fn job_update(&mut self, seq: u64, v: Vec<u8>) {
+        self.jobs.insert(seq, Some(v));
+    }
+    /// The lineage's record is rewritten (or deleted if it is gone) at commit.
+    pub(super) fn lineage_changed(&mut self, l: LineageId) {
+        self.lineages.insert(l);
+    }
+    pub(super) fn lineage_gone(&mut self, l: LineageId) {
+        self.lineages.insert(l);
+    }
+}
+
+/// What a committed group did to the allocator.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Owned blocks no piece references any more: reusable once this batch is durable.
+    pub freed: Vec<(u64, u64)>,
+    /// Blocks the batch made referenced.
+    pub allocated: Vec<(u64, u64)>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct NextIds {
+    lineage: u64,
+    job: u64,
+}
+
+pub struct Meta2 {
+    pub(super) store: Arc<dyn MetaStore>,
+    pub(super) lineages: BTreeMap<LineageId, Lineage>,
+    pub(super) regions: Regions,
+    pub(super) jobs: VecDeque<Job>,
+    next: NextIds,
+    failed: Option<String>,
+}
+
+impl Bases for BTreeMap<LineageId, Lineage> {
+    fn base(&self, l: LineageId) -> Result<Option<(LineageId, Epoch)>> {
+        Ok(self
+            .get(&l)
+            .ok_or_else(|| Error::Corrupt(format!("lineage {l} has no record")))?
+            .base)
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::Corrupt(e.to_string())
+}
+
+/// The state a format-2 engine (or `check`) starts from.
+pub(super) struct Loaded {
+    next: NextIds,
+    pub(super) lineages: BTreeMap<LineageId, Lineage>,
+    pub(super) regions: Regions,
+    pub(super) jobs: VecDeque<Job>,
+}
+
+pub(super) fn load<S: MetaRead + ?Sized>(store: &S, data_blocks: u64) -> Result<Loaded> {
+    if data_blocks > MAX_PBA {
+        return Err(Error::invalid("data device", "more than 2^48 blocks"));
+    }
+    let next = match store.get(&keys::next_ids())? {
+        Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt(format!("next ids: {e}")))?,
+        None => NextIds::default(),
+    };
+    let mut lineages = BTreeMap::new();
+    let (a, b) = keys::lineages();
+    try_scan(store, &a, &b, |k, v| {
+        let l = Lineage::decode(v)
+            .map_err(|e| corrupt(format!("lineage key {}: {e}", read::hex(k))))?;
+        if keys::lineage(l.id) != k {
+            return Err(corrupt(format!(
+                "lineage record {} under key {}",
+                l.id,
+                read::hex(k)
+            )));
+        }
+        lineages.insert(l.id, l);
+        Ok::<_, Error>(ControlFlow::Continue(()))
+    })?;
+    let mut regions = Regions::new(data_blocks);
+    let (a, b) = keys::regions();
+    try_scan(store, &a, &b, |k, v| {
+        let [n] = keys::fields::<1>(k, keys::K_REGION)
+            .ok_or_else(|| corrupt(format!("region key {}", read::hex(k))))?;
+        regions.decode(n, v).map_err(corrupt)?;
+        Ok::<_, Error>(ControlFlow::Continue(()))
+    })?;
+    regions.take_dirty();
+    let mut jobs = VecDeque::new();
+    let (a, b) = keys::jobs();
+    try_scan(store, &a, &b, |k, v| {
+        let [seq] = keys::fields::<1>(k, keys::K_JOB)
+            .ok_or_else(|| corrupt(format!("job key {}", read::hex(k))))?;
+        jobs.push_back(Job::decode(seq, v).map_err(corrupt)?);
+        Ok::<_, Error>(ControlFlow::Continue(()))
+    })?;
+    Ok(Loaded {
+        next,
+        lineages,
+        regions,
+        jobs,
+    })
+}
+
+impl Meta2 {
+    /// Opens the format-2 metadata of a pool whose data device has `data_blocks` blocks.
+    /// Reads lineages, jobs and region records: O(objects + data_blocks / 4096).
+    pub fn open(store: Arc<dyn MetaStore>, data_blocks: u64) -> Result<Meta2> {
+        let st = load(&*store, data_blocks)?;
+        Ok(Meta2 {
+            store,
+            lineages: st.lineages,
+            regions: st.regions,
+            jobs: st.jobs,
+            next: st.next,
+            failed: None,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn MetaStore> {
+        &self.store
+    }
+    pub fn lineage(&self, l: LineageId) -> Result<&Lineage> {
+        self.lineages
+            .get(&l)
+            .ok_or_else(|| Error::not_found("lineage", l.to_string()))
+    }
+    pub fn lineages(&self) -> &BTreeMap<LineageId, Lineage> {
+        &self.lineages
+    }
+    pub fn regions(&self) -> &Regions {
+        &self.regions
+    }
+    pub fn pending_jobs(&self) -> usize {
+        self.jobs.len()
+    }
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    pub fn begin(&self) -> Result<Group> {
+        if let Some(why) = &self.failed {
+            return Err(Error::Corrupt(format!(
+                "metadata engine stopped after a failed commit ({why}); reopen the pool"
+            )));
+        }
+        Ok(Group::default())
+    }
+
+    fn lineage_mut(&mut self, g: &mut Group, l: LineageId) -> Result<&mut Lineage> {
+        g.lineages.insert(l);
+        self.lineages
+            .get_mut(&l)
+            .ok_or_else(|| Error::not_found("lineage", l.to_string()))
+    }
+
+    // ---- cache ----
+
+    pub(super) fn page_mut<'g>(
+        &self,
+        g: &'g mut Group,
+        l: LineageId,
+        p: PageNo,
+    ) -> Result<&'g mut Cached<Page>> {
+        match g.pages.entry((l, p)) {
+            Entry::Occupied(o) => Ok(o.into_mut()),
+            Entry::Vacant(slot) => {
+                let key = keys::page(l, p);
+                let value = match self.store.get(&key)? {
+                    Some(v) => Some(read::decode_page(&key, &v)?),
+                    None => None,
+                };
+                Ok(slot.insert(Cached {
+                    value,
+                    dirty: false,
+                }))
+            }
+        }
+    }
+
+    pub(super) fn dead_mut<'g>(
+        &self,
+        g: &'g mut Group,
+        l: LineageId,
+        p: PageNo,
+        death: Epoch,
+    ) -> Result<&'g mut Cached<DeadRecord>> {
+        match g.deads.entry((l, p, death)) {
+            Entry::Occupied(o) => Ok(o.into_mut()),
+            Entry::Vacant(slot) => {
+                let key = keys::dead(l, p, death);
+                let value = match self.store.get(&key)? {
+                    Some(v) => Some(read::decode_dead(&key, &v)?),
+                    None => None,
+                };
+                Ok(slot.insert(Cached {
+                    value,
+                    dirty: false,
+                }))
+            }
+        }
+    }
+
+    pub(super) fn set_index(g: &mut Group, l: LineageId, w: Epoch, p: PageNo, flags: Option<u8>) {
+        g.index.insert((l, w, p), flags);
+    }
+
+    pub(super) fn free_piece(&mut self, g: &mut Group, piece: &Piece) -> Result<()> {
+        if piece.owned() {
+            self.regions
+                .clear(piece.pba, u64::from(piece.len))
+                .map_err(corrupt)?;
+            g.freed.push((piece.pba, u64::from(piece.len)));
+        }
+        Ok(())
+    }
+
+    // ---- lineages and snapshots ----
+
+    /// A new lineage for a new volume (`base` None) or a clone / rollback of `base`, which
+    /// must be a retained epoch; the base epoch gets a hold.
+    pub fn create_lineage(
+        &mut self,
+        g: &mut Group,
+        base: Option<(LineageId, Epoch)>,
+    ) -> Result<LineageId> {
+        if let Some((lb, eb)) = base {
+            let b = self.lineage_mut(g, lb)?;
+            if !b.retained.contains(eb) {
+                return Err(Error::invalid(
+                    "clone base",
+                    format!("epoch {eb} of lineage {lb} is not retained"),
+                ));
+            }
+            b.retained.add_hold(eb);
+        }
+        let id = LineageId(self.next.lineage.max(1));
+        self.next.lineage = id.0 + 1;
+        g.next_dirty = true;
+        self.lineages.insert(id, Lineage::new(id, base));
+        g.lineages.insert(id);
+        g.durable = true;
+        Ok(id)
+    }
+
+    /// Freezes the current epoch of open lineage `l` as a snapshot and returns it.
+    pub fn snapshot(&mut self, g: &mut Group, l: LineageId) -> Result<Epoch> {
+        let lin = self.lineage_mut(g, l)?;
+        if lin.closed.is_some() {
+            return Err(Error::invalid("snapshot", format!("lineage {l} is closed")));
+        }
+        let e = lin.epoch;
+        lin.retained.add_snapshot(e);
+        lin.epoch = e.next();
+        g.durable = true;
+        Ok(e)
+    }
+
+    /// Releases one snapshot of epoch `e` of `l`; queues the reclaim its data needs.
+    pub fn release_snapshot(&mut self, g: &mut Group, l: LineageId, e: Epoch) -> Result<()> {
+        let lin = self.lineage_mut(g, l)?;
+        if lin
+            .retained
+            .remove_snapshot(e)
+            .map_err(|w| Error::invalid("snapshot release", w))?
+        {
+            self.released(g, l, e)?;
+        }
+        g.durable = true;
+        Ok(())
+    }
+
+    /// Closes open lineage `l` (its volume was rolled back or deleted); with
+    /// `drop_snapshots`, its snapshots go too (volume delete --recursive).
+    pub fn close(&mut self, g: &mut Group, l: LineageId, drop_snapshots: bool) -> Result<()> {
+        let lin = self.lineage_mut(g, l)?;
+        if lin.closed.is_some() {
+            return Err(Error::invalid(
+                "close",
+                format!("lineage {l} is already closed"),
+            ));
+        }
+        let ec = lin.epoch;
+        lin.closed = Some(ec);
+        if drop_snapshots {
+            lin.retained.remove_all_snapshots();
+        }
+        let job = match lin.retained.max() {
+            None => JobKind::Destroy,
+            Some(_) if drop_snapshots => JobKind::drop(Epoch::FIRST, ec),
+            Some(m) => JobKind::drop(m.next(), ec),
+        };
+        self.enqueue(g, l, job);
+        g.durable = true;
+        Ok(())
+    }
+
+    /// Nothing retains epoch `e` of `l` any more: queue the job that frees what only it
+    /// kept (format2.md §3.4 table).
+    pub(super) fn released(&mut self, g: &mut Group, l: LineageId, e: Epoch) -> Result<()> {
+        let lin = self.lineage(l)?;
+        let r = &lin.retained;
+        let job = match lin.closed {
+            None => JobKind::drop(e.next(), r.after(e).map_or(lin.epoch, |n| n.min(lin.epoch))),
+            Some(_) if r.is_empty() => JobKind::Destroy,
+            Some(ec) => match r.after(e) {
+                None => JobKind::drop(r.before(e).map_or(Epoch::FIRST, |p| p.next()), ec),
+                Some(n) => JobKind::drop(e.next(), n),
+            },
+        };
+        self.enqueue(g, l, job);
+        Ok(())
+    }
+
+    pub(super) fn enqueue(&mut self, g: &mut Group, l: LineageId, kind: JobKind) {
+        if let JobKind::Drop { lo, hi, .. } = kind {
+            if lo > hi {
+                return;
+            }
+        }
+        let seq = self.next.job;
+        self.next.job += 1;
+        g.next_dirty = true;
+        let job = Job {
+            seq,
+            lineage: l,
+            kind,
+        };
+        g.jobs.insert(seq, Some(job.encode()));
+        self.jobs.push_back(job);
+    }
+
+    // ---- writes ----
+
+    /// Applies one edit (a write's mapping, or an unmap) in the lineage's current epoch.
+    pub fn apply(&mut self, g: &mut Group, edit: &Edit) -> Result<()> {
+        let lin = self.lineage(edit.lineage)?.clone();
+        if lin.closed.is_some() {
+            return Err(Error::invalid(
+                "write",
+                format!("lineage {} is closed", lin.id),
+            ));
+        }
+        let end = edit
+            .lba
+            .checked_add(edit.len)
+            .ok_or_else(|| Error::invalid("edit", "range overflows"))?;
+        if let Some((_, crcs)) = &edit.map {
+            if crcs.len() as u64 != edit.len {
+                return Err(Error::invalid("edit", "one checksum per block"));
+            }
+        }
+        // From here on in-memory state changes: an error stops the engine.
+        let r = self.apply_valid(g, &lin, edit, end);
+        self.stop_on_error(r)
+    }
+
+    pub(super) fn stop_on_error<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.failed.get_or_insert_with(|| e.to_string());
+        }
+        r
+    }
+
+    fn apply_valid(&mut self, g: &mut Group, lin: &Lineage, edit: &Edit, end: u64) -> Result<()> {
+        if let Some((pba, _)) = &edit.map {
+            self.regions.set(*pba, edit.len).map_err(corrupt)?;
+            g.allocated.push((*pba, edit.len));
+        }
+        let pages: Vec<PageNo> = if edit.map.is_none() && lin.base.is_none() {
+            self.mapped_pages(g, lin.id, edit.lba, end)?
+        } else {
+            (edit.lba / PAGE_BLOCKS..end.div_ceil(PAGE_BLOCKS))
+                .map(PageNo)
+                .collect()
+        };
+        for p in pages {
+            let from = edit.lba.max(p.0 * PAGE_BLOCKS);
+            let to = end.min((p.0 + 1) * PAGE_BLOCKS);
+            self.apply_page(g, lin, p, from, to, edit)?;
+        }
+        Ok(())
+    }
+
+    /// Pages of a lineage without base that may hold blocks in `[from, to)`: the stored
+    /// ones and the ones this group has.
+    fn mapped_pages(&self, g: &Group, l: LineageId, from: u64, to: u64) -> Result<Vec<PageNo>> {
+        let (pf, pt) = (from / PAGE_BLOCKS, to.div_ceil(PAGE_BLOCKS));
+        let mut set = BTreeSet::new();
+        let (a, b) = keys::pages(l, PageNo(pf), PageNo(pt));
+        try_scan(&*self.store, &a, &b, |k, _| {
+            let [_, p] = keys::fields::<2>(k, keys::K_PAGE)
+                .ok_or_else(|| corrupt(format!("page key {}", read::hex(k))))?;
+            set.insert(PageNo(p));
+            Ok::<_, Error>(ControlFlow::Continue(()))
+        })?;
+        for (gl, gp) in g.pages.keys() {
+            if *gl == l && (pf..pt).contains(&gp.0) {
+                set.insert(*gp);
+            }
+        }
+        Ok(set.into_iter().collect())
+    }
+
+    fn apply_page(
+        &mut self,
+        g: &mut Group,
+        lin: &Lineage,
+        p: PageNo,
+        from: u64,
+        to: u64,
+        edit: &Edit,
+    ) -> Result<()> {
+        let w = lin.epoch;
+        let base_off = p.0 * PAGE_BLOCKS;
+        let mut page = match self.page_mut(g, lin.id, p)?.value.take() {
+            Some(pg) => pg,
+            None => match lin.base {
+                // Copy-up: the base content becomes BASE pieces of this lineage.
+                Some((lb, eb)) => {
+                    let content = read::read_page(&*self.store, &self.lineages, lb, Some(eb), p)?;
+                    let pieces = read::to_pieces(&content, Epoch::ZERO, PieceFlags::BASE);
+                    if pieces.is_empty() && edit.map.is_none() {
+                        return Ok(());
+                    }
+                    Page {
+                        x_epoch: Epoch::ZERO,
+                        pieces,
+                    }
+                }
+                None => Page::default(),
+            },
+        };
+        let removed = page::cut(&mut page.pieces, from - base_off, to - base_off);
+        let changed = !removed.is_empty() || edit.map.is_some();
+        for x in removed {
+            if lin.retained.max().is_some_and(|m| m >= x.birth) {
+                let d = self.dead_mut(g, lin.id, p, w)?;
+                let rec = d.value.get_or_insert_with(DeadRecord::default);
+                page::insert(&mut rec.pieces, x).map_err(|e| {
+                    corrupt(format!(
+                        "dead record of lineage {} page {p} epoch {w}: {e}",
+                        lin.id
+                    ))
+                })?;
+                d.dirty = true;
+                Self::set_index(g, lin.id, w, p, Some(X_DEAD));
+            } else {
+                self.free_piece(g, &x)?;
+            }
+        }
+        if let Some((pba, crcs)) = &edit.map {
+            let skip = (from - edit.lba) as usize;
+            let n = (to - from) as usize;
+            let piece = Piece {
+                off: (from - base_off) as u8,
+                len: n as u8,
+                pba: pba + skip as u64,
+                birth: w,
+                flags: PieceFlags::OWN,
+                crcs: crcs[skip..skip + n].to_vec(),
+            };
+            page::insert(&mut page.pieces, piece).map_err(corrupt)?;
+        }
+        if changed && !lin.retained.is_empty() && page.x_epoch < w {
+            // The page may have been emptied and deleted earlier in this epoch (losing its
+            // x_epoch) after its dead record was indexed: never clobber that DEAD flag.
+            if let btree_map::Entry::Vacant(slot) = g.index.entry((lin.id, w, p)) {
+                if self.store.get(&keys::index(lin.id, w, p))?.is_none() {
+                    slot.insert(Some(0));
+                }
+            }
+            page.x_epoch = w;
+        }
+        let keep = !page.pieces.is_empty() || lin.base.is_some();
+        let c = self.page_mut(g, lin.id, p)?;
+        c.value = keep.then_some(page);
+        c.dirty |= changed;
+        Ok(())
+    }
+
+    // ---- commit ----
+
+    /// Writes the group as one batch. On a store error the engine stops (fail-stop).
+    pub fn commit(&mut self, g: Group) -> Result<Committed> {
+        if let Some(why) = &self.failed {
+            return Err(Error::Corrupt(format!("metadata engine stopped: {why}")));
+        }
+        let mut b = WriteBatch::new();
+        for ((l, p), c) in &g.pages {
+            if c.dirty {
+                match &c.value {
+                    Some(pg) => b.put(keys::page(*l, *p), pg.encode()),
+                    None => b.delete(keys::page(*l, *p)),
+                }
+            }
+        }
+        for ((l, p, d), c) in &g.deads {
+            if c.dirty {
+                match &c.value {
+                    Some(rec) if !rec.pieces.is_empty() => {
+                        b.put(keys::dead(*l, *p, *d), rec.encode())
+                    }
+                    _ => b.delete(keys::dead(*l, *p, *d)),
+                }
+            }
+        }
+        for ((l, w, p), f) in &g.index {
+            match f {
+                Some(flags) => b.put(keys::index(*l, *w, *p), vec![*flags]),
+                None => b.delete(keys::index(*l, *w, *p)),
+            }
+        }
+        for l in &g.lineages {
+            match self.lineages.get(l) {
+                Some(lin) => b.put(keys::lineage(*l), lin.encode()),
+                None => b.delete(keys::lineage(*l)),
+            }
+        }
+        for n in self.regions.take_dirty() {
+            b.put(keys::region(n), self.regions.encode(n));
+        }
+        for (seq, v) in &g.jobs {
+            match v {
+                Some(v) => b.put(keys::job(*seq), v.clone()),
+                None => b.delete(keys::job(*seq)),
+            }
+        }
+        if g.next_dirty {
+            b.put(
+                keys::next_ids(),
+                serde_json::to_vec(&self.next).expect("next ids serialise"),
+            );
+        }
+        b.ops.extend(g.extra);
+        if !b.is_empty() || g.durable {
+            if let Err(e) = self.store.commit(b, g.durable) {
+                self.failed = Some(e.to_string());
+                return Err(e.into());
+            }
+        }
+        Ok(Committed {
+            freed: g.freed,
+            allocated: g.allocated,
+        })
+    }
+
+    /// Formats empty format-2 metadata (no lineages, every block free).
+    pub fn format(store: &dyn MetaStore) -> Result<()> {
+        let mut b = WriteBatch::new();
+        b.put(
+            keys::next_ids(),
+            serde_json::to_vec(&NextIds { lineage: 1, job: 1 }).expect("serialise"),
+        );
+        store.commit(b, true)?;
+        Ok(())
+    }
+
+    /// The content of page `p` of `l` at `at` (`None` = live), as committed.
+    pub fn read(&self, l: LineageId, at: Option<Epoch>, p: PageNo) -> Result<read::Content> {
+        read::read_page(&*self.store, &self.lineages, l, at, p)
+    }
+}

@@ -1,0 +1,186 @@
+//! Sorted, disjoint piece lists — a live page or a dead record — and their encodings.
+//!
+//! `page: u8 version | varint x_epoch | varint n | n × piece`;
+//! `dead: u8 version | varint n | n × piece` (format2.md §2). Decoders check order,
+//! overlap and counts before trusting them.
+
+use super::ids::Epoch;
+use super::piece::Piece;
+use super::{varint, PAGE_BLOCKS};
+
+const VERSION: u8 = 1;
+
+/// Removes page offsets `[from, to)` from `list`; returns the removed parts in order.
+pub fn cut(list: &mut Vec<Piece>, from: u64, to: u64) -> Vec<Piece> {
+    let mut removed = Vec::new();
+    if from >= to {
+        return removed;
+    }
+    let mut out = Vec::with_capacity(list.len() + 1);
+    for p in list.drain(..) {
+        if p.end() <= from || p.start() >= to {
+            out.push(p);
+            continue;
+        }
+        if p.start() < from {
+            out.push(p.slice(p.start(), from));
+        }
+        removed.push(p.slice(from, to));
+        if p.end() > to {
+            out.push(p.slice(to, p.end()));
+        }
+    }
+    *list = out;
+    removed
+}
+
+/// Inserts `piece` into `list`, whose range it must not overlap (else `Err`); merges it with
+/// neighbours it continues.
+pub fn insert(list: &mut Vec<Piece>, piece: Piece) -> Result<(), &'static str> {
+    let i = list.partition_point(|p| p.start() < piece.start());
+    if i > 0 && list[i - 1].end() > piece.start() {
+        return Err("piece overlaps its predecessor");
+    }
+    if i < list.len() && list[i].start() < piece.end() {
+        return Err("piece overlaps its successor");
+    }
+    list.insert(i, piece);
+    // Merge with the successor, then with the predecessor.
+    if i + 1 < list.len() && list[i].joins(&list[i + 1]) {
+        let next = list.remove(i + 1);
+        list[i].len += next.len;
+        list[i].crcs.extend(next.crcs);
+    }
+    if i > 0 && list[i - 1].joins(&list[i]) {
+        let cur = list.remove(i);
+        list[i - 1].len += cur.len;
+        list[i - 1].crcs.extend(cur.crcs);
+    }
+    Ok(())
+}
+
+fn encode_list(out: &mut Vec<u8>, list: &[Piece]) {
+    varint::put(out, list.len() as u64);
+    for p in list {
+        p.encode(out);
+    }
+}
+
+fn decode_list(buf: &mut &[u8]) -> Result<Vec<Piece>, String> {
+    let n = varint::take(buf).ok_or("piece count truncated")?;
+    if n > PAGE_BLOCKS {
+        return Err(format!("{n} pieces in one page"));
+    }
+    let mut list: Vec<Piece> = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let p = Piece::decode(buf)?;
+        if let Some(prev) = list.last() {
+            if prev.end() > p.start() {
+                return Err("pieces out of order or overlapping".into());
+            }
+        }
+        list.push(p);
+    }
+    if !buf.is_empty() {
+        return Err("trailing bytes".into());
+    }
+    Ok(list)
+}
+
+/// The live page of a lineage: its current content in 64 blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// The newest epoch whose change-index entry `x(L, epoch, page)` exists.
+    pub x_epoch: Epoch,
+    pub pieces: Vec<Piece>,
+}
+
+impl Page {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.pieces.len() * 20);
+        out.push(VERSION);
+        varint::put(&mut out, self.x_epoch.0);
+        encode_list(&mut out, &self.pieces);
+        out
+    }
+    pub fn decode(mut buf: &[u8]) -> Result<Page, String> {
+        let (&v, rest) = buf.split_first().ok_or("empty page value")?;
+        if v != VERSION {
+            return Err(format!("page version {v}"));
+        }
+        buf = rest;
+        let x_epoch = Epoch(varint::take(&mut buf).ok_or("x epoch truncated")?);
+        let pieces = decode_list(&mut buf)?;
+        Ok(Page { x_epoch, pieces })
+    }
+}
+
+/// Pieces a write or trim in epoch `death` removed while a snapshot still needed them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeadRecord {
+    pub pieces: Vec<Piece>,
+}
+
+impl DeadRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.pieces.len() * 20);
+        out.push(VERSION);
+        encode_list(&mut out, &self.pieces);
+        out
+    }
+    pub fn decode(mut buf: &[u8]) -> Result<DeadRecord, String> {
+        let (&v, rest) = buf.split_first().ok_or("empty dead record")?;
+        if v != VERSION {
+            return Err(format!("dead record version {v}"));
+        }
+        buf = rest;
+        Ok(DeadRecord {
+            pieces: decode_list(&mut buf)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::piece::PieceFlags;
+    use super::*;
+
+    fn piece(off: u8, len: u8, pba: u64, birth: u64) -> Piece {
+        Piece {
+            off,
+            len,
+            pba,
+            birth: Epoch(birth),
+            flags: PieceFlags::OWN,
+            crcs: (0..len as u32).map(|i| pba as u32 + i).collect(),
+        }
+    }
+
+    #[test]
+    fn cut_and_insert_merge() {
+        let mut l = vec![piece(0, 64, 1000, 1)];
+        let removed = cut(&mut l, 10, 20);
+        assert_eq!(removed, vec![piece(10, 10, 1010, 1)]);
+        assert_eq!(l, vec![piece(0, 10, 1000, 1), piece(20, 44, 1020, 1)]);
+        insert(&mut l, piece(10, 10, 1010, 1)).unwrap();
+        assert_eq!(l, vec![piece(0, 64, 1000, 1)]);
+        assert!(insert(&mut l, piece(5, 1, 7, 1)).is_err());
+        let mut d = vec![];
+        insert(&mut d, piece(30, 2, 500, 2)).unwrap();
+        insert(&mut d, piece(10, 2, 600, 2)).unwrap();
+        assert_eq!(d[0].off, 10);
+    }
+
+    #[test]
+    fn encodings_round_trip() {
+        let p = Page {
+            x_epoch: Epoch(7),
+            pieces: vec![piece(0, 3, 1 << 40, 300), piece(3, 61, 5, 1)],
+        };
+        assert_eq!(Page::decode(&p.encode()).unwrap(), p);
+        let d = DeadRecord {
+            pieces: vec![piece(60, 4, 9, 2)],
+        };
+        assert_eq!(DeadRecord::decode(&d.encode()).unwrap(), d);
+    }
+}

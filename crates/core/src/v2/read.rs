@@ -1,0 +1,133 @@
+//! Reading a page of a lineage at an epoch (format2.md §3.2), lock-free on any store view.
+//!
+//! The live page is read before the dead records: a piece alive at a retained epoch e is
+//! either still in the live page when it is read, or was moved to a dead record before, and
+//! dead pieces e needs are not removed while e is retained. A piece moved between the two
+//! reads is seen twice with the same blocks; slots make that harmless.
+
+use std::ops::ControlFlow;
+
+use super::ids::{Epoch, LineageId, PageNo};
+use super::keys;
+use super::page::{DeadRecord, Page};
+use super::piece::{Piece, PieceFlags};
+use super::PAGE_BLOCKS;
+use crate::error::{Error, Result};
+use crate::meta::{try_scan, MetaRead};
+
+/// One mapped block: where it is and its checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub pba: u64,
+    pub crc: u32,
+}
+
+/// The content of one page: a slot per block, `None` = reads as zeros.
+pub type Content = [Option<Block>; PAGE_BLOCKS as usize];
+
+/// Where a lineage's unwritten pages come from, as the catalog knows it.
+pub trait Bases {
+    fn base(&self, l: LineageId) -> Result<Option<(LineageId, Epoch)>>;
+}
+
+pub fn decode_page(key: &[u8], v: &[u8]) -> Result<Page> {
+    Page::decode(v).map_err(|e| Error::Corrupt(format!("page key {}: {e}", hex(key))))
+}
+pub fn decode_dead(key: &[u8], v: &[u8]) -> Result<DeadRecord> {
+    DeadRecord::decode(v).map_err(|e| Error::Corrupt(format!("dead record key {}: {e}", hex(key))))
+}
+pub fn hex(k: &[u8]) -> String {
+    k.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn fill(slots: &mut Content, p: &Piece, key: &[u8]) -> Result<()> {
+    for i in 0..p.len as usize {
+        let b = Block {
+            pba: p.pba + i as u64,
+            crc: p.crcs[i],
+        };
+        let s = &mut slots[p.off as usize + i];
+        match s {
+            Some(old) if *old != b => {
+                return Err(Error::Corrupt(format!(
+                    "two pieces disagree about block {} of page key {}",
+                    p.off as usize + i,
+                    hex(key)
+                )))
+            }
+            _ => *s = Some(b),
+        }
+    }
+    Ok(())
+}
+
+/// The content of page `p` of lineage `l` at epoch `at` (`None`: the live content).
+pub fn read_page<S: MetaRead + ?Sized>(
+    store: &S,
+    bases: &dyn Bases,
+    mut l: LineageId,
+    mut at: Option<Epoch>,
+    p: PageNo,
+) -> Result<Content> {
+    let mut slots: Content = [None; PAGE_BLOCKS as usize];
+    // Bounded: each step moves to an older lineage, and lineage ids only grow.
+    loop {
+        let key = keys::page(l, p);
+        let page = match store.get(&key)? {
+            Some(v) => Some(decode_page(&key, &v)?),
+            None => None,
+        };
+        if page.is_none() {
+            if let Some((lb, eb)) = bases.base(l)? {
+                if lb >= l {
+                    return Err(Error::Corrupt(format!(
+                        "lineage {l} based on newer lineage {lb}"
+                    )));
+                }
+                l = lb;
+                at = Some(eb);
+                continue;
+            }
+        }
+        for piece in page.iter().flat_map(|pg| &pg.pieces) {
+            if at.is_none_or(|e| piece.birth <= e) {
+                fill(&mut slots, piece, &key)?;
+            }
+        }
+        if let Some(e) = at {
+            let (from, to) = keys::deads_from(l, p, e.next());
+            try_scan(store, &from, &to, |k, v| {
+                let rec = decode_dead(k, v)?;
+                for piece in rec.pieces.iter().filter(|x| x.birth <= e) {
+                    fill(&mut slots, piece, k)?;
+                }
+                Ok::<_, Error>(ControlFlow::Continue(()))
+            })?;
+        }
+        return Ok(slots);
+    }
+}
+
+/// `content` as pieces with `flags` and `birth`, merging contiguous blocks.
+pub fn to_pieces(content: &Content, birth: Epoch, flags: PieceFlags) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    for (i, s) in content.iter().enumerate() {
+        let Some(b) = s else { continue };
+        if let Some(last) = out.last_mut() {
+            if last.end() == i as u64 && last.pba + u64::from(last.len) == b.pba {
+                last.len += 1;
+                last.crcs.push(b.crc);
+                continue;
+            }
+        }
+        out.push(Piece {
+            off: i as u8,
+            len: 1,
+            pba: b.pba,
+            birth,
+            flags,
+            crcs: vec![b.crc],
+        });
+    }
+    out
+}
