@@ -82,21 +82,24 @@ impl Ctx<'_> {
         }
     }
 
-    /// Every block's lifetimes in one page (live and dead pieces) must not overlap.
+    /// No two pieces of one block may both be visible at a retained epoch (I3). Deaths of
+    /// merged dead records are the top of their retained interval, not the epoch of the
+    /// kill, so lifetimes may overlap where no retained epoch lies.
     fn timelines(&mut self, l: LineageId, p: PageNo, live: &[Piece], dead: &[(Epoch, Piece)]) {
-        let until = self
-            .lineages
-            .get(&l)
-            .map_or(Epoch(u64::MAX), |x| x.live_until());
+        let Some(lin) = self.lineages.get(&l) else {
+            return;
+        };
+        let until = lin.live_until();
         let mut spans: Vec<Vec<(Epoch, Epoch)>> = vec![Vec::new(); PAGE_BLOCKS as usize];
         for x in live {
             for i in x.start()..x.end() {
                 spans[i as usize].push((x.birth, until));
             }
         }
+        let mut errors = Vec::new();
         for (d, x) in dead {
             if x.birth >= *d {
-                self.report.err(format!(
+                errors.push(format!(
                     "lineage {l} page {p}: dead piece born at {} dies at {d}",
                     x.birth
                 ));
@@ -107,14 +110,24 @@ impl Ctx<'_> {
         }
         for (i, s) in spans.iter_mut().enumerate() {
             s.sort();
-            for w in s.windows(2) {
-                if w[0].1 > w[1].0 {
-                    self.report.err(format!(
-                        "lineage {l} page {p} block {i}: lifetimes {:?} and {:?} overlap",
-                        w[0], w[1]
-                    ));
+            // Sweep by birth against the span that lives longest so far: if a later span
+            // shares a retained epoch with any earlier one, it shares it with that one.
+            let mut widest: Option<(Epoch, Epoch)> = None;
+            for &(b, d) in s.iter() {
+                if let Some((wb, wd)) = widest {
+                    if lin.retained.any_in(b, d.min(wd)) {
+                        errors.push(format!(
+                            "lineage {l} page {p} block {i}: pieces [{wb}, {wd}) and [{b}, {d}) both visible at a retained epoch"
+                        ));
+                    }
+                }
+                if widest.is_none_or(|(_, wd)| d > wd) {
+                    widest = Some((b, d));
                 }
             }
+        }
+        for e in errors {
+            self.report.err(e);
         }
     }
 }

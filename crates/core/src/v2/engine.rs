@@ -85,6 +85,16 @@ impl Group {
     pub(super) fn lineage_gone(&mut self, l: LineageId) {
         self.lineages.insert(l);
     }
+    /// Whether this group already decided change-index entry (l, w, p).
+    pub(super) fn index_decided(&self, l: LineageId, w: Epoch, p: PageNo) -> bool {
+        self.index.contains_key(&(l, w, p))
+    }
+    /// Whether this group's view of `d(l, p, w)` holds pieces (only for records it loaded).
+    pub(super) fn has_dead(&self, l: LineageId, p: PageNo, w: Epoch) -> bool {
+        self.deads
+            .get(&(l, p, w))
+            .is_some_and(|c| c.value.as_ref().is_some_and(|r| !r.pieces.is_empty()))
+    }
 }
 
 /// What a committed group did to the allocator.
@@ -283,6 +293,22 @@ impl Meta2 {
         g.index.insert((l, w, p), flags);
     }
 
+    /// Makes sure `x(l, w, p)` exists, without clobbering a stored DEAD flag.
+    pub(super) fn ensure_index(
+        &self,
+        g: &mut Group,
+        l: LineageId,
+        w: Epoch,
+        p: PageNo,
+    ) -> Result<()> {
+        if let btree_map::Entry::Vacant(slot) = g.index.entry((l, w, p)) {
+            if self.store.get(&keys::index(l, w, p))?.is_none() {
+                slot.insert(Some(0));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn free_piece(&mut self, g: &mut Group, piece: &Piece) -> Result<()> {
         if piece.owned() {
             self.regions
@@ -378,13 +404,13 @@ impl Meta2 {
     pub(super) fn released(&mut self, g: &mut Group, l: LineageId, e: Epoch) -> Result<()> {
         let lin = self.lineage(l)?;
         let r = &lin.retained;
+        // The whole retained interval around e, (e_prev, e_next], so the job can merge
+        // its dead records into one per page (jobs.rs settle_page).
+        let lo = r.before(e).map_or(Epoch::FIRST, |p| p.next());
         let job = match lin.closed {
-            None => JobKind::drop(e.next(), r.after(e).map_or(lin.epoch, |n| n.min(lin.epoch))),
+            None => JobKind::drop(lo, r.after(e).map_or(lin.epoch, |n| n.min(lin.epoch))),
             Some(_) if r.is_empty() => JobKind::Destroy,
-            Some(ec) => match r.after(e) {
-                None => JobKind::drop(r.before(e).map_or(Epoch::FIRST, |p| p.next()), ec),
-                Some(n) => JobKind::drop(e.next(), n),
-            },
+            Some(ec) => JobKind::drop(lo, r.after(e).unwrap_or(ec)),
         };
         self.enqueue(g, l, job);
         Ok(())

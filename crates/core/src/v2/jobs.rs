@@ -4,6 +4,7 @@
 //! racing a new snapshot or a new clone cannot free what they keep; each step carries its
 //! cursor and its frees in one batch and is idempotent when re-run after a crash.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
@@ -11,7 +12,11 @@ use serde::{Deserialize, Serialize};
 use super::engine::{Group, Meta2, X_DEAD};
 use super::ids::{Epoch, LineageId, PageNo};
 use super::keys;
+use super::lineage::Lineage;
+use super::page::{self, DeadRecord};
+use super::piece::Piece;
 use super::read;
+use super::retained::Retained;
 use crate::error::{Error, Result};
 use crate::meta::{try_scan, BatchOp};
 
@@ -69,6 +74,13 @@ fn corrupt(e: impl std::fmt::Display) -> Error {
     Error::Corrupt(e.to_string())
 }
 
+/// The top of the retained interval holding death `d`: the oldest retained epoch ≥ `d`, or
+/// `hi` (the job's end: the next retained epoch, the current epoch or the close epoch).
+fn top_of(r: &Retained, d: Epoch, hi: Epoch) -> Epoch {
+    let t = if r.contains(d) { Some(d) } else { r.after(d) };
+    t.filter(|t| *t <= hi).unwrap_or(hi)
+}
+
 impl Meta2 {
     /// Runs one step (≤ `budget` pages or keys) of the oldest job into `g`; returns whether
     /// job work remains. The caller commits `g`.
@@ -118,47 +130,24 @@ impl Meta2 {
             })
         })?;
         let r = lin.retained.clone();
+        let mut settled = BTreeSet::new();
         for &(w, p, f) in &entries {
-            let mut flags = f;
-            if f & X_DEAD != 0 {
-                let d = self.dead_mut(g, l, p, w)?;
-                let rec = d.value.take();
-                d.dirty = true;
-                let mut kept = Vec::new();
-                for piece in rec.map(|r| r.pieces).unwrap_or_default() {
-                    if r.any_in(piece.birth, w) {
-                        kept.push(piece);
-                    } else {
-                        self.free_piece(g, &piece)?;
-                    }
-                }
-                let d = self.dead_mut(g, l, p, w)?;
-                if kept.is_empty() {
-                    flags &= !X_DEAD;
-                } else {
-                    d.value = Some(super::page::DeadRecord { pieces: kept });
-                }
+            if settled.insert(p) {
+                self.settle_page(g, &lin, &r, lo, hi, p)?;
             }
-            if let Some(ec) = lin.closed {
-                let c = self.page_mut(g, l, p)?;
-                if let Some(mut page) = c.value.take() {
-                    let (kept, garbage): (Vec<_>, Vec<_>) =
-                        page.pieces.into_iter().partition(|x| r.any_in(x.birth, ec));
-                    let changed = !garbage.is_empty();
-                    page.pieces = kept;
-                    let keep = !page.pieces.is_empty() || lin.base.is_some();
-                    let c = self.page_mut(g, l, p)?;
-                    c.value = keep.then_some(page);
-                    c.dirty |= changed || !keep;
-                    for x in &garbage {
-                        self.free_piece(g, x)?;
-                    }
-                }
+            if g.index_decided(l, w, p) {
+                continue;
             }
-            if r.min().is_none_or(|m| w <= m) {
+            // An entry settle_page did not rewrite: a page-changed marker (or a DEAD flag
+            // whose record is gone). Keep one marker per retained interval, at its top.
+            let top = top_of(&r, w, hi);
+            if r.min().is_none_or(|m| w <= m) || top != w {
                 Meta2::set_index(g, l, w, p, None);
-            } else if flags != f {
-                Meta2::set_index(g, l, w, p, Some(flags));
+                if r.min().is_some_and(|m| w > m) {
+                    self.ensure_index(g, l, top, p)?;
+                }
+            } else if f & X_DEAD != 0 && !g.has_dead(l, p, w) {
+                Meta2::set_index(g, l, w, p, Some(0));
             }
         }
         if entries.len() < budget {
@@ -182,6 +171,87 @@ impl Meta2 {
             *front = updated;
         }
         Ok(false)
+    }
+
+    /// Re-judges every dead record of page `p` with death in `[lo, hi]`: frees garbage
+    /// pieces and merges the survivors of each retained interval into one record at the
+    /// interval's top (any death in an interval with no retained epoch inside is seen by
+    /// the same snapshots, and survivors of one interval never overlap: each is alive at the
+    /// retained epoch below it). So a page keeps at most one record per retained snapshot
+    /// above it, however many epochs passed (docs/format2-review2.md M1). For a closed
+    /// lineage, also frees the live page's pieces no retained epoch sees.
+    fn settle_page(
+        &mut self,
+        g: &mut Group,
+        lin: &Lineage,
+        r: &Retained,
+        lo: Epoch,
+        hi: Epoch,
+        p: PageNo,
+    ) -> Result<()> {
+        let l = lin.id;
+        let mut deaths = Vec::new();
+        let (a, b) = (keys::dead(l, p, lo), keys::dead(l, p, hi.next()));
+        try_scan(&**self.store(), &a, &b, |k, _| {
+            let [_, _, d] = keys::fields::<3>(k, keys::K_DEAD)
+                .ok_or_else(|| corrupt(format!("dead key {}", read::hex(k))))?;
+            deaths.push(Epoch(d));
+            Ok::<_, Error>(ControlFlow::Continue(()))
+        })?;
+        let mut merged: BTreeMap<Epoch, Vec<Piece>> = BTreeMap::new();
+        for &d in &deaths {
+            let c = self.dead_mut(g, l, p, d)?;
+            let rec = c.value.take();
+            c.dirty = true;
+            for piece in rec.map(|x| x.pieces).unwrap_or_default() {
+                if r.any_in(piece.birth, d) {
+                    merged.entry(top_of(r, d, hi)).or_default().push(piece);
+                } else {
+                    self.free_piece(g, &piece)?;
+                }
+            }
+        }
+        for &d in &deaths {
+            if !merged.contains_key(&d) {
+                let top = top_of(r, d, hi);
+                let alive = r.min().is_some_and(|m| d > m);
+                Meta2::set_index(g, l, d, p, (alive && top == d).then_some(0));
+                if alive && top != d {
+                    self.ensure_index(g, l, top, p)?;
+                }
+            }
+        }
+        for (t, pieces) in merged {
+            let mut rec = DeadRecord::default();
+            for piece in pieces {
+                page::insert(&mut rec.pieces, piece).map_err(|e| {
+                    corrupt(format!(
+                        "merging dead records of lineage {l} page {p} into {t}: {e}"
+                    ))
+                })?;
+            }
+            let c = self.dead_mut(g, l, p, t)?;
+            c.value = Some(rec);
+            c.dirty = true;
+            Meta2::set_index(g, l, t, p, Some(X_DEAD));
+        }
+        if let Some(ec) = lin.closed {
+            let c = self.page_mut(g, l, p)?;
+            if let Some(mut page) = c.value.take() {
+                let (kept, garbage): (Vec<_>, Vec<_>) =
+                    page.pieces.into_iter().partition(|x| r.any_in(x.birth, ec));
+                let changed = !garbage.is_empty();
+                page.pieces = kept;
+                let keep = !page.pieces.is_empty() || lin.base.is_some();
+                let c = self.page_mut(g, l, p)?;
+                c.value = keep.then_some(page);
+                c.dirty |= changed || !keep;
+                for x in &garbage {
+                    self.free_piece(g, x)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn destroy_step(&mut self, g: &mut Group, job: &Job, budget: usize) -> Result<bool> {
