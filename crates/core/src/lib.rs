@@ -12,6 +12,7 @@ pub mod lock;
 pub mod meta;
 pub mod names;
 pub mod pool;
+pub mod pool2;
 pub mod v2;
 pub mod volume;
 

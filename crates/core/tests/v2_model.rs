@@ -615,7 +615,7 @@ fn thinning_merges_dead_records_per_retained_interval() {
             };
             it.find(|(_, s)| !keep.contains(&s.epoch)).unwrap().0
         };
-        let idx = pos(snaps.len() % 2 == 0);
+        let idx = pos(snaps.len().is_multiple_of(2));
         w.run(&Op::DeleteSnapshot { vol: 0, idx });
     }
     w.drain();

@@ -15,7 +15,7 @@
 mod io;
 mod load;
 mod mapping;
-mod ops;
+pub(crate) mod ops;
 mod pins;
 pub mod plan;
 mod reclaim;
@@ -39,6 +39,7 @@ use crate::keys::{SuperRecord, VolId};
 use crate::meta::MetaStore;
 
 pub use ops::{SnapshotInfo, VolumeInfo};
+pub(crate) use pins::Pins as PinTable;
 pub use pins::ReadPin;
 pub(crate) use tree::Tree;
 

@@ -41,6 +41,10 @@ impl Report {
     pub fn is_clean(&self) -> bool {
         self.error_count == 0
     }
+    /// Adds an error found by a caller's own checks (the pool's catalog).
+    pub fn add_error(&mut self, e: String) {
+        self.err(e);
+    }
     fn err(&mut self, e: String) {
         self.error_count += 1;
         if self.errors.len() < MAX_LISTED {

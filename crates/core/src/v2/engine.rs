@@ -60,6 +60,7 @@ pub struct Group {
     extra: Vec<BatchOp>,
     freed: Vec<(u64, u64)>,
     allocated: Vec<(u64, u64)>,
+    destroyed: Vec<LineageId>,
     durable: bool,
 }
 
@@ -84,6 +85,7 @@ impl Group {
     }
     pub(super) fn lineage_gone(&mut self, l: LineageId) {
         self.lineages.insert(l);
+        self.destroyed.push(l);
     }
     /// Whether this group already decided change-index entry (l, w, p).
     pub(super) fn index_decided(&self, l: LineageId, w: Epoch, p: PageNo) -> bool {
@@ -104,6 +106,8 @@ pub struct Committed {
     pub freed: Vec<(u64, u64)>,
     /// Blocks the batch made referenced.
     pub allocated: Vec<(u64, u64)>,
+    /// Lineages whose last records the batch deleted.
+    pub destroyed: Vec<LineageId>,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -140,6 +144,26 @@ pub(super) struct Loaded {
     pub(super) lineages: BTreeMap<LineageId, Lineage>,
     pub(super) regions: Regions,
     pub(super) jobs: VecDeque<Job>,
+}
+
+/// The lineage records as `store` has them.
+pub fn load_lineages<S: MetaRead + ?Sized>(store: &S) -> Result<BTreeMap<LineageId, Lineage>> {
+    let mut lineages = BTreeMap::new();
+    let (a, b) = keys::lineages();
+    try_scan(store, &a, &b, |k, v| {
+        let l = Lineage::decode(v)
+            .map_err(|e| corrupt(format!("lineage key {}: {e}", read::hex(k))))?;
+        if keys::lineage(l.id) != k {
+            return Err(corrupt(format!(
+                "lineage record {} under key {}",
+                l.id,
+                read::hex(k)
+            )));
+        }
+        lineages.insert(l.id, l);
+        Ok::<_, Error>(ControlFlow::Continue(()))
+    })?;
+    Ok(lineages)
 }
 
 pub(super) fn load<S: MetaRead + ?Sized>(store: &S, data_blocks: u64) -> Result<Loaded> {
@@ -224,6 +248,11 @@ impl Meta2 {
     }
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+    /// Stops the engine: its memory may no longer match the store (a caller's step failed
+    /// after changing it). Every later call fails until the pool is reopened.
+    pub fn stop(&mut self, why: &str) {
+        self.failed.get_or_insert_with(|| why.to_string());
     }
 
     pub fn begin(&self) -> Result<Group> {
@@ -646,6 +675,7 @@ impl Meta2 {
         Ok(Committed {
             freed: g.freed,
             allocated: g.allocated,
+            destroyed: g.destroyed,
         })
     }
 

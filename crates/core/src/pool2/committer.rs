@@ -1,0 +1,452 @@
+//! The committer (docs/format2.md §4.1): the one thread that changes format-2 metadata.
+//!
+//! Writers allocate, write their data, then submit a [`Work`] and wait for its answer.
+//! The committer takes every queued Txn, applies consecutive writes as one group (one store
+//! batch, synced if any member asked for FUA), runs each management operation as a group of
+//! its own, and when idle (or every 8th group) one reclaim step. Catalog changes are
+//! published after their batch is in the store; frees go to the allocator as pending, tagged
+//! with the sync generation current after the commit.
+//!
+//! Fail-stop: once a commit fails (or a management step fails after changing the engine),
+//! every later Txn is answered with an error until the pool is reopened (format2.md C3).
+//!
+//! Threading: callers block on their Txn's answer; the committer never waits for a caller.
+//! Snapshot create may *defer* a lineage: its writes wait in `held` until the snapshot
+//! commits (format2.md §3.3), other volumes go on.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::keys::VolId;
+use crate::v2::{Edit, Group, LineageId, Meta2};
+
+use super::catalog::Catalog;
+use super::{lock, Pool2};
+
+/// Blocks `lba..lba+len`, mapped to new data at `pba` with one CRC per block, or unmapped.
+pub(crate) type Edits = Vec<(u64, u64, Option<(u64, Vec<u32>)>)>;
+
+pub(crate) type MgmtFn = Box<dyn FnOnce(&mut MgmtCtx<'_>) -> Result<Outcome> + Send>;
+
+pub(crate) enum Work {
+    /// A request's mapping changes. `counter`: the device sync counter read after its data
+    /// write completed (0 for FUA writes: already durable).
+    Write {
+        vol: VolId,
+        edits: Edits,
+        fua: bool,
+        counter: u64,
+    },
+    Mgmt(MgmtFn),
+    /// A durable group, even if empty: makes every earlier commit durable.
+    Flush,
+}
+
+/// What a management step sees. `parts()` marks the engine as touched: an error after that
+/// stops the engine, since its memory may no longer match the store.
+pub(crate) struct MgmtCtx<'a> {
+    meta: &'a mut Meta2,
+    pub group: &'a mut Group,
+    pub catalog: &'a Catalog,
+    /// Highest device sync counter of the writes applied so far, per lineage.
+    pub written: &'a HashMap<LineageId, u64>,
+    touched: bool,
+}
+
+impl MgmtCtx<'_> {
+    /// The engine and this step's group, to apply an engine operation.
+    pub fn parts(&mut self) -> (&mut Meta2, &mut Group) {
+        self.touched = true;
+        (self.meta, self.group)
+    }
+}
+
+pub(crate) type CatalogChange = Box<dyn FnOnce(&mut Catalog) + Send>;
+
+pub(crate) enum Outcome {
+    Done {
+        apply: CatalogChange,
+        value: u64,
+        /// A lineage whose held writes may go on now.
+        undefer: Option<LineageId>,
+    },
+    /// The snapshot of this lineage must wait for another device sync; its writes are held.
+    Retry(LineageId),
+}
+
+/// The answer to a Txn.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Value(u64),
+    Retry,
+    /// Nothing was applied (validation failed): blocks the Txn referenced are unused.
+    Rejected(Error),
+    /// The commit failed; the engine stopped.
+    Failed(Error),
+}
+
+struct Txn {
+    work: Work,
+    reply: Arc<(Mutex<Option<Answer>>, Condvar)>,
+}
+
+impl Txn {
+    fn answer(self, a: Answer) {
+        let (m, cv) = &*self.reply;
+        *lock(m) = Some(a);
+        cv.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    txns: VecDeque<Txn>,
+    shutdown: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct Shared {
+    queue: Mutex<Queue>,
+    cv: Condvar,
+}
+
+impl Shared {
+    /// Queues `work` and waits for its answer.
+    pub(crate) fn submit(&self, work: Work) -> Answer {
+        let reply = Arc::new((Mutex::new(None), Condvar::new()));
+        {
+            let mut q = lock(&self.queue);
+            if q.shutdown {
+                return Answer::Rejected(Error::Shutdown);
+            }
+            q.txns.push_back(Txn {
+                work,
+                reply: Arc::clone(&reply),
+            });
+        }
+        self.cv.notify_all();
+        let (m, cv) = &*reply;
+        let mut slot = lock(m);
+        loop {
+            if let Some(a) = slot.take() {
+                return a;
+            }
+            slot = cv.wait(slot).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub(crate) fn shutdown(&self) {
+        lock(&self.queue).shutdown = true;
+        self.cv.notify_all();
+    }
+
+    fn take(&self, idle: Duration) -> (VecDeque<Txn>, bool) {
+        let mut q = lock(&self.queue);
+        if q.txns.is_empty() && !q.shutdown {
+            q = self
+                .cv
+                .wait_timeout(q, idle)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        (std::mem::take(&mut q.txns), q.shutdown)
+    }
+}
+
+/// Reclaim budget per step, in pages (or keys for a destroy).
+const RECLAIM_BUDGET: usize = 64;
+
+struct State {
+    written: HashMap<LineageId, u64>,
+    deferred: HashSet<LineageId>,
+    held: VecDeque<(LineageId, Txn)>,
+    groups: u64,
+}
+
+/// A group of writes being built.
+struct Pending {
+    group: Group,
+    members: Vec<Txn>,
+}
+
+pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
+    let mut st = State {
+        written: HashMap::new(),
+        deferred: HashSet::new(),
+        held: VecDeque::new(),
+        groups: 0,
+    };
+    loop {
+        let (batch, shutdown) = shared.take(Duration::from_millis(20));
+        let Some(pool) = pool.upgrade() else {
+            fail_all(batch, Error::Shutdown);
+            return;
+        };
+        if batch.is_empty() {
+            if shutdown {
+                fail_all(st.held.drain(..).map(|(_, t)| t).collect(), Error::Shutdown);
+                return;
+            }
+            if meta.pending_jobs() > 0 && meta.failed().is_none() {
+                pool.reclaim_once(&mut meta);
+            }
+            continue;
+        }
+        pool.process(&mut meta, &mut st, batch);
+        st.groups += 1;
+        if st.groups.is_multiple_of(8) && meta.pending_jobs() > 0 && meta.failed().is_none() {
+            pool.reclaim_once(&mut meta);
+        }
+    }
+}
+
+fn fail_all(txns: VecDeque<Txn>, e: Error) {
+    for t in txns {
+        t.answer(Answer::Rejected(Error::Busy(e.to_string())));
+    }
+}
+
+fn stopped(meta: &Meta2) -> Error {
+    Error::Corrupt(format!(
+        "metadata engine stopped after a failed commit ({}); reopen the pool",
+        meta.failed().unwrap_or("unknown")
+    ))
+}
+
+impl Pool2 {
+    fn process(&self, meta: &mut Meta2, st: &mut State, mut batch: VecDeque<Txn>) {
+        let mut pending: Option<Pending> = None;
+        while let Some(txn) = batch.pop_front() {
+            if meta.failed().is_some() {
+                txn.answer(Answer::Failed(stopped(meta)));
+                continue;
+            }
+            match txn.work {
+                Work::Write { vol, .. } => {
+                    let lineage = match self.resolve_write(&txn.work) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            txn.answer(Answer::Rejected(e));
+                            continue;
+                        }
+                    };
+                    if st.deferred.contains(&lineage) {
+                        st.held.push_back((lineage, txn));
+                        continue;
+                    }
+                    let _ = vol;
+                    let p = pending.get_or_insert_with(|| Pending {
+                        group: Group::default(),
+                        members: Vec::new(),
+                    });
+                    let Work::Write {
+                        edits,
+                        fua,
+                        counter,
+                        ..
+                    } = &txn.work
+                    else {
+                        unreachable!("matched above")
+                    };
+                    let mut r = Ok(());
+                    for (lba, len, map) in edits {
+                        r = meta.apply(
+                            &mut p.group,
+                            &Edit {
+                                lineage,
+                                lba: *lba,
+                                len: *len,
+                                map: map.clone(),
+                            },
+                        );
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    match r {
+                        Ok(()) => {
+                            let w = st.written.entry(lineage).or_insert(0);
+                            *w = (*w).max(*counter);
+                            if *fua {
+                                p.group.set_durable();
+                            }
+                            p.members.push(txn);
+                        }
+                        Err(e) if meta.failed().is_some() => txn.answer(Answer::Failed(e)),
+                        Err(e) => txn.answer(Answer::Rejected(e)),
+                    }
+                }
+                Work::Flush => {
+                    let p = pending.get_or_insert_with(|| Pending {
+                        group: Group::default(),
+                        members: Vec::new(),
+                    });
+                    p.group.set_durable();
+                    p.members.push(txn);
+                }
+                Work::Mgmt(_) => {
+                    if let Some(p) = pending.take() {
+                        self.commit_writes(meta, p);
+                    }
+                    let Work::Mgmt(f) = txn.work else {
+                        unreachable!("matched above")
+                    };
+                    let reply = Txn {
+                        work: Work::Flush,
+                        reply: txn.reply,
+                    };
+                    if let Some(l) = self.run_mgmt(meta, st, f, reply) {
+                        // Held writes of `l` go first, in their order.
+                        let mut front: VecDeque<Txn> = VecDeque::new();
+                        let mut rest = VecDeque::new();
+                        for (hl, t) in st.held.drain(..) {
+                            if hl == l {
+                                front.push_back(t);
+                            } else {
+                                rest.push_back((hl, t));
+                            }
+                        }
+                        st.held = rest;
+                        front.extend(batch.drain(..));
+                        batch = front;
+                    }
+                }
+            }
+        }
+        if let Some(p) = pending.take() {
+            self.commit_writes(meta, p);
+        }
+    }
+
+    /// The lineage a write goes to, after checking its range against the volume's size now.
+    fn resolve_write(&self, w: &Work) -> Result<LineageId> {
+        let Work::Write { vol, edits, .. } = w else {
+            return Err(Error::invalid("txn", "not a write"));
+        };
+        let cat = self.catalog_read();
+        let v = cat.volume(*vol)?;
+        let blocks = v.size / crate::device::BLOCK_SIZE_U64;
+        for (lba, len, _) in edits {
+            if lba.checked_add(*len).is_none_or(|end| end > blocks) {
+                return Err(Error::OutOfRange {
+                    offset: lba * crate::device::BLOCK_SIZE_U64,
+                    len: len * crate::device::BLOCK_SIZE_U64,
+                    size: v.size,
+                });
+            }
+        }
+        Ok(v.lineage)
+    }
+
+    fn commit_writes(&self, meta: &mut Meta2, p: Pending) {
+        match meta.commit(p.group) {
+            Ok(done) => {
+                self.committed(&done);
+                for t in p.members {
+                    t.answer(Answer::Value(0));
+                }
+            }
+            Err(e) => {
+                for t in p.members {
+                    t.answer(Answer::Failed(Error::Corrupt(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// Runs one management step as its own group; returns a lineage to undefer.
+    fn run_mgmt(
+        &self,
+        meta: &mut Meta2,
+        st: &mut State,
+        f: MgmtFn,
+        reply: Txn,
+    ) -> Option<LineageId> {
+        let mut group = match meta.begin() {
+            Ok(g) => g,
+            Err(e) => {
+                reply.answer(Answer::Failed(e));
+                return None;
+            }
+        };
+        let cat = self.catalog_read();
+        let mut ctx = MgmtCtx {
+            meta,
+            group: &mut group,
+            catalog: &cat,
+            written: &st.written,
+            touched: false,
+        };
+        let out = f(&mut ctx);
+        let touched = ctx.touched;
+        drop(cat);
+        match out {
+            Err(e) => {
+                if touched {
+                    meta.stop(&e.to_string());
+                    reply.answer(Answer::Failed(e));
+                } else {
+                    reply.answer(Answer::Rejected(e));
+                }
+                None
+            }
+            Ok(Outcome::Retry(l)) => {
+                st.deferred.insert(l);
+                reply.answer(Answer::Retry);
+                None
+            }
+            Ok(Outcome::Done {
+                apply,
+                value,
+                undefer,
+            }) => {
+                group.set_durable();
+                match meta.commit(group) {
+                    Ok(done) => {
+                        apply(&mut self.catalog_write());
+                        self.committed(&done);
+                        reply.answer(Answer::Value(value));
+                        if let Some(l) = undefer {
+                            st.deferred.remove(&l);
+                        }
+                        undefer
+                    }
+                    Err(e) => {
+                        reply.answer(Answer::Failed(e));
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// After any commit: frees become pending, destroyed lineages leave the catalog.
+    fn committed(&self, done: &crate::v2::engine::Committed) {
+        self.defer_frees(&done.freed);
+        if !done.destroyed.is_empty() {
+            let mut c = self.catalog_write();
+            let bases = std::sync::Arc::make_mut(&mut c.bases);
+            for l in &done.destroyed {
+                bases.remove(l);
+            }
+        }
+        self.mark_dirty();
+    }
+
+    fn reclaim_once(&self, meta: &mut Meta2) {
+        let mut g = match meta.begin() {
+            Ok(g) => g,
+            Err(_) => return,
+        };
+        if let Err(e) = meta.reclaim_step(&mut g, RECLAIM_BUDGET) {
+            log::error!("reclaim step: {e}");
+            return;
+        }
+        match meta.commit(g) {
+            Ok(done) => self.committed(&done),
+            Err(e) => log::error!("reclaim commit: {e}"),
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The format-2 data path: read, write, trim, zero (format2.md §3.1, §3.2).
+//!
+//! A write allocates, writes its data (RWF_DSYNC if FUA), then hands its mapping to the
+//! committer and waits; the blocks are referenced once that group commits. A read pins the
+//! sync generation, resolves its target in the catalog, reads each page's content from the
+//! store without locks, then the data blocks, verifying each block's CRC32C.
+
+use std::sync::atomic::Ordering;
+
+use crate::alloc::Run;
+use crate::device::{AlignedBuf, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::error::{Error, Result};
+use crate::keys::VolId;
+use crate::v2::read::{read_page, Content};
+use crate::v2::{PageNo, PAGE_BLOCKS};
+
+use super::catalog::BaseMap;
+use super::committer::{Answer, Edits, Work};
+use super::{lock, Pool2, Target, STRIPES};
+
+/// Blocks unmapped per Txn by trim and zero (a long range becomes several groups).
+const UNMAP_CHUNK: u64 = 1 << 18;
+
+fn answer(a: Answer) -> Result<u64> {
+    match a {
+        Answer::Value(v) => Ok(v),
+        Answer::Retry => Err(Error::Busy("retry".into())),
+        Answer::Rejected(e) | Answer::Failed(e) => Err(e),
+    }
+}
+
+impl Pool2 {
+    /// Parses `vol` or `vol@snap` and finds it.
+    pub fn resolve_target(&self, name: &str) -> Result<Target> {
+        let (vol, snap) = crate::names::parse_target(name)?;
+        let cat = self.catalog_read();
+        let id = cat.volume_id(vol)?;
+        let t = match snap {
+            Some(s) => Target::Snapshot(id, s.to_string()),
+            None => Target::Volume(id),
+        };
+        cat.source(&t)?;
+        Ok(t)
+    }
+
+    pub fn target_size(&self, t: &Target) -> Result<u64> {
+        Ok(self.catalog_read().source(t)?.size)
+    }
+
+    /// Reads whole blocks `b0..b0+n` of `t`, checking every block's CRC.
+    pub(crate) fn read_blocks(&self, t: &Target, b0: u64, n: u64) -> Result<AlignedBuf> {
+        let _pin = self.pin_read();
+        let (src, bases) = {
+            let cat = self.catalog_read();
+            (cat.source(t)?, BaseMap(cat.bases.clone()))
+        };
+        let blocks = src.size / BLOCK_SIZE_U64;
+        if b0.checked_add(n).is_none_or(|end| end > blocks) {
+            return Err(Error::OutOfRange {
+                offset: b0 * BLOCK_SIZE_U64,
+                len: n * BLOCK_SIZE_U64,
+                size: src.size,
+            });
+        }
+        let mut buf = AlignedBuf::zeroed((n * BLOCK_SIZE_U64) as usize);
+        // (index in buf, pba, crc) of every mapped block.
+        let mut mapped: Vec<(u64, u64, u32)> = Vec::new();
+        let (p0, p1) = (b0 / PAGE_BLOCKS, (b0 + n).div_ceil(PAGE_BLOCKS));
+        for p in p0..p1 {
+            let content: Content =
+                read_page(&**self.store(), &bases, src.lineage, src.at, PageNo(p))?;
+            for (i, slot) in content.iter().enumerate() {
+                let lba = p * PAGE_BLOCKS + i as u64;
+                if let (Some(b), true) = (slot, (b0..b0 + n).contains(&lba)) {
+                    mapped.push((lba - b0, b.pba, b.crc));
+                }
+            }
+        }
+        // Contiguous runs in both buf and device become one segment.
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new(); // (buf index, pba, len)
+        for &(i, pba, _) in &mapped {
+            match runs.last_mut() {
+                Some((ri, rp, rl)) if *ri + *rl == i && *rp + *rl == pba => *rl += 1,
+                _ => runs.push((i, pba, 1)),
+            }
+        }
+        if !runs.is_empty() {
+            let mut segs = Vec::with_capacity(runs.len());
+            let mut rest: &mut [u8] = &mut buf;
+            let mut at = 0u64;
+            for &(i, pba, len) in &runs {
+                let skip = ((i - at) * BLOCK_SIZE_U64) as usize;
+                let (_, tail) = rest.split_at_mut(skip);
+                let (seg, tail) = tail.split_at_mut((len * BLOCK_SIZE_U64) as usize);
+                segs.push(ReadSeg {
+                    offset: self.block_offset(pba),
+                    buf: seg,
+                });
+                rest = tail;
+                at = i + len;
+            }
+            self.device()
+                .read(&mut segs)
+                .map_err(|e| Error::device("read", e))?;
+        }
+        for &(i, pba, crc) in &mapped {
+            let s = (i * BLOCK_SIZE_U64) as usize;
+            let got = crc32c::crc32c(&buf[s..s + BLOCK_SIZE]);
+            if got != crc {
+                return Err(Error::Checksum(format!(
+                    "block {} of {t:?} (data block {pba}): crc {got:08x}, expected {crc:08x}",
+                    b0 + i
+                )));
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Reads `out.len()` bytes at byte `offset` of `t`.
+    pub fn read(&self, t: &Target, offset: u64, out: &mut [u8]) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let b0 = offset / BLOCK_SIZE_U64;
+        let end = offset
+            .checked_add(out.len() as u64)
+            .ok_or_else(|| Error::invalid("read", "range overflows"))?;
+        let b1 = end.div_ceil(BLOCK_SIZE_U64);
+        let buf = self.read_blocks(t, b0, b1 - b0)?;
+        let start = (offset - b0 * BLOCK_SIZE_U64) as usize;
+        out.copy_from_slice(&buf[start..start + out.len()]);
+        Ok(())
+    }
+
+    fn check_range(&self, vol: VolId, offset: u64, len: u64) -> Result<()> {
+        let size = self.catalog_read().volume(vol)?.size;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Locks the stripes of the partial edge blocks of `[offset, offset+len)`, in order.
+    fn edge_stripes(&self, offset: u64, len: u64) -> Vec<std::sync::MutexGuard<'_, ()>> {
+        let first = offset / BLOCK_SIZE_U64;
+        let last = (offset + len - 1) / BLOCK_SIZE_U64;
+        let mut idx = Vec::new();
+        if !offset.is_multiple_of(BLOCK_SIZE_U64) {
+            idx.push(first as usize % STRIPES);
+        }
+        if !(offset + len).is_multiple_of(BLOCK_SIZE_U64) {
+            idx.push(last as usize % STRIPES);
+        }
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| lock(&self.stripes[i])).collect()
+    }
+
+    /// Writes `data` at byte `offset` of volume `vol`; with `fua` it is durable on return.
+    pub fn write(&self, vol: VolId, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.check_range(vol, offset, data.len() as u64)?;
+        let _edges = self.edge_stripes(offset, data.len() as u64);
+        let b0 = offset / BLOCK_SIZE_U64;
+        let b1 = (offset + data.len() as u64).div_ceil(BLOCK_SIZE_U64);
+        let head = (offset - b0 * BLOCK_SIZE_U64) as usize;
+        let aligned = head == 0 && data.len().is_multiple_of(BLOCK_SIZE);
+        let buf = if aligned {
+            let mut b = AlignedBuf::zeroed(data.len());
+            b.copy_from_slice(data);
+            b
+        } else {
+            // Read-modify-write of the edge blocks (their stripes are held).
+            let t = Target::Volume(vol);
+            let mut b = AlignedBuf::zeroed(((b1 - b0) * BLOCK_SIZE_U64) as usize);
+            let first = self.read_blocks(&t, b0, 1)?;
+            b[..BLOCK_SIZE].copy_from_slice(&first);
+            if b1 - b0 > 1 {
+                let last = self.read_blocks(&t, b1 - 1, 1)?;
+                let at = b.len() - BLOCK_SIZE;
+                b[at..].copy_from_slice(&last);
+            }
+            b[head..head + data.len()].copy_from_slice(data);
+            b
+        };
+        self.write_blocks(vol, b0, &buf, fua)
+    }
+
+    /// Allocates, writes and commits whole blocks.
+    fn write_blocks(&self, vol: VolId, b0: u64, buf: &[u8], fua: bool) -> Result<()> {
+        let n = (buf.len() / BLOCK_SIZE) as u64;
+        let runs = self.allocate(n)?;
+        let mut segs = Vec::with_capacity(runs.len());
+        let mut edits: Edits = Vec::with_capacity(runs.len());
+        let mut at = 0u64;
+        for r in &runs {
+            let s = (at * BLOCK_SIZE_U64) as usize;
+            let e = ((at + r.len) * BLOCK_SIZE_U64) as usize;
+            segs.push(WriteSeg {
+                offset: self.block_offset(r.start),
+                buf: &buf[s..e],
+            });
+            let crcs = buf[s..e]
+                .chunks_exact(BLOCK_SIZE)
+                .map(crc32c::crc32c)
+                .collect();
+            edits.push((b0 + at, r.len, Some((r.start, crcs))));
+            at += r.len;
+        }
+        if let Err(e) = self.device().write(&segs, fua) {
+            self.free_unused(&runs);
+            return Err(Error::device("write", e));
+        }
+        self.data_dirty.store(true, Ordering::SeqCst);
+        let counter = if fua {
+            0
+        } else {
+            self.sync_starts.load(Ordering::SeqCst)
+        };
+        match self.committer.submit(Work::Write {
+            vol,
+            edits,
+            fua,
+            counter,
+        }) {
+            Answer::Rejected(e) => {
+                self.free_unused(&runs);
+                Err(e)
+            }
+            a => answer(a).map(|_| ()),
+        }
+    }
+
+    fn allocate(&self, n: u64) -> Result<Vec<Run>> {
+        for attempt in 0..2 {
+            if let Some(runs) = lock(&self.alloc).alloc(n) {
+                return Ok(runs);
+            }
+            if attempt == 0 {
+                // Frees may be pending a sync: make them reusable and try once more.
+                self.sync()?;
+            }
+        }
+        let free = lock(&self.alloc).free();
+        Err(Error::NoSpace { needed: n, free })
+    }
+
+    fn free_unused(&self, runs: &[Run]) {
+        let mut a = lock(&self.alloc);
+        for r in runs {
+            for b in r.start..r.start + r.len {
+                a.free_now(b);
+            }
+        }
+    }
+
+    /// Unmaps whole blocks `b0..b1` (in chunks, each one group).
+    fn unmap(&self, vol: VolId, b0: u64, b1: u64, fua: bool) -> Result<()> {
+        let mut at = b0;
+        while at < b1 {
+            let n = (b1 - at).min(UNMAP_CHUNK);
+            answer(self.committer.submit(Work::Write {
+                vol,
+                edits: vec![(at, n, None)],
+                fua: fua && at + n == b1,
+                counter: 0,
+            }))?;
+            at += n;
+        }
+        if b0 == b1 && fua {
+            answer(self.committer.submit(Work::Flush))?;
+        }
+        Ok(())
+    }
+
+    /// Discards `[offset, offset+len)`: whole blocks read as zeros afterwards; partial
+    /// blocks at the edges are left as they are (a discard is a hint).
+    pub fn trim(&self, vol: VolId, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_range(vol, offset, len)?;
+        let b0 = offset.div_ceil(BLOCK_SIZE_U64);
+        let b1 = (offset + len) / BLOCK_SIZE_U64;
+        self.unmap(vol, b0, b1.max(b0), fua)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros: whole blocks are unmapped, partial edge
+    /// blocks rewritten.
+    pub fn zero(&self, vol: VolId, offset: u64, len: u64, fua: bool) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_range(vol, offset, len)?;
+        let end = offset + len;
+        let b0 = offset.div_ceil(BLOCK_SIZE_U64);
+        let b1 = end / BLOCK_SIZE_U64;
+        if b0 >= b1 {
+            return self.write(vol, offset, &vec![0u8; len as usize], fua);
+        }
+        if offset < b0 * BLOCK_SIZE_U64 {
+            let n = (b0 * BLOCK_SIZE_U64 - offset) as usize;
+            self.write(vol, offset, &vec![0u8; n], fua)?;
+        }
+        if end > b1 * BLOCK_SIZE_U64 {
+            let n = (end - b1 * BLOCK_SIZE_U64) as usize;
+            self.write(vol, b1 * BLOCK_SIZE_U64, &vec![0u8; n], fua)?;
+        }
+        self.unmap(vol, b0, b1, fua)
+    }
+}

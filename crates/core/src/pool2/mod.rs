@@ -1,0 +1,345 @@
+//! The pool on metadata format 2 (docs/format2.md): the same services as [`crate::Pool`] —
+//! volumes, snapshots, clones, rollback, reads and writes with per-block checksums — with
+//! snapshot-independent I/O cost, O(change) snapshot delete, extents and a persisted
+//! allocator. Under construction (format2.md §11 step 3-4): not yet used by the frontends.
+//!
+//! Threading (format2.md §4.2):
+//! * the committer thread (committer.rs) is the only metadata writer; callers block on
+//!   their Txn;
+//! * `catalog` (RwLock): readers resolve a target (µs); the committer writes after a
+//!   commit (µs); nobody holds it across I/O;
+//! * `mgmt` (Mutex): one management operation at a time, including its wait for the
+//!   committer;
+//! * `alloc`, `pins`: µs, never across I/O; `sync_lock`, `device_sync`: one sync at a time.
+//! * `stripes`: a sub-block write holds its edge blocks' stripes across its read-modify-write.
+
+mod committer;
+mod io;
+mod ops;
+
+pub mod catalog;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::alloc::Allocator;
+use crate::device::{
+    AlignedBuf, DataDevice, DeviceHeader, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64, DATA_START,
+};
+use crate::error::{Error, Result};
+use crate::keys::{self, SuperRecord};
+use crate::meta::{MetaStore, WriteBatch};
+use crate::pool::ReadPin;
+use crate::v2::Meta2;
+
+use catalog::Catalog;
+use committer::Shared;
+
+pub use crate::pool::Target;
+
+/// The superblock and device-header version of format 2.
+pub const FORMAT2: u32 = 2;
+const STRIPES: usize = 1024;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning means another thread panicked mid-update of plain in-memory state; the
+    // durable state is in the store, so continuing is no worse than the panic itself.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct Pool2 {
+    store: Arc<dyn MetaStore>,
+    dev: Arc<dyn DataDevice>,
+    sup: SuperRecord,
+    catalog: RwLock<Catalog>,
+    committer: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    mgmt: Mutex<()>,
+    alloc: Mutex<Allocator>,
+    pins: crate::pool::PinTable,
+    generation: AtomicU64,
+    sync_lock: Mutex<()>,
+    device_sync: Mutex<()>,
+    /// Incremented when a device fdatasync *starts* (under `device_sync`): a write whose
+    /// data completed when the counter read `c` is covered by every sync numbered > `c`.
+    sync_starts: AtomicU64,
+    data_dirty: AtomicBool,
+    dirty: AtomicBool,
+    stripes: Vec<Mutex<()>>,
+    open_targets: Mutex<std::collections::HashMap<Target, usize>>,
+    shutdown: AtomicBool,
+    wake: (Mutex<bool>, Condvar),
+}
+
+fn uuid_bytes(s: &str) -> Result<[u8; 16]> {
+    uuid::Uuid::parse_str(s)
+        .map(|u| *u.as_bytes())
+        .map_err(|e| Error::Corrupt(format!("pool uuid '{s}': {e}")))
+}
+
+impl Pool2 {
+    /// Formats an empty store and a data device as a new format-2 pool; returns its uuid.
+    pub fn format(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<String> {
+        if store.get(&keys::super_key())?.is_some() {
+            return Err(Error::exists(
+                "pool",
+                "metadata directory already holds a pool",
+            ));
+        }
+        let len = dev.len();
+        if len < DATA_START + 16 * BLOCK_SIZE_U64 {
+            return Err(Error::invalid(
+                "data device size",
+                format!("{len} bytes is too small"),
+            ));
+        }
+        let uuid = uuid::Uuid::new_v4();
+        let header = DeviceHeader {
+            format_version: FORMAT2,
+            block_size: BLOCK_SIZE as u32,
+            pool_uuid: *uuid.as_bytes(),
+            data_start: DATA_START,
+            size_at_format: len,
+        };
+        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
+        buf.copy_from_slice(&header.encode());
+        dev.write(
+            &[WriteSeg {
+                offset: 0,
+                buf: &buf,
+            }],
+            true,
+        )
+        .map_err(|e| Error::device("writing header", e))?;
+        dev.sync().map_err(|e| Error::device("sync", e))?;
+        Meta2::format(store)?;
+        let sup = SuperRecord {
+            format_version: FORMAT2,
+            pool_uuid: uuid.to_string(),
+            block_size: BLOCK_SIZE as u32,
+            data_start: DATA_START,
+            data_blocks: (len - DATA_START) / BLOCK_SIZE_U64,
+            created: keys::now_secs(),
+        };
+        let mut b = WriteBatch::new();
+        b.put(keys::super_key(), keys::encode_record(&sup));
+        store.commit(b, true)?;
+        Ok(sup.pool_uuid)
+    }
+
+    fn check_identity(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<SuperRecord> {
+        let key = keys::super_key();
+        let raw = store
+            .get(&key)?
+            .ok_or_else(|| Error::not_found("pool", "no pool superblock in the metadata store"))?;
+        let sup: SuperRecord = keys::decode_record("superblock", &key, &raw)?;
+        if sup.format_version != FORMAT2 {
+            return Err(Error::invalid(
+                "pool",
+                format!(
+                    "pool {} uses metadata format {}; this pool code reads format {FORMAT2}",
+                    sup.pool_uuid, sup.format_version
+                ),
+            ));
+        }
+        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
+        dev.read(&mut [ReadSeg {
+            offset: 0,
+            buf: &mut buf,
+        }])
+        .map_err(|e| Error::device("reading header", e))?;
+        let h = DeviceHeader::decode(&buf, "data device")?;
+        if h.format_version != FORMAT2 || h.pool_uuid != uuid_bytes(&sup.pool_uuid)? {
+            return Err(Error::invalid(
+                "data device",
+                format!("it is not format-{FORMAT2} pool {}", sup.pool_uuid),
+            ));
+        }
+        if dev.len() < sup.data_start + sup.data_blocks * BLOCK_SIZE_U64 {
+            return Err(Error::invalid(
+                "data device",
+                "smaller than when it was formatted",
+            ));
+        }
+        Ok(sup)
+    }
+
+    /// Opens a format-2 pool: reads lineages, catalog, jobs and allocation regions (no map
+    /// scan) and starts the committer and the background sync.
+    pub fn open(store: Arc<dyn MetaStore>, dev: Arc<dyn DataDevice>) -> Result<Arc<Pool2>> {
+        let sup = Self::check_identity(&*store, &*dev)?;
+        let meta = Meta2::open(Arc::clone(&store), sup.data_blocks)?;
+        let catalog = Catalog::load(&*store, meta.lineages())?;
+        let mut alloc = Allocator::new(sup.data_blocks);
+        for pba in meta.regions().iter_set() {
+            alloc.mark_used(pba);
+        }
+        let pool = Arc::new(Pool2 {
+            store,
+            dev,
+            sup,
+            catalog: RwLock::new(catalog),
+            committer: Arc::new(Shared::default()),
+            threads: Mutex::new(Vec::new()),
+            mgmt: Mutex::new(()),
+            alloc: Mutex::new(alloc),
+            pins: Default::default(),
+            generation: AtomicU64::new(1),
+            sync_lock: Mutex::new(()),
+            device_sync: Mutex::new(()),
+            sync_starts: AtomicU64::new(0),
+            data_dirty: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            open_targets: Mutex::new(Default::default()),
+            shutdown: AtomicBool::new(false),
+            wake: (Mutex::new(false), Condvar::new()),
+        });
+        let weak = Arc::downgrade(&pool);
+        let shared = Arc::clone(&pool.committer);
+        let c = std::thread::Builder::new()
+            .name("snapblk-commit".into())
+            .spawn(move || committer::run(weak, shared, meta))
+            .map_err(|e| Error::device("starting the committer thread", e))?;
+        let weak = Arc::downgrade(&pool);
+        let b = std::thread::Builder::new()
+            .name("snapblk-sync".into())
+            .spawn(move || background(weak))
+            .map_err(|e| Error::device("starting the sync thread", e))?;
+        *lock(&pool.threads) = vec![c, b];
+        Ok(pool)
+    }
+
+    pub fn store(&self) -> &Arc<dyn MetaStore> {
+        &self.store
+    }
+    pub fn device(&self) -> &Arc<dyn DataDevice> {
+        &self.dev
+    }
+    pub fn uuid(&self) -> &str {
+        &self.sup.pool_uuid
+    }
+    pub fn data_blocks(&self) -> u64 {
+        self.sup.data_blocks
+    }
+    pub(crate) fn catalog_read(&self) -> RwLockReadGuard<'_, Catalog> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner())
+    }
+    pub(crate) fn catalog_write(&self) -> RwLockWriteGuard<'_, Catalog> {
+        self.catalog.write().unwrap_or_else(|p| p.into_inner())
+    }
+    pub(crate) fn block_offset(&self, pba: u64) -> u64 {
+        self.sup.data_start + pba * BLOCK_SIZE_U64
+    }
+    pub(crate) fn pin_read(&self) -> ReadPin<'_> {
+        self.pins.pin(&self.generation)
+    }
+    pub(crate) fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+    pub(crate) fn defer_frees(&self, runs: &[(u64, u64)]) {
+        if runs.is_empty() {
+            return;
+        }
+        let g = self.generation.load(Ordering::Acquire);
+        let mut a = lock(&self.alloc);
+        for &(pba, len) in runs {
+            for b in pba..pba + len {
+                a.free_deferred(g, b);
+            }
+        }
+    }
+
+    /// `fdatasync`s the data device if anything was written since the last one; returns
+    /// the number of this sync (see `sync_starts`).
+    pub(crate) fn sync_device(&self) -> Result<u64> {
+        let _covering = lock(&self.device_sync);
+        let n = self.sync_starts.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.data_dirty.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.dev.sync() {
+                self.data_dirty.store(true, Ordering::SeqCst);
+                return Err(Error::device("sync", e));
+            }
+        }
+        Ok(n)
+    }
+
+    /// Makes every acknowledged write durable (data device, then metadata) and returns
+    /// frees older than every running reader to the allocator.
+    pub fn sync(&self) -> Result<()> {
+        let _serial = lock(&self.sync_lock);
+        self.dirty.store(false, Ordering::Release);
+        let g = self.generation.fetch_add(1, Ordering::AcqRel);
+        let r = self.sync_device().and_then(|_| Ok(self.store.sync()?));
+        if let Err(e) = r {
+            self.mark_dirty();
+            return Err(e);
+        }
+        let through = self.pins.release_bound(g);
+        let mut a = lock(&self.alloc);
+        if let Some(t) = through {
+            a.release_through(t);
+        }
+        if through != Some(g) && a.pending() > 0 {
+            self.mark_dirty();
+        }
+        Ok(())
+    }
+
+    /// Stops the committer and the sync thread and makes everything durable.
+    pub fn shutdown(&self) -> Result<()> {
+        self.shutdown.store(true, Ordering::Release);
+        self.committer.shutdown();
+        {
+            let (m, cv) = &self.wake;
+            *lock(m) = true;
+            cv.notify_all();
+        }
+        let me = std::thread::current().id();
+        for h in lock(&self.threads).drain(..) {
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+        self.sync()
+    }
+}
+
+/// Syncs once a second when something changed, returning pending frees to the allocator.
+fn background(pool: std::sync::Weak<Pool2>) {
+    loop {
+        let Some(p) = pool.upgrade() else { return };
+        if p.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        if p.dirty.load(Ordering::Acquire) {
+            if let Err(e) = p.sync() {
+                log::error!("periodic sync: {e}");
+            }
+        }
+        let (m, cv) = &p.wake;
+        let mut woken = lock(m);
+        if !*woken {
+            woken = cv
+                .wait_timeout(woken, Duration::from_millis(500))
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        *woken = false;
+    }
+}
+
+impl Drop for Pool2 {
+    fn drop(&mut self) {
+        self.shutdown.store(true, Ordering::Release);
+        self.committer.shutdown();
+        let me = std::thread::current().id();
+        for h in lock(&self.threads).drain(..) {
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+    }
+}
