@@ -7,8 +7,8 @@
 
 use std::collections::BTreeSet;
 
+use crate::model::ModelPool;
 use snapblk_core::device::BLOCK_SIZE;
-use snapblk_core::Pool;
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -60,7 +60,11 @@ impl Cell {
     }
 }
 
-pub fn read_block(pool: &Pool, target: &str, b: u64) -> Result<Vec<u8>, String> {
+pub fn read_block<P: ModelPool + ?Sized>(
+    pool: &P,
+    target: &str,
+    b: u64,
+) -> Result<Vec<u8>, String> {
     let t = pool.resolve_target(target).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; BLOCK_SIZE];
     pool.read(&t, b * BS, &mut buf).map_err(|e| e.to_string())?;
@@ -71,8 +75,8 @@ pub fn read_block(pool: &Pool, target: &str, b: u64) -> Result<Vec<u8>, String> 
 /// A failed read is accepted only for a block with unflushed writes whose data block is one
 /// the cut really dropped or tore (`lost`): EIO anywhere else means flushed data was
 /// overwritten, e.g. by a block reused before the metadata freeing it was durable.
-pub fn observe(
-    pool: &Pool,
+pub fn observe<P: ModelPool + ?Sized>(
+    pool: &P,
     target: &str,
     b: u64,
     allowed: &[u64],

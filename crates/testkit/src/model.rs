@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use snapblk_core::device::BLOCK_SIZE;
+use snapblk_core::device::{DataDevice, BLOCK_SIZE};
 use snapblk_core::pool2::Pool2;
+use snapblk_core::MetaStore;
 use snapblk_core::{Error, Pool, Target};
 
 use crate::PoolEnv;
@@ -34,6 +35,22 @@ pub trait ModelPool {
     fn sync(&self) -> Result<(), Error>;
     /// (bytes in use, hidden layers or lineages left over)
     fn usage(&self) -> (u64, usize);
+    fn resolve_target(&self, name: &str) -> Result<Target, Error>;
+    fn block_location(&self, t: &Target, lba: u64) -> Result<Option<u64>, Error>;
+    fn volume_names(&self) -> Vec<String>;
+    fn volume_size(&self, name: &str) -> Result<u64, Error>;
+    fn snapshot_names(&self, vol: &str) -> Result<Vec<String>, Error>;
+    fn shutdown(&self) -> Result<(), Error>;
+    fn format_on(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<String, Error>
+    where
+        Self: Sized;
+    fn open_on(store: Arc<dyn MetaStore>, dev: Arc<dyn DataDevice>) -> Result<Arc<Self>, Error>
+    where
+        Self: Sized;
+    /// Starts background reclaim and periodic sync where the pool does not run them always.
+    fn start_background(self: &Arc<Self>)
+    where
+        Self: Sized;
 }
 
 macro_rules! model_pool {
@@ -102,11 +119,64 @@ macro_rules! model_pool {
                 let i = <$t>::info(self);
                 (i.used, i.hidden_layers)
             }
+            fn resolve_target(&self, name: &str) -> Result<Target, Error> {
+                <$t>::resolve_target(self, name)
+            }
+            fn block_location(&self, t: &Target, lba: u64) -> Result<Option<u64>, Error> {
+                <$t>::block_location(self, t, lba)
+            }
+            fn volume_names(&self) -> Vec<String> {
+                <$t>::list_volumes(self)
+                    .into_iter()
+                    .map(|v| v.name)
+                    .collect()
+            }
+            fn volume_size(&self, name: &str) -> Result<u64, Error> {
+                <$t>::volume_info(self, name).map(|v| v.size)
+            }
+            fn snapshot_names(&self, vol: &str) -> Result<Vec<String>, Error> {
+                Ok(<$t>::list_snapshots(self, Some(vol))?
+                    .into_iter()
+                    .map(|s| s.name)
+                    .collect())
+            }
+            fn shutdown(&self) -> Result<(), Error> {
+                <$t>::shutdown(self)
+            }
+            fn format_on(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<String, Error> {
+                <$t>::format(store, dev)
+            }
+            fn open_on(
+                store: Arc<dyn MetaStore>,
+                dev: Arc<dyn DataDevice>,
+            ) -> Result<Arc<Self>, Error> {
+                <$t>::open(store, dev)
+            }
+            fn start_background(self: &Arc<Self>) {
+                start_background_of(self)
+            }
         }
     };
 }
 model_pool!(Pool);
 model_pool!(Pool2);
+
+trait Background {
+    fn start(self: &Arc<Self>);
+}
+impl Background for Pool {
+    fn start(self: &Arc<Self>) {
+        Pool::start_background(self)
+    }
+}
+impl Background for Pool2 {
+    fn start(self: &Arc<Self>) {
+        Pool2::start_background(self)
+    }
+}
+fn start_background_of<P: Background>(p: &Arc<P>) {
+    p.start()
+}
 
 /// Blocks per volume at creation; small so that operations collide often.
 pub const VOL_BLOCKS: u64 = 16;

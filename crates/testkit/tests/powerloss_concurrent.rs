@@ -25,8 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use snapblk_core::device::{DataDevice, BLOCK_SIZE, DATA_START};
+use snapblk_core::pool2::Pool2;
 use snapblk_core::{MetaStore, Pool};
 use snapblk_testkit::cells::{observe, pattern, Cell};
+use snapblk_testkit::model::ModelPool;
 use snapblk_testkit::powerloss::{Machine, PowerLoss, Rng};
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -35,10 +37,10 @@ const VOL_BLOCKS: u64 = 24;
 const WRITERS: u64 = 3;
 const OPS: usize = 200;
 
-fn open(m: &Machine) -> Arc<Pool> {
+fn open<P: ModelPool>(m: &Machine) -> Arc<P> {
     let store: Arc<dyn MetaStore> = m.store.clone();
     let dev: Arc<dyn DataDevice> = m.dev.clone();
-    Pool::open(store, dev).expect("the pool opens after a power cut")
+    P::open_on(store, dev).expect("the pool opens after a power cut")
 }
 
 fn blocks(tags: &[u64]) -> Vec<u8> {
@@ -46,7 +48,7 @@ fn blocks(tags: &[u64]) -> Vec<u8> {
 }
 
 /// One client on its own volume. Returns what each block may read as after the cut.
-fn writer(pool: &Pool, vol: &str, seed: u64) -> Vec<Cell> {
+fn writer<P: ModelPool>(pool: &P, vol: &str, seed: u64) -> Vec<Cell> {
     let mut rng = Rng(seed);
     let mut tag = seed << 32;
     let mut cells = vec![Cell::exact(0); VOL_BLOCKS as usize];
@@ -118,7 +120,7 @@ struct Snaps {
 
 /// Writes a block or two of its own volume, snapshots it, and deletes the oldest snapshot
 /// now and then (rolling retention), as fast as it can.
-fn snapshotter(pool: &Pool, vol: &str, seed: u64) -> Snaps {
+fn snapshotter<P: ModelPool>(pool: &P, vol: &str, seed: u64) -> Snaps {
     let mut rng = Rng(seed);
     let mut tag = seed << 32;
     let mut s = Snaps {
@@ -158,8 +160,8 @@ fn snapshotter(pool: &Pool, vol: &str, seed: u64) -> Snaps {
     s
 }
 
-fn check_volume(
-    pool: &Pool,
+fn check_volume<P: ModelPool>(
+    pool: &P,
     vol: &str,
     cells: &[Cell],
     lost: &std::collections::BTreeSet<usize>,
@@ -170,18 +172,13 @@ fn check_volume(
     Ok(())
 }
 
-fn check_snapshots(
-    pool: &Pool,
+fn check_snapshots<P: ModelPool>(
+    pool: &P,
     vol: &str,
     s: &Snaps,
     lost: &std::collections::BTreeSet<usize>,
 ) -> Result<(), String> {
-    let mut names: Vec<String> = pool
-        .list_snapshots(Some(vol))
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|i| i.name)
-        .collect();
+    let mut names: Vec<String> = pool.snapshot_names(vol).map_err(|e| e.to_string())?;
     names.sort();
     let mut want: Vec<String> = s.have.keys().cloned().collect();
     if let Some((m, contents)) = &s.maybe {
@@ -205,11 +202,11 @@ fn check_snapshots(
 }
 
 /// One run: returns an error describing the first thing the cut broke.
-fn run(seed: u64) -> Result<(), String> {
+fn run<P: ModelPool + Send + Sync>(seed: u64) -> Result<(), String> {
     let mut rng = Rng(seed);
     let machine = PowerLoss::machine(DEVICE_BYTES);
-    Pool::format(&*machine.store, &*machine.dev).expect("format");
-    let pool = open(&machine);
+    P::format_on(&*machine.store, &*machine.dev).expect("format");
+    let pool = open::<P>(&machine);
     pool.start_background();
     for w in 0..WRITERS {
         pool.create_volume(&format!("w{w}"), VOL_BLOCKS * BS)
@@ -222,12 +219,12 @@ fn run(seed: u64) -> Result<(), String> {
     let (cells, snaps) = std::thread::scope(|sc| {
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
-                let pool = &pool;
+                let pool = &*pool;
                 let s = seed * 16 + w + 1;
                 sc.spawn(move || writer(pool, &format!("w{w}"), s))
             })
             .collect();
-        let snapper = sc.spawn(|| snapshotter(&pool, "snap", seed * 16 + 9));
+        let snapper = sc.spawn(|| snapshotter(&*pool, "snap", seed * 16 + 9));
         sc.spawn(|| {
             while !done.load(Ordering::Acquire) {
                 if pool.reclaim_all().is_err() {
@@ -247,24 +244,35 @@ fn run(seed: u64) -> Result<(), String> {
     let _ = pool.shutdown();
     drop(pool);
     let (rebooted, stats) = machine.power.cut(&mut rng);
-    let pool = open(&rebooted);
+    let pool = open::<P>(&rebooted);
     for (w, c) in cells.iter().enumerate() {
-        check_volume(&pool, &format!("w{w}"), c, &stats.lost)?;
+        check_volume(&*pool, &format!("w{w}"), c, &stats.lost)?;
     }
-    check_volume(&pool, "snap", &snaps.cells, &stats.lost)?;
-    check_snapshots(&pool, "snap", &snaps, &stats.lost)?;
-    let report = pool.check().map_err(|e| e.to_string())?;
-    if !report.is_clean() {
-        return Err(format!("pool check: {report:?}"));
+    check_volume(&*pool, "snap", &snaps.cells, &stats.lost)?;
+    check_snapshots(&*pool, "snap", &snaps, &stats.lost)?;
+    let errors = pool.check_errors();
+    if !errors.is_empty() {
+        return Err(format!("pool check: {errors:?}"));
     }
     Ok(())
 }
 
 #[test]
 fn flushes_race_snapshots() {
+    races::<Pool>();
+}
+
+/// The same on metadata format 2: snapshots commit through the committer with the
+/// device-sync counter check and per-lineage deferral (docs/format2.md §3.3).
+#[test]
+fn flushes_race_snapshots_format2() {
+    races::<Pool2>();
+}
+
+fn races<P: ModelPool + Send + Sync>() {
     let mut failures = Vec::new();
     for seed in 1..=150u64 {
-        if let Err(e) = run(seed) {
+        if let Err(e) = run::<P>(seed) {
             failures.push(format!("seed {seed}: {e}"));
         }
     }
@@ -285,7 +293,7 @@ fn a_failed_commit_never_frees_blocks_it_may_have_used() {
     for seed in 1..=20u64 {
         let machine = PowerLoss::machine(DEVICE_BYTES);
         Pool::format(&*machine.store, &*machine.dev).expect("format");
-        let pool = open(&machine);
+        let pool = open::<Pool>(&machine);
         pool.create_volume("v", VOL_BLOCKS * BS).expect("create");
         let id = pool.volume_id("v").expect("id");
         pool.sync().expect("flush");
@@ -306,11 +314,93 @@ fn a_failed_commit_never_frees_blocks_it_may_have_used() {
             stats.batches_dropped, 0,
             "nothing was pending after the flush"
         );
-        let pool = open(&rebooted);
+        let pool = open::<Pool>(&rebooted);
         // Block 0 holds the first write (its data was flushed with the second) or zeros.
-        observe(&pool, "v", 0, &[0, 1], &stats.lost).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        observe(&pool, "v", 5, &[2], &stats.lost).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        observe(&*pool, "v", 0, &[0, 1], &stats.lost)
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        observe(&*pool, "v", 5, &[2], &stats.lost).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         let report = pool.check().expect("check");
         assert!(report.is_clean(), "seed {seed}: {report:?}");
     }
+}
+
+/// Format 2 stops after a failed commit (its allocation regions are in the batches, so it
+/// must not continue from memory that the store may disagree with, format2.md C3): later
+/// writes fail until the pool is reopened, and the reopened pool is consistent whether or
+/// not the failed batch survived.
+#[test]
+fn a_failed_commit_stops_format2_until_reopened() {
+    for seed in 1..=20u64 {
+        let machine = PowerLoss::machine(DEVICE_BYTES);
+        Pool2::format(&*machine.store, &*machine.dev).expect("format");
+        let pool = open::<Pool2>(&machine);
+        pool.create_volume("v", VOL_BLOCKS * BS).expect("create");
+        let id = pool.volume_id("v").expect("id");
+        pool.write(id, 3 * BS, &pattern(3), false).expect("write");
+        pool.sync().expect("flush");
+        machine.power.fail_next_commits(1);
+        assert!(
+            pool.write(id, 0, &pattern(1), false).is_err(),
+            "the commit was set to fail"
+        );
+        assert!(
+            pool.write(id, 5 * BS, &pattern(2), false).is_err(),
+            "a stopped engine refuses later writes"
+        );
+        pool.sync().expect("flush");
+        drop(pool);
+        let (rebooted, stats) = machine.power.cut(&mut Rng(seed));
+        let pool = open::<Pool2>(&rebooted);
+        observe(&*pool, "v", 0, &[0, 1], &stats.lost)
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        observe(&*pool, "v", 3, &[3], &stats.lost).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        observe(&*pool, "v", 5, &[0], &stats.lost).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        pool.write(id, 5 * BS, &pattern(4), true)
+            .expect("writes work after reopening");
+        observe(&*pool, "v", 5, &[4], &stats.lost).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let errors = pool.check_errors();
+        assert!(errors.is_empty(), "seed {seed}: {errors:?}");
+    }
+}
+
+/// Format 2, review 2 H2: a write to the volume that completes while `snapshot create` is
+/// inside its device sync, and reaches the committer before the snapshot, is in the
+/// snapshot — so the snapshot must not commit before another sync covers that write.
+/// After a cut right after the snapshot returns, the snapshot reads the write exactly.
+/// Checked to fail (EIO or old data in most seeds) with the counter check removed from
+/// `create_snapshot`.
+#[test]
+fn snapshot_waits_for_writes_that_raced_its_sync_format2() {
+    let mut bad = Vec::new();
+    for seed in 1..=12u64 {
+        let machine = PowerLoss::machine(DEVICE_BYTES);
+        Pool2::format(&*machine.store, &*machine.dev).expect("format");
+        let pool = open::<Pool2>(&machine);
+        pool.create_volume("v", VOL_BLOCKS * BS).expect("create");
+        let id = pool.volume_id("v").expect("id");
+        pool.write(id, 0, &pattern(1), false).expect("write");
+        pool.sync().expect("flush");
+        machine.power.set_sync_time(Duration::from_millis(40));
+        // Unflushed data, so the snapshot's device sync really runs (for 40 ms).
+        pool.write(id, BS, &pattern(3), false).expect("write");
+        std::thread::scope(|sc| {
+            let p = &*pool;
+            let snap = sc.spawn(move || p.create_snapshot("v", "s").map(drop));
+            // Land inside the snapshot's first device sync.
+            std::thread::sleep(Duration::from_millis(10));
+            p.write(id, 2 * BS, &pattern(2), false)
+                .expect("racing write");
+            snap.join().expect("snapshot thread").expect("snapshot");
+        });
+        drop(pool);
+        let (rebooted, stats) = machine.power.cut(&mut Rng(seed));
+        let pool = open::<Pool2>(&rebooted);
+        // The racing write was applied before the snapshot step, so the snapshot has it.
+        if let Err(e) = observe(&*pool, "v@s", 2, &[2], &stats.lost) {
+            bad.push(format!("seed {seed}: {e}"));
+        }
+        observe(&*pool, "v@s", 0, &[1], &stats.lost).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        observe(&*pool, "v@s", 1, &[3], &stats.lost).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
 }

@@ -71,6 +71,8 @@ pub(crate) enum Outcome {
         value: u64,
         /// A lineage whose held writes may go on now.
         undefer: Option<LineageId>,
+        /// Sync the store with this step (management operations); reclaim steps need not.
+        durable: bool,
     },
     /// The snapshot of this lineage must wait for another device sync; its writes are held.
     Retry(LineageId),
@@ -189,7 +191,7 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
                 fail_all(st.held.drain(..).map(|(_, t)| t).collect(), Error::Shutdown);
                 return;
             }
-            if meta.pending_jobs() > 0 && meta.failed().is_none() {
+            if pool.background_on() && meta.pending_jobs() > 0 && meta.failed().is_none() {
                 pool.reclaim_once(&mut meta);
             }
             continue;
@@ -401,8 +403,11 @@ impl Pool2 {
                 apply,
                 value,
                 undefer,
+                durable,
             }) => {
-                group.set_durable();
+                if durable {
+                    group.set_durable();
+                }
                 match meta.commit(group) {
                     Ok(done) => {
                         apply(&mut self.catalog_write());

@@ -47,6 +47,18 @@ impl Pool2 {
         Ok(self.catalog_read().source(t)?.size)
     }
 
+    /// Where block `lba` of `t` is read from: the data device's byte offset, or `None` when
+    /// it reads as zeros (diagnostics and tests).
+    pub fn block_location(&self, t: &Target, lba: u64) -> Result<Option<u64>> {
+        let (src, bases) = {
+            let cat = self.catalog_read();
+            (cat.source(t)?, BaseMap(cat.bases.clone()))
+        };
+        let p = lba / PAGE_BLOCKS;
+        let content = read_page(&**self.store(), &bases, src.lineage, src.at, PageNo(p))?;
+        Ok(content[(lba % PAGE_BLOCKS) as usize].map(|b| self.block_offset(b.pba)))
+    }
+
     /// Reads whole blocks `b0..b0+n` of `t`, checking every block's CRC.
     pub(crate) fn read_blocks(&self, t: &Target, b0: u64, n: u64) -> Result<AlignedBuf> {
         let _pin = self.pin_read();

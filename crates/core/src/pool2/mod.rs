@@ -70,6 +70,9 @@ pub struct Pool2 {
     stripes: Vec<Mutex<()>>,
     open_targets: Mutex<std::collections::HashMap<Target, usize>>,
     shutdown: AtomicBool,
+    /// Periodic sync and idle reclaim run only once `start_background` was called (tests
+    /// leave them off, so a seed replays exactly).
+    background: AtomicBool,
     wake: (Mutex<bool>, Condvar),
 }
 
@@ -167,7 +170,8 @@ impl Pool2 {
     }
 
     /// Opens a format-2 pool: reads lineages, catalog, jobs and allocation regions (no map
-    /// scan) and starts the committer and the background sync.
+    /// scan) and starts the committer. Reclaim runs every 8th group and on `reclaim_all`
+    /// until `start_background` adds idle reclaim and a sync every half second.
     pub fn open(store: Arc<dyn MetaStore>, dev: Arc<dyn DataDevice>) -> Result<Arc<Pool2>> {
         let sup = Self::check_identity(&*store, &*dev)?;
         let meta = Meta2::open(Arc::clone(&store), sup.data_blocks)?;
@@ -195,6 +199,7 @@ impl Pool2 {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             open_targets: Mutex::new(Default::default()),
             shutdown: AtomicBool::new(false),
+            background: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
         });
         let weak = Arc::downgrade(&pool);
@@ -210,6 +215,14 @@ impl Pool2 {
             .map_err(|e| Error::device("starting the sync thread", e))?;
         *lock(&pool.threads) = vec![c, b];
         Ok(pool)
+    }
+
+    /// Starts idle reclaim in the committer and the periodic sync (the daemon does this).
+    pub fn start_background(&self) {
+        self.background.store(true, Ordering::Release);
+    }
+    pub(crate) fn background_on(&self) -> bool {
+        self.background.load(Ordering::Acquire)
     }
 
     pub fn store(&self) -> &Arc<dyn MetaStore> {
@@ -314,7 +327,7 @@ fn background(pool: std::sync::Weak<Pool2>) {
         if p.shutdown.load(Ordering::Acquire) {
             return;
         }
-        if p.dirty.load(Ordering::Acquire) {
+        if p.background_on() && p.dirty.load(Ordering::Acquire) {
             if let Err(e) = p.sync() {
                 log::error!("periodic sync: {e}");
             }

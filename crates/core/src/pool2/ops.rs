@@ -32,6 +32,7 @@ fn done(apply: impl FnOnce(&mut Catalog) + Send + 'static) -> Result<Outcome> {
         apply: Box::new(apply),
         value: 0,
         undefer: None,
+        durable: true,
     })
 }
 
@@ -372,6 +373,7 @@ impl Pool2 {
                     }),
                     value: id,
                     undefer: Some(l),
+                    durable: true,
                 })
             })));
             match r {
@@ -398,6 +400,7 @@ impl Pool2 {
                     apply: Box::new(|_| {}),
                     value: 0,
                     undefer: Some(l),
+                    durable: true,
                 })
             })));
         }
@@ -568,6 +571,7 @@ impl Pool2 {
                     apply: Box::new(|_| {}),
                     value: u64::from(more),
                     undefer: None,
+                    durable: false,
                 })
             }))?;
             steps += 1;

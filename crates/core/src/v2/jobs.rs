@@ -97,7 +97,6 @@ impl Meta2 {
             self.jobs.pop_front();
             g.jobs_done(job.seq);
         }
-        g.set_durable();
         Ok(!self.jobs.is_empty())
     }
 
