@@ -13,6 +13,7 @@
 //! * `stripes`: sub-block writes lock the stripe of their block before anything else.
 
 mod io;
+pub use io::{BLOCK_STATUS_MAX, STATUS_HOLE, STATUS_ZERO};
 mod load;
 mod mapping;
 pub(crate) mod ops;

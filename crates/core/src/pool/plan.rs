@@ -47,7 +47,24 @@ pub struct ReadPlan<'a> {
     target: Target,
 }
 
-impl ReadPlan<'_> {
+impl<'a> ReadPlan<'a> {
+    /// A plan from its parts (the format-2 pool builds its plans here too).
+    pub(crate) fn from_parts(
+        pin: ReadPin<'a>,
+        segs: Vec<DeviceSeg>,
+        zeros: Vec<Range<usize>>,
+        checks: Vec<(usize, u64, u64, u32)>,
+        target: Target,
+    ) -> ReadPlan<'a> {
+        ReadPlan {
+            _pin: pin,
+            segs,
+            zeros,
+            checks,
+            target,
+        }
+    }
+
     /// The device reads of this plan as segments of `buf` (the whole request's buffer).
     pub fn device_reads<'b>(&self, buf: &'b mut [u8]) -> Vec<ReadSeg<'b>> {
         let mut segs = Vec::with_capacity(self.segs.len());
@@ -113,7 +130,7 @@ impl WritePlan<'_> {
     }
 }
 
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     let words = b.chunks_exact(8);
     let rem = words.remainder();
     words
@@ -122,7 +139,7 @@ fn is_zero(b: &[u8]) -> bool {
         && rem.iter().all(|&x| x == 0)
 }
 
-fn whole_blocks(what: &'static str, offset: u64, len: usize) -> Result<(u64, u64)> {
+pub(crate) fn whole_blocks(what: &'static str, offset: u64, len: usize) -> Result<(u64, u64)> {
     if !offset.is_multiple_of(BLOCK_SIZE_U64) || !len.is_multiple_of(BLOCK_SIZE) {
         return Err(Error::invalid(
             what,

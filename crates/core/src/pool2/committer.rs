@@ -196,11 +196,14 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
             }
             continue;
         }
-        pool.process(&mut meta, &mut st, batch);
+        // Every 8th group, a reclaim step first, while the batch's callers wait: nothing
+        // runs after the last answer, so a caller that drops the pool (and opens the store
+        // again) never races work of this pool.
         st.groups += 1;
         if st.groups.is_multiple_of(8) && meta.pending_jobs() > 0 && meta.failed().is_none() {
             pool.reclaim_once(&mut meta);
         }
+        pool.process(&mut meta, &mut st, batch);
     }
 }
 

@@ -5,17 +5,15 @@
 //! sync generation, resolves its target in the catalog, reads each page's content from the
 //! store without locks, then the data blocks, verifying each block's CRC32C.
 
-use std::sync::atomic::Ordering;
-
 use crate::alloc::Run;
-use crate::device::{AlignedBuf, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::device::{AlignedBuf, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::VolId;
-use crate::v2::read::{read_page, Content};
+use crate::v2::read::read_page;
 use crate::v2::{PageNo, PAGE_BLOCKS};
 
 use super::catalog::BaseMap;
-use super::committer::{Answer, Edits, Work};
+use super::committer::{Answer, Work};
 use super::{lock, Pool2, Target, STRIPES};
 
 /// Blocks unmapped per Txn by trim and zero (a long range becomes several groups).
@@ -61,70 +59,15 @@ impl Pool2 {
 
     /// Reads whole blocks `b0..b0+n` of `t`, checking every block's CRC.
     pub(crate) fn read_blocks(&self, t: &Target, b0: u64, n: u64) -> Result<AlignedBuf> {
-        let _pin = self.pin_read();
-        let (src, bases) = {
-            let cat = self.catalog_read();
-            (cat.source(t)?, BaseMap(cat.bases.clone()))
-        };
-        let blocks = src.size / BLOCK_SIZE_U64;
-        if b0.checked_add(n).is_none_or(|end| end > blocks) {
-            return Err(Error::OutOfRange {
-                offset: b0 * BLOCK_SIZE_U64,
-                len: n * BLOCK_SIZE_U64,
-                size: src.size,
-            });
-        }
-        let mut buf = AlignedBuf::zeroed((n * BLOCK_SIZE_U64) as usize);
-        // (index in buf, pba, crc) of every mapped block.
-        let mut mapped: Vec<(u64, u64, u32)> = Vec::new();
-        let (p0, p1) = (b0 / PAGE_BLOCKS, (b0 + n).div_ceil(PAGE_BLOCKS));
-        for p in p0..p1 {
-            let content: Content =
-                read_page(&**self.store(), &bases, src.lineage, src.at, PageNo(p))?;
-            for (i, slot) in content.iter().enumerate() {
-                let lba = p * PAGE_BLOCKS + i as u64;
-                if let (Some(b), true) = (slot, (b0..b0 + n).contains(&lba)) {
-                    mapped.push((lba - b0, b.pba, b.crc));
-                }
-            }
-        }
-        // Contiguous runs in both buf and device become one segment.
-        let mut runs: Vec<(u64, u64, u64)> = Vec::new(); // (buf index, pba, len)
-        for &(i, pba, _) in &mapped {
-            match runs.last_mut() {
-                Some((ri, rp, rl)) if *ri + *rl == i && *rp + *rl == pba => *rl += 1,
-                _ => runs.push((i, pba, 1)),
-            }
-        }
-        if !runs.is_empty() {
-            let mut segs = Vec::with_capacity(runs.len());
-            let mut rest: &mut [u8] = &mut buf;
-            let mut at = 0u64;
-            for &(i, pba, len) in &runs {
-                let skip = ((i - at) * BLOCK_SIZE_U64) as usize;
-                let (_, tail) = rest.split_at_mut(skip);
-                let (seg, tail) = tail.split_at_mut((len * BLOCK_SIZE_U64) as usize);
-                segs.push(ReadSeg {
-                    offset: self.block_offset(pba),
-                    buf: seg,
-                });
-                rest = tail;
-                at = i + len;
-            }
+        let len = (n * BLOCK_SIZE_U64) as usize;
+        let plan = self.plan_read(t, b0 * BLOCK_SIZE_U64, len)?;
+        let mut buf = AlignedBuf::zeroed(len);
+        if !plan.segs.is_empty() {
             self.device()
-                .read(&mut segs)
+                .read(&mut plan.device_reads(&mut buf))
                 .map_err(|e| Error::device("read", e))?;
         }
-        for &(i, pba, crc) in &mapped {
-            let s = (i * BLOCK_SIZE_U64) as usize;
-            let got = crc32c::crc32c(&buf[s..s + BLOCK_SIZE]);
-            if got != crc {
-                return Err(Error::Checksum(format!(
-                    "block {} of {t:?} (data block {pba}): crc {got:08x}, expected {crc:08x}",
-                    b0 + i
-                )));
-            }
-        }
+        plan.finish(&buf)?;
         Ok(buf)
     }
 
@@ -202,50 +145,16 @@ impl Pool2 {
 
     /// Allocates, writes and commits whole blocks.
     fn write_blocks(&self, vol: VolId, b0: u64, buf: &[u8], fua: bool) -> Result<()> {
-        let n = (buf.len() / BLOCK_SIZE) as u64;
-        let runs = self.allocate(n)?;
-        let mut segs = Vec::with_capacity(runs.len());
-        let mut edits: Edits = Vec::with_capacity(runs.len());
-        let mut at = 0u64;
-        for r in &runs {
-            let s = (at * BLOCK_SIZE_U64) as usize;
-            let e = ((at + r.len) * BLOCK_SIZE_U64) as usize;
-            segs.push(WriteSeg {
-                offset: self.block_offset(r.start),
-                buf: &buf[s..e],
-            });
-            let crcs = buf[s..e]
-                .chunks_exact(BLOCK_SIZE)
-                .map(crc32c::crc32c)
-                .collect();
-            edits.push((b0 + at, r.len, Some((r.start, crcs))));
-            at += r.len;
-        }
-        if let Err(e) = self.device().write(&segs, fua) {
-            self.free_unused(&runs);
-            return Err(Error::device("write", e));
-        }
-        self.data_dirty.store(true, Ordering::SeqCst);
-        let counter = if fua {
-            0
+        let plan = self.plan_write(vol, b0 * BLOCK_SIZE_U64, buf, fua)?;
+        let io = if plan.segs.is_empty() {
+            Ok(())
         } else {
-            self.sync_starts.load(Ordering::SeqCst)
+            self.device().write(&plan.device_writes(buf), fua)
         };
-        match self.committer.submit(Work::Write {
-            vol,
-            edits,
-            fua,
-            counter,
-        }) {
-            Answer::Rejected(e) => {
-                self.free_unused(&runs);
-                Err(e)
-            }
-            a => answer(a).map(|_| ()),
-        }
+        self.finish_write(plan, io)
     }
 
-    fn allocate(&self, n: u64) -> Result<Vec<Run>> {
+    pub(crate) fn allocate(&self, n: u64) -> Result<Vec<Run>> {
         for attempt in 0..2 {
             if let Some(runs) = lock(&self.alloc).alloc(n) {
                 return Ok(runs);
@@ -257,15 +166,6 @@ impl Pool2 {
         }
         let free = lock(&self.alloc).free();
         Err(Error::NoSpace { needed: n, free })
-    }
-
-    fn free_unused(&self, runs: &[Run]) {
-        let mut a = lock(&self.alloc);
-        for r in runs {
-            for b in r.start..r.start + r.len {
-                a.free_now(b);
-            }
-        }
     }
 
     /// Unmaps whole blocks `b0..b1` (in chunks, each one group).

@@ -15,6 +15,8 @@
 
 mod committer;
 mod io;
+mod plan;
+pub use plan::WritePlan;
 mod ops;
 
 pub mod catalog;
@@ -73,7 +75,8 @@ pub struct Pool2 {
     /// Periodic sync and idle reclaim run only once `start_background` was called (tests
     /// leave them off, so a seed replays exactly).
     background: AtomicBool,
-    wake: (Mutex<bool>, Condvar),
+    /// Wakes the sync thread (shared with it, so it waits without holding the pool).
+    wake: Arc<(Mutex<bool>, Condvar)>,
 }
 
 fn uuid_bytes(s: &str) -> Result<[u8; 16]> {
@@ -200,7 +203,7 @@ impl Pool2 {
             open_targets: Mutex::new(Default::default()),
             shutdown: AtomicBool::new(false),
             background: AtomicBool::new(false),
-            wake: (Mutex::new(false), Condvar::new()),
+            wake: Arc::new((Mutex::new(false), Condvar::new())),
         });
         let weak = Arc::downgrade(&pool);
         let shared = Arc::clone(&pool.committer);
@@ -209,9 +212,10 @@ impl Pool2 {
             .spawn(move || committer::run(weak, shared, meta))
             .map_err(|e| Error::device("starting the committer thread", e))?;
         let weak = Arc::downgrade(&pool);
+        let wake = Arc::clone(&pool.wake);
         let b = std::thread::Builder::new()
             .name("snapblk-sync".into())
-            .spawn(move || background(weak))
+            .spawn(move || background(weak, wake))
             .map_err(|e| Error::device("starting the sync thread", e))?;
         *lock(&pool.threads) = vec![c, b];
         Ok(pool)
@@ -306,7 +310,7 @@ impl Pool2 {
         self.shutdown.store(true, Ordering::Release);
         self.committer.shutdown();
         {
-            let (m, cv) = &self.wake;
+            let (m, cv) = &*self.wake;
             *lock(m) = true;
             cv.notify_all();
         }
@@ -320,19 +324,22 @@ impl Pool2 {
     }
 }
 
-/// Syncs once a second when something changed, returning pending frees to the allocator.
-fn background(pool: std::sync::Weak<Pool2>) {
+/// Syncs every half second when something changed, returning pending frees to the
+/// allocator. Holds the pool only while it syncs, never while it waits.
+fn background(pool: std::sync::Weak<Pool2>, wake: Arc<(Mutex<bool>, Condvar)>) {
     loop {
-        let Some(p) = pool.upgrade() else { return };
-        if p.shutdown.load(Ordering::Acquire) {
-            return;
-        }
-        if p.background_on() && p.dirty.load(Ordering::Acquire) {
-            if let Err(e) = p.sync() {
-                log::error!("periodic sync: {e}");
+        {
+            let Some(p) = pool.upgrade() else { return };
+            if p.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            if p.background_on() && p.dirty.load(Ordering::Acquire) {
+                if let Err(e) = p.sync() {
+                    log::error!("periodic sync: {e}");
+                }
             }
         }
-        let (m, cv) = &p.wake;
+        let (m, cv) = &*wake;
         let mut woken = lock(m);
         if !*woken {
             woken = cv
@@ -348,6 +355,11 @@ impl Drop for Pool2 {
     fn drop(&mut self) {
         self.shutdown.store(true, Ordering::Release);
         self.committer.shutdown();
+        {
+            let (m, cv) = &*self.wake;
+            *lock(m) = true;
+            cv.notify_all();
+        }
         let me = std::thread::current().id();
         for h in lock(&self.threads).drain(..) {
             if h.thread().id() != me {

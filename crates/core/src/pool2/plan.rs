@@ -1,0 +1,277 @@
+//! Whole-block I/O split into plan → data-device I/O → finish on format 2 (the same
+//! contract as pool/plan.rs, whose `ReadPlan` this pool builds too): a frontend with its own
+//! io_uring (a ublk queue) does the device I/O between the two calls.
+//!
+//! * A read plan holds a read pin from before its page reads until it is finished or
+//!   dropped, so no block it names is reused meanwhile.
+//! * A [`WritePlan`] owns freshly allocated blocks nothing references; all-zero blocks get
+//!   none (they are unmapped: holes). Finishing it after the data writes hands the mapping
+//!   to the committer; an I/O error, a refused Txn or dropping the plan returns the blocks
+//!   at once. A failed commit sets them aside (the engine stops; the next open decides).
+
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+
+use crate::device::{WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::error::{Error, Result};
+use crate::keys::VolId;
+use crate::pool::plan::{is_zero, whole_blocks, DeviceSeg, ReadPlan};
+use crate::v2::read::read_page;
+use crate::v2::{PageNo, PAGE_BLOCKS};
+
+use super::catalog::BaseMap;
+use super::committer::{Answer, Edits, Work};
+use super::{lock, Pool2, Target};
+
+pub struct WritePlan<'a> {
+    pool: &'a Pool2,
+    pub segs: Vec<DeviceSeg>,
+    vol: VolId,
+    b0: u64,
+    /// Per block: its new data block and checksum, or None for an all-zero block.
+    assigned: Vec<Option<(u64, u32)>>,
+    allocated: Vec<u64>,
+    pub fua: bool,
+}
+
+impl WritePlan<'_> {
+    /// The device writes of this plan as segments of `data` (the buffer it was planned from).
+    pub fn device_writes<'b>(&self, data: &'b [u8]) -> Vec<WriteSeg<'b>> {
+        self.segs
+            .iter()
+            .map(|s| WriteSeg {
+                offset: s.dev_offset,
+                buf: &data[s.buf_offset..s.buf_offset + s.len],
+            })
+            .collect()
+    }
+
+    /// The mapping changes: runs of consecutive data blocks, and runs of zero blocks.
+    fn edits(&self) -> Edits {
+        let mut edits: Edits = Vec::new();
+        for (i, a) in self.assigned.iter().enumerate() {
+            let lba = self.b0 + i as u64;
+            match (edits.last_mut(), a) {
+                (Some((l, n, Some((p, crcs)))), Some((pba, crc)))
+                    if *l + *n == lba && *p + *n == *pba =>
+                {
+                    *n += 1;
+                    crcs.push(*crc);
+                }
+                (Some((l, n, None)), None) if *l + *n == lba => *n += 1,
+                (_, Some((pba, crc))) => edits.push((lba, 1, Some((*pba, vec![*crc])))),
+                (_, None) => edits.push((lba, 1, None)),
+            }
+        }
+        edits
+    }
+}
+
+impl Drop for WritePlan<'_> {
+    fn drop(&mut self) {
+        if !self.allocated.is_empty() {
+            let mut a = lock(&self.pool.alloc);
+            for &b in &self.allocated {
+                a.free_now(b);
+            }
+        }
+    }
+}
+
+impl Pool2 {
+    /// Plans a read of `len` bytes (whole blocks) at `offset` of `t`.
+    pub fn plan_read(&self, t: &Target, offset: u64, len: usize) -> Result<ReadPlan<'_>> {
+        let (b0, n) = whole_blocks("read", offset, len)?;
+        let pin = self.pin_read();
+        let (src, bases) = {
+            let cat = self.catalog_read();
+            (cat.source(t)?, BaseMap(cat.bases.clone()))
+        };
+        if b0
+            .checked_add(n)
+            .is_none_or(|end| end > src.size / BLOCK_SIZE_U64)
+        {
+            return Err(Error::OutOfRange {
+                offset,
+                len: len as u64,
+                size: src.size,
+            });
+        }
+        let mut segs: Vec<DeviceSeg> = Vec::new();
+        let mut checks = Vec::new();
+        let mut zeros: Vec<Range<usize>> = Vec::new();
+        let mut zero_from = 0usize;
+        for p in b0 / PAGE_BLOCKS..(b0 + n).div_ceil(PAGE_BLOCKS) {
+            let content = read_page(&**self.store(), &bases, src.lineage, src.at, PageNo(p))?;
+            for (k, slot) in content.iter().enumerate() {
+                let lba = p * PAGE_BLOCKS + k as u64;
+                let Some(b) = slot else { continue };
+                if lba < b0 || lba >= b0 + n {
+                    continue;
+                }
+                let i = ((lba - b0) * BLOCK_SIZE_U64) as usize;
+                if i > zero_from {
+                    zeros.push(zero_from..i);
+                }
+                zero_from = i + BLOCK_SIZE;
+                checks.push((i, lba, b.pba, b.crc));
+                let dev = self.block_offset(b.pba);
+                match segs.last_mut() {
+                    Some(s) if s.buf_offset + s.len == i && s.dev_offset + s.len as u64 == dev => {
+                        s.len += BLOCK_SIZE
+                    }
+                    _ => segs.push(DeviceSeg {
+                        dev_offset: dev,
+                        buf_offset: i,
+                        len: BLOCK_SIZE,
+                    }),
+                }
+            }
+        }
+        if zero_from < len {
+            zeros.push(zero_from..len);
+        }
+        Ok(ReadPlan::from_parts(pin, segs, zeros, checks, t.clone()))
+    }
+
+    /// Plans a write of `data` (whole blocks) at `offset` of volume `vol`.
+    pub fn plan_write(
+        &self,
+        vol: VolId,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<WritePlan<'_>> {
+        let (b0, _) = whole_blocks("write", offset, data.len())?;
+        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
+        let nonzero: Vec<bool> = blocks.iter().map(|b| !is_zero(b)).collect();
+        let ndata = nonzero.iter().filter(|x| **x).count() as u64;
+        let runs = self.allocate(ndata)?;
+        let mut pbas = runs.iter().flat_map(|r| r.start..r.start + r.len);
+        let assigned: Vec<Option<(u64, u32)>> = blocks
+            .iter()
+            .zip(&nonzero)
+            .map(|(b, &nz)| {
+                nz.then(|| pbas.next().map(|p| (p, crc32c::crc32c(b))))
+                    .flatten()
+            })
+            .collect();
+        let allocated: Vec<u64> = assigned.iter().flatten().map(|(p, _)| *p).collect();
+        let mut segs: Vec<DeviceSeg> = Vec::new();
+        for (i, a) in assigned.iter().enumerate() {
+            let Some((p, _)) = a else { continue };
+            let dev = self.block_offset(*p);
+            match segs.last_mut() {
+                Some(s)
+                    if s.buf_offset + s.len == i * BLOCK_SIZE
+                        && s.dev_offset + s.len as u64 == dev =>
+                {
+                    s.len += BLOCK_SIZE
+                }
+                _ => segs.push(DeviceSeg {
+                    dev_offset: dev,
+                    buf_offset: i * BLOCK_SIZE,
+                    len: BLOCK_SIZE,
+                }),
+            }
+        }
+        Ok(WritePlan {
+            pool: self,
+            segs,
+            vol,
+            b0,
+            assigned,
+            allocated,
+            fua,
+        })
+    }
+
+    /// Completes a planned write with the data I/O's outcome `io`.
+    pub fn finish_write(&self, mut plan: WritePlan<'_>, io: io::Result<()>) -> Result<()> {
+        debug_assert!(std::ptr::eq(self, plan.pool), "a plan of another pool");
+        if let Err(e) = io {
+            return Err(Error::device("write", e));
+        }
+        if !plan.segs.is_empty() {
+            self.data_dirty.store(true, Ordering::SeqCst);
+        }
+        let counter = if plan.fua {
+            0
+        } else {
+            self.sync_starts.load(Ordering::SeqCst)
+        };
+        let work = Work::Write {
+            vol: plan.vol,
+            edits: plan.edits(),
+            fua: plan.fua,
+            counter,
+        };
+        match self.committer.submit(work) {
+            Answer::Value(_) => {
+                plan.allocated.clear();
+                Ok(())
+            }
+            // Nothing applied: dropping the plan frees its blocks.
+            Answer::Rejected(e) => Err(e),
+            Answer::Retry => Err(Error::Busy("write refused for retry".into())),
+            Answer::Failed(e) => {
+                // The failed batch may survive in the store's log: keep the blocks out of
+                // use until the next open decides.
+                if !plan.allocated.is_empty() {
+                    log::warn!(
+                        "commit of a write failed: {} data blocks set aside until the pool is reopened",
+                        plan.allocated.len()
+                    );
+                }
+                plan.allocated.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// Allocation state of `[offset, offset+len)` of `t` (≤ 1 GiB described per call):
+    /// (bytes, flags) runs with NBD's base:allocation flags.
+    pub fn block_status(&self, t: &Target, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+        use crate::pool::{STATUS_HOLE, STATUS_ZERO};
+        let len = len.min(crate::pool::BLOCK_STATUS_MAX);
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::invalid("block status", "range overflows"))?;
+        let (b0, b1) = (offset / BLOCK_SIZE_U64, end.div_ceil(BLOCK_SIZE_U64));
+        let _pin = self.pin_read();
+        let (src, bases) = {
+            let cat = self.catalog_read();
+            (cat.source(t)?, BaseMap(cat.bases.clone()))
+        };
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut push = |bytes: u64, flags: u32| match out.last_mut() {
+            Some((l, f)) if *f == flags => *l += bytes,
+            _ => out.push((bytes, flags)),
+        };
+        let mut pos = offset;
+        for p in b0 / PAGE_BLOCKS..b1.div_ceil(PAGE_BLOCKS) {
+            let content = read_page(&**self.store(), &bases, src.lineage, src.at, PageNo(p))?;
+            for (k, slot) in content.iter().enumerate() {
+                let lba = p * PAGE_BLOCKS + k as u64;
+                if slot.is_none() || lba < b0 || lba >= b1 {
+                    continue;
+                }
+                let s = (lba * BLOCK_SIZE_U64).max(offset);
+                let e = ((lba + 1) * BLOCK_SIZE_U64).min(end);
+                if s > pos {
+                    push(s - pos, STATUS_HOLE | STATUS_ZERO);
+                }
+                push(e - s, 0);
+                pos = e;
+            }
+        }
+        if pos < end {
+            push(end - pos, STATUS_HOLE | STATUS_ZERO);
+        }
+        Ok(out)
+    }
+}
