@@ -3,6 +3,7 @@
 
 pub mod cells;
 pub mod conformance;
+pub mod counting;
 pub mod model;
 pub mod powerloss;
 

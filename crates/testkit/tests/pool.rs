@@ -7,83 +7,8 @@ use std::sync::Arc;
 
 use snapblk_core::device::mem::MemDevice;
 use snapblk_core::device::{DataDevice, ReadSeg, WriteSeg, DATA_START};
-use snapblk_core::meta::{MetaRead, ScanVisitor, WriteBatch};
-use snapblk_core::{Error, MemStore, MetaStore, Pool, StoreError, Target};
-
-/// A MemStore that counts the operations of every committed batch; with `slow` set, its
-/// scans (and its views' scans) take 1 ms per 64 keys and raise `scanning` meanwhile.
-#[derive(Default)]
-struct CountingStore {
-    inner: MemStore,
-    ops: AtomicU64,
-    slow: AtomicBool,
-    scanning: AtomicBool,
-}
-
-impl CountingStore {
-    fn slow_scan(
-        &self,
-        read: &dyn MetaRead,
-        from: &[u8],
-        to: &[u8],
-        visit: &mut ScanVisitor<'_>,
-    ) -> Result<(), StoreError> {
-        if !self.slow.load(Ordering::SeqCst) {
-            return read.scan(from, to, visit);
-        }
-        self.scanning.store(true, Ordering::SeqCst);
-        let mut n = 0u64;
-        let r = read.scan(from, to, &mut |k, v| {
-            n += 1;
-            if n.is_multiple_of(64) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            visit(k, v)
-        });
-        self.scanning.store(false, Ordering::SeqCst);
-        r
-    }
-}
-
-/// A view of a `CountingStore` (slow like it).
-struct CountingView<'a> {
-    store: &'a CountingStore,
-    inner: Box<dyn MetaRead + 'a>,
-}
-
-impl MetaRead for CountingView<'_> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
-    }
-    fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
-        self.store.slow_scan(&*self.inner, from, to, visit)
-    }
-}
-
-impl MetaStore for CountingStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        MetaStore::get(&self.inner, key)
-    }
-    fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
-        self.slow_scan(&self.inner, from, to, visit)
-    }
-    fn view(&self) -> Result<Box<dyn MetaRead + '_>, StoreError> {
-        Ok(Box::new(CountingView {
-            store: self,
-            inner: self.inner.view()?,
-        }))
-    }
-    fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
-        self.ops.fetch_add(batch.len() as u64, Ordering::SeqCst);
-        self.inner.commit(batch, durable)
-    }
-    fn sync(&self) -> Result<(), StoreError> {
-        self.inner.sync()
-    }
-    fn size_on_disk(&self) -> u64 {
-        0
-    }
-}
+use snapblk_core::{Error, MetaStore, Pool, Target};
+use snapblk_testkit::counting::CountingStore;
 
 fn mem_pool(bytes: u64) -> (Arc<Pool>, Arc<CountingStore>, Arc<MemDevice>) {
     let store = Arc::new(CountingStore::default());

@@ -45,6 +45,9 @@ pub struct SnapRec {
     pub epoch: Epoch,
     pub size: u64,
     pub created: u64,
+    /// Bytes written between the previous snapshot and this one (still live then).
+    #[serde(default)]
+    pub written: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

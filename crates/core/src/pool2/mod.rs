@@ -14,6 +14,7 @@
 //! * `stripes`: a sub-block write holds its edge blocks' stripes across its read-modify-write.
 
 mod committer;
+mod inspect;
 mod io;
 mod plan;
 pub use plan::WritePlan;
@@ -249,6 +250,9 @@ impl Pool2 {
     }
     pub(crate) fn block_offset(&self, pba: u64) -> u64 {
         self.sup.data_start + pba * BLOCK_SIZE_U64
+    }
+    pub(crate) fn free_blocks(&self) -> u64 {
+        lock(&self.alloc).free()
     }
     pub(crate) fn pin_read(&self) -> ReadPin<'_> {
         self.pins.pin(&self.generation)

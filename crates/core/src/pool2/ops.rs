@@ -161,14 +161,23 @@ impl Pool2 {
             })
     }
 
+    /// Bytes the volume wrote since its last snapshot (its lineage's counter record).
+    fn written_now(&self, l: LineageId) -> u64 {
+        match self.store().get(&crate::v2::keys::counter(l)) {
+            Ok(Some(v)) => <[u8; 8]>::try_from(v.as_slice())
+                .map_or(0, |b| u64::from_le_bytes(b) * BLOCK_SIZE_U64),
+            _ => 0,
+        }
+    }
+
     fn info_of(&self, c: &Catalog, v: &VolRec) -> VolumeInfo {
         VolumeInfo {
             name: v.name.clone(),
             id: v.id,
             size: v.size,
-            written: 0,
+            written: self.written_now(v.lineage),
             snapshots: c.snapshots_of(v.id).count(),
-            snapshot_bytes: 0,
+            snapshot_bytes: c.snapshots_of(v.id).map(|s| s.written).sum(),
             origin: Self::origin(c, v.lineage),
             created: v.created,
             open: self.open_count(|t| *t == Target::Volume(v.id)),
@@ -351,9 +360,10 @@ impl Pool2 {
                 let mut ids = ctx.catalog.ids;
                 let id = ids.snapshot.max(1);
                 ids.snapshot = id + 1;
-                let e = {
+                let (written, e) = {
                     let (m, g) = ctx.parts();
-                    m.snapshot(g, l)?
+                    let written = m.lineage(l)?.born_now * BLOCK_SIZE_U64;
+                    (written, m.snapshot(g, l)?)
                 };
                 let rec = SnapRec {
                     id,
@@ -363,6 +373,7 @@ impl Pool2 {
                     epoch: e,
                     size: v.size,
                     created: keys::now_secs(),
+                    written,
                 };
                 put(ctx, cat::snapshot_key(vid, &name), cat::encode(&rec));
                 put(ctx, cat::ids_key(), cat::encode(&ids));
@@ -421,7 +432,7 @@ impl Pool2 {
             id: s.id,
             size: s.size,
             created: s.created,
-            written: 0,
+            written: s.written,
             exclusive: None,
             parent,
         }
@@ -434,8 +445,12 @@ impl Pool2 {
         Ok(Self::snapshot_info_of(&c, s))
     }
 
+    /// A snapshot's record and the bytes deleting it would free (a dry run of its reclaim:
+    /// O(pages changed between its neighbours)); `snapshot_summary` skips the latter.
     pub fn snapshot_info(&self, vol: &str, snap: &str) -> Result<SnapshotInfo> {
-        self.snapshot_summary(vol, snap)
+        let mut info = self.snapshot_summary(vol, snap)?;
+        info.exclusive = Some(self.snapshot_exclusive(vol, snap)?);
+        Ok(info)
     }
 
     pub fn snapshot_by_id(&self, id: u64) -> Option<String> {

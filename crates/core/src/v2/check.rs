@@ -58,6 +58,8 @@ struct Ctx<'a> {
     jobs: &'a [Job],
     owned: Regions,
     based: Regions,
+    /// Owned live blocks born in their open lineage's current epoch.
+    born: BTreeMap<LineageId, u64>,
     report: Report,
 }
 
@@ -145,6 +147,7 @@ pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
         jobs: &jobs,
         owned: Regions::new(data_blocks),
         based: Regions::new(data_blocks),
+        born: BTreeMap::new(),
         report: Report {
             lineages: st.lineages.len() as u64,
             pending_jobs: jobs.len() as u64,
@@ -183,6 +186,15 @@ pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
                     ));
                 }
             }
+        }
+        if lin.closed.is_none() {
+            let n: u64 = page
+                .pieces
+                .iter()
+                .filter(|x| x.owned() && x.birth == lin.epoch)
+                .map(|x| u64::from(x.len))
+                .sum();
+            *c.born.entry(l).or_default() += n;
         }
         if page.pieces.is_empty() && lin.base.is_none() {
             c.report
@@ -289,6 +301,16 @@ pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
         }
         Ok::<_, Error>(ControlFlow::Continue(()))
     })?;
+
+    for lin in c.lineages.values().filter(|l| l.closed.is_none()) {
+        let want = c.born.get(&lin.id).copied().unwrap_or(0);
+        if lin.born_now != want {
+            c.report.err(format!(
+                "lineage {}: counter says {} blocks written since the last snapshot, pages hold {want}",
+                lin.id, lin.born_now
+            ));
+        }
+    }
 
     // I4: allocated ⇔ referenced; inherited blocks are owned somewhere.
     for pba in c.owned.iter_set() {

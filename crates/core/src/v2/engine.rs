@@ -55,6 +55,7 @@ pub struct Group {
     deads: HashMap<(LineageId, PageNo, Epoch), Cached<DeadRecord>>,
     index: BTreeMap<(LineageId, Epoch, PageNo), Option<u8>>,
     lineages: BTreeSet<LineageId>,
+    counters: BTreeSet<LineageId>,
     jobs: BTreeMap<u64, Option<Vec<u8>>>,
     next_dirty: bool,
     extra: Vec<BatchOp>,
@@ -85,6 +86,7 @@ impl Group {
     }
     pub(super) fn lineage_gone(&mut self, l: LineageId) {
         self.lineages.insert(l);
+        self.counters.insert(l);
         self.destroyed.push(l);
     }
     /// Whether this group already decided change-index entry (l, w, p).
@@ -198,6 +200,17 @@ pub(super) fn load<S: MetaRead + ?Sized>(store: &S, data_blocks: u64) -> Result<
         Ok::<_, Error>(ControlFlow::Continue(()))
     })?;
     regions.take_dirty();
+    let (a, b) = keys::counters();
+    try_scan(store, &a, &b, |k, v| {
+        let [l] = keys::fields::<1>(k, keys::K_COUNTER)
+            .ok_or_else(|| corrupt(format!("counter key {}", read::hex(k))))?;
+        let n = <[u8; 8]>::try_from(v)
+            .map_err(|_| corrupt(format!("counter of lineage {l}: {} bytes", v.len())))?;
+        if let Some(lin) = lineages.get_mut(&LineageId(l)) {
+            lin.born_now = u64::from_le_bytes(n);
+        }
+        Ok::<_, Error>(ControlFlow::Continue(()))
+    })?;
     let mut jobs = VecDeque::new();
     let (a, b) = keys::jobs();
     try_scan(store, &a, &b, |k, v| {
@@ -385,6 +398,8 @@ impl Meta2 {
         let e = lin.epoch;
         lin.retained.add_snapshot(e);
         lin.epoch = e.next();
+        lin.born_now = 0;
+        g.counters.insert(l);
         g.durable = true;
         Ok(e)
     }
@@ -566,6 +581,19 @@ impl Meta2 {
         };
         let removed = page::cut(&mut page.pieces, from - base_off, to - base_off);
         let changed = !removed.is_empty() || edit.map.is_some();
+        let mut born: i64 = 0;
+        for x in removed.iter().filter(|x| x.owned() && x.birth == w) {
+            born -= i64::from(x.len);
+        }
+        if edit.map.is_some() {
+            born += (to - from) as i64;
+        }
+        if born != 0 {
+            if let Some(l) = self.lineages.get_mut(&lin.id) {
+                l.born_now = l.born_now.saturating_add_signed(born);
+            }
+            g.counters.insert(lin.id);
+        }
         for x in removed {
             if lin.retained.max().is_some_and(|m| m >= x.birth) {
                 let d = self.dead_mut(g, lin.id, p, w)?;
@@ -648,6 +676,12 @@ impl Meta2 {
             match self.lineages.get(l) {
                 Some(lin) => b.put(keys::lineage(*l), lin.encode()),
                 None => b.delete(keys::lineage(*l)),
+            }
+        }
+        for l in &g.counters {
+            match self.lineages.get(l) {
+                Some(lin) => b.put(keys::counter(*l), lin.born_now.to_le_bytes().to_vec()),
+                None => b.delete(keys::counter(*l)),
             }
         }
         for n in self.regions.take_dirty() {

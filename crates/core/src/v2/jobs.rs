@@ -312,3 +312,73 @@ impl Meta2 {
         Ok(true)
     }
 }
+
+/// Blocks deleting snapshot epoch `e` of `l` would free: the drop job of that delete,
+/// judged on `view` without changing anything (format2.md §7). O(pages changed between
+/// e's neighbours); 0 while another snapshot or a clone keeps `e`.
+pub fn exclusive_blocks<S: crate::meta::MetaRead + ?Sized>(
+    view: &S,
+    lin: &Lineage,
+    e: Epoch,
+) -> Result<u64> {
+    let l = lin.id;
+    let mut r = lin.retained.clone();
+    if !r.remove_snapshot(e).map_err(corrupt)? {
+        return Ok(0);
+    }
+    let own = |pieces: &[Piece], keep: &dyn Fn(&Piece) -> bool| -> u64 {
+        pieces
+            .iter()
+            .filter(|x| x.owned() && !keep(x))
+            .map(|x| u64::from(x.len))
+            .sum()
+    };
+    if lin.closed.is_some() && r.is_empty() {
+        // Destroy: everything the lineage owns.
+        let mut n = 0;
+        for (a, b) in [keys::all_pages(l), keys::deads(l)] {
+            try_scan(view, &a, &b, |k, v| {
+                let pieces = if k[0] == keys::K_PAGE {
+                    read::decode_page(k, v)?.pieces
+                } else {
+                    read::decode_dead(k, v)?.pieces
+                };
+                n += own(&pieces, &|_| false);
+                Ok::<_, Error>(ControlFlow::Continue(()))
+            })?;
+        }
+        return Ok(n);
+    }
+    let lo = r.before(e).map_or(Epoch::FIRST, |p| p.next());
+    let hi = match lin.closed {
+        None => r.after(e).map_or(lin.epoch, |n| n.min(lin.epoch)),
+        Some(ec) => r.after(e).unwrap_or(ec),
+    };
+    let mut pages = BTreeSet::new();
+    let (a, b) = keys::index_range(l, lo, PageNo(0), hi);
+    try_scan(view, &a, &b, |k, _| {
+        if let Some([_, _, p]) = keys::fields::<3>(k, keys::K_INDEX) {
+            pages.insert(PageNo(p));
+        }
+        Ok::<_, Error>(ControlFlow::Continue(()))
+    })?;
+    let mut n = 0;
+    for p in pages {
+        let (a, b) = (keys::dead(l, p, lo), keys::dead(l, p, hi.next()));
+        try_scan(view, &a, &b, |k, v| {
+            let [_, _, d] = keys::fields::<3>(k, keys::K_DEAD)
+                .ok_or_else(|| corrupt(format!("dead key {}", read::hex(k))))?;
+            let rec = read::decode_dead(k, v)?;
+            n += own(&rec.pieces, &|x| r.any_in(x.birth, Epoch(d)));
+            Ok::<_, Error>(ControlFlow::Continue(()))
+        })?;
+        if let Some(ec) = lin.closed {
+            let key = keys::page(l, p);
+            if let Some(v) = view.get(&key)? {
+                let page = read::decode_page(&key, &v)?;
+                n += own(&page.pieces, &|x| r.any_in(x.birth, ec));
+            }
+        }
+    }
+    Ok(n)
+}

@@ -11,6 +11,7 @@ pub const K_DEAD: u8 = b'd';
 pub const K_INDEX: u8 = b'x';
 pub const K_REGION: u8 = b'r';
 pub const K_JOB: u8 = b'q';
+pub const K_COUNTER: u8 = b'k';
 
 fn key(prefix: u8, fields: &[u64]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + 8 * fields.len());
@@ -78,6 +79,12 @@ pub fn index_range(l: LineageId, lo: Epoch, from_page: PageNo, hi: Epoch) -> (Ve
         key(K_INDEX, &[l.0, lo.0, from_page.0]),
         end_key(K_INDEX, l.0, hi.0),
     )
+}
+pub fn counter(l: LineageId) -> Vec<u8> {
+    key(K_COUNTER, &[l.0])
+}
+pub fn counters() -> (Vec<u8>, Vec<u8>) {
+    (vec![K_COUNTER], vec![K_COUNTER + 1])
 }
 pub fn region(n: u64) -> Vec<u8> {
     key(K_REGION, &[n])

@@ -17,6 +17,9 @@ pub struct Lineage {
     /// `Some(E_close)` once the lineage backs no volume (rollback, volume delete).
     pub closed: Option<Epoch>,
     pub retained: Retained,
+    /// Owned blocks born in the current epoch that are still live (the volume's "written
+    /// since the last snapshot"); kept in the lineage's `k` record, changed by writes.
+    pub born_now: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -37,6 +40,7 @@ impl Lineage {
             epoch: Epoch::FIRST,
             closed: None,
             retained: Retained::default(),
+            born_now: 0,
         }
     }
 
@@ -83,6 +87,7 @@ impl Lineage {
             base: rec.base,
             epoch: rec.epoch,
             closed: rec.closed,
+            born_now: 0,
             retained: Retained::from_counts(rec.retained.into_iter().map(|(e, s, h)| {
                 (
                     e,

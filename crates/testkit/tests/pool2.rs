@@ -1,0 +1,487 @@
+//! Pool behaviours on metadata format 2 (`Pool2`) and the costs issue 10 asks of it,
+//! counted in store operations (gets, scans, batch operations) so that they hold on any
+//! machine: live reads cost the same at 0 and 200 snapshots, reading the oldest snapshot is
+//! bounded, a 1 MiB write is a handful of puts, deleting the oldest snapshot costs the same
+//! on a 16 and a 64 MiB volume with the same churn, snapshot create is flat in data written.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use snapblk_core::device::mem::MemDevice;
+use snapblk_core::device::{DataDevice, ReadSeg, WriteSeg, DATA_START};
+use snapblk_core::pool2::Pool2;
+use snapblk_core::{Error, Target};
+use snapblk_testkit::counting::CountingStore;
+use snapblk_testkit::powerloss::Rng;
+
+const BS: u64 = 4096;
+
+fn mem_pool(bytes: u64) -> (Arc<Pool2>, Arc<CountingStore>, Arc<MemDevice>) {
+    let store = Arc::new(CountingStore::new());
+    let dev = Arc::new(MemDevice::new(bytes));
+    Pool2::format(&*store, &*dev).unwrap();
+    let pool = Pool2::open(store.clone(), dev.clone()).unwrap();
+    (pool, store, dev)
+}
+
+fn ops(s: &CountingStore) -> (u64, u64, u64) {
+    (
+        s.gets.load(Ordering::SeqCst),
+        s.scans.load(Ordering::SeqCst),
+        s.ops.load(Ordering::SeqCst),
+    )
+}
+
+/// Store work of `f`: (gets, scans, batch operations).
+fn cost(s: &CountingStore, f: impl FnOnce()) -> (u64, u64, u64) {
+    let (g0, s0, o0) = ops(s);
+    f();
+    let (g1, s1, o1) = ops(s);
+    (g1 - g0, s1 - s0, o1 - o0)
+}
+
+/// Fills `vol` (blocks) once, then takes `snaps` snapshots with `churn` random 4K writes
+/// before each (never rewriting the volume: the worst case for a layer chain).
+fn history(pool: &Pool2, vol: &str, blocks: u64, snaps: usize, churn: u64, seed: u64) {
+    let id = pool.volume_id(vol).unwrap();
+    for chunk in (0..blocks).step_by(256) {
+        let n = 256.min(blocks - chunk);
+        pool.write(id, chunk * BS, &vec![1u8; (n * BS) as usize], false)
+            .unwrap();
+    }
+    let mut rng = Rng(seed);
+    for s in 0..snaps {
+        pool.create_snapshot(vol, &format!("s{s}")).unwrap();
+        for _ in 0..churn {
+            let b = rng.below(blocks);
+            pool.write(id, b * BS, &[(s % 250) as u8 + 2; 4096], false)
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn live_reads_cost_the_same_at_any_snapshot_count() {
+    let (pool, store, _) = mem_pool(256 << 20);
+    let blocks = 4096; // 16 MiB
+    pool.create_volume("v", blocks * BS).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    let measure = |pool: &Pool2| {
+        let mut rng = Rng(7);
+        cost(&store, || {
+            let mut b = vec![0u8; 4096];
+            for _ in 0..200 {
+                pool.read(&Target::Volume(id), rng.below(blocks) * BS, &mut b)
+                    .unwrap();
+            }
+        })
+    };
+    history(&pool, "v", blocks, 0, 0, 1);
+    let at0 = measure(&pool);
+    history(&pool, "v", blocks, 200, 41, 2); // ~1% churn per snapshot
+    let at200 = measure(&pool);
+    assert_eq!(
+        at0, at200,
+        "live 4K reads: (gets, scans, ops) at 0 vs 200 snapshots"
+    );
+    assert_eq!(at0.0, 200, "one page get per 4K read");
+    // The oldest snapshot: a get and one scan of the page's dead records per read.
+    let mut rng = Rng(9);
+    let old = cost(&store, || {
+        let mut b = vec![0u8; 4096];
+        for _ in 0..200 {
+            pool.read(
+                &Target::Snapshot(id, "s0".into()),
+                rng.below(blocks) * BS,
+                &mut b,
+            )
+            .unwrap();
+        }
+    });
+    assert!(
+        old.0 <= 200 && old.1 <= 200,
+        "oldest-snapshot reads: {old:?}"
+    );
+    // A clone of the oldest: one more (missing) local page get.
+    pool.clone_snapshot("v", "s0", "c").unwrap();
+    let c = pool.volume_id("c").unwrap();
+    let clone = cost(&store, || {
+        let mut b = vec![0u8; 4096];
+        for _ in 0..200 {
+            pool.read(&Target::Volume(c), rng.below(blocks) * BS, &mut b)
+                .unwrap();
+        }
+    });
+    assert!(
+        clone.0 <= 400 && clone.1 <= 200,
+        "clone-of-oldest reads: {clone:?}"
+    );
+}
+
+#[test]
+fn a_one_mib_write_is_a_few_puts() {
+    let (pool, store, _) = mem_pool(64 << 20);
+    pool.create_volume("v", 16 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    let (_, _, puts) = cost(&store, || pool.write(id, 0, &data, false).unwrap());
+    // 4 pages + the lineage's counter + 1 allocation region (format 1: 256 map entries).
+    assert!(puts <= 6, "a 1 MiB write committed {puts} operations");
+    pool.create_snapshot("v", "s").unwrap();
+    let (_, _, puts) = cost(&store, || pool.write(id, 0, &data, false).unwrap());
+    // + 4 dead records + 4 change-index entries for the overwritten snapshot data.
+    assert!(
+        puts <= 14,
+        "a 1 MiB overwrite after a snapshot committed {puts} operations"
+    );
+}
+
+#[test]
+fn snapshot_cost_does_not_grow_with_data() {
+    let (pool, store, _) = mem_pool(256 << 20);
+    pool.create_volume("v", 128 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    let mut costs = Vec::new();
+    for round in 0..3u8 {
+        pool.write(
+            id,
+            0,
+            &vec![round + 1; (round as usize + 1) * (16 << 20)],
+            false,
+        )
+        .unwrap();
+        costs.push(cost(&store, || {
+            drop(pool.create_snapshot("v", &format!("s{round}")).unwrap())
+        }));
+    }
+    assert!(
+        costs.iter().all(|&c| c == costs[0] && c.2 <= 5),
+        "snapshot costs {costs:?}"
+    );
+}
+
+/// Deleting the oldest snapshot costs what changed after it, not the volume size.
+#[test]
+fn oldest_snapshot_delete_is_flat_in_volume_size() {
+    let mut costs = Vec::new();
+    for blocks in [4096u64, 16384] {
+        let (pool, store, _) = mem_pool((blocks * BS) * 3);
+        pool.create_volume("v", blocks * BS).unwrap();
+        history(&pool, "v", blocks, 3, 64, 5);
+        pool.reclaim_all().unwrap();
+        let c = cost(&store, || {
+            pool.delete_snapshot("v", "s0").unwrap();
+            pool.reclaim_all().unwrap();
+        });
+        assert!(pool.check().unwrap().is_clean());
+        costs.push(c.0 + c.1 + c.2);
+    }
+    let ratio = costs[1] as f64 / costs[0] as f64;
+    assert!(
+        ratio <= 1.5,
+        "oldest delete on 16 vs 64 MiB: {costs:?} store operations ({ratio:.2}x)"
+    );
+}
+
+/// Rolling retention (create the newest, delete the oldest) costs the same every round.
+#[test]
+fn rolling_retention_cost_stays_flat() {
+    let (pool, store, _) = mem_pool(128 << 20);
+    let blocks = 8192;
+    pool.create_volume("v", blocks * BS).unwrap();
+    history(&pool, "v", blocks, 10, 80, 3);
+    let id = pool.volume_id("v").unwrap();
+    let mut rng = Rng(4);
+    let mut costs = Vec::new();
+    for r in 10..70 {
+        for _ in 0..80 {
+            pool.write(id, rng.below(blocks) * BS, &[7u8; 4096], false)
+                .unwrap();
+        }
+        let c = cost(&store, || {
+            pool.create_snapshot("v", &format!("s{r}")).unwrap();
+            pool.delete_snapshot("v", &format!("s{}", r - 10)).unwrap();
+            pool.reclaim_all().unwrap();
+        });
+        costs.push(c.0 + c.1 + c.2);
+    }
+    let early: u64 = costs[..10].iter().sum();
+    let late: u64 = costs[50..].iter().sum();
+    assert!(
+        (late as f64) <= 1.3 * early as f64,
+        "rolling retention: first 10 rounds {early}, last 10 rounds {late} store operations"
+    );
+    assert!(pool.check().unwrap().is_clean());
+}
+
+#[test]
+fn snapshot_is_atomic_point_in_time_under_concurrent_writes() {
+    let (pool, _, _) = mem_pool(64 << 20);
+    pool.create_volume("v", 1 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    const THREADS: usize = 4;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..THREADS).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for t in 0..THREADS {
+        let (pool, acked, stop) = (pool.clone(), acked.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut v = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                v += 1;
+                let mut block = vec![0u8; 4096];
+                block[..8].copy_from_slice(&v.to_le_bytes());
+                pool.write(id, t as u64 * 4096, &block, false).unwrap();
+                acked[t].store(v, Ordering::SeqCst);
+            }
+        }));
+    }
+    let mut windows = Vec::new();
+    for i in 0..20 {
+        let lo: Vec<u64> = acked.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+        pool.create_snapshot("v", &format!("s{i}")).unwrap();
+        let hi: Vec<u64> = acked.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+        windows.push((lo, hi));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for h in handles {
+        h.join().unwrap();
+    }
+    for (i, (lo, hi)) in windows.iter().enumerate() {
+        for t in 0..THREADS {
+            let mut b = [0u8; 8];
+            pool.read(
+                &Target::Snapshot(id, format!("s{i}")),
+                t as u64 * 4096,
+                &mut b,
+            )
+            .unwrap();
+            let v = u64::from_le_bytes(b);
+            assert!(
+                v >= lo[t] && v <= hi[t] + 1,
+                "snapshot s{i} thread {t}: {v} not in [{}, {}]",
+                lo[t],
+                hi[t] + 1
+            );
+        }
+    }
+    assert!(pool.check().unwrap().is_clean());
+}
+
+#[test]
+fn out_of_space_fails_cleanly_and_recovers_after_trim() {
+    let (pool, _, _) = mem_pool(DATA_START + 64 * 4096);
+    pool.create_volume("v", 1 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    pool.write(id, 0, &vec![1u8; 60 * 4096], false).unwrap();
+    let e = pool
+        .write(id, 60 * 4096, &vec![2u8; 8 * 4096], false)
+        .unwrap_err();
+    assert!(matches!(e, Error::NoSpace { .. }), "{e}");
+    let mut b = vec![0u8; 8 * 4096];
+    pool.read(&Target::Volume(id), 60 * 4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    pool.zero(id, 0, 32 * 4096, false).unwrap();
+    pool.write(id, 60 * 4096, &vec![2u8; 8 * 4096], false)
+        .unwrap();
+    assert!(pool.check().unwrap().is_clean());
+}
+
+fn flip_bit(dev: &MemDevice, block: u64, byte: usize) {
+    let mut buf = snapblk_core::device::AlignedBuf::zeroed(4096);
+    let off = DATA_START + block * 4096;
+    dev.read(&mut [ReadSeg {
+        offset: off,
+        buf: &mut buf,
+    }])
+    .unwrap();
+    buf[byte] ^= 0x10;
+    dev.write(
+        &[WriteSeg {
+            offset: off,
+            buf: &buf,
+        }],
+        false,
+    )
+    .unwrap();
+}
+
+#[test]
+fn corrupted_data_is_reported_never_returned() {
+    let (pool, _, dev) = mem_pool(16 << 20);
+    pool.create_volume("v", 1 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    pool.write(id, 0, &vec![7u8; 8192], false).unwrap();
+    flip_bit(&dev, 1, 100);
+    let mut out = vec![0u8; 4096];
+    let e = pool.read(&Target::Volume(id), 4096, &mut out).unwrap_err();
+    assert!(matches!(e, Error::Checksum(_)), "{e}");
+    assert_eq!(e.errno(), 5);
+}
+
+#[test]
+fn diff_lists_exactly_the_written_blocks() {
+    let (pool, _, _) = mem_pool(64 << 20);
+    pool.create_volume("v", 8 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    pool.write(id, 0, &vec![1u8; 1 << 20], false).unwrap();
+    pool.create_snapshot("v", "a").unwrap();
+    pool.write(id, 8192, &[2u8; 4096], false).unwrap();
+    pool.write(id, 12288, &[3u8; 100], false).unwrap();
+    pool.create_snapshot("v", "b").unwrap();
+    pool.zero(id, 4 << 20, 8192, false).unwrap(); // never written: no change
+    pool.write(id, 1 << 20, &[4u8; 4096], false).unwrap();
+    let a = Target::Snapshot(id, "a".into());
+    let b = Target::Snapshot(id, "b".into());
+    let ranges = |d: Vec<snapblk_core::pool::diff::DiffRange>| {
+        d.iter().map(|r| (r.offset, r.length)).collect::<Vec<_>>()
+    };
+    assert_eq!(ranges(pool.diff(&a, &b).unwrap()), vec![(8192, 8192)]);
+    assert_eq!(
+        ranges(pool.diff(&a, &Target::Volume(id)).unwrap()),
+        vec![(8192, 8192), (1 << 20, 4096)]
+    );
+    assert_eq!(pool.diff(&b, &a).unwrap(), pool.diff(&a, &b).unwrap());
+    pool.clone_snapshot("v", "a", "c").unwrap();
+    let c = pool.volume_id("c").unwrap();
+    pool.write(c, 0, &[9u8; 4096], false).unwrap();
+    assert_eq!(
+        ranges(pool.diff(&b, &Target::Volume(c)).unwrap()),
+        vec![(0, 4096), (8192, 8192)]
+    );
+}
+
+#[test]
+fn deleting_snapshots_frees_exactly_their_exclusive_space() {
+    let (pool, _, _) = mem_pool(64 << 20);
+    pool.create_volume("v", 4 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    pool.write(id, 0, &vec![1u8; 1 << 20], false).unwrap(); // 256 blocks
+    pool.create_snapshot("v", "old").unwrap();
+    pool.write(id, 0, &vec![2u8; 512 << 10], false).unwrap(); // overwrite 128
+    pool.create_snapshot("v", "mid").unwrap();
+    pool.write(id, 0, &vec![3u8; 256 << 10], false).unwrap(); // overwrite 64
+    pool.create_snapshot("v", "new").unwrap();
+    let info = pool.snapshot_info("v", "old").unwrap();
+    assert_eq!(pool.snapshot_summary("v", "old").unwrap().exclusive, None);
+    assert_eq!(info.exclusive, Some(128 * 4096));
+    assert_eq!(info.written, 256 * 4096);
+    assert_eq!(
+        pool.snapshot_info("v", "mid").unwrap().exclusive,
+        Some(64 * 4096)
+    );
+    assert_eq!(pool.snapshot_info("v", "new").unwrap().exclusive, Some(0));
+    pool.sync().unwrap();
+    let used = |p: &Pool2| p.info().used;
+    let u0 = used(&pool);
+    pool.delete_snapshot("v", "mid").unwrap();
+    pool.reclaim_all().unwrap();
+    assert_eq!(u0 - used(&pool), 64 * 4096);
+    assert_eq!(
+        pool.snapshot_info("v", "old").unwrap().exclusive,
+        Some(128 * 4096)
+    );
+    pool.delete_snapshot("v", "old").unwrap();
+    pool.reclaim_all().unwrap();
+    assert_eq!(u0 - used(&pool), (64 + 128) * 4096);
+    let mut b = vec![0u8; 1 << 20];
+    pool.read(&Target::Snapshot(id, "new".into()), 0, &mut b)
+        .unwrap();
+    assert!(b[..256 << 10].iter().all(|&x| x == 3));
+    assert!(b[256 << 10..512 << 10].iter().all(|&x| x == 2));
+    assert!(b[512 << 10..].iter().all(|&x| x == 1));
+    assert!(pool.check().unwrap().is_clean());
+    assert_eq!(pool.volume_info("v").unwrap().written, 0);
+}
+
+#[test]
+fn scrub_names_bad_blocks_and_what_they_affect() {
+    let (pool, _, dev) = mem_pool(16 << 20);
+    pool.create_volume("v", 1 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    pool.write(id, 0, &vec![7u8; 8192], false).unwrap();
+    pool.create_snapshot("v", "s").unwrap();
+    pool.write(id, 65536, &vec![9u8; 4096], false).unwrap();
+    pool.write(id, 0, &vec![8u8; 4096], false).unwrap(); // block 0 lives on in a dead record
+    let clean = pool.scrub(&|_, _| {}).unwrap();
+    assert!(clean.is_clean(), "{clean:?}");
+    assert_eq!(clean.blocks, 4);
+    flip_bit(&dev, 0, 9);
+    let rep = pool.scrub(&|_, _| {}).unwrap();
+    assert_eq!(rep.bad.len(), 1, "{rep:?}");
+    let b = &rep.bad[0];
+    assert_eq!((b.lba, b.pba), (0, 0));
+    assert!(b.detail.contains("crc32c"), "{}", b.detail);
+    let mut affects = b.affects.clone();
+    affects.sort();
+    assert_eq!(affects, vec!["v".to_string(), "v@s".to_string()]);
+}
+
+/// Writes to `vol` that complete while `f` is inside a (slowed) store scan.
+fn writes_during_scan(
+    pool: &Pool2,
+    store: &CountingStore,
+    vol: u64,
+    f: impl FnOnce() + Send,
+) -> u64 {
+    store.slow.store(true, Ordering::SeqCst);
+    let running = AtomicBool::new(true);
+    let during = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            f();
+            running.store(false, Ordering::SeqCst);
+        });
+        let mut n = 0u64;
+        while running.load(Ordering::SeqCst) {
+            let scanning = store.scanning.load(Ordering::SeqCst);
+            pool.write(vol, (100 << 20) + (n % 1024) * 4096, &[2u8; 4096], false)
+                .unwrap();
+            if scanning && store.scanning.load(Ordering::SeqCst) {
+                during.fetch_add(1, Ordering::SeqCst);
+            }
+            n += 1;
+        }
+    });
+    store.slow.store(false, Ordering::SeqCst);
+    during.load(Ordering::SeqCst)
+}
+
+/// `pool check`, `diff` and `snapshot info` read store views: writes go on while they scan.
+#[test]
+fn long_scans_do_not_stall_writes() {
+    let (pool, store, _) = mem_pool(512 << 20);
+    pool.create_volume("v", 128 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    let mut rng = Rng(3);
+    for _ in 0..16384 {
+        pool.write(id, rng.below(16384) * BS, &[1u8; 4096], false)
+            .unwrap();
+    }
+    pool.create_snapshot("v", "a").unwrap();
+    for _ in 0..16384 {
+        pool.write(id, rng.below(16384) * BS, &[3u8; 4096], false)
+            .unwrap();
+    }
+    pool.create_snapshot("v", "b").unwrap();
+    let (a, b) = (
+        pool.resolve_target("v@a").unwrap(),
+        pool.resolve_target("v@b").unwrap(),
+    );
+    for (what, f) in [
+        (
+            "check",
+            Box::new(|| assert!(pool.check().unwrap().is_clean())) as Box<dyn FnOnce() + Send>,
+        ),
+        ("diff", Box::new(|| drop(pool.diff(&a, &b).unwrap()))),
+        (
+            "snapshot info",
+            Box::new(|| drop(pool.snapshot_info("v", "a").unwrap())),
+        ),
+    ] {
+        let n = writes_during_scan(&pool, &store, id, f);
+        assert!(n >= 20, "only {n} writes completed while {what} scanned");
+    }
+    assert!(pool.check().unwrap().is_clean());
+}
