@@ -127,6 +127,10 @@ pub enum PoolCmd {
     /// Read every stored data block and verify its checksum; exit 1 naming each bad
     /// block and the volumes and snapshots it can affect.
     Scrub,
+    /// Convert a pool made by an earlier snapblk (metadata format 1) to format 2, in place
+    /// and offline (stop the daemon first). Every volume and snapshot is compared with the
+    /// old metadata before the switch; an interrupted upgrade is finished by running it again.
+    Upgrade,
 }
 
 #[derive(Args, Debug)]

@@ -109,6 +109,7 @@ fn command(cmd: &Cmd) -> Result<Command> {
         },
         Cmd::RestoreStatus => Command::RestoreStatus,
         Cmd::Pool(PoolCmd::Create { .. })
+        | Cmd::Pool(PoolCmd::Upgrade)
         | Cmd::Daemon(_)
         | Cmd::UdevName { .. }
         | Cmd::Repo(_)
@@ -174,6 +175,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::UdevName { kernel_name } => {
             println!("{}", snapblk_ublk::export_of_device(kernel_name)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pool(PoolCmd::Upgrade) => {
+            let (Some(meta), Some(data)) = (&cli.meta, &cli.data) else {
+                bail!("pool upgrade needs --meta DIR and --data PATH (and no daemon running)");
+            };
+            let json = cli.json;
+            let rep = open::upgrade_pool(meta, data, &|step| {
+                if !json {
+                    eprintln!("pool upgrade: {step}");
+                }
+            })?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&rep)?);
+            } else if rep.from_format == 1 {
+                println!(
+                    "upgraded pool to metadata format 2: {} volumes, {} snapshots, {} lineages, {} map entries; {} blocks verified",
+                    rep.volumes, rep.snapshots, rep.lineages, rep.entries, rep.blocks_verified
+                );
+            } else {
+                println!("the pool already uses metadata format 2");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Pool(PoolCmd::Create { size, force }) => {

@@ -44,6 +44,29 @@ pub fn open_pool(meta: &Path, data: &Path, holder: &str) -> Result<Opened> {
     Ok(Opened { pool, _lock: lock })
 }
 
+/// `pool upgrade`: converts a format-1 pool in place, under the pool lock.
+pub fn upgrade_pool(
+    meta: &Path,
+    data: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<snapblk_core::upgrade::UpgradeReport> {
+    if !meta.is_dir() {
+        bail!("metadata directory {} does not exist", meta.display());
+    }
+    let _lock = PoolLock::acquire(meta, "snapblk pool upgrade")?;
+    let store = RocksStore::open(&meta.join("db"), false)
+        .with_context(|| format!("opening metadata in {}", meta.display()))?;
+    let dev =
+        UringFile::open(data).with_context(|| format!("opening data device {}", data.display()))?;
+    snapblk_core::upgrade::upgrade(Arc::new(store), Arc::new(dev), progress).with_context(|| {
+        format!(
+            "upgrading pool (meta {}, data {})",
+            meta.display(),
+            data.display()
+        )
+    })
+}
+
 fn has_header(dev: &UringFile) -> bool {
     let mut b = AlignedBuf::zeroed(BLOCK_SIZE);
     dev.read(&mut [ReadSeg {

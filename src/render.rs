@@ -201,7 +201,7 @@ pub fn render(cmd: &Command, v: &Value) -> String {
                 ));
             }
             s.push_str(&format!(
-                "pool scrub: {} ({} layers, {} blocks, {} read)",
+                "pool scrub: {} ({} lineages, {} blocks, {} read)",
                 if bad.is_empty() { "clean".to_string() } else { format!("{} bad block(s)", bad.len()) },
                 v["layers"], v["blocks"], format_size(v["bytes"].as_u64().unwrap_or(0))
             ));
@@ -218,9 +218,9 @@ pub fn render(cmd: &Command, v: &Value) -> String {
                 s.push_str(&format!("note: {}\n", cell("", n)));
             }
             s.push_str(&format!(
-                "pool check: {} ({} volumes, {} snapshots, {} layers, {} data blocks, {} zero entries)",
-                if errors.is_empty() { "clean".to_string() } else { format!("{} error(s)", errors.len()) },
-                v["volumes"], v["snapshots"], v["layers"], v["data_blocks"], v["zero_entries"]
+                "pool check: {} ({} volumes, {} snapshots, {} lineages, {} pages, {} dead records, {} data blocks, {} reclaim jobs pending)",
+                if errors.is_empty() { "clean".to_string() } else { format!("{} error(s)", v["error_count"]) },
+                v["volumes"], v["snapshots"], v["lineages"], v["pages"], v["dead_records"], v["owned_blocks"], v["pending_jobs"]
             ));
             s
         }

@@ -12,7 +12,6 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use snapblk_core::device::mem::MemDevice;
 use snapblk_core::device::DataDevice;
-use snapblk_core::pool::check::check_offline;
 use snapblk_core::{MemStore, MetaStore, Pool, WriteBatch};
 
 type Kv = Vec<(Vec<u8>, Vec<u8>)>;
@@ -99,7 +98,7 @@ fuzz_target!(|data: &[u8]| {
         b.put(k, v);
     }
     store.commit(b, true).expect("commit");
-    let _ = check_offline(&*store);
+    let _ = snapblk_core::v2::check::check(&*store, 512);
     let dev: Arc<dyn DataDevice> = dev.clone();
     let Ok(pool) = Pool::open(store, dev) else {
         return;

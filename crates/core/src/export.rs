@@ -6,7 +6,8 @@ use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::pool::plan::{ReadPlan, WritePlan};
+use crate::pool::plan::ReadPlan;
+use crate::pool2::WritePlan;
 
 /// Block status run: `(bytes, flags)` with NBD base:allocation flags.
 pub type StatusRun = (u64, u32);

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::export::{DirectIo, Export, ExportProvider, StatusRun};
-use crate::pool::plan::{ReadPlan, WritePlan};
-use crate::pool::{Pool, Target};
+use crate::pool::plan::ReadPlan;
+use crate::pool::Target;
+use crate::pool2::{Pool2 as Pool, WritePlan};
 
 /// Largest single read or write (NBD's maximum block size advertises the same).
 pub const MAX_IO: u64 = 32 << 20;

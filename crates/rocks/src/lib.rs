@@ -15,6 +15,16 @@ pub struct RocksStore {
     db: DB,
 }
 
+/// A clean close writes the memtables to SST files, so the next open replays no WAL (start
+/// time does not depend on what was written before) and the size on disk is what it holds.
+impl Drop for RocksStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.db.flush() {
+            log::warn!("flushing the metadata store at close: {e}");
+        }
+    }
+}
+
 fn err(e: rocksdb::Error) -> StoreError {
     StoreError::Backend(e.into_string())
 }

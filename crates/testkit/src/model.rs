@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use snapblk_core::device::{DataDevice, BLOCK_SIZE};
 use snapblk_core::pool2::Pool2;
 use snapblk_core::MetaStore;
-use snapblk_core::{Error, Pool, Target};
+use snapblk_core::{Error, Pool, Pool1, Target};
 
 use crate::PoolEnv;
 
@@ -158,15 +158,15 @@ macro_rules! model_pool {
         }
     };
 }
-model_pool!(Pool);
+model_pool!(Pool1);
 model_pool!(Pool2);
 
 trait Background {
     fn start(self: &Arc<Self>);
 }
-impl Background for Pool {
+impl Background for Pool1 {
     fn start(self: &Arc<Self>) {
-        Pool::start_background(self)
+        Pool1::start_background(self)
     }
 }
 impl Background for Pool2 {
@@ -252,12 +252,13 @@ pub fn op_strategy() -> impl Strategy<Value = Op> {
     ]
 }
 
-#[derive(Default)]
-struct Model {
+/// What every volume and snapshot should read as.
+#[derive(Default, Clone)]
+pub struct Model {
     /// (name, contents)
-    volumes: Vec<(String, Vec<u8>)>,
+    pub volumes: Vec<(String, Vec<u8>)>,
     /// (volume name, snapshot name, contents)
-    snapshots: Vec<(String, String, Vec<u8>)>,
+    pub snapshots: Vec<(String, String, Vec<u8>)>,
     counter: u64,
 }
 
@@ -297,7 +298,8 @@ fn read_all<P: ModelPool + ?Sized>(pool: &P, t: &Target) -> Vec<u8> {
     buf
 }
 
-fn verify<P: ModelPool + ?Sized>(pool: &P, m: &Model) {
+/// Checks every volume and snapshot of `pool` byte for byte against `m`, and `pool check`.
+pub fn verify<P: ModelPool + ?Sized>(pool: &P, m: &Model) {
     for (name, data) in &m.volumes {
         let id = pool.volume_id(name).expect("volume exists");
         let got = read_all(pool, &Target::Volume(id));
@@ -322,6 +324,12 @@ pub fn run(env: &mut dyn PoolEnv, ops: &[Op]) {
 
 /// `run` for any pool: `open` (re)opens it, formatting on first use.
 pub fn run_with<P: ModelPool>(open: &mut dyn FnMut() -> Arc<P>, ops: &[Op]) {
+    let (pool, mut m) = build(open, ops);
+    finish(&*pool, &mut m);
+}
+
+/// Applies `ops` (verifying after each) and returns the pool and what it should hold.
+pub fn build<P: ModelPool>(open: &mut dyn FnMut() -> Arc<P>, ops: &[Op]) -> (Arc<P>, Model) {
     let mut pool = open();
     let mut m = Model::default();
     let bs = BLOCK_SIZE as u64;
@@ -491,7 +499,11 @@ pub fn run_with<P: ModelPool>(open: &mut dyn FnMut() -> Arc<P>, ops: &[Op]) {
         }
         verify(&*pool, &m);
     }
-    // Delete everything; all space must come back.
+    (pool, m)
+}
+
+/// Deletes everything; all space must come back.
+pub fn finish<P: ModelPool + ?Sized>(pool: &P, m: &mut Model) {
     for (vol, s, _) in std::mem::take(&mut m.snapshots) {
         pool.delete_snapshot(&vol, &s).unwrap();
     }
@@ -503,7 +515,7 @@ pub fn run_with<P: ModelPool>(open: &mut dyn FnMut() -> Arc<P>, ops: &[Op]) {
     let (used, hidden) = pool.usage();
     assert_eq!(used, 0, "space leaked: {used} bytes in use");
     assert_eq!(hidden, 0, "{hidden} hidden layers or lineages leaked");
-    verify(&*pool, &m);
+    verify(pool, m);
 }
 
 /// Blocks of the device a model run needs at most (writes, frees pending until sync).

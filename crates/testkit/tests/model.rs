@@ -3,11 +3,13 @@
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use snapblk_core::device::mem::MemDevice;
 use snapblk_core::device::uring::UringFile;
 use snapblk_core::device::DataDevice;
 use snapblk_core::MetaStore;
+use snapblk_core::{MemStore, Pool1};
 use snapblk_rocks::RocksStore;
-use snapblk_testkit::model::{self, op_strategy, Op};
+use snapblk_testkit::model::{self, op_strategy, run_with, Op};
 use snapblk_testkit::{mem_env, FactoryEnv, PoolEnv};
 
 fn rocks_env(dir: &std::path::Path) -> impl PoolEnv {
@@ -117,4 +119,20 @@ fn scripted_memstore() {
 fn scripted_rocksdb_uring() {
     let dir = tempfile::tempdir().unwrap();
     model::run(&mut rocks_env(dir.path()), &scripted());
+}
+
+/// The format-1 pool (kept for `pool upgrade`) against the same model.
+#[test]
+fn model_format1_memstore() {
+    let store: Arc<dyn MetaStore> = Arc::new(MemStore::new());
+    let dev: Arc<dyn DataDevice> = Arc::new(MemDevice::new(model::device_bytes()));
+    let mut formatted = false;
+    let mut open = move || {
+        if !formatted {
+            Pool1::format(&*store, &*dev).expect("format");
+            formatted = true;
+        }
+        Pool1::open(Arc::clone(&store), Arc::clone(&dev)).expect("open")
+    };
+    run_with(&mut open, &scripted());
 }

@@ -1,4 +1,5 @@
-//! Focused pool behaviours: O(1) snapshots, snapshot atomicity under concurrent writes,
+//! Focused behaviours of the format-1 pool (kept for `pool upgrade`; tests/pool2.rs has
+//! the same for the pool in use): O(1) snapshots, snapshot atomicity under concurrent writes,
 //! out-of-space and recovery, checksum verification, diff.
 
 use std::ops::ControlFlow;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use snapblk_core::device::mem::MemDevice;
 use snapblk_core::device::{DataDevice, ReadSeg, WriteSeg, DATA_START};
-use snapblk_core::{Error, MetaStore, Pool, Target};
+use snapblk_core::{Error, MetaStore, Pool1 as Pool, Target};
 use snapblk_testkit::counting::CountingStore;
 
 fn mem_pool(bytes: u64) -> (Arc<Pool>, Arc<CountingStore>, Arc<MemDevice>) {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use snapblk_core::device::{DataDevice, BLOCK_SIZE, DATA_START};
 use snapblk_core::pool2::Pool2;
-use snapblk_core::{Error, MetaStore, Pool};
+use snapblk_core::{Error, MetaStore, Pool1};
 use snapblk_testkit::cells::{observe, pattern, Cell};
 use snapblk_testkit::model::ModelPool;
 use snapblk_testkit::powerloss::{Machine, PowerLoss, Rng};
@@ -428,9 +428,10 @@ fn new_pool<P: ModelPool>(g: &mut Gen) -> (Machine, Arc<P>, Model) {
 
 /// The power fails after a random number of device writes, syncs and metadata commits,
 /// so the cut lands anywhere inside any operation (or between two).
+/// The format-1 pool (kept for `pool upgrade`).
 #[test]
-fn random_power_cuts_lose_nothing_flushed() {
-    power_cuts::<Pool>(600);
+fn random_power_cuts_lose_nothing_flushed_format1() {
+    power_cuts::<Pool1>(600);
 }
 
 /// The same on metadata format 2 (its committer, dead records, regions and reclaim jobs).
@@ -494,7 +495,7 @@ fn every_failpoint_is_survived() {
                 tag: 0,
                 names: 0,
             };
-            let (machine, pool, mut m) = new_pool::<Pool>(&mut g);
+            let (machine, pool, mut m) = new_pool::<Pool1>(&mut g);
             let action = if skip == 0 {
                 "return".to_string()
             } else {
@@ -512,7 +513,7 @@ fn every_failpoint_is_survived() {
             assert!(o.after.is_some(), "{what}: never reached in {} ops", o.ops);
             drop(pool);
             let (rebooted, stats) = machine.power.cut(&mut g.rng);
-            let pool = open::<Pool>(&rebooted);
+            let pool = open::<Pool1>(&rebooted);
             let m = check_after_cut(&*pool, &o, &stats.lost, &what);
             keep_going(&*pool, &mut g, m, &stats.lost, &what);
         }
@@ -524,18 +525,18 @@ fn every_failpoint_is_survived() {
 fn format_interrupted() {
     let machine = PowerLoss::machine(DEVICE_BYTES);
     fail::cfg("format.before_commit", "return").expect("fail cfg");
-    let r = Pool::format(&*machine.store, &*machine.dev);
+    let r = Pool1::format(&*machine.store, &*machine.dev);
     fail::remove("format.before_commit");
     assert!(matches!(r, Err(Error::Injected(_))), "{:?}", r.err());
     let (rebooted, _) = machine.power.cut(&mut Rng(1));
     let store: Arc<dyn MetaStore> = rebooted.store.clone();
     let dev: Arc<dyn DataDevice> = rebooted.dev.clone();
     assert!(
-        Pool::open(store, dev).is_err(),
+        Pool1::open(store, dev).is_err(),
         "a half-created pool must not open"
     );
-    Pool::format(&*rebooted.store, &*rebooted.dev).expect("format again");
-    let pool = open::<Pool>(&rebooted);
+    Pool1::format(&*rebooted.store, &*rebooted.dev).expect("format again");
+    let pool = open::<Pool1>(&rebooted);
     assert!(pool.check().expect("check").is_clean());
 }
 

@@ -15,7 +15,7 @@
 mod io;
 pub use io::{BLOCK_STATUS_MAX, STATUS_HOLE, STATUS_ZERO};
 mod load;
-mod mapping;
+pub(crate) mod mapping;
 pub(crate) mod ops;
 mod pins;
 pub mod plan;
@@ -228,12 +228,14 @@ impl Pool {
     /// snapshots with open exports cannot be deleted.
     /// Checks that `t` exists and registers it as open, atomically with respect to deletes
     /// (which check the open count under the tree write lock).
+    #[allow(dead_code)] // the format-1 pool is no longer exported (only read by upgrade)
     pub(crate) fn register_open(&self, t: &Target) -> Result<()> {
         let tree = self.tree_read();
         io::target_layer(&tree, t)?;
         *lock(&self.open_targets).entry(t.clone()).or_insert(0) += 1;
         Ok(())
     }
+    #[allow(dead_code)]
     pub(crate) fn unregister_open(&self, t: &Target) {
         let mut m = lock(&self.open_targets);
         if let Some(n) = m.get_mut(t) {

@@ -112,6 +112,10 @@ struct Queue {
 pub(crate) struct Shared {
     queue: Mutex<Queue>,
     cv: Condvar,
+    /// Idle reclaim and the periodic sync run (`Pool2::start_background`). Read without
+    /// taking the pool, so idle threads never hold it: a dropped pool is released by the
+    /// thread that dropped it.
+    pub(crate) background: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -144,6 +148,14 @@ impl Shared {
         self.cv.notify_all();
     }
 
+    pub(crate) fn is_shutdown(&self) -> bool {
+        lock(&self.queue).shutdown
+    }
+
+    pub(crate) fn background_on(&self) -> bool {
+        self.background.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn take(&self, idle: Duration) -> (VecDeque<Txn>, bool) {
         let mut q = lock(&self.queue);
         if q.txns.is_empty() && !q.shutdown {
@@ -161,6 +173,9 @@ impl Shared {
 const RECLAIM_BUDGET: usize = 64;
 
 struct State {
+    /// Answers of this round, delivered after the pool is released (so the committer never
+    /// holds the last reference to a pool its callers dropped).
+    out: Vec<(Txn, Answer)>,
     written: HashMap<LineageId, u64>,
     deferred: HashSet<LineageId>,
     held: VecDeque<(LineageId, Txn)>,
@@ -175,6 +190,7 @@ struct Pending {
 
 pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
     let mut st = State {
+        out: Vec::new(),
         written: HashMap::new(),
         deferred: HashSet::new(),
         held: VecDeque::new(),
@@ -182,20 +198,22 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
     };
     loop {
         let (batch, shutdown) = shared.take(Duration::from_millis(20));
-        let Some(pool) = pool.upgrade() else {
-            fail_all(batch, Error::Shutdown);
-            return;
-        };
         if batch.is_empty() {
             if shutdown {
                 fail_all(st.held.drain(..).map(|(_, t)| t).collect(), Error::Shutdown);
                 return;
             }
-            if pool.background_on() && meta.pending_jobs() > 0 && meta.failed().is_none() {
-                pool.reclaim_once(&mut meta);
+            if !(shared.background_on() && meta.pending_jobs() > 0 && meta.failed().is_none()) {
+                continue;
             }
+            let Some(pool) = pool.upgrade() else { return };
+            pool.reclaim_once(&mut meta);
             continue;
         }
+        let Some(pool) = pool.upgrade() else {
+            fail_all(batch, Error::Shutdown);
+            return;
+        };
         // Every 8th group, a reclaim step first, while the batch's callers wait: nothing
         // runs after the last answer, so a caller that drops the pool (and opens the store
         // again) never races work of this pool.
@@ -204,6 +222,10 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
             pool.reclaim_once(&mut meta);
         }
         pool.process(&mut meta, &mut st, batch);
+        drop(pool);
+        for (t, a) in st.out.drain(..) {
+            t.answer(a);
+        }
     }
 }
 
@@ -225,7 +247,7 @@ impl Pool2 {
         let mut pending: Option<Pending> = None;
         while let Some(txn) = batch.pop_front() {
             if meta.failed().is_some() {
-                txn.answer(Answer::Failed(stopped(meta)));
+                st.out.push((txn, Answer::Failed(stopped(meta))));
                 continue;
             }
             match txn.work {
@@ -233,7 +255,7 @@ impl Pool2 {
                     let lineage = match self.resolve_write(&txn.work) {
                         Ok(l) => l,
                         Err(e) => {
-                            txn.answer(Answer::Rejected(e));
+                            st.out.push((txn, Answer::Rejected(e)));
                             continue;
                         }
                     };
@@ -279,8 +301,8 @@ impl Pool2 {
                             }
                             p.members.push(txn);
                         }
-                        Err(e) if meta.failed().is_some() => txn.answer(Answer::Failed(e)),
-                        Err(e) => txn.answer(Answer::Rejected(e)),
+                        Err(e) if meta.failed().is_some() => st.out.push((txn, Answer::Failed(e))),
+                        Err(e) => st.out.push((txn, Answer::Rejected(e))),
                     }
                 }
                 Work::Flush => {
@@ -293,7 +315,7 @@ impl Pool2 {
                 }
                 Work::Mgmt(_) => {
                     if let Some(p) = pending.take() {
-                        self.commit_writes(meta, p);
+                        self.commit_writes(meta, st, p);
                     }
                     let Work::Mgmt(f) = txn.work else {
                         unreachable!("matched above")
@@ -321,7 +343,7 @@ impl Pool2 {
             }
         }
         if let Some(p) = pending.take() {
-            self.commit_writes(meta, p);
+            self.commit_writes(meta, st, p);
         }
     }
 
@@ -345,17 +367,18 @@ impl Pool2 {
         Ok(v.lineage)
     }
 
-    fn commit_writes(&self, meta: &mut Meta2, p: Pending) {
+    fn commit_writes(&self, meta: &mut Meta2, st: &mut State, p: Pending) {
         match meta.commit(p.group) {
             Ok(done) => {
                 self.committed(&done);
                 for t in p.members {
-                    t.answer(Answer::Value(0));
+                    st.out.push((t, Answer::Value(0)));
                 }
             }
             Err(e) => {
                 for t in p.members {
-                    t.answer(Answer::Failed(Error::Corrupt(e.to_string())));
+                    st.out
+                        .push((t, Answer::Failed(Error::Corrupt(e.to_string()))));
                 }
             }
         }
@@ -372,7 +395,7 @@ impl Pool2 {
         let mut group = match meta.begin() {
             Ok(g) => g,
             Err(e) => {
-                reply.answer(Answer::Failed(e));
+                st.out.push((reply, Answer::Failed(e)));
                 return None;
             }
         };
@@ -391,15 +414,15 @@ impl Pool2 {
             Err(e) => {
                 if touched {
                     meta.stop(&e.to_string());
-                    reply.answer(Answer::Failed(e));
+                    st.out.push((reply, Answer::Failed(e)));
                 } else {
-                    reply.answer(Answer::Rejected(e));
+                    st.out.push((reply, Answer::Rejected(e)));
                 }
                 None
             }
             Ok(Outcome::Retry(l)) => {
                 st.deferred.insert(l);
-                reply.answer(Answer::Retry);
+                st.out.push((reply, Answer::Retry));
                 None
             }
             Ok(Outcome::Done {
@@ -415,14 +438,14 @@ impl Pool2 {
                     Ok(done) => {
                         apply(&mut self.catalog_write());
                         self.committed(&done);
-                        reply.answer(Answer::Value(value));
+                        st.out.push((reply, Answer::Value(value)));
                         if let Some(l) = undefer {
                             st.deferred.remove(&l);
                         }
                         undefer
                     }
                     Err(e) => {
-                        reply.answer(Answer::Failed(e));
+                        st.out.push((reply, Answer::Failed(e)));
                         None
                     }
                 }

@@ -73,9 +73,6 @@ pub struct Pool2 {
     stripes: Vec<Mutex<()>>,
     open_targets: Mutex<std::collections::HashMap<Target, usize>>,
     shutdown: AtomicBool,
-    /// Periodic sync and idle reclaim run only once `start_background` was called (tests
-    /// leave them off, so a seed replays exactly).
-    background: AtomicBool,
     /// Wakes the sync thread (shared with it, so it waits without holding the pool).
     wake: Arc<(Mutex<bool>, Condvar)>,
 }
@@ -142,11 +139,22 @@ impl Pool2 {
             .get(&key)?
             .ok_or_else(|| Error::not_found("pool", "no pool superblock in the metadata store"))?;
         let sup: SuperRecord = keys::decode_record("superblock", &key, &raw)?;
+        if sup.format_version == 1 {
+            return Err(Error::invalid(
+                "pool",
+                format!(
+                    "pool {} uses metadata format 1; this snapblk reads format {FORMAT2}. Stop \
+                     the daemon and run `snapblk pool upgrade` (offline; it converts the \
+                     metadata in place and can be resumed)",
+                    sup.pool_uuid
+                ),
+            ));
+        }
         if sup.format_version != FORMAT2 {
             return Err(Error::invalid(
                 "pool",
                 format!(
-                    "pool {} uses metadata format {}; this pool code reads format {FORMAT2}",
+                    "pool {} uses metadata format {}; this snapblk reads format {FORMAT2}",
                     sup.pool_uuid, sup.format_version
                 ),
             ));
@@ -158,16 +166,55 @@ impl Pool2 {
         }])
         .map_err(|e| Error::device("reading header", e))?;
         let h = DeviceHeader::decode(&buf, "data device")?;
-        if h.format_version != FORMAT2 || h.pool_uuid != uuid_bytes(&sup.pool_uuid)? {
+        if h.pool_uuid != uuid_bytes(&sup.pool_uuid)? {
             return Err(Error::invalid(
                 "data device",
-                format!("it is not format-{FORMAT2} pool {}", sup.pool_uuid),
+                format!(
+                    "it belongs to pool {}, but the metadata is pool {}",
+                    uuid::Uuid::from_bytes(h.pool_uuid),
+                    sup.pool_uuid
+                ),
             ));
         }
-        if dev.len() < sup.data_start + sup.data_blocks * BLOCK_SIZE_U64 {
+        if h.format_version != FORMAT2 {
             return Err(Error::invalid(
                 "data device",
-                "smaller than when it was formatted",
+                format!(
+                    "format version {} is not supported (this snapblk reads version {FORMAT2}; \
+                     a format-1 pool is converted by `snapblk pool upgrade`)",
+                    h.format_version
+                ),
+            ));
+        }
+        if h.block_size as usize != BLOCK_SIZE || sup.block_size as usize != BLOCK_SIZE {
+            return Err(Error::invalid(
+                "pool",
+                format!("block size {} is not supported", h.block_size),
+            ));
+        }
+        if h.data_start != sup.data_start || !sup.data_start.is_multiple_of(BLOCK_SIZE_U64) {
+            return Err(Error::Corrupt(format!(
+                "data start differs: device header says {}, metadata says {}",
+                h.data_start, sup.data_start
+            )));
+        }
+        let need = sup
+            .data_blocks
+            .checked_mul(BLOCK_SIZE_U64)
+            .and_then(|b| b.checked_add(sup.data_start))
+            .ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "superblock data size {} blocks overflows",
+                    sup.data_blocks
+                ))
+            })?;
+        if dev.len() < need {
+            return Err(Error::invalid(
+                "data device",
+                format!(
+                    "{} bytes, smaller than the {need} bytes the pool was formatted with",
+                    dev.len()
+                ),
             ));
         }
         Ok(sup)
@@ -203,7 +250,6 @@ impl Pool2 {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             open_targets: Mutex::new(Default::default()),
             shutdown: AtomicBool::new(false),
-            background: AtomicBool::new(false),
             wake: Arc::new((Mutex::new(false), Condvar::new())),
         });
         let weak = Arc::downgrade(&pool);
@@ -214,9 +260,10 @@ impl Pool2 {
             .map_err(|e| Error::device("starting the committer thread", e))?;
         let weak = Arc::downgrade(&pool);
         let wake = Arc::clone(&pool.wake);
+        let shared = Arc::clone(&pool.committer);
         let b = std::thread::Builder::new()
             .name("snapblk-sync".into())
-            .spawn(move || background(weak, wake))
+            .spawn(move || background(weak, shared, wake))
             .map_err(|e| Error::device("starting the sync thread", e))?;
         *lock(&pool.threads) = vec![c, b];
         Ok(pool)
@@ -224,10 +271,7 @@ impl Pool2 {
 
     /// Starts idle reclaim in the committer and the periodic sync (the daemon does this).
     pub fn start_background(&self) {
-        self.background.store(true, Ordering::Release);
-    }
-    pub(crate) fn background_on(&self) -> bool {
-        self.background.load(Ordering::Acquire)
+        self.committer.background.store(true, Ordering::Release);
     }
 
     pub fn store(&self) -> &Arc<dyn MetaStore> {
@@ -329,15 +373,19 @@ impl Pool2 {
 }
 
 /// Syncs every half second when something changed, returning pending frees to the
-/// allocator. Holds the pool only while it syncs, never while it waits.
-fn background(pool: std::sync::Weak<Pool2>, wake: Arc<(Mutex<bool>, Condvar)>) {
+/// allocator. Takes the pool only to sync (periodic sync on), never while it waits or idles.
+fn background(
+    pool: std::sync::Weak<Pool2>,
+    shared: Arc<Shared>,
+    wake: Arc<(Mutex<bool>, Condvar)>,
+) {
     loop {
-        {
+        if shared.is_shutdown() {
+            return;
+        }
+        if shared.background_on() {
             let Some(p) = pool.upgrade() else { return };
-            if p.shutdown.load(Ordering::Acquire) {
-                return;
-            }
-            if p.background_on() && p.dirty.load(Ordering::Acquire) {
+            if p.dirty.load(Ordering::Acquire) {
                 if let Err(e) = p.sync() {
                     log::error!("periodic sync: {e}");
                 }

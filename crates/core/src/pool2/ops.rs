@@ -77,8 +77,9 @@ impl Pool2 {
         &self,
         name: &str,
         size: u64,
-        incomplete: Option<Incomplete>,
+        incomplete: Option<&Incomplete>,
     ) -> Result<VolumeInfo> {
+        let incomplete = incomplete.cloned();
         validate_name("volume name", name)?;
         validate_size(size)?;
         let _m = lock(&self.mgmt);
@@ -606,6 +607,8 @@ impl Pool2 {
         let mut report = crate::v2::check::check(&*view, self.data_blocks())?;
         let lineages = crate::v2::engine::load_lineages(&*view)?;
         let c = Catalog::load(&*view, &lineages)?;
+        report.volumes = c.volumes.len() as u64;
+        report.snapshots = c.snapshots.len() as u64;
         let mut snaps: HashMap<(LineageId, Epoch), u32> = HashMap::new();
         for s in c.snapshots.values() {
             *snaps.entry((s.lineage, s.epoch)).or_default() += 1;

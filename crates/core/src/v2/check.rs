@@ -25,10 +25,13 @@ use crate::meta::{try_scan, MetaRead};
 /// At most this many errors are listed; the count is kept.
 const MAX_LISTED: usize = 100;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct Report {
     pub errors: Vec<String>,
     pub error_count: u64,
+    /// Catalog objects (filled by the pool's check).
+    pub volumes: u64,
+    pub snapshots: u64,
     pub lineages: u64,
     pub pages: u64,
     pub dead_records: u64,

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Issue 10's worst cases in one run, printed as ratios (absolute numbers drift on a shared VM):
+#  A. 4K randread / randwrite QD32 on a 1 GiB volume filled once, at 0, 10, 50 and 200
+#     retained snapshots with ~1% random churn before each (the volume is never rewritten;
+#     randwrite stays inside its first 64 MiB so reads keep seeing the history); reads of the
+#     oldest snapshot and of a clone of it at 200.
+#  B. deleting the oldest snapshot of a fully written 2 GiB vs 8 GiB volume (same churn).
+#  C. p99 write latency of fio 4K randwrite with and without 100 rounds of rolling retention
+#     (create the newest snapshot, delete the oldest), and while diff, pool check, pool scrub
+#     run.
+#  D. daemon start to serving with 1 GiB and with 8 GiB of 4K random writes in the pool;
+#     snapshot create latency after each.
+#  E. metadata bytes per data byte after sequential and after 4K random writes.
+# Usage: benches/snapshots.sh [RUNTIME_S=8] [BIG_GIB=8]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME=${1:-8}
+BIG=${2:-8}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/snapblk/target}
+BIN=$CARGO_TARGET_DIR/release/snapblk
+[ -x "$BIN" ] || cargo build --release --bin snapblk
+W=$(mktemp -d /var/tmp/snapblk-bench.XXXXXX)
+export SNAPBLK_SOCKET=$W/control.sock
+DPID=
+cleanup() { [ -n "$DPID" ] && kill "$DPID" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"; }
+trap cleanup EXIT
+wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
+say() { echo "[$(date +%T)] $*" >&2; }
+
+pool() { # NAME SIZE: a fresh pool and its daemon
+    stop
+    rm -rf "$W/meta" "$W/data.img" "$W/nbd.sock" "$SNAPBLK_SOCKET"
+    "$BIN" pool create --meta "$W/meta" --data "$W/data.img" --size "$2" >/dev/null
+    start
+}
+start() {
+    "$BIN" daemon --meta "$W/meta" --data "$W/data.img" --nbd-socket "$W/nbd.sock" --nbd-tcp none 2>>"$W/daemon.log" &
+    DPID=$!
+    wait_sock "$W/nbd.sock"; wait_sock "$SNAPBLK_SOCKET"
+}
+stop() {
+    if [ -n "$DPID" ]; then kill "$DPID"; wait "$DPID" 2>/dev/null || true; DPID=; fi
+    rm -f "$W/nbd.sock" "$SNAPBLK_SOCKET"
+}
+uri() { echo "nbd+unix:///$1?socket=$W/nbd.sock"; }
+fio_json() { # URI RW BS QD SIZE [extra fio args...]: runs fio, prints its json
+    local u=$1 rw=$2 bs=$3 qd=$4 size=$5; shift 5
+    fio --name=b --ioengine=nbd --uri="$u" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$size" \
+        --group_reporting --output-format=json --output="$W/fio.json" "$@" >/dev/null 2>&1
+    cat "$W/fio.json"
+}
+iops() { python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["write"]["iops"]+j["read"]["iops"]))'; }
+p99() { python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]["clat_ns"]["percentile"]; print(int(j["99.000000"]/1000))'; }
+ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}x' if b else '-')" "$1" "$2"; }
+churn() { # VOL MIB_OF_VOLUME PERCENT: random 4K writes over the whole volume
+    local n=$(( $2 * 256 * $3 / 100 ))
+    fio --name=c --ioengine=nbd --uri="$(uri "$1")" --rw=randwrite --bs=4k --iodepth=16 --size="$2M" \
+        --number_ios="$n" --randrepeat=0 >/dev/null 2>&1
+}
+fill() { fio --name=f --ioengine=nbd --uri="$(uri "$1")" --rw=write --bs=1M --iodepth=8 --size="$2" >/dev/null 2>&1; }
+
+# ---------------------------------------------------------------- A
+say "A: 1 GiB volume, reads and writes at 0/10/50/200 snapshots"
+pool a 6G
+"$BIN" volume create v --size 1G >/dev/null
+fill v 1G
+declare -A RR RW
+snaps=0
+for depth in 0 10 50 200; do
+    while [ "$snaps" -lt "$depth" ]; do
+        snaps=$((snaps + 1))
+        "$BIN" snapshot create "v@s$snaps" >/dev/null
+        churn v 1024 1
+    done
+    RR[$depth]=$(fio_json "$(uri v)" randread 4k 32 1G --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
+    RW[$depth]=$(fio_json "$(uri v)" randwrite 4k 32 64M --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
+    say "  depth $depth: randread ${RR[$depth]}, randwrite ${RW[$depth]} IOPS"
+done
+OLD=$(fio_json "$(uri v@s1)" randread 4k 32 1G --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
+"$BIN" clone v@s1 c >/dev/null
+CLONE=$(fio_json "$(uri c)" randread 4k 32 1G --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
+say "  oldest snapshot read $OLD, clone of it $CLONE IOPS"
+
+# ---------------------------------------------------------------- B
+say "B: oldest-snapshot delete, 2 GiB vs ${BIG} GiB volume, same churn (20 MiB per snapshot)"
+declare -A DEL
+for gib in 2 "$BIG"; do
+    pool b "$((gib * 2 + 2))G"
+    "$BIN" volume create v --size "${gib}G" >/dev/null
+    fill v "${gib}G"
+    for i in 1 2 3; do
+        "$BIN" snapshot create "v@s$i" >/dev/null
+        fio --name=c --ioengine=nbd --uri="$(uri v)" --rw=randwrite --bs=4k --iodepth=16 --size="${gib}G" \
+            --number_ios=5120 >/dev/null 2>&1
+    done
+    stop
+    # Direct mode: the CLI runs the reclaim to its end before it returns.
+    t0=$(date +%s%N)
+    "$BIN" --meta "$W/meta" --data "$W/data.img" snapshot delete v@s1 >/dev/null
+    DEL[$gib]=$(( ($(date +%s%N) - t0) / 1000000 ))
+    say "  ${gib} GiB: delete + reclaim ${DEL[$gib]} ms"
+    start
+done
+
+# ---------------------------------------------------------------- C
+say "C: p99 of 4K randwrite QD32 alone, and with retention / diff / check / scrub running"
+pool c 8G
+"$BIN" volume create v --size 2G >/dev/null
+fill v 2G
+for i in $(seq 1 10); do "$BIN" snapshot create "v@r$i" >/dev/null; churn v 2048 1; done
+lat() { fio_json "$(uri v)" randwrite 4k 32 2G --time_based --runtime="$1" --lat_percentiles=1 | p99; }
+BASE=$(lat 20)
+lat 25 >"$W/ret.p99" & F=$!
+sleep 2; r=10
+while kill -0 "$F" 2>/dev/null && [ "$r" -lt 110 ]; do
+    r=$((r + 1)); "$BIN" snapshot create "v@r$r" >/dev/null; "$BIN" snapshot delete "v@r$((r - 10))" >/dev/null
+done
+wait "$F"; RET=$(cat "$W/ret.p99"); ROUNDS=$((r - 10))
+declare -A BG
+for what in diff check scrub; do
+    lat 15 >"$W/bg.p99" & F=$!
+    sleep 2
+    while kill -0 "$F" 2>/dev/null; do
+        case $what in
+            diff) "$BIN" diff "v@r$((r - 9))" "v@r$r" >/dev/null ;;
+            check) "$BIN" pool check >/dev/null ;;
+            scrub) "$BIN" pool scrub >/dev/null ;;
+        esac
+    done
+    wait "$F"; BG[$what]=$(cat "$W/bg.p99")
+done
+say "  p99 alone ${BASE} us; retention ($ROUNDS rounds) ${RET}; diff ${BG[diff]}; check ${BG[check]}; scrub ${BG[scrub]}"
+
+# ---------------------------------------------------------------- D, E
+say "D/E: start time and metadata size after 1 GiB and ${BIG} GiB of 4K random writes"
+declare -A START SNAP META
+for gib in 1 "$BIG"; do
+    pool d "$((gib + 2))G"
+    "$BIN" volume create v --size "${gib}G" >/dev/null
+    fio --name=r --ioengine=nbd --uri="$(uri v)" --rw=randwrite --bs=4k --iodepth=32 --size="${gib}G" \
+        --randrepeat=0 >/dev/null 2>&1
+    SNAP[$gib]=$("$BIN" --json snapshot create v@s | python3 -c 'import json,sys; print(json.load(sys.stdin)["create_micros"])')
+    stop
+    META[$gib]=$("$BIN" --json --meta "$W/meta" --data "$W/data.img" pool info | python3 -c 'import json,sys; j=json.load(sys.stdin); print(f"{j[\"metadata_size\"]} {j[\"used\"]}")')
+    t0=$(date +%s%N); start; "$BIN" volume list >/dev/null
+    START[$gib]=$(( ($(date +%s%N) - t0) / 1000000 ))
+    say "  ${gib} GiB: start ${START[$gib]} ms, snapshot ${SNAP[$gib]} us, metadata/used ${META[$gib]}"
+done
+pool e 3G
+"$BIN" volume create v --size 1G >/dev/null
+fill v 1G
+stop
+SEQ=$("$BIN" --json --meta "$W/meta" --data "$W/data.img" pool info | python3 -c 'import json,sys; j=json.load(sys.stdin); print(f"{j[\"metadata_size\"]} {j[\"used\"]}")')
+
+# ---------------------------------------------------------------- report
+pct() { python3 -c "import sys; m,u=map(float,sys.argv[1:3]); print(f'{100*m/u:.3f}%')" $1; }
+echo
+echo "A. 4K QD32 IOPS on a 1 GiB volume (ratio to 0 snapshots)"
+printf "%-10s %10s %8s %10s %8s\n" snapshots randread ratio randwrite ratio
+for d in 0 10 50 200; do
+    printf "%-10s %10s %8s %10s %8s\n" "$d" "${RR[$d]}" "$(ratio "${RR[$d]}" "${RR[0]}")" "${RW[$d]}" "$(ratio "${RW[$d]}" "${RW[0]}")"
+done
+echo "oldest snapshot read: $OLD ($(ratio "$OLD" "${RR[0]}")); clone of it: $CLONE ($(ratio "$CLONE" "${RR[0]}"))"
+echo
+echo "B. oldest-snapshot delete + reclaim: 2 GiB ${DEL[2]} ms, ${BIG} GiB ${DEL[$BIG]} ms, ratio $(ratio "${DEL[$BIG]}" "${DEL[2]}")"
+echo
+echo "C. 4K randwrite QD32 p99 (us): alone $BASE; rolling retention ($ROUNDS rounds) $RET ($(ratio "$RET" "$BASE")); diff ${BG[diff]} ($(ratio "${BG[diff]}" "$BASE")); check ${BG[check]} ($(ratio "${BG[check]}" "$BASE")); scrub ${BG[scrub]} ($(ratio "${BG[scrub]}" "$BASE"))"
+echo
+echo "D. daemon start to serving: 1 GiB ${START[1]} ms, ${BIG} GiB ${START[$BIG]} ms, ratio $(ratio "${START[$BIG]}" "${START[1]}"); snapshot create after them: ${SNAP[1]} us, ${SNAP[$BIG]} us"
+echo
+echo "E. metadata / data: sequential 1 GiB $(pct "$SEQ"); 4K random 1 GiB $(pct "${META[1]}"); 4K random ${BIG} GiB $(pct "${META[$BIG]}")"
