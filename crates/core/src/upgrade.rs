@@ -336,7 +336,11 @@ fn convert(
             epoch: epoch_of[&s.layer],
             size: s.size,
             created: s.created,
-            written: written_at.get(&s.layer).copied().unwrap_or(0) * BLOCK_SIZE_U64,
+            written: written_at
+                .get(&s.layer)
+                .copied()
+                .unwrap_or(0)
+                .saturating_mul(BLOCK_SIZE_U64),
         };
         g.extra(BatchOp::Put(
             catalog::snapshot_key(*vid, name),

@@ -37,7 +37,10 @@ impl Pool2 {
             (0..min_blocks.div_ceil(PAGE_BLOCKS)).map(PageNo).collect()
         };
         let mut lbas = Vec::new();
-        for p in pages.into_iter().filter(|p| p.0 * PAGE_BLOCKS < min_blocks) {
+        for p in pages
+            .into_iter()
+            .filter(|p| p.0.saturating_mul(PAGE_BLOCKS) < min_blocks)
+        {
             let ca: Content = read_page(&*view, &bases, sa.lineage, sa.at, p)?;
             let cb: Content = read_page(&*view, &bases, sb.lineage, sb.at, p)?;
             for k in 0..PAGE_BLOCKS as usize {
@@ -177,7 +180,9 @@ impl Pool2 {
                     }
                 };
                 if let Some(detail) = detail {
-                    let lba = page * PAGE_BLOCKS + u64::from(x.off) + k + i;
+                    let lba = page
+                        .saturating_mul(PAGE_BLOCKS)
+                        .saturating_add(u64::from(x.off) + k + i);
                     let pba = x.pba + k + i;
                     log::error!("scrub: lineage {l} lba {lba} pba {pba}: {detail}");
                     rep.bad.push(BadBlock {

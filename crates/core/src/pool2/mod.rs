@@ -293,7 +293,9 @@ impl Pool2 {
         self.catalog.write().unwrap_or_else(|p| p.into_inner())
     }
     pub(crate) fn block_offset(&self, pba: u64) -> u64 {
-        self.sup.data_start + pba * BLOCK_SIZE_U64
+        self.sup
+            .data_start
+            .saturating_add(pba.saturating_mul(BLOCK_SIZE_U64))
     }
     pub(crate) fn free_blocks(&self) -> u64 {
         lock(&self.alloc).free()

@@ -166,7 +166,7 @@ impl Pool2 {
     fn written_now(&self, l: LineageId) -> u64 {
         match self.store().get(&crate::v2::keys::counter(l)) {
             Ok(Some(v)) => <[u8; 8]>::try_from(v.as_slice())
-                .map_or(0, |b| u64::from_le_bytes(b) * BLOCK_SIZE_U64),
+                .map_or(0, |b| u64::from_le_bytes(b).saturating_mul(BLOCK_SIZE_U64)),
             _ => 0,
         }
     }
@@ -363,7 +363,7 @@ impl Pool2 {
                 ids.snapshot = id + 1;
                 let (written, e) = {
                     let (m, g) = ctx.parts();
-                    let written = m.lineage(l)?.born_now * BLOCK_SIZE_U64;
+                    let written = m.lineage(l)?.born_now.saturating_mul(BLOCK_SIZE_U64);
                     (written, m.snapshot(g, l)?)
                 };
                 let rec = SnapRec {

@@ -37,7 +37,8 @@ id_type!(
 impl Epoch {
     pub const ZERO: Epoch = Epoch(0);
     pub const FIRST: Epoch = Epoch(1);
+    /// The epoch after this one (saturating: epochs come from stored records).
     pub fn next(self) -> Epoch {
-        Epoch(self.0 + 1)
+        Epoch(self.0.saturating_add(1))
     }
 }
