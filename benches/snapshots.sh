@@ -11,11 +11,13 @@
 #  D. daemon start to serving with 1 GiB and with 8 GiB of 4K random writes in the pool;
 #     snapshot create latency after each.
 #  E. metadata bytes per data byte after sequential and after 4K random writes.
-# Usage: benches/snapshots.sh [RUNTIME_S=8] [BIG_GIB=8]
+# Usage: benches/snapshots.sh [RUNTIME_S=8] [BIG_GIB=8]   (SECTIONS="A B C D" to run a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-8}
 BIG=${2:-8}
+SECTIONS=${SECTIONS:-A B C D}
+on() { [[ " $SECTIONS " == *" $1 "* ]]; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/snapblk/target}
 BIN=$CARGO_TARGET_DIR/release/snapblk
 [ -x "$BIN" ] || cargo build --release --bin snapblk
@@ -59,7 +61,10 @@ churn() { # VOL MIB_OF_VOLUME PERCENT: random 4K writes over the whole volume
 }
 fill() { fio --name=f --ioengine=nbd --uri="$(uri "$1")" --rw=write --bs=1M --iodepth=8 --size="$2" >/dev/null 2>&1; }
 
+info() { "$BIN" --json "$@" pool info | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["metadata_size"], j["used"], j["reclaim_jobs"])'; }
+
 # ---------------------------------------------------------------- A
+if on A; then
 say "A: 1 GiB volume, reads and writes at 0/10/50/200 snapshots"
 pool a 6G
 "$BIN" volume create v --size 1G >/dev/null
@@ -80,8 +85,10 @@ OLD=$(fio_json "$(uri v@s1)" randread 4k 32 1G --time_based --runtime="$RUNTIME"
 "$BIN" clone v@s1 c >/dev/null
 CLONE=$(fio_json "$(uri c)" randread 4k 32 1G --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
 say "  oldest snapshot read $OLD, clone of it $CLONE IOPS"
+fi
 
 # ---------------------------------------------------------------- B
+if on B; then
 say "B: oldest-snapshot delete, 2 GiB vs ${BIG} GiB volume, same churn (20 MiB per snapshot)"
 declare -A DEL
 for gib in 2 "$BIG"; do
@@ -93,16 +100,18 @@ for gib in 2 "$BIG"; do
         fio --name=c --ioengine=nbd --uri="$(uri v)" --rw=randwrite --bs=4k --iodepth=16 --size="${gib}G" \
             --number_ios=5120 >/dev/null 2>&1
     done
-    stop
-    # Direct mode: the CLI runs the reclaim to its end before it returns.
+    sleep 2
+    # The daemon reclaims in the background: time the delete until no job is left.
     t0=$(date +%s%N)
-    "$BIN" --meta "$W/meta" --data "$W/data.img" snapshot delete v@s1 >/dev/null
+    "$BIN" snapshot delete v@s1 >/dev/null
+    while [ "$(info | cut -d' ' -f3)" != 0 ]; do sleep 0.01; done
     DEL[$gib]=$(( ($(date +%s%N) - t0) / 1000000 ))
     say "  ${gib} GiB: delete + reclaim ${DEL[$gib]} ms"
-    start
 done
+fi
 
 # ---------------------------------------------------------------- C
+if on C; then
 say "C: p99 of 4K randwrite QD32 alone, and with retention / diff / check / scrub running"
 pool c 8G
 "$BIN" volume create v --size 2G >/dev/null
@@ -130,8 +139,10 @@ for what in diff check scrub; do
     wait "$F"; BG[$what]=$(cat "$W/bg.p99")
 done
 say "  p99 alone ${BASE} us; retention ($ROUNDS rounds) ${RET}; diff ${BG[diff]}; check ${BG[check]}; scrub ${BG[scrub]}"
+fi
 
 # ---------------------------------------------------------------- D, E
+if on D; then
 say "D/E: start time and metadata size after 1 GiB and ${BIG} GiB of 4K random writes"
 declare -A START SNAP META
 for gib in 1 "$BIG"; do
@@ -141,7 +152,7 @@ for gib in 1 "$BIG"; do
         --randrepeat=0 >/dev/null 2>&1
     SNAP[$gib]=$("$BIN" --json snapshot create v@s | python3 -c 'import json,sys; print(json.load(sys.stdin)["create_micros"])')
     stop
-    META[$gib]=$("$BIN" --json --meta "$W/meta" --data "$W/data.img" pool info | python3 -c 'import json,sys; j=json.load(sys.stdin); print(f"{j[\"metadata_size\"]} {j[\"used\"]}")')
+    META[$gib]=$(info --meta "$W/meta" --data "$W/data.img" | cut -d' ' -f1,2)
     t0=$(date +%s%N); start; "$BIN" volume list >/dev/null
     START[$gib]=$(( ($(date +%s%N) - t0) / 1000000 ))
     say "  ${gib} GiB: start ${START[$gib]} ms, snapshot ${SNAP[$gib]} us, metadata/used ${META[$gib]}"
@@ -150,11 +161,13 @@ pool e 3G
 "$BIN" volume create v --size 1G >/dev/null
 fill v 1G
 stop
-SEQ=$("$BIN" --json --meta "$W/meta" --data "$W/data.img" pool info | python3 -c 'import json,sys; j=json.load(sys.stdin); print(f"{j[\"metadata_size\"]} {j[\"used\"]}")')
+SEQ=$(info --meta "$W/meta" --data "$W/data.img" | cut -d' ' -f1,2)
+fi
 
 # ---------------------------------------------------------------- report
 pct() { python3 -c "import sys; m,u=map(float,sys.argv[1:3]); print(f'{100*m/u:.3f}%')" $1; }
 echo
+if on A; then
 echo "A. 4K QD32 IOPS on a 1 GiB volume (ratio to 0 snapshots)"
 printf "%-10s %10s %8s %10s %8s\n" snapshots randread ratio randwrite ratio
 for d in 0 10 50 200; do
@@ -162,10 +175,11 @@ for d in 0 10 50 200; do
 done
 echo "oldest snapshot read: $OLD ($(ratio "$OLD" "${RR[0]}")); clone of it: $CLONE ($(ratio "$CLONE" "${RR[0]}"))"
 echo
-echo "B. oldest-snapshot delete + reclaim: 2 GiB ${DEL[2]} ms, ${BIG} GiB ${DEL[$BIG]} ms, ratio $(ratio "${DEL[$BIG]}" "${DEL[2]}")"
-echo
-echo "C. 4K randwrite QD32 p99 (us): alone $BASE; rolling retention ($ROUNDS rounds) $RET ($(ratio "$RET" "$BASE")); diff ${BG[diff]} ($(ratio "${BG[diff]}" "$BASE")); check ${BG[check]} ($(ratio "${BG[check]}" "$BASE")); scrub ${BG[scrub]} ($(ratio "${BG[scrub]}" "$BASE"))"
-echo
+fi
+on B && { echo "B. oldest-snapshot delete + reclaim: 2 GiB ${DEL[2]} ms, ${BIG} GiB ${DEL[$BIG]} ms, ratio $(ratio "${DEL[$BIG]}" "${DEL[2]}")"; echo; }
+on C && { echo "C. 4K randwrite QD32 p99 (us): alone $BASE; rolling retention ($ROUNDS rounds) $RET ($(ratio "$RET" "$BASE")); diff ${BG[diff]} ($(ratio "${BG[diff]}" "$BASE")); check ${BG[check]} ($(ratio "${BG[check]}" "$BASE")); scrub ${BG[scrub]} ($(ratio "${BG[scrub]}" "$BASE"))"; echo; }
+if on D; then
 echo "D. daemon start to serving: 1 GiB ${START[1]} ms, ${BIG} GiB ${START[$BIG]} ms, ratio $(ratio "${START[$BIG]}" "${START[1]}"); snapshot create after them: ${SNAP[1]} us, ${SNAP[$BIG]} us"
 echo
 echo "E. metadata / data: sequential 1 GiB $(pct "$SEQ"); 4K random 1 GiB $(pct "${META[1]}"); 4K random ${BIG} GiB $(pct "${META[$BIG]}")"
+fi

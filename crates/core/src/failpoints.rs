@@ -38,6 +38,38 @@ pub const ALL: &[&str] = &[
     // One reclaim step: before / after its batch (its frees not yet deferred).
     "reclaim.before_commit",
     "reclaim.after_commit",
+    // Format 2 (the pool in use): see FORMAT2.
+    "format2.before_commit",
+    "commit2.before_store",
+    "commit2.after_store",
+    "reclaim2.mid_step",
+    "snapshot2.before_sync",
+    "upgrade.mid_replay",
+    "upgrade.before_switch",
+    "upgrade.before_header",
+    "upgrade.before_cleanup",
+];
+
+/// The failpoints of the format-2 pool and of `pool upgrade` (the rest are the format-1
+/// pool's, kept for the upgrade).
+pub const FORMAT2: &[&str] = &[
+    // Pool2::format: header and engine records written, superblock not yet.
+    "format2.before_commit",
+    // Every group commit (writes, management steps, reclaim steps): before the store batch,
+    // and after it was committed but before the engine reports success (as a store that
+    // wrote its WAL record and then failed: the engine stops).
+    "commit2.before_store",
+    "commit2.after_store",
+    // A reclaim step that changed the engine's memory and did not commit (the engine stops).
+    "reclaim2.mid_step",
+    // Snapshot create, before its device sync.
+    "snapshot2.before_sync",
+    // pool upgrade: during the replay, after verification before the superblock switch,
+    // between the superblock and the device header, before removing format-1 keys.
+    "upgrade.mid_replay",
+    "upgrade.before_switch",
+    "upgrade.before_header",
+    "upgrade.before_cleanup",
 ];
 
 /// Returns `Err(Error::Injected(name))` from the enclosing function when a test armed `name`.

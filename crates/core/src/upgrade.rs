@@ -149,14 +149,17 @@ pub fn upgrade(
     }
     drop(old);
     progress("switching the pool to format 2");
+    crate::failpoint!("upgrade.before_switch");
     store.sync()?;
     sup.format_version = FORMAT2;
     let mut b = WriteBatch::new();
     b.put(keys::super_key(), keys::encode_record(&sup));
     store.commit(b, true)?;
+    crate::failpoint!("upgrade.before_header");
     let mut h = read_header(&*dev)?;
     h.format_version = FORMAT2;
     write_header(&*dev, &h)?;
+    crate::failpoint!("upgrade.before_cleanup");
     delete_prefixes(&*store, V1_PREFIXES)?;
     Ok(report)
 }
@@ -254,6 +257,9 @@ fn convert(
             }
         };
         report.entries += replay_layer(old, &mut meta, l, *layer, &mut max_lba)?;
+        if n == order.len() / 2 {
+            crate::failpoint!("upgrade.mid_replay");
+        }
         let info = tree.layer(*layer)?;
         if info.rec.frozen {
             let snaps = snapshot_layers.get(layer).copied().unwrap_or(0);

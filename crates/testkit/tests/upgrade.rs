@@ -208,3 +208,61 @@ fn an_interrupted_upgrade_finishes_on_the_next_run() {
         "only {cuts_inside} cuts fell inside the upgrade"
     );
 }
+
+/// Each named failpoint of the upgrade stops it right there; after a power cut the next
+/// upgrade finishes it with the same result.
+#[test]
+fn every_upgrade_failpoint_is_survived() {
+    use Op::*;
+    let _serial = fail::FailScenario::setup();
+    let w = |vol, sector, sectors, seed| Write {
+        vol,
+        sector,
+        sectors,
+        seed,
+        zeros: false,
+        fua: false,
+    };
+    let ops = [
+        Create,
+        w(0, 0, 64, 1),
+        Snapshot { vol: 0 },
+        w(0, 8, 16, 2),
+        Clone { snap: 0 },
+        w(1, 0, 8, 3),
+        Snapshot { vol: 1 },
+        Rollback { snap: 0 },
+    ];
+    for &fp in snapblk_core::failpoints::FORMAT2
+        .iter()
+        .filter(|f| f.starts_with("upgrade."))
+    {
+        let machine = PowerLoss::machine(model::device_bytes() as usize);
+        let (s, d): (Arc<dyn MetaStore>, Arc<dyn DataDevice>) =
+            (machine.store.clone(), machine.dev.clone());
+        let mut formatted = false;
+        let mut open = move || {
+            if !formatted {
+                Pool1::format(&*s, &*d).expect("format");
+                formatted = true;
+            }
+            Pool1::open(Arc::clone(&s), Arc::clone(&d)).expect("open")
+        };
+        let (pool, m) = build(&mut open, &ops);
+        pool.sync().expect("flush");
+        drop(pool);
+        fail::cfg(fp, "return").expect("fail cfg");
+        let r = upgrade(machine.store.clone(), machine.dev.clone(), &|_| {});
+        fail::remove(fp);
+        assert!(
+            matches!(r, Err(snapblk_core::Error::Injected(_))),
+            "{fp}: {r:?}"
+        );
+        let (rebooted, _) = machine.power.cut(&mut Rng(3));
+        upgrade(rebooted.store.clone(), rebooted.dev.clone(), &|_| {})
+            .unwrap_or_else(|e| panic!("{fp}: the next upgrade fails: {e}"));
+        let pool = Pool::open(rebooted.store.clone(), rebooted.dev.clone())
+            .unwrap_or_else(|e| panic!("{fp}: {e}"));
+        verify(&*pool, &m);
+    }
+}

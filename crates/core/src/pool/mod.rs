@@ -96,6 +96,8 @@ pub struct PoolInfo {
     pub volumes: usize,
     pub snapshots: usize,
     pub hidden_layers: usize,
+    /// Reclaim jobs queued (format 2): 0 once deleted snapshots' space is all reclaimed.
+    pub reclaim_jobs: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -216,6 +218,7 @@ impl Pool {
             metadata_size: self.store.size_on_disk(),
             volumes: tree.volumes.len(),
             snapshots: tree.snapshots.len(),
+            reclaim_jobs: 0,
             hidden_layers: tree
                 .layers
                 .keys()

@@ -197,7 +197,10 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
         groups: 0,
     };
     loop {
-        let (batch, shutdown) = shared.take(Duration::from_millis(20));
+        // With reclaim work and background on, steps follow each other while nothing else
+        // is queued; otherwise wait for work.
+        let busy = shared.background_on() && meta.pending_jobs() > 0 && meta.failed().is_none();
+        let (batch, shutdown) = shared.take(Duration::from_millis(if busy { 0 } else { 20 }));
         if batch.is_empty() {
             if shutdown {
                 fail_all(st.held.drain(..).map(|(_, t)| t).collect(), Error::Shutdown);
@@ -376,9 +379,13 @@ impl Pool2 {
                 }
             }
             Err(e) => {
+                // The first member gets the error itself (its kind tells what failed), the
+                // others a copy of its message.
+                let msg = e.to_string();
+                let mut first = Some(e);
                 for t in p.members {
-                    st.out
-                        .push((t, Answer::Failed(Error::Corrupt(e.to_string()))));
+                    let err = first.take().unwrap_or_else(|| Error::Corrupt(msg.clone()));
+                    st.out.push((t, Answer::Failed(err)));
                 }
             }
         }

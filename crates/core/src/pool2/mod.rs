@@ -129,6 +129,7 @@ impl Pool2 {
         };
         let mut b = WriteBatch::new();
         b.put(keys::super_key(), keys::encode_record(&sup));
+        crate::failpoint!("format2.before_commit");
         store.commit(b, true)?;
         Ok(sup.pool_uuid)
     }

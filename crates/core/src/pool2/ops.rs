@@ -132,7 +132,14 @@ impl Pool2 {
             .chain(c.snapshots.values().map(|s| s.lineage))
             .collect();
         let blocks = self.data_blocks();
+        let mut reclaim_jobs = 0u64;
+        let (a, b) = crate::v2::keys::jobs();
+        let _ = self.store().scan(&a, &b, &mut |_, _| {
+            reclaim_jobs += 1;
+            std::ops::ControlFlow::Continue(())
+        });
         crate::pool::PoolInfo {
+            reclaim_jobs,
             uuid: self.uuid().to_string(),
             format_version: super::FORMAT2,
             block_size: BLOCK_SIZE_U64,
@@ -341,7 +348,11 @@ impl Pool2 {
         let vid = self.volume_id(vol)?;
         let mut deferred: Option<LineageId> = None;
         for _ in 0..SNAPSHOT_ATTEMPTS {
-            let n = match self.sync_device() {
+            let synced = (|| {
+                crate::failpoint!("snapshot2.before_sync");
+                self.sync_device()
+            })();
+            let n = match synced {
                 Ok(n) => n,
                 Err(e) => {
                     self.undefer(deferred);

@@ -700,17 +700,24 @@ impl Meta2 {
             );
         }
         b.ops.extend(g.extra);
-        if !b.is_empty() || g.durable {
-            if let Err(e) = self.store.commit(b, g.durable) {
-                self.failed = Some(e.to_string());
-                return Err(e.into());
-            }
+        if let Err(e) = self.store_commit(b, g.durable) {
+            self.failed.get_or_insert_with(|| e.to_string());
+            return Err(e);
         }
         Ok(Committed {
             freed: g.freed,
             allocated: g.allocated,
             destroyed: g.destroyed,
         })
+    }
+
+    fn store_commit(&self, b: WriteBatch, durable: bool) -> Result<()> {
+        crate::failpoint!("commit2.before_store");
+        if !b.is_empty() || durable {
+            self.store.commit(b, durable)?;
+        }
+        crate::failpoint!("commit2.after_store");
+        Ok(())
     }
 
     /// Formats empty format-2 metadata (no lineages, every block free).

@@ -91,7 +91,11 @@ impl Meta2 {
         let done = match job.kind {
             JobKind::Drop { lo, hi, cursor } => self.drop_step(g, &job, lo, hi, cursor, budget),
             JobKind::Destroy => self.destroy_step(g, &job, budget),
-        };
+        }
+        .and_then(|done| {
+            crate::failpoint!("reclaim2.mid_step");
+            Ok(done)
+        });
         let done = self.stop_on_error(done)?;
         if done {
             self.jobs.pop_front();
