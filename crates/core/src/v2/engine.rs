@@ -619,7 +619,7 @@ impl Meta2 {
                 pba: pba + skip as u64,
                 birth: w,
                 flags: PieceFlags::OWN,
-                crcs: crcs[skip..skip + n].to_vec(),
+                crcs: crate::v2::piece::Crcs::from_slice(&crcs[skip..skip + n]),
             };
             page::insert(&mut page.pieces, piece).map_err(corrupt)?;
         }

@@ -32,8 +32,12 @@ pub struct Piece {
     pub pba: u64,
     pub birth: Epoch,
     pub flags: PieceFlags,
-    pub crcs: Vec<u32>,
+    /// One CRC32C per block. Inline for short pieces (most of a random-write page): a
+    /// page decode then allocates once, not once per piece.
+    pub crcs: Crcs,
 }
+
+pub type Crcs = smallvec::SmallVec<[u32; 4]>;
 
 impl Piece {
     pub fn start(&self) -> u64 {
@@ -57,7 +61,7 @@ impl Piece {
             pba: self.pba + skip as u64,
             birth: self.birth,
             flags: self.flags,
-            crcs: self.crcs[skip..skip + n].to_vec(),
+            crcs: Crcs::from_slice(&self.crcs[skip..skip + n]),
         }
     }
     /// Whether `next` continues this piece in lba and pba with the same birth and flags.

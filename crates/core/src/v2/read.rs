@@ -126,7 +126,7 @@ pub fn to_pieces(content: &Content, birth: Epoch, flags: PieceFlags) -> Vec<Piec
             pba: b.pba,
             birth,
             flags,
-            crcs: vec![b.crc],
+            crcs: smallvec::smallvec![b.crc],
         });
     }
     out
