@@ -7,6 +7,7 @@ pub mod device;
 pub mod error;
 pub mod export;
 pub mod failpoints;
+pub mod identity;
 pub mod keys;
 pub mod lock;
 pub mod meta;

@@ -23,10 +23,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::device::{
-    AlignedBuf, DataDevice, DeviceHeader, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64,
-};
+use crate::device::{DataDevice, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
+use crate::identity::{read_header, write_header};
 use crate::keys::{self, LayerId, MapValue, SuperRecord, VolId};
 use crate::meta::{BatchOp, MetaStore, WriteBatch};
 use crate::pool::Pool as Pool1;
@@ -61,30 +60,6 @@ struct LinPlan {
     layers: Vec<LayerId>,
     base: Option<LayerId>,
     volume: Option<VolId>,
-}
-
-fn read_header(dev: &dyn DataDevice) -> Result<DeviceHeader> {
-    let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
-    dev.read(&mut [ReadSeg {
-        offset: 0,
-        buf: &mut buf,
-    }])
-    .map_err(|e| Error::device("reading header", e))?;
-    DeviceHeader::decode(&buf, "data device")
-}
-
-fn write_header(dev: &dyn DataDevice, h: &DeviceHeader) -> Result<()> {
-    let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
-    buf.copy_from_slice(&h.encode());
-    dev.write(
-        &[WriteSeg {
-            offset: 0,
-            buf: &buf,
-        }],
-        true,
-    )
-    .map_err(|e| Error::device("writing header", e))?;
-    dev.sync().map_err(|e| Error::device("sync", e))
 }
 
 fn delete_prefixes(store: &dyn MetaStore, prefixes: &[u8]) -> Result<()> {

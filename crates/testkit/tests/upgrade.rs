@@ -13,7 +13,7 @@ use snapblk_core::device::DataDevice;
 use snapblk_core::upgrade::upgrade;
 use snapblk_core::{MemStore, MetaStore, Pool, Pool1};
 use snapblk_testkit::model::{self, build, finish, op_strategy, verify, Model, Op};
-use snapblk_testkit::powerloss::{PowerLoss, Rng};
+use snapblk_testkit::powerloss::{Machine, PowerLoss, Rng};
 
 /// A format-1 pool in memory after `ops`, and what it holds.
 fn format1(ops: &[Op]) -> (Arc<dyn MetaStore>, Arc<dyn DataDevice>, Model) {
@@ -32,6 +32,25 @@ fn format1(ops: &[Op]) -> (Arc<dyn MetaStore>, Arc<dyn DataDevice>, Model) {
     pool.sync().expect("flush");
     drop(pool);
     (store, dev, m)
+}
+
+/// A flushed format-1 pool after `ops` on a fresh power-loss machine, and what it holds.
+fn format1_machine(ops: &[Op]) -> (Machine, Model) {
+    let machine = PowerLoss::machine(model::device_bytes() as usize);
+    let (s, d): (Arc<dyn MetaStore>, Arc<dyn DataDevice>) =
+        (machine.store.clone(), machine.dev.clone());
+    let mut formatted = false;
+    let mut open = move || {
+        if !formatted {
+            Pool1::format(&*s, &*d).expect("format");
+            formatted = true;
+        }
+        Pool1::open(Arc::clone(&s), Arc::clone(&d)).expect("open")
+    };
+    let (pool, m) = build(&mut open, ops);
+    pool.sync().expect("flush");
+    drop(pool);
+    (machine, m)
 }
 
 fn converted(ops: &[Op]) {
@@ -150,21 +169,7 @@ fn an_interrupted_upgrade_finishes_on_the_next_run() {
         Create,
         w(2, 4, 30, 5),
     ];
-    // The same history on a power-loss machine, flushed.
-    let machine = PowerLoss::machine(model::device_bytes() as usize);
-    let (s, d): (Arc<dyn MetaStore>, Arc<dyn DataDevice>) =
-        (machine.store.clone(), machine.dev.clone());
-    let mut formatted = false;
-    let mut open = move || {
-        if !formatted {
-            Pool1::format(&*s, &*d).expect("format");
-            formatted = true;
-        }
-        Pool1::open(Arc::clone(&s), Arc::clone(&d)).expect("open")
-    };
-    let (pool, m) = build(&mut open, &ops);
-    pool.sync().expect("flush");
-    drop(pool);
+    let (machine, m) = format1_machine(&ops);
     let mut cuts_inside = 0;
     let mut machine = machine;
     for budget in 0..400 {
@@ -187,20 +192,7 @@ fn an_interrupted_upgrade_finishes_on_the_next_run() {
             break;
         }
         // Back to format 1 for the next budget: rebuild the machine from scratch.
-        let fresh = PowerLoss::machine(model::device_bytes() as usize);
-        let (s, d): (Arc<dyn MetaStore>, Arc<dyn DataDevice>) =
-            (fresh.store.clone(), fresh.dev.clone());
-        let mut formatted = false;
-        let mut open = move || {
-            if !formatted {
-                Pool1::format(&*s, &*d).expect("format");
-                formatted = true;
-            }
-            Pool1::open(Arc::clone(&s), Arc::clone(&d)).expect("open")
-        };
-        let (pool, _) = build(&mut open, &ops);
-        pool.sync().expect("flush");
-        drop(pool);
+        let (fresh, _) = format1_machine(&ops);
         machine = fresh;
     }
     assert!(
@@ -237,20 +229,7 @@ fn every_upgrade_failpoint_is_survived() {
         .iter()
         .filter(|f| f.starts_with("upgrade."))
     {
-        let machine = PowerLoss::machine(model::device_bytes() as usize);
-        let (s, d): (Arc<dyn MetaStore>, Arc<dyn DataDevice>) =
-            (machine.store.clone(), machine.dev.clone());
-        let mut formatted = false;
-        let mut open = move || {
-            if !formatted {
-                Pool1::format(&*s, &*d).expect("format");
-                formatted = true;
-            }
-            Pool1::open(Arc::clone(&s), Arc::clone(&d)).expect("open")
-        };
-        let (pool, m) = build(&mut open, &ops);
-        pool.sync().expect("flush");
-        drop(pool);
+        let (machine, m) = format1_machine(&ops);
         fail::cfg(fp, "return").expect("fail cfg");
         let r = upgrade(machine.store.clone(), machine.dev.clone(), &|_| {});
         fail::remove(fp);

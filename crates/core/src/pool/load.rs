@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use crate::alloc::Allocator;
-use crate::device::{
-    AlignedBuf, DataDevice, DeviceHeader, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64, DATA_START,
-};
+use crate::device::{DataDevice, DeviceHeader, BLOCK_SIZE, BLOCK_SIZE_U64, DATA_START};
 use crate::error::{Error, Result};
 use crate::keys::{
     self, LayerRecord, MapValue, SnapshotRecord, SuperRecord, VolumeRecord, FORMAT_VERSION,
@@ -17,12 +15,6 @@ use crate::keys::{
 use crate::meta::{try_scan, MetaRead, MetaStore, WriteBatch};
 
 use super::{Pool, Tree, STRIPES};
-
-fn uuid_bytes(s: &str) -> Result<[u8; 16]> {
-    uuid::Uuid::parse_str(s)
-        .map(|u| *u.as_bytes())
-        .map_err(|e| Error::Corrupt(format!("pool uuid '{s}': {e}")))
-}
 
 impl Pool {
     /// Formats an empty store and a data device as a new pool; returns its uuid.
@@ -51,17 +43,7 @@ impl Pool {
             data_start: DATA_START,
             size_at_format: len,
         };
-        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
-        buf.copy_from_slice(&header.encode());
-        dev.write(
-            &[WriteSeg {
-                offset: 0,
-                buf: &buf,
-            }],
-            true,
-        )
-        .map_err(|e| Error::device("writing header", e))?;
-        dev.sync().map_err(|e| Error::device("sync", e))?;
+        crate::identity::write_header(dev, &header)?;
         let sup = SuperRecord {
             format_version: FORMAT_VERSION,
             pool_uuid: uuid.to_string(),
@@ -80,81 +62,7 @@ impl Pool {
 
     /// Reads and checks the superblock and the device header.
     fn check_identity(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<SuperRecord> {
-        let key = keys::super_key();
-        let raw = store.get(&key)?.ok_or_else(|| {
-            Error::not_found(
-                "pool",
-                "no pool superblock in the metadata store (not formatted?)",
-            )
-        })?;
-        let sup: SuperRecord = keys::decode_record("superblock", &key, &raw)?;
-        if sup.format_version != FORMAT_VERSION {
-            return Err(Error::invalid(
-                "pool",
-                format!("metadata format version {} is not supported (this snapblk reads version {FORMAT_VERSION})", sup.format_version),
-            ));
-        }
-        if sup.block_size as usize != BLOCK_SIZE {
-            return Err(Error::invalid(
-                "pool",
-                format!("block size {} is not supported", sup.block_size),
-            ));
-        }
-        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
-        dev.read(&mut [ReadSeg {
-            offset: 0,
-            buf: &mut buf,
-        }])
-        .map_err(|e| Error::device("reading header", e))?;
-        let h = DeviceHeader::decode(&buf, "data device")?;
-        if h.format_version != FORMAT_VERSION {
-            return Err(Error::invalid(
-                "data device",
-                format!("format version {} is not supported (this snapblk reads version {FORMAT_VERSION})", h.format_version),
-            ));
-        }
-        if h.pool_uuid != uuid_bytes(&sup.pool_uuid)? {
-            return Err(Error::invalid(
-                "data device",
-                format!(
-                    "it belongs to pool {}, but the metadata is pool {}",
-                    uuid::Uuid::from_bytes(h.pool_uuid),
-                    sup.pool_uuid
-                ),
-            ));
-        }
-        if h.block_size as usize != BLOCK_SIZE {
-            return Err(Error::invalid(
-                "data device",
-                format!("block size {} is not supported", h.block_size),
-            ));
-        }
-        if h.data_start != sup.data_start || !sup.data_start.is_multiple_of(BLOCK_SIZE_U64) {
-            return Err(Error::Corrupt(format!(
-                "data start differs: device header says {}, metadata says {}",
-                h.data_start, sup.data_start
-            )));
-        }
-        let need = sup
-            .data_blocks
-            .checked_mul(BLOCK_SIZE_U64)
-            .and_then(|b| b.checked_add(sup.data_start))
-            .ok_or_else(|| {
-                Error::Corrupt(format!(
-                    "superblock data size {} blocks overflows",
-                    sup.data_blocks
-                ))
-            })?;
-        if dev.len() < need {
-            return Err(Error::invalid(
-                "data device",
-                format!(
-                    "{} bytes, smaller than the {need} bytes the pool was formatted with",
-                    dev.len()
-                ),
-            ));
-        }
-        Ok(sup)
+        crate::identity::check(store, dev, FORMAT_VERSION)
     }
 
     /// Loads names and layers from the store.

@@ -28,9 +28,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::alloc::Allocator;
-use crate::device::{
-    AlignedBuf, DataDevice, DeviceHeader, ReadSeg, WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64, DATA_START,
-};
+use crate::device::{DataDevice, DeviceHeader, BLOCK_SIZE, BLOCK_SIZE_U64, DATA_START};
 use crate::error::{Error, Result};
 use crate::keys::{self, SuperRecord};
 use crate::meta::{MetaStore, WriteBatch};
@@ -77,12 +75,6 @@ pub struct Pool2 {
     wake: Arc<(Mutex<bool>, Condvar)>,
 }
 
-fn uuid_bytes(s: &str) -> Result<[u8; 16]> {
-    uuid::Uuid::parse_str(s)
-        .map(|u| *u.as_bytes())
-        .map_err(|e| Error::Corrupt(format!("pool uuid '{s}': {e}")))
-}
-
 impl Pool2 {
     /// Formats an empty store and a data device as a new format-2 pool; returns its uuid.
     pub fn format(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<String> {
@@ -107,17 +99,7 @@ impl Pool2 {
             data_start: DATA_START,
             size_at_format: len,
         };
-        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
-        buf.copy_from_slice(&header.encode());
-        dev.write(
-            &[WriteSeg {
-                offset: 0,
-                buf: &buf,
-            }],
-            true,
-        )
-        .map_err(|e| Error::device("writing header", e))?;
-        dev.sync().map_err(|e| Error::device("sync", e))?;
+        crate::identity::write_header(dev, &header)?;
         Meta2::format(store)?;
         let sup = SuperRecord {
             format_version: FORMAT2,
@@ -135,90 +117,7 @@ impl Pool2 {
     }
 
     fn check_identity(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<SuperRecord> {
-        let key = keys::super_key();
-        let raw = store
-            .get(&key)?
-            .ok_or_else(|| Error::not_found("pool", "no pool superblock in the metadata store"))?;
-        let sup: SuperRecord = keys::decode_record("superblock", &key, &raw)?;
-        if sup.format_version == 1 {
-            return Err(Error::invalid(
-                "pool",
-                format!(
-                    "pool {} uses metadata format 1; this snapblk reads format {FORMAT2}. Stop \
-                     the daemon and run `snapblk pool upgrade` (offline; it converts the \
-                     metadata in place and can be resumed)",
-                    sup.pool_uuid
-                ),
-            ));
-        }
-        if sup.format_version != FORMAT2 {
-            return Err(Error::invalid(
-                "pool",
-                format!(
-                    "pool {} uses metadata format {}; this snapblk reads format {FORMAT2}",
-                    sup.pool_uuid, sup.format_version
-                ),
-            ));
-        }
-        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
-        dev.read(&mut [ReadSeg {
-            offset: 0,
-            buf: &mut buf,
-        }])
-        .map_err(|e| Error::device("reading header", e))?;
-        let h = DeviceHeader::decode(&buf, "data device")?;
-        if h.pool_uuid != uuid_bytes(&sup.pool_uuid)? {
-            return Err(Error::invalid(
-                "data device",
-                format!(
-                    "it belongs to pool {}, but the metadata is pool {}",
-                    uuid::Uuid::from_bytes(h.pool_uuid),
-                    sup.pool_uuid
-                ),
-            ));
-        }
-        if h.format_version != FORMAT2 {
-            return Err(Error::invalid(
-                "data device",
-                format!(
-                    "format version {} is not supported (this snapblk reads version {FORMAT2}; \
-                     a format-1 pool is converted by `snapblk pool upgrade`)",
-                    h.format_version
-                ),
-            ));
-        }
-        if h.block_size as usize != BLOCK_SIZE || sup.block_size as usize != BLOCK_SIZE {
-            return Err(Error::invalid(
-                "pool",
-                format!("block size {} is not supported", h.block_size),
-            ));
-        }
-        if h.data_start != sup.data_start || !sup.data_start.is_multiple_of(BLOCK_SIZE_U64) {
-            return Err(Error::Corrupt(format!(
-                "data start differs: device header says {}, metadata says {}",
-                h.data_start, sup.data_start
-            )));
-        }
-        let need = sup
-            .data_blocks
-            .checked_mul(BLOCK_SIZE_U64)
-            .and_then(|b| b.checked_add(sup.data_start))
-            .ok_or_else(|| {
-                Error::Corrupt(format!(
-                    "superblock data size {} blocks overflows",
-                    sup.data_blocks
-                ))
-            })?;
-        if dev.len() < need {
-            return Err(Error::invalid(
-                "data device",
-                format!(
-                    "{} bytes, smaller than the {need} bytes the pool was formatted with",
-                    dev.len()
-                ),
-            ));
-        }
-        Ok(sup)
+        crate::identity::check(store, dev, FORMAT2)
     }
 
     /// Opens a format-2 pool: reads lineages, catalog, jobs and allocation regions (no map
@@ -358,6 +257,12 @@ impl Pool2 {
 
     /// Stops the committer and the sync thread and makes everything durable.
     pub fn shutdown(&self) -> Result<()> {
+        self.stop_threads();
+        self.sync()
+    }
+
+    /// Tells the threads to stop and joins them (not the calling thread, if it is one).
+    fn stop_threads(&self) {
         self.shutdown.store(true, Ordering::Release);
         self.committer.shutdown();
         {
@@ -371,7 +276,6 @@ impl Pool2 {
                 let _ = h.join();
             }
         }
-        self.sync()
     }
 }
 
@@ -408,18 +312,6 @@ fn background(
 
 impl Drop for Pool2 {
     fn drop(&mut self) {
-        self.shutdown.store(true, Ordering::Release);
-        self.committer.shutdown();
-        {
-            let (m, cv) = &*self.wake;
-            *lock(m) = true;
-            cv.notify_all();
-        }
-        let me = std::thread::current().id();
-        for h in lock(&self.threads).drain(..) {
-            if h.thread().id() != me {
-                let _ = h.join();
-            }
-        }
+        self.stop_threads();
     }
 }
