@@ -19,6 +19,7 @@
 //! header, and one run after the switch only removes format-1 leftovers.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -27,7 +28,7 @@ use crate::device::{DataDevice, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::identity::{read_header, write_header};
 use crate::keys::{self, LayerId, MapValue, SuperRecord, VolId};
-use crate::meta::{BatchOp, MetaStore, WriteBatch};
+use crate::meta::{try_scan, BatchOp, MetaStore, WriteBatch};
 use crate::pool::Pool as Pool1;
 use crate::pool2::catalog::{self, Catalog, Ids, SnapRec, VolRec};
 use crate::pool2::FORMAT2;
@@ -35,7 +36,7 @@ use crate::v2::read::{read_page, Bases};
 use crate::v2::{Edit, Epoch, LineageId, Meta2, PageNo, PAGE_BLOCKS};
 
 /// Entries replayed per group commit.
-const GROUP_ENTRIES: usize = 4096;
+const GROUP_ENTRIES: usize = 1024;
 /// Format-2 key prefixes, cleared before a replay (format 1 uses uppercase ones and `S`).
 const V2_PREFIXES: &[u8] = b"dgiklnpqrsvx";
 /// Format-1 key prefixes removed after the switch (`S` is shared and stays).
@@ -355,16 +356,29 @@ fn replay_layer(
     layer: LayerId,
     max_lba: &mut u64,
 ) -> Result<u64> {
-    let mut entries: Vec<(u64, MapValue)> = Vec::new();
-    crate::pool::mapping::scan_layer(&**old.store(), layer, 0, u64::MAX, |lba, v| {
-        *max_lba = (*max_lba).max(lba);
-        entries.push((lba, v))
-    })?;
-    let n = entries.len() as u64;
-    for chunk in entries.chunks(GROUP_ENTRIES) {
+    // At most GROUP_ENTRIES entries in memory at a time, whatever the layer holds.
+    let mut n = 0u64;
+    let mut from = 0u64;
+    loop {
+        let mut chunk: Vec<(u64, MapValue)> = Vec::with_capacity(GROUP_ENTRIES);
+        let (a, b) = keys::map_range(layer, from, u64::MAX);
+        try_scan(&**old.store(), &a, &b, |k, v| {
+            let (_, lba) = keys::decode_map_key(k)?;
+            chunk.push((lba, MapValue::decode(v)?));
+            Ok::<_, Error>(if chunk.len() >= GROUP_ENTRIES {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            })
+        })?;
+        let Some(&(last, _)) = chunk.last() else {
+            break;
+        };
+        *max_lba = (*max_lba).max(last);
+        n += chunk.len() as u64;
         let mut g = meta.begin()?;
         let mut edits: Vec<Edit> = Vec::new();
-        for &(lba, v) in chunk {
+        for &(lba, v) in &chunk {
             let extend = match (edits.last_mut(), v) {
                 (Some(e), MapValue::Data { pba, crc }) if e.lba + e.len == lba => {
                     match &mut e.map {
@@ -398,6 +412,10 @@ fn replay_layer(
             meta.apply(&mut g, e)?;
         }
         meta.commit(g)?;
+        match last.checked_add(1) {
+            Some(next) if chunk.len() >= GROUP_ENTRIES => from = next,
+            _ => break,
+        }
     }
     Ok(n)
 }
