@@ -15,7 +15,8 @@ S3S=/var/cache/snapblk/tools/bin/s3s-fs
 W=$(mktemp -d /var/tmp/snapblk-bbench.XXXXXX)
 export SNAPBLK_SOCKET=$W/control.sock
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$W"; }
+# Runs under set -e: no step may fail, or the rest of the cleanup is skipped.
+cleanup() { set +e; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; pkill -f "$W/" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"; }
 trap cleanup EXIT
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_EC2_METADATA_DISABLED=true AWS_DEFAULT_REGION=us-east-1
 mkdir -p "$W/s3"

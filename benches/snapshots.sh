@@ -24,7 +24,8 @@ BIN=$CARGO_TARGET_DIR/release/snapblk
 W=$(mktemp -d /var/tmp/snapblk-bench.XXXXXX)
 export SNAPBLK_SOCKET=$W/control.sock
 DPID=
-cleanup() { [ -n "$DPID" ] && kill "$DPID" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"; }
+# Runs under set -e: no step may fail, or the rest of the cleanup is skipped.
+cleanup() { set +e; [ -n "$DPID" ] && kill "$DPID" 2>/dev/null; pkill -f "$W/" 2>/dev/null; wait 2>/dev/null; rm -rf "$W"; }
 trap cleanup EXIT
 wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 say() { echo "[$(date +%T)] $*" >&2; }

@@ -215,7 +215,7 @@ fn convert(
             None => {
                 let base = match plans[pi].base {
                     Some(b) => {
-                        let bl = lineage_of[where_[&b]].ok_or_else(|| {
+                        let bl = where_.get(&b).and_then(|i| lineage_of[*i]).ok_or_else(|| {
                             Error::Corrupt(format!("base layer {b} not replayed"))
                         })?;
                         let be = *epoch_of
@@ -259,7 +259,7 @@ fn convert(
     let mut g = meta.begin()?;
     for layer in &order {
         if epoch_of.contains_key(layer) && !snapshot_layers.contains_key(layer) {
-            let l = lineage_of[where_[layer]].expect("replayed");
+            let l = replayed(&where_, &lineage_of, *layer)?;
             meta.release_snapshot(&mut g, l, epoch_of[layer])?;
         }
     }
@@ -272,7 +272,8 @@ fn convert(
         ..Catalog::default()
     };
     for (pi, p) in plans.iter().enumerate() {
-        let l = lineage_of[pi].expect("every plan replays at least one layer");
+        let l = lineage_of[pi]
+            .ok_or_else(|| Error::Corrupt(format!("lineage plan {pi} has no layer")))?;
         match p.volume {
             None => meta.close(&mut g, l, false)?,
             Some(vid) => {
@@ -309,13 +310,19 @@ fn convert(
         }
     }
     for ((vid, name), s) in &tree.snapshots {
-        let l = lineage_of[where_[&s.layer]].expect("replayed");
+        let l = replayed(&where_, &lineage_of, s.layer)?;
+        let epoch = *epoch_of.get(&s.layer).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "snapshot {name} names layer {}, which is not frozen",
+                s.layer
+            ))
+        })?;
         let rec = SnapRec {
             id: s.layer,
             vol: *vid,
             name: name.clone(),
             lineage: l,
-            epoch: epoch_of[&s.layer],
+            epoch,
             size: s.size,
             created: s.created,
             written: written_at
@@ -346,6 +353,23 @@ fn convert(
     }
     store.sync()?;
     Ok(())
+}
+
+/// The lineage a layer was replayed into; a format-1 tree that names a layer on no chain is
+/// corrupt input, not a reason to panic.
+fn replayed(
+    where_: &HashMap<LayerId, usize>,
+    lineage_of: &[Option<LineageId>],
+    layer: LayerId,
+) -> Result<LineageId> {
+    where_
+        .get(&layer)
+        .and_then(|i| lineage_of[*i])
+        .ok_or_else(|| {
+            Error::Corrupt(format!(
+                "format-1 layer {layer} is on no volume's or snapshot's chain"
+            ))
+        })
 }
 
 /// Replays one layer's entries as edits of lineage `l`; returns how many.

@@ -156,7 +156,9 @@ impl Meta2 {
         if entries.len() < budget {
             return Ok(true);
         }
-        let &(w, p, _) = entries.last().expect("budget > 0");
+        let Some(&(w, p, _)) = entries.last() else {
+            return Ok(true);
+        };
         let next = match p.0.checked_add(1) {
             Some(n) => (w, PageNo(n)),
             None => (w.next(), PageNo(0)),
