@@ -5,7 +5,7 @@
 //! * every volume and every snapshot reads exactly as the model says;
 //! * every block the engine frees is referenced by nothing the model still has, and is
 //!   freed once (the region bitmap refuses a second free);
-//! * `check` is clean;
+//! * `check` is clean (it also compares every read checkpoint with the dead records);
 //! * once the reclaim jobs drain, the allocated blocks are exactly the referenced ones.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,6 +51,8 @@ struct World {
     lins: BTreeMap<LineageId, Lin>,
     free: BTreeSet<u64>,
     next_crc: u32,
+    /// Dead records between read checkpoints (0: none), so histories exercise both.
+    checkpoint_every: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -115,11 +117,13 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 impl World {
-    fn new() -> World {
+    fn new(checkpoint_every: u64) -> World {
         let store = Arc::new(MemStore::new());
         Meta2::format(&*store).unwrap();
-        let meta = Meta2::open(store.clone() as Arc<dyn MetaStore>, DATA_BLOCKS).unwrap();
+        let mut meta = Meta2::open(store.clone() as Arc<dyn MetaStore>, DATA_BLOCKS).unwrap();
+        meta.set_checkpoint_every(checkpoint_every);
         World {
+            checkpoint_every,
             store,
             meta,
             vols: Vec::new(),
@@ -440,6 +444,7 @@ impl World {
 
     fn reopen(&mut self) {
         self.meta = Meta2::open(self.store.clone() as Arc<dyn MetaStore>, DATA_BLOCKS).unwrap();
+        self.meta.set_checkpoint_every(self.checkpoint_every);
     }
 
     fn verify(&self) {
@@ -489,8 +494,8 @@ impl World {
     }
 }
 
-fn run_history(ops: &[Op]) {
-    let mut w = World::new();
+fn run_history(ops: &[Op], checkpoint_every: u64) {
+    let mut w = World::new(checkpoint_every);
     w.run(&Op::NewVolume);
     for op in ops {
         w.run(op);
@@ -509,8 +514,14 @@ fn run_history(ops: &[Op]) {
     w.verify();
     let r = check(&*w.store.view().unwrap(), DATA_BLOCKS).unwrap();
     assert_eq!(
-        (r.lineages, r.pages, r.dead_records, r.index_entries),
-        (0, 0, 0, 0),
+        (
+            r.lineages,
+            r.pages,
+            r.dead_records,
+            r.index_entries,
+            r.checkpoints
+        ),
+        (0, 0, 0, 0, 0),
         "{r:?}"
     );
 }
@@ -518,8 +529,11 @@ fn run_history(ops: &[Op]) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
     #[test]
-    fn random_histories(ops in prop::collection::vec(op(), 1..240)) {
-        run_history(&ops);
+    fn random_histories(
+        ops in prop::collection::vec(op(), 1..240),
+        k in prop_oneof![Just(0u64), Just(1), Just(2), Just(16)],
+    ) {
+        run_history(&ops, k);
     }
 }
 
@@ -527,7 +541,13 @@ proptest! {
 /// of the oldest kept snapshot, all checked at the end.
 #[test]
 fn deep_chain_rolling_retention() {
-    let mut w = World::new();
+    for k in [2, 16] {
+        deep_chain(k);
+    }
+}
+
+fn deep_chain(checkpoint_every: u64) {
+    let mut w = World::new(checkpoint_every);
     w.run(&Op::NewVolume);
     w.run(&Op::Write {
         vol: 0,
@@ -572,6 +592,8 @@ fn deep_chain_rolling_retention() {
         }
     }
     w.verify();
+    let r = check(&*w.store.view().unwrap(), DATA_BLOCKS).unwrap();
+    assert!(r.checkpoints > 0, "no read checkpoint made: {r:?}");
     w.drain();
     w.verify();
 }
@@ -581,7 +603,9 @@ fn deep_chain_rolling_retention() {
 /// snapshot scans at most that many — and every snapshot still reads right.
 #[test]
 fn thinning_merges_dead_records_per_retained_interval() {
-    let mut w = World::new();
+    // Read checkpoints every 2 records: thinning must delete the ones of released epochs
+    // (check says if one is left behind or disagrees with the merged records).
+    let mut w = World::new(2);
     w.run(&Op::NewVolume);
     w.run(&Op::Write {
         vol: 0,
@@ -628,8 +652,9 @@ fn thinning_merges_dead_records_per_retained_interval() {
             [&[b'd'][..], &l.0.to_be_bytes(), &(p + 1).to_be_bytes()].concat(),
         );
         w.store
-            .scan(&a, &b, &mut |_, _| {
-                n += 1;
+            .scan(&a, &b, &mut |k, _| {
+                // Dead records only (a read checkpoint's key has one more byte).
+                n += usize::from(k.len() == 25);
                 std::ops::ControlFlow::Continue(())
             })
             .unwrap();

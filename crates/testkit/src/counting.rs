@@ -18,6 +18,8 @@ pub struct CountingStore {
     pub gets: AtomicU64,
     /// Scans started (each one a seek).
     pub scans: AtomicU64,
+    /// Entries scans visited (each one a `next`).
+    pub nexts: AtomicU64,
     pub slow: AtomicBool,
     pub scanning: AtomicBool,
 }
@@ -36,12 +38,16 @@ impl CountingStore {
     ) -> Result<(), StoreError> {
         self.scans.fetch_add(1, Ordering::SeqCst);
         if !self.slow.load(Ordering::SeqCst) {
-            return read.scan(from, to, visit);
+            return read.scan(from, to, &mut |k, v| {
+                self.nexts.fetch_add(1, Ordering::Relaxed);
+                visit(k, v)
+            });
         }
         self.scanning.store(true, Ordering::SeqCst);
         let mut n = 0u64;
         let r = read.scan(from, to, &mut |k, v| {
             n += 1;
+            self.nexts.fetch_add(1, Ordering::Relaxed);
             if n.is_multiple_of(64) {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }

@@ -54,7 +54,7 @@ pub trait ModelPool {
 }
 
 macro_rules! model_pool {
-    ($t:ty) => {
+    ($t:ty, $open:expr) => {
         impl ModelPool for $t {
             fn target_size(&self, t: &Target) -> Result<u64, Error> {
                 <$t>::target_size(self, t)
@@ -150,7 +150,7 @@ macro_rules! model_pool {
                 store: Arc<dyn MetaStore>,
                 dev: Arc<dyn DataDevice>,
             ) -> Result<Arc<Self>, Error> {
-                <$t>::open(store, dev)
+                ($open)(store, dev)
             }
             fn start_background(self: &Arc<Self>) {
                 start_background_of(self)
@@ -158,8 +158,16 @@ macro_rules! model_pool {
         }
     };
 }
-model_pool!(Pool1);
-model_pool!(Pool2);
+model_pool!(Pool1, Pool1::open);
+// A read checkpoint every 2 dead records (the pool's default is 16), so that model and
+// power-loss runs read old snapshots both through checkpoints and past the newest one.
+model_pool!(Pool2, |s, d| Pool2::open_with(
+    s,
+    d,
+    &snapblk_core::pool2::OpenOptions {
+        checkpoint_every: 2
+    }
+));
 
 trait Background {
     fn start(self: &Arc<Self>);

@@ -131,8 +131,12 @@ impl Pool2 {
                 for (k, v) in &batch {
                     let pieces = if prefix == keys::K_PAGE {
                         read::decode_page(k, v)?.pieces
-                    } else {
+                    } else if let Some(keys::DeadKey::Dead(..)) = keys::dead_key(k) {
                         read::decode_dead(k, v)?.pieces
+                    } else {
+                        // A read checkpoint owns nothing: its blocks are scrubbed where
+                        // they are owned.
+                        continue;
                     };
                     let l = LineageId(keys::fields::<2>(&k[..17], prefix).map_or(0, |f| f[0]));
                     let page = keys::fields::<2>(&k[..17], prefix).map_or(0, |f| f[1]);

@@ -75,6 +75,22 @@ pub struct Pool2 {
     wake: Arc<(Mutex<bool>, Condvar)>,
 }
 
+/// Engine settings of an open pool. The defaults are what the daemon uses; tests make
+/// read checkpoints frequent so that model and power-loss runs exercise them.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Dead records a page gains between read checkpoints (format2.md §8a); 0: none.
+    pub checkpoint_every: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            checkpoint_every: crate::v2::CHECKPOINT_EVERY,
+        }
+    }
+}
+
 impl Pool2 {
     /// Formats an empty store and a data device as a new format-2 pool; returns its uuid.
     pub fn format(store: &dyn MetaStore, dev: &dyn DataDevice) -> Result<String> {
@@ -124,8 +140,18 @@ impl Pool2 {
     /// scan) and starts the committer. Reclaim runs every 8th group and on `reclaim_all`
     /// until `start_background` adds idle reclaim and a sync every half second.
     pub fn open(store: Arc<dyn MetaStore>, dev: Arc<dyn DataDevice>) -> Result<Arc<Pool2>> {
+        Self::open_with(store, dev, &OpenOptions::default())
+    }
+
+    /// [`Pool2::open`] with engine settings other than the defaults (tests).
+    pub fn open_with(
+        store: Arc<dyn MetaStore>,
+        dev: Arc<dyn DataDevice>,
+        opts: &OpenOptions,
+    ) -> Result<Arc<Pool2>> {
         let sup = Self::check_identity(&*store, &*dev)?;
-        let meta = Meta2::open(Arc::clone(&store), sup.data_blocks)?;
+        let mut meta = Meta2::open(Arc::clone(&store), sup.data_blocks)?;
+        meta.set_checkpoint_every(opts.checkpoint_every);
         let catalog = Catalog::load(&*store, meta.lineages())?;
         let mut alloc = Allocator::new(sup.data_blocks);
         for pba in meta.regions().iter_set() {

@@ -2,7 +2,8 @@
 //! I1 (no owned block twice), disjoint piece lifetimes per block, I2 (garbage only where a
 //! queued job will find it), I4 exactly (allocated ⇔ referenced: a leak is an error), I5,
 //! and the lineage graph (bases exist, holds match the clones that use them, a closed
-//! lineage nothing retains has its destroy queued).
+//! lineage nothing retains has its destroy queued), and every read checkpoint: at a retained
+//! epoch equal to the content its dead records give there, else queued for deletion.
 //!
 //! Cost: one pass over the metadata, plus one get per page with dead records and per
 //! change-index entry. Memory: two bits per data block plus one page's pieces.
@@ -35,6 +36,7 @@ pub struct Report {
     pub lineages: u64,
     pub pages: u64,
     pub dead_records: u64,
+    pub checkpoints: u64,
     pub index_entries: u64,
     pub owned_blocks: u64,
     pub pending_jobs: u64,
@@ -141,6 +143,60 @@ impl Ctx<'_> {
     }
 }
 
+/// A read checkpoint `c(l, p, e)` owns nothing; at a retained `e` it must hold exactly the
+/// content the dead records give there, else a queued job must be about to delete it.
+fn check_checkpoint(
+    c: &mut Ctx,
+    view: &dyn MetaRead,
+    k: &[u8],
+    v: &[u8],
+    (l, p, e): (LineageId, PageNo, Epoch),
+) -> Result<()> {
+    let rec = match read::decode_dead(k, v) {
+        Ok(r) => r,
+        Err(err) => {
+            c.report.err(err.to_string());
+            return Ok(());
+        }
+    };
+    let Some(lin) = c.lineages.get(&l) else {
+        c.report.err(format!(
+            "read checkpoint of lineage {l}, which has no record"
+        ));
+        return Ok(());
+    };
+    if !lin.retained.contains(e) {
+        if !c.covered(l, e) {
+            c.report.err(format!(
+                "lineage {l} page {p}: read checkpoint at {e}, which is not retained and no job will delete"
+            ));
+        }
+        return Ok(());
+    }
+    let want = read::read_page_exact(view, c.lineages, l, Some(e), p)?;
+    let mut got: read::Content = [None; PAGE_BLOCKS as usize];
+    for x in &rec.pieces {
+        if x.birth > e {
+            c.report.err(format!(
+                "lineage {l} page {p}: read checkpoint at {e} holds a piece born at {}",
+                x.birth
+            ));
+        }
+        for i in 0..x.len as usize {
+            got[x.off as usize + i] = Some(read::Block {
+                pba: x.pba + i as u64,
+                crc: x.crcs[i],
+            });
+        }
+    }
+    if got != want {
+        c.report.err(format!(
+            "lineage {l} page {p}: read checkpoint at {e} differs from the content there"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks the format-2 metadata seen by `view` for a data device of `data_blocks` blocks.
 pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
     let st = load(view, data_blocks)?;
@@ -229,13 +285,20 @@ pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
         Ok(())
     };
     try_scan(view, &a, &b, |k, v| {
-        c.report.dead_records += 1;
-        let Some([l, p, d]) = keys::fields::<3>(k, keys::K_DEAD) else {
-            c.report
-                .err(format!("malformed dead-record key {}", read::hex(k)));
-            return Ok(ControlFlow::Continue(()));
+        let (l, p, d) = match keys::dead_key(k) {
+            Some(keys::DeadKey::Dead(l, p, d)) => (l, p, d),
+            Some(keys::DeadKey::Checkpoint(l, p, e)) => {
+                c.report.checkpoints += 1;
+                check_checkpoint(&mut c, view, k, v, (l, p, e))?;
+                return Ok(ControlFlow::Continue(()));
+            }
+            None => {
+                c.report
+                    .err(format!("malformed dead-record key {}", read::hex(k)));
+                return Ok(ControlFlow::Continue(()));
+            }
         };
-        let (l, p, d) = (LineageId(l), PageNo(p), Epoch(d));
+        c.report.dead_records += 1;
         if current != Some((l, p)) {
             flush(&mut c, current, &mut dead)?;
             current = Some((l, p));

@@ -52,7 +52,9 @@ pub(super) struct Cached<T> {
 #[derive(Debug, Default)]
 pub struct Group {
     pages: HashMap<(LineageId, PageNo), Cached<Page>>,
-    deads: HashMap<(LineageId, PageNo, Epoch), Cached<DeadRecord>>,
+    deads: BTreeMap<(LineageId, PageNo, Epoch), Cached<DeadRecord>>,
+    /// Read checkpoints written (`Some`) or deleted (`None`) by this group.
+    checkpoints: BTreeMap<(LineageId, PageNo, Epoch), Option<DeadRecord>>,
     index: BTreeMap<(LineageId, Epoch, PageNo), Option<u8>>,
     lineages: BTreeSet<LineageId>,
     counters: BTreeSet<LineageId>,
@@ -94,6 +96,10 @@ impl Group {
         self.index.contains_key(&(l, w, p))
     }
     /// Whether this group's view of `d(l, p, w)` holds pieces (only for records it loaded).
+    /// Deletes read checkpoint `c(l, p, e)` in this group's batch.
+    pub(super) fn delete_checkpoint(&mut self, l: LineageId, p: PageNo, e: Epoch) {
+        self.checkpoints.insert((l, p, e), None);
+    }
     pub(super) fn has_dead(&self, l: LineageId, p: PageNo, w: Epoch) -> bool {
         self.deads
             .get(&(l, p, w))
@@ -118,8 +124,13 @@ struct NextIds {
     job: u64,
 }
 
+/// A page gets a read checkpoint every this many dead records (format2.md §8a): a read of
+/// an old snapshot scans at most about this many records of a page.
+pub const CHECKPOINT_EVERY: u64 = 16;
+
 pub struct Meta2 {
     pub(super) store: Arc<dyn MetaStore>,
+    checkpoint_every: u64,
     pub(super) lineages: BTreeMap<LineageId, Lineage>,
     pub(super) regions: Regions,
     pub(super) jobs: VecDeque<Job>,
@@ -234,12 +245,19 @@ impl Meta2 {
         let st = load(&*store, data_blocks)?;
         Ok(Meta2 {
             store,
+            checkpoint_every: CHECKPOINT_EVERY,
             lineages: st.lineages,
             regions: st.regions,
             jobs: st.jobs,
             next: st.next,
             failed: None,
         })
+    }
+
+    /// Sets how many dead records a page gains between read checkpoints (0: none). Tests
+    /// use small values; the pool uses [`CHECKPOINT_EVERY`].
+    pub fn set_checkpoint_every(&mut self, n: u64) {
+        self.checkpoint_every = n;
     }
 
     pub fn store(&self) -> &Arc<dyn MetaStore> {
@@ -316,8 +334,8 @@ impl Meta2 {
         death: Epoch,
     ) -> Result<&'g mut Cached<DeadRecord>> {
         match g.deads.entry((l, p, death)) {
-            Entry::Occupied(o) => Ok(o.into_mut()),
-            Entry::Vacant(slot) => {
+            btree_map::Entry::Occupied(o) => Ok(o.into_mut()),
+            btree_map::Entry::Vacant(slot) => {
                 let key = keys::dead(l, p, death);
                 let value = match self.store.get(&key)? {
                     Some(v) => Some(read::decode_dead(&key, &v)?),
@@ -573,6 +591,7 @@ impl Meta2 {
                     }
                     Page {
                         x_epoch: Epoch::ZERO,
+                        dead_run: 0,
                         pieces,
                     }
                 }
@@ -597,6 +616,9 @@ impl Meta2 {
         for x in removed {
             if lin.retained.max().is_some_and(|m| m >= x.birth) {
                 let d = self.dead_mut(g, lin.id, p, w)?;
+                if d.value.as_ref().is_none_or(|r| r.pieces.is_empty()) {
+                    page.dead_run = page.dead_run.saturating_add(1);
+                }
                 let rec = d.value.get_or_insert_with(DeadRecord::default);
                 page::insert(&mut rec.pieces, x).map_err(|e| {
                     corrupt(format!(
@@ -633,11 +655,62 @@ impl Meta2 {
             }
             page.x_epoch = w;
         }
+        if self.checkpoint_every > 0 && page.dead_run >= self.checkpoint_every {
+            if let Some(e) = lin.retained.max() {
+                let pieces = self.pieces_at(g, lin.id, p, &page.pieces, e)?;
+                g.checkpoints
+                    .insert((lin.id, p, e), Some(DeadRecord { pieces }));
+                page.dead_run = 0;
+            }
+        }
         let keep = !page.pieces.is_empty() || lin.base.is_some();
         let c = self.page_mut(g, lin.id, p)?;
         c.value = keep.then_some(page);
         c.dirty |= changed;
         Ok(())
+    }
+
+    /// The pieces of page `p` of `l` at epoch `e`, through this group's cache, given the
+    /// page's current live pieces: those born ≤ e, and the dead ones born ≤ e with death
+    /// > e (I3). Used for read checkpoints at e = max R, where few records lie above e.
+    fn pieces_at(
+        &self,
+        g: &Group,
+        l: LineageId,
+        p: PageNo,
+        live: &[Piece],
+        e: Epoch,
+    ) -> Result<Vec<Piece>> {
+        let mut out: Vec<Piece> = Vec::new();
+        let add = |out: &mut Vec<Piece>, x: &Piece| {
+            page::insert(out, x.clone()).map_err(|why| {
+                corrupt(format!(
+                    "read checkpoint of lineage {l} page {p} at {e}: {why}"
+                ))
+            })
+        };
+        for x in live.iter().filter(|x| x.birth <= e) {
+            add(&mut out, x)?;
+        }
+        let mut stored = Vec::new();
+        let (a, b) = keys::deads_from(l, p, e.next());
+        try_scan(&*self.store, &a, &b, |k, v| {
+            if let Some(keys::DeadKey::Dead(_, _, d)) = keys::dead_key(k) {
+                if !g.deads.contains_key(&(l, p, d)) {
+                    stored.extend(read::decode_dead(k, v)?.pieces);
+                }
+            }
+            Ok::<_, Error>(ControlFlow::Continue(()))
+        })?;
+        let cached = g
+            .deads
+            .range((l, p, e.next())..=(l, p, Epoch(u64::MAX)))
+            .filter_map(|(_, c)| c.value.as_ref())
+            .flat_map(|r| r.pieces.iter());
+        for x in stored.iter().chain(cached).filter(|x| x.birth <= e) {
+            add(&mut out, x)?;
+        }
+        Ok(out)
     }
 
     // ---- commit ----
@@ -664,6 +737,12 @@ impl Meta2 {
                     }
                     _ => b.delete(keys::dead(*l, *p, *d)),
                 }
+            }
+        }
+        for ((l, p, e), c) in &g.checkpoints {
+            match c {
+                Some(rec) => b.put(keys::checkpoint(*l, *p, *e), rec.encode()),
+                None => b.delete(keys::checkpoint(*l, *p, *e)),
             }
         }
         for ((l, w, p), f) in &g.index {

@@ -198,9 +198,29 @@ impl Meta2 {
         let mut deaths = Vec::new();
         let (a, b) = (keys::dead(l, p, lo), keys::dead(l, p, hi.next()));
         try_scan(&**self.store(), &a, &b, |k, _| {
-            let [_, _, d] = keys::fields::<3>(k, keys::K_DEAD)
-                .ok_or_else(|| corrupt(format!("dead key {}", read::hex(k))))?;
-            deaths.push(Epoch(d));
+            match keys::dead_key(k) {
+                Some(keys::DeadKey::Dead(_, _, d)) => deaths.push(d),
+                // Records may move across e below: its checkpoint goes in the same batch
+                // unless e is retained, which nothing moves across (read.rs).
+                Some(keys::DeadKey::Checkpoint(_, _, e)) => {
+                    if !r.contains(e) {
+                        g.delete_checkpoint(l, p, e);
+                    }
+                }
+                None => return Err(corrupt(format!("dead key {}", read::hex(k)))),
+            }
+            Ok::<_, Error>(ControlFlow::Continue(()))
+        })?;
+        // Checkpoints below every retained epoch are read by no one, and the change-index
+        // entries that would lead their own jobs here may be deleted by this step (entries
+        // at or below min R go): delete them now. Records there are garbage awaiting jobs,
+        // so this scan is short.
+        let floor = r.min().map_or(lo, |m| m.min(lo));
+        let (a, b) = (keys::dead(l, p, Epoch::ZERO), keys::dead(l, p, floor));
+        try_scan(&**self.store(), &a, &b, |k, _| {
+            if let Some(keys::DeadKey::Checkpoint(_, _, e)) = keys::dead_key(k) {
+                g.delete_checkpoint(l, p, e);
+            }
             Ok::<_, Error>(ControlFlow::Continue(()))
         })?;
         let mut merged: BTreeMap<Epoch, Vec<Piece>> = BTreeMap::new();
@@ -285,11 +305,16 @@ impl Meta2 {
                 let pieces = if k[0] == keys::K_PAGE {
                     read::decode_page(&k, &v)?.pieces
                 } else {
-                    // Its index entry goes in the same batch, so I5 holds between steps.
-                    let [_, p, d] = keys::fields::<3>(&k, keys::K_DEAD)
-                        .ok_or_else(|| corrupt(format!("dead key {}", read::hex(&k))))?;
-                    g.extra(BatchOp::Delete(keys::index(l, Epoch(d), PageNo(p))));
-                    read::decode_dead(&k, &v)?.pieces
+                    match keys::dead_key(&k) {
+                        Some(keys::DeadKey::Dead(_, p, d)) => {
+                            // Its index entry goes in the same batch, so I5 holds between steps.
+                            g.extra(BatchOp::Delete(keys::index(l, d, p)));
+                            read::decode_dead(&k, &v)?.pieces
+                        }
+                        // A read checkpoint owns nothing.
+                        Some(keys::DeadKey::Checkpoint(..)) => Vec::new(),
+                        None => return Err(corrupt(format!("dead key {}", read::hex(&k)))),
+                    }
                 };
                 for x in &pieces {
                     self.free_piece(g, x)?;
@@ -346,8 +371,10 @@ pub fn exclusive_blocks<S: crate::meta::MetaRead + ?Sized>(
             try_scan(view, &a, &b, |k, v| {
                 let pieces = if k[0] == keys::K_PAGE {
                     read::decode_page(k, v)?.pieces
-                } else {
+                } else if let Some(keys::DeadKey::Dead(..)) = keys::dead_key(k) {
                     read::decode_dead(k, v)?.pieces
+                } else {
+                    Vec::new()
                 };
                 n += own(&pieces, &|_| false);
                 Ok::<_, Error>(ControlFlow::Continue(()))
@@ -372,10 +399,13 @@ pub fn exclusive_blocks<S: crate::meta::MetaRead + ?Sized>(
     for p in pages {
         let (a, b) = (keys::dead(l, p, lo), keys::dead(l, p, hi.next()));
         try_scan(view, &a, &b, |k, v| {
-            let [_, _, d] = keys::fields::<3>(k, keys::K_DEAD)
-                .ok_or_else(|| corrupt(format!("dead key {}", read::hex(k))))?;
+            let d = match keys::dead_key(k) {
+                Some(keys::DeadKey::Dead(_, _, d)) => d,
+                Some(keys::DeadKey::Checkpoint(..)) => return Ok(ControlFlow::Continue(())),
+                None => return Err(corrupt(format!("dead key {}", read::hex(k)))),
+            };
             let rec = read::decode_dead(k, v)?;
-            n += own(&rec.pieces, &|x| r.any_in(x.birth, Epoch(d)));
+            n += own(&rec.pieces, &|x| r.any_in(x.birth, d));
             Ok::<_, Error>(ControlFlow::Continue(()))
         })?;
         if let Some(ec) = lin.closed {

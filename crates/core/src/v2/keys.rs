@@ -12,6 +12,10 @@ pub const K_INDEX: u8 = b'x';
 pub const K_REGION: u8 = b'r';
 pub const K_JOB: u8 = b'q';
 pub const K_COUNTER: u8 = b'k';
+/// Suffix of a read checkpoint's key: `dead(L, page, E) + 'c'` sorts after the dead record
+/// of E and before that of E + 1, so one ordered scan of a page's dead records meets the
+/// checkpoints among them (format2.md §8a).
+pub const CHECKPOINT_SUFFIX: u8 = b'c';
 
 fn key(prefix: u8, fields: &[u64]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + 8 * fields.len());
@@ -61,6 +65,42 @@ pub fn all_index(l: LineageId) -> (Vec<u8>, Vec<u8>) {
 }
 pub fn dead(l: LineageId, p: PageNo, death: Epoch) -> Vec<u8> {
     key(K_DEAD, &[l.0, p.0, death.0])
+}
+/// The read checkpoint of page `p` of `l` at retained epoch `e`: its content at `e`.
+pub fn checkpoint(l: LineageId, p: PageNo, e: Epoch) -> Vec<u8> {
+    let mut k = dead(l, p, e);
+    k.push(CHECKPOINT_SUFFIX);
+    k
+}
+
+/// What a key in the dead-record range is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadKey {
+    /// `d(L, page, death)`.
+    Dead(LineageId, PageNo, Epoch),
+    /// `c(L, page, E)`.
+    Checkpoint(LineageId, PageNo, Epoch),
+}
+
+/// Parses a key of the dead-record range (`None`: malformed).
+pub fn dead_key(k: &[u8]) -> Option<DeadKey> {
+    let (body, ckpt) = match k.split_last() {
+        Some((&CHECKPOINT_SUFFIX, body)) if k.len() == 26 => (body, true),
+        _ => (k, false),
+    };
+    let [l, p, e] = fields::<3>(body, K_DEAD)?;
+    let (l, p, e) = (LineageId(l), PageNo(p), Epoch(e));
+    Some(if ckpt {
+        DeadKey::Checkpoint(l, p, e)
+    } else {
+        DeadKey::Dead(l, p, e)
+    })
+}
+
+/// Dead records and checkpoints of page `p` from the checkpoint at `e` on: what a read of
+/// epoch `e` needs, in the order it needs it.
+pub fn reads_from(l: LineageId, p: PageNo, e: Epoch) -> (Vec<u8>, Vec<u8>) {
+    (checkpoint(l, p, e), end_key(K_DEAD, l.0, p.0))
 }
 /// Dead records of page `p` with death ≥ `from`.
 pub fn deads_from(l: LineageId, p: PageNo, from: Epoch) -> (Vec<u8>, Vec<u8>) {
@@ -134,5 +174,20 @@ mod tests {
             fields::<3>(&dead(l, PageNo(3), Epoch(9)), K_DEAD),
             Some([5, 3, 9])
         );
+        // A checkpoint sorts between the dead records of its epoch and the next one.
+        let c = checkpoint(l, PageNo(3), Epoch(9));
+        assert!(dead(l, PageNo(3), Epoch(9)) < c && c < dead(l, PageNo(3), Epoch(10)));
+        assert_eq!(
+            dead_key(&c),
+            Some(DeadKey::Checkpoint(l, PageNo(3), Epoch(9)))
+        );
+        assert_eq!(
+            dead_key(&dead(l, PageNo(3), Epoch(9))),
+            Some(DeadKey::Dead(l, PageNo(3), Epoch(9)))
+        );
+        assert_eq!(dead_key(&c[..24]), None);
+        let (a, b) = reads_from(l, PageNo(3), Epoch(9));
+        assert!(a == c && dead(l, PageNo(3), Epoch(9)) < a && dead(l, PageNo(3), Epoch(10)) < b);
+        assert!(dead(l, PageNo(4), Epoch(0)) >= b);
     }
 }

@@ -31,7 +31,7 @@ pub mod region;
 pub mod retained;
 mod varint;
 
-pub use engine::{Edit, Group, Meta2};
+pub use engine::{Edit, Group, Meta2, CHECKPOINT_EVERY};
 pub use ids::{Epoch, LineageId, PageNo};
 pub use piece::{Piece, PieceFlags};
 

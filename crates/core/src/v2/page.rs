@@ -1,14 +1,16 @@
 //! Sorted, disjoint piece lists — a live page or a dead record — and their encodings.
 //!
-//! `page: u8 version | varint x_epoch | varint n | n × piece`;
-//! `dead: u8 version | varint n | n × piece` (format2.md §2). Decoders check order,
-//! overlap and counts before trusting them.
+//! `page: u8 version=2 | varint x_epoch | varint dead_run | varint n | n × piece` (version 1
+//! has no `dead_run`); `dead` and read checkpoints: `u8 version=1 | varint n | n × piece`
+//! (format2.md §2). Decoders check order, overlap and counts before trusting them.
 
 use super::ids::Epoch;
 use super::piece::Piece;
 use super::{varint, PAGE_BLOCKS};
 
 const VERSION: u8 = 1;
+/// Live pages since read checkpoints (format2.md §8a) carry `dead_run`.
+const PAGE_VERSION: u8 = 2;
 
 /// Removes page offsets `[from, to)` from `list`; returns the removed parts in order.
 pub fn cut(list: &mut Vec<Piece>, from: u64, to: u64) -> Vec<Piece> {
@@ -92,26 +94,38 @@ fn decode_list(buf: &mut &[u8]) -> Result<Vec<Piece>, String> {
 pub struct Page {
     /// The newest epoch whose change-index entry `x(L, epoch, page)` exists.
     pub x_epoch: Epoch,
+    /// Dead records this page gained since its last read checkpoint (format2.md §8a).
+    pub dead_run: u64,
     pub pieces: Vec<Piece>,
 }
 
 impl Page {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + self.pieces.len() * 20);
-        out.push(VERSION);
+        out.push(PAGE_VERSION);
         varint::put(&mut out, self.x_epoch.0);
+        varint::put(&mut out, self.dead_run);
         encode_list(&mut out, &self.pieces);
         out
     }
     pub fn decode(mut buf: &[u8]) -> Result<Page, String> {
         let (&v, rest) = buf.split_first().ok_or("empty page value")?;
-        if v != VERSION {
+        if v != VERSION && v != PAGE_VERSION {
             return Err(format!("page version {v}"));
         }
         buf = rest;
         let x_epoch = Epoch(varint::take(&mut buf).ok_or("x epoch truncated")?);
+        let dead_run = if v == PAGE_VERSION {
+            varint::take(&mut buf).ok_or("dead run truncated")?
+        } else {
+            0
+        };
         let pieces = decode_list(&mut buf)?;
-        Ok(Page { x_epoch, pieces })
+        Ok(Page {
+            x_epoch,
+            dead_run,
+            pieces,
+        })
     }
 }
 
@@ -175,9 +189,19 @@ mod tests {
     fn encodings_round_trip() {
         let p = Page {
             x_epoch: Epoch(7),
+            dead_run: 3,
             pieces: vec![piece(0, 3, 1 << 40, 300), piece(3, 61, 5, 1)],
         };
         assert_eq!(Page::decode(&p.encode()).unwrap(), p);
+        // Version 1 (before read checkpoints) still decodes, with no dead run.
+        let mut v1 = vec![1u8];
+        varint::put(&mut v1, 7);
+        encode_list(&mut v1, &p.pieces);
+        let old = Page::decode(&v1).unwrap();
+        assert_eq!(
+            (old.x_epoch, old.dead_run, &old.pieces),
+            (p.x_epoch, 0, &p.pieces)
+        );
         let d = DeadRecord {
             pieces: vec![piece(60, 4, 9, 2)],
         };

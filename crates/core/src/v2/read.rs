@@ -4,6 +4,14 @@
 //! either still in the live page when it is read, or was moved to a dead record before, and
 //! dead pieces e needs are not removed while e is retained. A piece moved between the two
 //! reads is seen twice with the same blocks; slots make that harmless.
+//!
+//! Read checkpoints (format2.md §8a): the scan of a page's dead records from epoch e on stops
+//! at the first checkpoint `c(L, page, E)`, E ≥ e, which holds the content at E; the content at
+//! e is its pieces born ≤ e plus those of the dead records with death in (e, E] — all met
+//! before it in one ordered scan, so one store iterator (one implicit store snapshot) sees
+//! both as one state. A job that moves dead records across an epoch deletes the checkpoint
+//! there in the same batch if that epoch is no longer retained; records never move across a
+//! retained one. So the checkpoint a scan meets and the records before it always agree.
 
 use std::ops::ControlFlow;
 
@@ -65,9 +73,32 @@ fn fill(slots: &mut Content, p: &Piece, key: &[u8]) -> Result<()> {
 pub fn read_page<S: MetaRead + ?Sized>(
     store: &S,
     bases: &dyn Bases,
+    l: LineageId,
+    at: Option<Epoch>,
+    p: PageNo,
+) -> Result<Content> {
+    read_page_with(store, bases, l, at, p, true)
+}
+
+/// [`read_page`] from the dead records alone, ignoring read checkpoints: what `check`
+/// compares each checkpoint with.
+pub fn read_page_exact<S: MetaRead + ?Sized>(
+    store: &S,
+    bases: &dyn Bases,
+    l: LineageId,
+    at: Option<Epoch>,
+    p: PageNo,
+) -> Result<Content> {
+    read_page_with(store, bases, l, at, p, false)
+}
+
+fn read_page_with<S: MetaRead + ?Sized>(
+    store: &S,
+    bases: &dyn Bases,
     mut l: LineageId,
     mut at: Option<Epoch>,
     p: PageNo,
+    checkpoints: bool,
 ) -> Result<Content> {
     let mut slots: Content = [None; PAGE_BLOCKS as usize];
     // Bounded: each step moves to an older lineage, and lineage ids only grow.
@@ -95,13 +126,26 @@ pub fn read_page<S: MetaRead + ?Sized>(
             }
         }
         if let Some(e) = at {
-            let (from, to) = keys::deads_from(l, p, e.next());
+            // From c(e) on: the checkpoint at e itself if any, then d(e+1), c(e+1), ...
+            let (from, to) = keys::reads_from(l, p, e);
             try_scan(store, &from, &to, |k, v| {
+                let is_checkpoint = match keys::dead_key(k) {
+                    Some(keys::DeadKey::Checkpoint(..)) => true,
+                    Some(keys::DeadKey::Dead(..)) => false,
+                    None => return Err(Error::Corrupt(format!("dead-record key {}", hex(k)))),
+                };
+                if is_checkpoint && !checkpoints {
+                    return Ok(ControlFlow::Continue(()));
+                }
                 let rec = decode_dead(k, v)?;
                 for piece in rec.pieces.iter().filter(|x| x.birth <= e) {
                     fill(&mut slots, piece, k)?;
                 }
-                Ok::<_, Error>(ControlFlow::Continue(()))
+                Ok::<_, Error>(if is_checkpoint {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                })
             })?;
         }
         return Ok(slots);
