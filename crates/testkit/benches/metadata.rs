@@ -1,7 +1,9 @@
 //! Metadata cost per request on the real store (RocksDB) with no data I/O: the mapping
-//! lookup of a 4 KiB read, and the commit of a write of 1 block versus 8 blocks in one
-//! batch (per block). Commits hold the tree lock for writing, so their cost bounds write
-//! IOPS across all queues; the 1-vs-8 ratio is what grouping commits could gain.
+//! lookup of a 4 KiB read of the volume, and — after 200 snapshots with ~1% random churn
+//! before each, the volume never rewritten — of the volume again, of its oldest snapshot
+//! (one page get plus a scan of dead records up to the first read checkpoint) and of a
+//! clone of it; then the commit of a write of 1 block versus 8 blocks in one group (per
+//! block).
 //! `cargo bench -p snapblk-testkit --bench metadata`; results in docs/benchmarks.md.
 
 use std::sync::Arc;
@@ -43,6 +45,26 @@ fn bench(c: &mut Criterion) {
     g.bench_function("read_lookup_4k", |b| {
         b.iter(|| drop(d.plan_read(next() * 4096, 4096).expect("plan")))
     });
+    let churn = vec![9u8; 4096];
+    for s in 0..200 {
+        pool.create_snapshot("v", &format!("s{s}"))
+            .expect("snapshot");
+        for _ in 0..BLOCKS / 100 {
+            h.write(next() * 4096, &churn, false).expect("churn");
+        }
+    }
+    pool.clone_snapshot("v", "s0", "c").expect("clone");
+    for (name, target) in [
+        ("live", "v"),
+        ("oldest_snapshot", "v@s0"),
+        ("clone_of_oldest", "c"),
+    ] {
+        let t = VolumeHandle::open(&pool, target).expect("handle");
+        let td = t.direct().expect("direct I/O");
+        g.bench_function(format!("read_lookup_4k_200_snapshots_{name}"), |b| {
+            b.iter(|| drop(td.plan_read(next() * 4096, 4096).expect("plan")))
+        });
+    }
     let mut commits = 0u64;
     for blocks in [1usize, 8] {
         let data = vec![7u8; blocks * 4096];

@@ -5,7 +5,7 @@
 //! (format2.md §2). Decoders check order, overlap and counts before trusting them.
 
 use super::ids::Epoch;
-use super::piece::Piece;
+use super::piece::{Piece, PieceView};
 use super::{varint, PAGE_BLOCKS};
 
 const VERSION: u8 = 1;
@@ -69,24 +69,31 @@ fn encode_list(out: &mut Vec<u8>, list: &[Piece]) {
 }
 
 fn decode_list(buf: &mut &[u8]) -> Result<Vec<Piece>, String> {
+    let mut list: Vec<Piece> = Vec::new();
+    visit_list(buf, |p| list.push(p.to_piece()))?;
+    Ok(list)
+}
+
+/// Decodes a piece list, handing each piece to `f` in order without allocating; checks the
+/// count, order, overlap and trailing bytes (an error may come after some pieces were seen).
+fn visit_list<'a>(buf: &mut &'a [u8], mut f: impl FnMut(&PieceView<'a>)) -> Result<(), String> {
     let n = varint::take(buf).ok_or("piece count truncated")?;
     if n > PAGE_BLOCKS {
         return Err(format!("{n} pieces in one page"));
     }
-    let mut list: Vec<Piece> = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let p = Piece::decode(buf)?;
-        if let Some(prev) = list.last() {
-            if prev.end() > p.start() {
-                return Err("pieces out of order or overlapping".into());
-            }
+    let mut prev_end = 0u64;
+    for i in 0..n {
+        let p = PieceView::decode(buf)?;
+        if i > 0 && prev_end > p.start() {
+            return Err("pieces out of order or overlapping".into());
         }
-        list.push(p);
+        prev_end = p.end();
+        f(&p);
     }
     if !buf.is_empty() {
         return Err("trailing bytes".into());
     }
-    Ok(list)
+    Ok(())
 }
 
 /// The live page of a lineage: its current content in 64 blocks.
@@ -109,23 +116,32 @@ impl Page {
         out
     }
     pub fn decode(mut buf: &[u8]) -> Result<Page, String> {
-        let (&v, rest) = buf.split_first().ok_or("empty page value")?;
-        if v != VERSION && v != PAGE_VERSION {
-            return Err(format!("page version {v}"));
-        }
-        buf = rest;
-        let x_epoch = Epoch(varint::take(&mut buf).ok_or("x epoch truncated")?);
-        let dead_run = if v == PAGE_VERSION {
-            varint::take(&mut buf).ok_or("dead run truncated")?
-        } else {
-            0
-        };
+        let (x_epoch, dead_run) = Self::header(&mut buf)?;
         let pieces = decode_list(&mut buf)?;
         Ok(Page {
             x_epoch,
             dead_run,
             pieces,
         })
+    }
+    /// The pieces of an encoded page, without decoding the rest (reads).
+    pub fn visit<'a>(mut buf: &'a [u8], f: impl FnMut(&PieceView<'a>)) -> Result<(), String> {
+        Self::header(&mut buf)?;
+        visit_list(&mut buf, f)
+    }
+    fn header(buf: &mut &[u8]) -> Result<(Epoch, u64), String> {
+        let (&v, rest) = buf.split_first().ok_or("empty page value")?;
+        if v != VERSION && v != PAGE_VERSION {
+            return Err(format!("page version {v}"));
+        }
+        *buf = rest;
+        let x_epoch = Epoch(varint::take(buf).ok_or("x epoch truncated")?);
+        let dead_run = if v == PAGE_VERSION {
+            varint::take(buf).ok_or("dead run truncated")?
+        } else {
+            0
+        };
+        Ok((x_epoch, dead_run))
     }
 }
 
@@ -143,14 +159,23 @@ impl DeadRecord {
         out
     }
     pub fn decode(mut buf: &[u8]) -> Result<DeadRecord, String> {
+        Self::header(&mut buf)?;
+        Ok(DeadRecord {
+            pieces: decode_list(&mut buf)?,
+        })
+    }
+    /// The pieces of an encoded dead record or read checkpoint, without allocating (reads).
+    pub fn visit<'a>(mut buf: &'a [u8], f: impl FnMut(&PieceView<'a>)) -> Result<(), String> {
+        Self::header(&mut buf)?;
+        visit_list(&mut buf, f)
+    }
+    fn header(buf: &mut &[u8]) -> Result<(), String> {
         let (&v, rest) = buf.split_first().ok_or("empty dead record")?;
         if v != VERSION {
             return Err(format!("dead record version {v}"));
         }
-        buf = rest;
-        Ok(DeadRecord {
-            pieces: decode_list(&mut buf)?,
-        })
+        *buf = rest;
+        Ok(())
     }
 }
 

@@ -86,6 +86,46 @@ impl Piece {
 
     /// Decodes one piece from the front of `buf`, or says what is wrong with it.
     pub fn decode(buf: &mut &[u8]) -> Result<Piece, &'static str> {
+        PieceView::decode(buf).map(|v| v.to_piece())
+    }
+}
+
+/// A decoded piece whose checksums stay in the encoded buffer: reads visit pieces this way
+/// without allocating (format2.md §2 encoding; the same checks as [`Piece::decode`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PieceView<'a> {
+    pub off: u8,
+    pub len: u8,
+    pub pba: u64,
+    pub birth: Epoch,
+    pub flags: PieceFlags,
+    crcs: &'a [u8],
+}
+
+impl<'a> PieceView<'a> {
+    pub fn start(&self) -> u64 {
+        u64::from(self.off)
+    }
+    pub fn end(&self) -> u64 {
+        u64::from(self.off) + u64::from(self.len)
+    }
+    /// The checksum of block `i` of the piece (`i < len`).
+    pub fn crc(&self, i: usize) -> u32 {
+        let c = &self.crcs[4 * i..4 * i + 4];
+        u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+    }
+    pub fn to_piece(&self) -> Piece {
+        Piece {
+            off: self.off,
+            len: self.len,
+            pba: self.pba,
+            birth: self.birth,
+            flags: self.flags,
+            crcs: (0..usize::from(self.len)).map(|i| self.crc(i)).collect(),
+        }
+    }
+
+    pub fn decode(buf: &mut &'a [u8]) -> Result<PieceView<'a>, &'static str> {
         if buf.len() < 9 {
             return Err("piece header truncated");
         }
@@ -106,16 +146,13 @@ impl Piece {
         if flags.is_base() != (birth == Epoch::ZERO) {
             return Err("piece birth and BASE flag disagree");
         }
-        let n = usize::from(len);
-        if buf.len() < 4 * n {
+        let n = 4 * usize::from(len);
+        if buf.len() < n {
             return Err("piece checksums truncated");
         }
-        let crcs = buf[..4 * n]
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        *buf = &buf[4 * n..];
-        Ok(Piece {
+        let (crcs, rest) = buf.split_at(n);
+        *buf = rest;
+        Ok(PieceView {
             off,
             len: len as u8,
             pba: u64::from_le_bytes(pba),

@@ -18,7 +18,7 @@ use std::ops::ControlFlow;
 use super::ids::{Epoch, LineageId, PageNo};
 use super::keys;
 use super::page::{DeadRecord, Page};
-use super::piece::{Piece, PieceFlags};
+use super::piece::{Piece, PieceFlags, PieceView};
 use super::PAGE_BLOCKS;
 use crate::error::{Error, Result};
 use crate::meta::{try_scan, MetaRead};
@@ -48,25 +48,48 @@ pub fn hex(k: &[u8]) -> String {
     k.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn fill(slots: &mut Content, p: &Piece, key: &[u8]) -> Result<()> {
-    for i in 0..p.len as usize {
-        let b = Block {
-            pba: p.pba + i as u64,
-            crc: p.crcs[i],
-        };
-        let s = &mut slots[p.off as usize + i];
-        match s {
-            Some(old) if *old != b => {
-                return Err(Error::Corrupt(format!(
-                    "two pieces disagree about block {} of page key {}",
-                    p.off as usize + i,
-                    hex(key)
-                )))
-            }
-            _ => *s = Some(b),
+/// Adds the pieces of one encoded record (`page`: a live page, else a dead record or
+/// checkpoint) born at or before `at` to `slots`, without allocating.
+fn fill_from(
+    slots: &mut Content,
+    key: &[u8],
+    v: &[u8],
+    page: bool,
+    at: Option<Epoch>,
+) -> Result<()> {
+    let mut clash = None;
+    let visit = |p: &PieceView<'_>| {
+        if at.is_some_and(|e| p.birth > e) {
+            return;
         }
+        for i in 0..usize::from(p.len) {
+            let b = Block {
+                pba: p.pba + i as u64,
+                crc: p.crc(i),
+            };
+            let s = &mut slots[usize::from(p.off) + i];
+            match s {
+                Some(old) if *old != b => {
+                    clash.get_or_insert(usize::from(p.off) + i);
+                }
+                _ => *s = Some(b),
+            }
+        }
+    };
+    let decoded = if page {
+        Page::visit(v, visit)
+    } else {
+        DeadRecord::visit(v, visit)
+    };
+    let what = if page { "page" } else { "dead record" };
+    decoded.map_err(|e| Error::Corrupt(format!("{what} key {}: {e}", hex(key))))?;
+    match clash {
+        Some(i) => Err(Error::Corrupt(format!(
+            "two pieces disagree about block {i} of page key {}",
+            hex(key)
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The content of page `p` of lineage `l` at epoch `at` (`None`: the live content).
@@ -104,10 +127,7 @@ fn read_page_with<S: MetaRead + ?Sized>(
     // Bounded: each step moves to an older lineage, and lineage ids only grow.
     loop {
         let key = keys::page(l, p);
-        let page = match store.get(&key)? {
-            Some(v) => Some(decode_page(&key, &v)?),
-            None => None,
-        };
+        let page = store.get(&key)?;
         if page.is_none() {
             if let Some((lb, eb)) = bases.base(l)? {
                 if lb >= l {
@@ -120,10 +140,8 @@ fn read_page_with<S: MetaRead + ?Sized>(
                 continue;
             }
         }
-        for piece in page.iter().flat_map(|pg| &pg.pieces) {
-            if at.is_none_or(|e| piece.birth <= e) {
-                fill(&mut slots, piece, &key)?;
-            }
+        if let Some(v) = &page {
+            fill_from(&mut slots, &key, v, true, at)?;
         }
         if let Some(e) = at {
             // From c(e) on: the checkpoint at e itself if any, then d(e+1), c(e+1), ...
@@ -137,10 +155,7 @@ fn read_page_with<S: MetaRead + ?Sized>(
                 if is_checkpoint && !checkpoints {
                     return Ok(ControlFlow::Continue(()));
                 }
-                let rec = decode_dead(k, v)?;
-                for piece in rec.pieces.iter().filter(|x| x.birth <= e) {
-                    fill(&mut slots, piece, k)?;
-                }
+                fill_from(&mut slots, k, v, false, Some(e))?;
                 Ok::<_, Error>(if is_checkpoint {
                     ControlFlow::Break(())
                 } else {
