@@ -13,7 +13,7 @@ export RUSTC_BOOTSTRAP=1
 export LSAN_OPTIONS=suppressions=$PWD/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz not found (run scripts/setup.sh)" >&2; exit 2; }
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(nbd control repo_objects metadata)
+[ ${#targets[@]} -gt 0 ] || targets=(nbd control repo_objects metadata calendar)
 cargo fuzz build --fuzz-dir fuzz 2>&1 | tail -1
 work=$(mktemp -d /tmp/snapblk-fuzz.XXXXXX)
 trap 'rm -rf "$work"' EXIT
