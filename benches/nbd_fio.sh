@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# fio (nbd engine) against snapblk and peers in one run: nbdkit's file plugin on a raw file,
+# fio (nbd engine) against snapblk and peers in one run: the data file system itself (fio's
+# io_uring engine with O_DIRECT, no NBD: what snapblk's data device can do at best),
+# nbdkit's file plugin on a raw file (it reads through the page cache),
 # qemu-nbd on a qcow2 image with an internal snapshot, snapblk on a fresh volume and on a
 # volume with 10 snapshots fully overwritten after the last one. Prints IOPS / MB/s and
 # ratios, then snapshot-create latency with 1 GiB and 20 GiB written.
@@ -22,12 +24,17 @@ wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done;
 
 JOBS=("randwrite 4k 32" "randread 4k 32" "write 1M 8" "read 1M 8")
 declare -A R
-run_fio() { # LABEL URI
-    local label=$1 uri=$2
+run_fio() { # LABEL URI (or "direct:FILE": fio's io_uring engine, O_DIRECT, on FILE)
+    local label=$1 uri=$2 target
+    if [[ $uri == direct:* ]]; then
+        target=(--ioengine=io_uring --direct=1 --filename="${uri#direct:}")
+    else
+        target=(--ioengine=nbd --uri="$uri")
+    fi
     for j in "${JOBS[@]}"; do
         set -- $j
         local out
-        fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs="$2" --iodepth="$3" \
+        fio --name=b "${target[@]}" --rw="$1" --bs="$2" --iodepth="$3" \
             --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --ramp_time=2 --group_reporting \
             --output-format=json --output="$W/fio.json" >/dev/null 2>&1
         out=$(cat "$W/fio.json")
@@ -45,6 +52,13 @@ run_fio() { # LABEL URI
 fill() { # URI: write every byte once (so reads hit data)
     fio --name=fill --ioengine=nbd --uri="$1" --rw=write --bs=1M --iodepth=8 --size="${SIZE_MIB}M" >/dev/null
 }
+
+echo "== the data file system itself: fio io_uring, O_DIRECT (what snapblk's data device does)" >&2
+truncate -s "${SIZE_MIB}M" "$W/direct.img"
+fio --name=fill --ioengine=io_uring --direct=1 --filename="$W/direct.img" --rw=write --bs=1M --iodepth=8 \
+    --size="${SIZE_MIB}M" >/dev/null
+run_fio direct "direct:$W/direct.img"
+rm -f "$W/direct.img"
 
 echo "== nbdkit file" >&2
 truncate -s "${SIZE_MIB}M" "$W/raw.img"
@@ -81,20 +95,20 @@ fill "nbd+unix:///snapped?socket=$W/snapblk.sock"
 run_fio snapblk-10snaps "nbd+unix:///snapped?socket=$W/snapblk.sock"
 
 echo
-printf "%-22s %12s %12s %12s %12s\n" "job (IOPS or MB/s)" nbdkit-file qemu-qcow2 snapblk snapblk-10snap
+printf "%-22s %12s %12s %12s %12s %12s\n" "job (IOPS or MB/s)" device-direct nbdkit-file qemu-qcow2 snapblk snapblk-10snap
 for j in "${JOBS[@]}"; do
     set -- $j; k="$1 $2"
-    printf "%-22s %12s %12s %12s %12s\n" "$k" "${R[nbdkit|$k]}" "${R[qemu-qcow2-snap|$k]}" "${R[snapblk|$k]}" "${R[snapblk-10snaps|$k]}"
+    printf "%-22s %12s %12s %12s %12s %12s\n" "$k" "${R[direct|$k]}" "${R[nbdkit|$k]}" "${R[qemu-qcow2-snap|$k]}" "${R[snapblk|$k]}" "${R[snapblk-10snaps|$k]}"
 done
 echo
-printf "%-22s %16s %16s %20s\n" "ratio" "snapblk/nbdkit" "10snap/nbdkit" "10snap/qemu-qcow2"
+printf "%-22s %16s %16s %20s %16s\n" "ratio" "snapblk/nbdkit" "10snap/nbdkit" "10snap/qemu-qcow2" "snapblk/device"
 for j in "${JOBS[@]}"; do
     set -- $j; k="$1 $2"
-    python3 - "$k" "${R[nbdkit|$k]}" "${R[qemu-qcow2-snap|$k]}" "${R[snapblk|$k]}" "${R[snapblk-10snaps|$k]}" <<'PY'
+    python3 - "$k" "${R[nbdkit|$k]}" "${R[qemu-qcow2-snap|$k]}" "${R[snapblk|$k]}" "${R[snapblk-10snaps|$k]}" "${R[direct|$k]}" <<'PY'
 import sys
-k, nk, q, s, s10 = sys.argv[1], *map(float, sys.argv[2:])
+k, nk, q, s, s10, d = sys.argv[1], *map(float, sys.argv[2:])
 r = lambda a, b: f"{a / b:.2f}x" if b else "-"
-print(f"{k:<22} {r(s, nk):>16} {r(s10, nk):>16} {r(s10, q):>20}")
+print(f"{k:<22} {r(s, nk):>16} {r(s10, nk):>16} {r(s10, q):>20} {r(s, d):>16}")
 PY
 done
 

@@ -18,6 +18,7 @@ pub trait Export: Send + Sync {
     fn read_only(&self) -> bool;
     /// The name clients use (`vol` or `vol@snap`).
     fn name(&self) -> &str;
+    /// Fills all of `buf` (the NBD server reuses reply buffers between requests).
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
     fn flush(&self) -> Result<()>;

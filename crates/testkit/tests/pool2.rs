@@ -329,6 +329,37 @@ fn corrupted_data_is_reported_never_returned() {
     assert_eq!(e.errno(), 5);
 }
 
+/// Whole-block reads into a block-aligned buffer go straight from the device into it (the
+/// NBD server reuses such buffers between requests): holes, zeroed ranges, trimmed blocks
+/// and data must all overwrite whatever the buffer held, and a bad checksum still fails.
+#[test]
+fn aligned_reads_overwrite_the_whole_buffer() {
+    use snapblk_core::device::AlignedBuf;
+    let (pool, _, dev) = mem_pool(16 << 20);
+    pool.create_volume("v", 1 << 20).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    let mut want = vec![0u8; 64 * 4096];
+    for (b, fill) in [(3u64, 3u8), (4, 4), (10, 10), (40, 40), (41, 41)] {
+        pool.write(id, b * BS, &[fill; 4096], false).unwrap();
+        want[(b * BS) as usize..((b + 1) * BS) as usize].fill(fill);
+    }
+    pool.zero(id, 40 * BS, BS, false).unwrap();
+    want[(40 * BS) as usize..(41 * BS) as usize].fill(0);
+    pool.trim(id, 4 * BS, BS, false).unwrap();
+    want[(4 * BS) as usize..(5 * BS) as usize].fill(0);
+    pool.create_snapshot("v", "s").unwrap();
+    let mut buf = AlignedBuf::zeroed(64 * 4096);
+    for t in [Target::Volume(id), Target::Snapshot(id, "s".into())] {
+        buf.fill(0xAA);
+        pool.read(&t, 0, &mut buf).unwrap();
+        assert!(buf[..] == want[..], "{t:?}: stale bytes left in the buffer");
+    }
+    flip_bit(&dev, 0, 7); // the data block of lba 3, the first one written
+    buf.fill(0xAA);
+    let e = pool.read(&Target::Volume(id), 0, &mut buf).unwrap_err();
+    assert!(matches!(e, Error::Checksum(_)), "{e}");
+}
+
 #[test]
 fn diff_lists_exactly_the_written_blocks() {
     let (pool, _, _) = mem_pool(64 << 20);

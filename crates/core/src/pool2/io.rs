@@ -76,6 +76,23 @@ impl Pool2 {
         if out.is_empty() {
             return Ok(());
         }
+        if offset.is_multiple_of(BLOCK_SIZE_U64)
+            && out.len().is_multiple_of(BLOCK_SIZE)
+            && (out.as_ptr() as usize).is_multiple_of(BLOCK_SIZE)
+        {
+            // Whole blocks into a block-aligned buffer (NBD replies are laid out so): the
+            // device reads straight into it, no bounce buffer and no copy.
+            let plan = self.plan_read(t, offset, out.len())?;
+            for z in &plan.zeros {
+                out[z.clone()].fill(0);
+            }
+            if !plan.segs.is_empty() {
+                self.device()
+                    .read(&mut plan.device_reads(out))
+                    .map_err(|e| Error::device("read", e))?;
+            }
+            return plan.finish(out);
+        }
         let b0 = offset / BLOCK_SIZE_U64;
         let end = offset
             .checked_add(out.len() as u64)
