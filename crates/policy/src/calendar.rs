@@ -377,7 +377,7 @@ impl CalendarEvent {
                     // is skipped whole.
                     match self.days.at_or_after(i64::from(d.day())) {
                         Some(day) if day <= i64::from(d.days_in_month()) => {
-                            return Some(d.with().day(day as i8).build().ok()?);
+                            return d.with().day(day as i8).build().ok();
                         }
                         _ => {
                             d = d.first_of_month().checked_add(1.month()).ok()?;
