@@ -103,6 +103,17 @@ pub fn execute(
                 progress.advance(done - last.swap(done, Ordering::Relaxed));
             })?)
         }
+        Command::PolicySet { .. }
+        | Command::PolicyList
+        | Command::PolicyShow { .. }
+        | Command::PolicyDelete { .. }
+        | Command::PolicyPlan { .. }
+        | Command::Jobs
+        | Command::JobRun { .. } => match devices.and_then(|d| d.policies.get()) {
+            Some(service) => service.execute(cmd)?,
+            // Direct mode: the pool's policies, for this one command.
+            None => crate::policies::PolicyService::open(Arc::clone(pool))?.execute(cmd)?,
+        },
         Command::VolumeCreate { name, size } => to_value(pool.create_volume(name, *size)?),
         Command::VolumeList => to_value(pool.list_volumes()),
         Command::VolumeInfo { name } => to_value(pool.volume_info(name)?),
@@ -210,5 +221,9 @@ pub fn mutates(cmd: &Command) -> bool {
             | Command::Diff { .. }
             | Command::List
             | Command::RestoreStatus
+            | Command::PolicyList
+            | Command::PolicyShow { .. }
+            | Command::PolicyPlan { .. }
+            | Command::Jobs
     )
 }

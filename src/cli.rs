@@ -73,6 +73,14 @@ pub enum Cmd {
     Detach { what: String },
     /// Attached ublk devices.
     List,
+    /// Protection policies: snapshots on a schedule, kept by retention rules.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// The policies' scheduled jobs: last and next run, history (`jobs run NAME` runs one now).
+    Jobs {
+        #[command(subcommand)]
+        cmd: Option<JobsCmd>,
+    },
     /// For udev rules: print the export a ublk device serves (`udev-name ublkb0`).
     #[command(hide = true)]
     UdevName { kernel_name: String },
@@ -342,4 +350,59 @@ pub struct GcArgs {
     /// Repack packs with more than this percentage of unreferenced bytes.
     #[arg(long, default_value_t = 10.0)]
     pub max_unused: f64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Create or replace a policy (its job keeps its history).
+    Set(PolicySetArgs),
+    /// Every policy.
+    List,
+    /// One policy, with its job.
+    Show { name: String },
+    /// Delete a policy and its job (the snapshots it took stay).
+    Delete { name: String },
+    /// What the policy's retention would keep and delete now, and why (changes nothing).
+    Plan { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct PolicySetArgs {
+    /// Policy name.
+    pub name: String,
+    /// A volume the policy protects (repeat for more).
+    #[arg(long = "volume", required = true)]
+    pub volumes: Vec<String>,
+    /// When to snapshot, as systemd OnCalendar: hourly, daily, "*-*-* 02:00",
+    /// "Mon..Fri 18:00", "*:0/15" (local time).
+    #[arg(long)]
+    pub schedule: String,
+    /// Snapshot names are PREFIX-YYYYMMDD-HHMMSS (UTC); retention only touches those.
+    #[arg(long, default_value = "auto")]
+    pub prefix: String,
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_hourly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: u32,
+    /// ISO weeks.
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_yearly: u32,
+    /// Do not catch up a run missed while the daemon was down.
+    #[arg(long)]
+    pub no_catch_up: bool,
+    /// Delay each run by up to this many seconds (spreads hosts with the same policy).
+    #[arg(long, default_value_t = 0)]
+    pub random_delay: u32,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCmd {
+    /// Run a job now, outside its schedule (e.g. `snapshot:POLICY`).
+    Run { name: String },
 }

@@ -122,6 +122,9 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     private_mount_namespace();
     let devices = Arc::new(Devices::new(Arc::clone(&pool), meta.join("restores")));
     devices.recover_all();
+    let policies = crate::policies::PolicyService::open(Arc::clone(&pool))?;
+    let _ = devices.policies.set(Arc::clone(&policies));
+    policies.start()?;
     let ctl = sockets::bind_unix(&socket, 0o600, None)?;
     let workers = cfg.workers.unwrap_or(16);
     let nbd = match &tls {
@@ -173,6 +176,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     if let Some(sig) = signals.forever().next() {
         eprintln!("snapblk daemon: signal {sig}, shutting down");
     }
+    policies.stop();
     devices.restores.stop_all();
     devices.detach_all();
     let r = pool.shutdown();

@@ -21,6 +21,8 @@ pub struct Devices {
     pub restores: Arc<Restores>,
     /// Where lazy restores keep their state (`<meta>/restores`).
     pub restore_dir: PathBuf,
+    /// The protection policies and their scheduler (set once by the daemon).
+    pub policies: std::sync::OnceLock<Arc<crate::policies::PolicyService>>,
 }
 
 fn describe(d: &snapblk_ublk::Device) -> Value {
@@ -67,6 +69,7 @@ impl Devices {
             list: Mutex::new(Vec::new()),
             restores,
             restore_dir,
+            policies: std::sync::OnceLock::new(),
         }
     }
 

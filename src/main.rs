@@ -9,6 +9,7 @@ mod devices;
 mod freeze;
 mod human;
 mod open;
+mod policies;
 mod progress;
 mod render;
 mod repo_cmds;
@@ -21,7 +22,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use admin::Command;
-use cli::{BackupArgs, Cli, Cmd, PoolCmd, SnapshotCmd, VolumeCmd};
+use cli::{BackupArgs, Cli, Cmd, JobsCmd, PolicyCmd, PoolCmd, SnapshotCmd, VolumeCmd};
 use human::parse_size;
 
 fn command(cmd: &Cmd) -> Result<Command> {
@@ -108,6 +109,30 @@ fn command(cmd: &Cmd) -> Result<Command> {
             lazy: *lazy,
         },
         Cmd::RestoreStatus => Command::RestoreStatus,
+        Cmd::Policy(PolicyCmd::Set(a)) => Command::PolicySet {
+            name: a.name.clone(),
+            policy: serde_json::json!({
+                "volumes": a.volumes,
+                "snapshots": {
+                    "schedule": a.schedule,
+                    "prefix": a.prefix,
+                    "persistent": !a.no_catch_up,
+                    "random_delay_secs": a.random_delay,
+                    "keep": {
+                        "last": a.keep_last, "hourly": a.keep_hourly, "daily": a.keep_daily,
+                        "weekly": a.keep_weekly, "monthly": a.keep_monthly, "yearly": a.keep_yearly,
+                    },
+                },
+            }),
+        },
+        Cmd::Policy(PolicyCmd::List) => Command::PolicyList,
+        Cmd::Policy(PolicyCmd::Show { name }) => Command::PolicyShow { name: name.clone() },
+        Cmd::Policy(PolicyCmd::Delete { name }) => Command::PolicyDelete { name: name.clone() },
+        Cmd::Policy(PolicyCmd::Plan { name }) => Command::PolicyPlan { name: name.clone() },
+        Cmd::Jobs { cmd: None } => Command::Jobs,
+        Cmd::Jobs {
+            cmd: Some(JobsCmd::Run { name }),
+        } => Command::JobRun { name: name.clone() },
         Cmd::Pool(PoolCmd::Create { .. })
         | Cmd::Pool(PoolCmd::Upgrade)
         | Cmd::Daemon(_)

@@ -284,8 +284,107 @@ pub fn render(cmd: &Command, v: &Value) -> String {
             v["chunks"],
             v["seconds"].as_f64().unwrap_or(0.0)
         ),
+        Command::Jobs => table(&job_rows(&rows), &[
+            ("name", "JOB"),
+            ("status", "LAST"),
+            ("last_start", "LAST START"),
+            ("next_run", "NEXT RUN"),
+            ("runs", "RUNS"),
+            ("failures", "FAILED"),
+            ("error", "ERROR"),
+        ]),
+        Command::PolicyList => table(
+            &rows
+                .iter()
+                .map(|r| {
+                    let s = &r["policy"]["snapshots"];
+                    let keep = s["keep"]
+                        .as_object()
+                        .map(|k| {
+                            k.iter()
+                                .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                                .map(|(k, n)| format!("{k}={n}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    serde_json::json!({
+                        "name": r["name"],
+                        "volumes": r["policy"]["volumes"].as_array().map(|a| a.iter().map(|v| cell("", v)).collect::<Vec<_>>().join(",")),
+                        "schedule": s["schedule"],
+                        "keep": if keep.is_empty() { "all".to_string() } else { keep },
+                    })
+                })
+                .collect::<Vec<_>>(),
+            &[
+                ("name", "POLICY"),
+                ("volumes", "VOLUMES"),
+                ("schedule", "SCHEDULE"),
+                ("keep", "KEEP"),
+            ],
+        ),
+        Command::PolicyPlan { .. } => rows
+            .iter()
+            .flat_map(|p| {
+                let vol = cell("", &p["volume"]);
+                let err = p["error"]
+                    .as_str()
+                    .map(|e| format!("error   {vol}: {e}"));
+                p["verdicts"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |x| {
+                        let reasons: Vec<String> = x["reasons"]
+                            .as_array()
+                            .map(|a| a.iter().map(|r| cell("", r)).collect())
+                            .unwrap_or_default();
+                        if reasons.is_empty() {
+                            format!("delete  {vol}@{}", cell("", &x["name"]))
+                        } else {
+                            format!("keep    {vol}@{}  ({})", cell("", &x["name"]), reasons.join(", "))
+                        }
+                    })
+                    .chain(err)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
         _ => keyvals(v),
     }
+}
+
+/// One row per job for `snapblk jobs`.
+fn job_rows(rows: &[Value]) -> Vec<Value> {
+    rows.iter()
+        .map(|j| {
+            let st = &j["state"];
+            let last = &st["last_outcome"];
+            let status = if j["running"].as_bool() == Some(true) {
+                "running".to_string()
+            } else {
+                last["status"].as_str().unwrap_or("never").to_string()
+            };
+            // Whole seconds are enough on a terminal (`--json` keeps the full times).
+            let secs = |v: &Value| match v.as_str() {
+                Some(t) => Value::String(match t.split_once('.') {
+                    Some((s, _)) => format!("{s}Z"),
+                    None => t.to_string(),
+                }),
+                None => v.clone(),
+            };
+            serde_json::json!({
+                "name": j["name"],
+                "status": status,
+                "last_start": secs(&st["last_start"]),
+                "next_run": secs(&j["next_run"]),
+                "runs": st["runs"],
+                "failures": st["failures"],
+                "error": last["error"],
+            })
+        })
+        .collect()
 }
 
 fn v_name(v: &Value) -> String {

@@ -138,6 +138,26 @@ pub enum Command {
         lazy: bool,
     },
     RestoreStatus,
+    /// Creates or replaces a protection policy (`policy`: snapblk_policy::Policy as JSON).
+    PolicySet {
+        name: String,
+        policy: Value,
+    },
+    PolicyList,
+    PolicyShow {
+        name: String,
+    },
+    PolicyDelete {
+        name: String,
+    },
+    /// What the policy's retention keeps and deletes now (changes nothing).
+    PolicyPlan {
+        name: String,
+    },
+    Jobs,
+    JobRun {
+        name: String,
+    },
 }
 
 /// One request read from a connection.

@@ -1,12 +1,17 @@
-//! Protection policies (issue 13), as pure logic with no I/O: calendar schedules
-//! ([`calendar`]), retention ([`retention`]) and the job scheduler ([`scheduler`]). The
-//! daemon feeds them the wall clock and the pool's snapshots; the tests feed them a
-//! simulated clock, so a week of schedules runs in milliseconds.
+//! Protection policies (issue 13): calendar schedules ([`calendar`]), retention
+//! ([`retention`]), the job scheduler ([`scheduler`]) — pure logic driven by a clock the
+//! caller passes in, so a week of schedules runs in milliseconds in the tests — and the
+//! manager ([`manager`]) that runs policies' jobs against a pool seen through
+//! [`manager::PolicyPool`] (the daemon adapts its pool; tests use an in-memory one).
 
 pub mod calendar;
+pub mod manager;
+pub mod policy;
 pub mod retention;
 pub mod scheduler;
 
 pub use calendar::{CalendarEvent, ParseError};
+pub use manager::{JobInfo, JobRecord, Manager, PolicyPool, RunRecord, VolumePlan};
+pub use policy::{parse_snapshot_name, snapshot_name, Policy, SnapshotRule};
 pub use retention::{apply as apply_retention, Item, Keep, Reason, Verdict};
 pub use scheduler::{JobSpec, JobState, JobView, Outcome, SchedError, Scheduler, Start};

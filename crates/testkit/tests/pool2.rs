@@ -525,3 +525,29 @@ fn long_scans_do_not_stall_writes() {
     }
     assert!(pool.check().unwrap().is_clean());
 }
+
+/// Application records (policies, job state) are kept with the pool, listed by prefix,
+/// durable across a reopen, bounded, and invisible to the pool's own check.
+#[test]
+fn records_are_kept_listed_by_prefix_and_bounded() {
+    let (pool, store, dev) = mem_pool(16 << 20);
+    pool.put_record("policy/b", Some(b"2".to_vec())).unwrap();
+    pool.put_record("policy/a", Some(b"1".to_vec())).unwrap();
+    pool.put_record("job/snapshot:a", Some(b"{}".to_vec())).unwrap();
+    pool.put_record("policy/a", Some(b"one".to_vec())).unwrap();
+    let got = pool.records("policy/").unwrap();
+    assert_eq!(
+        got,
+        vec![("policy/a".into(), b"one".to_vec()), ("policy/b".into(), b"2".to_vec())]
+    );
+    pool.put_record("policy/b", None).unwrap();
+    assert!(pool.put_record("", Some(vec![])).is_err());
+    assert!(pool.put_record(&"x".repeat(256), Some(vec![])).is_err());
+    assert!(pool.put_record("big", Some(vec![0; (1 << 20) + 1])).is_err());
+    assert!(pool.check().unwrap().is_clean());
+    pool.shutdown().unwrap();
+    drop(pool);
+    let pool = Pool2::open(store, dev).unwrap();
+    assert_eq!(pool.records("").unwrap().len(), 2);
+    assert_eq!(pool.records("job/").unwrap()[0].0, "job/snapshot:a");
+}

@@ -17,6 +17,7 @@ mod committer;
 mod inspect;
 mod io;
 mod plan;
+mod records;
 pub use plan::WritePlan;
 mod ops;
 

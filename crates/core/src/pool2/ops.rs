@@ -37,7 +37,7 @@ fn done(apply: impl FnOnce(&mut Catalog) + Send + 'static) -> Result<Outcome> {
 }
 
 impl Pool2 {
-    fn run(&self, f: MgmtFn) -> Result<u64> {
+    pub(super) fn run(&self, f: MgmtFn) -> Result<u64> {
         match self.committer.submit(Work::Mgmt(f)) {
             Answer::Value(v) => Ok(v),
             Answer::Retry => Err(Error::Busy("retry".into())),

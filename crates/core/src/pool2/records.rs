@@ -1,0 +1,84 @@
+//! Application records kept with the pool: small named values the daemon stores next to the
+//! volumes they concern (protection policies, job state and history), so they move, get
+//! backed up and survive restarts with the pool. Key `a` + name (format2.md §2); the pool
+//! does not interpret the values.
+//!
+//! Writes are management steps (one durable batch each, in order with other management);
+//! reads scan the store directly (a record is written whole in one batch, so a read sees
+//! it whole or not at all).
+
+use std::ops::ControlFlow;
+
+use crate::error::{Error, Result};
+use crate::meta::{try_scan, BatchOp};
+
+use super::committer::Outcome;
+use super::{lock, Pool2};
+
+const K_RECORD: u8 = b'a';
+/// Longest record name.
+pub const MAX_RECORD_NAME: usize = 255;
+/// Largest record value.
+pub const MAX_RECORD_VALUE: usize = 1 << 20;
+
+fn key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(K_RECORD);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+impl Pool2 {
+    /// Writes (`Some`) or deletes (`None`) record `name`, durably.
+    pub fn put_record(&self, name: &str, value: Option<Vec<u8>>) -> Result<()> {
+        if name.is_empty() || name.len() > MAX_RECORD_NAME {
+            return Err(Error::invalid(
+                "record name",
+                format!("'{name}': 1 to {MAX_RECORD_NAME} bytes"),
+            ));
+        }
+        if value.as_ref().is_some_and(|v| v.len() > MAX_RECORD_VALUE) {
+            return Err(Error::invalid(
+                "record",
+                format!("'{name}' is larger than {MAX_RECORD_VALUE} bytes"),
+            ));
+        }
+        let _m = lock(&self.mgmt);
+        let k = key(name);
+        self.run(Box::new(move |ctx| {
+            ctx.group.extra(match value {
+                Some(v) => BatchOp::Put(k, v),
+                None => BatchOp::Delete(k),
+            });
+            Ok(Outcome::Done {
+                apply: Box::new(|_| {}),
+                value: 0,
+                undefer: None,
+                durable: true,
+            })
+        }))?;
+        Ok(())
+    }
+
+    /// The records whose names start with `prefix`, in name order.
+    pub fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let from = key(prefix);
+        let mut to = from.clone();
+        // Every name with this prefix sorts before prefix + 0xff... + 1: bump the last byte
+        // that can be bumped (the record prefix byte itself at worst).
+        while let Some(last) = to.pop() {
+            if last < u8::MAX {
+                to.push(last + 1);
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        try_scan(&**self.store(), &from, &to, |k, v| {
+            let name = String::from_utf8(k[1..].to_vec())
+                .map_err(|_| Error::Corrupt(format!("record key {:?} is not UTF-8", &k[1..])))?;
+            out.push((name, v.to_vec()));
+            Ok::<_, Error>(ControlFlow::Continue(()))
+        })?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,173 @@
+//! A protection policy as the admin writes it (`snapblk policy set`, stored with the pool)
+//! and the names of the snapshots it takes.
+//!
+//! This step covers local snapshots: a schedule, a retention, the volumes it applies to.
+//! Snapshots a policy takes are named `PREFIX-YYYYMMDD-HHMMSS` (UTC, so names sort by time
+//! and are the same whatever the host's zone); retention only ever considers snapshots with
+//! that exact shape of name on the policy's volumes, so snapshots taken by hand or by
+//! another policy with another prefix are never deleted by it (sanoid's `autosnap_` rule).
+
+use jiff::civil::DateTime;
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::calendar::CalendarEvent;
+use crate::retention::Keep;
+
+/// Most volumes one policy may name.
+pub const MAX_VOLUMES: usize = 1024;
+
+/// A policy's local snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRule {
+    pub schedule: CalendarEvent,
+    #[serde(default)]
+    pub keep: Keep,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Catch up once after downtime (systemd's `Persistent=`).
+    #[serde(default = "yes")]
+    pub persistent: bool,
+    #[serde(default)]
+    pub random_delay_secs: u32,
+}
+
+fn default_prefix() -> String {
+    "auto".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// A protection policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub volumes: Vec<String>,
+    pub snapshots: Option<SnapshotRule>,
+}
+
+impl Policy {
+    /// Checks what the pool cannot: bounds, names, the prefix's shape.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.volumes.is_empty() {
+            return Err("a policy needs at least one volume".into());
+        }
+        if self.volumes.len() > MAX_VOLUMES {
+            return Err(format!("more than {MAX_VOLUMES} volumes"));
+        }
+        for v in &self.volumes {
+            valid_name("volume", v)?;
+        }
+        if let Some(s) = &self.snapshots {
+            valid_name("snapshot prefix", &s.prefix)?;
+            if s.prefix.len() > 64 {
+                return Err("snapshot prefix longer than 64 bytes".into());
+            }
+            if s.random_delay_secs > 86_400 {
+                return Err("random delay longer than a day".into());
+            }
+        } else {
+            return Err("the policy does nothing: give it a snapshot schedule".into());
+        }
+        Ok(())
+    }
+}
+
+/// Policy, volume and prefix names: what the pool accepts in names (letters, digits, `.`,
+/// `_`, `+`, `-`, starting with a letter or digit), at most 128 bytes.
+pub fn valid_name(what: &str, s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} '{}': use 1-128 of letters, digits, '.', '_', '+', '-', starting with a letter or digit",
+            s.escape_debug()
+        ))
+    }
+}
+
+/// The name of the snapshot a policy takes at `t`.
+pub fn snapshot_name(prefix: &str, t: Timestamp) -> String {
+    format!(
+        "{prefix}-{}",
+        t.to_zoned(TimeZone::UTC).strftime("%Y%m%d-%H%M%S")
+    )
+}
+
+/// When a snapshot named by [`snapshot_name`] with `prefix` was taken; `None` for any other
+/// name (so retention leaves it alone).
+pub fn parse_snapshot_name(prefix: &str, name: &str) -> Option<Timestamp> {
+    let rest = name.strip_prefix(prefix)?.strip_prefix('-')?;
+    if rest.len() != 15 || rest.as_bytes()[8] != b'-' {
+        return None;
+    }
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let (d, t) = (&rest[..8], &rest[9..]);
+    if !digits(d) || !digits(t) {
+        return None;
+    }
+    let n = |s: &str| s.parse::<i16>().ok();
+    let dt = DateTime::new(
+        n(&d[..4])?,
+        n(&d[4..6])? as i8,
+        n(&d[6..8])? as i8,
+        n(&t[..2])? as i8,
+        n(&t[2..4])? as i8,
+        n(&t[4..6])? as i8,
+        0,
+    )
+    .ok()?;
+    TimeZone::UTC.to_timestamp(dt).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_round_trip_and_others_are_ignored() {
+        let t: Timestamp = "2026-12-01T14:05:09Z".parse().unwrap();
+        let n = snapshot_name("auto", t);
+        assert_eq!(n, "auto-20261201-140509");
+        assert_eq!(parse_snapshot_name("auto", &n), Some(t));
+        for other in [
+            "auto-20261201-14050",
+            "auto-20261301-140509",
+            "auto-2026120x-140509",
+            "autox-20261201-140509",
+            "hourly-20261201-140509",
+            "auto-20261201-140509-1",
+            "manual",
+        ] {
+            assert_eq!(parse_snapshot_name("auto", other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn policies_are_validated() {
+        let p: Policy = serde_json::from_str(
+            r#"{"volumes":["vm1"],"snapshots":{"schedule":"hourly","keep":{"hourly":24}}}"#,
+        )
+        .unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.snapshots.as_ref().unwrap().prefix, "auto");
+        assert!(serde_json::from_str::<Policy>(
+            r#"{"volumes":["a"],"snapshots":{"schedule":"bogus"}}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<Policy>(r#"{"volumes":["a"],"extra":1}"#).is_err());
+        let mut q = p.clone();
+        q.volumes = vec!["a@b".into()];
+        assert!(q.validate().is_err());
+        q.volumes.clear();
+        assert!(q.validate().is_err());
+    }
+}

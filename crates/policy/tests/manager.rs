@@ -1,0 +1,185 @@
+//! The manager against an in-memory pool and a driven clock: a day of hourly snapshots
+//! with retention, manual snapshots left alone, a failing volume reported without
+//! stopping the others, a restart that keeps history, a run interrupted by a stop.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ToSpan};
+use snapblk_policy::{Keep, Manager, Outcome, Policy, PolicyPool, SnapshotRule};
+
+#[derive(Default)]
+struct MemPool {
+    snaps: RefCell<BTreeMap<String, BTreeMap<String, Timestamp>>>,
+    records: RefCell<BTreeMap<String, Vec<u8>>>,
+    now: RefCell<Option<Timestamp>>,
+}
+
+impl PolicyPool for &MemPool {
+    fn snapshots(&self, vol: &str) -> Result<Vec<(String, Timestamp)>, String> {
+        let s = self.snaps.borrow();
+        let v = s
+            .get(vol)
+            .ok_or_else(|| format!("volume '{vol}' not found"))?;
+        Ok(v.iter().map(|(n, t)| (n.clone(), *t)).collect())
+    }
+    fn create_snapshot(&self, vol: &str, name: &str) -> Result<(), String> {
+        let mut s = self.snaps.borrow_mut();
+        let v = s
+            .get_mut(vol)
+            .ok_or_else(|| format!("volume '{vol}' not found"))?;
+        if v.contains_key(name) {
+            return Err(format!("snapshot {vol}@{name} exists"));
+        }
+        v.insert(name.into(), self.now.borrow().expect("clock set"));
+        Ok(())
+    }
+    fn delete_snapshot(&self, vol: &str, name: &str) -> Result<(), String> {
+        self.snaps
+            .borrow_mut()
+            .get_mut(vol)
+            .and_then(|v| v.remove(name))
+            .map(|_| ())
+            .ok_or_else(|| format!("snapshot {vol}@{name} not found"))
+    }
+    fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+        Ok(self
+            .records
+            .borrow()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+    fn put_record(&self, name: &str, value: Option<Vec<u8>>) -> Result<(), String> {
+        let mut r = self.records.borrow_mut();
+        match value {
+            Some(v) => r.insert(name.into(), v),
+            None => r.remove(name),
+        };
+        Ok(())
+    }
+}
+
+fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn policy(vols: &[&str], schedule: &str, keep: Keep) -> Policy {
+    Policy {
+        volumes: vols.iter().map(|v| v.to_string()).collect(),
+        snapshots: Some(SnapshotRule {
+            schedule: schedule.parse().unwrap(),
+            keep,
+            prefix: "auto".into(),
+            persistent: true,
+            random_delay_secs: 0,
+        }),
+    }
+}
+
+#[test]
+fn a_day_of_hourly_snapshots_with_retention_restart_and_failures() {
+    let pool = MemPool::default();
+    for v in ["a", "b"] {
+        pool.snaps.borrow_mut().insert(v.into(), BTreeMap::new());
+    }
+    pool.snaps
+        .borrow_mut()
+        .get_mut("a")
+        .unwrap()
+        .insert("before-upgrade".into(), ts("2026-11-30T00:00:00Z"));
+    let t0 = ts("2026-12-01T00:30:00Z");
+    let clock = |t: Timestamp| move || t;
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    let keep = Keep {
+        last: 2,
+        hourly: 5,
+        ..Keep::default()
+    };
+    // "c" does not exist: its failure must not stop a and b.
+    m.set_policy("vms", policy(&["a", "c", "b"], "hourly", keep), t0)
+        .unwrap();
+    assert!(m
+        .set_policy("bad name", policy(&["a"], "hourly", keep), t0)
+        .is_err());
+
+    let mut now = t0;
+    let end = ts("2026-12-02T00:30:00Z");
+    let mut runs = 0;
+    while now < end {
+        *pool.now.borrow_mut() = Some(now);
+        for (job, r) in m.tick(now, &clock(now)) {
+            assert_eq!(job, "snapshot:vms");
+            runs += 1;
+            match &r.outcome {
+                Outcome::Failed { error } => assert!(error.contains("volume c"), "{error}"),
+                o => panic!("volume c is missing, yet {o:?}"),
+            }
+            assert_eq!(r.created.len(), 2);
+        }
+        now = now.checked_add(10.minutes()).unwrap();
+    }
+    assert_eq!(runs, 24);
+    for v in ["a", "b"] {
+        let names: Vec<String> = pool.snaps.borrow()[v].keys().cloned().collect();
+        let autos: Vec<&String> = names.iter().filter(|n| n.starts_with("auto-")).collect();
+        assert_eq!(autos.len(), 5, "{v}: {names:?}");
+        assert_eq!(autos.last().unwrap().as_str(), "auto-20261202-000000");
+    }
+    assert!(pool.snaps.borrow()["a"].contains_key("before-upgrade"));
+
+    // Restart: the history and the schedule continue; the dry run agrees with the state.
+    let mut m = Manager::open(&pool, TimeZone::UTC, end).unwrap();
+    let jobs = m.jobs();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].history.len(), 24);
+    assert_eq!(jobs[0].view.state.failures, 24);
+    assert_eq!(jobs[0].view.next_run, Some(ts("2026-12-02T01:00:00Z")));
+    let plan = m.prune_plan("vms").unwrap();
+    assert!(plan
+        .iter()
+        .filter(|p| p.volume != "c")
+        .all(|p| p.verdicts.iter().all(|v| v.keep())
+            && p.verdicts.len() == 5
+            && p.error.is_none()));
+    let c = plan.iter().find(|p| p.volume == "c").unwrap();
+    assert!(c.error.as_deref().unwrap().contains("not found"));
+    // A manual run does not move the schedule.
+    *pool.now.borrow_mut() = Some(ts("2026-12-02T00:40:00Z"));
+    let t = ts("2026-12-02T00:40:00Z");
+    m.set_policy("vms", policy(&["a", "b"], "hourly", keep), t)
+        .unwrap();
+    let r = m.run_now("snapshot:vms", t, &clock(t)).unwrap();
+    assert_eq!(r.outcome, Outcome::Ok);
+    assert!(r.manual);
+    assert_eq!(m.next_wakeup(), Some(ts("2026-12-02T01:00:00Z")));
+}
+
+#[test]
+fn a_run_cut_by_a_stop_is_reported_interrupted() {
+    let pool = MemPool::default();
+    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
+    let t0 = ts("2026-12-01T00:00:00Z");
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    m.set_policy("p", policy(&["a"], "hourly", Keep::default()), t0)
+        .unwrap();
+    // The daemon persisted "running" at a start and then died: simulate that record.
+    let key = "job/snapshot:p".to_string();
+    let mut rec: serde_json::Value = serde_json::from_slice(&pool.records.borrow()[&key]).unwrap();
+    rec["state"]["running_since"] = serde_json::json!("2026-12-01T01:00:00Z");
+    rec["state"]["last_start"] = serde_json::json!("2026-12-01T01:00:00Z");
+    pool.records
+        .borrow_mut()
+        .insert(key.clone(), serde_json::to_vec(&rec).unwrap());
+    let m = Manager::open(&pool, TimeZone::UTC, ts("2026-12-01T03:10:00Z")).unwrap();
+    let j = &m.jobs()[0];
+    assert_eq!(j.view.state.last_outcome, Some(Outcome::Interrupted));
+    assert_eq!(j.history.last().unwrap().outcome, Outcome::Interrupted);
+    // Missed elapses (02:00, 03:00) while down: one catch-up run, due now.
+    assert_eq!(m.next_wakeup(), Some(ts("2026-12-01T03:10:00Z")));
+    // And the interruption is persisted, not only in memory.
+    let again = Manager::open(&pool, TimeZone::UTC, ts("2026-12-01T03:11:00Z")).unwrap();
+    assert_eq!(again.jobs()[0].view.state.failures, 1);
+}

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Protection policies in the real daemon (issue 13, first step): a policy with a
+# second-scale schedule snapshots two volumes while a writer runs, retention keeps the
+# last 3 of its own snapshots and never touches a manual one, `jobs` shows the history,
+# a daemon restart keeps policy and history (catch-up once is tested against a driven
+# clock in crates/policy), the dry run explains every decision, a missing volume fails the job without stopping the others,
+# and a bad schedule is refused with a reason.
+source "$(dirname "$0")/lib.sh"
+
+expect_error() { # PATTERN CMD...
+    local pat=$1; shift
+    if "$@" >"$T/out" 2>"$T/err"; then fail "expected failure: $*"; fi
+    grep -qiE "$pat" "$T/err" || { cat "$T/err"; fail "error for '$*' does not mention '$pat'"; }
+}
+autos() { snapblk --json snapshot list "$1" | python3 -c '
+import json,sys; print(len([s for s in json.load(sys.stdin) if s["name"].startswith("auto-")]))'; }
+
+create_pool 1G
+start_daemon
+snapblk volume create a --size 64M >/dev/null
+snapblk volume create b --size 64M >/dev/null
+snapblk snapshot create a@manual >/dev/null
+
+log "a bad schedule is refused with its reason"
+expect_error "calendar expression 'every tuesday'" snapblk policy set p --volume a \
+    --schedule "every tuesday" --keep-last 3
+expect_error "policy name" snapblk policy set "bad/name" --volume a --schedule hourly
+
+log "every 2 s, keep the last 3, while a writer runs"
+qemu-io -f raw -c "write -P 0x11 0 8M" "$(uri a)" >/dev/null
+( for i in $(seq 1 40); do qemu-io -f raw -c "write -P $((i % 200 + 1)) $((i % 16))M 1M" "$(uri a)" >/dev/null 2>&1; sleep 0.2; done ) &
+WRITER=$!
+snapblk policy set p --volume a --volume b --schedule "*:*:0/2" --keep-last 3 >/dev/null
+sleep 9
+wait $WRITER
+for v in a b; do
+    n=$(autos $v)
+    [ "$n" -eq 3 ] || { snapblk snapshot list $v; fail "$v keeps $n policy snapshots, want 3"; }
+done
+snapblk snapshot info a@manual >/dev/null || fail "retention deleted a manual snapshot"
+runs=$(snapblk --json jobs | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["state"]["runs"])')
+[ "$runs" -ge 3 ] || fail "only $runs runs in 9 s of a 2 s schedule"
+snapblk jobs | grep -q "snapshot:p.*ok" || { snapblk jobs; fail "jobs does not show the ok runs"; }
+assert_check_clean
+
+log "the dry run explains every decision and changes nothing"
+snapblk policy plan p > "$T/plan"
+grep -q "keep    a@auto-.*(last)" "$T/plan" || { cat "$T/plan"; fail "plan lacks reasons"; }
+grep -q "manual" "$T/plan" && fail "the plan considers a snapshot the policy did not take"
+[ "$(autos a)" -eq 3 ] || fail "plan changed something"
+
+log "restart: policy and history survive, the job goes on"
+stop_daemon
+sleep 3
+start_daemon
+sleep 1
+snapblk --json jobs > "$T/jobs"
+python3 - "$T/jobs" "$runs" <<'PY' || fail "history lost over a restart"
+import json, sys
+j = json.load(open(sys.argv[1]))[0]
+assert j["state"]["runs"] > int(sys.argv[2]), j["state"]
+assert len(j["history"]) >= int(sys.argv[2]), len(j["history"])
+PY
+snapblk --json policy show p | python3 -c '
+import json,sys; p=json.load(sys.stdin)["policy"]; assert p["snapshots"]["schedule"] == "*:*:0/2", p' \
+    || fail "policy lost over a restart"
+
+log "a missing volume fails the job, the others are still snapshotted"
+snapblk policy set p --volume a --volume gone --volume b --schedule yearly --keep-last 3 >/dev/null
+out=$(snapblk --json jobs run snapshot:p)
+echo "$out" | python3 -c '
+import json,sys; r=json.load(sys.stdin)
+assert r["outcome"]["status"] == "failed" and "volume gone" in r["outcome"]["error"], r
+assert any(c.startswith("a@auto-") for c in r["created"]) and any(c.startswith("b@auto-") for c in r["created"]), r' \
+    || { echo "$out"; fail "a missing volume: wrong outcome"; }
+snapblk jobs | grep -q "failed" || { snapblk jobs; fail "jobs does not show the failure"; }
+
+log "deleting the policy stops it; its snapshots stay"
+snapblk policy delete p >/dev/null
+n=$(autos a)
+sleep 4
+[ "$(autos a)" -eq "$n" ] || fail "a deleted policy still takes snapshots"
+[ -z "$(snapblk --json jobs | python3 -c 'import json,sys; print("".join(j["name"] for j in json.load(sys.stdin)))')" ] \
+    || fail "the job outlived its policy"
+assert_check_clean
+log "policies: ok"
