@@ -533,17 +533,23 @@ fn records_are_kept_listed_by_prefix_and_bounded() {
     let (pool, store, dev) = mem_pool(16 << 20);
     pool.put_record("policy/b", Some(b"2".to_vec())).unwrap();
     pool.put_record("policy/a", Some(b"1".to_vec())).unwrap();
-    pool.put_record("job/snapshot:a", Some(b"{}".to_vec())).unwrap();
+    pool.put_record("job/snapshot:a", Some(b"{}".to_vec()))
+        .unwrap();
     pool.put_record("policy/a", Some(b"one".to_vec())).unwrap();
     let got = pool.records("policy/").unwrap();
     assert_eq!(
         got,
-        vec![("policy/a".into(), b"one".to_vec()), ("policy/b".into(), b"2".to_vec())]
+        vec![
+            ("policy/a".into(), b"one".to_vec()),
+            ("policy/b".into(), b"2".to_vec())
+        ]
     );
     pool.put_record("policy/b", None).unwrap();
     assert!(pool.put_record("", Some(vec![])).is_err());
     assert!(pool.put_record(&"x".repeat(256), Some(vec![])).is_err());
-    assert!(pool.put_record("big", Some(vec![0; (1 << 20) + 1])).is_err());
+    assert!(pool
+        .put_record("big", Some(vec![0; (1 << 20) + 1]))
+        .is_err());
     assert!(pool.check().unwrap().is_clean());
     pool.shutdown().unwrap();
     drop(pool);
