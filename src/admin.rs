@@ -136,7 +136,38 @@ pub fn execute(
             }
             json!({ "deleted": name })
         }
-        Command::SnapshotCreate { snapshot } => {
+        Command::SnapshotCreate {
+            snapshot,
+            group: true,
+        } => {
+            let (g, s) = parse_snap_ref(snapshot)?;
+            for member in pool.group(g)? {
+                check_whole(pool, &member, false)?;
+                if let Some(d) = devices {
+                    d.check_not_restoring(&member, false)?;
+                }
+            }
+            let t0 = std::time::Instant::now();
+            let infos = pool.create_group_snapshot(g, s)?;
+            json!({ "group": g, "snapshots": to_value(infos), "create_micros": t0.elapsed().as_micros() as u64 })
+        }
+        Command::GroupSet { name, volumes } => {
+            pool.set_group(name, volumes)?;
+            json!({ "group": name, "volumes": volumes })
+        }
+        Command::GroupList => json!(pool
+            .groups()?
+            .into_iter()
+            .map(|(name, volumes)| json!({ "name": name, "volumes": volumes }))
+            .collect::<Vec<_>>()),
+        Command::GroupDelete { name } => {
+            pool.delete_group(name)?;
+            json!({ "deleted": name })
+        }
+        Command::SnapshotCreate {
+            snapshot,
+            group: false,
+        } => {
             let (v, s) = parse_snap_ref(snapshot)?;
             let t0 = std::time::Instant::now();
             let info = pool.create_snapshot(v, s)?;
@@ -198,7 +229,11 @@ fn check_whole(pool: &Pool, vol: &str, deleting: bool) -> anyhow::Result<()> {
 fn touched_volume(cmd: &Command) -> Option<String> {
     let vol_of = |s: &str| parse_snap_ref(s).map(|(v, _)| v.to_string()).ok();
     match cmd {
-        Command::SnapshotCreate { snapshot } | Command::Rollback { snapshot } => vol_of(snapshot),
+        Command::SnapshotCreate {
+            snapshot,
+            group: false,
+        }
+        | Command::Rollback { snapshot } => vol_of(snapshot),
         Command::VolumeResize { name, .. } | Command::VolumeDelete { name, .. } => {
             Some(name.clone())
         }
@@ -225,5 +260,6 @@ pub fn mutates(cmd: &Command) -> bool {
             | Command::PolicyShow { .. }
             | Command::PolicyPlan { .. }
             | Command::Jobs
+            | Command::GroupList
     )
 }

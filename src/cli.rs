@@ -73,6 +73,10 @@ pub enum Cmd {
     Detach { what: String },
     /// Attached ublk devices.
     List,
+    /// Consistency groups: volumes snapshotted together as one cut
+    /// (`snapshot create GROUP@NAME --group`).
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// Protection policies: snapshots on a schedule, kept by retention rules.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -217,11 +221,14 @@ pub enum VolumeCmd {
 pub enum SnapshotCmd {
     /// Take a snapshot in O(1).
     Create {
-        /// VOLUME@SNAPSHOT
+        /// VOLUME@SNAPSHOT (with --group: GROUP@SNAPSHOT)
         snapshot: String,
         /// Freeze the filesystem mounted here around the snapshot (like fsfreeze).
         #[arg(long)]
         freeze: Option<PathBuf>,
+        /// Snapshot every volume of the consistency group as one cut (one metadata commit).
+        #[arg(long)]
+        group: bool,
     },
     /// Snapshots of one volume, or of all.
     List {
@@ -405,4 +412,18 @@ pub struct PolicySetArgs {
 pub enum JobsCmd {
     /// Run a job now, outside its schedule (e.g. `snapshot:POLICY`).
     Run { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCmd {
+    /// Create or replace a group of existing volumes.
+    Create {
+        name: String,
+        #[arg(required = true)]
+        volumes: Vec<String>,
+    },
+    /// Every group and its volumes.
+    List,
+    /// Delete a group (its volumes and snapshots stay).
+    Delete { name: String },
 }

@@ -22,7 +22,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use admin::Command;
-use cli::{BackupArgs, Cli, Cmd, JobsCmd, PolicyCmd, PoolCmd, SnapshotCmd, VolumeCmd};
+use cli::{BackupArgs, Cli, Cmd, GroupCmd, JobsCmd, PolicyCmd, PoolCmd, SnapshotCmd, VolumeCmd};
 use human::parse_size;
 
 fn command(cmd: &Cmd) -> Result<Command> {
@@ -49,9 +49,18 @@ fn command(cmd: &Cmd) -> Result<Command> {
             name: name.clone(),
             recursive: *recursive,
         },
-        Cmd::Snapshot(SnapshotCmd::Create { snapshot, .. }) => Command::SnapshotCreate {
+        Cmd::Snapshot(SnapshotCmd::Create {
+            snapshot, group, ..
+        }) => Command::SnapshotCreate {
             snapshot: snapshot.clone(),
+            group: *group,
         },
+        Cmd::Group(GroupCmd::Create { name, volumes }) => Command::GroupSet {
+            name: name.clone(),
+            volumes: volumes.clone(),
+        },
+        Cmd::Group(GroupCmd::List) => Command::GroupList,
+        Cmd::Group(GroupCmd::Delete { name }) => Command::GroupDelete { name: name.clone() },
         Cmd::Snapshot(SnapshotCmd::List { volume }) => Command::SnapshotList {
             volume: volume.clone(),
         },

@@ -284,6 +284,18 @@ pub fn render(cmd: &Command, v: &Value) -> String {
             v["chunks"],
             v["seconds"].as_f64().unwrap_or(0.0)
         ),
+        Command::GroupList => table(
+            &rows
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "name": r["name"],
+                        "volumes": r["volumes"].as_array().map(|a| a.iter().map(|v| cell("", v)).collect::<Vec<_>>().join(" ")),
+                    })
+                })
+                .collect::<Vec<_>>(),
+            &[("name", "GROUP"), ("volumes", "VOLUMES")],
+        ),
         Command::Jobs => table(&job_rows(&rows), &[
             ("name", "JOB"),
             ("status", "LAST"),

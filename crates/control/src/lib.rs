@@ -94,6 +94,9 @@ pub enum Command {
     },
     SnapshotCreate {
         snapshot: String,
+        /// `snapshot` is GROUP@NAME: snapshot every member as one cut.
+        #[serde(default)]
+        group: bool,
     },
     SnapshotList {
         volume: Option<String>,
@@ -156,6 +159,15 @@ pub enum Command {
     },
     Jobs,
     JobRun {
+        name: String,
+    },
+    /// Creates or replaces a consistency group.
+    GroupSet {
+        name: String,
+        volumes: Vec<String>,
+    },
+    GroupList,
+    GroupDelete {
         name: String,
     },
 }

@@ -312,8 +312,12 @@ impl<P: PolicyPool> Manager<P> {
             return Ok(());
         };
         let name = snapshot_name(&rule.prefix, now);
-        self.pool.create_snapshot(vol, &name)?;
-        created.push(format!("{vol}@{name}"));
+        // A run in the same second as the previous one (a manual run right after a
+        // scheduled one) finds this second's snapshot already taken: that is the snapshot.
+        if !self.pool.snapshots(vol)?.iter().any(|(n, _)| *n == name) {
+            self.pool.create_snapshot(vol, &name)?;
+            created.push(format!("{vol}@{name}"));
+        }
         let plan = self.plan_volume(p, vol)?;
         let mut errors = Vec::new();
         for v in plan.verdicts.iter().filter(|v| !v.keep()) {

@@ -183,3 +183,19 @@ fn a_run_cut_by_a_stop_is_reported_interrupted() {
     let again = Manager::open(&pool, TimeZone::UTC, ts("2026-12-01T03:11:00Z")).unwrap();
     assert_eq!(again.jobs()[0].view.state.failures, 1);
 }
+
+#[test]
+fn a_second_run_in_the_same_second_reuses_its_snapshot() {
+    let pool = MemPool::default();
+    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
+    let t = ts("2026-12-01T10:00:00Z");
+    *pool.now.borrow_mut() = Some(t);
+    let mut m = Manager::open(&pool, TimeZone::UTC, t).unwrap();
+    m.set_policy("p", policy(&["a"], "hourly", Keep::default()), t)
+        .unwrap();
+    let clock = move || t;
+    assert_eq!(m.run_now("snapshot:p", t, &clock).unwrap().created.len(), 1);
+    let again = m.run_now("snapshot:p", t, &clock).unwrap();
+    assert_eq!((again.outcome, again.created.len()), (Outcome::Ok, 0));
+    assert_eq!(pool.snaps.borrow()["a"].len(), 1);
+}

@@ -69,13 +69,14 @@ pub(crate) enum Outcome {
     Done {
         apply: CatalogChange,
         value: u64,
-        /// A lineage whose held writes may go on now.
-        undefer: Option<LineageId>,
+        /// Lineages whose held writes may go on now.
+        undefer: Vec<LineageId>,
         /// Sync the store with this step (management operations); reclaim steps need not.
         durable: bool,
     },
-    /// The snapshot of this lineage must wait for another device sync; its writes are held.
-    Retry(LineageId),
+    /// The snapshot of these lineages must wait for another device sync; their writes are
+    /// held meanwhile.
+    Retry(Vec<LineageId>),
 }
 
 /// The answer to a Txn.
@@ -327,12 +328,13 @@ impl Pool2 {
                         work: Work::Flush,
                         reply: txn.reply,
                     };
-                    if let Some(l) = self.run_mgmt(meta, st, f, reply) {
-                        // Held writes of `l` go first, in their order.
+                    let released = self.run_mgmt(meta, st, f, reply);
+                    if !released.is_empty() {
+                        // Held writes of the released lineages go first, in their order.
                         let mut front: VecDeque<Txn> = VecDeque::new();
                         let mut rest = VecDeque::new();
                         for (hl, t) in st.held.drain(..) {
-                            if hl == l {
+                            if released.contains(&hl) {
                                 front.push_back(t);
                             } else {
                                 rest.push_back((hl, t));
@@ -391,19 +393,13 @@ impl Pool2 {
         }
     }
 
-    /// Runs one management step as its own group; returns a lineage to undefer.
-    fn run_mgmt(
-        &self,
-        meta: &mut Meta2,
-        st: &mut State,
-        f: MgmtFn,
-        reply: Txn,
-    ) -> Option<LineageId> {
+    /// Runs one management step as its own group; returns the lineages it undefers.
+    fn run_mgmt(&self, meta: &mut Meta2, st: &mut State, f: MgmtFn, reply: Txn) -> Vec<LineageId> {
         let mut group = match meta.begin() {
             Ok(g) => g,
             Err(e) => {
                 st.out.push((reply, Answer::Failed(e)));
-                return None;
+                return Vec::new();
             }
         };
         let cat = self.catalog_read();
@@ -425,12 +421,12 @@ impl Pool2 {
                 } else {
                     st.out.push((reply, Answer::Rejected(e)));
                 }
-                None
+                Vec::new()
             }
-            Ok(Outcome::Retry(l)) => {
-                st.deferred.insert(l);
+            Ok(Outcome::Retry(ls)) => {
+                st.deferred.extend(ls);
                 st.out.push((reply, Answer::Retry));
-                None
+                Vec::new()
             }
             Ok(Outcome::Done {
                 apply,
@@ -446,14 +442,14 @@ impl Pool2 {
                         apply(&mut self.catalog_write());
                         self.committed(&done);
                         st.out.push((reply, Answer::Value(value)));
-                        if let Some(l) = undefer {
-                            st.deferred.remove(&l);
+                        for l in &undefer {
+                            st.deferred.remove(l);
                         }
                         undefer
                     }
                     Err(e) => {
                         st.out.push((reply, Answer::Failed(e)));
-                        None
+                        Vec::new()
                     }
                 }
             }

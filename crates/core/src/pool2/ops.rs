@@ -31,7 +31,7 @@ fn done(apply: impl FnOnce(&mut Catalog) + Send + 'static) -> Result<Outcome> {
     Ok(Outcome::Done {
         apply: Box::new(apply),
         value: 0,
-        undefer: None,
+        undefer: Vec::new(),
         durable: true,
     })
 }
@@ -343,10 +343,33 @@ impl Pool2 {
     /// writes are held while it syncs again (format2.md §3.3), so a snapshot never
     /// references data that is not durable.
     pub fn create_snapshot(&self, vol: &str, snap: &str) -> Result<SnapshotInfo> {
+        self.create_snapshots(&[vol], snap)?;
+        self.snapshot_summary(vol, snap)
+    }
+
+    /// Snapshots every volume of `vols` as `snap` in one committer step — one durable batch
+    /// at one point of the write order, so the snapshots are one cut: a write applied
+    /// before it is in every snapshot of its volume, one applied after is in none (a
+    /// consistency group, as `rbd group snap create`). All or nothing: if one name is
+    /// taken, no snapshot is made. Durability as for one volume, per member lineage.
+    pub fn create_snapshots(&self, vols: &[&str], snap: &str) -> Result<Vec<SnapshotInfo>> {
         validate_name("snapshot name", snap)?;
+        if vols.is_empty() {
+            return Err(Error::invalid("snapshot", "no volume given"));
+        }
         let _m = lock(&self.mgmt);
-        let vid = self.volume_id(vol)?;
-        let mut deferred: Option<LineageId> = None;
+        let mut vids = Vec::with_capacity(vols.len());
+        for v in vols {
+            let id = self.volume_id(v)?;
+            if vids.contains(&id) {
+                return Err(Error::invalid(
+                    "snapshot",
+                    format!("volume '{v}' named twice"),
+                ));
+            }
+            vids.push(id);
+        }
+        let mut deferred: Vec<LineageId> = Vec::new();
         for _ in 0..SNAPSHOT_ATTEMPTS {
             let synced = (|| {
                 crate::failpoint!("snapshot2.before_sync");
@@ -355,74 +378,103 @@ impl Pool2 {
             let n = match synced {
                 Ok(n) => n,
                 Err(e) => {
-                    self.undefer(deferred);
+                    self.undefer(std::mem::take(&mut deferred));
                     return Err(e);
                 }
             };
             let name = snap.to_string();
+            let members = vids.clone();
             let r = self.committer.submit(Work::Mgmt(Box::new(move |ctx| {
-                let v = ctx.catalog.volume(vid)?.clone();
-                if ctx.catalog.snapshots.contains_key(&(vid, name.clone())) {
-                    return Err(Error::exists("snapshot", format!("{}@{name}", v.name)));
+                let mut vrecs = Vec::with_capacity(members.len());
+                for vid in &members {
+                    let v = ctx.catalog.volume(*vid)?.clone();
+                    if ctx.catalog.snapshots.contains_key(&(*vid, name.clone())) {
+                        return Err(Error::exists("snapshot", format!("{}@{name}", v.name)));
+                    }
+                    vrecs.push(v);
                 }
-                let l = v.lineage;
-                if ctx.written.get(&l).copied().unwrap_or(0) >= n {
-                    return Ok(Outcome::Retry(l));
+                let unsynced: Vec<LineageId> = vrecs
+                    .iter()
+                    .map(|v| v.lineage)
+                    .filter(|l| ctx.written.get(l).copied().unwrap_or(0) >= n)
+                    .collect();
+                if !unsynced.is_empty() {
+                    return Ok(Outcome::Retry(unsynced));
                 }
                 let mut ids = ctx.catalog.ids;
-                let id = ids.snapshot.max(1);
-                ids.snapshot = id + 1;
-                let (written, e) = {
-                    let (m, g) = ctx.parts();
-                    let written = m.lineage(l)?.born_now.saturating_mul(BLOCK_SIZE_U64);
-                    (written, m.snapshot(g, l)?)
-                };
-                let rec = SnapRec {
-                    id,
-                    vol: vid,
-                    name: name.clone(),
-                    lineage: l,
-                    epoch: e,
-                    size: v.size,
-                    created: keys::now_secs(),
-                    written,
-                };
-                put(ctx, cat::snapshot_key(vid, &name), cat::encode(&rec));
+                let mut recs = Vec::with_capacity(members.len());
+                for (vid, v) in members.iter().zip(&vrecs) {
+                    let id = ids.snapshot.max(1);
+                    ids.snapshot = id + 1;
+                    let l = v.lineage;
+                    let (written, e) = {
+                        let (m, g) = ctx.parts();
+                        let written = m.lineage(l)?.born_now.saturating_mul(BLOCK_SIZE_U64);
+                        (written, m.snapshot(g, l)?)
+                    };
+                    let rec = SnapRec {
+                        id,
+                        vol: *vid,
+                        name: name.clone(),
+                        lineage: l,
+                        epoch: e,
+                        size: v.size,
+                        created: keys::now_secs(),
+                        written,
+                    };
+                    put(ctx, cat::snapshot_key(*vid, &name), cat::encode(&rec));
+                    recs.push(rec);
+                }
                 put(ctx, cat::ids_key(), cat::encode(&ids));
+                let lineages = vrecs.iter().map(|v| v.lineage).collect();
                 Ok(Outcome::Done {
                     apply: Box::new(move |c| {
-                        c.snapshots.insert((vid, name), rec);
+                        for rec in recs {
+                            c.snapshots.insert((rec.vol, rec.name.clone()), rec);
+                        }
                         c.ids = ids;
                     }),
-                    value: id,
-                    undefer: Some(l),
+                    value: 0,
+                    undefer: lineages,
                     durable: true,
                 })
             })));
             match r {
-                Answer::Value(_) => return self.snapshot_summary(vol, snap),
+                Answer::Value(_) => {
+                    return vols
+                        .iter()
+                        .map(|v| self.snapshot_summary(v, snap))
+                        .collect()
+                }
                 Answer::Retry => {
-                    deferred = self.catalog_read().volume(vid).ok().map(|v| v.lineage);
+                    // The step deferred the members that had unsynced writes; all of them
+                    // are released by the step that succeeds (or below).
+                    let c = self.catalog_read();
+                    deferred = vids
+                        .iter()
+                        .filter_map(|v| c.volume(*v).ok().map(|v| v.lineage))
+                        .collect();
                 }
                 Answer::Rejected(e) | Answer::Failed(e) => {
-                    self.undefer(deferred);
+                    self.undefer(std::mem::take(&mut deferred));
                     return Err(e);
                 }
             }
         }
         self.undefer(deferred);
         Err(Error::Busy(format!(
-            "snapshot {vol}@{snap}: writes kept landing during {SNAPSHOT_ATTEMPTS} device syncs"
+            "snapshot {}@{snap}: writes kept landing during {SNAPSHOT_ATTEMPTS} device syncs",
+            vols.join(",")
         )))
     }
 
-    fn undefer(&self, l: Option<LineageId>) {
-        if let Some(l) = l {
+    fn undefer(&self, ls: Vec<LineageId>) {
+        if !ls.is_empty() {
             let _ = self.committer.submit(Work::Mgmt(Box::new(move |_| {
                 Ok(Outcome::Done {
                     apply: Box::new(|_| {}),
                     value: 0,
-                    undefer: Some(l),
+                    undefer: ls,
                     durable: true,
                 })
             })));
@@ -597,7 +649,7 @@ impl Pool2 {
                 Ok(Outcome::Done {
                     apply: Box::new(|_| {}),
                     value: u64::from(more),
-                    undefer: None,
+                    undefer: Vec::new(),
                     durable: false,
                 })
             }))?;

@@ -53,7 +53,7 @@ impl Pool2 {
             Ok(Outcome::Done {
                 apply: Box::new(|_| {}),
                 value: 0,
-                undefer: None,
+                undefer: Vec::new(),
                 durable: true,
             })
         }))?;
@@ -80,5 +80,65 @@ impl Pool2 {
             Ok::<_, Error>(ControlFlow::Continue(()))
         })?;
         Ok(out)
+    }
+}
+
+/// Consistency groups: named sets of volumes snapshotted together
+/// ([`Pool2::create_snapshots`]), kept as records `group/NAME` (a JSON list of volume
+/// names).
+impl Pool2 {
+    /// Creates or replaces group `name`; every member must exist.
+    pub fn set_group(&self, name: &str, volumes: &[String]) -> Result<()> {
+        crate::names::validate_name("group name", name)?;
+        if volumes.is_empty() {
+            return Err(Error::invalid("group", format!("'{name}' has no volume")));
+        }
+        for (i, v) in volumes.iter().enumerate() {
+            self.volume_id(v)?;
+            if volumes[..i].contains(v) {
+                return Err(Error::invalid("group", format!("'{name}' names {v} twice")));
+            }
+        }
+        let v = serde_json::to_vec(volumes).expect("a list of names serialises");
+        self.put_record(&format!("group/{name}"), Some(v))
+    }
+
+    /// The members of group `name`.
+    pub fn group(&self, name: &str) -> Result<Vec<String>> {
+        let key = format!("group/{name}");
+        let rec = self
+            .records(&key)?
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .ok_or_else(|| Error::not_found("group", name.to_string()))?;
+        serde_json::from_slice(&rec.1).map_err(|e| Error::Corrupt(format!("record {key}: {e}")))
+    }
+
+    /// Every group and its members.
+    pub fn groups(&self) -> Result<Vec<(String, Vec<String>)>> {
+        self.records("group/")?
+            .into_iter()
+            .map(|(k, v)| {
+                let members = serde_json::from_slice(&v)
+                    .map_err(|e| Error::Corrupt(format!("record {k}: {e}")))?;
+                Ok((k["group/".len()..].to_string(), members))
+            })
+            .collect()
+    }
+
+    pub fn delete_group(&self, name: &str) -> Result<()> {
+        self.group(name)?;
+        self.put_record(&format!("group/{name}"), None)
+    }
+
+    /// Snapshots every member of group `name` as `snap`, as one cut.
+    pub fn create_group_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+    ) -> Result<Vec<crate::pool::SnapshotInfo>> {
+        let members = self.group(name)?;
+        let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+        self.create_snapshots(&refs, snap)
     }
 }
