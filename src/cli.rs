@@ -9,7 +9,7 @@ use crate::repos::RepoArgs;
 #[derive(Parser, Debug)]
 #[command(
     name = "snapblk",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SNAPBLK_COMMIT"), ")"),
     about = "Thin volumes with O(1) snapshots, served over NBD"
 )]
 pub struct Cli {
@@ -77,6 +77,13 @@ pub enum Cmd {
     /// (`snapshot create GROUP@NAME --group`).
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (snapblk.1, snapblk-volume.1, ...) for every command into DIR.
+    Manpages { dir: PathBuf },
     /// Protection policies: snapshots on a schedule, kept by retention rules.
     #[command(subcommand)]
     Policy(PolicyCmd),

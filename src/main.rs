@@ -8,6 +8,7 @@ mod daemon;
 mod devices;
 mod freeze;
 mod human;
+mod manpages;
 mod open;
 mod policies;
 mod progress;
@@ -146,6 +147,8 @@ fn command(cmd: &Cmd) -> Result<Command> {
         | Cmd::Pool(PoolCmd::Upgrade)
         | Cmd::Daemon(_)
         | Cmd::UdevName { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Manpages { .. }
         | Cmd::Repo(_)
         | Cmd::Backup(_) => {
             bail!("not a management command")
@@ -206,6 +209,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let out = repo_cmds::backup(c, &bar);
             bar.bar.finish();
             print_outcome(&cli, out?)
+        }
+        Cmd::Completions { shell } => {
+            manpages::completions(*shell)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Manpages { dir } => {
+            let files = manpages::write_all(dir)?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "dir": dir, "pages": files }));
+            } else {
+                println!("wrote {} man pages into {}", files.len(), dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::UdevName { kernel_name } => {
             println!("{}", snapblk_ublk::export_of_device(kernel_name)?);
