@@ -11,6 +11,8 @@ use serde::Deserialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use snapblk_core::Pool;
+
 use crate::control;
 use crate::devices::Devices;
 use crate::open::open_pool;
@@ -162,6 +164,30 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
             .name("control-accept".into())
             .spawn(move || control::serve(p, d, ctl))?;
     }
+    let notifier = Arc::new(crate::notify::Notifier::from_env());
+    notifier.send(&format!(
+        "READY=1\nSTATUS={}\nMAINPID={}",
+        status_line(&pool, &devices),
+        std::process::id()
+    ));
+    if let Some(every) = crate::notify::Notifier::watchdog_interval() {
+        let (n, p, d) = (
+            Arc::clone(&notifier),
+            Arc::clone(&pool),
+            Arc::clone(&devices),
+        );
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || loop {
+                // Only a pool that answers is alive: a hung committer or a stopped engine
+                // lets systemd's watchdog restart the daemon.
+                match p.health() {
+                    Ok(()) => n.send(&format!("WATCHDOG=1\nSTATUS={}", status_line(&p, &d))),
+                    Err(e) => n.send(&format!("STATUS=pool not answering: {e}")),
+                }
+                std::thread::sleep(every);
+            })?;
+    }
     eprintln!(
         "snapblk daemon: pool {} ready; control {}, NBD {}{}",
         pool.uuid(),
@@ -176,6 +202,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     if let Some(sig) = signals.forever().next() {
         eprintln!("snapblk daemon: signal {sig}, shutting down");
     }
+    notifier.send("STOPPING=1\nSTATUS=shutting down: draining I/O, detaching devices");
     policies.stop();
     devices.restores.stop_all();
     devices.detach_all();
@@ -335,4 +362,16 @@ mod tests {
             vec!["/mnt/a/b c".to_string(), "/mnt/a".to_string()]
         );
     }
+}
+
+/// One line of what the daemon serves, for systemd's STATUS=.
+fn status_line(pool: &Pool, devices: &Devices) -> String {
+    let info = pool.info();
+    format!(
+        "{} volumes, {} snapshots, {} ublk devices attached, {} free",
+        info.volumes,
+        info.snapshots,
+        devices.list().as_array().map_or(0, |a| a.len()),
+        crate::human::format_size(info.free)
+    )
 }

@@ -9,6 +9,7 @@ mod devices;
 mod freeze;
 mod human;
 mod manpages;
+mod notify;
 mod open;
 mod policies;
 mod progress;

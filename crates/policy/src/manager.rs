@@ -138,7 +138,9 @@ impl<P: PolicyPool> Manager<P> {
             random_delay_secs: s.random_delay_secs,
         };
         let had_run = rec.state.running_since.is_some();
+        let before = rec.state.clone();
         let state = self.sched.add(&job, spec, rec.state, now);
+        let changed = state != before;
         let mut history = rec.history;
         if had_run {
             // Interrupted by a daemon stop: record it, so the history says so.
@@ -154,7 +156,12 @@ impl<P: PolicyPool> Manager<P> {
             trim(&mut history);
         }
         self.history.insert(job.clone(), history.clone());
-        self.save(&job, state, history)
+        // Opening the pool's policies writes only what changed (a new job, an interrupted
+        // run), so read-only commands stay read-only.
+        if changed || had_run {
+            self.save(&job, state, history)?;
+        }
+        Ok(())
     }
 
     fn save(&self, job: &str, state: JobState, history: Vec<RunRecord>) -> Result<(), String> {

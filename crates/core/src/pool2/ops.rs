@@ -117,6 +117,20 @@ impl Pool2 {
         self.volume_info(&n2)
     }
 
+    /// Whether the pool answers: a no-op step through the committer (so a hung committer
+    /// or a stopped engine shows). Takes no management lock and writes nothing.
+    pub fn health(&self) -> Result<()> {
+        self.run(Box::new(|_| {
+            Ok(Outcome::Done {
+                apply: Box::new(|_| {}),
+                value: 0,
+                undefer: Vec::new(),
+                durable: false,
+            })
+        }))
+        .map(|_| ())
+    }
+
     /// Space and object counts; `hidden_layers` counts lineages that back no volume and
     /// hold no snapshot (clones' origins, reclaim in progress).
     pub fn info(&self) -> crate::pool::PoolInfo {
