@@ -347,6 +347,18 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// One line of what the daemon serves, for systemd's STATUS=.
+fn status_line(pool: &Pool, devices: &Devices) -> String {
+    let info = pool.info();
+    format!(
+        "{} volumes, {} snapshots, {} ublk devices attached, {} free",
+        info.volumes,
+        info.snapshots,
+        devices.list().as_array().map_or(0, |a| a.len()),
+        crate::human::format_size(info.free)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,16 +374,4 @@ mod tests {
             vec!["/mnt/a/b c".to_string(), "/mnt/a".to_string()]
         );
     }
-}
-
-/// One line of what the daemon serves, for systemd's STATUS=.
-fn status_line(pool: &Pool, devices: &Devices) -> String {
-    let info = pool.info();
-    format!(
-        "{} volumes, {} snapshots, {} ublk devices attached, {} free",
-        info.volumes,
-        info.snapshots,
-        devices.list().as_array().map_or(0, |a| a.len()),
-        crate::human::format_size(info.free)
-    )
 }
