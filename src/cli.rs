@@ -385,15 +385,20 @@ pub struct PolicySetArgs {
     /// Policy name.
     pub name: String,
     /// A volume the policy protects (repeat for more).
-    #[arg(long = "volume", required = true)]
+    #[arg(long = "volume", required_unless_present = "groups")]
     pub volumes: Vec<String>,
+    /// A consistency group the policy protects: its members are snapshotted as one cut
+    /// (repeat for more).
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
     /// When to snapshot, as systemd OnCalendar: hourly, daily, "*-*-* 02:00",
     /// "Mon..Fri 18:00", "*:0/15" (local time).
     #[arg(long)]
     pub schedule: String,
-    /// Snapshot names are PREFIX-YYYYMMDD-HHMMSS (UTC); retention only touches those.
-    #[arg(long, default_value = "auto")]
-    pub prefix: String,
+    /// Snapshot names are PREFIX-YYYYMMDD-HHMMSS (UTC; PREFIX defaults to the policy's
+    /// name); retention only touches those.
+    #[arg(long)]
+    pub prefix: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub keep_last: u32,
     #[arg(long, default_value_t = 0)]

@@ -124,9 +124,10 @@ fn command(cmd: &Cmd) -> Result<Command> {
             name: a.name.clone(),
             policy: serde_json::json!({
                 "volumes": a.volumes,
+                "groups": a.groups,
                 "snapshots": {
                     "schedule": a.schedule,
-                    "prefix": a.prefix,
+                    "prefix": a.prefix.clone().unwrap_or_default(),
                     "persistent": !a.no_catch_up,
                     "random_delay_secs": a.random_delay,
                     "keep": {

@@ -40,6 +40,15 @@ impl PolicyPool for PoolPolicies {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
+    fn group_members(&self, group: &str) -> Result<Vec<String>, String> {
+        self.0.group(group).map_err(|e| e.to_string())
+    }
+    fn create_group_snapshot(&self, group: &str, name: &str) -> Result<(), String> {
+        self.0
+            .create_group_snapshot(group, name)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
     fn delete_snapshot(&self, vol: &str, name: &str) -> Result<(), String> {
         self.0.delete_snapshot(vol, name).map_err(|e| e.to_string())
     }

@@ -323,6 +323,7 @@ pub fn render(cmd: &Command, v: &Value) -> String {
                     serde_json::json!({
                         "name": r["name"],
                         "volumes": r["policy"]["volumes"].as_array().map(|a| a.iter().map(|v| cell("", v)).collect::<Vec<_>>().join(",")),
+                        "groups": r["policy"]["groups"].as_array().map(|a| a.iter().map(|v| cell("", v)).collect::<Vec<_>>().join(",")),
                         "schedule": s["schedule"],
                         "keep": if keep.is_empty() { "all".to_string() } else { keep },
                     })
@@ -331,6 +332,7 @@ pub fn render(cmd: &Command, v: &Value) -> String {
             &[
                 ("name", "POLICY"),
                 ("volumes", "VOLUMES"),
+                ("groups", "GROUPS"),
                 ("schedule", "SCHEDULE"),
                 ("keep", "KEEP"),
             ],

@@ -13,7 +13,7 @@ expect_error() { # PATTERN CMD...
     grep -qiE "$pat" "$T/err" || { cat "$T/err"; fail "error for '$*' does not mention '$pat'"; }
 }
 autos() { snapblk --json snapshot list "$1" | python3 -c '
-import json,sys; print(len([s for s in json.load(sys.stdin) if s["name"].startswith("auto-")]))'; }
+import json,sys; print(len([s for s in json.load(sys.stdin) if s["name"].startswith("p-")]))'; }
 
 create_pool 1G
 start_daemon
@@ -48,7 +48,7 @@ assert_check_clean
 
 log "the dry run explains every decision and changes nothing"
 snapblk policy plan p > "$T/plan"
-grep -q "keep    a@auto-.*(last)" "$T/plan" || { cat "$T/plan"; fail "plan lacks reasons"; }
+grep -q "keep    a@p-.*(last)" "$T/plan" || { cat "$T/plan"; fail "plan lacks reasons"; }
 grep -q "manual" "$T/plan" && fail "the plan considers a snapshot the policy did not take"
 [ "$(autos a)" -eq 3 ] || fail "plan changed something"
 
@@ -76,7 +76,7 @@ out=$(snapblk --json jobs run snapshot:p)
 echo "$out" | python3 -c '
 import json,sys; r=json.load(sys.stdin)
 assert r["outcome"]["status"] == "failed" and "volume gone" in r["outcome"]["error"], r
-assert any(c.startswith("a@auto-") for c in r["created"]) and any(c.startswith("b@auto-") for c in r["created"]), r' \
+assert any(c.startswith("a@p-") for c in r["created"]) and any(c.startswith("b@p-") for c in r["created"]), r' \
     || { echo "$out"; fail "a missing volume: wrong outcome"; }
 snapblk jobs | grep -q "failed" || { snapblk jobs; fail "jobs does not show the failure"; }
 
@@ -89,6 +89,14 @@ snapblk snapshot info a@g1 >/dev/null && snapblk snapshot info b@g1 >/dev/null |
 snapblk snapshot create b@g2 >/dev/null
 expect_error "exists" snapblk snapshot create app@g2 --group
 snapblk snapshot info a@g2 >/dev/null 2>&1 && fail "a failed group snapshot left a member snapshot"
+log "a policy on the group snapshots its members as one cut"
+snapblk policy set ap --group app --schedule yearly --keep-last 2 >/dev/null
+snapblk --json jobs run snapshot:ap | python3 -c '
+import json,sys; r=json.load(sys.stdin)
+assert r["outcome"]["status"] == "ok", r
+names = sorted(c.split("@")[1] for c in r["created"])
+assert len(names) == 2 and names[0] == names[1], r' || fail "policy on a group"
+snapblk policy delete ap >/dev/null
 snapblk group delete app >/dev/null
 expect_error "not found" snapblk snapshot create app@g3 --group
 

@@ -32,6 +32,10 @@ pub trait PolicyPool {
     /// `vol`'s snapshots: (name, creation time).
     fn snapshots(&self, vol: &str) -> Result<Vec<(String, Timestamp)>, String>;
     fn create_snapshot(&self, vol: &str, name: &str) -> Result<(), String>;
+    /// The volumes of consistency group `group`.
+    fn group_members(&self, group: &str) -> Result<Vec<String>, String>;
+    /// Snapshots every member of `group` as `name`, as one cut (all or nothing).
+    fn create_group_snapshot(&self, group: &str, name: &str) -> Result<(), String>;
     fn delete_snapshot(&self, vol: &str, name: &str) -> Result<(), String>;
     /// Records whose names start with `prefix`.
     fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String>;
@@ -171,9 +175,15 @@ impl<P: PolicyPool> Manager<P> {
     }
 
     /// Creates or replaces policy `name` (its job keeps its state and history).
-    pub fn set_policy(&mut self, name: &str, p: Policy, now: Timestamp) -> Result<(), String> {
+    pub fn set_policy(&mut self, name: &str, mut p: Policy, now: Timestamp) -> Result<(), String> {
         valid_name("policy name", name)?;
+        if let Some(s) = p.snapshots.as_mut() {
+            if s.prefix.is_empty() {
+                s.prefix = name.to_string();
+            }
+        }
         p.validate()?;
+        self.check_prefix_unique(name, &p)?;
         let v = serde_json::to_vec(&p).map_err(|e| e.to_string())?;
         self.pool.put_record(&format!("policy/{name}"), Some(v))?;
         let job = job_name(name);
@@ -188,6 +198,34 @@ impl<P: PolicyPool> Manager<P> {
         self.sched.remove(&job);
         self.add_job(name, &p, JobRecord { state, history }, now)?;
         self.policies.insert(name.to_string(), p);
+        Ok(())
+    }
+
+    /// No other policy covering one of `p`'s volumes (directly or through a group) may name
+    /// its snapshots with the same prefix: their retentions would delete each other's.
+    fn check_prefix_unique(&self, name: &str, p: &Policy) -> Result<(), String> {
+        let Some(prefix) = p.snapshots.as_ref().map(|s| &s.prefix) else {
+            return Ok(());
+        };
+        let vols = |q: &Policy| -> Vec<String> {
+            let mut v = q.volumes.clone();
+            for g in &q.groups {
+                // A group that does not resolve is reported when the job runs.
+                v.extend(self.pool.group_members(g).unwrap_or_default());
+            }
+            v
+        };
+        let mine = vols(p);
+        for (other, q) in &self.policies {
+            if other == name || q.snapshots.as_ref().map(|s| &s.prefix) != Some(prefix) {
+                continue;
+            }
+            if let Some(v) = vols(q).iter().find(|v| mine.contains(v)) {
+                return Err(format!(
+                    "policy '{other}' already names snapshots of volume {v} '{prefix}-…'; give this one another --prefix"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -273,6 +311,11 @@ impl<P: PolicyPool> Manager<P> {
         let (mut created, mut deleted) = (Vec::new(), Vec::new());
         match &policy {
             Some(p) => {
+                for g in &p.groups {
+                    if let Err(e) = self.snapshot_group(p, g, now, &mut created, &mut deleted) {
+                        errors.push(format!("group {g}: {e}"));
+                    }
+                }
                 for vol in &p.volumes {
                     if let Err(e) = self.snapshot_volume(p, vol, now, &mut created, &mut deleted) {
                         errors.push(format!("volume {vol}: {e}"));
@@ -307,6 +350,44 @@ impl<P: PolicyPool> Manager<P> {
         Some(rec)
     }
 
+    /// One cut of every member of `group`, then retention on each member.
+    fn snapshot_group(
+        &self,
+        p: &Policy,
+        group: &str,
+        now: Timestamp,
+        created: &mut Vec<String>,
+        deleted: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let Some(rule) = &p.snapshots else {
+            return Ok(());
+        };
+        let name = snapshot_name(&rule.prefix, now);
+        let members = self.pool.group_members(group)?;
+        let mut taken = 0;
+        for m in &members {
+            if self.pool.snapshots(m)?.iter().any(|(n, _)| *n == name) {
+                taken += 1;
+            }
+        }
+        // Every member already has this second's snapshot: a run in the same second.
+        if taken < members.len() {
+            self.pool.create_group_snapshot(group, &name)?;
+            created.extend(members.iter().map(|m| format!("{m}@{name}")));
+        }
+        let mut errors = Vec::new();
+        for m in &members {
+            if let Err(e) = self.prune_volume(p, m, deleted) {
+                errors.push(format!("{m}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
     fn snapshot_volume(
         &self,
         p: &Policy,
@@ -325,6 +406,11 @@ impl<P: PolicyPool> Manager<P> {
             self.pool.create_snapshot(vol, &name)?;
             created.push(format!("{vol}@{name}"));
         }
+        self.prune_volume(p, vol, deleted)
+    }
+
+    /// Deletes what retention does not keep among `vol`'s snapshots of this policy.
+    fn prune_volume(&self, p: &Policy, vol: &str, deleted: &mut Vec<String>) -> Result<(), String> {
         let plan = self.plan_volume(p, vol)?;
         let mut errors = Vec::new();
         for v in plan.verdicts.iter().filter(|v| !v.keep()) {
@@ -374,7 +460,17 @@ impl<P: PolicyPool> Manager<P> {
             .policies
             .get(name)
             .ok_or_else(|| format!("policy '{name}' does not exist"))?;
-        Ok(p.volumes
+        let mut vols: Vec<String> = Vec::new();
+        for g in &p.groups {
+            match self.pool.group_members(g) {
+                Ok(m) => vols.extend(m),
+                Err(e) => {
+                    return Err(format!("group {g}: {e}"));
+                }
+            }
+        }
+        vols.extend(p.volumes.iter().cloned());
+        Ok(vols
             .iter()
             .map(|v| {
                 self.plan_volume(p, v).unwrap_or_else(|e| VolumePlan {

@@ -3,9 +3,10 @@
 //!
 //! This step covers local snapshots: a schedule, a retention, the volumes it applies to.
 //! Snapshots a policy takes are named `PREFIX-YYYYMMDD-HHMMSS` (UTC, so names sort by time
-//! and are the same whatever the host's zone); retention only ever considers snapshots with
-//! that exact shape of name on the policy's volumes, so snapshots taken by hand or by
-//! another policy with another prefix are never deleted by it (sanoid's `autosnap_` rule).
+//! and are the same whatever the host's zone); the prefix is the policy's name unless given,
+//! and no two policies covering one volume may share it. Retention only ever considers
+//! snapshots with that exact shape of name on the policy's volumes, so snapshots taken by
+//! hand or by another policy are never deleted by it (sanoid's `autosnap_` rule).
 
 use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
@@ -34,8 +35,9 @@ pub struct SnapshotRule {
     pub random_delay_secs: u32,
 }
 
+/// Empty: [`crate::Manager::set_policy`] makes it the policy's name.
 fn default_prefix() -> String {
-    "auto".into()
+    String::new()
 }
 fn yes() -> bool {
     true
@@ -45,21 +47,28 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    #[serde(default)]
     pub volumes: Vec<String>,
+    /// Consistency groups: each is snapshotted as one cut (all members in one commit).
+    #[serde(default)]
+    pub groups: Vec<String>,
     pub snapshots: Option<SnapshotRule>,
 }
 
 impl Policy {
     /// Checks what the pool cannot: bounds, names, the prefix's shape.
     pub fn validate(&self) -> Result<(), String> {
-        if self.volumes.is_empty() {
-            return Err("a policy needs at least one volume".into());
+        if self.volumes.is_empty() && self.groups.is_empty() {
+            return Err("a policy needs at least one volume or group".into());
         }
-        if self.volumes.len() > MAX_VOLUMES {
-            return Err(format!("more than {MAX_VOLUMES} volumes"));
+        if self.volumes.len() + self.groups.len() > MAX_VOLUMES {
+            return Err(format!("more than {MAX_VOLUMES} volumes and groups"));
         }
         for v in &self.volumes {
             valid_name("volume", v)?;
+        }
+        for g in &self.groups {
+            valid_name("group", g)?;
         }
         if let Some(s) = &self.snapshots {
             valid_name("snapshot prefix", &s.prefix)?;
@@ -157,8 +166,12 @@ mod tests {
             r#"{"volumes":["vm1"],"snapshots":{"schedule":"hourly","keep":{"hourly":24}}}"#,
         )
         .unwrap();
+        // No prefix given: empty until the manager makes it the policy's name.
+        assert_eq!(p.snapshots.as_ref().unwrap().prefix, "");
+        assert!(p.validate().is_err());
+        let mut p = p;
+        p.snapshots.as_mut().unwrap().prefix = "vm1-hourly".into();
         p.validate().unwrap();
-        assert_eq!(p.snapshots.as_ref().unwrap().prefix, "auto");
         assert!(serde_json::from_str::<Policy>(
             r#"{"volumes":["a"],"snapshots":{"schedule":"bogus"}}"#
         )

@@ -11,6 +11,7 @@ use snapblk_policy::{Keep, Manager, Outcome, Policy, PolicyPool, SnapshotRule};
 
 #[derive(Default)]
 struct MemPool {
+    groups: RefCell<BTreeMap<String, Vec<String>>>,
     snaps: RefCell<BTreeMap<String, BTreeMap<String, Timestamp>>>,
     records: RefCell<BTreeMap<String, Vec<u8>>>,
     now: RefCell<Option<Timestamp>>,
@@ -33,6 +34,29 @@ impl PolicyPool for &MemPool {
             return Err(format!("snapshot {vol}@{name} exists"));
         }
         v.insert(name.into(), self.now.borrow().expect("clock set"));
+        Ok(())
+    }
+    fn group_members(&self, group: &str) -> Result<Vec<String>, String> {
+        self.groups
+            .borrow()
+            .get(group)
+            .cloned()
+            .ok_or_else(|| format!("group '{group}' not found"))
+    }
+    fn create_group_snapshot(&self, group: &str, name: &str) -> Result<(), String> {
+        let members = self.group_members(group)?;
+        let mut s = self.snaps.borrow_mut();
+        if members
+            .iter()
+            .any(|m| s.get(m).is_none_or(|v| v.contains_key(name)))
+        {
+            return Err(format!("group {group}: a member is missing or has {name}"));
+        }
+        for m in members {
+            s.get_mut(&m)
+                .unwrap()
+                .insert(name.into(), self.now.borrow().unwrap());
+        }
         Ok(())
     }
     fn delete_snapshot(&self, vol: &str, name: &str) -> Result<(), String> {
@@ -69,6 +93,7 @@ fn ts(s: &str) -> Timestamp {
 fn policy(vols: &[&str], schedule: &str, keep: Keep) -> Policy {
     Policy {
         volumes: vols.iter().map(|v| v.to_string()).collect(),
+        groups: Vec::new(),
         snapshots: Some(SnapshotRule {
             schedule: schedule.parse().unwrap(),
             keep,
@@ -104,6 +129,22 @@ fn a_day_of_hourly_snapshots_with_retention_restart_and_failures() {
     assert!(m
         .set_policy("bad name", policy(&["a"], "hourly", keep), t0)
         .is_err());
+    // Another policy on volume a with the same prefix would prune this one's snapshots.
+    let e = m
+        .set_policy("other", policy(&["a"], "daily", keep), t0)
+        .unwrap_err();
+    assert!(
+        e.contains("policy 'vms' already names snapshots of volume a"),
+        "{e}"
+    );
+    let mut own = policy(&["a"], "daily", keep);
+    own.snapshots.as_mut().unwrap().prefix = String::new();
+    m.set_policy("other", own, t0).unwrap();
+    assert_eq!(
+        m.policies()["other"].snapshots.as_ref().unwrap().prefix,
+        "other"
+    );
+    m.delete_policy("other").unwrap();
 
     let mut now = t0;
     let end = ts("2026-12-02T00:30:00Z");
@@ -198,4 +239,49 @@ fn a_second_run_in_the_same_second_reuses_its_snapshot() {
     let again = m.run_now("snapshot:p", t, &clock).unwrap();
     assert_eq!((again.outcome, again.created.len()), (Outcome::Ok, 0));
     assert_eq!(pool.snaps.borrow()["a"].len(), 1);
+}
+
+#[test]
+fn a_policy_on_a_group_snapshots_all_members_at_once_and_prunes_each() {
+    let pool = MemPool::default();
+    for v in ["db", "logs"] {
+        pool.snaps.borrow_mut().insert(v.into(), BTreeMap::new());
+    }
+    pool.groups
+        .borrow_mut()
+        .insert("app".into(), vec!["db".into(), "logs".into()]);
+    let t0 = ts("2026-12-01T00:00:00Z");
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    let mut p = policy(
+        &[],
+        "hourly",
+        Keep {
+            last: 2,
+            ..Keep::default()
+        },
+    );
+    p.groups = vec!["app".into()];
+    m.set_policy("app", p, t0).unwrap();
+    for h in 1..=5 {
+        let t = t0.checked_add(h.hours()).unwrap();
+        *pool.now.borrow_mut() = Some(t);
+        let runs = m.tick(t, &move || t);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].1.outcome, Outcome::Ok, "{:?}", runs[0].1);
+        assert_eq!(runs[0].1.created.len(), 2);
+    }
+    let s = pool.snaps.borrow();
+    assert_eq!(
+        s["db"].keys().collect::<Vec<_>>(),
+        s["logs"].keys().collect::<Vec<_>>()
+    );
+    assert_eq!(s["db"].len(), 2);
+    let plan = m.prune_plan("app").unwrap();
+    assert_eq!(plan.len(), 2);
+    let mut q = policy(&[], "hourly", Keep::default());
+    q.groups = vec!["nope".into()];
+    let t = ts("2026-12-01T06:00:00Z");
+    m.set_policy("bad", q, t).unwrap();
+    let r = m.run_now("snapshot:bad", t, &move || t).unwrap();
+    assert!(matches!(r.outcome, Outcome::Failed { ref error } if error.contains("group nope")));
 }
