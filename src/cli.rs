@@ -369,7 +369,7 @@ pub struct GcArgs {
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
     /// Create or replace a policy (its job keeps its history).
-    Set(PolicySetArgs),
+    Set(Box<PolicySetArgs>),
     /// Every policy.
     List,
     /// One policy, with its job.
@@ -418,6 +418,19 @@ pub struct PolicySetArgs {
     /// Delay each run by up to this many seconds (spreads hosts with the same policy).
     #[arg(long, default_value_t = 0)]
     pub random_delay: u32,
+    /// Shell command run before the snapshots (e.g. quiesce an application); sees
+    /// SNAPBLK_POLICY, SNAPBLK_PHASE, SNAPBLK_SNAPSHOT, SNAPBLK_VOLUMES.
+    #[arg(long)]
+    pub pre_hook: Option<String>,
+    /// Shell command run after the snapshots (whenever the pre hook ran).
+    #[arg(long)]
+    pub post_hook: Option<String>,
+    /// Seconds a hook may run before it is killed.
+    #[arg(long, default_value_t = 60)]
+    pub hook_timeout: u32,
+    /// If the pre hook fails: abort (no snapshot) or continue (crash-consistent).
+    #[arg(long, default_value = "abort", value_parser = ["abort", "continue"])]
+    pub on_pre_hook_failure: String,
 }
 
 #[derive(Subcommand, Debug)]

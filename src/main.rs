@@ -130,6 +130,12 @@ fn command(cmd: &Cmd) -> Result<Command> {
                     "prefix": a.prefix.clone().unwrap_or_default(),
                     "persistent": !a.no_catch_up,
                     "random_delay_secs": a.random_delay,
+                    "hooks": {
+                        "pre": a.pre_hook.as_ref().map(|c| vec!["/bin/sh", "-c", c]).unwrap_or_default(),
+                        "post": a.post_hook.as_ref().map(|c| vec!["/bin/sh", "-c", c]).unwrap_or_default(),
+                        "timeout_secs": a.hook_timeout,
+                        "on_pre_failure": a.on_pre_hook_failure,
+                    },
                     "keep": {
                         "last": a.keep_last, "hourly": a.keep_hourly, "daily": a.keep_daily,
                         "weekly": a.keep_weekly, "monthly": a.keep_monthly, "yearly": a.keep_yearly,

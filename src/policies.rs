@@ -58,6 +58,82 @@ impl PolicyPool for PoolPolicies {
     fn put_record(&self, name: &str, value: Option<Vec<u8>>) -> Result<(), String> {
         self.0.put_record(name, value).map_err(|e| e.to_string())
     }
+    fn run_hook(
+        &self,
+        argv: &[String],
+        env: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<(), String> {
+        run_hook(argv, env, timeout)
+    }
+}
+
+/// The last 2 KiB a hook wrote to a pipe (read to the end, so it never blocks on a full
+/// pipe; memory stays bounded).
+fn tail_of(mut r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut keep: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            keep.extend_from_slice(&buf[..n]);
+            if keep.len() > 2048 {
+                keep.drain(..keep.len() - 2048);
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&keep).trim().to_string());
+    });
+    rx
+}
+
+/// Runs a hook: no shell, stdin from /dev/null, killed after `timeout`.
+fn run_hook(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result<(), String> {
+    use std::process::{Command as Proc, Stdio};
+    let (cmd, args) = argv.split_first().ok_or("empty hook")?;
+    let mut child = Proc::new(cmd)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {cmd}: {e}"))?;
+    let out = child.stdout.take().map(tail_of);
+    let err = child.stderr.take().map(tail_of);
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if t0.elapsed() >= timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{cmd} killed after {} s", timeout.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("waiting for {cmd}: {e}")),
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    // A child the hook left running may hold the pipes open: wait for them a little only.
+    let text = |rx: Option<std::sync::mpsc::Receiver<String>>| {
+        rx.and_then(|r| r.recv_timeout(Duration::from_secs(1)).ok())
+            .unwrap_or_default()
+    };
+    let (o, e) = (text(out), text(err));
+    let said = if e.is_empty() { o } else { e };
+    Err(format!(
+        "{cmd} {status}{}",
+        if said.is_empty() {
+            String::new()
+        } else {
+            format!(": {said}")
+        }
+    ))
 }
 
 pub struct PolicyService {

@@ -100,6 +100,37 @@ snapblk policy delete ap >/dev/null
 snapblk group delete app >/dev/null
 expect_error "not found" snapblk snapshot create app@g3 --group
 
+log "hooks: pre and post around the snapshot; a failing pre hook aborts or warns; a hung one is killed"
+run_h() { snapblk --json jobs run snapshot:h; }
+snapblk policy set h --volume b --schedule yearly \
+    --pre-hook "echo \"\$SNAPBLK_PHASE \$SNAPBLK_POLICY \$SNAPBLK_VOLUMES\" >> $T/hooks.log" \
+    --post-hook "echo \"\$SNAPBLK_PHASE \$SNAPBLK_SNAPSHOT\" >> $T/hooks.log" >/dev/null
+run_h | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["outcome"]["status"] == "ok" and len(r["created"]) == 1, r' \
+    || fail "a run with hooks"
+[ "$(sed -n 1p "$T/hooks.log")" = "pre h b" ] || { cat "$T/hooks.log"; fail "pre hook"; }
+grep -qE "^post h-[0-9]{8}-[0-9]{6}$" "$T/hooks.log" || { cat "$T/hooks.log"; fail "post hook"; }
+n=$(snapblk --json snapshot list b | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+sleep 1.1
+snapblk policy set h --volume b --schedule yearly --pre-hook "echo db busy >&2; exit 3" >/dev/null
+run_h | python3 -c '
+import json,sys; r=json.load(sys.stdin); e=r["outcome"].get("error", "")
+assert r["outcome"]["status"] == "failed" and "exit status: 3" in e and "db busy" in e and not r["created"], r' \
+    || fail "a failing pre hook must abort"
+[ "$(snapblk --json snapshot list b | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" -eq "$n" ] \
+    || fail "an aborted run took a snapshot"
+snapblk policy set h --volume b --schedule yearly --pre-hook "exit 3" --on-pre-hook-failure continue >/dev/null
+run_h | python3 -c '
+import json,sys; r=json.load(sys.stdin)
+assert r["outcome"]["status"] == "ok" and r["created"] and "crash-consistent" in r["warnings"][0], r' \
+    || fail "continue: snapshot crash-consistent with a warning"
+sleep 1.1
+snapblk policy set h --volume b --schedule yearly --pre-hook "sleep 30" --hook-timeout 1 >/dev/null
+t0=$(date +%s)
+run_h | python3 -c 'import json,sys; r=json.load(sys.stdin); assert "killed after 1 s" in r["outcome"]["error"], r' \
+    || fail "a hung hook is killed"
+[ $(( $(date +%s) - t0 )) -le 5 ] || fail "the hung hook held the run"
+snapblk policy delete h >/dev/null
+
 log "deleting the policy stops it; its snapshots stay"
 snapblk policy delete p >/dev/null
 n=$(autos a)

@@ -12,6 +12,6 @@ pub mod scheduler;
 
 pub use calendar::{CalendarEvent, ParseError};
 pub use manager::{JobInfo, JobRecord, Manager, PolicyPool, RunRecord, VolumePlan};
-pub use policy::{parse_snapshot_name, snapshot_name, Policy, SnapshotRule};
+pub use policy::{parse_snapshot_name, snapshot_name, Hooks, OnPreFailure, Policy, SnapshotRule};
 pub use retention::{apply as apply_retention, Item, Keep, Reason, Verdict};
 pub use scheduler::{JobSpec, JobState, JobView, Outcome, SchedError, Scheduler, Start};

@@ -20,7 +20,7 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{parse_snapshot_name, snapshot_name, valid_name, Policy};
+use crate::policy::{parse_snapshot_name, snapshot_name, valid_name, OnPreFailure, Policy};
 use crate::retention::{apply, Item, Verdict};
 use crate::scheduler::{JobSpec, JobState, JobView, Outcome, Scheduler};
 
@@ -40,6 +40,14 @@ pub trait PolicyPool {
     /// Records whose names start with `prefix`.
     fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String>;
     fn put_record(&self, name: &str, value: Option<Vec<u8>>) -> Result<(), String>;
+    /// Runs a policy hook (argv, extra environment) and waits at most `timeout`; an error
+    /// says how it failed (exit status and the end of its output, or the timeout).
+    fn run_hook(
+        &self,
+        argv: &[String],
+        env: &[(&str, String)],
+        timeout: std::time::Duration,
+    ) -> Result<(), String>;
 }
 
 /// One finished run, as `snapblk jobs` shows it.
@@ -52,6 +60,9 @@ pub struct RunRecord {
     /// What the run did: snapshots taken and deleted.
     pub created: Vec<String>,
     pub deleted: Vec<String>,
+    /// What went wrong without failing the run (a pre hook failing under `continue`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What is persisted per job.
@@ -156,6 +167,7 @@ impl<P: PolicyPool> Manager<P> {
                 outcome: Outcome::Interrupted,
                 created: Vec::new(),
                 deleted: Vec::new(),
+                warnings: Vec::new(),
             });
             trim(&mut history);
         }
@@ -308,17 +320,57 @@ impl<P: PolicyPool> Manager<P> {
             errors.push(format!("saving job state: {e}"));
         }
         let policy = policy_of(job).and_then(|p| self.policies.get(p)).cloned();
-        let (mut created, mut deleted) = (Vec::new(), Vec::new());
+        let (mut created, mut deleted, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
         match &policy {
             Some(p) => {
-                for g in &p.groups {
-                    if let Err(e) = self.snapshot_group(p, g, now, &mut created, &mut deleted) {
-                        errors.push(format!("group {g}: {e}"));
+                let hooks = p
+                    .snapshots
+                    .as_ref()
+                    .map(|s| s.hooks.clone())
+                    .unwrap_or_default();
+                let prefix = p.snapshots.as_ref().map_or("", |s| s.prefix.as_str());
+                let vols = [p.groups.clone(), p.volumes.clone()].concat().join(" ");
+                let env = |phase: &str| {
+                    vec![
+                        ("SNAPBLK_POLICY", policy_of(job).unwrap_or("").to_string()),
+                        ("SNAPBLK_PHASE", phase.to_string()),
+                        ("SNAPBLK_SNAPSHOT", snapshot_name(prefix, now)),
+                        ("SNAPBLK_VOLUMES", vols.clone()),
+                    ]
+                };
+                let mut go = true;
+                if !hooks.pre.is_empty() {
+                    if let Err(e) = self.pool.run_hook(&hooks.pre, &env("pre"), hooks.timeout()) {
+                        match hooks.on_pre_failure {
+                            OnPreFailure::Abort => {
+                                errors.push(format!("pre hook: {e}; no snapshot taken"));
+                                go = false;
+                            }
+                            OnPreFailure::Continue => warnings
+                                .push(format!("pre hook: {e}; snapshots taken crash-consistent")),
+                        }
                     }
                 }
-                for vol in &p.volumes {
-                    if let Err(e) = self.snapshot_volume(p, vol, now, &mut created, &mut deleted) {
-                        errors.push(format!("volume {vol}: {e}"));
+                if go {
+                    for g in &p.groups {
+                        if let Err(e) = self.snapshot_group(p, g, now, &mut created, &mut deleted) {
+                            errors.push(format!("group {g}: {e}"));
+                        }
+                    }
+                    for vol in &p.volumes {
+                        if let Err(e) =
+                            self.snapshot_volume(p, vol, now, &mut created, &mut deleted)
+                        {
+                            errors.push(format!("volume {vol}: {e}"));
+                        }
+                    }
+                    if !hooks.post.is_empty() {
+                        if let Err(e) =
+                            self.pool
+                                .run_hook(&hooks.post, &env("post"), hooks.timeout())
+                        {
+                            errors.push(format!("post hook: {e}"));
+                        }
                     }
                 }
             }
@@ -340,6 +392,7 @@ impl<P: PolicyPool> Manager<P> {
             outcome,
             created,
             deleted,
+            warnings,
         };
         let history = self.history.entry(job.to_string()).or_default();
         history.push(rec.clone());

@@ -33,6 +33,44 @@ pub struct SnapshotRule {
     pub persistent: bool,
     #[serde(default)]
     pub random_delay_secs: u32,
+    #[serde(default)]
+    pub hooks: Hooks,
+}
+
+/// What a failing pre hook does to the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPreFailure {
+    /// No snapshot is taken; the run fails.
+    #[default]
+    Abort,
+    /// Snapshots are taken anyway (crash-consistent, as AWS DLM allows); the run says so.
+    Continue,
+}
+
+/// Commands run around a policy's snapshots (e.g. quiesce a database, then resume it).
+/// Each is an argv (no shell), run with `SNAPBLK_POLICY`, `SNAPBLK_PHASE` (pre/post),
+/// `SNAPBLK_SNAPSHOT` (the name being taken) and `SNAPBLK_VOLUMES` in its environment, and
+/// killed after `timeout_secs`. The post hook runs whenever the pre hook ran (or there is
+/// none), even if a snapshot failed, so what the pre hook paused is resumed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hooks {
+    pub pre: Vec<String>,
+    pub post: Vec<String>,
+    /// Seconds each hook may run (0: 60).
+    pub timeout_secs: u32,
+    pub on_pre_failure: OnPreFailure,
+}
+
+impl Hooks {
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(if self.timeout_secs == 0 {
+            60
+        } else {
+            self.timeout_secs
+        }))
+    }
 }
 
 /// Empty: [`crate::Manager::set_policy`] makes it the policy's name.
@@ -77,6 +115,17 @@ impl Policy {
             }
             if s.random_delay_secs > 86_400 {
                 return Err("random delay longer than a day".into());
+            }
+            if s.hooks.timeout_secs > 86_400 {
+                return Err("hook timeout longer than a day".into());
+            }
+            for h in [&s.hooks.pre, &s.hooks.post] {
+                if h.len() > 256 || h.iter().any(|a| a.len() > 4096 || a.contains('\0')) {
+                    return Err("a hook's argv is too long or holds a NUL byte".into());
+                }
+                if h.first().is_some_and(|c| c.is_empty()) {
+                    return Err("a hook's command is empty".into());
+                }
             }
         } else {
             return Err("the policy does nothing: give it a snapshot schedule".into());

@@ -11,6 +11,8 @@ use snapblk_policy::{Keep, Manager, Outcome, Policy, PolicyPool, SnapshotRule};
 
 #[derive(Default)]
 struct MemPool {
+    /// Hooks run: (argv joined, phase); argv[0] == "fail" fails.
+    hooks: RefCell<Vec<(String, String)>>,
     groups: RefCell<BTreeMap<String, Vec<String>>>,
     snaps: RefCell<BTreeMap<String, BTreeMap<String, Timestamp>>>,
     records: RefCell<BTreeMap<String, Vec<u8>>>,
@@ -76,6 +78,24 @@ impl PolicyPool for &MemPool {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+    fn run_hook(
+        &self,
+        argv: &[String],
+        env: &[(&str, String)],
+        _timeout: std::time::Duration,
+    ) -> Result<(), String> {
+        let phase = env
+            .iter()
+            .find(|(k, _)| *k == "SNAPBLK_PHASE")
+            .unwrap()
+            .1
+            .clone();
+        self.hooks.borrow_mut().push((argv.join(" "), phase));
+        if argv[0] == "fail" {
+            return Err("exit status: 1: quiesce failed".into());
+        }
+        Ok(())
+    }
     fn put_record(&self, name: &str, value: Option<Vec<u8>>) -> Result<(), String> {
         let mut r = self.records.borrow_mut();
         match value {
@@ -100,6 +120,7 @@ fn policy(vols: &[&str], schedule: &str, keep: Keep) -> Policy {
             prefix: "auto".into(),
             persistent: true,
             random_delay_secs: 0,
+            hooks: Default::default(),
         }),
     }
 }
@@ -284,4 +305,57 @@ fn a_policy_on_a_group_snapshots_all_members_at_once_and_prunes_each() {
     m.set_policy("bad", q, t).unwrap();
     let r = m.run_now("snapshot:bad", t, &move || t).unwrap();
     assert!(matches!(r.outcome, Outcome::Failed { ref error } if error.contains("group nope")));
+}
+
+#[test]
+fn hooks_run_around_the_snapshots_and_a_failing_pre_hook_aborts_or_warns() {
+    use snapblk_policy::{Hooks, OnPreFailure};
+    let pool = MemPool::default();
+    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
+    let t = ts("2026-12-01T10:00:00Z");
+    *pool.now.borrow_mut() = Some(t);
+    let mut m = Manager::open(&pool, TimeZone::UTC, t).unwrap();
+    let clock = move || t;
+    let with_hooks = |pre: &str, on: OnPreFailure| {
+        let mut p = policy(&["a"], "hourly", Keep::default());
+        p.snapshots.as_mut().unwrap().hooks = Hooks {
+            pre: vec![pre.into(), "x".into()],
+            post: vec!["resume".into()],
+            timeout_secs: 5,
+            on_pre_failure: on,
+        };
+        p
+    };
+    m.set_policy("p", with_hooks("quiesce", OnPreFailure::Abort), t)
+        .unwrap();
+    let r = m.run_now("snapshot:p", t, &clock).unwrap();
+    assert_eq!((r.outcome.clone(), r.created.len()), (Outcome::Ok, 1));
+    assert_eq!(
+        *pool.hooks.borrow(),
+        [
+            ("quiesce x".to_string(), "pre".to_string()),
+            ("resume".into(), "post".into())
+        ]
+    );
+    // Abort: no snapshot, no post hook (nothing was paused), the run fails saying why.
+    pool.hooks.borrow_mut().clear();
+    pool.snaps.borrow_mut().get_mut("a").unwrap().clear();
+    m.set_policy("p", with_hooks("fail", OnPreFailure::Abort), t)
+        .unwrap();
+    let r = m.run_now("snapshot:p", t, &clock).unwrap();
+    assert!(
+        matches!(r.outcome, Outcome::Failed { ref error } if error.contains("pre hook") && error.contains("quiesce failed"))
+    );
+    assert!(r.created.is_empty() && pool.snaps.borrow()["a"].is_empty());
+    assert_eq!(pool.hooks.borrow().len(), 1);
+    // Continue: the snapshot is taken crash-consistent; the run is ok with a warning.
+    m.set_policy("p", with_hooks("fail", OnPreFailure::Continue), t)
+        .unwrap();
+    let r = m.run_now("snapshot:p", t, &clock).unwrap();
+    assert_eq!((r.outcome.clone(), r.created.len()), (Outcome::Ok, 1));
+    assert!(
+        r.warnings[0].contains("crash-consistent"),
+        "{:?}",
+        r.warnings
+    );
 }
