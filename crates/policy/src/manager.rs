@@ -100,6 +100,14 @@ pub struct Manager<P: PolicyPool> {
     history: BTreeMap<String, Vec<RunRecord>>,
 }
 
+/// What one snapshot step of a job covers.
+#[derive(Clone, Copy)]
+enum Unit<'a> {
+    /// A consistency group: all members in one cut.
+    Group(&'a str),
+    Volume(&'a str),
+}
+
 fn job_name(policy: &str) -> String {
     format!("snapshot:{policy}")
 }
@@ -352,16 +360,19 @@ impl<P: PolicyPool> Manager<P> {
                     }
                 }
                 if go {
-                    for g in &p.groups {
-                        if let Err(e) = self.snapshot_group(p, g, now, &mut created, &mut deleted) {
-                            errors.push(format!("group {g}: {e}"));
-                        }
-                    }
-                    for vol in &p.volumes {
-                        if let Err(e) =
-                            self.snapshot_volume(p, vol, now, &mut created, &mut deleted)
+                    let units = (p
+                        .groups
+                        .iter()
+                        .map(|g| (Unit::Group(g), format!("group {g}"))))
+                    .chain(
+                        p.volumes
+                            .iter()
+                            .map(|v| (Unit::Volume(v), format!("volume {v}"))),
+                    );
+                    for (unit, what) in units {
+                        if let Err(e) = self.snapshot_unit(p, unit, now, &mut created, &mut deleted)
                         {
-                            errors.push(format!("volume {vol}: {e}"));
+                            errors.push(format!("{what}: {e}"));
                         }
                     }
                     if !hooks.post.is_empty() {
@@ -403,11 +414,14 @@ impl<P: PolicyPool> Manager<P> {
         Some(rec)
     }
 
-    /// One cut of every member of `group`, then retention on each member.
-    fn snapshot_group(
+    /// Snapshots `unit` (a group as one cut, or one volume) as this second's name, then
+    /// applies retention to each of its volumes. A run in the same second as the previous
+    /// one (a manual run right after a scheduled one) finds this second's snapshot already
+    /// taken on every volume: that is the snapshot.
+    fn snapshot_unit(
         &self,
         p: &Policy,
-        group: &str,
+        unit: Unit<'_>,
         now: Timestamp,
         created: &mut Vec<String>,
         deleted: &mut Vec<String>,
@@ -416,22 +430,30 @@ impl<P: PolicyPool> Manager<P> {
             return Ok(());
         };
         let name = snapshot_name(&rule.prefix, now);
-        let members = self.pool.group_members(group)?;
+        let members = match unit {
+            Unit::Group(g) => self.pool.group_members(g)?,
+            Unit::Volume(v) => vec![v.to_string()],
+        };
         let mut taken = 0;
         for m in &members {
             if self.pool.snapshots(m)?.iter().any(|(n, _)| *n == name) {
                 taken += 1;
             }
         }
-        // Every member already has this second's snapshot: a run in the same second.
         if taken < members.len() {
-            self.pool.create_group_snapshot(group, &name)?;
+            match unit {
+                Unit::Group(g) => self.pool.create_group_snapshot(g, &name)?,
+                Unit::Volume(v) => self.pool.create_snapshot(v, &name)?,
+            }
             created.extend(members.iter().map(|m| format!("{m}@{name}")));
         }
         let mut errors = Vec::new();
         for m in &members {
             if let Err(e) = self.prune_volume(p, m, deleted) {
-                errors.push(format!("{m}: {e}"));
+                errors.push(match unit {
+                    Unit::Group(_) => format!("{m}: {e}"),
+                    Unit::Volume(_) => e,
+                });
             }
         }
         if errors.is_empty() {
@@ -439,27 +461,6 @@ impl<P: PolicyPool> Manager<P> {
         } else {
             Err(errors.join("; "))
         }
-    }
-
-    fn snapshot_volume(
-        &self,
-        p: &Policy,
-        vol: &str,
-        now: Timestamp,
-        created: &mut Vec<String>,
-        deleted: &mut Vec<String>,
-    ) -> Result<(), String> {
-        let Some(rule) = &p.snapshots else {
-            return Ok(());
-        };
-        let name = snapshot_name(&rule.prefix, now);
-        // A run in the same second as the previous one (a manual run right after a
-        // scheduled one) finds this second's snapshot already taken: that is the snapshot.
-        if !self.pool.snapshots(vol)?.iter().any(|(n, _)| *n == name) {
-            self.pool.create_snapshot(vol, &name)?;
-            created.push(format!("{vol}@{name}"));
-        }
-        self.prune_volume(p, vol, deleted)
     }
 
     /// Deletes what retention does not keep among `vol`'s snapshots of this policy.
