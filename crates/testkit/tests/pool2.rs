@@ -620,3 +620,32 @@ fn group_snapshots_are_one_cut() {
     assert!(pool.create_snapshots(&["a", "a"], "twice").is_err());
     let _ = ahead; // how often the cut fell inside a round: depends on timing only
 }
+
+/// ORIGIN is a clone's source snapshot only (as ZFS shows it): a volume rolled back to its
+/// own snapshot has none, a clone names its snapshot and keeps it when rolled back to one
+/// of its own.
+#[test]
+fn origin_is_a_clones_source_only() {
+    let (pool, _, _) = mem_pool(16 << 20);
+    pool.create_volume("v", 1 << 20).unwrap();
+    pool.create_snapshot("v", "s1").unwrap();
+    pool.create_snapshot("v", "s2").unwrap();
+    assert_eq!(pool.volume_info("v").unwrap().origin, None);
+    pool.rollback("v", "s1").unwrap();
+    assert_eq!(
+        pool.volume_info("v").unwrap().origin,
+        None,
+        "rolled back to its own snapshot"
+    );
+    pool.clone_snapshot("v", "s2", "c").unwrap();
+    assert_eq!(
+        pool.volume_info("c").unwrap().origin.as_deref(),
+        Some("v@s2")
+    );
+    pool.create_snapshot("c", "cs").unwrap();
+    pool.rollback("c", "cs").unwrap();
+    assert_eq!(
+        pool.volume_info("c").unwrap().origin.as_deref(),
+        Some("v@s2")
+    );
+}

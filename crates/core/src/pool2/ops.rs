@@ -172,15 +172,29 @@ impl Pool2 {
         self.catalog_read().volume_id(name)
     }
 
-    fn origin(c: &Catalog, l: LineageId) -> Option<String> {
-        let (lb, eb) = (*c.bases.get(&l)?)?;
-        c.snapshots
-            .values()
-            .find(|s| s.lineage == lb && s.epoch == eb)
-            .map(|s| {
-                let v = c.volumes.get(&s.vol).map_or("?", |v| v.name.as_str());
-                format!("{v}@{}", s.name)
-            })
+    /// The snapshot a clone was made from, as ZFS shows a clone's `origin`: the nearest
+    /// base snapshot of another volume. Rolling back to one's own snapshot does not change
+    /// it (a rolled-back volume that never was a clone has none).
+    fn origin(c: &Catalog, vol: VolId, mut l: LineageId) -> Option<String> {
+        // Bounded: each base is an older lineage (ids only grow).
+        loop {
+            let (lb, eb) = (*c.bases.get(&l)?)?;
+            if lb >= l {
+                return None;
+            }
+            // A base no snapshot names any more (deleted, kept for the clone): go on up.
+            match c
+                .snapshots
+                .values()
+                .find(|s| s.lineage == lb && s.epoch == eb)
+            {
+                Some(s) if s.vol != vol => {
+                    let v = c.volumes.get(&s.vol).map_or("?", |v| v.name.as_str());
+                    return Some(format!("{v}@{}", s.name));
+                }
+                _ => l = lb,
+            }
+        }
     }
 
     /// Bytes the volume wrote since its last snapshot (its lineage's counter record).
@@ -200,7 +214,7 @@ impl Pool2 {
             written: self.written_now(v.lineage),
             snapshots: c.snapshots_of(v.id).count(),
             snapshot_bytes: c.snapshots_of(v.id).map(|s| s.written).sum(),
-            origin: Self::origin(c, v.lineage),
+            origin: Self::origin(c, v.id, v.lineage),
             created: v.created,
             open: self.open_count(|t| *t == Target::Volume(v.id)),
             incomplete: v.incomplete.clone(),
