@@ -116,6 +116,12 @@ pub fn execute(
         },
         Command::VolumeCreate { name, size } => to_value(pool.create_volume(name, *size)?),
         Command::VolumeList => to_value(pool.list_volumes()),
+        Command::VolumeSetDefault { name, clear } => {
+            if name.is_some() || *clear {
+                pool.set_default_volume(name.as_deref())?;
+            }
+            json!({ "default_volume": pool.default_volume()? })
+        }
         Command::VolumeInfo { name } => to_value(pool.volume_info(name)?),
         Command::VolumeResize { name, size, force } => {
             let mut v = to_value(pool.resize_volume(name, *size, *force)?);
@@ -261,5 +267,9 @@ pub fn mutates(cmd: &Command) -> bool {
             | Command::PolicyPlan { .. }
             | Command::Jobs
             | Command::GroupList
+            | Command::VolumeSetDefault {
+                name: None,
+                clear: false
+            }
     )
 }

@@ -222,6 +222,14 @@ pub enum VolumeCmd {
         #[arg(long, short)]
         recursive: bool,
     },
+    /// The volume NBD clients get when they ask for the empty export name (shown without
+    /// arguments; --clear removes it).
+    SetDefault {
+        #[arg(conflicts_with = "clear")]
+        name: Option<String>,
+        #[arg(long)]
+        clear: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -37,6 +37,10 @@ fn command(cmd: &Cmd) -> Result<Command> {
             size: parse_size(size)?,
         },
         Cmd::Volume(VolumeCmd::List) => Command::VolumeList,
+        Cmd::Volume(VolumeCmd::SetDefault { name, clear }) => Command::VolumeSetDefault {
+            name: name.clone(),
+            clear: *clear,
+        },
         Cmd::Volume(VolumeCmd::Info { name }) => Command::VolumeInfo { name: name.clone() },
         Cmd::Volume(VolumeCmd::Resize { name, size, force }) => Command::VolumeResize {
             name: name.clone(),

@@ -70,4 +70,15 @@ log "daemon threads: $base at rest, at most $peak during the flood"
 grep -q "refusing a connection.*--max-connections" "$T/daemon.log" || fail "refusals are not logged"
 kill -0 "$DAEMON_PID" || fail "the daemon died"
 assert_check_clean
+
+log "the empty export name is the default volume (volume set-default)"
+snapblk volume create dflt --size 16M >/dev/null
+qemu-io -f raw -c "write -P 0x5a 0 64k" "$(uri dflt)" >/dev/null
+empty="nbd+unix:///?socket=$NBD_SOCK"
+if qemu-io -f raw -c "read 0 4k" "$empty" >/dev/null 2>"$T/err"; then fail "empty export name served with no default"; fi
+snapblk volume set-default dflt >/dev/null
+snapblk volume set-default | grep -q dflt || fail "set-default does not show the default"
+qemu-io -f raw -c "read -P 0x5a 0 64k" "$empty" >/dev/null || fail "the empty export name does not serve the default volume"
+snapblk volume set-default --clear >/dev/null
+if qemu-io -f raw -c "read 0 4k" "$empty" >/dev/null 2>&1; then fail "cleared default still served"; fi
 log "nbd_access: all checks passed"

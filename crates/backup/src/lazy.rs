@@ -748,6 +748,9 @@ pub struct LazyExports {
 
 impl ExportProvider for LazyExports {
     fn open(&self, name: &str) -> snapblk_core::Result<Arc<dyn Export>> {
+        // The empty name is the default volume: resolved first, so a volume being restored
+        // lazily is served through its restore whatever name reached it.
+        let name = &self.pool.export_name(name)?;
         if !name.contains('@') {
             if let Some(hyd) = self.restores.active(name) {
                 let e = self.inner.open(name)?;

@@ -92,6 +92,13 @@ pub enum Command {
         name: String,
         recursive: bool,
     },
+    /// Sets the default volume (the empty NBD export name); `name: None` with `clear`
+    /// clears it, with neither shows it.
+    VolumeSetDefault {
+        name: Option<String>,
+        #[serde(default)]
+        clear: bool,
+    },
     SnapshotCreate {
         snapshot: String,
         /// `snapshot` is GROUP@NAME: snapshot every member as one cut.

@@ -128,7 +128,8 @@ pub struct PoolExports(pub Arc<Pool>);
 
 impl ExportProvider for PoolExports {
     fn open(&self, name: &str) -> Result<Arc<dyn Export>> {
-        Ok(Arc::new(VolumeHandle::open(&self.0, name)?))
+        let name = self.0.export_name(name)?;
+        Ok(Arc::new(VolumeHandle::open(&self.0, &name)?))
     }
     fn list(&self) -> Vec<String> {
         let mut out = Vec::new();

@@ -142,3 +142,42 @@ impl Pool2 {
         self.create_snapshots(&refs, snap)
     }
 }
+
+const DEFAULT_VOLUME: &str = "default-volume";
+
+/// The default volume: what an NBD client gets when it asks for the empty export name
+/// (as ZeroFS's default dataset). Record `default-volume`.
+impl Pool2 {
+    /// Sets (or with `None` clears) the default volume; it must exist.
+    pub fn set_default_volume(&self, name: Option<&str>) -> Result<()> {
+        match name {
+            Some(n) => {
+                self.volume_id(n)?;
+                self.put_record(DEFAULT_VOLUME, Some(n.as_bytes().to_vec()))
+            }
+            None => self.put_record(DEFAULT_VOLUME, None),
+        }
+    }
+
+    pub fn default_volume(&self) -> Result<Option<String>> {
+        Ok(self
+            .records(DEFAULT_VOLUME)?
+            .into_iter()
+            .find(|(k, _)| k == DEFAULT_VOLUME)
+            .map(|(_, v)| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// The export name a client asked for, with the empty name resolved to the default
+    /// volume (an error says none is set).
+    pub fn export_name(&self, name: &str) -> Result<String> {
+        if !name.is_empty() {
+            return Ok(name.to_string());
+        }
+        self.default_volume()?.ok_or_else(|| {
+            Error::not_found(
+                "export",
+                "'' (no default volume: `snapblk volume set-default NAME`)".to_string(),
+            )
+        })
+    }
+}
