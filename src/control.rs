@@ -46,7 +46,10 @@ fn handle(pool: &Arc<Pool>, devices: &Devices, conn: UnixStream) {
         // Progress writes give up on a client that stopped reading (a write timeout on the
         // socket); the reply waits for it as long as it takes.
         let _ = relay_to.set_write_timeout(None);
-        out.map_err(|e| format!("{e:#}"))
+        out.map_err(|e| snapblk_control::Failure {
+            message: format!("{e:#}"),
+            kind: crate::exit::kind_of(&e),
+        })
     });
 }
 
@@ -89,9 +92,15 @@ pub fn call(conn: &UnixStream, cmd: &Command, bar: &Bar) -> Result<Value> {
     if v["ok"].as_bool() == Some(true) {
         Ok(v["result"].clone())
     } else {
-        bail!(
-            "{}",
-            v["error"].as_str().unwrap_or("unknown error from daemon")
-        )
+        let kind =
+            serde_json::from_value(v["kind"].clone()).unwrap_or(snapblk_control::ErrorKind::Other);
+        Err(crate::exit::Failed {
+            message: v["error"]
+                .as_str()
+                .unwrap_or("unknown error from daemon")
+                .to_string(),
+            kind: crate::exit::Kind::Reply(kind),
+        }
+        .into())
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod control;
 mod daemon;
 mod devices;
+mod exit;
 mod freeze;
 mod human;
 mod manpages;
@@ -175,10 +176,14 @@ fn run_command(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
         return control::call(&conn, cmd, &progress::Bar::new(cli.json));
     }
     let (Some(meta), Some(data)) = (&cli.meta, &cli.data) else {
-        bail!(
-            "no daemon answers at {} and no --meta/--data were given to open the pool directly",
-            socket.display()
-        );
+        return Err(exit::Failed {
+            message: format!(
+                "no daemon answers at {} and no --meta/--data were given to open the pool directly",
+                socket.display()
+            ),
+            kind: exit::Kind::NoDaemon,
+        }
+        .into());
     };
     let opened = open::open_pool(meta, data, "snapblk CLI")?;
     let bar = progress::Local::new(cli.json);
@@ -336,7 +341,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("snapblk: error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(exit::code(&e))
         }
     }
 }

@@ -78,4 +78,20 @@ start_daemon
 qemu-io -f raw -c "read -P 0x77 1M 1M" "$(uri vol)" | grep -q "read 1048576" || fail "data changed"
 qemu-io -r -f raw -c "read -P 0x77 1M 1M" "$(uri vol@s)" | grep -q "read 1048576" || fail "snapshot changed"
 assert_check_clean
+
+log "exit codes tell the kind of failure (README)"
+expect_code() { # CODE CMD...
+    local want=$1; shift
+    set +e; "$@" >/dev/null 2>&1; local got=$?; set -e
+    [ "$got" -eq "$want" ] || fail "'$*' exited $got, want $want"
+}
+expect_code 3 snapblk volume info nope
+expect_code 3 snapblk snapshot delete vol@nope
+expect_code 4 snapblk volume delete vol            # it has a snapshot: in use
+expect_code 5 snapblk volume create "a/b" --size 1G
+expect_code 7 snapblk snapshot create vol@s
+expect_code 2 snapblk volume
+expect_code 6 env SNAPBLK_SOCKET="$T/none.sock" "$SNAPBLK_BIN" volume list
+stop_daemon
+expect_code 3 env -u SNAPBLK_SOCKET "$SNAPBLK_BIN" --socket "$T/none.sock" --meta "$META" --data "$DATA" volume info nope
 log "bad_input: ok"

@@ -208,11 +208,39 @@ pub fn read_request(r: &mut impl BufRead) -> Option<Request> {
     })
 }
 
+/// What kind of failure a command met: the CLI's exit code says it (README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    Exists,
+    /// Busy: in use by an export, a restore, a running job.
+    InUse,
+    Invalid,
+    Other,
+}
+
+/// A failed command: its message and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub message: String,
+    pub kind: ErrorKind,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure {
+            message,
+            kind: ErrorKind::Other,
+        }
+    }
+}
+
 /// The reply line for a command's outcome.
-pub fn reply(outcome: Result<Value, String>) -> Value {
+pub fn reply(outcome: Result<Value, Failure>) -> Value {
     match outcome {
         Ok(v) => json!({ "ok": true, "result": v }),
-        Err(e) => json!({ "ok": false, "error": e }),
+        Err(f) => json!({ "ok": false, "error": f.message, "kind": f.kind }),
     }
 }
 
@@ -221,13 +249,25 @@ pub fn reply(outcome: Result<Value, String>) -> Value {
 pub fn serve_lines(
     r: &mut impl BufRead,
     w: &mut impl Write,
-    mut exec: impl FnMut(&Command) -> Result<Value, String>,
+    mut exec: impl FnMut(&Command) -> Result<Value, Failure>,
 ) {
     while let Some(req) = read_request(r) {
         let (v, last) = match req {
             Request::Command(c) => (reply(exec(&c)), false),
-            Request::Bad(e) => (reply(Err(e)), false),
-            Request::TooLong => (reply(Err("request line too long".into())), true),
+            Request::Bad(e) => (
+                reply(Err(Failure {
+                    message: e,
+                    kind: ErrorKind::Invalid,
+                })),
+                false,
+            ),
+            Request::TooLong => (
+                reply(Err(Failure {
+                    message: "request line too long".into(),
+                    kind: ErrorKind::Invalid,
+                })),
+                true,
+            ),
         };
         if writeln!(w, "{v}").is_err() || last {
             return;
@@ -242,7 +282,7 @@ mod tests {
     fn run(input: &[u8]) -> Vec<Value> {
         let mut out = Vec::new();
         serve_lines(&mut &input[..], &mut out, |c| {
-            serde_json::to_value(c).map_err(|e| e.to_string())
+            serde_json::to_value(c).map_err(|e| Failure::from(e.to_string()))
         });
         String::from_utf8(out)
             .expect("replies are UTF-8")
