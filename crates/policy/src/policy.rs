@@ -164,7 +164,8 @@ pub fn snapshot_name(prefix: &str, t: Timestamp) -> String {
 /// name (so retention leaves it alone).
 pub fn parse_snapshot_name(prefix: &str, name: &str) -> Option<Timestamp> {
     let rest = name.strip_prefix(prefix)?.strip_prefix('-')?;
-    if rest.len() != 15 || rest.as_bytes()[8] != b'-' {
+    // ASCII first: the slicing below is by byte.
+    if !rest.is_ascii() || rest.len() != 15 || rest.as_bytes()[8] != b'-' {
         return None;
     }
     let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
@@ -203,6 +204,7 @@ mod tests {
             "autox-20261201-140509",
             "hourly-20261201-140509",
             "auto-20261201-140509-1",
+            "auto-2026120é-14050",
             "manual",
         ] {
             assert_eq!(parse_snapshot_name("auto", other), None, "{other}");
