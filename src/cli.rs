@@ -351,6 +351,15 @@ pub enum BackupCmd {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Remove backups by name (`vol@snap`, the newest of that name, or a backup id), e.g.
+    /// one whose objects were lost from the store; gc then frees their data.
+    Forget {
+        target: String,
+        #[arg(required = true)]
+        backups: Vec<String>,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Delete chunks no backup references (safe while backups run, see --grace).
     Gc {
         target: String,

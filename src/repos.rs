@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use snapblk_backup::file::FileStore;
+use snapblk_backup::marks::Marks;
 use snapblk_backup::repo::InitOptions;
 use snapblk_backup::{ObjectStore, Repository};
 use snapblk_control::{default_s3_attempts, default_s3_timeout, RepoSpec, Secret};
@@ -105,6 +106,15 @@ pub trait RepoOpen {
     fn upgrade(&self) -> Result<Repository>;
 }
 
+/// This host's catalog high-water marks (docs/design.md §12 "Catalogs").
+fn marks() -> Option<Marks> {
+    let m = Marks::default_dir().map(Marks::new);
+    if m.is_none() {
+        log::warn!("no state directory (set SNAPBLK_STATE_DIR or HOME): a rolled-back repository would go unnoticed");
+    }
+    m
+}
+
 fn key_bytes(s: &Secret) -> Result<Vec<u8>> {
     hex::decode(s.expose()).context("malformed key material")
 }
@@ -134,24 +144,17 @@ impl RepoOpen for RepoSpec {
     }
 
     fn open(&self) -> Result<Repository> {
-        Ok(Repository::open(
-            self.store(false)?,
-            &key_bytes(&self.secret)?,
-        )?)
+        Ok(Repository::open(self.store(false)?, &key_bytes(&self.secret)?)?.with_marks(marks()))
     }
 
     fn upgrade(&self) -> Result<Repository> {
-        Ok(Repository::upgrade(
-            self.store(false)?,
-            &key_bytes(&self.secret)?,
-        )?)
+        Ok(Repository::upgrade(self.store(false)?, &key_bytes(&self.secret)?)?.with_marks(marks()))
     }
 
     fn init(&self, opts: &InitOptions) -> Result<Repository> {
-        Ok(Repository::init(
-            self.store(true)?,
-            &key_bytes(&self.secret)?,
-            opts,
-        )?)
+        Ok(
+            Repository::init(self.store(true)?, &key_bytes(&self.secret)?, opts)?
+                .with_marks(marks()),
+        )
     }
 }

@@ -3,7 +3,8 @@
 # file:// directory: full backup + restore byte-identical with an ext4 filesystem that
 # mounts and verifies; incremental bytes ~ changed bytes; dedup across clones; S3 dying
 # mid-backup then a resumed rerun; a flipped bit named by verify and refused by restore;
-# wrong key and missing repository; prune + gc leaving only referenced chunks.
+# wrong key and missing repository; prune + gc leaving only referenced chunks; a deleted
+# catalog generation refused as a rollback (CLI and daemon) and reported by verify.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/s3lib.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -201,6 +202,27 @@ snapblk restore "$S3" inc@b --as inc-b2 >/dev/null
 same inc@b inc-b2
 snapblk restore "$S3" fs@one --as fs-2 >/dev/null
 same fs@one fs-2
+log "the newest catalog generation deleted from the store: refused by the host that saw it"
+snapblk backup inc@b --to "$FILE" >/dev/null
+cat_dir=$(ls -d "$T"/filerepo/catalogs/*)
+newest=$(ls "$cat_dir" | sort | tail -1)
+[ "$newest" = 00000000000000000002 ] || fail "catalog generations: $(ls "$cat_dir")"
+mv "$cat_dir/$newest" "$T/catalog.saved"
+rc=0; snapblk backup list "$FILE" >"$T/rb.out" 2>&1 || rc=$?
+[ "$rc" -ne 0 ] && grep -q "rolled back" "$T/rb.out" || { cat "$T/rb.out"; fail "backup list of a rolled-back repository: rc $rc"; }
+snapblk restore "$FILE" fs@one --as fs-rb >"$T/rb.out" 2>&1 && fail "the daemon restored from a rolled-back repository"
+grep -q "rolled back" "$T/rb.out" || { cat "$T/rb.out"; fail "unclear error from the daemon"; }
+# A host that never saw generation 2 cannot tell, but verify finds the backup's header
+# that no catalog lists.
+rc=0; SNAPBLK_STATE_DIR=$T/other-host snapblk --json backup verify "$FILE" >"$T/rb.json" || rc=$?
+[ "$rc" -eq 1 ] || fail "verify on a host without marks: rc $rc"
+[ "$(jq_ 'len(v["uncatalogued"])' <"$T/rb.json")" -eq 1 ] || { cat "$T/rb.json"; fail "verify did not report the orphaned header"; }
+mv "$T/catalog.saved" "$cat_dir/$newest"
+snapblk backup verify "$FILE" >"$T/rb.out" || { cat "$T/rb.out"; fail "verify after putting the catalog back"; }
+grep -q "catalog of pool .* generation 2" "$T/rb.out" || { cat "$T/rb.out"; fail "verify does not name the catalog generation"; }
+snapblk backup forget "$FILE" inc@b >/dev/null
+snapblk --json backup list "$FILE" | jq_ '" ".join(b["volume"]+"@"+b["snapshot"] for b in v["backups"])' >"$T/left"
+[ "$(cat "$T/left")" = "fs@one" ] || fail "after forget: $(cat "$T/left")"
 assert_check_clean
 log "no key material or S3 secret in logs or JSON output"
 keyhex=$(od -An -tx1 "$T/key" | tr -d ' \n')

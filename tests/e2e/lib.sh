@@ -8,6 +8,8 @@ SNAPBLK_BIN=${SNAPBLK_BIN:-$CARGO_TARGET_DIR/release/snapblk}
 
 T=$(mktemp -d /tmp/snapblk-e2e.XXXXXX)
 export SNAPBLK_SOCKET=$T/control.sock
+# Catalog high-water marks of this test's repositories (not the host's /var/lib/snapblk).
+export SNAPBLK_STATE_DIR=$T/state
 NBD_SOCK=$T/nbd.sock
 META=$T/meta
 DATA=$T/data.img

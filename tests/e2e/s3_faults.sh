@@ -104,10 +104,10 @@ snapblk backup v@tdrop --to "$S3" >/dev/null || fail "backup through a dropped u
 [ "$(pstat fault_drop_put)" -eq 1 ] || fail "the proxy cut $(pstat fault_drop_put) uploads, not 1"
 grep -q "cut after [0-9]* body bytes" "$T/proxy.log" || fail "no upload was cut mid-body"
 
-log "the answer to the manifest upload is lost (S3 stored it): the retry succeeds"
+log "the answer to the catalog upload (the commit point, create-only) is lost (S3 stored it): the retry's 412 is recognised as our own write"
 change tlose
-preset; fault lose count=1 method=PUT path=/manifests/
-snapblk backup v@tlose --to "$S3" >/dev/null || fail "backup whose manifest answer was lost"
+preset; fault lose count=1 method=PUT path=/catalogs/
+snapblk backup v@tlose --to "$S3" >/dev/null || fail "backup whose catalog answer was lost"
 [ "$(pstat fault_lose)" -eq 1 ] || fail "the proxy lost $(pstat fault_lose) answers, not 1"
 
 log "a response cut mid-body (loading the chunk index)"
@@ -167,11 +167,11 @@ grep -Eq "put packs/.* failed: cannot reach the server.*(reset|closed|broken pip
     fail "the error does not say the connection was lost"
 [ "$(pstat fault_drop_put)" -ge 5 ] || fail "only $(pstat fault_drop_put) attempts: the upload was not retried"
 
-log "persistent 500 on the manifest (written last): fails with everything else stored"
-preset; fault 500 method=PUT path=/manifests/
+log "persistent 500 on the catalog (the commit point): fails with everything else stored"
+preset; fault 500 method=PUT path=/catalogs/
 expect_failure p500 p
-grep -q "put manifests/.*InternalError (HTTP 500)" "$T/p500.out" || fail "the error does not say 500 InternalError"
-[ "$(pstat fault_500)" -eq 5 ] || fail "$(pstat fault_500) attempts of the manifest upload, not 5"
+grep -q "catalogs/.*InternalError (HTTP 500)" "$T/p500.out" || fail "the error does not say 500 InternalError"
+[ "$(pstat fault_500)" -eq 5 ] || fail "$(pstat fault_500) attempts of the catalog upload, not 5"
 
 log "S3 answers again: the same backup completes, reusing the stored chunks"
 fault pass

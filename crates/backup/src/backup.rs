@@ -19,6 +19,7 @@ use std::time::Instant;
 use crossbeam_channel::bounded;
 use snapblk_core::Export;
 
+use crate::catalog;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::index::{ChunkIndex, Purpose};
@@ -80,10 +81,11 @@ fn cells_of(ranges: &[(u64, u64)], cs: u64, cells: u64) -> Vec<u64> {
 
 pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summary> {
     let t0 = Instant::now();
-    let (headers, _) = manifest::list(repo)?;
-    if let Some(h) = headers
+    let listed = catalog::load_pool(repo, &job.pool)?.map(|c| c.catalog.backups);
+    if let Some(h) = listed
         .iter()
-        .find(|h| h.pool == job.pool && h.snapshot_id == job.snapshot_id)
+        .flatten()
+        .find(|h| h.snapshot_id == job.snapshot_id)
     {
         return Ok(Summary {
             manifest: h.id.clone(),
@@ -193,8 +195,29 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         digest: manifest::digest(&table),
         base: job.base.as_ref().map(|(h, _)| h.id.clone()),
         stats: stats.clone(),
+        host: catalog::host_name(),
     };
-    manifest::write(repo, &header, &table)?;
+    manifest::write_table(repo, &header, &table)?;
+    // The commit point: listed in the pool's catalog, the backup exists.
+    if let Some(h) = catalog::update(repo, &job.pool, catalog::Change::Add(&header))? {
+        // Another run of this job committed first; our table is an orphan gc removes.
+        return Ok(Summary {
+            manifest: h.id,
+            volume: h.volume,
+            snapshot: h.snapshot,
+            size: h.size,
+            base: h.base,
+            already_stored: true,
+            stats: h.stats,
+        });
+    }
+    // A copy, for `repo repair` and as evidence should the catalog be rolled back.
+    if let Err(e) = manifest::write_header(repo, &header) {
+        log::warn!(
+            "backup {} is committed but its header copy was not stored: {e}",
+            header.name()
+        );
+    }
     Ok(Summary {
         manifest: header.id,
         volume: job.volume,

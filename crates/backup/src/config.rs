@@ -7,7 +7,8 @@
 //! key slot is open, so everything a slot costs to open is bounded first (`parse`: at most
 //! `MAX_KEY_SLOTS` slots; `crypto::unwrap_master`: Argon2 cost). A config that fails its
 //! mac (altered chunk size, added slots, ...) is refused. Format 1 (no mac) is refused
-//! with a pointer to `snapblk repo upgrade`, which authenticates it.
+//! with a pointer to `snapblk repo upgrade`, which authenticates it. Format 3 adds
+//! catalogs (`crate::catalog`); format 2 is refused until `repo upgrade` writes them.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +16,10 @@ use crate::crypto::KeySlot;
 use crate::error::{BackupError, Result};
 
 pub const FORMAT: &str = "snapblk-backup";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// The format before catalogs (backups listed by their headers alone); `repo upgrade`
+/// writes the catalogs.
+pub const VERSION_NO_CATALOGS: u32 = 2;
 /// The format before configs were authenticated; `repo upgrade` converts it.
 pub const VERSION_UNAUTHENTICATED: u32 = 1;
 /// Key slots a config may hold (each costs an Argon2 run to try).
@@ -65,7 +69,7 @@ impl RepoConfig {
                 format!("format is {:?}, not {FORMAT:?}", c.format),
             ));
         }
-        if c.version != VERSION && c.version != VERSION_UNAUTHENTICATED {
+        if !(VERSION_UNAUTHENTICATED..=VERSION).contains(&c.version) {
             return Err(BackupError::Unsupported(format!(
                 "repository format version {} (this snapblk reads version {VERSION})",
                 c.version

@@ -24,6 +24,11 @@ pub enum BackupError {
     },
     #[error("chunk {0} is referenced but not stored in any pack")]
     MissingChunk(String),
+    #[error(
+        "backup {backup} is listed in its pool's catalog but {object} is gone from the store \
+         (deleted?): it cannot be restored; `snapblk backup forget` drops it from the catalog"
+    )]
+    Lost { backup: String, object: String },
     #[error("no backup of {0} in the repository")]
     NoSuchBackup(String),
     #[error("{what}: {detail}")]
@@ -39,6 +44,18 @@ pub enum BackupError {
     Volume(#[from] snapblk_core::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "the repository at {repo} was rolled back: pool {pool}'s backup catalog is {found} but this host saw generation {seen}; \
+         someone deleted newer catalog objects (if the store was restored from an older copy on purpose, remove {marks})"
+    )]
+    RolledBack {
+        repo: String,
+        pool: String,
+        seen: u64,
+        /// "at generation N" or "gone".
+        found: String,
+        marks: String,
+    },
 }
 
 impl BackupError {

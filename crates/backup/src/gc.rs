@@ -1,4 +1,9 @@
-//! Garbage collection of chunks no manifest references, safe while backups run.
+//! Garbage collection of chunks no backup references, safe while backups run.
+//!
+//! References come from every backup the catalogs list and from stored headers that no
+//! catalog lists and none removed (evidence of a rollback: kept); headers of removed
+//! backups and tables of backups that never committed are deleted (docs/design.md §12
+//! "Catalogs").
 //!
 //! Two phases with a grace period (default one day, longer than any backup):
 //! 1. A pack none of whose chunks is referenced, and which is itself older than the grace
@@ -17,6 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::catalog::Catalogs;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::index::{ChunkIndex, Purpose};
@@ -55,28 +61,78 @@ pub struct Report {
     pub bytes_repacked: u64,
     pub orphans_deleted: u64,
     pub chunks_referenced: u64,
+    /// Headers of backups removed from their catalog, deleted (an interrupted prune).
+    pub leftovers_deleted: Vec<String>,
+    /// Headers no catalog lists and none removed (`vol@snap (id)`): kept, with their
+    /// chunks; `backup verify` reports them.
+    pub uncatalogued: Vec<String>,
+    /// Tables of backups that never committed, deleted once older than the grace period.
+    pub orphan_tables_deleted: u64,
 }
 
 pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result<Report> {
     let store = repo.store();
-    let (headers, bad) = manifest::list(repo)?;
+    let catalogs = Catalogs::load(repo)?;
+    let (stored, bad) = manifest::list(repo)?;
     if let Some((id, e)) = bad.first() {
         return Err(BackupError::invalid(
             "gc",
             format!("manifest {id} cannot be read ({e}); refusing to collect while its references are unknown"),
         ));
     }
+    let t = now();
+    let old = |since: u64| opts.grace_secs == 0 || t.saturating_sub(since) >= opts.grace_secs;
+    let mut rep = Report::default();
+    // What pins chunks: every catalogued backup, and every stored header no catalog lists
+    // that was not removed from one (evidence of a rolled-back catalog: kept, with its
+    // chunks, for `backup verify` to report). Headers of removed backups are leftovers of
+    // an interrupted prune: deleted.
+    let mut pinning = catalogs.headers();
+    let mut headers: HashSet<String> = HashSet::new();
+    for h in stored {
+        headers.insert(h.id.clone());
+        if catalogs.contains(&h.id) {
+            continue;
+        }
+        if catalogs.removed(&h.pool, &h.id) {
+            rep.leftovers_deleted
+                .push(format!("{} ({})", h.name(), h.id));
+            if !opts.dry_run {
+                manifest::delete(repo, &h.id)?;
+            }
+        } else {
+            rep.uncatalogued.push(format!("{} ({})", h.name(), h.id));
+            pinning.push(h);
+        }
+    }
+    // Tables of backups that never committed (cut short before their catalog entry).
+    for o in store.list(repo::TABLES)? {
+        let Some(id) = o.key.strip_prefix(repo::TABLES) else {
+            continue;
+        };
+        if !catalogs.contains(id) && !headers.contains(id) && old(o.modified) {
+            rep.orphan_tables_deleted += 1;
+            if !opts.dry_run {
+                store.delete(&o.key)?;
+            }
+        }
+    }
     let mut live: HashSet<ChunkId> = HashSet::new();
-    for h in &headers {
-        live.extend(
-            manifest::read_table(repo, h)?
-                .cells
-                .into_iter()
-                .map(|(_, id)| id),
-        );
+    for h in &pinning {
+        match manifest::read_table(repo, h) {
+            Ok(t) => live.extend(t.cells.into_iter().map(|(_, id)| id)),
+            Err(e @ BackupError::Lost { .. }) => {
+                return Err(BackupError::invalid(
+                    "gc",
+                    format!(
+                        "{e}; refusing to collect until it is restored from elsewhere or forgotten"
+                    ),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
     }
     let index = ChunkIndex::load(repo, Purpose::Read)?;
-    let t = now();
     let marks: HashMap<String, u64> = store
         .list(repo::TRASH)?
         .into_iter()
@@ -87,7 +143,6 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         .into_iter()
         .filter_map(|o| Some((o.key.rsplit('/').next()?.to_string(), (o.size, o.modified))))
         .collect();
-    let old = |since: u64| opts.grace_secs == 0 || t.saturating_sub(since) >= opts.grace_secs;
     // Where each live chunk will be read from: the index prefers live packs.
     let mut needed: HashMap<u32, Vec<ChunkId>> = HashMap::new();
     for id in &live {
@@ -95,11 +150,8 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             needed.entry(loc.pack).or_default().push(*id);
         }
     }
-    let mut rep = Report {
-        packs: index.packs.len() as u64,
-        chunks_referenced: live.len() as u64,
-        ..Default::default()
-    };
+    rep.packs = index.packs.len() as u64;
+    rep.chunks_referenced = live.len() as u64;
     progress.start("gc", index.packs.len() as u64);
     let delete_pack = |id: &str, rep: &mut Report, chunks: usize| -> Result<()> {
         rep.packs_deleted += 1;

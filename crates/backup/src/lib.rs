@@ -14,6 +14,7 @@
 //! engine reads and writes images through `snapblk_core::Export`.
 
 pub mod backup;
+pub mod catalog;
 pub mod chunk;
 pub mod config;
 pub mod crypto;
@@ -23,6 +24,7 @@ pub mod gc;
 pub mod index;
 pub mod lazy;
 pub mod manifest;
+pub mod marks;
 pub mod pack;
 mod par;
 pub mod progress;

@@ -1,8 +1,9 @@
 //! Manifests: what a backed-up snapshot is made of.
 //!
 //! A manifest is two sealed objects with the same random id: `tables/<id>` (the cell table)
-//! and `manifests/<id>` (the header), written in that order; the header is the commit
-//! point. The header's `digest` is the BLAKE3 hash of the encoded table, and each chunk id
+//! and `manifests/<id>` (the header). The table is written first, then the header goes
+//! into its pool's catalog (the commit point, `crate::catalog`), then into `manifests/`
+//! as a copy. The header's `digest` is the BLAKE3 hash of the encoded table, and each chunk id
 //! is a keyed hash of the cell's bytes, so header + table + chunks pin down the image byte
 //! for byte.
 //!
@@ -65,6 +66,10 @@ pub struct Header {
     /// Manifest this backup was taken incrementally against.
     pub base: Option<String>,
     pub stats: BackupStats,
+    /// Host name of the machine that took the backup (for people; pools are told apart
+    /// by `pool`).
+    #[serde(default)]
+    pub host: String,
 }
 
 impl Header {
@@ -80,8 +85,8 @@ fn table_aad(id: &str) -> Vec<u8> {
     format!("snapblk table {id}").into_bytes()
 }
 
-/// Writes the table then the header (the commit point).
-pub fn write(repo: &Repository, header: &Header, table: &Table) -> Result<()> {
+/// Writes the table of a backup (before its catalog entry, the commit point).
+pub fn write_table(repo: &Repository, header: &Header, table: &Table) -> Result<()> {
     if table.cells.len() as u64 > MAX_ENTRIES {
         return Err(BackupError::invalid(
             header.name(),
@@ -93,16 +98,20 @@ pub fn write(repo: &Repository, header: &Header, table: &Table) -> Result<()> {
     }
     let enc = table.encode();
     let z = zstd::bulk::compress(&enc, 3).map_err(BackupError::Io)?;
-    let keys = repo.keys();
     repo.store().put(
         &repo::table_key(&header.id),
-        &keys.seal(&z, &table_aad(&header.id)),
+        &repo.keys().seal(&z, &table_aad(&header.id)),
     )?;
+    Ok(())
+}
+
+/// Writes the header object (after the catalog entry: a copy).
+pub fn write_header(repo: &Repository, header: &Header) -> Result<()> {
     let h =
         serde_json::to_vec(header).map_err(|e| BackupError::invalid("manifest", e.to_string()))?;
     repo.store().put(
         &repo::manifest_key(&header.id),
-        &keys.seal(&h, &header_aad(&header.id)),
+        &repo.keys().seal(&h, &header_aad(&header.id)),
     )?;
     Ok(())
 }
@@ -149,7 +158,16 @@ pub fn read_table(repo: &Repository, h: &Header) -> Result<Table> {
             ),
         ));
     }
-    let sealed = repo.store().get(&key, max_sealed_table(h.cells))?;
+    let sealed = match repo.store().get(&key, max_sealed_table(h.cells)) {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => {
+            return Err(BackupError::Lost {
+                backup: format!("{} ({})", h.name(), h.id),
+                object: key,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
     let z = repo
         .keys()
         .open(&sealed, &table_aad(&h.id))
@@ -186,11 +204,12 @@ pub fn read_table(repo: &Repository, h: &Header) -> Result<Table> {
     Ok(t)
 }
 
-/// Every committed manifest header, oldest backup first. Headers that fail to read are
-/// returned separately (id, error) so listing still works around damage.
 /// Manifest ids whose header could not be read, with why.
 pub type Unreadable = Vec<(String, BackupError)>;
 
+/// Every header stored, catalogued or not (gc, verify, repair and `repo upgrade` need
+/// them all; everything else lists backups through [`crate::catalog`]), oldest backup
+/// first. Headers that fail to read are returned separately (id, error).
 pub fn list(repo: &Repository) -> Result<(Vec<Header>, Unreadable)> {
     let ids: Vec<String> = repo
         .store()
@@ -209,7 +228,13 @@ pub fn list(repo: &Repository) -> Result<(Vec<Header>, Unreadable)> {
             Err(e) => bad.push((id, e)),
         }
     }
-    ok.sort_by(|a, b| {
+    sort(&mut ok);
+    Ok((ok, bad))
+}
+
+/// Oldest backup first.
+pub fn sort(headers: &mut [Header]) {
+    headers.sort_by(|a, b| {
         (a.backed_up, a.created, a.snapshot_id, &a.id).cmp(&(
             b.backed_up,
             b.created,
@@ -217,7 +242,6 @@ pub fn list(repo: &Repository) -> Result<(Vec<Header>, Unreadable)> {
             &b.id,
         ))
     });
-    Ok((ok, bad))
 }
 
 /// Finds the newest backup of `vol@snap` (or the manifest whose id is `name`).

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use crate::catalog::{self, Catalogs};
 use crate::error::{BackupError, Result};
 use crate::manifest::{self, Header};
 use crate::repo::Repository;
@@ -109,7 +110,9 @@ pub struct Outcome {
     pub removed: Vec<String>,
 }
 
-/// Deletes the manifests `policy` does not keep (chunks go with `gc`).
+/// Removes the backups `policy` does not keep: first from their pool's catalog (the commit
+/// point: from then on they do not exist), then their headers and tables. Chunks go with
+/// `gc`.
 pub fn run(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<Outcome> {
     if policy.is_empty() {
         return Err(BackupError::invalid(
@@ -117,22 +120,53 @@ pub fn run(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<Outcome>
             "no --keep-* rule given (refusing to remove every backup)",
         ));
     }
-    let (headers, _) = manifest::list(repo)?;
+    let headers = Catalogs::load(repo)?.headers();
     let keep = select(&headers, policy);
     let mut out = Outcome {
         kept: Vec::new(),
         removed: Vec::new(),
     };
+    let mut remove: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
     for h in &headers {
         let label = format!("{} ({})", h.name(), h.id);
         if keep.contains(&h.id) {
             out.kept.push(label);
         } else {
-            if !dry_run {
-                manifest::delete(repo, &h.id)?;
-            }
+            remove.entry(&h.pool).or_default().insert(&h.id);
             out.removed.push(label);
         }
+    }
+    if !dry_run {
+        for (pool, ids) in remove {
+            remove_listed(repo, pool, &ids)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Drops the backups `ids` of `pool` from its catalog, then deletes their objects.
+fn remove_listed(repo: &Repository, pool: &str, ids: &HashSet<&str>) -> Result<()> {
+    catalog::update(repo, pool, catalog::Change::Remove(ids))?;
+    for id in ids {
+        manifest::delete(repo, id)?;
+    }
+    Ok(())
+}
+
+/// `backup forget`: removes the named backups (`vol@snap` = the newest of that name, or a
+/// manifest id), e.g. one whose objects were lost. Returns their labels.
+pub fn forget(repo: &Repository, names: &[String]) -> Result<Vec<String>> {
+    let headers = Catalogs::load(repo)?.headers();
+    let mut remove: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for n in names {
+        let h = manifest::find(&headers, n).ok_or_else(|| BackupError::NoSuchBackup(n.clone()))?;
+        if remove.entry(&h.pool).or_default().insert(&h.id) {
+            out.push(format!("{} ({})", h.name(), h.id));
+        }
+    }
+    for (pool, ids) in remove {
+        remove_listed(repo, pool, &ids)?;
     }
     Ok(out)
 }
@@ -157,6 +191,7 @@ mod tests {
             digest: String::new(),
             base: None,
             stats: Default::default(),
+            host: String::new(),
         }
     }
 

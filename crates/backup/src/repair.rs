@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::catalog::Catalogs;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::index::{ChunkIndex, Purpose};
@@ -105,16 +106,17 @@ pub fn run(repo: &Repository, dry_run: bool) -> Result<Report> {
             .copied()
             .collect()
     };
-    let (headers, bad) = manifest::list(repo)?;
-    if let Some((id, e)) = bad.first() {
-        return Err(BackupError::invalid(
-            "repair",
-            format!("manifest {id} cannot be read ({e})"),
-        ));
-    }
+    let headers = Catalogs::load(repo)?.headers();
     let mut damaged: HashMap<String, u64> = HashMap::new();
     for h in &headers {
-        let t = manifest::read_table(repo, h)?;
+        let t = match manifest::read_table(repo, h) {
+            Ok(t) => t,
+            Err(BackupError::Lost { backup, .. }) => {
+                damaged.insert(backup, h.cells);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let missing = t
             .cells
             .iter()

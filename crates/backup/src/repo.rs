@@ -4,17 +4,19 @@
 //! `config` (plain JSON, authenticated), `packs/<2 hex>/<64 hex>` (pack, named by the BLAKE3
 //! hash of its blob section), `index/<64 hex>` (chunk list of that pack, sealed under its
 //! name), `tables/<id>` (sealed cell table of a manifest), `manifests/<id>` (sealed
-//! manifest header, written last), `trash/<64 hex>` (garbage-collection mark of a pack,
-//! plain JSON).
+//! manifest header), `catalogs/<pool>/<generation>` (sealed list of a pool's backups, the
+//! commit point of a backup: `crate::catalog`), `trash/<64 hex>` (garbage-collection mark
+//! of a pack, plain JSON).
 
 use std::sync::Arc;
 
 use crate::config::{
     check_chunk_size, RepoConfig, DEFAULT_PACK_SIZE, FORMAT, MAX_CONFIG_BYTES, VERSION,
-    VERSION_UNAUTHENTICATED,
+    VERSION_NO_CATALOGS, VERSION_UNAUTHENTICATED,
 };
 use crate::crypto::{random_bytes, unwrap_master, wrap_master, Keys};
 use crate::error::{BackupError, Result};
+use crate::marks::Marks;
 use crate::store::ObjectStore;
 
 pub const CONFIG_KEY: &str = "config";
@@ -63,6 +65,8 @@ pub struct Repository {
     store: Arc<dyn ObjectStore>,
     config: RepoConfig,
     keys: Keys,
+    /// This host's catalog high-water marks (None: rollbacks go unnoticed).
+    marks: Option<Marks>,
 }
 
 pub fn now() -> u64 {
@@ -127,6 +131,7 @@ impl Repository {
             store,
             config,
             keys,
+            marks: None,
         })
     }
 
@@ -143,41 +148,129 @@ impl Repository {
             )));
         }
         check_mac(&config, &keys)?;
+        if config.version == VERSION_NO_CATALOGS {
+            return Err(BackupError::Unsupported(format!(
+                "the repository at {} is format 2, which keeps no catalog of its backups; \
+                 run `snapblk repo upgrade {}` once to write them",
+                store.describe(),
+                store.describe()
+            )));
+        }
         Ok(Repository {
             store,
             config,
             keys,
+            marks: None,
         })
     }
 
-    /// Converts a format-1 repository: authenticates its config as it is now (so run it
-    /// where you trust the stored config). Idempotent.
+    /// Converts a format-1 or format-2 repository to format 3: authenticates its config as
+    /// it is now (format 1), then writes a catalog for every pool from the headers stored
+    /// now, so run it where you trust the store's current contents. Idempotent: an upgrade
+    /// cut short runs again from where it stopped.
     pub fn upgrade(store: Arc<dyn ObjectStore>, secret: &[u8]) -> Result<Repository> {
         let (config, keys) = unlock(&*store, secret)?;
-        if config.version == VERSION {
+        if config.version != VERSION_UNAUTHENTICATED {
             check_mac(&config, &keys)?;
-            return Ok(Repository {
-                store,
-                config,
-                keys,
-            });
         }
-        // Pack indexes first, bound to their pack's name; the config last, so an upgrade
-        // cut short runs again from where it stopped.
-        reseal_indexes(&*store, &keys)?;
-        let (config, bytes) = signed(
-            RepoConfig {
-                version: VERSION,
-                ..config
-            },
-            &keys,
-        )?;
-        store.put(CONFIG_KEY, &bytes)?;
-        Ok(Repository {
+        let mut repo = Repository {
             store,
             config,
             keys,
-        })
+            marks: None,
+        };
+        if repo.config.version == VERSION {
+            return Ok(repo);
+        }
+        // Pack indexes first, bound to their pack's name; then the catalogs; the config
+        // last.
+        if repo.config.version == VERSION_UNAUTHENTICATED {
+            reseal_indexes(&*repo.store, &repo.keys)?;
+        }
+        write_first_catalogs(&repo)?;
+        let (config, bytes) = signed(
+            RepoConfig {
+                version: VERSION,
+                ..repo.config.clone()
+            },
+            &repo.keys,
+        )?;
+        repo.store.put(CONFIG_KEY, &bytes)?;
+        repo.config = config;
+        Ok(repo)
+    }
+
+    /// The same repository, checking and raising this host's catalog high-water marks.
+    pub fn with_marks(mut self, marks: Option<Marks>) -> Repository {
+        self.marks = marks;
+        self
+    }
+
+    pub fn marks(&self) -> Option<&Marks> {
+        self.marks.as_ref()
+    }
+
+    /// Fails with `RolledBack` if a pool's newest catalog generation (in `newest`; a pool
+    /// missing from it has none) is below this host's mark or does not descend from the
+    /// generation the mark names. `only`: the listing covered that pool alone.
+    pub(crate) fn check_marks(
+        &self,
+        newest: &std::collections::BTreeMap<String, crate::catalog::Loaded>,
+        only: Option<&str>,
+    ) -> Result<()> {
+        let Some(m) = &self.marks else { return Ok(()) };
+        for (pool, seen) in m.get(&self.config.id)? {
+            if only.is_some_and(|o| o != pool) {
+                continue;
+            }
+            let found = match newest.get(&pool) {
+                None => Some("is gone".to_string()),
+                Some(l) if l.catalog.generation < seen.generation => {
+                    Some(format!("is at generation {}", l.catalog.generation))
+                }
+                Some(l) if l.descends_from(seen.generation, &seen.hash) == Some(false) => {
+                    Some(format!(
+                        "is at generation {}, which does not descend from the one this host saw (replaced)",
+                        l.catalog.generation
+                    ))
+                }
+                Some(_) => None,
+            };
+            if let Some(found) = found {
+                return Err(BackupError::RolledBack {
+                    repo: self.describe(),
+                    pool,
+                    seen: seen.generation,
+                    found,
+                    marks: m.file(&self.config.id).display().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Raises this host's marks to generations just read or written. A failure to save
+    /// them is logged: the job itself is not wrong, detection is weaker.
+    pub(crate) fn raise_marks<'a>(
+        &self,
+        seen: impl IntoIterator<Item = &'a crate::catalog::Loaded>,
+    ) {
+        let Some(m) = &self.marks else { return };
+        let seen = seen
+            .into_iter()
+            .map(|l| {
+                (
+                    l.catalog.pool.clone(),
+                    crate::marks::Mark {
+                        generation: l.catalog.generation,
+                        hash: l.hash.clone(),
+                    },
+                )
+            })
+            .collect();
+        if let Err(e) = m.raise(&self.config.id, &seen) {
+            log::warn!("saving catalog high-water marks: {e}");
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -253,6 +346,29 @@ fn reseal_indexes(store: &dyn ObjectStore, keys: &Keys) -> Result<()> {
             .open(&sealed, LEGACY_INDEX_AAD)
             .ok_or_else(|| BackupError::corrupt(&o.key, "fails authentication"))?;
         store.put(&o.key, &keys.seal(&plain, &index_aad(id)))?;
+    }
+    Ok(())
+}
+
+/// Format 3 upgrade: generation 1 (or the next) of each pool's catalog lists every header
+/// of that pool stored now.
+fn write_first_catalogs(repo: &Repository) -> Result<()> {
+    let (headers, bad) = crate::manifest::list(repo)?;
+    if let Some((id, e)) = bad.first() {
+        return Err(BackupError::invalid(
+            "repo upgrade",
+            format!(
+                "manifest {id} cannot be read ({e}); run `snapblk repo repair` or delete it first"
+            ),
+        ));
+    }
+    let mut by_pool: std::collections::BTreeMap<String, Vec<crate::manifest::Header>> =
+        Default::default();
+    for h in headers {
+        by_pool.entry(h.pool.clone()).or_default().push(h);
+    }
+    for (pool, hs) in by_pool {
+        crate::catalog::update(repo, &pool, crate::catalog::Change::Merge(&hs))?;
     }
     Ok(())
 }

@@ -1,11 +1,13 @@
-//! `backup verify`: every chunk every manifest references is indexed and lies inside an
-//! existing pack; with `read_data`, every referenced chunk is downloaded, opened and
+//! `backup verify`: each pool's newest catalog opens and is not behind this host's
+//! high-water mark; every backup it lists has its header and table; every chunk they
+//! reference is indexed and lies inside an existing pack; with `read_data`, every referenced chunk is downloaded, opened and
 //! hashed. Each problem names the object or chunk and the snapshots it affects.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::catalog::Catalogs;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::index::{ChunkIndex, Purpose};
@@ -23,8 +25,29 @@ pub struct Problem {
     pub affects: Vec<String>,
 }
 
+/// One pool's newest catalog generation, as verified.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CatalogInfo {
+    pub pool: String,
+    pub generation: u64,
+    /// BLAKE3 of the generation's sealed object (compare across hosts).
+    pub hash: String,
+    pub written: u64,
+    pub host: String,
+    pub backups: u64,
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
+    /// Each pool's catalog: compare generations with what the hosts writing them saw.
+    pub catalogs: Vec<CatalogInfo>,
+    /// Stored headers no catalog lists and none removed: evidence of a rolled-back
+    /// catalog (each is also a problem). gc keeps them and their chunks.
+    pub uncatalogued: Vec<String>,
+    /// Stored headers of removed backups (an interrupted prune; gc deletes them).
+    pub leftovers: u64,
+    /// Listed backups whose `manifests/` copy is missing (harmless).
+    pub header_copies_missing: u64,
     pub manifests: u64,
     pub chunks: u64,
     pub packs: u64,
@@ -42,6 +65,12 @@ impl Report {
     }
 }
 
+/// Whether `h` is still listed in its pool's newest catalog.
+fn still_listed(repo: &Repository, h: &manifest::Header) -> Result<bool> {
+    Ok(crate::catalog::load_pool(repo, &h.pool)?
+        .is_some_and(|l| l.catalog.backups.iter().any(|b| b.id == h.id)))
+}
+
 pub fn run(
     repo: &Repository,
     read_data: bool,
@@ -49,16 +78,60 @@ pub fn run(
     progress: &dyn Progress,
 ) -> Result<Report> {
     let mut rep = Report::default();
-    let (headers, bad) = manifest::list(repo)?;
-    for (id, e) in bad {
-        rep.problems.push(Problem {
-            object: format!("manifest {id}"),
-            detail: e.to_string(),
-            affects: vec![format!("backup {id}")],
+    let catalogs = Catalogs::load(repo)?;
+    for c in catalogs.pools.values() {
+        rep.catalogs.push(CatalogInfo {
+            pool: c.catalog.pool.clone(),
+            generation: c.catalog.generation,
+            hash: c.hash.clone(),
+            written: c.catalog.written,
+            host: c.catalog.host.clone(),
+            backups: c.catalog.backups.len() as u64,
         });
+    }
+    let headers = catalogs.headers();
+    let stored: HashSet<String> = repo
+        .store()
+        .list(repo::MANIFESTS)?
+        .into_iter()
+        .filter_map(|o| o.key.strip_prefix(repo::MANIFESTS).map(str::to_string))
+        .collect();
+    let listed: HashSet<&str> = headers.iter().map(|h| h.id.as_str()).collect();
+    let mut unlisted: Vec<&String> = stored
+        .iter()
+        .filter(|id| !listed.contains(id.as_str()))
+        .collect();
+    unlisted.sort();
+    for id in unlisted {
+        match manifest::read_header(repo, id) {
+            Ok(h) if catalogs.removed(&h.pool, &h.id) => rep.leftovers += 1,
+            Ok(h) => {
+                rep.uncatalogued.push(id.clone());
+                rep.problems.push(Problem {
+                    object: format!("manifest {id}"),
+                    detail: format!(
+                        "backed up {} from pool {}, but no catalog lists it and none removed it: \
+                         its pool's catalog was rolled back (newer generations deleted or replaced) \
+                         or an update was lost; it is not restorable by name until listed again",
+                        h.backed_up, h.pool
+                    ),
+                    affects: vec![h.name()],
+                });
+            }
+            Err(e) => rep.problems.push(Problem {
+                object: format!("manifest {id}"),
+                detail: e.to_string(),
+                affects: vec![format!("backup {id}")],
+            }),
+        }
     }
     let mut refs: HashMap<ChunkId, BTreeSet<String>> = HashMap::new();
     for h in &headers {
+        if !stored.contains(&h.id) {
+            // Harmless (the catalog holds the header); a cut between the catalog write
+            // and the copy leaves this too.
+            rep.header_copies_missing += 1;
+        }
         rep.manifests += 1;
         match manifest::read_table(repo, h) {
             Ok(t) => {
@@ -66,6 +139,8 @@ pub fn run(
                     refs.entry(id).or_default().insert(h.name());
                 }
             }
+            // Pruned while we ran: not a problem.
+            Err(BackupError::Lost { .. }) if !still_listed(repo, h)? => {}
             Err(e) => rep.problems.push(Problem {
                 object: format!("manifest {}", h.id),
                 detail: e.to_string(),

@@ -11,6 +11,7 @@ use snapblk_core::names::parse_snap_ref;
 use snapblk_core::{Export, Pool, VolumeHandle};
 
 use crate::backup::Base;
+use crate::catalog::{self, Catalogs};
 use crate::error::{BackupError, Result};
 use crate::lazy::{Hydration, Restores, State};
 use crate::manifest::{self, Header};
@@ -61,11 +62,11 @@ pub fn allocated(src: &dyn Export) -> Result<Vec<(u64, u64)>> {
 
 /// The backup in `repo` of a snapshot still in this pool that differs least from `snap`.
 fn choose_base(pool: &Pool, repo: &Repository, snap: &str) -> Result<Option<Base>> {
-    let (headers, _) = manifest::list(repo)?;
+    let headers = catalog::load_pool(repo, pool.uuid())?.map_or(Vec::new(), |c| c.catalog.backups);
     let target = pool.resolve_target(snap)?;
     let mut cands: Vec<(&Header, String)> = headers
         .iter()
-        .filter(|h| h.pool == pool.uuid() && h.chunk_size == repo.config().chunk_size)
+        .filter(|h| h.chunk_size == repo.config().chunk_size)
         .filter_map(|h| pool.snapshot_by_id(h.snapshot_id).map(|n| (h, n)))
         .collect();
     cands.sort_by_key(|(h, _)| std::cmp::Reverse((h.created, h.snapshot_id, h.backed_up)));
@@ -123,7 +124,7 @@ pub fn restore_volume(
     new_volume: &str,
     progress: &dyn Progress,
 ) -> Result<restore::Summary> {
-    let (headers, _) = manifest::list(repo)?;
+    let headers = Catalogs::load(repo)?.headers();
     let Some(h) = manifest::find(&headers, backup_name) else {
         return Err(BackupError::NoSuchBackup(backup_name.to_string()));
     };
@@ -166,7 +167,7 @@ pub fn restore_lazy(
     restores: &Arc<Restores>,
     state_dir: &std::path::Path,
 ) -> Result<Arc<Hydration>> {
-    let (headers, _) = manifest::list(repo)?;
+    let headers = Catalogs::load(repo)?.headers();
     let Some(h) = manifest::find(&headers, backup_name) else {
         return Err(BackupError::NoSuchBackup(backup_name.to_string()));
     };
