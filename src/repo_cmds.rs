@@ -126,6 +126,17 @@ fn gc_text(r: &gc::Report) -> String {
             r.leftovers_deleted.len()
         ));
     }
+    if let Some(c) = r.cutoff {
+        t.push_str(&format!(
+            "; jobs running since {}: nothing newer was collected",
+            format_time(c)
+        ));
+    }
+    for l in &r.leases_broken {
+        t.push_str(&format!(
+            "\n  removed the expired lease of {l} (its process died)"
+        ));
+    }
     for u in &r.uncatalogued {
         t.push_str(&format!(
             "\n  kept {u}: in no catalog and never removed (a rolled-back catalog?); see `snapblk backup verify`"

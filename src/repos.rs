@@ -106,6 +106,15 @@ pub trait RepoOpen {
     fn upgrade(&self) -> Result<Repository>;
 }
 
+/// Lease lifetime: `SNAPBLK_LEASE_TTL` seconds (for tests), else the default (30 min).
+fn lease_ttl() -> u64 {
+    std::env::var("SNAPBLK_LEASE_TTL")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|v| (6..=86_400).contains(v))
+        .unwrap_or(snapblk_backup::lease::DEFAULT_TTL)
+}
+
 /// This host's catalog high-water marks (docs/design.md §12 "Catalogs").
 fn marks() -> Option<Marks> {
     let m = Marks::default_dir().map(Marks::new);
@@ -144,11 +153,19 @@ impl RepoOpen for RepoSpec {
     }
 
     fn open(&self) -> Result<Repository> {
-        Ok(Repository::open(self.store(false)?, &key_bytes(&self.secret)?)?.with_marks(marks()))
+        Ok(
+            Repository::open(self.store(false)?, &key_bytes(&self.secret)?)?
+                .with_marks(marks())
+                .with_lease_ttl(lease_ttl()),
+        )
     }
 
     fn upgrade(&self) -> Result<Repository> {
-        Ok(Repository::upgrade(self.store(false)?, &key_bytes(&self.secret)?)?.with_marks(marks()))
+        Ok(
+            Repository::upgrade(self.store(false)?, &key_bytes(&self.secret)?)?
+                .with_marks(marks())
+                .with_lease_ttl(lease_ttl()),
+        )
     }
 
     fn init(&self, opts: &InitOptions) -> Result<Repository> {

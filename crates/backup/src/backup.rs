@@ -23,6 +23,7 @@ use crate::catalog;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::index::{ChunkIndex, Purpose};
+use crate::lease::Lease;
 use crate::manifest::{self, BackupStats, Header, Table};
 use crate::pack::{Pack, PackBuilder};
 use crate::par::lock;
@@ -82,6 +83,9 @@ fn cells_of(ranges: &[(u64, u64)], cs: u64, cells: u64) -> Vec<u64> {
 pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summary> {
     let t0 = Instant::now();
     let listed = catalog::load_pool(repo, &job.pool)?.map(|c| c.catalog.backups);
+    // Held from before the chunk index is loaded until the commit: gc keeps every pack
+    // this job may reference (crate::lease).
+    let lease = Lease::shared(repo, format!("backup {}@{}", job.volume, job.snapshot))?;
     if let Some(h) = listed
         .iter()
         .flatten()
@@ -198,6 +202,7 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         host: catalog::host_name(),
     };
     manifest::write_table(repo, &header, &table)?;
+    lease.check()?;
     // The commit point: listed in the pool's catalog, the backup exists.
     if let Some(h) = catalog::update(repo, &job.pool, catalog::Change::Add(&header))? {
         // Another run of this job committed first; our table is an orphan gc removes.

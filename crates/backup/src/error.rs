@@ -29,6 +29,8 @@ pub enum BackupError {
          (deleted?): it cannot be restored; `snapblk backup forget` drops it from the catalog"
     )]
     Lost { backup: String, object: String },
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("no backup of {0} in the repository")]
     NoSuchBackup(String),
     #[error("{what}: {detail}")]

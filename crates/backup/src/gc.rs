@@ -26,10 +26,14 @@ use crate::catalog::Catalogs;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::index::{ChunkIndex, Purpose};
+use crate::lease::{self, Lease};
 use crate::manifest;
 use crate::pack::PackBuilder;
 use crate::progress::Progress;
 use crate::repo::{self, now, Repository};
+
+/// Clock difference allowed between hosts and the store, in seconds.
+const CLOCK_SLACK: u64 = 60;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -68,6 +72,11 @@ pub struct Report {
     pub uncatalogued: Vec<String>,
     /// Tables of backups that never committed, deleted once older than the grace period.
     pub orphan_tables_deleted: u64,
+    /// Leases of jobs that died (not refreshed within their lifetime), removed.
+    pub leases_broken: Vec<String>,
+    /// Start of the oldest running job (less a minute): nothing newer was condemned or
+    /// deleted.
+    pub cutoff: Option<u64>,
 }
 
 pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result<Report> {
@@ -80,9 +89,37 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             format!("manifest {id} cannot be read ({e}); refusing to collect while its references are unknown"),
         ));
     }
+    // Exclusive: no other gc runs; shared leases of running jobs set the cut-off.
+    let lease = if opts.dry_run {
+        None
+    } else {
+        Some(Lease::exclusive(repo, "gc")?)
+    };
+    let leases = lease::list(repo)?;
     let t = now();
-    let old = |since: u64| opts.grace_secs == 0 || t.saturating_sub(since) >= opts.grace_secs;
     let mut rep = Report::default();
+    if !opts.dry_run {
+        rep.leases_broken = lease::break_stale(repo, &leases)?
+            .into_iter()
+            .map(|r| format!("{} (host {}, pid {})", r.job, r.host, r.pid))
+            .collect();
+    }
+    // Nothing written or condemned after the oldest live job started is touched (less a
+    // minute for clocks that differ between hosts and the store).
+    let cutoff = leases
+        .iter()
+        .filter(|(id, r)| {
+            r.kind == lease::Kind::Shared
+                && r.live_at(t)
+                && lease.as_ref().is_none_or(|l| l.id() != id)
+        })
+        .map(|(_, r)| r.started.saturating_sub(CLOCK_SLACK))
+        .min()
+        .unwrap_or(u64::MAX);
+    rep.cutoff = (cutoff != u64::MAX).then_some(cutoff);
+    let old = |since: u64| {
+        since < cutoff && (opts.grace_secs == 0 || t.saturating_sub(since) >= opts.grace_secs)
+    };
     // What pins chunks: every catalogued backup, and every stored header no catalog lists
     // that was not removed from one (evidence of a rolled-back catalog: kept, with its
     // chunks, for `backup verify` to report). Headers of removed backups are leftovers of
@@ -182,7 +219,8 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
                 if !opts.dry_run {
                     store.delete(&repo::trash_key(&info.id))?;
                 }
-            } else if old(marks.get(&info.id).copied().unwrap_or(0)) {
+            } else if old(marks.get(&info.id).copied().unwrap_or(t)) {
+                // (A mark missing from the listing counts as made now, not as ancient.)
                 delete_pack(&info.id, &mut rep, info.entries.len())?;
             }
             continue;
@@ -190,7 +228,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         let Some(keep) = keep else {
             if old(modified) {
                 condemn(&info.id, &mut rep)?;
-                if opts.grace_secs == 0 {
+                if old(t) {
                     delete_pack(&info.id, &mut rep, info.entries.len())?;
                 }
             }
@@ -227,7 +265,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         store.put(&repo::pack_key(&np.id), &np.bytes)?;
         store.put(&repo::index_key(&np.id), &np.index)?;
         condemn(&info.id, &mut rep)?;
-        if opts.grace_secs == 0 {
+        if old(t) {
             let dead = info.entries.len() - keep.len();
             delete_pack(&info.id, &mut rep, dead)?;
         }

@@ -106,6 +106,8 @@ pub struct Hydration {
     save_lock: Mutex<()>,
     started: Instant,
     dir: PathBuf,
+    /// Keeps gc from deleting the packs this restore reads, until it completes.
+    lease: Mutex<Option<crate::lease::Lease>>,
 }
 
 fn bits_path(dir: &Path, vol_id: u64) -> PathBuf {
@@ -243,6 +245,7 @@ impl Hydration {
         commit: CommitFn,
         release: ReleaseFn,
     ) -> Result<Arc<Hydration>> {
+        let lease = crate::lease::Lease::shared(repo, format!("lazy restore {}", header.name()))?;
         let table = manifest::read_table(repo, header)?;
         let fetcher = Fetcher::new(repo)?;
         for (_, id) in &table.cells {
@@ -287,6 +290,7 @@ impl Hydration {
             save_lock: Mutex::new(()),
             started: Instant::now(),
             dir: dir.to_path_buf(),
+            lease: Mutex::new(Some(lease)),
             done,
             saved,
             hot,
@@ -548,6 +552,7 @@ impl Hydration {
             log::warn!("syncing {}: {e}", self.dir.display());
         }
         self.complete.store(true, Ordering::Release);
+        drop(lock(&self.lease).take());
         log::info!(
             "lazy restore of {} complete in {:.1} s",
             self.state.volume,

@@ -23,6 +23,7 @@ pub mod file;
 pub mod gc;
 pub mod index;
 pub mod lazy;
+pub mod lease;
 pub mod manifest;
 pub mod marks;
 pub mod pack;

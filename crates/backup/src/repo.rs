@@ -67,6 +67,8 @@ pub struct Repository {
     keys: Keys,
     /// This host's catalog high-water marks (None: rollbacks go unnoticed).
     marks: Option<Marks>,
+    /// Lifetime of this process's leases without a refresh (seconds).
+    lease_ttl: u64,
 }
 
 pub fn now() -> u64 {
@@ -132,6 +134,7 @@ impl Repository {
             config,
             keys,
             marks: None,
+            lease_ttl: crate::lease::DEFAULT_TTL,
         })
     }
 
@@ -161,6 +164,7 @@ impl Repository {
             config,
             keys,
             marks: None,
+            lease_ttl: crate::lease::DEFAULT_TTL,
         })
     }
 
@@ -178,6 +182,7 @@ impl Repository {
             config,
             keys,
             marks: None,
+            lease_ttl: crate::lease::DEFAULT_TTL,
         };
         if repo.config.version == VERSION {
             return Ok(repo);
@@ -208,6 +213,17 @@ impl Repository {
 
     pub fn marks(&self) -> Option<&Marks> {
         self.marks.as_ref()
+    }
+
+    /// The same repository, with leases that expire `secs` after their last refresh
+    /// (refreshed every sixth of that; default [`crate::lease::DEFAULT_TTL`]).
+    pub fn with_lease_ttl(mut self, secs: u64) -> Repository {
+        self.lease_ttl = secs;
+        self
+    }
+
+    pub fn lease_ttl(&self) -> u64 {
+        self.lease_ttl
     }
 
     /// Fails with `RolledBack` if a pool's newest catalog generation (in `newest`; a pool

@@ -196,6 +196,7 @@ pub fn run(
     progress: &dyn Progress,
 ) -> Result<Summary> {
     let t0 = Instant::now();
+    let _lease = crate::lease::Lease::shared(repo, format!("restore {}", header.name()))?;
     let table = manifest::read_table(repo, header)?;
     let fetcher = Fetcher::new(repo)?;
     let by_chunk = cells_by_chunk(&table);

@@ -78,6 +78,7 @@ pub fn run(
     progress: &dyn Progress,
 ) -> Result<Report> {
     let mut rep = Report::default();
+    let _lease = crate::lease::Lease::shared(repo, "verify")?;
     let catalogs = Catalogs::load(repo)?;
     for c in catalogs.pools.values() {
         rep.catalogs.push(CatalogInfo {

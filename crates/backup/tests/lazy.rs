@@ -291,3 +291,48 @@ fn completion_clears_the_mark_removes_the_state_and_releases_the_volume() {
         "restore-status shows the finished restore: {st:?}"
     );
 }
+
+/// A lazy restore runs for as long as it takes: prune removing its backup and gc with no
+/// grace period, several times over, while it has most cells still to fetch, cost it
+/// nothing (its lease keeps the packs it reads).
+#[test]
+fn a_lazy_restore_outlives_prune_and_gc_cycles() {
+    let s = setup();
+    let (restores, h) = s.start(false);
+    let exports = s.exports(&restores);
+    let e = exports.open("lz").unwrap();
+    let r = s.repo(true);
+    let gc_now = snapblk_backup::gc::Options {
+        grace_secs: 0,
+        max_unused: 0.0,
+        dry_run: false,
+    };
+    let keep_one = snapblk_backup::prune::Policy {
+        keep_last: 1,
+        ..Default::default()
+    };
+    for round in 0..3u64 {
+        // A newer backup, so keep-last 1 removes v@s (in round 0) and its successors.
+        common::put(&s.pool, "v", 0, &random_bytes(MIB as usize, 100 + round));
+        let snap = format!("n{round}");
+        s.pool.create_snapshot("v", &snap).unwrap();
+        backup_snapshot(&s.pool, &r, &format!("v@{snap}"), false, &NoProgress).unwrap();
+        snapblk_backup::prune::run(&r, &keep_one, false).unwrap();
+        let g = snapblk_backup::gc::run(&r, &gc_now, &NoProgress).unwrap();
+        assert!(
+            g.cutoff.is_some(),
+            "gc did not see the restore's lease: {g:?}"
+        );
+    }
+    assert!(!h.is_complete(), "the gate let the background finish");
+    let mut got = vec![0u8; 8 * MIB as usize];
+    for (i, c) in got.chunks_mut(CELL as usize).enumerate() {
+        e.read(i as u64 * CELL, c)
+            .unwrap_or_else(|err| panic!("cell {i}: {err}"));
+    }
+    assert!(
+        got == s.want,
+        "the lazily restored volume differs from its backup"
+    );
+    h.stop();
+}

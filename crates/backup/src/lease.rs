@@ -1,0 +1,291 @@
+//! Leases: lock objects that let jobs of any length run safely beside garbage collection
+//! (docs/design.md §12 "Leases").
+//!
+//! Every job that reads packs or commits references (backup, full and lazy restore,
+//! verify) holds a *shared* lease; gc holds the *exclusive* one. A lease is a sealed object
+//! `locks/<random id>` = {kind, job, host, pid, started, refreshed, ttl}, refreshed by a
+//! thread every `ttl / 6` and deleted when dropped. Invariants:
+//! - A lease is *live* until `refreshed + ttl` (by the reader's clock); after that it is
+//!   stale and gc deletes it. A job whose lease could not be refreshed for `ttl / 2` must
+//!   not commit (`check`): gc may already be ignoring it. The other half of `ttl` covers
+//!   clock skew between hosts.
+//! - gc never condemns a pack written after, nor deletes a pack condemned after, the
+//!   `started` time of the oldest live shared lease: whatever such a job loaded (an index
+//!   listing the pack, a table naming its chunks) stays readable for as long as it runs.
+//! - After writing its exclusive lease, a gc lists the locks and gives up (deleting its
+//!   own) if any other live exclusive lease exists. With read-after-write listings (S3
+//!   has them), of two gc runs started together at least one sees the other: two gc runs
+//!   never overlap (both may give up; run again).
+//!
+//! Threading: `Lease` is Send + Sync; its refresher thread only writes its own object.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::random_bytes;
+use crate::error::{BackupError, Result};
+use crate::repo::{now, Repository};
+
+pub const LOCKS: &str = "locks/";
+/// Default lease lifetime without a refresh.
+pub const DEFAULT_TTL: u64 = 30 * 60;
+/// Largest sealed lock object read.
+const MAX_LOCK_BYTES: u64 = 64 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Shared,
+    Exclusive,
+}
+
+/// The stored lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub kind: Kind,
+    /// What holds it: "backup vol@snap", "restore ...", "gc", ...
+    pub job: String,
+    pub host: String,
+    pub pid: u32,
+    /// Unix seconds (the holder's clock).
+    pub started: u64,
+    pub refreshed: u64,
+    pub ttl: u64,
+}
+
+impl Record {
+    pub fn live_at(&self, t: u64) -> bool {
+        t <= self.refreshed.saturating_add(self.ttl)
+    }
+}
+
+fn key(id: &str) -> String {
+    format!("{LOCKS}{id}")
+}
+fn aad(id: &str) -> Vec<u8> {
+    format!("snapblk lock {id}").into_bytes()
+}
+
+fn write(repo: &Repository, id: &str, r: &Record) -> Result<()> {
+    let json = serde_json::to_vec(r).map_err(|e| BackupError::invalid("lease", e.to_string()))?;
+    repo.store()
+        .put(&key(id), &repo.keys().seal(&json, &aad(id)))?;
+    Ok(())
+}
+
+/// Every lease stored, by id. Objects that do not open are skipped with a warning (a lock
+/// that is not ours cannot protect anything, and must not block gc forever).
+pub fn list(repo: &Repository) -> Result<Vec<(String, Record)>> {
+    let mut out = Vec::new();
+    for o in repo.store().list(LOCKS)? {
+        let Some(id) = o.key.strip_prefix(LOCKS) else {
+            continue;
+        };
+        let sealed = match repo.store().get(&o.key, MAX_LOCK_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => continue, // released meanwhile
+            Err(e) => return Err(e.into()),
+        };
+        match repo
+            .keys()
+            .open(&sealed, &aad(id))
+            .and_then(|p| serde_json::from_slice::<Record>(&p).ok())
+        {
+            Some(r) => out.push((id.to_string(), r)),
+            None => log::warn!(
+                "{}: {} is not a lease of this repository",
+                repo.describe(),
+                o.key
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// A lease held by this process, refreshed until dropped.
+pub struct Lease {
+    repo: Repository,
+    id: String,
+    record: Record,
+    /// Unix seconds of the last successful write.
+    last_ok: Arc<AtomicU64>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("id", &self.id)
+            .field("record", &self.record)
+            .finish()
+    }
+}
+
+impl Lease {
+    /// Takes a shared lease for `job`.
+    pub fn shared(repo: &Repository, job: impl Into<String>) -> Result<Lease> {
+        Lease::take(repo, Kind::Shared, job.into())
+    }
+
+    /// Takes the exclusive lease for `job`; fails naming the holder if another live
+    /// exclusive lease exists.
+    pub fn exclusive(repo: &Repository, job: impl Into<String>) -> Result<Lease> {
+        let lease = Lease::take(repo, Kind::Exclusive, job.into())?;
+        let t = now();
+        for (id, r) in list(repo)? {
+            if id != lease.id && r.kind == Kind::Exclusive && r.live_at(t) {
+                // Ours is dropped (deleted) on the way out.
+                return Err(BackupError::Busy(format!(
+                    "{} holds the repository at {} (host {}, pid {}, since {}); if it died, its lease expires {} s after its last refresh at {}",
+                    r.job,
+                    repo.describe(),
+                    r.host,
+                    r.pid,
+                    r.started,
+                    r.ttl,
+                    r.refreshed
+                )));
+            }
+        }
+        Ok(lease)
+    }
+
+    fn take(repo: &Repository, kind: Kind, job: String) -> Result<Lease> {
+        let t = now();
+        let id = hex::encode(random_bytes::<16>());
+        let ttl = repo.lease_ttl().max(6);
+        let record = Record {
+            kind,
+            job,
+            host: crate::catalog::host_name(),
+            pid: std::process::id(),
+            started: t,
+            refreshed: t,
+            ttl,
+        };
+        write(repo, &id, &record)?;
+        let last_ok = Arc::new(AtomicU64::new(t));
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let thread = {
+            let (repo, id, record) = (repo.clone(), id.clone(), record.clone());
+            let (last_ok, stop) = (Arc::clone(&last_ok), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("lease".into())
+                .spawn(move || refresh(&repo, &id, record, &last_ok, &stop))?
+        };
+        Ok(Lease {
+            repo: repo.clone(),
+            id,
+            record,
+            last_ok,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops refreshing and leaves the lease object behind, as a killed process would
+    /// (tests; a real holder drops its lease).
+    pub fn abandon(mut self) {
+        self.stop_refresh();
+        self.id.clear();
+    }
+
+    fn stop_refresh(&mut self) {
+        {
+            let (m, cv) = &*self.stop;
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// Fails if the lease may have expired in gc's eyes (not refreshed for `ttl / 2`):
+    /// a job must not commit references on it then.
+    pub fn check(&self) -> Result<()> {
+        let age = now().saturating_sub(self.last_ok.load(Ordering::Acquire));
+        if age > self.record.ttl / 2 {
+            return Err(BackupError::invalid(
+                format!("lease {} on {}", self.id, self.repo.describe()),
+                format!(
+                    "not refreshed for {age} s (lifetime {} s): garbage collection may no longer protect this job; run it again",
+                    self.record.ttl
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn refresh(
+    repo: &Repository,
+    id: &str,
+    mut record: Record,
+    last_ok: &AtomicU64,
+    stop: &(Mutex<bool>, Condvar),
+) {
+    let every = Duration::from_secs((record.ttl / 6).max(1));
+    let (m, cv) = stop;
+    let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        // Checked before waiting too: a stop that came before this thread first took the
+        // lock must not wait out a whole period.
+        if *stopped {
+            return;
+        }
+        stopped = cv
+            .wait_timeout(stopped, every)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        if *stopped {
+            return;
+        }
+        record.refreshed = now();
+        match write(repo, id, &record) {
+            Ok(()) => last_ok.store(record.refreshed, Ordering::Release),
+            Err(e) => log::warn!("refreshing lease {id} on {}: {e}", repo.describe()),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop_refresh();
+        if self.id.is_empty() {
+            return; // abandoned
+        }
+        if let Err(e) = self.repo.store().delete(&key(&self.id)) {
+            log::warn!(
+                "releasing lease {} on {}: {e}",
+                self.id,
+                self.repo.describe()
+            );
+        }
+    }
+}
+
+/// Deletes stale leases (their holders died); returns them.
+pub fn break_stale(repo: &Repository, leases: &[(String, Record)]) -> Result<Vec<Record>> {
+    let t = now();
+    let mut out = Vec::new();
+    for (id, r) in leases {
+        if !r.live_at(t) {
+            repo.store().delete(&key(id))?;
+            out.push(r.clone());
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,222 @@
+//! Leases keep gc, prune, backup and restore safe together (issue 12, docs/design.md §12
+//! "Leases"):
+//! * two gc runs never overlap: of two started together, at least one refuses;
+//! * the lease of a process that died stops protecting anything once it expires, and gc
+//!   removes it;
+//! * a full restore and a backup each run across prune + gc with no grace period (a grace
+//!   period far shorter than the job) and complete exactly.
+//!
+//! (The lazy restore's case is in tests/lazy.rs.)
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use common::{image, put, random_bytes, MIB};
+use snapblk_backup::file::FileStore;
+use snapblk_backup::lease::{self, Lease};
+use snapblk_backup::repo::InitOptions;
+use snapblk_backup::volume::{backup_snapshot, restore_volume};
+use snapblk_backup::{gc, prune, verify, BackupError, NoProgress, Progress, Repository};
+use snapblk_core::Pool;
+
+fn init(dir: &Path) -> Repository {
+    let opts = InitOptions {
+        chunk_size: 64 << 10,
+        pack_size: 1 << 20,
+        ..Default::default()
+    };
+    Repository::init(Arc::new(FileStore::new(dir)), b"k", &opts).unwrap()
+}
+
+const NOW: gc::Options = gc::Options {
+    grace_secs: 0,
+    max_unused: 0.0,
+    dry_run: false,
+};
+
+fn keep_last(n: u32) -> prune::Policy {
+    prune::Policy {
+        keep_last: n,
+        ..Default::default()
+    }
+}
+
+/// Runs `f` once, the first time the job reports progress (in the job's own thread);
+/// the job's other threads wait in their next report until `f` is done, so most of the
+/// job runs after it.
+struct Midway<F: Fn() + Send + Sync> {
+    done: Mutex<bool>,
+    f: F,
+}
+
+impl<F: Fn() + Send + Sync> Progress for Midway<F> {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {
+        let mut done = self.done.lock().unwrap();
+        if !*done {
+            (self.f)();
+            *done = true;
+        }
+    }
+}
+
+fn midway<F: Fn() + Send + Sync>(f: F) -> Midway<F> {
+    Midway {
+        done: Mutex::new(false),
+        f,
+    }
+}
+
+/// `vol` gets `mib` MiB of fresh data and the snapshot `s`.
+fn fill(p: &Arc<Pool>, vol: &str, s: &str, mib: u64, seed: u64) -> String {
+    put(p, vol, 0, &random_bytes((mib * MIB) as usize, seed));
+    p.create_snapshot(vol, s).unwrap();
+    format!("{vol}@{s}")
+}
+
+#[test]
+fn two_gc_runs_never_overlap() {
+    let d = tempfile::tempdir().unwrap();
+    let r = init(d.path());
+    // One holds the repository: the next refuses, naming it.
+    let held = Lease::exclusive(&r, "gc").unwrap();
+    match gc::run(&r, &NOW, &NoProgress) {
+        Err(BackupError::Busy(m)) => assert!(m.contains("gc") && m.contains("pid"), "{m}"),
+        other => panic!("a second gc ran: {other:?}"),
+    }
+    drop(held);
+    gc::run(&r, &NOW, &NoProgress).unwrap();
+    // Many started together: never two holders at once.
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let won = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(Barrier::new(6));
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            let (r, inside, most, won, go) = (
+                r.clone(),
+                Arc::clone(&inside),
+                Arc::clone(&most),
+                Arc::clone(&won),
+                Arc::clone(&go),
+            );
+            std::thread::spawn(move || {
+                go.wait();
+                if let Ok(l) = Lease::exclusive(&r, "gc") {
+                    let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(n, Ordering::SeqCst);
+                    won.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(300));
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    drop(l);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(
+        most.load(Ordering::SeqCst) <= 1,
+        "two gc leases were held at once"
+    );
+    assert!(lease::list(&r).unwrap().is_empty(), "leases left behind");
+}
+
+#[test]
+fn the_lease_of_a_dead_process_expires_and_is_broken() {
+    let d = tempfile::tempdir().unwrap();
+    let r = init(d.path()).with_lease_ttl(6);
+    // A gc and a restore that were killed: their leases stay, unrefreshed.
+    Lease::exclusive(&r, "gc").unwrap().abandon();
+    Lease::shared(&r, "restore v@s").unwrap().abandon();
+    assert!(matches!(
+        gc::run(&r, &NOW, &NoProgress),
+        Err(BackupError::Busy(_))
+    ));
+    std::thread::sleep(Duration::from_secs(7));
+    let g = gc::run(&r, &NOW, &NoProgress).unwrap();
+    assert_eq!(g.leases_broken.len(), 2, "{g:?}");
+    assert_eq!(g.cutoff, None, "an expired lease still held gc back");
+    assert!(lease::list(&r).unwrap().is_empty());
+    // A live lease is refreshed and is never broken.
+    let live = Lease::shared(&r, "backup v@s").unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    live.check().unwrap();
+    let g = gc::run(&r, &NOW, &NoProgress).unwrap();
+    assert!(g.leases_broken.is_empty() && g.cutoff.is_some(), "{g:?}");
+}
+
+/// A full restore of a backup that prune removes and gc (no grace period) collects while
+/// the restore runs: its lease keeps the packs; the restore completes exactly.
+#[test]
+fn a_full_restore_outlives_prune_and_gc() {
+    let d = tempfile::tempdir().unwrap();
+    let r = init(d.path());
+    let p = common::pool(512 * MIB);
+    p.create_volume("v", 32 * MIB).unwrap();
+    let old = fill(&p, "v", "old", 16, 1);
+    backup_snapshot(&p, &r, &old, false, &NoProgress).unwrap();
+    let new = fill(&p, "v", "new", 16, 2);
+    backup_snapshot(&p, &r, &new, true, &NoProgress).unwrap();
+    let collected = Mutex::new(Vec::new());
+    let cycles = midway(|| {
+        for _ in 0..3 {
+            prune::run(&r, &keep_last(1), false).unwrap();
+            collected
+                .lock()
+                .unwrap()
+                .push(gc::run(&r, &NOW, &NoProgress).unwrap());
+        }
+    });
+    restore_volume(&p, &r, &old, "r", &cycles).unwrap();
+    let runs = collected.lock().unwrap();
+    assert!(
+        runs.len() == 3 && runs.iter().all(|g| g.cutoff.is_some()),
+        "{runs:?}"
+    );
+    assert!(image(&p, &old) == image(&p, "r"));
+    // Once nothing runs, the removed backup's data goes.
+    let g = gc::run(&r, &NOW, &NoProgress).unwrap();
+    assert!(g.packs_deleted > 0, "{g:?}");
+    assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
+}
+
+/// A backup that reuses chunks of a backup prune removes and gc collects meanwhile still
+/// commits only what the repository holds: it restores exactly.
+#[test]
+fn a_backup_outlives_prune_and_gc() {
+    let d = tempfile::tempdir().unwrap();
+    let r = init(d.path());
+    let p = common::pool(512 * MIB);
+    p.create_volume("v", 32 * MIB).unwrap();
+    let a = fill(&p, "v", "a", 16, 1);
+    backup_snapshot(&p, &r, &a, false, &NoProgress).unwrap();
+    // The same data again under another name (cells shared with v@a), plus new data.
+    put(&p, "v", 24 * MIB, &random_bytes(4 * MIB as usize, 9));
+    p.create_snapshot("v", "b").unwrap();
+    p.create_volume("w", 4 * MIB).unwrap();
+    let w = fill(&p, "w", "x", 4, 3);
+    backup_snapshot(&p, &r, &w, false, &NoProgress).unwrap();
+    let saw_lease = AtomicUsize::new(0);
+    let cycles = midway(|| {
+        for _ in 0..3 {
+            // keep-last 1 per volume: v@a goes (w@x stays).
+            prune::run(&r, &keep_last(1), false).unwrap();
+            if gc::run(&r, &NOW, &NoProgress).unwrap().cutoff.is_some() {
+                saw_lease.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    // (Correctness here also rests on the backup's check before it commits: chunks of
+    // packs condemned meanwhile are stored again. The lease spares that work.)
+    backup_snapshot(&p, &r, "v@b", true, &cycles).unwrap();
+    assert_eq!(saw_lease.load(Ordering::SeqCst), 3);
+    restore_volume(&p, &r, "v@b", "rb", &NoProgress).unwrap();
+    assert!(image(&p, "v@b") == image(&p, "rb"));
+    assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
+}
