@@ -50,10 +50,12 @@ pub fn execute(
             backup,
             name,
             lazy: false,
+            from,
         } => to_value(volume::restore_volume(
             pool,
             &repo.open()?,
             backup,
+            from.as_deref(),
             name,
             progress,
         )?),
@@ -62,6 +64,7 @@ pub fn execute(
             backup,
             name,
             lazy: true,
+            from,
         } => {
             let d = devices.ok_or_else(|| {
                 anyhow::anyhow!(
@@ -73,6 +76,7 @@ pub fn execute(
                 pool,
                 &repo.open()?,
                 backup,
+                from.as_deref(),
                 name,
                 &d.restores,
                 &d.restore_dir,

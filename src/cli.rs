@@ -114,6 +114,10 @@ pub enum Cmd {
         /// fetched (on demand first, the rest in the background). Needs the daemon.
         #[arg(long)]
         lazy: bool,
+        /// Restore a backup taken by another pool: its host name or pool uuid (default:
+        /// this pool's backup of that name, else the one pool that has one).
+        #[arg(long, value_name = "HOST|POOL")]
+        from: Option<String>,
         #[command(flatten)]
         repo: RepoArgs,
     },
@@ -315,9 +319,12 @@ pub struct BackupArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BackupCmd {
-    /// Backups in a repository, with sizes and the dedup ratio.
+    /// Backups in a repository, with sizes, hosts and the dedup ratio.
     List {
         target: String,
+        /// Only the backups of this host name or pool uuid.
+        #[arg(long, value_name = "HOST|POOL")]
+        from: Option<String>,
         #[command(flatten)]
         repo: RepoArgs,
     },
@@ -341,6 +348,13 @@ pub enum BackupCmd {
         keep_weekly: u32,
         #[arg(long, default_value_t = 0)]
         keep_monthly: u32,
+        /// Prune the backups of this host name or pool uuid only (needed when several
+        /// pools back up into the repository, unless --all-pools).
+        #[arg(long, value_name = "HOST|POOL", conflicts_with = "all_pools")]
+        from: Option<String>,
+        /// Apply the policy to every pool's backups.
+        #[arg(long)]
+        all_pools: bool,
         /// Show what would be removed.
         #[arg(long)]
         dry_run: bool,
@@ -357,6 +371,9 @@ pub enum BackupCmd {
         target: String,
         #[arg(required = true)]
         backups: Vec<String>,
+        /// The host name or pool uuid whose backup of that name is meant.
+        #[arg(long, value_name = "HOST|POOL")]
+        from: Option<String>,
         #[command(flatten)]
         repo: RepoArgs,
     },

@@ -117,12 +117,14 @@ fn command(cmd: &Cmd) -> Result<Command> {
             backup,
             name,
             lazy,
+            from,
             repo,
         } => Command::Restore {
             repo: repo.spec(target)?,
             backup: backup.clone(),
             name: name.clone(),
             lazy: *lazy,
+            from: from.clone(),
         },
         Cmd::RestoreStatus => Command::RestoreStatus,
         Cmd::Policy(PolicyCmd::Set(a)) => Command::PolicySet {

@@ -276,9 +276,11 @@ pub fn render(cmd: &Command, v: &Value) -> String {
             }
         }
         Command::Restore { name, .. } => format!(
-            "restored {} (backup {}) as volume {name}: wrote {}, downloaded {} ({} chunks) in {:.1} s",
+            "restored {} (backup {} of pool {}, host {}) as volume {name}: wrote {}, downloaded {} ({} chunks) in {:.1} s",
             v_name(v),
             cell("", &v["manifest"]),
+            cell("", &v["pool"]),
+            cell("", &v["host"]),
             format_size(v["bytes_written"].as_u64().unwrap_or(0)),
             format_size(v["bytes_downloaded"].as_u64().unwrap_or(0)),
             v["chunks"],

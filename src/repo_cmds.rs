@@ -147,7 +147,9 @@ fn gc_text(r: &gc::Report) -> String {
 
 pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
     match cmd {
-        BackupCmd::List { target, repo } => list(&repo.spec(target)?.open()?),
+        BackupCmd::List { target, from, repo } => {
+            list(&repo.spec(target)?.open()?, from.as_deref())
+        }
         BackupCmd::Verify {
             target,
             read_data,
@@ -215,6 +217,8 @@ pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
             keep_daily,
             keep_weekly,
             keep_monthly,
+            from,
+            all_pools,
             dry_run,
             no_gc,
             gc: g,
@@ -227,7 +231,11 @@ pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
                 keep_weekly: *keep_weekly,
                 keep_monthly: *keep_monthly,
             };
-            let out = prune::run(&r, &policy, *dry_run)?;
+            let scope = prune::Scope {
+                from: from.clone(),
+                all_pools: *all_pools,
+            };
+            let out = prune::run(&r, &policy, &scope, *dry_run)?;
             let mut text = format!(
                 "{} {} backups, kept {}",
                 if *dry_run { "would remove" } else { "removed" },
@@ -254,10 +262,11 @@ pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
         BackupCmd::Forget {
             target,
             backups,
+            from,
             repo,
         } => {
             let r = repo.spec(target)?.open()?;
-            let gone = prune::forget(&r, backups)?;
+            let gone = prune::forget(&r, backups, from.as_deref())?;
             let mut text = format!("forgot {} backups (gc frees their data)", gone.len());
             for g in &gone {
                 text.push_str(&format!("\n  - {g}"));
@@ -285,8 +294,20 @@ pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
     }
 }
 
-fn list(r: &snapblk_backup::Repository) -> Result<Outcome> {
-    let headers = Catalogs::load(r)?.headers();
+fn list(r: &snapblk_backup::Repository, from: Option<&str>) -> Result<Outcome> {
+    let catalogs = Catalogs::load(r)?;
+    let pools: Vec<&str> = match from {
+        Some(f) => catalogs.pools_named(f),
+        None => catalogs.pools.keys().map(String::as_str).collect(),
+    };
+    if let (Some(f), true) = (from, pools.is_empty()) {
+        anyhow::bail!("--from {f} names no pool or host that has backups in this repository");
+    }
+    let headers: Vec<_> = catalogs
+        .headers()
+        .into_iter()
+        .filter(|h| pools.contains(&h.pool.as_str()))
+        .collect();
     let packs = r.store().list(snapblk_backup::repo::PACKS)?;
     let stored: u64 = packs.iter().map(|p| p.size).sum();
     let logical: u64 = headers.iter().map(|h| h.stored_bytes).sum();
@@ -296,8 +317,8 @@ fn list(r: &snapblk_backup::Repository) -> Result<Outcome> {
         logical as f64 / stored as f64
     };
     let mut text = format!(
-        "{:<32} {:<12} {:<23} {:>10} {:>10} {:>10}  {}\n",
-        "BACKUP", "ID", "SNAPSHOT TAKEN", "SIZE", "DATA", "UPLOADED", "BASE"
+        "{:<32} {:<12} {:<16} {:<23} {:>10} {:>10} {:>10}  {}\n",
+        "BACKUP", "ID", "HOST", "SNAPSHOT TAKEN", "SIZE", "DATA", "UPLOADED", "BASE"
     );
     for h in &headers {
         let base = h
@@ -305,9 +326,10 @@ fn list(r: &snapblk_backup::Repository) -> Result<Outcome> {
             .as_deref()
             .map_or("-".to_string(), |b| b.get(..12).unwrap_or(b).to_string());
         text.push_str(&format!(
-            "{:<32} {:<12} {:<23} {:>10} {:>10} {:>10}  {}\n",
+            "{:<32} {:<12} {:<16} {:<23} {:>10} {:>10} {:>10}  {}\n",
             h.name(),
             h.id.get(..12).unwrap_or(&h.id),
+            if h.host.is_empty() { "?" } else { &h.host },
             format_time(h.created),
             format_size(h.size),
             format_size(h.stored_bytes),

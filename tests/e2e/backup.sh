@@ -221,6 +221,13 @@ mv "$T/catalog.saved" "$cat_dir/$newest"
 snapblk backup verify "$FILE" >"$T/rb.out" || { cat "$T/rb.out"; fail "verify after putting the catalog back"; }
 grep -q "catalog of pool .* generation 2" "$T/rb.out" || { cat "$T/rb.out"; fail "verify does not name the catalog generation"; }
 snapblk backup forget "$FILE" inc@b >/dev/null
+log "hosts: list and restore select by host; a restore says whose backup it took"
+host=$(cat /proc/sys/kernel/hostname)
+snapblk backup list "$FILE" --from "$host" | grep -q "fs@one .* $host " || fail "backup list --from $host"
+snapblk backup list "$FILE" --from no-such-host >/dev/null 2>&1 && fail "list --from an unknown host succeeded"
+snapblk --json restore "$FILE" fs@one --as fs-from --from "$host" >"$T/from.json"
+[ "$(jq_ 'v["host"]' <"$T/from.json")" = "$host" ] || { cat "$T/from.json"; fail "restore does not say the host"; }
+same fs@one fs-from
 snapblk --json backup list "$FILE" | jq_ '" ".join(b["volume"]+"@"+b["snapshot"] for b in v["backups"])' >"$T/left"
 [ "$(cat "$T/left")" = "fs@one" ] || fail "after forget: $(cat "$T/left")"
 assert_check_clean

@@ -252,6 +252,82 @@ impl Catalogs {
             .any(|c| c.catalog.backups.iter().any(|h| h.id == id))
     }
 
+    /// The host that took `pool`'s newest backup ("" if unknown).
+    pub fn host_of(&self, pool: &str) -> &str {
+        self.pools
+            .get(pool)
+            .and_then(|l| l.catalog.backups.iter().max_by_key(|h| h.backed_up))
+            .map_or("", |h| h.host.as_str())
+    }
+
+    /// Pools `from` names: a pool uuid, or the host name of a pool's backups.
+    pub fn pools_named(&self, from: &str) -> Vec<&str> {
+        self.pools
+            .iter()
+            .filter(|(p, l)| p.as_str() == from || l.catalog.backups.iter().any(|h| h.host == from))
+            .map(|(p, _)| p.as_str())
+            .collect()
+    }
+
+    /// The backup `name` (`vol@snap`: the newest of that name; or a backup id) to
+    /// restore: from the pools `from` names if given; else from `this_pool` if it has one
+    /// of that name; else from the one other pool that has one. Several candidates are an
+    /// error naming them (choose with `from`).
+    pub fn choose(
+        &self,
+        name: &str,
+        this_pool: Option<&str>,
+        from: Option<&str>,
+    ) -> Result<Header> {
+        let newest_in = |pools: &[&str]| -> Option<Header> {
+            let mut hs: Vec<Header> = pools
+                .iter()
+                .filter_map(|p| self.pools.get(*p))
+                .flat_map(|l| l.catalog.backups.iter().cloned())
+                .collect();
+            crate::manifest::sort(&mut hs);
+            crate::manifest::find(&hs, name).cloned()
+        };
+        if let Some(from) = from {
+            let pools = self.pools_named(from);
+            if pools.is_empty() {
+                return Err(BackupError::invalid(
+                    format!("--from {from}"),
+                    "names no pool or host that has backups in this repository",
+                ));
+            }
+            return newest_in(&pools)
+                .ok_or_else(|| BackupError::NoSuchBackup(format!("{name} from {from}")));
+        }
+        if let Some(h) = self.headers().into_iter().find(|h| h.id == name) {
+            return Ok(h);
+        }
+        if let Some(h) = this_pool.and_then(|p| newest_in(&[p])) {
+            return Ok(h);
+        }
+        let mut found: Vec<Header> = self
+            .pools
+            .keys()
+            .filter(|p| Some(p.as_str()) != this_pool)
+            .filter_map(|p| newest_in(&[p.as_str()]))
+            .collect();
+        match found.len() {
+            0 => Err(BackupError::NoSuchBackup(name.to_string())),
+            1 => Ok(found.remove(0)),
+            _ => Err(BackupError::invalid(
+                name,
+                format!(
+                    "is backed up from several pools: {}; choose one with --from HOST|POOL",
+                    found
+                        .iter()
+                        .map(|h| format!("pool {} (host {})", h.pool, self.host_of(&h.pool)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+
     /// Whether `id` was removed (pruned or forgotten) from its pool's catalog.
     pub fn removed(&self, pool: &str, id: &str) -> bool {
         self.pools

@@ -104,6 +104,49 @@ pub fn select(headers: &[Header], policy: &Policy) -> HashSet<String> {
     keep
 }
 
+/// Whose backups a prune may remove.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// A pool uuid or the host name of a pool's backups.
+    pub from: Option<String>,
+    /// Every pool (the same policy for all hosts).
+    pub all_pools: bool,
+}
+
+impl Scope {
+    /// The pools in scope. Without `from` or `all_pools`, a repository holding several
+    /// pools' backups is refused: hosts with different retention must not prune each
+    /// other's backups.
+    pub fn pools(&self, catalogs: &Catalogs) -> Result<HashSet<String>> {
+        if let Some(f) = &self.from {
+            let p = catalogs.pools_named(f);
+            if p.is_empty() {
+                return Err(BackupError::invalid(
+                    format!("--from {f}"),
+                    "names no pool or host that has backups in this repository",
+                ));
+            }
+            return Ok(p.into_iter().map(str::to_string).collect());
+        }
+        if self.all_pools || catalogs.pools.len() <= 1 {
+            return Ok(catalogs.pools.keys().cloned().collect());
+        }
+        Err(BackupError::invalid(
+            "prune",
+            format!(
+                "the repository holds backups of {} pools ({}); prune one with --from HOST|POOL, or all with --all-pools (one policy for every host)",
+                catalogs.pools.len(),
+                catalogs
+                    .pools
+                    .keys()
+                    .map(|p| format!("{p} on {}", catalogs.host_of(p)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ))
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
     pub kept: Vec<String>,
@@ -113,14 +156,20 @@ pub struct Outcome {
 /// Removes the backups `policy` does not keep: first from their pool's catalog (the commit
 /// point: from then on they do not exist), then their headers and tables. Chunks go with
 /// `gc`.
-pub fn run(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<Outcome> {
+pub fn run(repo: &Repository, policy: &Policy, scope: &Scope, dry_run: bool) -> Result<Outcome> {
     if policy.is_empty() {
         return Err(BackupError::invalid(
             "prune",
             "no --keep-* rule given (refusing to remove every backup)",
         ));
     }
-    let headers = Catalogs::load(repo)?.headers();
+    let catalogs = Catalogs::load(repo)?;
+    let pools = scope.pools(&catalogs)?;
+    let headers: Vec<Header> = catalogs
+        .headers()
+        .into_iter()
+        .filter(|h| pools.contains(&h.pool))
+        .collect();
     let keep = select(&headers, policy);
     let mut out = Outcome {
         kept: Vec::new(),
@@ -154,13 +203,17 @@ fn remove_listed(repo: &Repository, pool: &str, ids: &HashSet<&str>) -> Result<(
 }
 
 /// `backup forget`: removes the named backups (`vol@snap` = the newest of that name, or a
-/// manifest id), e.g. one whose objects were lost. Returns their labels.
-pub fn forget(repo: &Repository, names: &[String]) -> Result<Vec<String>> {
-    let headers = Catalogs::load(repo)?.headers();
+/// manifest id; from the pool or host `from` names, needed when several pools have one of
+/// that name), e.g. one whose objects were lost. Returns their labels.
+pub fn forget(repo: &Repository, names: &[String], from: Option<&str>) -> Result<Vec<String>> {
+    let catalogs = Catalogs::load(repo)?;
+    let chosen: Vec<Header> = names
+        .iter()
+        .map(|n| catalogs.choose(n, None, from))
+        .collect::<Result<_>>()?;
     let mut remove: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
     let mut out = Vec::new();
-    for n in names {
-        let h = manifest::find(&headers, n).ok_or_else(|| BackupError::NoSuchBackup(n.clone()))?;
+    for h in &chosen {
         if remove.entry(&h.pool).or_default().insert(&h.id) {
             out.push(format!("{} ({})", h.name(), h.id));
         }

@@ -31,6 +31,9 @@ pub struct Summary {
     pub manifest: String,
     pub volume: String,
     pub snapshot: String,
+    /// Where the backup came from: its pool and host.
+    pub pool: String,
+    pub host: String,
     pub size: u64,
     pub bytes_written: u64,
     pub bytes_downloaded: u64,
@@ -260,6 +263,8 @@ pub fn run(
     Ok(Summary {
         manifest: header.id.clone(),
         volume: header.volume.clone(),
+        pool: header.pool.clone(),
+        host: header.host.clone(),
         snapshot: header.snapshot.clone(),
         size: header.size,
         bytes_written: written.into_inner(),

@@ -14,7 +14,7 @@ use crate::backup::Base;
 use crate::catalog::{self, Catalogs};
 use crate::error::{BackupError, Result};
 use crate::lazy::{Hydration, Restores, State};
-use crate::manifest::{self, Header};
+use crate::manifest::Header;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::{backup, restore};
@@ -116,18 +116,18 @@ pub fn backup_snapshot(
     backup::run(repo, job, progress)
 }
 
-/// Restores the backup `backup_name` (`vol@snap` or id) as the new volume `new_volume`.
+/// Restores the backup `backup_name` (`vol@snap` or id; from this pool unless `from`
+/// names a pool or host, see `Catalogs::choose`) as the new volume `new_volume`.
 pub fn restore_volume(
     pool: &Arc<Pool>,
     repo: &Repository,
     backup_name: &str,
+    from: Option<&str>,
     new_volume: &str,
     progress: &dyn Progress,
 ) -> Result<restore::Summary> {
-    let headers = Catalogs::load(repo)?.headers();
-    let Some(h) = manifest::find(&headers, backup_name) else {
-        return Err(BackupError::NoSuchBackup(backup_name.to_string()));
-    };
+    let h = Catalogs::load(repo)?.choose(backup_name, Some(pool.uuid()), from)?;
+    let h = &h;
     let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
     // Marked incomplete from its first commit: if this process dies before the restore
     // ends, the volume says so instead of passing for a good copy.
@@ -163,14 +163,13 @@ pub fn restore_lazy(
     pool: &Arc<Pool>,
     repo: &Repository,
     backup_name: &str,
+    from: Option<&str>,
     new_volume: &str,
     restores: &Arc<Restores>,
     state_dir: &std::path::Path,
 ) -> Result<Arc<Hydration>> {
-    let headers = Catalogs::load(repo)?.headers();
-    let Some(h) = manifest::find(&headers, backup_name) else {
-        return Err(BackupError::NoSuchBackup(backup_name.to_string()));
-    };
+    let h = Catalogs::load(repo)?.choose(backup_name, Some(pool.uuid()), from)?;
+    let h = &h;
     let _reserved = restores.reserve(new_volume)?;
     let mark = Incomplete {
         by: Filling::LazyRestore,

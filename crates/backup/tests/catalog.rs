@@ -86,7 +86,7 @@ fn deleting_the_newest_backup_fails_the_restore_instead_of_picking_an_older_one(
     // The attacker removes every object named after the newest backup.
     std::fs::remove_file(d.path().join("tables").join(&newest)).unwrap();
     std::fs::remove_file(d.path().join("manifests").join(&newest)).unwrap();
-    let e = restore_volume(&p, &r, "v@s", "r", &NoProgress).unwrap_err();
+    let e = restore_volume(&p, &r, "v@s", None, "r", &NoProgress).unwrap_err();
     assert!(e.to_string().contains("is gone"), "{e}");
     assert!(
         p.volume_info("r").is_err(),
@@ -101,8 +101,8 @@ fn deleting_the_newest_backup_fails_the_restore_instead_of_picking_an_older_one(
     // gc will not free data while a listed backup is unaccounted for; forgetting it is
     // an explicit decision, after which the older backup is the one restored.
     assert!(gc::run(&r, &gc::Options::default(), &NoProgress).is_err());
-    prune::forget(&r, std::slice::from_ref(&newest)).unwrap();
-    restore_volume(&p, &r, "v@s", "r", &NoProgress).unwrap();
+    prune::forget(&r, std::slice::from_ref(&newest), None).unwrap();
+    restore_volume(&p, &r, "v@s", None, "r", &NoProgress).unwrap();
     assert!(image(&p, "r") == want);
     assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
 }
@@ -126,13 +126,13 @@ fn a_pruned_backup_put_back_is_never_restored() {
         keep_last: 1,
         ..Default::default()
     };
-    let out = prune::run(&r, &policy, false).unwrap();
+    let out = prune::run(&r, &policy, &Default::default(), false).unwrap();
     assert_eq!(out.removed.len(), 1);
     for (f, b) in &saved {
         std::fs::write(f, b).unwrap();
     }
     assert!(matches!(
-        restore_volume(&p, &r, "v@a", "r", &NoProgress),
+        restore_volume(&p, &r, "v@a", None, "r", &NoProgress),
         Err(BackupError::NoSuchBackup(_))
     ));
     assert!(Catalogs::load(&r).unwrap().headers().len() == 1);
@@ -170,7 +170,7 @@ fn deleting_newest_catalog_generations_is_a_rollback() {
     assert!(matches!(e, BackupError::RolledBack { .. }), "{e}");
     assert!(e.to_string().contains("rolled back"), "{e}");
     for e in [
-        restore_volume(&p, &r, "v@a", "r", &NoProgress).unwrap_err(),
+        restore_volume(&p, &r, "v@a", None, "r", &NoProgress).unwrap_err(),
         verify::run(&r, false, 2, &NoProgress).unwrap_err(),
         gc::run(&r, &gc::Options::default(), &NoProgress).unwrap_err(),
     ] {
@@ -278,7 +278,7 @@ fn upgrade_catalogues_existing_backups() {
     Repository::upgrade(store(d.path()), b"k").unwrap();
     assert_eq!(catalog_files(d.path()).len(), 1);
     let r = host(d.path(), None);
-    restore_volume(&p, &r, "v@a", "r", &NoProgress).unwrap();
+    restore_volume(&p, &r, "v@a", None, "r", &NoProgress).unwrap();
     assert!(image(&p, "r") == want);
     assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
 }
@@ -300,4 +300,66 @@ fn old_generations_are_dropped() {
     assert_eq!(l.catalog.generation, 12);
     assert_eq!(l.catalog.previous.len(), 11);
     assert_eq!(l.catalog.backups.len(), 12);
+}
+
+/// Several pools (hosts) share one repository: their backups of the same names stay apart;
+/// each restores its own by default, a new host must say whose it wants, and prune touches
+/// only the pool it is told to.
+#[test]
+fn pools_back_up_at_once_and_each_restores_its_own() {
+    let d = tempfile::tempdir().unwrap();
+    drop(init(d.path()));
+    let pools: Vec<Arc<Pool>> = (0..3).map(|_| common::pool(256 * MIB)).collect();
+    let threads: Vec<_> = pools
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (p, dir) = (Arc::clone(p), d.path().to_path_buf());
+            std::thread::spawn(move || {
+                let r = host(&dir, None);
+                p.create_volume("v", 4 * MIB).unwrap();
+                backup(&p, &r, "s", 10 + i as u64);
+                backup(&p, &r, "t", 20 + i as u64);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let r = host(d.path(), None);
+    let c = Catalogs::load(&r).unwrap();
+    assert_eq!(c.pools.len(), 3);
+    assert_eq!(c.headers().len(), 6);
+    for (i, p) in pools.iter().enumerate() {
+        restore_volume(p, &r, "v@s", None, "r", &NoProgress).unwrap();
+        assert!(
+            image(p, "r") == image(p, "v@s"),
+            "pool {i} restored another's v@s"
+        );
+    }
+    // A new host: whose v@s? It must choose.
+    let fresh = common::pool(256 * MIB);
+    let e = restore_volume(&fresh, &r, "v@s", None, "r", &NoProgress).unwrap_err();
+    assert!(e.to_string().contains("several pools"), "{e}");
+    let from = pools[1].uuid().to_string();
+    restore_volume(&fresh, &r, "v@s", Some(&from), "r", &NoProgress).unwrap();
+    assert!(image(&fresh, "r") == image(&pools[1], "v@s"));
+    // Prune: refused without a scope, then only pool 0's older backup goes.
+    let policy = prune::Policy {
+        keep_last: 1,
+        ..Default::default()
+    };
+    let e = prune::run(&r, &policy, &Default::default(), false).unwrap_err();
+    assert!(e.to_string().contains("--all-pools"), "{e}");
+    let scope = prune::Scope {
+        from: Some(pools[0].uuid().to_string()),
+        all_pools: false,
+    };
+    let out = prune::run(&r, &policy, &scope, false).unwrap();
+    assert_eq!(out.removed.len(), 1, "{out:?}");
+    let left = Catalogs::load(&r).unwrap().headers();
+    assert_eq!(left.len(), 5);
+    assert!(left
+        .iter()
+        .all(|h| h.pool != pools[0].uuid() || h.snapshot == "t"));
 }

@@ -62,7 +62,7 @@ fn repo(dir: &std::path::Path, chunk: u32) -> Repository {
 }
 
 fn restored_equals(pool: &Arc<Pool>, r: &Repository, name: &str, as_vol: &str) {
-    restore_volume(pool, r, name, as_vol, &NoProgress).unwrap();
+    restore_volume(pool, r, name, None, as_vol, &NoProgress).unwrap();
     assert!(
         image(pool, name) == image(pool, as_vol),
         "{as_vol} differs from {name}"
@@ -138,6 +138,7 @@ fn full_incremental_clone_dedup_prune_gc() {
             keep_last: 1,
             ..Default::default()
         },
+        &Default::default(),
         false,
     )
     .unwrap();
@@ -188,7 +189,7 @@ fn damage_is_named_and_never_restored() {
     assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
     assert!(rep.problems[0].object.starts_with("chunk "));
     assert_eq!(rep.problems[0].affects, vec![s.clone()]);
-    let err = restore_volume(&p, &r, &s, "bad", &NoProgress).unwrap_err();
+    let err = restore_volume(&p, &r, &s, None, "bad", &NoProgress).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains(rep.problems[0].object.trim_start_matches("chunk ")),
@@ -351,7 +352,7 @@ fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
     let store: Arc<dyn ObjectStore> = outage.clone();
     let r2 = Repository::open(store, b"test key").unwrap();
     let restores = Arc::new(Restores::default());
-    let hyd = restore_lazy(&p, &r2, &s, "lazy", &restores, state.path()).unwrap();
+    let hyd = restore_lazy(&p, &r2, &s, None, "lazy", &restores, state.path()).unwrap();
     let exports = LazyExports {
         inner: Arc::new(PoolExports(Arc::clone(&p))),
         restores: Arc::clone(&restores),
@@ -409,7 +410,7 @@ fn gc_marks_first_and_backups_avoid_marked_chunks() {
     write(&p, "v", 0, 4 * MIB as usize, &mut rng);
     let s1 = snap(&p, "v", "s1");
     let b1 = backup_snapshot(&p, &r, &s1, false, &NoProgress).unwrap();
-    prune::forget(&r, std::slice::from_ref(&b1.manifest)).unwrap();
+    prune::forget(&r, std::slice::from_ref(&b1.manifest), None).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let opts = gc::Options {
         grace_secs: 1,

@@ -129,6 +129,7 @@ impl Setup {
             &self.pool,
             &self.repo(open),
             "v@s",
+            None,
             "lz",
             restores,
             self.state.path(),
@@ -317,7 +318,7 @@ fn a_lazy_restore_outlives_prune_and_gc_cycles() {
         let snap = format!("n{round}");
         s.pool.create_snapshot("v", &snap).unwrap();
         backup_snapshot(&s.pool, &r, &format!("v@{snap}"), false, &NoProgress).unwrap();
-        snapblk_backup::prune::run(&r, &keep_one, false).unwrap();
+        snapblk_backup::prune::run(&r, &keep_one, &Default::default(), false).unwrap();
         let g = snapblk_backup::gc::run(&r, &gc_now, &NoProgress).unwrap();
         assert!(
             g.cutoff.is_some(),

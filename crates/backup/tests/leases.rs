@@ -166,14 +166,14 @@ fn a_full_restore_outlives_prune_and_gc() {
     let collected = Mutex::new(Vec::new());
     let cycles = midway(|| {
         for _ in 0..3 {
-            prune::run(&r, &keep_last(1), false).unwrap();
+            prune::run(&r, &keep_last(1), &Default::default(), false).unwrap();
             collected
                 .lock()
                 .unwrap()
                 .push(gc::run(&r, &NOW, &NoProgress).unwrap());
         }
     });
-    restore_volume(&p, &r, &old, "r", &cycles).unwrap();
+    restore_volume(&p, &r, &old, None, "r", &cycles).unwrap();
     let runs = collected.lock().unwrap();
     assert!(
         runs.len() == 3 && runs.iter().all(|g| g.cutoff.is_some()),
@@ -206,7 +206,7 @@ fn a_backup_outlives_prune_and_gc() {
     let cycles = midway(|| {
         for _ in 0..3 {
             // keep-last 1 per volume: v@a goes (w@x stays).
-            prune::run(&r, &keep_last(1), false).unwrap();
+            prune::run(&r, &keep_last(1), &Default::default(), false).unwrap();
             if gc::run(&r, &NOW, &NoProgress).unwrap().cutoff.is_some() {
                 saw_lease.fetch_add(1, Ordering::SeqCst);
             }
@@ -216,7 +216,7 @@ fn a_backup_outlives_prune_and_gc() {
     // packs condemned meanwhile are stored again. The lease spares that work.)
     backup_snapshot(&p, &r, "v@b", true, &cycles).unwrap();
     assert_eq!(saw_lease.load(Ordering::SeqCst), 3);
-    restore_volume(&p, &r, "v@b", "rb", &NoProgress).unwrap();
+    restore_volume(&p, &r, "v@b", None, "rb", &NoProgress).unwrap();
     assert!(image(&p, "v@b") == image(&p, "rb"));
     assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
 }

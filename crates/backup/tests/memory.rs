@@ -130,7 +130,7 @@ fn every_job_allocates_by_the_data_not_by_stored_sizes() {
     check(
         "a full restore",
         largest_during(|| {
-            restore_volume(&p, &r, "v@b", "full", &NoProgress).unwrap();
+            restore_volume(&p, &r, "v@b", None, "full", &NoProgress).unwrap();
         }),
     );
     assert!(
@@ -141,7 +141,7 @@ fn every_job_allocates_by_the_data_not_by_stored_sizes() {
         "a lazy restore",
         largest_during(|| {
             let restores = Arc::new(Restores::default());
-            let h = restore_lazy(&p, &r, "v@a", "lazy", &restores, state.path()).unwrap();
+            let h = restore_lazy(&p, &r, "v@a", None, "lazy", &restores, state.path()).unwrap();
             for _ in 0..600 {
                 if h.is_complete() {
                     break;
@@ -162,7 +162,7 @@ fn every_job_allocates_by_the_data_not_by_stored_sizes() {
                 keep_last: 1,
                 ..Default::default()
             };
-            prune::run(&r, &policy, false).unwrap();
+            prune::run(&r, &policy, &Default::default(), false).unwrap();
             let g = gc::Options {
                 grace_secs: 0,
                 max_unused: 0.0,
@@ -171,7 +171,7 @@ fn every_job_allocates_by_the_data_not_by_stored_sizes() {
             gc::run(&r, &g, &NoProgress).unwrap();
         }),
     );
-    restore_volume(&p, &r, "v@b", "after-gc", &NoProgress).unwrap();
+    restore_volume(&p, &r, "v@b", None, "after-gc", &NoProgress).unwrap();
     assert!(image(&p, "v@b") == image(&p, "after-gc"));
 }
 
@@ -212,7 +212,7 @@ fn a_full_restore_is_marked_incomplete_until_it_ends() {
         seen: AtomicBool::new(false),
         marked: AtomicBool::new(false),
     };
-    restore_volume(&p, &r, "v@s", "copy", &w).unwrap();
+    restore_volume(&p, &r, "v@s", None, "copy", &w).unwrap();
     assert!(
         w.seen.load(Ordering::SeqCst),
         "the restore reported progress"

@@ -59,7 +59,7 @@ fn a_backup_never_references_chunks_of_a_missing_pack() {
     std::fs::remove_file(&packs[1]).unwrap(); // its index stays behind
     p.create_snapshot("v", "b").unwrap();
     backup_snapshot(&p, &r, "v@b", false, &NoProgress).unwrap();
-    restore_volume(&p, &r, "v@b", "rb", &NoProgress).expect("the new backup restores");
+    restore_volume(&p, &r, "v@b", None, "rb", &NoProgress).expect("the new backup restores");
     assert!(image(&p, "v@b") == image(&p, "rb"));
 }
 
@@ -73,7 +73,7 @@ fn repair_rebuilds_lost_indexes_and_names_lost_chunks() {
     assert!(rep.is_clean(), "{rep:?}");
     assert_eq!(files(d.path(), "index").len(), indexes.len());
     assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
-    restore_volume(&p, &r, "v@a", "ra", &NoProgress).unwrap();
+    restore_volume(&p, &r, "v@a", None, "ra", &NoProgress).unwrap();
     assert!(image(&p, "v@a") == image(&p, "ra"));
 
     // A pack is lost for good: its index goes, the backup that needs it is named.
@@ -93,7 +93,7 @@ fn repair_rebuilds_lost_indexes_and_names_lost_chunks() {
     // A new backup stores the lost chunks again; then nothing is missing for it.
     p.create_snapshot("v", "c").unwrap();
     backup_snapshot(&p, &r, "v@c", false, &NoProgress).unwrap();
-    restore_volume(&p, &r, "v@c", "rc", &NoProgress).unwrap();
+    restore_volume(&p, &r, "v@c", None, "rc", &NoProgress).unwrap();
     assert!(image(&p, "v@c") == image(&p, "rc"));
 }
 
@@ -132,6 +132,6 @@ fn upgrade_binds_format_1_indexes_to_their_packs() {
     assert!(Repository::open(Arc::clone(&store), b"k").is_err());
     let up = Repository::upgrade(Arc::clone(&store), b"k").unwrap();
     assert!(verify::run(&up, true, 2, &NoProgress).unwrap().is_clean());
-    restore_volume(&p, &up, "v@a", "ra", &NoProgress).unwrap();
+    restore_volume(&p, &up, "v@a", None, "ra", &NoProgress).unwrap();
     assert!(image(&p, "v@a") == image(&p, "ra"));
 }

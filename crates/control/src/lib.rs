@@ -146,6 +146,10 @@ pub enum Command {
         name: String,
         #[serde(default)]
         lazy: bool,
+        /// Pool uuid or host whose backup to restore (default: this pool's, else the one
+        /// pool that has it).
+        #[serde(default)]
+        from: Option<String>,
     },
     RestoreStatus,
     /// Creates or replaces a protection policy (`policy`: snapblk_policy::Policy as JSON).
