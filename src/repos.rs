@@ -55,15 +55,30 @@ impl RepoArgs {
         if secret.is_empty() {
             bail!("the repository key is empty");
         }
-        let credentials = match parse_target(url, self.endpoint.as_deref())? {
-            Target::S3(_) => snapblk_s3::resolve_credentials().map(|c| {
-                (
-                    c.access_key_id,
-                    Secret::new(c.secret_access_key),
-                    c.session_token.map(Secret::new),
-                )
-            }),
-            Target::File(_) => None,
+        // Credentials that never expire travel as they are; expiring ones (a
+        // credential_process, an assumed role, ...) as the profile that yields them, so
+        // whoever runs the job fetches them again before they expire.
+        let (credentials, profile) = match parse_target(url, self.endpoint.as_deref())? {
+            Target::S3(_) => match snapblk_s3::resolve_credentials() {
+                Some(r) if r.expires => {
+                    let p = snapblk_s3::ProfileSource::from_env();
+                    let path = |f: Option<PathBuf>| f.map(|f| f.display().to_string());
+                    (
+                        None,
+                        Some((p.name, path(p.config_file), path(p.credentials_file))),
+                    )
+                }
+                Some(r) => (
+                    Some((
+                        r.credentials.access_key_id,
+                        Secret::new(r.credentials.secret_access_key),
+                        r.credentials.session_token.map(Secret::new),
+                    )),
+                    None,
+                ),
+                None => (None, None),
+            },
+            Target::File(_) => (None, None),
         };
         Ok(RepoSpec {
             url: url.to_string(),
@@ -71,6 +86,7 @@ impl RepoArgs {
             region: self.region.clone(),
             secret: Secret::new(hex::encode(secret)),
             credentials,
+            profile,
             s3_timeout: self.s3_timeout,
             s3_attempts: self.s3_attempts,
         })
@@ -141,6 +157,14 @@ impl RepoOpen for RepoSpec {
                         session_token: token.as_ref().map(|t| t.expose().to_string()),
                     }
                 });
+                o.profile =
+                    self.profile
+                        .as_ref()
+                        .map(|(name, config, creds)| snapblk_s3::ProfileSource {
+                            name: name.clone(),
+                            config_file: config.as_ref().map(PathBuf::from),
+                            credentials_file: creds.as_ref().map(PathBuf::from),
+                        });
                 o.attempt_timeout = Duration::from_secs(self.s3_timeout.max(1));
                 o.max_attempts = self.s3_attempts.max(1);
                 let s = S3Store::new(o)?;

@@ -49,6 +49,11 @@ pub struct RepoSpec {
     /// daemon acts with the invoking user's credentials. Absent: the daemon's own chain.
     #[serde(default)]
     pub credentials: Option<(String, Secret, Option<Secret>)>,
+    /// Instead of `credentials` when the CLI's credentials expire: the profile name and
+    /// the config and credentials files its environment named, for the daemon's own
+    /// (refreshing) credential chain.
+    #[serde(default)]
+    pub profile: Option<(String, Option<String>, Option<String>)>,
     /// Seconds one S3 request attempt may take before it is abandoned and retried.
     #[serde(default = "default_s3_timeout")]
     pub s3_timeout: u64,

@@ -32,8 +32,41 @@ pub struct S3Options {
     pub max_attempts: u32,
     pub attempt_timeout: Duration,
     /// Use these credentials instead of this process's credential chain (the daemon runs
-    /// backups with the credentials the CLI user resolved).
+    /// backups with the credentials the CLI user resolved). Only for credentials that do
+    /// not expire: they are never refreshed.
     pub credentials: Option<StaticCredentials>,
+    /// Otherwise: the standard chain reading this profile and these files (what the CLI
+    /// user's environment named), so expiring credentials (credential_process, assumed
+    /// roles, web identity, instance metadata) are fetched again before they expire.
+    pub profile: Option<ProfileSource>,
+}
+
+/// The shared-config profile a credential chain reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileSource {
+    pub name: String,
+    pub config_file: Option<std::path::PathBuf>,
+    pub credentials_file: Option<std::path::PathBuf>,
+}
+
+impl ProfileSource {
+    /// The profile this process's environment names: `AWS_PROFILE` (else "default"),
+    /// `AWS_CONFIG_FILE` and `AWS_SHARED_CREDENTIALS_FILE` (else under `~/.aws`).
+    pub fn from_env() -> ProfileSource {
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        let home = var("HOME").map(std::path::PathBuf::from);
+        ProfileSource {
+            name: var("AWS_PROFILE")
+                .and_then(|v| v.into_string().ok())
+                .unwrap_or_else(|| "default".into()),
+            config_file: var("AWS_CONFIG_FILE")
+                .map(Into::into)
+                .or_else(|| home.as_ref().map(|h| h.join(".aws/config"))),
+            credentials_file: var("AWS_SHARED_CREDENTIALS_FILE")
+                .map(Into::into)
+                .or_else(|| home.as_ref().map(|h| h.join(".aws/credentials"))),
+        }
+    }
 }
 
 /// Credentials resolved by the standard chain, to hand to another process.
@@ -50,10 +83,17 @@ impl std::fmt::Debug for StaticCredentials {
     }
 }
 
+/// Credentials the chain resolved, and whether they expire.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub credentials: StaticCredentials,
+    pub expires: bool,
+}
+
 /// Resolves credentials with the standard AWS chain (environment, shared config and
 /// credentials files, web identity, container and instance metadata) in this process.
 /// `None` when the chain has none.
-pub fn resolve_credentials() -> Option<StaticCredentials> {
+pub fn resolve_credentials() -> Option<Resolved> {
     use aws_sdk_s3::config::ProvideCredentials;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -69,10 +109,13 @@ pub fn resolve_credentials() -> Option<StaticCredentials> {
             .provide_credentials()
             .await
             .ok()?;
-        Some(StaticCredentials {
-            access_key_id: c.access_key_id().to_string(),
-            secret_access_key: c.secret_access_key().to_string(),
-            session_token: c.session_token().map(str::to_string),
+        Some(Resolved {
+            credentials: StaticCredentials {
+                access_key_id: c.access_key_id().to_string(),
+                secret_access_key: c.secret_access_key().to_string(),
+                session_token: c.session_token().map(str::to_string),
+            },
+            expires: c.expiry().is_some(),
         })
     })
 }
@@ -106,6 +149,7 @@ impl S3Options {
             max_attempts: 5,
             attempt_timeout: Duration::from_secs(60),
             credentials: None,
+            profile: None,
         })
     }
 }
@@ -203,11 +247,36 @@ impl S3Store {
                     None,
                     "snapblk-cli",
                 ));
+            } else if let Some(p) = &opts.profile {
+                use aws_runtime::env_config::file::{
+                    EnvConfigFileKind as ProfileFileKind, EnvConfigFiles as ProfileFiles,
+                };
+                let mut files = ProfileFiles::builder();
+                // A file that does not exist is no profile source (as the defaults are).
+                if let Some(f) = p.config_file.as_ref().filter(|f| f.exists()) {
+                    files = files.with_file(ProfileFileKind::Config, f);
+                }
+                if let Some(f) = p.credentials_file.as_ref().filter(|f| f.exists()) {
+                    files = files.with_file(ProfileFileKind::Credentials, f);
+                }
+                loader = loader.profile_name(&p.name).profile_files(
+                    files
+                        .include_default_config_file(false)
+                        .include_default_credentials_file(false)
+                        .build(),
+                );
             }
             let conf = loader.load().await;
             let mut b = aws_sdk_s3::config::Builder::from(&conf);
             if opts.endpoint.is_some() {
-                b = b.force_path_style(true);
+                // S3-compatible servers: path-style, and the SDK's flexible checksums only
+                // where an operation requires them (some servers reject the new headers:
+                // awslabs/aws-sdk-rust#1240).
+                use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+                b = b
+                    .force_path_style(true)
+                    .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                    .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
             }
             Client::from_conf(b.build())
         });
