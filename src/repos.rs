@@ -95,7 +95,7 @@ impl RepoArgs {
 
 enum Target {
     File(PathBuf),
-    S3(S3Options),
+    S3(Box<S3Options>),
 }
 
 fn parse_target(url: &str, endpoint: Option<&str>) -> Result<Target> {
@@ -108,7 +108,7 @@ fn parse_target(url: &str, endpoint: Option<&str>) -> Result<Target> {
     if url.starts_with("s3://") {
         let mut o = S3Options::from_url(url).map_err(anyhow::Error::msg)?;
         o.endpoint = endpoint.map(str::to_string);
-        return Ok(Target::S3(o));
+        return Ok(Target::S3(Box::new(o)));
     }
     bail!("{url:?} is not a backup target: use s3://BUCKET/PREFIX or file:///PATH")
 }
@@ -167,7 +167,7 @@ impl RepoOpen for RepoSpec {
                         });
                 o.attempt_timeout = Duration::from_secs(self.s3_timeout.max(1));
                 o.max_attempts = self.s3_attempts.max(1);
-                let s = S3Store::new(o)?;
+                let s = S3Store::new(*o)?;
                 if create_bucket {
                     s.ensure_bucket()?;
                 }
