@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use snapblk_backup::cache::ObjectCache;
 use snapblk_backup::file::FileStore;
 use snapblk_backup::marks::Marks;
 use snapblk_backup::repo::InitOptions;
@@ -131,6 +132,11 @@ fn lease_ttl() -> u64 {
         .unwrap_or(snapblk_backup::lease::DEFAULT_TTL)
 }
 
+/// This host's cache of immutable repository objects (`<state dir>/cache`).
+fn cache() -> Option<ObjectCache> {
+    snapblk_backup::marks::state_dir().map(|d| ObjectCache::new(d.join("cache")))
+}
+
 /// This host's catalog high-water marks (docs/design.md §12 "Catalogs").
 fn marks() -> Option<Marks> {
     let m = Marks::default_dir().map(Marks::new);
@@ -180,6 +186,7 @@ impl RepoOpen for RepoSpec {
         Ok(
             Repository::open(self.store(false)?, &key_bytes(&self.secret)?)?
                 .with_marks(marks())
+                .with_cache(cache())
                 .with_lease_ttl(lease_ttl()),
         )
     }
@@ -188,6 +195,7 @@ impl RepoOpen for RepoSpec {
         Ok(
             Repository::upgrade(self.store(false)?, &key_bytes(&self.secret)?)?
                 .with_marks(marks())
+                .with_cache(cache())
                 .with_lease_ttl(lease_ttl()),
         )
     }

@@ -66,6 +66,12 @@ impl ChunkIndex {
             .filter_map(|o| o.key.strip_prefix(repo::INDEX).map(str::to_string))
             .collect();
         ids.sort();
+        if let Some(c) = repo.cache() {
+            // Indexes gone from the store (their pack deleted) leave the cache too.
+            c.retain(repo, "index", |name| {
+                ids.binary_search_by(|i| i.as_str().cmp(name)).is_ok()
+            });
+        }
         if purpose != Purpose::Read {
             let packs: HashSet<String> = store
                 .list(repo::PACKS)?
@@ -84,14 +90,15 @@ impl ChunkIndex {
         }
         let loaded = crate::par::map(&ids, FETCH_THREADS, |id| -> Result<Vec<PackEntry>> {
             let key = repo::index_key(id);
-            let sealed = store.get(&key, MAX_PACK_OBJECT)?;
-            let plain = repo.keys().open(&sealed, &index_aad(id)).ok_or_else(|| {
-                BackupError::corrupt(
-                    &key,
-                    "fails authentication (altered, moved from another pack's name, or another repository's)",
-                )
-            })?;
-            decode_index(&plain, None).map_err(|d| BackupError::corrupt(&key, d))
+            crate::cache::get_with(repo, &key, MAX_PACK_OBJECT, |sealed| {
+                let plain = repo.keys().open(sealed, &index_aad(id)).ok_or_else(|| {
+                    BackupError::corrupt(
+                        &key,
+                        "fails authentication (altered, moved from another pack's name, or another repository's)",
+                    )
+                })?;
+                decode_index(&plain, None).map_err(|d| BackupError::corrupt(&key, d))
+            })
         })?;
         let mut ix = ChunkIndex::default();
         for (id, entries) in ids.into_iter().zip(loaded) {

@@ -14,6 +14,7 @@
 //! engine reads and writes images through `snapblk_core::Export`.
 
 pub mod backup;
+pub mod cache;
 pub mod catalog;
 pub mod chunk;
 pub mod config;

@@ -158,22 +158,26 @@ pub fn read_table(repo: &Repository, h: &Header) -> Result<Table> {
             ),
         ));
     }
-    let sealed = match repo.store().get(&key, max_sealed_table(h.cells)) {
-        Ok(b) => b,
-        Err(e) if e.is_not_found() => {
-            return Err(BackupError::Lost {
-                backup: format!("{} ({})", h.name(), h.id),
-                object: key,
-            })
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let decoded = crate::cache::get_with(repo, &key, max_sealed_table(h.cells), |sealed| {
+        decode_table(repo, h, &key, sealed)
+    });
+    match decoded {
+        Err(BackupError::Store(e)) if e.is_not_found() => Err(BackupError::Lost {
+            backup: format!("{} ({})", h.name(), h.id),
+            object: key,
+        }),
+        r => r,
+    }
+}
+
+/// Authenticates, decompresses (as a stream) and parses the sealed table of `h`, checking
+/// it against the header's digest and counts.
+fn decode_table(repo: &Repository, h: &Header, key: &str, sealed: &[u8]) -> Result<Table> {
     let z = repo
         .keys()
-        .open(&sealed, &table_aad(&h.id))
-        .ok_or_else(|| BackupError::corrupt(&key, "fails authentication (altered or misplaced)"))?;
-    drop(sealed);
-    let bad = |d: String| BackupError::corrupt(&key, d);
+        .open(sealed, &table_aad(&h.id))
+        .ok_or_else(|| BackupError::corrupt(key, "fails authentication (altered or misplaced)"))?;
+    let bad = |d: String| BackupError::corrupt(key, d);
     let mut dec = zstd::stream::read::Decoder::with_buffer(&z[..])
         .map_err(|e| bad(format!("does not decompress: {e}")))?;
     dec.window_log_max(TABLE_WINDOW_LOG_MAX)
@@ -197,7 +201,7 @@ pub fn read_table(repo: &Repository, h: &Header) -> Result<Table> {
     let stream = reader.finish().map_err(bad)?;
     if stream.hasher.finalize().to_hex().as_str() != h.digest {
         return Err(BackupError::corrupt(
-            &key,
+            key,
             "does not match the digest in its manifest",
         ));
     }

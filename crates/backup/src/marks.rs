@@ -41,20 +41,9 @@ impl Marks {
         Marks { dir: dir.into() }
     }
 
-    /// The default directory: `$SNAPBLK_STATE_DIR/catalogs`, else
-    /// `/var/lib/snapblk/catalogs` for root, else `$XDG_STATE_HOME/snapblk/catalogs` or
-    /// `~/.local/state/snapblk/catalogs`.
+    /// The default directory: `<state dir>/catalogs` ([`state_dir`]).
     pub fn default_dir() -> Option<PathBuf> {
-        let base = if let Some(d) = std::env::var_os("SNAPBLK_STATE_DIR") {
-            PathBuf::from(d)
-        } else if is_root() {
-            PathBuf::from("/var/lib/snapblk")
-        } else if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
-            PathBuf::from(d).join("snapblk")
-        } else {
-            PathBuf::from(std::env::var_os("HOME")?).join(".local/state/snapblk")
-        };
-        Some(base.join("catalogs"))
+        Some(state_dir()?.join("catalogs"))
     }
 
     pub fn file(&self, repo_id: &str) -> PathBuf {
@@ -83,6 +72,21 @@ impl Marks {
         }
         Ok(())
     }
+}
+
+/// This host's snapblk state directory: `$SNAPBLK_STATE_DIR`, else `/var/lib/snapblk` for
+/// root, else `$XDG_STATE_HOME/snapblk` or `~/.local/state/snapblk`.
+pub fn state_dir() -> Option<PathBuf> {
+    let base = if let Some(d) = std::env::var_os("SNAPBLK_STATE_DIR") {
+        PathBuf::from(d)
+    } else if is_root() {
+        PathBuf::from("/var/lib/snapblk")
+    } else if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
+        PathBuf::from(d).join("snapblk")
+    } else {
+        PathBuf::from(std::env::var_os("HOME")?).join(".local/state/snapblk")
+    };
+    Some(base)
 }
 
 fn is_root() -> bool {

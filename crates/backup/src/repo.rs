@@ -69,6 +69,8 @@ pub struct Repository {
     marks: Option<Marks>,
     /// Lifetime of this process's leases without a refresh (seconds).
     lease_ttl: u64,
+    /// Local copies of immutable objects (None: everything is downloaded each time).
+    cache: Option<crate::cache::ObjectCache>,
 }
 
 pub fn now() -> u64 {
@@ -135,6 +137,7 @@ impl Repository {
             keys,
             marks: None,
             lease_ttl: crate::lease::DEFAULT_TTL,
+            cache: None,
         })
     }
 
@@ -165,6 +168,7 @@ impl Repository {
             keys,
             marks: None,
             lease_ttl: crate::lease::DEFAULT_TTL,
+            cache: None,
         })
     }
 
@@ -183,6 +187,7 @@ impl Repository {
             keys,
             marks: None,
             lease_ttl: crate::lease::DEFAULT_TTL,
+            cache: None,
         };
         if repo.config.version == VERSION {
             return Ok(repo);
@@ -224,6 +229,16 @@ impl Repository {
 
     pub fn lease_ttl(&self) -> u64 {
         self.lease_ttl
+    }
+
+    /// The same repository, keeping copies of immutable objects in `cache`.
+    pub fn with_cache(mut self, cache: Option<crate::cache::ObjectCache>) -> Repository {
+        self.cache = cache;
+        self
+    }
+
+    pub fn cache(&self) -> Option<&crate::cache::ObjectCache> {
+        self.cache.as_ref()
     }
 
     /// Fails with `RolledBack` if a pool's newest catalog generation (in `newest`; a pool

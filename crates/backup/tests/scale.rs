@@ -1,0 +1,184 @@
+//! Requests a job makes do not grow with what the repository already holds (issue 12):
+//! with 50 and then 200 backups of three pools stored, a 1% incremental backup, a listing
+//! of backups and a restore each make about the same number of store requests (ratio at
+//! most 1.2). What makes it so: catalogs (one GET per pool lists its backups) and the
+//! local cache of immutable objects (pack indexes and tables are downloaded once).
+//! Listings count as pages of 1,000 keys, as S3 answers them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{put, random_bytes, MIB};
+use snapblk_backup::cache::ObjectCache;
+use snapblk_backup::catalog::Catalogs;
+use snapblk_backup::file::FileStore;
+use snapblk_backup::repo::InitOptions;
+use snapblk_backup::store::{ObjectMeta, ObjectStore, StoreError};
+use snapblk_backup::volume::{backup_snapshot, restore_volume};
+use snapblk_backup::{NoProgress, Repository};
+use snapblk_core::Pool;
+
+#[derive(Default)]
+struct Counts {
+    get: AtomicU64,
+    list: AtomicU64,
+    put: AtomicU64,
+    delete: AtomicU64,
+}
+
+struct Counting {
+    inner: FileStore,
+    n: Arc<Counts>,
+}
+
+impl ObjectStore for Counting {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn get(&self, k: &str, max: u64) -> Result<Vec<u8>, StoreError> {
+        self.n.get.fetch_add(1, Ordering::Relaxed);
+        self.inner.get(k, max)
+    }
+    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
+        self.n.get.fetch_add(1, Ordering::Relaxed);
+        self.inner.get_range(k, o, l)
+    }
+    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
+        self.n.put.fetch_add(1, Ordering::Relaxed);
+        self.inner.put(k, d)
+    }
+    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
+        self.n.put.fetch_add(1, Ordering::Relaxed);
+        self.inner.put_new(k, d)
+    }
+    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let r = self.inner.list(p)?;
+        self.n
+            .list
+            .fetch_add((r.len() as u64).div_ceil(1000).max(1), Ordering::Relaxed);
+        Ok(r)
+    }
+    fn delete(&self, k: &str) -> Result<(), StoreError> {
+        self.n.delete.fetch_add(1, Ordering::Relaxed);
+        self.inner.delete(k)
+    }
+}
+
+impl Counts {
+    fn total(&self) -> u64 {
+        self.get.load(Ordering::Relaxed)
+            + self.list.load(Ordering::Relaxed)
+            + self.put.load(Ordering::Relaxed)
+            + self.delete.load(Ordering::Relaxed)
+    }
+}
+
+struct Fleet {
+    repo: Repository,
+    n: Arc<Counts>,
+    pools: Vec<Arc<Pool>>,
+    backups: u64,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Fleet {
+    /// Changes about 1% of pool `p`'s volume (one 64 KiB cell of 6 MiB), snapshots it and
+    /// backs it up.
+    fn incremental(&mut self, p: usize) {
+        let pool = &self.pools[p];
+        self.backups += 1;
+        let b = self.backups;
+        put(
+            pool,
+            "v",
+            (b % 96) * (64 << 10),
+            &random_bytes(64 << 10, 1000 + b),
+        );
+        let s = format!("s{b}");
+        pool.create_snapshot("v", &s).unwrap();
+        backup_snapshot(pool, &self.repo, &format!("v@{s}"), false, &NoProgress).unwrap();
+    }
+
+    /// Store requests `f` makes.
+    fn requests(&mut self, f: impl FnOnce(&mut Fleet)) -> u64 {
+        let before = self.n.total();
+        f(self);
+        self.n.total() - before
+    }
+
+    fn measure(&mut self) -> BTreeMap<&'static str, u64> {
+        let mut m = BTreeMap::new();
+        m.insert("incremental backup", self.requests(|f| f.incremental(0)));
+        m.insert(
+            "backup list",
+            self.requests(|f| {
+                Catalogs::load(&f.repo).unwrap();
+            }),
+        );
+        // The same backup each time (pool 0's first): what it costs must not depend on
+        // how much else is stored. (The newest backup of a volume with a long incremental
+        // history has its chunks in more packs, one ranged GET each: that grows with the
+        // volume's own history, not the repository's size.)
+        m.insert(
+            "restore",
+            self.requests(|f| {
+                let name = "v@s1".to_string();
+                restore_volume(&f.pools[0], &f.repo, &name, None, "r", &NoProgress).unwrap();
+                f.pools[0].delete_volume("r", false).unwrap();
+            }),
+        );
+        m
+    }
+}
+
+#[test]
+fn requests_do_not_grow_with_backups_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let n = Arc::new(Counts::default());
+    let store = Counting {
+        inner: FileStore::new(dir.path()),
+        n: Arc::clone(&n),
+    };
+    let opts = InitOptions {
+        chunk_size: 64 << 10,
+        pack_size: 1 << 20,
+        ..Default::default()
+    };
+    let repo = Repository::init(Arc::new(store), b"k", &opts)
+        .unwrap()
+        .with_cache(Some(ObjectCache::new(cache.path())));
+    let pools: Vec<Arc<Pool>> = (0..3).map(|_| common::pool(256 * MIB)).collect();
+    for (i, p) in pools.iter().enumerate() {
+        p.create_volume("v", 6 * MIB).unwrap();
+        put(p, "v", 0, &random_bytes(6 * MIB as usize, i as u64));
+    }
+    let mut f = Fleet {
+        repo,
+        n,
+        pools,
+        backups: 0,
+        _dirs: (dir, cache),
+    };
+    while f.backups < 50 {
+        let p = (f.backups % 3) as usize;
+        f.incremental(p);
+    }
+    let at50 = f.measure();
+    while f.backups < 200 {
+        let p = (f.backups % 3) as usize;
+        f.incremental(p);
+    }
+    let at200 = f.measure();
+    eprintln!("requests at 50 backups: {at50:?}; at 200: {at200:?}");
+    for (op, n50) in &at50 {
+        let n200 = at200[op];
+        assert!(
+            n200 as f64 <= 1.2 * *n50 as f64,
+            "{op}: {n50} requests with 50 backups stored, {n200} with 200"
+        );
+    }
+}
