@@ -11,7 +11,9 @@ use snapblk_backup::file::FileStore;
 use snapblk_backup::marks::Marks;
 use snapblk_backup::repo::InitOptions;
 use snapblk_backup::{ObjectStore, Repository};
-use snapblk_control::{default_s3_attempts, default_s3_timeout, RepoSpec, Secret};
+use snapblk_control::{
+    default_s3_attempts, default_s3_min_rate, default_s3_timeout, RepoSpec, Secret,
+};
 use snapblk_s3::{S3Options, S3Store};
 
 /// Command-line options naming a repository's key and S3 endpoint.
@@ -38,6 +40,12 @@ pub struct RepoArgs {
     #[arg(long, env = "SNAPBLK_S3_ATTEMPTS", default_value_t = default_s3_attempts(),
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub s3_attempts: u32,
+    /// Slowest transfer rate (KiB/s) an upload or download may run at: each attempt gets
+    /// --s3-timeout plus the time its bytes take at this rate (a slow link finishes large
+    /// packs; a dead one still fails).
+    #[arg(long, env = "SNAPBLK_S3_MIN_RATE", default_value_t = default_s3_min_rate(),
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub s3_min_rate: u64,
 }
 
 impl RepoArgs {
@@ -90,6 +98,7 @@ impl RepoArgs {
             profile,
             s3_timeout: self.s3_timeout,
             s3_attempts: self.s3_attempts,
+            s3_min_rate: self.s3_min_rate,
         })
     }
 }
@@ -173,6 +182,7 @@ impl RepoOpen for RepoSpec {
                         });
                 o.attempt_timeout = Duration::from_secs(self.s3_timeout.max(1));
                 o.max_attempts = self.s3_attempts.max(1);
+                o.min_rate = self.s3_min_rate.max(1) << 10;
                 let s = S3Store::new(*o)?;
                 if create_bucket {
                     s.ensure_bucket()?;

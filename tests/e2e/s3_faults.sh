@@ -3,8 +3,9 @@
 # of s3s-fs injects 500/503 errors, dropped connections, hung requests and a slow link.
 # Transient faults: backups retry and succeed, verify and restores are exact. Persistent
 # faults: backups fail naming the target and the cause, no manifest appears, the daemon
-# keeps serving, and the rerun reuses what was stored. Hung requests and a link too slow
-# for the attempt timeout fail within --s3-timeout x --s3-attempts. Lazy restore: reads of
+# keeps serving, and the rerun reuses what was stored. Hung requests and a link slower
+# than --s3-min-rate fail within (--s3-timeout + bytes / rate) x --s3-attempts; a slow link
+# above it completes however large the packs. Lazy restore: reads of
 # unhydrated cells fail with EIO (never wrong data) while S3 fails, and hydration recovers
 # when it answers again.
 # S3_FAULTS_STRICT=0 logs the once-known issues as "KNOWN ISSUE" instead of failing.
@@ -185,16 +186,16 @@ log "rerun: $new new chunks, $reused reused, $up bytes uploaded"
 snapblk restore "$S3" v@p --as r-p >/dev/null
 same v@p r-p
 
-log "S3 stops answering pack uploads: fails within --s3-timeout 2 x --s3-attempts 2"
+log "S3 stops answering pack uploads: fails within (--s3-timeout 2 + bytes at --s3-min-rate) x --s3-attempts 2"
 change to
 preset; fault timeout method=PUT path=/packs/
 t0=$(now_ms)
-expect_failure timeout to --s3-timeout 2 --s3-attempts 2
+expect_failure timeout to --s3-timeout 2 --s3-attempts 2 --s3-min-rate 1024
 el=$(($(now_ms) - t0))
 log "failed after $el ms"
 grep -q "put packs/.* failed: timed out" "$T/timeout.out" || fail "the error does not say timed out"
 [ "$(pstat fault_timeout)" -ge 2 ] || fail "only $(pstat fault_timeout) hung requests"
-[ "$el" -ge 4000 ] && [ "$el" -lt 30000 ] || fail "failed after $el ms (2 attempts of 2 s expected)"
+[ "$el" -ge 4000 ] && [ "$el" -lt 30000 ] || fail "failed after $el ms (2 attempts of 2 s + 3 MiB at 1 MiB/s expected)"
 
 log "throttled to 1 MiB/s: the backup completes, slowly"
 preset; fault throttle rate=1024
@@ -209,13 +210,18 @@ fault pass
 snapblk restore "$S3" v@to --as r-to >/dev/null
 same v@to r-to
 
-log "a link too slow for the attempt timeout (256 KiB/s, 3 MiB pack, 2 s): times out"
+log "a link slower than --s3-min-rate (256 KiB/s vs 1024; 3 MiB pack; 2 s + 3 s per attempt): times out"
 change slow
 preset; fault throttle rate=256
-expect_failure slow slow --s3-timeout 2 --s3-attempts 2
+expect_failure slow slow --s3-timeout 2 --s3-attempts 2 --s3-min-rate 1024
 grep -q "put packs/.* failed: timed out" "$T/slow.out" || fail "the error does not say timed out"
+log "the same slow link with the default --s3-min-rate: each attempt gets time for its bytes; completes"
+# (With a fixed per-attempt timeout, as before, a 2 s attempt could never move a 3 MiB
+# pack at 256 KiB/s: links slower than pack size / timeout could never finish a backup.)
+preset; fault throttle rate=256
+snapblk backup v@slow --to "$S3" --s3-timeout 2 --s3-attempts 2 >"$T/slow2.out" 2>&1 ||
+    { cat "$T/slow2.out"; fail "v@slow over a slow link with the default minimum rate"; }
 fault pass
-snapblk backup v@slow --to "$S3" --s3-timeout 2 --s3-attempts 2 >/dev/null || fail "v@slow at full speed"
 
 log "lazy restore: S3 fails while cells are unhydrated"
 rs() { snapblk --json restore-status | jq_ "[r for r in v if r['volume']=='lz'][0]['$1']"; }

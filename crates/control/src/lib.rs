@@ -60,10 +60,18 @@ pub struct RepoSpec {
     /// Attempts per S3 request, the first included (transient errors back off and retry).
     #[serde(default = "default_s3_attempts")]
     pub s3_attempts: u32,
+    /// Slowest accepted transfer rate in KiB/s: an attempt moving N bytes may take
+    /// `s3_timeout` plus N at this rate.
+    #[serde(default = "default_s3_min_rate")]
+    pub s3_min_rate: u64,
 }
 
 pub fn default_s3_timeout() -> u64 {
     60
+}
+
+pub fn default_s3_min_rate() -> u64 {
+    32
 }
 
 pub fn default_s3_attempts() -> u32 {

@@ -19,6 +19,12 @@ use aws_sdk_s3::Client;
 use snapblk_backup::store::MAX_PREALLOC;
 use snapblk_backup::{ObjectMeta, ObjectStore, StoreError};
 
+/// Default slowest accepted transfer rate: 32 KiB/s (256 kbit/s per request; with four
+/// uploads at once, links from about 1 Mbit/s finish any pack).
+pub const DEFAULT_MIN_RATE: u64 = 32 << 10;
+/// A whole-object GET's deadline assumes at most this many bytes (bounds are larger).
+const GET_DEADLINE_BYTES: u64 = 64 << 20;
+
 /// Where and how to reach the store.
 #[derive(Debug, Clone)]
 pub struct S3Options {
@@ -30,7 +36,12 @@ pub struct S3Options {
     pub region: Option<String>,
     /// Attempts per request, including the first.
     pub max_attempts: u32,
+    /// Time one attempt may take beyond moving its bytes.
     pub attempt_timeout: Duration,
+    /// The slowest transfer rate (bytes/s) still accepted: an attempt moving N bytes may
+    /// take `attempt_timeout + N / min_rate` (so a slow link finishes large packs, and a
+    /// dead one is still noticed).
+    pub min_rate: u64,
     /// Use these credentials instead of this process's credential chain (the daemon runs
     /// backups with the credentials the CLI user resolved). Only for credentials that do
     /// not expire: they are never refreshed.
@@ -148,6 +159,7 @@ impl S3Options {
             region: None,
             max_attempts: 5,
             attempt_timeout: Duration::from_secs(60),
+            min_rate: DEFAULT_MIN_RATE,
             credentials: None,
             profile: None,
         })
@@ -369,6 +381,23 @@ impl S3Store {
         }
     }
 
+    /// Config for one request moving `bytes`: its attempts may take the attempt timeout
+    /// plus the bytes' time at the slowest accepted rate. A download must also start
+    /// answering within the attempt timeout (`read_timeout`: time to the first response
+    /// byte), so a server that hangs is noticed as fast as before; an upload's first
+    /// response byte comes after its body, so it has only the whole deadline (and the
+    /// SDK's stalled-stream protection, which fails a body that stops moving).
+    fn deadline(&self, bytes: u64, download: bool) -> aws_sdk_s3::config::Builder {
+        let transfer = Duration::from_secs_f64(bytes as f64 / self.opts.min_rate.max(1) as f64);
+        let mut t = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(self.opts.attempt_timeout + transfer);
+        if download {
+            t = t.read_timeout(self.opts.attempt_timeout);
+        }
+        aws_sdk_s3::config::Builder::default().timeout_config(t.build())
+    }
+
     /// One GET: `Err(BodyError)` when the body stream broke (retryable), else the outcome.
     fn get_once(
         &self,
@@ -385,7 +414,13 @@ impl S3Store {
             if let Some((off, len)) = range {
                 req = req.range(format!("bytes={off}-{}", off + len - 1));
             }
-            match req.send().await {
+            let bytes = range.map_or(max.min(GET_DEADLINE_BYTES), |r| r.1);
+            match req
+                .customize()
+                .config_override(self.deadline(bytes, true))
+                .send()
+                .await
+            {
                 Ok(out) => {
                     // Copy segment by segment into one buffer (AggregatedBytes::to_vec goes
                     // byte by byte, which dominated restore CPU time).
@@ -440,6 +475,8 @@ impl ObjectStore for S3Store {
                 .bucket(&self.opts.bucket)
                 .key(self.key(key))
                 .body(ByteStream::from(data.to_vec()))
+                .customize()
+                .config_override(self.deadline(data.len() as u64, false))
                 .send()
                 .await
                 .map(|_| ())
@@ -456,6 +493,8 @@ impl ObjectStore for S3Store {
                 .key(self.key(key))
                 .body(ByteStream::from(data.to_vec()))
                 .if_none_match("*")
+                .customize()
+                .config_override(self.deadline(data.len() as u64, false))
                 .send()
                 .await
             {
