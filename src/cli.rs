@@ -30,6 +30,8 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Cmd {
     /// Create, inspect and check the pool.
     #[command(subcommand)]

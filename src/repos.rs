@@ -46,6 +46,10 @@ pub struct RepoArgs {
     #[arg(long, env = "SNAPBLK_S3_MIN_RATE", default_value_t = default_s3_min_rate(),
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub s3_min_rate: u64,
+    /// Average upload rate limit per job, in bytes per second with binary units (`4M` =
+    /// 4 MiB/s), as restic and PBS have.
+    #[arg(long, env = "SNAPBLK_LIMIT_UPLOAD", value_name = "RATE")]
+    pub limit_upload: Option<String>,
 }
 
 impl RepoArgs {
@@ -99,6 +103,17 @@ impl RepoArgs {
             s3_timeout: self.s3_timeout,
             s3_attempts: self.s3_attempts,
             s3_min_rate: self.s3_min_rate,
+            limit_upload: match &self.limit_upload {
+                Some(r) => {
+                    let b = crate::human::parse_size(r)
+                        .with_context(|| format!("--limit-upload {r}"))?;
+                    if b == 0 {
+                        bail!("--limit-upload must be above 0");
+                    }
+                    Some(b)
+                }
+                None => None,
+            },
         })
     }
 }
@@ -197,6 +212,7 @@ impl RepoOpen for RepoSpec {
             Repository::open(self.store(false)?, &key_bytes(&self.secret)?)?
                 .with_marks(marks())
                 .with_cache(cache())
+                .with_upload_limit(self.limit_upload)
                 .with_lease_ttl(lease_ttl()),
         )
     }
@@ -206,6 +222,7 @@ impl RepoOpen for RepoSpec {
             Repository::upgrade(self.store(false)?, &key_bytes(&self.secret)?)?
                 .with_marks(marks())
                 .with_cache(cache())
+                .with_upload_limit(self.limit_upload)
                 .with_lease_ttl(lease_ttl()),
         )
     }

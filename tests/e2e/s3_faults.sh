@@ -210,6 +210,14 @@ fault pass
 snapblk restore "$S3" v@to --as r-to >/dev/null
 same v@to r-to
 
+log "--limit-upload 1M: 3 MiB of new chunks take at least ~3 s"
+change lim
+t0=$(now_ms)
+snapblk backup v@lim --to "$S3" --limit-upload 1M >/dev/null || fail "backup with --limit-upload"
+el=$(($(now_ms) - t0))
+log "3 MiB uploaded under a 1 MiB/s limit in $el ms"
+[ "$el" -ge 2800 ] || fail "--limit-upload 1M: 3 MiB uploaded in $el ms"
+
 log "a link slower than --s3-min-rate (256 KiB/s vs 1024; 3 MiB pack; 2 s + 3 s per attempt): times out"
 change slow
 preset; fault throttle rate=256

@@ -355,9 +355,11 @@ fn pipeline(
                         return;
                     }
                     let store = repo.store();
-                    let r = store
-                        .put(&repo::pack_key(&p.id), &p.bytes)
-                        .and_then(|_| store.put(&repo::index_key(&p.id), &p.index));
+                    let r = repo.paced((p.bytes.len() + p.index.len()) as u64, || {
+                        store
+                            .put(&repo::pack_key(&p.id), &p.bytes)
+                            .and_then(|_| store.put(&repo::index_key(&p.id), &p.index))
+                    });
                     match r {
                         Ok(()) => {
                             uploaded.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);

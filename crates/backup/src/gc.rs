@@ -262,8 +262,11 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             b.add(e.id, blob);
         }
         let np = b.finish(repo.keys());
-        store.put(&repo::pack_key(&np.id), &np.bytes)?;
-        store.put(&repo::index_key(&np.id), &np.index)?;
+        repo.paced((np.bytes.len() + np.index.len()) as u64, || {
+            store
+                .put(&repo::pack_key(&np.id), &np.bytes)
+                .and_then(|()| store.put(&repo::index_key(&np.id), &np.index))
+        })?;
         condemn(&info.id, &mut rep)?;
         if old(t) {
             let dead = info.entries.len() - keep.len();

@@ -27,6 +27,7 @@ pub mod lazy;
 pub mod lease;
 pub mod manifest;
 pub mod marks;
+pub mod pace;
 pub mod pack;
 mod par;
 pub mod progress;

@@ -71,6 +71,8 @@ pub struct Repository {
     lease_ttl: u64,
     /// Local copies of immutable objects (None: everything is downloaded each time).
     cache: Option<crate::cache::ObjectCache>,
+    /// Upload rate limit shared by every job on this handle and its clones.
+    pacer: Option<Arc<crate::pace::Pacer>>,
 }
 
 pub fn now() -> u64 {
@@ -80,6 +82,19 @@ pub fn now() -> u64 {
 }
 
 impl Repository {
+    /// A handle with no marks, no cache and the default lease lifetime.
+    fn with_parts(store: Arc<dyn ObjectStore>, config: RepoConfig, keys: Keys) -> Repository {
+        Repository {
+            store,
+            config,
+            keys,
+            marks: None,
+            lease_ttl: crate::lease::DEFAULT_TTL,
+            cache: None,
+            pacer: None,
+        }
+    }
+
     /// Creates a repository in `store`, whose master key is wrapped for `secret`.
     pub fn init(
         store: Arc<dyn ObjectStore>,
@@ -131,14 +146,7 @@ impl Repository {
         {
             return Err(BackupError::RepositoryExists(store.describe()));
         }
-        Ok(Repository {
-            store,
-            config,
-            keys,
-            marks: None,
-            lease_ttl: crate::lease::DEFAULT_TTL,
-            cache: None,
-        })
+        Ok(Repository::with_parts(store, config, keys))
     }
 
     /// Opens the repository in `store` with `secret`: unwraps the master key, then checks
@@ -162,14 +170,7 @@ impl Repository {
                 store.describe()
             )));
         }
-        Ok(Repository {
-            store,
-            config,
-            keys,
-            marks: None,
-            lease_ttl: crate::lease::DEFAULT_TTL,
-            cache: None,
-        })
+        Ok(Repository::with_parts(store, config, keys))
     }
 
     /// Converts a format-1 or format-2 repository to format 3: authenticates its config as
@@ -181,14 +182,7 @@ impl Repository {
         if config.version != VERSION_UNAUTHENTICATED {
             check_mac(&config, &keys)?;
         }
-        let mut repo = Repository {
-            store,
-            config,
-            keys,
-            marks: None,
-            lease_ttl: crate::lease::DEFAULT_TTL,
-            cache: None,
-        };
+        let mut repo = Repository::with_parts(store, config, keys);
         if repo.config.version == VERSION {
             return Ok(repo);
         }
@@ -239,6 +233,22 @@ impl Repository {
 
     pub fn cache(&self) -> Option<&crate::cache::ObjectCache> {
         self.cache.as_ref()
+    }
+
+    /// The same repository, uploading packs at most `bytes_per_sec` on average.
+    pub fn with_upload_limit(mut self, bytes_per_sec: Option<u64>) -> Repository {
+        self.pacer = bytes_per_sec.map(|b| Arc::new(crate::pace::Pacer::new(b)));
+        self
+    }
+
+    /// Uploads `bytes` with `put` within the upload limit: waits for its turn, uploads,
+    /// then waits until the bytes' time at the limit has passed (no limit: at once).
+    pub fn paced<T>(&self, bytes: u64, put: impl FnOnce() -> T) -> T {
+        let Some(p) = &self.pacer else { return put() };
+        let end = p.reserve(bytes);
+        let r = put();
+        crate::pace::Pacer::until(end);
+        r
     }
 
     /// Fails with `RolledBack` if a pool's newest catalog generation (in `newest`; a pool

@@ -64,6 +64,9 @@ pub struct RepoSpec {
     /// `s3_timeout` plus N at this rate.
     #[serde(default = "default_s3_min_rate")]
     pub s3_min_rate: u64,
+    /// Upload rate limit in bytes per second (none: as fast as the link goes).
+    #[serde(default)]
+    pub limit_upload: Option<u64>,
 }
 
 pub fn default_s3_timeout() -> u64 {
