@@ -47,6 +47,10 @@ for cycle in $(seq 1 "$CYCLES"); do
     # 2. libnbd writer killed at a random moment.
     /usr/bin/python3 "$HERE/crash_writer.py" write "$(uri cw)" "cw$cycle.log" "$cycle" >"cw$cycle.out" 2>&1 &
     writer=$!
+    # The kill comes a random moment after the writer is connected (it creates its log
+    # once connected; on a loaded machine starting Python can take longer than the delay).
+    for _ in $(seq 1 200); do [ -e "cw$cycle.log" ] && break; sleep 0.05; done
+    [ -e "cw$cycle.log" ] || { cat "cw$cycle.out"; fail "cycle $cycle: the writer did not connect"; }
     sleep "0.$((RANDOM % 9 + 1))"
     kill9_daemon
     wait "$writer" || true
