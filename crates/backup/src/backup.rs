@@ -64,6 +64,21 @@ pub struct Summary {
     pub stats: BackupStats,
 }
 
+impl Summary {
+    /// The backup of this snapshot the repository already holds.
+    fn already_stored(h: Header) -> Summary {
+        Summary {
+            manifest: h.id,
+            volume: h.volume,
+            snapshot: h.snapshot,
+            size: h.size,
+            base: h.base,
+            already_stored: true,
+            stats: h.stats,
+        }
+    }
+}
+
 /// Cells (of `cs` bytes) that overlap any of `ranges`, within `cells`.
 fn cells_of(ranges: &[(u64, u64)], cs: u64, cells: u64) -> Vec<u64> {
     let mut out = Vec::new();
@@ -91,15 +106,7 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         .flatten()
         .find(|h| h.snapshot_id == job.snapshot_id)
     {
-        return Ok(Summary {
-            manifest: h.id.clone(),
-            volume: h.volume.clone(),
-            snapshot: h.snapshot.clone(),
-            size: h.size,
-            base: h.base.clone(),
-            already_stored: true,
-            stats: h.stats.clone(),
-        });
+        return Ok(Summary::already_stored(h.clone()));
     }
     let size = job.source.size()?;
     let cs = repo.chunk_size();
@@ -206,15 +213,7 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     // The commit point: listed in the pool's catalog, the backup exists.
     if let Some(h) = catalog::update(repo, &job.pool, catalog::Change::Add(&header))? {
         // Another run of this job committed first; our table is an orphan gc removes.
-        return Ok(Summary {
-            manifest: h.id,
-            volume: h.volume,
-            snapshot: h.snapshot,
-            size: h.size,
-            base: h.base,
-            already_stored: true,
-            stats: h.stats,
-        });
+        return Ok(Summary::already_stored(h));
     }
     // A copy, for `repo repair` and as evidence should the catalog be rolled back.
     if let Err(e) = manifest::write_header(repo, &header) {

@@ -126,8 +126,7 @@ pub fn restore_volume(
     new_volume: &str,
     progress: &dyn Progress,
 ) -> Result<restore::Summary> {
-    let h = Catalogs::load(repo)?.choose(backup_name, Some(pool.uuid()), from)?;
-    let h = &h;
+    let h = &Catalogs::load(repo)?.choose(backup_name, Some(pool.uuid()), from)?;
     let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
     // Marked incomplete from its first commit: if this process dies before the restore
     // ends, the volume says so instead of passing for a good copy.
@@ -168,8 +167,7 @@ pub fn restore_lazy(
     restores: &Arc<Restores>,
     state_dir: &std::path::Path,
 ) -> Result<Arc<Hydration>> {
-    let h = Catalogs::load(repo)?.choose(backup_name, Some(pool.uuid()), from)?;
-    let h = &h;
+    let h = &Catalogs::load(repo)?.choose(backup_name, Some(pool.uuid()), from)?;
     let _reserved = restores.reserve(new_volume)?;
     let mark = Incomplete {
         by: Filling::LazyRestore,
