@@ -22,7 +22,7 @@ use snapblk_core::Export;
 use crate::catalog;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::{ChunkIndex, Purpose};
+use crate::index::{self, KnownChunks};
 use crate::lease::Lease;
 use crate::manifest::{self, BackupStats, Header, Table};
 use crate::pack::{Pack, PackBuilder};
@@ -149,25 +149,22 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     // Normally one pass; another when garbage collection condemned a pack holding a chunk
     // we reused while we ran (those cells are read and stored again).
     for _pass in 0..3 {
-        let index = ChunkIndex::load(repo, Purpose::Backup)?;
-        let mut known: HashSet<ChunkId> = index.map.keys().copied().collect();
-        for id in &forced {
-            known.remove(id);
-        }
-        let got = pipeline(repo, &job, &table0, &pending, known, progress, &mut stats)?;
+        let dedup = Dedup {
+            known: KnownChunks::load(repo)?,
+            forced: &forced,
+            seen: Mutex::new(HashSet::new()),
+        };
+        let got = pipeline(repo, &job, &table0, &pending, dedup, progress, &mut stats)?;
         for (c, id) in got {
             match id {
                 Some(id) => result.insert(c, id),
                 None => result.remove(&c),
             };
         }
-        // Everything referenced must be in a live pack now.
-        let after = ChunkIndex::load(repo, Purpose::Backup)?;
-        let missing: HashSet<ChunkId> = result
-            .values()
-            .filter(|id| !after.map.contains_key(id))
-            .copied()
-            .collect();
+        // Everything referenced must be in a live pack now, confirmed by full id.
+        let referenced: HashSet<ChunkId> = result.values().copied().collect();
+        let missing = index::missing(repo, &referenced)?;
+        drop(referenced);
         if missing.is_empty() {
             pending.clear();
             break;
@@ -233,6 +230,24 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     })
 }
 
+/// Which chunks a pass stores: those the repository does not hold (by prefix), those
+/// confirmed missing by an earlier pass (`forced`), each at most once per pass.
+struct Dedup<'a> {
+    known: KnownChunks,
+    forced: &'a HashSet<ChunkId>,
+    seen: Mutex<HashSet<ChunkId>>,
+}
+
+impl Dedup<'_> {
+    /// Whether `id` is to be stored now (false: stored already, or by another reader).
+    fn store(&self, id: ChunkId) -> bool {
+        if self.known.contains(&id) && !self.forced.contains(&id) {
+            return false;
+        }
+        lock(&self.seen).insert(id)
+    }
+}
+
 /// Shared failure slot: the first error wins and everyone stops.
 struct Abort {
     flag: AtomicBool,
@@ -255,7 +270,7 @@ fn pipeline(
     job: &Job,
     table: &Table,
     cells: &[u64],
-    known: HashSet<ChunkId>,
+    dedup: Dedup<'_>,
     progress: &dyn Progress,
     stats: &mut BackupStats,
 ) -> Result<Vec<(u64, Option<ChunkId>)>> {
@@ -266,7 +281,7 @@ fn pipeline(
     let pack_size = repo.config().pack_size as usize;
     let keys = repo.keys();
     let next = AtomicU64::new(0);
-    let known = Mutex::new(known);
+    let known = &dedup;
     let out: Mutex<Vec<(u64, Option<ChunkId>)>> = Mutex::new(Vec::with_capacity(cells.len()));
     let abort = Abort {
         flag: AtomicBool::new(false),
@@ -285,7 +300,7 @@ fn pipeline(
     std::thread::scope(|s| {
         for _ in 0..job.readers.max(1) {
             let chunk_tx = chunk_tx.clone();
-            let (next, known, out, abort) = (&next, &known, &out, &abort);
+            let (next, out, abort) = (&next, &out, &abort);
             let (bytes_read, bytes_new, chunks_new, reused) =
                 (&bytes_read, &bytes_new, &chunks_new, &reused);
             s.spawn(move || {
@@ -310,7 +325,7 @@ fn pipeline(
                     }
                     let id = keys.chunk_id(data);
                     lock(out).push((cell, Some(id)));
-                    if !lock(known).insert(id) {
+                    if !known.store(id) {
                         reused.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }

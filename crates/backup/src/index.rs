@@ -1,9 +1,22 @@
-//! The repository's chunk map, loaded from every `index/` object: chunk id -> where its
-//! sealed blob lies. For a backup ([`Purpose::Backup`]) two kinds of pack are left out of
-//! the map, so a backup never references a chunk it cannot count on: packs marked in
-//! `trash/` (condemned by garbage collection, about to be deleted), and indexes whose pack
-//! object is not in the store's listing (an index left behind after its pack was lost or
-//! deleted: referencing its chunks would make the new backup unrestorable).
+//! The repository's chunk locations, read from the `index/` objects (one per pack).
+//!
+//! Memory is bounded by the job, not the repository: indexes are read a batch at a time
+//! ([`visit`]) and each job keeps only what it needs —
+//! - a backup keeps [`KnownChunks`]: the first 8 bytes of every stored chunk id, sorted
+//!   (8 bytes per chunk). A hit is a candidate only; before a backup commits, every chunk
+//!   it references is confirmed by full id against the indexes ([`missing`]), so a
+//!   prefix collision costs a re-read, never a wrong reference;
+//! - a restore keeps [`Locations`] of the chunks its table names, and nothing else;
+//! - gc, verify and repair load the whole map ([`ChunkIndex`]).
+//!
+//! For a backup ([`Purpose::Backup`]) two kinds of pack are left out, so a backup never
+//! references a chunk it cannot count on: packs marked in `trash/` (condemned by garbage
+//! collection, about to be deleted), and indexes whose pack object is not in the store's
+//! listing (an index left behind after its pack was lost or deleted: referencing its
+//! chunks would make the new backup unrestorable).
+//!
+//! Threading: [`visit`] fetches each batch on [`FETCH_THREADS`] threads and calls its
+//! visitor on the caller's thread, in pack-id order.
 
 use std::collections::{HashMap, HashSet};
 
@@ -14,7 +27,7 @@ use crate::repo::{self, Repository};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loc {
-    /// Position in `ChunkIndex::packs`.
+    /// Position in the pack list of the map holding it.
     pub pack: u32,
     pub offset: u32,
     pub len: u32,
@@ -27,6 +40,7 @@ pub struct PackInfo {
     pub condemned: bool,
 }
 
+/// The whole map, every pack's entries kept (gc, verify, repair).
 #[derive(Debug, Default)]
 pub struct ChunkIndex {
     pub packs: Vec<PackInfo>,
@@ -35,6 +49,11 @@ pub struct ChunkIndex {
 
 /// Parallel small GETs (index objects, manifest headers): latency-bound, so many.
 pub const FETCH_THREADS: usize = 32;
+
+/// Indexes fetched and decoded at a time by [`visit`] (as many as fetch threads): with
+/// 8 MiB packs of 64 KiB chunks about 5 KiB each decoded, of 4 KiB chunks 80 KiB, so a
+/// batch holds at most a few MiB whatever the repository's size.
+const BATCH: usize = FETCH_THREADS;
 
 /// What the chunk map is loaded for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,87 +69,226 @@ pub enum Purpose {
     Backup,
 }
 
-impl ChunkIndex {
-    /// Loads every index object (see [`Purpose`] for what a backup leaves out of `map`).
-    pub fn load(repo: &Repository, purpose: Purpose) -> Result<ChunkIndex> {
-        let skip_condemned = purpose == Purpose::Backup;
-        let store = repo.store();
-        let condemned: HashSet<String> = store
-            .list(repo::TRASH)?
+/// Calls `f` with every index object `purpose` covers (condemned ones flagged; left out
+/// altogether for a backup), in pack-id order, holding at most [`BATCH`] at a time.
+pub fn visit(
+    repo: &Repository,
+    purpose: Purpose,
+    mut f: impl FnMut(PackInfo) -> Result<()>,
+) -> Result<()> {
+    let store = repo.store();
+    let condemned: HashSet<String> = store
+        .list(repo::TRASH)?
+        .into_iter()
+        .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
+        .collect();
+    let mut ids: Vec<String> = store
+        .list(repo::INDEX)?
+        .into_iter()
+        .filter_map(|o| o.key.strip_prefix(repo::INDEX).map(str::to_string))
+        .collect();
+    ids.sort();
+    if let Some(c) = repo.cache() {
+        // Indexes gone from the store (their pack deleted) leave the cache too.
+        c.retain(repo, "index", |name| {
+            ids.binary_search_by(|i| i.as_str().cmp(name)).is_ok()
+        });
+    }
+    if purpose != Purpose::Read {
+        let packs: HashSet<String> = store
+            .list(repo::PACKS)?
             .into_iter()
-            .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
+            .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
             .collect();
-        let mut ids: Vec<String> = store
-            .list(repo::INDEX)?
-            .into_iter()
-            .filter_map(|o| o.key.strip_prefix(repo::INDEX).map(str::to_string))
-            .collect();
-        ids.sort();
-        if let Some(c) = repo.cache() {
-            // Indexes gone from the store (their pack deleted) leave the cache too.
-            c.retain(repo, "index", |name| {
-                ids.binary_search_by(|i| i.as_str().cmp(name)).is_ok()
-            });
+        let before = ids.len();
+        ids.retain(|id| packs.contains(id));
+        if ids.len() < before {
+            log::warn!(
+                "{}: {} pack indexes have no pack; their chunks are stored again (run `snapblk repo repair`)",
+                repo.describe(),
+                before - ids.len()
+            );
         }
-        if purpose != Purpose::Read {
-            let packs: HashSet<String> = store
-                .list(repo::PACKS)?
-                .into_iter()
-                .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
-                .collect();
-            let before = ids.len();
-            ids.retain(|id| packs.contains(id));
-            if ids.len() < before {
-                log::warn!(
-                    "{}: {} pack indexes have no pack; their chunks are stored again (run `snapblk repo repair`)",
-                    repo.describe(),
-                    before - ids.len()
+    }
+    if purpose == Purpose::Backup {
+        ids.retain(|id| !condemned.contains(id));
+    }
+    for batch in ids.chunks(BATCH) {
+        let loaded = crate::par::map(batch, FETCH_THREADS, |id| read_index(repo, id))?;
+        for (id, entries) in batch.iter().zip(loaded) {
+            f(PackInfo {
+                condemned: condemned.contains(id),
+                id: id.clone(),
+                entries,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// One pack's index, from the local cache or the store, authenticated.
+fn read_index(repo: &Repository, id: &str) -> Result<Vec<PackEntry>> {
+    let key = repo::index_key(id);
+    crate::cache::get_with(repo, &key, MAX_PACK_OBJECT, |sealed| {
+        let plain = repo.keys().open(sealed, &index_aad(id)).ok_or_else(|| {
+            BackupError::corrupt(
+                &key,
+                "fails authentication (altered, moved from another pack's name, or another repository's)",
+            )
+        })?;
+        decode_index(&plain, None).map_err(|d| BackupError::corrupt(&key, d))
+    })
+}
+
+/// Adds `e` of pack `p` to `map`, preferring a live pack when a chunk is stored twice
+/// (after a repack).
+fn place(map: &mut HashMap<ChunkId, Loc>, condemned: impl Fn(u32) -> bool, p: u32, e: &PackEntry) {
+    let loc = Loc {
+        pack: p,
+        offset: e.offset,
+        len: e.len,
+    };
+    match map.get(&e.id) {
+        Some(old) if !condemned(old.pack) || condemned(p) => {}
+        _ => {
+            map.insert(e.id, loc);
+        }
+    }
+}
+
+impl ChunkIndex {
+    /// Loads every index object (see [`Purpose`] for what a backup leaves out).
+    pub fn load(repo: &Repository, purpose: Purpose) -> Result<ChunkIndex> {
+        let mut ix = ChunkIndex::default();
+        visit(repo, purpose, |pack| {
+            let p = ix.packs.len() as u32;
+            for e in &pack.entries {
+                let packs = &ix.packs;
+                let dead = pack.condemned;
+                place(
+                    &mut ix.map,
+                    |q| {
+                        if q == p {
+                            dead
+                        } else {
+                            packs[q as usize].condemned
+                        }
+                    },
+                    p,
+                    e,
                 );
             }
-        }
-        let loaded = crate::par::map(&ids, FETCH_THREADS, |id| -> Result<Vec<PackEntry>> {
-            let key = repo::index_key(id);
-            crate::cache::get_with(repo, &key, MAX_PACK_OBJECT, |sealed| {
-                let plain = repo.keys().open(sealed, &index_aad(id)).ok_or_else(|| {
-                    BackupError::corrupt(
-                        &key,
-                        "fails authentication (altered, moved from another pack's name, or another repository's)",
-                    )
-                })?;
-                decode_index(&plain, None).map_err(|d| BackupError::corrupt(&key, d))
-            })
+            ix.packs.push(pack);
+            Ok(())
         })?;
-        let mut ix = ChunkIndex::default();
-        for (id, entries) in ids.into_iter().zip(loaded) {
-            let dead = condemned.contains(&id);
-            let p = ix.packs.len() as u32;
-            for e in &entries {
-                if dead && skip_condemned {
-                    continue;
-                }
-                let loc = Loc {
-                    pack: p,
-                    offset: e.offset,
-                    len: e.len,
-                };
-                // Prefer a live pack when a chunk is stored twice (after a repack).
-                match ix.map.get(&e.id) {
-                    Some(old) if !ix.packs[old.pack as usize].condemned || dead => {}
-                    _ => {
-                        ix.map.insert(e.id, loc);
-                    }
-                }
-            }
-            ix.packs.push(PackInfo {
-                id,
-                entries,
-                condemned: dead,
-            });
-        }
         Ok(ix)
     }
 
     pub fn pack_id(&self, loc: &Loc) -> &str {
         &self.packs[loc.pack as usize].id
     }
+}
+
+/// Where the chunks one job reads lie: only those chunks, and the packs holding them.
+#[derive(Debug, Default)]
+pub struct Locations {
+    packs: Vec<(String, bool)>,
+    map: HashMap<ChunkId, Loc>,
+}
+
+impl Locations {
+    /// Locates every chunk of `wanted` that the indexes list ([`Purpose::Restore`]).
+    pub fn load(repo: &Repository, wanted: &HashSet<ChunkId>) -> Result<Locations> {
+        let mut out = Locations::default();
+        visit(repo, Purpose::Restore, |pack| {
+            let p = out.packs.len() as u32;
+            let mut used = false;
+            for e in pack.entries.iter().filter(|e| wanted.contains(&e.id)) {
+                let packs = &out.packs;
+                let dead = pack.condemned;
+                place(
+                    &mut out.map,
+                    |q| if q == p { dead } else { packs[q as usize].1 },
+                    p,
+                    e,
+                );
+                used = true;
+            }
+            if used {
+                out.packs.push((pack.id, pack.condemned));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    pub fn get(&self, id: &ChunkId) -> Option<Loc> {
+        self.map.get(id).copied()
+    }
+
+    pub fn pack_id(&self, loc: &Loc) -> &str {
+        &self.packs[loc.pack as usize].0
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// The first 8 bytes of a chunk id, the key of [`KnownChunks`].
+fn prefix(id: &ChunkId) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&id.0[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// Which chunks a backup may skip storing: the sorted 8-byte prefixes of every chunk in a
+/// live pack. Candidates only; [`missing`] confirms by full id before the backup commits.
+#[derive(Debug, Default)]
+pub struct KnownChunks {
+    prefixes: Vec<u64>,
+}
+
+impl KnownChunks {
+    pub fn load(repo: &Repository) -> Result<KnownChunks> {
+        let mut prefixes = Vec::new();
+        visit(repo, Purpose::Backup, |pack| {
+            prefixes.extend(pack.entries.iter().map(|e| prefix(&e.id)));
+            Ok(())
+        })?;
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        prefixes.shrink_to_fit();
+        Ok(KnownChunks { prefixes })
+    }
+
+    /// Whether a chunk with `id`'s prefix is stored (probably `id` itself).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.prefixes.binary_search(&prefix(id)).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.prefixes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.prefixes.is_empty()
+    }
+}
+
+/// Those of `ids` not in a live pack now ([`Purpose::Backup`]): what a backup about to
+/// commit must store again.
+pub fn missing(repo: &Repository, ids: &HashSet<ChunkId>) -> Result<HashSet<ChunkId>> {
+    let mut left = ids.clone();
+    visit(repo, Purpose::Backup, |pack| {
+        for e in &pack.entries {
+            left.remove(&e.id);
+        }
+        Ok(())
+    })?;
+    Ok(left)
 }

@@ -247,10 +247,7 @@ impl Hydration {
     ) -> Result<Arc<Hydration>> {
         let lease = crate::lease::Lease::shared(repo, format!("lazy restore {}", header.name()))?;
         let table = manifest::read_table(repo, header)?;
-        let fetcher = Fetcher::new(repo)?;
-        for (_, id) in &table.cells {
-            fetcher.locate(id)?;
-        }
+        let fetcher = Fetcher::new(repo, &table)?;
         let n = table.cells.len();
         let words = n.div_ceil(64);
         let done: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();

@@ -14,7 +14,7 @@ use snapblk_core::Export;
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::{ChunkIndex, Loc, Purpose};
+use crate::index::{Loc, Locations};
 use crate::manifest::{self, Header, Table};
 use crate::par::lock;
 use crate::progress::Progress;
@@ -41,25 +41,33 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// Reads and verifies chunks of one repository.
+/// Reads and verifies the chunks of one table (memory grows with the table, not the
+/// repository).
 pub struct Fetcher {
     pub repo: Repository,
-    pub index: ChunkIndex,
+    pub index: Locations,
 }
 
 impl Fetcher {
-    pub fn new(repo: &Repository) -> Result<Self> {
-        Ok(Fetcher {
+    /// Locates every chunk of `table`; fails naming the first one no index lists.
+    pub fn new(repo: &Repository, table: &Table) -> Result<Self> {
+        let wanted: std::collections::HashSet<ChunkId> =
+            table.cells.iter().map(|(_, id)| *id).collect();
+        let f = Fetcher {
             repo: repo.clone(),
-            index: ChunkIndex::load(repo, Purpose::Restore)?,
-        })
+            index: Locations::load(repo, &wanted)?,
+        };
+        if f.index.len() < wanted.len() {
+            if let Some(id) = wanted.iter().find(|id| f.index.get(id).is_none()) {
+                return Err(BackupError::MissingChunk(id.hex()));
+            }
+        }
+        Ok(f)
     }
 
     pub fn locate(&self, id: &ChunkId) -> Result<Loc> {
         self.index
-            .map
             .get(id)
-            .copied()
             .ok_or_else(|| BackupError::MissingChunk(id.hex()))
     }
 
@@ -201,13 +209,10 @@ pub fn run(
     let t0 = Instant::now();
     let _lease = crate::lease::Lease::shared(repo, format!("restore {}", header.name()))?;
     let table = manifest::read_table(repo, header)?;
-    let fetcher = Fetcher::new(repo)?;
+    // Everything must be present before the first write.
+    let fetcher = Fetcher::new(repo, &table)?;
     let by_chunk = cells_by_chunk(&table);
     let ids: Vec<ChunkId> = by_chunk.keys().copied().collect();
-    // Everything must be present before the first write.
-    for id in &ids {
-        fetcher.locate(id)?;
-    }
     progress.start("restore", header.stored_bytes);
     let written = AtomicU64::new(0);
     let downloaded = AtomicU64::new(0);

@@ -1,0 +1,146 @@
+//! A job's memory grows with the job, not with the repository (issue 12): a counting
+//! global allocator records the peak of live heap bytes while a small backup and its
+//! restore run, first in a repository holding 16 Ki other chunks, then in one holding
+//! 32 Ki. The growth per added chunk must stay near the 8-byte prefix a backup keeps
+//! per stored chunk ([`snapblk_backup::index::KnownChunks`]); a restore keeps nothing per
+//! chunk it does not read. Before the fix every job loaded the whole chunk map (about
+//! 90 bytes per chunk, twice for a backup), 1.4 GiB per TiB of 64 KiB chunks.
+//!
+//! This file is its own test binary, so the allocator sees only this test.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use snapblk_backup::file::FileStore;
+use snapblk_backup::repo::InitOptions;
+use snapblk_backup::store::ObjectStore;
+use snapblk_backup::volume::{backup_snapshot, restore_volume};
+use snapblk_backup::{NoProgress, Repository};
+use snapblk_core::Pool;
+
+mod common;
+use common::{image, pool, put, random_bytes, MIB};
+
+struct Counting;
+
+static LIVE: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
+fn grow(n: usize) {
+    let now = LIVE.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+fn shrink(n: usize) {
+    LIVE.fetch_sub(n as u64, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the bookkeeping
+// touches only atomics and never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        grow(l.size());
+        // SAFETY: same layout contract as our caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        grow(l.size());
+        // SAFETY: same layout contract as our caller's.
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        shrink(l.size());
+        // SAFETY: `p` was allocated by `System` with layout `l` (every alloc above is).
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        grow(new);
+        // SAFETY: `p` came from `System` with layout `l`; the caller's contract holds.
+        let q = unsafe { System.realloc(p, l, new) };
+        shrink(l.size());
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Peak live heap bytes above what was live when `f` started.
+fn peak_during(f: impl FnOnce()) -> u64 {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    f();
+    PEAK.load(Ordering::Relaxed).saturating_sub(base)
+}
+
+const CHUNK: u64 = 4 << 10;
+const FILLER: u64 = 64 * MIB;
+
+/// Stores `FILLER` bytes of chunks no job below shares, from another volume.
+fn fill(p: &Arc<Pool>, r: &Repository, name: &str, seed: u64) {
+    p.create_volume(name, FILLER).unwrap();
+    let data = random_bytes(FILLER as usize, seed);
+    for (i, part) in data.chunks(16 * MIB as usize).enumerate() {
+        put(p, name, i as u64 * 16 * MIB, part);
+    }
+    p.create_snapshot(name, "s").unwrap();
+    backup_snapshot(p, r, &format!("{name}@s"), false, &NoProgress).unwrap();
+    p.delete_volume(name, true).unwrap();
+}
+
+/// (peak of backing up `snap`, peak of restoring it into `into`).
+fn measure(p: &Arc<Pool>, r: &Repository, snap: &str, into: &str) -> (u64, u64) {
+    let b = peak_during(|| {
+        backup_snapshot(p, r, snap, false, &NoProgress).unwrap();
+    });
+    let t = peak_during(|| {
+        restore_volume(p, r, snap, None, into, &NoProgress).unwrap();
+    });
+    assert!(
+        image(p, snap) == image(p, into),
+        "{into}: restored image differs"
+    );
+    (b, t)
+}
+
+#[test]
+fn backup_and_restore_memory_does_not_grow_with_the_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::env::set_var("SNAPBLK_STATE_DIR", state.path());
+    let p = pool(3 * FILLER);
+    let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(dir.path()));
+    let opts = InitOptions {
+        chunk_size: CHUNK as u32,
+        pack_size: 1 << 20,
+        ..Default::default()
+    };
+    let r = Repository::init(store, b"test key", &opts).unwrap();
+    p.create_volume("v", 4 * MIB).unwrap();
+
+    fill(&p, &r, "f1", 11);
+    put(&p, "v", 0, &random_bytes(256 << 10, 1));
+    p.create_snapshot("v", "a").unwrap();
+    let (b1, r1) = measure(&p, &r, "v@a", "ra");
+
+    fill(&p, &r, "f2", 12);
+    put(&p, "v", 0, &random_bytes(256 << 10, 2));
+    p.create_snapshot("v", "b").unwrap();
+    let (b2, r2) = measure(&p, &r, "v@b", "rb");
+
+    let added = (FILLER / CHUNK) as f64;
+    let per_chunk = |a: u64, b: u64| b.saturating_sub(a) as f64 / added;
+    let (bp, rp) = (per_chunk(b1, b2), per_chunk(r1, r2));
+    eprintln!(
+        "peak heap: backup {b1} -> {b2} ({bp:.1} B per added chunk), restore {r1} -> {r2} ({rp:.1} B per added chunk)"
+    );
+    assert!(
+        bp <= 24.0,
+        "a backup's memory grew {bp:.1} bytes per chunk stored in the repository (peaks {b1} -> {b2})"
+    );
+    assert!(
+        rp <= 12.0,
+        "a restore's memory grew {rp:.1} bytes per chunk stored in the repository (peaks {r1} -> {r2})"
+    );
+}
