@@ -15,7 +15,8 @@ The control port takes one command per connection (one line) and answers one JSO
 after the change is in force, so a request whose head arrives after the answer sees it:
 
     mode MODE [count=K] [skip=N] [method=M] [path=SUBSTRING] [rate=KIB_PER_S] [cut]
-    stats            counters (also written to --stats after every change)
+    stats            counters: requests, req_GET/PUT/LIST/HEAD/DELETE/POST, faults (also
+                     written to --stats after every change)
     cut              close every open connection now (in-flight transfers included)
     reset            zero the counters
 
@@ -388,7 +389,9 @@ class Proxy:
                 (method, target, *_), headers = parse_head(head)
                 path = target.split("?", 1)[0]
                 action, seq, rate = self.decide(method, path)
-                self.bump("req_" + method)
+                # LIST: a GET of the bucket itself (ListObjectsV2), counted apart.
+                list_ = method == "GET" and "/" not in path.strip("/")
+                self.bump("req_" + ("LIST" if list_ else method))
                 log(f"#{seq} {method} {target[:120]} -> {action}")
                 if VERBOSE:
                     log(head.decode("latin-1").strip())

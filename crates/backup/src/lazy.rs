@@ -62,6 +62,10 @@ use crate::repo::Repository;
 use crate::restore::Fetcher;
 
 const STRIPES: usize = 256;
+/// Ranged GETs a client request's misses run at once.
+const FETCH_THREADS: usize = 4;
+/// Bytes read past a miss that continues the previous one (a sequential reader).
+const READ_AHEAD: u64 = 4 << 20;
 /// Cells fetched per background request batch.
 const BATCH: usize = 512;
 /// The background thread saves the bitmap at least this often.
@@ -105,6 +109,8 @@ pub struct Hydration {
     error: Mutex<Option<String>>,
     save_lock: Mutex<()>,
     started: Instant,
+    /// End of the last client miss (read-ahead detection; a hint, racing is harmless).
+    last_miss_end: AtomicU64,
     dir: PathBuf,
     /// Keeps gc from deleting the packs this restore reads, until it completes.
     lease: Mutex<Option<crate::lease::Lease>>,
@@ -286,6 +292,7 @@ impl Hydration {
             error: Mutex::new(None),
             save_lock: Mutex::new(()),
             started: Instant::now(),
+            last_miss_end: AtomicU64::new(u64::MAX),
             dir: dir.to_path_buf(),
             lease: Mutex::new(Some(lease)),
             done,
@@ -406,26 +413,54 @@ impl Hydration {
         Ok(())
     }
 
-    /// Hydrates every table cell overlapping `[off, off + len)`.
+    /// Hydrates every table cell overlapping `[off, off + len)`: the missing ones in one
+    /// batch of ranged GETs (adjacent blobs of a pack coalesced, [`FETCH_THREADS`] at
+    /// once). A miss starting where the previous one ended reads [`READ_AHEAD`] bytes
+    /// further, so a sequential reader of an unhydrated range gets whole ranged GETs,
+    /// not one per cell.
     pub fn ensure(&self, off: u64, len: u64) -> snapblk_core::Result<()> {
         if self.is_complete() || len == 0 {
             return Ok(());
         }
-        let cs = u64::from(self.table.chunk_size);
-        let (first, last) = (off / cs, (off + len - 1) / cs);
-        let start = self.table.cells.partition_point(|(c, _)| *c < first);
-        for p in start..self.table.cells.len() {
-            let (c, id) = self.table.cells[p];
-            if c > last {
-                break;
-            }
-            if self.is_done(p) {
-                continue;
-            }
-            let data = self.fetcher.fetch(&id).map_err(|e| self.eio(e))?;
-            self.put(p, &data)?;
+        let asked = self.positions(off, len);
+        if !asked.clone().any(|p| !self.is_done(p)) {
+            return Ok(());
         }
-        Ok(())
+        let end = off + len;
+        if self.last_miss_end.swap(end, Ordering::Relaxed) == off {
+            let ahead = self.positions(end, READ_AHEAD);
+            let with_ahead = asked.start..asked.end.max(ahead.end);
+            self.last_miss_end
+                .store(end + READ_AHEAD, Ordering::Relaxed);
+            match self.hydrate(with_ahead) {
+                Ok(()) => return Ok(()),
+                // Read-ahead is a guess: its failure must not fail the request.
+                Err(e) => log::debug!("lazy restore of {}: read-ahead: {e}", self.state.volume),
+            }
+        }
+        self.hydrate(asked).map_err(|e| self.eio(e))
+    }
+
+    /// Fetches and writes the table positions of `range` not hydrated yet.
+    fn hydrate(&self, range: std::ops::Range<usize>) -> Result<()> {
+        let mut wanted: HashMap<ChunkId, Vec<usize>> = HashMap::new();
+        for p in range.filter(|&p| !self.is_done(p)) {
+            wanted.entry(self.table.cells[p].1).or_default().push(p);
+        }
+        let ids: Vec<ChunkId> = wanted.keys().copied().collect();
+        self.fetcher.fetch_many(
+            &ids,
+            FETCH_THREADS,
+            |chunks| {
+                for (id, data) in chunks {
+                    for &p in wanted.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
+                        self.put(p, &data)?;
+                    }
+                }
+                Ok(())
+            },
+            &AtomicU64::new(0),
+        )
     }
 
     /// Whether any table cell in the range is not hydrated yet.
