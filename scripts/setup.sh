@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(libclang-dev clang libnbd-bin python3-libnbd nbdkit fio qemu-utils e2fsprogs xfsprogs fuse3 kmod python3 util-linux awscli iproute2 passwd openssl man-db systemd)
+pkgs=(libclang-dev clang libnbd-bin python3-libnbd nbdkit fio qemu-utils e2fsprogs xfsprogs fuse3 kmod python3 python3-venv util-linux awscli iproute2 passwd openssl man-db systemd)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -32,6 +32,14 @@ if [ ! -x "$S3S_ROOT/bin/s3s-fs" ]; then
     CARGO_TARGET_DIR=/var/cache/snapblk/tools-target cargo install s3s-fs@0.14.1 --locked \
         --features binary --root "$S3S_ROOT" --quiet
     rm -rf /var/cache/snapblk/tools-target
+fi
+# A second S3-compatible server for tests/e2e/s3_moto.sh: moto's server from PyPI, in its
+# own venv (Debian's python3, not the system site-packages).
+if [ ! -x "$S3S_ROOT/moto/bin/moto_server" ]; then
+    echo "setup: installing moto[server] 5.2.1 (pip, about a minute)"
+    rm -rf "$S3S_ROOT/moto"
+    /usr/bin/python3 -m venv "$S3S_ROOT/moto"
+    "$S3S_ROOT/moto/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.1'
 fi
 # cargo-fuzz for scripts/fuzz.sh (runs on the stable toolchain with RUSTC_BOOTSTRAP=1).
 if [ ! -x "$S3S_ROOT/bin/cargo-fuzz" ]; then

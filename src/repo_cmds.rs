@@ -156,7 +156,7 @@ pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
             repo,
         } => {
             let r = repo.spec(target)?.open()?;
-            let rep = verify::run(&r, *read_data, 4, progress)?;
+            let rep = verify::run(&r, *read_data, r.parallelism().downloads, progress)?;
             let mut text = format!(
                 "verified {} backups, {} chunks{}: {}",
                 rep.manifests,

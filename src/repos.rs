@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use snapblk_backup::cache::ObjectCache;
 use snapblk_backup::file::FileStore;
 use snapblk_backup::marks::Marks;
-use snapblk_backup::repo::InitOptions;
+use snapblk_backup::repo::{InitOptions, Parallelism};
 use snapblk_backup::{ObjectStore, Repository};
 use snapblk_control::{
     default_s3_attempts, default_s3_min_rate, default_s3_timeout, RepoSpec, Secret,
@@ -50,6 +50,16 @@ pub struct RepoArgs {
     /// 4 MiB/s), as restic and PBS have.
     #[arg(long, env = "SNAPBLK_LIMIT_UPLOAD", value_name = "RATE")]
     pub limit_upload: Option<String>,
+    /// Backup: threads reading the snapshot, each one 64 KiB cell at a time (default 2;
+    /// more keep a deep queue on the data disk).
+    #[arg(long, env = "SNAPBLK_READERS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub readers: Option<u32>,
+    /// Backup: packs uploaded at once (default 4).
+    #[arg(long, env = "SNAPBLK_UPLOADERS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub uploaders: Option<u32>,
+    /// Restore, lazy restore and verify --read-data: ranged GETs at once (default 8).
+    #[arg(long, env = "SNAPBLK_DOWNLOADS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub downloads: Option<u32>,
 }
 
 impl RepoArgs {
@@ -114,7 +124,21 @@ impl RepoArgs {
                 }
                 None => None,
             },
+            readers: self.readers,
+            uploaders: self.uploaders,
+            downloads: self.downloads,
         })
+    }
+}
+
+/// The spec's thread counts over the defaults (clamped by the repository).
+fn parallelism(spec: &RepoSpec) -> Parallelism {
+    let d = Parallelism::default();
+    let n = |v: Option<u32>, d: usize| v.map_or(d, |v| v as usize);
+    Parallelism {
+        readers: n(spec.readers, d.readers),
+        uploaders: n(spec.uploaders, d.uploaders),
+        downloads: n(spec.downloads, d.downloads),
     }
 }
 
@@ -213,6 +237,7 @@ impl RepoOpen for RepoSpec {
                 .with_marks(marks())
                 .with_cache(cache())
                 .with_upload_limit(self.limit_upload)
+                .with_parallelism(parallelism(self))
                 .with_lease_ttl(lease_ttl()),
         )
     }
@@ -223,6 +248,7 @@ impl RepoOpen for RepoSpec {
                 .with_marks(marks())
                 .with_cache(cache())
                 .with_upload_limit(self.limit_upload)
+                .with_parallelism(parallelism(self))
                 .with_lease_ttl(lease_ttl()),
         )
     }

@@ -363,12 +363,42 @@ impl Hydration {
         let cell = self.table.cells[p].0;
         self.sink
             .write(cell * u64::from(self.table.chunk_size), data, false)?;
+        self.mark_done(p, data.len() as u64)
+    }
+
+    /// Records position `p` (`len` bytes) hydrated. The caller holds its stripe lock and
+    /// has checked it was not.
+    fn mark_done(&self, p: usize, len: u64) -> snapblk_core::Result<()> {
         let word = self.done[p / 64].fetch_or(1 << (p % 64), Ordering::AcqRel) | (1 << (p % 64));
         self.write_hot(p / 64, word)?;
-        self.bytes_done
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.bytes_done.fetch_add(len, Ordering::Relaxed);
         self.remaining.fetch_sub(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Before a request that replaces every byte of `[off, off + len)` (trim, write of
+    /// zeroes): the cells wholly inside are marked hydrated without being fetched (the
+    /// request overwrites them all; their bytes in the volume are zeros or this backup's
+    /// data, never a client's), the cells it covers partly are hydrated as usual. A TRIM
+    /// of an unhydrated range costs no download.
+    pub fn discard(&self, off: u64, len: u64) -> snapblk_core::Result<()> {
+        if self.is_complete() || len == 0 {
+            return Ok(());
+        }
+        let cs = u64::from(self.table.chunk_size);
+        let end = off.saturating_add(len);
+        for p in self.positions(off, len) {
+            let cell = self.table.cells[p].0;
+            let (a, b) = (cell * cs, cell * cs + self.table.cell_len(cell));
+            if a < off || b > end {
+                continue;
+            }
+            let _g = lock(&self.stripes[p % STRIPES]);
+            if !self.is_done(p) {
+                self.mark_done(p, b - a)?;
+            }
+        }
+        self.ensure(off, len)
     }
 
     /// Records bitmap word `i` in `<id>.hot` (page cache only; see the module doc).
@@ -521,7 +551,7 @@ impl Hydration {
             let dl = AtomicU64::new(0);
             let r = self.fetcher.fetch_many(
                 &ids,
-                8,
+                self.fetcher.repo.parallelism().downloads,
                 |chunks| {
                     for (id, data) in chunks {
                         for &p in by_id.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
@@ -644,7 +674,7 @@ impl Export for LazyExport {
         self.hyd.save()
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> snapblk_core::Result<()> {
-        self.hyd.ensure(offset, len)?;
+        self.hyd.discard(offset, len)?;
         self.inner.trim(offset, len, fua)?;
         if fua {
             self.hyd.fua_done(offset, len)?;
@@ -658,7 +688,7 @@ impl Export for LazyExport {
         fua: bool,
         fast: bool,
     ) -> snapblk_core::Result<()> {
-        self.hyd.ensure(offset, len)?;
+        self.hyd.discard(offset, len)?;
         self.inner.write_zeroes(offset, len, fua, fast)?;
         if fua {
             self.hyd.fua_done(offset, len)?;

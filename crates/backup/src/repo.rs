@@ -73,6 +73,32 @@ pub struct Repository {
     cache: Option<crate::cache::ObjectCache>,
     /// Upload rate limit shared by every job on this handle and its clones.
     pacer: Option<Arc<crate::pace::Pacer>>,
+    /// Threads a job runs.
+    parallelism: Parallelism,
+}
+
+/// Threads a job runs (`--readers`, `--uploaders`, `--downloads`); each 1..=[`MAX_THREADS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parallelism {
+    /// Backup: threads reading cells of the snapshot (each one read at a time).
+    pub readers: usize,
+    /// Backup: packs uploaded at once.
+    pub uploaders: usize,
+    /// Restore, lazy restore's background, verify --read-data: ranged GETs at once.
+    pub downloads: usize,
+}
+
+/// Most threads of one kind a job runs.
+pub const MAX_THREADS: usize = 64;
+
+impl Default for Parallelism {
+    fn default() -> Self {
+        Parallelism {
+            readers: 2,
+            uploaders: 4,
+            downloads: 8,
+        }
+    }
 }
 
 pub fn now() -> u64 {
@@ -92,6 +118,7 @@ impl Repository {
             lease_ttl: crate::lease::DEFAULT_TTL,
             cache: None,
             pacer: None,
+            parallelism: Parallelism::default(),
         }
     }
 
@@ -233,6 +260,22 @@ impl Repository {
 
     pub fn cache(&self) -> Option<&crate::cache::ObjectCache> {
         self.cache.as_ref()
+    }
+
+    /// The same repository, its jobs running `p` threads (each clamped to
+    /// 1..=[`MAX_THREADS`]).
+    pub fn with_parallelism(mut self, p: Parallelism) -> Repository {
+        let c = |n: usize| n.clamp(1, MAX_THREADS);
+        self.parallelism = Parallelism {
+            readers: c(p.readers),
+            uploaders: c(p.uploaders),
+            downloads: c(p.downloads),
+        };
+        self
+    }
+
+    pub fn parallelism(&self) -> Parallelism {
+        self.parallelism
     }
 
     /// The same repository, uploading packs at most `bytes_per_sec` on average.

@@ -110,8 +110,8 @@ pub fn backup_snapshot(
         pool: pool.uuid().to_string(),
         created: info.created,
         base,
-        readers: 2,
-        uploaders: 4,
+        readers: repo.parallelism().readers,
+        uploaders: repo.parallelism().uploaders,
     };
     backup::run(repo, job, progress)
 }
@@ -138,11 +138,12 @@ pub fn restore_volume(
     };
     pool.create_volume_marked(new_volume, size, Some(&mark))?;
     let sink = VolumeHandle::open(pool, new_volume)?;
-    let done = restore::run(repo, h, &sink, 8, progress).and_then(|summary| {
-        // restore::run flushed the data; only now is the volume whole.
-        pool.set_volume_incomplete(new_volume, None)?;
-        Ok(summary)
-    });
+    let done =
+        restore::run(repo, h, &sink, repo.parallelism().downloads, progress).and_then(|summary| {
+            // restore::run flushed the data; only now is the volume whole.
+            pool.set_volume_incomplete(new_volume, None)?;
+            Ok(summary)
+        });
     done.map_err(|e| {
         drop(sink);
         if let Err(d) = pool.delete_volume(new_volume, false) {

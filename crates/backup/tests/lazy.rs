@@ -385,6 +385,64 @@ fn sequential_reads_of_unhydrated_cells_fetch_in_few_requests() {
     );
 }
 
+/// TRIM and WRITE_ZEROES of unhydrated cells download nothing for the cells they cover
+/// whole (those then read as zeros); a cell covered in part is fetched first, so its other
+/// bytes stay the backup's.
+#[test]
+fn trimming_unhydrated_cells_downloads_nothing() {
+    let s = setup();
+    let gate = Arc::new(Gate {
+        inner: FileStore::new(s.dir.path()),
+        max_range: AtomicU64::new(2 * CELL),
+    });
+    let gets = Arc::new(AtomicU64::new(0));
+    let counted = Counted {
+        gate: Arc::clone(&gate),
+        gets: Arc::clone(&gets),
+    };
+    let restores = Arc::new(Restores::default());
+    let r = Repository::open(Arc::new(counted), b"k").unwrap();
+    let h = restore_lazy(&s.pool, &r, "v@s", None, "lz", &restores, s.state.path()).unwrap();
+    h.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    let e = s.exports(&restores).open("lz").unwrap();
+    gate.max_range.store(0, Ordering::SeqCst); // nothing may be fetched now
+    gets.store(0, Ordering::SeqCst);
+    e.trim(CELL, 4 * CELL, false)
+        .expect("trim of 4 whole unhydrated cells");
+    e.write_zeroes(8 * CELL, 2 * CELL, true, false)
+        .expect("write_zeroes (FUA) of 2 whole unhydrated cells");
+    assert_eq!(
+        gets.load(Ordering::SeqCst),
+        0,
+        "whole cells were downloaded"
+    );
+    let mut b = vec![0u8; CELL as usize];
+    for c in (8..10).chain([1]) {
+        e.read(c * CELL, &mut b)
+            .unwrap_or_else(|err| panic!("reading zeroed cell {c}: {err}"));
+        assert!(b.iter().all(|x| *x == 0), "cell {c} does not read as zeros");
+    }
+    // Part of a cell: its data is fetched first, the rest of it is the backup's.
+    gate.max_range.store(u64::MAX, Ordering::SeqCst);
+    e.write_zeroes(20 * CELL + 4096, 8192, false, false)
+        .expect("write_zeroes of part of a cell");
+    assert!(
+        gets.load(Ordering::SeqCst) >= 1,
+        "the partly zeroed cell was not fetched"
+    );
+    e.read(20 * CELL, &mut b).unwrap();
+    let want = &s.want[20 * CELL as usize..21 * CELL as usize];
+    assert!(
+        b[..4096] == want[..4096] && b[12288..] == want[12288..],
+        "the rest of the cell was lost"
+    );
+    assert!(
+        b[4096..12288].iter().all(|x| *x == 0),
+        "the zeroed part is not zeros"
+    );
+}
+
 /// Counts ranged GETs through a gate.
 struct Counted {
     gate: Arc<Gate>,

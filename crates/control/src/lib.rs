@@ -67,6 +67,14 @@ pub struct RepoSpec {
     /// Upload rate limit in bytes per second (none: as fast as the link goes).
     #[serde(default)]
     pub limit_upload: Option<u64>,
+    /// Threads: snapshot readers, pack uploaders, ranged downloads (none: the defaults;
+    /// the receiver clamps each to its limits).
+    #[serde(default)]
+    pub readers: Option<u32>,
+    #[serde(default)]
+    pub uploaders: Option<u32>,
+    #[serde(default)]
+    pub downloads: Option<u32>,
 }
 
 pub fn default_s3_timeout() -> u64 {
