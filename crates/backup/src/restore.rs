@@ -26,6 +26,12 @@ const MAX_WRITE: usize = 8 << 20;
 /// Largest coalesced ranged GET.
 const MAX_FETCH: u64 = 16 << 20;
 
+/// Largest run of unneeded bytes inside one coalesced GET. After many incrementals a
+/// backup's chunks are scattered over its chain's packs with superseded chunks between
+/// them; downloading a few of those is cheaper than another request (restic fetches a
+/// pack's whole needed span). Bounds the waste at about 1 MiB per needed chunk.
+const MAX_GAP: u64 = 1 << 20;
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
     pub manifest: String,
@@ -114,7 +120,7 @@ impl Fetcher {
             locs.push((self.locate(id)?, *id));
         }
         locs.sort_unstable_by_key(|(l, _)| (l.pack, l.offset));
-        // Group into requests: same pack, contiguous or nearly (gap <= 64 KiB).
+        // Group into requests: same pack, gaps of at most MAX_GAP.
         let mut reqs: Vec<Vec<(Loc, ChunkId)>> = Vec::new();
         for (l, id) in locs {
             if let Some(last) = reqs.last_mut() {
@@ -123,7 +129,7 @@ impl Fetcher {
                 let new_end = u64::from(l.offset) + u64::from(l.len);
                 if prev.pack == l.pack
                     && u64::from(l.offset) >= end
-                    && u64::from(l.offset) - end <= 64 << 10
+                    && u64::from(l.offset) - end <= MAX_GAP
                     && new_end - u64::from(first.offset) <= MAX_FETCH
                 {
                     last.push((l, id));
