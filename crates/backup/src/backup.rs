@@ -11,7 +11,7 @@
 //! taken from the base's table. Resume: chunks already in the repository (from an
 //! interrupted earlier run whose packs and indexes were stored) are never uploaded again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -92,6 +92,7 @@ fn cells_of(ranges: &[(u64, u64)], cs: u64, cells: u64) -> Vec<u64> {
     }
     out.sort_unstable();
     out.dedup();
+    out.shrink_to_fit();
     out
 }
 
@@ -116,29 +117,26 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         cells: Vec::new(),
     };
     let ncells = table0.cell_count();
-    let mut result: HashMap<u64, ChunkId> = HashMap::new();
+    // The new table's cells, sorted by cell; memory is ~40 bytes per cell holding data.
+    let mut cells: Vec<(u64, ChunkId)> = Vec::new();
     let to_read = match &job.base {
         Some((bh, changed)) => {
             let bt = manifest::read_table(repo, bh)?;
             if bt.chunk_size != table0.chunk_size {
                 return Err(BackupError::invalid("base", "chunk size differs"));
             }
-            let read = cells_of(changed, cs, ncells);
-            let reread: HashSet<u64> = read.iter().copied().collect();
+            let mut read = cells_of(changed, cs, ncells);
             // A base cell whose length differs (the old last cell) must be read again.
             let keep_below = bt.size.min(size) / cs;
-            for (c, id) in bt.cells {
-                if c < keep_below && !reread.contains(&c) {
-                    result.insert(c, id);
-                }
-            }
-            let mut read = read;
-            read.extend((keep_below..ncells).filter(|c| !reread.contains(c)));
+            cells = bt.cells;
+            cells.retain(|(c, _)| *c < keep_below && read.binary_search(c).is_err());
+            cells.shrink_to_fit();
+            // Cells past the base's end are read where they hold data.
+            let alloc = cells_of(&job.allocated, cs, ncells);
+            let tail = alloc.iter().copied().filter(|c| *c >= keep_below);
+            read.extend(tail);
             read.sort_unstable();
             read.dedup();
-            // Cells past the base's end that hold no data need not be read.
-            let alloc: HashSet<u64> = cells_of(&job.allocated, cs, ncells).into_iter().collect();
-            read.retain(|c| *c < keep_below || alloc.contains(c));
             read
         }
         None => cells_of(&job.allocated, cs, ncells),
@@ -147,34 +145,44 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     let mut forced: HashSet<ChunkId> = HashSet::new();
     let mut pending = to_read;
     // Normally one pass; another when garbage collection condemned a pack holding a chunk
-    // we reused while we ran (those cells are read and stored again).
-    for _pass in 0..3 {
+    // we reused while we ran, or an id prefix matched another chunk (those cells are read
+    // and stored again).
+    for pass in 0..3 {
         let dedup = Dedup {
             known: KnownChunks::load(repo)?,
             forced: &forced,
-            seen: Mutex::new(HashSet::new()),
+            // Sized once: a growing table holds two copies while it moves.
+            seen: Mutex::new(HashSet::with_capacity(pending.len())),
         };
-        let got = pipeline(repo, &job, &table0, &pending, dedup, progress, &mut stats)?;
-        for (c, id) in got {
-            match id {
-                Some(id) => result.insert(c, id),
-                None => result.remove(&c),
-            };
+        let (got, zeros) = pipeline(repo, &job, &table0, &pending, dedup, progress, &mut stats)?;
+        pending = Vec::new();
+        if pass == 0 {
+            // The cells read are not among the base's kept ones: append, then sort.
+            if cells.is_empty() {
+                cells = got;
+            } else {
+                cells.reserve_exact(got.len());
+                cells.extend(got);
+            }
+            cells.sort_unstable_by_key(|(c, _)| *c);
+        } else {
+            for (c, id) in got {
+                if let Ok(i) = cells.binary_search_by_key(&c, |(c, _)| *c) {
+                    cells[i].1 = id;
+                }
+            }
+            cells.retain(|(c, _)| zeros.binary_search(c).is_err());
         }
         // Everything referenced must be in a live pack now, confirmed by full id.
-        let referenced: HashSet<ChunkId> = result.values().copied().collect();
-        let missing = index::missing(repo, &referenced)?;
-        drop(referenced);
+        let missing = index::missing(repo, &cells)?;
         if missing.is_empty() {
-            pending.clear();
             break;
         }
-        pending = result
+        pending = cells
             .iter()
             .filter(|(_, id)| missing.contains(id))
             .map(|(c, _)| *c)
             .collect();
-        pending.sort_unstable();
         forced = missing;
     }
     if !pending.is_empty() {
@@ -183,8 +191,6 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
             "chunks kept disappearing from the repository while backing up (garbage collection running with no grace period?)",
         ));
     }
-    let mut cells: Vec<(u64, ChunkId)> = result.into_iter().collect();
-    cells.sort_unstable_by_key(|(c, _)| *c);
     let table = Table { cells, ..table0 };
     stats.seconds = t0.elapsed().as_secs_f64();
     let stored: u64 = table.cells.iter().map(|(c, _)| table.cell_len(*c)).sum();
@@ -205,7 +211,7 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         stats: stats.clone(),
         host: catalog::host_name(),
     };
-    manifest::write_table(repo, &header, &table)?;
+    manifest::write_table(repo, &header, table)?;
     lease.check()?;
     // The commit point: listed in the pool's catalog, the backup exists.
     if let Some(h) = catalog::update(repo, &job.pool, catalog::Change::Add(&header))? {
@@ -230,12 +236,18 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     })
 }
 
+/// What a pass read: each cell holding data with its chunk, and the all-zero cells
+/// (sorted).
+type PassOutput = (Vec<(u64, ChunkId)>, Vec<u64>);
+
 /// Which chunks a pass stores: those the repository does not hold (by prefix), those
 /// confirmed missing by an earlier pass (`forced`), each at most once per pass.
 struct Dedup<'a> {
     known: KnownChunks,
     forced: &'a HashSet<ChunkId>,
-    seen: Mutex<HashSet<ChunkId>>,
+    /// Id prefixes of the chunks stored in this pass (8 bytes each; a prefix shared by two
+    /// new chunks skips the second, which the full-id check before commit then stores).
+    seen: Mutex<HashSet<u64>>,
 }
 
 impl Dedup<'_> {
@@ -244,7 +256,7 @@ impl Dedup<'_> {
         if self.known.contains(&id) && !self.forced.contains(&id) {
             return false;
         }
-        lock(&self.seen).insert(id)
+        lock(&self.seen).insert(index::prefix(&id))
     }
 }
 
@@ -273,7 +285,7 @@ fn pipeline(
     dedup: Dedup<'_>,
     progress: &dyn Progress,
     stats: &mut BackupStats,
-) -> Result<Vec<(u64, Option<ChunkId>)>> {
+) -> Result<PassOutput> {
     let total: u64 = cells.iter().map(|c| table.cell_len(*c)).sum();
     progress.start("backup", total);
     let cs = repo.chunk_size();
@@ -282,7 +294,9 @@ fn pipeline(
     let keys = repo.keys();
     let next = AtomicU64::new(0);
     let known = &dedup;
-    let out: Mutex<Vec<(u64, Option<ChunkId>)>> = Mutex::new(Vec::with_capacity(cells.len()));
+    // Cells read and their chunks; all-zero cells apart (8 bytes each).
+    let out: Mutex<Vec<(u64, ChunkId)>> = Mutex::new(Vec::with_capacity(cells.len()));
+    let zeros: Mutex<Vec<u64>> = Mutex::new(Vec::new());
     let abort = Abort {
         flag: AtomicBool::new(false),
         err: Mutex::new(None),
@@ -300,7 +314,7 @@ fn pipeline(
     std::thread::scope(|s| {
         for _ in 0..job.readers.max(1) {
             let chunk_tx = chunk_tx.clone();
-            let (next, out, abort) = (&next, &out, &abort);
+            let (next, out, zeros, abort) = (&next, &out, &zeros, &abort);
             let (bytes_read, bytes_new, chunks_new, reused) =
                 (&bytes_read, &bytes_new, &chunks_new, &reused);
             s.spawn(move || {
@@ -320,11 +334,11 @@ fn pipeline(
                     bytes_read.fetch_add(len as u64, Ordering::Relaxed);
                     progress.advance(len as u64);
                     if data.iter().all(|b| *b == 0) {
-                        lock(out).push((cell, None));
+                        lock(zeros).push(cell);
                         continue;
                     }
                     let id = keys.chunk_id(data);
-                    lock(out).push((cell, Some(id)));
+                    lock(out).push((cell, id));
                     if !known.store(id) {
                         reused.fetch_add(1, Ordering::Relaxed);
                         continue;
@@ -398,7 +412,11 @@ fn pipeline(
     if let Some(e) = abort.err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
+    Ok((out.into_inner().unwrap_or_else(|p| p.into_inner()), {
+        let mut z = zeros.into_inner().unwrap_or_else(|p| p.into_inner());
+        z.sort_unstable();
+        z
+    }))
 }
 
 #[cfg(test)]

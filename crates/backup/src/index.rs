@@ -240,7 +240,7 @@ impl Locations {
 }
 
 /// The first 8 bytes of a chunk id, the key of [`KnownChunks`].
-fn prefix(id: &ChunkId) -> u64 {
+pub fn prefix(id: &ChunkId) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&id.0[..8]);
     u64::from_be_bytes(a)
@@ -280,15 +280,37 @@ impl KnownChunks {
     }
 }
 
-/// Those of `ids` not in a live pack now ([`Purpose::Backup`]): what a backup about to
-/// commit must store again.
-pub fn missing(repo: &Repository, ids: &HashSet<ChunkId>) -> Result<HashSet<ChunkId>> {
-    let mut left = ids.clone();
+/// The chunks of `cells` not in a live pack now ([`Purpose::Backup`]): what a backup about
+/// to commit must store again. Memory: 12 bytes per cell (sorted id prefixes and their
+/// positions; a prefix match is confirmed against the cell's full id) and a bit per cell.
+pub fn missing(repo: &Repository, cells: &[(u64, ChunkId)]) -> Result<HashSet<ChunkId>> {
+    let mut order: Vec<u32> = (0..cells.len() as u32).collect();
+    order.sort_unstable_by_key(|&i| prefix(&cells[i as usize].1));
+    let keys: Vec<u64> = order
+        .iter()
+        .map(|&i| prefix(&cells[i as usize].1))
+        .collect();
+    let mut found = vec![0u64; cells.len().div_ceil(64)];
     visit(repo, Purpose::Backup, |pack| {
         for e in &pack.entries {
-            left.remove(&e.id);
+            let k = prefix(&e.id);
+            let start = keys.partition_point(|x| *x < k);
+            for (&key, &i) in keys[start..].iter().zip(&order[start..]) {
+                if key != k {
+                    break;
+                }
+                let i = i as usize;
+                if cells[i].1 == e.id {
+                    found[i / 64] |= 1 << (i % 64);
+                }
+            }
         }
         Ok(())
     })?;
-    Ok(left)
+    Ok(cells
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| found[i / 64] & (1 << (i % 64)) == 0)
+        .map(|(_, (_, id))| *id)
+        .collect())
 }

@@ -19,7 +19,11 @@
 //!   status reports a range with unhydrated cells as data.
 //! - A cell is hydrated at most once per run, under its stripe lock, so hydration never
 //!   overwrites a client's write in this run (clients write only after the cell is
-//!   hydrated).
+//!   hydrated). A run of adjacent cells is written at once under all its stripe locks,
+//!   taken in ascending order; every other holder takes a single stripe lock, so no
+//!   cycle can form.
+//! - A TRIM or WRITE_ZEROES marks the cells it covers whole hydrated without fetching
+//!   them (it replaces every byte of them); partly covered cells are hydrated first.
 //! - After a restart a cell is hydrated again only if no acknowledged client write to it
 //!   can be lost by that:
 //!   * `<id>.bits` claims only cells whose data the pool had synced: it is written (and
@@ -40,8 +44,9 @@
 //! is cleared resumes; after it, leftover state files are stale and removed at start.
 //!
 //! Threading: one background thread per hydration (started by [`Hydration::spawn`] once
-//! the restore is registered); client requests hydrate on their own threads; stripe locks
-//! serialise work on one cell.
+//! the restore is registered); client requests hydrate on their own threads (a request's
+//! misses as one batch of coalesced ranged GETs, with read-ahead for a sequential reader);
+//! stripe locks serialise work on one cell.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -64,6 +69,8 @@ use crate::restore::Fetcher;
 const STRIPES: usize = 256;
 /// Ranged GETs a client request's misses run at once.
 const FETCH_THREADS: usize = 4;
+/// Largest write of adjacent hydrated cells.
+const MAX_RUN: usize = 8 << 20;
 /// Bytes read past a miss that continues the previous one (a sequential reader).
 const READ_AHEAD: u64 = 4 << 20;
 /// Cells fetched per background request batch.
@@ -354,16 +361,67 @@ impl Hydration {
         )
     }
 
-    /// Writes `data` as table position `p` unless it is hydrated already.
-    fn put(&self, p: usize, data: &[u8]) -> snapblk_core::Result<()> {
-        let _g = lock(&self.stripes[p % STRIPES]);
-        if self.is_done(p) {
-            return Ok(());
+    /// Writes fetched `chunks` at every position `at` lists for them, adjacent cells in
+    /// one write each (a ranged GET's chunks are mostly adjacent cells): the stripe locks
+    /// of a run are taken together, in ascending order (every other holder takes one).
+    fn put_chunks(
+        &self,
+        chunks: &[(ChunkId, Vec<u8>)],
+        at: &HashMap<ChunkId, Vec<usize>>,
+    ) -> Result<()> {
+        let mut cells: Vec<(usize, &[u8])> = Vec::with_capacity(chunks.len());
+        for (id, data) in chunks {
+            for &p in at.get(id).map(Vec::as_slice).unwrap_or(&[]) {
+                cells.push((p, data));
+            }
         }
-        let cell = self.table.cells[p].0;
-        self.sink
-            .write(cell * u64::from(self.table.chunk_size), data, false)?;
-        self.mark_done(p, data.len() as u64)
+        cells.sort_unstable_by_key(|(p, _)| *p);
+        let adjacent = |a: usize, b: usize| self.table.cells[b].0 == self.table.cells[a].0 + 1;
+        let mut i = 0;
+        while i < cells.len() {
+            let mut j = i + 1;
+            let mut bytes = cells[i].1.len();
+            while j < cells.len()
+                && adjacent(cells[j - 1].0, cells[j].0)
+                && bytes + cells[j].1.len() <= MAX_RUN
+            {
+                bytes += cells[j].1.len();
+                j += 1;
+            }
+            self.put_run(&cells[i..j])?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Writes a run of adjacent cells not hydrated yet, skipping those that are.
+    fn put_run(&self, run: &[(usize, &[u8])]) -> snapblk_core::Result<()> {
+        let mut stripes: Vec<usize> = run.iter().map(|(p, _)| p % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _held: Vec<_> = stripes.iter().map(|&s| lock(&self.stripes[s])).collect();
+        let cs = u64::from(self.table.chunk_size);
+        let mut buf: Vec<u8> = Vec::new();
+        let mut i = 0;
+        while i < run.len() {
+            if self.is_done(run[i].0) {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            buf.clear();
+            while j < run.len() && !self.is_done(run[j].0) {
+                buf.extend_from_slice(run[j].1);
+                j += 1;
+            }
+            let cell = self.table.cells[run[i].0].0;
+            self.sink.write(cell * cs, &buf, false)?;
+            for (p, data) in &run[i..j] {
+                self.mark_done(*p, data.len() as u64)?;
+            }
+            i = j;
+        }
+        Ok(())
     }
 
     /// Records position `p` (`len` bytes) hydrated. The caller holds its stripe lock and
@@ -481,14 +539,7 @@ impl Hydration {
         self.fetcher.fetch_many(
             &ids,
             FETCH_THREADS,
-            |chunks| {
-                for (id, data) in chunks {
-                    for &p in wanted.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
-                        self.put(p, &data)?;
-                    }
-                }
-                Ok(())
-            },
+            |chunks| self.put_chunks(&chunks, &wanted),
             &AtomicU64::new(0),
         )
     }
@@ -552,14 +603,7 @@ impl Hydration {
             let r = self.fetcher.fetch_many(
                 &ids,
                 self.fetcher.repo.parallelism().downloads,
-                |chunks| {
-                    for (id, data) in chunks {
-                        for &p in by_id.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
-                            self.put(p, &data)?;
-                        }
-                    }
-                    Ok(())
-                },
+                |chunks| self.put_chunks(&chunks, &by_id),
                 &dl,
             );
             match r {

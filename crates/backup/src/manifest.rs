@@ -86,7 +86,9 @@ fn table_aad(id: &str) -> Vec<u8> {
 }
 
 /// Writes the table of a backup (before its catalog entry, the commit point).
-pub fn write_table(repo: &Repository, header: &Header, table: &Table) -> Result<()> {
+/// Compresses, seals and stores `table` (taken, so its cells are freed before the sealed
+/// copy is made: about one encoded table's worth of memory at a time on top of it).
+pub fn write_table(repo: &Repository, header: &Header, table: Table) -> Result<()> {
     if table.cells.len() as u64 > MAX_ENTRIES {
         return Err(BackupError::invalid(
             header.name(),
@@ -96,8 +98,13 @@ pub fn write_table(repo: &Repository, header: &Header, table: &Table) -> Result<
             ),
         ));
     }
-    let enc = table.encode();
-    let z = zstd::bulk::compress(&enc, 3).map_err(BackupError::Io)?;
+    let plain = Table::encoded_len(table.cells.len() as u64) as usize;
+    let out = Vec::with_capacity(plain + plain / 128 + 4096);
+    let mut z = zstd::stream::Encoder::new(out, 3).map_err(BackupError::Io)?;
+    table.write_to(&mut z).map_err(BackupError::Io)?;
+    drop(table);
+    let mut z = z.finish().map_err(BackupError::Io)?;
+    z.shrink_to_fit();
     repo.store().put(
         &repo::table_key(&header.id),
         &repo.keys().seal(&z, &table_aad(&header.id)),
@@ -117,7 +124,9 @@ pub fn write_header(repo: &Repository, header: &Header) -> Result<()> {
 }
 
 pub fn digest(table: &Table) -> String {
-    blake3::hash(&table.encode()).to_hex().to_string()
+    let mut h = blake3::Hasher::new();
+    table.write_to(&mut h).expect("hashing does not fail");
+    h.finalize().to_hex().to_string()
 }
 
 pub fn read_header(repo: &Repository, id: &str) -> Result<Header> {

@@ -61,16 +61,31 @@ impl Table {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(Table::encoded_len(self.cells.len() as u64) as usize);
-        out.extend_from_slice(T_MAGIC);
-        out.push(1);
-        out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(&self.chunk_size.to_le_bytes());
-        out.extend_from_slice(&(self.cells.len() as u64).to_le_bytes());
-        for (c, id) in &self.cells {
-            out.extend_from_slice(&c.to_le_bytes());
-            out.extend_from_slice(&id.0);
-        }
+        self.write_to(&mut out)
+            .expect("writing into a Vec does not fail");
         out
+    }
+
+    /// Writes the encoding to `w` a buffer at a time (hashing or compressing a table
+    /// needs no second copy of it).
+    pub fn write_to(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut head = Vec::with_capacity(T_HEAD as usize);
+        head.extend_from_slice(T_MAGIC);
+        head.push(1);
+        head.extend_from_slice(&self.size.to_le_bytes());
+        head.extend_from_slice(&self.chunk_size.to_le_bytes());
+        head.extend_from_slice(&(self.cells.len() as u64).to_le_bytes());
+        w.write_all(&head)?;
+        let mut buf = Vec::with_capacity(1024 * T_ENTRY as usize);
+        for part in self.cells.chunks(1024) {
+            buf.clear();
+            for (c, id) in part {
+                buf.extend_from_slice(&c.to_le_bytes());
+                buf.extend_from_slice(&id.0);
+            }
+            w.write_all(&buf)?;
+        }
+        Ok(())
     }
 
     /// Decodes a whole table held in memory (the same parser as streaming reads).
