@@ -5,7 +5,6 @@
 //! bad chunk; nothing wrong is written. Chunks are fetched with ranged GETs, adjacent
 //! chunks of a pack coalesced into one request.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -57,16 +56,16 @@ pub struct Fetcher {
 impl Fetcher {
     /// Locates every chunk of `table`; fails naming the first one no index lists.
     pub fn new(repo: &Repository, table: &Table) -> Result<Self> {
-        let wanted: std::collections::HashSet<ChunkId> =
-            table.cells.iter().map(|(_, id)| *id).collect();
+        let mut wanted: Vec<ChunkId> = table.cells.iter().map(|(_, id)| *id).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        wanted.shrink_to_fit();
         let f = Fetcher {
             repo: repo.clone(),
-            index: Locations::load(repo, &wanted)?,
+            index: Locations::load(repo, wanted)?,
         };
-        if f.index.len() < wanted.len() {
-            if let Some(id) = wanted.iter().find(|id| f.index.get(id).is_none()) {
-                return Err(BackupError::MissingChunk(id.hex()));
-            }
+        if let Some(id) = f.index.first_missing() {
+            return Err(BackupError::MissingChunk(id.hex()));
         }
         Ok(f)
     }
@@ -115,16 +114,17 @@ impl Fetcher {
         sink: impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync,
         downloaded: &AtomicU64,
     ) -> Result<()> {
-        let mut locs: Vec<(Loc, ChunkId)> = Vec::with_capacity(ids.len());
-        for id in ids {
-            locs.push((self.locate(id)?, *id));
+        // 16 bytes per chunk: where it is, and its place in `ids`.
+        let mut locs: Vec<(Loc, u32)> = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            locs.push((self.locate(id)?, i as u32));
         }
         locs.sort_unstable_by_key(|(l, _)| (l.pack, l.offset));
-        // Group into requests: same pack, gaps of at most MAX_GAP.
-        let mut reqs: Vec<Vec<(Loc, ChunkId)>> = Vec::new();
-        for (l, id) in locs {
+        // Group into requests (ranges of `locs`): same pack, gaps of at most MAX_GAP.
+        let mut reqs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (k, (l, _)) in locs.iter().enumerate() {
             if let Some(last) = reqs.last_mut() {
-                let (first, prev) = (last[0].0, last[last.len() - 1].0);
+                let (first, prev) = (locs[last.start].0, locs[last.end - 1].0);
                 let end = u64::from(prev.offset) + u64::from(prev.len);
                 let new_end = u64::from(l.offset) + u64::from(l.len);
                 if prev.pack == l.pack
@@ -132,11 +132,11 @@ impl Fetcher {
                     && u64::from(l.offset) - end <= MAX_GAP
                     && new_end - u64::from(first.offset) <= MAX_FETCH
                 {
-                    last.push((l, id));
+                    last.end = k + 1;
                     continue;
                 }
             }
-            reqs.push(vec![(l, id)]);
+            reqs.push(k..k + 1);
         }
         let next = AtomicUsize::new(0);
         let err: Mutex<Option<BackupError>> = Mutex::new(None);
@@ -149,7 +149,7 @@ impl Fetcher {
                     let Some(req) = reqs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
                     };
-                    if let Err(e) = self.fetch_request(req, &sink, downloaded) {
+                    if let Err(e) = self.fetch_request(&locs[req.clone()], ids, &sink, downloaded) {
                         lock(&err).get_or_insert(e);
                         return;
                     }
@@ -164,7 +164,8 @@ impl Fetcher {
 
     fn fetch_request(
         &self,
-        req: &[(Loc, ChunkId)],
+        req: &[(Loc, u32)],
+        ids: &[ChunkId],
         sink: &(impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync),
         downloaded: &AtomicU64,
     ) -> Result<()> {
@@ -178,7 +179,8 @@ impl Fetcher {
             .get_range(&repo::pack_key(pack), start, len)?;
         downloaded.fetch_add(b.len() as u64, Ordering::Relaxed);
         let mut got = Vec::with_capacity(req.len());
-        for (l, id) in req {
+        for (l, i) in req {
+            let id = &ids[*i as usize];
             let a = (u64::from(l.offset) - start) as usize;
             let z = a + l.len as usize;
             let Some(sealed) = b.get(a..z) else {
@@ -194,13 +196,29 @@ impl Fetcher {
     }
 }
 
-/// Chunk id -> the cells holding it.
-pub fn cells_by_chunk(table: &Table) -> HashMap<ChunkId, Vec<u64>> {
-    let mut m: HashMap<ChunkId, Vec<u64>> = HashMap::new();
-    for (c, id) in &table.cells {
-        m.entry(*id).or_default().push(*c);
+/// Positions of `table`'s cells ordered by chunk id (4 bytes per cell): the cells holding
+/// one chunk are a run of it, found by binary search.
+struct ByChunk<'a> {
+    table: &'a Table,
+    order: Vec<u32>,
+}
+
+impl<'a> ByChunk<'a> {
+    fn new(table: &'a Table) -> Self {
+        let mut order: Vec<u32> = (0..table.cells.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| table.cells[i as usize].1);
+        ByChunk { table, order }
     }
-    m
+
+    /// The cells holding `id`.
+    fn cells(&self, id: ChunkId) -> impl Iterator<Item = u64> + '_ {
+        let key = |i: &u32| self.table.cells[*i as usize].1;
+        let start = self.order.partition_point(|i| key(i) < id);
+        self.order[start..]
+            .iter()
+            .take_while(move |i| key(i) == id)
+            .map(|i| self.table.cells[*i as usize].0)
+    }
 }
 
 /// Writes the image of `header` into `sink` (a new, empty volume of at least its size;
@@ -217,20 +235,20 @@ pub fn run(
     let table = manifest::read_table(repo, header)?;
     // Everything must be present before the first write.
     let fetcher = Fetcher::new(repo, &table)?;
-    let by_chunk = cells_by_chunk(&table);
-    let ids: Vec<ChunkId> = by_chunk.keys().copied().collect();
+    let by_chunk = ByChunk::new(&table);
+    let ids = fetcher.index.ids();
     progress.start("restore", header.stored_bytes);
     let written = AtomicU64::new(0);
     let downloaded = AtomicU64::new(0);
     let cs = u64::from(table.chunk_size);
     fetcher.fetch_many(
-        &ids,
+        ids,
         threads,
         |chunks| {
             // Cells of one request are mostly adjacent: write runs of them at once.
             let mut cells: Vec<(u64, &[u8])> = Vec::new();
             for (id, data) in &chunks {
-                for &c in by_chunk.get(id).map(Vec::as_slice).unwrap_or(&[]) {
+                for c in by_chunk.cells(*id) {
                     let len = table.cell_len(c) as usize;
                     if data.len() != len {
                         return Err(BackupError::corrupt(

@@ -158,12 +158,12 @@ fn backup_and_restore_memory_does_not_grow_with_the_repository() {
 /// cell, of which ~80 are the table (40) and its compressed copy while it is written.
 /// Before: ~184 (hash maps of cells and ids, the table encoded twice).
 #[test]
-fn backup_memory_per_cell_of_the_volume_is_bounded() {
+fn backup_and_restore_memory_per_cell_of_the_volume_is_bounded() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     std::env::set_var("SNAPBLK_STATE_DIR", state.path());
-    let p = pool(256 * MIB);
+    let p = pool(448 * MIB);
     let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(dir.path()));
     let opts = InitOptions {
         chunk_size: CHUNK as u32,
@@ -199,5 +199,33 @@ fn backup_memory_per_cell_of_the_volume_is_bounded() {
     assert!(
         per_cell <= 128.0,
         "a backup held {per_cell:.1} bytes per cell of its volume (peaks {small} -> {big})"
+    );
+
+    // Restores of the same two, one ranged GET at a time (so the fetch buffers in
+    // flight are the same in both): the table, its cells ordered by chunk, the chunks'
+    // locations and the fetch plan. Before: ~330 bytes per cell (hash maps of chunks to
+    // cells and locations, the plan copied twice).
+    let one = r
+        .clone()
+        .with_parallelism(snapblk_backup::repo::Parallelism {
+            readers: 1,
+            uploaders: 1,
+            downloads: 1,
+        });
+    let restore = |snap: &str, into: &str| {
+        let n = peak_during(|| {
+            restore_volume(&p, &one, snap, None, into, &NoProgress).unwrap();
+        });
+        assert!(image(&p, snap) == image(&p, into), "{into} differs");
+        n
+    };
+    let small = restore("a@s", "ra");
+    p.delete_volume("ra", true).unwrap();
+    let big = restore("b@s", "rb");
+    let per_cell = big.saturating_sub(small) as f64 / cells;
+    eprintln!("restore peak heap: 32 MiB {small}, 160 MiB {big}: {per_cell:.1} B per cell");
+    assert!(
+        per_cell <= 160.0,
+        "a restore held {per_cell:.1} bytes per cell of its volume (peaks {small} -> {big})"
     );
 }
