@@ -68,13 +68,18 @@ use crate::restore::Fetcher;
 
 const STRIPES: usize = 256;
 /// Ranged GETs a client request's misses run at once.
-const FETCH_THREADS: usize = 4;
+const FETCH_THREADS: usize = 8;
+/// Largest ranged GET for a client request (several run at once, each decoded and
+/// written on its own thread).
+const CLIENT_FETCH: u64 = 4 << 20;
+/// How long the background thread pauses after a client request had to fetch.
+const CLIENT_FIRST: Duration = Duration::from_millis(200);
 /// Largest write of adjacent hydrated cells.
 const MAX_RUN: usize = 8 << 20;
 /// Bytes read past a miss that continues the previous one (a sequential reader).
-const READ_AHEAD: u64 = 4 << 20;
+const READ_AHEAD: u64 = 16 << 20;
 /// Cells fetched per background request batch.
-const BATCH: usize = 512;
+const BATCH: usize = 128;
 /// The background thread saves the bitmap at least this often.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -118,6 +123,9 @@ pub struct Hydration {
     started: Instant,
     /// End of the last client miss (read-ahead detection; a hint, racing is harmless).
     last_miss_end: AtomicU64,
+    /// When a client request last had to fetch (ms since `started`): the background
+    /// thread gives way for [`CLIENT_FIRST`] after it.
+    last_client_fetch: AtomicU64,
     dir: PathBuf,
     /// Keeps gc from deleting the packs this restore reads, until it completes.
     lease: Mutex<Option<crate::lease::Lease>>,
@@ -300,6 +308,7 @@ impl Hydration {
             save_lock: Mutex::new(()),
             started: Instant::now(),
             last_miss_end: AtomicU64::new(u64::MAX),
+            last_client_fetch: AtomicU64::new(0),
             dir: dir.to_path_buf(),
             lease: Mutex::new(Some(lease)),
             done,
@@ -515,6 +524,10 @@ impl Hydration {
             return Ok(());
         }
         let end = off + len;
+        self.last_client_fetch.store(
+            self.started.elapsed().as_millis() as u64 + 1,
+            Ordering::Relaxed,
+        );
         if self.last_miss_end.swap(end, Ordering::Relaxed) == off {
             let ahead = self.positions(end, READ_AHEAD);
             let with_ahead = asked.start..asked.end.max(ahead.end);
@@ -536,9 +549,10 @@ impl Hydration {
             wanted.entry(self.table.cells[p].1).or_default().push(p);
         }
         let ids: Vec<ChunkId> = wanted.keys().copied().collect();
-        self.fetcher.fetch_many(
+        self.fetcher.fetch_many_in(
             &ids,
             FETCH_THREADS,
+            CLIENT_FETCH,
             |chunks| self.put_chunks(&chunks, &wanted),
             &AtomicU64::new(0),
         )
@@ -586,6 +600,15 @@ impl Hydration {
         while p0 < n {
             if self.stop.load(Ordering::Relaxed) {
                 return;
+            }
+            // Clients first: while they fetch, the link and the pool are theirs.
+            let last = self.last_client_fetch.load(Ordering::Relaxed);
+            if last > 0
+                && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
+                    < CLIENT_FIRST.as_millis() as u64
+            {
+                std::thread::sleep(CLIENT_FIRST / 4);
+                continue;
             }
             let batch: Vec<usize> = (p0..n).filter(|&p| !self.is_done(p)).take(BATCH).collect();
             let Some(&end) = batch.last() else {

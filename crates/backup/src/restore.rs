@@ -114,6 +114,19 @@ impl Fetcher {
         sink: impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync,
         downloaded: &AtomicU64,
     ) -> Result<()> {
+        self.fetch_many_in(ids, threads, MAX_FETCH, sink, downloaded)
+    }
+
+    /// [`Fetcher::fetch_many`] with ranged GETs of at most `max_fetch` bytes (smaller ones
+    /// run in parallel: a client waiting on a few MiB gets them from several requests).
+    pub fn fetch_many_in(
+        &self,
+        ids: &[ChunkId],
+        threads: usize,
+        max_fetch: u64,
+        sink: impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync,
+        downloaded: &AtomicU64,
+    ) -> Result<()> {
         // 16 bytes per chunk: where it is, and its place in `ids`.
         let mut locs: Vec<(Loc, u32)> = Vec::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
@@ -130,7 +143,7 @@ impl Fetcher {
                 if prev.pack == l.pack
                     && u64::from(l.offset) >= end
                     && u64::from(l.offset) - end <= MAX_GAP
-                    && new_end - u64::from(first.offset) <= MAX_FETCH
+                    && new_end - u64::from(first.offset) <= max_fetch
                 {
                     last.end = k + 1;
                     continue;
