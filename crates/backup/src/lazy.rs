@@ -116,7 +116,9 @@ pub struct Hydration {
     remaining: AtomicU64,
     bytes_done: AtomicU64,
     bytes_total: u64,
-    complete: AtomicBool,
+    /// Shared with every `LazyExport` of the volume, which then needs the hydration no
+    /// more (and lets its table and chunk locations go).
+    complete: Arc<AtomicBool>,
     stop: AtomicBool,
     error: Mutex<Option<String>>,
     save_lock: Mutex<()>,
@@ -302,7 +304,7 @@ impl Hydration {
             remaining: AtomicU64::new(n as u64),
             bytes_done: AtomicU64::new(0),
             bytes_total,
-            complete: AtomicBool::new(false),
+            complete: Arc::new(AtomicBool::new(false)),
             stop: AtomicBool::new(false),
             error: Mutex::new(None),
             save_lock: Mutex::new(()),
@@ -709,9 +711,39 @@ impl Hydration {
 }
 
 /// A client's view of a volume being hydrated.
+/// A volume being restored, as clients see it. It holds its hydration weakly: the
+/// daemon's registry and the background thread keep it alive until it completes, after
+/// which the table and chunk locations are freed and requests go straight to the volume.
 pub struct LazyExport {
-    pub hyd: Arc<Hydration>,
+    hyd: std::sync::Weak<Hydration>,
+    complete: Arc<AtomicBool>,
     pub inner: Arc<dyn Export>,
+}
+
+impl LazyExport {
+    pub fn new(hyd: &Arc<Hydration>, inner: Arc<dyn Export>) -> LazyExport {
+        LazyExport {
+            hyd: Arc::downgrade(hyd),
+            complete: Arc::clone(&hyd.complete),
+            inner,
+        }
+    }
+
+    /// The hydration still to consult (None: complete). A hydration gone before completing
+    /// (its restore stopped) fails the request: its unhydrated cells would read as zeros.
+    fn hyd(&self) -> snapblk_core::Result<Option<Arc<Hydration>>> {
+        if self.complete.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        match self.hyd.upgrade() {
+            Some(h) => Ok(Some(h)),
+            None if self.complete.load(Ordering::Acquire) => Ok(None),
+            None => Err(VolError::device(
+                format!("lazy restore of {}", self.inner.name()),
+                std::io::Error::other("the restore stopped before it completed"),
+            )),
+        }
+    }
 }
 
 impl Export for LazyExport {
@@ -725,26 +757,37 @@ impl Export for LazyExport {
         self.inner.name()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> snapblk_core::Result<()> {
-        self.hyd.ensure(offset, buf.len() as u64)?;
+        if let Some(h) = self.hyd()? {
+            h.ensure(offset, buf.len() as u64)?;
+        }
         self.inner.read(offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> snapblk_core::Result<()> {
-        self.hyd.ensure(offset, data.len() as u64)?;
+        let h = self.hyd()?;
+        if let Some(h) = &h {
+            h.ensure(offset, data.len() as u64)?;
+        }
         self.inner.write(offset, data, fua)?;
-        if fua {
-            self.hyd.fua_done(offset, data.len() as u64)?;
+        if let (true, Some(h)) = (fua, &h) {
+            h.fua_done(offset, data.len() as u64)?;
         }
         Ok(())
     }
     fn flush(&self) -> snapblk_core::Result<()> {
         self.inner.flush()?;
-        self.hyd.save()
+        match self.hyd()? {
+            Some(h) => h.save(),
+            None => Ok(()),
+        }
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> snapblk_core::Result<()> {
-        self.hyd.discard(offset, len)?;
+        let h = self.hyd()?;
+        if let Some(h) = &h {
+            h.discard(offset, len)?;
+        }
         self.inner.trim(offset, len, fua)?;
-        if fua {
-            self.hyd.fua_done(offset, len)?;
+        if let (true, Some(h)) = (fua, &h) {
+            h.fua_done(offset, len)?;
         }
         Ok(())
     }
@@ -755,16 +798,21 @@ impl Export for LazyExport {
         fua: bool,
         fast: bool,
     ) -> snapblk_core::Result<()> {
-        self.hyd.discard(offset, len)?;
+        let h = self.hyd()?;
+        if let Some(h) = &h {
+            h.discard(offset, len)?;
+        }
         self.inner.write_zeroes(offset, len, fua, fast)?;
-        if fua {
-            self.hyd.fua_done(offset, len)?;
+        if let (true, Some(h)) = (fua, &h) {
+            h.fua_done(offset, len)?;
         }
         Ok(())
     }
     fn block_status(&self, offset: u64, len: u64) -> snapblk_core::Result<Vec<StatusRun>> {
-        if self.hyd.pending_in(offset, len) {
-            return Ok(vec![(len, 0)]);
+        if let Some(h) = self.hyd()? {
+            if h.pending_in(offset, len) {
+                return Ok(vec![(len, 0)]);
+            }
         }
         self.inner.block_status(offset, len)
     }
@@ -888,7 +936,7 @@ impl ExportProvider for LazyExports {
         if !name.contains('@') {
             if let Some(hyd) = self.restores.active(name) {
                 let e = self.inner.open(name)?;
-                return Ok(Arc::new(LazyExport { hyd, inner: e }));
+                return Ok(Arc::new(LazyExport::new(&hyd, e)));
             }
             if let Some(m) = self.pool.volume_info(name).ok().and_then(|v| v.incomplete) {
                 let how = match m.by {
