@@ -28,6 +28,20 @@ use admin::Command;
 use cli::{BackupArgs, Cli, Cmd, GroupCmd, JobsCmd, PolicyCmd, PoolCmd, SnapshotCmd, VolumeCmd};
 use human::parse_size;
 
+/// `println!` that takes a closed stdout (`snapblk ... | grep -q x`, `| head -1`) as the
+/// reader's choice: exit 0 quietly instead of panicking.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(e.into());
+        }
+    }};
+}
+
 fn command(cmd: &Cmd) -> Result<Command> {
     Ok(match cmd {
         Cmd::Pool(PoolCmd::Info) => Command::PoolInfo,
@@ -236,14 +250,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Manpages { dir } => {
             let files = manpages::write_all(dir)?;
             if cli.json {
-                println!("{}", serde_json::json!({ "dir": dir, "pages": files }));
+                say!("{}", serde_json::json!({ "dir": dir, "pages": files }));
             } else {
-                println!("wrote {} man pages into {}", files.len(), dir.display());
+                say!("wrote {} man pages into {}", files.len(), dir.display());
             }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::UdevName { kernel_name } => {
-            println!("{}", snapblk_ublk::export_of_device(kernel_name)?);
+            say!("{}", snapblk_ublk::export_of_device(kernel_name)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Pool(PoolCmd::Upgrade) => {
@@ -257,14 +271,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             })?;
             if cli.json {
-                println!("{}", serde_json::to_string(&rep)?);
+                say!("{}", serde_json::to_string(&rep)?);
             } else if rep.from_format == 1 {
-                println!(
+                say!(
                     "upgraded pool to metadata format 2: {} volumes, {} snapshots, {} lineages, {} map entries; {} blocks verified",
                     rep.volumes, rep.snapshots, rep.lineages, rep.entries, rep.blocks_verified
                 );
             } else {
-                println!("the pool already uses metadata format 2");
+                say!("the pool already uses metadata format 2");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -275,12 +289,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let size = size.as_deref().map(parse_size).transpose()?;
             let uuid = open::create_pool(meta, data, size, *force)?;
             if cli.json {
-                println!(
+                say!(
                     "{}",
                     serde_json::json!({ "uuid": uuid, "meta": meta, "data": data })
                 );
             } else {
-                println!(
+                say!(
                     "created pool {uuid} (meta {}, data {})",
                     meta.display(),
                     data.display()
@@ -300,9 +314,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             drop(frozen);
             let v = result?;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{}", render::render(&cmd, &v));
+                say!("{}", render::render(&cmd, &v));
             }
             let clean = match cmd {
                 Command::PoolCheck => v["errors"].as_array().is_none_or(|e| e.is_empty()),
@@ -320,9 +334,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn print_outcome(cli: &Cli, out: repo_cmds::Outcome) -> Result<ExitCode> {
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&out.json)?);
+        say!("{}", serde_json::to_string_pretty(&out.json)?);
     } else {
-        println!("{}", out.text);
+        say!("{}", out.text);
     }
     Ok(if out.ok {
         ExitCode::SUCCESS
