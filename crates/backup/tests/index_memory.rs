@@ -107,13 +107,13 @@ fn measure(p: &Arc<Pool>, r: &Repository, snap: &str, into: &str) -> (u64, u64) 
     (b, t)
 }
 
-#[test]
-fn backup_and_restore_memory_does_not_grow_with_the_repository() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+/// A pool of `bytes` in memory and a repository of 4 KiB chunks and 1 MiB packs in a
+/// temporary directory (the directories, the state dir's among them, live as long as the
+/// first value).
+fn setup(bytes: u64) -> ([tempfile::TempDir; 2], Arc<Pool>, Repository) {
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     std::env::set_var("SNAPBLK_STATE_DIR", state.path());
-    let p = pool(3 * FILLER);
     let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(dir.path()));
     let opts = InitOptions {
         chunk_size: CHUNK as u32,
@@ -121,6 +121,13 @@ fn backup_and_restore_memory_does_not_grow_with_the_repository() {
         ..Default::default()
     };
     let r = Repository::init(store, b"test key", &opts).unwrap();
+    ([dir, state], pool(bytes), r)
+}
+
+#[test]
+fn backup_and_restore_memory_does_not_grow_with_the_repository() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (_dirs, p, r) = setup(3 * FILLER);
     p.create_volume("v", 4 * MIB).unwrap();
 
     fill(&p, &r, "f1", 11);
@@ -160,17 +167,7 @@ fn backup_and_restore_memory_does_not_grow_with_the_repository() {
 #[test]
 fn backup_and_restore_memory_per_cell_of_the_volume_is_bounded() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    std::env::set_var("SNAPBLK_STATE_DIR", state.path());
-    let p = pool(448 * MIB);
-    let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(dir.path()));
-    let opts = InitOptions {
-        chunk_size: CHUNK as u32,
-        pack_size: 1 << 20,
-        ..Default::default()
-    };
-    let r = Repository::init(store, b"test key", &opts).unwrap();
+    let (_dirs, p, r) = setup(448 * MIB);
     let peak = |name: &str, mib: u64, seed: u64| {
         p.create_volume(name, mib * MIB).unwrap();
         let data = random_bytes((mib * MIB) as usize, seed);

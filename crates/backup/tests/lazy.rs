@@ -142,6 +142,35 @@ impl Setup {
         (restores, h)
     }
 
+    /// `restore --lazy` through a gate closed to large GETs and a counter of ranged GETs,
+    /// its background stopped: every fetch after this is a client's.
+    fn counted_restore(&self) -> (Arc<Gate>, Arc<AtomicU64>, Arc<Restores>, Arc<Hydration>) {
+        let gate = Arc::new(Gate {
+            inner: FileStore::new(self.dir.path()),
+            max_range: AtomicU64::new(2 * CELL),
+        });
+        let gets = Arc::new(AtomicU64::new(0));
+        let counted = Counted {
+            gate: Arc::clone(&gate),
+            gets: Arc::clone(&gets),
+        };
+        let restores = Arc::new(Restores::default());
+        let r = Repository::open(Arc::new(counted), b"k").unwrap();
+        let h = restore_lazy(
+            &self.pool,
+            &r,
+            "v@s",
+            None,
+            "lz",
+            &restores,
+            self.state.path(),
+        )
+        .unwrap();
+        h.stop();
+        std::thread::sleep(Duration::from_millis(200));
+        (gate, gets, restores, h)
+    }
+
     fn image(&self, name: &str) -> Vec<u8> {
         common::image(&self.pool, name)
     }
@@ -386,20 +415,7 @@ fn a_lazy_restore_outlives_prune_and_gc_cycles() {
 #[test]
 fn sequential_reads_of_unhydrated_cells_fetch_in_few_requests() {
     let s = setup();
-    let gate = Arc::new(Gate {
-        inner: FileStore::new(s.dir.path()),
-        max_range: AtomicU64::new(2 * CELL),
-    });
-    let gets = Arc::new(AtomicU64::new(0));
-    let counted = Counted {
-        gate: Arc::clone(&gate),
-        gets: Arc::clone(&gets),
-    };
-    let restores = Arc::new(Restores::default());
-    let r = Repository::open(Arc::new(counted), b"k").unwrap();
-    let h = restore_lazy(&s.pool, &r, "v@s", None, "lz", &restores, s.state.path()).unwrap();
-    h.stop(); // no background hydration: every fetch below is the client's
-    std::thread::sleep(Duration::from_millis(200));
+    let (gate, gets, restores, _h) = s.counted_restore();
     let e = s.exports(&restores).open("lz").unwrap();
     // Gate closed to large GETs: read-ahead fails, 64 KiB reads still succeed.
     let mut got = vec![0u8; 8 * MIB as usize];
@@ -431,20 +447,7 @@ fn sequential_reads_of_unhydrated_cells_fetch_in_few_requests() {
 #[test]
 fn trimming_unhydrated_cells_downloads_nothing() {
     let s = setup();
-    let gate = Arc::new(Gate {
-        inner: FileStore::new(s.dir.path()),
-        max_range: AtomicU64::new(2 * CELL),
-    });
-    let gets = Arc::new(AtomicU64::new(0));
-    let counted = Counted {
-        gate: Arc::clone(&gate),
-        gets: Arc::clone(&gets),
-    };
-    let restores = Arc::new(Restores::default());
-    let r = Repository::open(Arc::new(counted), b"k").unwrap();
-    let h = restore_lazy(&s.pool, &r, "v@s", None, "lz", &restores, s.state.path()).unwrap();
-    h.stop();
-    std::thread::sleep(Duration::from_millis(200));
+    let (gate, gets, restores, _h) = s.counted_restore();
     let e = s.exports(&restores).open("lz").unwrap();
     gate.max_range.store(0, Ordering::SeqCst); // nothing may be fetched now
     gets.store(0, Ordering::SeqCst);
