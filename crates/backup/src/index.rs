@@ -225,7 +225,11 @@ impl Locations {
                 };
                 let old = out.locs[i];
                 // Prefer a live pack when a chunk is stored twice (after a repack).
-                let old_dead = old.pack != NOWHERE && out.packs[old.pack as usize].1;
+                let old_dead = match old.pack {
+                    NOWHERE => false,
+                    q if q == p => pack.condemned,
+                    q => out.packs[q as usize].1,
+                };
                 if old.pack == NOWHERE || (old_dead && !pack.condemned) {
                     out.locs[i] = Loc {
                         pack: p,

@@ -22,8 +22,9 @@
 //!   hydrated). A run of adjacent cells is written at once under all its stripe locks,
 //!   taken in ascending order; every other holder takes a single stripe lock, so no
 //!   cycle can form.
-//! - A TRIM or WRITE_ZEROES marks the cells it covers whole hydrated without fetching
-//!   them (it replaces every byte of them); partly covered cells are hydrated first.
+//! - A TRIM or WRITE_ZEROES hydrates the cells it covers in part first; the cells it
+//!   covers whole are marked hydrated without being fetched, under their stripe locks and
+//!   only after the request succeeded (it replaced every byte of them).
 //! - After a restart a cell is hydrated again only if no acknowledged client write to it
 //!   can be lost by that:
 //!   * `<id>.bits` claims only cells whose data the pool had synced: it is written (and
@@ -383,6 +384,18 @@ impl Hydration {
         let mut cells: Vec<(usize, &[u8])> = Vec::with_capacity(chunks.len());
         for (id, data) in chunks {
             for &p in at.get(id).map(Vec::as_slice).unwrap_or(&[]) {
+                let cell = self.table.cells[p].0;
+                let len = self.table.cell_len(cell);
+                if data.len() as u64 != len {
+                    return Err(BackupError::invalid(
+                        "lazy restore",
+                        format!(
+                            "cell {cell} is {len} bytes but chunk {} holds {}",
+                            id.hex(),
+                            data.len()
+                        ),
+                    ));
+                }
                 cells.push((p, data));
             }
         }
@@ -445,29 +458,48 @@ impl Hydration {
         Ok(())
     }
 
-    /// Before a request that replaces every byte of `[off, off + len)` (trim, write of
-    /// zeroes): the cells wholly inside are marked hydrated without being fetched (the
-    /// request overwrites them all; their bytes in the volume are zeros or this backup's
-    /// data, never a client's), the cells it covers partly are hydrated as usual. A TRIM
-    /// of an unhydrated range costs no download.
-    pub fn discard(&self, off: u64, len: u64) -> snapblk_core::Result<()> {
+    /// Runs `op`, a request that replaces every byte of `[off, off + len)` (trim, write of
+    /// zeroes), without downloading the cells it covers whole: the cells it covers in part
+    /// are hydrated first; the stripe locks of the whole ones still to hydrate are taken
+    /// (ascending, as in [`Hydration::put_run`]), `op` runs, and only if it succeeds are
+    /// they marked hydrated — after the pool has their new contents, so a bitmap save
+    /// never claims a cell before its data, and a refused request (out of range, an
+    /// unsupported fast zero, an I/O error) leaves them to be fetched as before. A TRIM of
+    /// an unhydrated range costs no download.
+    pub fn discard(
+        &self,
+        off: u64,
+        len: u64,
+        op: impl FnOnce() -> snapblk_core::Result<()>,
+    ) -> snapblk_core::Result<()> {
         if self.is_complete() || len == 0 {
-            return Ok(());
+            return op();
         }
         let cs = u64::from(self.table.chunk_size);
         let end = off.saturating_add(len);
-        for p in self.positions(off, len) {
+        let covered = |p: usize| {
             let cell = self.table.cells[p].0;
-            let (a, b) = (cell * cs, cell * cs + self.table.cell_len(cell));
-            if a < off || b > end {
-                continue;
-            }
-            let _g = lock(&self.stripes[p % STRIPES]);
-            if !self.is_done(p) {
-                self.mark_done(p, b - a)?;
+            let a = cell * cs;
+            a >= off && a + self.table.cell_len(cell) <= end
+        };
+        let range = self.positions(off, len);
+        for p in [range.start, range.end.wrapping_sub(1)] {
+            if range.contains(&p) && !covered(p) {
+                self.hydrate(p..p + 1).map_err(|e| self.eio(e))?;
             }
         }
-        self.ensure(off, len)
+        let whole: Vec<usize> = range.filter(|&p| covered(p) && !self.is_done(p)).collect();
+        let mut stripes: Vec<usize> = whole.iter().map(|p| p % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _held: Vec<_> = stripes.iter().map(|&s| lock(&self.stripes[s])).collect();
+        let todo: Vec<usize> = whole.into_iter().filter(|&p| !self.is_done(p)).collect();
+        op()?;
+        for p in todo {
+            let cell = self.table.cells[p].0;
+            self.mark_done(p, self.table.cell_len(cell))?;
+        }
+        Ok(())
     }
 
     /// Records bitmap word `i` in `<id>.hot` (page cache only; see the module doc).
@@ -782,10 +814,10 @@ impl Export for LazyExport {
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> snapblk_core::Result<()> {
         let h = self.hyd()?;
-        if let Some(h) = &h {
-            h.discard(offset, len)?;
+        match &h {
+            Some(h) => h.discard(offset, len, || self.inner.trim(offset, len, fua))?,
+            None => self.inner.trim(offset, len, fua)?,
         }
-        self.inner.trim(offset, len, fua)?;
         if let (true, Some(h)) = (fua, &h) {
             h.fua_done(offset, len)?;
         }
@@ -799,10 +831,11 @@ impl Export for LazyExport {
         fast: bool,
     ) -> snapblk_core::Result<()> {
         let h = self.hyd()?;
-        if let Some(h) = &h {
-            h.discard(offset, len)?;
+        let op = || self.inner.write_zeroes(offset, len, fua, fast);
+        match &h {
+            Some(h) => h.discard(offset, len, op)?,
+            None => op()?,
         }
-        self.inner.write_zeroes(offset, len, fua, fast)?;
         if let (true, Some(h)) = (fua, &h) {
             h.fua_done(offset, len)?;
         }

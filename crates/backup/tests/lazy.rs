@@ -484,6 +484,22 @@ fn trimming_unhydrated_cells_downloads_nothing() {
         b[4096..12288].iter().all(|x| *x == 0),
         "the zeroed part is not zeros"
     );
+
+    // A refused request marks nothing: a fast zeroing the pool cannot do (a partial
+    // block), and a trim running past the end of the volume, each covering whole cells.
+    let cell = |c: u64| &s.want[(c * CELL) as usize..((c + 1) * CELL) as usize];
+    e.write_zeroes(40 * CELL + 512, 2 * CELL, false, true)
+        .expect_err("a fast zeroing of a partial block is refused by the pool");
+    let size = 8 * MIB;
+    e.trim(size - 2 * CELL, 4 * CELL, false)
+        .expect_err("a trim past the end of the volume is refused");
+    for c in [41, size / CELL - 2, size / CELL - 1] {
+        e.read(c * CELL, &mut b).unwrap();
+        assert!(
+            b[..] == *cell(c),
+            "cell {c} lost its data to a request that was refused"
+        );
+    }
 }
 
 /// Counts ranged GETs through a gate.
