@@ -384,18 +384,9 @@ impl Hydration {
         let mut cells: Vec<(usize, &[u8])> = Vec::with_capacity(chunks.len());
         for (id, data) in chunks {
             for &p in at.get(id).map(Vec::as_slice).unwrap_or(&[]) {
-                let cell = self.table.cells[p].0;
-                let len = self.table.cell_len(cell);
-                if data.len() as u64 != len {
-                    return Err(BackupError::invalid(
-                        "lazy restore",
-                        format!(
-                            "cell {cell} is {len} bytes but chunk {} holds {}",
-                            id.hex(),
-                            data.len()
-                        ),
-                    ));
-                }
+                self.table
+                    .check_cell(self.table.cells[p].0, id, data)
+                    .map_err(|d| BackupError::invalid("lazy restore", d))?;
                 cells.push((p, data));
             }
         }
@@ -597,12 +588,7 @@ impl Hydration {
         if self.is_complete() || len == 0 {
             return false;
         }
-        let cs = u64::from(self.table.chunk_size);
-        let (first, last) = (off / cs, (off + len - 1) / cs);
-        let start = self.table.cells.partition_point(|(c, _)| *c < first);
-        (start..self.table.cells.len())
-            .take_while(|&p| self.table.cells[p].0 <= last)
-            .any(|p| !self.is_done(p))
+        self.positions(off, len).any(|p| !self.is_done(p))
     }
 
     /// Flushes the volume, then records the bitmap (see the invariants above).

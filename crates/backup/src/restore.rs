@@ -262,17 +262,9 @@ pub fn run(
             let mut cells: Vec<(u64, &[u8])> = Vec::new();
             for (id, data) in &chunks {
                 for c in by_chunk.cells(*id) {
-                    let len = table.cell_len(c) as usize;
-                    if data.len() != len {
-                        return Err(BackupError::corrupt(
-                            repo::table_key(&header.id),
-                            format!(
-                                "cell {c} is {len} bytes but chunk {} holds {}",
-                                id.hex(),
-                                data.len()
-                            ),
-                        ));
-                    }
+                    table
+                        .check_cell(c, id, data)
+                        .map_err(|d| BackupError::corrupt(repo::table_key(&header.id), d))?;
                     cells.push((c, data));
                 }
             }

@@ -54,6 +54,20 @@ impl Table {
         (self.size - cell * cs).min(cs)
     }
 
+    /// Whether `data`, the verified chunk `id`, fits cell `cell` (its length: the last
+    /// cell may be short); else why not.
+    pub fn check_cell(&self, cell: u64, id: &ChunkId, data: &[u8]) -> Result<(), String> {
+        let len = self.cell_len(cell);
+        if data.len() as u64 == len {
+            return Ok(());
+        }
+        Err(format!(
+            "cell {cell} is {len} bytes but chunk {} holds {}",
+            id.hex(),
+            data.len()
+        ))
+    }
+
     /// Bytes of the encoded table.
     pub fn encoded_len(count: u64) -> u64 {
         T_HEAD + count * T_ENTRY
