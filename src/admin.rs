@@ -113,7 +113,12 @@ pub fn execute(
         | Command::PolicyDelete { .. }
         | Command::PolicyPlan { .. }
         | Command::Jobs
-        | Command::JobRun { .. } => match devices.and_then(|d| d.policies.get()) {
+        | Command::JobRun { .. }
+        | Command::PolicyBackupSet { .. }
+        | Command::PolicyBackupDelete { .. }
+        | Command::RepoSet { .. }
+        | Command::RepoList
+        | Command::RepoDelete { .. } => match devices.and_then(|d| d.policies.get()) {
             Some(service) => service.execute(cmd)?,
             // Direct mode: the pool's policies, for this one command.
             None => crate::policies::PolicyService::open(Arc::clone(pool))?.execute(cmd)?,

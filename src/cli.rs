@@ -291,6 +291,14 @@ pub enum RepoCmd {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Register a repository with the daemon for scheduled jobs (policies back up to it by
+    /// NAME); give it its own gc and verify schedules. The key stays in its file, read at
+    /// each job; S3 credentials come from the daemon's own environment.
+    Add(Box<RepoAddArgs>),
+    /// Registered repositories.
+    List,
+    /// Unregister a repository (its backups stay in it).
+    Remove { name: String },
     /// Convert a format-1 repository (unauthenticated config) to the current format:
     /// authenticates its config as stored now. Run it where you trust the repository.
     Upgrade {
@@ -299,6 +307,73 @@ pub enum RepoCmd {
         #[command(flatten)]
         repo: RepoArgs,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct RepoAddArgs {
+    /// Name policies use for it.
+    pub name: String,
+    /// s3://BUCKET/PREFIX or file:///PATH (created with `repo init`).
+    pub url: String,
+    /// File holding the repository key (absolute path, readable by the daemon).
+    #[arg(long, required_unless_present = "passphrase_file")]
+    pub key_file: Option<String>,
+    /// Or a file whose first line is the passphrase.
+    #[arg(long, conflicts_with = "key_file")]
+    pub passphrase_file: Option<String>,
+    /// S3-compatible endpoint URL.
+    #[arg(long, env = "SNAPBLK_S3_ENDPOINT")]
+    pub endpoint: Option<String>,
+    #[arg(long, env = "SNAPBLK_S3_REGION")]
+    pub region: Option<String>,
+    /// Garbage-collect on this schedule (systemd OnCalendar, e.g. "Sun 04:00").
+    #[arg(long, value_name = "SCHEDULE")]
+    pub gc: Option<String>,
+    /// Grace period of scheduled gc runs.
+    #[arg(long, default_value = "1d", value_name = "DURATION")]
+    pub gc_grace: String,
+    /// Verify on this schedule.
+    #[arg(long, value_name = "SCHEDULE")]
+    pub verify: Option<String>,
+    /// Each scheduled verify also downloads and checks 1/N of the packs, a different part
+    /// each run, so all data is re-read every N runs (0: structure only; 1: all each run).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub verify_read_runs: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct PolicyBackupArgs {
+    pub policy: String,
+    /// A registered repository (`snapblk repo add`).
+    pub repository: String,
+    /// When to back up, as systemd OnCalendar (e.g. daily, "Sun 03:00"): each run backs up
+    /// the newest snapshot the policy took of each volume.
+    #[arg(long)]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_hourly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_yearly: u32,
+    /// Back up even when the volume did not change since the last backup there.
+    #[arg(long)]
+    pub always: bool,
+    /// Recovery point objective (e.g. 26h): `snapblk status` reports a volume whose newest
+    /// backup here is older as violated (default: twice the schedule's interval).
+    #[arg(long, value_name = "DURATION")]
+    pub rpo: Option<String>,
+    /// Do not catch up a run missed while the daemon was down.
+    #[arg(long)]
+    pub no_catch_up: bool,
+    #[arg(long, default_value_t = 0)]
+    pub random_delay: u32,
 }
 
 #[derive(Args, Debug)]
@@ -414,6 +489,11 @@ pub enum PolicyCmd {
     Delete { name: String },
     /// What the policy's retention would keep and delete now, and why (changes nothing).
     Plan { name: String },
+    /// Add (or replace) a backup target: the policy's snapshots go to a registered
+    /// repository on their own schedule and retention (`policy set` keeps the targets).
+    BackupTo(Box<PolicyBackupArgs>),
+    /// Remove a policy's backup target (the backups stay).
+    BackupRemove { policy: String, repository: String },
 }
 
 #[derive(Args, Debug)]

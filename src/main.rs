@@ -25,7 +25,9 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use admin::Command;
-use cli::{BackupArgs, Cli, Cmd, GroupCmd, JobsCmd, PolicyCmd, PoolCmd, SnapshotCmd, VolumeCmd};
+use cli::{
+    BackupArgs, Cli, Cmd, GroupCmd, JobsCmd, PolicyCmd, PoolCmd, RepoCmd, SnapshotCmd, VolumeCmd,
+};
 use human::parse_size;
 
 /// `println!` that takes a closed stdout (`snapblk ... | grep -q x`, `| head -1`) as the
@@ -168,6 +170,45 @@ fn command(cmd: &Cmd) -> Result<Command> {
         Cmd::Policy(PolicyCmd::Show { name }) => Command::PolicyShow { name: name.clone() },
         Cmd::Policy(PolicyCmd::Delete { name }) => Command::PolicyDelete { name: name.clone() },
         Cmd::Policy(PolicyCmd::Plan { name }) => Command::PolicyPlan { name: name.clone() },
+        Cmd::Policy(PolicyCmd::BackupTo(a)) => Command::PolicyBackupSet {
+            policy: a.policy.clone(),
+            rule: serde_json::json!({
+                "repository": a.repository,
+                "schedule": a.schedule,
+                "keep": {
+                    "last": a.keep_last, "hourly": a.keep_hourly, "daily": a.keep_daily,
+                    "weekly": a.keep_weekly, "monthly": a.keep_monthly, "yearly": a.keep_yearly,
+                },
+                "always": a.always,
+                "rpo_secs": a.rpo.as_deref().map(human::parse_duration).transpose()?.unwrap_or(0),
+                "persistent": !a.no_catch_up,
+                "random_delay_secs": a.random_delay,
+            }),
+        },
+        Cmd::Policy(PolicyCmd::BackupRemove { policy, repository }) => {
+            Command::PolicyBackupDelete {
+                policy: policy.clone(),
+                repository: repository.clone(),
+            }
+        }
+        Cmd::Repo(RepoCmd::Add(a)) => Command::RepoSet {
+            name: a.name.clone(),
+            repo: serde_json::json!({
+                "url": a.url,
+                "key_file": a.key_file,
+                "passphrase_file": a.passphrase_file,
+                "endpoint": a.endpoint,
+                "region": a.region,
+                "gc": a.gc.as_ref().map(|s| Ok::<_, anyhow::Error>(serde_json::json!({
+                    "schedule": s, "grace_secs": human::parse_duration(&a.gc_grace)?,
+                }))).transpose()?,
+                "verify": a.verify.as_ref().map(|s| serde_json::json!({
+                    "schedule": s, "read_data_runs": a.verify_read_runs,
+                })),
+            }),
+        },
+        Cmd::Repo(RepoCmd::List) => Command::RepoList,
+        Cmd::Repo(RepoCmd::Remove { name }) => Command::RepoDelete { name: name.clone() },
         Cmd::Jobs { cmd: None } => Command::Jobs,
         Cmd::Jobs {
             cmd: Some(JobsCmd::Run { name }),
@@ -236,7 +277,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             daemon::run(cfg)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Repo(c) => print_outcome(&cli, repo_cmds::repo(c)?),
+        Cmd::Repo(
+            c @ (RepoCmd::Init { .. } | RepoCmd::Repair { .. } | RepoCmd::Upgrade { .. }),
+        ) => print_outcome(&cli, repo_cmds::repo(c)?),
         Cmd::Backup(BackupArgs { cmd: Some(c), .. }) => {
             let bar = progress::Local::new(cli.json);
             let out = repo_cmds::backup(c, &bar);

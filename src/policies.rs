@@ -1,10 +1,12 @@
 //! Wiring of protection policies (logic: crates/policy): the pool as a `PolicyPool`, the
 //! daemon's scheduler thread, and the policy and job commands.
 //!
-//! Threading: one `Manager` behind a mutex; the scheduler thread holds it while a due job
-//! runs (snapshot jobs take milliseconds), commands hold it for their duration. The thread
-//! sleeps until the next due job, at most a minute (the wall clock may jump), or until a
-//! command changes the policies.
+//! Threading: one `Manager` behind a mutex; the scheduler thread holds it while a due
+//! snapshot job runs (milliseconds), commands hold it for their duration. Backup, gc and
+//! verify jobs run on a thread of their own without it (started and finished under it),
+//! and so does `jobs run` of one: a backup of hours never stalls snapshots or commands.
+//! The thread sleeps until the next due job, at most a minute (the wall clock may jump),
+//! or until a command changes the policies.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -13,9 +15,16 @@ use anyhow::{anyhow, Result};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde_json::{json, Value};
+use snapblk_backup::verify::{self, ReadData};
+use snapblk_backup::{catalog, gc, prune, volume, NoProgress};
 use snapblk_control::Command;
 use snapblk_core::Pool;
-use snapblk_policy::{Manager, Policy, PolicyPool};
+use snapblk_policy::{
+    BackupDone, BackupItem, BackupRule, Manager, NamedRepo, Policy, PolicyPool, RepoTarget,
+    RunRecord, Started, Task,
+};
+
+use crate::repos::RepoOpen;
 
 /// The pool as the policy manager sees it.
 pub struct PoolPolicies(pub Arc<Pool>);
@@ -66,6 +75,103 @@ impl PolicyPool for PoolPolicies {
     ) -> Result<(), String> {
         run_hook(argv, env, timeout)
     }
+    fn changed(&self, vol: &str, from: &str, to: &str) -> Result<bool, String> {
+        let p = &self.0;
+        let target = |s: &str| p.resolve_target(&format!("{vol}@{s}"));
+        let d = p
+            .diff(
+                &target(from).map_err(|e| e.to_string())?,
+                &target(to).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(!d.is_empty())
+    }
+    fn backup(&self, repo: &NamedRepo, vol: &str, snap: &str) -> Result<BackupDone, String> {
+        let r = open_registered(repo)?;
+        let s = volume::backup_snapshot(&self.0, &r, &format!("{vol}@{snap}"), false, &NoProgress)
+            .map_err(|e| e.to_string())?;
+        Ok(BackupDone {
+            id: s.manifest,
+            already_stored: s.already_stored,
+            bytes_uploaded: s.stats.bytes_uploaded,
+        })
+    }
+    fn backups(&self, repo: &NamedRepo) -> Result<Vec<BackupItem>, String> {
+        let r = open_registered(repo)?;
+        let listed = catalog::load_pool(&r, self.0.uuid()).map_err(|e| e.to_string())?;
+        Ok(listed
+            .map(|l| l.catalog.backups)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| BackupItem {
+                created: Timestamp::from_second(h.created as i64).unwrap_or(Timestamp::UNIX_EPOCH),
+                id: h.id,
+                volume: h.volume,
+                snapshot: h.snapshot,
+            })
+            .collect())
+    }
+    fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<(), String> {
+        let r = open_registered(repo)?;
+        prune::forget(&r, ids, Some(self.0.uuid()))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    fn gc(&self, repo: &NamedRepo, grace_secs: u64) -> Result<String, String> {
+        let r = open_registered(repo)?;
+        let opts = gc::Options {
+            grace_secs,
+            max_unused: DEFAULT_MAX_UNUSED,
+            dry_run: false,
+        };
+        let rep = gc::run(&r, &opts, &NoProgress).map_err(|e| e.to_string())?;
+        Ok(crate::repo_cmds::gc_text(&rep))
+    }
+    fn verify(&self, repo: &NamedRepo, part: (u32, u32)) -> Result<String, String> {
+        let r = open_registered(repo)?;
+        let read = match part {
+            (_, 0) => ReadData::None,
+            (_, 1) => ReadData::All,
+            (k, n) => ReadData::Part(k, n),
+        };
+        let rep = verify::run_with(&r, read, r.parallelism().downloads, &NoProgress)
+            .map_err(|e| e.to_string())?;
+        let text = format!(
+            "{} backups, {} chunks, read {} bytes of {} packs (part {} of {})",
+            rep.manifests,
+            rep.chunks,
+            rep.bytes_read,
+            rep.packs,
+            part.0 + 1,
+            part.1.max(1)
+        );
+        if rep.is_clean() {
+            Ok(text)
+        } else {
+            let problems: Vec<String> = rep
+                .problems
+                .iter()
+                .take(5)
+                .map(|p| format!("{}: {}", p.object, p.detail))
+                .collect();
+            Err(format!(
+                "{} problems found ({text}): {}",
+                rep.problems.len(),
+                problems.join("; ")
+            ))
+        }
+    }
+}
+
+/// Fraction of unreferenced bytes above which a scheduled gc repacks a pack (the
+/// `backup gc --max-unused` default, 10%).
+const DEFAULT_MAX_UNUSED: f64 = 0.10;
+
+/// Opens a registered repository, reading its key now.
+fn open_registered(repo: &NamedRepo) -> Result<snapblk_backup::Repository, String> {
+    crate::repos::registered_spec(&repo.target)
+        .and_then(|s| s.open())
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// The last 2 KiB a hook wrote to a pipe (read to the end, so it never blocks on a full
@@ -146,6 +252,29 @@ fn now() -> Timestamp {
     Timestamp::now()
 }
 
+fn log_run(job: &str, r: &RunRecord) {
+    match &r.outcome {
+        snapblk_policy::Outcome::Ok => log::info!(
+            "job {job}: created {}, deleted {}{}",
+            if r.created.is_empty() {
+                "nothing".to_string()
+            } else {
+                r.created.join(" ")
+            },
+            if r.deleted.is_empty() {
+                "nothing".to_string()
+            } else {
+                r.deleted.join(" ")
+            },
+            r.detail
+                .as_deref()
+                .map(|d| format!("; {d}"))
+                .unwrap_or_default()
+        ),
+        o => log::warn!("job {job}: {o:?}"),
+    }
+}
+
 impl PolicyService {
     /// Loads the pool's policies and job states (an interrupted run is recorded as such).
     pub fn open(pool: Arc<Pool>) -> Result<Arc<PolicyService>> {
@@ -171,19 +300,16 @@ impl PolicyService {
         Ok(())
     }
 
-    fn run(&self) {
+    fn run(self: &Arc<Self>) {
         loop {
             let next = {
                 let mut m = self.lock();
-                for (job, r) in m.tick(now(), &now) {
-                    match &r.outcome {
-                        snapblk_policy::Outcome::Ok => log::info!(
-                            "job {job}: created {}, deleted {}",
-                            r.created.join(" "),
-                            r.deleted.join(" ")
-                        ),
-                        o => log::warn!("job {job}: {o:?}"),
-                    }
+                let (done, tasks) = m.tick(now(), &now);
+                for (job, r) in done {
+                    log_run(&job, &r);
+                }
+                for task in tasks {
+                    self.spawn_task(task);
                 }
                 m.next_wakeup()
             };
@@ -204,6 +330,30 @@ impl PolicyService {
         }
     }
 
+    /// Runs a long job's task on a thread of its own, then records its end.
+    fn spawn_task(self: &Arc<Self>, task: Task) {
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("job {}", task.job))
+            .spawn(move || {
+                let r = me.run_task(&task);
+                log_run(&task.job, &r);
+            });
+        if let Err(e) = spawned {
+            log::warn!("starting a job thread: {e}");
+        }
+    }
+
+    /// Runs `task` without the manager, then records its end under it.
+    fn run_task(&self, task: &Task) -> RunRecord {
+        let (pool, tz) = {
+            let m = self.lock();
+            (PoolPolicies(Arc::clone(&m.pool().0)), m.tz().clone())
+        };
+        let r = snapblk_policy::backups::run(&pool, task, &tz);
+        self.lock().finish(task, r, now())
+    }
+
     /// Stops the scheduler thread after the job it runs, if any.
     pub fn stop(&self) {
         *self.stopping.lock().unwrap_or_else(|p| p.into_inner()) = true;
@@ -216,8 +366,14 @@ impl PolicyService {
         let mut m = self.lock();
         let v = match cmd {
             Command::PolicySet { name, policy } => {
-                let p: Policy = serde_json::from_value(policy.clone())
+                let mut p: Policy = serde_json::from_value(policy.clone())
                     .map_err(|e| anyhow!("policy {name}: {e}"))?;
+                // `policy set` without targets keeps those `policy backup-to` added.
+                if policy.get("backups").is_none() {
+                    if let Some(old) = m.policies().get(name) {
+                        p.backups = old.backups.clone();
+                    }
+                }
                 m.set_policy(name, p, now()).map_err(|e| anyhow!(e))?;
                 json!({ "name": name, "policy": m.policies().get(name) })
             }
@@ -234,14 +390,71 @@ impl PolicyService {
                 let jobs: Vec<_> = m.jobs().into_iter().filter(|j| &j.policy == name).collect();
                 json!({ "name": name, "policy": p, "jobs": jobs })
             }
+            Command::PolicyBackupSet { policy, rule } => {
+                let rule: BackupRule = serde_json::from_value(rule.clone())
+                    .map_err(|e| anyhow!("policy {policy}: backup target: {e}"))?;
+                let mut p = m
+                    .policies()
+                    .get(policy)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("policy '{policy}' does not exist"))?;
+                match p
+                    .backups
+                    .iter_mut()
+                    .find(|b| b.repository == rule.repository)
+                {
+                    Some(b) => *b = rule,
+                    None => p.backups.push(rule),
+                }
+                m.set_policy(policy, p, now()).map_err(|e| anyhow!(e))?;
+                json!({ "name": policy, "policy": m.policies().get(policy) })
+            }
+            Command::PolicyBackupDelete { policy, repository } => {
+                let mut p = m
+                    .policies()
+                    .get(policy)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("policy '{policy}' does not exist"))?;
+                let before = p.backups.len();
+                p.backups.retain(|b| &b.repository != repository);
+                if p.backups.len() == before {
+                    return Err(anyhow!(
+                        "policy '{policy}' does not back up to repository '{repository}'"
+                    ));
+                }
+                m.set_policy(policy, p, now()).map_err(|e| anyhow!(e))?;
+                json!({ "name": policy, "policy": m.policies().get(policy) })
+            }
             Command::PolicyDelete { name } => {
                 m.delete_policy(name).map_err(|e| anyhow!(e))?;
                 json!({ "deleted": name })
             }
             Command::PolicyPlan { name } => json!(m.prune_plan(name).map_err(|e| anyhow!(e))?),
             Command::Jobs => json!(m.jobs()),
-            Command::JobRun { name } => {
-                json!(m.run_now(name, now(), &now).map_err(|e| anyhow!(e))?)
+            Command::JobRun { name } => match m.start_now(name, now(), &now) {
+                Ok(Started::Done(r)) => json!(r),
+                Ok(Started::Task(t)) => {
+                    drop(m);
+                    let r = self.run_task(&t);
+                    self.wake.notify_all();
+                    return Ok(json!(r));
+                }
+                Err(e) => return Err(anyhow!(e)),
+            },
+            Command::RepoSet { name, repo } => {
+                let r: RepoTarget = serde_json::from_value(repo.clone())
+                    .map_err(|e| anyhow!("repository {name}: {e}"))?;
+                m.set_repo(name, r, now()).map_err(|e| anyhow!(e))?;
+                json!({ "name": name, "repository": m.repos().get(name) })
+            }
+            Command::RepoList => json!(m
+                .repos()
+                .iter()
+                .map(|(n, r)| json!({ "name": n, "repository": r }))
+                .collect::<Vec<_>>()),
+            Command::RepoDelete { name } => {
+                m.delete_repo(name).map_err(|e| anyhow!(e))?;
+                json!({ "deleted": name })
             }
             _ => return Err(anyhow!("not a policy command")),
         };

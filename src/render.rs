@@ -339,6 +339,33 @@ pub fn render(cmd: &Command, v: &Value) -> String {
                 ("keep", "KEEP"),
             ],
         ),
+        Command::RepoList => table(
+            &rows
+                .iter()
+                .map(|r| {
+                    let t = &r["repository"];
+                    let sched = |k: &str| {
+                        t[k]["schedule"]
+                            .as_str()
+                            .map_or("-".to_string(), str::to_string)
+                    };
+                    serde_json::json!({
+                        "name": r["name"],
+                        "url": t["url"],
+                        "key": t["key_file"].as_str().or(t["passphrase_file"].as_str()),
+                        "gc": sched("gc"),
+                        "verify": sched("verify"),
+                    })
+                })
+                .collect::<Vec<_>>(),
+            &[
+                ("name", "REPOSITORY"),
+                ("url", "URL"),
+                ("key", "KEY FILE"),
+                ("gc", "GC"),
+                ("verify", "VERIFY"),
+            ],
+        ),
         Command::PolicyPlan { .. } => rows
             .iter()
             .flat_map(|p| {

@@ -62,6 +62,9 @@ pub fn repo(cmd: &RepoCmd) -> Result<Outcome> {
                 text,
             });
         }
+        RepoCmd::Add(_) | RepoCmd::List | RepoCmd::Remove { .. } => {
+            anyhow::bail!("registered repositories are kept by the pool: run this with the daemon or --meta/--data")
+        }
         RepoCmd::Upgrade { target, repo } => {
             let r = repo.spec(target)?.upgrade()?;
             let c = r.config();
@@ -95,7 +98,7 @@ pub fn repo(cmd: &RepoCmd) -> Result<Outcome> {
     })
 }
 
-fn gc_opts(g: &GcArgs, dry_run: bool) -> Result<gc::Options> {
+pub fn gc_opts(g: &GcArgs, dry_run: bool) -> Result<gc::Options> {
     if !(0.0..=100.0).contains(&g.max_unused) {
         anyhow::bail!("--max-unused {} is not a percentage (0-100)", g.max_unused);
     }
@@ -106,7 +109,7 @@ fn gc_opts(g: &GcArgs, dry_run: bool) -> Result<gc::Options> {
     })
 }
 
-fn gc_text(r: &gc::Report) -> String {
+pub fn gc_text(r: &gc::Report) -> String {
     let mut t = format!(
         "gc: {} packs; {} condemned, {} deleted ({} chunks, {}), {} repacked ({}), {} orphans removed, {} rescued",
         r.packs,

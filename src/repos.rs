@@ -260,3 +260,36 @@ impl RepoOpen for RepoSpec {
         )
     }
 }
+
+/// The spec of a repository registered with the daemon (`snapblk repo add`): its key is
+/// read from the file it names now, at each job; S3 credentials come from the daemon's own
+/// (refreshing) provider chain.
+pub fn registered_spec(t: &snapblk_policy::RepoTarget) -> Result<RepoSpec> {
+    let secret: Vec<u8> = match (&t.key_file, &t.passphrase_file) {
+        (Some(p), _) => std::fs::read(p).with_context(|| format!("reading key file {p}"))?,
+        (None, Some(p)) => {
+            let s = std::fs::read_to_string(p)
+                .with_context(|| format!("reading passphrase file {p}"))?;
+            s.lines().next().unwrap_or("").as_bytes().to_vec()
+        }
+        (None, None) => bail!("no key file or passphrase file registered"),
+    };
+    if secret.is_empty() {
+        bail!("the repository key is empty");
+    }
+    Ok(RepoSpec {
+        url: t.url.clone(),
+        endpoint: t.endpoint.clone(),
+        region: t.region.clone(),
+        secret: Secret::new(hex::encode(secret)),
+        credentials: None,
+        profile: None,
+        s3_timeout: default_s3_timeout(),
+        s3_attempts: default_s3_attempts(),
+        s3_min_rate: default_s3_min_rate(),
+        limit_upload: None,
+        readers: None,
+        uploaders: None,
+        downloads: None,
+    })
+}

@@ -71,9 +71,53 @@ fn still_listed(repo: &Repository, h: &manifest::Header) -> Result<bool> {
         .is_some_and(|l| l.catalog.backups.iter().any(|b| b.id == h.id)))
 }
 
+/// How much data a verify downloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadData {
+    /// None: structure only.
+    None,
+    /// Every referenced chunk.
+    All,
+    /// The packs of part `k` of `n` (packs split by their id, so `n` runs with `k` = 0..n
+    /// read every pack once, as restic's `--read-data-subset k/n`).
+    Part(u32, u32),
+}
+
+impl ReadData {
+    fn wants(&self, pack_id: &str) -> bool {
+        match *self {
+            ReadData::None => false,
+            ReadData::All => true,
+            ReadData::Part(k, n) => part_of(pack_id, n) == k,
+        }
+    }
+}
+
+/// Which of `n` parts a pack belongs to (its id is a hash: parts are even).
+pub fn part_of(pack_id: &str, n: u32) -> u32 {
+    let head = pack_id.get(..16).unwrap_or(pack_id);
+    let v = u64::from_str_radix(head, 16).unwrap_or(0);
+    (v % u64::from(n.max(1))) as u32
+}
+
 pub fn run(
     repo: &Repository,
     read_data: bool,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<Report> {
+    let read = if read_data {
+        ReadData::All
+    } else {
+        ReadData::None
+    };
+    run_with(repo, read, threads, progress)
+}
+
+/// Verifies, downloading what `read` says.
+pub fn run_with(
+    repo: &Repository,
+    read: ReadData,
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<Report> {
@@ -204,10 +248,13 @@ pub fn run(
             Some(_) => by_pack.entry(loc.pack).or_default().push(*id),
         }
     }
-    if !read_data {
+    if read == ReadData::None {
         return Ok(rep);
     }
-    let packs: Vec<(u32, Vec<ChunkId>)> = by_pack.into_iter().collect();
+    let packs: Vec<(u32, Vec<ChunkId>)> = by_pack
+        .into_iter()
+        .filter(|(p, _)| read.wants(&index.packs[*p as usize].id))
+        .collect();
     let total: u64 = packs
         .iter()
         .map(|(p, _)| {

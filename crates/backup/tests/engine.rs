@@ -213,6 +213,48 @@ fn damage_is_named_and_never_restored() {
     ));
 }
 
+#[test]
+fn a_rotating_verify_reads_every_pack_once_per_round_and_finds_damage_in_its_part() {
+    use snapblk_backup::verify::{part_of, run_with, ReadData};
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool();
+    let r = repo(dir.path(), 64 << 10);
+    let mut rng = Rng(12);
+    p.create_volume("v", 16 * MIB).unwrap();
+    write(&p, "v", 0, 12 * MIB as usize, &mut rng);
+    let s = snap(&p, "v", "s");
+    backup_snapshot(&p, &r, &s, false, &NoProgress).unwrap();
+    let all = verify::run(&r, true, 2, &NoProgress).unwrap();
+    assert!(all.packs >= 6, "{} packs: too few to split", all.packs);
+    let n = 3;
+    let parts: Vec<_> = (0..n)
+        .map(|k| run_with(&r, ReadData::Part(k, n), 2, &NoProgress).unwrap())
+        .collect();
+    assert_eq!(parts.iter().map(|x| x.packs).sum::<u64>(), all.packs);
+    assert_eq!(
+        parts.iter().map(|x| x.bytes_read).sum::<u64>(),
+        all.bytes_read
+    );
+    assert!(
+        parts.iter().all(|x| x.packs < all.packs),
+        "parts are not all the same"
+    );
+    // Damage one pack: only the run of its part sees it.
+    let packs = r.store().list("packs/").unwrap();
+    let victim = &packs[0].key;
+    let mut bytes = std::fs::read(dir.path().join(victim)).unwrap();
+    bytes[1000] ^= 0x10;
+    std::fs::write(dir.path().join(victim), &bytes).unwrap();
+    let k = part_of(victim.rsplit('/').next().unwrap(), n);
+    for j in 0..n {
+        let rep = run_with(&r, ReadData::Part(j, n), 2, &NoProgress).unwrap();
+        assert_eq!(rep.is_clean(), j != k, "part {j} (damage in {k})");
+    }
+    assert!(run_with(&r, ReadData::None, 2, &NoProgress)
+        .unwrap()
+        .is_clean());
+}
+
 /// A directory store with injected faults: every pack `put` after the first
 /// `allow_puts` fails, and ranged reads (chunk fetches) fail while `down` is set.
 struct Faulty {

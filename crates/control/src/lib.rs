@@ -196,6 +196,25 @@ pub enum Command {
     JobRun {
         name: String,
     },
+    /// Registers or replaces a repository for scheduled jobs (`repo`:
+    /// snapblk_policy::RepoTarget as JSON).
+    RepoSet {
+        name: String,
+        repo: Value,
+    },
+    RepoList,
+    RepoDelete {
+        name: String,
+    },
+    /// Adds or replaces one backup target of a policy (`rule`: snapblk_policy::BackupRule).
+    PolicyBackupSet {
+        policy: String,
+        rule: Value,
+    },
+    PolicyBackupDelete {
+        policy: String,
+        repository: String,
+    },
     /// Creates or replaces a consistency group.
     GroupSet {
         name: String,

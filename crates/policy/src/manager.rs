@@ -1,9 +1,10 @@
 //! The backup manager's core: policies, their jobs and what the jobs do, against a pool
 //! seen through [`PolicyPool`] (the daemon adapts its pool; tests use an in-memory one).
 //!
-//! Records kept with the pool: `policy/NAME` (the [`Policy`], JSON) and `job/NAME` (a
-//! [`JobRecord`]: scheduler state plus the last [`HISTORY`] runs). Job names are
-//! `snapshot:POLICY`. A job's record is written when it starts (so a daemon stop mid-run is
+//! Records kept with the pool: `policy/NAME` (the [`Policy`], JSON), `repository/NAME` (a
+//! [`RepoTarget`]) and `job/NAME` (a [`JobRecord`]: scheduler state plus the last
+//! [`HISTORY`] runs). Job names are `snapshot:POLICY`, `backup:POLICY:REPO`, `gc:REPO` and
+//! `verify:REPO`. A job's record is written when it starts (so a daemon stop mid-run is
 //! reported `interrupted` at the next start) and when it ends.
 //!
 //! A snapshot job takes one snapshot per volume of its policy, named by
@@ -11,8 +12,13 @@
 //! whose names the policy made (never any other) and deletes what it does not keep. A volume
 //! that fails does not stop the others; the run fails naming every volume that failed.
 //!
+//! Backup, gc and verify jobs (crate::backups) can run for hours: [`Manager::tick`] and
+//! [`Manager::start_now`] only start them (persisting "running") and return a [`Task`],
+//! which the caller runs with [`crate::backups::run`] without the manager and hands back to
+//! [`Manager::finish`]. Snapshot jobs take milliseconds and run inside `tick`.
+//!
 //! Threading: a `Manager` is owned by one thread at a time (the daemon wraps it in a mutex);
-//! jobs run inside [`Manager::tick`] / [`Manager::run_now`] on the caller's thread.
+//! snapshot jobs run inside [`Manager::tick`] / [`Manager::run_now`] on the caller's thread.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +26,7 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::backups::{self, BackupDone, BackupItem, NamedRepo, RepoTarget, Task, TaskResult, Work};
 use crate::policy::{parse_snapshot_name, snapshot_name, valid_name, OnPreFailure, Policy};
 use crate::retention::{apply, Item, Verdict};
 use crate::scheduler::{JobSpec, JobState, JobView, Outcome, Scheduler};
@@ -48,6 +55,19 @@ pub trait PolicyPool {
         env: &[(&str, String)],
         timeout: std::time::Duration,
     ) -> Result<(), String>;
+    /// Whether `vol@from` and `vol@to` hold different data.
+    fn changed(&self, vol: &str, from: &str, to: &str) -> Result<bool, String>;
+    /// Backs up `vol@snap` into `repo` (incrementally where it can).
+    fn backup(&self, repo: &NamedRepo, vol: &str, snap: &str) -> Result<BackupDone, String>;
+    /// This pool's backups in `repo`.
+    fn backups(&self, repo: &NamedRepo) -> Result<Vec<BackupItem>, String>;
+    /// Removes this pool's backups `ids` from `repo` (gc frees their data).
+    fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<(), String>;
+    /// Garbage-collects `repo`; returns its report in one line.
+    fn gc(&self, repo: &NamedRepo, grace_secs: u64) -> Result<String, String>;
+    /// Verifies `repo`, reading packs `part.0` of `part.1` (`part.1` = 0: structure only);
+    /// an error if it found problems.
+    fn verify(&self, repo: &NamedRepo, part: (u32, u32)) -> Result<String, String>;
 }
 
 /// One finished run, as `snapblk jobs` shows it.
@@ -63,6 +83,18 @@ pub struct RunRecord {
     /// What went wrong without failing the run (a pre hook failing under `continue`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Backup jobs: volumes not backed up, and why (already stored, unchanged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_uploaded: u64,
+    /// Gc and verify jobs: their report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// What is persisted per job.
@@ -71,6 +103,10 @@ pub struct RunRecord {
 pub struct JobRecord {
     pub state: JobState,
     pub history: Vec<RunRecord>,
+    /// Backup jobs: per volume, the newest snapshot backed up (the next run's incremental
+    /// base, which the snapshot job's retention keeps).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub bases: BTreeMap<String, String>,
 }
 
 /// A job as listed: scheduler view plus its history.
@@ -79,6 +115,9 @@ pub struct JobInfo {
     #[serde(flatten)]
     pub view: JobView,
     pub policy: String,
+    /// The repository a backup, gc or verify job works on.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub repository: String,
     pub history: Vec<RunRecord>,
 }
 
@@ -97,7 +136,17 @@ pub struct Manager<P: PolicyPool> {
     tz: TimeZone,
     sched: Scheduler,
     policies: BTreeMap<String, Policy>,
+    repos: BTreeMap<String, RepoTarget>,
     history: BTreeMap<String, Vec<RunRecord>>,
+    /// Backup jobs' bases (see [`JobRecord::bases`]).
+    bases: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// A run just started: done already (snapshot jobs), or to be run without the manager.
+#[derive(Debug)]
+pub enum Started {
+    Done(RunRecord),
+    Task(Box<Task>),
 }
 
 /// What one snapshot step of a job covers.
@@ -108,23 +157,108 @@ enum Unit<'a> {
     Volume(&'a str),
 }
 
-fn job_name(policy: &str) -> String {
+/// A job's name, parsed (policy and repository names hold no `:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobName<'a> {
+    Snapshot(&'a str),
+    Backup(&'a str, &'a str),
+    Gc(&'a str),
+    Verify(&'a str),
+}
+
+fn parse_job(job: &str) -> Option<JobName<'_>> {
+    let (kind, rest) = job.split_once(':')?;
+    Some(match kind {
+        "snapshot" => JobName::Snapshot(rest),
+        "backup" => {
+            let (p, r) = rest.split_once(':')?;
+            JobName::Backup(p, r)
+        }
+        "gc" => JobName::Gc(rest),
+        "verify" => JobName::Verify(rest),
+        _ => return None,
+    })
+}
+
+fn snapshot_job(policy: &str) -> String {
     format!("snapshot:{policy}")
 }
+fn backup_job(policy: &str, repo: &str) -> String {
+    format!("backup:{policy}:{repo}")
+}
+
+/// The policy a job belongs to (`None` for repository jobs).
 fn policy_of(job: &str) -> Option<&str> {
-    job.strip_prefix("snapshot:")
+    match parse_job(job)? {
+        JobName::Snapshot(p) | JobName::Backup(p, _) => Some(p),
+        _ => None,
+    }
+}
+
+/// The repository a job works on.
+fn repo_of(job: &str) -> Option<&str> {
+    match parse_job(job)? {
+        JobName::Backup(_, r) | JobName::Gc(r) | JobName::Verify(r) => Some(r),
+        JobName::Snapshot(_) => None,
+    }
+}
+
+/// The jobs of policy `name` and when they run.
+fn policy_jobs(name: &str, p: &Policy) -> Vec<(String, JobSpec)> {
+    let mut out = Vec::new();
+    if let Some(s) = &p.snapshots {
+        out.push((
+            snapshot_job(name),
+            JobSpec {
+                schedule: s.schedule.clone(),
+                persistent: s.persistent,
+                random_delay_secs: s.random_delay_secs,
+            },
+        ));
+    }
+    for b in &p.backups {
+        out.push((
+            backup_job(name, &b.repository),
+            JobSpec {
+                schedule: b.schedule.clone(),
+                persistent: b.persistent,
+                random_delay_secs: b.random_delay_secs,
+            },
+        ));
+    }
+    out
+}
+
+/// The maintenance jobs of repository `name`.
+fn repo_jobs(name: &str, r: &RepoTarget) -> Vec<(String, JobSpec)> {
+    let spec = |schedule: &crate::CalendarEvent| JobSpec {
+        schedule: schedule.clone(),
+        persistent: true,
+        random_delay_secs: 0,
+    };
+    let mut out = Vec::new();
+    if let Some(g) = &r.gc {
+        out.push((format!("gc:{name}"), spec(&g.schedule)));
+    }
+    if let Some(v) = &r.verify {
+        out.push((format!("verify:{name}"), spec(&v.schedule)));
+    }
+    out
 }
 
 impl<P: PolicyPool> Manager<P> {
-    /// Loads every policy and job record of `pool`. A record that does not decode is an
-    /// error naming it (the daemon reports it rather than dropping a policy silently).
+    /// Loads every repository, policy and job record of `pool`. A record that does not
+    /// decode is an error naming it (the daemon reports it rather than dropping a policy
+    /// silently).
     pub fn open(pool: P, tz: TimeZone, now: Timestamp) -> Result<Manager<P>, String> {
         let mut m = Manager {
             pool,
             sched: Scheduler::new(tz.clone()),
             tz,
             policies: BTreeMap::new(),
+            repos: BTreeMap::new(),
             history: BTreeMap::new(),
+            bases: BTreeMap::new(),
         };
         let mut jobs: BTreeMap<String, JobRecord> = BTreeMap::new();
         for (name, v) in m.pool.records("job/")? {
@@ -132,13 +266,24 @@ impl<P: PolicyPool> Manager<P> {
                 serde_json::from_slice(&v).map_err(|e| format!("record {name}: {e}"))?;
             jobs.insert(name["job/".len()..].to_string(), rec);
         }
+        for (name, v) in m.pool.records("repository/")? {
+            let rname = name["repository/".len()..].to_string();
+            let r: RepoTarget =
+                serde_json::from_slice(&v).map_err(|e| format!("repository {rname}: {e}"))?;
+            for (job, spec) in repo_jobs(&rname, &r) {
+                let rec = jobs.remove(&job).unwrap_or_default();
+                m.add_job(&job, spec, rec, now)?;
+            }
+            m.repos.insert(rname, r);
+        }
         for (name, v) in m.pool.records("policy/")? {
             let pname = name["policy/".len()..].to_string();
             let p: Policy =
                 serde_json::from_slice(&v).map_err(|e| format!("policy {pname}: {e}"))?;
-            let job = job_name(&pname);
-            let rec = jobs.remove(&job).unwrap_or_default();
-            m.add_job(&pname, &p, rec, now)?;
+            for (job, spec) in policy_jobs(&pname, &p) {
+                let rec = jobs.remove(&job).unwrap_or_default();
+                m.add_job(&job, spec, rec, now)?;
+            }
             m.policies.insert(pname, p);
         }
         Ok(m)
@@ -146,23 +291,14 @@ impl<P: PolicyPool> Manager<P> {
 
     fn add_job(
         &mut self,
-        pname: &str,
-        p: &Policy,
+        job: &str,
+        spec: JobSpec,
         rec: JobRecord,
         now: Timestamp,
     ) -> Result<(), String> {
-        let Some(s) = &p.snapshots else {
-            return Ok(());
-        };
-        let job = job_name(pname);
-        let spec = JobSpec {
-            schedule: s.schedule.clone(),
-            persistent: s.persistent,
-            random_delay_secs: s.random_delay_secs,
-        };
         let had_run = rec.state.running_since.is_some();
         let before = rec.state.clone();
-        let state = self.sched.add(&job, spec, rec.state, now);
+        let state = self.sched.add(job, spec, rec.state, now);
         let changed = state != before;
         let mut history = rec.history;
         if had_run {
@@ -176,25 +312,83 @@ impl<P: PolicyPool> Manager<P> {
                 created: Vec::new(),
                 deleted: Vec::new(),
                 warnings: Vec::new(),
+                skipped: Vec::new(),
+                bytes_uploaded: 0,
+                detail: None,
             });
             trim(&mut history);
         }
-        self.history.insert(job.clone(), history.clone());
+        self.history.insert(job.to_string(), history);
+        if !rec.bases.is_empty() {
+            self.bases.insert(job.to_string(), rec.bases);
+        }
         // Opening the pool's policies writes only what changed (a new job, an interrupted
         // run), so read-only commands stay read-only.
         if changed || had_run {
-            self.save(&job, state, history)?;
+            self.save(job, state)?;
         }
         Ok(())
     }
 
-    fn save(&self, job: &str, state: JobState, history: Vec<RunRecord>) -> Result<(), String> {
-        let rec = JobRecord { state, history };
+    fn save(&self, job: &str, state: JobState) -> Result<(), String> {
+        let rec = JobRecord {
+            state,
+            history: self.history.get(job).cloned().unwrap_or_default(),
+            bases: self.bases.get(job).cloned().unwrap_or_default(),
+        };
         let v = serde_json::to_vec(&rec).map_err(|e| e.to_string())?;
         self.pool.put_record(&format!("job/{job}"), Some(v))
     }
 
-    /// Creates or replaces policy `name` (its job keeps its state and history).
+    fn running(&self, job: &str) -> bool {
+        self.sched.jobs().iter().any(|j| j.name == job && j.running)
+    }
+
+    /// Makes `new` the jobs that `old` were: jobs in both keep their state, history and
+    /// bases; jobs only in `old` go (their records too).
+    fn replace_jobs(
+        &mut self,
+        old: &[String],
+        new: Vec<(String, JobSpec)>,
+        now: Timestamp,
+    ) -> Result<(), String> {
+        let views = self.sched.jobs();
+        for job in old {
+            if !new.iter().any(|(n, _)| n == job) {
+                self.sched.remove(job);
+                self.history.remove(job);
+                self.bases.remove(job);
+                self.pool.put_record(&format!("job/{job}"), None)?;
+            }
+        }
+        for (job, spec) in new {
+            let state = views
+                .iter()
+                .find(|j| j.name == job)
+                .map(|j| j.state.clone())
+                .unwrap_or_default();
+            let rec = JobRecord {
+                state,
+                history: self.history.get(&job).cloned().unwrap_or_default(),
+                bases: self.bases.get(&job).cloned().unwrap_or_default(),
+            };
+            self.sched.remove(&job);
+            self.add_job(&job, spec, rec, now)?;
+        }
+        Ok(())
+    }
+
+    /// Jobs whose names `f` selects.
+    fn jobs_where(&self, f: impl Fn(&str) -> bool) -> Vec<String> {
+        self.sched
+            .jobs()
+            .into_iter()
+            .map(|j| j.name)
+            .filter(|n| f(n))
+            .collect()
+    }
+
+    /// Creates or replaces policy `name` (its jobs keep their state and history).
     pub fn set_policy(&mut self, name: &str, mut p: Policy, now: Timestamp) -> Result<(), String> {
         valid_name("policy name", name)?;
         if let Some(s) = p.snapshots.as_mut() {
@@ -203,20 +397,19 @@ impl<P: PolicyPool> Manager<P> {
             }
         }
         p.validate()?;
+        for b in &p.backups {
+            if !self.repos.contains_key(&b.repository) {
+                return Err(format!(
+                    "repository '{}' is not registered (snapblk repo add {} URL --key-file FILE)",
+                    b.repository, b.repository
+                ));
+            }
+        }
         self.check_prefix_unique(name, &p)?;
         let v = serde_json::to_vec(&p).map_err(|e| e.to_string())?;
         self.pool.put_record(&format!("policy/{name}"), Some(v))?;
-        let job = job_name(name);
-        let state = self
-            .sched
-            .jobs()
-            .into_iter()
-            .find(|j| j.name == job)
-            .map(|j| j.state)
-            .unwrap_or_default();
-        let history = self.history.get(&job).cloned().unwrap_or_default();
-        self.sched.remove(&job);
-        self.add_job(name, &p, JobRecord { state, history }, now)?;
+        let old = self.jobs_where(|j| policy_of(j) == Some(name));
+        self.replace_jobs(&old, policy_jobs(name, &p), now)?;
         self.policies.insert(name.to_string(), p);
         Ok(())
     }
@@ -249,25 +442,75 @@ impl<P: PolicyPool> Manager<P> {
         Ok(())
     }
 
-    /// Deletes policy `name` and its job (its snapshots stay).
+    /// Deletes policy `name` and its jobs (its snapshots and backups stay).
     pub fn delete_policy(&mut self, name: &str) -> Result<(), String> {
         if !self.policies.contains_key(name) {
             return Err(format!("policy '{name}' does not exist"));
         }
-        let job = job_name(name);
-        if self.sched.jobs().iter().any(|j| j.name == job && j.running) {
-            return Err(format!("policy '{name}': its job is running"));
+        let jobs = self.jobs_where(|j| policy_of(j) == Some(name));
+        if let Some(j) = jobs.iter().find(|j| self.running(j)) {
+            return Err(format!("policy '{name}': its job {j} is running"));
         }
         self.pool.put_record(&format!("policy/{name}"), None)?;
-        self.pool.put_record(&format!("job/{job}"), None)?;
-        self.sched.remove(&job);
-        self.history.remove(&job);
+        self.replace_jobs(&jobs, Vec::new(), Timestamp::UNIX_EPOCH)?;
         self.policies.remove(name);
         Ok(())
     }
 
+    /// Registers (or replaces) repository `name` with its maintenance schedules.
+    pub fn set_repo(&mut self, name: &str, r: RepoTarget, now: Timestamp) -> Result<(), String> {
+        valid_name("repository name", name)?;
+        r.validate()?;
+        let v = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
+        self.pool
+            .put_record(&format!("repository/{name}"), Some(v))?;
+        let old = self.jobs_where(
+            |j| matches!(parse_job(j), Some(JobName::Gc(n) | JobName::Verify(n)) if n == name),
+        );
+        self.replace_jobs(&old, repo_jobs(name, &r), now)?;
+        self.repos.insert(name.to_string(), r);
+        Ok(())
+    }
+
+    /// Unregisters repository `name` (its backups stay in it); refused while a policy
+    /// backs up there or one of its jobs runs.
+    pub fn delete_repo(&mut self, name: &str) -> Result<(), String> {
+        if !self.repos.contains_key(name) {
+            return Err(format!("repository '{name}' is not registered"));
+        }
+        if let Some((p, _)) = self
+            .policies
+            .iter()
+            .find(|(_, p)| p.backups.iter().any(|b| b.repository == name))
+        {
+            return Err(format!(
+                "repository '{name}': policy '{p}' backs up there (remove that target first)"
+            ));
+        }
+        let jobs = self.jobs_where(|j| repo_of(j) == Some(name));
+        if let Some(j) = jobs.iter().find(|j| self.running(j)) {
+            return Err(format!("repository '{name}': its job {j} is running"));
+        }
+        self.pool.put_record(&format!("repository/{name}"), None)?;
+        self.replace_jobs(&jobs, Vec::new(), Timestamp::UNIX_EPOCH)?;
+        self.repos.remove(name);
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &P {
+        &self.pool
+    }
+
     pub fn policies(&self) -> &BTreeMap<String, Policy> {
         &self.policies
+    }
+
+    pub fn repos(&self) -> &BTreeMap<String, RepoTarget> {
+        &self.repos
+    }
+
+    pub fn tz(&self) -> &TimeZone {
+        &self.tz
     }
 
     pub fn jobs(&self) -> Vec<JobInfo> {
@@ -276,6 +519,7 @@ impl<P: PolicyPool> Manager<P> {
             .into_iter()
             .map(|view| JobInfo {
                 policy: policy_of(&view.name).unwrap_or("").to_string(),
+                repository: repo_of(&view.name).unwrap_or("").to_string(),
                 history: self.history.get(&view.name).cloned().unwrap_or_default(),
                 view,
             })
@@ -286,48 +530,236 @@ impl<P: PolicyPool> Manager<P> {
         self.sched.next_wakeup()
     }
 
-    /// Runs every job due at `now` (`clock` gives the time as runs end). Returns the runs.
+    /// Runs every snapshot job due at `now` (`clock` gives the time as runs end) and starts
+    /// every other due job. Returns the finished runs and the tasks to run
+    /// ([`crate::backups::run`], then [`Manager::finish`]).
     pub fn tick(
         &mut self,
         now: Timestamp,
         clock: &dyn Fn() -> Timestamp,
-    ) -> Vec<(String, RunRecord)> {
-        let mut out = Vec::new();
+    ) -> (Vec<(String, RunRecord)>, Vec<Task>) {
+        let mut done = Vec::new();
+        let mut tasks = Vec::new();
         for start in self.sched.poll(now) {
-            if let Some(r) = self.run(&start.job, now, false, clock) {
-                out.push((start.job, r));
+            match self.begin(&start.job, now, false, clock) {
+                Some(Started::Done(r)) => done.push((start.job, r)),
+                Some(Started::Task(t)) => tasks.push(*t),
+                None => {}
             }
         }
-        out
+        (done, tasks)
     }
 
-    /// Runs job `job` now, outside its schedule.
+    /// Starts job `job` now, outside its schedule: a snapshot job runs to its end here;
+    /// any other comes back as a task for the caller to run without the manager.
+    pub fn start_now(
+        &mut self,
+        job: &str,
+        now: Timestamp,
+        clock: &dyn Fn() -> Timestamp,
+    ) -> Result<Started, String> {
+        self.sched.run_now(job, now).map_err(|e| e.to_string())?;
+        self.begin(job, now, true, clock)
+            .ok_or_else(|| format!("job '{job}' has no policy"))
+    }
+
+    /// Runs job `job` now, outside its schedule, to its end (a long job too: the caller
+    /// holds the manager meanwhile — the CLI's direct mode and tests).
     pub fn run_now(
         &mut self,
         job: &str,
         now: Timestamp,
         clock: &dyn Fn() -> Timestamp,
     ) -> Result<RunRecord, String> {
-        self.sched.run_now(job, now).map_err(|e| e.to_string())?;
-        self.run(job, now, true, clock)
-            .ok_or_else(|| format!("job '{job}' has no policy"))
+        match self.start_now(job, now, clock)? {
+            Started::Done(r) => Ok(r),
+            Started::Task(t) => {
+                let r = backups::run(&self.pool, &t, &self.tz);
+                Ok(self.finish(&t, r, clock()))
+            }
+        }
     }
 
-    fn run(
+    /// Persists "running" for `job`, then runs it (snapshot) or returns its task.
+    fn begin(
         &mut self,
         job: &str,
         now: Timestamp,
         manual: bool,
         clock: &dyn Fn() -> Timestamp,
-    ) -> Option<RunRecord> {
+    ) -> Option<Started> {
         let state = self.sched.jobs().into_iter().find(|j| j.name == job)?.state;
-        let history = self.history.get(job).cloned().unwrap_or_default();
         // Persist "running" first: a stop from here on is reported as interrupted.
+        let saved = self.save(job, state.clone());
+        let task = match parse_job(job) {
+            Some(JobName::Snapshot(_)) => {
+                return self
+                    .run_snapshots(job, now, manual, clock, saved.err())
+                    .map(Started::Done)
+            }
+            _ => self.task_for(job, &state, now, manual),
+        };
+        Some(match (task, saved) {
+            (Ok(t), Ok(())) => Started::Task(Box::new(t)),
+            // Not started: a run whose start could not be recorded could be lost.
+            (Ok(_), Err(e)) => Started::Done(self.record(
+                job,
+                now,
+                manual,
+                TaskResult::failed(format!("saving job state: {e}")),
+                clock(),
+            )),
+            (Err(e), _) => {
+                Started::Done(self.record(job, now, manual, TaskResult::failed(e), clock()))
+            }
+        })
+    }
+
+    /// What a long job's run is to do, from its policy and repository as they are now.
+    fn task_for(
+        &self,
+        job: &str,
+        state: &JobState,
+        now: Timestamp,
+        manual: bool,
+    ) -> Result<Task, String> {
+        let repo = |name: &str| -> Result<NamedRepo, String> {
+            let target = self
+                .repos
+                .get(name)
+                .ok_or_else(|| format!("repository '{name}' is not registered"))?;
+            Ok(NamedRepo {
+                name: name.to_string(),
+                target: target.clone(),
+            })
+        };
+        let work = match parse_job(job) {
+            Some(JobName::Backup(p, r)) => {
+                let policy = self.policies.get(p).ok_or("its policy is gone")?;
+                let rule = policy
+                    .backups
+                    .iter()
+                    .find(|b| b.repository == r)
+                    .ok_or("its backup target is gone")?;
+                Work::Backup {
+                    policy: p.to_string(),
+                    rule: Box::new(rule.clone()),
+                    repo: repo(r)?,
+                    prefix: policy
+                        .snapshots
+                        .as_ref()
+                        .map(|s| s.prefix.clone())
+                        .unwrap_or_default(),
+                    volumes: policy.volumes.clone(),
+                    groups: policy.groups.clone(),
+                }
+            }
+            Some(JobName::Gc(r)) => {
+                let named = repo(r)?;
+                let grace_secs = named.target.gc.as_ref().ok_or("no gc schedule")?.grace_secs;
+                Work::Gc {
+                    repo: named,
+                    grace_secs,
+                }
+            }
+            Some(JobName::Verify(r)) => {
+                let named = repo(r)?;
+                let n = named
+                    .target
+                    .verify
+                    .as_ref()
+                    .ok_or("no verify schedule")?
+                    .read_data_runs;
+                // Runs so far pick the part: every pack is read once every n runs.
+                let k = if n == 0 {
+                    0
+                } else {
+                    (state.runs % u64::from(n)) as u32
+                };
+                Work::Verify {
+                    repo: named,
+                    part: (k, n),
+                }
+            }
+            _ => return Err(format!("job '{job}' is not a known kind")),
+        };
+        Ok(Task {
+            job: job.to_string(),
+            start: now,
+            manual,
+            work,
+        })
+    }
+
+    /// Records the end of a long job's run (from [`Manager::tick`] or
+    /// [`Manager::start_now`]).
+    pub fn finish(&mut self, task: &Task, r: TaskResult, end: Timestamp) -> RunRecord {
+        self.record(&task.job, task.start, task.manual, r, end)
+    }
+
+    fn record(
+        &mut self,
+        job: &str,
+        start: Timestamp,
+        manual: bool,
+        r: TaskResult,
+        end: Timestamp,
+    ) -> RunRecord {
+        let outcome = if r.errors.is_empty() {
+            Outcome::Ok
+        } else {
+            Outcome::Failed {
+                error: r.errors.join("; "),
+            }
+        };
+        let end = end.max(start);
+        let state = self.sched.finished(job, end, outcome.clone()).ok();
+        if !r.bases.is_empty() {
+            self.bases
+                .entry(job.to_string())
+                .or_default()
+                .extend(r.bases);
+        }
+        let rec = RunRecord {
+            start,
+            end,
+            manual,
+            outcome,
+            created: r.created,
+            deleted: r.deleted,
+            warnings: Vec::new(),
+            skipped: r.skipped,
+            bytes_uploaded: r.bytes_uploaded,
+            detail: r.detail,
+        };
+        self.push_history(job, rec.clone());
+        if let Some(state) = state {
+            // A failure to save shows at the next save; the run happened.
+            let _ = self.save(job, state);
+        }
+        rec
+    }
+
+    fn push_history(&mut self, job: &str, rec: RunRecord) {
+        let history = self.history.entry(job.to_string()).or_default();
+        history.push(rec);
+        trim(history);
+    }
+
+    fn run_snapshots(
+        &mut self,
+        job: &str,
+        now: Timestamp,
+        manual: bool,
+        clock: &dyn Fn() -> Timestamp,
+        save_error: Option<String>,
+    ) -> Option<RunRecord> {
         let mut errors: Vec<String> = Vec::new();
-        if let Err(e) = self.save(job, state, history) {
+        if let Some(e) = save_error {
             errors.push(format!("saving job state: {e}"));
         }
-        let policy = policy_of(job).and_then(|p| self.policies.get(p)).cloned();
+        let pname = policy_of(job).unwrap_or("").to_string();
+        let policy = self.policies.get(&pname).cloned();
         let (mut created, mut deleted, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
         match &policy {
             Some(p) => {
@@ -340,7 +772,7 @@ impl<P: PolicyPool> Manager<P> {
                 let vols = [p.groups.clone(), p.volumes.clone()].concat().join(" ");
                 let env = |phase: &str| {
                     vec![
-                        ("SNAPBLK_POLICY", policy_of(job).unwrap_or("").to_string()),
+                        ("SNAPBLK_POLICY", pname.clone()),
                         ("SNAPBLK_PHASE", phase.to_string()),
                         ("SNAPBLK_SNAPSHOT", snapshot_name(prefix, now)),
                         ("SNAPBLK_VOLUMES", vols.clone()),
@@ -370,7 +802,8 @@ impl<P: PolicyPool> Manager<P> {
                             .map(|v| (Unit::Volume(v), format!("volume {v}"))),
                     );
                     for (unit, what) in units {
-                        if let Err(e) = self.snapshot_unit(p, unit, now, &mut created, &mut deleted)
+                        if let Err(e) =
+                            self.snapshot_unit(&pname, p, unit, now, &mut created, &mut deleted)
                         {
                             errors.push(format!("{what}: {e}"));
                         }
@@ -404,13 +837,13 @@ impl<P: PolicyPool> Manager<P> {
             created,
             deleted,
             warnings,
+            skipped: Vec::new(),
+            bytes_uploaded: 0,
+            detail: None,
         };
-        let history = self.history.entry(job.to_string()).or_default();
-        history.push(rec.clone());
-        trim(history);
-        let history = history.clone();
+        self.push_history(job, rec.clone());
         // A failure to save is in the log of the caller's next save; the run happened.
-        let _ = self.save(job, state, history);
+        let _ = self.save(job, state);
         Some(rec)
     }
 
@@ -420,6 +853,7 @@ impl<P: PolicyPool> Manager<P> {
     /// taken on every volume: that is the snapshot.
     fn snapshot_unit(
         &self,
+        pname: &str,
         p: &Policy,
         unit: Unit<'_>,
         now: Timestamp,
@@ -449,7 +883,7 @@ impl<P: PolicyPool> Manager<P> {
         }
         let mut errors = Vec::new();
         for m in &members {
-            if let Err(e) = self.prune_volume(p, m, deleted) {
+            if let Err(e) = self.prune_volume(pname, p, m, deleted) {
                 errors.push(match unit {
                     Unit::Group(_) => format!("{m}: {e}"),
                     Unit::Volume(_) => e,
@@ -464,8 +898,14 @@ impl<P: PolicyPool> Manager<P> {
     }
 
     /// Deletes what retention does not keep among `vol`'s snapshots of this policy.
-    fn prune_volume(&self, p: &Policy, vol: &str, deleted: &mut Vec<String>) -> Result<(), String> {
-        let plan = self.plan_volume(p, vol)?;
+    fn prune_volume(
+        &self,
+        pname: &str,
+        p: &Policy,
+        vol: &str,
+        deleted: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let plan = self.plan_volume(pname, p, vol)?;
         let mut errors = Vec::new();
         for v in plan.verdicts.iter().filter(|v| !v.keep()) {
             match self.pool.delete_snapshot(vol, &v.name) {
@@ -480,7 +920,16 @@ impl<P: PolicyPool> Manager<P> {
         }
     }
 
-    fn plan_volume(&self, p: &Policy, vol: &str) -> Result<VolumePlan, String> {
+    /// Snapshots of `vol` that policy `pname`'s backup jobs need as their next base.
+    fn bases_of(&self, pname: &str, vol: &str) -> Vec<&str> {
+        self.bases
+            .iter()
+            .filter(|(job, _)| matches!(parse_job(job), Some(JobName::Backup(p, _)) if p == pname))
+            .filter_map(|(_, b)| b.get(vol).map(String::as_str))
+            .collect()
+    }
+
+    fn plan_volume(&self, pname: &str, p: &Policy, vol: &str) -> Result<VolumePlan, String> {
         let Some(rule) = &p.snapshots else {
             return Ok(VolumePlan {
                 volume: vol.to_string(),
@@ -488,6 +937,7 @@ impl<P: PolicyPool> Manager<P> {
                 error: None,
             });
         };
+        let bases = self.bases_of(pname, vol);
         let items: Vec<Item> = self
             .pool
             .snapshots(vol)?
@@ -495,9 +945,9 @@ impl<P: PolicyPool> Manager<P> {
             .filter_map(|(name, _)| {
                 // The time in the name, not the record's: a restored or copied pool keeps it.
                 parse_snapshot_name(&rule.prefix, &name).map(|time| Item {
+                    protected: bases.contains(&name.as_str()),
                     name,
                     time,
-                    protected: false,
                 })
             })
             .collect();
@@ -527,7 +977,7 @@ impl<P: PolicyPool> Manager<P> {
         Ok(vols
             .iter()
             .map(|v| {
-                self.plan_volume(p, v).unwrap_or_else(|e| VolumePlan {
+                self.plan_volume(name, p, v).unwrap_or_else(|e| VolumePlan {
                     volume: v.clone(),
                     verdicts: Vec::new(),
                     error: Some(e),
@@ -536,7 +986,6 @@ impl<P: PolicyPool> Manager<P> {
             .collect())
     }
 }
-
 fn trim(h: &mut Vec<RunRecord>) {
     if h.len() > HISTORY {
         h.drain(..h.len() - HISTORY);

@@ -1,7 +1,8 @@
 //! A protection policy as the admin writes it (`snapblk policy set`, stored with the pool)
 //! and the names of the snapshots it takes.
 //!
-//! This step covers local snapshots: a schedule, a retention, the volumes it applies to.
+//! A policy has local snapshots (a schedule, a retention, the volumes it applies to) and
+//! backup targets (crate::backups: each a registered repository, a schedule, a retention).
 //! Snapshots a policy takes are named `PREFIX-YYYYMMDD-HHMMSS` (UTC, so names sort by time
 //! and are the same whatever the host's zone); the prefix is the policy's name unless given,
 //! and no two policies covering one volume may share it. Retention only ever considers
@@ -13,11 +14,14 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::backups::BackupRule;
 use crate::calendar::CalendarEvent;
 use crate::retention::Keep;
 
 /// Most volumes one policy may name.
 pub const MAX_VOLUMES: usize = 1024;
+/// Most backup targets of one policy.
+pub const MAX_TARGETS: usize = 16;
 
 /// A policy's local snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +95,9 @@ pub struct Policy {
     #[serde(default)]
     pub groups: Vec<String>,
     pub snapshots: Option<SnapshotRule>,
+    /// Where its snapshots are backed up, each target on its own schedule and retention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<BackupRule>,
 }
 
 impl Policy {
@@ -129,6 +136,21 @@ impl Policy {
             }
         } else {
             return Err("the policy does nothing: give it a snapshot schedule".into());
+        }
+        if self.backups.len() > MAX_TARGETS {
+            return Err(format!("more than {MAX_TARGETS} backup targets"));
+        }
+        for (i, b) in self.backups.iter().enumerate() {
+            b.validate()?;
+            if self.backups[..i]
+                .iter()
+                .any(|o| o.repository == b.repository)
+            {
+                return Err(format!(
+                    "two backup targets name repository '{}'",
+                    b.repository
+                ));
+            }
         }
         Ok(())
     }

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
-use snapblk_policy::{Keep, Manager, Outcome, Policy, PolicyPool, SnapshotRule};
+use snapblk_policy::{
+    BackupDone, BackupItem, Keep, Manager, NamedRepo, Outcome, Policy, PolicyPool, SnapshotRule,
+};
 
 #[derive(Default)]
 struct MemPool {
@@ -17,6 +19,15 @@ struct MemPool {
     snaps: RefCell<BTreeMap<String, BTreeMap<String, Timestamp>>>,
     records: RefCell<BTreeMap<String, Vec<u8>>>,
     now: RefCell<Option<Timestamp>>,
+    /// Each volume's data, as a version number bumped by a "write".
+    data: RefCell<BTreeMap<String, u64>>,
+    /// The data version each snapshot froze.
+    frozen: RefCell<BTreeMap<(String, String), u64>>,
+    /// Backups per repository name; (repository, vol@snap) failing.
+    stored: RefCell<BTreeMap<String, Vec<BackupItem>>>,
+    fail_backup: RefCell<Option<String>>,
+    /// Backups read (vol@snap -> repo), gc and verify calls.
+    calls: RefCell<Vec<String>>,
 }
 
 impl PolicyPool for &MemPool {
@@ -36,6 +47,10 @@ impl PolicyPool for &MemPool {
             return Err(format!("snapshot {vol}@{name} exists"));
         }
         v.insert(name.into(), self.now.borrow().expect("clock set"));
+        let d = self.data.borrow().get(vol).copied().unwrap_or(0);
+        self.frozen
+            .borrow_mut()
+            .insert((vol.to_string(), name.to_string()), d);
         Ok(())
     }
     fn group_members(&self, group: &str) -> Result<Vec<String>, String> {
@@ -96,6 +111,70 @@ impl PolicyPool for &MemPool {
         }
         Ok(())
     }
+    fn changed(&self, vol: &str, from: &str, to: &str) -> Result<bool, String> {
+        let f = self.frozen.borrow();
+        let get = |s: &str| {
+            f.get(&(vol.to_string(), s.to_string()))
+                .copied()
+                .ok_or_else(|| format!("{vol}@{s} not found"))
+        };
+        Ok(get(from)? != get(to)?)
+    }
+    fn backup(&self, repo: &NamedRepo, vol: &str, snap: &str) -> Result<BackupDone, String> {
+        let what = format!("{vol}@{snap}");
+        if self.fail_backup.borrow().as_deref() == Some(&format!("{}:{what}", repo.name)) {
+            return Err("connection refused".into());
+        }
+        let created = *self
+            .snaps
+            .borrow()
+            .get(vol)
+            .and_then(|s| s.get(snap))
+            .ok_or_else(|| format!("{what} not found"))?;
+        self.calls
+            .borrow_mut()
+            .push(format!("backup {what} -> {}", repo.name));
+        let mut st = self.stored.borrow_mut();
+        let list = st.entry(repo.name.clone()).or_default();
+        let id = format!("{}-{what}", repo.name);
+        list.push(BackupItem {
+            id: id.clone(),
+            volume: vol.into(),
+            snapshot: snap.into(),
+            created,
+        });
+        Ok(BackupDone {
+            id,
+            already_stored: false,
+            bytes_uploaded: 1000,
+        })
+    }
+    fn backups(&self, repo: &NamedRepo) -> Result<Vec<BackupItem>, String> {
+        Ok(self
+            .stored
+            .borrow()
+            .get(&repo.name)
+            .cloned()
+            .unwrap_or_default())
+    }
+    fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<(), String> {
+        let mut st = self.stored.borrow_mut();
+        let list = st.get_mut(&repo.name).ok_or("no such repository")?;
+        list.retain(|b| !ids.contains(&b.id));
+        Ok(())
+    }
+    fn gc(&self, repo: &NamedRepo, grace_secs: u64) -> Result<String, String> {
+        self.calls
+            .borrow_mut()
+            .push(format!("gc {} {grace_secs}", repo.name));
+        Ok("gc: 0 packs".into())
+    }
+    fn verify(&self, repo: &NamedRepo, part: (u32, u32)) -> Result<String, String> {
+        self.calls
+            .borrow_mut()
+            .push(format!("verify {} {}/{}", repo.name, part.0, part.1));
+        Ok("no problems".into())
+    }
     fn put_record(&self, name: &str, value: Option<Vec<u8>>) -> Result<(), String> {
         let mut r = self.records.borrow_mut();
         match value {
@@ -122,6 +201,7 @@ fn policy(vols: &[&str], schedule: &str, keep: Keep) -> Policy {
             random_delay_secs: 0,
             hooks: Default::default(),
         }),
+        backups: Vec::new(),
     }
 }
 
@@ -172,7 +252,9 @@ fn a_day_of_hourly_snapshots_with_retention_restart_and_failures() {
     let mut runs = 0;
     while now < end {
         *pool.now.borrow_mut() = Some(now);
-        for (job, r) in m.tick(now, &clock(now)) {
+        let (runs_now, tasks) = m.tick(now, &clock(now));
+        assert!(tasks.is_empty());
+        for (job, r) in runs_now {
             assert_eq!(job, "snapshot:vms");
             runs += 1;
             match &r.outcome {
@@ -286,7 +368,7 @@ fn a_policy_on_a_group_snapshots_all_members_at_once_and_prunes_each() {
     for h in 1..=5 {
         let t = t0.checked_add(h.hours()).unwrap();
         *pool.now.borrow_mut() = Some(t);
-        let runs = m.tick(t, &move || t);
+        let (runs, _) = m.tick(t, &move || t);
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].1.outcome, Outcome::Ok, "{:?}", runs[0].1);
         assert_eq!(runs[0].1.created.len(), 2);
@@ -357,5 +439,208 @@ fn hooks_run_around_the_snapshots_and_a_failing_pre_hook_aborts_or_warns() {
         r.warnings[0].contains("crash-consistent"),
         "{:?}",
         r.warnings
+    );
+}
+
+fn repo(url: &str) -> snapblk_policy::RepoTarget {
+    serde_json::from_value(serde_json::json!({ "url": url, "key_file": "/etc/snapblk/k" })).unwrap()
+}
+
+/// Runs what is due at `t`: snapshot jobs inside the manager, long jobs as the daemon
+/// does (outside it), returning every run by job.
+fn step(
+    m: &mut Manager<&MemPool>,
+    pool: &MemPool,
+    t: Timestamp,
+) -> Vec<(String, snapblk_policy::RunRecord)> {
+    *pool.now.borrow_mut() = Some(t);
+    let (mut runs, tasks) = m.tick(t, &move || t);
+    for task in tasks {
+        let r = snapblk_policy::backups::run(&pool, &task, &TimeZone::UTC);
+        runs.push((task.job.clone(), m.finish(&task, r, t)));
+    }
+    runs
+}
+
+#[test]
+fn a_week_of_hourly_snapshots_backed_up_daily_and_weekly_with_retention_and_maintenance() {
+    let pool = MemPool::default();
+    for v in ["a", "b"] {
+        pool.snaps.borrow_mut().insert(v.into(), BTreeMap::new());
+    }
+    let t0 = ts("2026-11-30T00:30:00Z"); // a Monday
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    let mut p = policy(
+        &["a", "b"],
+        "hourly",
+        Keep {
+            hourly: 3,
+            ..Keep::default()
+        },
+    );
+    p.backups = serde_json::from_value(serde_json::json!([
+        { "repository": "usb", "schedule": "*-*-* 02:30", "keep": { "daily": 3 } },
+        { "repository": "s3", "schedule": "Sun 03:30", "keep": { "weekly": 2 } }
+    ]))
+    .unwrap();
+    // Targets must be registered repositories.
+    let e = m.set_policy("vms", p.clone(), t0).unwrap_err();
+    assert!(e.contains("repository 'usb' is not registered"), "{e}");
+    m.set_repo("usb", repo("file:///mnt/usb/repo"), t0).unwrap();
+    let mut s3 = repo("s3://bucket/snapblk");
+    s3.gc = Some(serde_json::from_value(serde_json::json!({ "schedule": "Sat 05:00" })).unwrap());
+    s3.verify = Some(
+        serde_json::from_value(
+            serde_json::json!({ "schedule": "*-*-* 06:00", "read_data_runs": 3 }),
+        )
+        .unwrap(),
+    );
+    m.set_repo("s3", s3, t0).unwrap();
+    assert!(m.set_repo("bad", repo("http://x"), t0).is_err());
+    m.set_policy("vms", p, t0).unwrap();
+    let e = m.delete_repo("usb").unwrap_err();
+    assert!(e.contains("policy 'vms' backs up there"), "{e}");
+
+    let mut now = t0;
+    let end = ts("2026-12-14T00:00:00Z"); // two weeks
+    let mut by_job: BTreeMap<String, Vec<snapblk_policy::RunRecord>> = BTreeMap::new();
+    while now < end {
+        // Volume a is written every 10 minutes; b never after its first hour.
+        *pool.data.borrow_mut().entry("a".into()).or_default() += 1;
+        if now < ts("2026-11-30T01:00:00Z") {
+            *pool.data.borrow_mut().entry("b".into()).or_default() += 1;
+        }
+        for (job, r) in step(&mut m, &pool, now) {
+            assert_eq!(r.outcome, Outcome::Ok, "{job}: {r:?}");
+            by_job.entry(job).or_default().push(r);
+        }
+        now = now.checked_add(10.minutes()).unwrap();
+    }
+    let usb = &by_job["backup:vms:usb"];
+    assert_eq!(usb.len(), 14, "one run a day");
+    // a changes between runs: a new backup every day; b only the first time.
+    assert!(usb
+        .iter()
+        .all(|r| r.created.iter().any(|c| c.starts_with("a@"))));
+    assert_eq!(
+        usb.iter()
+            .flat_map(|r| r.created.iter())
+            .filter(|c| c.starts_with("b@"))
+            .count(),
+        1
+    );
+    assert!(usb[1..].iter().all(|r| r
+        .skipped
+        .iter()
+        .any(|s| s.starts_with("b@") && s.contains("unchanged since"))));
+    // The newest hourly snapshot at 02:30 is 02:00.
+    assert_eq!(usb[0].created[0], "a@auto-20261130-020000");
+    // Retention per target and volume: 3 daily backups of a, b's single one.
+    let stored = pool.stored.borrow();
+    let names = |r: &str, v: &str| -> Vec<String> {
+        stored[r]
+            .iter()
+            .filter(|b| b.volume == v)
+            .map(|b| b.snapshot.clone())
+            .collect()
+    };
+    assert_eq!(
+        names("usb", "a"),
+        [
+            "auto-20261211-020000",
+            "auto-20261212-020000",
+            "auto-20261213-020000"
+        ]
+    );
+    assert_eq!(names("usb", "b"), ["auto-20261130-020000"]);
+    assert_eq!(by_job["backup:vms:s3"].len(), 2, "Sundays");
+    assert_eq!(names("s3", "a").len(), 2);
+    // The snapshot retention (3 hourly) keeps each target's last base, so the next
+    // backup is incremental: b's first snapshot is still there two weeks on.
+    let snaps = pool.snaps.borrow();
+    assert!(snaps["b"].contains_key("auto-20261130-020000"));
+    assert!(snaps["a"].contains_key("auto-20261213-020000"));
+    assert!(snaps["a"].contains_key("auto-20261213-030000"), "s3's base");
+    assert_eq!(snaps["a"].len(), 3 + 2, "3 hourly + the two bases");
+    drop((stored, snaps));
+    // Maintenance: gc on Saturdays, verify every day reading a third of the packs in
+    // turn.
+    let calls = pool.calls.borrow();
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.starts_with("gc s3 86400"))
+            .count(),
+        2
+    );
+    let verifies: Vec<&String> = calls.iter().filter(|c| c.starts_with("verify")).collect();
+    assert_eq!(verifies.len(), 14);
+    assert_eq!(
+        verifies[..4],
+        [
+            "verify s3 0/3",
+            "verify s3 1/3",
+            "verify s3 2/3",
+            "verify s3 0/3"
+        ]
+    );
+    drop(calls);
+
+    // A failing target fails its run, names the volume, and leaves the other volume done.
+    let t = ts("2026-12-14T00:10:00Z");
+    *pool.data.borrow_mut().get_mut("b").unwrap() += 1;
+    step(&mut m, &pool, t);
+    *pool.fail_backup.borrow_mut() = Some("usb:a@auto-20261214-001000".into());
+    let r = m.run_now("backup:vms:usb", t, &move || t).unwrap();
+    assert!(
+        matches!(&r.outcome, Outcome::Failed { error } if error.contains("volume a: connection refused")),
+        "{r:?}"
+    );
+    assert_eq!(r.created, ["b@auto-20261214-001000"]);
+    // Restart: history and bases persist.
+    let m2 = Manager::open(&pool, TimeZone::UTC, t).unwrap();
+    let j = m2
+        .jobs()
+        .into_iter()
+        .find(|j| j.view.name == "backup:vms:usb")
+        .unwrap();
+    assert_eq!(j.history.len(), 15);
+    assert_eq!(j.repository, "usb");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&pool.records.borrow()["job/backup:vms:usb"]).unwrap();
+    assert_eq!(rec["bases"]["b"], "auto-20261214-001000");
+}
+
+#[test]
+fn a_long_job_cut_by_a_stop_is_reported_interrupted() {
+    let pool = MemPool::default();
+    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
+    let t0 = ts("2026-12-01T00:00:00Z");
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    m.set_repo("usb", repo("file:///mnt/usb"), t0).unwrap();
+    let mut p = policy(&["a"], "hourly", Keep::default());
+    p.backups = serde_json::from_value(serde_json::json!([
+        { "repository": "usb", "schedule": "daily" }
+    ]))
+    .unwrap();
+    m.set_policy("p", p, t0).unwrap();
+    // Started (persisted running), then the daemon died before finish.
+    let t = ts("2026-12-01T00:30:00Z");
+    *pool.now.borrow_mut() = Some(t);
+    let started = m.start_now("backup:p:usb", t, &move || t).unwrap();
+    assert!(matches!(started, snapblk_policy::Started::Task(_)));
+    let m = Manager::open(&pool, TimeZone::UTC, ts("2026-12-01T01:00:00Z")).unwrap();
+    let j = m
+        .jobs()
+        .into_iter()
+        .find(|j| j.view.name == "backup:p:usb")
+        .unwrap();
+    assert_eq!(j.history.last().unwrap().outcome, Outcome::Interrupted);
+    // No snapshot yet: the run fails saying so, it does not pass silently.
+    let mut m = m;
+    let r = m.run_now("backup:p:usb", t, &move || t).unwrap();
+    assert!(
+        matches!(&r.outcome, Outcome::Failed { error } if error.contains("no snapshot named auto-")),
+        "{r:?}"
     );
 }
