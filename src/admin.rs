@@ -118,6 +118,7 @@ pub fn execute(
         | Command::PolicyBackupDelete { .. }
         | Command::RepoSet { .. }
         | Command::RepoList
+        | Command::Status { .. }
         | Command::RepoDelete { .. } => match devices.and_then(|d| d.policies.get()) {
             Some(service) => service.execute(cmd)?,
             // Direct mode: the pool's policies, for this one command.

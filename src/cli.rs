@@ -89,6 +89,13 @@ pub enum Cmd {
     /// Protection policies: snapshots on a schedule, kept by retention rules.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Is each volume safe? Copies, media and off-site copies (the 3-2-1 rule) and each
+    /// backup target's age against its RPO; exits 0 compliant, 1 at risk, 2 violated (for
+    /// monitoring, as sanoid's --monitor-* do).
+    Status {
+        /// Only this volume.
+        volume: Option<String>,
+    },
     /// The policies' scheduled jobs: last and next run, history (`jobs run NAME` runs one now).
     Jobs {
         #[command(subcommand)]

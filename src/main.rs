@@ -10,6 +10,7 @@ mod exit;
 mod freeze;
 mod human;
 mod manpages;
+mod media;
 mod notify;
 mod open;
 mod policies;
@@ -208,6 +209,9 @@ fn command(cmd: &Cmd) -> Result<Command> {
             }),
         },
         Cmd::Repo(RepoCmd::List) => Command::RepoList,
+        Cmd::Status { volume } => Command::Status {
+            volume: volume.clone(),
+        },
         Cmd::Repo(RepoCmd::Remove { name }) => Command::RepoDelete { name: name.clone() },
         Cmd::Jobs { cmd: None } => Command::Jobs,
         Cmd::Jobs {
@@ -364,6 +368,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let clean = match cmd {
                 Command::PoolCheck => v["errors"].as_array().is_none_or(|e| e.is_empty()),
                 Command::PoolScrub => v["bad"].as_array().is_none_or(|e| e.is_empty()),
+                Command::Status { .. } => {
+                    return Ok(ExitCode::from(
+                        v["exit_code"]
+                            .as_u64()
+                            .and_then(|c| u8::try_from(c).ok())
+                            .unwrap_or(2),
+                    ))
+                }
                 _ => true,
             };
             Ok(if clean {

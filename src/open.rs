@@ -24,6 +24,7 @@ pub fn open_pool(meta: &Path, data: &Path, holder: &str) -> Result<Opened> {
         );
     }
     let lock = PoolLock::acquire(meta, holder)?;
+    crate::media::set_pool_paths(meta, data);
     let store = RocksStore::open(&meta.join("db"), false)
         .with_context(|| format!("opening metadata in {}", meta.display()))?;
     let dev =

@@ -20,7 +20,7 @@ use snapblk_backup::{catalog, gc, prune, volume, NoProgress};
 use snapblk_control::Command;
 use snapblk_core::Pool;
 use snapblk_policy::{
-    BackupDone, BackupItem, BackupRule, Manager, NamedRepo, Policy, PolicyPool, RepoTarget,
+    BackupDone, BackupItem, BackupRule, Manager, Medium, NamedRepo, Policy, PolicyPool, RepoTarget,
     RunRecord, Started, Task,
 };
 
@@ -159,6 +159,28 @@ impl PolicyPool for PoolPolicies {
                 rep.problems.len(),
                 problems.join("; ")
             ))
+        }
+    }
+    fn volumes(&self) -> Result<Vec<String>, String> {
+        Ok(self.0.list_volumes().into_iter().map(|v| v.name).collect())
+    }
+    fn pool_media(&self) -> Vec<String> {
+        crate::media::pool_media()
+    }
+    fn medium(&self, repo: &RepoTarget) -> Medium {
+        if let Some(rest) = repo.url.strip_prefix("s3://") {
+            let bucket = rest.split('/').next().unwrap_or(rest);
+            let at = repo.endpoint.as_deref().unwrap_or("aws");
+            return Medium {
+                id: format!("s3 {at}/{bucket}"),
+                off_site: true,
+            };
+        }
+        let path = repo.url.strip_prefix("file://").unwrap_or(&repo.url);
+        Medium {
+            id: crate::media::medium_of(std::path::Path::new(path))
+                .unwrap_or_else(|| "unknown".into()),
+            off_site: false,
         }
     }
 }
@@ -446,6 +468,15 @@ impl PolicyService {
                     .map_err(|e| anyhow!("repository {name}: {e}"))?;
                 m.set_repo(name, r, now()).map_err(|e| anyhow!(e))?;
                 json!({ "name": name, "repository": m.repos().get(name) })
+            }
+            Command::Status { volume } => {
+                let st = m.status(now(), volume.as_deref()).map_err(|e| anyhow!(e))?;
+                let worst = st
+                    .iter()
+                    .map(|v| v.verdict)
+                    .max()
+                    .unwrap_or(snapblk_policy::Compliance::Compliant);
+                json!({ "verdict": worst, "exit_code": worst.exit_code(), "volumes": st })
             }
             Command::RepoList => json!(m
                 .repos()

@@ -339,6 +339,7 @@ pub fn render(cmd: &Command, v: &Value) -> String {
                 ("keep", "KEEP"),
             ],
         ),
+        Command::Status { .. } => status(v),
         Command::RepoList => table(
             &rows
                 .iter()
@@ -396,6 +397,59 @@ pub fn render(cmd: &Command, v: &Value) -> String {
             .join("\n"),
         _ => keyvals(v),
     }
+}
+
+/// `snapblk status`: one line per volume, then each target and every reason.
+fn status(v: &Value) -> String {
+    let vols = v["volumes"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Value> = vols
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "volume": s["volume"],
+                "verdict": cell("", &s["verdict"]).replace('_', " "),
+                "copies": s["copies"],
+                "media": s["media"],
+                "off_site": if s["off_site"].as_bool() == Some(true) { "yes" } else { "no" },
+                "policies": s["policies"].as_array().map(|a| a.iter().map(|p| cell("", p)).collect::<Vec<_>>().join(",")),
+            })
+        })
+        .collect();
+    let mut out = table(
+        &rows,
+        &[
+            ("volume", "VOLUME"),
+            ("verdict", "STATUS"),
+            ("copies", "COPIES"),
+            ("media", "MEDIA"),
+            ("off_site", "OFF-SITE"),
+            ("policies", "POLICIES"),
+        ],
+    );
+    for s in &vols {
+        let vol = cell("", &s["volume"]);
+        for t in s["targets"].as_array().cloned().unwrap_or_default() {
+            let age = t["age_secs"].as_u64().map_or("never".to_string(), |a| {
+                format!("{} ago", snapblk_policy::status::span(a))
+            });
+            out.push_str(&format!(
+                "\n  {vol} -> {}: newest {} ({age}, RPO {}), {}{}",
+                cell("", &t["repository"]),
+                t["newest"].as_str().unwrap_or("-"),
+                snapblk_policy::status::span(t["rpo_secs"].as_u64().unwrap_or(0)),
+                cell("", &t["medium"]["id"]),
+                if t["medium"]["off_site"].as_bool() == Some(true) {
+                    ", off site"
+                } else {
+                    ""
+                },
+            ));
+        }
+        for r in s["reasons"].as_array().cloned().unwrap_or_default() {
+            out.push_str(&format!("\n  {vol}: {}", cell("", &r)));
+        }
+    }
+    out
 }
 
 /// One row per job for `snapblk jobs`.

@@ -5,7 +5,10 @@
 # backed up again; the newest backup restores to the snapshot it was taken of; scheduled
 # gc and a rotating verify run; the S3 server going away fails the off-site job (naming
 # the repository) without touching the other, and it recovers when the server is back;
-# the key stays in its file; targets survive `policy set` and a daemon restart.
+# the key stays in its file; targets survive `policy set` and a daemon restart;
+# `snapblk status` reports compliant (3 copies, 3 media, one off site), violated once the
+# S3 server has been gone past its RPO, compliant again when it is back, and a
+# repository on the pool's own device as no second medium.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/s3lib.sh"
 start_s3
@@ -13,7 +16,11 @@ create_pool 2G
 start_daemon
 head -c 32 /dev/urandom >"$T/key"
 S3=s3://snapblk-test/policies
-USB=file://$T/usb
+# The "usb" repository lives on another filesystem than the pool (a second medium).
+SHM=$(mktemp -d /dev/shm/snapblk-e2e.XXXXXX) || fail "no /dev/shm for a second medium"
+defer "rm -rf $SHM"
+[ "$(stat -c %d "$SHM")" != "$(stat -c %d "$T")" ] || fail "/dev/shm is on the pool's filesystem"
+USB=file://$SHM/usb
 jobs_json() { snapblk --json jobs >"$T/jobs.json"; }
 job() { # NAME PYTHON-EXPR-ON-j
     jobs_json
@@ -54,6 +61,8 @@ snapblk repo list | grep -q "offsite *$S3" || { snapblk repo list; fail "repo li
 log "a policy backs up to both, each on its own schedule, while a writer runs"
 snapblk policy set p --volume a --volume b --schedule "*:*:0/2" --keep-last 3 >/dev/null
 expect_error "not registered" snapblk policy backup-to p nowhere --schedule daily
+# A first snapshot before the targets: a backup run with no policy snapshot yet fails.
+snapblk jobs run snapshot:p >/dev/null
 snapblk policy backup-to p usb --schedule "*:*:0/3" --keep-last 2 >/dev/null
 snapblk policy backup-to p offsite --schedule "*:*:0/4" --keep-last 1 >/dev/null
 # `policy set` again (as an admin changing the snapshot schedule) keeps the targets.
@@ -99,23 +108,56 @@ import json,sys; b=[x for x in json.load(sys.stdin)["backups"] if x["volume"] ==
 snapblk snapshot info "a@$newest" >/dev/null || fail "the base a@$newest was deleted by snapshot retention"
 snapblk restore "$USB" "a@$newest" --as a-back --key-file "$T/key" >/dev/null
 qemu-img compare -q -f raw -F raw "$(uri "a@$newest")" "$(uri a-back)" || fail "restored a differs from a@$newest"
+snapblk volume delete a-back >/dev/null
 
-log "the S3 server goes away: the off-site job fails naming it, the other target goes on"
+status_is() { # VERDICT EXIT [VOLUME]
+    local code=0
+    snapblk --json status ${3:-} >"$T/status.json" || code=$?
+    python3 -c '
+import json,sys; s=json.load(open(sys.argv[1]))
+assert s["verdict"] == sys.argv[2], s' "$T/status.json" "$1" && [ "$code" -eq "$2" ] \
+        || { snapblk status ${3:-}; fail "status ${3:-}: want $1 (exit $2), exit $code"; }
+}
+log "status: the live volume, a directory on another medium and S3 off site: compliant"
+snapblk policy set p --volume a --volume b --schedule "*:*:0/2" --keep-last 3 >/dev/null
+snapblk policy backup-to p offsite --schedule "*:*:0/2" --keep-last 1 --rpo 8s >/dev/null
+sleep 5
+status_is compliant 0
+snapblk status | grep -qE "^a +compliant +3 +3 +yes" || { snapblk status; fail "status table"; }
+
+log "the S3 server goes away: past its RPO the volumes are violated; it recovers"
 stop_s3
-qemu-io -f raw -c "write -P 0x77 32M 1M" "$(uri a)" >/dev/null
-snapblk jobs run snapshot:p >/dev/null
-snapblk --json jobs run backup:p:offsite >"$T/run.json" || true
+sleep 10
+status_is violated 2
 python3 -c '
-import json,sys; r=json.load(open(sys.argv[1]))
-assert r["outcome"]["status"] == "failed" and "repository offsite" in r["outcome"]["error"], r' "$T/run.json" \
-    || { cat "$T/run.json"; fail "offsite run with S3 down"; }
+import json,sys; s=json.load(open(sys.argv[1]))
+for v in s["volumes"]:
+    assert any(r.startswith("offsite: newest backup") and "over its RPO" in r for r in v["reasons"]), v' "$T/status.json" \
+    || { cat "$T/status.json"; fail "the violation does not say why"; }
+job backup:p:offsite 'h[-1]["outcome"]["status"] == "failed" and "repository offsite" in h[-1]["outcome"]["error"]' \
+    || fail "the off-site job does not fail naming its repository"
 snapblk --json jobs run backup:p:usb | python3 -c '
-import json,sys; r=json.load(sys.stdin); assert r["outcome"]["status"] == "ok" and r["created"], r' \
+import json,sys; r=json.load(sys.stdin); assert r["outcome"]["status"] == "ok", r' \
     || fail "usb run while S3 is down"
 start_s3
-snapblk --json jobs run backup:p:offsite | python3 -c '
-import json,sys; r=json.load(sys.stdin); assert r["outcome"]["status"] == "ok" and any(c.startswith("a@") for c in r["created"]), r' \
-    || fail "offsite did not recover"
+sleep 5
+status_is compliant 0
+
+log "a repository on the pool's own device is a copy, not a second medium"
+snapblk repo init "file://$T/local" --key-file "$T/key" >/dev/null
+snapblk repo add local "file://$T/local" --key-file "$T/key" >/dev/null
+snapblk volume create c --size 16M >/dev/null
+snapblk policy set q --volume c --schedule yearly >/dev/null
+snapblk policy backup-to q local --schedule yearly >/dev/null
+snapblk jobs run snapshot:q >/dev/null
+snapblk jobs run backup:q:local >/dev/null
+status_is at_risk 1 c
+grep -q "local is on the pool's own device: not a second medium" "$T/status.json" \
+    || { cat "$T/status.json"; fail "a pool-local repository counted as a second medium"; }
+snapblk policy delete q >/dev/null
+snapblk repo remove local >/dev/null
+snapblk policy set p --volume a --volume b --schedule yearly --keep-last 3 >/dev/null
+snapblk policy backup-to p offsite --schedule yearly --keep-last 1 >/dev/null
 
 log "restart: targets, history and bases persist"
 stop_daemon

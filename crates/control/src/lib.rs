@@ -203,6 +203,11 @@ pub enum Command {
         repo: Value,
     },
     RepoList,
+    /// The 3-2-1 report of every volume (or one).
+    Status {
+        #[serde(default)]
+        volume: Option<String>,
+    },
     RepoDelete {
         name: String,
     },

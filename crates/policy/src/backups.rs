@@ -260,6 +260,9 @@ pub struct TaskResult {
     pub detail: Option<String>,
     /// Per volume, the newest snapshot now backed up by this job (the next base).
     pub bases: BTreeMap<String, String>,
+    /// Per volume, the newest snapshot whose data the repository now holds: the one
+    /// backed up, or a newer one found unchanged since (the 3-2-1 report's age).
+    pub covered: BTreeMap<String, String>,
 }
 
 impl TaskResult {
@@ -351,6 +354,7 @@ fn backup_volume<P: PolicyPool>(
     mine.sort_by_key(|b| (b.created, b.snapshot.clone()));
     if mine.iter().any(|b| b.snapshot == newest) {
         r.skipped.push(format!("{vol}@{newest}: already stored"));
+        r.covered.insert(vol.to_string(), newest.clone());
     } else {
         let last = mine
             .last()
@@ -364,8 +368,10 @@ fn backup_volume<P: PolicyPool>(
                 "{vol}@{newest}: unchanged since {vol}@{}",
                 b.snapshot
             ));
+            r.covered.insert(vol.to_string(), newest.clone());
         } else {
             let done = pool.backup(repo, vol, &newest)?;
+            r.covered.insert(vol.to_string(), newest.clone());
             r.bytes_uploaded += done.bytes_uploaded;
             if done.already_stored {
                 r.skipped.push(format!("{vol}@{newest}: already stored"));

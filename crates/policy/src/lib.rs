@@ -11,6 +11,7 @@ pub mod manager;
 pub mod policy;
 pub mod retention;
 pub mod scheduler;
+pub mod status;
 
 pub use backups::{
     BackupDone, BackupItem, BackupRule, GcRule, NamedRepo, RepoTarget, Task, TaskResult,
@@ -21,3 +22,4 @@ pub use manager::{JobInfo, JobRecord, Manager, PolicyPool, RunRecord, Started, V
 pub use policy::{parse_snapshot_name, snapshot_name, Hooks, OnPreFailure, Policy, SnapshotRule};
 pub use retention::{apply as apply_retention, Item, Keep, Reason, Verdict};
 pub use scheduler::{JobSpec, JobState, JobView, Outcome, SchedError, Scheduler, Start};
+pub use status::{Medium, TargetStatus, Verdict as Compliance, VolumeStatus};

@@ -30,6 +30,7 @@ use crate::backups::{self, BackupDone, BackupItem, NamedRepo, RepoTarget, Task, 
 use crate::policy::{parse_snapshot_name, snapshot_name, valid_name, OnPreFailure, Policy};
 use crate::retention::{apply, Item, Verdict};
 use crate::scheduler::{JobSpec, JobState, JobView, Outcome, Scheduler};
+use crate::status::{assess, Medium, TargetStatus, VolumeStatus};
 
 /// Runs kept in a job's history.
 pub const HISTORY: usize = 50;
@@ -68,6 +69,12 @@ pub trait PolicyPool {
     /// Verifies `repo`, reading packs `part.0` of `part.1` (`part.1` = 0: structure only);
     /// an error if it found problems.
     fn verify(&self, repo: &NamedRepo, part: (u32, u32)) -> Result<String, String>;
+    /// The pool's volumes.
+    fn volumes(&self) -> Result<Vec<String>, String>;
+    /// The media (device ids, as [`Medium::id`]) holding the pool.
+    fn pool_media(&self) -> Vec<String>;
+    /// Where `repo` keeps its data.
+    fn medium(&self, repo: &RepoTarget) -> Medium;
 }
 
 /// One finished run, as `snapblk jobs` shows it.
@@ -107,6 +114,10 @@ pub struct JobRecord {
     /// base, which the snapshot job's retention keeps).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub bases: BTreeMap<String, String>,
+    /// Backup jobs: per volume, the newest snapshot whose data the repository holds
+    /// (backed up, or unchanged since the last backup); the 3-2-1 report's age.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub covered: BTreeMap<String, String>,
 }
 
 /// A job as listed: scheduler view plus its history.
@@ -138,8 +149,9 @@ pub struct Manager<P: PolicyPool> {
     policies: BTreeMap<String, Policy>,
     repos: BTreeMap<String, RepoTarget>,
     history: BTreeMap<String, Vec<RunRecord>>,
-    /// Backup jobs' bases (see [`JobRecord::bases`]).
+    /// Backup jobs' bases and coverage (see [`JobRecord::bases`], [`JobRecord::covered`]).
     bases: BTreeMap<String, BTreeMap<String, String>>,
+    covered: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A run just started: done already (snapshot jobs), or to be run without the manager.
@@ -259,6 +271,7 @@ impl<P: PolicyPool> Manager<P> {
             repos: BTreeMap::new(),
             history: BTreeMap::new(),
             bases: BTreeMap::new(),
+            covered: BTreeMap::new(),
         };
         let mut jobs: BTreeMap<String, JobRecord> = BTreeMap::new();
         for (name, v) in m.pool.records("job/")? {
@@ -322,6 +335,9 @@ impl<P: PolicyPool> Manager<P> {
         if !rec.bases.is_empty() {
             self.bases.insert(job.to_string(), rec.bases);
         }
+        if !rec.covered.is_empty() {
+            self.covered.insert(job.to_string(), rec.covered);
+        }
         // Opening the pool's policies writes only what changed (a new job, an interrupted
         // run), so read-only commands stay read-only.
         if changed || had_run {
@@ -335,6 +351,7 @@ impl<P: PolicyPool> Manager<P> {
             state,
             history: self.history.get(job).cloned().unwrap_or_default(),
             bases: self.bases.get(job).cloned().unwrap_or_default(),
+            covered: self.covered.get(job).cloned().unwrap_or_default(),
         };
         let v = serde_json::to_vec(&rec).map_err(|e| e.to_string())?;
         self.pool.put_record(&format!("job/{job}"), Some(v))
@@ -358,6 +375,7 @@ impl<P: PolicyPool> Manager<P> {
                 self.sched.remove(job);
                 self.history.remove(job);
                 self.bases.remove(job);
+                self.covered.remove(job);
                 self.pool.put_record(&format!("job/{job}"), None)?;
             }
         }
@@ -371,6 +389,7 @@ impl<P: PolicyPool> Manager<P> {
                 state,
                 history: self.history.get(&job).cloned().unwrap_or_default(),
                 bases: self.bases.get(&job).cloned().unwrap_or_default(),
+                covered: self.covered.get(&job).cloned().unwrap_or_default(),
             };
             self.sched.remove(&job);
             self.add_job(&job, spec, rec, now)?;
@@ -720,6 +739,12 @@ impl<P: PolicyPool> Manager<P> {
                 .or_default()
                 .extend(r.bases);
         }
+        if !r.covered.is_empty() {
+            self.covered
+                .entry(job.to_string())
+                .or_default()
+                .extend(r.covered);
+        }
         let rec = RunRecord {
             start,
             end,
@@ -956,6 +981,106 @@ impl<P: PolicyPool> Manager<P> {
             verdicts: apply(&items, &rule.keep, &self.tz),
             error: None,
         })
+    }
+
+    /// The 3-2-1 report of every volume (or of `only`), from what the jobs recorded.
+    pub fn status(&self, now: Timestamp, only: Option<&str>) -> Result<Vec<VolumeStatus>, String> {
+        let mut vols = self.pool.volumes()?;
+        if let Some(v) = only {
+            if !vols.iter().any(|x| x == v) {
+                return Err(format!("volume '{v}' not found"));
+            }
+            vols.retain(|x| x == v);
+        }
+        let pool_media = self.pool.pool_media();
+        let views = self.sched.jobs();
+        let last_error = |job: &str| -> Option<String> {
+            views
+                .iter()
+                .find(|j| j.name == job)
+                .and_then(|j| match &j.state.last_outcome {
+                    Some(Outcome::Failed { error }) => Some(error.clone()),
+                    Some(Outcome::Interrupted) => Some("interrupted".into()),
+                    _ => None,
+                })
+        };
+        let members: BTreeMap<&str, Vec<String>> = self
+            .policies
+            .values()
+            .flat_map(|p| p.groups.iter())
+            .map(|g| (g.as_str(), self.pool.group_members(g).unwrap_or_default()))
+            .collect();
+        let mut media: BTreeMap<&str, Medium> = BTreeMap::new();
+        let mut out = Vec::new();
+        for vol in &vols {
+            let covering: Vec<(&String, &Policy)> = self
+                .policies
+                .iter()
+                .filter(|(_, p)| {
+                    p.volumes.contains(vol)
+                        || p.groups
+                            .iter()
+                            .any(|g| members.get(g.as_str()).is_some_and(|m| m.contains(vol)))
+                })
+                .collect();
+            let mut targets = Vec::new();
+            let mut snapshot_errors = Vec::new();
+            for (pname, p) in &covering {
+                if let Some(e) = last_error(&snapshot_job(pname)) {
+                    snapshot_errors.push(format!("{pname}: {e}"));
+                }
+                let prefix = p.snapshots.as_ref().map_or("", |s| s.prefix.as_str());
+                for rule in &p.backups {
+                    let job = backup_job(pname, &rule.repository);
+                    let newest = (self.covered.get(&job).and_then(|b| b.get(vol)))
+                        .or_else(|| self.bases.get(&job).and_then(|b| b.get(vol)))
+                        .cloned();
+                    let newest_time = newest
+                        .as_deref()
+                        .and_then(|n| parse_snapshot_name(prefix, n));
+                    let age_secs = newest_time
+                        .map(|t| (now.as_second() - t.as_second()).max(0).unsigned_abs());
+                    let rpo_secs = rule.rpo(now, &self.tz);
+                    let repo = self.repos.get(&rule.repository);
+                    let medium = match repo {
+                        Some(r) => media
+                            .entry(rule.repository.as_str())
+                            .or_insert_with(|| self.pool.medium(r))
+                            .clone(),
+                        None => Medium {
+                            id: "unregistered".into(),
+                            off_site: false,
+                        },
+                    };
+                    let verify = views
+                        .iter()
+                        .find(|j| j.name == format!("verify:{}", rule.repository));
+                    targets.push(TargetStatus {
+                        policy: pname.to_string(),
+                        repository: rule.repository.clone(),
+                        url: repo.map(|r| r.url.clone()).unwrap_or_default(),
+                        within_rpo: age_secs.is_some_and(|a| a <= rpo_secs),
+                        newest,
+                        newest_time,
+                        age_secs,
+                        rpo_secs,
+                        same_medium_as_pool: pool_media.contains(&medium.id),
+                        medium,
+                        last_verify: verify.and_then(|j| j.state.last_end),
+                        verify_ok: verify.and_then(|j| {
+                            j.state
+                                .last_outcome
+                                .as_ref()
+                                .map(|o| !matches!(o, Outcome::Failed { .. }))
+                        }),
+                        last_error: last_error(&job),
+                    });
+                }
+            }
+            let names = covering.iter().map(|(n, _)| n.to_string()).collect();
+            out.push(assess(vol, names, targets, &snapshot_errors));
+        }
+        Ok(out)
     }
 
     /// What retention would keep and delete now, per volume of policy `name` (`--dry-run`).

@@ -175,6 +175,23 @@ impl PolicyPool for &MemPool {
             .push(format!("verify {} {}/{}", repo.name, part.0, part.1));
         Ok("no problems".into())
     }
+    fn volumes(&self) -> Result<Vec<String>, String> {
+        Ok(self.snaps.borrow().keys().cloned().collect())
+    }
+    fn pool_media(&self) -> Vec<String> {
+        vec!["disk pool".into()]
+    }
+    fn medium(&self, repo: &snapblk_policy::RepoTarget) -> snapblk_policy::Medium {
+        let id = if repo.url.starts_with("file:///pool") {
+            "disk pool".to_string()
+        } else {
+            format!("at {}", repo.url)
+        };
+        snapblk_policy::Medium {
+            id,
+            off_site: repo.off_site(),
+        }
+    }
     fn put_record(&self, name: &str, value: Option<Vec<u8>>) -> Result<(), String> {
         let mut r = self.records.borrow_mut();
         match value {
@@ -585,6 +602,12 @@ fn a_week_of_hourly_snapshots_backed_up_daily_and_weekly_with_retention_and_main
         ]
     );
     drop(calls);
+    // b never changed: its base stays its one backup, but the repository holds its data as
+    // of the newest snapshot found unchanged (what the 3-2-1 report ages).
+    let rec: serde_json::Value =
+        serde_json::from_slice(&pool.records.borrow()["job/backup:vms:usb"]).unwrap();
+    assert_eq!(rec["bases"]["b"], "auto-20261130-020000");
+    assert_eq!(rec["covered"]["b"], "auto-20261213-020000");
 
     // A failing target fails its run, names the volume, and leaves the other volume done.
     let t = ts("2026-12-14T00:10:00Z");
@@ -609,6 +632,35 @@ fn a_week_of_hourly_snapshots_backed_up_daily_and_weekly_with_retention_and_main
     let rec: serde_json::Value =
         serde_json::from_slice(&pool.records.borrow()["job/backup:vms:usb"]).unwrap();
     assert_eq!(rec["bases"]["b"], "auto-20261214-001000");
+
+    // The 3-2-1 report: b has fresh backups on two other media, one off site.
+    use snapblk_policy::Compliance;
+    let st = m2.status(t, None).unwrap();
+    let b = st.iter().find(|s| s.volume == "b").unwrap();
+    assert_eq!(
+        (b.verdict, b.copies, b.media, b.off_site),
+        (Compliance::Compliant, 3, 3, true),
+        "{b:?}"
+    );
+    // a's last usb run failed, but its newest backup (yesterday 02:00) is within the
+    // daily schedule's RPO (2 days): still compliant.
+    let a = st.iter().find(|s| s.volume == "a").unwrap();
+    assert_eq!(a.verdict, Compliance::Compliant, "{a:?}");
+    // Three days without backups: usb is past its RPO (violated), s3's weekly one is not.
+    let later = ts("2026-12-17T00:00:00Z");
+    let st = m2.status(later, Some("a")).unwrap();
+    assert_eq!(st.len(), 1);
+    assert_eq!(
+        (st[0].verdict, st[0].copies),
+        (Compliance::Violated, 2),
+        "{:?}",
+        st[0]
+    );
+    assert!(st[0]
+        .reasons
+        .iter()
+        .any(|r| r.starts_with("usb: newest backup a") || r.contains("usb: newest backup")));
+    assert!(m2.status(later, Some("nope")).is_err());
 }
 
 #[test]
