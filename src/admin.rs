@@ -119,6 +119,9 @@ pub fn execute(
         | Command::RepoSet { .. }
         | Command::RepoList
         | Command::Status { .. }
+        | Command::NotifySet { .. }
+        | Command::NotifyShow
+        | Command::NotifyTest
         | Command::RepoDelete { .. } => match devices.and_then(|d| d.policies.get()) {
             Some(service) => service.execute(cmd)?,
             // Direct mode: the pool's policies, for this one command.

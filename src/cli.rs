@@ -89,6 +89,11 @@ pub enum Cmd {
     /// Protection policies: snapshots on a schedule, kept by retention rules.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Where the daemon sends notifications (a job failing or recovering, a volume's
+    /// protection violated or recovered): a webhook (HTTP POST of the event as JSON) and/or
+    /// a command (the JSON on stdin, SNAPBLK_EVENT=kind).
+    #[command(subcommand)]
+    Notify(NotifyCmd),
     /// Is each volume safe? Copies, media and off-site copies (the 3-2-1 rule) and each
     /// backup target's age against its RPO; exits 0 compliant, 1 at risk, 2 violated (for
     /// monitoring, as sanoid's --monitor-* do).
@@ -554,6 +559,21 @@ pub struct PolicySetArgs {
     /// If the pre hook fails: abort (no snapshot) or continue (crash-consistent).
     #[arg(long, default_value = "abort", value_parser = ["abort", "continue"])]
     pub on_pre_hook_failure: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NotifyCmd {
+    /// Set the webhook and/or the command ("" clears one).
+    Set {
+        #[arg(long)]
+        webhook: Option<String>,
+        /// Run with /bin/sh -c; the event's JSON is its stdin.
+        #[arg(long)]
+        command: Option<String>,
+    },
+    Show,
+    /// Send a test event now and say whether it was delivered.
+    Test,
 }
 
 #[derive(Subcommand, Debug)]

@@ -2,6 +2,7 @@
 //! the NBD server and the control socket around snapblk-core.
 
 mod admin;
+mod alerts;
 mod cli;
 mod control;
 mod daemon;
@@ -27,7 +28,8 @@ use clap::Parser;
 
 use admin::Command;
 use cli::{
-    BackupArgs, Cli, Cmd, GroupCmd, JobsCmd, PolicyCmd, PoolCmd, RepoCmd, SnapshotCmd, VolumeCmd,
+    BackupArgs, Cli, Cmd, GroupCmd, JobsCmd, NotifyCmd, PolicyCmd, PoolCmd, RepoCmd, SnapshotCmd,
+    VolumeCmd,
 };
 use human::parse_size;
 
@@ -209,6 +211,12 @@ fn command(cmd: &Cmd) -> Result<Command> {
             }),
         },
         Cmd::Repo(RepoCmd::List) => Command::RepoList,
+        Cmd::Notify(NotifyCmd::Set { webhook, command }) => Command::NotifySet {
+            webhook: webhook.clone(),
+            command: command.clone(),
+        },
+        Cmd::Notify(NotifyCmd::Show) => Command::NotifyShow,
+        Cmd::Notify(NotifyCmd::Test) => Command::NotifyTest,
         Cmd::Status { volume } => Command::Status {
             volume: volume.clone(),
         },

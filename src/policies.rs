@@ -21,9 +21,10 @@ use snapblk_control::Command;
 use snapblk_core::Pool;
 use snapblk_policy::{
     BackupDone, BackupItem, BackupRule, Manager, Medium, NamedRepo, Policy, PolicyPool, RepoTarget,
-    RunRecord, Started, Task,
+    RunRecord, Started, Task, Watch,
 };
 
+use crate::alerts::{AlertConfig, Alerts};
 use crate::repos::RepoOpen;
 
 /// The pool as the policy manager sees it.
@@ -268,7 +269,17 @@ pub struct PolicyService {
     m: Mutex<Manager<PoolPolicies>>,
     wake: Condvar,
     stopping: Mutex<bool>,
+    alerts: Alerts,
+    /// What the last notification check saw (lock order: after the manager).
+    watch: Mutex<Watch>,
 }
+
+/// The pool record holding where notifications go.
+const NOTIFY_RECORD: &str = "notify";
+
+/// Longest the scheduler sleeps: a volume passing its RPO with no job due is noticed
+/// (and notified) within this.
+const MAX_SLEEP_MS: u64 = 30_000;
 
 fn now() -> Timestamp {
     Timestamp::now()
@@ -300,13 +311,47 @@ fn log_run(job: &str, r: &RunRecord) {
 impl PolicyService {
     /// Loads the pool's policies and job states (an interrupted run is recorded as such).
     pub fn open(pool: Arc<Pool>) -> Result<Arc<PolicyService>> {
+        let config = match pool
+            .records(NOTIFY_RECORD)?
+            .into_iter()
+            .find(|(k, _)| k == NOTIFY_RECORD)
+        {
+            Some((_, v)) => {
+                serde_json::from_slice(&v).map_err(|e| anyhow!("record {NOTIFY_RECORD}: {e}"))?
+            }
+            None => AlertConfig::default(),
+        };
         let m = Manager::open(PoolPolicies(pool), TimeZone::system(), now())
             .map_err(|e| anyhow!("loading protection policies: {e}"))?;
+        let watch = Watch::new(&m.jobs());
         Ok(Arc::new(PolicyService {
             m: Mutex::new(m),
             wake: Condvar::new(),
             stopping: Mutex::new(false),
+            alerts: Alerts::start(config),
+            watch: Mutex::new(watch),
         }))
+    }
+
+    /// Notifies what changed since the last check: jobs failing or recovering, volumes
+    /// entering or leaving `violated`.
+    fn check(&self, m: &Manager<PoolPolicies>) {
+        let t = now();
+        let mut w = self.watch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut events = w.jobs(&m.jobs(), t);
+        match m.status(t, None) {
+            Ok(st) => events.extend(w.status(&st, t)),
+            Err(e) => log::warn!("checking protection status: {e}"),
+        }
+        drop(w);
+        let pool = m.pool().0.uuid().to_string();
+        let host = snapblk_backup::catalog::host_name();
+        for ev in events {
+            let mut v = json!(ev);
+            v["pool"] = json!(pool);
+            v["host"] = json!(host);
+            self.alerts.send(v);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Manager<PoolPolicies>> {
@@ -333,11 +378,16 @@ impl PolicyService {
                 for task in tasks {
                     self.spawn_task(task);
                 }
+                self.check(&m);
                 m.next_wakeup()
             };
             let wait = next
-                .map(|t| t.duration_since(now()).as_millis().clamp(0, 60_000) as u64)
-                .unwrap_or(60_000);
+                .map(|t| {
+                    t.duration_since(now())
+                        .as_millis()
+                        .clamp(0, i128::from(MAX_SLEEP_MS)) as u64
+                })
+                .unwrap_or(MAX_SLEEP_MS);
             let stop = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
             if *stop {
                 return;
@@ -373,7 +423,10 @@ impl PolicyService {
             (PoolPolicies(Arc::clone(&m.pool().0)), m.tz().clone())
         };
         let r = snapblk_policy::backups::run(&pool, task, &tz);
-        self.lock().finish(task, r, now())
+        let mut m = self.lock();
+        let rec = m.finish(task, r, now());
+        self.check(&m);
+        rec
     }
 
     /// Stops the scheduler thread after the job it runs, if any.
@@ -477,6 +530,38 @@ impl PolicyService {
                     .max()
                     .unwrap_or(snapblk_policy::Compliance::Compliant);
                 json!({ "verdict": worst, "exit_code": worst.exit_code(), "volumes": st })
+            }
+            Command::NotifySet { webhook, command } => {
+                let mut c = self.alerts.config();
+                let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+                if let Some(w) = webhook {
+                    c.webhook = opt(w);
+                }
+                if let Some(x) = command {
+                    c.command = opt(x);
+                }
+                c.validate().map_err(|e| anyhow!(e))?;
+                m.pool()
+                    .0
+                    .put_record(NOTIFY_RECORD, Some(serde_json::to_vec(&c)?))?;
+                self.alerts.set_config(c.clone());
+                json!(c)
+            }
+            Command::NotifyShow => json!(self.alerts.config()),
+            Command::NotifyTest => {
+                let c = self.alerts.config();
+                if c.webhook.is_none() && c.command.is_none() {
+                    return Err(anyhow!("no webhook or command set (snapblk notify set)"));
+                }
+                let ev = json!({
+                    "event": "test",
+                    "time": now(),
+                    "pool": m.pool().0.uuid(),
+                    "host": snapblk_backup::catalog::host_name(),
+                });
+                drop(m);
+                crate::alerts::deliver(&c, &ev).map_err(|e| anyhow!(e))?;
+                return Ok(json!({ "delivered": ev }));
             }
             Command::RepoList => json!(m
                 .repos()

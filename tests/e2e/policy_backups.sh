@@ -125,10 +125,36 @@ sleep 5
 status_is compliant 0
 snapblk status | grep -qE "^a +compliant +3 +3 +yes" || { snapblk status; fail "status table"; }
 
-log "the S3 server goes away: past its RPO the volumes are violated; it recovers"
+log "notifications: a webhook and a command"
+python3 "$(dirname "$0")/webhook_listener.py" "$T/hook.log" "$T/hook.port" &
+HOOK=$!
+defer "kill $HOOK"
+for _ in $(seq 1 100); do [ -s "$T/hook.port" ] && break; sleep 0.05; done
+snapblk notify set --webhook "http://127.0.0.1:$(cat "$T/hook.port")" \
+    --command "cat >> $T/cmd.log; echo >> $T/cmd.log" >/dev/null
+snapblk notify test >/dev/null || fail "notify test"
+grep -q '"event": "test"' "$T/hook.log" || fail "the webhook got no test event"
+grep -q '"event":"test"' "$T/cmd.log" || fail "the command got no test event"
+expect_error "http" snapblk notify set --webhook ftp://x
+events() { # FILE EVENT VOLUME-OR-JOB
+    python3 -c '
+import json,sys
+n = 0
+for line in open(sys.argv[1]):
+    e = json.loads(line)
+    if e["event"] == sys.argv[2] and sys.argv[3] in (e.get("volume"), e.get("job")):
+        n += 1
+print(n)' "$@"
+}
+
+log "the S3 server goes away: past its RPO the volumes are violated (notified); it recovers"
 stop_s3
 sleep 10
 status_is violated 2
+sleep 1
+[ "$(events "$T/hook.log" rpo_violated a)" -eq 1 ] || { cat "$T/hook.log"; fail "no single rpo_violated event for a"; }
+[ "$(events "$T/hook.log" job_failed backup:p:offsite)" -eq 1 ] || { cat "$T/hook.log"; fail "no single job_failed event"; }
+[ "$(events "$T/cmd.log" rpo_violated b)" -eq 1 ] || { cat "$T/cmd.log"; fail "the command missed rpo_violated for b"; }
 python3 -c '
 import json,sys; s=json.load(open(sys.argv[1]))
 for v in s["volumes"]:
@@ -142,6 +168,9 @@ import json,sys; r=json.load(sys.stdin); assert r["outcome"]["status"] == "ok", 
 start_s3
 sleep 5
 status_is compliant 0
+sleep 1
+[ "$(events "$T/hook.log" rpo_recovered a)" -eq 1 ] || { cat "$T/hook.log"; fail "no rpo_recovered event"; }
+[ "$(events "$T/hook.log" job_recovered backup:p:offsite)" -eq 1 ] || { cat "$T/hook.log"; fail "no job_recovered event"; }
 
 log "a repository on the pool's own device is a copy, not a second medium"
 snapblk repo init "file://$T/local" --key-file "$T/key" >/dev/null

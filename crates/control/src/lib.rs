@@ -203,6 +203,16 @@ pub enum Command {
         repo: Value,
     },
     RepoList,
+    /// Sets where notifications go (`Some("")` clears one; `None` leaves it).
+    NotifySet {
+        #[serde(default)]
+        webhook: Option<String>,
+        #[serde(default)]
+        command: Option<String>,
+    },
+    NotifyShow,
+    /// Sends a test event now.
+    NotifyTest,
     /// The 3-2-1 report of every volume (or one).
     Status {
         #[serde(default)]

@@ -7,6 +7,7 @@
 
 pub mod backups;
 pub mod calendar;
+pub mod events;
 pub mod manager;
 pub mod policy;
 pub mod retention;
@@ -18,6 +19,7 @@ pub use backups::{
     VerifyRule, Work,
 };
 pub use calendar::{CalendarEvent, ParseError};
+pub use events::{Event, Watch};
 pub use manager::{JobInfo, JobRecord, Manager, PolicyPool, RunRecord, Started, VolumePlan};
 pub use policy::{parse_snapshot_name, snapshot_name, Hooks, OnPreFailure, Policy, SnapshotRule};
 pub use retention::{apply as apply_retention, Item, Keep, Reason, Verdict};

@@ -696,3 +696,63 @@ fn a_long_job_cut_by_a_stop_is_reported_interrupted() {
         "{r:?}"
     );
 }
+
+#[test]
+fn notifications_are_transitions_only() {
+    use snapblk_policy::{Event, Watch};
+    let pool = MemPool::default();
+    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
+    let t0 = ts("2026-12-01T00:00:00Z");
+    *pool.now.borrow_mut() = Some(t0);
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    m.set_repo("usb", repo("file:///mnt/usb"), t0).unwrap();
+    let mut p = policy(&["a"], "hourly", Keep::default());
+    p.backups = serde_json::from_value(serde_json::json!([
+        { "repository": "usb", "schedule": "hourly", "rpo_secs": 3600 }
+    ]))
+    .unwrap();
+    m.set_policy("p", p, t0).unwrap();
+    m.run_now("snapshot:p", t0, &move || t0).unwrap();
+    let mut w = Watch::new(&m.jobs());
+    // Never backed up: violated, once.
+    let ev = w.status(&m.status(t0, None).unwrap(), t0);
+    assert!(
+        matches!(&ev[..], [Event::RpoViolated { volume, .. }] if volume == "a"),
+        "{ev:?}"
+    );
+    assert!(w.status(&m.status(t0, None).unwrap(), t0).is_empty());
+    *pool.fail_backup.borrow_mut() = Some("usb:a@auto-20261201-000000".into());
+    for i in 0..3 {
+        m.run_now("backup:p:usb", t0, &move || t0).unwrap();
+        let ev = w.jobs(&m.jobs(), t0);
+        if i == 0 {
+            assert!(
+                matches!(&ev[..], [Event::JobFailed { job, error, .. }]
+                if job == "backup:p:usb" && error.contains("connection refused")),
+                "{ev:?}"
+            );
+        } else {
+            assert!(ev.is_empty(), "a failure repeating is not news: {ev:?}");
+        }
+    }
+    *pool.fail_backup.borrow_mut() = None;
+    m.run_now("backup:p:usb", t0, &move || t0).unwrap();
+    let ev = w.jobs(&m.jobs(), t0);
+    assert!(
+        matches!(&ev[..], [Event::JobRecovered { job, .. }] if job == "backup:p:usb"),
+        "{ev:?}"
+    );
+    let ev = w.status(&m.status(t0, None).unwrap(), t0);
+    assert!(
+        matches!(&ev[..], [Event::RpoRecovered { volume, .. }] if volume == "a"),
+        "{ev:?}"
+    );
+    // An hour and a half later, with no backup since: violated again.
+    let later = ts("2026-12-01T01:30:00Z");
+    let ev = w.status(&m.status(later, None).unwrap(), later);
+    assert!(matches!(&ev[..], [Event::RpoViolated { .. }]), "{ev:?}");
+    // A restart does not repeat what the jobs' records already say.
+    let m2 = Manager::open(&pool, TimeZone::UTC, later).unwrap();
+    let mut w2 = Watch::new(&m2.jobs());
+    assert!(w2.jobs(&m2.jobs(), later).is_empty());
+}
