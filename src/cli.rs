@@ -351,6 +351,13 @@ pub struct RepoAddArgs {
     /// each run, so all data is re-read every N runs (0: structure only; 1: all each run).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub verify_read_runs: u32,
+    /// Copy this pool's backups from another registered repository into this one on
+    /// the --copy schedule (`backup copy`: no volume is read; e.g. a USB disk's backups
+    /// taken off site).
+    #[arg(long, value_name = "REPOSITORY", requires = "copy")]
+    pub copy_from: Option<String>,
+    #[arg(long, value_name = "SCHEDULE", requires = "copy_from")]
+    pub copy: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -408,6 +415,29 @@ pub struct BackupArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BackupCmd {
+    /// Copy backups from one repository (SOURCE) into another (DEST) without reading any
+    /// volume: incremental (only chunks DEST lacks travel), resumable, keeping each
+    /// backup's pool, host and names. The key options name SOURCE's key; DEST's is the same
+    /// unless --dest-key-file or --dest-passphrase-file.
+    Copy {
+        source: String,
+        dest: String,
+        /// Only the backups of this host name or pool uuid.
+        #[arg(long, value_name = "HOST|POOL")]
+        from: Option<String>,
+        /// Only the backups of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long, conflicts_with = "dest_passphrase_file")]
+        dest_key_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        dest_passphrase_file: Option<std::path::PathBuf>,
+        /// DEST's S3 endpoint (default: the source's).
+        #[arg(long)]
+        dest_endpoint: Option<String>,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Backups in a repository, with sizes, hosts and the dedup ratio.
     List {
         target: String,

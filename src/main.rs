@@ -208,6 +208,9 @@ fn command(cmd: &Cmd) -> Result<Command> {
                 "verify": a.verify.as_ref().map(|s| serde_json::json!({
                     "schedule": s, "read_data_runs": a.verify_read_runs,
                 })),
+                "copy": a.copy.as_ref().map(|s| serde_json::json!({
+                    "schedule": s, "from": a.copy_from,
+                })),
             }),
         },
         Cmd::Repo(RepoCmd::List) => Command::RepoList,

@@ -20,8 +20,8 @@ use snapblk_backup::{catalog, gc, prune, volume, NoProgress};
 use snapblk_control::Command;
 use snapblk_core::Pool;
 use snapblk_policy::{
-    BackupDone, BackupItem, BackupRule, Manager, Medium, NamedRepo, Policy, PolicyPool, RepoTarget,
-    RunRecord, Started, Task, Watch,
+    BackupDone, BackupItem, BackupRule, CopyDone, Manager, Medium, NamedRepo, Policy, PolicyPool,
+    RepoTarget, RunRecord, Started, Task, Watch,
 };
 
 use crate::alerts::{AlertConfig, Alerts};
@@ -161,6 +161,37 @@ impl PolicyPool for PoolPolicies {
                 problems.join("; ")
             ))
         }
+    }
+    fn copy(&self, from: &NamedRepo, to: &NamedRepo) -> Result<CopyDone, String> {
+        let (src, dst) = (open_registered(from)?, open_registered(to)?);
+        let uuid = self.0.uuid();
+        let mut done = CopyDone::default();
+        if catalog::load_pool(&src, uuid)
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            let out = snapblk_backup::copy::run(&src, &dst, Some(uuid), None, &NoProgress)
+                .map_err(|e| e.to_string())?;
+            for c in out.iter().filter(|c| !c.summary.already_stored) {
+                done.copied.push(c.backup.clone());
+                done.bytes_uploaded += c.summary.stats.bytes_uploaded;
+            }
+        }
+        let mut held = catalog::load_pool(&dst, uuid)
+            .map_err(|e| e.to_string())?
+            .map(|l| l.catalog.backups)
+            .unwrap_or_default();
+        snapblk_backup::manifest::sort(&mut held);
+        let mut newest: Vec<(String, u64, String)> = Vec::new();
+        for h in held {
+            match newest.iter_mut().find(|(v, _, _)| *v == h.volume) {
+                Some(e) if e.1 <= h.created => *e = (h.volume, h.created, h.snapshot),
+                Some(_) => {}
+                None => newest.push((h.volume, h.created, h.snapshot)),
+            }
+        }
+        done.covered = newest.into_iter().map(|(v, _, s)| (v, s)).collect();
+        Ok(done)
     }
     fn volumes(&self) -> Result<Vec<String>, String> {
         Ok(self.0.list_volumes().into_iter().map(|v| v.name).collect())

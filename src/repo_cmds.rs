@@ -150,6 +150,58 @@ pub fn gc_text(r: &gc::Report) -> String {
 
 pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
     match cmd {
+        BackupCmd::Copy {
+            source,
+            dest,
+            from,
+            volume,
+            dest_key_file,
+            dest_passphrase_file,
+            dest_endpoint,
+            repo,
+        } => {
+            let src = repo.spec(source)?.open()?;
+            let mut d = repo.clone();
+            if dest_key_file.is_some() || dest_passphrase_file.is_some() {
+                d.key_file = dest_key_file.clone();
+                d.passphrase_file = dest_passphrase_file.clone();
+            }
+            if dest_endpoint.is_some() {
+                d.endpoint = dest_endpoint.clone();
+            }
+            let dst = d.spec(dest)?.open()?;
+            let out = snapblk_backup::copy::run(
+                &src,
+                &dst,
+                from.as_deref(),
+                volume.as_deref(),
+                progress,
+            )?;
+            let copied = out.iter().filter(|c| !c.summary.already_stored).count();
+            let bytes: u64 = out.iter().map(|c| c.summary.stats.bytes_uploaded).sum();
+            let mut text = format!(
+                "copied {copied} backups ({} uploaded); {} were there already",
+                format_size(bytes),
+                out.len() - copied
+            );
+            for c in out.iter().filter(|c| !c.summary.already_stored) {
+                text.push_str(&format!(
+                    "\n  + {} (pool {}){}",
+                    c.backup,
+                    c.pool,
+                    if c.summary.base.is_some() {
+                        ", incremental"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            Ok(Outcome {
+                json: json!({ "copied": out }),
+                text,
+                ok: true,
+            })
+        }
         BackupCmd::List { target, from, repo } => {
             list(&repo.spec(target)?.open()?, from.as_deref())
         }

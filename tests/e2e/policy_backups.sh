@@ -36,6 +36,14 @@ if not ok:
     sys.exit(1)
 PY
 }
+# The NBD client of a compare may still be disconnecting: the volume is busy a moment.
+delete_volume() {
+    for _ in $(seq 1 50); do
+        snapblk volume delete "$1" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    snapblk volume delete "$1" >/dev/null
+}
 expect_error() { # PATTERN CMD...
     local pat=$1; shift
     if "$@" >"$T/out" 2>"$T/err"; then fail "expected failure: $*"; fi
@@ -108,7 +116,34 @@ import json,sys; b=[x for x in json.load(sys.stdin)["backups"] if x["volume"] ==
 snapblk snapshot info "a@$newest" >/dev/null || fail "the base a@$newest was deleted by snapshot retention"
 snapblk restore "$USB" "a@$newest" --as a-back --key-file "$T/key" >/dev/null
 qemu-img compare -q -f raw -F raw "$(uri "a@$newest")" "$(uri a-back)" || fail "restored a differs from a@$newest"
-snapblk volume delete a-back >/dev/null
+delete_volume a-back
+
+log "backup copy: by hand and on a schedule, no volume read; copies restore"
+VAULT=file://$T/vault
+snapblk repo init "$VAULT" --key-file "$T/key" >/dev/null
+snapblk --json backup copy "$USB" "$VAULT" --key-file "$T/key" >"$T/copy.json"
+n_usb=$(snapblk --json backup list "$USB" --key-file "$T/key" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["backups"]))')
+python3 -c '
+import json,sys; c=json.load(open(sys.argv[1]))["copied"]
+assert len(c) == int(sys.argv[2]) and all(not x["summary"]["already_stored"] for x in c), c' "$T/copy.json" "$n_usb" \
+    || { cat "$T/copy.json"; fail "backup copy"; }
+snapblk backup copy "$USB" "$VAULT" --key-file "$T/key" | grep -q "copied 0 backups" || fail "a second copy copied again"
+snapblk restore "$VAULT" "a@$newest" --as a-vault --key-file "$T/key" >/dev/null
+qemu-img compare -q -f raw -F raw "$(uri "a@$newest")" "$(uri a-vault)" || fail "the copy restores differently"
+delete_volume a-vault
+snapblk backup verify "$VAULT" --read-data --key-file "$T/key" >/dev/null || fail "the copy does not verify"
+snapblk repo add vault "$VAULT" --key-file "$T/key" --copy-from usb --copy "*:*:0/2" >/dev/null
+qemu-io -f raw -c "write -P 0x66 40M 1M" "$(uri a)" >/dev/null
+snapblk jobs run snapshot:p >/dev/null
+snapblk jobs run backup:p:usb >/dev/null
+sleep 4
+job copy:vault 'h[-1]["outcome"]["status"] == "ok" and any(c.startswith("a@") for r in h for c in r["created"])' \
+    || fail "the scheduled copy"
+snaps_in() { snapblk --json backup list "$1" --key-file "$T/key" | python3 -c '
+import json,sys; print(" ".join(sorted(b["snapshot"] for b in json.load(sys.stdin)["backups"] if b["volume"] == "a")))'; }
+python3 -c 'import sys; assert set(sys.argv[1].split()) <= set(sys.argv[2].split()), sys.argv' \
+    "$(snaps_in "$USB")" "$(snaps_in "$VAULT")" || fail "vault lacks a backup usb holds"
+snapblk repo add vault "$VAULT" --key-file "$T/key" >/dev/null
 
 status_is() { # VERDICT EXIT [VOLUME]
     local code=0
@@ -197,6 +232,11 @@ import json,sys; p=json.load(sys.stdin)["policy"]; assert len(p["backups"]) == 2
 
 log "a repository in use cannot be removed; a removed target frees it"
 expect_error "policy 'p' backs up there" snapblk repo remove usb
+snapblk repo add vault "$VAULT" --key-file "$T/key" --copy-from usb --copy yearly >/dev/null
+snapblk policy backup-remove p usb >/dev/null
+expect_error "'vault' copies from it" snapblk repo remove usb
+snapblk repo remove vault >/dev/null
+snapblk policy backup-to p usb --schedule yearly >/dev/null
 snapblk policy backup-remove p usb >/dev/null
 snapblk repo remove usb >/dev/null
 snapblk repo list | grep -q "^usb " && fail "usb still registered"

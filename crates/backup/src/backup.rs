@@ -50,6 +50,9 @@ pub struct Job {
     pub base: Option<Base>,
     pub readers: usize,
     pub uploaders: usize,
+    /// The host the backup is recorded as taken on (None: this one; a copy keeps the
+    /// original's).
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -209,7 +212,7 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         digest: manifest::digest(&table),
         base: job.base.as_ref().map(|(h, _)| h.id.clone()),
         stats: stats.clone(),
-        host: catalog::host_name(),
+        host: job.host.clone().unwrap_or_else(catalog::host_name),
     };
     manifest::write_table(repo, &header, table)?;
     lease.check()?;

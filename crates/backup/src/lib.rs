@@ -18,6 +18,7 @@ pub mod cache;
 pub mod catalog;
 pub mod chunk;
 pub mod config;
+pub mod copy;
 pub mod crypto;
 pub mod error;
 pub mod file;

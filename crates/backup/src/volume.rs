@@ -112,6 +112,7 @@ pub fn backup_snapshot(
         base,
         readers: repo.parallelism().readers,
         uploaders: repo.parallelism().uploaders,
+        host: None,
     };
     backup::run(repo, job, progress)
 }

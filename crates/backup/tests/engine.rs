@@ -255,6 +255,71 @@ fn a_rotating_verify_reads_every_pack_once_per_round_and_finds_damage_in_its_par
         .is_clean());
 }
 
+#[test]
+fn a_copy_to_another_repository_restores_chains_and_resumes() {
+    use snapblk_backup::copy;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let p = pool();
+    let a = repo(da.path(), 64 << 10);
+    // Another key: no chunk id is shared between the two.
+    let b = {
+        let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(db.path()));
+        let opts = InitOptions {
+            chunk_size: 64 << 10,
+            pack_size: 1 << 20,
+            ..Default::default()
+        };
+        Repository::init(store, b"another key", &opts).unwrap()
+    };
+    let mut rng = Rng(21);
+    p.create_volume("v", 16 * MIB).unwrap();
+    write(&p, "v", 0, 8 * MIB as usize, &mut rng);
+    let s1 = snap(&p, "v", "s1");
+    backup_snapshot(&p, &a, &s1, false, &NoProgress).unwrap();
+    write(&p, "v", 2 * MIB, 256 << 10, &mut rng);
+    let s2 = snap(&p, "v", "s2");
+    backup_snapshot(&p, &a, &s2, false, &NoProgress).unwrap();
+
+    let out = copy::run(&a, &b, None, None, &NoProgress).unwrap();
+    assert_eq!(out.len(), 2);
+    assert!(out.iter().all(|c| !c.summary.already_stored));
+    // The second copy is incremental: only the changed cells are read from the source.
+    let second = &out[1].summary;
+    assert!(second.base.is_some(), "{second:?}");
+    assert!(
+        second.stats.bytes_read <= 512 << 10,
+        "read {} bytes for a 256 KiB change",
+        second.stats.bytes_read
+    );
+    // Identity kept: the pool's own backups find them, restores equal the snapshots.
+    let listed = snapblk_backup::catalog::load_pool(&b, p.uuid())
+        .unwrap()
+        .unwrap()
+        .catalog
+        .backups;
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|h| h.pool == p.uuid()));
+    restored_equals(&p, &b, &s1, "r1");
+    restored_equals(&p, &b, &s2, "r2");
+    assert!(verify::run(&b, true, 2, &NoProgress).unwrap().is_clean());
+    // Again: nothing to do.
+    let again = copy::run(&a, &b, None, None, &NoProgress).unwrap();
+    assert!(again.iter().all(|c| c.summary.already_stored));
+    // A direct backup of a later snapshot to the copy's repository is incremental against
+    // the copied one and dedups against its chunks.
+    write(&p, "v", 0, 64 << 10, &mut rng);
+    let s3 = snap(&p, "v", "s3");
+    let direct = backup_snapshot(&p, &b, &s3, false, &NoProgress).unwrap();
+    assert!(direct.base.is_some());
+    assert!(direct.stats.bytes_read <= 128 << 10, "{direct:?}");
+    restored_equals(&p, &b, &s3, "r3");
+    // Filters: an unknown host is an error, a volume filter copies nothing new here.
+    assert!(copy::run(&a, &b, Some("nohost"), None, &NoProgress).is_err());
+    assert!(copy::run(&a, &b, None, Some("w"), &NoProgress)
+        .unwrap()
+        .is_empty());
+}
+
 /// A directory store with injected faults: every pack `put` after the first
 /// `allow_puts` fails, and ranged reads (chunk fetches) fail while `down` is set.
 struct Faulty {

@@ -66,6 +66,33 @@ pub struct VerifyRule {
     pub read_data_runs: u32,
 }
 
+/// A scheduled copy into a repository of this pool's backups in another (registered) one
+/// (`backup copy`, as PBS sync jobs pull): the job `copy:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyRule {
+    /// The registered repository copied from.
+    pub from: String,
+    pub schedule: CalendarEvent,
+}
+
+impl CopyRule {
+    /// How long after a backup reaches the source its copy may take at most: twice the
+    /// interval between the schedule's next two elapses.
+    pub fn lag(&self, now: Timestamp, tz: &TimeZone) -> u64 {
+        twice_interval(&self.schedule, now, tz)
+    }
+}
+
+fn twice_interval(schedule: &CalendarEvent, now: Timestamp, tz: &TimeZone) -> u64 {
+    let a = schedule.next_after(now, tz);
+    let b = a.and_then(|a| schedule.next_after(a, tz));
+    match (a, b) {
+        (Some(a), Some(b)) => (2 * (b.as_second() - a.as_second()).max(30)).unsigned_abs(),
+        _ => 86_400,
+    }
+}
+
 /// A repository the daemon backs up to, registered by name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +113,8 @@ pub struct RepoTarget {
     pub gc: Option<GcRule>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyRule>,
 }
 
 impl RepoTarget {
@@ -117,6 +146,9 @@ impl RepoTarget {
             if g.grace_secs > 365 * 86_400 {
                 return Err("gc grace longer than a year".into());
             }
+        }
+        if let Some(c) = &self.copy {
+            valid_name("repository", &c.from)?;
         }
         if let Some(v) = &self.verify {
             if v.read_data_runs > MAX_VERIFY_RUNS {
@@ -182,12 +214,7 @@ impl BackupRule {
         if self.rpo_secs > 0 {
             return self.rpo_secs;
         }
-        let a = self.schedule.next_after(now, tz);
-        let b = a.and_then(|a| self.schedule.next_after(a, tz));
-        match (a, b) {
-            (Some(a), Some(b)) => (2 * (b.as_second() - a.as_second()).max(30)).unsigned_abs(),
-            _ => 86_400,
-        }
+        twice_interval(&self.schedule, now, tz)
     }
 }
 
@@ -199,6 +226,15 @@ pub struct BackupItem {
     pub snapshot: String,
     /// When its snapshot was taken.
     pub created: Timestamp,
+}
+
+/// What a copy did: backups copied (`vol@snap`), and per volume the newest snapshot whose
+/// backup the destination now holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyDone {
+    pub copied: Vec<String>,
+    pub bytes_uploaded: u64,
+    pub covered: BTreeMap<String, String>,
 }
 
 /// What a backup stored.
@@ -232,6 +268,10 @@ pub enum Work {
         repo: NamedRepo,
         /// Packs `k` of `n` (`n` = 0: structure only).
         part: (u32, u32),
+    },
+    Copy {
+        from: Box<NamedRepo>,
+        to: Box<NamedRepo>,
     },
 }
 
@@ -312,6 +352,16 @@ pub fn run<P: PolicyPool>(pool: &P, task: &Task, tz: &TimeZone) -> TaskResult {
         Work::Gc { repo, grace_secs } => match pool.gc(repo, *grace_secs) {
             Ok(d) => r.detail = Some(d),
             Err(e) => r.errors.push(format!("repository {}: {e}", repo.name)),
+        },
+        Work::Copy { from, to } => match pool.copy(from, to) {
+            Ok(c) => {
+                r.created = c.copied;
+                r.bytes_uploaded = c.bytes_uploaded;
+                r.covered = c.covered;
+            }
+            Err(e) => r
+                .errors
+                .push(format!("copy {} -> {}: {e}", from.name, to.name)),
         },
         Work::Verify { repo, part } => match pool.verify(repo, *part) {
             Ok(d) => r.detail = Some(d),

@@ -15,8 +15,8 @@ pub mod scheduler;
 pub mod status;
 
 pub use backups::{
-    BackupDone, BackupItem, BackupRule, GcRule, NamedRepo, RepoTarget, Task, TaskResult,
-    VerifyRule, Work,
+    BackupDone, BackupItem, BackupRule, CopyDone, CopyRule, GcRule, NamedRepo, RepoTarget, Task,
+    TaskResult, VerifyRule, Work,
 };
 pub use calendar::{CalendarEvent, ParseError};
 pub use events::{Event, Watch};

@@ -26,7 +26,9 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::backups::{self, BackupDone, BackupItem, NamedRepo, RepoTarget, Task, TaskResult, Work};
+use crate::backups::{
+    self, BackupDone, BackupItem, CopyDone, NamedRepo, RepoTarget, Task, TaskResult, Work,
+};
 use crate::policy::{parse_snapshot_name, snapshot_name, valid_name, OnPreFailure, Policy};
 use crate::retention::{apply, Item, Verdict};
 use crate::scheduler::{JobSpec, JobState, JobView, Outcome, Scheduler};
@@ -69,6 +71,8 @@ pub trait PolicyPool {
     /// Verifies `repo`, reading packs `part.0` of `part.1` (`part.1` = 0: structure only);
     /// an error if it found problems.
     fn verify(&self, repo: &NamedRepo, part: (u32, u32)) -> Result<String, String>;
+    /// Copies this pool's backups in `from` that `to` lacks.
+    fn copy(&self, from: &NamedRepo, to: &NamedRepo) -> Result<CopyDone, String>;
     /// The pool's volumes.
     fn volumes(&self) -> Result<Vec<String>, String>;
     /// The media (device ids, as [`Medium::id`]) holding the pool.
@@ -176,6 +180,7 @@ enum JobName<'a> {
     Backup(&'a str, &'a str),
     Gc(&'a str),
     Verify(&'a str),
+    Copy(&'a str),
 }
 
 fn parse_job(job: &str) -> Option<JobName<'_>> {
@@ -188,6 +193,7 @@ fn parse_job(job: &str) -> Option<JobName<'_>> {
         }
         "gc" => JobName::Gc(rest),
         "verify" => JobName::Verify(rest),
+        "copy" => JobName::Copy(rest),
         _ => return None,
     })
 }
@@ -210,7 +216,7 @@ fn policy_of(job: &str) -> Option<&str> {
 /// The repository a job works on.
 fn repo_of(job: &str) -> Option<&str> {
     match parse_job(job)? {
-        JobName::Backup(_, r) | JobName::Gc(r) | JobName::Verify(r) => Some(r),
+        JobName::Backup(_, r) | JobName::Gc(r) | JobName::Verify(r) | JobName::Copy(r) => Some(r),
         JobName::Snapshot(_) => None,
     }
 }
@@ -254,6 +260,9 @@ fn repo_jobs(name: &str, r: &RepoTarget) -> Vec<(String, JobSpec)> {
     }
     if let Some(v) = &r.verify {
         out.push((format!("verify:{name}"), spec(&v.schedule)));
+    }
+    if let Some(c) = &r.copy {
+        out.push((format!("copy:{name}"), spec(&c.schedule)));
     }
     out
 }
@@ -480,12 +489,20 @@ impl<P: PolicyPool> Manager<P> {
     pub fn set_repo(&mut self, name: &str, r: RepoTarget, now: Timestamp) -> Result<(), String> {
         valid_name("repository name", name)?;
         r.validate()?;
+        if let Some(c) = &r.copy {
+            if c.from == name {
+                return Err(format!("repository '{name}' cannot copy from itself"));
+            }
+            if !self.repos.contains_key(&c.from) {
+                return Err(format!("repository '{}' is not registered", c.from));
+            }
+        }
         let v = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
         self.pool
             .put_record(&format!("repository/{name}"), Some(v))?;
-        let old = self.jobs_where(
-            |j| matches!(parse_job(j), Some(JobName::Gc(n) | JobName::Verify(n)) if n == name),
-        );
+        let old = self.jobs_where(|j| {
+            matches!(parse_job(j), Some(JobName::Gc(n) | JobName::Verify(n) | JobName::Copy(n)) if n == name)
+        });
         self.replace_jobs(&old, repo_jobs(name, &r), now)?;
         self.repos.insert(name.to_string(), r);
         Ok(())
@@ -505,6 +522,13 @@ impl<P: PolicyPool> Manager<P> {
             return Err(format!(
                 "repository '{name}': policy '{p}' backs up there (remove that target first)"
             ));
+        }
+        if let Some((d, _)) = self
+            .repos
+            .iter()
+            .find(|(_, r)| r.copy.as_ref().is_some_and(|c| c.from == name))
+        {
+            return Err(format!("repository '{name}': '{d}' copies from it"));
         }
         let jobs = self.jobs_where(|j| repo_of(j) == Some(name));
         if let Some(j) = jobs.iter().find(|j| self.running(j)) {
@@ -679,6 +703,20 @@ impl<P: PolicyPool> Manager<P> {
                 Work::Gc {
                     repo: named,
                     grace_secs,
+                }
+            }
+            Some(JobName::Copy(r)) => {
+                let to = repo(r)?;
+                let from = to
+                    .target
+                    .copy
+                    .as_ref()
+                    .ok_or("no copy schedule")?
+                    .from
+                    .clone();
+                Work::Copy {
+                    from: Box::new(repo(&from)?),
+                    to: Box::new(to),
                 }
             }
             Some(JobName::Verify(r)) => {
@@ -1010,7 +1048,7 @@ impl<P: PolicyPool> Manager<P> {
             .flat_map(|p| p.groups.iter())
             .map(|g| (g.as_str(), self.pool.group_members(g).unwrap_or_default()))
             .collect();
-        let mut media: BTreeMap<&str, Medium> = BTreeMap::new();
+        let mut media: BTreeMap<String, Medium> = BTreeMap::new();
         let mut out = Vec::new();
         for vol in &vols {
             let covering: Vec<(&String, &Policy)> = self
@@ -1031,50 +1069,65 @@ impl<P: PolicyPool> Manager<P> {
                 }
                 let prefix = p.snapshots.as_ref().map_or("", |s| s.prefix.as_str());
                 for rule in &p.backups {
-                    let job = backup_job(pname, &rule.repository);
-                    let newest = (self.covered.get(&job).and_then(|b| b.get(vol)))
-                        .or_else(|| self.bases.get(&job).and_then(|b| b.get(vol)))
-                        .cloned();
-                    let newest_time = newest
-                        .as_deref()
-                        .and_then(|n| parse_snapshot_name(prefix, n));
-                    let age_secs = newest_time
-                        .map(|t| (now.as_second() - t.as_second()).max(0).unsigned_abs());
-                    let rpo_secs = rule.rpo(now, &self.tz);
-                    let repo = self.repos.get(&rule.repository);
-                    let medium = match repo {
-                        Some(r) => media
-                            .entry(rule.repository.as_str())
-                            .or_insert_with(|| self.pool.medium(r))
-                            .clone(),
-                        None => Medium {
-                            id: "unregistered".into(),
-                            off_site: false,
-                        },
-                    };
-                    let verify = views
-                        .iter()
-                        .find(|j| j.name == format!("verify:{}", rule.repository));
-                    targets.push(TargetStatus {
-                        policy: pname.to_string(),
-                        repository: rule.repository.clone(),
-                        url: repo.map(|r| r.url.clone()).unwrap_or_default(),
-                        within_rpo: age_secs.is_some_and(|a| a <= rpo_secs),
-                        newest,
-                        newest_time,
-                        age_secs,
-                        rpo_secs,
-                        same_medium_as_pool: pool_media.contains(&medium.id),
-                        medium,
-                        last_verify: verify.and_then(|j| j.state.last_end),
-                        verify_ok: verify.and_then(|j| {
-                            j.state
-                                .last_outcome
-                                .as_ref()
-                                .map(|o| !matches!(o, Outcome::Failed { .. }))
-                        }),
-                        last_error: last_error(&job),
-                    });
+                    // The target, and every repository that copies from it (its copies
+                    // lag by up to twice the copy's interval).
+                    let rpo = rule.rpo(now, &self.tz);
+                    let mut dests = vec![(
+                        rule.repository.clone(),
+                        backup_job(pname, &rule.repository),
+                        rpo,
+                    )];
+                    for (dname, d) in &self.repos {
+                        if let Some(c) = d.copy.as_ref().filter(|c| c.from == rule.repository) {
+                            dests.push((
+                                dname.clone(),
+                                format!("copy:{dname}"),
+                                rpo + c.lag(now, &self.tz),
+                            ));
+                        }
+                    }
+                    for (rname, job, rpo_secs) in dests {
+                        let newest = (self.covered.get(&job).and_then(|b| b.get(vol)))
+                            .or_else(|| self.bases.get(&job).and_then(|b| b.get(vol)))
+                            .cloned();
+                        let newest_time = newest
+                            .as_deref()
+                            .and_then(|n| parse_snapshot_name(prefix, n));
+                        let age_secs = newest_time
+                            .map(|t| (now.as_second() - t.as_second()).max(0).unsigned_abs());
+                        let repo = self.repos.get(&rname);
+                        let medium = match repo {
+                            Some(r) => media
+                                .entry(rname.clone())
+                                .or_insert_with(|| self.pool.medium(r))
+                                .clone(),
+                            None => Medium {
+                                id: "unregistered".into(),
+                                off_site: false,
+                            },
+                        };
+                        let verify = views.iter().find(|j| j.name == format!("verify:{rname}"));
+                        targets.push(TargetStatus {
+                            policy: pname.to_string(),
+                            url: repo.map(|r| r.url.clone()).unwrap_or_default(),
+                            repository: rname,
+                            within_rpo: age_secs.is_some_and(|a| a <= rpo_secs),
+                            newest,
+                            newest_time,
+                            age_secs,
+                            rpo_secs,
+                            same_medium_as_pool: pool_media.contains(&medium.id),
+                            medium,
+                            last_verify: verify.and_then(|j| j.state.last_end),
+                            verify_ok: verify.and_then(|j| {
+                                j.state
+                                    .last_outcome
+                                    .as_ref()
+                                    .map(|o| !matches!(o, Outcome::Failed { .. }))
+                            }),
+                            last_error: last_error(&job),
+                        });
+                    }
                 }
             }
             let names = covering.iter().map(|(n, _)| n.to_string()).collect();

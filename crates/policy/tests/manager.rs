@@ -175,6 +175,31 @@ impl PolicyPool for &MemPool {
             .push(format!("verify {} {}/{}", repo.name, part.0, part.1));
         Ok("no problems".into())
     }
+    fn copy(&self, from: &NamedRepo, to: &NamedRepo) -> Result<snapblk_policy::CopyDone, String> {
+        let mut st = self.stored.borrow_mut();
+        let src = st.get(&from.name).cloned().unwrap_or_default();
+        let dst = st.entry(to.name.clone()).or_default();
+        let mut done = snapblk_policy::CopyDone::default();
+        for b in src {
+            if !dst
+                .iter()
+                .any(|d| d.volume == b.volume && d.snapshot == b.snapshot)
+            {
+                done.copied.push(format!("{}@{}", b.volume, b.snapshot));
+                dst.push(BackupItem {
+                    id: format!("{}-{}@{}", to.name, b.volume, b.snapshot),
+                    ..b
+                });
+            }
+        }
+        for d in dst.iter() {
+            let e = done.covered.entry(d.volume.clone()).or_default();
+            if d.snapshot > *e {
+                *e = d.snapshot.clone();
+            }
+        }
+        Ok(done)
+    }
     fn volumes(&self) -> Result<Vec<String>, String> {
         Ok(self.snaps.borrow().keys().cloned().collect())
     }
@@ -755,4 +780,87 @@ fn notifications_are_transitions_only() {
     let m2 = Manager::open(&pool, TimeZone::UTC, later).unwrap();
     let mut w2 = Watch::new(&m2.jobs());
     assert!(w2.jobs(&m2.jobs(), later).is_empty());
+}
+
+#[test]
+fn a_scheduled_copy_is_a_copy_for_the_3_2_1_report() {
+    use snapblk_policy::Compliance;
+    let pool = MemPool::default();
+    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
+    let t0 = ts("2026-12-01T00:30:00Z");
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    m.set_repo("usb", repo("file:///mnt/usb"), t0).unwrap();
+    let mut off = repo("s3://bucket/x");
+    off.copy = Some(
+        serde_json::from_value(serde_json::json!({ "from": "usb", "schedule": "*-*-* 04:00" }))
+            .unwrap(),
+    );
+    let mut bad = off.clone();
+    bad.copy.as_mut().unwrap().from = "nope".into();
+    assert!(m
+        .set_repo("offsite", bad, t0)
+        .unwrap_err()
+        .contains("'nope' is not registered"));
+    m.set_repo("offsite", off, t0).unwrap();
+    let mut p = policy(
+        &["a"],
+        "hourly",
+        Keep {
+            hourly: 2,
+            ..Keep::default()
+        },
+    );
+    p.backups = serde_json::from_value(serde_json::json!([
+        { "repository": "usb", "schedule": "*-*-* 02:30", "keep": { "daily": 5 } }
+    ]))
+    .unwrap();
+    m.set_policy("p", p, t0).unwrap();
+    let mut now = t0;
+    // Before any copy: two copies only, no off site.
+    while now < ts("2026-12-01T03:00:00Z") {
+        *pool.data.borrow_mut().entry("a".into()).or_default() += 1;
+        step(&mut m, &pool, now);
+        now = now.checked_add(10.minutes()).unwrap();
+    }
+    let st = m.status(now, None).unwrap();
+    assert_eq!(
+        st[0].verdict,
+        Compliance::Violated,
+        "offsite never had a copy: {st:?}"
+    );
+    while now < ts("2026-12-03T05:00:00Z") {
+        *pool.data.borrow_mut().entry("a".into()).or_default() += 1;
+        for (job, r) in step(&mut m, &pool, now) {
+            assert_eq!(r.outcome, Outcome::Ok, "{job}");
+        }
+        now = now.checked_add(10.minutes()).unwrap();
+    }
+    let names = |r: &str| -> Vec<String> {
+        pool.stored.borrow()[r]
+            .iter()
+            .map(|b| b.snapshot.clone())
+            .collect()
+    };
+    assert_eq!(names("usb"), names("offsite"));
+    assert_eq!(names("offsite").len(), 3);
+    let st = m.status(now, None).unwrap();
+    let a = &st[0];
+    assert_eq!(
+        (a.verdict, a.copies, a.off_site),
+        (Compliance::Compliant, 3, true),
+        "{a:?}"
+    );
+    assert!(a
+        .targets
+        .iter()
+        .any(|t| t.repository == "offsite" && t.newest.as_deref() == Some("auto-20261203-020000")));
+    assert!(m
+        .delete_repo("usb")
+        .unwrap_err()
+        .contains("policy 'p' backs up there"));
+    m.delete_policy("p").unwrap();
+    assert!(m
+        .delete_repo("usb")
+        .unwrap_err()
+        .contains("'offsite' copies from it"));
 }
