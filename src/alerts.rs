@@ -155,8 +155,12 @@ fn run(cmd: &str, kind: &str, body: &str) -> Result<(), String> {
         .spawn()
         .map_err(|e| format!("starting /bin/sh: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
-        // A command that does not read its input is not an error.
-        let _ = stdin.write_all(body.as_bytes());
+        // Written on a thread of its own: a command that does not read its input neither
+        // blocks the delivery (the timeout below holds) nor fails.
+        let body = body.to_string();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(body.as_bytes());
+        });
     }
     let t0 = Instant::now();
     loop {

@@ -360,6 +360,35 @@ pub struct RepoAddArgs {
     pub copy: Option<String>,
 }
 
+/// Retention: the newest item of each of the last N hours, days, ISO weeks, months, years
+/// that have one, and the N newest (all 0: keep everything).
+#[derive(Args, Debug, Clone)]
+pub struct KeepArgs {
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_hourly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: u32,
+    /// ISO weeks.
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_yearly: u32,
+}
+
+impl KeepArgs {
+    /// As snapblk_policy::Keep's JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "last": self.keep_last, "hourly": self.keep_hourly, "daily": self.keep_daily,
+            "weekly": self.keep_weekly, "monthly": self.keep_monthly, "yearly": self.keep_yearly,
+        })
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct PolicyBackupArgs {
     pub policy: String,
@@ -369,18 +398,8 @@ pub struct PolicyBackupArgs {
     /// the newest snapshot the policy took of each volume.
     #[arg(long)]
     pub schedule: String,
-    #[arg(long, default_value_t = 0)]
-    pub keep_last: u32,
-    #[arg(long, default_value_t = 0)]
-    pub keep_hourly: u32,
-    #[arg(long, default_value_t = 0)]
-    pub keep_daily: u32,
-    #[arg(long, default_value_t = 0)]
-    pub keep_weekly: u32,
-    #[arg(long, default_value_t = 0)]
-    pub keep_monthly: u32,
-    #[arg(long, default_value_t = 0)]
-    pub keep_yearly: u32,
+    #[command(flatten)]
+    pub keep: KeepArgs,
     /// Back up even when the volume did not change since the last backup there.
     #[arg(long)]
     pub always: bool,
@@ -557,19 +576,8 @@ pub struct PolicySetArgs {
     /// name); retention only touches those.
     #[arg(long)]
     pub prefix: Option<String>,
-    #[arg(long, default_value_t = 0)]
-    pub keep_last: u32,
-    #[arg(long, default_value_t = 0)]
-    pub keep_hourly: u32,
-    #[arg(long, default_value_t = 0)]
-    pub keep_daily: u32,
-    /// ISO weeks.
-    #[arg(long, default_value_t = 0)]
-    pub keep_weekly: u32,
-    #[arg(long, default_value_t = 0)]
-    pub keep_monthly: u32,
-    #[arg(long, default_value_t = 0)]
-    pub keep_yearly: u32,
+    #[command(flatten)]
+    pub keep: KeepArgs,
     /// Do not catch up a run missed while the daemon was down.
     #[arg(long)]
     pub no_catch_up: bool,

@@ -162,10 +162,7 @@ fn command(cmd: &Cmd) -> Result<Command> {
                         "timeout_secs": a.hook_timeout,
                         "on_pre_failure": a.on_pre_hook_failure,
                     },
-                    "keep": {
-                        "last": a.keep_last, "hourly": a.keep_hourly, "daily": a.keep_daily,
-                        "weekly": a.keep_weekly, "monthly": a.keep_monthly, "yearly": a.keep_yearly,
-                    },
+                    "keep": a.keep.json(),
                 },
             }),
         },
@@ -178,10 +175,7 @@ fn command(cmd: &Cmd) -> Result<Command> {
             rule: serde_json::json!({
                 "repository": a.repository,
                 "schedule": a.schedule,
-                "keep": {
-                    "last": a.keep_last, "hourly": a.keep_hourly, "daily": a.keep_daily,
-                    "weekly": a.keep_weekly, "monthly": a.keep_monthly, "yearly": a.keep_yearly,
-                },
+                "keep": a.keep.json(),
                 "always": a.always,
                 "rpo_secs": a.rpo.as_deref().map(human::parse_duration).transpose()?.unwrap_or(0),
                 "persistent": !a.no_catch_up,

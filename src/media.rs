@@ -28,6 +28,20 @@ pub fn pool_media() -> Vec<String> {
     out
 }
 
+/// [`medium_of`], given up after `limit` (a hung NFS or USB mount must not stall the
+/// scheduler that asks): `None` then.
+pub fn medium_of_within(path: &Path, limit: std::time::Duration) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("stat".into())
+        .spawn(move || {
+            let _ = tx.send(medium_of(&p));
+        })
+        .ok()?;
+    rx.recv_timeout(limit).ok().flatten()
+}
+
 /// `(major, minor)` of a Linux `dev_t` (glibc's encoding).
 fn split(dev: u64) -> (u64, u64) {
     let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff);

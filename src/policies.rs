@@ -21,7 +21,7 @@ use snapblk_control::Command;
 use snapblk_core::Pool;
 use snapblk_policy::{
     BackupDone, BackupItem, BackupRule, CopyDone, Manager, Medium, NamedRepo, Policy, PolicyPool,
-    RepoTarget, RunRecord, Started, Task, Watch,
+    RepoTarget, RunRecord, Started, Task, TaskResult, Watch,
 };
 
 use crate::alerts::{AlertConfig, Alerts};
@@ -210,8 +210,8 @@ impl PolicyPool for PoolPolicies {
         }
         let path = repo.url.strip_prefix("file://").unwrap_or(&repo.url);
         Medium {
-            id: crate::media::medium_of(std::path::Path::new(path))
-                .unwrap_or_else(|| "unknown".into()),
+            id: crate::media::medium_of_within(std::path::Path::new(path), Duration::from_secs(2))
+                .unwrap_or_else(|| format!("unknown ({path} did not answer)")),
             off_site: false,
         }
     }
@@ -400,18 +400,18 @@ impl PolicyService {
 
     fn run(self: &Arc<Self>) {
         loop {
-            let next = {
+            let (next, tasks) = {
                 let mut m = self.lock();
                 let (done, tasks) = m.tick(now(), &now);
                 for (job, r) in done {
                     log_run(&job, &r);
                 }
-                for task in tasks {
-                    self.spawn_task(task);
-                }
                 self.check(&m);
-                m.next_wakeup()
+                (m.next_wakeup(), tasks)
             };
+            for task in tasks {
+                self.spawn_task(task);
+            }
             let wait = next
                 .map(|t| {
                     t.duration_since(now())
@@ -434,16 +434,24 @@ impl PolicyService {
     }
 
     /// Runs a long job's task on a thread of its own, then records its end.
+    /// (Called without the manager held.)
     fn spawn_task(self: &Arc<Self>, task: Task) {
         let me = Arc::clone(self);
+        let t = task.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("job {}", task.job))
             .spawn(move || {
-                let r = me.run_task(&task);
-                log_run(&task.job, &r);
+                let r = me.run_task(&t);
+                log_run(&t.job, &r);
             });
         if let Err(e) = spawned {
-            log::warn!("starting a job thread: {e}");
+            // Never left "running": the job fails now and runs again at its next elapse.
+            let r = self.lock().finish(
+                &task,
+                TaskResult::failed(format!("starting its thread: {e}")),
+                now(),
+            );
+            log_run(&task.job, &r);
         }
     }
 
@@ -453,7 +461,13 @@ impl PolicyService {
             let m = self.lock();
             (PoolPolicies(Arc::clone(&m.pool().0)), m.tz().clone())
         };
-        let r = snapblk_policy::backups::run(&pool, task, &tz);
+        // A panic in a job is a bug, but it must not leave the job "running" for good.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            snapblk_policy::backups::run(&pool, task, &tz)
+        }))
+        .unwrap_or_else(|_| {
+            TaskResult::failed("the job panicked (a bug: see the daemon log)".into())
+        });
         let mut m = self.lock();
         let rec = m.finish(task, r, now());
         self.check(&m);

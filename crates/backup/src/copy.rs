@@ -227,12 +227,66 @@ pub fn run(
         .collect();
     manifest::sort(&mut headers);
     let mut out = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
     for h in &headers {
         let in_dst: Vec<Header> = catalog::load_pool(dst, &h.pool)?
             .map(|l| l.catalog.backups)
             .unwrap_or_default();
+        // Held already: nothing is read from the source for it.
+        if let Some(d) = in_dst.iter().find(|d| d.snapshot_id == h.snapshot_id) {
+            out.push(Copied {
+                backup: h.name(),
+                source_id: h.id.clone(),
+                pool: h.pool.clone(),
+                summary: Summary {
+                    manifest: d.id.clone(),
+                    volume: d.volume.clone(),
+                    snapshot: d.snapshot.clone(),
+                    size: d.size,
+                    base: d.base.clone(),
+                    already_stored: true,
+                    stats: d.stats.clone(),
+                },
+            });
+            continue;
+        }
+        match copy_one(src, dst, &catalogs, &in_dst, h, progress) {
+            Ok(summary) => out.push(Copied {
+                backup: h.name(),
+                source_id: h.id.clone(),
+                pool: h.pool.clone(),
+                summary,
+            }),
+            // One unreadable source backup does not stop the others.
+            Err(e) => failed.push(format!("{} ({}): {e}", h.name(), h.id)),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(BackupError::invalid(
+            "copy",
+            format!(
+                "{} of {} backups could not be copied: {}",
+                failed.len(),
+                headers.len(),
+                failed.join("; ")
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Copies one backup the destination lacks.
+fn copy_one(
+    src: &Repository,
+    dst: &Repository,
+    catalogs: &Catalogs,
+    in_dst: &[Header],
+    h: &Header,
+    progress: &dyn Progress,
+) -> Result<Summary> {
+    {
         let image = BackupImage::open(src, h)?;
-        let base = base_for(src, &catalogs, &in_dst, h, &image.table, dst)?;
+        let base = base_for(src, catalogs, in_dst, h, &image.table, dst)?;
         let job = Job {
             allocated: image.allocated(),
             volume: h.volume.clone(),
@@ -246,15 +300,8 @@ pub fn run(
             uploaders: dst.parallelism().uploaders,
             source: Arc::new(image),
         };
-        let summary = backup::run(dst, job, progress)?;
-        out.push(Copied {
-            backup: h.name(),
-            source_id: h.id.clone(),
-            pool: h.pool.clone(),
-            summary,
-        });
+        backup::run(dst, job, progress)
     }
-    Ok(out)
 }
 
 /// The destination's backup to copy `h` incrementally against, with the changed ranges:

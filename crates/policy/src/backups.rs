@@ -259,6 +259,9 @@ pub enum Work {
         /// Volumes and groups (members resolved when the run starts).
         volumes: Vec<String>,
         groups: Vec<String>,
+        /// Per volume, the snapshot to back up: the newest the policy had taken when the
+        /// run started (the manager protects it from snapshot retention meanwhile).
+        pinned: BTreeMap<String, String>,
     },
     Gc {
         repo: NamedRepo,
@@ -324,6 +327,7 @@ pub fn run<P: PolicyPool>(pool: &P, task: &Task, tz: &TimeZone) -> TaskResult {
             prefix,
             volumes,
             groups,
+            pinned,
             ..
         } => {
             let mut vols: Vec<String> = Vec::new();
@@ -344,7 +348,10 @@ pub fn run<P: PolicyPool>(pool: &P, task: &Task, tz: &TimeZone) -> TaskResult {
                 }
             };
             for v in &vols {
-                if let Err(e) = backup_volume(pool, rule, repo, prefix, v, &stored, tz, &mut r) {
+                let want = pinned.get(v).map(String::as_str);
+                if let Err(e) =
+                    backup_volume(pool, rule, repo, prefix, v, want, &stored, tz, &mut r)
+                {
                     r.errors.push(format!("volume {v}: {e}"));
                 }
             }
@@ -380,6 +387,7 @@ fn backup_volume<P: PolicyPool>(
     repo: &NamedRepo,
     prefix: &str,
     vol: &str,
+    want: Option<&str>,
     stored: &[BackupItem],
     tz: &TimeZone,
     r: &mut TaskResult,
@@ -390,7 +398,12 @@ fn backup_volume<P: PolicyPool>(
         .filter_map(|(n, _)| parse_snapshot_name(prefix, &n).map(|t| (n, t)))
         .collect();
     snaps.sort_by_key(|(n, t)| (*t, n.clone()));
-    let Some((newest, _)) = snaps.last().cloned() else {
+    // The snapshot pinned when the run started, if it still exists; else the newest.
+    let pick = want
+        .and_then(|w| snaps.iter().find(|(n, _)| n == w))
+        .or(snaps.last())
+        .cloned();
+    let Some((newest, _)) = pick else {
         return Err(format!(
             "no snapshot named {prefix}-… yet (the policy's snapshot job takes them)"
         ));

@@ -50,11 +50,15 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Starts from the jobs' persisted outcomes (no event for what was already known).
+    /// Starts from the jobs' persisted outcomes (no event for a failure already known),
+    /// except runs the last daemon stop interrupted: those are news, announced at the
+    /// first check.
     pub fn new(jobs: &[JobInfo]) -> Watch {
         let mut w = Watch::default();
         for j in jobs {
-            w.failing.insert(j.view.name.clone(), failed(j));
+            let interrupted = matches!(j.view.state.last_outcome, Some(Outcome::Interrupted));
+            w.failing
+                .insert(j.view.name.clone(), failed(j) && !interrupted);
         }
         w
     }

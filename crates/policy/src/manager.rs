@@ -156,6 +156,9 @@ pub struct Manager<P: PolicyPool> {
     /// Backup jobs' bases and coverage (see [`JobRecord::bases`], [`JobRecord::covered`]).
     bases: BTreeMap<String, BTreeMap<String, String>>,
     covered: BTreeMap<String, BTreeMap<String, String>>,
+    /// Running backup jobs: per volume, the snapshot the run backs up (protected from
+    /// snapshot retention until the run ends and its bases are recorded).
+    pinned: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A run just started: done already (snapshot jobs), or to be run without the manager.
@@ -281,6 +284,7 @@ impl<P: PolicyPool> Manager<P> {
             history: BTreeMap::new(),
             bases: BTreeMap::new(),
             covered: BTreeMap::new(),
+            pinned: BTreeMap::new(),
         };
         let mut jobs: BTreeMap<String, JobRecord> = BTreeMap::new();
         for (name, v) in m.pool.records("job/")? {
@@ -378,6 +382,7 @@ impl<P: PolicyPool> Manager<P> {
         new: Vec<(String, JobSpec)>,
         now: Timestamp,
     ) -> Result<(), String> {
+        self.check_removable(old, &new)?;
         let views = self.sched.jobs();
         for job in old {
             if !new.iter().any(|(n, _)| n == job) {
@@ -389,6 +394,12 @@ impl<P: PolicyPool> Manager<P> {
             }
         }
         for (job, spec) in new {
+            // A job running now (a backup outside the manager) keeps running: only its
+            // schedule changes, so it is neither started twice nor recorded interrupted.
+            if views.iter().any(|j| j.name == job && j.running) {
+                self.sched.respec(&job, spec, now);
+                continue;
+            }
             let state = views
                 .iter()
                 .find(|j| j.name == job)
@@ -404,6 +415,20 @@ impl<P: PolicyPool> Manager<P> {
             self.add_job(&job, spec, rec, now)?;
         }
         Ok(())
+    }
+
+    /// A running job may change its schedule but not go away: its run would finish
+    /// against a job re-added meanwhile (two runs at once, results crossed).
+    fn check_removable(&self, old: &[String], new: &[(String, JobSpec)]) -> Result<(), String> {
+        match old
+            .iter()
+            .find(|j| !new.iter().any(|(n, _)| n == *j) && self.running(j))
+        {
+            Some(j) => Err(format!(
+                "job {j} is running: wait for it to end (snapblk jobs) and try again"
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Jobs whose names `f` selects.
@@ -434,10 +459,12 @@ impl<P: PolicyPool> Manager<P> {
             }
         }
         self.check_prefix_unique(name, &p)?;
+        let old = self.jobs_where(|j| policy_of(j) == Some(name));
+        let new = policy_jobs(name, &p);
+        self.check_removable(&old, &new)?;
         let v = serde_json::to_vec(&p).map_err(|e| e.to_string())?;
         self.pool.put_record(&format!("policy/{name}"), Some(v))?;
-        let old = self.jobs_where(|j| policy_of(j) == Some(name));
-        self.replace_jobs(&old, policy_jobs(name, &p), now)?;
+        self.replace_jobs(&old, new, now)?;
         self.policies.insert(name.to_string(), p);
         Ok(())
     }
@@ -497,13 +524,26 @@ impl<P: PolicyPool> Manager<P> {
                 return Err(format!("repository '{}' is not registered", c.from));
             }
         }
-        let v = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
-        self.pool
-            .put_record(&format!("repository/{name}"), Some(v))?;
         let old = self.jobs_where(|j| {
             matches!(parse_job(j), Some(JobName::Gc(n) | JobName::Verify(n) | JobName::Copy(n)) if n == name)
         });
-        self.replace_jobs(&old, repo_jobs(name, &r), now)?;
+        let new = repo_jobs(name, &r);
+        self.check_removable(&old, &new)?;
+        let v = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
+        self.pool
+            .put_record(&format!("repository/{name}"), Some(v))?;
+        if self.repos.get(name).is_some_and(|o| o.url != r.url) {
+            // Another repository under this name: what the jobs recorded of the old one
+            // (bases, what it holds) says nothing of the new one.
+            for job in self.jobs_where(|j| repo_of(j) == Some(name)) {
+                self.bases.remove(&job);
+                self.covered.remove(&job);
+                if let Some(v) = self.sched.jobs().into_iter().find(|v| v.name == job) {
+                    self.save(&job, v.state)?;
+                }
+            }
+        }
+        self.replace_jobs(&old, new, now)?;
         self.repos.insert(name.to_string(), r);
         Ok(())
     }
@@ -643,7 +683,12 @@ impl<P: PolicyPool> Manager<P> {
             _ => self.task_for(job, &state, now, manual),
         };
         Some(match (task, saved) {
-            (Ok(t), Ok(())) => Started::Task(Box::new(t)),
+            (Ok(t), Ok(())) => {
+                if let Work::Backup { pinned, .. } = &t.work {
+                    self.pinned.insert(job.to_string(), pinned.clone());
+                }
+                Started::Task(Box::new(t))
+            }
             // Not started: a run whose start could not be recorded could be lost.
             (Ok(_), Err(e)) => Started::Done(self.record(
                 job,
@@ -684,15 +729,17 @@ impl<P: PolicyPool> Manager<P> {
                     .iter()
                     .find(|b| b.repository == r)
                     .ok_or("its backup target is gone")?;
+                let prefix = policy
+                    .snapshots
+                    .as_ref()
+                    .map(|s| s.prefix.clone())
+                    .unwrap_or_default();
                 Work::Backup {
                     policy: p.to_string(),
                     rule: Box::new(rule.clone()),
                     repo: repo(r)?,
-                    prefix: policy
-                        .snapshots
-                        .as_ref()
-                        .map(|s| s.prefix.clone())
-                        .unwrap_or_default(),
+                    pinned: self.newest_snapshots(policy, &prefix),
+                    prefix,
                     volumes: policy.volumes.clone(),
                     groups: policy.groups.clone(),
                 }
@@ -770,19 +817,8 @@ impl<P: PolicyPool> Manager<P> {
             }
         };
         let end = end.max(start);
+        self.pinned.remove(job);
         let state = self.sched.finished(job, end, outcome.clone()).ok();
-        if !r.bases.is_empty() {
-            self.bases
-                .entry(job.to_string())
-                .or_default()
-                .extend(r.bases);
-        }
-        if !r.covered.is_empty() {
-            self.covered
-                .entry(job.to_string())
-                .or_default()
-                .extend(r.covered);
-        }
         let rec = RunRecord {
             start,
             end,
@@ -795,11 +831,26 @@ impl<P: PolicyPool> Manager<P> {
             bytes_uploaded: r.bytes_uploaded,
             detail: r.detail,
         };
-        self.push_history(job, rec.clone());
-        if let Some(state) = state {
-            // A failure to save shows at the next save; the run happened.
-            let _ = self.save(job, state);
+        let Some(state) = state else {
+            // Its job was removed (its policy or target deleted) while it ran: the run
+            // is reported to whoever waits for it, but leaves no bases behind.
+            return rec;
+        };
+        if !r.bases.is_empty() {
+            self.bases
+                .entry(job.to_string())
+                .or_default()
+                .extend(r.bases);
         }
+        if !r.covered.is_empty() {
+            self.covered
+                .entry(job.to_string())
+                .or_default()
+                .extend(r.covered);
+        }
+        self.push_history(job, rec.clone());
+        // A failure to save shows at the next save; the run happened.
+        let _ = self.save(job, state);
         rec
     }
 
@@ -984,12 +1035,40 @@ impl<P: PolicyPool> Manager<P> {
     }
 
     /// Snapshots of `vol` that policy `pname`'s backup jobs need as their next base.
+    /// Snapshots of `vol` that policy `pname`'s backup jobs need: each one's next base, and
+    /// what a running one is backing up.
     fn bases_of(&self, pname: &str, vol: &str) -> Vec<&str> {
         self.bases
             .iter()
+            .chain(self.pinned.iter())
             .filter(|(job, _)| matches!(parse_job(job), Some(JobName::Backup(p, _)) if p == pname))
             .filter_map(|(_, b)| b.get(vol).map(String::as_str))
             .collect()
+    }
+
+    /// Per volume of `p` (groups resolved now; a group that does not resolve is reported
+    /// by the run), its newest snapshot named with `prefix`.
+    fn newest_snapshots(&self, p: &Policy, prefix: &str) -> BTreeMap<String, String> {
+        let mut vols: Vec<String> = p
+            .groups
+            .iter()
+            .flat_map(|g| self.pool.group_members(g).unwrap_or_default())
+            .collect();
+        vols.extend(p.volumes.iter().cloned());
+        let mut out = BTreeMap::new();
+        for v in vols {
+            let newest = self
+                .pool
+                .snapshots(&v)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(n, _)| parse_snapshot_name(prefix, &n).map(|t| (t, n)))
+                .max();
+            if let Some((_, n)) = newest {
+                out.insert(v, n);
+            }
+        }
+        out
     }
 
     fn plan_volume(&self, pname: &str, p: &Policy, vol: &str) -> Result<VolumePlan, String> {

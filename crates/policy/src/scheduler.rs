@@ -182,6 +182,24 @@ impl Scheduler {
         state
     }
 
+    /// Changes the schedule of job `name`, keeping its state: a running job stays running
+    /// (its next run is computed from the new schedule when it ends). False if unknown.
+    pub fn respec(&mut self, name: &str, spec: JobSpec, now: Timestamp) -> bool {
+        let running = match self.jobs.get(name) {
+            Some(e) => e.state.running_since.is_some(),
+            None => return false,
+        };
+        let next = if running {
+            None
+        } else {
+            self.due_after(name, &spec, now)
+        };
+        let e = self.jobs.get_mut(name).expect("checked above");
+        e.spec = spec;
+        e.next = next;
+        true
+    }
+
     pub fn remove(&mut self, name: &str) -> bool {
         self.jobs.remove(name).is_some()
     }

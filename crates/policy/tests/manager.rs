@@ -688,19 +688,32 @@ fn a_week_of_hourly_snapshots_backed_up_daily_and_weekly_with_retention_and_main
     assert!(m2.status(later, Some("nope")).is_err());
 }
 
+/// Volume a, repository usb, and policy p (hourly snapshots, prefix auto, keeping all)
+/// backing up to usb as `target` says; the clock at `t0`.
+fn backing_up_to_usb(
+    pool: &MemPool,
+    t0: Timestamp,
+    target: serde_json::Value,
+) -> (Manager<&MemPool>, Policy) {
+    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
+    *pool.now.borrow_mut() = Some(t0);
+    let mut m = Manager::open(pool, TimeZone::UTC, t0).unwrap();
+    m.set_repo("usb", repo("file:///mnt/usb"), t0).unwrap();
+    let mut p = policy(&["a"], "hourly", Keep::default());
+    p.backups = serde_json::from_value(serde_json::json!([target])).unwrap();
+    m.set_policy("p", p.clone(), t0).unwrap();
+    (m, p)
+}
+
 #[test]
 fn a_long_job_cut_by_a_stop_is_reported_interrupted() {
     let pool = MemPool::default();
-    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
     let t0 = ts("2026-12-01T00:00:00Z");
-    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
-    m.set_repo("usb", repo("file:///mnt/usb"), t0).unwrap();
-    let mut p = policy(&["a"], "hourly", Keep::default());
-    p.backups = serde_json::from_value(serde_json::json!([
-        { "repository": "usb", "schedule": "daily" }
-    ]))
-    .unwrap();
-    m.set_policy("p", p, t0).unwrap();
+    let (mut m, _) = backing_up_to_usb(
+        &pool,
+        t0,
+        serde_json::json!({ "repository": "usb", "schedule": "daily" }),
+    );
     // Started (persisted running), then the daemon died before finish.
     let t = ts("2026-12-01T00:30:00Z");
     *pool.now.borrow_mut() = Some(t);
@@ -726,17 +739,12 @@ fn a_long_job_cut_by_a_stop_is_reported_interrupted() {
 fn notifications_are_transitions_only() {
     use snapblk_policy::{Event, Watch};
     let pool = MemPool::default();
-    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
     let t0 = ts("2026-12-01T00:00:00Z");
-    *pool.now.borrow_mut() = Some(t0);
-    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
-    m.set_repo("usb", repo("file:///mnt/usb"), t0).unwrap();
-    let mut p = policy(&["a"], "hourly", Keep::default());
-    p.backups = serde_json::from_value(serde_json::json!([
-        { "repository": "usb", "schedule": "hourly", "rpo_secs": 3600 }
-    ]))
-    .unwrap();
-    m.set_policy("p", p, t0).unwrap();
+    let (mut m, _) = backing_up_to_usb(
+        &pool,
+        t0,
+        serde_json::json!({ "repository": "usb", "schedule": "hourly", "rpo_secs": 3600 }),
+    );
     m.run_now("snapshot:p", t0, &move || t0).unwrap();
     let mut w = Watch::new(&m.jobs());
     // Never backed up: violated, once.
@@ -863,4 +871,70 @@ fn a_scheduled_copy_is_a_copy_for_the_3_2_1_report() {
         .delete_repo("usb")
         .unwrap_err()
         .contains("'offsite' copies from it"));
+}
+
+#[test]
+fn changing_a_policy_while_its_backup_runs_neither_restarts_nor_interrupts_it() {
+    let pool = MemPool::default();
+    let t0 = ts("2026-12-01T00:00:00Z");
+    let (mut m, mut p) = backing_up_to_usb(
+        &pool,
+        t0,
+        serde_json::json!({ "repository": "usb", "schedule": "*:0/10" }),
+    );
+    m.run_now("snapshot:p", t0, &move || t0).unwrap();
+    let t1 = ts("2026-12-01T00:10:00Z");
+    let (_, tasks) = m.tick(t1, &move || t1);
+    assert_eq!(tasks.len(), 1);
+    // While the task runs (outside the manager), the admin changes the policy.
+    p.backups[0].schedule = "*:0/5".parse().unwrap();
+    m.set_policy("p", p.clone(), t1).unwrap();
+    let t2 = ts("2026-12-01T00:20:00Z");
+    let (_, again) = m.tick(t2, &move || t2);
+    assert!(again.is_empty(), "started twice: {again:?}");
+    let r = snapblk_policy::backups::run(&&pool, &tasks[0], &TimeZone::UTC);
+    let rec = m.finish(&tasks[0], r, t2);
+    assert_eq!(rec.outcome, Outcome::Ok);
+    let j = m
+        .jobs()
+        .into_iter()
+        .find(|j| j.view.name == "backup:p:usb")
+        .unwrap();
+    assert_eq!(j.history.len(), 1, "{:?}", j.history);
+    assert!(!j.view.running);
+    assert_eq!(
+        j.view.next_run,
+        Some(ts("2026-12-01T00:25:00Z")),
+        "the new schedule"
+    );
+    // A target cannot be removed while its run goes on (re-added, two runs would cross);
+    // the policy is left as it was.
+    let t3 = ts("2026-12-01T00:22:00Z");
+    *pool.now.borrow_mut() = Some(t3);
+    m.run_now("snapshot:p", t3, &move || t3).unwrap();
+    let (_, tasks) = m.tick(ts("2026-12-01T00:25:00Z"), &move || t2);
+    assert_eq!(tasks.len(), 1);
+    let mut q = p.clone();
+    q.backups.clear();
+    let e = m.set_policy("p", q.clone(), t2).unwrap_err();
+    assert!(e.contains("job backup:p:usb is running"), "{e}");
+    assert_eq!(m.policies()["p"].backups.len(), 1);
+    assert!(m.delete_policy("p").is_err());
+    // What the run backs up is protected from snapshot retention while it runs.
+    let pinned = match &tasks[0].work {
+        snapblk_policy::Work::Backup { pinned, .. } => pinned.clone(),
+        w => panic!("{w:?}"),
+    };
+    assert_eq!(pinned["a"], "auto-20261201-002200");
+    let plan = m.prune_plan("p").unwrap();
+    assert!(plan[0]
+        .verdicts
+        .iter()
+        .any(|v| v.name == "auto-20261201-002200"
+            && v.reasons.contains(&snapblk_policy::Reason::Protected)));
+    let r = snapblk_policy::backups::run(&&pool, &tasks[0], &TimeZone::UTC);
+    m.finish(&tasks[0], r, t2);
+    m.set_policy("p", q, t2).unwrap();
+    assert!(!pool.records.borrow().contains_key("job/backup:p:usb"));
+    assert!(m.jobs().iter().all(|j| j.view.name != "backup:p:usb"));
 }
