@@ -94,6 +94,22 @@ pub enum Cmd {
     /// a command (the JSON on stdin, SNAPBLK_EVENT=kind).
     #[command(subcommand)]
     Notify(NotifyCmd),
+    /// Mount a snapshot's filesystem read-only at DIR to restore files from it (no journal
+    /// replay; the whole device or its first partition holding a filesystem). Through a
+    /// ublk device where the kernel has ublk, else NBD via nbdfuse and a loop device.
+    Mount {
+        /// VOLUME@SNAPSHOT (or VOLUME, read-only)
+        target: String,
+        dir: PathBuf,
+        /// Mount partition N instead of the first one holding a filesystem.
+        #[arg(long)]
+        partition: Option<u32>,
+        /// The daemon's NBD socket.
+        #[arg(long, env = "SNAPBLK_NBD_SOCKET", default_value = crate::daemon::DEFAULT_NBD_SOCKET)]
+        nbd_socket: PathBuf,
+    },
+    /// Undo `snapblk mount DIR`: unmount, and remove the devices it set up.
+    Umount { dir: PathBuf },
     /// Is each volume safe? Copies, media and off-site copies (the 3-2-1 rule) and each
     /// backup target's age against its RPO; exits 0 compliant, 1 at risk, 2 violated (for
     /// monitoring, as sanoid's --monitor-* do).

@@ -12,6 +12,7 @@ mod freeze;
 mod human;
 mod manpages;
 mod media;
+mod mount;
 mod notify;
 mod open;
 mod policies;
@@ -227,6 +228,8 @@ fn command(cmd: &Cmd) -> Result<Command> {
         | Cmd::Daemon(_)
         | Cmd::UdevName { .. }
         | Cmd::Completions { .. }
+        | Cmd::Mount { .. }
+        | Cmd::Umount { .. }
         | Cmd::Manpages { .. }
         | Cmd::Repo(_)
         | Cmd::Backup(_) => {
@@ -294,6 +297,66 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let out = repo_cmds::backup(c, &bar);
             bar.bar.finish();
             print_outcome(&cli, out?)
+        }
+        Cmd::Mount {
+            target,
+            dir,
+            partition,
+            nbd_socket,
+        } => {
+            let ublk = std::path::Path::new("/dev/ublk-control").exists();
+            let attach = || -> Result<String> {
+                let v = run_command(
+                    &cli,
+                    &Command::Attach {
+                        target: target.clone(),
+                        read_only: true,
+                        queues: 1,
+                        depth: 64,
+                    },
+                )?;
+                v["path"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow::anyhow!("attach returned no device"))
+            };
+            let m = mount::mount(
+                target,
+                dir,
+                *partition,
+                nbd_socket,
+                if ublk { Some(&attach) } else { None },
+            )?;
+            if cli.json {
+                say!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                say!(
+                    "mounted {} ({} on {}) read-only at {}",
+                    m.target,
+                    m.fstype,
+                    m.device,
+                    m.dir.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Umount { dir } => {
+            let detach = |dev: &str| -> Result<()> {
+                run_command(
+                    &cli,
+                    &Command::Detach {
+                        what: dev.to_string(),
+                    },
+                )
+                .map(|_| ())
+            };
+            let m = mount::umount(dir, &detach)?;
+            if cli.json {
+                say!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                say!("unmounted {} from {}", m.target, m.dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Completions { shell } => {
             manpages::completions(*shell)?;
