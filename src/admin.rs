@@ -86,6 +86,12 @@ pub fn execute(
             v
         }
         Command::RestoreStatus => json!(devices::need(devices)?.restores.status()),
+        Command::RestoreCancel { volume } => {
+            if !devices::need(devices)?.restores.cancel(volume) {
+                return Err(snapblk_core::Error::not_found("lazy restore", volume).into());
+            }
+            json!({ "cancelled": volume })
+        }
         Command::Attach {
             target,
             read_only,

@@ -98,9 +98,18 @@ pub enum Cmd {
     /// replay; the whole device or its first partition holding a filesystem). Through a
     /// ublk device where the kernel has ublk, else NBD via nbdfuse and a loop device.
     Mount {
-        /// VOLUME@SNAPSHOT (or VOLUME, read-only)
+        /// VOLUME@SNAPSHOT (or VOLUME, read-only); with --from, a backup's VOLUME@SNAPSHOT.
         target: String,
         dir: PathBuf,
+        /// Mount a backup from this repository (s3://... or file://...): served through a
+        /// temporary lazy restore that fetches only what is read; umount removes it.
+        #[arg(long, value_name = "REPO")]
+        from: Option<String>,
+        /// With --from: the pool or host whose backup (default: as `restore` chooses).
+        #[arg(long, value_name = "HOST|POOL", requires = "from")]
+        pool: Option<String>,
+        #[command(flatten)]
+        repo: RepoArgs,
         /// Mount partition N instead of the first one holding a filesystem.
         #[arg(long)]
         partition: Option<u32>,
@@ -153,6 +162,9 @@ pub enum Cmd {
     },
     /// Progress of lazy restores.
     RestoreStatus,
+    /// Stop a lazy restore: the volume is then an interrupted restore, to delete (or to
+    /// resume with the same `restore --lazy`).
+    RestoreCancel { volume: String },
     /// List the byte ranges that differ between two snapshots, or a snapshot and a volume.
     Diff {
         /// VOLUME@SNAPSHOT (or VOLUME)

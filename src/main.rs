@@ -147,6 +147,9 @@ fn command(cmd: &Cmd) -> Result<Command> {
             from: from.clone(),
         },
         Cmd::RestoreStatus => Command::RestoreStatus,
+        Cmd::RestoreCancel { volume } => Command::RestoreCancel {
+            volume: volume.clone(),
+        },
         Cmd::Policy(PolicyCmd::Set(a)) => Command::PolicySet {
             name: a.name.clone(),
             policy: serde_json::json!({
@@ -303,13 +306,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             partition,
             nbd_socket,
+            from,
+            pool,
+            repo,
         } => {
+            // A backup: restored lazily into a temporary volume, which is what is mounted.
+            let lazy = match from {
+                Some(url) => {
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos());
+                    let tmp = format!("snapblk-mount-{}-{nanos:08x}", std::process::id());
+                    run_command(
+                        &cli,
+                        &Command::Restore {
+                            repo: repo.spec(url)?,
+                            backup: target.clone(),
+                            name: tmp.clone(),
+                            lazy: true,
+                            from: pool.clone(),
+                        },
+                    )?;
+                    Some(tmp)
+                }
+                None => None,
+            };
+            let source = lazy.clone().unwrap_or_else(|| target.clone());
             let ublk = std::path::Path::new("/dev/ublk-control").exists();
             let attach = || -> Result<String> {
                 let v = run_command(
                     &cli,
                     &Command::Attach {
-                        target: target.clone(),
+                        target: source.clone(),
                         read_only: true,
                         queues: 1,
                         depth: 64,
@@ -320,13 +348,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(str::to_string)
                     .ok_or_else(|| anyhow::anyhow!("attach returned no device"))
             };
-            let m = mount::mount(
-                target,
+            let mounted = mount::mount(
+                &source,
                 dir,
                 *partition,
                 nbd_socket,
                 if ublk { Some(&attach) } else { None },
-            )?;
+                lazy.as_deref(),
+            );
+            let m = match mounted {
+                Ok(m) => m,
+                Err(e) => {
+                    if let Some(tmp) = &lazy {
+                        drop_restore(&cli, tmp);
+                    }
+                    return Err(e);
+                }
+            };
             if cli.json {
                 say!("{}", serde_json::to_string_pretty(&m)?);
             } else {
@@ -351,6 +389,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .map(|_| ())
             };
             let m = mount::umount(dir, &detach)?;
+            if let Some(tmp) = &m.lazy_volume {
+                drop_restore(&cli, tmp);
+            }
             if cli.json {
                 say!("{}", serde_json::to_string_pretty(&m)?);
             } else {
@@ -452,6 +493,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+    }
+}
+
+/// Stops the temporary lazy restore `volume` of a backup mount and deletes it (the
+/// hydration lets go of the volume a moment after it is stopped).
+fn drop_restore(cli: &Cli, volume: &str) {
+    let _ = run_command(
+        cli,
+        &Command::RestoreCancel {
+            volume: volume.to_string(),
+        },
+    );
+    let delete = Command::VolumeDelete {
+        name: volume.to_string(),
+        recursive: false,
+    };
+    for _ in 0..100 {
+        if run_command(cli, &delete).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if let Err(e) = run_command(cli, &delete) {
+        eprintln!("snapblk: the temporary volume {volume} is left: {e:#} (delete it with `snapblk volume delete {volume}`)");
     }
 }
 

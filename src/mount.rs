@@ -31,6 +31,9 @@ pub struct Mounted {
     pub fuse_file: Option<PathBuf>,
     /// ublk path: the device the daemon attached.
     pub ublk: Option<String>,
+    /// A backup's mount: the temporary lazily restored volume (deleted by umount).
+    #[serde(default)]
+    pub lazy_volume: Option<String>,
 }
 
 fn run_dir() -> PathBuf {
@@ -186,6 +189,7 @@ pub fn mount(
     partition: Option<u32>,
     socket: &Path,
     ublk: Option<&dyn Fn() -> Result<String>>,
+    lazy_volume: Option<&str>,
 ) -> Result<Mounted> {
     let dir = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
     if !dir.is_dir() {
@@ -206,6 +210,7 @@ pub fn mount(
     let mut m = Mounted {
         dir: dir.clone(),
         target: target.to_string(),
+        lazy_volume: lazy_volume.map(str::to_string),
         ..Default::default()
     };
     let result = (|| -> Result<()> {

@@ -3,12 +3,17 @@
 # the first partition of an MBR-partitioned volume and an xfs filesystem on a whole volume
 # as they were at the snapshot (taken while mounted: no journal replay, and the xfs snapshot
 # mounts beside its mounted original), read-only; `snapblk umount` leaves no mount, loop
-# device, nbdfuse process or record behind, and the snapshot is no longer in use. A failed
-# mount leaves nothing either.
+# device, nbdfuse process or record behind, and the snapshot is no longer in use. The
+# snapshot's backup mounts the same way (`--from REPO`, a temporary lazy restore) and
+# leaves no volume behind. A failed mount leaves nothing either.
 source "$(dirname "$0")/lib.sh"
 export SNAPBLK_RUN_DIR=$T/run SNAPBLK_NBD_SOCKET=$NBD_SOCK
 create_pool 4G
 start_daemon
+head -c 32 /dev/urandom >"$T/key"
+export SNAPBLK_KEY_FILE=$T/key
+REPO=file://$T/repo
+snapblk repo init "$REPO" >/dev/null
 
 sums() { (cd "$1" && find . -type f -print0 | sort -z | xargs -0 sha256sum); }
 nothing_left() { # DIR
@@ -67,6 +72,20 @@ for fs in ext4 xfs; do
     findmnt -n -o OPTIONS "$view" | grep -q '\bro\b' || fail "$fs: not mounted read-only"
     snapblk umount "$view" >/dev/null || fail "$fs: snapblk umount"
     nothing_left "$view"
+
+    log "$fs: mount the snapshot's backup: a temporary lazy restore, gone after umount"
+    snapblk backup "$vol@s1" --to "$REPO" >/dev/null
+    snapblk mount --from "$REPO" "$vol@s1" "$view" >"$T/mount.out" || fail "$fs: snapblk mount --from"
+    sums "$view" | diff - "$T/before-$fs" >/dev/null || fail "$fs: the backup's files differ"
+    [ -e "$view/after" ] && fail "$fs: a file written after the snapshot shows in its backup"
+    tmpvol=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["lazy_volume"])' "$T/run/mounts/"*.json)
+    case $tmpvol in snapblk-mount-*) ;; *) fail "no temporary volume recorded: $tmpvol" ;; esac
+    snapblk umount "$view" >/dev/null || fail "$fs: snapblk umount of a backup mount"
+    nothing_left "$view"
+    snapblk volume list | grep -q snapblk-mount- && { snapblk volume list; fail "the temporary volume is left"; }
+    snapblk --json restore-status | python3 -c '
+import json,sys; left=[r for r in json.load(sys.stdin) if r["volume"] == sys.argv[1] and not r.get("complete")]
+assert not left, left' "$tmpvol" || fail "the temporary restore is still running"
     umount "$mnt"
     [ $fs = ext4 ] && losetup -d "$fsdev"
     detach_loop "$vol" "$dev"
@@ -81,6 +100,9 @@ grep -q "m-xfs@nope" "$T/out" || { cat "$T/out"; fail "the error does not name t
 nothing_left "$T/v2"
 snapblk umount "$T/v2" >"$T/out" 2>&1 && fail "umount of a directory snapblk did not mount succeeded"
 grep -q "was not mounted by snapblk mount" "$T/out" || { cat "$T/out"; fail "unclear umount error"; }
+snapblk mount --from "$REPO" "m-xfs@nope" "$T/v2" >"$T/out" 2>&1 && fail "mounting a missing backup succeeded"
+nothing_left "$T/v2"
+snapblk volume list | grep -q snapblk-mount- && fail "a failed backup mount left its volume"
 snapblk volume create empty --size 16M >/dev/null
 snapblk snapshot create empty@s >/dev/null
 snapblk mount empty@s "$T/v2" >"$T/out" 2>&1 && fail "mounting a volume without a filesystem succeeded"

@@ -931,6 +931,20 @@ impl Restores {
         }));
         out
     }
+    /// Stops the lazy restore of `volume` (it is then an interrupted one: the volume can be
+    /// deleted, or the restore resumed); false if none runs. The hydration lets go of the
+    /// volume once its background thread and clients are done with it.
+    pub fn cancel(&self, volume: &str) -> bool {
+        let Some(h) = lock(&self.map).remove(volume) else {
+            return false;
+        };
+        if h.is_complete() {
+            return false;
+        }
+        h.stop();
+        self.suspend(h.state.clone());
+        true
+    }
     pub fn stop_all(&self) {
         for h in lock(&self.map).values() {
             h.stop();

@@ -532,3 +532,30 @@ impl ObjectStore for Counted {
         self.gate.delete(k)
     }
 }
+
+#[test]
+fn a_cancelled_restore_lets_go_of_its_volume_and_can_be_deleted() {
+    let s = setup();
+    // Gate closed: the restore cannot finish on its own.
+    let (restores, h) = s.start(false);
+    assert!(!h.is_complete());
+    assert!(restores.cancel("lz"));
+    assert!(!restores.cancel("lz"), "cancelled twice");
+    assert!(restores.active("lz").is_none());
+    assert!(
+        restores.suspended("lz").is_some(),
+        "an interrupted restore: resumable"
+    );
+    drop(h);
+    // The background thread drops its handle on the volume once it sees the stop.
+    let mut deleted = false;
+    for _ in 0..100 {
+        if s.pool.delete_volume("lz", false).is_ok() {
+            deleted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(deleted, "the cancelled restore still holds its volume");
+    assert!(!restores.cancel("nothing"));
+}

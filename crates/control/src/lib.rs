@@ -176,6 +176,10 @@ pub enum Command {
         from: Option<String>,
     },
     RestoreStatus,
+    /// Stops the lazy restore of `volume` (then deletable, or resumable).
+    RestoreCancel {
+        volume: String,
+    },
     /// Creates or replaces a protection policy (`policy`: snapblk_policy::Policy as JSON).
     PolicySet {
         name: String,
