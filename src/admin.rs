@@ -177,6 +177,11 @@ pub fn execute(
             json!({ "group": g, "snapshots": to_value(infos), "create_micros": t0.elapsed().as_micros() as u64 })
         }
         Command::GroupSet { name, volumes } => {
+            let check = |s: &crate::policies::PolicyService| s.check_group(name, volumes);
+            match devices.and_then(|d| d.policies.get()) {
+                Some(service) => check(service)?,
+                None => check(&*crate::policies::PolicyService::open(Arc::clone(pool))?)?,
+            }
             pool.set_group(name, volumes)?;
             json!({ "group": name, "volumes": volumes })
         }

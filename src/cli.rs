@@ -604,6 +604,10 @@ pub struct PolicySetArgs {
     /// name); retention only touches those.
     #[arg(long)]
     pub prefix: Option<String>,
+    /// Read the schedules and retention periods in this IANA time zone (e.g.
+    /// Europe/Berlin; default: the host's).
+    #[arg(long)]
+    pub timezone: Option<String>,
     #[command(flatten)]
     pub keep: KeepArgs,
     /// Do not catch up a run missed while the daemon was down.

@@ -155,6 +155,7 @@ fn command(cmd: &Cmd) -> Result<Command> {
             policy: serde_json::json!({
                 "volumes": a.volumes,
                 "groups": a.groups,
+                "timezone": a.timezone,
                 "snapshots": {
                     "schedule": a.schedule,
                     "prefix": a.prefix.clone().unwrap_or_default(),

@@ -481,6 +481,13 @@ impl PolicyService {
         drop(self.lock()); // waits for a running job
     }
 
+    /// Whether group `name` may get `members` (see `Manager::check_group`).
+    pub fn check_group(&self, name: &str, members: &[String]) -> Result<()> {
+        self.lock()
+            .check_group(name, members)
+            .map_err(|e| anyhow!(e))
+    }
+
     /// Executes a policy or job command.
     pub fn execute(&self, cmd: &Command) -> Result<Value> {
         let mut m = self.lock();

@@ -131,6 +131,22 @@ run_h | python3 -c 'import json,sys; r=json.load(sys.stdin); assert "killed afte
 [ $(( $(date +%s) - t0 )) -le 5 ] || fail "the hung hook held the run"
 snapblk policy delete h >/dev/null
 
+log "a policy in its own time zone; a bad zone is refused"
+expect_error "not known" snapblk policy set tz --volume b --schedule "*-*-* 02:00" --timezone Mars/Olympus
+snapblk policy set tz --volume b --schedule "*-*-* 02:00" --timezone America/New_York >/dev/null
+snapblk --json jobs | python3 -c '
+import json, sys, datetime
+from zoneinfo import ZoneInfo
+ny = ZoneInfo("America/New_York")
+now = datetime.datetime.now(ny)
+want = now.replace(hour=2, minute=0, second=0, microsecond=0)
+if want <= now:
+    want = (want + datetime.timedelta(days=1)).replace(hour=2)
+want = want.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+j = [x for x in json.load(sys.stdin) if x["name"] == "snapshot:tz"][0]
+assert j["next_run"].startswith(want), (j["next_run"], want)' || fail "the policy time zone is not used"
+snapblk policy delete tz >/dev/null
+
 log "deleting the policy stops it; its snapshots stay"
 snapblk policy delete p >/dev/null
 n=$(autos a)

@@ -252,6 +252,8 @@ pub struct BackupDone {
 pub enum Work {
     Backup {
         policy: String,
+        /// The policy's time zone (retention periods), None: the caller's.
+        timezone: Option<String>,
         rule: Box<BackupRule>,
         repo: NamedRepo,
         /// The policy's snapshot prefix.
@@ -328,8 +330,10 @@ pub fn run<P: PolicyPool>(pool: &P, task: &Task, tz: &TimeZone) -> TaskResult {
             volumes,
             groups,
             pinned,
+            timezone,
             ..
         } => {
+            let tz = &crate::scheduler::zone(timezone.as_deref(), tz);
             let mut vols: Vec<String> = Vec::new();
             for g in groups {
                 match pool.group_members(g) {

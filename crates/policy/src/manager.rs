@@ -234,6 +234,7 @@ fn policy_jobs(name: &str, p: &Policy) -> Vec<(String, JobSpec)> {
                 schedule: s.schedule.clone(),
                 persistent: s.persistent,
                 random_delay_secs: s.random_delay_secs,
+                timezone: p.timezone.clone(),
             },
         ));
     }
@@ -244,6 +245,7 @@ fn policy_jobs(name: &str, p: &Policy) -> Vec<(String, JobSpec)> {
                 schedule: b.schedule.clone(),
                 persistent: b.persistent,
                 random_delay_secs: b.random_delay_secs,
+                timezone: p.timezone.clone(),
             },
         ));
     }
@@ -256,6 +258,7 @@ fn repo_jobs(name: &str, r: &RepoTarget) -> Vec<(String, JobSpec)> {
         schedule: schedule.clone(),
         persistent: true,
         random_delay_secs: 0,
+        timezone: None,
     };
     let mut out = Vec::new();
     if let Some(g) = &r.gc {
@@ -497,6 +500,40 @@ impl<P: PolicyPool> Manager<P> {
         Ok(())
     }
 
+    /// Whether group `group` may get `members`: no two policies sharing a snapshot prefix
+    /// may then cover one volume (their retentions would delete each other's snapshots and
+    /// forget each other's backups).
+    pub fn check_group(&self, group: &str, members: &[String]) -> Result<(), String> {
+        let vols = |q: &Policy| -> Vec<String> {
+            let mut v = q.volumes.clone();
+            for g in &q.groups {
+                if g == group {
+                    v.extend(members.iter().cloned());
+                } else {
+                    v.extend(self.pool.group_members(g).unwrap_or_default());
+                }
+            }
+            v
+        };
+        let prefix = |q: &Policy| q.snapshots.as_ref().map(|s| s.prefix.clone());
+        let list: Vec<(&String, &Policy)> = self.policies.iter().collect();
+        for (i, (a, p)) in list.iter().enumerate() {
+            for (b, q) in &list[i + 1..] {
+                if prefix(p).is_none() || prefix(p) != prefix(q) {
+                    continue;
+                }
+                let vq = vols(q);
+                if let Some(v) = vols(p).iter().find(|v| vq.contains(v)) {
+                    return Err(format!(
+                        "policies '{a}' and '{b}' would both name snapshots of volume {v} '{}-…'; give one another --prefix first",
+                        prefix(p).unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes policy `name` and its jobs (its snapshots and backups stay).
     pub fn delete_policy(&mut self, name: &str) -> Result<(), String> {
         if !self.policies.contains_key(name) {
@@ -594,6 +631,11 @@ impl<P: PolicyPool> Manager<P> {
 
     pub fn tz(&self) -> &TimeZone {
         &self.tz
+    }
+
+    /// The zone policy `p`'s schedules and retention periods are read in.
+    fn tz_of(&self, p: &Policy) -> TimeZone {
+        crate::scheduler::zone(p.timezone.as_deref(), &self.tz)
     }
 
     pub fn jobs(&self) -> Vec<JobInfo> {
@@ -736,6 +778,7 @@ impl<P: PolicyPool> Manager<P> {
                     .unwrap_or_default();
                 Work::Backup {
                     policy: p.to_string(),
+                    timezone: policy.timezone.clone(),
                     rule: Box::new(rule.clone()),
                     repo: repo(r)?,
                     pinned: self.newest_snapshots(policy, &prefix),
@@ -1095,7 +1138,7 @@ impl<P: PolicyPool> Manager<P> {
             .collect();
         Ok(VolumePlan {
             volume: vol.to_string(),
-            verdicts: apply(&items, &rule.keep, &self.tz),
+            verdicts: apply(&items, &rule.keep, &self.tz_of(p)),
             error: None,
         })
     }
@@ -1150,7 +1193,8 @@ impl<P: PolicyPool> Manager<P> {
                 for rule in &p.backups {
                     // The target, and every repository that copies from it (its copies
                     // lag by up to twice the copy's interval).
-                    let rpo = rule.rpo(now, &self.tz);
+                    let tz = self.tz_of(p);
+                    let rpo = rule.rpo(now, &tz);
                     let mut dests = vec![(
                         rule.repository.clone(),
                         backup_job(pname, &rule.repository),
@@ -1161,7 +1205,7 @@ impl<P: PolicyPool> Manager<P> {
                             dests.push((
                                 dname.clone(),
                                 format!("copy:{dname}"),
-                                rpo + c.lag(now, &self.tz),
+                                rpo + c.lag(now, &tz),
                             ));
                         }
                     }

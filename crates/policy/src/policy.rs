@@ -95,6 +95,10 @@ pub struct Policy {
     #[serde(default)]
     pub groups: Vec<String>,
     pub snapshots: Option<SnapshotRule>,
+    /// The IANA time zone its schedules and retention periods are read in (e.g.
+    /// `Europe/Berlin`; None: the host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
     /// Where its snapshots are backed up, each target on its own schedule and retention.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backups: Vec<BackupRule>,
@@ -136,6 +140,14 @@ impl Policy {
             }
         } else {
             return Err("the policy does nothing: give it a snapshot schedule".into());
+        }
+        if let Some(z) = &self.timezone {
+            if z.len() > 64 || jiff::tz::TimeZone::get(z).is_err() {
+                return Err(format!(
+                    "time zone {:?} is not known (an IANA name such as Europe/Berlin)",
+                    z
+                ));
+            }
         }
         if self.backups.len() > MAX_TARGETS {
             return Err(format!("more than {MAX_TARGETS} backup targets"));

@@ -36,6 +36,15 @@ pub struct JobSpec {
     /// Up to this many seconds of delay after each elapse.
     #[serde(default)]
     pub random_delay_secs: u32,
+    /// The IANA time zone the schedule is read in (None: the scheduler's, the host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+}
+
+/// The time zone `name` names, else `default` (names are checked when a policy is set).
+pub fn zone(name: Option<&str>, default: &TimeZone) -> TimeZone {
+    name.and_then(|n| TimeZone::get(n).ok())
+        .unwrap_or_else(|| default.clone())
 }
 
 fn yes() -> bool {
@@ -143,7 +152,8 @@ impl Scheduler {
         spec: &JobSpec,
         t: Timestamp,
     ) -> Option<(Timestamp, Timestamp)> {
-        let e = spec.schedule.next_after(t, &self.tz)?;
+        let tz = zone(spec.timezone.as_deref(), &self.tz);
+        let e = spec.schedule.next_after(t, &tz)?;
         let due = e.checked_add(delay(name, e, spec.random_delay_secs)).ok()?;
         Some((e, due))
     }
@@ -165,7 +175,10 @@ impl Scheduler {
         }
         state.since.get_or_insert(now);
         let next = match state.last_elapse.or(state.since) {
-            Some(last) if spec.persistent => match spec.schedule.next_after(last, &self.tz) {
+            Some(last) if spec.persistent => match spec
+                .schedule
+                .next_after(last, &zone(spec.timezone.as_deref(), &self.tz))
+            {
                 Some(e) if e <= now => Some((now, now)), // missed while down: once, now
                 _ => self.due_after(name, &spec, now),
             },

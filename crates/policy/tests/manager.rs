@@ -243,6 +243,7 @@ fn policy(vols: &[&str], schedule: &str, keep: Keep) -> Policy {
             random_delay_secs: 0,
             hooks: Default::default(),
         }),
+        timezone: None,
         backups: Vec::new(),
     }
 }
@@ -937,4 +938,66 @@ fn changing_a_policy_while_its_backup_runs_neither_restarts_nor_interrupts_it() 
     m.set_policy("p", q, t2).unwrap();
     assert!(!pool.records.borrow().contains_key("job/backup:p:usb"));
     assert!(m.jobs().iter().all(|j| j.view.name != "backup:p:usb"));
+}
+
+#[test]
+fn a_policy_reads_its_schedule_and_retention_in_its_own_time_zone() {
+    let pool = MemPool::default();
+    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
+    let t0 = ts("2026-12-01T00:00:00Z");
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    let mut p = policy(
+        &["a"],
+        "*-*-* 02:00",
+        Keep {
+            daily: 2,
+            ..Keep::default()
+        },
+    );
+    p.timezone = Some("Nowhere/Atlantis".into());
+    let e = m.set_policy("ny", p.clone(), t0).unwrap_err();
+    assert!(e.contains("is not known"), "{e}");
+    p.timezone = Some("America/New_York".into());
+    m.set_policy("ny", p, t0).unwrap();
+    // 02:00 in New York in December is 07:00 UTC, on a host whose zone is UTC.
+    assert_eq!(m.next_wakeup(), Some(ts("2026-12-01T07:00:00Z")));
+    // Days are New York's: 12-01 07:00Z and 12-02 03:00Z are both its 1st, 12-02 06:00Z
+    // (01:00 there) its 2nd; read in UTC, 03:00Z would go instead of 07:00Z.
+    for t in [
+        "2026-12-01T07:00:00Z",
+        "2026-12-02T03:00:00Z",
+        "2026-12-02T06:00:00Z",
+    ] {
+        let t = ts(t);
+        *pool.now.borrow_mut() = Some(t);
+        m.run_now("snapshot:ny", t, &move || t).unwrap();
+    }
+    let kept: Vec<String> = pool.snaps.borrow()["a"].keys().cloned().collect();
+    assert_eq!(kept, ["auto-20261202-030000", "auto-20261202-060000"]);
+}
+
+#[test]
+fn a_group_change_that_would_make_two_policies_share_a_prefix_on_a_volume_is_refused() {
+    let pool = MemPool::default();
+    for v in ["a", "b"] {
+        pool.snaps.borrow_mut().insert(v.into(), BTreeMap::new());
+    }
+    pool.groups
+        .borrow_mut()
+        .insert("g".into(), vec!["b".into()]);
+    let t0 = ts("2026-12-01T00:00:00Z");
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    m.set_policy("one", policy(&["a"], "hourly", Keep::default()), t0)
+        .unwrap();
+    let mut two = policy(&[], "hourly", Keep::default());
+    two.groups = vec!["g".into()];
+    m.set_policy("two", two, t0).unwrap();
+    // Both use prefix "auto": fine while they cover different volumes.
+    m.check_group("g", &["b".into()]).unwrap();
+    let e = m.check_group("g", &["b".into(), "a".into()]).unwrap_err();
+    assert!(
+        e.contains("policies 'one' and 'two' would both name snapshots of volume a"),
+        "{e}"
+    );
+    m.check_group("other", &["a".into()]).unwrap();
 }

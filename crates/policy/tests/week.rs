@@ -21,6 +21,7 @@ fn spec(expr: &str, persistent: bool, delay: u32) -> JobSpec {
         schedule: CalendarEvent::parse(expr).unwrap(),
         persistent,
         random_delay_secs: delay,
+        timezone: None,
     }
 }
 
