@@ -27,9 +27,13 @@ on_exit() {
     local rc=$?
     set +e
     for ((i=${#CLEANUPS[@]}-1; i>=0; i--)); do eval "${CLEANUPS[$i]}" >/dev/null 2>&1; done
-    # Whatever a failed test left mounted or attached under $T.
+    # Whatever a failed test left mounted or attached under $T. Loop devices are listed
+    # before the lazy unmounts (a loop over an nbdfuse file shows its path only while
+    # that FUSE mount stands) and detached after them (autoclear if still busy).
+    local loops
+    loops=$(losetup -nO NAME,BACK-FILE | awk -v t="$T" 'index($2, t) == 1 {print $1}')
     for m in $(findmnt -rn -o TARGET | grep "^$T" | sort -r); do umount -l "$m"; done
-    for l in $(losetup -nO NAME,BACK-FILE | awk -v t="$T" 'index($2, t) == 1 {print $1}'); do losetup -d "$l"; done
+    for l in $loops; do losetup -d "$l"; done
     pkill -f "nbdfuse .*$T/" 2>/dev/null
     stop_daemon >/dev/null 2>&1
     if [ $rc -ne 0 ] && [ -f "$T/daemon.log" ]; then
