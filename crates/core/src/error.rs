@@ -26,6 +26,8 @@ pub enum Error {
     ReadOnly(String),
     #[error("no space left in the pool (need {needed} blocks, {free} free)")]
     NoSpace { needed: u64, free: u64 },
+    #[error("volume '{volume}' is over its quota ({used} of {quota} bytes used, snapshots included)")]
+    QuotaExceeded { volume: String, quota: u64, used: u64 },
     #[error("{0}")]
     Busy(String),
     #[error("checksum mismatch: {0}")]
@@ -84,7 +86,7 @@ impl Error {
             Error::Exists { .. } => libc::EEXIST,
             Error::Invalid { .. } | Error::OutOfRange { .. } => libc::EINVAL,
             Error::ReadOnly(_) => libc::EPERM,
-            Error::NoSpace { .. } => libc::ENOSPC,
+            Error::NoSpace { .. } | Error::QuotaExceeded { .. } => libc::ENOSPC,
             Error::Busy(_) => libc::EBUSY,
             Error::Shutdown => libc::ESHUTDOWN,
             Error::Unsupported(_) => libc::ENOTSUP,

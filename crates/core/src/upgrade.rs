@@ -296,6 +296,7 @@ fn convert(
                     lineage: l,
                     created: v.created,
                     incomplete: v.incomplete.clone(),
+                    quota: None,
                 };
                 g.extra(BatchOp::Put(
                     catalog::volume_key(vid),

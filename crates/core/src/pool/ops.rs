@@ -28,6 +28,11 @@ pub struct VolumeInfo {
     pub snapshots: usize,
     /// Bytes held by this volume's snapshots' own layers.
     pub snapshot_bytes: u64,
+    /// Bytes the volume and its snapshots hold (what its quota limits).
+    pub used: u64,
+    /// Bytes the volume and its snapshots may hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
     /// The snapshot this volume was cloned from or rolled back to, if any.
     pub origin: Option<String>,
     pub created: u64,
@@ -117,6 +122,13 @@ impl Pool {
                 .map(|s| tree.layers.get(&s.layer).map_or(0, |l| l.data_blocks))
                 .sum::<u64>()
                 * BLOCK_SIZE_U64,
+            used: (head.map_or(0, |l| l.data_blocks)
+                + snaps
+                    .iter()
+                    .map(|s| tree.layers.get(&s.layer).map_or(0, |l| l.data_blocks))
+                    .sum::<u64>())
+                * BLOCK_SIZE_U64,
+            quota: None,
             origin: named_ancestor(tree, names, v.head),
             created: v.created,
             open: self.open_count(|t| *t == Target::Volume(v.id)),

@@ -34,6 +34,9 @@ pub struct VolRec {
     pub created: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incomplete: Option<Incomplete>,
+    /// Bytes the volume and its snapshots may hold (space.rs); `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -459,6 +459,7 @@ impl Pool2 {
     /// After any commit: frees become pending, destroyed lineages leave the catalog.
     fn committed(&self, done: &crate::v2::engine::Committed) {
         self.defer_frees(&done.freed);
+        self.publish_owned(&done.owned);
         if !done.destroyed.is_empty() {
             let mut c = self.catalog_write();
             let bases = std::sync::Arc::make_mut(&mut c.bases);

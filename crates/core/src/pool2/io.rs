@@ -5,7 +5,6 @@
 //! sync generation, resolves its target in the catalog, reads each page's content from the
 //! store without locks, then the data blocks, verifying each block's CRC32C.
 
-use crate::alloc::Run;
 use crate::device::{AlignedBuf, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::VolId;
@@ -169,20 +168,6 @@ impl Pool2 {
             self.device().write(&plan.device_writes(buf), fua)
         };
         self.finish_write(plan, io)
-    }
-
-    pub(crate) fn allocate(&self, n: u64) -> Result<Vec<Run>> {
-        for attempt in 0..2 {
-            if let Some(runs) = lock(&self.alloc).alloc(n) {
-                return Ok(runs);
-            }
-            if attempt == 0 {
-                // Frees may be pending a sync: make them reusable and try once more.
-                self.sync()?;
-            }
-        }
-        let free = lock(&self.alloc).free();
-        Err(Error::NoSpace { needed: n, free })
     }
 
     /// Unmaps whole blocks `b0..b1` (in chunks, each one group).

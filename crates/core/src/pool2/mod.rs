@@ -18,6 +18,8 @@ mod inspect;
 mod io;
 mod plan;
 mod records;
+mod space;
+pub use space::SpaceRelief;
 pub use plan::WritePlan;
 mod ops;
 
@@ -74,6 +76,8 @@ pub struct Pool2 {
     shutdown: AtomicBool,
     /// Wakes the sync thread (shared with it, so it waits without holding the pool).
     wake: Arc<(Mutex<bool>, Condvar)>,
+    /// Owned blocks per lineage, quota reservations, the relief hook (space.rs).
+    usage: Mutex<space::Usage>,
 }
 
 /// Engine settings of an open pool. The defaults are what the daemon uses; tests make
@@ -158,6 +162,10 @@ impl Pool2 {
         for pba in meta.regions().iter_set() {
             alloc.mark_used(pba);
         }
+        let usage = space::Usage {
+            owned: meta.lineages().values().map(|l| (l.id, l.owned)).collect(),
+            ..Default::default()
+        };
         let pool = Arc::new(Pool2 {
             store,
             dev,
@@ -178,6 +186,7 @@ impl Pool2 {
             open_targets: Mutex::new(Default::default()),
             shutdown: AtomicBool::new(false),
             wake: Arc::new((Mutex::new(false), Condvar::new())),
+            usage: Mutex::new(usage),
         });
         let weak = Arc::downgrade(&pool);
         let shared = Arc::clone(&pool.committer);

@@ -103,6 +103,7 @@ impl Pool2 {
                 lineage: l,
                 created: keys::now_secs(),
                 incomplete,
+                quota: None,
             };
             put(ctx, cat::volume_key(id), cat::encode(&v));
             put(ctx, cat::name_key(&name), id.to_be_bytes().to_vec());
@@ -214,6 +215,8 @@ impl Pool2 {
             written: self.written_now(v.lineage),
             snapshots: c.snapshots_of(v.id).count(),
             snapshot_bytes: c.snapshots_of(v.id).map(|s| s.written).sum(),
+            used: self.used_bytes(c, v),
+            quota: v.quota,
             origin: Self::origin(c, v.id, v.lineage),
             created: v.created,
             open: self.open_count(|t| *t == Target::Volume(v.id)),
@@ -618,6 +621,7 @@ impl Pool2 {
                 lineage: l,
                 created: keys::now_secs(),
                 incomplete: None,
+                quota: None,
             };
             put(ctx, cat::volume_key(id), cat::encode(&v));
             put(ctx, cat::name_key(&new_s), id.to_be_bytes().to_vec());

@@ -32,6 +32,8 @@ pub struct WritePlan<'a> {
     /// Per block: its new data block and checksum, or None for an all-zero block.
     assigned: Vec<Option<(u64, u32)>>,
     allocated: Vec<u64>,
+    /// Blocks reserved against the volume's quota until this plan ends (space.rs).
+    reserved: u64,
     pub fua: bool,
 }
 
@@ -70,6 +72,7 @@ impl WritePlan<'_> {
 
 impl Drop for WritePlan<'_> {
     fn drop(&mut self) {
+        self.pool.unreserve(self.vol, self.reserved);
         if !self.allocated.is_empty() {
             let mut a = lock(&self.pool.alloc);
             for &b in &self.allocated {
@@ -147,7 +150,14 @@ impl Pool2 {
         let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
         let nonzero: Vec<bool> = blocks.iter().map(|b| !is_zero(b)).collect();
         let ndata = nonzero.iter().filter(|x| **x).count() as u64;
-        let runs = self.allocate(ndata)?;
+        self.reserve(vol, ndata)?;
+        let runs = match self.allocate(ndata) {
+            Ok(r) => r,
+            Err(e) => {
+                self.unreserve(vol, ndata);
+                return Err(e);
+            }
+        };
         let mut pbas = runs.iter().flat_map(|r| r.start..r.start + r.len);
         let assigned: Vec<Option<(u64, u32)>> = blocks
             .iter()
@@ -183,6 +193,7 @@ impl Pool2 {
             b0,
             assigned,
             allocated,
+            reserved: ndata,
             fua,
         })
     }

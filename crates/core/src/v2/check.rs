@@ -65,6 +65,8 @@ struct Ctx<'a> {
     based: Regions,
     /// Owned live blocks born in their open lineage's current epoch.
     born: BTreeMap<LineageId, u64>,
+    /// Owned blocks per lineage (live pages and dead records).
+    owned_by: BTreeMap<LineageId, u64>,
     report: Report,
 }
 
@@ -77,6 +79,7 @@ impl Ctx<'_> {
         for x in pieces {
             if x.owned() {
                 self.report.owned_blocks += u64::from(x.len);
+                *self.owned_by.entry(l).or_default() += u64::from(x.len);
                 if let Err(e) = self.owned.set(x.pba, u64::from(x.len)) {
                     self.report.err(format!("{what} of lineage {l}: {e}"));
                 }
@@ -207,6 +210,7 @@ pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
         owned: Regions::new(data_blocks),
         based: Regions::new(data_blocks),
         born: BTreeMap::new(),
+        owned_by: BTreeMap::new(),
         report: Report {
             lineages: st.lineages.len() as u64,
             pending_jobs: jobs.len() as u64,
@@ -374,6 +378,16 @@ pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
             c.report.err(format!(
                 "lineage {}: counter says {} blocks written since the last snapshot, pages hold {want}",
                 lin.id, lin.born_now
+            ));
+        }
+    }
+
+    for lin in c.lineages.values() {
+        let want = c.owned_by.get(&lin.id).copied().unwrap_or(0);
+        if lin.owned != want && !st.legacy_owned.contains(&lin.id) {
+            c.report.err(format!(
+                "lineage {}: counter says it owns {} blocks, its pieces own {want}",
+                lin.id, lin.owned
             ));
         }
     }

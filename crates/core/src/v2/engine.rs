@@ -116,6 +116,8 @@ pub struct Committed {
     pub allocated: Vec<(u64, u64)>,
     /// Lineages whose last records the batch deleted.
     pub destroyed: Vec<LineageId>,
+    /// Owned-block counts the batch wrote (`None`: the lineage is gone).
+    pub owned: Vec<(LineageId, Option<u64>)>,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -157,6 +159,51 @@ pub(super) struct Loaded {
     pub(super) lineages: BTreeMap<LineageId, Lineage>,
     pub(super) regions: Regions,
     pub(super) jobs: VecDeque<Job>,
+    /// Lineages whose `k` record predates owned-block counts (8 bytes): `owned` unknown.
+    pub(super) legacy_owned: Vec<LineageId>,
+}
+
+/// A lineage's `k` record: blocks born in the current epoch, then blocks owned (16 bytes;
+/// records written before owned counts were kept have only the first: `None`).
+pub(super) fn decode_counter(v: &[u8]) -> Option<(u64, Option<u64>)> {
+    match v.len() {
+        8 => Some((u64::from_le_bytes(v.try_into().ok()?), None)),
+        16 => Some((
+            u64::from_le_bytes(v[..8].try_into().ok()?),
+            Some(u64::from_le_bytes(v[8..].try_into().ok()?)),
+        )),
+        _ => None,
+    }
+}
+
+fn encode_counter(lin: &Lineage) -> Vec<u8> {
+    let mut v = lin.born_now.to_le_bytes().to_vec();
+    v.extend_from_slice(&lin.owned.to_le_bytes());
+    v
+}
+
+/// Blocks lineage `l` owns, counted from its live pages and dead records (I1: each once).
+fn count_owned<S: MetaRead + ?Sized>(store: &S, l: LineageId) -> Result<u64> {
+    let mut n = 0u64;
+    for (a, b) in [keys::all_pages(l), keys::deads(l)] {
+        try_scan(store, &a, &b, |k, v| {
+            let pieces = if k.first() == Some(&keys::K_PAGE) {
+                read::decode_page(k, v)?.pieces
+            } else {
+                match keys::dead_key(k) {
+                    Some(keys::DeadKey::Dead(..)) => read::decode_dead(k, v)?.pieces,
+                    _ => Vec::new(),
+                }
+            };
+            n += pieces
+                .iter()
+                .filter(|x| x.owned())
+                .map(|x| u64::from(x.len))
+                .sum::<u64>();
+            Ok::<_, Error>(ControlFlow::Continue(()))
+        })?;
+    }
+    Ok(n)
 }
 
 /// The lineage records as `store` has them.
@@ -212,13 +259,18 @@ pub(super) fn load<S: MetaRead + ?Sized>(store: &S, data_blocks: u64) -> Result<
     })?;
     regions.take_dirty();
     let (a, b) = keys::counters();
+    let mut legacy_owned = Vec::new();
     try_scan(store, &a, &b, |k, v| {
         let [l] = keys::fields::<1>(k, keys::K_COUNTER)
             .ok_or_else(|| corrupt(format!("counter key {}", read::hex(k))))?;
-        let n = <[u8; 8]>::try_from(v)
-            .map_err(|_| corrupt(format!("counter of lineage {l}: {} bytes", v.len())))?;
+        let (born, owned) = decode_counter(v)
+            .ok_or_else(|| corrupt(format!("counter of lineage {l}: {} bytes", v.len())))?;
         if let Some(lin) = lineages.get_mut(&LineageId(l)) {
-            lin.born_now = u64::from_le_bytes(n);
+            lin.born_now = born;
+            match owned {
+                Some(o) => lin.owned = o,
+                None => legacy_owned.push(lin.id),
+            }
         }
         Ok::<_, Error>(ControlFlow::Continue(()))
     })?;
@@ -235,14 +287,34 @@ pub(super) fn load<S: MetaRead + ?Sized>(store: &S, data_blocks: u64) -> Result<
         lineages,
         regions,
         jobs,
+        legacy_owned,
     })
 }
 
 impl Meta2 {
     /// Opens the format-2 metadata of a pool whose data device has `data_blocks` blocks.
     /// Reads lineages, jobs and region records: O(objects + data_blocks / 4096).
+    ///
+    /// A pool written before owned-block counts were kept gets them here, once: the pages
+    /// and dead records of those lineages are counted (O(their metadata)) and the counts
+    /// written in one durable batch.
     pub fn open(store: Arc<dyn MetaStore>, data_blocks: u64) -> Result<Meta2> {
-        let st = load(&*store, data_blocks)?;
+        let mut st = load(&*store, data_blocks)?;
+        if !st.legacy_owned.is_empty() {
+            let mut b = WriteBatch::new();
+            for l in &st.legacy_owned {
+                let n = count_owned(&*store, *l)?;
+                if let Some(lin) = st.lineages.get_mut(l) {
+                    lin.owned = n;
+                    b.put(keys::counter(*l), encode_counter(lin));
+                }
+            }
+            log::info!(
+                "counted the owned blocks of {} lineages (pool written by an older version)",
+                st.legacy_owned.len()
+            );
+            store.commit(b, true)?;
+        }
         Ok(Meta2 {
             store,
             checkpoint_every: CHECKPOINT_EVERY,
@@ -369,12 +441,16 @@ impl Meta2 {
         Ok(())
     }
 
-    pub(super) fn free_piece(&mut self, g: &mut Group, piece: &Piece) -> Result<()> {
+    /// Frees `piece` of lineage `l` (its owned blocks; an inherited piece frees nothing).
+    pub(super) fn free_piece(&mut self, g: &mut Group, l: LineageId, piece: &Piece) -> Result<()> {
         if piece.owned() {
-            self.regions
-                .clear(piece.pba, u64::from(piece.len))
-                .map_err(corrupt)?;
-            g.freed.push((piece.pba, u64::from(piece.len)));
+            let n = u64::from(piece.len);
+            self.regions.clear(piece.pba, n).map_err(corrupt)?;
+            g.freed.push((piece.pba, n));
+            if let Some(lin) = self.lineages.get_mut(&l) {
+                lin.owned = lin.owned.saturating_sub(n);
+                g.counters.insert(l);
+            }
         }
         Ok(())
     }
@@ -532,6 +608,10 @@ impl Meta2 {
         if let Some((pba, _)) = &edit.map {
             self.regions.set(*pba, edit.len).map_err(corrupt)?;
             g.allocated.push((*pba, edit.len));
+            if let Some(l) = self.lineages.get_mut(&lin.id) {
+                l.owned = l.owned.saturating_add(edit.len);
+                g.counters.insert(lin.id);
+            }
         }
         let pages: Vec<PageNo> = if edit.map.is_none() && lin.base.is_none() {
             self.mapped_pages(g, lin.id, edit.lba, end)?
@@ -629,7 +709,7 @@ impl Meta2 {
                 d.dirty = true;
                 Self::set_index(g, lin.id, w, p, Some(X_DEAD));
             } else {
-                self.free_piece(g, &x)?;
+                self.free_piece(g, lin.id, &x)?;
             }
         }
         if let Some((pba, crcs)) = &edit.map {
@@ -757,10 +837,17 @@ impl Meta2 {
                 None => b.delete(keys::lineage(*l)),
             }
         }
+        let mut owned = Vec::with_capacity(g.counters.len());
         for l in &g.counters {
             match self.lineages.get(l) {
-                Some(lin) => b.put(keys::counter(*l), lin.born_now.to_le_bytes().to_vec()),
-                None => b.delete(keys::counter(*l)),
+                Some(lin) => {
+                    b.put(keys::counter(*l), encode_counter(lin));
+                    owned.push((*l, Some(lin.owned)));
+                }
+                None => {
+                    b.delete(keys::counter(*l));
+                    owned.push((*l, None));
+                }
             }
         }
         for n in self.regions.take_dirty() {
@@ -787,6 +874,7 @@ impl Meta2 {
             freed: g.freed,
             allocated: g.allocated,
             destroyed: g.destroyed,
+            owned,
         })
     }
 

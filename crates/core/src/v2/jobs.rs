@@ -232,7 +232,7 @@ impl Meta2 {
                 if r.any_in(piece.birth, d) {
                     merged.entry(top_of(r, d, hi)).or_default().push(piece);
                 } else {
-                    self.free_piece(g, &piece)?;
+                    self.free_piece(g, l, &piece)?;
                 }
             }
         }
@@ -272,7 +272,7 @@ impl Meta2 {
                 c.value = keep.then_some(page);
                 c.dirty |= changed || !keep;
                 for x in &garbage {
-                    self.free_piece(g, x)?;
+                    self.free_piece(g, l, x)?;
                 }
             }
         }
@@ -317,7 +317,7 @@ impl Meta2 {
                     }
                 };
                 for x in &pieces {
-                    self.free_piece(g, x)?;
+                    self.free_piece(g, l, x)?;
                 }
                 g.extra(BatchOp::Delete(k));
                 found += 1;

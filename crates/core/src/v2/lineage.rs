@@ -20,6 +20,9 @@ pub struct Lineage {
     /// Owned blocks born in the current epoch that are still live (the volume's "written
     /// since the last snapshot"); kept in the lineage's `k` record, changed by writes.
     pub born_now: u64,
+    /// Blocks this lineage owns (live pages and dead records; I1 puts each in one place):
+    /// the space it holds, for quotas. Kept in the `k` record beside `born_now`.
+    pub owned: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -41,6 +44,7 @@ impl Lineage {
             closed: None,
             retained: Retained::default(),
             born_now: 0,
+            owned: 0,
         }
     }
 
@@ -88,6 +92,7 @@ impl Lineage {
             epoch: rec.epoch,
             closed: rec.closed,
             born_now: 0,
+            owned: 0,
             retained: Retained::from_counts(rec.retained.into_iter().map(|(e, s, h)| {
                 (
                     e,

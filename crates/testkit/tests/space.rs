@@ -1,0 +1,264 @@
+//! Space on format 2 (pool2/space.rs): per-volume quotas that count snapshots, owned-block
+//! counts that `check` verifies and old pools gain at open, and relief when the pool is
+//! full (the hook the daemon's space guard installs).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use snapblk_core::device::mem::MemDevice;
+use snapblk_core::device::DATA_START;
+use snapblk_core::meta::{BatchOp, MetaStore, WriteBatch};
+use snapblk_core::pool2::{Pool2, SpaceRelief};
+use snapblk_core::{Error, MemStore};
+
+const BS: u64 = 4096;
+const MIB: u64 = 1 << 20;
+
+fn pool_on(store: &Arc<MemStore>, dev: &Arc<MemDevice>) -> Arc<Pool2> {
+    Pool2::open(store.clone(), dev.clone()).unwrap()
+}
+
+fn mem_pool(bytes: u64) -> (Arc<Pool2>, Arc<MemStore>, Arc<MemDevice>) {
+    let store = Arc::new(MemStore::new());
+    let dev = Arc::new(MemDevice::new(bytes));
+    Pool2::format(&*store, &*dev).unwrap();
+    (pool_on(&store, &dev), store, dev)
+}
+
+fn used(pool: &Pool2, vol: &str) -> u64 {
+    pool.volume_info(vol).unwrap().used
+}
+
+fn clean(pool: &Pool2) {
+    let r = pool.check().unwrap();
+    assert!(r.is_clean(), "{:?}", r.errors);
+}
+
+fn is_quota(e: &Error) -> bool {
+    matches!(e, Error::QuotaExceeded { .. }) && e.errno() == 28 // ENOSPC
+}
+
+/// A volume over its quota gets ENOSPC (naming it) while another keeps writing; what its
+/// snapshots keep counts; deleting a snapshot (after reclaim) or trimming makes room; a
+/// rollback keeps the quota.
+#[test]
+fn quota_counts_snapshots_and_refuses_only_that_volume() {
+    let (pool, _, _) = mem_pool(DATA_START + 64 * MIB);
+    pool.create_volume("a", 8 * MIB).unwrap();
+    pool.create_volume("b", 8 * MIB).unwrap();
+    let (a, b) = (pool.volume_id("a").unwrap(), pool.volume_id("b").unwrap());
+    pool.set_quota("a", Some(2 * MIB)).unwrap();
+    assert_eq!(pool.volume_info("a").unwrap().quota, Some(2 * MIB));
+
+    pool.write(a, 0, &vec![1u8; MIB as usize], false).unwrap();
+    assert_eq!(used(&pool, "a"), MIB);
+    // Overwriting with no snapshot frees the old blocks: usage stays.
+    pool.write(a, 0, &vec![2u8; MIB as usize], false).unwrap();
+    assert_eq!(used(&pool, "a"), MIB);
+    pool.create_snapshot("a", "s1").unwrap();
+    // Now the snapshot keeps the old blocks: an overwrite doubles the usage.
+    pool.write(a, 0, &vec![3u8; MIB as usize], false).unwrap();
+    assert_eq!(used(&pool, "a"), 2 * MIB);
+    let e = pool.write(a, MIB, &[4u8; 4096], false).unwrap_err();
+    assert!(is_quota(&e), "{e}");
+    assert!(e.to_string().contains("'a'"), "{e}");
+    // A sub-block write allocates too.
+    assert!(is_quota(&pool.write(a, 3 * MIB + 100, &[5u8; 10], false).unwrap_err()));
+    // Others are not limited.
+    for i in 0..4 {
+        pool.write(b, i * MIB, &vec![6u8; MIB as usize], false)
+            .unwrap();
+    }
+    assert_eq!(used(&pool, "b"), 4 * MIB);
+    // A trim allocates nothing and is allowed; it frees nothing the snapshot keeps.
+    pool.trim(a, 0, 4 * BS, false).unwrap();
+    assert_eq!(used(&pool, "a"), 2 * MIB - 4 * BS);
+    pool.write(a, 0, &vec![7u8; 4 * BS as usize], false).unwrap();
+    assert!(is_quota(&pool.write(a, MIB, &[4u8; 4096], false).unwrap_err()));
+    // Deleting the snapshot frees what it kept once reclaim ran.
+    pool.delete_snapshot("a", "s1").unwrap();
+    pool.reclaim_all().unwrap();
+    assert_eq!(used(&pool, "a"), MIB);
+    pool.write(a, MIB, &vec![8u8; MIB as usize], false).unwrap();
+    assert!(is_quota(&pool.write(a, 2 * MIB, &[9u8; 4096], false).unwrap_err()));
+    // Raising or removing it lets writes go on; a rollback keeps it.
+    pool.set_quota("a", Some(3 * MIB)).unwrap();
+    pool.write(a, 2 * MIB, &[9u8; 4096], false).unwrap();
+    pool.create_snapshot("a", "s2").unwrap();
+    pool.rollback("a", "s2").unwrap();
+    assert_eq!(pool.volume_info("a").unwrap().quota, Some(3 * MIB));
+    pool.set_quota("a", None).unwrap();
+    pool.write(a, 4 * MIB, &vec![1u8; 2 * MIB as usize], false)
+        .unwrap();
+    assert!(pool.set_quota("a", Some(100)).is_err(), "less than a block");
+    assert!(pool.set_quota("nope", Some(MIB)).is_err());
+    clean(&pool);
+}
+
+/// Usage survives a reopen, is what `check` counts, covers rolled-back histories its
+/// snapshots still use, and a clone's own writes count for the clone.
+#[test]
+fn usage_is_persisted_and_checked() {
+    let (pool, store, dev) = mem_pool(DATA_START + 64 * MIB);
+    pool.create_volume("v", 8 * MIB).unwrap();
+    let v = pool.volume_id("v").unwrap();
+    pool.write(v, 0, &vec![1u8; 2 * MIB as usize], false).unwrap();
+    pool.create_snapshot("v", "s1").unwrap();
+    pool.write(v, 0, &vec![2u8; MIB as usize], false).unwrap();
+    pool.create_snapshot("v", "s2").unwrap();
+    // Rolled back to s1: s2 (on the old lineage) keeps its MiB.
+    pool.rollback("v", "s1").unwrap();
+    pool.reclaim_all().unwrap();
+    assert_eq!(used(&pool, "v"), 3 * MIB);
+    pool.clone_snapshot("v", "s2", "c").unwrap();
+    let c = pool.volume_id("c").unwrap();
+    pool.write(c, 0, &vec![3u8; MIB as usize / 2], false).unwrap();
+    assert_eq!(used(&pool, "c"), MIB / 2);
+    assert_eq!(used(&pool, "v"), 3 * MIB);
+    clean(&pool);
+    pool.shutdown().unwrap();
+    drop(pool);
+    let pool = pool_on(&store, &dev);
+    assert_eq!(used(&pool, "v"), 3 * MIB);
+    assert_eq!(used(&pool, "c"), MIB / 2);
+    pool.delete_volume("c", true).unwrap();
+    pool.delete_snapshot("v", "s2").unwrap();
+    pool.reclaim_all().unwrap();
+    assert_eq!(used(&pool, "v"), 2 * MIB);
+    clean(&pool);
+}
+
+/// A pool written before owned counts were kept (8-byte `k` records) gets them counted at
+/// open; a quota then works on it.
+#[test]
+fn old_counter_records_are_counted_at_open() {
+    let (pool, store, dev) = mem_pool(DATA_START + 64 * MIB);
+    pool.create_volume("v", 8 * MIB).unwrap();
+    let v = pool.volume_id("v").unwrap();
+    pool.write(v, 0, &vec![1u8; 2 * MIB as usize], false).unwrap();
+    pool.create_snapshot("v", "s1").unwrap();
+    pool.write(v, 0, &vec![2u8; MIB as usize], false).unwrap();
+    let before = used(&pool, "v");
+    assert_eq!(before, 3 * MIB);
+    pool.shutdown().unwrap();
+    drop(pool);
+    // Cut every counter record back to its first 8 bytes, as older versions wrote them.
+    let (a, b) = snapblk_core::v2::keys::counters();
+    let mut old = Vec::new();
+    store
+        .scan(&a, &b, &mut |k, v| {
+            old.push((k.to_vec(), v[..8].to_vec()));
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert!(!old.is_empty());
+    let mut batch = WriteBatch::new();
+    for (k, v) in old {
+        batch.ops.push(BatchOp::Put(k, v));
+    }
+    store.commit(batch, true).unwrap();
+    let pool = pool_on(&store, &dev);
+    assert_eq!(used(&pool, "v"), before);
+    clean(&pool);
+    pool.set_quota("v", Some(3 * MIB)).unwrap();
+    assert!(is_quota(&pool.write(v, 4 * MIB, &[1u8; 4096], false).unwrap_err()));
+}
+
+/// Writers racing on one volume never take it past its quota (reservations cover the
+/// writes in flight).
+#[test]
+fn concurrent_writers_do_not_overshoot_a_quota() {
+    let (pool, _, _) = mem_pool(DATA_START + 64 * MIB);
+    pool.create_volume("v", 32 * MIB).unwrap();
+    let v = pool.volume_id("v").unwrap();
+    pool.set_quota("v", Some(MIB + 8 * BS)).unwrap();
+    let refused = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (pool, refused) = (&pool, &refused);
+            s.spawn(move || {
+                for i in 0..64u64 {
+                    let off = (t * 64 + i) * 8 * BS;
+                    match pool.write(v, off, &vec![1u8; 8 * BS as usize], false) {
+                        Ok(()) => {}
+                        Err(e) if is_quota(&e) => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+        }
+    });
+    assert!(refused.load(Ordering::SeqCst) > 0);
+    let u = used(&pool, "v");
+    assert!(u <= MIB + 8 * BS && u >= MIB, "used {u}");
+    clean(&pool);
+}
+
+/// Deletes the oldest snapshot of each call, as the daemon's space guard does.
+struct DeleteOldest {
+    pool: Weak<Pool2>,
+    snaps: Mutex<Vec<String>>,
+    calls: AtomicUsize,
+}
+
+impl SpaceRelief for DeleteOldest {
+    fn relieve(&self, _needed: u64) -> bool {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let Some(pool) = self.pool.upgrade() else {
+            return false;
+        };
+        let next = {
+            let mut s = self.snaps.lock().unwrap();
+            if s.is_empty() {
+                return false;
+            }
+            s.remove(0)
+        };
+        pool.delete_snapshot("v", &next).unwrap();
+        pool.reclaim_all().unwrap();
+        true
+    }
+}
+
+/// A full pool asks its relief hook before failing a write: with snapshots to delete the
+/// writer never sees ENOSPC; once none are left it does.
+#[test]
+fn a_full_pool_asks_for_relief_before_enospc() {
+    let (pool, _, _) = mem_pool(DATA_START + 4 * MIB);
+    pool.create_volume("v", 3 * MIB).unwrap();
+    let v = pool.volume_id("v").unwrap();
+    let relief = Arc::new(DeleteOldest {
+        pool: Arc::downgrade(&pool),
+        snaps: Mutex::new(Vec::new()),
+        calls: AtomicUsize::new(0),
+    });
+    let hook: Arc<dyn SpaceRelief> = relief.clone();
+    pool.set_space_relief(Arc::downgrade(&hook));
+    // Rewrite 1 MiB of a 4 MiB pool 12 times with a snapshot before each: 12 MiB of
+    // history in 4 MiB only fits if old snapshots go.
+    for round in 0..12u8 {
+        let name = format!("s{round}");
+        pool.create_snapshot("v", &name).unwrap();
+        relief.snaps.lock().unwrap().push(name);
+        pool.write(v, 0, &vec![round + 1; MIB as usize], false)
+            .unwrap();
+    }
+    assert!(relief.calls.load(Ordering::SeqCst) > 0, "relief never needed");
+    let left = pool.list_snapshots(Some("v")).unwrap().len();
+    assert!(left >= 1, "relief deleted more than it had to");
+    clean(&pool);
+    // Nothing deletable: ENOSPC.
+    relief.snaps.lock().unwrap().clear();
+    let mut failed = None;
+    for i in 0..4u64 {
+        if let Err(e) = pool.write(v, MIB + i * MIB / 2, &vec![9u8; MIB as usize / 2], false) {
+            failed = Some(e);
+            break;
+        }
+    }
+    let e = failed.expect("the pool never filled");
+    assert!(matches!(e, Error::NoSpace { .. }), "{e}");
+    drop(hook);
+}
