@@ -128,6 +128,7 @@ pub fn execute(
         | Command::NotifySet { .. }
         | Command::NotifyShow
         | Command::NotifyTest
+        | Command::SpaceGuard { .. }
         | Command::RepoDelete { .. } => match devices.and_then(|d| d.policies.get()) {
             Some(service) => service.execute(cmd)?,
             // Direct mode: the pool's policies, for this one command.
@@ -215,6 +216,12 @@ pub fn execute(
             pool.delete_snapshot(v, s)?;
             json!({ "deleted": snapshot })
         }
+        Command::SnapshotProtect { snapshot, protect } => {
+            let (v, s) = parse_snap_ref(snapshot)?;
+            pool.set_snapshot_protected(v, s, *protect)?;
+            to_value(pool.snapshot_summary(v, s)?)
+        }
+        Command::VolumeSetQuota { name, quota } => to_value(pool.set_quota(name, *quota)?),
         Command::Clone { snapshot, name } => {
             let (v, s) = parse_snap_ref(snapshot)?;
             to_value(pool.clone_snapshot(v, s, name)?)

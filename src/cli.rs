@@ -192,6 +192,22 @@ pub enum PoolCmd {
     /// Read every stored data block and verify its checksum; exit 1 naming each bad
     /// block and the volumes and snapshots it can affect.
     Scrub,
+    /// Show or set the space guard: when free space falls under --min-free percent of the
+    /// pool, the daemon deletes the oldest snapshots policies made that nothing needs
+    /// (never protected ones, backup bases, a policy's newest or hand-made ones) until
+    /// --target-free; a write that finds the pool full waits for it. Alerts when nothing
+    /// is left to delete.
+    Guard {
+        /// Percent of the pool to keep free (e.g. 10).
+        #[arg(long)]
+        min_free: Option<f64>,
+        /// Percent to free up to once triggered (default: min-free + 5).
+        #[arg(long, requires = "min_free")]
+        target_free: Option<f64>,
+        /// Turn the guard off.
+        #[arg(long, conflicts_with = "min_free")]
+        off: bool,
+    },
     /// Convert a pool made by an earlier snapblk (metadata format 1) to format 2, in place
     /// and offline (stop the daemon first). Every volume and snapshot is compared with the
     /// old metadata before the switch; an interrupted upgrade is finished by running it again.
@@ -262,6 +278,12 @@ pub enum VolumeCmd {
         old: String,
         new: String,
     },
+    /// Limit the space a volume and its snapshots may hold (as ZFS's quota): writes that
+    /// would go beyond it fail with ENOSPC for this volume only. SIZE `none` removes it.
+    SetQuota {
+        name: String,
+        size: String,
+    },
     /// Delete a volume (with --recursive also its snapshots).
     Delete {
         name: String,
@@ -300,6 +322,15 @@ pub enum SnapshotCmd {
     },
     /// Delete a snapshot; its space is reclaimed in the background.
     Delete {
+        snapshot: String,
+    },
+    /// Protect a snapshot: deleting it (by hand, retention or the space guard) is refused
+    /// until it is unprotected.
+    Protect {
+        snapshot: String,
+    },
+    /// Lift a snapshot's protection.
+    Unprotect {
         snapshot: String,
     },
 }

@@ -127,6 +127,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     let policies = crate::policies::PolicyService::open(Arc::clone(&pool))?;
     let _ = devices.policies.set(Arc::clone(&policies));
     policies.start()?;
+    policies.start_guard(&pool)?;
     let ctl = sockets::bind_unix(&socket, 0o600, None)?;
     let workers = cfg.workers.unwrap_or(16);
     let nbd = match &tls {

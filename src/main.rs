@@ -9,6 +9,7 @@ mod daemon;
 mod devices;
 mod exit;
 mod freeze;
+mod guard;
 mod human;
 mod manpages;
 mod media;
@@ -63,6 +64,30 @@ fn command(cmd: &Cmd) -> Result<Command> {
             clear: *clear,
         },
         Cmd::Volume(VolumeCmd::Info { name }) => Command::VolumeInfo { name: name.clone() },
+        Cmd::Volume(VolumeCmd::SetQuota { name, size }) => Command::VolumeSetQuota {
+            name: name.clone(),
+            quota: match size.as_str() {
+                "none" => None,
+                s => Some(parse_size(s)?),
+            },
+        },
+        Cmd::Snapshot(SnapshotCmd::Protect { snapshot }) => Command::SnapshotProtect {
+            snapshot: snapshot.clone(),
+            protect: true,
+        },
+        Cmd::Snapshot(SnapshotCmd::Unprotect { snapshot }) => Command::SnapshotProtect {
+            snapshot: snapshot.clone(),
+            protect: false,
+        },
+        Cmd::Pool(PoolCmd::Guard {
+            min_free,
+            target_free,
+            off,
+        }) => Command::SpaceGuard {
+            min_free: *min_free,
+            target_free: *target_free,
+            off: *off,
+        },
         Cmd::Volume(VolumeCmd::Resize { name, size, force }) => Command::VolumeResize {
             name: name.clone(),
             size: parse_size(size)?,

@@ -20,8 +20,8 @@ use snapblk_backup::{catalog, gc, prune, volume, NoProgress};
 use snapblk_control::Command;
 use snapblk_core::Pool;
 use snapblk_policy::{
-    BackupDone, BackupItem, BackupRule, CopyDone, Manager, Medium, NamedRepo, Policy, PolicyPool,
-    RepoTarget, RunRecord, Started, Task, TaskResult, Watch,
+    BackupDone, BackupItem, BackupRule, CopyDone, Guard, Manager, Medium, NamedRepo, Policy,
+    PolicyPool, RepoTarget, RunRecord, Started, Task, TaskResult, Watch,
 };
 
 use crate::alerts::{AlertConfig, Alerts};
@@ -61,6 +61,16 @@ impl PolicyPool for PoolPolicies {
     }
     fn delete_snapshot(&self, vol: &str, name: &str) -> Result<(), String> {
         self.0.delete_snapshot(vol, name).map_err(|e| e.to_string())
+    }
+    fn protected(&self, vol: &str) -> Result<Vec<String>, String> {
+        Ok(self
+            .0
+            .list_snapshots(Some(vol))
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|s| s.protected)
+            .map(|s| s.name)
+            .collect())
     }
     fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
         self.0.records(prefix).map_err(|e| e.to_string())
@@ -297,12 +307,16 @@ fn run_hook(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Resul
 }
 
 pub struct PolicyService {
-    m: Mutex<Manager<PoolPolicies>>,
+    pub(crate) m: Mutex<Manager<PoolPolicies>>,
+    /// The space guard (src/guard.rs); its passes take `m` briefly.
+    pub(crate) guard: Guard,
     wake: Condvar,
     stopping: Mutex<bool>,
     alerts: Alerts,
     /// What the last notification check saw (lock order: after the manager).
     watch: Mutex<Watch>,
+    pool_uuid: String,
+    pool: Arc<Pool>,
 }
 
 /// The pool record holding where notifications go.
@@ -352,15 +366,21 @@ impl PolicyService {
             }
             None => AlertConfig::default(),
         };
+        let pool_uuid = pool.uuid().to_string();
+        let shared = Arc::clone(&pool);
         let m = Manager::open(PoolPolicies(pool), TimeZone::system(), now())
             .map_err(|e| anyhow!("loading protection policies: {e}"))?;
         let watch = Watch::new(&m.jobs());
+        let guard = Guard::new(crate::guard::load_config(&m.pool().0)?);
         Ok(Arc::new(PolicyService {
             m: Mutex::new(m),
+            guard,
             wake: Condvar::new(),
             stopping: Mutex::new(false),
             alerts: Alerts::start(config),
             watch: Mutex::new(watch),
+            pool_uuid: pool_uuid.clone(),
+            pool: shared,
         }))
     }
 
@@ -375,14 +395,35 @@ impl PolicyService {
             Err(e) => log::warn!("checking protection status: {e}"),
         }
         drop(w);
-        let pool = m.pool().0.uuid().to_string();
+        self.send_events(events.into_iter().map(|e| json!(e)).collect());
+    }
+
+    /// Sends events (JSON objects) to the notifications, with the pool and host.
+    pub(crate) fn send_events(&self, events: Vec<Value>) {
+        if events.is_empty() {
+            return;
+        }
+        let pool = self.pool_uuid.clone();
         let host = snapblk_backup::catalog::host_name();
-        for ev in events {
-            let mut v = json!(ev);
+        for mut v in events {
             v["pool"] = json!(pool);
             v["host"] = json!(host);
             self.alerts.send(v);
         }
+    }
+
+    /// The pool (without the manager mutex: the space relief must not wait for it).
+    pub(crate) fn pool(&self) -> Arc<Pool> {
+        Arc::clone(&self.pool)
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        *self.stopping.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the space guard would delete next, oldest first.
+    pub(crate) fn candidates(&self) -> Vec<snapblk_policy::Candidate> {
+        self.lock().space_candidates()
     }
 
     fn lock(&self) -> MutexGuard<'_, Manager<PoolPolicies>> {
@@ -490,6 +531,14 @@ impl PolicyService {
 
     /// Executes a policy or job command.
     pub fn execute(&self, cmd: &Command) -> Result<Value> {
+        if let Command::SpaceGuard {
+            min_free,
+            target_free,
+            off,
+        } = cmd
+        {
+            return self.guard_command(*min_free, *target_free, *off);
+        }
         let mut m = self.lock();
         let v = match cmd {
             Command::PolicySet { name, policy } => {

@@ -17,6 +17,7 @@ const SIZE_KEYS: &[&str] = &[
     "exclusive",
     "changed_bytes",
     "block_size",
+    "quota",
 ];
 
 /// Formats seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
@@ -142,6 +143,8 @@ pub fn render(cmd: &Command, v: &Value) -> String {
                 ("written", "WRITTEN"),
                 ("snapshots", "SNAPSHOTS"),
                 ("snapshot_bytes", "SNAP-DATA"),
+                ("used", "USED"),
+                ("quota", "QUOTA"),
                 ("origin", "ORIGIN"),
                 ("state", "STATE"),
             ],
@@ -154,6 +157,7 @@ pub fn render(cmd: &Command, v: &Value) -> String {
                 ("written", "WRITTEN"),
                 ("created", "CREATED"),
                 ("parent", "PARENT"),
+                ("protected", "PROTECTED"),
             ],
         ),
         Command::Diff { .. } => {

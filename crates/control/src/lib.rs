@@ -89,7 +89,7 @@ pub fn default_s3_attempts() -> u32 {
     5
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
     PoolInfo,
@@ -137,6 +137,26 @@ pub enum Command {
     },
     SnapshotDelete {
         snapshot: String,
+    },
+    /// Protects a snapshot from deletion (`protect: false` lifts it).
+    SnapshotProtect {
+        snapshot: String,
+        protect: bool,
+    },
+    /// Sets (`Some`) or removes (`None`) the bytes a volume and its snapshots may hold.
+    VolumeSetQuota {
+        name: String,
+        quota: Option<u64>,
+    },
+    /// The pool space guard: shown when nothing is given, set by `min_free` (percent,
+    /// with an optional `target_free`), turned off by `off`.
+    SpaceGuard {
+        #[serde(default)]
+        min_free: Option<f64>,
+        #[serde(default)]
+        target_free: Option<f64>,
+        #[serde(default)]
+        off: bool,
     },
     Clone {
         snapshot: String,

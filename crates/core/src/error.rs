@@ -26,8 +26,14 @@ pub enum Error {
     ReadOnly(String),
     #[error("no space left in the pool (need {needed} blocks, {free} free)")]
     NoSpace { needed: u64, free: u64 },
-    #[error("volume '{volume}' is over its quota ({used} of {quota} bytes used, snapshots included)")]
-    QuotaExceeded { volume: String, quota: u64, used: u64 },
+    #[error(
+        "volume '{volume}' is over its quota ({used} of {quota} bytes used, snapshots included)"
+    )]
+    QuotaExceeded {
+        volume: String,
+        quota: u64,
+        used: u64,
+    },
     #[error("{0}")]
     Busy(String),
     #[error("checksum mismatch: {0}")]

@@ -331,6 +331,7 @@ fn convert(
                 .copied()
                 .unwrap_or(0)
                 .saturating_mul(BLOCK_SIZE_U64),
+            protected: false,
         };
         g.extra(BatchOp::Put(
             catalog::snapshot_key(*vid, name),

@@ -16,7 +16,7 @@ use crate::manager::JobInfo;
 use crate::scheduler::Outcome;
 use crate::status::{Verdict, VolumeStatus};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     JobFailed {
@@ -38,6 +38,27 @@ pub enum Event {
     RpoRecovered {
         volume: String,
         verdict: Verdict,
+        time: Timestamp,
+    },
+    /// The space guard deleted snapshots because the pool's free space fell under its
+    /// threshold (or a write found it full).
+    SnapshotsDeletedForSpace {
+        snapshots: Vec<String>,
+        free_percent_before: f64,
+        free_percent: f64,
+        time: Timestamp,
+    },
+    /// Free space is under the guard's threshold and nothing is left it may delete: what
+    /// remains is protected, a backup base, each policy's newest snapshot or hand-made.
+    SpaceExhausted {
+        free_percent: f64,
+        min_free_percent: f64,
+        time: Timestamp,
+    },
+    /// Free space is back at or above the threshold after `SpaceExhausted`.
+    SpaceRecovered {
+        free_percent: f64,
+        min_free_percent: f64,
         time: Timestamp,
     },
 }

@@ -12,6 +12,7 @@ pub mod manager;
 pub mod policy;
 pub mod retention;
 pub mod scheduler;
+pub mod space;
 pub mod status;
 
 pub use backups::{
@@ -24,4 +25,5 @@ pub use manager::{JobInfo, JobRecord, Manager, PolicyPool, RunRecord, Started, V
 pub use policy::{parse_snapshot_name, snapshot_name, Hooks, OnPreFailure, Policy, SnapshotRule};
 pub use retention::{apply as apply_retention, Item, Keep, Reason, Verdict};
 pub use scheduler::{JobSpec, JobState, JobView, Outcome, SchedError, Scheduler, Start};
+pub use space::{Candidate, Guard, GuardConfig, PoolSpace, GUARD_RECORD};
 pub use status::{Medium, TargetStatus, Verdict as Compliance, VolumeStatus};

@@ -47,6 +47,9 @@ pub trait PolicyPool {
     /// Snapshots every member of `group` as `name`, as one cut (all or nothing).
     fn create_group_snapshot(&self, group: &str, name: &str) -> Result<(), String>;
     fn delete_snapshot(&self, vol: &str, name: &str) -> Result<(), String>;
+    /// `vol`'s protected snapshots (`snapshot protect`): never deleted by retention or the
+    /// space guard.
+    fn protected(&self, vol: &str) -> Result<Vec<String>, String>;
     /// Records whose names start with `prefix`.
     fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String>;
     fn put_record(&self, name: &str, value: Option<Vec<u8>>) -> Result<(), String>;
@@ -1077,10 +1080,9 @@ impl<P: PolicyPool> Manager<P> {
         }
     }
 
-    /// Snapshots of `vol` that policy `pname`'s backup jobs need as their next base.
     /// Snapshots of `vol` that policy `pname`'s backup jobs need: each one's next base, and
     /// what a running one is backing up.
-    fn bases_of(&self, pname: &str, vol: &str) -> Vec<&str> {
+    pub(crate) fn bases_of(&self, pname: &str, vol: &str) -> Vec<&str> {
         self.bases
             .iter()
             .chain(self.pinned.iter())
@@ -1089,17 +1091,25 @@ impl<P: PolicyPool> Manager<P> {
             .collect()
     }
 
-    /// Per volume of `p` (groups resolved now; a group that does not resolve is reported
-    /// by the run), its newest snapshot named with `prefix`.
-    fn newest_snapshots(&self, p: &Policy, prefix: &str) -> BTreeMap<String, String> {
+    /// The volumes `p` covers now: its groups' members (a group that does not resolve
+    /// counts none) and its volumes.
+    pub(crate) fn volumes_of(&self, p: &Policy) -> Vec<String> {
         let mut vols: Vec<String> = p
             .groups
             .iter()
             .flat_map(|g| self.pool.group_members(g).unwrap_or_default())
             .collect();
         vols.extend(p.volumes.iter().cloned());
+        vols.sort();
+        vols.dedup();
+        vols
+    }
+
+    /// Per volume of `p` (groups resolved now; a group that does not resolve is reported
+    /// by the run), its newest snapshot named with `prefix`.
+    fn newest_snapshots(&self, p: &Policy, prefix: &str) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
-        for v in vols {
+        for v in self.volumes_of(p) {
             let newest = self
                 .pool
                 .snapshots(&v)
@@ -1123,6 +1133,7 @@ impl<P: PolicyPool> Manager<P> {
             });
         };
         let bases = self.bases_of(pname, vol);
+        let held = self.pool.protected(vol)?;
         let items: Vec<Item> = self
             .pool
             .snapshots(vol)?
@@ -1130,7 +1141,7 @@ impl<P: PolicyPool> Manager<P> {
             .filter_map(|(name, _)| {
                 // The time in the name, not the record's: a restored or copied pool keeps it.
                 parse_snapshot_name(&rule.prefix, &name).map(|time| Item {
-                    protected: bases.contains(&name.as_str()),
+                    protected: bases.contains(&name.as_str()) || held.contains(&name),
                     name,
                     time,
                 })

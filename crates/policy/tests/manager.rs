@@ -28,6 +28,8 @@ struct MemPool {
     fail_backup: RefCell<Option<String>>,
     /// Backups read (vol@snap -> repo), gc and verify calls.
     calls: RefCell<Vec<String>>,
+    /// Protected snapshots (vol, name): deleting one is refused.
+    held: RefCell<Vec<(String, String)>>,
 }
 
 impl PolicyPool for &MemPool {
@@ -77,12 +79,28 @@ impl PolicyPool for &MemPool {
         Ok(())
     }
     fn delete_snapshot(&self, vol: &str, name: &str) -> Result<(), String> {
+        if self
+            .held
+            .borrow()
+            .contains(&(vol.to_string(), name.to_string()))
+        {
+            return Err(format!("snapshot {vol}@{name} is protected"));
+        }
         self.snaps
             .borrow_mut()
             .get_mut(vol)
             .and_then(|v| v.remove(name))
             .map(|_| ())
             .ok_or_else(|| format!("snapshot {vol}@{name} not found"))
+    }
+    fn protected(&self, vol: &str) -> Result<Vec<String>, String> {
+        Ok(self
+            .held
+            .borrow()
+            .iter()
+            .filter(|(v, _)| v == vol)
+            .map(|(_, n)| n.clone())
+            .collect())
     }
     fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
         Ok(self
@@ -1000,4 +1018,145 @@ fn a_group_change_that_would_make_two_policies_share_a_prefix_on_a_volume_is_ref
         "{e}"
     );
     m.check_group("other", &["a".into()]).unwrap();
+}
+
+/// The pool's space as a function of its snapshots: each holds `per_snap` of `cap`.
+struct SnapSpace<'a> {
+    pool: &'a MemPool,
+    cap: std::cell::Cell<u64>,
+    per_snap: u64,
+}
+
+impl snapblk_policy::PoolSpace for SnapSpace<'_> {
+    fn space(&self) -> (u64, u64) {
+        let n: u64 = self
+            .pool
+            .snaps
+            .borrow()
+            .values()
+            .map(|v| v.len() as u64)
+            .sum();
+        let cap = self.cap.get();
+        (cap.saturating_sub(n * self.per_snap), cap)
+    }
+    fn settle(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The space guard deletes the oldest policy snapshots first, across volumes, until free
+/// space is back at its target; never a protected, hand-made or policy-newest one; says
+/// when nothing is left (once) and when space is back; a write finding the pool full gets
+/// one more deleted even above the threshold; with the guard off nothing goes.
+#[test]
+fn the_space_guard_deletes_oldest_unprotected_policy_snapshots_only() {
+    use snapblk_policy::{Event, Guard, GuardConfig};
+    use std::sync::Mutex;
+    let pool = MemPool::default();
+    for v in ["a", "b"] {
+        pool.snaps.borrow_mut().insert(v.into(), BTreeMap::new());
+    }
+    let t0 = ts("2026-12-01T00:30:00Z");
+    pool.snaps
+        .borrow_mut()
+        .get_mut("a")
+        .unwrap()
+        .insert("manual".into(), ts("2026-11-01T00:00:00Z"));
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    m.set_policy("p", policy(&["a", "b"], "hourly", Keep::default()), t0)
+        .unwrap();
+    let mut now = t0;
+    for _ in 0..10 {
+        now += 1.hour();
+        *pool.now.borrow_mut() = Some(now);
+        m.tick(now, &|| now);
+    }
+    let names = |v: &str| -> Vec<String> { pool.snaps.borrow()[v].keys().cloned().collect() };
+    let a = names("a");
+    assert_eq!(a.len(), 11, "{a:?}");
+    // a's second-oldest policy snapshot is protected.
+    let held = a
+        .iter()
+        .filter(|n| n.starts_with("auto-"))
+        .nth(1)
+        .unwrap()
+        .clone();
+    pool.held.borrow_mut().push(("a".into(), held.clone()));
+    let space = SnapSpace {
+        pool: &pool,
+        cap: std::cell::Cell::new(100),
+        per_snap: 4,
+    };
+    let b = names("b");
+    let mgr = Mutex::new(m);
+    // Off: nothing happens even when full.
+    let off = Guard::new(None);
+    assert!(!off.pass(&mgr, &space, true, now).progressed);
+    // 21 snapshots hold 84%: 16% free, under 30%; the target 40% needs 6 to go.
+    let guard = Guard::new(Some(GuardConfig::new(30.0, Some(40.0)).unwrap()));
+    let pass = guard.pass(&mgr, &space, false, now);
+    let gone: Vec<String> = pass
+        .deleted
+        .iter()
+        .map(|c| format!("{}@{}", c.volume, c.snapshot))
+        .collect();
+    let pa: Vec<&String> = a.iter().filter(|n| n.starts_with("auto-")).collect();
+    let want = vec![
+        format!("a@{}", pa[0]),
+        format!("b@{}", b[0]),
+        format!("b@{}", b[1]),
+        format!("a@{}", pa[2]),
+        format!("b@{}", b[2]),
+        format!("a@{}", pa[3]),
+    ];
+    assert_eq!(gone, want, "oldest first, the protected one skipped");
+    assert!(
+        matches!(&pass.events[..], [Event::SnapshotsDeletedForSpace { snapshots, .. }] if snapshots.len() == 6)
+    );
+    assert_eq!(snapblk_policy::PoolSpace::space(&space).0, 40);
+    // Above the threshold: a pass does nothing.
+    assert!(guard.pass(&mgr, &space, false, now).deleted.is_empty());
+    // A write that found the pool full gets one more deleted.
+    let urgent = guard.pass(&mgr, &space, true, now);
+    assert_eq!(urgent.deleted.len(), 1);
+    // Demand more than can be had: everything deletable goes, then one alert.
+    guard.set_config(Some(GuardConfig::new(90.0, None).unwrap()));
+    let pass = guard.pass(&mgr, &space, false, now);
+    assert!(!pass.deleted.is_empty());
+    assert!(
+        pass.events
+            .iter()
+            .any(|e| matches!(e, Event::SpaceExhausted { .. })),
+        "{:?}",
+        pass.events
+    );
+    let mut left_a = names("a");
+    left_a.sort();
+    let newest_a = pa.last().unwrap().to_string();
+    let mut want_a = vec!["manual".to_string(), held.clone(), newest_a];
+    want_a.sort();
+    assert_eq!(left_a, want_a, "hand-made, protected and newest stay");
+    assert_eq!(names("b"), vec![b.last().unwrap().clone()]);
+    let again = guard.pass(&mgr, &space, false, now);
+    assert!(
+        again.events.is_empty(),
+        "announced once: {:?}",
+        again.events
+    );
+    assert!(
+        !guard.pass(&mgr, &space, true, now).progressed,
+        "nothing left"
+    );
+    // Space back (the pool grew): recovered, once.
+    space.cap.set(1000);
+    let back = guard.pass(&mgr, &space, false, now);
+    assert!(
+        matches!(&back.events[..], [Event::SpaceRecovered { .. }]),
+        "{:?}",
+        back.events
+    );
+    assert!(guard.pass(&mgr, &space, false, now).events.is_empty());
+    assert!(GuardConfig::new(0.0, None).is_err());
+    assert!(GuardConfig::new(20.0, Some(10.0)).is_err());
+    assert!(GuardConfig::new(100.0, None).is_err());
 }

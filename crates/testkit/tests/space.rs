@@ -63,7 +63,9 @@ fn quota_counts_snapshots_and_refuses_only_that_volume() {
     assert!(is_quota(&e), "{e}");
     assert!(e.to_string().contains("'a'"), "{e}");
     // A sub-block write allocates too.
-    assert!(is_quota(&pool.write(a, 3 * MIB + 100, &[5u8; 10], false).unwrap_err()));
+    assert!(is_quota(
+        &pool.write(a, 3 * MIB + 100, &[5u8; 10], false).unwrap_err()
+    ));
     // Others are not limited.
     for i in 0..4 {
         pool.write(b, i * MIB, &vec![6u8; MIB as usize], false)
@@ -73,14 +75,19 @@ fn quota_counts_snapshots_and_refuses_only_that_volume() {
     // A trim allocates nothing and is allowed; it frees nothing the snapshot keeps.
     pool.trim(a, 0, 4 * BS, false).unwrap();
     assert_eq!(used(&pool, "a"), 2 * MIB - 4 * BS);
-    pool.write(a, 0, &vec![7u8; 4 * BS as usize], false).unwrap();
-    assert!(is_quota(&pool.write(a, MIB, &[4u8; 4096], false).unwrap_err()));
+    pool.write(a, 0, &vec![7u8; 4 * BS as usize], false)
+        .unwrap();
+    assert!(is_quota(
+        &pool.write(a, MIB, &[4u8; 4096], false).unwrap_err()
+    ));
     // Deleting the snapshot frees what it kept once reclaim ran.
     pool.delete_snapshot("a", "s1").unwrap();
     pool.reclaim_all().unwrap();
     assert_eq!(used(&pool, "a"), MIB);
     pool.write(a, MIB, &vec![8u8; MIB as usize], false).unwrap();
-    assert!(is_quota(&pool.write(a, 2 * MIB, &[9u8; 4096], false).unwrap_err()));
+    assert!(is_quota(
+        &pool.write(a, 2 * MIB, &[9u8; 4096], false).unwrap_err()
+    ));
     // Raising or removing it lets writes go on; a rollback keeps it.
     pool.set_quota("a", Some(3 * MIB)).unwrap();
     pool.write(a, 2 * MIB, &[9u8; 4096], false).unwrap();
@@ -102,7 +109,8 @@ fn usage_is_persisted_and_checked() {
     let (pool, store, dev) = mem_pool(DATA_START + 64 * MIB);
     pool.create_volume("v", 8 * MIB).unwrap();
     let v = pool.volume_id("v").unwrap();
-    pool.write(v, 0, &vec![1u8; 2 * MIB as usize], false).unwrap();
+    pool.write(v, 0, &vec![1u8; 2 * MIB as usize], false)
+        .unwrap();
     pool.create_snapshot("v", "s1").unwrap();
     pool.write(v, 0, &vec![2u8; MIB as usize], false).unwrap();
     pool.create_snapshot("v", "s2").unwrap();
@@ -112,7 +120,8 @@ fn usage_is_persisted_and_checked() {
     assert_eq!(used(&pool, "v"), 3 * MIB);
     pool.clone_snapshot("v", "s2", "c").unwrap();
     let c = pool.volume_id("c").unwrap();
-    pool.write(c, 0, &vec![3u8; MIB as usize / 2], false).unwrap();
+    pool.write(c, 0, &vec![3u8; MIB as usize / 2], false)
+        .unwrap();
     assert_eq!(used(&pool, "c"), MIB / 2);
     assert_eq!(used(&pool, "v"), 3 * MIB);
     clean(&pool);
@@ -135,7 +144,8 @@ fn old_counter_records_are_counted_at_open() {
     let (pool, store, dev) = mem_pool(DATA_START + 64 * MIB);
     pool.create_volume("v", 8 * MIB).unwrap();
     let v = pool.volume_id("v").unwrap();
-    pool.write(v, 0, &vec![1u8; 2 * MIB as usize], false).unwrap();
+    pool.write(v, 0, &vec![1u8; 2 * MIB as usize], false)
+        .unwrap();
     pool.create_snapshot("v", "s1").unwrap();
     pool.write(v, 0, &vec![2u8; MIB as usize], false).unwrap();
     let before = used(&pool, "v");
@@ -161,7 +171,9 @@ fn old_counter_records_are_counted_at_open() {
     assert_eq!(used(&pool, "v"), before);
     clean(&pool);
     pool.set_quota("v", Some(3 * MIB)).unwrap();
-    assert!(is_quota(&pool.write(v, 4 * MIB, &[1u8; 4096], false).unwrap_err()));
+    assert!(is_quota(
+        &pool.write(v, 4 * MIB, &[1u8; 4096], false).unwrap_err()
+    ));
 }
 
 /// Writers racing on one volume never take it past its quota (reservations cover the
@@ -192,7 +204,7 @@ fn concurrent_writers_do_not_overshoot_a_quota() {
     });
     assert!(refused.load(Ordering::SeqCst) > 0);
     let u = used(&pool, "v");
-    assert!(u <= MIB + 8 * BS && u >= MIB, "used {u}");
+    assert!((MIB..=MIB + 8 * BS).contains(&u), "used {u}");
     clean(&pool);
 }
 
@@ -245,7 +257,10 @@ fn a_full_pool_asks_for_relief_before_enospc() {
         pool.write(v, 0, &vec![round + 1; MIB as usize], false)
             .unwrap();
     }
-    assert!(relief.calls.load(Ordering::SeqCst) > 0, "relief never needed");
+    assert!(
+        relief.calls.load(Ordering::SeqCst) > 0,
+        "relief never needed"
+    );
     let left = pool.list_snapshots(Some("v")).unwrap().len();
     assert!(left >= 1, "relief deleted more than it had to");
     clean(&pool);

@@ -61,6 +61,8 @@ pub struct SnapshotInfo {
     pub exclusive: Option<u64>,
     /// The previous snapshot in this snapshot's lineage.
     pub parent: Option<String>,
+    /// Deleting it is refused until it is unprotected.
+    pub protected: bool,
 }
 
 pub fn validate_size(size: u64) -> Result<()> {
@@ -417,6 +419,7 @@ impl Pool {
             written: layer.data_blocks * BLOCK_SIZE_U64,
             exclusive: None,
             parent: named_ancestor(tree, names, s.layer),
+            protected: false,
         })
     }
 

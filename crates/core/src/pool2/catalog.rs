@@ -51,6 +51,10 @@ pub struct SnapRec {
     /// Bytes written between the previous snapshot and this one (still live then).
     #[serde(default)]
     pub written: u64,
+    /// Protected (`snapshot protect`): deleting it is refused, and no retention or space
+    /// guard picks it, until it is unprotected (as `zfs hold`, `rbd snap protect`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protected: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -19,8 +19,8 @@ mod io;
 mod plan;
 mod records;
 mod space;
-pub use space::SpaceRelief;
 pub use plan::WritePlan;
+pub use space::SpaceRelief;
 mod ops;
 
 pub mod catalog;

@@ -323,7 +323,21 @@ impl Pool2 {
     pub fn delete_volume(&self, name: &str, recursive: bool) -> Result<()> {
         let _m = lock(&self.mgmt);
         let vid = self.volume_id(name)?;
-        let nsnaps = self.catalog_read().snapshots_of(vid).count();
+        let (nsnaps, held) = {
+            let c = self.catalog_read();
+            let held: Vec<String> = c
+                .snapshots_of(vid)
+                .filter(|s| s.protected)
+                .map(|s| s.name.clone())
+                .collect();
+            (c.snapshots_of(vid).count(), held)
+        };
+        if !held.is_empty() {
+            return Err(Error::Busy(format!(
+                "volume '{name}' has protected snapshot(s) {}; unprotect them first",
+                held.join(", ")
+            )));
+        }
         if nsnaps > 0 && !recursive {
             return Err(Error::Busy(format!(
                 "volume '{name}' has {nsnaps} snapshot(s); delete them first or use --recursive"
@@ -452,6 +466,7 @@ impl Pool2 {
                         size: v.size,
                         created: keys::now_secs(),
                         written,
+                        protected: false,
                     };
                     put(ctx, cat::snapshot_key(*vid, &name), cat::encode(&rec));
                     recs.push(rec);
@@ -530,6 +545,7 @@ impl Pool2 {
             written: s.written,
             exclusive: None,
             parent,
+            protected: s.protected,
         }
     }
 
@@ -583,6 +599,12 @@ impl Pool2 {
         let name = snap.to_string();
         self.run(Box::new(move |ctx| {
             let s = ctx.catalog.snapshot(vid, &name)?.clone();
+            if s.protected {
+                return Err(Error::Busy(format!(
+                    "snapshot '{}@{name}' is protected; unprotect it first",
+                    ctx.catalog.volume(vid)?.name
+                )));
+            }
             {
                 let (m, g) = ctx.parts();
                 m.release_snapshot(g, s.lineage, s.epoch)?
@@ -590,6 +612,22 @@ impl Pool2 {
             del(ctx, cat::snapshot_key(vid, &name));
             done(move |c| {
                 c.snapshots.remove(&(vid, name));
+            })
+        }))?;
+        Ok(())
+    }
+
+    /// Protects `vol@snap` from deletion (or lifts that): one durable record change.
+    pub fn set_snapshot_protected(&self, vol: &str, snap: &str, on: bool) -> Result<()> {
+        let _m = lock(&self.mgmt);
+        let vid = self.volume_id(vol)?;
+        let name = snap.to_string();
+        self.run(Box::new(move |ctx| {
+            let mut s = ctx.catalog.snapshot(vid, &name)?.clone();
+            s.protected = on;
+            put(ctx, cat::snapshot_key(vid, &name), cat::encode(&s));
+            done(move |c| {
+                c.snapshots.insert((vid, name), s);
             })
         }))?;
         Ok(())

@@ -152,8 +152,10 @@ impl Pool2 {
         };
         v.quota = quota;
         self.run(Box::new(move |ctx| {
-            ctx.group
-                .extra(crate::meta::BatchOp::Put(cat::volume_key(v.id), cat::encode(&v)));
+            ctx.group.extra(crate::meta::BatchOp::Put(
+                cat::volume_key(v.id),
+                cat::encode(&v),
+            ));
             Ok(Outcome::Done {
                 apply: Box::new(move |c: &mut Catalog| {
                     c.volumes.insert(v.id, v);
@@ -201,5 +203,16 @@ impl Pool2 {
             let free = lock(&self.alloc).free();
             return Err(Error::NoSpace { needed: n, free });
         }
+    }
+}
+
+impl Pool2 {
+    /// (free bytes, capacity bytes) of the data device, as the allocator sees it now
+    /// (frees waiting for a sync are not free yet).
+    pub fn space(&self) -> (u64, u64) {
+        (
+            self.free_blocks().saturating_mul(BLOCK_SIZE_U64),
+            self.data_blocks().saturating_mul(BLOCK_SIZE_U64),
+        )
     }
 }
