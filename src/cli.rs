@@ -417,6 +417,11 @@ pub struct RepoAddArgs {
     pub copy_from: Option<String>,
     #[arg(long, value_name = "SCHEDULE", requires = "copy_from")]
     pub copy: Option<String>,
+    /// With --copy-from: this repository's own retention of the copies (the newest per
+    /// volume always stays; none: keep every copy). Source backups it would not keep are
+    /// not copied.
+    #[command(flatten)]
+    pub keep: KeepArgs,
 }
 
 /// Retention: the newest item of each of the last N hours, days, ISO weeks, months, years
@@ -439,6 +444,19 @@ pub struct KeepArgs {
 }
 
 impl KeepArgs {
+    /// Whether any rule was given.
+    pub fn any(&self) -> bool {
+        [
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+        ]
+        .iter()
+        .any(|n| *n > 0)
+    }
     /// As snapblk_policy::Keep's JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({

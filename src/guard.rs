@@ -46,17 +46,25 @@ impl SpaceRelief for Relief {
     }
 }
 
-/// The guard's settings as stored with the pool (none: off).
+/// The guard's settings as stored with the pool (none: off). A record that does not
+/// decode or check leaves the guard off, loudly: the daemon still serves the volumes.
 pub fn load_config(pool: &Pool) -> Result<Option<GuardConfig>> {
-    match pool
+    let Some((_, v)) = pool
         .records(GUARD_RECORD)?
         .into_iter()
         .find(|(k, _)| k == GUARD_RECORD)
-    {
-        Some((_, v)) => Ok(Some(
-            serde_json::from_slice(&v).map_err(|e| anyhow!("record {GUARD_RECORD}: {e}"))?,
-        )),
-        None => Ok(None),
+    else {
+        return Ok(None);
+    };
+    let checked = serde_json::from_slice::<GuardConfig>(&v)
+        .map_err(|e| e.to_string())
+        .and_then(|c| GuardConfig::new(c.min_free_percent, Some(c.target_free_percent)));
+    match checked {
+        Ok(c) => Ok(Some(c)),
+        Err(e) => {
+            log::error!("record {GUARD_RECORD}: {e}; the space guard is off (set it again with `snapblk pool guard`)");
+            Ok(None)
+        }
     }
 }
 
@@ -107,6 +115,9 @@ impl PolicyService {
         off: bool,
     ) -> Result<Value> {
         let pool = self.pool();
+        if target_free.is_some() && min_free.is_none() {
+            return Err(anyhow!("--target-free needs --min-free"));
+        }
         if off {
             pool.put_record(GUARD_RECORD, None)?;
             self.guard.set_config(None);

@@ -218,6 +218,9 @@ fn command(cmd: &Cmd) -> Result<Command> {
                 repository: repository.clone(),
             }
         }
+        Cmd::Repo(RepoCmd::Add(a)) if a.copy_from.is_none() && a.keep.any() => {
+            anyhow::bail!("--keep-* on a repository is the retention of its copies: give --copy-from and --copy too")
+        }
         Cmd::Repo(RepoCmd::Add(a)) => Command::RepoSet {
             name: a.name.clone(),
             repo: serde_json::json!({
@@ -233,7 +236,7 @@ fn command(cmd: &Cmd) -> Result<Command> {
                     "schedule": s, "read_data_runs": a.verify_read_runs,
                 })),
                 "copy": a.copy.as_ref().map(|s| serde_json::json!({
-                    "schedule": s, "from": a.copy_from,
+                    "schedule": s, "from": a.copy_from, "keep": a.keep.json(),
                 })),
             }),
         },

@@ -172,7 +172,7 @@ impl PolicyPool for PoolPolicies {
             ))
         }
     }
-    fn copy(&self, from: &NamedRepo, to: &NamedRepo) -> Result<CopyDone, String> {
+    fn copy(&self, from: &NamedRepo, to: &NamedRepo, skip: &[String]) -> Result<CopyDone, String> {
         let (src, dst) = (open_registered(from)?, open_registered(to)?);
         let uuid = self.0.uuid();
         let mut done = CopyDone::default();
@@ -180,8 +180,9 @@ impl PolicyPool for PoolPolicies {
             .map_err(|e| e.to_string())?
             .is_some()
         {
-            let out = snapblk_backup::copy::run(&src, &dst, Some(uuid), None, &NoProgress)
-                .map_err(|e| e.to_string())?;
+            let out =
+                snapblk_backup::copy::run_except(&src, &dst, Some(uuid), None, skip, &NoProgress)
+                    .map_err(|e| e.to_string())?;
             for c in out.iter().filter(|c| !c.summary.already_stored) {
                 done.copied.push(c.backup.clone());
                 done.bytes_uploaded += c.summary.stats.bytes_uploaded;

@@ -204,6 +204,19 @@ pub fn run(
     volume: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<Vec<Copied>> {
+    run_except(src, dst, from, volume, &[], progress)
+}
+
+/// [`run`], leaving out the source backups whose ids `skip` lists (a destination's
+/// retention would not keep them).
+pub fn run_except(
+    src: &Repository,
+    dst: &Repository,
+    from: Option<&str>,
+    volume: Option<&str>,
+    skip: &[String],
+    progress: &dyn Progress,
+) -> Result<Vec<Copied>> {
     let _lease = Lease::shared(src, "copy (reading)")?;
     let catalogs = Catalogs::load(src)?;
     let pools: Vec<&str> = match from {
@@ -224,6 +237,7 @@ pub fn run(
         .into_iter()
         .filter(|h| pools.contains(&h.pool.as_str()))
         .filter(|h| volume.is_none_or(|v| h.volume == v))
+        .filter(|h| !skip.contains(&h.id))
         .collect();
     manifest::sort(&mut headers);
     let mut out = Vec::new();

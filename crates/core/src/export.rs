@@ -41,7 +41,9 @@ pub trait DirectIo {
     fn data_fd(&self) -> RawFd;
     /// Offset and length must be whole 4 KiB blocks.
     fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>>;
-    /// Offset and length must be whole 4 KiB blocks.
+    /// Offset and length must be whole 4 KiB blocks. Never waits for space relief: a
+    /// full pool answers `NoSpace` at once, and the caller retries the write through
+    /// [`Export::write`] where it may block (ublk: the queue's helper thread).
     fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan<'_>>;
     /// Commits a planned write after its data I/O, or frees its blocks if `io` failed.
     fn finish_write(&self, plan: WritePlan<'_>, io: std::io::Result<()>) -> Result<()>;

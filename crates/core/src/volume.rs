@@ -116,7 +116,7 @@ impl DirectIo for VolumeHandle {
     }
     fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan<'_>> {
         self.check(offset, data.len() as u64, true, true)?;
-        self.pool.plan_write(self.vol()?, offset, data, fua)
+        self.pool.plan_write_now(self.vol()?, offset, data, fua)
     }
     fn finish_write(&self, plan: WritePlan<'_>, io: std::io::Result<()>) -> Result<()> {
         self.pool.finish_write(plan, io)

@@ -74,6 +74,11 @@ pub struct CopyRule {
     /// The registered repository copied from.
     pub from: String,
     pub schedule: CalendarEvent,
+    /// The destination's own retention of this pool's backups in it, per volume (the
+    /// newest always stays); empty: keep every copy. Source backups it would not keep are
+    /// not copied (so a later run does not copy again what it pruned).
+    #[serde(default, skip_serializing_if = "Keep::is_empty")]
+    pub keep: Keep,
 }
 
 impl CopyRule {
@@ -277,6 +282,8 @@ pub enum Work {
     Copy {
         from: Box<NamedRepo>,
         to: Box<NamedRepo>,
+        /// The destination's retention (empty: keep every copy).
+        keep: Keep,
     },
 }
 
@@ -364,16 +371,12 @@ pub fn run<P: PolicyPool>(pool: &P, task: &Task, tz: &TimeZone) -> TaskResult {
             Ok(d) => r.detail = Some(d),
             Err(e) => r.errors.push(format!("repository {}: {e}", repo.name)),
         },
-        Work::Copy { from, to } => match pool.copy(from, to) {
-            Ok(c) => {
-                r.created = c.copied;
-                r.bytes_uploaded = c.bytes_uploaded;
-                r.covered = c.covered;
+        Work::Copy { from, to, keep } => {
+            if let Err(e) = copy_with_retention(pool, from, to, keep, tz, &mut r) {
+                r.errors
+                    .push(format!("copy {} -> {}: {e}", from.name, to.name));
             }
-            Err(e) => r
-                .errors
-                .push(format!("copy {} -> {}: {e}", from.name, to.name)),
-        },
+        }
         Work::Verify { repo, part } => match pool.verify(repo, *part) {
             Ok(d) => r.detail = Some(d),
             Err(e) => r.errors.push(format!("repository {}: {e}", repo.name)),
@@ -477,6 +480,92 @@ fn backup_volume<P: PolicyPool>(
         pool.forget(repo, &ids)?;
         r.deleted
             .extend(gone.iter().map(|b| format!("{vol}@{}", b.snapshot)));
+    }
+    Ok(())
+}
+
+/// What a copy destination's retention keeps of this pool's backups, per volume, over
+/// what the source and the destination hold together (by snapshot; each volume's newest
+/// always stays): (source backups not to copy, destination backups to forget).
+pub fn copy_plan(
+    src: &[BackupItem],
+    dst: &[BackupItem],
+    keep: &Keep,
+    tz: &TimeZone,
+) -> (Vec<String>, Vec<BackupItem>) {
+    if keep.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let mut skip = Vec::new();
+    let mut forget = Vec::new();
+    let mut vols: Vec<&str> = src.iter().chain(dst).map(|b| b.volume.as_str()).collect();
+    vols.sort_unstable();
+    vols.dedup();
+    for vol in vols {
+        // One item per snapshot: the destination's copy if it has one.
+        let mut all: Vec<&BackupItem> = dst.iter().filter(|b| b.volume == vol).collect();
+        for b in src.iter().filter(|b| b.volume == vol) {
+            if !all.iter().any(|d| d.snapshot == b.snapshot) {
+                all.push(b);
+            }
+        }
+        all.sort_by_key(|b| (b.created, b.snapshot.clone()));
+        let Some(newest) = all.last().map(|b| b.snapshot.clone()) else {
+            continue;
+        };
+        let items: Vec<Item> = all
+            .iter()
+            .map(|b| Item {
+                name: b.snapshot.clone(),
+                time: b.created,
+                protected: b.snapshot == newest,
+            })
+            .collect();
+        for v in apply(&items, keep, tz).iter().filter(|v| !v.keep()) {
+            for b in src
+                .iter()
+                .filter(|b| b.volume == vol && b.snapshot == v.name)
+            {
+                skip.push(b.id.clone());
+            }
+            forget.extend(
+                dst.iter()
+                    .filter(|b| b.volume == vol && b.snapshot == v.name)
+                    .cloned(),
+            );
+        }
+    }
+    (skip, forget)
+}
+
+/// Copies this pool's backups from `from` into `to`, except those the destination's
+/// retention would not keep, then prunes the destination by that retention.
+fn copy_with_retention<P: PolicyPool>(
+    pool: &P,
+    from: &NamedRepo,
+    to: &NamedRepo,
+    keep: &Keep,
+    tz: &TimeZone,
+    r: &mut TaskResult,
+) -> Result<(), String> {
+    let skip = if keep.is_empty() {
+        Vec::new()
+    } else {
+        copy_plan(&pool.backups(from)?, &pool.backups(to)?, keep, tz).0
+    };
+    let c = pool.copy(from, to, &skip)?;
+    r.created = c.copied;
+    r.bytes_uploaded = c.bytes_uploaded;
+    r.covered = c.covered;
+    if !keep.is_empty() {
+        // The destination as it is now (with the copies): the same plan prunes it.
+        let (_, gone) = copy_plan(&pool.backups(from)?, &pool.backups(to)?, keep, tz);
+        if !gone.is_empty() {
+            let ids: Vec<String> = gone.iter().map(|b| b.id.clone()).collect();
+            pool.forget(to, &ids)?;
+            r.deleted
+                .extend(gone.iter().map(|b| format!("{}@{}", b.volume, b.snapshot)));
+        }
     }
     Ok(())
 }

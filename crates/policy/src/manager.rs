@@ -74,8 +74,9 @@ pub trait PolicyPool {
     /// Verifies `repo`, reading packs `part.0` of `part.1` (`part.1` = 0: structure only);
     /// an error if it found problems.
     fn verify(&self, repo: &NamedRepo, part: (u32, u32)) -> Result<String, String>;
-    /// Copies this pool's backups in `from` that `to` lacks.
-    fn copy(&self, from: &NamedRepo, to: &NamedRepo) -> Result<CopyDone, String>;
+    /// Copies this pool's backups in `from` that `to` lacks, except the source backups
+    /// `skip` names (by id).
+    fn copy(&self, from: &NamedRepo, to: &NamedRepo, skip: &[String]) -> Result<CopyDone, String>;
     /// The pool's volumes.
     fn volumes(&self) -> Result<Vec<String>, String>;
     /// The media (device ids, as [`Medium::id`]) holding the pool.
@@ -457,10 +458,16 @@ impl<P: PolicyPool> Manager<P> {
         }
         p.validate()?;
         for b in &p.backups {
-            if !self.repos.contains_key(&b.repository) {
+            let Some(r) = self.repos.get(&b.repository) else {
                 return Err(format!(
                     "repository '{}' is not registered (snapblk repo add {} URL --key-file FILE)",
                     b.repository, b.repository
+                ));
+            };
+            if r.copy.as_ref().is_some_and(|c| !c.keep.is_empty()) {
+                return Err(format!(
+                    "repository '{}' prunes the copies it receives by its own retention, which would also prune this policy's backups there: back up to its source instead, or register it without --keep-*",
+                    b.repository
                 ));
             }
         }
@@ -562,6 +569,17 @@ impl<P: PolicyPool> Manager<P> {
             }
             if !self.repos.contains_key(&c.from) {
                 return Err(format!("repository '{}' is not registered", c.from));
+            }
+            if !c.keep.is_empty() {
+                if let Some((p, _)) = self
+                    .policies
+                    .iter()
+                    .find(|(_, p)| p.backups.iter().any(|b| b.repository == name))
+                {
+                    return Err(format!(
+                        "policy '{p}' backs up to '{name}': a copy retention there would prune its backups too (one retention per repository)"
+                    ));
+                }
             }
         }
         let old = self.jobs_where(|j| {
@@ -800,16 +818,11 @@ impl<P: PolicyPool> Manager<P> {
             }
             Some(JobName::Copy(r)) => {
                 let to = repo(r)?;
-                let from = to
-                    .target
-                    .copy
-                    .as_ref()
-                    .ok_or("no copy schedule")?
-                    .from
-                    .clone();
+                let rule = to.target.copy.clone().ok_or("no copy schedule")?;
                 Work::Copy {
-                    from: Box::new(repo(&from)?),
+                    from: Box::new(repo(&rule.from)?),
                     to: Box::new(to),
+                    keep: rule.keep,
                 }
             }
             Some(JobName::Verify(r)) => {

@@ -169,8 +169,13 @@ impl Guard {
         now: Timestamp,
     ) -> Pass {
         let seen = lock(&self.state).deletions;
-        let _one = lock(&self.pass);
         let mut out = Pass::default();
+        // Another pass may be running (its reclaim can take a while): a writer waits for it
+        // at most as long as for the manager, then counts what it freed.
+        let Some(_one) = lock_within(&self.pass, Duration::from_secs(30)) else {
+            out.progressed = lock(&self.state).deletions != seen;
+            return out;
+        };
         let Some(cfg) = self.config() else {
             return out;
         };
@@ -185,6 +190,8 @@ impl Guard {
             return self.recovered(out, start_pct, cfg, now);
         }
         let mut pct = start_pct;
+        // Snapshots the pool refused to delete in this pass (in use, just gone): skipped.
+        let mut refused: Vec<(String, String)> = Vec::new();
         loop {
             if pct >= cfg.target_free_percent && !(urgent && out.deleted.is_empty()) {
                 break;
@@ -192,7 +199,10 @@ impl Guard {
             let Some(m) = lock_within(mgr, Duration::from_secs(30)) else {
                 break;
             };
-            let next = m.space_candidates().into_iter().next();
+            let next = m
+                .space_candidates()
+                .into_iter()
+                .find(|c| !refused.contains(&(c.volume.clone(), c.snapshot.clone())));
             let Some(c) = next else {
                 drop(m);
                 let mut s = lock(&self.state);
@@ -210,7 +220,8 @@ impl Guard {
             drop(m);
             if let Err(e) = r {
                 out.errors.push(e);
-                break;
+                refused.push((c.volume, c.snapshot));
+                continue;
             }
             lock(&self.state).deletions += 1;
             out.deleted.push(c);

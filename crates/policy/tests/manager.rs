@@ -30,6 +30,8 @@ struct MemPool {
     calls: RefCell<Vec<String>>,
     /// Protected snapshots (vol, name): deleting one is refused.
     held: RefCell<Vec<(String, String)>>,
+    /// Snapshots in use (vol, name): deleting one is refused, but they are not protected.
+    busy: RefCell<Vec<(String, String)>>,
 }
 
 impl PolicyPool for &MemPool {
@@ -85,6 +87,13 @@ impl PolicyPool for &MemPool {
             .contains(&(vol.to_string(), name.to_string()))
         {
             return Err(format!("snapshot {vol}@{name} is protected"));
+        }
+        if self
+            .busy
+            .borrow()
+            .contains(&(vol.to_string(), name.to_string()))
+        {
+            return Err(format!("snapshot {vol}@{name} is in use"));
         }
         self.snaps
             .borrow_mut()
@@ -193,12 +202,20 @@ impl PolicyPool for &MemPool {
             .push(format!("verify {} {}/{}", repo.name, part.0, part.1));
         Ok("no problems".into())
     }
-    fn copy(&self, from: &NamedRepo, to: &NamedRepo) -> Result<snapblk_policy::CopyDone, String> {
+    fn copy(
+        &self,
+        from: &NamedRepo,
+        to: &NamedRepo,
+        skip: &[String],
+    ) -> Result<snapblk_policy::CopyDone, String> {
         let mut st = self.stored.borrow_mut();
         let src = st.get(&from.name).cloned().unwrap_or_default();
         let dst = st.entry(to.name.clone()).or_default();
         let mut done = snapblk_policy::CopyDone::default();
         for b in src {
+            if skip.contains(&b.id) {
+                continue;
+            }
             if !dst
                 .iter()
                 .any(|d| d.volume == b.volume && d.snapshot == b.snapshot)
@@ -1088,6 +1105,9 @@ fn the_space_guard_deletes_oldest_unprotected_policy_snapshots_only() {
         per_snap: 4,
     };
     let b = names("b");
+    // a's oldest is in use (exported): the pool refuses it and the guard goes on.
+    let pa0 = a.iter().find(|n| n.starts_with("auto-")).unwrap().clone();
+    pool.busy.borrow_mut().push(("a".into(), pa0.clone()));
     let mgr = Mutex::new(m);
     // Off: nothing happens even when full.
     let off = Guard::new(None);
@@ -1102,14 +1122,19 @@ fn the_space_guard_deletes_oldest_unprotected_policy_snapshots_only() {
         .collect();
     let pa: Vec<&String> = a.iter().filter(|n| n.starts_with("auto-")).collect();
     let want = vec![
-        format!("a@{}", pa[0]),
         format!("b@{}", b[0]),
         format!("b@{}", b[1]),
         format!("a@{}", pa[2]),
         format!("b@{}", b[2]),
         format!("a@{}", pa[3]),
+        format!("b@{}", b[3]),
     ];
-    assert_eq!(gone, want, "oldest first, the protected one skipped");
+    assert_eq!(
+        gone, want,
+        "oldest first, the protected and the busy one skipped"
+    );
+    assert_eq!(pass.errors.len(), 1, "{:?}", pass.errors);
+    pool.busy.borrow_mut().clear();
     assert!(
         matches!(&pass.events[..], [Event::SnapshotsDeletedForSpace { snapshots, .. }] if snapshots.len() == 6)
     );
@@ -1159,4 +1184,84 @@ fn the_space_guard_deletes_oldest_unprotected_policy_snapshots_only() {
     assert!(GuardConfig::new(0.0, None).is_err());
     assert!(GuardConfig::new(20.0, Some(10.0)).is_err());
     assert!(GuardConfig::new(100.0, None).is_err());
+}
+
+/// A copy destination with its own retention keeps its last 2 copies per volume while the
+/// source keeps 10 days, never copies again what it pruned, and refuses to share the
+/// repository with a policy's direct backups (two retentions would prune each other's).
+#[test]
+fn a_copy_destination_prunes_by_its_own_retention_and_never_recopies() {
+    let pool = MemPool::default();
+    pool.snaps.borrow_mut().insert("a".into(), BTreeMap::new());
+    let t0 = ts("2026-12-01T00:30:00Z");
+    let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
+    m.set_repo("usb", repo("file:///mnt/usb"), t0).unwrap();
+    let mut p = policy(
+        &["a"],
+        "hourly",
+        Keep {
+            hourly: 2,
+            ..Keep::default()
+        },
+    );
+    p.backups = serde_json::from_value(serde_json::json!([
+        { "repository": "usb", "schedule": "*-*-* 02:30", "keep": { "daily": 10 } }
+    ]))
+    .unwrap();
+    m.set_policy("p", p.clone(), t0).unwrap();
+    let mut off = repo("s3://bucket/x");
+    off.copy = Some(
+        serde_json::from_value(serde_json::json!({
+            "from": "usb", "schedule": "*-*-* 04:00", "keep": { "last": 2 }
+        }))
+        .unwrap(),
+    );
+    // A policy backing up to usb is fine; one backing up to offsite is refused.
+    m.set_repo("offsite", off.clone(), t0).unwrap();
+    let mut direct = p.clone();
+    direct.backups[0].repository = "offsite".into();
+    let e = m.set_policy("p", direct, t0).unwrap_err();
+    assert!(e.contains("prunes the copies it receives"), "{e}");
+    let mut copied: Vec<String> = Vec::new();
+    let mut now = t0;
+    while now < ts("2026-12-06T05:00:00Z") {
+        *pool.data.borrow_mut().entry("a".into()).or_default() += 1;
+        for (job, r) in step(&mut m, &pool, now) {
+            assert_eq!(r.outcome, Outcome::Ok, "{job}");
+            if job == "copy:offsite" {
+                copied.extend(r.created.clone());
+            }
+        }
+        now = now.checked_add(10.minutes()).unwrap();
+    }
+    let names = |r: &str| -> Vec<String> {
+        let mut v: Vec<String> = pool.stored.borrow()[r]
+            .iter()
+            .map(|b| b.snapshot.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    let usb = names("usb");
+    assert_eq!(usb.len(), 6, "{usb:?}");
+    assert_eq!(names("offsite"), usb[usb.len() - 2..].to_vec());
+    let mut once = copied.clone();
+    once.sort();
+    once.dedup();
+    assert_eq!(
+        once.len(),
+        copied.len(),
+        "copied again after pruning: {copied:?}"
+    );
+    assert_eq!(copied.len(), 6, "{copied:?}");
+    // Registering a copy retention on a repository a policy backs up to is refused.
+    let mut usb2 = repo("file:///mnt/usb");
+    usb2.copy = Some(
+        serde_json::from_value(serde_json::json!({
+            "from": "offsite", "schedule": "daily", "keep": { "last": 1 }
+        }))
+        .unwrap(),
+    );
+    let e = m.set_repo("usb", usb2, now).unwrap_err();
+    assert!(e.contains("policy 'p' backs up to 'usb'"), "{e}");
 }

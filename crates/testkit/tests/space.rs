@@ -111,8 +111,10 @@ fn usage_is_persisted_and_checked() {
     let v = pool.volume_id("v").unwrap();
     pool.write(v, 0, &vec![1u8; 2 * MIB as usize], false)
         .unwrap();
+    assert_eq!(pool.volume_info("v").unwrap().written, 2 * MIB);
     pool.create_snapshot("v", "s1").unwrap();
     pool.write(v, 0, &vec![2u8; MIB as usize], false).unwrap();
+    assert_eq!(pool.volume_info("v").unwrap().written, MIB);
     pool.create_snapshot("v", "s2").unwrap();
     // Rolled back to s1: s2 (on the old lineage) keeps its MiB.
     pool.rollback("v", "s1").unwrap();
@@ -276,4 +278,42 @@ fn a_full_pool_asks_for_relief_before_enospc() {
     let e = failed.expect("the pool never filled");
     assert!(matches!(e, Error::NoSpace { .. }), "{e}");
     drop(hook);
+}
+
+/// Rolling back to a snapshot and deleting it leaves the volume's data on the closed
+/// lineage its new one is based on: that still counts (else rollback + delete would
+/// escape any quota). A clone does not count its origin's data.
+#[test]
+fn a_rolled_back_history_counts_until_it_is_freed() {
+    let (pool, _, _) = mem_pool(DATA_START + 64 * MIB);
+    pool.create_volume("v", 8 * MIB).unwrap();
+    pool.create_volume("w", 8 * MIB).unwrap();
+    let v = pool.volume_id("v").unwrap();
+    pool.set_quota("v", Some(3 * MIB)).unwrap();
+    let w = pool.volume_id("w").unwrap();
+    pool.write(w, 0, &vec![9u8; MIB as usize], false).unwrap();
+    pool.create_snapshot("w", "o").unwrap();
+    pool.clone_snapshot("w", "o", "c").unwrap();
+    assert_eq!(used(&pool, "c"), 0);
+    assert_eq!(used(&pool, "w"), MIB);
+    pool.write(v, 0, &vec![1u8; 2 * MIB as usize], false)
+        .unwrap();
+    pool.create_snapshot("v", "s").unwrap();
+    pool.rollback("v", "s").unwrap();
+    pool.delete_snapshot("v", "s").unwrap();
+    pool.reclaim_all().unwrap();
+    // The base lineage holds the 2 MiB the volume reads: still counted, so a second
+    // copy does not fit in 3 MiB.
+    assert_eq!(used(&pool, "v"), 2 * MIB);
+    let e = pool
+        .write(v, 4 * MIB, &vec![2u8; 2 * MIB as usize], false)
+        .unwrap_err();
+    assert!(is_quota(&e), "{e}");
+    // The base stays whole while the volume is based on it (trimming the volume does not
+    // free it): still counted.
+    pool.trim(v, 0, 2 * MIB, false).unwrap();
+    pool.reclaim_all().unwrap();
+    assert_eq!(used(&pool, "v"), 2 * MIB);
+    assert_eq!(pool.info().used, 3 * MIB, "v's base and w's data");
+    clean(&pool);
 }

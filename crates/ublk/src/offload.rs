@@ -1,8 +1,10 @@
 //! Requests that can block for long run on a helper thread per queue, so that the queue's
 //! other tags go on meanwhile: FLUSH (an `fdatasync` of the data device and a sync of the
 //! metadata store, milliseconds on a disk) and DISCARD / WRITE_ZEROES (up to 1 GiB of
-//! mapping changes each). They carry no data, so nothing but the request's fields crosses
-//! threads. The task awaits a read of an eventfd on the queue's own io_uring; the helper
+//! mapping changes each), which carry no data; and a WRITE the direct path found the pool
+//! full for, with a copy of its data: it waits there for the space guard to free blocks
+//! (the queue thread must not wait: its reads' pins would keep freed blocks from
+//! returning). The task awaits a read of an eventfd on the queue's own io_uring; the helper
 //! stores the result and writes the eventfd.
 //!
 //! Invariants: a job's result is stored before its eventfd is written, so the task reads
@@ -33,6 +35,8 @@ struct Job {
     op_flags: u32,
     sector: u64,
     sectors: u32,
+    /// A WRITE's data (empty for the others).
+    data: Vec<u8>,
     done: Arc<Done>,
 }
 
@@ -53,8 +57,14 @@ impl Offload {
         let helper = std::thread::Builder::new()
             .name(format!("ublk-q{qid}-sync"))
             .spawn(move || {
-                for job in rx {
-                    let r = execute(&*job.export, job.op_flags, job.sector, job.sectors, &mut []);
+                for mut job in rx {
+                    let r = execute(
+                        &*job.export,
+                        job.op_flags,
+                        job.sector,
+                        job.sectors,
+                        &mut job.data,
+                    );
                     *job.done.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
                     if let Err(e) = (&job.done.event).write_all(&1u64.to_ne_bytes()) {
                         // Cannot happen for an eventfd below its maximum; the task would
@@ -78,7 +88,7 @@ impl Offload {
         }
     }
 
-    /// Runs a data-less request (FLUSH, DISCARD, WRITE_ZEROES) on the helper and awaits it;
+    /// Runs a request on the helper and awaits it (`data`: a WRITE's, else empty);
     /// returns what `execute` returns.
     pub(crate) async fn run(
         &self,
@@ -87,16 +97,17 @@ impl Offload {
         op_flags: u32,
         sector: u64,
         sectors: u32,
+        mut data: Vec<u8>,
     ) -> i32 {
-        let inline = || execute(&**export, op_flags, sector, sectors, &mut []);
+        let inline = |data: &mut Vec<u8>| execute(&**export, op_flags, sector, sectors, data);
         let Some(tx) = &self.tx else {
-            return inline();
+            return inline(&mut data);
         };
         // SAFETY: eventfd(2) takes no pointers; a non-negative return is a new descriptor
         // that we own from here on (File closes it).
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {
-            return inline();
+            return inline(&mut data);
         }
         // SAFETY: `fd` is a freshly created descriptor owned by nobody else.
         let event = unsafe { File::from_raw_fd(fd) };
@@ -109,10 +120,11 @@ impl Offload {
             op_flags,
             sector,
             sectors,
+            data,
             done: Arc::clone(&done),
         };
-        if tx.send(job).is_err() {
-            return inline();
+        if let Err(mpsc::SendError(mut job)) = tx.send(job) {
+            return inline(&mut job.data);
         }
         let mut counter = ManuallyDrop::new(Box::new([0u8; 8]));
         loop {

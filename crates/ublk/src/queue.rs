@@ -157,7 +157,7 @@ async fn serve(
     ) {
         let res = ctx
             .offload
-            .run(q, ctx.export, op_flags, sector, sectors)
+            .run(q, ctx.export, op_flags, sector, sectors, Vec::new())
             .await;
         return (false, res);
     }
@@ -175,6 +175,16 @@ async fn serve(
     };
     let res = match r {
         Ok(()) => len as i32,
+        Err(snapblk_core::Error::NoSpace { .. }) if op == sys::UBLK_IO_OP_WRITE => {
+            // The pool is full: the write waits for the space guard on the helper thread,
+            // not here (this thread's reads hold pins that keep freed blocks from returning).
+            let data = buf.to_vec();
+            let res = ctx
+                .offload
+                .run(q, ctx.export, op_flags, sector, sectors, data)
+                .await;
+            return (false, res);
+        }
         Err(e) => {
             log::warn!("ublk {}: op {op} at {off}+{len}: {e}", export.name());
             -e.errno()

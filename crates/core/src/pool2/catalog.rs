@@ -103,6 +103,8 @@ pub struct Catalog {
     pub ids: Ids,
     /// Lineage bases for page reads (copy-on-write: readers clone the Arc).
     pub bases: Arc<HashMap<LineageId, Option<(LineageId, Epoch)>>>,
+    /// Incremented by every change the committer publishes (caches key on it).
+    pub gen: u64,
 }
 
 /// The bases of one moment, as page reads use them.

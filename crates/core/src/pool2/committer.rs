@@ -439,7 +439,11 @@ impl Pool2 {
                 }
                 match meta.commit(group) {
                     Ok(done) => {
-                        apply(&mut self.catalog_write());
+                        {
+                            let mut cat = self.catalog_write();
+                            apply(&mut cat);
+                            cat.gen += 1;
+                        }
                         self.committed(&done);
                         st.out.push((reply, Answer::Value(value)));
                         for l in &undefer {
@@ -462,6 +466,7 @@ impl Pool2 {
         self.publish_owned(&done.owned);
         if !done.destroyed.is_empty() {
             let mut c = self.catalog_write();
+            c.gen += 1;
             let bases = std::sync::Arc::make_mut(&mut c.bases);
             for l in &done.destroyed {
                 bases.remove(l);

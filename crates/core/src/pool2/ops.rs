@@ -200,8 +200,11 @@ impl Pool2 {
 
     /// Bytes the volume wrote since its last snapshot (its lineage's counter record).
     fn written_now(&self, l: LineageId) -> u64 {
+        // The record's first 8 bytes (born in the current epoch), then owned blocks.
         match self.store().get(&crate::v2::keys::counter(l)) {
-            Ok(Some(v)) => <[u8; 8]>::try_from(v.as_slice())
+            Ok(Some(v)) => v
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map_or(0, |b| u64::from_le_bytes(b).saturating_mul(BLOCK_SIZE_U64)),
             _ => 0,
         }

@@ -138,7 +138,8 @@ impl Pool2 {
         Ok(ReadPlan::from_parts(pin, segs, zeros, checks, t.clone()))
     }
 
-    /// Plans a write of `data` (whole blocks) at `offset` of volume `vol`.
+    /// Plans a write of `data` (whole blocks) at `offset` of volume `vol`. A full pool
+    /// asks the space relief (which may block) before answering `NoSpace`.
     pub fn plan_write(
         &self,
         vol: VolId,
@@ -146,12 +147,37 @@ impl Pool2 {
         data: &[u8],
         fua: bool,
     ) -> Result<WritePlan<'_>> {
+        self.plan_write_with(vol, offset, data, fua, true)
+    }
+
+    /// [`Pool2::plan_write`] that never waits for space relief: a full pool answers
+    /// `NoSpace` at once. For callers that must not block (a ublk queue thread, whose
+    /// own reads' pins would keep freed blocks from returning); they retry the write
+    /// where it may wait.
+    pub fn plan_write_now(
+        &self,
+        vol: VolId,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<WritePlan<'_>> {
+        self.plan_write_with(vol, offset, data, fua, false)
+    }
+
+    fn plan_write_with(
+        &self,
+        vol: VolId,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        relief: bool,
+    ) -> Result<WritePlan<'_>> {
         let (b0, _) = whole_blocks("write", offset, data.len())?;
         let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
         let nonzero: Vec<bool> = blocks.iter().map(|b| !is_zero(b)).collect();
         let ndata = nonzero.iter().filter(|x| **x).count() as u64;
         self.reserve(vol, ndata)?;
-        let runs = match self.allocate(ndata) {
+        let runs = match self.allocate(ndata, relief) {
             Ok(r) => r,
             Err(e) => {
                 self.unreserve(vol, ndata);
@@ -221,6 +247,8 @@ impl Pool2 {
         match self.committer.submit(work) {
             Answer::Value(_) => {
                 plan.allocated.clear();
+                // The commit published the volume's new usage: the reservation goes now.
+                self.unreserve(plan.vol, std::mem::take(&mut plan.reserved));
                 Ok(())
             }
             // Nothing applied: dropping the plan frees its blocks.

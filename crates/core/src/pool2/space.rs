@@ -5,11 +5,12 @@
 //!   record, in the same batch as the pieces that change them (so the count is exactly
 //!   what `check` finds: live pages plus dead records, I1). The committer publishes the
 //!   counts after each commit into [`Usage`].
-//! * **A volume's usage** is the owned blocks of its lineage and of the lineages its
-//!   snapshots are on (histories it rolled back from): its data plus what its snapshots
-//!   keep, as ZFS's `used` counts a dataset and its snapshots. A clone's own writes count
-//!   for the clone; what it shares with its origin counts for the origin. A deleted
-//!   snapshot's blocks count until reclaim frees them.
+//! * **A volume's usage** is the owned blocks of its lineage, of the lineages its
+//!   snapshots are on, and of the bases up from those (histories it rolled back from, kept
+//!   whole while it is based on them), stopping at a base another volume's snapshot names:
+//!   its data plus what its snapshots keep, as ZFS's `used` counts a dataset and its
+//!   snapshots. A clone's own writes count for the clone; what it shares with its origin
+//!   counts for the origin. A deleted snapshot's blocks count until reclaim frees them.
 //! * **Quota** (`volume set-quota`): a write that allocates n blocks is refused with
 //!   ENOSPC (for that volume only) when usage + blocks reserved by its writes in flight + n
 //!   exceeds the quota — also when it overwrites blocks it will free, since a snapshot may
@@ -22,8 +23,11 @@
 //!   writer sees ENOSPC only when nothing deletable is left.
 //!
 //! Threading: `usage` is a mutex held for µs, never across I/O, taken after the catalog's
-//! read lock when both are needed. The relief hook runs on the writer's thread without any
-//! pool lock held; it must not be called from the committer (writes never run there).
+//! read lock when both are needed. The relief hook runs on the writer's thread holding no
+//! pool lock but a sub-block write's edge stripes (which nothing the relief does takes);
+//! never on the committer (writes never run there) and never for `plan_write_now` (the
+//! ublk direct path: a queue thread must not block, its reads' pins would keep freed
+//! blocks from returning; it retries the write on its helper thread).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -52,22 +56,47 @@ const MAX_RELIEFS: usize = 64;
 pub(crate) struct Usage {
     /// Owned blocks per lineage, as last committed.
     pub owned: HashMap<LineageId, u64>,
+    /// Per volume, the lineages its usage counts, as of catalog generation `.0`.
+    pub lineages: HashMap<VolId, (u64, Vec<LineageId>)>,
     /// Blocks allocated by writes of each volume not yet committed.
     pub reserved: HashMap<VolId, u64>,
     pub relief: Option<Weak<dyn SpaceRelief>>,
 }
 
-/// The lineages whose owned blocks count for volume `v`.
-fn lineages_of(c: &Catalog, v: &VolRec) -> HashSet<LineageId> {
+/// The lineages whose owned blocks count for volume `v`: its own, those its snapshots
+/// are on, and up each one's bases the histories it rolled back from — stopping at a base
+/// another volume's snapshot names (a clone's origin: counted there). O(snapshots) per
+/// base step; cached per catalog generation.
+fn lineages_of(c: &Catalog, v: &VolRec) -> Vec<LineageId> {
     let mut set: HashSet<LineageId> = c.snapshots_of(v.id).map(|s| s.lineage).collect();
     set.insert(v.lineage);
-    set
+    let mut todo: Vec<LineageId> = set.iter().copied().collect();
+    while let Some(mut l) = todo.pop() {
+        // Bounded: each base is an older lineage (ids only grow).
+        while let Some(Some((lb, eb))) = c.bases.get(&l).copied() {
+            if lb >= l
+                || c.snapshots
+                    .values()
+                    .any(|s| s.lineage == lb && s.epoch == eb && s.vol != v.id)
+                || !set.insert(lb)
+            {
+                break;
+            }
+            l = lb;
+        }
+    }
+    set.into_iter().collect()
 }
 
 impl Usage {
-    pub fn volume_blocks(&self, c: &Catalog, v: &VolRec) -> u64 {
-        lineages_of(c, v)
-            .iter()
+    pub fn volume_blocks(&mut self, c: &Catalog, v: &VolRec) -> u64 {
+        let fresh = matches!(self.lineages.get(&v.id), Some((g, _)) if *g == c.gen);
+        if !fresh {
+            self.lineages.retain(|id, _| c.volumes.contains_key(id));
+            self.lineages.insert(v.id, (c.gen, lineages_of(c, v)));
+        }
+        let ls = &self.lineages[&v.id].1;
+        ls.iter()
             .map(|l| self.owned.get(l).copied().unwrap_or(0))
             .sum()
     }
@@ -180,7 +209,7 @@ impl Pool2 {
 
     /// Allocates `n` blocks: after a sync if frees are pending, then after relief while it
     /// frees something.
-    pub(crate) fn allocate(&self, n: u64) -> Result<Vec<crate::alloc::Run>> {
+    pub(crate) fn allocate(&self, n: u64, relief: bool) -> Result<Vec<crate::alloc::Run>> {
         let mut reliefs = 0;
         loop {
             for attempt in 0..2 {
@@ -192,7 +221,7 @@ impl Pool2 {
                     self.sync()?;
                 }
             }
-            if reliefs < MAX_RELIEFS {
+            if relief && reliefs < MAX_RELIEFS {
                 if let Some(r) = self.relief() {
                     reliefs += 1;
                     if r.relieve(n) {
