@@ -53,6 +53,10 @@ pub struct Job {
     /// The host the backup is recorded as taken on (None: this one; a copy keeps the
     /// original's).
     pub host: Option<String>,
+    /// Compact the packs it references when they are spread out (crate::compact): true
+    /// when the source is local (re-reading is free); false for a copy, whose source
+    /// reads are GETs.
+    pub compact: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -147,6 +151,28 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     let mut stats = BackupStats::default();
     let mut forced: HashSet<ChunkId> = HashSet::new();
     let mut pending = to_read;
+    if job.compact && job.base.is_some() {
+        // The kept chunks spread over too many packs: store the sparsest packs' again.
+        let new_bytes = (pending.len() as u64).saturating_mul(cs);
+        if let Some(p) = crate::compact::plan(repo, &cells, new_bytes)? {
+            log::info!(
+                "backup {}@{}: compacting: {} chunks ({} bytes) stored again, {} packs -> about {}",
+                job.volume,
+                job.snapshot,
+                p.ids.len(),
+                p.bytes,
+                p.packs_before,
+                p.packs_after
+            );
+            cells.retain(|(c, _)| p.cells.binary_search(c).is_err());
+            pending.extend(p.cells);
+            pending.sort_unstable();
+            pending.dedup();
+            stats.chunks_compacted = p.ids.len() as u64;
+            stats.bytes_compacted = p.bytes;
+            forced = p.ids;
+        }
+    }
     // Normally one pass; another when garbage collection condemned a pack holding a chunk
     // we reused while we ran, or an id prefix matched another chunk (those cells are read
     // and stored again).

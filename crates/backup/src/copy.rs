@@ -312,6 +312,8 @@ fn copy_one(
             base,
             readers: dst.parallelism().readers.max(src.parallelism().downloads),
             uploaders: dst.parallelism().uploaders,
+            // Re-reading a chunk here is a GET from the source: never compact a copy.
+            compact: false,
             source: Arc::new(image),
         };
         backup::run(dst, job, progress)

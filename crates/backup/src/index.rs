@@ -15,6 +15,13 @@
 //! listing (an index left behind after its pack was lost or deleted: referencing its
 //! chunks would make the new backup unrestorable).
 //!
+//! A chunk may be stored in several packs (a gc repack, a re-store after a lost pack, two
+//! pools storing it at once, a backup compacting its packs). Every reader picks the same
+//! copy ([`PackInfo::rank`]): a pack that exists before one that does not, a live one
+//! before a condemned one, then the newest index object, then the lowest pack id. So gc
+//! keeps exactly the copies restores read, a compacted copy supersedes the old ones (which
+//! become garbage), and no job locates a chunk in a pack that is gone.
+//!
 //! Threading: [`visit`] fetches each batch on [`FETCH_THREADS`] threads and calls its
 //! visitor on the caller's thread, in pack-id order.
 
@@ -38,6 +45,20 @@ pub struct PackInfo {
     pub id: String,
     pub entries: Vec<PackEntry>,
     pub condemned: bool,
+    /// When its index object was stored (seconds; 0 if unknown).
+    pub modified: u64,
+    /// Whether the pack object itself is in the store's listing.
+    pub exists: bool,
+}
+
+/// What decides which copy of a chunk is read: larger wins, ties go to the pack visited
+/// first (the lowest id).
+pub type Rank = (bool, bool, u64);
+
+impl PackInfo {
+    pub fn rank(&self) -> Rank {
+        (self.exists, !self.condemned, self.modified)
+    }
 }
 
 /// The whole map, every pack's entries kept (gc, verify, repair).
@@ -82,26 +103,26 @@ pub fn visit(
         .into_iter()
         .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
         .collect();
-    let mut ids: Vec<String> = store
+    let mut ids: Vec<(String, u64)> = store
         .list(repo::INDEX)?
         .into_iter()
-        .filter_map(|o| o.key.strip_prefix(repo::INDEX).map(str::to_string))
+        .filter_map(|o| Some((o.key.strip_prefix(repo::INDEX)?.to_string(), o.modified)))
         .collect();
     ids.sort();
     if let Some(c) = repo.cache() {
         // Indexes gone from the store (their pack deleted) leave the cache too.
         c.retain(repo, "index", |name| {
-            ids.binary_search_by(|i| i.as_str().cmp(name)).is_ok()
+            ids.binary_search_by(|(i, _)| i.as_str().cmp(name)).is_ok()
         });
     }
+    let packs: HashSet<String> = store
+        .list(repo::PACKS)?
+        .into_iter()
+        .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
+        .collect();
     if purpose != Purpose::Read {
-        let packs: HashSet<String> = store
-            .list(repo::PACKS)?
-            .into_iter()
-            .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
-            .collect();
         let before = ids.len();
-        ids.retain(|id| packs.contains(id));
+        ids.retain(|(id, _)| packs.contains(id));
         if ids.len() < before {
             log::warn!(
                 "{}: {} pack indexes have no pack; their chunks are stored again (run `snapblk repo repair`)",
@@ -111,13 +132,15 @@ pub fn visit(
         }
     }
     if purpose == Purpose::Backup {
-        ids.retain(|id| !condemned.contains(id));
+        ids.retain(|(id, _)| !condemned.contains(id));
     }
     for batch in ids.chunks(BATCH) {
-        let loaded = crate::par::map(batch, FETCH_THREADS, |id| read_index(repo, id))?;
-        for (id, entries) in batch.iter().zip(loaded) {
+        let loaded = crate::par::map(batch, FETCH_THREADS, |(id, _)| read_index(repo, id))?;
+        for ((id, modified), entries) in batch.iter().zip(loaded) {
             f(PackInfo {
                 condemned: condemned.contains(id),
+                exists: packs.contains(id),
+                modified: *modified,
                 id: id.clone(),
                 entries,
             })?;
@@ -140,16 +163,15 @@ fn read_index(repo: &Repository, id: &str) -> Result<Vec<PackEntry>> {
     })
 }
 
-/// Adds `e` of pack `p` to `map`, preferring a live pack when a chunk is stored twice
-/// (after a repack).
-fn place(map: &mut HashMap<ChunkId, Loc>, condemned: impl Fn(u32) -> bool, p: u32, e: &PackEntry) {
+/// Adds `e` of pack `p` to `map` unless the copy there ranks at least as high.
+fn place(map: &mut HashMap<ChunkId, Loc>, rank: impl Fn(u32) -> Rank, p: u32, e: &PackEntry) {
     let loc = Loc {
         pack: p,
         offset: e.offset,
         len: e.len,
     };
     match map.get(&e.id) {
-        Some(old) if !condemned(old.pack) || condemned(p) => {}
+        Some(old) if rank(old.pack) >= rank(p) => {}
         _ => {
             map.insert(e.id, loc);
         }
@@ -162,16 +184,16 @@ impl ChunkIndex {
         let mut ix = ChunkIndex::default();
         visit(repo, purpose, |pack| {
             let p = ix.packs.len() as u32;
+            let mine = pack.rank();
             for e in &pack.entries {
                 let packs = &ix.packs;
-                let dead = pack.condemned;
                 place(
                     &mut ix.map,
                     |q| {
                         if q == p {
-                            dead
+                            mine
                         } else {
-                            packs[q as usize].condemned
+                            packs[q as usize].rank()
                         }
                     },
                     p,
@@ -193,7 +215,7 @@ impl ChunkIndex {
 /// Sorted vectors, no maps: 44 bytes per chunk (its id and location).
 #[derive(Debug, Default)]
 pub struct Locations {
-    packs: Vec<(String, bool)>,
+    packs: Vec<(String, Rank)>,
     /// Sorted, distinct.
     ids: Vec<ChunkId>,
     /// `locs[i]` locates `ids[i]`; `pack == NOWHERE` where no index lists it.
@@ -204,7 +226,12 @@ const NOWHERE: u32 = u32::MAX;
 
 impl Locations {
     /// Locates every chunk of `wanted` (sorted, distinct) that the indexes list
-    /// ([`Purpose::Restore`]).
+    /// ([`Purpose::Restore`]). Where a chunk has several copies, a job reads the one in a
+    /// pack that exists and is live (as every reader, [`PackInfo::rank`]), and among
+    /// those the one in the pack holding most of the job's own chunks, then the newest:
+    /// a backup's chunks are read from as few packs as its copies allow (an old backup
+    /// from its own packs, the newest from the packs compaction wrote for it). Memory:
+    /// 16 bytes per copy found besides the 44 per chunk.
     pub fn load(repo: &Repository, wanted: Vec<ChunkId>) -> Result<Locations> {
         let nowhere = Loc {
             pack: NOWHERE,
@@ -216,34 +243,44 @@ impl Locations {
             locs: vec![nowhere; wanted.len()],
             ids: wanted,
         };
+        // Every copy of a wanted chunk: (chunk, its location); and per pack, the bytes of
+        // wanted chunks it holds.
+        let mut copies: Vec<(u32, Loc)> = Vec::new();
+        let mut held: Vec<u64> = Vec::new();
         visit(repo, Purpose::Restore, |pack| {
             let p = out.packs.len() as u32;
-            let mut used = false;
+            let mut bytes = 0u64;
             for e in &pack.entries {
                 let Ok(i) = out.ids.binary_search(&e.id) else {
                     continue;
                 };
-                let old = out.locs[i];
-                // Prefer a live pack when a chunk is stored twice (after a repack).
-                let old_dead = match old.pack {
-                    NOWHERE => false,
-                    q if q == p => pack.condemned,
-                    q => out.packs[q as usize].1,
-                };
-                if old.pack == NOWHERE || (old_dead && !pack.condemned) {
-                    out.locs[i] = Loc {
+                copies.push((
+                    i as u32,
+                    Loc {
                         pack: p,
                         offset: e.offset,
                         len: e.len,
-                    };
-                    used = true;
-                }
+                    },
+                ));
+                bytes += u64::from(e.len);
             }
-            if used {
-                out.packs.push((pack.id, pack.condemned));
+            if bytes > 0 {
+                out.packs.push((pack.id.clone(), pack.rank()));
+                held.push(bytes);
             }
             Ok(())
         })?;
+        let key = |l: &Loc, packs: &[(String, Rank)]| {
+            let (exists, live, modified) = packs[l.pack as usize].1;
+            (exists, live, held[l.pack as usize], modified)
+        };
+        for (i, loc) in copies {
+            let cur = out.locs[i as usize];
+            // Ties go to the copy found first (the lower pack id).
+            if cur.pack == NOWHERE || key(&loc, &out.packs) > key(&cur, &out.packs) {
+                out.locs[i as usize] = loc;
+            }
+        }
         Ok(out)
     }
 

@@ -41,6 +41,12 @@ pub struct BackupStats {
     pub chunks_reused: u64,
     pub packs: u64,
     pub seconds: f64,
+    /// Chunks stored again to compact this backup's packs (crate::compact), and their
+    /// stored bytes before (counted in `chunks_new`/`bytes_uploaded` too).
+    #[serde(default)]
+    pub chunks_compacted: u64,
+    #[serde(default)]
+    pub bytes_compacted: u64,
 }
 
 /// The sealed header object.

@@ -113,6 +113,7 @@ pub fn backup_snapshot(
         readers: repo.parallelism().readers,
         uploaders: repo.parallelism().uploaders,
         host: None,
+        compact: true,
     };
     backup::run(repo, job, progress)
 }
