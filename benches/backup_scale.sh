@@ -95,17 +95,21 @@ step() {
 }
 declare -A REQ
 measure() {
-    local at=$1
-    # The incremental: only pool A's backup job is counted.
-    one_percent A
-    local g=$((GEN[A] + 1))
-    sb A snapshot create "v@s$g" >/dev/null
+    local at=$1 g k
+    # The incrementals: only pool A's backup jobs are counted, INCS of them in a row (a
+    # backup that compacts its packs uploads more, every few backups: the amortised cost
+    # is what must not grow).
     ctl reset >/dev/null
-    sb A backup "v@s$g" --to "$REPO" --endpoint "$COUNTED" >/dev/null
+    for k in $(seq 1 "$INCS"); do
+        one_percent A
+        g=$((GEN[A] + 1))
+        sb A snapshot create "v@s$g" >/dev/null
+        sb A backup "v@s$g" --to "$REPO" --endpoint "$COUNTED" >/dev/null
+        sb A snapshot delete "v@s$((g - 1))" >/dev/null
+        GEN[A]=$g
+        stored=$((stored + 1))
+    done
     REQ[$at,backup]=$(counted)
-    sb A snapshot delete "v@s$((g - 1))" >/dev/null
-    GEN[A]=$g
-    stored=$((stored + 1))
     ctl reset >/dev/null
     sb A backup list "$REPO" --endpoint "$COUNTED" >/dev/null
     REQ[$at,list]=$(counted)
@@ -121,9 +125,10 @@ measure() {
 }
 echo "phase 1: filling the repository to $BACKUPS backups from 3 pools (1% incrementals of ${SMALL_MIB} MiB)..."
 LOW=${LOW:-50}
+INCS=${INCS:-6}
 while [ $stored -lt "$BACKUPS" ]; do
-    if [ $stored -eq $((LOW - 1)) ]; then measure low; continue; fi
-    if [ $stored -eq $((BACKUPS - 1)) ]; then measure high; continue; fi
+    if [ $stored -eq $((LOW - INCS)) ]; then measure low; continue; fi
+    if [ $stored -eq $((BACKUPS - INCS)) ]; then measure high; continue; fi
     p=$(echo A B C | cut -d' ' -f$((stored % 3 + 1)))
     step "$p" "$DIRECT"
     stored=$((stored + 1))
@@ -138,7 +143,7 @@ for j in backup list restore restore0; do
     printf '%-22s %-30s %-30s %s\n' "$j" "$lo" "$hi" "$(python3 -c "print(f'{${hi%% *}/${lo%% *}:.2f}')")"
 done
 echo
-echo "(restore: the newest backup, its chain longer at the second point; restore0: pool A's first full backup)"
+echo "(backup: $INCS incrementals in a row; restore: the newest backup, its chain longer at the second point; restore0: pool A's first full backup)"
 echo "phase 2: memory of full backups and restores..."
 # Peak RSS of a job run by the CLI on the pool directly (daemon A stopped), less that of
 # `pool info` (opening the pool: RocksDB and its caches are the pool's, not the job's).

@@ -129,6 +129,7 @@ pub fn execute(
         | Command::NotifyShow
         | Command::NotifyTest
         | Command::SpaceGuard { .. }
+        | Command::BackupsChanged { .. }
         | Command::RepoDelete { .. } => match devices.and_then(|d| d.policies.get()) {
             Some(service) => service.execute(cmd)?,
             // Direct mode: the pool's policies, for this one command.

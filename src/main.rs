@@ -328,7 +328,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let bar = progress::Local::new(cli.json);
             let out = repo_cmds::backup(c, &bar);
             bar.bar.finish();
-            print_outcome(&cli, out?)
+            let out = out?;
+            // Backups removed by hand: a running daemon's jobs re-read what the repository
+            // holds (the 3-2-1 report reads their records). Best effort.
+            let changed = match c {
+                cli::BackupCmd::Forget { target, .. } => Some(target),
+                cli::BackupCmd::Prune {
+                    target,
+                    dry_run: false,
+                    ..
+                } => Some(target),
+                _ => None,
+            };
+            if let Some(url) = changed {
+                let socket = cli.socket.clone().unwrap_or_else(control::default_socket);
+                if let Some(conn) = control::connect(&socket) {
+                    let cmd = Command::BackupsChanged { url: url.clone() };
+                    if let Err(e) = control::call(&conn, &cmd, &progress::Bar::new(true)) {
+                        log::warn!("telling the daemon about the removed backups: {e:#}");
+                    }
+                }
+            }
+            print_outcome(&cli, out)
         }
         Cmd::Mount {
             target,

@@ -422,6 +422,32 @@ impl PolicyService {
         *self.stopping.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Backups at `url` changed by hand: corrects what the jobs recorded of each registered
+    /// repository there (the repository is read without the manager mutex).
+    fn backups_changed(&self, url: &str) -> Result<Value> {
+        let repos: Vec<NamedRepo> = {
+            let m = self.lock();
+            m.repos_at(url)
+                .into_iter()
+                .filter_map(|name| {
+                    let target = m.repos().get(&name)?.clone();
+                    Some(NamedRepo { name, target })
+                })
+                .collect()
+        };
+        let pool = PoolPolicies(self.pool());
+        let mut updated = Vec::new();
+        for r in &repos {
+            let items = pool.backups(r).map_err(|e| anyhow!(e))?;
+            let mut m = self.lock();
+            updated.extend(m.backups_changed(&r.name, &items).map_err(|e| anyhow!(e))?);
+            self.check(&m);
+        }
+        Ok(
+            json!({ "repositories": repos.iter().map(|r| &r.name).collect::<Vec<_>>(), "jobs_updated": updated }),
+        )
+    }
+
     /// What the space guard would delete next, oldest first.
     pub(crate) fn candidates(&self) -> Vec<snapblk_policy::Candidate> {
         self.lock().space_candidates()
@@ -539,6 +565,9 @@ impl PolicyService {
         } = cmd
         {
             return self.guard_command(*min_free, *target_free, *off);
+        }
+        if let Command::BackupsChanged { url } = cmd {
+            return self.backups_changed(url);
         }
         let mut m = self.lock();
         let v = match cmd {

@@ -218,6 +218,10 @@ snapblk jobs run backup:q:local >/dev/null
 status_is at_risk 1 c
 grep -q "local is on the pool's own device: not a second medium" "$T/status.json" \
     || { cat "$T/status.json"; fail "a pool-local repository counted as a second medium"; }
+log "a backup forgotten by hand no longer counts: c has none left, so it is violated"
+csnap=$(snapblk --json snapshot list c | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["name"])')
+snapblk backup forget "file://$T/local" "c@$csnap" --key-file "$T/key" >/dev/null
+status_is violated 2 c
 snapblk policy delete q >/dev/null
 snapblk repo remove local >/dev/null
 snapblk policy set p --volume a --volume b --schedule yearly --keep-last 3 >/dev/null

@@ -138,6 +138,11 @@ pub enum Command {
     SnapshotDelete {
         snapshot: String,
     },
+    /// Backups in the repository at `url` were removed outside the daemon's jobs (`backup
+    /// forget` / `prune` by hand): the jobs' records of what it holds are checked again.
+    BackupsChanged {
+        url: String,
+    },
     /// Protects a snapshot from deletion (`protect: false` lifts it).
     SnapshotProtect {
         snapshot: String,

@@ -34,6 +34,8 @@ use crate::retention::{apply, Item, Verdict};
 use crate::scheduler::{JobSpec, JobState, JobView, Outcome, Scheduler};
 use crate::status::{assess, Medium, TargetStatus, VolumeStatus};
 
+mod coverage;
+
 /// Runs kept in a job's history.
 pub const HISTORY: usize = 50;
 

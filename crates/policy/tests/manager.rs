@@ -1265,3 +1265,60 @@ fn a_copy_destination_prunes_by_its_own_retention_and_never_recopies() {
     let e = m.set_repo("usb", usb2, now).unwrap_err();
     assert!(e.contains("policy 'p' backs up to 'usb'"), "{e}");
 }
+
+/// Backups removed by hand (`backup forget`): the report stops counting them once the
+/// daemon is told, falling back to the newest backup still there, or to none; a record
+/// still true is left alone.
+#[test]
+fn backups_forgotten_by_hand_stop_counting_for_the_report() {
+    let pool = MemPool::default();
+    let t0 = ts("2026-12-01T00:00:00Z");
+    let (mut m, _) = backing_up_to_usb(
+        &pool,
+        t0,
+        serde_json::json!({ "repository": "usb", "schedule": "*:30" }),
+    );
+    let mut now = t0;
+    while now < ts("2026-12-01T03:00:00Z") {
+        *pool.data.borrow_mut().entry("a".into()).or_default() += 1;
+        step(&mut m, &pool, now);
+        now = now.checked_add(10.minutes()).unwrap();
+    }
+    let newest = |m: &Manager<&MemPool>| -> Option<String> {
+        let st = m.status(now, None).unwrap();
+        st[0]
+            .targets
+            .iter()
+            .find(|t| t.repository == "usb")
+            .unwrap()
+            .newest
+            .clone()
+    };
+    let items = pool.stored.borrow()["usb"].clone();
+    assert_eq!(items.len(), 2, "{items:?}");
+    let last = items.iter().max_by_key(|b| b.created).unwrap().clone();
+    assert_eq!(newest(&m).as_deref(), Some(last.snapshot.as_str()));
+    // Nothing changed: nothing to correct.
+    assert!(m.backups_changed("usb", &items).unwrap().is_empty());
+    // The newest is forgotten by hand: the one before it counts.
+    let left: Vec<_> = items.iter().filter(|b| b.id != last.id).cloned().collect();
+    pool.stored.borrow_mut().insert("usb".into(), left.clone());
+    assert_eq!(
+        m.backups_changed("usb", &left).unwrap(),
+        vec!["backup:p:usb".to_string()]
+    );
+    let prev = left.iter().max_by_key(|b| b.created).unwrap();
+    assert_eq!(newest(&m).as_deref(), Some(prev.snapshot.as_str()));
+    // Kept across a restart (the job record was rewritten).
+    let m2 = Manager::open(&pool, TimeZone::UTC, now).unwrap();
+    assert_eq!(newest(&m2).as_deref(), Some(prev.snapshot.as_str()));
+    // All gone: never backed up, so violated.
+    pool.stored.borrow_mut().insert("usb".into(), Vec::new());
+    m.backups_changed("usb", &[]).unwrap();
+    assert_eq!(newest(&m), None);
+    assert_eq!(
+        m.status(now, None).unwrap()[0].verdict,
+        snapblk_policy::Compliance::Violated
+    );
+    assert_eq!(m.repos_at("file:///mnt/usb/"), vec!["usb".to_string()]);
+}
