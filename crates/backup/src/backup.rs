@@ -151,10 +151,17 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     let mut stats = BackupStats::default();
     let mut forced: HashSet<ChunkId> = HashSet::new();
     let mut pending = to_read;
-    if job.compact && job.base.is_some() {
+    // Pass 0's dedup prefixes; with compaction, loaded in the same pass over the indexes
+    // as the kept chunks' locations.
+    let mut known0 = None;
+    if job.compact && job.base.is_some() && !cells.is_empty() {
         // The kept chunks spread over too many packs: store the sparsest packs' again.
         let new_bytes = (pending.len() as u64).saturating_mul(cs);
-        if let Some(p) = crate::compact::plan(repo, &cells, new_bytes)? {
+        let (known, locs) = KnownChunks::load_with_locations(repo, crate::compact::wanted(&cells))?;
+        known0 = Some(known);
+        let plan = crate::compact::plan(repo, &cells, &locs, new_bytes)?;
+        drop(locs);
+        if let Some(p) = plan {
             log::info!(
                 "backup {}@{}: compacting: {} chunks ({} bytes) stored again, {} packs -> about {}",
                 job.volume,
@@ -177,8 +184,12 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     // we reused while we ran, or an id prefix matched another chunk (those cells are read
     // and stored again).
     for pass in 0..3 {
+        let known = match known0.take() {
+            Some(k) => k,
+            None => KnownChunks::load(repo)?,
+        };
         let dedup = Dedup {
-            known: KnownChunks::load(repo)?,
+            known,
             forced: &forced,
             // Sized once: a growing table holds two copies while it moves.
             seen: Mutex::new(HashSet::with_capacity(pending.len())),

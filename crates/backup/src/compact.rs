@@ -66,16 +66,26 @@ pub fn choose(shares: &[(u32, u64)], new_bytes: u64, pack_size: u64) -> (Vec<u32
     (chosen, after)
 }
 
-/// Plans the compaction of a backup keeping `kept` cells (sorted by cell) and storing
-/// about `new_bytes` anew; `None` when its packs are compact enough.
-pub fn plan(repo: &Repository, kept: &[(u64, ChunkId)], new_bytes: u64) -> Result<Option<Plan>> {
-    if kept.is_empty() {
-        return Ok(None);
-    }
+/// The distinct chunks of `kept`, sorted: what [`plan`] needs located.
+pub fn wanted(kept: &[(u64, ChunkId)]) -> Vec<ChunkId> {
     let mut ids: Vec<ChunkId> = kept.iter().map(|(_, id)| *id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let locs = Locations::load(repo, ids)?;
+    ids
+}
+
+/// Plans the compaction of a backup keeping `kept` cells (sorted by cell), located by
+/// `locs` (of [`wanted`]`(kept)`), and storing about `new_bytes` anew; `None` when its
+/// packs are compact enough.
+pub fn plan(
+    repo: &Repository,
+    kept: &[(u64, ChunkId)],
+    locs: &Locations,
+    new_bytes: u64,
+) -> Result<Option<Plan>> {
+    if kept.is_empty() {
+        return Ok(None);
+    }
     let mut shares: HashMap<u32, u64> = HashMap::new();
     for id in locs.ids() {
         if let Some(l) = locs.get(id) {

@@ -233,6 +233,16 @@ impl Locations {
     /// from its own packs, the newest from the packs compaction wrote for it). Memory:
     /// 16 bytes per copy found besides the 44 per chunk.
     pub fn load(repo: &Repository, wanted: Vec<ChunkId>) -> Result<Locations> {
+        Self::load_and(repo, wanted, |_| {})
+    }
+
+    /// [`Locations::load`], showing every index visited to `also` too (one pass serves
+    /// two needs: a backup's dedup prefixes and its compaction plan).
+    pub fn load_and(
+        repo: &Repository,
+        wanted: Vec<ChunkId>,
+        mut also: impl FnMut(&PackInfo),
+    ) -> Result<Locations> {
         let nowhere = Loc {
             pack: NOWHERE,
             offset: 0,
@@ -248,6 +258,7 @@ impl Locations {
         let mut copies: Vec<(u32, Loc)> = Vec::new();
         let mut held: Vec<u64> = Vec::new();
         visit(repo, Purpose::Restore, |pack| {
+            also(&pack);
             let p = out.packs.len() as u32;
             let mut bytes = 0u64;
             for e in &pack.entries {
@@ -337,10 +348,30 @@ impl KnownChunks {
             prefixes.extend(pack.entries.iter().map(|e| prefix(&e.id)));
             Ok(())
         })?;
+        Ok(Self::from_prefixes(prefixes))
+    }
+
+    /// [`KnownChunks::load`] and the [`Locations`] of `wanted` in one pass over the
+    /// indexes (the packs a backup may dedup against are those a restore reads, less the
+    /// condemned ones).
+    pub fn load_with_locations(
+        repo: &Repository,
+        wanted: Vec<ChunkId>,
+    ) -> Result<(KnownChunks, Locations)> {
+        let mut prefixes = Vec::new();
+        let locs = Locations::load_and(repo, wanted, |pack| {
+            if !pack.condemned {
+                prefixes.extend(pack.entries.iter().map(|e| prefix(&e.id)));
+            }
+        })?;
+        Ok((Self::from_prefixes(prefixes), locs))
+    }
+
+    fn from_prefixes(mut prefixes: Vec<u64>) -> KnownChunks {
         prefixes.sort_unstable();
         prefixes.dedup();
         prefixes.shrink_to_fit();
-        Ok(KnownChunks { prefixes })
+        KnownChunks { prefixes }
     }
 
     /// Whether a chunk with `id`'s prefix is stored (probably `id` itself).
