@@ -846,18 +846,7 @@ fn a_scheduled_copy_is_a_copy_for_the_3_2_1_report() {
         .unwrap_err()
         .contains("'nope' is not registered"));
     m.set_repo("offsite", off, t0).unwrap();
-    let mut p = policy(
-        &["a"],
-        "hourly",
-        Keep {
-            hourly: 2,
-            ..Keep::default()
-        },
-    );
-    p.backups = serde_json::from_value(serde_json::json!([
-        { "repository": "usb", "schedule": "*-*-* 02:30", "keep": { "daily": 5 } }
-    ]))
-    .unwrap();
+    let p = hourly_to_usb_daily(5);
     m.set_policy("p", p, t0).unwrap();
     let mut now = t0;
     // Before any copy: two copies only, no off site.
@@ -1196,18 +1185,7 @@ fn a_copy_destination_prunes_by_its_own_retention_and_never_recopies() {
     let t0 = ts("2026-12-01T00:30:00Z");
     let mut m = Manager::open(&pool, TimeZone::UTC, t0).unwrap();
     m.set_repo("usb", repo("file:///mnt/usb"), t0).unwrap();
-    let mut p = policy(
-        &["a"],
-        "hourly",
-        Keep {
-            hourly: 2,
-            ..Keep::default()
-        },
-    );
-    p.backups = serde_json::from_value(serde_json::json!([
-        { "repository": "usb", "schedule": "*-*-* 02:30", "keep": { "daily": 10 } }
-    ]))
-    .unwrap();
+    let p = hourly_to_usb_daily(10);
     m.set_policy("p", p.clone(), t0).unwrap();
     let mut off = repo("s3://bucket/x");
     off.copy = Some(
@@ -1321,4 +1299,21 @@ fn backups_forgotten_by_hand_stop_counting_for_the_report() {
         snapblk_policy::Compliance::Violated
     );
     assert_eq!(m.repos_at("file:///mnt/usb/"), vec!["usb".to_string()]);
+}
+
+/// Volume a snapshotted hourly (2 kept), backed up to "usb" daily at 02:30, `days` kept.
+fn hourly_to_usb_daily(days: u32) -> Policy {
+    let mut p = policy(
+        &["a"],
+        "hourly",
+        Keep {
+            hourly: 2,
+            ..Keep::default()
+        },
+    );
+    p.backups = serde_json::from_value(serde_json::json!([
+        { "repository": "usb", "schedule": "*-*-* 02:30", "keep": { "daily": days } }
+    ]))
+    .unwrap();
+    p
 }
