@@ -98,8 +98,8 @@ newest=$(echo "$left" | tr ' ' '\n' | grep '^p-' | sort | tail -1)
 [ "$(echo "$left" | tr ' ' '\n' | sort | tr '\n' ' ')" = "$(printf '%s\n' by-hand "$first" "$newest" | sort -u | tr '\n' ' ')" ] \
     || fail "expected by-hand, $first and $newest to stay, have: $left"
 
-log "a threshold of 1%: the pool fills between the guard's checks; writes wait for it"
-snapblk pool guard --min-free 1 --target-free 30 >/dev/null
+log "a threshold of 0.01% (one block): the pool fills between the guard's checks; writes wait for it"
+snapblk pool guard --min-free 0.01 --target-free 30 >/dev/null
 /usr/bin/python3 "$T/writer.py" "$(uri g)" 8 snapshot:p 8 >"$T/g2.out" || fail "the writer saw an error while deletable snapshots remained: $(cat "$T/g2.out")"
 waited=$(grep -c 'asking the space guard' "$T/daemon.log" || true)
 log "writes that found the pool full and waited for the guard: $waited"

@@ -1,7 +1,7 @@
 # In the VM: file-level restore and the space guard over ublk. `snapblk mount VOL@SNAP`
 # attaches the snapshot as a read-only ublk device (no nbdfuse) and mounts its ext4 as it
 # was; `snapblk umount` detaches it. Then a volume attached as a ublk device is rewritten
-# 8 MiB a round with a policy snapshot after each in a 64 MiB pool; with the guard at 1%
+# 8 MiB a round with a policy snapshot after each in a 64 MiB pool; with the guard at 0.01%
 # free the pool fills between the guard's checks, so direct-path writes find it full and
 # are retried on the queue's helper thread, which waits for the guard: no write fails.
 source "$(dirname "$0")/lib.sh"
@@ -39,7 +39,7 @@ umount "$T/mnt"
 log "space guard over ublk: 8 MiB a round, a policy snapshot after each"
 "$BIN" volume create g --size 16M >/dev/null
 "$BIN" policy set p --volume g --schedule yearly >/dev/null
-"$BIN" pool guard --min-free 1 --target-free 30 >/dev/null
+"$BIN" pool guard --min-free 0.01 --target-free 30 >/dev/null
 gdev=$("$BIN" attach g)
 head -c $((8 << 20)) /dev/urandom >"$T/rnd"
 for round in $(seq 1 10); do
