@@ -176,11 +176,11 @@ impl Pool2 {
         let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
         let nonzero: Vec<bool> = blocks.iter().map(|b| !is_zero(b)).collect();
         let ndata = nonzero.iter().filter(|x| **x).count() as u64;
-        self.reserve(vol, ndata)?;
+        let reserved = self.reserve(vol, ndata)?;
         let runs = match self.allocate(ndata, relief) {
             Ok(r) => r,
             Err(e) => {
-                self.unreserve(vol, ndata);
+                self.unreserve(vol, reserved);
                 return Err(e);
             }
         };
@@ -219,7 +219,7 @@ impl Pool2 {
             b0,
             assigned,
             allocated,
-            reserved: ndata,
+            reserved,
             fua,
         })
     }

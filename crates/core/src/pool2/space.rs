@@ -125,28 +125,31 @@ impl Pool2 {
     }
 
     /// Reserves `n` blocks for a write of `vol`, or refuses it if the volume's quota
-    /// would be exceeded. Pair with [`Pool2::unreserve`].
-    pub(crate) fn reserve(&self, vol: VolId, n: u64) -> Result<()> {
+    /// would be exceeded; returns the blocks reserved, to hand to [`Pool2::unreserve`].
+    /// A volume without a quota reserves nothing: its writes never take the `usage` lock
+    /// (writes already in flight when a quota is set are not counted against it).
+    pub(crate) fn reserve(&self, vol: VolId, n: u64) -> Result<u64> {
         if n == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let c = self.catalog_read();
         let v = c.volume(vol)?;
+        let Some(q) = v.quota else {
+            return Ok(0);
+        };
         let mut u = lock(&self.usage);
         let reserved = u.reserved.get(&vol).copied().unwrap_or(0);
-        if let Some(q) = v.quota {
-            let used = u.volume_blocks(&c, v);
-            let want = used.saturating_add(reserved).saturating_add(n);
-            if want.saturating_mul(BLOCK_SIZE_U64) > q {
-                return Err(Error::QuotaExceeded {
-                    volume: v.name.clone(),
-                    quota: q,
-                    used: used.saturating_mul(BLOCK_SIZE_U64),
-                });
-            }
+        let used = u.volume_blocks(&c, v);
+        let want = used.saturating_add(reserved).saturating_add(n);
+        if want.saturating_mul(BLOCK_SIZE_U64) > q {
+            return Err(Error::QuotaExceeded {
+                volume: v.name.clone(),
+                quota: q,
+                used: used.saturating_mul(BLOCK_SIZE_U64),
+            });
         }
         u.reserved.insert(vol, reserved + n);
-        Ok(())
+        Ok(n)
     }
 
     pub(crate) fn unreserve(&self, vol: VolId, n: u64) {
