@@ -96,7 +96,9 @@ change t500
 preset; fault 500 count=4 method=PUT path=/packs/
 snapblk --json backup v@t500 --to "$S3" >"$T/t500.json" || fail "backup through 4 transient 500s"
 [ "$(pstat fault_500)" -eq 4 ] || fail "the proxy injected $(pstat fault_500) 500s, not 4"
-[ "$(jq_ 'v["stats"]["chunks_new"]' <"$T/t500.json")" -eq 48 ] || fail "v@t500 did not store its 48 chunks"
+# (Chunks a compaction stored again count as new too.)
+[ "$(jq_ 'v["stats"]["chunks_new"] - v["stats"].get("chunks_compacted", 0)' <"$T/t500.json")" -eq 48 ] \
+    || fail "v@t500 did not store its 48 chunks: $(cat "$T/t500.json")"
 
 log "a pack upload cut mid-body: the backup retries and succeeds"
 change tdrop
@@ -180,8 +182,12 @@ snapblk --json backup v@p --to "$S3" >"$T/p.json" || fail "backup v@p after the 
 new=$(jq_ 'v["stats"]["chunks_new"]' <"$T/p.json")
 reused=$(jq_ 'v["stats"]["chunks_reused"]' <"$T/p.json")
 up=$(jq_ 'v["stats"]["bytes_uploaded"]' <"$T/p.json")
-log "rerun: $new new chunks, $reused reused, $up bytes uploaded"
-[ "$new" -eq 0 ] && [ "$up" -eq 0 ] && [ "$reused" -ge 48 ] || fail "the rerun did not reuse the stored chunks"
+# A backup may also compact (store again chunks of its sparsest packs, read from the
+# snapshot): those count as new; nothing else may be uploaded again.
+compacted=$(jq_ 'v["stats"].get("chunks_compacted", 0)' <"$T/p.json")
+log "rerun: $new new chunks ($compacted of them compaction), $reused reused, $up bytes uploaded"
+[ "$new" -eq "$compacted" ] && { [ "$compacted" -gt 0 ] || [ "$up" -eq 0 ]; } && [ "$reused" -ge 48 ] \
+    || fail "the rerun did not reuse the stored chunks"
 [ "$(listed | tr ' ' '\n' | grep -c '^v@p$')" -eq 1 ] || fail "v@p is not listed once"
 snapblk restore "$S3" v@p --as r-p >/dev/null
 same v@p r-p
