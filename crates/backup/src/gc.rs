@@ -17,8 +17,9 @@
 //! Packs whose unreferenced share exceeds `max_unused` are repacked: their live chunks'
 //! sealed blobs are copied as they are into new packs, and the old pack is condemned.
 //!
-//! With a grace period of zero, both phases happen in one run (only safe when no backup
-//! runs at the same time).
+//! With a grace period of zero, both phases happen in one run. Running jobs' leases set a
+//! cut-off; a grace period no longer than the clock slack cannot protect a job that starts
+//! during the run, so such a gc takes a sole lease: new jobs wait for it (crate::lease).
 
 use std::collections::{HashMap, HashSet};
 
@@ -93,7 +94,9 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
     let lease = if opts.dry_run {
         None
     } else {
-        Some(Lease::exclusive(repo, "gc")?)
+        let sole = opts.grace_secs <= CLOCK_SLACK;
+        let job = if sole { "gc (no grace period)" } else { "gc" };
+        Some(Lease::exclusive_with(repo, job, sole)?)
     };
     let leases = lease::list(repo)?;
     let t = now();

@@ -16,6 +16,12 @@
 //!   own) if any other live exclusive lease exists. With read-after-write listings (S3
 //!   has them), of two gc runs started together at least one sees the other: two gc runs
 //!   never overlap (both may give up; run again).
+//! - A job that starts after gc listed the leases is not covered by gc's cut-off; only the
+//!   grace period protects what it writes and reuses. A gc whose grace period is no longer
+//!   than the clock slack takes a *sole* exclusive lease instead: a shared lease taker that
+//!   finds a live sole lease after writing its own deletes its own and waits for the sole
+//!   one to go. Of a gc and a job starting together, the gc sees the job (its cut-off
+//!   covers it) or the job sees the gc (it waits), by the same read-after-write argument.
 //!
 //! Threading: `Lease` is Send + Sync; its refresher thread only writes its own object.
 
@@ -35,6 +41,10 @@ pub const LOCKS: &str = "locks/";
 pub const DEFAULT_TTL: u64 = 30 * 60;
 /// Largest sealed lock object read.
 const MAX_LOCK_BYTES: u64 = 64 << 10;
+/// The longest a shared lease taker waits for a sole gc to end.
+const SOLE_WAIT: Duration = Duration::from_secs(30 * 60);
+/// How often a waiting taker lists the locks again.
+const SOLE_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,12 +65,25 @@ pub struct Record {
     pub started: u64,
     pub refreshed: u64,
     pub ttl: u64,
+    /// An exclusive lease that also keeps new shared leases out while it lives (a gc with
+    /// no grace period to speak of). Absent in leases of older versions: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sole: bool,
 }
 
 impl Record {
     pub fn live_at(&self, t: u64) -> bool {
         t <= self.refreshed.saturating_add(self.ttl)
     }
+}
+
+/// A live sole lease other than `except`, if any.
+fn live_sole(repo: &Repository, except: &str) -> Result<Option<Record>> {
+    let t = now();
+    Ok(list(repo)?
+        .into_iter()
+        .find(|(id, r)| id != except && r.sole && r.live_at(t))
+        .map(|(_, r)| r))
 }
 
 fn key(id: &str) -> String {
@@ -127,15 +150,43 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    /// Takes a shared lease for `job`.
+    /// Takes a shared lease for `job`, first waiting (up to 30 min) for a live sole
+    /// lease to go: such a gc may have listed the leases before ours was written.
     pub fn shared(repo: &Repository, job: impl Into<String>) -> Result<Lease> {
-        Lease::take(repo, Kind::Shared, job.into())
+        let job = job.into();
+        let deadline = std::time::Instant::now() + SOLE_WAIT;
+        loop {
+            let lease = Lease::take(repo, Kind::Shared, job.clone(), false)?;
+            if live_sole(repo, &lease.id)?.is_none() {
+                return Ok(lease);
+            }
+            drop(lease);
+            while let Some(r) = live_sole(repo, "")? {
+                if std::time::Instant::now() >= deadline {
+                    return Err(BackupError::Busy(format!(
+                        "{job}: waited {} s for {} (host {}, pid {}, since {}) to release {}",
+                        SOLE_WAIT.as_secs(),
+                        r.job,
+                        r.host,
+                        r.pid,
+                        r.started,
+                        repo.describe()
+                    )));
+                }
+                std::thread::sleep(SOLE_POLL);
+            }
+        }
     }
 
     /// Takes the exclusive lease for `job`; fails naming the holder if another live
     /// exclusive lease exists.
     pub fn exclusive(repo: &Repository, job: impl Into<String>) -> Result<Lease> {
-        let lease = Lease::take(repo, Kind::Exclusive, job.into())?;
+        Lease::exclusive_with(repo, job, false)
+    }
+
+    /// The exclusive lease; `sole` also keeps new shared leases waiting while it lives.
+    pub fn exclusive_with(repo: &Repository, job: impl Into<String>, sole: bool) -> Result<Lease> {
+        let lease = Lease::take(repo, Kind::Exclusive, job.into(), sole)?;
         let t = now();
         for (id, r) in list(repo)? {
             if id != lease.id && r.kind == Kind::Exclusive && r.live_at(t) {
@@ -155,7 +206,7 @@ impl Lease {
         Ok(lease)
     }
 
-    fn take(repo: &Repository, kind: Kind, job: String) -> Result<Lease> {
+    fn take(repo: &Repository, kind: Kind, job: String, sole: bool) -> Result<Lease> {
         let t = now();
         let id = hex::encode(random_bytes::<16>());
         let ttl = repo.lease_ttl().max(6);
@@ -167,6 +218,7 @@ impl Lease {
             started: t,
             refreshed: t,
             ttl,
+            sole,
         };
         write(repo, &id, &record)?;
         let last_ok = Arc::new(AtomicU64::new(t));

@@ -4,7 +4,9 @@
 //! * the lease of a process that died stops protecting anything once it expires, and gc
 //!   removes it;
 //! * a full restore and a backup each run across prune + gc with no grace period (a grace
-//!   period far shorter than the job) and complete exactly.
+//!   period far shorter than the job) and complete exactly;
+//! * a backup that starts while a gc with no grace period runs (after the gc listed the
+//!   leases) waits for it: nothing it writes is taken for an orphan.
 //!
 //! (The lazy restore's case is in tests/lazy.rs.)
 
@@ -12,7 +14,8 @@ mod common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::{image, put, random_bytes, MIB};
@@ -20,16 +23,62 @@ use snapblk_backup::file::FileStore;
 use snapblk_backup::lease::{self, Lease};
 use snapblk_backup::repo::InitOptions;
 use snapblk_backup::volume::{backup_snapshot, restore_volume};
-use snapblk_backup::{gc, prune, verify, BackupError, NoProgress, Progress, Repository};
+use snapblk_backup::{
+    gc, prune, verify, BackupError, NoProgress, ObjectMeta, ObjectStore, Progress, Repository,
+    StoreError,
+};
 use snapblk_core::Pool;
 
 fn init(dir: &Path) -> Repository {
+    init_on(Arc::new(FileStore::new(dir)))
+}
+
+fn init_on(store: Arc<dyn ObjectStore>) -> Repository {
     let opts = InitOptions {
         chunk_size: 64 << 10,
         pack_size: 1 << 20,
         ..Default::default()
     };
-    Repository::init(Arc::new(FileStore::new(dir)), b"k", &opts).unwrap()
+    Repository::init(store, b"k", &opts).unwrap()
+}
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// A directory store that runs a hook (once) when `tables/` is listed: gc lists it after
+/// it has listed the leases.
+struct TablesListed {
+    inner: FileStore,
+    hook: Mutex<Option<Hook>>,
+}
+
+impl ObjectStore for TablesListed {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn get(&self, key: &str, max: u64) -> Result<Vec<u8>, StoreError> {
+        self.inner.get(key, max)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        self.inner.put(key, data)
+    }
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool, StoreError> {
+        self.inner.put_new(key, data)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        if prefix == "tables/" {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(h) = hook {
+                h();
+            }
+        }
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key)
+    }
 }
 
 const NOW: gc::Options = gc::Options {
@@ -218,5 +267,47 @@ fn a_backup_outlives_prune_and_gc() {
     assert_eq!(saw_lease.load(Ordering::SeqCst), 3);
     restore_volume(&p, &r, "v@b", None, "rb", &NoProgress).unwrap();
     assert!(image(&p, "v@b") == image(&p, "rb"));
+    assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
+}
+
+/// A backup that starts while a gc with no grace period runs, after the gc listed the
+/// leases (so the gc's cut-off does not cover it), waits for the gc to end: its table and
+/// packs are never taken for a dead job's leftovers. (CI caught a scheduled gc with
+/// `--gc-grace 0` deleting the table of a backup committed in that window.)
+#[test]
+fn a_backup_started_during_a_gc_with_no_grace_period_waits_for_it() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Arc::new(TablesListed {
+        inner: FileStore::new(d.path()),
+        hook: Mutex::new(None),
+    });
+    let r = init_on(store.clone());
+    let p = common::pool(256 * MIB);
+    p.create_volume("v", 16 * MIB).unwrap();
+    let a = fill(&p, "v", "a", 4, 1);
+    type Job = JoinHandle<snapblk_backup::Result<()>>;
+    let job: Arc<Mutex<Option<(Job, bool)>>> = Arc::new(Mutex::new(None));
+    {
+        let (p, r, a, job) = (Arc::clone(&p), r.clone(), a.clone(), Arc::clone(&job));
+        *store.hook.lock().unwrap() = Some(Box::new(move || {
+            let (tx, rx) = mpsc::channel();
+            let t = std::thread::spawn(move || {
+                let res = backup_snapshot(&p, &r, &a, false, &NoProgress).map(|_| ());
+                let _ = tx.send(());
+                res
+            });
+            // The backup is small: unless it waits for the gc, it commits right away.
+            let waited = rx.recv_timeout(Duration::from_secs(3)).is_err();
+            *job.lock().unwrap() = Some((t, waited));
+        }));
+    }
+    let g = gc::run(&r, &NOW, &NoProgress).unwrap();
+    let (t, waited) = job.lock().unwrap().take().expect("gc listed no tables");
+    t.join().unwrap().unwrap();
+    assert!(waited, "the backup ran inside the gc's run: {g:?}");
+    assert_eq!(g.orphan_tables_deleted, 0, "{g:?}");
+    assert!(lease::list(&r).unwrap().is_empty(), "leases left behind");
+    restore_volume(&p, &r, &a, None, "r", &NoProgress).unwrap();
+    assert!(image(&p, &a) == image(&p, "r"));
     assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
 }
