@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(libclang-dev clang libnbd-bin python3-libnbd nbdkit fio qemu-utils e2fsprogs xfsprogs fuse3 kmod python3 python3-venv util-linux awscli iproute2 passwd openssl man-db systemd)
+pkgs=(libclang-dev clang libnbd-bin python3-libnbd nbdkit fio qemu-utils e2fsprogs xfsprogs fuse3 kmod python3 python3-venv util-linux awscli iproute2 passwd openssl man-db systemd curl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,6 +40,16 @@ if [ ! -x "$S3S_ROOT/moto/bin/moto_server" ]; then
     rm -rf "$S3S_ROOT/moto"
     /usr/bin/python3 -m venv "$S3S_ROOT/moto"
     "$S3S_ROOT/moto/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.1'
+fi
+# promtool for tests/e2e/metrics.sh: Debian's prometheus package, extracted, not installed
+# (installing it would start a Prometheus server).
+if [ ! -x "$S3S_ROOT/promtool/usr/bin/promtool" ]; then
+    echo "setup: fetching promtool (Debian's prometheus package, extracted)"
+    d=$(mktemp -d)
+    (cd "$d" && { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; }; })
+    rm -rf "$S3S_ROOT/promtool"
+    dpkg-deb -x "$d"/prometheus_*.deb "$S3S_ROOT/promtool"
+    rm -rf "$d"
 fi
 # cargo-fuzz for scripts/fuzz.sh (runs on the stable toolchain with RUSTC_BOOTSTRAP=1).
 if [ ! -x "$S3S_ROOT/bin/cargo-fuzz" ]; then

@@ -13,6 +13,7 @@ use snapblk_core::Pool;
 use crate::devices::{self, Devices};
 use crate::repos::RepoOpen;
 pub use snapblk_control::Command;
+use snapblk_metrics::Outcome;
 
 fn to_value<T: Serialize>(v: T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
@@ -38,27 +39,53 @@ pub fn execute(
             snapshot,
             repo,
             full,
-        } => to_value(volume::backup_snapshot(
-            pool,
-            &repo.open()?,
-            snapshot,
-            *full,
-            progress,
-        )?),
+        } => {
+            let t0 = std::time::Instant::now();
+            let r = repo.open().and_then(|r| {
+                Ok(volume::backup_snapshot(
+                    pool, &r, snapshot, *full, progress,
+                )?)
+            });
+            if let Some(m) = devices.and_then(|d| d.metrics.get()) {
+                if let Ok(s) = &r {
+                    let created = u64::from(!s.already_stored);
+                    m.jobs.backed_up(&repo.url, created, s.stats.bytes_uploaded);
+                }
+                m.jobs
+                    .finished("backup", Outcome::of(r.is_ok()), t0.elapsed().as_secs_f64());
+            }
+            to_value(r?)
+        }
         Command::Restore {
             repo,
             backup,
             name,
             lazy: false,
             from,
-        } => to_value(volume::restore_volume(
-            pool,
-            &repo.open()?,
-            backup,
-            from.as_deref(),
-            name,
-            progress,
-        )?),
+        } => {
+            let t0 = std::time::Instant::now();
+            let r = repo.open().and_then(|r| {
+                Ok(volume::restore_volume(
+                    pool,
+                    &r,
+                    backup,
+                    from.as_deref(),
+                    name,
+                    progress,
+                )?)
+            });
+            if let Some(m) = devices.and_then(|d| d.metrics.get()) {
+                if let Ok(s) = &r {
+                    m.jobs.restored(s.bytes_written);
+                }
+                m.jobs.finished(
+                    "restore",
+                    Outcome::of(r.is_ok()),
+                    t0.elapsed().as_secs_f64(),
+                );
+            }
+            to_value(r?)
+        }
         Command::Restore {
             repo,
             backup,

@@ -217,7 +217,7 @@ pub enum PoolCmd {
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
     /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, nbd_group, max_connections,
-    /// insecure, workers, tls_cert, tls_key, tls_client_ca.
+    /// insecure, workers, tls_cert, tls_key, tls_client_ca, metrics_listen.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Unix socket for NBD clients.
@@ -252,6 +252,10 @@ pub struct DaemonArgs {
     /// CA certificate(s) (PEM): TCP clients must present a certificate it signed.
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address (host:port); default
+    /// "none". Volume names and sizes are visible to whoever reaches it.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

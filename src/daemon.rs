@@ -45,6 +45,8 @@ pub struct DaemonConfig {
     pub tls_key: Option<PathBuf>,
     /// CA whose client certificates TCP clients must present (mutual TLS).
     pub tls_client_ca: Option<PathBuf>,
+    /// "host:port" of the Prometheus endpoint (`GET /metrics`), or "none" (the default).
+    pub metrics_listen: Option<String>,
 }
 
 impl DaemonConfig {
@@ -69,6 +71,7 @@ impl DaemonConfig {
             tls_cert: other.tls_cert.or(self.tls_cert),
             tls_key: other.tls_key.or(self.tls_key),
             tls_client_ca: other.tls_client_ca.or(self.tls_client_ca),
+            metrics_listen: other.metrics_listen.or(self.metrics_listen),
         }
     }
 }
@@ -123,18 +126,18 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
 
     private_mount_namespace();
     let devices = Arc::new(Devices::new(Arc::clone(&pool), meta.join("restores")));
+    let metrics = crate::metrics::install(&devices, &pool)?;
     devices.recover_all();
     let policies = crate::policies::PolicyService::open(Arc::clone(&pool))?;
     let _ = devices.policies.set(Arc::clone(&policies));
+    let _ = policies.metrics.set(Arc::clone(&metrics));
     policies.start()?;
     policies.start_guard(&pool)?;
     let ctl = sockets::bind_unix(&socket, 0o600, None)?;
     let workers = cfg.workers.unwrap_or(16);
     let nbd = match &tls {
-        Some(t) => {
-            snapblk_nbd::Server::with_tls(Arc::clone(&devices.exports), workers, Arc::clone(t))?
-        }
-        None => snapblk_nbd::Server::new(Arc::clone(&devices.exports), workers)?,
+        Some(t) => snapblk_nbd::Server::with_tls(devices.nbd_exports(), workers, Arc::clone(t))?,
+        None => snapblk_nbd::Server::new(devices.nbd_exports(), workers)?,
     };
     nbd.admission().set_max(
         cfg.max_connections
@@ -165,6 +168,14 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
             .name("control-accept".into())
             .spawn(move || control::serve(p, d, ctl))?;
     }
+    let metrics_listen = cfg.metrics_listen.as_deref().unwrap_or("none");
+    let endpoint = match metrics_listen {
+        "none" => None,
+        addr => Some(snapblk_metrics::http::Endpoint::start(
+            addr,
+            Arc::clone(&metrics),
+        )?),
+    };
     let notifier = Arc::new(crate::notify::Notifier::from_env());
     notifier.send(&format!(
         "READY=1\nSTATUS={}\nMAINPID={}",
@@ -200,6 +211,9 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
             (t, false) => format!(" and {t}"),
         }
     );
+    if let Some(e) = &endpoint {
+        eprintln!("snapblk daemon: metrics on http://{}/metrics", e.addr);
+    }
     if let Some(sig) = signals.forever().next() {
         eprintln!("snapblk daemon: signal {sig}, shutting down");
     }

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 
 use snapblk_backup::lazy::{LazyExports, Restores, State};
-use snapblk_core::export::ReadOnly;
+use snapblk_core::export::{Metered, MeteredExports, ReadOnly};
 use snapblk_core::keys::Filling;
 use snapblk_core::{Export, ExportProvider, Pool, PoolExports};
 
@@ -23,6 +23,8 @@ pub struct Devices {
     pub restore_dir: PathBuf,
     /// The protection policies and their scheduler (set once by the daemon).
     pub policies: std::sync::OnceLock<Arc<crate::policies::PolicyService>>,
+    /// Where frontends and jobs report (set once by the daemon, before any device).
+    pub metrics: std::sync::OnceLock<Arc<snapblk_metrics::Metrics>>,
 }
 
 fn describe(d: &snapblk_ublk::Device) -> Value {
@@ -70,6 +72,35 @@ impl Devices {
             restores,
             restore_dir,
             policies: std::sync::OnceLock::new(),
+            metrics: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `export`, reporting its requests served by `frontend` to the metrics (if set).
+    fn metered(&self, export: Arc<dyn Export>, frontend: &str) -> Arc<dyn Export> {
+        match self.metrics.get() {
+            Some(m) => {
+                let meter = m.io.meter(export.name(), frontend);
+                Arc::new(Metered {
+                    inner: export,
+                    meter,
+                })
+            }
+            None => export,
+        }
+    }
+
+    /// What NBD serves: every export, metered as "nbd" once the metrics are set.
+    pub fn nbd_exports(&self) -> Arc<dyn ExportProvider> {
+        match self.metrics.get() {
+            Some(m) => {
+                let m = Arc::clone(m);
+                Arc::new(MeteredExports {
+                    inner: Arc::clone(&self.exports),
+                    meter_for: Arc::new(move |name: &str| m.io.meter(name, "nbd")),
+                })
+            }
+            None => Arc::clone(&self.exports),
         }
     }
 
@@ -121,7 +152,7 @@ impl Devices {
             depth,
             ..Default::default()
         };
-        let dev = snapblk_ublk::attach(export, self.pool.uuid(), opts)?;
+        let dev = snapblk_ublk::attach(self.metered(export, "ublk"), self.pool.uuid(), opts)?;
         let v = describe(&dev);
         self.lock().push(dev);
         Ok(v)
@@ -169,6 +200,7 @@ impl Devices {
                     } else {
                         h
                     };
+                    let export = self.metered(export, "ublk");
                     Ok(snapblk_ublk::recover(export, self.pool.uuid(), o.id)?)
                 });
             match r {

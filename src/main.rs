@@ -13,6 +13,7 @@ mod guard;
 mod human;
 mod manpages;
 mod media;
+mod metrics;
 mod mount;
 mod notify;
 mod open;
@@ -317,6 +318,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tls_cert: a.tls_cert.clone(),
                 tls_key: a.tls_key.clone(),
                 tls_client_ca: a.tls_client_ca.clone(),
+                metrics_listen: a.metrics_listen.clone(),
             });
             daemon::run(cfg)?;
             Ok(ExitCode::SUCCESS)

@@ -318,6 +318,8 @@ pub struct PolicyService {
     watch: Mutex<Watch>,
     pool_uuid: String,
     pool: Arc<Pool>,
+    /// Where finished jobs are counted (set once by the daemon).
+    pub metrics: std::sync::OnceLock<Arc<snapblk_metrics::Metrics>>,
 }
 
 /// The pool record holding where notifications go.
@@ -382,6 +384,7 @@ impl PolicyService {
             watch: Mutex::new(watch),
             pool_uuid: pool_uuid.clone(),
             pool: shared,
+            metrics: std::sync::OnceLock::new(),
         }))
     }
 
@@ -530,16 +533,42 @@ impl PolicyService {
             (PoolPolicies(Arc::clone(&m.pool().0)), m.tz().clone())
         };
         // A panic in a job is a bug, but it must not leave the job "running" for good.
+        let started = std::time::Instant::now();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             snapblk_policy::backups::run(&pool, task, &tz)
         }))
         .unwrap_or_else(|_| {
             TaskResult::failed("the job panicked (a bug: see the daemon log)".into())
         });
+        if let Some(metrics) = self.metrics.get() {
+            count_task(metrics, task, &r, started.elapsed().as_secs_f64());
+        }
         let mut m = self.lock();
         let rec = m.finish(task, r, now());
         self.check(&m);
         rec
+    }
+
+    /// Backup ages per volume and repository (as `snapblk status` reports them) and the
+    /// number of jobs running, for the metrics endpoint.
+    pub fn metrics_view(&self) -> (Vec<snapblk_metrics::BackupAge>, usize) {
+        let m = self.lock();
+        let ages = m
+            .status(now(), None)
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|v| {
+                let volume = v.volume;
+                v.targets.into_iter().filter_map(move |t| {
+                    Some(snapblk_metrics::BackupAge {
+                        volume: volume.clone(),
+                        repository: t.repository,
+                        age_secs: t.age_secs?,
+                    })
+                })
+            })
+            .collect();
+        (ages, m.running_jobs())
     }
 
     /// Stops the scheduler thread after the job it runs, if any.
@@ -709,4 +738,27 @@ impl PolicyService {
         self.wake.notify_all();
         Ok(v)
     }
+}
+
+/// Counts a finished policy job in the metrics.
+fn count_task(metrics: &snapblk_metrics::Metrics, task: &Task, r: &TaskResult, secs: f64) {
+    use snapblk_policy::backups::Work;
+    let kind = match &task.work {
+        Work::Backup { repo, .. } => {
+            metrics
+                .jobs
+                .backed_up(&repo.name, r.created.len() as u64, r.bytes_uploaded);
+            "backup"
+        }
+        Work::Copy { to, .. } => {
+            metrics
+                .jobs
+                .backed_up(&to.name, r.created.len() as u64, r.bytes_uploaded);
+            "copy"
+        }
+        Work::Gc { .. } => "gc",
+        Work::Verify { .. } => "verify",
+    };
+    let outcome = snapblk_metrics::Outcome::of(r.errors.is_empty());
+    metrics.jobs.finished(kind, outcome, secs);
 }

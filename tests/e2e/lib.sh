@@ -52,11 +52,12 @@ create_pool() {
 }
 
 # Starts the daemon on the test's pool; with DAEMON_ULIMIT_KIB set, under that
-# address-space limit (ulimit -v).
+# address-space limit (ulimit -v); DAEMON_EXTRA: more flags (split on spaces).
 start_daemon() {
+    # shellcheck disable=SC2086
     bash -c '[ -z "$1" ] || ulimit -v "$1"; shift; exec "$@"' _ "${DAEMON_ULIMIT_KIB:-}" \
         "$SNAPBLK_BIN" daemon --meta "$META" --data "$DATA" --nbd-socket "$NBD_SOCK" --nbd-tcp none \
-        >>"$T/daemon.log" 2>&1 &
+        ${DAEMON_EXTRA:-} >>"$T/daemon.log" 2>&1 &
     DAEMON_PID=$!
     for _ in $(seq 1 200); do
         [ -S "$SNAPBLK_SOCKET" ] && [ -S "$NBD_SOCK" ] && snapblk pool info >/dev/null 2>&1 && return 0

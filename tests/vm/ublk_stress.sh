@@ -5,13 +5,14 @@
 # create syncs; deletes make reclaim free blocks that reads may still be pinning), then
 # fio verifies everything it wrote. Afterwards: a snapshot taken mid-run reads the same as
 # the volume did at that moment, discard reads back as zeros, `pool check` and `pool
-# scrub` are clean, and no request failed.
+# scrub` are clean, and no request failed. The metrics endpoint counted every request the
+# device served (per op, as ublk frontend), none as an error.
 source "$(dirname "$0")/lib.sh"
 cleanup() { stop_daemon; }
 trap cleanup EXIT
 modprobe ublk_drv
 "$BIN" pool create --meta "$T/meta" --data "$T/data.img" --size 1G >/dev/null
-start_daemon
+start_daemon --metrics-listen 127.0.0.1:9850
 "$BIN" volume create st --size 256M >/dev/null
 dev=$("$BIN" attach st --queues 2 --depth 64)
 log "fio verify on $dev with snapshots created and deleted underneath"
@@ -47,6 +48,27 @@ d = json.load(sys.stdin)[0]
 assert d["requests_direct"] > 1000 and d["requests_via_api"] > 8000 and d["requests_failed"] == 0, d
 print("requests: %d direct, %d via the volume API, 0 failed" % (d["requests_direct"], d["requests_via_api"]))
 ' || fail "request counters: $("$BIN" list --json)"
+"$BIN" list --json >"$T/list.json"
+python3 - "$T/list.json" <<'PY' || fail "metrics of the ublk device"
+import json, re, sys, urllib.request
+d = json.load(open(sys.argv[1]))[0]
+text = urllib.request.urlopen("http://127.0.0.1:9850/metrics").read().decode()
+def total(name, **want):
+    n = 0
+    for m in re.finditer(r'^%s\{([^}]*)\} (\S+)$' % name, text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(labels.get(k) == v for k, v in want.items()):
+            n += float(m.group(2))
+    return n
+served = d["requests_direct"] + d["requests_via_api"]
+got = total("snapblk_io_requests_total", volume="st", frontend="ublk")
+assert got == served, (got, served)
+assert total("snapblk_io_errors_total", volume="st", frontend="ublk") == 0
+assert total("snapblk_io_requests_total", volume="st", frontend="ublk", op="trim") >= 1
+assert total("snapblk_io_bytes_total", volume="st", frontend="ublk", op="write") >= 66 << 20
+assert total("snapblk_io_duration_seconds_count", volume="st", frontend="ublk") == served
+print("metrics: %d ublk requests counted, as served" % served)
+PY
 "$BIN" detach st >/dev/null
 "$BIN" pool check >"$T/check.out" 2>&1 || { cat "$T/check.out"; fail "pool check"; }
 "$BIN" pool scrub >"$T/scrub.out" 2>&1 || { cat "$T/scrub.out"; fail "pool scrub"; }

@@ -921,6 +921,18 @@ impl Restores {
     pub fn busy(&self, volume: &str) -> bool {
         self.active(volume).is_some() || self.suspended(volume).is_some()
     }
+    /// `(volume, bytes_total, bytes_done)` of every restore hydrating now.
+    pub fn progress(&self) -> Vec<(String, u64, u64)> {
+        lock(&self.map)
+            .values()
+            .filter(|h| !h.is_complete())
+            .map(|h| {
+                let done = h.bytes_done.load(Ordering::Relaxed);
+                (h.state.volume.clone(), h.bytes_total, done)
+            })
+            .collect()
+    }
+
     pub fn status(&self) -> Vec<Value> {
         let mut out: Vec<Value> = lock(&self.finished).clone();
         out.extend(lock(&self.map).values().map(|h| h.status()));

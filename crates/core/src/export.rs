@@ -32,6 +32,109 @@ pub trait Export: Send + Sync {
     fn direct(&self) -> Option<&dyn DirectIo> {
         None
     }
+    /// Where the frontend reports each request it served (`Metered`); `None`: nowhere.
+    fn meter(&self) -> Option<&dyn IoMeter> {
+        None
+    }
+}
+
+/// What a frontend request did, for accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+}
+
+impl IoKind {
+    pub const ALL: [IoKind; 5] = [
+        IoKind::Read,
+        IoKind::Write,
+        IoKind::Flush,
+        IoKind::Trim,
+        IoKind::WriteZeroes,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoKind::Read => "read",
+            IoKind::Write => "write",
+            IoKind::Flush => "flush",
+            IoKind::Trim => "trim",
+            IoKind::WriteZeroes => "write_zeroes",
+        }
+    }
+}
+
+/// Receives one report per request a frontend served: its kind, the bytes it covered,
+/// the time from its arrival to its completion, and whether it succeeded. Called on the
+/// frontends' I/O threads: must not block.
+pub trait IoMeter: Send + Sync {
+    fn record(&self, kind: IoKind, bytes: u64, elapsed: std::time::Duration, ok: bool);
+}
+
+/// The meter of an export, by its name (`vol` or `vol@snap`).
+pub type MeterFor = Arc<dyn Fn(&str) -> Arc<dyn IoMeter> + Send + Sync>;
+
+/// A provider whose exports report their requests to the meter `meter_for` names.
+pub struct MeteredExports {
+    pub inner: Arc<dyn ExportProvider>,
+    pub meter_for: MeterFor,
+}
+
+impl ExportProvider for MeteredExports {
+    fn open(&self, name: &str) -> Result<Arc<dyn Export>> {
+        let inner = self.inner.open(name)?;
+        let meter = (self.meter_for)(inner.name());
+        Ok(Arc::new(Metered { inner, meter }))
+    }
+    fn list(&self) -> Vec<String> {
+        self.inner.list()
+    }
+}
+
+/// Any export, whose frontend reports its requests to `meter`; everything else passes
+/// through (planned I/O included).
+pub struct Metered {
+    pub inner: Arc<dyn Export>,
+    pub meter: Arc<dyn IoMeter>,
+}
+
+impl Export for Metered {
+    fn size(&self) -> Result<u64> {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.inner.write(offset, data, fua)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.inner.trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, fast: bool) -> Result<()> {
+        self.inner.write_zeroes(offset, len, fua, fast)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<StatusRun>> {
+        self.inner.block_status(offset, len)
+    }
+    fn direct(&self) -> Option<&dyn DirectIo> {
+        self.inner.direct()
+    }
+    fn meter(&self) -> Option<&dyn IoMeter> {
+        Some(&*self.meter)
+    }
 }
 
 /// Whole-block reads and writes split into plan → data I/O → finish (`pool/plan.rs`),
@@ -95,6 +198,9 @@ impl Export for ReadOnly {
     }
     fn direct(&self) -> Option<&dyn DirectIo> {
         self.0.direct().map(|_| self as &dyn DirectIo)
+    }
+    fn meter(&self) -> Option<&dyn IoMeter> {
+        self.0.meter()
     }
 }
 

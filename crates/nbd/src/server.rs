@@ -12,10 +12,11 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use snapblk_core::device::AlignedBuf;
+use snapblk_core::export::IoKind;
 use snapblk_core::{Export, ExportProvider};
 
 use crate::admission::{Admission, Slot, DEFAULT_MAX_CONNECTIONS};
@@ -273,7 +274,7 @@ impl Server {
                 cv: Condvar::new(),
             },
         };
-        let (tx, rx) = crossbeam_channel::unbounded::<(Request, Vec<u8>, u64)>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         std::thread::scope(|scope| {
             let mut workers = Vec::with_capacity(self.workers);
             for i in 0..self.workers {
@@ -283,8 +284,12 @@ impl Server {
                     .name(format!("nbd-worker-{i}"))
                     .spawn_scoped(scope, move || {
                         let mut reply = ReplyBuf::default();
-                        for (req, payload, bytes) in rx {
-                            handle(conn, session, req, payload, bytes, &mut reply);
+                        for (req, payload, bytes, arrived) in rx {
+                            let (kind, len) = (io_kind(req.command), u64::from(req.length));
+                            let ok = handle(conn, session, req, payload, bytes, &mut reply);
+                            if let (Some(m), Some(kind)) = (session.export.meter(), kind) {
+                                m.record(kind, len, arrived.elapsed(), ok);
+                            }
                         }
                     });
                 match spawned {
@@ -311,7 +316,7 @@ impl Server {
         &self,
         reader: &mut impl Read,
         conn: &Conn,
-        jobs: &Sender<(Request, Vec<u8>, u64)>,
+        jobs: &Sender<Job>,
     ) -> io::Result<()> {
         loop {
             let mut hdr = [0u8; codec::REQUEST_LEN];
@@ -343,8 +348,9 @@ impl Server {
                 CMD_READ | CMD_WRITE => u64::from(req.length),
                 _ => 0,
             };
+            let arrived = Instant::now();
             conn.budget.admit(bytes);
-            if jobs.send((req, payload, bytes)).is_err() {
+            if jobs.send((req, payload, bytes, arrived)).is_err() {
                 conn.budget.done(bytes);
                 return Err(io::Error::other("connection workers stopped"));
             }
@@ -352,16 +358,42 @@ impl Server {
     }
 }
 
-fn error_reply(conn: &Conn, session: &Session, req: &Request, bytes: u64, err: u32, msg: &str) {
+/// A request queued for the connection's workers: the request, its payload, the bytes of
+/// budget it holds, and when it arrived (for the export's meter).
+type Job = (Request, Vec<u8>, u64, Instant);
+
+/// What a command is, for the export's meter (`None`: not metered: cache, block status).
+fn io_kind(command: u16) -> Option<IoKind> {
+    match command {
+        CMD_READ => Some(IoKind::Read),
+        CMD_WRITE => Some(IoKind::Write),
+        CMD_FLUSH => Some(IoKind::Flush),
+        CMD_TRIM => Some(IoKind::Trim),
+        CMD_WRITE_ZEROES => Some(IoKind::WriteZeroes),
+        _ => None,
+    }
+}
+
+/// Queues an error reply; returns false (the request failed).
+fn error_reply(
+    conn: &Conn,
+    session: &Session,
+    req: &Request,
+    bytes: u64,
+    err: u32,
+    msg: &str,
+) -> bool {
     let structured_cmd = matches!(req.command, CMD_READ | CMD_BLOCK_STATUS);
     if session.structured && structured_cmd {
         conn.send(bytes, &[&codec::error_chunk(req.cookie, err, msg)]);
     } else {
         conn.send(bytes, &[&codec::simple_reply(err, req.cookie)]);
     }
+    false
 }
 
-/// Executes one request and queues exactly one reply (which releases `bytes` of budget).
+/// Executes one request and queues exactly one reply (which releases `bytes` of budget);
+/// returns whether it succeeded.
 fn handle(
     conn: &Conn,
     session: &Session,
@@ -369,7 +401,7 @@ fn handle(
     payload: Vec<u8>,
     bytes: u64,
     reply: &mut ReplyBuf,
-) {
+) -> bool {
     let export: &dyn Export = &*session.export;
     if req.flags & !CMD_FLAGS_KNOWN != 0 {
         return error_reply(conn, session, &req, bytes, EINVAL, "unknown command flags");
@@ -403,7 +435,7 @@ fn handle(
                             0,
                         )],
                     );
-                    return;
+                    return true;
                 }
                 Ok(()) => {
                     if session.structured {
@@ -419,7 +451,7 @@ fn handle(
                         buf[..16].copy_from_slice(&codec::simple_reply(0, req.cookie));
                     }
                     conn.send(bytes, &[buf]);
-                    return;
+                    return true;
                 }
                 Err(e) => Err(e),
             }
@@ -468,7 +500,7 @@ fn handle(
                             &descs,
                         )],
                     );
-                    return;
+                    return true;
                 }
                 Err(e) => Err(e),
             }
@@ -485,7 +517,10 @@ fn handle(
         }
     };
     match result {
-        Ok(()) => conn.send(bytes, &[&codec::simple_reply(0, req.cookie)]),
+        Ok(()) => {
+            conn.send(bytes, &[&codec::simple_reply(0, req.cookie)]);
+            true
+        }
         Err(e) => {
             log::debug!(
                 "nbd {}: command {} at {off}+{len}: {e}",
@@ -499,7 +534,7 @@ fn handle(
                 bytes,
                 nbd_error(e.errno()),
                 &e.to_string(),
-            );
+            )
         }
     }
 }

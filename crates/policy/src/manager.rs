@@ -379,6 +379,11 @@ impl<P: PolicyPool> Manager<P> {
         self.pool.put_record(&format!("job/{job}"), Some(v))
     }
 
+    /// How many jobs run now.
+    pub fn running_jobs(&self) -> usize {
+        self.sched.jobs().iter().filter(|j| j.running).count()
+    }
+
     fn running(&self, job: &str) -> bool {
         self.sched.jobs().iter().any(|j| j.name == job && j.running)
     }

@@ -30,7 +30,7 @@ use libublk::io::{UblkDev, UblkQueue};
 use libublk::{sys, BufDesc, UblkError};
 use smol::future::FutureExt;
 use snapblk_core::device::BLOCK_SIZE_U64;
-use snapblk_core::export::DirectIo;
+use snapblk_core::export::{DirectIo, IoKind};
 use snapblk_core::pool::plan::DeviceSeg;
 use snapblk_core::Export;
 
@@ -109,6 +109,7 @@ async fn serve_tag(
         }
         let iod = q.get_iod(tag);
         let (op_flags, sector, sectors) = (iod.op_flags, iod.start_sector, iod.nr_sectors);
+        let arrived = std::time::Instant::now();
         let request = serve(q, ctx, op_flags, sector, sectors, buf.as_mut_slice());
         // A bug that panics fails this request with EIO instead of leaving it uncompleted
         // (the device could then never be deleted). The buffer outlives the panic.
@@ -122,9 +123,28 @@ async fn serve_tag(
             }
         };
         ctx.stats.count(direct, res);
+        if let (Some(m), Some(kind)) = (ctx.export.meter(), io_kind(op_flags)) {
+            let bytes = match kind {
+                IoKind::Flush => 0,
+                _ => u64::from(sectors) * 512,
+            };
+            m.record(kind, bytes, arrived.elapsed(), res >= 0);
+        }
         fetched = q
             .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
+    }
+}
+
+/// What a request is, for the export's meter (`None`: an op we do not serve).
+fn io_kind(op_flags: u32) -> Option<IoKind> {
+    match op_flags & 0xff {
+        sys::UBLK_IO_OP_READ => Some(IoKind::Read),
+        sys::UBLK_IO_OP_WRITE => Some(IoKind::Write),
+        sys::UBLK_IO_OP_FLUSH => Some(IoKind::Flush),
+        sys::UBLK_IO_OP_DISCARD => Some(IoKind::Trim),
+        sys::UBLK_IO_OP_WRITE_ZEROES => Some(IoKind::WriteZeroes),
+        _ => None,
     }
 }
 
