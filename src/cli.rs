@@ -266,10 +266,10 @@ pub enum VolumeCmd {
         #[arg(long)]
         size: String,
     },
+    /// Every volume: size, space used, quota, snapshots, origin, state.
     List,
-    Info {
-        name: String,
-    },
+    /// One volume in detail.
+    Info { name: String },
     /// Grow a volume (shrinking needs --force and discards the cut-off data).
     Resize {
         name: String,
@@ -278,16 +278,11 @@ pub enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
-    Rename {
-        old: String,
-        new: String,
-    },
+    /// Rename a volume; its snapshots follow it.
+    Rename { old: String, new: String },
     /// Limit the space a volume and its snapshots may hold (as ZFS's quota): writes that
     /// would go beyond it fail with ENOSPC for this volume only. SIZE `none` removes it.
-    SetQuota {
-        name: String,
-        size: String,
-    },
+    SetQuota { name: String, size: String },
     /// Delete a volume (with --recursive also its snapshots).
     Delete {
         name: String,
@@ -318,25 +313,16 @@ pub enum SnapshotCmd {
         group: bool,
     },
     /// Snapshots of one volume, or of all.
-    List {
-        volume: Option<String>,
-    },
-    Info {
-        snapshot: String,
-    },
+    List { volume: Option<String> },
+    /// One snapshot in detail, with the space deleting it would free.
+    Info { snapshot: String },
     /// Delete a snapshot; its space is reclaimed in the background.
-    Delete {
-        snapshot: String,
-    },
+    Delete { snapshot: String },
     /// Protect a snapshot: deleting it (by hand, retention or the space guard) is refused
     /// until it is unprotected.
-    Protect {
-        snapshot: String,
-    },
+    Protect { snapshot: String },
     /// Lift a snapshot's protection.
-    Unprotect {
-        snapshot: String,
-    },
+    Unprotect { snapshot: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -694,6 +680,7 @@ pub enum NotifyCmd {
         #[arg(long)]
         command: Option<String>,
     },
+    /// Where notifications go now.
     Show,
     /// Send a test event now and say whether it was delivered.
     Test,

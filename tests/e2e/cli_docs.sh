@@ -26,6 +26,8 @@ command -v man >/dev/null || fail "man is not installed (scripts/setup.sh instal
 for p in "$T"/man/*.1; do
     out=$(MANWIDTH=80 man --warnings -l "$p" 2>&1 >/dev/null) || fail "man $p"
     [ -z "$out" ] || fail "man warns about $(basename "$p"): $out"
+    # apropos/whatis need "name - description" (a command without a doc comment has none).
+    lexgrog "$p" | grep -q ' - ' || fail "$(basename "$p") has no NAME description (a doc comment on its command)"
 done
 MANWIDTH=80 man -l "$T/man/snapblk-policy-set.1" 2>/dev/null | grep -q -- "--keep-hourly" \
     || fail "policy set page lacks its options"
