@@ -200,7 +200,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
                 std::thread::sleep(every);
             })?;
     }
-    eprintln!(
+    log::info!(
         "snapblk daemon: pool {} ready; control {}, NBD {}{}",
         pool.uuid(),
         socket.display(),
@@ -212,10 +212,10 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         }
     );
     if let Some(e) = &endpoint {
-        eprintln!("snapblk daemon: metrics on http://{}/metrics", e.addr);
+        log::info!("snapblk daemon: metrics on http://{}/metrics", e.addr);
     }
     if let Some(sig) = signals.forever().next() {
-        eprintln!("snapblk daemon: signal {sig}, shutting down");
+        log::info!("snapblk daemon: signal {sig}, shutting down");
     }
     notifier.send("STOPPING=1\nSTATUS=shutting down: draining I/O, detaching devices");
     policies.stop();

@@ -205,12 +205,13 @@ impl Devices {
                 });
             match r {
                 Ok(dev) => {
-                    eprintln!("snapblk daemon: recovered {} ({})", dev.path, dev.export);
+                    log::info!("snapblk daemon: recovered {} ({})", dev.path, dev.export);
                     self.lock().push(dev);
                 }
-                Err(e) => eprintln!(
+                Err(e) => log::error!(
                     "snapblk daemon: cannot recover ublk device {} ({}): {e:#}",
-                    o.id, o.export
+                    o.id,
+                    o.export
                 ),
             }
         }
@@ -226,7 +227,7 @@ impl Devices {
         for d in all {
             let path = d.path.clone();
             if let Err(e) = d.detach() {
-                eprintln!("snapblk daemon: detaching {path}: {e}");
+                log::warn!("snapblk daemon: detaching {path}: {e}");
             }
         }
     }

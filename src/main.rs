@@ -11,6 +11,7 @@ mod exit;
 mod freeze;
 mod guard;
 mod human;
+mod logging;
 mod manpages;
 mod media;
 mod metrics;
@@ -586,13 +587,8 @@ fn print_outcome(cli: &Cli, out: repo_cmds::Outcome) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    // rustls warns about every client that sends an IP address as SNI (libnbd does);
-    // RUST_LOG still overrides this.
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,rustls::msgs::handshake=error"),
-    )
-    .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format, matches!(cli.cmd, Cmd::Daemon(_)));
     match run(cli) {
         Ok(c) => c,
         Err(e) => {

@@ -4,7 +4,7 @@
 set -u
 cd "$(dirname "$0")"
 pass=0; failed=0; names=()
-for t in ${E2E_TESTS:-nbd_clients nbd_tls nbd_access bad_input cli_docs package systemd_notify metrics policies policy_backups mount space filesystems backup lowmem lazy_crash s3_faults s3_credentials s3_moto crash}; do
+for t in ${E2E_TESTS:-nbd_clients nbd_tls nbd_access bad_input cli_docs package systemd_notify logs metrics policies policy_backups mount space filesystems backup lowmem lazy_crash s3_faults s3_credentials s3_moto crash}; do
     echo "=== e2e: $t"
     start=$(date +%s)
     if bash "./$t.sh"; then
