@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(libclang-dev clang libnbd-bin python3-libnbd nbdkit fio qemu-utils e2fsprogs xfsprogs fuse3 kmod python3 python3-venv util-linux awscli iproute2 passwd openssl man-db systemd curl dpkg-dev lintian)
+pkgs=(libclang-dev clang libnbd-bin python3-libnbd nbdkit fio qemu-utils e2fsprogs xfsprogs fuse3 kmod python3 python3-venv util-linux awscli iproute2 passwd openssl man-db systemd curl dpkg-dev lintian binutils)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

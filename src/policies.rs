@@ -476,6 +476,9 @@ impl PolicyService {
                 let (done, tasks) = m.tick(now(), &now);
                 for (job, r) in done {
                     log_run(&job, &r);
+                    if let Some(metrics) = self.metrics.get() {
+                        count_snapshot_run(metrics, &r);
+                    }
                 }
                 self.check(&m);
                 (m.next_wakeup(), tasks)
@@ -667,7 +670,12 @@ impl PolicyService {
             Command::PolicyPlan { name } => json!(m.prune_plan(name).map_err(|e| anyhow!(e))?),
             Command::Jobs => json!(m.jobs()),
             Command::JobRun { name } => match m.start_now(name, now(), &now) {
-                Ok(Started::Done(r)) => json!(r),
+                Ok(Started::Done(r)) => {
+                    if let Some(metrics) = self.metrics.get() {
+                        count_snapshot_run(metrics, &r);
+                    }
+                    json!(r)
+                }
                 Ok(Started::Task(t)) => {
                     drop(m);
                     let r = self.run_task(&t);
@@ -738,6 +746,18 @@ impl PolicyService {
         self.wake.notify_all();
         Ok(v)
     }
+}
+
+/// Counts a finished snapshot job (snapshots taken and retention's deletions).
+fn count_snapshot_run(metrics: &snapblk_metrics::Metrics, r: &RunRecord) {
+    let ok = matches!(r.outcome, snapblk_policy::Outcome::Ok);
+    let secs = r.end.duration_since(r.start).as_secs_f64().max(0.0);
+    metrics
+        .jobs
+        .finished("snapshot", snapblk_metrics::Outcome::of(ok), secs);
+    metrics
+        .jobs
+        .snapshots(r.created.len() as u64, r.deleted.len() as u64);
 }
 
 /// Counts a finished policy job in the metrics.

@@ -160,4 +160,12 @@ lint "$T/m8"
 expect "$T/m8" 0 snapblk_volume_size_bytes volume=b
 expect "$T/m8" $((64 << 20)) snapblk_volume_size_bytes volume=c
 expect "$T/m8" 1 snapblk_pool_clones
+log "a policy's snapshot job is counted, with the snapshots it took"
+snapblk policy set p --volume a --schedule yearly --keep-last 5 >/dev/null
+snapblk jobs run snapshot:p >/dev/null
+scrape "$T/m9"
+lint "$T/m9"
+expect "$T/m9" 1 snapblk_jobs_total kind=snapshot outcome=ok
+expect "$T/m9" 1 snapblk_policy_snapshots_created_total
+expect "$T/m9" 2 snapblk_volume_snapshots volume=a
 log "metrics: ok"

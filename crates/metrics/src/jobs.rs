@@ -3,7 +3,8 @@
 //!
 //! Series: `snapblk_jobs_total{kind, outcome}`, `snapblk_job_duration_seconds{kind}`
 //! (histogram), `snapblk_backup_uploaded_bytes_total{repository}`,
-//! `snapblk_backups_created_total{repository}`, `snapblk_restored_bytes_total`.
+//! `snapblk_backups_created_total{repository}`, `snapblk_restored_bytes_total`,
+//! `snapblk_policy_snapshots_{created,deleted}_total` (snapshot jobs and their retention).
 
 use prometheus::{exponential_buckets, HistogramOpts, HistogramVec, IntCounter};
 use prometheus::{IntCounterVec, Opts, Registry};
@@ -38,6 +39,8 @@ pub struct JobMetrics {
     uploaded: IntCounterVec,
     created: IntCounterVec,
     restored: IntCounter,
+    snapshots_created: IntCounter,
+    snapshots_deleted: IntCounter,
 }
 
 impl JobMetrics {
@@ -45,7 +48,7 @@ impl JobMetrics {
         let runs = IntCounterVec::new(
             Opts::new(
                 "snapblk_jobs_total",
-                "Jobs that ended, by kind (backup, copy, restore, gc, verify) and outcome.",
+                "Jobs that ended, by kind (snapshot, backup, copy, restore, gc, verify) and outcome.",
             ),
             &["kind", "outcome"],
         )?;
@@ -76,6 +79,16 @@ impl JobMetrics {
             "snapblk_restored_bytes_total",
             "Bytes of volumes restored from backups (full restores).",
         )?;
+        let snapshots_created = IntCounter::new(
+            "snapblk_policy_snapshots_created_total",
+            "Snapshots taken by policies' snapshot jobs.",
+        )?;
+        let snapshots_deleted = IntCounter::new(
+            "snapblk_policy_snapshots_deleted_total",
+            "Snapshots deleted by policies' retention.",
+        )?;
+        registry.register(Box::new(snapshots_created.clone()))?;
+        registry.register(Box::new(snapshots_deleted.clone()))?;
         registry.register(Box::new(runs.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(uploaded.clone()))?;
@@ -87,6 +100,8 @@ impl JobMetrics {
             uploaded,
             created,
             restored,
+            snapshots_created,
+            snapshots_deleted,
         })
     }
 
@@ -102,6 +117,12 @@ impl JobMetrics {
         self.created
             .with_label_values(&[repository])
             .inc_by(created);
+    }
+
+    /// A snapshot job took `created` snapshots and its retention deleted `deleted`.
+    pub fn snapshots(&self, created: u64, deleted: u64) {
+        self.snapshots_created.inc_by(created);
+        self.snapshots_deleted.inc_by(deleted);
     }
 
     /// A full restore wrote `bytes`.
