@@ -226,7 +226,7 @@ pub enum PoolCmd {
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
     /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, nbd_group, max_connections,
-    /// insecure, workers, tls_cert, tls_key, tls_client_ca, metrics_listen.
+    /// insecure, workers, tls_cert, tls_key, tls_client_ca, metrics_listen, ublk_on_stop.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Unix socket for NBD clients.
@@ -265,6 +265,10 @@ pub struct DaemonArgs {
     /// "none". Volume names and sizes are visible to whoever reaches it.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// What a clean stop (SIGTERM) does with attached ublk devices: detach them (default),
+    /// or keep them, their I/O held by the kernel, for the next daemon to take back.
+    #[arg(long, value_parser = ["detach", "keep"])]
+    pub ublk_on_stop: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

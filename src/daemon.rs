@@ -47,6 +47,10 @@ pub struct DaemonConfig {
     pub tls_client_ca: Option<PathBuf>,
     /// "host:port" of the Prometheus endpoint (`GET /metrics`), or "none" (the default).
     pub metrics_listen: Option<String>,
+    /// What a clean stop does with attached ublk devices: "detach" (the default: I/O
+    /// drains, the devices go) or "keep" (the pool is synced and the devices stay, their
+    /// I/O held by the kernel until the next daemon takes them back, as after a crash).
+    pub ublk_on_stop: Option<String>,
 }
 
 impl DaemonConfig {
@@ -72,6 +76,7 @@ impl DaemonConfig {
             tls_key: other.tls_key.or(self.tls_key),
             tls_client_ca: other.tls_client_ca.or(self.tls_client_ca),
             metrics_listen: other.metrics_listen.or(self.metrics_listen),
+            ublk_on_stop: other.ublk_on_stop.or(self.ublk_on_stop),
         }
     }
 }
@@ -116,6 +121,11 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     if cfg.max_connections == Some(0) {
         bail!("max_connections must be at least 1");
     }
+    let keep_devices = match cfg.ublk_on_stop.as_deref().unwrap_or("detach") {
+        "detach" => false,
+        "keep" => true,
+        other => bail!("ublk_on_stop must be \"detach\" or \"keep\", not {other:?}"),
+    };
 
     // Handlers are installed before any thread starts; SIGTERM/SIGINT then only wake the
     // iterator below instead of killing the process mid-write.
@@ -220,6 +230,20 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     notifier.send("STOPPING=1\nSTATUS=shutting down: draining I/O, detaching devices");
     policies.stop();
     devices.restores.stop_all();
+    if keep_devices {
+        // As after a crash, but with everything acknowledged synced: the kernel holds
+        // the devices' I/O until the next daemon recovers them (UBLK_F_USER_RECOVERY).
+        let n = devices.count();
+        pool.sync().context("final sync")?;
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&nbd_socket);
+        log::info!("snapblk daemon: {n} ublk device(s) left for the next daemon to recover");
+        // SAFETY: _exit has no preconditions. It skips atexit handlers and C++ static
+        // destructors on purpose: the queues still run and RocksDB is still open (its
+        // writes are synced above), so the process must end the way a crash does, which
+        // the kernel's user recovery is built for.
+        unsafe { libc::_exit(0) }
+    }
     devices.detach_all();
     let r = pool.shutdown();
     let _ = std::fs::remove_file(&socket);

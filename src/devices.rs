@@ -221,6 +221,11 @@ impl Devices {
         Value::Array(self.lock().iter().map(describe).collect())
     }
 
+    /// How many devices are attached.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Detaches everything (daemon shutdown); in-flight I/O drains first.
     pub fn detach_all(&self) {
         let all: Vec<_> = std::mem::take(&mut *self.lock());

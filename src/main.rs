@@ -320,6 +320,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tls_key: a.tls_key.clone(),
                 tls_client_ca: a.tls_client_ca.clone(),
                 metrics_listen: a.metrics_listen.clone(),
+                ublk_on_stop: a.ublk_on_stop.clone(),
             });
             daemon::run(cfg)?;
             Ok(ExitCode::SUCCESS)

@@ -3,8 +3,12 @@
 # the filesystem stays mounted, fio completes and its verify passes; fsck is clean; the
 # recovered device detaches (the restarted daemon drops the copies of the users' ublk
 # mounts its new mount namespace inherited, which would otherwise hold the device open).
+# Then the same across a clean stop with `--ublk-on-stop keep` (a restart or an upgrade
+# that leaves filesystems mounted).
 source "$(dirname "$0")/lib.sh"
 cleanup() {
+    # A device kept by a stopped daemon holds its I/O: take it back before unmounting.
+    [ -n "$DAEMON_PID" ] || start_daemon || true
     umount "$T/mnt" 2>/dev/null || true
     stop_daemon
 }
@@ -48,4 +52,27 @@ if kill -0 $det 2>/dev/null; then
 fi
 wait $det || { cat "$T/detach.out"; fail "detach of the recovered device failed or hung"; }
 "$BIN" pool check >/dev/null || fail "pool check"
+
+log "ublk_on_stop keep: a clean stop while fio writes leaves the device; the next daemon takes it back"
+stop_daemon
+start_daemon --ublk-on-stop keep
+dev=$("$BIN" attach r)
+mount "$dev" "$T/mnt"
+rm -f "$T/mnt/f"
+fio --name=keep --filename="$T/mnt/g" --rw=randwrite --bs=4k --size=24M --ioengine=psync --fsync=64 \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$T/fio2.out" &
+fio_pid=$!
+sleep 3
+stop_daemon
+[ -b "$dev" ] || fail "$dev went away with ublk_on_stop keep"
+kill -0 "$fio_pid" 2>/dev/null || { cat "$T/fio2.out"; fail "fio ended while the daemon was stopped"; }
+sleep 1
+start_daemon
+"$BIN" list | grep -q "$dev" || fail "the restarted daemon did not take $dev back"
+wait "$fio_pid" || { cat "$T/fio2.out"; fail "fio failed across the clean stop and restart"; }
+grep -q "err= 0" "$T/fio2.out" || { cat "$T/fio2.out"; fail "fio reported errors"; }
+umount "$T/mnt"
+e2fsck -fn "$dev" >"$T/fsck2.out" 2>&1 || { head -20 "$T/fsck2.out"; fail "e2fsck after the kept restart"; }
+timeout 30 "$BIN" detach r >/dev/null || fail "detach after the kept restart"
+"$BIN" pool check >/dev/null || fail "pool check after the kept restart"
 log "ublk_recovery: ok"
