@@ -75,22 +75,17 @@ pub struct Report {
     pub orphan_tables_deleted: u64,
     /// Leases of jobs that died (not refreshed within their lifetime), removed.
     pub leases_broken: Vec<String>,
-    /// Start of the oldest running job (less a minute): nothing newer was condemned or
-    /// deleted.
+    /// Start of the oldest job whose lease was live when gc listed the leases (less a
+    /// minute): nothing newer was condemned or deleted.
     pub cutoff: Option<u64>,
 }
 
 pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result<Report> {
     let store = repo.store();
-    let catalogs = Catalogs::load(repo)?;
-    let (stored, bad) = manifest::list(repo)?;
-    if let Some((id, e)) = bad.first() {
-        return Err(BackupError::invalid(
-            "gc",
-            format!("manifest {id} cannot be read ({e}); refusing to collect while its references are unknown"),
-        ));
-    }
-    // Exclusive: no other gc runs; shared leases of running jobs set the cut-off.
+    // Exclusive: no other gc runs; shared leases of running jobs set the cut-off. Taken,
+    // and the leases listed, before anything referenced is read: a backup that commits
+    // after the catalogs are loaded held its lease when the leases were listed (or, with
+    // a sole lease, waits for this run).
     let lease = if opts.dry_run {
         None
     } else {
@@ -100,6 +95,14 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
     };
     let leases = lease::list(repo)?;
     let t = now();
+    let catalogs = Catalogs::load(repo)?;
+    let (stored, bad) = manifest::list(repo)?;
+    if let Some((id, e)) = bad.first() {
+        return Err(BackupError::invalid(
+            "gc",
+            format!("manifest {id} cannot be read ({e}); refusing to collect while its references are unknown"),
+        ));
+    }
     let mut rep = Report::default();
     if !opts.dry_run {
         rep.leases_broken = lease::break_stale(repo, &leases)?
@@ -145,6 +148,10 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             pinning.push(h);
         }
     }
+    // Jobs that start now only wait for a lease they see live: a gc whose refreshes
+    // failed for half the lease lifetime deletes nothing more.
+    let still_held = || lease.as_ref().map_or(Ok(()), |l| l.check());
+    still_held()?;
     // Tables of backups that never committed (cut short before their catalog entry).
     for o in store.list(repo::TABLES)? {
         let Some(id) = o.key.strip_prefix(repo::TABLES) else {
@@ -213,6 +220,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         Ok(())
     };
     for (p, info) in index.packs.iter().enumerate() {
+        still_held()?;
         progress.advance(1);
         let keep = needed.get(&(p as u32));
         let modified = objects.get(&info.id).map_or(0, |o| o.1);

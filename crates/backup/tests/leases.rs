@@ -44,14 +44,27 @@ fn init_on(store: Arc<dyn ObjectStore>) -> Repository {
 
 type Hook = Box<dyn FnOnce() + Send>;
 
-/// A directory store that runs a hook (once) when `tables/` is listed: gc lists it after
-/// it has listed the leases.
-struct TablesListed {
+/// A directory store that runs a hook (once) when `prefix` is listed: before the listing
+/// (`after` false) or after it, before the caller sees it.
+struct OnList {
     inner: FileStore,
+    prefix: &'static str,
+    after: bool,
     hook: Mutex<Option<Hook>>,
 }
 
-impl ObjectStore for TablesListed {
+impl OnList {
+    fn run_hook(&self, prefix: &str) {
+        if prefix == self.prefix {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(h) = hook {
+                h();
+            }
+        }
+    }
+}
+
+impl ObjectStore for OnList {
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -68,13 +81,14 @@ impl ObjectStore for TablesListed {
         self.inner.put_new(key, data)
     }
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        if prefix == "tables/" {
-            let hook = self.hook.lock().unwrap().take();
-            if let Some(h) = hook {
-                h();
-            }
+        if !self.after {
+            self.run_hook(prefix);
         }
-        self.inner.list(prefix)
+        let r = self.inner.list(prefix);
+        if self.after {
+            self.run_hook(prefix);
+        }
+        r
     }
     fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(key)
@@ -276,9 +290,28 @@ fn a_backup_outlives_prune_and_gc() {
 /// `--gc-grace 0` deleting the table of a backup committed in that window.)
 #[test]
 fn a_backup_started_during_a_gc_with_no_grace_period_waits_for_it() {
+    // gc lists tables/ after it listed the leases.
+    backup_inside_gc("tables/", false);
+}
+
+/// A backup that commits (catalog entry and header) just after gc read the catalogs and
+/// headers, and ends before gc lists the leases, is neither referenced nor leased in gc's
+/// eyes unless gc reads what is referenced only after it listed the leases (it does now;
+/// before, such a backup's table and packs were deleted).
+#[test]
+fn a_backup_committed_while_gc_reads_the_references_is_kept() {
+    backup_inside_gc("manifests/", true);
+}
+
+/// Runs a small backup on its own thread when gc lists `prefix` (before or `after` the
+/// listing), gives it 3 s, lets gc (no grace period) finish, and checks that the backup
+/// waited for the gc and restores exactly.
+fn backup_inside_gc(prefix: &'static str, after: bool) {
     let d = tempfile::tempdir().unwrap();
-    let store = Arc::new(TablesListed {
+    let store = Arc::new(OnList {
         inner: FileStore::new(d.path()),
+        prefix,
+        after,
         hook: Mutex::new(None),
     });
     let r = init_on(store.clone());
@@ -302,7 +335,11 @@ fn a_backup_started_during_a_gc_with_no_grace_period_waits_for_it() {
         }));
     }
     let g = gc::run(&r, &NOW, &NoProgress).unwrap();
-    let (t, waited) = job.lock().unwrap().take().expect("gc listed no tables");
+    let (t, waited) = job
+        .lock()
+        .unwrap()
+        .take()
+        .expect("gc did not list the prefix");
     t.join().unwrap().unwrap();
     assert!(waited, "the backup ran inside the gc's run: {g:?}");
     assert_eq!(g.orphan_tables_deleted, 0, "{g:?}");
