@@ -15,7 +15,7 @@ impl Sources for DaemonSources {
         self.0
             .policies
             .get()
-            .map(|p| p.metrics_view().0)
+            .map(|p| p.backup_ages())
             .unwrap_or_default()
     }
     fn lazy_restores(&self) -> Vec<LazyProgress> {
@@ -31,7 +31,7 @@ impl Sources for DaemonSources {
             .collect()
     }
     fn jobs_running(&self) -> usize {
-        self.0.policies.get().map_or(0, |p| p.metrics_view().1)
+        self.0.policies.get().map_or(0, |p| p.running_jobs())
     }
 }
 

@@ -552,11 +552,10 @@ impl PolicyService {
         rec
     }
 
-    /// Backup ages per volume and repository (as `snapblk status` reports them) and the
-    /// number of jobs running, for the metrics endpoint.
-    pub fn metrics_view(&self) -> (Vec<snapblk_metrics::BackupAge>, usize) {
-        let m = self.lock();
-        let ages = m
+    /// Backup ages per volume and repository (as `snapblk status` reports them), for the
+    /// metrics endpoint.
+    pub fn backup_ages(&self) -> Vec<snapblk_metrics::BackupAge> {
+        self.lock()
             .status(now(), None)
             .unwrap_or_default()
             .into_iter()
@@ -570,8 +569,12 @@ impl PolicyService {
                     })
                 })
             })
-            .collect();
-        (ages, m.running_jobs())
+            .collect()
+    }
+
+    /// How many policy jobs run now.
+    pub fn running_jobs(&self) -> usize {
+        self.lock().running_jobs()
     }
 
     /// Stops the scheduler thread after the job it runs, if any.
