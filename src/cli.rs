@@ -592,6 +592,10 @@ pub enum BackupCmd {
         /// The host name or pool uuid whose backup of that name is meant.
         #[arg(long, value_name = "HOST|POOL")]
         from: Option<String>,
+        /// Also remove a backup an unfinished lazy restore holds (it can then not be
+        /// resumed).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         repo: RepoArgs,
     },

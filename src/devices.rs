@@ -58,6 +58,7 @@ impl Devices {
                 manifest: m.manifest,
                 backup: m.backup,
                 target: m.source,
+                pool: pool.uuid().to_string(),
             });
         }
         snapblk_backup::lazy::remove_stale(&restore_dir, &live);

@@ -124,7 +124,7 @@ impl PolicyPool for PoolPolicies {
     }
     fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<(), String> {
         let r = open_registered(repo)?;
-        prune::forget(&r, ids, Some(self.0.uuid()))
+        prune::forget(&r, ids, Some(self.0.uuid()), prune::OnHold::Skip)
             .map(|_| ())
             .map_err(|e| e.to_string())
     }

@@ -300,6 +300,9 @@ pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
             for x in &out.removed {
                 text.push_str(&format!("\n  - {x}"));
             }
+            for x in &out.held {
+                text.push_str(&format!("\n  kept {x}"));
+            }
             let gc_rep = if *no_gc {
                 None
             } else {
@@ -318,10 +321,16 @@ pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
             target,
             backups,
             from,
+            force,
             repo,
         } => {
             let r = repo.spec(target)?.open()?;
-            let gone = prune::forget(&r, backups, from.as_deref())?;
+            let on_hold = if *force {
+                prune::OnHold::Ignore
+            } else {
+                prune::OnHold::Refuse
+            };
+            let gone = prune::forget(&r, backups, from.as_deref(), on_hold)?;
             let mut text = format!("forgot {} backups (gc frees their data)", gone.len());
             for g in &gone {
                 text.push_str(&format!("\n  - {g}"));

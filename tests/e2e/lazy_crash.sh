@@ -6,7 +6,8 @@
 # lost, never zeros or stale data. Also: while the restore is interrupted (daemon
 # stopped), direct-mode commands that would see half-restored data are refused; while it
 # runs, snapshot/rename are refused by the daemon; once it finishes the volume is released
-# (it can be deleted at once) and its state files are gone.
+# (it can be deleted at once) and its state files are gone. While interrupted, its hold
+# keeps its backup from `backup prune` and `backup forget`; once finished, prune removes it.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/s3lib.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -54,6 +55,15 @@ for c in $(seq 1 "$CYCLES"); do
     fi
     start_daemon
     snapblk restore-status | grep -q "interrupted" || fail "the restart does not report the interrupted restore"
+    if [ "$c" = 1 ]; then
+        # Interrupted, so no lease: its hold keeps src@s from retention and forget.
+        snapblk snapshot create src@s2 >/dev/null
+        snapblk backup src@s2 --to "$S3" >/dev/null
+        snapblk backup prune "$S3" --keep-last 1 --no-gc >"$T/prune.out" 2>&1 || { cat "$T/prune.out"; fail "prune failed"; }
+        grep -q "kept src@s (.*held by the lazy restore of lz" "$T/prune.out" || { cat "$T/prune.out"; fail "prune did not keep the held backup"; }
+        snapblk backup forget "$S3" src@s >"$T/forget.out" 2>&1 && fail "forget removed a held backup"
+        grep -q "held by the lazy restore of lz" "$T/forget.out" || { cat "$T/forget.out"; fail "unclear refusal of forget"; }
+    fi
     snapblk restore "$S3" src@s --as lz --lazy >/dev/null || fail "resume failed"
 done
 fault pass
@@ -64,6 +74,8 @@ done
 snapblk --json volume info lz | grep -q '"incomplete"' && fail "the restore did not finish"
 /usr/bin/python3 "$HERE/lazy_writer.py" verify "$(uri lz)" "$(uri src@s)" "$T/writes.log" || fail "lost or wrong data"
 [ -z "$(ls -A "$META/restores" 2>/dev/null)" ] || fail "state files left: $(ls "$META/restores")"
+snapblk backup prune "$S3" --keep-last 1 --no-gc >"$T/prune.out" 2>&1 || { cat "$T/prune.out"; fail "prune failed"; }
+grep -q "^  - src@s (" "$T/prune.out" || { cat "$T/prune.out"; fail "the finished restore's hold still keeps src@s"; }
 for _ in $(seq 1 50); do snapblk volume delete lz >/dev/null 2>&1 && break; sleep 0.1; done
 snapblk volume info lz >/dev/null 2>&1 && fail "the finished restore still holds its volume"
 assert_check_clean

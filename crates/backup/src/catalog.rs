@@ -361,6 +361,9 @@ pub enum Change<'a> {
     Merge(&'a [Header]),
     /// Unlists these ids and remembers them as removed.
     Remove(&'a HashSet<&'a str>),
+    /// Lists these headers again and forgets they were removed (a prune that found a
+    /// hold placed after its listing, before it deleted their objects).
+    Reinstate(&'a [Header]),
 }
 
 /// Writes the next generation of `pool`'s catalog with `change` applied, rereading and
@@ -418,6 +421,18 @@ pub fn update(repo: &Repository, pool: &str, change: Change<'_>) -> Result<Optio
                     }
                 }
                 if next.backups.len() == before {
+                    return Ok(None);
+                }
+            }
+            Change::Reinstate(hs) => {
+                let before = (next.backups.len(), next.removed.len());
+                for h in hs.iter() {
+                    next.removed.retain(|r| *r != h.id);
+                    if !next.backups.iter().any(|b| b.id == h.id) {
+                        next.backups.push(h.clone());
+                    }
+                }
+                if (next.backups.len(), next.removed.len()) == before {
                     return Ok(None);
                 }
             }

@@ -94,6 +94,8 @@ pub struct State {
     pub backup: String,
     /// Where it comes from (no key material).
     pub target: String,
+    /// The restoring pool's uuid (names the restore's hold in the repository).
+    pub pool: String,
 }
 
 /// Called when hydration is complete and flushed: clears the volume's mark (durable on
@@ -270,6 +272,16 @@ impl Hydration {
         release: ReleaseFn,
     ) -> Result<Arc<Hydration>> {
         let lease = crate::lease::Lease::shared(repo, format!("lazy restore {}", header.name()))?;
+        // Before the table is read: from here on prune and forget keep the backup, so an
+        // interrupted restore can always resume (crate::hold).
+        crate::hold::place(
+            repo,
+            &header.id,
+            &header.name(),
+            &state.pool,
+            &state.volume,
+            state.volume_id,
+        )?;
         let table = manifest::read_table(repo, header)?;
         let fetcher = Fetcher::new(repo, &table)?;
         let n = table.cells.len();
@@ -612,14 +624,38 @@ impl Hydration {
         Ok(())
     }
 
+    fn renew_hold(&self) -> Result<()> {
+        let s = &self.state;
+        crate::hold::place(
+            &self.fetcher.repo,
+            &s.manifest,
+            &s.backup,
+            &s.pool,
+            &s.volume,
+            s.volume_id,
+        )
+        .map(|_| ())
+    }
+
     fn background(self: Arc<Self>) {
         let n = self.table.cells.len();
         let mut last_save = Instant::now();
+        let mut last_hold = Instant::now();
         let mut backoff = Duration::from_secs(1);
         let mut p0 = 0;
         while p0 < n {
             if self.stop.load(Ordering::Relaxed) {
                 return;
+            }
+            if last_hold.elapsed().as_secs() >= crate::hold::RENEW_EVERY {
+                // A failure is retried at the next pass; the hold lasts 30 renewals.
+                match self.renew_hold() {
+                    Ok(()) => last_hold = Instant::now(),
+                    Err(e) => log::warn!(
+                        "lazy restore of {}: renewing its hold: {e}",
+                        self.state.volume
+                    ),
+                }
             }
             // Clients first: while they fetch, the link and the pool are theirs.
             let last = self.last_client_fetch.load(Ordering::Relaxed);
@@ -701,6 +737,16 @@ impl Hydration {
             log::warn!("syncing {}: {e}", self.dir.display());
         }
         self.complete.store(true, Ordering::Release);
+        // The backup is no longer needed here; a hold left by a failure lapses in 30 days.
+        let s = &self.state;
+        if let Err(e) = crate::hold::release(&self.fetcher.repo, &s.manifest, &s.pool, s.volume_id)
+        {
+            log::warn!(
+                "lazy restore of {}: releasing its hold on {}: {e}",
+                s.volume,
+                s.backup
+            );
+        }
         drop(lock(&self.lease).take());
         log::info!(
             "lazy restore of {} complete in {:.1} s",

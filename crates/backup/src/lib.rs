@@ -24,6 +24,7 @@ pub mod crypto;
 pub mod error;
 pub mod file;
 pub mod gc;
+pub mod hold;
 pub mod index;
 pub mod lazy;
 pub mod lease;

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::catalog::{self, Catalogs};
 use crate::error::{BackupError, Result};
+use crate::hold;
 use crate::manifest::{self, Header};
 use crate::repo::Repository;
 
@@ -151,6 +152,29 @@ impl Scope {
 pub struct Outcome {
     pub kept: Vec<String>,
     pub removed: Vec<String>,
+    /// Backups the policy would remove but a lazy restore holds (crate::hold), each with
+    /// who holds it.
+    pub held: Vec<String>,
+}
+
+/// What `forget` does with a backup an unfinished lazy restore holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnHold {
+    /// Fail, naming the restore (an admin's `backup forget`).
+    Refuse,
+    /// Keep it and go on (retention).
+    Skip,
+    /// Remove it anyway (`--force`): the restore can then not be resumed.
+    Ignore,
+}
+
+/// The live holds by backup id: "held by ..." for each.
+fn holds_by_backup(repo: &Repository) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for h in hold::live(repo)? {
+        out.entry(h.backup.clone()).or_insert_with(|| h.describe());
+    }
+    Ok(out)
 }
 
 /// Removes the backups `policy` does not keep: first from their pool's catalog (the commit
@@ -171,55 +195,126 @@ pub fn run(repo: &Repository, policy: &Policy, scope: &Scope, dry_run: bool) -> 
         .filter(|h| pools.contains(&h.pool))
         .collect();
     let keep = select(&headers, policy);
+    let held = holds_by_backup(repo)?;
     let mut out = Outcome {
         kept: Vec::new(),
         removed: Vec::new(),
+        held: Vec::new(),
     };
-    let mut remove: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+    let mut remove: BTreeMap<&str, Vec<&Header>> = BTreeMap::new();
     for h in &headers {
         let label = format!("{} ({})", h.name(), h.id);
         if keep.contains(&h.id) {
             out.kept.push(label);
+        } else if let Some(by) = held.get(&h.id) {
+            out.held.push(format!("{label}: held by {by}"));
+            out.kept.push(label);
         } else {
-            remove.entry(&h.pool).or_default().insert(&h.id);
+            remove.entry(&h.pool).or_default().push(h);
             out.removed.push(label);
         }
     }
     if !dry_run {
-        for (pool, ids) in remove {
-            remove_listed(repo, pool, &ids)?;
+        for (pool, hs) in remove {
+            for (h, by) in remove_listed(repo, pool, &hs)? {
+                let label = format!("{} ({})", h.name(), h.id);
+                out.removed.retain(|l| *l != label);
+                out.held.push(format!("{label}: held by {by}"));
+                out.kept.push(label);
+            }
+        }
+        // Holds of abandoned restores lapse; their objects go with the prune that sees it.
+        for h in hold::delete_lapsed(repo)? {
+            log::info!(
+                "{}: deleted the lapsed hold of {}",
+                repo.describe(),
+                h.describe()
+            );
         }
     }
     Ok(out)
 }
 
-/// Drops the backups `ids` of `pool` from its catalog, then deletes their objects.
-fn remove_listed(repo: &Repository, pool: &str, ids: &HashSet<&str>) -> Result<()> {
-    catalog::update(repo, pool, catalog::Change::Remove(ids))?;
-    for id in ids {
-        manifest::delete(repo, id)?;
+/// Drops the backups `hs` of `pool` from its catalog, then deletes their objects — except
+/// those a hold placed meanwhile names: those are listed again (a restore that read the
+/// catalog before our commit placed its hold before that read, so this second listing of
+/// the holds sees it). Returns the backups put back, with their holders.
+fn remove_listed<'a>(
+    repo: &Repository,
+    pool: &str,
+    hs: &[&'a Header],
+) -> Result<Vec<(&'a Header, String)>> {
+    let ids: HashSet<&str> = hs.iter().map(|h| h.id.as_str()).collect();
+    catalog::update(repo, pool, catalog::Change::Remove(&ids))?;
+    let held = holds_by_backup(repo)?;
+    let back: Vec<(&Header, String)> = hs
+        .iter()
+        .filter_map(|h| held.get(&h.id).map(|by| (*h, by.clone())))
+        .collect();
+    if !back.is_empty() {
+        let headers: Vec<Header> = back.iter().map(|(h, _)| (*h).clone()).collect();
+        catalog::update(repo, pool, catalog::Change::Reinstate(&headers))?;
     }
-    Ok(())
+    for h in hs {
+        if !held.contains_key(&h.id) {
+            manifest::delete(repo, &h.id)?;
+        }
+    }
+    Ok(back)
 }
 
 /// `backup forget`: removes the named backups (`vol@snap` = the newest of that name, or a
 /// manifest id; from the pool or host `from` names, needed when several pools have one of
 /// that name), e.g. one whose objects were lost. Returns their labels.
-pub fn forget(repo: &Repository, names: &[String], from: Option<&str>) -> Result<Vec<String>> {
+pub fn forget(
+    repo: &Repository,
+    names: &[String],
+    from: Option<&str>,
+    on_hold: OnHold,
+) -> Result<Vec<String>> {
     let catalogs = Catalogs::load(repo)?;
     let chosen: Vec<Header> = names
         .iter()
         .map(|n| catalogs.choose(n, None, from))
         .collect::<Result<_>>()?;
-    let mut remove: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+    let held = match on_hold {
+        OnHold::Ignore => BTreeMap::new(),
+        _ => holds_by_backup(repo)?,
+    };
+    let mut remove: BTreeMap<&str, Vec<&Header>> = BTreeMap::new();
     let mut out = Vec::new();
     for h in &chosen {
-        if remove.entry(&h.pool).or_default().insert(&h.id) {
+        if let Some(by) = held.get(&h.id) {
+            if on_hold == OnHold::Refuse {
+                return Err(BackupError::Busy(format!(
+                    "backup {} ({}) is held by {by}: resume that restore to its end, or pass --force (the restore can then not be resumed)",
+                    h.name(),
+                    h.id
+                )));
+            }
+            log::info!("keeping {} ({}): held by {by}", h.name(), h.id);
+            continue;
+        }
+        let ids = remove.entry(&h.pool).or_default();
+        if !ids.iter().any(|x| x.id == h.id) {
+            ids.push(h);
             out.push(format!("{} ({})", h.name(), h.id));
         }
     }
-    for (pool, ids) in remove {
-        remove_listed(repo, pool, &ids)?;
+    for (pool, hs) in remove {
+        if on_hold == OnHold::Ignore {
+            let ids: HashSet<&str> = hs.iter().map(|h| h.id.as_str()).collect();
+            catalog::update(repo, pool, catalog::Change::Remove(&ids))?;
+            for h in hs {
+                manifest::delete(repo, &h.id)?;
+            }
+            continue;
+        }
+        for (h, by) in remove_listed(repo, pool, &hs)? {
+            let label = format!("{} ({})", h.name(), h.id);
+            out.retain(|l| *l != label);
+            log::info!("kept {label}: a hold appeared meanwhile ({by})");
+        }
     }
     Ok(out)
 }

@@ -207,6 +207,7 @@ pub fn restore_lazy(
         manifest: h.id.clone(),
         backup: h.name(),
         target: repo.describe(),
+        pool: pool.uuid().to_string(),
     };
     let again = state.clone();
     let sink: Arc<dyn Export> = Arc::new(VolumeHandle::open(pool, new_volume)?);

@@ -101,7 +101,13 @@ fn deleting_the_newest_backup_fails_the_restore_instead_of_picking_an_older_one(
     // gc will not free data while a listed backup is unaccounted for; forgetting it is
     // an explicit decision, after which the older backup is the one restored.
     assert!(gc::run(&r, &gc::Options::default(), &NoProgress).is_err());
-    prune::forget(&r, std::slice::from_ref(&newest), None).unwrap();
+    prune::forget(
+        &r,
+        std::slice::from_ref(&newest),
+        None,
+        prune::OnHold::Refuse,
+    )
+    .unwrap();
     restore_volume(&p, &r, "v@s", None, "r", &NoProgress).unwrap();
     assert!(image(&p, "r") == want);
     assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());

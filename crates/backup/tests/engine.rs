@@ -517,7 +517,13 @@ fn gc_marks_first_and_backups_avoid_marked_chunks() {
     write(&p, "v", 0, 4 * MIB as usize, &mut rng);
     let s1 = snap(&p, "v", "s1");
     let b1 = backup_snapshot(&p, &r, &s1, false, &NoProgress).unwrap();
-    prune::forget(&r, std::slice::from_ref(&b1.manifest), None).unwrap();
+    prune::forget(
+        &r,
+        std::slice::from_ref(&b1.manifest),
+        None,
+        prune::OnHold::Refuse,
+    )
+    .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let opts = gc::Options {
         grace_secs: 1,

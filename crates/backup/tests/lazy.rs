@@ -21,7 +21,7 @@ use snapblk_backup::lazy::{Hydration, LazyExports, Restores};
 use snapblk_backup::repo::InitOptions;
 use snapblk_backup::store::{ObjectMeta, ObjectStore, StoreError};
 use snapblk_backup::volume::{backup_snapshot, restore_lazy};
-use snapblk_backup::{NoProgress, Repository};
+use snapblk_backup::{prune, NoProgress, Repository};
 use snapblk_core::keys::{Filling, Incomplete};
 use snapblk_core::{ExportProvider, Pool, PoolExports};
 
@@ -406,6 +406,177 @@ fn a_lazy_restore_outlives_prune_and_gc_cycles() {
         "the lazily restored volume differs from its backup"
     );
     h.stop();
+}
+
+/// An interrupted lazy restore (daemon stopped) holds no lease, but its hold keeps the
+/// backup: prune (retention keeping one backup) and gc with no grace period, several
+/// times over, then the restore resumes and completes exactly. Once complete the hold is
+/// gone and the next prune removes the backup. `backup forget` refuses a held backup.
+#[test]
+fn an_interrupted_lazy_restore_resumes_after_prune_and_gc_cycles() {
+    let s = setup();
+    let (restores, h) = s.start(false);
+    let e = s.exports(&restores).open("lz").unwrap();
+    e.write(2 * CELL, &[0xcc; 4096], true).unwrap();
+    assert!(!h.is_complete(), "the gate let the background finish");
+    h.stop();
+    drop((e, restores, h));
+    let r = s.repo(true);
+    // Its lease goes once the background thread sees the stop (it may be backing off).
+    for _ in 0..1200 {
+        if snapblk_backup::lease::list(&r).unwrap().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gc_now = snapblk_backup::gc::Options {
+        grace_secs: 0,
+        max_unused: 0.0,
+        dry_run: false,
+    };
+    let keep_one = snapblk_backup::prune::Policy {
+        keep_last: 1,
+        ..Default::default()
+    };
+    for round in 0..3u64 {
+        common::put(&s.pool, "v", 0, &random_bytes(MIB as usize, 100 + round));
+        let snap = format!("n{round}");
+        s.pool.create_snapshot("v", &snap).unwrap();
+        backup_snapshot(&s.pool, &r, &format!("v@{snap}"), false, &NoProgress).unwrap();
+        let out = prune::run(&r, &keep_one, &Default::default(), false).unwrap();
+        assert!(
+            out.held
+                .iter()
+                .any(|x| x.contains("v@s") && x.contains("lz")),
+            "prune did not report the held backup: {out:?}"
+        );
+        let g = snapblk_backup::gc::run(&r, &gc_now, &NoProgress).unwrap();
+        assert!(g.cutoff.is_none(), "no job runs, so no lease: {g:?}");
+    }
+    let err = prune::forget(&r, &["v@s".to_string()], None, prune::OnHold::Refuse)
+        .expect_err("forget removed a held backup");
+    assert!(
+        err.to_string().contains("held by the lazy restore of lz"),
+        "{err}"
+    );
+    // Retention (the policy manager) skips it without failing.
+    assert!(
+        prune::forget(&r, &["v@s".to_string()], None, prune::OnHold::Skip)
+            .unwrap()
+            .is_empty()
+    );
+    let (restores, h) = s.start(true);
+    wait_complete(&h);
+    assert!(restores.active("lz").is_none());
+    let mut want = s.want.clone();
+    want[2 * CELL as usize..2 * CELL as usize + 4096].fill(0xcc);
+    assert!(s.image("lz") == want, "the resumed restore differs");
+    assert!(
+        snapblk_backup::hold::live(&r).unwrap().is_empty(),
+        "the hold outlived its restore"
+    );
+    let out = prune::run(&r, &keep_one, &Default::default(), false).unwrap();
+    assert!(
+        out.held.is_empty() && out.removed.iter().any(|x| x.contains("v@s")),
+        "{out:?}"
+    );
+}
+
+/// A hold placed while a prune runs — after prune listed the holds, before its catalog
+/// commit — still keeps the backup: prune lists the holds again after the commit and puts
+/// the backup back before deleting anything. A lapsed hold keeps nothing and is deleted.
+#[test]
+fn a_hold_placed_during_a_prune_keeps_the_backup_and_a_lapsed_one_does_not() {
+    let s = setup();
+    let r = s.repo(true);
+    common::put(&s.pool, "v", 0, &random_bytes(MIB as usize, 5));
+    s.pool.create_snapshot("v", "t").unwrap();
+    backup_snapshot(&s.pool, &r, "v@t", false, &NoProgress).unwrap();
+    let cats = snapblk_backup::catalog::Catalogs::load(&r).unwrap();
+    let old = cats.choose("v@s", None, None).unwrap();
+    let keep_one = snapblk_backup::prune::Policy {
+        keep_last: 1,
+        ..Default::default()
+    };
+    // The store hook places the hold when prune writes the catalog.
+    let placed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hooked = Hooked {
+        inner: FileStore::new(s.dir.path()),
+        on_catalog_put: {
+            let (dir, id, placed) = (
+                s.dir.path().to_path_buf(),
+                old.id.clone(),
+                Arc::clone(&placed),
+            );
+            Box::new(move || {
+                if !placed.swap(true, Ordering::SeqCst) {
+                    let r = Repository::open(Arc::new(FileStore::new(&dir)), b"k").unwrap();
+                    snapblk_backup::hold::place(&r, &id, "v@s", "p", "lz", 9).unwrap();
+                }
+            })
+        },
+    };
+    let hr = Repository::open(Arc::new(hooked), b"k").unwrap();
+    let out = prune::run(&hr, &keep_one, &Default::default(), false).unwrap();
+    assert!(placed.load(Ordering::SeqCst), "the hook did not run");
+    assert!(out.removed.is_empty() && out.held.len() == 1, "{out:?}");
+    let cats = snapblk_backup::catalog::Catalogs::load(&r).unwrap();
+    let back = cats
+        .choose("v@s", None, None)
+        .expect("the held backup was not put back");
+    assert_eq!(back.id, old.id);
+    snapblk_backup::manifest::read_table(&r, &back).expect("its table was deleted");
+    // Lapsed: an abandoned restore's hold (placed and never renewed) keeps nothing.
+    let k = format!("holds/{}/p-9", old.id);
+    let mut hold = snapblk_backup::hold::list_all(&r).unwrap().remove(0).1;
+    hold.expires = 1;
+    let json = serde_json::to_vec(&hold).unwrap();
+    let aad = format!("snapblk hold {k}");
+    r.store()
+        .put(&k, &r.keys().seal(&json, aad.as_bytes()))
+        .unwrap();
+    let out = prune::run(&r, &keep_one, &Default::default(), false).unwrap();
+    assert!(out.held.is_empty() && out.removed.len() == 1, "{out:?}");
+    assert!(
+        snapblk_backup::hold::list_all(&r).unwrap().is_empty(),
+        "the lapsed hold stayed"
+    );
+    // A hold that does not open (not sealed by this repository's key) keeps nothing.
+    r.store().put("holds/x/forged", b"{}").unwrap();
+    assert!(snapblk_backup::hold::live(&r).unwrap().is_empty());
+}
+
+/// A store that runs a hook before the first catalog put.
+struct Hooked {
+    inner: FileStore,
+    on_catalog_put: Box<dyn Fn() + Send + Sync>,
+}
+
+impl ObjectStore for Hooked {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn get(&self, k: &str, max: u64) -> Result<Vec<u8>, StoreError> {
+        self.inner.get(k, max)
+    }
+    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
+        self.inner.get_range(k, o, l)
+    }
+    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
+        self.inner.put(k, d)
+    }
+    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
+        if k.starts_with("catalogs/") {
+            (self.on_catalog_put)();
+        }
+        self.inner.put_new(k, d)
+    }
+    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner.list(p)
+    }
+    fn delete(&self, k: &str) -> Result<(), StoreError> {
+        self.inner.delete(k)
+    }
 }
 
 /// A sequential reader of an unhydrated range gets ranged GETs of many cells (misses
