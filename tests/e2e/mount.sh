@@ -86,6 +86,8 @@ for fs in ext4 xfs; do
     snapblk --json restore-status | python3 -c '
 import json,sys; left=[r for r in json.load(sys.stdin) if r["volume"] == sys.argv[1] and not r.get("complete")]
 assert not left, left' "$tmpvol" || fail "the temporary restore is still running"
+    # Its hold on the backup (crate::hold) went with it: retention may remove the backup.
+    [ -z "$(find "$T/repo/holds" -type f 2>/dev/null)" ] || fail "umount left a hold: $(find "$T/repo/holds" -type f)"
     umount "$mnt"
     [ $fs = ext4 ] && losetup -d "$fsdev"
     detach_loop "$vol" "$dev"

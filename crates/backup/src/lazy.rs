@@ -887,8 +887,9 @@ impl Export for LazyExport {
 #[derive(Default)]
 pub struct Restores {
     map: Mutex<HashMap<String, Arc<Hydration>>>,
-    /// Interrupted restores not resumed yet: volume name -> backup.
-    suspended: Mutex<HashMap<String, State>>,
+    /// Interrupted restores not resumed yet: volume name -> backup, and the repository
+    /// when this process knows it (to release the hold if the volume is deleted).
+    suspended: Mutex<HashMap<String, (State, Option<Repository>)>>,
     /// Volumes a `restore --lazy` is starting or resuming right now.
     starting: Mutex<std::collections::HashSet<String>>,
     /// Status of the last restores that finished (their hydrations are dropped).
@@ -946,12 +947,32 @@ impl Restores {
             f.drain(..n);
         }
     }
+    /// Records an interrupted restore found at start (its repository unknown until resumed).
     pub fn suspend(&self, s: State) {
-        lock(&self.suspended).insert(s.volume.clone(), s);
+        self.suspend_from(s, None);
     }
-    /// Forgets an interrupted restore whose volume was deleted.
+    /// Records an interrupted restore of `repo`.
+    pub fn suspend_from(&self, s: State, repo: Option<Repository>) {
+        lock(&self.suspended).insert(s.volume.clone(), (s, repo));
+    }
+    /// Forgets an interrupted restore whose volume was deleted, releasing its hold when
+    /// the repository is known (else the hold lapses in 30 days: crate::hold).
     pub fn forget(&self, volume: &str) {
-        lock(&self.suspended).remove(volume);
+        let Some((s, repo)) = lock(&self.suspended).remove(volume) else {
+            return;
+        };
+        match repo {
+            Some(r) => {
+                if let Err(e) = crate::hold::release(&r, &s.manifest, &s.pool, s.volume_id) {
+                    log::warn!("releasing the hold of the abandoned lazy restore of {volume} on {}: {e}", s.backup);
+                }
+            }
+            None => log::info!(
+                "the abandoned lazy restore of {volume} keeps a hold on {} at {} until it lapses (30 days; `backup forget --force` removes the backup anyway)",
+                s.backup,
+                s.target
+            ),
+        }
     }
     /// The unfinished hydration of `volume`, if any.
     pub fn active(&self, volume: &str) -> Option<Arc<Hydration>> {
@@ -961,7 +982,7 @@ impl Restores {
             .cloned()
     }
     pub fn suspended(&self, volume: &str) -> Option<State> {
-        lock(&self.suspended).get(volume).cloned()
+        lock(&self.suspended).get(volume).map(|(s, _)| s.clone())
     }
     /// Whether `volume` is still being restored (active or suspended).
     pub fn busy(&self, volume: &str) -> bool {
@@ -982,7 +1003,7 @@ impl Restores {
     pub fn status(&self) -> Vec<Value> {
         let mut out: Vec<Value> = lock(&self.finished).clone();
         out.extend(lock(&self.map).values().map(|h| h.status()));
-        out.extend(lock(&self.suspended).values().map(|s| {
+        out.extend(lock(&self.suspended).values().map(|(s, _)| {
             json!({ "volume": s.volume, "backup": s.backup, "manifest": s.manifest,
                 "target": s.target, "complete": false,
                 "error": "interrupted by a daemon restart: run the same `snapblk restore --lazy` again to resume" })
@@ -1000,7 +1021,7 @@ impl Restores {
             return false;
         }
         h.stop();
-        self.suspend(h.state.clone());
+        self.suspend_from(h.state.clone(), Some(h.fetcher.repo.clone()));
         true
     }
     pub fn stop_all(&self) {

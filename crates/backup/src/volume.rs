@@ -235,6 +235,10 @@ pub fn restore_lazy(
             if let Err(d) = pool.delete_volume(new_volume, false) {
                 log::warn!("removing {new_volume} after a failed lazy restore: {d}");
             }
+            let id = &again.volume_id;
+            if let Err(d) = crate::hold::release(repo, &h.id, pool.uuid(), *id) {
+                log::warn!("releasing the hold of the failed lazy restore of {new_volume}: {d}");
+            }
             Err(BackupError::RestoreFailed {
                 volume: new_volume.to_string(),
                 cause: Box::new(e),
@@ -242,7 +246,7 @@ pub fn restore_lazy(
         }
         Err(e) => {
             restores.remove(new_volume);
-            restores.suspend(again);
+            restores.suspend_from(again, Some(repo.clone()));
             Err(e)
         }
     }

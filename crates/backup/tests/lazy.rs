@@ -728,5 +728,14 @@ fn a_cancelled_restore_lets_go_of_its_volume_and_can_be_deleted() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(deleted, "the cancelled restore still holds its volume");
+    // Cancelled: still resumable, so its hold stays until the volume is deleted and the
+    // restore forgotten (what `umount` of a backup's mount and `volume delete` do).
+    let r = s.repo(true);
+    assert_eq!(snapblk_backup::hold::live(&r).unwrap().len(), 1);
+    restores.forget("lz");
+    assert!(
+        snapblk_backup::hold::live(&r).unwrap().is_empty(),
+        "an abandoned restore's hold stayed"
+    );
     assert!(!restores.cancel("nothing"));
 }
