@@ -122,10 +122,10 @@ impl PolicyPool for PoolPolicies {
             })
             .collect())
     }
-    fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<(), String> {
+    fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<Vec<String>, String> {
         let r = open_registered(repo)?;
         prune::forget(&r, ids, Some(self.0.uuid()), prune::OnHold::Skip)
-            .map(|_| ())
+            .map(|gone| gone.into_iter().map(|h| h.id).collect())
             .map_err(|e| e.to_string())
     }
     fn gc(&self, repo: &NamedRepo, grace_secs: u64) -> Result<String, String> {

@@ -330,7 +330,10 @@ pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {
             } else {
                 prune::OnHold::Refuse
             };
-            let gone = prune::forget(&r, backups, from.as_deref(), on_hold)?;
+            let gone: Vec<String> = prune::forget(&r, backups, from.as_deref(), on_hold)?
+                .iter()
+                .map(|h| format!("{} ({})", h.name(), h.id))
+                .collect();
             let mut text = format!("forgot {} backups (gc frees their data)", gone.len());
             for g in &gone {
                 text.push_str(&format!("\n  - {g}"));

@@ -26,6 +26,7 @@ use std::collections::{HashMap, HashSet};
 use crate::catalog::Catalogs;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
+use crate::hold;
 use crate::index::{ChunkIndex, Purpose};
 use crate::lease::{self, Lease};
 use crate::manifest;
@@ -96,6 +97,9 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
     let leases = lease::list(repo)?;
     let t = now();
     let catalogs = Catalogs::load(repo)?;
+    // Backups unfinished lazy restores hold: kept even if a prune just removed them (it
+    // puts them back when it sees the hold; crate::hold).
+    let held: HashSet<String> = hold::live(repo)?.into_iter().map(|h| h.backup).collect();
     let (stored, bad) = manifest::list(repo)?;
     if let Some((id, e)) = bad.first() {
         return Err(BackupError::invalid(
@@ -126,15 +130,19 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
     let old = |since: u64| {
         since < cutoff && (opts.grace_secs == 0 || t.saturating_sub(since) >= opts.grace_secs)
     };
-    // What pins chunks: every catalogued backup, and every stored header no catalog lists
-    // that was not removed from one (evidence of a rolled-back catalog: kept, with its
-    // chunks, for `backup verify` to report). Headers of removed backups are leftovers of
-    // an interrupted prune: deleted.
+    // What pins chunks: every catalogued backup, every held one, and every stored header
+    // no catalog lists that was not removed from one (evidence of a rolled-back catalog:
+    // kept, with its chunks, for `backup verify` to report). Headers of removed backups
+    // nothing holds are leftovers of an interrupted prune: deleted.
     let mut pinning = catalogs.headers();
     let mut headers: HashSet<String> = HashSet::new();
     for h in stored {
         headers.insert(h.id.clone());
         if catalogs.contains(&h.id) {
+            continue;
+        }
+        if held.contains(&h.id) {
+            pinning.push(h);
             continue;
         }
         if catalogs.removed(&h.pool, &h.id) {

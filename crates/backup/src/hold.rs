@@ -30,6 +30,8 @@ pub const HOLDS: &str = "holds/";
 pub const HOLD_TTL: u64 = 30 * 24 * 3600;
 /// How often a running restore renews its hold.
 pub const RENEW_EVERY: u64 = 24 * 3600;
+/// How long after lapsing a hold is deleted.
+const LAPSED_GRACE: u64 = 24 * 3600;
 /// Largest sealed hold object read.
 const MAX_HOLD_BYTES: u64 = 64 << 10;
 /// Most holds read by one listing (each one GET).
@@ -106,27 +108,52 @@ pub fn release(repo: &Repository, backup: &str, pool: &str, volume_id: u64) -> R
     }
 }
 
-/// Every hold that opens, live or lapsed, with its key.
+/// Reads and opens the hold at `k`: None if it is gone or is not a hold of this
+/// repository (too large, not sealed by its key, or naming another key).
+fn read(repo: &Repository, k: &str) -> Result<Option<Hold>> {
+    let sealed = match repo.store().get(k, MAX_HOLD_BYTES) {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(None), // released meanwhile
+        Err(crate::store::StoreError::TooLarge { .. }) => {
+            log::warn!(
+                "{}: {k} is not a hold of this repository (too large; ignored)",
+                repo.describe()
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let opened = repo
+        .keys()
+        .open(&sealed, &aad(k))
+        .and_then(|p| serde_json::from_slice::<Hold>(&p).ok())
+        .filter(|h| k == key(&h.backup, &h.pool, h.volume_id));
+    if opened.is_none() {
+        log::warn!(
+            "{}: {k} is not a hold of this repository (ignored)",
+            repo.describe()
+        );
+    }
+    Ok(opened)
+}
+
+/// Every hold that opens, live or lapsed, with its key. More than `MAX_HOLDS` objects
+/// under `holds/` is an error (refusing beats dropping real holds from the count).
 pub fn list_all(repo: &Repository) -> Result<Vec<(String, Hold)>> {
-    let mut out = Vec::new();
-    for o in repo.store().list(HOLDS)?.into_iter().take(MAX_HOLDS) {
-        let sealed = match repo.store().get(&o.key, MAX_HOLD_BYTES) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => continue, // released meanwhile
-            Err(e) => return Err(e.into()),
-        };
-        let opened = repo
-            .keys()
-            .open(&sealed, &aad(&o.key))
-            .and_then(|p| serde_json::from_slice::<Hold>(&p).ok())
-            .filter(|h| o.key == key(&h.backup, &h.pool, h.volume_id));
-        match opened {
-            Some(h) => out.push((o.key, h)),
-            None => log::warn!(
-                "{}: {} is not a hold of this repository (ignored)",
-                repo.describe(),
-                o.key
+    let listed = repo.store().list(HOLDS)?;
+    if listed.len() > MAX_HOLDS {
+        return Err(BackupError::invalid(
+            format!("{}{HOLDS}", repo.describe()),
+            format!(
+                "{} objects, more than the {MAX_HOLDS} holds a repository may have: remove what is not a hold there",
+                listed.len()
             ),
+        ));
+    }
+    let mut out = Vec::new();
+    for o in listed {
+        if let Some(h) = read(repo, &o.key)? {
+            out.push((o.key, h));
         }
     }
     Ok(out)
@@ -142,16 +169,23 @@ pub fn live(repo: &Repository) -> Result<Vec<Hold>> {
         .collect())
 }
 
-/// Deletes lapsed holds; returns them.
+/// Deletes holds lapsed for more than a day; returns them. Each is read again just
+/// before its delete, so a restore that renewed it meanwhile (same key) keeps it, but for
+/// the moment between that read and the delete: its next daily renewal puts it back.
 pub fn delete_lapsed(repo: &Repository) -> Result<Vec<Hold>> {
-    let t = now();
     let mut out = Vec::new();
     for (k, h) in list_all(repo)? {
-        if !h.live_at(t) {
-            match repo.store().delete(&k) {
-                Err(e) if !e.is_not_found() => return Err(e.into()),
-                _ => out.push(h),
-            }
+        if h.live_at(now().saturating_sub(LAPSED_GRACE)) {
+            continue;
+        }
+        match read(repo, &k)? {
+            Some(again) if again.live_at(now().saturating_sub(LAPSED_GRACE)) => continue,
+            None => continue,
+            Some(_) => {}
+        }
+        match repo.store().delete(&k) {
+            Err(e) if !e.is_not_found() => return Err(e.into()),
+            _ => out.push(h),
         }
     }
     Ok(out)

@@ -259,12 +259,16 @@ fn read_bits(path: &Path, words: usize) -> Result<Option<Vec<u8>>> {
 }
 
 impl Hydration {
-    /// Prepares hydrating `sink` — the volume `state.volume`, new and empty on a fresh
+    /// Prepares hydrating `sink` — the volume `state.volume`, new and empty on a `fresh`
     /// start — from `header`, resuming from the state files in `dir` if there are any.
+    /// Places the restore's hold on the backup first (and on a fresh start checks that the
+    /// backup is still listed once it is held).
     /// Nothing runs in the background until [`Hydration::spawn`].
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         repo: &Repository,
         header: &Header,
+        fresh: bool,
         sink: Arc<dyn Export>,
         state: State,
         dir: &Path,
@@ -282,6 +286,24 @@ impl Hydration {
             &state.volume,
             state.volume_id,
         )?;
+        if fresh {
+            // The caller chose the backup from a catalog read before the hold existed: a
+            // prune may have removed it since. Still listed now = listed after the hold
+            // was placed, so every later prune sees the hold. (A resume's hold is older.)
+            let listed = crate::catalog::load_pool(repo, &header.pool)?
+                .is_some_and(|l| l.catalog.backups.iter().any(|b| b.id == header.id));
+            if !listed {
+                let s = &state;
+                if let Err(e) = crate::hold::release(repo, &header.id, &s.pool, s.volume_id) {
+                    log::warn!("releasing the hold on {}: {e}", header.name());
+                }
+                return Err(BackupError::NoSuchBackup(format!(
+                    "{} ({}): removed (pruned or forgotten) while the restore started",
+                    header.name(),
+                    header.id
+                )));
+            }
+        }
         let table = manifest::read_table(repo, header)?;
         let fetcher = Fetcher::new(repo, &table)?;
         let n = table.cells.len();

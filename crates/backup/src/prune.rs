@@ -246,7 +246,20 @@ fn remove_listed<'a>(
 ) -> Result<Vec<(&'a Header, String)>> {
     let ids: HashSet<&str> = hs.iter().map(|h| h.id.as_str()).collect();
     catalog::update(repo, pool, catalog::Change::Remove(&ids))?;
-    let held = holds_by_backup(repo)?;
+    let held = match holds_by_backup(repo) {
+        Ok(h) => h,
+        Err(e) => {
+            // Unknown whether a restore placed a hold meanwhile: put every one back.
+            let all: Vec<Header> = hs.iter().map(|h| (*h).clone()).collect();
+            if let Err(r) = catalog::update(repo, pool, catalog::Change::Reinstate(&all)) {
+                log::warn!(
+                    "prune: putting back {} backups of pool {pool}: {r}",
+                    all.len()
+                );
+            }
+            return Err(e);
+        }
+    };
     let back: Vec<(&Header, String)> = hs
         .iter()
         .filter_map(|h| held.get(&h.id).map(|by| (*h, by.clone())))
@@ -271,7 +284,7 @@ pub fn forget(
     names: &[String],
     from: Option<&str>,
     on_hold: OnHold,
-) -> Result<Vec<String>> {
+) -> Result<Vec<Header>> {
     let catalogs = Catalogs::load(repo)?;
     let chosen: Vec<Header> = names
         .iter()
@@ -298,7 +311,7 @@ pub fn forget(
         let ids = remove.entry(&h.pool).or_default();
         if !ids.iter().any(|x| x.id == h.id) {
             ids.push(h);
-            out.push(format!("{} ({})", h.name(), h.id));
+            out.push(h.clone());
         }
     }
     for (pool, hs) in remove {
@@ -311,9 +324,12 @@ pub fn forget(
             continue;
         }
         for (h, by) in remove_listed(repo, pool, &hs)? {
-            let label = format!("{} ({})", h.name(), h.id);
-            out.retain(|l| *l != label);
-            log::info!("kept {label}: a hold appeared meanwhile ({by})");
+            out.retain(|x| x.id != h.id);
+            log::info!(
+                "kept {} ({}): a hold appeared meanwhile ({by})",
+                h.name(),
+                h.id
+            );
         }
     }
     Ok(out)

@@ -170,8 +170,22 @@ pub fn restore_lazy(
     restores: &Arc<Restores>,
     state_dir: &std::path::Path,
 ) -> Result<Arc<Hydration>> {
-    let h = &Catalogs::load(repo)?.choose(backup_name, Some(pool.uuid()), from)?;
     let _reserved = restores.reserve(new_volume)?;
+    let h = &match Catalogs::load(repo)?.choose(backup_name, Some(pool.uuid()), from) {
+        Ok(h) => h,
+        Err(BackupError::NoSuchBackup(n)) => {
+            // An interrupted restore of a backup no catalog lists any more (a prune cut
+            // short between its commit and putting held backups back): its hold kept the
+            // header, table and chunks, so it resumes from the header its mark names.
+            match pool.volume_info(new_volume).ok().and_then(|v| v.incomplete) {
+                Some(m) if m.by == Filling::LazyRestore && m.backup == backup_name => {
+                    crate::manifest::read_header(repo, &m.manifest)?
+                }
+                _ => return Err(BackupError::NoSuchBackup(n)),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     let mark = Incomplete {
         by: Filling::LazyRestore,
         backup: h.name(),
@@ -223,8 +237,8 @@ pub fn restore_lazy(
             }
         })
     };
-    let started =
-        Hydration::start(repo, h, sink, state, state_dir, commit, release).and_then(|hyd| {
+    let started = Hydration::start(repo, h, !resume, sink, state, state_dir, commit, release)
+        .and_then(|hyd| {
             restores.insert(Arc::clone(&hyd));
             hyd.spawn().map(|()| hyd)
         });

@@ -498,11 +498,14 @@ fn a_hold_placed_during_a_prune_keeps_the_backup_and_a_lapsed_one_does_not() {
         keep_last: 1,
         ..Default::default()
     };
-    // The store hook places the hold when prune writes the catalog.
+    // Right after prune's catalog commit (v@s removed), a restore places its hold and a
+    // gc with no grace period runs: gc must not take the removed-but-held v@s's header
+    // and table for leftovers of an interrupted prune.
     let placed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let hooked = Hooked {
         inner: FileStore::new(s.dir.path()),
-        on_catalog_put: {
+        prefix: "catalogs/",
+        hook: {
             let (dir, id, placed) = (
                 s.dir.path().to_path_buf(),
                 old.id.clone(),
@@ -512,6 +515,13 @@ fn a_hold_placed_during_a_prune_keeps_the_backup_and_a_lapsed_one_does_not() {
                 if !placed.swap(true, Ordering::SeqCst) {
                     let r = Repository::open(Arc::new(FileStore::new(&dir)), b"k").unwrap();
                     snapblk_backup::hold::place(&r, &id, "v@s", "p", "lz", 9).unwrap();
+                    let g = snapblk_backup::gc::Options {
+                        grace_secs: 0,
+                        max_unused: 0.0,
+                        dry_run: false,
+                    };
+                    let rep = snapblk_backup::gc::run(&r, &g, &NoProgress).unwrap();
+                    assert!(rep.leftovers_deleted.is_empty(), "{rep:?}");
                 }
             })
         },
@@ -546,10 +556,59 @@ fn a_hold_placed_during_a_prune_keeps_the_backup_and_a_lapsed_one_does_not() {
     assert!(snapblk_backup::hold::live(&r).unwrap().is_empty());
 }
 
-/// A store that runs a hook before the first catalog put.
+/// A prune that removes the backup after `restore --lazy` chose it from the catalog but
+/// before its hold was written: the restore fails at once, naming the cause, and leaves
+/// neither a volume nor a hold (it never starts on a backup prune removed).
+#[test]
+fn a_backup_pruned_while_its_lazy_restore_starts_fails_that_restore_cleanly() {
+    let s = setup();
+    let plain = s.repo(true);
+    common::put(&s.pool, "v", 0, &random_bytes(MIB as usize, 6));
+    s.pool.create_snapshot("v", "t").unwrap();
+    backup_snapshot(&s.pool, &plain, "v@t", false, &NoProgress).unwrap();
+    let pruned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hooked = Hooked {
+        inner: FileStore::new(s.dir.path()),
+        prefix: "holds/",
+        hook: {
+            let (dir, pruned) = (s.dir.path().to_path_buf(), Arc::clone(&pruned));
+            Box::new(move || {
+                if !pruned.swap(true, Ordering::SeqCst) {
+                    let r = Repository::open(Arc::new(FileStore::new(&dir)), b"k").unwrap();
+                    let keep_one = snapblk_backup::prune::Policy {
+                        keep_last: 1,
+                        ..Default::default()
+                    };
+                    let out = prune::run(&r, &keep_one, &Default::default(), false).unwrap();
+                    assert_eq!(out.removed.len(), 1, "{out:?}");
+                }
+            })
+        },
+    };
+    let r = Repository::open(Arc::new(hooked), b"k").unwrap();
+    let restores = Arc::new(Restores::default());
+    let Err(err) = restore_lazy(&s.pool, &r, "v@s", None, "lz", &restores, s.state.path()) else {
+        panic!("a lazy restore started on a pruned backup");
+    };
+    assert!(pruned.load(Ordering::SeqCst), "the hook did not run");
+    assert!(
+        err.to_string()
+            .contains("removed (pruned or forgotten) while the restore started"),
+        "{err}"
+    );
+    assert!(s.pool.volume_info("lz").is_err(), "the volume was left");
+    assert!(
+        snapblk_backup::hold::live(&plain).unwrap().is_empty(),
+        "the hold was left"
+    );
+}
+
+/// A store that runs a hook before each put, and after each create-only put, of a key
+/// under `prefix`.
 struct Hooked {
     inner: FileStore,
-    on_catalog_put: Box<dyn Fn() + Send + Sync>,
+    prefix: &'static str,
+    hook: Box<dyn Fn() + Send + Sync>,
 }
 
 impl ObjectStore for Hooked {
@@ -563,13 +622,17 @@ impl ObjectStore for Hooked {
         self.inner.get_range(k, o, l)
     }
     fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
+        if k.starts_with(self.prefix) {
+            (self.hook)();
+        }
         self.inner.put(k, d)
     }
     fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
-        if k.starts_with("catalogs/") {
-            (self.on_catalog_put)();
+        let r = self.inner.put_new(k, d);
+        if k.starts_with(self.prefix) {
+            (self.hook)();
         }
-        self.inner.put_new(k, d)
+        r
     }
     fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         self.inner.list(p)

@@ -477,9 +477,12 @@ fn backup_volume<P: PolicyPool>(
         .collect();
     if !gone.is_empty() {
         let ids: Vec<String> = gone.iter().map(|b| b.id.clone()).collect();
-        pool.forget(repo, &ids)?;
-        r.deleted
-            .extend(gone.iter().map(|b| format!("{vol}@{}", b.snapshot)));
+        let removed = pool.forget(repo, &ids)?;
+        r.deleted.extend(
+            gone.iter()
+                .filter(|b| removed.contains(&b.id))
+                .map(|b| format!("{vol}@{}", b.snapshot)),
+        );
     }
     Ok(())
 }
@@ -562,9 +565,12 @@ fn copy_with_retention<P: PolicyPool>(
         let (_, gone) = copy_plan(&pool.backups(from)?, &pool.backups(to)?, keep, tz);
         if !gone.is_empty() {
             let ids: Vec<String> = gone.iter().map(|b| b.id.clone()).collect();
-            pool.forget(to, &ids)?;
-            r.deleted
-                .extend(gone.iter().map(|b| format!("{}@{}", b.volume, b.snapshot)));
+            let removed = pool.forget(to, &ids)?;
+            r.deleted.extend(
+                gone.iter()
+                    .filter(|b| removed.contains(&b.id))
+                    .map(|b| format!("{}@{}", b.volume, b.snapshot)),
+            );
         }
     }
     Ok(())

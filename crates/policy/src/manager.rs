@@ -69,8 +69,9 @@ pub trait PolicyPool {
     fn backup(&self, repo: &NamedRepo, vol: &str, snap: &str) -> Result<BackupDone, String>;
     /// This pool's backups in `repo`.
     fn backups(&self, repo: &NamedRepo) -> Result<Vec<BackupItem>, String>;
-    /// Removes this pool's backups `ids` from `repo` (gc frees their data).
-    fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<(), String>;
+    /// Removes this pool's backups `ids` from `repo` (gc frees their data); returns the
+    /// ids removed (a backup an unfinished lazy restore holds is kept).
+    fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<Vec<String>, String>;
     /// Garbage-collects `repo`; returns its report in one line.
     fn gc(&self, repo: &NamedRepo, grace_secs: u64) -> Result<String, String>;
     /// Verifies `repo`, reading packs `part.0` of `part.1` (`part.1` = 0: structure only);

@@ -184,11 +184,16 @@ impl PolicyPool for &MemPool {
             .cloned()
             .unwrap_or_default())
     }
-    fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<(), String> {
+    fn forget(&self, repo: &NamedRepo, ids: &[String]) -> Result<Vec<String>, String> {
         let mut st = self.stored.borrow_mut();
         let list = st.get_mut(&repo.name).ok_or("no such repository")?;
+        let removed = list
+            .iter()
+            .filter(|b| ids.contains(&b.id))
+            .map(|b| b.id.clone())
+            .collect();
         list.retain(|b| !ids.contains(&b.id));
-        Ok(())
+        Ok(removed)
     }
     fn gc(&self, repo: &NamedRepo, grace_secs: u64) -> Result<String, String> {
         self.calls
