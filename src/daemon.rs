@@ -389,11 +389,13 @@ fn unescape_mountinfo(s: &str) -> String {
 /// One line of what the daemon serves, for systemd's STATUS=.
 fn status_line(pool: &Pool, devices: &Devices) -> String {
     let info = pool.info();
+    let n = |k: u64, one: &str, many: &str| format!("{k} {}", if k == 1 { one } else { many });
+    let devs = devices.list().as_array().map_or(0, |a| a.len()) as u64;
     format!(
-        "{} volumes, {} snapshots, {} ublk devices attached, {} free",
-        info.volumes,
-        info.snapshots,
-        devices.list().as_array().map_or(0, |a| a.len()),
+        "{}, {}, {} attached, {} free",
+        n(info.volumes as u64, "volume", "volumes"),
+        n(info.snapshots as u64, "snapshot", "snapshots"),
+        n(devs, "ublk device", "ublk devices"),
         crate::human::format_size(info.free)
     )
 }

@@ -25,7 +25,7 @@ rm -rf "$out" && mkdir -p "$out"
 # Likewise the guest scripts: the clone may live where the guest cannot see it.
 repo=$(cd "$here/../.." && pwd)
 rm -rf "$cache/src" && mkdir -p "$cache/src/tests"
-cp -r "$repo/tests/vm" "$cache/src/tests/" && cp -r "$repo/udev" "$cache/src/"
+cp -r "$repo/tests/vm" "$cache/src/tests/" && cp -r "$repo/udev" "$repo/packaging" "$cache/src/"
 script=$(realpath "$1"); shift
 case "$script" in
     "$repo"/tests/vm/*) script=$cache/src/tests/vm/${script##*/} ;;

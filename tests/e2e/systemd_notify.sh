@@ -21,7 +21,7 @@ assert msgs, "no message"
 ready = [m for m in msgs if "READY=1" in m["msg"].split("\n")]
 assert len(ready) == 1, f"READY=1 sent {len(ready)} times"
 assert all(ready[0]["present"]), f"READY=1 before the sockets existed: {ready[0]}"
-assert any(l.startswith("STATUS=") and "volumes" in l for l in ready[0]["msg"].split("\n")), ready[0]
+assert any(l.startswith("STATUS=") and "volume" in l for l in ready[0]["msg"].split("\n")), ready[0]
 dogs = [m for m in msgs if "WATCHDOG=1" in m["msg"].split("\n")]
 assert len(dogs) >= 3, f"{len(dogs)} watchdog pings in ~3 s at a 1 s interval"
 assert msgs[-1]["msg"].startswith("STOPPING=1"), msgs[-1]

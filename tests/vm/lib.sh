@@ -1,7 +1,7 @@
 # Helpers for scripts that run inside the test VM (see scripts/vm/run.sh).
 set -euo pipefail
 BIN=${SNAPBLK_BIN:?run through scripts/vm/run.sh}
-T=$(mktemp -d /tmp/snapblk-guest.XXXXXX)
+T=$(mktemp -d "${VM_T_DIR:-/tmp}/snapblk-guest.XXXXXX")
 export SNAPBLK_SOCKET=$T/control.sock
 NBD_SOCK=$T/nbd.sock
 DAEMON_PID=

@@ -4,7 +4,7 @@
 set -u
 cd "$(dirname "$0")"
 pass=0; failed=0; names=()
-for t in ${VM_TESTS:-ublk ublk_recovery ublk_stress ublk_space nbd_kernel}; do
+for t in ${VM_TESTS:-ublk ublk_recovery ublk_stress ublk_space nbd_kernel systemd}; do
     echo "=== vm: $t"
     start=$(date +%s)
     if bash ../../scripts/vm/run.sh "./$t.sh"; then
