@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
-use serde_json::{json, Value};
 use snapblk_backup::{volume, Progress};
 use snapblk_core::keys::Filling;
 use snapblk_core::names::parse_snap_ref;
@@ -13,11 +11,8 @@ use snapblk_core::Pool;
 use crate::devices::{self, Devices};
 use crate::repos::RepoOpen;
 pub use snapblk_control::Command;
+use snapblk_control::{reply, Reply};
 use snapblk_metrics::Outcome;
-
-fn to_value<T: Serialize>(v: T) -> Value {
-    serde_json::to_value(v).unwrap_or(Value::Null)
-}
 
 /// Executes `cmd`; `devices` is the daemon's ublk registry (None in direct mode);
 /// long commands report to `progress`.
@@ -26,7 +21,7 @@ pub fn execute(
     devices: Option<&Devices>,
     cmd: &Command,
     progress: &dyn Progress,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<Reply> {
     if let Some(vol) = touched_volume(cmd) {
         let deleting = matches!(cmd, Command::VolumeDelete { .. });
         check_whole(pool, &vol, deleting)?;
@@ -54,7 +49,7 @@ pub fn execute(
                 m.jobs
                     .finished("backup", Outcome::of(r.is_ok()), t0.elapsed().as_secs_f64());
             }
-            to_value(r?)
+            Reply::Backup(r?)
         }
         Command::Restore {
             repo,
@@ -84,7 +79,7 @@ pub fn execute(
                     t0.elapsed().as_secs_f64(),
                 );
             }
-            to_value(r?)
+            Reply::Restore(r?)
         }
         Command::Restore {
             repo,
@@ -109,30 +104,32 @@ pub fn execute(
                 &d.restore_dir,
             )?;
             let mut v = h.status();
-            v["ready_seconds"] = json!(t0.elapsed().as_secs_f64());
-            v
+            v.ready_seconds = Some(t0.elapsed().as_secs_f64());
+            Reply::Restoring(v)
         }
-        Command::RestoreStatus => json!(devices::need(devices)?.restores.status()),
+        Command::RestoreStatus => Reply::Restores(devices::need(devices)?.restores.status()),
         Command::RestoreCancel { volume } => {
             if !devices::need(devices)?.restores.cancel(volume) {
                 return Err(snapblk_core::Error::not_found("lazy restore", volume).into());
             }
-            json!({ "cancelled": volume })
+            Reply::Cancelled(reply::Cancelled {
+                cancelled: volume.clone(),
+            })
         }
         Command::Attach {
             target,
             read_only,
             queues,
             depth,
-        } => devices::need(devices)?.attach(target, *read_only, *queues, *depth)?,
-        Command::Detach { what } => devices::need(devices)?.detach(what)?,
-        Command::List => devices::need(devices)?.list(),
-        Command::PoolInfo => to_value(pool.info()),
-        Command::PoolCheck => to_value(pool.check()?),
+        } => Reply::Device(devices::need(devices)?.attach(target, *read_only, *queues, *depth)?),
+        Command::Detach { what } => Reply::Device(devices::need(devices)?.detach(what)?),
+        Command::List => Reply::Devices(devices::need(devices)?.list()),
+        Command::PoolInfo => Reply::Pool(pool.info()),
+        Command::PoolCheck => Reply::Check(pool.check()?),
         Command::PoolScrub => {
             let started = std::sync::atomic::AtomicBool::new(false);
             let last = std::sync::atomic::AtomicU64::new(0);
-            to_value(pool.scrub(&|done, total| {
+            Reply::Scrub(pool.scrub(&|done, total| {
                 use std::sync::atomic::Ordering;
                 if !started.swap(true, Ordering::Relaxed) {
                     progress.start("scrub", total);
@@ -162,33 +159,31 @@ pub fn execute(
             // Direct mode: the pool's policies, for this one command.
             None => crate::policies::PolicyService::open(Arc::clone(pool))?.execute(cmd)?,
         },
-        Command::VolumeCreate { name, size } => to_value(pool.create_volume(name, *size)?),
-        Command::VolumeList => to_value(pool.list_volumes()),
+        Command::VolumeCreate { name, size } => Reply::Volume(pool.create_volume(name, *size)?),
+        Command::VolumeList => Reply::Volumes(pool.list_volumes()),
         Command::VolumeSetDefault { name, clear } => {
             if name.is_some() || *clear {
                 pool.set_default_volume(name.as_deref())?;
             }
-            json!({ "default_volume": pool.default_volume()? })
+            Reply::DefaultVolume(reply::DefaultVolume {
+                default_volume: pool.default_volume()?,
+            })
         }
-        Command::VolumeInfo { name } => to_value(pool.volume_info(name)?),
-        Command::VolumeResize { name, size, force } => {
-            let mut v = to_value(pool.resize_volume(name, *size, *force)?);
-            if let Some(d) = devices {
-                let devs = d.resized(name, *size);
-                if !devs.is_empty() {
-                    v["devices"] = json!(devs);
-                }
-            }
-            v
-        }
-        Command::VolumeRename { old, new } => to_value(pool.rename_volume(old, new)?),
+        Command::VolumeInfo { name } => Reply::Volume(pool.volume_info(name)?),
+        Command::VolumeResize { name, size, force } => Reply::Resized(reply::Resized {
+            volume: pool.resize_volume(name, *size, *force)?,
+            devices: devices.map(|d| d.resized(name, *size)).unwrap_or_default(),
+        }),
+        Command::VolumeRename { old, new } => Reply::Volume(pool.rename_volume(old, new)?),
         Command::VolumeDelete { name, recursive } => {
             let id = pool.volume_info(name)?.id;
             pool.delete_volume(name, *recursive)?;
             if let Some(d) = devices {
                 d.forget_restore(name, id);
             }
-            json!({ "deleted": name })
+            Reply::Deleted(reply::Deleted {
+                deleted: name.clone(),
+            })
         }
         Command::SnapshotCreate {
             snapshot,
@@ -203,7 +198,11 @@ pub fn execute(
             }
             let t0 = std::time::Instant::now();
             let infos = pool.create_group_snapshot(g, s)?;
-            json!({ "group": g, "snapshots": to_value(infos), "create_micros": t0.elapsed().as_micros() as u64 })
+            Reply::GroupSnapshot(reply::GroupSnapshot {
+                group: g.to_string(),
+                snapshots: infos,
+                create_micros: t0.elapsed().as_micros() as u64,
+            })
         }
         Command::GroupSet { name, volumes } => {
             let check = |s: &crate::policies::PolicyService| s.check_group(name, volumes);
@@ -212,16 +211,22 @@ pub fn execute(
                 None => check(&*crate::policies::PolicyService::open(Arc::clone(pool))?)?,
             }
             pool.set_group(name, volumes)?;
-            json!({ "group": name, "volumes": volumes })
+            Reply::GroupSet(reply::GroupSet {
+                group: name.clone(),
+                volumes: volumes.clone(),
+            })
         }
-        Command::GroupList => json!(pool
-            .groups()?
-            .into_iter()
-            .map(|(name, volumes)| json!({ "name": name, "volumes": volumes }))
-            .collect::<Vec<_>>()),
+        Command::GroupList => Reply::Groups(
+            pool.groups()?
+                .into_iter()
+                .map(|(name, volumes)| reply::Group { name, volumes })
+                .collect(),
+        ),
         Command::GroupDelete { name } => {
             pool.delete_group(name)?;
-            json!({ "deleted": name })
+            Reply::Deleted(reply::Deleted {
+                deleted: name.clone(),
+            })
         }
         Command::SnapshotCreate {
             snapshot,
@@ -230,40 +235,56 @@ pub fn execute(
             let (v, s) = parse_snap_ref(snapshot)?;
             let t0 = std::time::Instant::now();
             let info = pool.create_snapshot(v, s)?;
-            let mut val = to_value(info);
-            val["create_micros"] = json!(t0.elapsed().as_micros() as u64);
-            val
+            Reply::Snapshot(reply::Snapshot {
+                snapshot: info,
+                create_micros: Some(t0.elapsed().as_micros() as u64),
+            })
         }
-        Command::SnapshotList { volume } => to_value(pool.list_snapshots(volume.as_deref())?),
+        Command::SnapshotList { volume } => {
+            Reply::Snapshots(pool.list_snapshots(volume.as_deref())?)
+        }
         Command::SnapshotInfo { snapshot } => {
             let (v, s) = parse_snap_ref(snapshot)?;
-            to_value(pool.snapshot_info(v, s)?)
+            Reply::Snapshot(reply::Snapshot {
+                snapshot: pool.snapshot_info(v, s)?,
+                create_micros: None,
+            })
         }
         Command::SnapshotDelete { snapshot } => {
             let (v, s) = parse_snap_ref(snapshot)?;
             pool.delete_snapshot(v, s)?;
-            json!({ "deleted": snapshot })
+            Reply::Deleted(reply::Deleted {
+                deleted: snapshot.clone(),
+            })
         }
         Command::SnapshotProtect { snapshot, protect } => {
             let (v, s) = parse_snap_ref(snapshot)?;
             pool.set_snapshot_protected(v, s, *protect)?;
-            to_value(pool.snapshot_summary(v, s)?)
+            Reply::Snapshot(reply::Snapshot {
+                snapshot: pool.snapshot_summary(v, s)?,
+                create_micros: None,
+            })
         }
-        Command::VolumeSetQuota { name, quota } => to_value(pool.set_quota(name, *quota)?),
+        Command::VolumeSetQuota { name, quota } => Reply::Volume(pool.set_quota(name, *quota)?),
         Command::Clone { snapshot, name } => {
             let (v, s) = parse_snap_ref(snapshot)?;
-            to_value(pool.clone_snapshot(v, s, name)?)
+            Reply::Volume(pool.clone_snapshot(v, s, name)?)
         }
         Command::Rollback { snapshot } => {
             let (v, s) = parse_snap_ref(snapshot)?;
-            to_value(pool.rollback(v, s)?)
+            Reply::Volume(pool.rollback(v, s)?)
         }
         Command::Diff { from, to } => {
             let a = pool.resolve_target(from)?;
             let b = pool.resolve_target(to)?;
             let ranges = pool.diff(&a, &b)?;
             let bytes: u64 = ranges.iter().map(|r| r.length).sum();
-            json!({ "from": from, "to": to, "changed_bytes": bytes, "ranges": to_value(ranges) })
+            Reply::Diff(reply::Diff {
+                from: from.clone(),
+                to: to.clone(),
+                changed_bytes: bytes,
+                ranges,
+            })
         }
     })
 }

@@ -13,40 +13,15 @@ use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 const QUEUE: usize = 1000;
 const ATTEMPTS: u32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where events go (the `notify` record).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AlertConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub webhook: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command: Option<String>,
-}
-
-impl AlertConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if let Some(w) = &self.webhook {
-            if !(w.starts_with("http://") || w.starts_with("https://")) || w.len() > 2048 {
-                return Err(format!(
-                    "webhook {w:?}: an http:// or https:// URL, at most 2048 bytes"
-                ));
-            }
-        }
-        if let Some(c) = &self.command {
-            if c.is_empty() || c.len() > 4096 || c.contains('\0') {
-                return Err("the command is empty, longer than 4096 bytes or holds a NUL".into());
-            }
-        }
-        Ok(())
-    }
-}
+/// Where events go (the `notify` record): the control protocol's type, so `notify show`
+/// prints exactly what is stored.
+pub use snapblk_control::reply::NotifyConfig as AlertConfig;
 
 pub struct Alerts {
     tx: SyncSender<Value>,

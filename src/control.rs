@@ -46,10 +46,11 @@ fn handle(pool: &Arc<Pool>, devices: &Devices, conn: UnixStream) {
         // Progress writes give up on a client that stopped reading (a write timeout on the
         // socket); the reply waits for it as long as it takes.
         let _ = relay_to.set_write_timeout(None);
-        out.map_err(|e| snapblk_control::Failure {
-            message: format!("{e:#}"),
-            kind: crate::exit::kind_of(&e),
-        })
+        out.map(|r| r.to_value())
+            .map_err(|e| snapblk_control::Failure {
+                message: format!("{e:#}"),
+                kind: crate::exit::kind_of(&e),
+            })
     });
 }
 

@@ -390,7 +390,7 @@ fn unescape_mountinfo(s: &str) -> String {
 fn status_line(pool: &Pool, devices: &Devices) -> String {
     let info = pool.info();
     let n = |k: u64, one: &str, many: &str| format!("{k} {}", if k == 1 { one } else { many });
-    let devs = devices.list().as_array().map_or(0, |a| a.len()) as u64;
+    let devs = devices.count() as u64;
     format!(
         "{}, {}, {} attached, {} free",
         n(info.volumes as u64, "volume", "volumes"),

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Result};
-use serde_json::{json, Value};
+use snapblk_control::reply;
 use std::path::PathBuf;
 
 use snapblk_backup::lazy::{LazyExports, Restores, State};
@@ -27,12 +27,17 @@ pub struct Devices {
     pub metrics: std::sync::OnceLock<Arc<snapblk_metrics::Metrics>>,
 }
 
-fn describe(d: &snapblk_ublk::Device) -> Value {
+fn describe(d: &snapblk_ublk::Device) -> reply::Device {
     let (direct, via_api, failed) = d.stats.get();
-    json!({
-        "id": d.id, "path": d.path, "export": d.export, "read_only": d.read_only,
-        "requests_direct": direct, "requests_via_api": via_api, "requests_failed": failed,
-    })
+    reply::Device {
+        id: d.id,
+        path: d.path.clone(),
+        export: d.export.clone(),
+        read_only: d.read_only,
+        requests_direct: direct,
+        requests_via_api: via_api,
+        requests_failed: failed,
+    }
 }
 
 impl Devices {
@@ -141,7 +146,13 @@ impl Devices {
         self.list.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn attach(&self, target: &str, read_only: bool, queues: u16, depth: u16) -> Result<Value> {
+    pub fn attach(
+        &self,
+        target: &str,
+        read_only: bool,
+        queues: u16,
+        depth: u16,
+    ) -> Result<reply::Device> {
         let handle = self.exports.open(target)?;
         let export: Arc<dyn Export> = if read_only && !handle.read_only() {
             Arc::new(ReadOnly(handle))
@@ -161,19 +172,23 @@ impl Devices {
 
     /// After `volume` changed size: tells the kernel about every device attached to it.
     /// Returns one entry per device (path, and the error if the kernel refused).
-    pub fn resized(&self, volume: &str, size: u64) -> Vec<Value> {
+    pub fn resized(&self, volume: &str, size: u64) -> Vec<reply::DeviceResized> {
         self.lock()
             .iter()
             .filter(|d| d.export == volume)
-            .map(|d| match d.update_size(size) {
-                Ok(()) => json!({ "path": d.path, "resized": true }),
-                Err(e) => json!({ "path": d.path, "resized": false, "error": e.to_string() }),
+            .map(|d| {
+                let r = d.update_size(size);
+                reply::DeviceResized {
+                    path: d.path.clone(),
+                    resized: r.is_ok(),
+                    error: r.err().map(|e| e.to_string()),
+                }
             })
             .collect()
     }
 
     /// Detaches by export name (`vol`, `vol@snap`) or device path (`/dev/ublkbN`).
-    pub fn detach(&self, what: &str) -> Result<Value> {
+    pub fn detach(&self, what: &str) -> Result<reply::Device> {
         let dev = {
             let mut list = self.lock();
             let i = list
@@ -218,8 +233,8 @@ impl Devices {
         }
     }
 
-    pub fn list(&self) -> Value {
-        Value::Array(self.lock().iter().map(describe).collect())
+    pub fn list(&self) -> Vec<reply::Device> {
+        self.lock().iter().map(describe).collect()
     }
 
     /// How many devices are attached.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 use snapblk_core::pool2::SpaceRelief;
 use snapblk_core::Pool;
 use snapblk_policy::{GuardConfig, PoolSpace, GUARD_RECORD};
@@ -113,7 +113,7 @@ impl PolicyService {
         min_free: Option<f64>,
         target_free: Option<f64>,
         off: bool,
-    ) -> Result<Value> {
+    ) -> Result<snapblk_control::Reply> {
         let pool = self.pool();
         if target_free.is_some() && min_free.is_none() {
             return Err(anyhow!("--target-free needs --min-free"));
@@ -128,12 +128,18 @@ impl PolicyService {
         }
         let (free, cap) = pool.space();
         let candidates = self.candidates();
-        Ok(json!({
-            "guard": self.guard.config(),
-            "free": free,
-            "capacity": cap,
-            "free_percent": if cap == 0 { 100.0 } else { free as f64 * 100.0 / cap as f64 },
-            "deletable": candidates,
-        }))
+        Ok(snapblk_control::Reply::SpaceGuard(
+            snapblk_control::reply::SpaceGuard {
+                guard: self.guard.config(),
+                free,
+                capacity: cap,
+                free_percent: if cap == 0 {
+                    100.0
+                } else {
+                    free as f64 * 100.0 / cap as f64
+                },
+                deletable: candidates,
+            },
+        ))
     }
 }

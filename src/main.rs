@@ -36,6 +36,7 @@ use cli::{
     VolumeCmd,
 };
 use human::parse_size;
+use snapblk_control::Reply;
 
 /// `println!` that takes a closed stdout (`snapblk ... | grep -q x`, `| head -1`) as the
 /// reader's choice: exit 0 quietly instead of panicking.
@@ -273,10 +274,11 @@ fn command(cmd: &Cmd) -> Result<Command> {
 }
 
 /// Runs a management command through the daemon, or on a directly opened pool.
-fn run_command(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
+fn run_command(cli: &Cli, cmd: &Command) -> Result<Reply> {
     let socket = cli.socket.clone().unwrap_or_else(control::default_socket);
     if let Some(conn) = control::connect(&socket) {
-        return control::call(&conn, cmd, &progress::Bar::new(cli.json));
+        let v = control::call(&conn, cmd, &progress::Bar::new(cli.json))?;
+        return Reply::parse(cmd, v).map_err(|e| anyhow::anyhow!(e));
     }
     let (Some(meta), Some(data)) = (&cli.meta, &cli.data) else {
         return Err(exit::Failed {
@@ -397,10 +399,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         depth: 64,
                     },
                 )?;
-                v["path"]
-                    .as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| anyhow::anyhow!("attach returned no device"))
+                match v {
+                    Reply::Device(d) => Ok(d.path),
+                    _ => Err(anyhow::anyhow!("attach returned no device")),
+                }
             };
             let mounted = mount::mount(
                 &source,
@@ -522,23 +524,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let result = run_command(&cli, &cmd);
             drop(frozen);
-            let v = result?;
+            let r = result?;
             if cli.json {
-                say!("{}", serde_json::to_string_pretty(&v)?);
+                say!("{}", serde_json::to_string_pretty(&r.to_value())?);
             } else {
-                say!("{}", render::render(&cmd, &v));
+                say!("{}", render::render(&cmd, &r));
             }
-            let clean = match cmd {
-                Command::PoolCheck => v["errors"].as_array().is_none_or(|e| e.is_empty()),
-                Command::PoolScrub => v["bad"].as_array().is_none_or(|e| e.is_empty()),
-                Command::Status { .. } => {
-                    return Ok(ExitCode::from(
-                        v["exit_code"]
-                            .as_u64()
-                            .and_then(|c| u8::try_from(c).ok())
-                            .unwrap_or(2),
-                    ))
-                }
+            let clean = match &r {
+                Reply::Check(c) => c.is_clean(),
+                Reply::Scrub(s) => s.is_clean(),
+                Reply::Protection(p) => return Ok(ExitCode::from(p.exit_code)),
                 _ => true,
             };
             Ok(if clean {

@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use serde_json::{json, Value};
 use snapblk_backup::verify::{self, ReadData};
 use snapblk_backup::{catalog, gc, prune, volume, NoProgress};
-use snapblk_control::Command;
+use snapblk_control::{reply, Command, Reply};
 use snapblk_core::Pool;
 use snapblk_policy::{
     BackupDone, BackupItem, BackupRule, CopyDone, Guard, Manager, Medium, NamedRepo, Policy,
@@ -427,7 +427,7 @@ impl PolicyService {
 
     /// Backups at `url` changed by hand: corrects what the jobs recorded of each registered
     /// repository there (the repository is read without the manager mutex).
-    fn backups_changed(&self, url: &str) -> Result<Value> {
+    fn backups_changed(&self, url: &str) -> Result<Reply> {
         let repos: Vec<NamedRepo> = {
             let m = self.lock();
             m.repos_at(url)
@@ -446,9 +446,10 @@ impl PolicyService {
             updated.extend(m.backups_changed(&r.name, &items).map_err(|e| anyhow!(e))?);
             self.check(&m);
         }
-        Ok(
-            json!({ "repositories": repos.iter().map(|r| &r.name).collect::<Vec<_>>(), "jobs_updated": updated }),
-        )
+        Ok(Reply::BackupsChanged(reply::BackupsChanged {
+            repositories: repos.iter().map(|r| r.name.clone()).collect(),
+            jobs_updated: updated,
+        }))
     }
 
     /// What the space guard would delete next, oldest first.
@@ -592,7 +593,7 @@ impl PolicyService {
     }
 
     /// Executes a policy or job command.
-    pub fn execute(&self, cmd: &Command) -> Result<Value> {
+    pub fn execute(&self, cmd: &Command) -> Result<Reply> {
         if let Command::SpaceGuard {
             min_free,
             target_free,
@@ -616,20 +617,28 @@ impl PolicyService {
                     }
                 }
                 m.set_policy(name, p, now()).map_err(|e| anyhow!(e))?;
-                json!({ "name": name, "policy": m.policies().get(name) })
+                named_policy(&m, name)
             }
-            Command::PolicyList => json!(m
-                .policies()
-                .iter()
-                .map(|(n, p)| json!({ "name": n, "policy": p }))
-                .collect::<Vec<_>>()),
+            Command::PolicyList => Reply::Policies(
+                m.policies()
+                    .iter()
+                    .map(|(n, p)| reply::NamedPolicy {
+                        name: n.clone(),
+                        policy: Some(p.clone()),
+                    })
+                    .collect(),
+            ),
             Command::PolicyShow { name } => {
                 let p = m
                     .policies()
                     .get(name)
                     .ok_or_else(|| anyhow!("policy '{name}' does not exist"))?;
                 let jobs: Vec<_> = m.jobs().into_iter().filter(|j| &j.policy == name).collect();
-                json!({ "name": name, "policy": p, "jobs": jobs })
+                Reply::PolicyDetail(reply::PolicyDetail {
+                    name: name.clone(),
+                    policy: p.clone(),
+                    jobs,
+                })
             }
             Command::PolicyBackupSet { policy, rule } => {
                 let rule: BackupRule = serde_json::from_value(rule.clone())
@@ -648,7 +657,7 @@ impl PolicyService {
                     None => p.backups.push(rule),
                 }
                 m.set_policy(policy, p, now()).map_err(|e| anyhow!(e))?;
-                json!({ "name": policy, "policy": m.policies().get(policy) })
+                named_policy(&m, policy)
             }
             Command::PolicyBackupDelete { policy, repository } => {
                 let mut p = m
@@ -664,26 +673,30 @@ impl PolicyService {
                     ));
                 }
                 m.set_policy(policy, p, now()).map_err(|e| anyhow!(e))?;
-                json!({ "name": policy, "policy": m.policies().get(policy) })
+                named_policy(&m, policy)
             }
             Command::PolicyDelete { name } => {
                 m.delete_policy(name).map_err(|e| anyhow!(e))?;
-                json!({ "deleted": name })
+                Reply::Deleted(reply::Deleted {
+                    deleted: name.clone(),
+                })
             }
-            Command::PolicyPlan { name } => json!(m.prune_plan(name).map_err(|e| anyhow!(e))?),
-            Command::Jobs => json!(m.jobs()),
+            Command::PolicyPlan { name } => {
+                Reply::Plan(m.prune_plan(name).map_err(|e| anyhow!(e))?)
+            }
+            Command::Jobs => Reply::Jobs(m.jobs()),
             Command::JobRun { name } => match m.start_now(name, now(), &now) {
                 Ok(Started::Done(r)) => {
                     if let Some(metrics) = self.metrics.get() {
                         count_snapshot_run(metrics, &r);
                     }
-                    json!(r)
+                    Reply::Run(r)
                 }
                 Ok(Started::Task(t)) => {
                     drop(m);
                     let r = self.run_task(&t);
                     self.wake.notify_all();
-                    return Ok(json!(r));
+                    return Ok(Reply::Run(r));
                 }
                 Err(e) => return Err(anyhow!(e)),
             },
@@ -691,7 +704,10 @@ impl PolicyService {
                 let r: RepoTarget = serde_json::from_value(repo.clone())
                     .map_err(|e| anyhow!("repository {name}: {e}"))?;
                 m.set_repo(name, r, now()).map_err(|e| anyhow!(e))?;
-                json!({ "name": name, "repository": m.repos().get(name) })
+                Reply::Repo(reply::NamedRepo {
+                    name: name.clone(),
+                    repository: m.repos().get(name).cloned(),
+                })
             }
             Command::Status { volume } => {
                 let st = m.status(now(), volume.as_deref()).map_err(|e| anyhow!(e))?;
@@ -700,7 +716,11 @@ impl PolicyService {
                     .map(|v| v.verdict)
                     .max()
                     .unwrap_or(snapblk_policy::Compliance::Compliant);
-                json!({ "verdict": worst, "exit_code": worst.exit_code(), "volumes": st })
+                Reply::Protection(reply::Protection {
+                    verdict: worst,
+                    exit_code: worst.exit_code(),
+                    volumes: st,
+                })
             }
             Command::NotifySet { webhook, command } => {
                 let mut c = self.alerts.config();
@@ -716,9 +736,9 @@ impl PolicyService {
                     .0
                     .put_record(NOTIFY_RECORD, Some(serde_json::to_vec(&c)?))?;
                 self.alerts.set_config(c.clone());
-                json!(c)
+                Reply::Notify(c)
             }
-            Command::NotifyShow => json!(self.alerts.config()),
+            Command::NotifyShow => Reply::Notify(self.alerts.config()),
             Command::NotifyTest => {
                 let c = self.alerts.config();
                 if c.webhook.is_none() && c.command.is_none() {
@@ -732,16 +752,22 @@ impl PolicyService {
                 });
                 drop(m);
                 crate::alerts::deliver(&c, &ev).map_err(|e| anyhow!(e))?;
-                return Ok(json!({ "delivered": ev }));
+                return Ok(Reply::NotifyTested(reply::NotifyTested { delivered: ev }));
             }
-            Command::RepoList => json!(m
-                .repos()
-                .iter()
-                .map(|(n, r)| json!({ "name": n, "repository": r }))
-                .collect::<Vec<_>>()),
+            Command::RepoList => Reply::Repos(
+                m.repos()
+                    .iter()
+                    .map(|(n, r)| reply::NamedRepo {
+                        name: n.clone(),
+                        repository: Some(r.clone()),
+                    })
+                    .collect(),
+            ),
             Command::RepoDelete { name } => {
                 m.delete_repo(name).map_err(|e| anyhow!(e))?;
-                json!({ "deleted": name })
+                Reply::Deleted(reply::Deleted {
+                    deleted: name.clone(),
+                })
             }
             _ => return Err(anyhow!("not a policy command")),
         };
@@ -749,6 +775,14 @@ impl PolicyService {
         self.wake.notify_all();
         Ok(v)
     }
+}
+
+/// `{name, policy}` after a change to the policy `name`.
+fn named_policy(m: &Manager<PoolPolicies>, name: &str) -> Reply {
+    Reply::Policy(reply::NamedPolicy {
+        name: name.to_string(),
+        policy: m.policies().get(name).cloned(),
+    })
 }
 
 /// Counts a finished snapshot job (snapshots taken and retention's deletions).

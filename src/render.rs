@@ -1,6 +1,14 @@
-//! Human-readable output of command results (the `--json` output is the raw result).
+//! Human-readable output of command results, per reply type (snapblk_control::Reply; the
+//! `--json` output is the reply itself).
 
+use jiff::Timestamp;
+use serde::Serialize;
 use serde_json::Value;
+use snapblk_control::reply::Protection;
+use snapblk_control::Reply;
+use snapblk_core::keys::Filling;
+use snapblk_core::pool::VolumeInfo;
+use snapblk_policy::{Keep, Outcome};
 
 use crate::admin::Command;
 use crate::human::format_size;
@@ -32,6 +40,7 @@ pub fn format_time(secs: u64) -> String {
     )
 }
 
+/// A cell of the generic key/value listing (sizes and times made human).
 fn cell(key: &str, v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -51,22 +60,11 @@ fn cell(key: &str, v: &Value) -> String {
     }
 }
 
-fn table(rows: &[Value], cols: &[(&str, &str)]) -> String {
-    let mut grid: Vec<Vec<String>> = vec![cols.iter().map(|(_, h)| h.to_string()).collect()];
-    for r in rows {
-        grid.push(
-            cols.iter()
-                .map(|(k, _)| {
-                    if *k == "vol@snap" {
-                        format!("{}@{}", cell("", &r["volume"]), cell("", &r["name"]))
-                    } else {
-                        cell(k, &r[*k])
-                    }
-                })
-                .collect(),
-        );
-    }
-    let widths: Vec<usize> = (0..cols.len())
+/// Columns padded to their widest cell, headers first.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut grid: Vec<Vec<String>> = vec![headers.iter().map(|h| h.to_string()).collect()];
+    grid.extend(rows);
+    let widths: Vec<usize> = (0..headers.len())
         .map(|i| grid.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     grid.iter()
@@ -83,315 +81,352 @@ fn table(rows: &[Value], cols: &[(&str, &str)]) -> String {
         .join("\n")
 }
 
-/// The `incomplete` mark of a volume, in words.
-fn incomplete(m: &Value) -> String {
-    let how = match m["by"].as_str() {
-        Some("lazy-restore") => "lazy restore",
-        _ => "full restore",
-    };
-    format!(
-        "{how} of {} ({}) from {} has not finished",
-        cell("", &m["backup"]),
-        cell("", &m["manifest"]),
-        cell("", &m["source"])
-    )
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or("-".to_string(), T::to_string)
 }
 
-fn keyvals(v: &Value) -> String {
-    match v.as_object() {
-        Some(o) => o
+/// Every field of a result, one per line (the generic rendering of a single object).
+fn keyvals<T: Serialize>(r: &T) -> String {
+    match serde_json::to_value(r) {
+        Ok(Value::Object(o)) => o
             .iter()
-            .map(|(k, x)| match k.as_str() {
-                "incomplete" => format!("{k:<15} {}", incomplete(x)),
-                _ => format!("{k:<15} {}", cell(k, x)),
-            })
+            .map(|(k, x)| format!("{k:<15} {}", cell(k, x)))
             .collect::<Vec<_>>()
             .join("\n"),
-        None => v.to_string(),
+        Ok(v) => v.to_string(),
+        Err(e) => format!("(unprintable: {e})"),
     }
 }
 
-/// Adds a STATE cell to volume rows: `incomplete` for a volume whose full restore has
-/// not finished, `lazy-restore` while a lazy restore fills it (its `incomplete` field says
-/// which backup; `volume info` shows it), else `ok`.
-fn with_state(mut rows: Vec<Value>) -> Vec<Value> {
-    for r in &mut rows {
-        let state = match r
-            .get("incomplete")
-            .and_then(|m| m.get("by"))
-            .and_then(Value::as_str)
-        {
-            Some("lazy-restore") => "lazy-restore",
-            Some(_) => "incomplete",
-            None => "ok",
-        };
-        if let Some(o) = r.as_object_mut() {
-            o.insert("state".into(), Value::String(state.into()));
-        }
+/// A volume, field by field; an unfinished restore's mark in words.
+fn volume(v: &VolumeInfo) -> String {
+    let mut plain = v.clone();
+    plain.incomplete = None;
+    let mut s = keyvals(&plain);
+    if let Some(m) = &v.incomplete {
+        s.push_str(&format!("\n{:<15} {m}", "incomplete"));
     }
-    rows
+    s
 }
 
-pub fn render(cmd: &Command, v: &Value) -> String {
-    let rows = v.as_array().cloned().unwrap_or_default();
-    match cmd {
-        Command::VolumeList => table(
-            &with_state(rows),
-            &[
-                ("name", "NAME"),
-                ("size", "SIZE"),
-                ("written", "WRITTEN"),
-                ("snapshots", "SNAPSHOTS"),
-                ("snapshot_bytes", "SNAP-DATA"),
-                ("used", "USED"),
-                ("quota", "QUOTA"),
-                ("origin", "ORIGIN"),
-                ("state", "STATE"),
-            ],
+/// STATE of a volume row: `incomplete` for a volume whose full restore has not finished,
+/// `lazy-restore` while a lazy restore fills it, else `ok`.
+fn state(v: &VolumeInfo) -> &'static str {
+    match v.incomplete.as_ref().map(|m| m.by) {
+        Some(Filling::LazyRestore) => "lazy-restore",
+        Some(Filling::FullRestore) => "incomplete",
+        None => "ok",
+    }
+}
+
+/// Whole seconds are enough on a terminal (`--json` keeps the full times).
+fn when(t: &Option<Timestamp>) -> String {
+    t.map_or("-".to_string(), |t| {
+        t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    })
+}
+
+/// A serde enum's name (`daily`, `at_risk`).
+fn name_of<T: Serialize>(x: &T) -> String {
+    match serde_json::to_value(x) {
+        Ok(Value::String(s)) => s,
+        Ok(v) => v.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+fn keep(k: &Keep) -> String {
+    let rules: Vec<String> = [
+        ("last", k.last),
+        ("hourly", k.hourly),
+        ("daily", k.daily),
+        ("weekly", k.weekly),
+        ("monthly", k.monthly),
+        ("yearly", k.yearly),
+    ]
+    .iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(k, n)| format!("{k}={n}"))
+    .collect();
+    if rules.is_empty() {
+        "all".into()
+    } else {
+        rules.join(",")
+    }
+}
+
+pub fn render(cmd: &Command, r: &Reply) -> String {
+    match r {
+        Reply::Volumes(vs) => table(
+            &["NAME", "SIZE", "WRITTEN", "SNAPSHOTS", "SNAP-DATA", "USED", "QUOTA", "ORIGIN", "STATE"],
+            vs.iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        format_size(v.size),
+                        format_size(v.written),
+                        v.snapshots.to_string(),
+                        format_size(v.snapshot_bytes),
+                        format_size(v.used),
+                        v.quota.map_or("-".into(), format_size),
+                        opt(&v.origin),
+                        state(v).into(),
+                    ]
+                })
+                .collect(),
         ),
-        Command::SnapshotList { .. } => table(
-            &rows,
-            &[
-                ("vol@snap", "SNAPSHOT"),
-                ("size", "SIZE"),
-                ("written", "WRITTEN"),
-                ("created", "CREATED"),
-                ("parent", "PARENT"),
-                ("protected", "PROTECTED"),
-            ],
+        Reply::Snapshots(ss) => table(
+            &["SNAPSHOT", "SIZE", "WRITTEN", "CREATED", "PARENT", "PROTECTED"],
+            ss.iter()
+                .map(|s| {
+                    vec![
+                        format!("{}@{}", s.volume, s.name),
+                        format_size(s.size),
+                        format_size(s.written),
+                        format_time(s.created),
+                        opt(&s.parent),
+                        s.protected.to_string(),
+                    ]
+                })
+                .collect(),
         ),
-        Command::Diff { .. } => {
-            let ranges = v["ranges"].as_array().cloned().unwrap_or_default();
+        Reply::Diff(d) => {
             let mut s = String::new();
-            for r in &ranges {
-                s.push_str(&format!("{}\t{}\n", r["offset"], r["length"]));
+            for r in &d.ranges {
+                s.push_str(&format!("{}\t{}\n", r.offset, r.length));
             }
             s.push_str(&format!(
                 "{} range(s), {} changed",
-                ranges.len(),
-                format_size(v["changed_bytes"].as_u64().unwrap_or(0))
+                d.ranges.len(),
+                format_size(d.changed_bytes)
             ));
             s
         }
-        Command::List => table(
-            &rows,
-            &[
-                ("path", "DEVICE"),
-                ("export", "EXPORT"),
-                ("read_only", "READ-ONLY"),
-                ("id", "ID"),
-                ("requests_direct", "DIRECT-IO"),
-                ("requests_via_api", "VIA-API"),
-                ("requests_failed", "FAILED"),
-            ],
+        Reply::Devices(ds) => table(
+            &["DEVICE", "EXPORT", "READ-ONLY", "ID", "DIRECT-IO", "VIA-API", "FAILED"],
+            ds.iter()
+                .map(|d| {
+                    vec![
+                        d.path.clone(),
+                        d.export.clone(),
+                        d.read_only.to_string(),
+                        d.id.to_string(),
+                        d.requests_direct.to_string(),
+                        d.requests_via_api.to_string(),
+                        d.requests_failed.to_string(),
+                    ]
+                })
+                .collect(),
         ),
-        Command::Attach { .. } => cell("", &v["path"]),
-        Command::Detach { .. } => format!("detached {}", cell("", &v["path"])),
-        Command::VolumeDelete { .. } | Command::SnapshotDelete { .. } => {
-            format!("deleted {}", cell("", &v["deleted"]))
+        Reply::Device(d) if matches!(cmd, Command::Detach { .. }) => {
+            format!("detached {}", d.path)
         }
-        Command::PoolScrub => {
-            let bad = v["bad"].as_array().cloned().unwrap_or_default();
+        Reply::Device(d) => d.path.clone(),
+        Reply::Deleted(d) => format!("deleted {}", d.deleted),
+        Reply::Scrub(sc) => {
             let mut s = String::new();
-            for b in &bad {
-                let affects: Vec<String> = b["affects"]
-                    .as_array()
-                    .map(|a| a.iter().map(|x| cell("", x)).collect())
-                    .unwrap_or_default();
+            for b in &sc.bad {
                 s.push_str(&format!(
                     "BAD: block {} of layer {} (data block {}): {} (affects: {})\n",
-                    b["lba"], b["layer"], b["pba"], cell("", &b["detail"]),
-                    if affects.is_empty() { "nothing visible".into() } else { affects.join(", ") }
+                    b.lba,
+                    b.layer,
+                    b.pba,
+                    b.detail,
+                    if b.affects.is_empty() {
+                        "nothing visible".into()
+                    } else {
+                        b.affects.join(", ")
+                    }
                 ));
             }
             s.push_str(&format!(
                 "pool scrub: {} ({} lineages, {} blocks, {} read)",
-                if bad.is_empty() { "clean".to_string() } else { format!("{} bad block(s)", bad.len()) },
-                v["layers"], v["blocks"], format_size(v["bytes"].as_u64().unwrap_or(0))
+                if sc.is_clean() {
+                    "clean".to_string()
+                } else {
+                    format!("{} bad block(s)", sc.bad.len())
+                },
+                sc.layers,
+                sc.blocks,
+                format_size(sc.bytes)
             ));
             s
         }
-        Command::PoolCheck => {
-            let errors = v["errors"].as_array().cloned().unwrap_or_default();
-            let notes = v["notes"].as_array().cloned().unwrap_or_default();
+        Reply::Check(c) => {
             let mut s = String::new();
-            for e in &errors {
-                s.push_str(&format!("ERROR: {}\n", cell("", e)));
+            for e in &c.errors {
+                s.push_str(&format!("ERROR: {e}\n"));
             }
-            for n in &notes {
-                s.push_str(&format!("note: {}\n", cell("", n)));
+            if c.error_count > c.errors.len() as u64 {
+                s.push_str(&format!(
+                    "ERROR: ... and {} more\n",
+                    c.error_count - c.errors.len() as u64
+                ));
             }
             s.push_str(&format!(
                 "pool check: {} ({} volumes, {} snapshots, {} lineages, {} pages, {} dead records, {} data blocks, {} reclaim jobs pending)",
-                if errors.is_empty() { "clean".to_string() } else { format!("{} error(s)", v["error_count"]) },
-                v["volumes"], v["snapshots"], v["lineages"], v["pages"], v["dead_records"], v["owned_blocks"], v["pending_jobs"]
+                if c.is_clean() {
+                    "clean".to_string()
+                } else {
+                    format!("{} error(s)", c.error_count)
+                },
+                c.volumes,
+                c.snapshots,
+                c.lineages,
+                c.pages,
+                c.dead_records,
+                c.owned_blocks,
+                c.pending_jobs
             ));
             s
         }
-        Command::Backup { .. } => {
-            let st = &v["stats"];
-            let u = |k: &str| st[k].as_u64().unwrap_or(0);
-            if v["already_stored"].as_bool() == Some(true) {
-                return format!("{} is already backed up (backup {})", v_name(v), cell("", &v["manifest"]));
+        Reply::Backup(b) => {
+            let name = format!("{}@{}", b.volume, b.snapshot);
+            if b.already_stored {
+                return format!("{name} is already backed up (backup {})", b.manifest);
             }
+            let st = &b.stats;
             format!(
-                "backed up {} as {} ({}): read {}, {} new chunks ({}), uploaded {} in {} packs, {} chunks reused, {:.1} s",
-                v_name(v),
-                cell("", &v["manifest"]),
-                match v["base"].as_str() {
-                    Some(b) => format!("incremental on {}", b.get(..12).unwrap_or(b)),
+                "backed up {name} as {} ({}): read {}, {} new chunks ({}), uploaded {} in {} packs, {} chunks reused, {:.1} s",
+                b.manifest,
+                match &b.base {
+                    Some(base) => format!("incremental on {}", base.get(..12).unwrap_or(base)),
                     None => "full".into(),
                 },
-                format_size(u("bytes_read")),
-                u("chunks_new"),
-                format_size(u("bytes_new")),
-                format_size(u("bytes_uploaded")),
-                u("packs"),
-                u("chunks_reused"),
-                st["seconds"].as_f64().unwrap_or(0.0)
+                format_size(st.bytes_read),
+                st.chunks_new,
+                format_size(st.bytes_new),
+                format_size(st.bytes_uploaded),
+                st.packs,
+                st.chunks_reused,
+                st.seconds
             )
         }
-        Command::Restore { lazy: true, name, .. } => format!(
-            "volume {name} is ready ({:.2} s); restoring {} lazily in the background (see `snapblk restore-status`)",
-            v["ready_seconds"].as_f64().unwrap_or(0.0),
-            cell("", &v["backup"])
+        Reply::Restoring(r) => format!(
+            "volume {} is ready ({:.2} s); restoring {} lazily in the background (see `snapblk restore-status`)",
+            r.volume,
+            r.ready_seconds.unwrap_or(0.0),
+            r.backup
         ),
-        Command::RestoreStatus => {
-            let mut s = String::new();
-            for r in &rows {
-                s.push_str(&format!(
-                    "{} <- {} ({}): {} {:.1}% of {}{}\n",
-                    cell("", &r["volume"]),
-                    cell("", &r["backup"]),
-                    cell("", &r["target"]),
-                    if r["complete"].as_bool() == Some(true) { "complete" } else { "hydrating" },
-                    r["percent"].as_f64().unwrap_or(0.0),
-                    format_size(r["bytes_total"].as_u64().unwrap_or(0)),
-                    match r["error"].as_str() {
-                        Some(e) => format!("; last error: {e}"),
-                        None => String::new(),
-                    }
-                ));
-            }
-            if s.is_empty() {
+        Reply::Restores(rs) => {
+            let lines: Vec<String> = rs
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} <- {} ({}): {} {:.1}% of {}{}",
+                        r.volume,
+                        r.backup,
+                        r.target,
+                        if r.complete { "complete" } else { "hydrating" },
+                        r.percent.unwrap_or(0.0),
+                        format_size(r.bytes_total.unwrap_or(0)),
+                        match &r.error {
+                            Some(e) => format!("; last error: {e}"),
+                            None => String::new(),
+                        }
+                    )
+                })
+                .collect();
+            if lines.is_empty() {
                 "no lazy restores".into()
             } else {
-                s.trim_end().to_string()
+                lines.join("\n")
             }
         }
-        Command::Restore { name, .. } => format!(
-            "restored {} (backup {} of pool {}, host {}) as volume {name}: wrote {}, downloaded {} ({} chunks) in {:.1} s",
-            v_name(v),
-            cell("", &v["manifest"]),
-            cell("", &v["pool"]),
-            cell("", &v["host"]),
-            format_size(v["bytes_written"].as_u64().unwrap_or(0)),
-            format_size(v["bytes_downloaded"].as_u64().unwrap_or(0)),
-            v["chunks"],
-            v["seconds"].as_f64().unwrap_or(0.0)
+        Reply::Restore(r) => format!(
+            "restored {}@{} (backup {} of pool {}, host {}) as volume {}: wrote {}, downloaded {} ({} chunks) in {:.1} s",
+            r.volume,
+            r.snapshot,
+            r.manifest,
+            r.pool,
+            r.host,
+            match cmd {
+                Command::Restore { name, .. } => name.as_str(),
+                _ => "?",
+            },
+            format_size(r.bytes_written),
+            format_size(r.bytes_downloaded),
+            r.chunks,
+            r.seconds
         ),
-        Command::GroupList => table(
-            &rows
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "name": r["name"],
-                        "volumes": r["volumes"].as_array().map(|a| a.iter().map(|v| cell("", v)).collect::<Vec<_>>().join(" ")),
-                    })
-                })
-                .collect::<Vec<_>>(),
-            &[("name", "GROUP"), ("volumes", "VOLUMES")],
+        Reply::Groups(gs) => table(
+            &["GROUP", "VOLUMES"],
+            gs.iter()
+                .map(|g| vec![g.name.clone(), g.volumes.join(" ")])
+                .collect(),
         ),
-        Command::Jobs => table(&job_rows(&rows), &[
-            ("name", "JOB"),
-            ("status", "LAST"),
-            ("last_start", "LAST START"),
-            ("next_run", "NEXT RUN"),
-            ("runs", "RUNS"),
-            ("failures", "FAILED"),
-            ("error", "ERROR"),
-        ]),
-        Command::PolicyList => table(
-            &rows
-                .iter()
-                .map(|r| {
-                    let s = &r["policy"]["snapshots"];
-                    let keep = s["keep"]
-                        .as_object()
-                        .map(|k| {
-                            k.iter()
-                                .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
-                                .map(|(k, n)| format!("{k}={n}"))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_default();
-                    serde_json::json!({
-                        "name": r["name"],
-                        "volumes": r["policy"]["volumes"].as_array().map(|a| a.iter().map(|v| cell("", v)).collect::<Vec<_>>().join(",")),
-                        "groups": r["policy"]["groups"].as_array().map(|a| a.iter().map(|v| cell("", v)).collect::<Vec<_>>().join(",")),
-                        "schedule": s["schedule"],
-                        "keep": if keep.is_empty() { "all".to_string() } else { keep },
-                    })
-                })
-                .collect::<Vec<_>>(),
-            &[
-                ("name", "POLICY"),
-                ("volumes", "VOLUMES"),
-                ("groups", "GROUPS"),
-                ("schedule", "SCHEDULE"),
-                ("keep", "KEEP"),
-            ],
-        ),
-        Command::Status { .. } => status(v),
-        Command::RepoList => table(
-            &rows
-                .iter()
-                .map(|r| {
-                    let t = &r["repository"];
-                    let sched = |k: &str| {
-                        t[k]["schedule"]
-                            .as_str()
-                            .map_or("-".to_string(), str::to_string)
+        Reply::Jobs(js) => table(
+            &["JOB", "LAST", "LAST START", "NEXT RUN", "RUNS", "FAILED", "ERROR"],
+            js.iter()
+                .map(|j| {
+                    let st = &j.view.state;
+                    let (status, error) = match &st.last_outcome {
+                        _ if j.view.running => ("running".to_string(), "-".to_string()),
+                        None => ("never".into(), "-".into()),
+                        Some(Outcome::Ok) => ("ok".into(), "-".into()),
+                        Some(Outcome::Failed { error }) => ("failed".into(), error.clone()),
+                        Some(Outcome::Interrupted) => ("interrupted".into(), "-".into()),
                     };
-                    serde_json::json!({
-                        "name": r["name"],
-                        "url": t["url"],
-                        "key": t["key_file"].as_str().or(t["passphrase_file"].as_str()),
-                        "gc": sched("gc"),
-                        "verify": sched("verify"),
-                    })
+                    vec![
+                        j.view.name.clone(),
+                        status,
+                        when(&st.last_start),
+                        when(&j.view.next_run),
+                        st.runs.to_string(),
+                        st.failures.to_string(),
+                        error,
+                    ]
                 })
-                .collect::<Vec<_>>(),
-            &[
-                ("name", "REPOSITORY"),
-                ("url", "URL"),
-                ("key", "KEY FILE"),
-                ("gc", "GC"),
-                ("verify", "VERIFY"),
-            ],
+                .collect(),
         ),
-        Command::PolicyPlan { .. } => rows
+        Reply::Policies(ps) => table(
+            &["POLICY", "VOLUMES", "GROUPS", "SCHEDULE", "KEEP"],
+            ps.iter()
+                .map(|n| {
+                    let (vols, groups, sched, kept) = match &n.policy {
+                        Some(p) => (
+                            p.volumes.join(","),
+                            p.groups.join(","),
+                            p.snapshots
+                                .as_ref()
+                                .map_or("-".to_string(), |s| s.schedule.to_string()),
+                            p.snapshots.as_ref().map_or("all".to_string(), |s| keep(&s.keep)),
+                        ),
+                        None => ("-".into(), "-".into(), "-".into(), "-".into()),
+                    };
+                    vec![n.name.clone(), vols, groups, sched, kept]
+                })
+                .collect(),
+        ),
+        Reply::Protection(p) => status(p),
+        Reply::Repos(rs) => table(
+            &["REPOSITORY", "URL", "KEY FILE", "GC", "VERIFY"],
+            rs.iter()
+                .map(|n| match &n.repository {
+                    Some(t) => vec![
+                        n.name.clone(),
+                        t.url.clone(),
+                        opt(&t.key_file.as_ref().or(t.passphrase_file.as_ref())),
+                        opt(&t.gc.as_ref().map(|g| g.schedule.to_string())),
+                        opt(&t.verify.as_ref().map(|v| v.schedule.to_string())),
+                    ],
+                    None => vec![n.name.clone(), "-".into(), "-".into(), "-".into(), "-".into()],
+                })
+                .collect(),
+        ),
+        Reply::Plan(plans) => plans
             .iter()
             .flat_map(|p| {
-                let vol = cell("", &p["volume"]);
-                let err = p["error"]
-                    .as_str()
-                    .map(|e| format!("error   {vol}: {e}"));
-                p["verdicts"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_iter()
+                let vol = &p.volume;
+                let err = p.error.as_ref().map(|e| format!("error   {vol}: {e}"));
+                p.verdicts
+                    .iter()
                     .map(move |x| {
-                        let reasons: Vec<String> = x["reasons"]
-                            .as_array()
-                            .map(|a| a.iter().map(|r| cell("", r)).collect())
-                            .unwrap_or_default();
-                        if reasons.is_empty() {
-                            format!("delete  {vol}@{}", cell("", &x["name"]))
+                        if x.reasons.is_empty() {
+                            format!("delete  {vol}@{}", x.name)
                         } else {
-                            format!("keep    {vol}@{}  ({})", cell("", &x["name"]), reasons.join(", "))
+                            let why: Vec<String> = x.reasons.iter().map(name_of).collect();
+                            format!("keep    {vol}@{}  ({})", x.name, why.join(", "))
                         }
                     })
                     .chain(err)
@@ -399,97 +434,79 @@ pub fn render(cmd: &Command, v: &Value) -> String {
             })
             .collect::<Vec<_>>()
             .join("\n"),
-        _ => keyvals(v),
+        Reply::Volume(v) => volume(v),
+        Reply::Resized(r) => {
+            let mut s = volume(&r.volume);
+            for d in &r.devices {
+                s.push_str(&format!(
+                    "\n{:<15} {}{}",
+                    "device",
+                    d.path,
+                    match &d.error {
+                        Some(e) => format!(" not resized: {e}"),
+                        None => " resized".into(),
+                    }
+                ));
+            }
+            s
+        }
+        Reply::Pool(x) => keyvals(x),
+        Reply::DefaultVolume(x) => keyvals(x),
+        Reply::Snapshot(x) => keyvals(x),
+        Reply::GroupSnapshot(x) => keyvals(x),
+        Reply::GroupSet(x) => keyvals(x),
+        Reply::Cancelled(x) => keyvals(x),
+        Reply::Policy(x) => keyvals(x),
+        Reply::PolicyDetail(x) => keyvals(x),
+        Reply::Run(x) => keyvals(x),
+        Reply::Repo(x) => keyvals(x),
+        Reply::Notify(x) => keyvals(x),
+        Reply::NotifyTested(x) => keyvals(x),
+        Reply::SpaceGuard(x) => keyvals(x),
+        Reply::BackupsChanged(x) => keyvals(x),
     }
 }
 
 /// `snapblk status`: one line per volume, then each target and every reason.
-fn status(v: &Value) -> String {
-    let vols = v["volumes"].as_array().cloned().unwrap_or_default();
-    let rows: Vec<Value> = vols
-        .iter()
-        .map(|s| {
-            serde_json::json!({
-                "volume": s["volume"],
-                "verdict": cell("", &s["verdict"]).replace('_', " "),
-                "copies": s["copies"],
-                "media": s["media"],
-                "off_site": if s["off_site"].as_bool() == Some(true) { "yes" } else { "no" },
-                "policies": s["policies"].as_array().map(|a| a.iter().map(|p| cell("", p)).collect::<Vec<_>>().join(",")),
-            })
-        })
-        .collect();
+fn status(p: &Protection) -> String {
     let mut out = table(
-        &rows,
         &[
-            ("volume", "VOLUME"),
-            ("verdict", "STATUS"),
-            ("copies", "COPIES"),
-            ("media", "MEDIA"),
-            ("off_site", "OFF-SITE"),
-            ("policies", "POLICIES"),
+            "VOLUME", "STATUS", "COPIES", "MEDIA", "OFF-SITE", "POLICIES",
         ],
+        p.volumes
+            .iter()
+            .map(|s| {
+                vec![
+                    s.volume.clone(),
+                    name_of(&s.verdict).replace('_', " "),
+                    s.copies.to_string(),
+                    s.media.to_string(),
+                    if s.off_site { "yes" } else { "no" }.into(),
+                    s.policies.join(","),
+                ]
+            })
+            .collect(),
     );
-    for s in &vols {
-        let vol = cell("", &s["volume"]);
-        for t in s["targets"].as_array().cloned().unwrap_or_default() {
-            let age = t["age_secs"].as_u64().map_or("never".to_string(), |a| {
+    for s in &p.volumes {
+        let vol = &s.volume;
+        for t in &s.targets {
+            let age = t.age_secs.map_or("never".to_string(), |a| {
                 format!("{} ago", snapblk_policy::status::span(a))
             });
             out.push_str(&format!(
                 "\n  {vol} -> {}: newest {} ({age}, RPO {}), {}{}",
-                cell("", &t["repository"]),
-                t["newest"].as_str().unwrap_or("-"),
-                snapblk_policy::status::span(t["rpo_secs"].as_u64().unwrap_or(0)),
-                cell("", &t["medium"]["id"]),
-                if t["medium"]["off_site"].as_bool() == Some(true) {
-                    ", off site"
-                } else {
-                    ""
-                },
+                t.repository,
+                t.newest.as_deref().unwrap_or("-"),
+                snapblk_policy::status::span(t.rpo_secs),
+                t.medium.id,
+                if t.medium.off_site { ", off site" } else { "" },
             ));
         }
-        for r in s["reasons"].as_array().cloned().unwrap_or_default() {
-            out.push_str(&format!("\n  {vol}: {}", cell("", &r)));
+        for r in &s.reasons {
+            out.push_str(&format!("\n  {vol}: {r}"));
         }
     }
     out
-}
-
-/// One row per job for `snapblk jobs`.
-fn job_rows(rows: &[Value]) -> Vec<Value> {
-    rows.iter()
-        .map(|j| {
-            let st = &j["state"];
-            let last = &st["last_outcome"];
-            let status = if j["running"].as_bool() == Some(true) {
-                "running".to_string()
-            } else {
-                last["status"].as_str().unwrap_or("never").to_string()
-            };
-            // Whole seconds are enough on a terminal (`--json` keeps the full times).
-            let secs = |v: &Value| match v.as_str() {
-                Some(t) => Value::String(match t.split_once('.') {
-                    Some((s, _)) => format!("{s}Z"),
-                    None => t.to_string(),
-                }),
-                None => v.clone(),
-            };
-            serde_json::json!({
-                "name": j["name"],
-                "status": status,
-                "last_start": secs(&st["last_start"]),
-                "next_run": secs(&j["next_run"]),
-                "runs": st["runs"],
-                "failures": st["failures"],
-                "error": last["error"],
-            })
-        })
-        .collect()
-}
-
-fn v_name(v: &Value) -> String {
-    format!("{}@{}", cell("", &v["volume"]), cell("", &v["snapshot"]))
 }
 
 #[cfg(test)]

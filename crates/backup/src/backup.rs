@@ -59,7 +59,7 @@ pub struct Job {
     pub compact: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub manifest: String,
     pub volume: String,

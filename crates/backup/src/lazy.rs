@@ -55,7 +55,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use snapblk_core::export::{Export, ExportProvider, StatusRun};
 use snapblk_core::keys::Filling;
 use snapblk_core::{Error as VolError, Pool};
@@ -79,6 +78,12 @@ const CLIENT_FIRST: Duration = Duration::from_millis(200);
 const MAX_RUN: usize = 8 << 20;
 /// Bytes read past a miss that continues the previous one (a sequential reader).
 const READ_AHEAD: u64 = 16 << 20;
+/// How far ahead of a sequential reader the background read-ahead keeps the volume
+/// hydrated; it fetches in windows of at least half this (many ranged GETs at once) while
+/// the reader consumes the previous one.
+const PREFETCH: u64 = 64 << 20;
+/// Longest a client miss waits for the read-ahead already fetching its cells.
+const AHEAD_WAIT: Duration = Duration::from_secs(30);
 /// Cells fetched per background request batch.
 const BATCH: usize = 128;
 /// The background thread saves the bitmap at least this often.
@@ -131,6 +136,13 @@ pub struct Hydration {
     /// When a client request last had to fetch (ms since `started`): the background
     /// thread gives way for [`CLIENT_FIRST`] after it.
     last_client_fetch: AtomicU64,
+    /// Background read-ahead for a sequential reader ([`Hydration::read_ahead`]): the end
+    /// of the last client read, the window being (or last) fetched, and whether a fetch
+    /// runs. Hints: a race costs at most a duplicate or a skipped read-ahead.
+    last_read_end: AtomicU64,
+    ahead_from: AtomicU64,
+    ahead_to: AtomicU64,
+    ahead_running: AtomicBool,
     dir: PathBuf,
     /// Keeps gc from deleting the packs this restore reads, until it completes.
     lease: Mutex<Option<crate::lease::Lease>>,
@@ -346,6 +358,10 @@ impl Hydration {
             started: Instant::now(),
             last_miss_end: AtomicU64::new(u64::MAX),
             last_client_fetch: AtomicU64::new(0),
+            last_read_end: AtomicU64::new(u64::MAX),
+            ahead_from: AtomicU64::new(0),
+            ahead_to: AtomicU64::new(0),
+            ahead_running: AtomicBool::new(false),
             dir: dir.to_path_buf(),
             lease: Mutex::new(Some(lease)),
             done,
@@ -587,6 +603,23 @@ impl Hydration {
             self.started.elapsed().as_millis() as u64 + 1,
             Ordering::Relaxed,
         );
+        // The background read-ahead may be fetching these cells now: wait for it rather
+        // than download them twice.
+        if self.ahead_running.load(Ordering::Acquire)
+            && off >= self.ahead_from.load(Ordering::Relaxed)
+            && end <= self.ahead_to.load(Ordering::Relaxed)
+        {
+            let t = Instant::now();
+            while self.ahead_running.load(Ordering::Acquire)
+                && self.pending_in(off, len)
+                && t.elapsed() < AHEAD_WAIT
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if !self.pending_in(off, len) {
+                return Ok(());
+            }
+        }
         if self.last_miss_end.swap(end, Ordering::Relaxed) == off {
             let ahead = self.positions(end, READ_AHEAD);
             let with_ahead = asked.start..asked.end.max(ahead.end);
@@ -599,6 +632,51 @@ impl Hydration {
             }
         }
         self.hydrate(asked).map_err(|e| self.eio(e))
+    }
+
+    /// After a client read of `[off, off + len)`: if it continues the previous read (a
+    /// sequential reader) and less than half of [`PREFETCH`] ahead of it is being or has
+    /// been fetched, fetches up to [`PREFETCH`] past it on a thread of its own, one window
+    /// at a time, so the reader's next requests find their cells hydrated while it
+    /// consumes these. Failures only cost the read-ahead (the reader's own miss fetches).
+    pub fn read_ahead(self: &Arc<Self>, off: u64, len: u64) {
+        let end = off.saturating_add(len);
+        if self.last_read_end.swap(end, Ordering::Relaxed) != off {
+            self.ahead_to.store(0, Ordering::Relaxed);
+            return;
+        }
+        if self.is_complete() || self.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let to = self.ahead_to.load(Ordering::Relaxed);
+        if end.saturating_add(PREFETCH / 2) <= to || self.ahead_running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let (from, until) = (end.max(to), end.saturating_add(PREFETCH));
+        if !self.pending_in(from, until - from) {
+            self.ahead_to.store(until, Ordering::Relaxed);
+            self.ahead_running.store(false, Ordering::Release);
+            return;
+        }
+        self.ahead_from.store(from, Ordering::Relaxed);
+        self.ahead_to.store(until, Ordering::Relaxed);
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("ahead-{}", self.state.volume))
+            .spawn(move || {
+                me.last_client_fetch.store(
+                    me.started.elapsed().as_millis() as u64 + 1,
+                    Ordering::Relaxed,
+                );
+                if let Err(e) = me.hydrate(me.positions(from, until - from)) {
+                    log::debug!("lazy restore of {}: read-ahead: {e}", me.state.volume);
+                }
+                me.ahead_running.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.ahead_running.store(false, Ordering::Release);
+        }
     }
 
     /// Fetches and writes the table positions of `range` not hydrated yet.
@@ -778,22 +856,55 @@ impl Hydration {
         (self.release)(&self.state.volume);
     }
 
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> RestoreStatus {
         let done = self.bytes_done.load(Ordering::Relaxed);
-        json!({
-            "volume": self.state.volume,
-            "backup": self.state.backup,
-            "manifest": self.state.manifest,
-            "target": self.state.target,
-            "complete": self.is_complete(),
-            "bytes_done": done,
-            "bytes_total": self.bytes_total,
-            "cells_remaining": self.remaining.load(Ordering::Relaxed),
-            "percent": if self.bytes_total == 0 { 100.0 } else { done as f64 * 100.0 / self.bytes_total as f64 },
-            "seconds": self.started.elapsed().as_secs_f64(),
-            "error": *lock(&self.error),
-        })
+        RestoreStatus {
+            volume: self.state.volume.clone(),
+            backup: self.state.backup.clone(),
+            manifest: self.state.manifest.clone(),
+            target: self.state.target.clone(),
+            complete: self.is_complete(),
+            bytes_done: Some(done),
+            bytes_total: Some(self.bytes_total),
+            cells_remaining: Some(self.remaining.load(Ordering::Relaxed)),
+            percent: Some(if self.bytes_total == 0 {
+                100.0
+            } else {
+                done as f64 * 100.0 / self.bytes_total as f64
+            }),
+            seconds: Some(self.started.elapsed().as_secs_f64()),
+            error: lock(&self.error).clone(),
+            ready_seconds: None,
+        }
     }
+}
+
+/// One lazy restore as `restore-status` (and `restore --lazy`) report it. An interrupted
+/// restore has no progress figures, only its error.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RestoreStatus {
+    pub volume: String,
+    /// `vol@snap` and manifest id of the backup, and the repository it comes from.
+    pub backup: String,
+    pub manifest: String,
+    pub target: String,
+    pub complete: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_done: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cells_remaining: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// Seconds since this run of the restore started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// The last error (fetches are retried), or why it is not running.
+    pub error: Option<String>,
+    /// Seconds `restore --lazy` took until the volume was usable (its own reply only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_seconds: Option<f64>,
 }
 
 /// A client's view of a volume being hydrated.
@@ -845,6 +956,7 @@ impl Export for LazyExport {
     fn read(&self, offset: u64, buf: &mut [u8]) -> snapblk_core::Result<()> {
         if let Some(h) = self.hyd()? {
             h.ensure(offset, buf.len() as u64)?;
+            h.read_ahead(offset, buf.len() as u64);
         }
         self.inner.read(offset, buf)
     }
@@ -915,7 +1027,7 @@ pub struct Restores {
     /// Volumes a `restore --lazy` is starting or resuming right now.
     starting: Mutex<std::collections::HashSet<String>>,
     /// Status of the last restores that finished (their hydrations are dropped).
-    finished: Mutex<Vec<Value>>,
+    finished: Mutex<Vec<RestoreStatus>>,
 }
 
 /// Finished restores `restore-status` still shows.
@@ -953,7 +1065,7 @@ impl Restores {
     }
     pub fn insert(&self, h: Arc<Hydration>) {
         lock(&self.suspended).remove(h.volume());
-        lock(&self.finished).retain(|v| v["volume"] != h.volume());
+        lock(&self.finished).retain(|v| v.volume != h.volume());
         lock(&self.map).insert(h.volume().to_string(), h);
     }
     /// Forgets a restore (its hydration, index and volume handle are dropped once no client
@@ -1022,13 +1134,25 @@ impl Restores {
             .collect()
     }
 
-    pub fn status(&self) -> Vec<Value> {
-        let mut out: Vec<Value> = lock(&self.finished).clone();
+    pub fn status(&self) -> Vec<RestoreStatus> {
+        let mut out: Vec<RestoreStatus> = lock(&self.finished).clone();
         out.extend(lock(&self.map).values().map(|h| h.status()));
-        out.extend(lock(&self.suspended).values().map(|(s, _)| {
-            json!({ "volume": s.volume, "backup": s.backup, "manifest": s.manifest,
-                "target": s.target, "complete": false,
-                "error": "interrupted by a daemon restart: run the same `snapblk restore --lazy` again to resume" })
+        out.extend(lock(&self.suspended).values().map(|(s, _)| RestoreStatus {
+            volume: s.volume.clone(),
+            backup: s.backup.clone(),
+            manifest: s.manifest.clone(),
+            target: s.target.clone(),
+            complete: false,
+            bytes_done: None,
+            bytes_total: None,
+            cells_remaining: None,
+            percent: None,
+            seconds: None,
+            error: Some(
+                "interrupted by a daemon restart: run the same `snapblk restore --lazy` again to resume"
+                    .into(),
+            ),
+            ready_seconds: None,
         }));
         out
     }

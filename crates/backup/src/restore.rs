@@ -31,7 +31,7 @@ const MAX_FETCH: u64 = 16 << 20;
 /// pack's whole needed span). Bounds the waste at about 1 MiB per needed chunk.
 const MAX_GAP: u64 = 1 << 20;
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub manifest: String,
     pub volume: String,

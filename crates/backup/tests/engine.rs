@@ -487,7 +487,7 @@ fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert!(hyd.is_complete(), "{}", hyd.status());
+    assert!(hyd.is_complete(), "{:?}", hyd.status());
     let mut got = image(&p, "lazy");
     assert!(got[7 * MIB as usize + 4096..7 * MIB as usize + 8192]
         .iter()

@@ -188,7 +188,7 @@ fn wait_complete(h: &Hydration) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("hydration did not complete: {}", h.status());
+    panic!("hydration did not complete: {:?}", h.status());
 }
 
 #[test]
@@ -317,7 +317,7 @@ fn completion_clears_the_mark_removes_the_state_and_releases_the_volume() {
     );
     let st = restores.status();
     assert!(
-        st.len() == 1 && st[0]["complete"] == true && st[0]["cells_remaining"] == 0,
+        st.len() == 1 && st[0].complete && st[0].cells_remaining == Some(0),
         "restore-status shows the finished restore: {st:?}"
     );
 }

@@ -148,7 +148,7 @@ fn every_job_allocates_by_the_data_not_by_stored_sizes() {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            assert!(h.is_complete(), "{}", h.status());
+            assert!(h.is_complete(), "{:?}", h.status());
         }),
     );
     assert!(

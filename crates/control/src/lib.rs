@@ -11,6 +11,9 @@
 
 use std::io::{BufRead, Read, Write};
 
+pub mod reply;
+pub use reply::Reply;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -268,6 +271,16 @@ pub enum Command {
     GroupDelete {
         name: String,
     },
+}
+
+impl Command {
+    /// The command's wire name (`volume_create`, ...), for messages.
+    pub fn name(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.get("cmd").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_default()
+    }
 }
 
 /// One request read from a connection.

@@ -132,7 +132,7 @@ pub struct JobRecord {
 }
 
 /// A job as listed: scheduler view plus its history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobInfo {
     #[serde(flatten)]
     pub view: JobView,
@@ -144,7 +144,7 @@ pub struct JobInfo {
 }
 
 /// Retention's decisions for one volume of a policy (dry run or done).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumePlan {
     pub volume: String,
     pub verdicts: Vec<Verdict>,

@@ -55,7 +55,7 @@ pub struct Item {
 }
 
 /// The decision for one item; `reasons` is empty for an item that goes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
     pub name: String,
     pub time: Timestamp,

@@ -110,7 +110,7 @@ struct Entry {
 }
 
 /// A job as `snapblk jobs` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobView {
     pub name: String,
     pub spec: JobSpec,

@@ -65,7 +65,7 @@ impl GuardConfig {
 }
 
 /// A snapshot the guard may delete.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
     pub volume: String,
     pub snapshot: String,

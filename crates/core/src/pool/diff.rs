@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::device::BLOCK_SIZE_U64;
 use crate::error::Result;
@@ -10,7 +10,7 @@ use crate::error::Result;
 use super::mapping::scan_layer;
 use super::{Pool, Target};
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DiffRange {
     pub offset: u64,
     pub length: u64,

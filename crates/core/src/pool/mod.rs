@@ -31,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLock
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::alloc::Allocator;
 use crate::device::{DataDevice, BLOCK_SIZE_U64};
@@ -83,7 +83,7 @@ pub struct Pool {
     background: Mutex<Option<JoinHandle<()>>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolInfo {
     pub uuid: String,
     pub format_version: u32,

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::device::BLOCK_SIZE_U64;
 use crate::error::{Error, Result};
@@ -18,7 +18,7 @@ use super::{Pool, Target, Tree};
 /// Largest volume size accepted (64 PiB), far below where byte offsets could overflow.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 56;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeInfo {
     pub name: String,
     pub id: u64,
@@ -45,7 +45,7 @@ pub struct VolumeInfo {
     pub incomplete: Option<Incomplete>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotInfo {
     pub volume: String,
     pub name: String,

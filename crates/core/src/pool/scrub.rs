@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::device::{AlignedBuf, ReadSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::Result;
@@ -22,7 +22,7 @@ const STEP_LBAS: u64 = 1 << 16;
 /// Largest single device read (blocks).
 const MAX_RUN: u64 = 256;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BadBlock {
     pub layer: LayerId,
     pub lba: u64,
@@ -32,7 +32,7 @@ pub struct BadBlock {
     pub affects: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ScrubReport {
     pub layers: u64,
     pub blocks: u64,

@@ -26,7 +26,7 @@ use crate::meta::{try_scan, MetaRead};
 /// At most this many errors are listed; the count is kept.
 const MAX_LISTED: usize = 100;
 
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     pub errors: Vec<String>,
     pub error_count: u64,
