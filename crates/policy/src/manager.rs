@@ -138,7 +138,7 @@ pub struct JobInfo {
     pub view: JobView,
     pub policy: String,
     /// The repository a backup, gc or verify job works on.
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub repository: String,
     pub history: Vec<RunRecord>,
 }
