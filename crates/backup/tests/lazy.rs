@@ -171,6 +171,14 @@ impl Setup {
         (gate, gets, restores, h)
     }
 
+    /// Changes 1 MiB of v and backs up a new snapshot `n<round>` of it.
+    fn newer_backup(&self, r: &Repository, round: u64) {
+        common::put(&self.pool, "v", 0, &random_bytes(MIB as usize, 100 + round));
+        let snap = format!("n{round}");
+        self.pool.create_snapshot("v", &snap).unwrap();
+        backup_snapshot(&self.pool, r, &format!("v@{snap}"), false, &NoProgress).unwrap();
+    }
+
     fn image(&self, name: &str) -> Vec<u8> {
         common::image(&self.pool, name)
     }
@@ -178,6 +186,23 @@ impl Setup {
     fn state_file(&self, ext: &str) -> std::path::PathBuf {
         let id = self.pool.volume_info("lz").unwrap().id;
         self.state.path().join(format!("{id}.{ext}"))
+    }
+}
+
+/// gc with no grace period (deletes all it may at once).
+fn gc_now() -> snapblk_backup::gc::Options {
+    snapblk_backup::gc::Options {
+        grace_secs: 0,
+        max_unused: 0.0,
+        dry_run: false,
+    }
+}
+
+/// Retention that keeps the newest backup of each volume only.
+fn keep_one() -> prune::Policy {
+    prune::Policy {
+        keep_last: 1,
+        ..Default::default()
     }
 }
 
@@ -372,21 +397,11 @@ fn a_lazy_restore_outlives_prune_and_gc_cycles() {
     let exports = s.exports(&restores);
     let e = exports.open("lz").unwrap();
     let r = s.repo(true);
-    let gc_now = snapblk_backup::gc::Options {
-        grace_secs: 0,
-        max_unused: 0.0,
-        dry_run: false,
-    };
-    let keep_one = snapblk_backup::prune::Policy {
-        keep_last: 1,
-        ..Default::default()
-    };
+    let gc_now = gc_now();
+    let keep_one = keep_one();
     for round in 0..3u64 {
         // A newer backup, so keep-last 1 removes v@s (in round 0) and its successors.
-        common::put(&s.pool, "v", 0, &random_bytes(MIB as usize, 100 + round));
-        let snap = format!("n{round}");
-        s.pool.create_snapshot("v", &snap).unwrap();
-        backup_snapshot(&s.pool, &r, &format!("v@{snap}"), false, &NoProgress).unwrap();
+        s.newer_backup(&r, round);
         snapblk_backup::prune::run(&r, &keep_one, &Default::default(), false).unwrap();
         let g = snapblk_backup::gc::run(&r, &gc_now, &NoProgress).unwrap();
         assert!(
@@ -429,20 +444,10 @@ fn an_interrupted_lazy_restore_resumes_after_prune_and_gc_cycles() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let gc_now = snapblk_backup::gc::Options {
-        grace_secs: 0,
-        max_unused: 0.0,
-        dry_run: false,
-    };
-    let keep_one = snapblk_backup::prune::Policy {
-        keep_last: 1,
-        ..Default::default()
-    };
+    let gc_now = gc_now();
+    let keep_one = keep_one();
     for round in 0..3u64 {
-        common::put(&s.pool, "v", 0, &random_bytes(MIB as usize, 100 + round));
-        let snap = format!("n{round}");
-        s.pool.create_snapshot("v", &snap).unwrap();
-        backup_snapshot(&s.pool, &r, &format!("v@{snap}"), false, &NoProgress).unwrap();
+        s.newer_backup(&r, round);
         let out = prune::run(&r, &keep_one, &Default::default(), false).unwrap();
         assert!(
             out.held
@@ -494,10 +499,7 @@ fn a_hold_placed_during_a_prune_keeps_the_backup_and_a_lapsed_one_does_not() {
     backup_snapshot(&s.pool, &r, "v@t", false, &NoProgress).unwrap();
     let cats = snapblk_backup::catalog::Catalogs::load(&r).unwrap();
     let old = cats.choose("v@s", None, None).unwrap();
-    let keep_one = snapblk_backup::prune::Policy {
-        keep_last: 1,
-        ..Default::default()
-    };
+    let keep_one = keep_one();
     // Right after prune's catalog commit (v@s removed), a restore places its hold and a
     // gc with no grace period runs: gc must not take the removed-but-held v@s's header
     // and table for leftovers of an interrupted prune.
@@ -515,11 +517,7 @@ fn a_hold_placed_during_a_prune_keeps_the_backup_and_a_lapsed_one_does_not() {
                 if !placed.swap(true, Ordering::SeqCst) {
                     let r = Repository::open(Arc::new(FileStore::new(&dir)), b"k").unwrap();
                     snapblk_backup::hold::place(&r, &id, "v@s", "p", "lz", 9).unwrap();
-                    let g = snapblk_backup::gc::Options {
-                        grace_secs: 0,
-                        max_unused: 0.0,
-                        dry_run: false,
-                    };
+                    let g = gc_now();
                     let rep = snapblk_backup::gc::run(&r, &g, &NoProgress).unwrap();
                     assert!(rep.leftovers_deleted.is_empty(), "{rep:?}");
                 }
@@ -575,10 +573,7 @@ fn a_backup_pruned_while_its_lazy_restore_starts_fails_that_restore_cleanly() {
             Box::new(move || {
                 if !pruned.swap(true, Ordering::SeqCst) {
                     let r = Repository::open(Arc::new(FileStore::new(&dir)), b"k").unwrap();
-                    let keep_one = snapblk_backup::prune::Policy {
-                        keep_last: 1,
-                        ..Default::default()
-                    };
+                    let keep_one = keep_one();
                     let out = prune::run(&r, &keep_one, &Default::default(), false).unwrap();
                     assert_eq!(out.removed.len(), 1, "{out:?}");
                 }
