@@ -275,10 +275,23 @@ fn command(cmd: &Cmd) -> Result<Command> {
 
 /// Runs a management command through the daemon, or on a directly opened pool.
 fn run_command(cli: &Cli, cmd: &Command) -> Result<Reply> {
+    let v = run_command_raw(cli, cmd)?;
+    parse_reply(cmd, v)
+}
+
+/// The typed reply; an error says the command itself ran (a daemon of another version
+/// may answer with a shape this CLI does not know).
+fn parse_reply(cmd: &Command, v: serde_json::Value) -> Result<Reply> {
+    Reply::parse(cmd, v).map_err(|e| {
+        anyhow::anyhow!("{e} (the command ran; is the daemon another snapblk version?)")
+    })
+}
+
+/// The reply's JSON as the daemon sent it (or as a direct run produced it).
+fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
     let socket = cli.socket.clone().unwrap_or_else(control::default_socket);
     if let Some(conn) = control::connect(&socket) {
-        let v = control::call(&conn, cmd, &progress::Bar::new(cli.json))?;
-        return Reply::parse(cmd, v).map_err(|e| anyhow::anyhow!(e));
+        return control::call(&conn, cmd, &progress::Bar::new(cli.json));
     }
     let (Some(meta), Some(data)) = (&cli.meta, &cli.data) else {
         return Err(exit::Failed {
@@ -298,7 +311,7 @@ fn run_command(cli: &Cli, cmd: &Command) -> Result<Reply> {
         opened.pool.reclaim_all()?;
     }
     opened.pool.shutdown()?;
-    r
+    r.map(|r| r.to_value())
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -522,12 +535,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }) => Some(freeze::freeze(m)?),
                 _ => None,
             };
-            let result = run_command(&cli, &cmd);
+            let result = run_command_raw(&cli, &cmd);
             drop(frozen);
-            let r = result?;
+            let v = result?;
             if cli.json {
-                say!("{}", serde_json::to_string_pretty(&r.to_value())?);
-            } else {
+                // As sent: printed even if this CLI cannot read it.
+                say!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            let r = parse_reply(&cmd, v)?;
+            if !cli.json {
                 say!("{}", render::render(&cmd, &r));
             }
             let clean = match &r {

@@ -360,13 +360,13 @@ pub fn render(cmd: &Command, r: &Reply) -> String {
             js.iter()
                 .map(|j| {
                     let st = &j.view.state;
-                    let (status, error) = match &st.last_outcome {
-                        _ if j.view.running => ("running".to_string(), "-".to_string()),
-                        None => ("never".into(), "-".into()),
-                        Some(Outcome::Ok) => ("ok".into(), "-".into()),
-                        Some(Outcome::Failed { error }) => ("failed".into(), error.clone()),
-                        Some(Outcome::Interrupted) => ("interrupted".into(), "-".into()),
+                    let (last, error) = match &st.last_outcome {
+                        None => ("never", "-".to_string()),
+                        Some(Outcome::Ok) => ("ok", "-".into()),
+                        Some(Outcome::Failed { error }) => ("failed", error.clone()),
+                        Some(Outcome::Interrupted) => ("interrupted", "-".into()),
                     };
+                    let status = if j.view.running { "running" } else { last }.to_string();
                     vec![
                         j.view.name.clone(),
                         status,

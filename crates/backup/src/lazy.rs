@@ -82,8 +82,9 @@ const READ_AHEAD: u64 = 16 << 20;
 /// hydrated; it fetches in windows of at least half this (many ranged GETs at once) while
 /// the reader consumes the previous one.
 const PREFETCH: u64 = 64 << 20;
-/// Longest a client miss waits for the read-ahead already fetching its cells.
-const AHEAD_WAIT: Duration = Duration::from_secs(30);
+/// Longest a client miss waits for the read-ahead already fetching its cells before it
+/// fetches them itself.
+const AHEAD_WAIT: Duration = Duration::from_secs(5);
 /// Cells fetched per background request batch.
 const BATCH: usize = 128;
 /// The background thread saves the bitmap at least this often.
@@ -128,6 +129,8 @@ pub struct Hydration {
     /// more (and lets its table and chunk locations go).
     complete: Arc<AtomicBool>,
     stop: AtomicBool,
+    /// Only the background thread stops (tests drive hydration by client requests alone).
+    background_off: AtomicBool,
     error: Mutex<Option<String>>,
     save_lock: Mutex<()>,
     started: Instant,
@@ -353,6 +356,7 @@ impl Hydration {
             bytes_total,
             complete: Arc::new(AtomicBool::new(false)),
             stop: AtomicBool::new(false),
+            background_off: AtomicBool::new(false),
             error: Mutex::new(None),
             save_lock: Mutex::new(()),
             started: Instant::now(),
@@ -405,8 +409,15 @@ impl Hydration {
     }
 
     /// Stops the background thread (daemon shutdown); state files stay for a resume.
+    /// Stops the restore: the background thread and any read-ahead write nothing more,
+    /// client requests that would hydrate fail (the volume is an interrupted restore now).
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Stops only the background thread; client requests still hydrate what they touch.
+    pub fn stop_background(&self) {
+        self.background_off.store(true, Ordering::Release);
     }
 
     fn is_done(&self, p: usize) -> bool {
@@ -465,6 +476,11 @@ impl Hydration {
         stripes.sort_unstable();
         stripes.dedup();
         let _held: Vec<_> = stripes.iter().map(|&s| lock(&self.stripes[s])).collect();
+        // A stopped (cancelled) run writes nothing more: a resumed run may own these
+        // cells now, and a client may have written them through it.
+        if self.stop.load(Ordering::Acquire) {
+            return Err(self.eio("the restore was stopped"));
+        }
         let cs = u64::from(self.table.chunk_size);
         let mut buf: Vec<u8> = Vec::new();
         let mut i = 0;
@@ -641,14 +657,19 @@ impl Hydration {
     /// consumes these. Failures only cost the read-ahead (the reader's own miss fetches).
     pub fn read_ahead(self: &Arc<Self>, off: u64, len: u64) {
         let end = off.saturating_add(len);
+        // Reads that finish out of order (several requests in flight, several readers)
+        // leave the window alone; a sequential run below it starts a new one.
         if self.last_read_end.swap(end, Ordering::Relaxed) != off {
-            self.ahead_to.store(0, Ordering::Relaxed);
             return;
         }
         if self.is_complete() || self.stop.load(Ordering::Relaxed) {
             return;
         }
-        let to = self.ahead_to.load(Ordering::Relaxed);
+        let to = if end < self.ahead_from.load(Ordering::Relaxed) {
+            0
+        } else {
+            self.ahead_to.load(Ordering::Relaxed)
+        };
         if end.saturating_add(PREFETCH / 2) <= to || self.ahead_running.swap(true, Ordering::AcqRel)
         {
             return;
@@ -665,14 +686,17 @@ impl Hydration {
         let spawned = std::thread::Builder::new()
             .name(format!("ahead-{}", self.state.volume))
             .spawn(move || {
-                me.last_client_fetch.store(
-                    me.started.elapsed().as_millis() as u64 + 1,
-                    Ordering::Relaxed,
-                );
+                // Cleared however the fetch ends (a panic included): misses stop waiting.
+                struct Done<'a>(&'a AtomicBool);
+                impl Drop for Done<'_> {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::Release);
+                    }
+                }
+                let _done = Done(&me.ahead_running);
                 if let Err(e) = me.hydrate(me.positions(from, until - from)) {
                     log::debug!("lazy restore of {}: read-ahead: {e}", me.state.volume);
                 }
-                me.ahead_running.store(false, Ordering::Release);
             });
         if spawned.is_err() {
             self.ahead_running.store(false, Ordering::Release);
@@ -744,7 +768,7 @@ impl Hydration {
         let mut backoff = Duration::from_secs(1);
         let mut p0 = 0;
         while p0 < n {
-            if self.stop.load(Ordering::Relaxed) {
+            if self.stop.load(Ordering::Relaxed) || self.background_off.load(Ordering::Relaxed) {
                 return;
             }
             if last_hold.elapsed().as_secs() >= crate::hold::RENEW_EVERY {
@@ -759,9 +783,10 @@ impl Hydration {
             }
             // Clients first: while they fetch, the link and the pool are theirs.
             let last = self.last_client_fetch.load(Ordering::Relaxed);
-            if last > 0
-                && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
-                    < CLIENT_FIRST.as_millis() as u64
+            if self.ahead_running.load(Ordering::Acquire)
+                || (last > 0
+                    && (self.started.elapsed().as_millis() as u64).saturating_sub(last)
+                        < CLIENT_FIRST.as_millis() as u64)
             {
                 std::thread::sleep(CLIENT_FIRST / 4);
                 continue;
@@ -933,6 +958,10 @@ impl LazyExport {
             return Ok(None);
         }
         match self.hyd.upgrade() {
+            Some(h) if h.stop.load(Ordering::Acquire) && !h.is_complete() => Err(VolError::device(
+                format!("lazy restore of {}", self.inner.name()),
+                std::io::Error::other("the restore was stopped before it completed"),
+            )),
             Some(h) => Ok(Some(h)),
             None if self.complete.load(Ordering::Acquire) => Ok(None),
             None => Err(VolError::device(

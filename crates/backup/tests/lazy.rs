@@ -143,7 +143,8 @@ impl Setup {
     }
 
     /// `restore --lazy` through a gate closed to large GETs and a counter of ranged GETs,
-    /// its background stopped: every fetch after this is a client's.
+    /// its background thread stopped: every fetch after this is a client's (or its
+    /// read-ahead's).
     fn counted_restore(&self) -> (Arc<Gate>, Arc<AtomicU64>, Arc<Restores>, Arc<Hydration>) {
         let gate = Arc::new(Gate {
             inner: FileStore::new(self.dir.path()),
@@ -166,7 +167,7 @@ impl Setup {
             self.state.path(),
         )
         .unwrap();
-        h.stop();
+        h.stop_background();
         std::thread::sleep(Duration::from_millis(200));
         (gate, gets, restores, h)
     }
@@ -667,6 +668,44 @@ fn sequential_reads_of_unhydrated_cells_fetch_in_few_requests() {
     assert!(
         n <= 16,
         "reading 112 unhydrated cells sequentially took {n} ranged GETs (one per cell: 112)"
+    );
+}
+
+/// A sequential reader whose reads hit (their cells hydrated earlier) still gets the
+/// cells past it fetched in the background: after reads of MiB 1, MiB 0, then MiB 1 again
+/// (continuing the previous read; all three hydrate nothing past MiB 2), the rest of the
+/// volume hydrates with no further request and the background thread off, in a few
+/// ranged GETs. Without the read-ahead those cells stay unhydrated.
+#[test]
+fn a_sequential_reader_gets_the_cells_ahead_fetched_in_the_background() {
+    let s = setup();
+    let (gate, gets, restores, h) = s.counted_restore();
+    gate.max_range.store(u64::MAX, Ordering::SeqCst);
+    let e = s.exports(&restores).open("lz").unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    e.read(MIB, &mut buf).unwrap();
+    e.read(0, &mut buf).unwrap();
+    assert_eq!(h.status().cells_remaining, Some(128 - 32));
+    gets.store(0, Ordering::SeqCst);
+    e.read(MIB, &mut buf).unwrap();
+    for _ in 0..500 {
+        if h.status().cells_remaining == Some(0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        h.status().cells_remaining,
+        Some(0),
+        "the cells ahead of a sequential reader were not fetched"
+    );
+    let n = gets.load(Ordering::SeqCst);
+    assert!(n <= 16, "96 cells ahead took {n} ranged GETs");
+    let mut got = vec![0u8; 8 * MIB as usize];
+    e.read(0, &mut got).unwrap();
+    assert!(
+        got == s.want,
+        "the lazily restored volume differs from its backup"
     );
 }
 

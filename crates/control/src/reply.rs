@@ -7,7 +7,9 @@
 //! `--json` field lists in docs/json.md are these types.
 //!
 //! Invariant: for every command, `Reply::parse(cmd, reply.to_value())` gives back the
-//! variant the daemon built (tests/replies.rs checks each command against a live pool).
+//! variant the daemon built: crates/control/tests/json_doc.rs parses a sample of every
+//! reply type (and ones without the fields types skip when empty) and serializes it back;
+//! the e2e tests run every command through a live daemon and the CLI.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -54,6 +54,9 @@ fn format1_machine(ops: &[Op]) -> (Machine, Model) {
 }
 
 fn converted(ops: &[Op]) {
+    // Failpoints are global: every upgrade in this binary runs alone (CI caught one
+    // hitting the failpoint another test had armed).
+    let _serial = fail::FailScenario::setup();
     let (store, dev, mut m) = format1(ops);
     let err = Pool::open(Arc::clone(&store), Arc::clone(&dev))
         .err()
@@ -149,6 +152,7 @@ fn scripted_history_converts_exactly() {
 #[test]
 fn an_interrupted_upgrade_finishes_on_the_next_run() {
     use Op::*;
+    let _serial = fail::FailScenario::setup();
     let w = |vol, sector, sectors, seed| Write {
         vol,
         sector,
@@ -250,6 +254,7 @@ fn every_upgrade_failpoint_is_survived() {
 /// in chunks of 1024): data and zero runs across chunk boundaries, under and over a snapshot.
 #[test]
 fn a_layer_larger_than_a_chunk_converts_exactly() {
+    let _serial = fail::FailScenario::setup();
     let store: Arc<dyn MetaStore> = Arc::new(MemStore::new());
     let dev: Arc<dyn DataDevice> = Arc::new(MemDevice::new(64 << 20));
     Pool1::format(&*store, &*dev).expect("format");
