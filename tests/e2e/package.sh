@@ -17,7 +17,7 @@ deb=$(SNAPBLK_BIN="$SNAPBLK_BIN" bash "$(dirname "$0")/../../packaging/build-deb
 dpkg-deb -f "$deb" Depends | grep -q "libc6" || fail "no dependency on libc6: $(dpkg-deb -f "$deb" Depends)"
 
 log "lintian --pedantic: nothing but explained overrides"
-lintian --pedantic --fail-on error,warning,info,pedantic "$deb" >"$T/lintian.out" 2>&1 \
+TMPDIR="$T" lintian --pedantic --fail-on error,warning,info,pedantic "$deb" >"$T/lintian.out" 2>&1 \
     || { cat "$T/lintian.out"; fail "lintian"; }
 grep -v "^running with root privileges" "$T/lintian.out" | grep -q . && { cat "$T/lintian.out"; fail "lintian printed tags"; }
 
