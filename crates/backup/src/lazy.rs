@@ -850,7 +850,10 @@ impl Hydration {
             return;
         }
         let id = self.state.volume_id;
-        for p in [bits_path(&self.dir, id), hot_path(&self.dir, id)] {
+        // With the temporaries a kill mid-rewrite left behind (never renamed: garbage).
+        let tmps = [".tmp", ".hot-tmp"].map(|ext| self.dir.join(format!("{id}{ext}")));
+        let all = [bits_path(&self.dir, id), hot_path(&self.dir, id)];
+        for p in all.into_iter().chain(tmps) {
             if let Err(e) = std::fs::remove_file(&p) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     // Harmless: the mark is gone, so the next start removes it as stale.

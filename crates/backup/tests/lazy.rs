@@ -276,9 +276,18 @@ fn interrupted_then_resumed(s: &Setup, reboot: bool) -> Vec<u8> {
     if reboot {
         std::fs::remove_file(s.state_file("hot")).unwrap();
     }
+    // Killed while rewriting its state files: their temporaries stay behind.
+    for ext in ["tmp", "hot-tmp"] {
+        std::fs::write(s.state_file(ext), b"partial").unwrap();
+    }
     let (restores, h) = s.start(true);
     wait_complete(&h);
     assert!(restores.active("lz").is_none());
+    let left: Vec<_> = std::fs::read_dir(s.state.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "state files left: {left:?}");
     s.image("lz")
 }
 
