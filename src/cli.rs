@@ -123,7 +123,7 @@ pub enum Cmd {
         #[arg(long)]
         partition: Option<u32>,
         /// The daemon's NBD socket.
-        #[arg(long, env = "SNAPBLK_NBD_SOCKET", default_value = crate::daemon::DEFAULT_NBD_SOCKET)]
+        #[arg(long, env = "SNAPBLK_NBD_SOCKET", default_value = snapblk_daemon::run::DEFAULT_NBD_SOCKET)]
         nbd_socket: PathBuf,
     },
     /// Undo `snapblk mount DIR`: unmount, and remove the devices it set up.

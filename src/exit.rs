@@ -33,6 +33,9 @@ impl std::error::Error for Failed {}
 pub fn kind_of(e: &anyhow::Error) -> ErrorKind {
     use snapblk_core::Error as E;
     for cause in e.chain() {
+        if let Some(de) = cause.downcast_ref::<snapblk_daemon::DaemonError>() {
+            return de.kind();
+        }
         if let Some(pe) = cause.downcast_ref::<E>() {
             return match pe {
                 E::NotFound { .. } => ErrorKind::NotFound,
@@ -88,5 +91,12 @@ mod tests {
         });
         assert_eq!(code(&e), 6);
         assert_eq!(code(&anyhow::anyhow!("disk on fire")), 1);
+        // Direct mode: the daemon crate's error, its pool error inside.
+        let e = anyhow::Error::new(
+            snapblk_daemon::DaemonError::from(snapblk_core::Error::not_found("volume", "x"))
+                .context("opening"),
+        )
+        .context("running");
+        assert_eq!(code(&e), 3);
     }
 }

@@ -1,42 +1,32 @@
-//! The `snapblk` binary: CLI and daemon. Wires the RocksDB store, the io_uring data device,
-//! the NBD server and the control socket around snapblk-core.
+//! The `snapblk` binary: parses the command line, sends the command to the daemon (or runs
+//! it on a directly opened pool: crates/daemon), and renders the reply. `snapblk daemon`
+//! runs crates/daemon's `run`.
 
-mod admin;
-mod alerts;
 mod cli;
 mod control;
-mod daemon;
-mod devices;
 mod exit;
 mod freeze;
-mod guard;
-mod human;
 mod logging;
 mod manpages;
-mod media;
-mod metrics;
 mod mount;
-mod notify;
-mod open;
-mod policies;
 mod progress;
 mod render;
 mod repo_cmds;
 mod repos;
-mod sockets;
 
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Parser;
 
-use admin::Command;
 use cli::{
     BackupArgs, Cli, Cmd, GroupCmd, JobsCmd, NotifyCmd, PolicyCmd, PoolCmd, RepoCmd, SnapshotCmd,
     VolumeCmd,
 };
-use human::parse_size;
+use snapblk_control::human::{self as human, parse_size};
+use snapblk_control::Command;
 use snapblk_control::Reply;
+use snapblk_daemon::{admin, open, run as daemon};
 
 /// `println!` that takes a closed stdout (`snapblk ... | grep -q x`, `| head -1`) as the
 /// reader's choice: exit 0 quietly instead of panicking.
@@ -289,7 +279,10 @@ fn parse_reply(cmd: &Command, v: serde_json::Value) -> Result<Reply> {
 
 /// The reply's JSON as the daemon sent it (or as a direct run produced it).
 fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
-    let socket = cli.socket.clone().unwrap_or_else(control::default_socket);
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(snapblk_daemon::server::default_socket);
     if let Some(conn) = control::connect(&socket) {
         return control::call(&conn, cmd, &progress::Bar::new(cli.json));
     }
@@ -311,7 +304,7 @@ fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
         opened.pool.reclaim_all()?;
     }
     opened.pool.shutdown()?;
-    r.map(|r| r.to_value())
+    Ok(r?.to_value())
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -360,7 +353,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => None,
             };
             if let Some(url) = changed {
-                let socket = cli.socket.clone().unwrap_or_else(control::default_socket);
+                let socket = cli
+                    .socket
+                    .clone()
+                    .unwrap_or_else(snapblk_daemon::server::default_socket);
                 if let Some(conn) = control::connect(&socket) {
                     let cmd = Command::BackupsChanged { url: url.clone() };
                     if let Err(e) = control::call(&conn, &cmd, &progress::Bar::new(true)) {

@@ -10,8 +10,8 @@ use snapblk_core::keys::Filling;
 use snapblk_core::pool::VolumeInfo;
 use snapblk_policy::{Keep, Outcome};
 
-use crate::admin::Command;
-use crate::human::format_size;
+use snapblk_control::human::{format_size, format_time};
+use snapblk_control::Command;
 
 const SIZE_KEYS: &[&str] = &[
     "size",
@@ -27,18 +27,6 @@ const SIZE_KEYS: &[&str] = &[
     "block_size",
     "quota",
 ];
-
-/// Formats seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
-pub fn format_time(secs: u64) -> String {
-    let rem = secs % 86_400;
-    let (y, m, d) = snapblk_backup::prune::civil_from_days((secs / 86_400) as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
 
 /// A cell of the generic key/value listing (sizes and times made human).
 fn cell(key: &str, v: &Value) -> String {

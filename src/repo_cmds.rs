@@ -9,9 +9,10 @@ use snapblk_backup::repo::InitOptions;
 use snapblk_backup::{gc, prune, verify, Progress};
 
 use crate::cli::{BackupCmd, GcArgs, RepoCmd};
-use crate::human::{format_size, parse_duration, parse_size};
-use crate::render::format_time;
-use crate::repos::RepoOpen;
+use snapblk_control::human::format_time;
+use snapblk_control::human::{format_size, parse_duration, parse_size};
+use snapblk_daemon::policies::gc_text;
+use snapblk_daemon::repos::RepoOpen;
 
 pub struct Outcome {
     pub json: Value,
@@ -107,45 +108,6 @@ pub fn gc_opts(g: &GcArgs, dry_run: bool) -> Result<gc::Options> {
         max_unused: g.max_unused / 100.0,
         dry_run,
     })
-}
-
-pub fn gc_text(r: &gc::Report) -> String {
-    let mut t = format!(
-        "gc: {} packs; {} condemned, {} deleted ({} chunks, {}), {} repacked ({}), {} orphans removed, {} rescued",
-        r.packs,
-        r.packs_condemned,
-        r.packs_deleted,
-        r.chunks_deleted,
-        format_size(r.bytes_deleted),
-        r.packs_repacked,
-        format_size(r.bytes_repacked),
-        r.orphans_deleted,
-        r.packs_rescued
-    );
-    if r.orphan_tables_deleted > 0 || !r.leftovers_deleted.is_empty() {
-        t.push_str(&format!(
-            "; {} tables of unfinished backups and {} headers of removed backups deleted",
-            r.orphan_tables_deleted,
-            r.leftovers_deleted.len()
-        ));
-    }
-    if let Some(c) = r.cutoff {
-        t.push_str(&format!(
-            "; jobs running since {}: nothing newer was collected",
-            format_time(c)
-        ));
-    }
-    for l in &r.leases_broken {
-        t.push_str(&format!(
-            "\n  removed the expired lease of {l} (its process died)"
-        ));
-    }
-    for u in &r.uncatalogued {
-        t.push_str(&format!(
-            "\n  kept {u}: in no catalog and never removed (a rolled-back catalog?); see `snapblk backup verify`"
-        ));
-    }
-    t
 }
 
 pub fn backup(cmd: &BackupCmd, progress: &dyn Progress) -> Result<Outcome> {

@@ -92,6 +92,10 @@ expect_code 5 snapblk volume create "a/b" --size 1G
 expect_code 7 snapblk snapshot create vol@s
 expect_code 2 snapblk volume
 expect_code 6 env SNAPBLK_SOCKET="$T/none.sock" "$SNAPBLK_BIN" volume list
+expect_code 3 snapblk policy show nope             # the daemon's own errors have kinds too
+expect_code 3 snapblk detach /dev/ublkb999
+expect_code 5 snapblk pool guard --min-free 150
 stop_daemon
+expect_code 7 snapblk pool create --meta "$T/meta4" --data "$DATA"
 expect_code 3 env -u SNAPBLK_SOCKET "$SNAPBLK_BIN" --socket "$T/none.sock" --meta "$META" --data "$DATA" volume info nope
 log "bad_input: ok"

@@ -9,7 +9,7 @@
 //! with `Filling::LazyRestore`, naming backup, manifest and repository) in the same commit
 //! that creates it, and the mark is cleared only when hydration is complete and durable.
 //! While marked, the volume opens only through a running `Hydration` ([`LazyExports`]);
-//! management commands that would see half-restored data are refused (src/admin.rs), in
+//! management commands that would see half-restored data are refused (crates/daemon/src/admin.rs), in
 //! the daemon and in direct mode alike. Two files per restore sit in the state directory,
 //! keyed by volume id: `<id>.bits` and `<id>.hot`.
 //!

@@ -211,7 +211,7 @@ pub fn restore_lazy(
     };
     if !resume {
         // Marked in the commit that creates it: until the hydration below is registered,
-        // nothing can open it (LazyExports) or reshape it (src/admin.rs).
+        // nothing can open it (LazyExports) or reshape it (crates/daemon/src/admin.rs).
         let size = h.size.div_ceil(BLOCK_SIZE_U64) * BLOCK_SIZE_U64;
         pool.create_volume_marked(new_volume, size, Some(&mark))?;
     }

@@ -8,74 +8,60 @@ use std::sync::{Arc, Mutex};
 
 use snapblk_backup::file::FileStore;
 use snapblk_backup::repo::InitOptions;
-use snapblk_backup::store::{ObjectMeta, ObjectStore, StoreError};
+use snapblk_backup::store::ObjectStore;
 use snapblk_backup::volume::{backup_snapshot, restore_volume};
 use snapblk_backup::{gc, verify, NoProgress, Repository};
 use snapblk_core::Pool;
 
 mod common;
-use common::{image, put, random_bytes, MIB};
+use common::{image, put, random_bytes, Call, Hooked, Op, MIB};
 
 const CHUNK: u64 = 64 << 10;
 
-/// A directory store that records the packs ranged GETs read, and lists index objects
-/// with distinct, increasing times in the order they were stored (a real store's second
-/// resolution would tie the copies of a fast test).
-struct Watched {
-    inner: FileStore,
-    read: Mutex<HashSet<String>>,
-    order: Mutex<HashMap<String, u64>>,
-    base: u64,
-}
+/// Packs ranged GETs read (shared with the store's hook).
+type PacksRead = Arc<Mutex<HashSet<String>>>;
 
-impl ObjectStore for Watched {
-    fn describe(&self) -> String {
-        "watched".into()
-    }
-    fn get(&self, k: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        self.inner.get(k, max)
-    }
-    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
-        if k.starts_with("packs/") {
-            self.read.lock().unwrap().insert(k.to_string());
-        }
-        self.inner.get_range(k, o, l)
-    }
-    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
-        if k.starts_with("index/") {
-            let mut o = self.order.lock().unwrap();
-            let n = o.len() as u64 + 1;
-            o.entry(k.to_string()).or_insert(n);
-        }
-        self.inner.put(k, d)
-    }
-    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
-        self.inner.put_new(k, d)
-    }
-    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        let mut v = self.inner.list(p)?;
-        let o = self.order.lock().unwrap();
-        for m in &mut v {
-            if let Some(n) = o.get(&m.key) {
-                m.modified = self.base + n;
+/// A directory store that records the packs ranged GETs read, and lists index objects
+/// with distinct, increasing times in the order they were stored (from `base`: a real
+/// store's second resolution would tie the copies of a fast test).
+fn watched(dir: &std::path::Path, base: u64) -> (Hooked, PacksRead) {
+    let read = PacksRead::default();
+    let order: Mutex<HashMap<String, u64>> = Mutex::new(HashMap::new());
+    let seen = Arc::clone(&read);
+    let store = Hooked::new(Arc::new(FileStore::new(dir)), move |c| {
+        match c {
+            Call::Before(Op::GetRange { key, .. }) if key.starts_with("packs/") => {
+                seen.lock().unwrap().insert(key.to_string());
             }
+            Call::Before(Op::Put(key)) if key.starts_with("index/") => {
+                let mut o = order.lock().unwrap();
+                let n = o.len() as u64 + 1;
+                o.entry(key.to_string()).or_insert(n);
+            }
+            Call::Listed(_, v) => {
+                let o = order.lock().unwrap();
+                for m in v.iter_mut() {
+                    if let Some(n) = o.get(&m.key) {
+                        m.modified = base + n;
+                    }
+                }
+            }
+            _ => {}
         }
-        Ok(v)
-    }
-    fn delete(&self, k: &str) -> Result<(), StoreError> {
-        self.inner.delete(k)
-    }
+        Ok(())
+    });
+    (store, read)
 }
 
 /// Distinct packs a restore of `name` reads.
-fn packs_read(pool: &Arc<Pool>, r: &Repository, w: &Watched, name: &str, as_vol: &str) -> usize {
-    w.read.lock().unwrap().clear();
+fn packs_read(pool: &Arc<Pool>, r: &Repository, w: &PacksRead, name: &str, as_vol: &str) -> usize {
+    w.lock().unwrap().clear();
     restore_volume(pool, r, name, None, as_vol, &NoProgress).unwrap();
     assert!(
         image(pool, name) == image(pool, as_vol),
         "{as_vol} differs from {name}"
     );
-    let n = w.read.lock().unwrap().len();
+    let n = w.lock().unwrap().len();
     pool.delete_volume(as_vol, false).unwrap();
     n
 }
@@ -87,13 +73,8 @@ fn the_newest_backup_of_a_long_chain_stays_in_few_packs() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let w = Arc::new(Watched {
-        inner: FileStore::new(dir.path()),
-        read: Mutex::new(HashSet::new()),
-        order: Mutex::new(HashMap::new()),
-        base: now - 1_000_000,
-    });
-    let store: Arc<dyn ObjectStore> = w.clone();
+    let (store, w) = watched(dir.path(), now - 1_000_000);
+    let store: Arc<dyn ObjectStore> = Arc::new(store);
     let opts = InitOptions {
         chunk_size: CHUNK as u32,
         pack_size: 1 << 20,

@@ -3,19 +3,19 @@
 //! resume without re-uploading, damage is named and never restored, prune + gc leave only
 //! referenced chunks while every remaining backup still restores.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use proptest::prelude::*;
 use snapblk_backup::file::FileStore;
 use snapblk_backup::repo::InitOptions;
-use snapblk_backup::store::{ObjectMeta, ObjectStore, StoreError};
+use snapblk_backup::store::ObjectStore;
 use snapblk_backup::volume::{backup_snapshot, restore_volume};
 use snapblk_backup::{gc, manifest, prune, verify, BackupError, NoProgress, Repository};
 use snapblk_core::{Export, Pool, VolumeHandle};
 
 mod common;
-use common::{image, MIB};
+use common::{image, Call, Hooked, Op, MIB};
 
 fn pool() -> Arc<Pool> {
     common::pool(512 * MIB)
@@ -321,64 +321,25 @@ fn a_copy_to_another_repository_restores_chains_and_resumes() {
 }
 
 /// A directory store with injected faults: every pack `put` after the first
-/// `allow_puts` fails, and ranged reads (chunk fetches) fail while `down` is set.
-struct Faulty {
-    inner: FileStore,
-    allow_puts: u64,
-    puts: AtomicU64,
-    down: std::sync::atomic::AtomicBool,
-}
-
-impl Faulty {
-    fn new(dir: &std::path::Path, allow_puts: u64, down: bool) -> Faulty {
-        Faulty {
-            inner: FileStore::new(dir),
-            allow_puts,
-            puts: AtomicU64::new(0),
-            down: std::sync::atomic::AtomicBool::new(down),
+/// `allow_puts` fails, and ranged reads (chunk fetches) fail while the returned flag
+/// (`down` at first) is set.
+fn faulty(dir: &std::path::Path, allow_puts: u64, down: bool) -> (Hooked, Arc<AtomicBool>) {
+    let down = Arc::new(AtomicBool::new(down));
+    let (is_down, puts) = (Arc::clone(&down), AtomicU64::new(0));
+    let store = Hooked::new(Arc::new(FileStore::new(dir)), move |c| match c {
+        Call::Before(Op::GetRange { key, .. }) if is_down.load(Ordering::SeqCst) => {
+            Err(common::store_failure("get", key, "503 Slow Down"))
         }
-    }
-}
-
-fn failed(op: &'static str, key: &str, detail: &str) -> StoreError {
-    StoreError::Failed {
-        store: "faulty".into(),
-        op,
-        key: key.into(),
-        detail: detail.into(),
-    }
-}
-
-impl ObjectStore for Faulty {
-    fn describe(&self) -> String {
-        "faulty".into()
-    }
-    fn get(&self, k: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        self.inner.get(k, max)
-    }
-    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(failed("get", k, "503 Slow Down"));
-        }
-        self.inner.get_range(k, o, l)
-    }
-    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
         // Only pack puts count (and fail), so every stored pack also gets its index
         // whatever order the parallel uploaders run in.
-        if k.starts_with("packs/") && self.puts.fetch_add(1, Ordering::SeqCst) >= self.allow_puts {
-            return Err(failed("put", k, "connection refused"));
+        Call::Before(Op::Put(key))
+            if key.starts_with("packs/") && puts.fetch_add(1, Ordering::SeqCst) >= allow_puts =>
+        {
+            Err(common::store_failure("put", key, "connection refused"))
         }
-        self.inner.put(k, d)
-    }
-    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
-        self.inner.put_new(k, d)
-    }
-    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.inner.list(p)
-    }
-    fn delete(&self, k: &str) -> Result<(), StoreError> {
-        self.inner.delete(k)
-    }
+        _ => Ok(()),
+    });
+    (store, down)
 }
 
 #[test]
@@ -391,7 +352,7 @@ fn interrupted_backup_resumes_without_reuploading() {
     write(&p, "v", 0, 12 * MIB as usize, &mut rng);
     let s = snap(&p, "v", "s");
     // Four packs and their indexes get stored, then pack puts fail.
-    let flaky: Arc<dyn ObjectStore> = Arc::new(Faulty::new(dir.path(), 4, false));
+    let flaky: Arc<dyn ObjectStore> = Arc::new(faulty(dir.path(), 4, false).0);
     let r1 = Repository::open(flaky, b"test key").unwrap();
     let err = backup_snapshot(&p, &r1, &s, false, &NoProgress).unwrap_err();
     assert!(err.to_string().contains("connection refused"), "{err}");
@@ -455,8 +416,8 @@ fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
     backup_snapshot(&p, &r, &s, false, &NoProgress).unwrap();
     let want = image(&p, &s);
 
-    let outage = Arc::new(Faulty::new(dir.path(), u64::MAX, true));
-    let store: Arc<dyn ObjectStore> = outage.clone();
+    let (store, outage) = faulty(dir.path(), u64::MAX, true);
+    let store: Arc<dyn ObjectStore> = Arc::new(store);
     let r2 = Repository::open(store, b"test key").unwrap();
     let restores = Arc::new(Restores::default());
     let hyd = restore_lazy(&p, &r2, &s, None, "lazy", &restores, state.path()).unwrap();
@@ -476,7 +437,7 @@ fn lazy_restore_serves_exact_data_eio_during_outage_and_keeps_writes() {
         "unhydrated is data"
     );
     // Back up: reads return the backed-up bytes, a write in the middle of a cell sticks.
-    outage.down.store(false, Ordering::SeqCst);
+    outage.store(false, Ordering::SeqCst);
     e.read(5 * MIB, &mut buf).unwrap();
     assert!(buf[..] == want[5 * MIB as usize..5 * MIB as usize + buf.len()]);
     e.write(7 * MIB + 4096, &[0xab; 4096], false).unwrap();

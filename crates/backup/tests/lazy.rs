@@ -19,53 +19,48 @@ use std::time::Duration;
 use snapblk_backup::file::FileStore;
 use snapblk_backup::lazy::{Hydration, LazyExports, Restores};
 use snapblk_backup::repo::InitOptions;
-use snapblk_backup::store::{ObjectMeta, ObjectStore, StoreError};
 use snapblk_backup::volume::{backup_snapshot, restore_lazy};
 use snapblk_backup::{prune, NoProgress, Repository};
 use snapblk_core::keys::{Filling, Incomplete};
 use snapblk_core::{ExportProvider, Pool, PoolExports};
 
 mod common;
-use common::{random_bytes, MIB};
+use common::{random_bytes, Call, Hooked, Op, MIB};
 
 const CELL: u64 = 64 << 10;
 
-/// A store that fails ranged GETs longer than `max_range` (the background's batches).
-struct Gate {
-    inner: FileStore,
-    max_range: AtomicU64,
+/// The repository's store behind a gate: ranged GETs longer than `max_range` fail (the
+/// background's batches); every ranged GET is counted in `gets`.
+fn gated(dir: &std::path::Path, max_range: &Arc<AtomicU64>, gets: &Arc<AtomicU64>) -> Hooked {
+    let (max, n) = (Arc::clone(max_range), Arc::clone(gets));
+    Hooked::new(Arc::new(FileStore::new(dir)), move |c| match c {
+        Call::Before(Op::GetRange { key, len, .. }) => {
+            n.fetch_add(1, Ordering::SeqCst);
+            if len > max.load(Ordering::SeqCst) {
+                return Err(common::store_failure("get", key, "gate closed (test)"));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    })
 }
 
-impl ObjectStore for Gate {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn get(&self, k: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        self.inner.get(k, max)
-    }
-    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
-        if l > self.max_range.load(Ordering::SeqCst) {
-            return Err(StoreError::Failed {
-                store: self.describe(),
-                op: "get",
-                key: k.to_string(),
-                detail: "gate closed (test)".into(),
-            });
+/// A store that runs `hook` before each put, and after each create-only put, of a key
+/// under `prefix`.
+fn on_put(
+    dir: &std::path::Path,
+    prefix: &'static str,
+    hook: impl Fn() + Send + Sync + 'static,
+) -> Hooked {
+    Hooked::new(Arc::new(FileStore::new(dir)), move |c| {
+        match c {
+            Call::Before(Op::Put(k)) | Call::After(Op::PutNew(k)) if k.starts_with(prefix) => {
+                hook()
+            }
+            _ => {}
         }
-        self.inner.get_range(k, o, l)
-    }
-    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
-        self.inner.put(k, d)
-    }
-    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
-        self.inner.put_new(k, d)
-    }
-    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.inner.list(p)
-    }
-    fn delete(&self, k: &str) -> Result<(), StoreError> {
-        self.inner.delete(k)
-    }
+        Ok(())
+    })
 }
 
 struct Setup {
@@ -104,10 +99,8 @@ fn setup() -> Setup {
 impl Setup {
     /// The repository behind a gate (`open`: background hydration may run).
     fn repo(&self, open: bool) -> Repository {
-        let gate = Gate {
-            inner: FileStore::new(self.dir.path()),
-            max_range: AtomicU64::new(if open { u64::MAX } else { 2 * CELL }),
-        };
+        let max = Arc::new(AtomicU64::new(if open { u64::MAX } else { 2 * CELL }));
+        let gate = gated(self.dir.path(), &max, &Arc::new(AtomicU64::new(0)));
         Repository::open(Arc::new(gate), b"k").unwrap()
     }
 
@@ -145,16 +138,19 @@ impl Setup {
     /// `restore --lazy` through a gate closed to large GETs and a counter of ranged GETs,
     /// its background thread stopped: every fetch after this is a client's (or its
     /// read-ahead's).
-    fn counted_restore(&self) -> (Arc<Gate>, Arc<AtomicU64>, Arc<Restores>, Arc<Hydration>) {
-        let gate = Arc::new(Gate {
-            inner: FileStore::new(self.dir.path()),
-            max_range: AtomicU64::new(2 * CELL),
-        });
+    /// Returns the gate's largest ranged GET allowed, the count of ranged GETs, the
+    /// restores and the hydration.
+    fn counted_restore(
+        &self,
+    ) -> (
+        Arc<AtomicU64>,
+        Arc<AtomicU64>,
+        Arc<Restores>,
+        Arc<Hydration>,
+    ) {
+        let gate = Arc::new(AtomicU64::new(2 * CELL));
         let gets = Arc::new(AtomicU64::new(0));
-        let counted = Counted {
-            gate: Arc::clone(&gate),
-            gets: Arc::clone(&gets),
-        };
+        let counted = gated(self.dir.path(), &gate, &gets);
         let restores = Arc::new(Restores::default());
         let r = Repository::open(Arc::new(counted), b"k").unwrap();
         let h = restore_lazy(
@@ -514,25 +510,21 @@ fn a_hold_placed_during_a_prune_keeps_the_backup_and_a_lapsed_one_does_not() {
     // gc with no grace period runs: gc must not take the removed-but-held v@s's header
     // and table for leftovers of an interrupted prune.
     let placed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let hooked = Hooked {
-        inner: FileStore::new(s.dir.path()),
-        prefix: "catalogs/",
-        hook: {
-            let (dir, id, placed) = (
-                s.dir.path().to_path_buf(),
-                old.id.clone(),
-                Arc::clone(&placed),
-            );
-            Box::new(move || {
-                if !placed.swap(true, Ordering::SeqCst) {
-                    let r = Repository::open(Arc::new(FileStore::new(&dir)), b"k").unwrap();
-                    snapblk_backup::hold::place(&r, &id, "v@s", "p", "lz", 9).unwrap();
-                    let g = gc_now();
-                    let rep = snapblk_backup::gc::run(&r, &g, &NoProgress).unwrap();
-                    assert!(rep.leftovers_deleted.is_empty(), "{rep:?}");
-                }
-            })
-        },
+    let hooked = {
+        let (dir, id, placed) = (
+            s.dir.path().to_path_buf(),
+            old.id.clone(),
+            Arc::clone(&placed),
+        );
+        on_put(s.dir.path(), "catalogs/", move || {
+            if !placed.swap(true, Ordering::SeqCst) {
+                let r = Repository::open(Arc::new(FileStore::new(&dir)), b"k").unwrap();
+                snapblk_backup::hold::place(&r, &id, "v@s", "p", "lz", 9).unwrap();
+                let g = gc_now();
+                let rep = snapblk_backup::gc::run(&r, &g, &NoProgress).unwrap();
+                assert!(rep.leftovers_deleted.is_empty(), "{rep:?}");
+            }
+        })
     };
     let hr = Repository::open(Arc::new(hooked), b"k").unwrap();
     let out = prune::run(&hr, &keep_one, &Default::default(), false).unwrap();
@@ -575,20 +567,16 @@ fn a_backup_pruned_while_its_lazy_restore_starts_fails_that_restore_cleanly() {
     s.pool.create_snapshot("v", "t").unwrap();
     backup_snapshot(&s.pool, &plain, "v@t", false, &NoProgress).unwrap();
     let pruned = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let hooked = Hooked {
-        inner: FileStore::new(s.dir.path()),
-        prefix: "holds/",
-        hook: {
-            let (dir, pruned) = (s.dir.path().to_path_buf(), Arc::clone(&pruned));
-            Box::new(move || {
-                if !pruned.swap(true, Ordering::SeqCst) {
-                    let r = Repository::open(Arc::new(FileStore::new(&dir)), b"k").unwrap();
-                    let keep_one = keep_one();
-                    let out = prune::run(&r, &keep_one, &Default::default(), false).unwrap();
-                    assert_eq!(out.removed.len(), 1, "{out:?}");
-                }
-            })
-        },
+    let hooked = {
+        let (dir, pruned) = (s.dir.path().to_path_buf(), Arc::clone(&pruned));
+        on_put(s.dir.path(), "holds/", move || {
+            if !pruned.swap(true, Ordering::SeqCst) {
+                let r = Repository::open(Arc::new(FileStore::new(&dir)), b"k").unwrap();
+                let keep_one = keep_one();
+                let out = prune::run(&r, &keep_one, &Default::default(), false).unwrap();
+                assert_eq!(out.removed.len(), 1, "{out:?}");
+            }
+        })
     };
     let r = Repository::open(Arc::new(hooked), b"k").unwrap();
     let restores = Arc::new(Restores::default());
@@ -608,45 +596,6 @@ fn a_backup_pruned_while_its_lazy_restore_starts_fails_that_restore_cleanly() {
     );
 }
 
-/// A store that runs a hook before each put, and after each create-only put, of a key
-/// under `prefix`.
-struct Hooked {
-    inner: FileStore,
-    prefix: &'static str,
-    hook: Box<dyn Fn() + Send + Sync>,
-}
-
-impl ObjectStore for Hooked {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn get(&self, k: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        self.inner.get(k, max)
-    }
-    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
-        self.inner.get_range(k, o, l)
-    }
-    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
-        if k.starts_with(self.prefix) {
-            (self.hook)();
-        }
-        self.inner.put(k, d)
-    }
-    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
-        let r = self.inner.put_new(k, d);
-        if k.starts_with(self.prefix) {
-            (self.hook)();
-        }
-        r
-    }
-    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.inner.list(p)
-    }
-    fn delete(&self, k: &str) -> Result<(), StoreError> {
-        self.inner.delete(k)
-    }
-}
-
 /// A sequential reader of an unhydrated range gets ranged GETs of many cells (misses
 /// batched, read-ahead after a miss that continues the previous one), not a GET per
 /// cell; and when read-ahead fails (the gate refuses its large GETs) the reads still
@@ -663,7 +612,7 @@ fn sequential_reads_of_unhydrated_cells_fetch_in_few_requests() {
             .unwrap_or_else(|err| panic!("cell {i} with read-ahead refused: {err}"));
     }
     // Gate open: 1 MiB sequential reads of the other 7 MiB (112 cells).
-    gate.max_range.store(u64::MAX, Ordering::SeqCst);
+    gate.store(u64::MAX, Ordering::SeqCst);
     gets.store(0, Ordering::SeqCst);
     for (i, c) in got.chunks_mut(MIB as usize).enumerate().skip(1) {
         e.read(i as u64 * MIB, c)
@@ -689,7 +638,7 @@ fn sequential_reads_of_unhydrated_cells_fetch_in_few_requests() {
 fn a_sequential_reader_gets_the_cells_ahead_fetched_in_the_background() {
     let s = setup();
     let (gate, gets, restores, h) = s.counted_restore();
-    gate.max_range.store(u64::MAX, Ordering::SeqCst);
+    gate.store(u64::MAX, Ordering::SeqCst);
     let e = s.exports(&restores).open("lz").unwrap();
     let mut buf = vec![0u8; MIB as usize];
     e.read(MIB, &mut buf).unwrap();
@@ -726,7 +675,7 @@ fn trimming_unhydrated_cells_downloads_nothing() {
     let s = setup();
     let (gate, gets, restores, _h) = s.counted_restore();
     let e = s.exports(&restores).open("lz").unwrap();
-    gate.max_range.store(0, Ordering::SeqCst); // nothing may be fetched now
+    gate.store(0, Ordering::SeqCst); // nothing may be fetched now
     gets.store(0, Ordering::SeqCst);
     e.trim(CELL, 4 * CELL, false)
         .expect("trim of 4 whole unhydrated cells");
@@ -744,7 +693,7 @@ fn trimming_unhydrated_cells_downloads_nothing() {
         assert!(b.iter().all(|x| *x == 0), "cell {c} does not read as zeros");
     }
     // Part of a cell: its data is fetched first, the rest of it is the backup's.
-    gate.max_range.store(u64::MAX, Ordering::SeqCst);
+    gate.store(u64::MAX, Ordering::SeqCst);
     e.write_zeroes(20 * CELL + 4096, 8192, false, false)
         .expect("write_zeroes of part of a cell");
     assert!(
@@ -776,37 +725,6 @@ fn trimming_unhydrated_cells_downloads_nothing() {
             b[..] == *cell(c),
             "cell {c} lost its data to a request that was refused"
         );
-    }
-}
-
-/// Counts ranged GETs through a gate.
-struct Counted {
-    gate: Arc<Gate>,
-    gets: Arc<AtomicU64>,
-}
-
-impl ObjectStore for Counted {
-    fn describe(&self) -> String {
-        self.gate.describe()
-    }
-    fn get(&self, k: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        self.gate.get(k, max)
-    }
-    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
-        self.gets.fetch_add(1, Ordering::SeqCst);
-        self.gate.get_range(k, o, l)
-    }
-    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
-        self.gate.put(k, d)
-    }
-    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
-        self.gate.put_new(k, d)
-    }
-    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.gate.list(p)
-    }
-    fn delete(&self, k: &str) -> Result<(), StoreError> {
-        self.gate.delete(k)
     }
 }
 

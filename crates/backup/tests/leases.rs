@@ -18,14 +18,13 @@ use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{image, put, random_bytes, MIB};
+use common::{image, put, random_bytes, Call, Hooked, Op, MIB};
 use snapblk_backup::file::FileStore;
 use snapblk_backup::lease::{self, Lease};
 use snapblk_backup::repo::InitOptions;
 use snapblk_backup::volume::{backup_snapshot, restore_volume};
 use snapblk_backup::{
-    gc, prune, verify, BackupError, NoProgress, ObjectMeta, ObjectStore, Progress, Repository,
-    StoreError,
+    gc, prune, verify, BackupError, NoProgress, ObjectStore, Progress, Repository,
 };
 use snapblk_core::Pool;
 
@@ -44,55 +43,27 @@ fn init_on(store: Arc<dyn ObjectStore>) -> Repository {
 
 type Hook = Box<dyn FnOnce() + Send>;
 
-/// A directory store that runs a hook (once) when `prefix` is listed: before the listing
-/// (`after` false) or after it, before the caller sees it.
-struct OnList {
-    inner: FileStore,
+/// A directory store that runs the hook in `slot` (once) when `prefix` is listed: before
+/// the listing (`after` false) or after it, before the caller sees it.
+fn on_list(
+    dir: &Path,
     prefix: &'static str,
     after: bool,
-    hook: Mutex<Option<Hook>>,
-}
-
-impl OnList {
-    fn run_hook(&self, prefix: &str) {
-        if prefix == self.prefix {
-            let hook = self.hook.lock().unwrap().take();
-            if let Some(h) = hook {
-                h();
-            }
+    slot: &Arc<Mutex<Option<Hook>>>,
+) -> Hooked {
+    let slot = Arc::clone(slot);
+    Hooked::new(Arc::new(FileStore::new(dir)), move |c| {
+        match c {
+            Call::Before(Op::List(p)) if !after && p == prefix => {}
+            Call::After(Op::List(p)) if after && p == prefix => {}
+            _ => return Ok(()),
         }
-    }
-}
-
-impl ObjectStore for OnList {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn get(&self, key: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        self.inner.get(key, max)
-    }
-    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        self.inner.get_range(key, offset, len)
-    }
-    fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
-        self.inner.put(key, data)
-    }
-    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool, StoreError> {
-        self.inner.put_new(key, data)
-    }
-    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        if !self.after {
-            self.run_hook(prefix);
+        let hook = slot.lock().unwrap().take();
+        if let Some(h) = hook {
+            h();
         }
-        let r = self.inner.list(prefix);
-        if self.after {
-            self.run_hook(prefix);
-        }
-        r
-    }
-    fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(key)
-    }
+        Ok(())
+    })
 }
 
 const NOW: gc::Options = gc::Options {
@@ -308,13 +279,8 @@ fn a_backup_committed_while_gc_reads_the_references_is_kept() {
 /// waited for the gc and restores exactly.
 fn backup_inside_gc(prefix: &'static str, after: bool) {
     let d = tempfile::tempdir().unwrap();
-    let store = Arc::new(OnList {
-        inner: FileStore::new(d.path()),
-        prefix,
-        after,
-        hook: Mutex::new(None),
-    });
-    let r = init_on(store.clone());
+    let slot: Arc<Mutex<Option<Hook>>> = Arc::new(Mutex::new(None));
+    let r = init_on(Arc::new(on_list(d.path(), prefix, after, &slot)));
     let p = common::pool(256 * MIB);
     p.create_volume("v", 16 * MIB).unwrap();
     let a = fill(&p, "v", "a", 4, 1);
@@ -322,7 +288,7 @@ fn backup_inside_gc(prefix: &'static str, after: bool) {
     let job: Arc<Mutex<Option<(Job, bool)>>> = Arc::new(Mutex::new(None));
     {
         let (p, r, a, job) = (Arc::clone(&p), r.clone(), a.clone(), Arc::clone(&job));
-        *store.hook.lock().unwrap() = Some(Box::new(move || {
+        *slot.lock().unwrap() = Some(Box::new(move || {
             let (tx, rx) = mpsc::channel();
             let t = std::thread::spawn(move || {
                 let res = backup_snapshot(&p, &r, &a, false, &NoProgress).map(|_| ());

@@ -11,12 +11,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{put, random_bytes, MIB};
+use common::{put, random_bytes, Call, Hooked, Op, MIB};
 use snapblk_backup::cache::ObjectCache;
 use snapblk_backup::catalog::Catalogs;
 use snapblk_backup::file::FileStore;
 use snapblk_backup::repo::InitOptions;
-use snapblk_backup::store::{ObjectMeta, ObjectStore, StoreError};
 use snapblk_backup::volume::{backup_snapshot, restore_volume};
 use snapblk_backup::{NoProgress, Repository};
 use snapblk_core::Pool;
@@ -29,42 +28,20 @@ struct Counts {
     delete: AtomicU64,
 }
 
-struct Counting {
-    inner: FileStore,
-    n: Arc<Counts>,
-}
-
-impl ObjectStore for Counting {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn get(&self, k: &str, max: u64) -> Result<Vec<u8>, StoreError> {
-        self.n.get.fetch_add(1, Ordering::Relaxed);
-        self.inner.get(k, max)
-    }
-    fn get_range(&self, k: &str, o: u64, l: u64) -> Result<Vec<u8>, StoreError> {
-        self.n.get.fetch_add(1, Ordering::Relaxed);
-        self.inner.get_range(k, o, l)
-    }
-    fn put(&self, k: &str, d: &[u8]) -> Result<(), StoreError> {
-        self.n.put.fetch_add(1, Ordering::Relaxed);
-        self.inner.put(k, d)
-    }
-    fn put_new(&self, k: &str, d: &[u8]) -> Result<bool, StoreError> {
-        self.n.put.fetch_add(1, Ordering::Relaxed);
-        self.inner.put_new(k, d)
-    }
-    fn list(&self, p: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        let r = self.inner.list(p)?;
-        self.n
-            .list
-            .fetch_add((r.len() as u64).div_ceil(1000).max(1), Ordering::Relaxed);
-        Ok(r)
-    }
-    fn delete(&self, k: &str) -> Result<(), StoreError> {
-        self.n.delete.fetch_add(1, Ordering::Relaxed);
-        self.inner.delete(k)
-    }
+/// A directory store counting its requests in `n` (a listing as its pages).
+fn counting(dir: &std::path::Path, n: &Arc<Counts>) -> Hooked {
+    let n = Arc::clone(n);
+    Hooked::new(Arc::new(FileStore::new(dir)), move |c| {
+        let (counter, by) = match c {
+            Call::Before(Op::Get(_) | Op::GetRange { .. }) => (&n.get, 1),
+            Call::Before(Op::Put(_) | Op::PutNew(_)) => (&n.put, 1),
+            Call::Before(Op::Delete(_)) => (&n.delete, 1),
+            Call::Listed(_, v) => (&n.list, (v.len() as u64).div_ceil(1000).max(1)),
+            _ => return Ok(()),
+        };
+        counter.fetch_add(by, Ordering::Relaxed);
+        Ok(())
+    })
 }
 
 impl Counts {
@@ -156,10 +133,7 @@ fn requests_do_not_grow_with_backups_stored() {
     let dir = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let n = Arc::new(Counts::default());
-    let store = Counting {
-        inner: FileStore::new(dir.path()),
-        n: Arc::clone(&n),
-    };
+    let store = counting(dir.path(), &n);
     let opts = InitOptions {
         chunk_size: 64 << 10,
         pack_size: 1 << 20,

@@ -11,6 +11,7 @@
 
 use std::io::{BufRead, Read, Write};
 
+pub mod human;
 pub mod reply;
 pub use reply::Reply;
 

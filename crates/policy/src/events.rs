@@ -5,7 +5,7 @@
 //! is one `job_failed`, then one `job_recovered`. [`Watch`] keeps the last state it saw;
 //! it starts from the jobs' persisted outcomes, so a daemon restart does not repeat an old
 //! failure, and from no verdicts, so a volume violated at start is announced once.
-//! Delivery (webhook, command) is the daemon's (src/alerts.rs).
+//! Delivery (webhook, command) is the daemon's (crates/daemon/src/alerts.rs).
 
 use std::collections::BTreeMap;
 

@@ -47,3 +47,101 @@ pub fn image(pool: &Arc<Pool>, name: &str) -> Vec<u8> {
     }
     b
 }
+
+/// A failure of `op` on `key`, as a store reports one (for hooks to return).
+pub fn store_failure(op: &'static str, key: &str, detail: &str) -> snapblk_backup::StoreError {
+    snapblk_backup::StoreError::Failed {
+        store: "hooked (test)".into(),
+        op,
+        key: key.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+/// One store operation, as a [`Hooked`] store's hook sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum Op<'a> {
+    Get(&'a str),
+    GetRange { key: &'a str, offset: u64, len: u64 },
+    Put(&'a str),
+    PutNew(&'a str),
+    List(&'a str),
+    Delete(&'a str),
+}
+
+/// When a [`Hooked`] store calls its hook.
+pub enum Call<'a, 'b> {
+    /// Before the operation: an error fails it (the inner store never sees it).
+    Before(Op<'a>),
+    /// After the operation returned (whatever it returned): an error replaces its result.
+    After(Op<'a>),
+    /// A listing of `prefix` succeeded: the hook may change what the caller sees.
+    Listed(&'a str, &'b mut Vec<snapblk_backup::ObjectMeta>),
+}
+
+type HookFn = dyn Fn(Call<'_, '_>) -> Result<(), snapblk_backup::StoreError> + Send + Sync;
+
+/// A store that runs every operation through `inner`, calling a test's hook around each:
+/// to fail, count, pause or reorder what the engine sees.
+pub struct Hooked {
+    pub inner: Arc<dyn snapblk_backup::ObjectStore>,
+    hook: Box<HookFn>,
+}
+
+impl Hooked {
+    pub fn new(
+        inner: Arc<dyn snapblk_backup::ObjectStore>,
+        hook: impl Fn(Call<'_, '_>) -> Result<(), snapblk_backup::StoreError> + Send + Sync + 'static,
+    ) -> Hooked {
+        Hooked {
+            inner,
+            hook: Box::new(hook),
+        }
+    }
+
+    fn around<T>(
+        &self,
+        op: Op<'_>,
+        f: impl FnOnce() -> Result<T, snapblk_backup::StoreError>,
+    ) -> Result<T, snapblk_backup::StoreError> {
+        (self.hook)(Call::Before(op))?;
+        let r = f();
+        (self.hook)(Call::After(op))?;
+        r
+    }
+}
+
+impl snapblk_backup::ObjectStore for Hooked {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn get(&self, key: &str, max: u64) -> Result<Vec<u8>, snapblk_backup::StoreError> {
+        self.around(Op::Get(key), || self.inner.get(key, max))
+    }
+    fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, snapblk_backup::StoreError> {
+        let op = Op::GetRange { key, offset, len };
+        self.around(op, || self.inner.get_range(key, offset, len))
+    }
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), snapblk_backup::StoreError> {
+        self.around(Op::Put(key), || self.inner.put(key, data))
+    }
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool, snapblk_backup::StoreError> {
+        self.around(Op::PutNew(key), || self.inner.put_new(key, data))
+    }
+    fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<snapblk_backup::ObjectMeta>, snapblk_backup::StoreError> {
+        let mut v = self.around(Op::List(prefix), || self.inner.list(prefix))?;
+        (self.hook)(Call::Listed(prefix, &mut v))?;
+        Ok(v)
+    }
+    fn delete(&self, key: &str) -> Result<(), snapblk_backup::StoreError> {
+        self.around(Op::Delete(key), || self.inner.delete(key))
+    }
+}

@@ -11,7 +11,6 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde_json::{json, Value};
@@ -25,6 +24,7 @@ use snapblk_policy::{
 };
 
 use crate::alerts::{AlertConfig, Alerts};
+use crate::error::{DaemonError, Result};
 use crate::repos::RepoOpen;
 
 /// The pool as the policy manager sees it.
@@ -136,7 +136,7 @@ impl PolicyPool for PoolPolicies {
             dry_run: false,
         };
         let rep = gc::run(&r, &opts, &NoProgress).map_err(|e| e.to_string())?;
-        Ok(crate::repo_cmds::gc_text(&rep))
+        Ok(gc_text(&rep))
     }
     fn verify(&self, repo: &NamedRepo, part: (u32, u32)) -> Result<String, String> {
         let r = open_registered(repo)?;
@@ -236,7 +236,7 @@ const DEFAULT_MAX_UNUSED: f64 = 0.10;
 fn open_registered(repo: &NamedRepo) -> Result<snapblk_backup::Repository, String> {
     crate::repos::registered_spec(&repo.target)
         .and_then(|s| s.open())
-        .map_err(|e| format!("{e:#}"))
+        .map_err(|e| e.to_string())
 }
 
 /// The last 2 KiB a hook wrote to a pipe (read to the end, so it never blocks on a full
@@ -364,15 +364,14 @@ impl PolicyService {
             .into_iter()
             .find(|(k, _)| k == NOTIFY_RECORD)
         {
-            Some((_, v)) => {
-                serde_json::from_slice(&v).map_err(|e| anyhow!("record {NOTIFY_RECORD}: {e}"))?
-            }
+            Some((_, v)) => serde_json::from_slice(&v)
+                .map_err(|e| DaemonError::Invalid(format!("pool record {NOTIFY_RECORD}: {e}")))?,
             None => AlertConfig::default(),
         };
         let pool_uuid = pool.uuid().to_string();
         let shared = Arc::clone(&pool);
         let m = Manager::open(PoolPolicies(pool), TimeZone::system(), now())
-            .map_err(|e| anyhow!("loading protection policies: {e}"))?;
+            .map_err(|e| DaemonError::Policy(format!("loading protection policies: {e}")))?;
         let watch = Watch::new(&m.jobs());
         let guard = Guard::new(crate::guard::load_config(&m.pool().0)?);
         Ok(Arc::new(PolicyService {
@@ -441,9 +440,12 @@ impl PolicyService {
         let pool = PoolPolicies(self.pool());
         let mut updated = Vec::new();
         for r in &repos {
-            let items = pool.backups(r).map_err(|e| anyhow!(e))?;
+            let items = pool.backups(r).map_err(DaemonError::Policy)?;
             let mut m = self.lock();
-            updated.extend(m.backups_changed(&r.name, &items).map_err(|e| anyhow!(e))?);
+            updated.extend(
+                m.backups_changed(&r.name, &items)
+                    .map_err(DaemonError::Policy)?,
+            );
             self.check(&m);
         }
         Ok(Reply::BackupsChanged(reply::BackupsChanged {
@@ -466,7 +468,8 @@ impl PolicyService {
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name("policies".into())
-            .spawn(move || me.run())?;
+            .spawn(move || me.run())
+            .map_err(DaemonError::io("starting the policy scheduler thread"))?;
         Ok(())
     }
 
@@ -589,7 +592,7 @@ impl PolicyService {
     pub fn check_group(&self, name: &str, members: &[String]) -> Result<()> {
         self.lock()
             .check_group(name, members)
-            .map_err(|e| anyhow!(e))
+            .map_err(DaemonError::Policy)
     }
 
     /// Executes a policy or job command.
@@ -609,14 +612,14 @@ impl PolicyService {
         let v = match cmd {
             Command::PolicySet { name, policy } => {
                 let mut p: Policy = serde_json::from_value(policy.clone())
-                    .map_err(|e| anyhow!("policy {name}: {e}"))?;
+                    .map_err(|e| DaemonError::Invalid(format!("policy {name}: {e}")))?;
                 // `policy set` without targets keeps those `policy backup-to` added.
                 if policy.get("backups").is_none() {
                     if let Some(old) = m.policies().get(name) {
                         p.backups = old.backups.clone();
                     }
                 }
-                m.set_policy(name, p, now()).map_err(|e| anyhow!(e))?;
+                m.set_policy(name, p, now()).map_err(DaemonError::Policy)?;
                 named_policy(&m, name)
             }
             Command::PolicyList => Reply::Policies(
@@ -629,10 +632,9 @@ impl PolicyService {
                     .collect(),
             ),
             Command::PolicyShow { name } => {
-                let p = m
-                    .policies()
-                    .get(name)
-                    .ok_or_else(|| anyhow!("policy '{name}' does not exist"))?;
+                let p = m.policies().get(name).ok_or_else(|| {
+                    DaemonError::NotFound(format!("policy '{name}' does not exist"))
+                })?;
                 let jobs: Vec<_> = m.jobs().into_iter().filter(|j| &j.policy == name).collect();
                 Reply::PolicyDetail(reply::PolicyDetail {
                     name: name.clone(),
@@ -641,13 +643,12 @@ impl PolicyService {
                 })
             }
             Command::PolicyBackupSet { policy, rule } => {
-                let rule: BackupRule = serde_json::from_value(rule.clone())
-                    .map_err(|e| anyhow!("policy {policy}: backup target: {e}"))?;
-                let mut p = m
-                    .policies()
-                    .get(policy)
-                    .cloned()
-                    .ok_or_else(|| anyhow!("policy '{policy}' does not exist"))?;
+                let rule: BackupRule = serde_json::from_value(rule.clone()).map_err(|e| {
+                    DaemonError::Invalid(format!("policy {policy}: backup target: {e}"))
+                })?;
+                let mut p = m.policies().get(policy).cloned().ok_or_else(|| {
+                    DaemonError::NotFound(format!("policy '{policy}' does not exist"))
+                })?;
                 match p
                     .backups
                     .iter_mut()
@@ -656,33 +657,33 @@ impl PolicyService {
                     Some(b) => *b = rule,
                     None => p.backups.push(rule),
                 }
-                m.set_policy(policy, p, now()).map_err(|e| anyhow!(e))?;
+                m.set_policy(policy, p, now())
+                    .map_err(DaemonError::Policy)?;
                 named_policy(&m, policy)
             }
             Command::PolicyBackupDelete { policy, repository } => {
-                let mut p = m
-                    .policies()
-                    .get(policy)
-                    .cloned()
-                    .ok_or_else(|| anyhow!("policy '{policy}' does not exist"))?;
+                let mut p = m.policies().get(policy).cloned().ok_or_else(|| {
+                    DaemonError::NotFound(format!("policy '{policy}' does not exist"))
+                })?;
                 let before = p.backups.len();
                 p.backups.retain(|b| &b.repository != repository);
                 if p.backups.len() == before {
-                    return Err(anyhow!(
+                    return Err(DaemonError::NotFound(format!(
                         "policy '{policy}' does not back up to repository '{repository}'"
-                    ));
+                    )));
                 }
-                m.set_policy(policy, p, now()).map_err(|e| anyhow!(e))?;
+                m.set_policy(policy, p, now())
+                    .map_err(DaemonError::Policy)?;
                 named_policy(&m, policy)
             }
             Command::PolicyDelete { name } => {
-                m.delete_policy(name).map_err(|e| anyhow!(e))?;
+                m.delete_policy(name).map_err(DaemonError::Policy)?;
                 Reply::Deleted(reply::Deleted {
                     deleted: name.clone(),
                 })
             }
             Command::PolicyPlan { name } => {
-                Reply::Plan(m.prune_plan(name).map_err(|e| anyhow!(e))?)
+                Reply::Plan(m.prune_plan(name).map_err(DaemonError::Policy)?)
             }
             Command::Jobs => Reply::Jobs(m.jobs()),
             Command::JobRun { name } => match m.start_now(name, now(), &now) {
@@ -698,19 +699,21 @@ impl PolicyService {
                     self.wake.notify_all();
                     return Ok(Reply::Run(r));
                 }
-                Err(e) => return Err(anyhow!(e)),
+                Err(e) => return Err(DaemonError::Policy(e)),
             },
             Command::RepoSet { name, repo } => {
                 let r: RepoTarget = serde_json::from_value(repo.clone())
-                    .map_err(|e| anyhow!("repository {name}: {e}"))?;
-                m.set_repo(name, r, now()).map_err(|e| anyhow!(e))?;
+                    .map_err(|e| DaemonError::Invalid(format!("repository {name}: {e}")))?;
+                m.set_repo(name, r, now()).map_err(DaemonError::Policy)?;
                 Reply::Repo(reply::NamedRepo {
                     name: name.clone(),
                     repository: m.repos().get(name).cloned(),
                 })
             }
             Command::Status { volume } => {
-                let st = m.status(now(), volume.as_deref()).map_err(|e| anyhow!(e))?;
+                let st = m
+                    .status(now(), volume.as_deref())
+                    .map_err(DaemonError::Policy)?;
                 let worst = st
                     .iter()
                     .map(|v| v.verdict)
@@ -731,10 +734,11 @@ impl PolicyService {
                 if let Some(x) = command {
                     c.command = opt(x);
                 }
-                c.validate().map_err(|e| anyhow!(e))?;
-                m.pool()
-                    .0
-                    .put_record(NOTIFY_RECORD, Some(serde_json::to_vec(&c)?))?;
+                c.validate().map_err(DaemonError::Policy)?;
+                m.pool().0.put_record(
+                    NOTIFY_RECORD,
+                    Some(serde_json::to_vec(&c).map_err(invalid)?),
+                )?;
                 self.alerts.set_config(c.clone());
                 Reply::Notify(c)
             }
@@ -742,7 +746,9 @@ impl PolicyService {
             Command::NotifyTest => {
                 let c = self.alerts.config();
                 if c.webhook.is_none() && c.command.is_none() {
-                    return Err(anyhow!("no webhook or command set (snapblk notify set)"));
+                    return Err(DaemonError::Invalid(
+                        "no webhook or command set (snapblk notify set)".into(),
+                    ));
                 }
                 let ev = json!({
                     "event": "test",
@@ -751,7 +757,7 @@ impl PolicyService {
                     "host": snapblk_backup::catalog::host_name(),
                 });
                 drop(m);
-                crate::alerts::deliver(&c, &ev).map_err(|e| anyhow!(e))?;
+                crate::alerts::deliver(&c, &ev).map_err(DaemonError::Policy)?;
                 return Ok(Reply::NotifyTested(reply::NotifyTested { delivered: ev }));
             }
             Command::RepoList => Reply::Repos(
@@ -764,17 +770,60 @@ impl PolicyService {
                     .collect(),
             ),
             Command::RepoDelete { name } => {
-                m.delete_repo(name).map_err(|e| anyhow!(e))?;
+                m.delete_repo(name).map_err(DaemonError::Policy)?;
                 Reply::Deleted(reply::Deleted {
                     deleted: name.clone(),
                 })
             }
-            _ => return Err(anyhow!("not a policy command")),
+            _ => return Err(DaemonError::Invalid("not a policy command".into())),
         };
         drop(m);
         self.wake.notify_all();
         Ok(v)
     }
+}
+
+pub fn gc_text(r: &gc::Report) -> String {
+    let mut t = format!(
+        "gc: {} packs; {} condemned, {} deleted ({} chunks, {}), {} repacked ({}), {} orphans removed, {} rescued",
+        r.packs,
+        r.packs_condemned,
+        r.packs_deleted,
+        r.chunks_deleted,
+        snapblk_control::human::format_size(r.bytes_deleted),
+        r.packs_repacked,
+        snapblk_control::human::format_size(r.bytes_repacked),
+        r.orphans_deleted,
+        r.packs_rescued
+    );
+    if r.orphan_tables_deleted > 0 || !r.leftovers_deleted.is_empty() {
+        t.push_str(&format!(
+            "; {} tables of unfinished backups and {} headers of removed backups deleted",
+            r.orphan_tables_deleted,
+            r.leftovers_deleted.len()
+        ));
+    }
+    if let Some(c) = r.cutoff {
+        t.push_str(&format!(
+            "; jobs running since {}: nothing newer was collected",
+            snapblk_control::human::format_time(c)
+        ));
+    }
+    for l in &r.leases_broken {
+        t.push_str(&format!(
+            "\n  removed the expired lease of {l} (its process died)"
+        ));
+    }
+    for u in &r.uncatalogued {
+        t.push_str(&format!(
+            "\n  kept {u}: in no catalog and never removed (a rolled-back catalog?); see `snapblk backup verify`"
+        ));
+    }
+    t
+}
+
+fn invalid(e: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Invalid(e.to_string())
 }
 
 /// `{name, policy}` after a change to the policy `name`.

@@ -1,7 +1,17 @@
-//! Human-readable sizes: parsing `--size 100G` and printing `1.5 GiB`. Units are binary
-//! (K = KiB = 1024), as LVM and ZFS use them.
+//! Human-readable sizes, durations and times, shared by the CLI and the daemon's messages:
+//! parsing `--size 100G` and printing `1.5 GiB`. Units are binary (K = KiB = 1024), as LVM
+//! and ZFS use them.
 
-use anyhow::{bail, Result};
+/// A size or duration that does not parse; the message quotes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadValue(pub String);
+
+type Result<T> = std::result::Result<T, BadValue>;
+
+macro_rules! bail {
+    ($($t:tt)*) => { return Err(BadValue(format!($($t)*))) };
+}
 
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
@@ -13,7 +23,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     }
     let n: u64 = t[..digits_end]
         .parse()
-        .map_err(|_| anyhow::anyhow!("invalid size '{s}': number too large"))?;
+        .map_err(|_| BadValue(format!("invalid size '{s}': number too large")))?;
     let unit = t[digits_end..].trim();
     let shift = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 0,
@@ -25,7 +35,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         _ => bail!("invalid size '{s}': unknown unit '{unit}' (use K, M, G, T or P)"),
     };
     n.checked_mul(1u64 << shift)
-        .ok_or_else(|| anyhow::anyhow!("invalid size '{s}': too large"))
+        .ok_or_else(|| BadValue(format!("invalid size '{s}': too large")))
 }
 
 pub fn format_size(n: u64) -> String {
@@ -58,7 +68,19 @@ pub fn parse_duration(s: &str) -> Result<u64> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| anyhow::anyhow!("{s:?} is not a duration (like 90s, 30m, 12h, 7d)"))
+        .ok_or_else(|| BadValue(format!("{s:?} is not a duration (like 90s, 30m, 12h, 7d)")))
+}
+
+/// Formats seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn format_time(secs: u64) -> String {
+    let rem = secs % 86_400;
+    let (y, m, d) = snapblk_backup::prune::civil_from_days((secs / 86_400) as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

@@ -1,22 +1,26 @@
 //! `snapblk daemon`: holds the pool, serves NBD (Unix socket and TCP) and the control
 //! socket, runs background reclaim and the periodic sync, and shuts down cleanly (sync,
 //! remove sockets) on SIGTERM or SIGINT.
+//!
+//! Threading: the main thread starts everything, then waits for a signal; shutdown stops
+//! the policies and lazy restores, then detaches the ublk devices (or keeps them, see
+//! `ublk_on_stop`) and syncs the pool. NBD and control connections each run on their own
+//! thread; the process exits once everything acknowledged is durable.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use snapblk_core::Pool;
 
-use crate::control;
 use crate::devices::Devices;
+use crate::error::{DaemonError, Result};
 use crate::open::open_pool;
-use crate::sockets;
+use crate::{server, sockets};
 
 pub const DEFAULT_NBD_SOCKET: &str = "/run/snapblk/nbd.sock";
 /// NBD over TCP is opt-in (`--nbd-tcp ADDR`): plain NBD has no authentication, and any
@@ -55,9 +59,12 @@ pub struct DaemonConfig {
 
 impl DaemonConfig {
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(DaemonError::io(format!(
+            "reading config {}",
+            path.display()
+        )))?;
+        toml::from_str(&text)
+            .map_err(|e| DaemonError::Invalid(format!("config {}: {e}", path.display())))
     }
 
     /// `other` (the command line) wins where it is set.
@@ -83,9 +90,9 @@ impl DaemonConfig {
 
 pub fn run(cfg: DaemonConfig) -> Result<()> {
     let (Some(meta), Some(data)) = (cfg.meta.clone(), cfg.data.clone()) else {
-        bail!("the daemon needs --meta and --data (or both in the config file)");
+        return invalid("the daemon needs --meta and --data (or both in the config file)".into());
     };
-    let socket = cfg.socket.clone().unwrap_or_else(control::default_socket);
+    let socket = cfg.socket.clone().unwrap_or_else(server::default_socket);
     let nbd_socket = cfg
         .nbd_socket
         .clone()
@@ -103,7 +110,11 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
             cfg.tls_client_ca.as_deref(),
         )?),
         (None, None) if cfg.tls_client_ca.is_none() => None,
-        _ => bail!("TLS needs both tls_cert and tls_key (tls_client_ca is optional)"),
+        _ => {
+            return invalid(
+                "TLS needs both tls_cert and tls_key (tls_client_ca is optional)".into(),
+            )
+        }
     };
     if nbd_tcp != "none" {
         let auth = match (&tls, &cfg.tls_client_ca) {
@@ -119,17 +130,22 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         .map(sockets::group_id)
         .transpose()?;
     if cfg.max_connections == Some(0) {
-        bail!("max_connections must be at least 1");
+        return invalid("max_connections must be at least 1".into());
     }
     let keep_devices = match cfg.ublk_on_stop.as_deref().unwrap_or("detach") {
         "detach" => false,
         "keep" => true,
-        other => bail!("ublk_on_stop must be \"detach\" or \"keep\", not {other:?}"),
+        other => {
+            return invalid(format!(
+                "ublk_on_stop must be \"detach\" or \"keep\", not {other:?}"
+            ))
+        }
     };
 
     // Handlers are installed before any thread starts; SIGTERM/SIGINT then only wake the
     // iterator below instead of killing the process mid-write.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::io("installing signal handlers"))?;
     let opened = open_pool(&meta, &data, "snapblk daemon")?;
     let pool = Arc::clone(&opened.pool);
     pool.start_background();
@@ -146,9 +162,10 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     let ctl = sockets::bind_unix(&socket, 0o600, None)?;
     let workers = cfg.workers.unwrap_or(16);
     let nbd = match &tls {
-        Some(t) => snapblk_nbd::Server::with_tls(devices.nbd_exports(), workers, Arc::clone(t))?,
-        None => snapblk_nbd::Server::new(devices.nbd_exports(), workers)?,
-    };
+        Some(t) => snapblk_nbd::Server::with_tls(devices.nbd_exports(), workers, Arc::clone(t)),
+        None => snapblk_nbd::Server::new(devices.nbd_exports(), workers),
+    }
+    .map_err(DaemonError::io("starting the NBD server"))?;
     nbd.admission().set_max(
         cfg.max_connections
             .unwrap_or(snapblk_nbd::admission::DEFAULT_MAX_CONNECTIONS),
@@ -162,21 +179,24 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         let s = Arc::clone(&nbd);
         std::thread::Builder::new()
             .name("nbd-unix".into())
-            .spawn(move || snapblk_nbd::serve_unix(s, nbd_unix))?;
+            .spawn(move || snapblk_nbd::serve_unix(s, nbd_unix))
+            .map_err(DaemonError::io("starting the NBD accept thread"))?;
     }
     if nbd_tcp != "none" {
-        let l =
-            TcpListener::bind(&nbd_tcp).with_context(|| format!("binding NBD TCP {nbd_tcp}"))?;
+        let l = TcpListener::bind(&nbd_tcp)
+            .map_err(DaemonError::io(format!("binding NBD TCP {nbd_tcp}")))?;
         let s = Arc::clone(&nbd);
         std::thread::Builder::new()
             .name("nbd-tcp".into())
-            .spawn(move || snapblk_nbd::serve_tcp(s, l))?;
+            .spawn(move || snapblk_nbd::serve_tcp(s, l))
+            .map_err(DaemonError::io("starting the NBD TCP accept thread"))?;
     }
     {
         let (p, d) = (Arc::clone(&pool), Arc::clone(&devices));
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || control::serve(p, d, ctl))?;
+            .spawn(move || server::serve(p, d, ctl))
+            .map_err(DaemonError::io("starting the control accept thread"))?;
     }
     let metrics_listen = cfg.metrics_listen.as_deref().unwrap_or("none");
     let endpoint = match metrics_listen {
@@ -208,7 +228,8 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
                     Err(e) => n.send(&format!("STATUS=pool not answering: {e}")),
                 }
                 std::thread::sleep(every);
-            })?;
+            })
+            .map_err(DaemonError::io("starting the watchdog thread"))?;
     }
     log::info!(
         "snapblk daemon: pool {} ready; control {}, NBD {}{}",
@@ -234,7 +255,8 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         // As after a crash, but with everything acknowledged synced: the kernel holds
         // the devices' I/O until the next daemon recovers them (UBLK_F_USER_RECOVERY).
         let n = devices.count();
-        pool.sync().context("final sync")?;
+        pool.sync()
+            .map_err(|e| DaemonError::from(e).context("final sync"))?;
         let _ = std::fs::remove_file(&socket);
         let _ = std::fs::remove_file(&nbd_socket);
         log::info!("snapblk daemon: {n} ublk device(s) left for the next daemon to recover");
@@ -248,10 +270,14 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     let r = pool.shutdown();
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&nbd_socket);
-    r.context("final sync")?;
+    r.map_err(|e| DaemonError::from(e).context("final sync"))?;
     drop(opened);
     // Connection threads may still hold the pool; everything is durable, so exit now.
     std::process::exit(0);
+}
+
+fn invalid<T>(message: String) -> Result<T> {
+    Err(DaemonError::Invalid(message))
 }
 
 /// How TCP clients are checked.
@@ -272,33 +298,37 @@ fn check_tcp_address(addr: &str, auth: TcpAuth, insecure: bool) -> Result<()> {
     use std::net::ToSocketAddrs;
     let addrs: Vec<_> = addr
         .to_socket_addrs()
-        .with_context(|| format!("NBD TCP address {addr:?} (expected host:port or none)"))?
+        .map_err(|e| {
+            DaemonError::Invalid(format!(
+                "NBD TCP address {addr:?} (expected host:port or none): {e}"
+            ))
+        })?
         .collect();
     if auth == TcpAuth::TlsClientCerts {
         return Ok(());
     }
     if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
         if auth == TcpAuth::TlsAnyClient && !insecure {
-            bail!(
+            return invalid(format!(
                 "refusing to serve NBD over TLS on {a}, which is not a loopback address, without \
                  client authentication: TLS without --tls-client-ca encrypts the traffic but lets \
                  any client that can reach it read and write every volume; add --tls-client-ca \
                  (config: tls_client_ca) so clients must present a certificate, or pass --insecure \
                  (config: insecure = true) to do it anyway"
-            );
+            ));
         }
         if auth == TcpAuth::TlsAnyClient {
             log::warn!("serving NBD over TLS on {a} without client certificates (--insecure)");
             return Ok(());
         }
         if !insecure {
-            bail!(
+            return invalid(format!(
                 "refusing to serve NBD over plain TCP on {a}, which is not a loopback address: \
                  NBD has no authentication or encryption here, so anyone who can reach it could \
                  read and write every volume; use a loopback address or the Unix socket, require \
                  TLS (--tls-cert/--tls-key), or pass --insecure (config: insecure = true) to do \
                  it anyway"
-            );
+            ));
         }
         log::warn!("serving NBD over plain TCP on {a} (--insecure)");
     }
@@ -396,7 +426,7 @@ fn status_line(pool: &Pool, devices: &Devices) -> String {
         n(info.volumes as u64, "volume", "volumes"),
         n(info.snapshots as u64, "snapshot", "snapshots"),
         n(devs, "ublk device", "ublk devices"),
-        crate::human::format_size(info.free)
+        snapblk_control::human::format_size(info.free)
     )
 }
 

@@ -10,12 +10,12 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
 use serde_json::json;
 use snapblk_core::pool2::SpaceRelief;
 use snapblk_core::Pool;
 use snapblk_policy::{GuardConfig, PoolSpace, GUARD_RECORD};
 
+use crate::error::{DaemonError, Result};
 use crate::policies::PolicyService;
 
 /// How often the guard thread looks at free space (one allocator lock: cheap).
@@ -82,7 +82,8 @@ impl PolicyService {
                     me.guard_pass(false);
                     std::thread::sleep(POLL);
                 }
-            })?;
+            })
+            .map_err(DaemonError::io("starting the space guard thread"))?;
         Ok(())
     }
 
@@ -116,14 +117,17 @@ impl PolicyService {
     ) -> Result<snapblk_control::Reply> {
         let pool = self.pool();
         if target_free.is_some() && min_free.is_none() {
-            return Err(anyhow!("--target-free needs --min-free"));
+            return Err(DaemonError::Invalid(
+                "--target-free needs --min-free".into(),
+            ));
         }
         if off {
             pool.put_record(GUARD_RECORD, None)?;
             self.guard.set_config(None);
         } else if let Some(min) = min_free {
-            let c = GuardConfig::new(min, target_free).map_err(|e| anyhow!(e))?;
-            pool.put_record(GUARD_RECORD, Some(serde_json::to_vec(&c)?))?;
+            let c = GuardConfig::new(min, target_free).map_err(DaemonError::Invalid)?;
+            let v = serde_json::to_vec(&c).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+            pool.put_record(GUARD_RECORD, Some(v))?;
             self.guard.set_config(Some(c));
         }
         let (free, cap) = pool.space();

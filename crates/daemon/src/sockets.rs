@@ -10,23 +10,28 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{DaemonError, Result};
 
 /// Binds a Unix socket at `path` with `mode` (and group `gid`, if given), replacing a stale
 /// socket file but refusing to steal one that a live process still answers on.
 pub fn bind_unix(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(DaemonError::io(format!("creating {}", dir.display())))?;
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
-            bail!("{} is in use by another running process", path.display());
+            return Err(DaemonError::InUse(format!(
+                "{} is in use by another running process",
+                path.display()
+            )));
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path).map_err(DaemonError::io(format!(
+            "removing stale socket {}",
+            path.display()
+        )))?;
     }
     let name = path
         .file_name()
-        .with_context(|| format!("{} names no socket file", path.display()))?;
+        .ok_or_else(|| DaemonError::Invalid(format!("{} names no socket file", path.display())))?;
     let private = dir.join(format!(
         ".{}.bind-{}",
         name.to_string_lossy(),
@@ -36,18 +41,24 @@ pub fn bind_unix(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListene
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
-        .with_context(|| format!("creating {}", private.display()))?;
+        .map_err(DaemonError::io(format!("creating {}", private.display())))?;
     let staged = private.join("s");
     let r = (|| -> Result<UnixListener> {
-        let l =
-            UnixListener::bind(&staged).with_context(|| format!("binding {}", path.display()))?;
+        let l = UnixListener::bind(&staged)
+            .map_err(DaemonError::io(format!("binding {}", path.display())))?;
         if let Some(g) = gid {
-            std::os::unix::fs::chown(&staged, None, Some(g))
-                .with_context(|| format!("giving {} to group {g}", path.display()))?;
+            std::os::unix::fs::chown(&staged, None, Some(g)).map_err(DaemonError::io(format!(
+                "giving {} to group {g}",
+                path.display()
+            )))?;
         }
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
-        std::fs::rename(&staged, path)
-            .with_context(|| format!("moving the socket to {}", path.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode)).map_err(
+            DaemonError::io(format!("setting the mode of {}", path.display())),
+        )?;
+        std::fs::rename(&staged, path).map_err(DaemonError::io(format!(
+            "moving the socket to {}",
+            path.display()
+        )))?;
         Ok(l)
     })();
     let _ = std::fs::remove_dir_all(&private);
@@ -59,7 +70,8 @@ pub fn group_id(name: &str) -> Result<u32> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
     }
-    let cname = std::ffi::CString::new(name).with_context(|| format!("group name {name:?}"))?;
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| DaemonError::Invalid(format!("group name {name:?} holds a NUL byte")))?;
     let mut buf = vec![0 as libc::c_char; 16 << 10];
     // SAFETY: an all-zero `group` is a valid value of this plain C struct; getgrnam_r only
     // writes into it and into `buf` (whose length we pass), and `result` points at `grp`
@@ -78,13 +90,15 @@ pub fn group_id(name: &str) -> Result<u32> {
         )
     };
     if rc != 0 {
-        bail!(
-            "looking up group {name:?}: {}",
-            std::io::Error::from_raw_os_error(rc)
-        );
+        return Err(DaemonError::Io {
+            what: format!("looking up group {name:?}"),
+            source: std::io::Error::from_raw_os_error(rc),
+        });
     }
     if result.is_null() {
-        bail!("no group named {name:?} (--nbd-group)");
+        return Err(DaemonError::NotFound(format!(
+            "no group named {name:?} (--nbd-group)"
+        )));
     }
     Ok(grp.gr_gid)
 }

@@ -1,10 +1,13 @@
 //! What the daemon serves besides NBD: ublk devices (attach, detach, list, detach-all at
 //! shutdown) and lazy restores in progress (whose volumes every frontend opens through
 //! `exports`, so they hydrate on access).
+//!
+//! Threading: the device list is behind one mutex, held only to add, find or remove an
+//! entry (never across a kernel call that waits for I/O: detach takes the device out
+//! first).
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Result};
 use snapblk_control::reply;
 use std::path::PathBuf;
 
@@ -12,6 +15,8 @@ use snapblk_backup::lazy::{LazyExports, Restores, State};
 use snapblk_core::export::{Metered, MeteredExports, ReadOnly};
 use snapblk_core::keys::Filling;
 use snapblk_core::{Export, ExportProvider, Pool, PoolExports};
+
+use crate::error::{DaemonError, Result};
 
 pub struct Devices {
     pool: Arc<Pool>,
@@ -114,10 +119,10 @@ impl Devices {
     /// (an interrupted one may be deleted: `deleting`).
     pub fn check_not_restoring(&self, volume: &str, deleting: bool) -> Result<()> {
         if self.restores.active(volume).is_some() {
-            bail!("volume {volume} is still being restored lazily (see `snapblk restore-status`); wait until it completes");
+            return Err(DaemonError::InUse(format!("volume {volume} is still being restored lazily (see `snapblk restore-status`); wait until it completes")));
         }
         if !deleting && self.restores.suspended(volume).is_some() {
-            bail!("volume {volume} is an interrupted lazy restore; resume it (`snapblk restore ... --lazy`) or delete it");
+            return Err(DaemonError::InUse(format!("volume {volume} is an interrupted lazy restore; resume it (`snapblk restore ... --lazy`) or delete it")));
         }
         Ok(())
     }
@@ -194,7 +199,7 @@ impl Devices {
             let i = list
                 .iter()
                 .position(|d| d.path == what || d.export == what)
-                .ok_or_else(|| anyhow!("nothing attached as '{what}'"))?;
+                .ok_or_else(|| DaemonError::NotFound(format!("nothing attached as '{what}'")))?;
             list.remove(i)
         };
         let v = describe(&dev);
@@ -209,7 +214,7 @@ impl Devices {
             let r = self
                 .exports
                 .open(&o.export)
-                .map_err(anyhow::Error::from)
+                .map_err(DaemonError::from)
                 .and_then(|h| {
                     let export: Arc<dyn Export> = if o.read_only && !h.read_only() {
                         Arc::new(ReadOnly(h))
@@ -225,7 +230,7 @@ impl Devices {
                     self.lock().push(dev);
                 }
                 Err(e) => log::error!(
-                    "snapblk daemon: cannot recover ublk device {} ({}): {e:#}",
+                    "snapblk daemon: cannot recover ublk device {} ({}): {e}",
                     o.id,
                     o.export
                 ),
@@ -258,6 +263,8 @@ impl Devices {
 pub fn need(devices: Option<&Devices>) -> Result<&Devices> {
     match devices {
         Some(d) => Ok(d),
-        None => bail!("ublk devices are owned by the daemon: start `snapblk daemon` first"),
+        None => Err(DaemonError::NeedsDaemon(
+            "ublk devices are owned by the daemon: start `snapblk daemon` first".into(),
+        )),
     }
 }

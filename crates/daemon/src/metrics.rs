@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
 use snapblk_metrics::{BackupAge, LazyProgress, Metrics, Sources};
 
 use crate::devices::Devices;
+use crate::error::Result;
 
 struct DaemonSources(Arc<Devices>);
 

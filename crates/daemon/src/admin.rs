@@ -9,6 +9,7 @@ use snapblk_core::names::parse_snap_ref;
 use snapblk_core::Pool;
 
 use crate::devices::{self, Devices};
+use crate::error::{DaemonError, Result};
 use crate::repos::RepoOpen;
 pub use snapblk_control::Command;
 use snapblk_control::{reply, Reply};
@@ -21,7 +22,7 @@ pub fn execute(
     devices: Option<&Devices>,
     cmd: &Command,
     progress: &dyn Progress,
-) -> anyhow::Result<Reply> {
+) -> Result<Reply> {
     if let Some(vol) = touched_volume(cmd) {
         let deleting = matches!(cmd, Command::VolumeDelete { .. });
         check_whole(pool, &vol, deleting)?;
@@ -89,8 +90,9 @@ pub fn execute(
             from,
         } => {
             let d = devices.ok_or_else(|| {
-                anyhow::anyhow!(
+                DaemonError::NeedsDaemon(
                     "a lazy restore needs the daemon (it serves the volume while it hydrates)"
+                        .into(),
                 )
             })?;
             let t0 = std::time::Instant::now();
@@ -292,20 +294,20 @@ pub fn execute(
 /// Refuses to snapshot, roll back, rename or resize a volume whose restore has not
 /// finished (it is marked incomplete in the pool, so this holds in direct mode too, with
 /// the daemon stopped); deleting it is how an interrupted restore is abandoned.
-fn check_whole(pool: &Pool, vol: &str, deleting: bool) -> anyhow::Result<()> {
+fn check_whole(pool: &Pool, vol: &str, deleting: bool) -> Result<()> {
     let Ok(info) = pool.volume_info(vol) else {
         return Ok(()); // the command itself reports a missing volume
     };
     match info.incomplete {
         Some(_) if deleting => Ok(()),
-        Some(m) => anyhow::bail!(
+        Some(m) => Err(DaemonError::InUse(format!(
             "volume {vol} is not whole: {m}; {}",
             match m.by {
                 Filling::LazyRestore =>
                     "wait until `snapblk restore-status` shows it complete (resume an interrupted one with `snapblk restore ... --lazy`), or delete it",
                 Filling::FullRestore => "delete it and restore again",
             }
-        ),
+        ))),
         None => Ok(()),
     }
 }
