@@ -1,5 +1,6 @@
 //! Backup repository objects as read back from a bucket: the repository config, a pack's
-//! index (plain and sealed), a manifest table, a sealed chunk, a manifest header. Any bytes
+//! index (plain and sealed), a manifest table and a table frame, a sealed chunk, a manifest
+//! header. Any bytes
 //! must give a typed error or a value, never a panic; tables that decode re-encode to an
 //! equal table.
 #![no_main]
@@ -8,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use snapblk_backup::config::RepoConfig;
 use snapblk_backup::crypto::Keys;
 use snapblk_backup::manifest::{Header, Table};
-use snapblk_backup::{chunk, pack};
+use snapblk_backup::{chunk, frame, pack};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
@@ -35,6 +36,14 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let again = Table::decode(&t.encode()).expect("a decoded table re-decodes");
                 assert_eq!(again.encode(), t.encode(), "table round trip");
+            }
+            // The same bytes as a table frame (format 2) at a position the input picks.
+            if body.len() > 5 {
+                let cells = u64::from(u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
+                let (k, bytes) = (u64::from(body[4]), &body[5..]);
+                if let Ok(f) = frame::Frame::decode(bytes, cells, k) {
+                    assert_eq!(f.encode(), bytes, "a frame's encoding is canonical");
+                }
             }
         }
         4 => {

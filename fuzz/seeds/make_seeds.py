@@ -55,6 +55,12 @@ put("repo_objects", "config", b"\x00" + json.dumps({"format": 1}).encode())
 put("repo_objects", "header", b"\x05" + json.dumps({
     "id": "ab", "volume": "v", "snapshot": "s", "snapshot_id": 3, "pool": "p", "created": 1,
     "backed_up": 2, "size": 65536, "chunk_size": 65536, "cells": 1, "stored_bytes": 10}).encode())
+# A table frame (selector 3: cells u32, frame number u8, then the frame): frame 1 of a
+# table of 70,000 cells covers cells 65,536..70,000, two entries.
+SEG = 65536
+entries = b"".join(struct.pack("<Q", c) + bytes([c % 251]) * 32 for c in (SEG + 3, SEG + 4000))
+frame = b"SBTF\x01" + struct.pack("<QII", SEG, 70000 - SEG, 2) + entries
+put("repo_objects", "frame", b"\x03" + struct.pack("<I", 70000) + b"\x01" + frame)
 
 # --- metadata: damage steps (op, index, offset, byte) ---------------------------------
 put("metadata", "none", b"")

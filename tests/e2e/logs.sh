@@ -31,7 +31,7 @@ for l in lines:
     o = json.loads(l)  # every line parses
     assert {"timestamp", "level", "target", "message"} <= o.keys(), o
     objs.append(o)
-assert any(o["level"] == "INFO" and o["target"] == "snapblk::daemon" and "ready" in o["message"] for o in objs), objs
+assert any(o["level"] == "INFO" and o["target"] == "snapblk_daemon::run" and "ready" in o["message"] for o in objs), objs
 w = [o for o in objs if o["level"] == "WARN" and "max-connections" in o["message"]]
 assert w and w[0]["target"].startswith("snapblk_nbd"), objs
 PY
@@ -50,7 +50,7 @@ except nbd.Error:
     pass
 PY
 stop_daemon
-grep -q "^<6>snapblk::daemon: .*ready" "$T/daemon.log" || { cat "$T/daemon.log"; fail "no <6> info line"; }
+grep -q "^<6>snapblk_daemon::run: .*ready" "$T/daemon.log" || { cat "$T/daemon.log"; fail "no <6> info line"; }
 grep -q "^<4>snapblk_nbd::admission: .*max-connections" "$T/daemon.log" || { cat "$T/daemon.log"; fail "no <4> warning line"; }
 grep -v "^<[0-7]>" "$T/daemon.log" | grep -q . && { cat "$T/daemon.log"; fail "a line without a priority"; }
 
@@ -58,6 +58,6 @@ log "elsewhere: text with time and level"
 : >"$T/daemon.log"
 start_daemon
 stop_daemon
-grep -qE "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z +INFO snapblk::daemon: .*ready" "$T/daemon.log" \
+grep -qE "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z +INFO snapblk_daemon::run: .*ready" "$T/daemon.log" \
     || { cat "$T/daemon.log"; fail "text line"; }
 log "logs: ok"

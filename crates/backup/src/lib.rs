@@ -23,6 +23,7 @@ pub mod copy;
 pub mod crypto;
 pub mod error;
 pub mod file;
+pub mod frame;
 pub mod gc;
 pub mod hold;
 pub mod index;
