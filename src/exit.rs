@@ -54,6 +54,24 @@ pub fn kind_of(e: &anyhow::Error) -> ErrorKind {
     ErrorKind::Other
 }
 
+/// `e` and its causes, outermost first, as `{:#}` prints them but without a cause the
+/// message before it already ends with (errors that show their source in their own text
+/// and also return it from `source()`, such as the pool's device errors).
+pub fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.ends_with(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
 /// The exit code for a failed command.
 pub fn code(e: &anyhow::Error) -> u8 {
     if e.chain().any(|c| {
@@ -74,6 +92,19 @@ pub fn code(e: &anyhow::Error) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_name_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e =
+            anyhow::Error::new(snapblk_core::Error::device("reading block 7", io)).context("scrub");
+        assert_eq!(
+            message(&e),
+            "scrub: data device: reading block 7: entity not found"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(message(&e), "outer: inner");
+    }
 
     #[test]
     fn codes_follow_the_kind_through_context() {

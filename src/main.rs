@@ -360,7 +360,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if let Some(conn) = control::connect(&socket) {
                     let cmd = Command::BackupsChanged { url: url.clone() };
                     if let Err(e) = control::call(&conn, &cmd, &progress::Bar::new(true)) {
-                        log::warn!("telling the daemon about the removed backups: {e:#}");
+                        log::warn!(
+                            "telling the daemon about the removed backups: {}",
+                            exit::message(&e)
+                        );
                     }
                 }
             }
@@ -577,7 +580,10 @@ fn drop_restore(cli: &Cli, volume: &str) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     if let Err(e) = run_command(cli, &delete) {
-        eprintln!("snapblk: the temporary volume {volume} is left: {e:#} (delete it with `snapblk volume delete {volume}`)");
+        eprintln!(
+            "snapblk: the temporary volume {volume} is left: {} (delete it with `snapblk volume delete {volume}`)",
+            exit::message(&e)
+        );
     }
 }
 
@@ -600,7 +606,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("snapblk: error: {e:#}");
+            eprintln!("snapblk: error: {}", exit::message(&e));
             ExitCode::from(exit::code(&e))
         }
     }

@@ -20,13 +20,10 @@ pub enum DaemonError {
     Metrics(#[from] snapblk_metrics::MetricsError),
     #[error(transparent)]
     Tls(#[from] snapblk_nbd::tls::TlsError),
-    /// A file, socket or thread operation failed; `what` says on what.
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file, socket or thread operation failed; `what` says on what. (The cause is
+    /// part of the message, not a `source()`: `{:#}` printers would repeat it.)
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     /// A setting or argument that cannot be used (config file, command, stored record).
     #[error("{0}")]
     Invalid(String),
@@ -45,12 +42,12 @@ pub enum DaemonError {
     /// The protection-policy manager, a hook or a notification refused or failed.
     #[error("{0}")]
     Policy(String),
-    /// `context`: `source` (what was being done when it failed).
-    #[error("{context}: {source}")]
+    /// `context`: `inner` (what was being done when it failed; the cause is part of the
+    /// message, as for `Io`).
+    #[error("{context}: {inner}")]
     Context {
         context: String,
-        #[source]
-        source: Box<DaemonError>,
+        inner: Box<DaemonError>,
     },
 }
 
@@ -58,14 +55,14 @@ impl DaemonError {
     /// An I/O error, saying on what.
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
         let what = what.into();
-        move |source| DaemonError::Io { what, source }
+        move |error| DaemonError::Io { what, error }
     }
 
     /// This error with what was being done put in front.
     pub fn context(self, context: impl Into<String>) -> DaemonError {
         DaemonError::Context {
             context: context.into(),
-            source: Box::new(self),
+            inner: Box::new(self),
         }
     }
 
@@ -85,7 +82,7 @@ impl DaemonError {
             DaemonError::NotFound(_) => ErrorKind::NotFound,
             DaemonError::InUse(_) => ErrorKind::InUse,
             DaemonError::Exists(_) => ErrorKind::Exists,
-            DaemonError::Context { source, .. } => source.kind(),
+            DaemonError::Context { inner, .. } => inner.kind(),
             _ => ErrorKind::Other,
         }
     }
@@ -103,7 +100,10 @@ mod tests {
         assert_eq!(e.to_string(), "opening: volume 'x' not found");
         let e = DaemonError::InUse("volume v is still being restored".into()).context("x");
         assert_eq!(e.kind(), ErrorKind::InUse);
-        let e = DaemonError::io("reading /x")(std::io::ErrorKind::NotFound.into());
+        let e = DaemonError::io("reading /x")(std::io::ErrorKind::NotFound.into()).context("y");
         assert_eq!(e.kind(), ErrorKind::Other);
+        // Causes are in the message once: nothing for a chain printer to repeat.
+        assert_eq!(e.to_string(), "y: reading /x: entity not found");
+        assert!(std::error::Error::source(&e).is_none());
     }
 }

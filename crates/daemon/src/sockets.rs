@@ -92,7 +92,7 @@ pub fn group_id(name: &str) -> Result<u32> {
     if rc != 0 {
         return Err(DaemonError::Io {
             what: format!("looking up group {name:?}"),
-            source: std::io::Error::from_raw_os_error(rc),
+            error: std::io::Error::from_raw_os_error(rc),
         });
     }
     if result.is_null() {
