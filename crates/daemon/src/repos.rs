@@ -91,6 +91,15 @@ fn key_bytes(s: &Secret) -> Result<Vec<u8>> {
         .map_err(|e| DaemonError::Invalid(format!("malformed key material: {e}")))
 }
 
+/// An opened repository with this host's marks and cache and the spec's job settings.
+fn for_jobs(r: Repository, spec: &RepoSpec) -> Repository {
+    r.with_marks(marks())
+        .with_cache(cache())
+        .with_upload_limit(spec.limit_upload)
+        .with_parallelism(parallelism(spec))
+        .with_lease_ttl(lease_ttl())
+}
+
 impl RepoOpen for RepoSpec {
     fn store(&self, create_bucket: bool) -> Result<Arc<dyn ObjectStore>> {
         Ok(match parse_target(&self.url, self.endpoint.as_deref())? {
@@ -125,25 +134,13 @@ impl RepoOpen for RepoSpec {
     }
 
     fn open(&self) -> Result<Repository> {
-        Ok(
-            Repository::open(self.store(false)?, &key_bytes(&self.secret)?)?
-                .with_marks(marks())
-                .with_cache(cache())
-                .with_upload_limit(self.limit_upload)
-                .with_parallelism(parallelism(self))
-                .with_lease_ttl(lease_ttl()),
-        )
+        let r = Repository::open(self.store(false)?, &key_bytes(&self.secret)?)?;
+        Ok(for_jobs(r, self))
     }
 
     fn upgrade(&self) -> Result<Repository> {
-        Ok(
-            Repository::upgrade(self.store(false)?, &key_bytes(&self.secret)?)?
-                .with_marks(marks())
-                .with_cache(cache())
-                .with_upload_limit(self.limit_upload)
-                .with_parallelism(parallelism(self))
-                .with_lease_ttl(lease_ttl()),
-        )
+        let r = Repository::upgrade(self.store(false)?, &key_bytes(&self.secret)?)?;
+        Ok(for_jobs(r, self))
     }
 
     fn init(&self, opts: &InitOptions) -> Result<Repository> {
