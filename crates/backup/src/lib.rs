@@ -29,6 +29,7 @@ pub mod hold;
 pub mod index;
 pub mod lazy;
 pub mod lease;
+pub mod localindex;
 pub mod manifest;
 pub mod marks;
 pub mod pace;
