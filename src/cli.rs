@@ -373,8 +373,10 @@ pub enum RepoCmd {
     List,
     /// Unregister a repository (its backups stay in it).
     Remove { name: String },
-    /// Convert a format-1 repository (unauthenticated config) to the current format:
-    /// authenticates its config as stored now. Run it where you trust the repository.
+    /// Convert a repository to the current format (4): authenticates a format-1 config as
+    /// stored now, writes format 2's missing catalogs, then raises the version, after which
+    /// new backup tables are stored in frames and older snapblk refuses the repository
+    /// (upgrade every host sharing it first). Run it where you trust the repository.
     Upgrade {
         /// s3://BUCKET/PREFIX or file:///PATH
         target: String,

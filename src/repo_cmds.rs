@@ -72,7 +72,7 @@ pub fn repo(cmd: &RepoCmd) -> Result<Outcome> {
             return Ok(Outcome {
                 json: json!({ "target": target, "id": c.id, "version": c.version }),
                 text: format!(
-                    "repository {} at {target} is format {} (config authenticated, backups catalogued)",
+                    "repository {} at {target} is format {} (config authenticated, backups catalogued, new tables written in frames; an older snapblk refuses it, so every host sharing it needs this version)",
                     c.id, c.version
                 ),
                 ok: true,

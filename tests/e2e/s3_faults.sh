@@ -115,6 +115,9 @@ snapblk backup v@tlose --to "$S3" >/dev/null || fail "backup whose catalog answe
 
 log "a response cut mid-body (loading the chunk index)"
 change tget
+# As a host that has not cached the pack indexes yet (its local chunk index is built
+# from them): this host's were cached when it uploaded them.
+rm -rf "$SNAPBLK_STATE_DIR/cache"
 preset; fault drop count=1 method=GET path=/index/
 if snapblk backup v@tget --to "$S3" >"$T/tget.out" 2>&1; then
     [ "$(pstat fault_drop_get)" -eq 1 ] || fail "the proxy cut $(pstat fault_drop_get) responses, not 1"

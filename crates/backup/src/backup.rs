@@ -20,9 +20,10 @@ use crossbeam_channel::bounded;
 use snapblk_core::Export;
 
 use crate::catalog;
+use crate::chunks::Chunks;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::{self, KnownChunks};
+use crate::index;
 use crate::lease::Lease;
 use crate::manifest::{self, BackupStats, Header, Table};
 use crate::pack::{Pack, PackBuilder};
@@ -151,14 +152,14 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     let mut stats = BackupStats::default();
     let mut forced: HashSet<ChunkId> = HashSet::new();
     let mut pending = to_read;
-    // Pass 0's dedup prefixes; with compaction, loaded in the same pass over the indexes
-    // as the kept chunks' locations.
-    let mut known0 = None;
+    // The repository's chunks as this job sees them (the local index and each pack's
+    // standing): pass 0 dedups against them; with compaction they also locate the kept
+    // chunks.
+    let mut chunks = Chunks::load(repo)?;
     if job.compact && job.base.is_some() && !cells.is_empty() {
         // The kept chunks spread over too many packs: store the sparsest packs' again.
         let new_bytes = (pending.len() as u64).saturating_mul(cs);
-        let (known, locs) = KnownChunks::load_with_locations(repo, crate::compact::wanted(&cells))?;
-        known0 = Some(known);
+        let locs = chunks.locations(crate::compact::wanted(&cells))?;
         let plan = crate::compact::plan(repo, &cells, &locs, new_bytes)?;
         drop(locs);
         if let Some(p) = plan {
@@ -181,15 +182,11 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         }
     }
     // Normally one pass; another when garbage collection condemned a pack holding a chunk
-    // we reused while we ran, or an id prefix matched another chunk (those cells are read
-    // and stored again).
+    // we reused while we ran, or two new chunks shared an id prefix in `seen` (those
+    // cells are read and stored again).
     for pass in 0..3 {
-        let known = match known0.take() {
-            Some(k) => k,
-            None => KnownChunks::load(repo)?,
-        };
         let dedup = Dedup {
-            known,
+            known: &chunks,
             forced: &forced,
             // Sized once: a growing table holds two copies while it moves.
             seen: Mutex::new(HashSet::with_capacity(pending.len())),
@@ -213,8 +210,11 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
             }
             cells.retain(|(c, _)| zeros.binary_search(c).is_err());
         }
-        // Everything referenced must be in a live pack now, confirmed by full id.
-        let missing = index::missing(repo, &cells)?;
+        // Everything referenced must be in a live pack now: listed again (this job's
+        // packs are new, gc may have condemned others meanwhile), confirmed by full id.
+        drop(chunks);
+        chunks = Chunks::load(repo)?;
+        let missing = chunks.missing(&cells)?;
         if missing.is_empty() {
             break;
         }
@@ -234,8 +234,13 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     let table = Table { cells, ..table0 };
     stats.seconds = t0.elapsed().as_secs_f64();
     let stored: u64 = table.cells.iter().map(|(c, _)| table.cell_len(*c)).sum();
+    let ncells = table.cells.len() as u64;
+    let chunk_size = table.chunk_size;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let name = format!("{}@{}", job.volume, job.snapshot);
+    let written = manifest::write_table(repo, &id, &name, table)?;
     let header = Header {
-        id: uuid::Uuid::new_v4().simple().to_string(),
+        id,
         volume: job.volume.clone(),
         snapshot: job.snapshot.clone(),
         snapshot_id: job.snapshot_id,
@@ -243,15 +248,15 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         created: job.created,
         backed_up: repo::now(),
         size,
-        chunk_size: table.chunk_size,
-        cells: table.cells.len() as u64,
+        chunk_size,
+        cells: ncells,
         stored_bytes: stored,
-        digest: manifest::digest(&table),
+        digest: written.digest,
         base: job.base.as_ref().map(|(h, _)| h.id.clone()),
         stats: stats.clone(),
         host: job.host.clone().unwrap_or_else(catalog::host_name),
+        framed: written.framed,
     };
-    manifest::write_table(repo, &header, table)?;
     lease.check()?;
     // The commit point: listed in the pool's catalog, the backup exists.
     if let Some(h) = catalog::update(repo, &job.pool, catalog::Change::Add(&header))? {
@@ -280,10 +285,11 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
 /// (sorted).
 type PassOutput = (Vec<(u64, ChunkId)>, Vec<u64>);
 
-/// Which chunks a pass stores: those the repository does not hold (by prefix), those
-/// confirmed missing by an earlier pass (`forced`), each at most once per pass.
+/// Which chunks a pass stores: those no pack a backup may use holds, those confirmed
+/// missing by an earlier pass or chosen by compaction (`forced`), each at most once per
+/// pass.
 struct Dedup<'a> {
-    known: KnownChunks,
+    known: &'a Chunks,
     forced: &'a HashSet<ChunkId>,
     /// Id prefixes of the chunks stored in this pass (8 bytes each; a prefix shared by two
     /// new chunks skips the second, which the full-id check before commit then stores).
@@ -292,11 +298,11 @@ struct Dedup<'a> {
 
 impl Dedup<'_> {
     /// Whether `id` is to be stored now (false: stored already, or by another reader).
-    fn store(&self, id: ChunkId) -> bool {
-        if self.known.contains(&id) && !self.forced.contains(&id) {
-            return false;
+    fn store(&self, id: ChunkId) -> Result<bool> {
+        if !self.forced.contains(&id) && self.known.stored(&id)? {
+            return Ok(false);
         }
-        lock(&self.seen).insert(index::prefix(&id))
+        Ok(lock(&self.seen).insert(index::prefix(&id)))
     }
 }
 
@@ -379,9 +385,16 @@ fn pipeline(
                     }
                     let id = keys.chunk_id(data);
                     lock(out).push((cell, id));
-                    if !known.store(id) {
-                        reused.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                    match known.store(id) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            reused.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(e) => {
+                            abort.set(e);
+                            return;
+                        }
                     }
                     let (_, sealed) = crate::chunk::encode(keys, level, data);
                     bytes_new.fetch_add(len as u64, Ordering::Relaxed);
@@ -430,6 +443,10 @@ fn pipeline(
                     });
                     match r {
                         Ok(()) => {
+                            // The confirm before commit reads it from here, not by a GET.
+                            if let Some(c) = repo.cache() {
+                                c.put(repo, &repo::index_key(&p.id), &p.index);
+                            }
                             uploaded.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
                             packs.fetch_add(1, Ordering::Relaxed);
                         }

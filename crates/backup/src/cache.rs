@@ -24,18 +24,17 @@ pub struct ObjectCache {
     dir: PathBuf,
 }
 
-/// A key safe to use as a relative path: `kind/name`, both lowercase alphanumeric.
+/// A key safe to use as a relative path: `kind/name` or `kind/name/part` (a table's
+/// frame), each lowercase alphanumeric.
 fn plain(key: &str) -> bool {
-    let mut parts = key.split('/');
-    let ok = |p: Option<&str>| {
-        p.is_some_and(|p| {
-            !p.is_empty()
-                && p.len() <= 128
-                && p.bytes()
-                    .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
-        })
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 128
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
     };
-    ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+    let parts: Vec<&str> = key.split('/').collect();
+    (2..=3).contains(&parts.len()) && parts.iter().all(|p| ok(p))
 }
 
 impl ObjectCache {
@@ -45,6 +44,12 @@ impl ObjectCache {
 
     fn path(&self, repo: &Repository, key: &str) -> Option<PathBuf> {
         plain(key).then(|| self.dir.join(&repo.config().id).join(key))
+    }
+
+    /// Where `repo`'s local chunk index lives (crate::localindex): beside its cached
+    /// objects (`chunk-index` is not a kind of object, so no key names it).
+    pub fn chunk_index_dir(&self, repo: &Repository) -> PathBuf {
+        self.dir.join(&repo.config().id).join("chunk-index")
     }
 
     /// The cached copy of `key`, if any (at most `max` bytes).
@@ -131,10 +136,12 @@ mod tests {
     fn only_plain_keys_name_files() {
         assert!(plain("index/0a1b"));
         assert!(plain("tables/5f3e"));
+        assert!(plain("tables/5f3e/17"));
         for bad in [
             "index/../x",
             "index",
-            "index/a/b",
+            "index/a/b/c",
+            "index/a/",
             "/etc/x",
             "index/A",
             "index/",

@@ -18,9 +18,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::chunks::Locations;
 use crate::crypto::ChunkId;
 use crate::error::Result;
-use crate::index::Locations;
 use crate::repo::Repository;
 
 /// What to store again.

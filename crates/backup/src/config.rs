@@ -9,6 +9,9 @@
 //! mac (altered chunk size, added slots, ...) is refused. Format 1 (no mac) is refused
 //! with a pointer to `snapblk repo upgrade`, which authenticates it. Format 3 adds
 //! catalogs (`crate::catalog`); format 2 is refused until `repo upgrade` writes them.
+//! Format 4 stores new backups' tables as frames (`crate::frame`); a format-3 repository
+//! is used as it is (whole tables) until `repo upgrade` raises it, which an older
+//! snapblk then refuses — so every host sharing it is upgraded first.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +19,11 @@ use crate::crypto::KeySlot;
 use crate::error::{BackupError, Result};
 
 pub const FORMAT: &str = "snapblk-backup";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
+/// The first format whose new tables are written as frames.
+pub const VERSION_FRAMES: u32 = 4;
+/// The format before frames: read and written as it is (whole tables).
+pub const VERSION_WHOLE_TABLES: u32 = 3;
 /// The format before catalogs (backups listed by their headers alone); `repo upgrade`
 /// writes the catalogs.
 pub const VERSION_NO_CATALOGS: u32 = 2;

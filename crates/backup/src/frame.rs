@@ -66,15 +66,7 @@ impl Frame {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        out.extend_from_slice(F_MAGIC);
-        out.push(1);
-        out.extend_from_slice(&self.first.to_le_bytes());
-        out.extend_from_slice(&self.span.to_le_bytes());
-        out.extend_from_slice(&(self.cells.len() as u32).to_le_bytes());
-        for (c, id) in &self.cells {
-            out.extend_from_slice(&c.to_le_bytes());
-            out.extend_from_slice(&id.0);
-        }
+        write(&mut out, self.first, self.span, &self.cells).expect("writing to a Vec");
         out
     }
 
@@ -138,6 +130,29 @@ impl Frame {
             cells: out,
         })
     }
+}
+
+/// Writes the encoding of a frame whose fields are `first`, `span` and `cells` to `w`
+/// (as [`Frame::encode`], without building the frame: a writer of a whole table encodes
+/// each frame from a slice of it). The caller keeps `cells` inside the frame, in order.
+pub fn write(
+    w: &mut impl std::io::Write,
+    first: u64,
+    span: u32,
+    cells: &[(u64, ChunkId)],
+) -> std::io::Result<()> {
+    let mut head = [0u8; F_HEAD];
+    head[..4].copy_from_slice(F_MAGIC);
+    head[4] = 1;
+    head[5..13].copy_from_slice(&first.to_le_bytes());
+    head[13..17].copy_from_slice(&span.to_le_bytes());
+    head[17..21].copy_from_slice(&(cells.len() as u32).to_le_bytes());
+    w.write_all(&head)?;
+    for (c, id) in cells {
+        w.write_all(&c.to_le_bytes())?;
+        w.write_all(&id.0)?;
+    }
+    Ok(())
 }
 
 /// Cuts a table's entries, pushed in cell order, into its frames (empty frames included:

@@ -149,7 +149,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             rep.leftovers_deleted
                 .push(format!("{} ({})", h.name(), h.id));
             if !opts.dry_run {
-                manifest::delete(repo, &h.id)?;
+                manifest::delete(repo, &h)?;
             }
         } else {
             rep.uncatalogued.push(format!("{} ({})", h.name(), h.id));
@@ -160,11 +160,13 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
     // failed for half the lease lifetime deletes nothing more.
     let still_held = || lease.as_ref().map_or(Ok(()), |l| l.check());
     still_held()?;
-    // Tables of backups that never committed (cut short before their catalog entry).
+    // Tables of backups that never committed (cut short before their catalog entry):
+    // `tables/<id>`, or a frame `tables/<id>/<k>` (each judged by its own age).
     for o in store.list(repo::TABLES)? {
         let Some(id) = o.key.strip_prefix(repo::TABLES) else {
             continue;
         };
+        let id = id.split('/').next().unwrap_or(id);
         if !catalogs.contains(id) && !headers.contains(id) && old(o.modified) {
             rep.orphan_tables_deleted += 1;
             if !opts.dry_run {

@@ -1,13 +1,9 @@
 //! The repository's chunk locations, read from the `index/` objects (one per pack).
 //!
-//! Memory is bounded by the job, not the repository: indexes are read a batch at a time
-//! ([`visit`]) and each job keeps only what it needs —
-//! - a backup keeps [`KnownChunks`]: the first 8 bytes of every stored chunk id, sorted
-//!   (8 bytes per chunk). A hit is a candidate only; before a backup commits, every chunk
-//!   it references is confirmed by full id against the indexes ([`missing`]), so a
-//!   prefix collision costs a re-read, never a wrong reference;
-//! - a restore keeps [`Locations`] of the chunks its table names, and nothing else;
-//! - gc, verify and repair load the whole map ([`ChunkIndex`]).
+//! Backups, restores and compaction use the local chunk index instead ([`crate::chunks`]:
+//! on disk, nothing in RAM per chunk stored); [`visit`] streams the index objects a batch
+//! at a time for it and for gc, verify and repair, which still load the whole map
+//! ([`ChunkIndex`]) — the next step of issue 12 moves them to the local index too.
 //!
 //! For a backup ([`Purpose::Backup`]) two kinds of pack are left out, so a backup never
 //! references a chunk it cannot count on: packs marked in `trash/` (condemned by garbage
@@ -150,7 +146,7 @@ pub fn visit(
 }
 
 /// One pack's index, from the local cache or the store, authenticated.
-fn read_index(repo: &Repository, id: &str) -> Result<Vec<PackEntry>> {
+pub(crate) fn read_index(repo: &Repository, id: &str) -> Result<Vec<PackEntry>> {
     let key = repo::index_key(id);
     crate::cache::get_with(repo, &key, MAX_PACK_OBJECT, |sealed| {
         let plain = repo.keys().open(sealed, &index_aad(id)).ok_or_else(|| {
@@ -211,214 +207,9 @@ impl ChunkIndex {
     }
 }
 
-/// Where the chunks one job reads lie: only those chunks, and the packs holding them.
-/// Sorted vectors, no maps: 44 bytes per chunk (its id and location).
-#[derive(Debug, Default)]
-pub struct Locations {
-    packs: Vec<(String, Rank)>,
-    /// Sorted, distinct.
-    ids: Vec<ChunkId>,
-    /// `locs[i]` locates `ids[i]`; `pack == NOWHERE` where no index lists it.
-    locs: Vec<Loc>,
-}
-
-const NOWHERE: u32 = u32::MAX;
-
-impl Locations {
-    /// Locates every chunk of `wanted` (sorted, distinct) that the indexes list
-    /// ([`Purpose::Restore`]). Where a chunk has several copies, a job reads the one in a
-    /// pack that exists and is live (as every reader, [`PackInfo::rank`]), and among
-    /// those the one in the pack holding most of the job's own chunks, then the newest:
-    /// a backup's chunks are read from as few packs as its copies allow (an old backup
-    /// from its own packs, the newest from the packs compaction wrote for it). Memory:
-    /// 16 bytes per copy found besides the 44 per chunk.
-    pub fn load(repo: &Repository, wanted: Vec<ChunkId>) -> Result<Locations> {
-        Self::load_and(repo, wanted, |_| {})
-    }
-
-    /// [`Locations::load`], showing every index visited to `also` too (one pass serves
-    /// two needs: a backup's dedup prefixes and its compaction plan).
-    pub fn load_and(
-        repo: &Repository,
-        wanted: Vec<ChunkId>,
-        mut also: impl FnMut(&PackInfo),
-    ) -> Result<Locations> {
-        let nowhere = Loc {
-            pack: NOWHERE,
-            offset: 0,
-            len: 0,
-        };
-        let mut out = Locations {
-            packs: Vec::new(),
-            locs: vec![nowhere; wanted.len()],
-            ids: wanted,
-        };
-        // Every copy of a wanted chunk: (chunk, its location); and per pack, the bytes of
-        // wanted chunks it holds.
-        let mut copies: Vec<(u32, Loc)> = Vec::new();
-        let mut held: Vec<u64> = Vec::new();
-        visit(repo, Purpose::Restore, |pack| {
-            also(&pack);
-            let p = out.packs.len() as u32;
-            let mut bytes = 0u64;
-            for e in &pack.entries {
-                let Ok(i) = out.ids.binary_search(&e.id) else {
-                    continue;
-                };
-                copies.push((
-                    i as u32,
-                    Loc {
-                        pack: p,
-                        offset: e.offset,
-                        len: e.len,
-                    },
-                ));
-                bytes += u64::from(e.len);
-            }
-            if bytes > 0 {
-                out.packs.push((pack.id.clone(), pack.rank()));
-                held.push(bytes);
-            }
-            Ok(())
-        })?;
-        let key = |l: &Loc, packs: &[(String, Rank)]| {
-            let (exists, live, modified) = packs[l.pack as usize].1;
-            (exists, live, held[l.pack as usize], modified)
-        };
-        for (i, loc) in copies {
-            let cur = out.locs[i as usize];
-            // Ties go to the copy found first (the lower pack id).
-            if cur.pack == NOWHERE || key(&loc, &out.packs) > key(&cur, &out.packs) {
-                out.locs[i as usize] = loc;
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn get(&self, id: &ChunkId) -> Option<Loc> {
-        let i = self.ids.binary_search(id).ok()?;
-        Some(self.locs[i]).filter(|l| l.pack != NOWHERE)
-    }
-
-    /// The first chunk asked for that no index lists.
-    pub fn first_missing(&self) -> Option<&ChunkId> {
-        self.ids
-            .iter()
-            .zip(&self.locs)
-            .find(|(_, l)| l.pack == NOWHERE)
-            .map(|(id, _)| id)
-    }
-
-    /// Every chunk asked for, sorted.
-    pub fn ids(&self) -> &[ChunkId] {
-        &self.ids
-    }
-
-    pub fn pack_id(&self, loc: &Loc) -> &str {
-        &self.packs[loc.pack as usize].0
-    }
-
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-}
-
-/// The first 8 bytes of a chunk id, the key of [`KnownChunks`].
+/// The first 8 bytes of a chunk id.
 pub fn prefix(id: &ChunkId) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&id.0[..8]);
     u64::from_be_bytes(a)
-}
-
-/// Which chunks a backup may skip storing: the sorted 8-byte prefixes of every chunk in a
-/// live pack. Candidates only; [`missing`] confirms by full id before the backup commits.
-#[derive(Debug, Default)]
-pub struct KnownChunks {
-    prefixes: Vec<u64>,
-}
-
-impl KnownChunks {
-    pub fn load(repo: &Repository) -> Result<KnownChunks> {
-        let mut prefixes = Vec::new();
-        visit(repo, Purpose::Backup, |pack| {
-            prefixes.extend(pack.entries.iter().map(|e| prefix(&e.id)));
-            Ok(())
-        })?;
-        Ok(Self::from_prefixes(prefixes))
-    }
-
-    /// [`KnownChunks::load`] and the [`Locations`] of `wanted` in one pass over the
-    /// indexes (the packs a backup may dedup against are those a restore reads, less the
-    /// condemned ones).
-    pub fn load_with_locations(
-        repo: &Repository,
-        wanted: Vec<ChunkId>,
-    ) -> Result<(KnownChunks, Locations)> {
-        let mut prefixes = Vec::new();
-        let locs = Locations::load_and(repo, wanted, |pack| {
-            if !pack.condemned {
-                prefixes.extend(pack.entries.iter().map(|e| prefix(&e.id)));
-            }
-        })?;
-        Ok((Self::from_prefixes(prefixes), locs))
-    }
-
-    fn from_prefixes(mut prefixes: Vec<u64>) -> KnownChunks {
-        prefixes.sort_unstable();
-        prefixes.dedup();
-        prefixes.shrink_to_fit();
-        KnownChunks { prefixes }
-    }
-
-    /// Whether a chunk with `id`'s prefix is stored (probably `id` itself).
-    pub fn contains(&self, id: &ChunkId) -> bool {
-        self.prefixes.binary_search(&prefix(id)).is_ok()
-    }
-
-    pub fn len(&self) -> usize {
-        self.prefixes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.prefixes.is_empty()
-    }
-}
-
-/// The chunks of `cells` not in a live pack now ([`Purpose::Backup`]): what a backup about
-/// to commit must store again. Memory: 12 bytes per cell (sorted id prefixes and their
-/// positions; a prefix match is confirmed against the cell's full id) and a bit per cell.
-pub fn missing(repo: &Repository, cells: &[(u64, ChunkId)]) -> Result<HashSet<ChunkId>> {
-    let mut order: Vec<u32> = (0..cells.len() as u32).collect();
-    order.sort_unstable_by_key(|&i| prefix(&cells[i as usize].1));
-    let keys: Vec<u64> = order
-        .iter()
-        .map(|&i| prefix(&cells[i as usize].1))
-        .collect();
-    let mut found = vec![0u64; cells.len().div_ceil(64)];
-    visit(repo, Purpose::Backup, |pack| {
-        for e in &pack.entries {
-            let k = prefix(&e.id);
-            let start = keys.partition_point(|x| *x < k);
-            for (&key, &i) in keys[start..].iter().zip(&order[start..]) {
-                if key != k {
-                    break;
-                }
-                let i = i as usize;
-                if cells[i].1 == e.id {
-                    found[i / 64] |= 1 << (i % 64);
-                }
-            }
-        }
-        Ok(())
-    })?;
-    Ok(cells
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| found[i / 64] & (1 << (i % 64)) == 0)
-        .map(|(_, (_, id))| *id)
-        .collect())
 }

@@ -17,6 +17,7 @@ pub mod backup;
 pub mod cache;
 pub mod catalog;
 pub mod chunk;
+pub mod chunks;
 pub mod compact;
 pub mod config;
 pub mod copy;

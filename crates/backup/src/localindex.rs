@@ -1,14 +1,16 @@
 //! The local chunk index (docs/design.md §12 "Segmented tables and an on-disk chunk
 //! index"): which packs hold a chunk, from sorted files on this host instead of a map in
-//! RAM. The jobs do not use it yet; this is its store and lookup.
+//! RAM. This is its store and lookup; `crate::chunks` keeps it up to date with the
+//! repository's listing and says which of its packs a job may use.
 //!
 //! Layout of a directory (one per repository): `packs`, the pack table (a pack's number
 //! is its line), and files `chunks.<n>`, each a run of [`RECORD`]-byte records (chunk id
 //! 32, pack number u32 LE, offset u32 LE, length u32 LE) sorted by id then pack number,
-//! followed by a fanout (65,537 u64 LE: records whose id's first two bytes are below
-//! each value) and a trailer (`SBLI`, version u8 = 1, record count u64 LE). A lookup reads
-//! one fanout bucket per file with one `pread` and searches it; only the fanouts
-//! (512 KiB per file) are held in RAM.
+//! followed by a fanout (2^bits + 1 u64 LE: records whose id's first `bits` bits are below
+//! each value; bits chosen for ~16 records a bucket, 4..=20) and a trailer (`SBLI`,
+//! version u8 = 2, bits u8, record count u64 LE). A lookup reads one fanout bucket per
+//! file with one `pread` and searches it; only the fanouts (a 16th of a record per
+//! record: 512 KiB for a file of 1M records) are held in RAM.
 //!
 //! It is a cache: what it answers is a candidate its caller checks (a chunk read back is
 //! verified against its id), so a damaged file costs a rebuild, never a wrong restore. A
@@ -16,6 +18,9 @@
 //! written to a temporary name, synced and renamed; a crash leaves the old set.
 //!
 //! Threading: lookups take `&self` (preads on shared files); updates take `&mut self`.
+//! Several jobs and processes share a directory: [`LocalIndex::sync`] updates it under an
+//! exclusive file lock; an index once returned reads through its open files, which a
+//! later merge or rebuild unlinks but never changes.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -29,8 +34,12 @@ use crate::pack::PackEntry;
 
 /// Bytes of one record.
 pub const RECORD: usize = 44;
-const FANOUT: usize = 65_537;
-const TRAILER: usize = 13;
+/// Bytes of the trailer: magic, version, fanout bits, record count.
+const TRAILER: usize = 14;
+/// Fanout bits: enough for ~16 records per bucket, within these bounds (a file of 1M
+/// records, the most one sort writes, has 16 bits: 512 KiB of fanout).
+const MIN_BITS: u32 = 4;
+const MAX_BITS: u32 = 20;
 const MAGIC: &[u8; 4] = b"SBLI";
 /// Records sorted in RAM before they are written as a file (44 MiB).
 pub const RUN_RECORDS: usize = 1 << 20;
@@ -49,6 +58,7 @@ struct Run {
     path: PathBuf,
     file: File,
     records: u64,
+    bits: u32,
     fanout: Vec<u64>,
 }
 
@@ -65,8 +75,14 @@ fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> BackupError {
     move |e| BackupError::invalid(what, e.to_string())
 }
 
-fn bucket(id: &ChunkId) -> usize {
-    usize::from(u16::from_be_bytes([id.0[0], id.0[1]]))
+/// The bucket of `id` in a fanout of `bits` bits: its first `bits` bits.
+fn bucket(id: &ChunkId, bits: u32) -> usize {
+    (u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]]) >> (32 - bits)) as usize
+}
+
+/// The fanout bits of a file of `records` records.
+fn bits_for(records: u64) -> u32 {
+    (64 - (records / 16).leading_zeros()).clamp(MIN_BITS, MAX_BITS)
 }
 
 fn encode(id: &ChunkId, h: &Hit, out: &mut Vec<u8>) {
@@ -90,33 +106,64 @@ fn decode(r: &[u8]) -> (ChunkId, Hit) {
     )
 }
 
+/// Every copy of `id` among `buf`'s records (one bucket, sorted), appended to `out`.
+fn search(buf: &[u8], id: &ChunkId, out: &mut Vec<Hit>) {
+    let n = buf.len() / RECORD;
+    let rec = |i: usize| &buf[i * RECORD..(i + 1) * RECORD];
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if rec(mid)[..32] < id.0[..] {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    for i in lo..n {
+        let r = rec(i);
+        if r[..32] != id.0[..] {
+            break;
+        }
+        out.push(decode(r).1);
+    }
+}
+
 impl Run {
     fn open(path: PathBuf) -> Result<Run> {
         let file = File::open(&path).map_err(io("opening", &path))?;
         let len = file.metadata().map_err(io("reading", &path))?.len();
-        let tail_len = (FANOUT * 8 + TRAILER) as u64;
         let bad = |d: &str| BackupError::corrupt(path.display().to_string(), d.to_string());
-        if len < tail_len {
-            return Err(bad("shorter than its fanout"));
+        if len < TRAILER as u64 {
+            return Err(bad("shorter than its trailer"));
         }
-        let mut tail = vec![0u8; FANOUT * 8 + TRAILER];
-        file.read_exact_at(&mut tail, len - tail_len)
+        let mut t = [0u8; TRAILER];
+        file.read_exact_at(&mut t, len - TRAILER as u64)
             .map_err(io("reading", &path))?;
-        let t = &tail[FANOUT * 8..];
-        if &t[..4] != MAGIC || t[4] != 1 {
+        if &t[..4] != MAGIC || t[4] != 2 {
             return Err(bad("not a chunk index file"));
         }
+        let bits = u32::from(t[5]);
+        if !(MIN_BITS..=MAX_BITS).contains(&bits) {
+            return Err(bad("its fanout size is out of range"));
+        }
         let mut n = [0u8; 8];
-        n.copy_from_slice(&t[5..13]);
+        n.copy_from_slice(&t[6..14]);
         let records = u64::from_le_bytes(n);
-        if records.checked_mul(RECORD as u64) != Some(len - tail_len) {
+        let entries = (1usize << bits) + 1;
+        let tail_len = (entries * 8 + TRAILER) as u64;
+        if records.checked_mul(RECORD as u64) != len.checked_sub(tail_len) {
             return Err(bad("its length does not match its record count"));
         }
-        let fanout: Vec<u64> = tail[..FANOUT * 8]
+        let mut raw = vec![0u8; entries * 8];
+        file.read_exact_at(&mut raw, len - tail_len)
+            .map_err(io("reading", &path))?;
+        let fanout: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        if fanout[0] != 0 || fanout[FANOUT - 1] != records || fanout.windows(2).any(|w| w[0] > w[1])
+        if fanout[0] != 0
+            || fanout[entries - 1] != records
+            || fanout.windows(2).any(|w| w[0] > w[1])
         {
             return Err(bad("its fanout does not check"));
         }
@@ -124,30 +171,19 @@ impl Run {
             path,
             file,
             records,
+            bits,
             fanout,
         })
     }
 
-    /// Every copy of `id` this file lists.
-    fn find(&self, id: &ChunkId, out: &mut Vec<Hit>) -> Result<()> {
-        let b = bucket(id);
+    /// Reads the records of bucket `b`.
+    fn bucket(&self, b: usize, buf: &mut Vec<u8>) -> Result<()> {
         let (lo, hi) = (self.fanout[b], self.fanout[b + 1]);
-        if lo == hi {
-            return Ok(());
-        }
-        let mut buf = vec![0u8; ((hi - lo) as usize) * RECORD];
+        // The fanout checked monotonic and bounded by the record count when opened.
+        buf.resize(((hi - lo) as usize) * RECORD, 0);
         self.file
-            .read_exact_at(&mut buf, lo * RECORD as u64)
-            .map_err(io("reading", &self.path))?;
-        let recs: Vec<&[u8]> = buf.chunks_exact(RECORD).collect();
-        let first = recs.partition_point(|r| r[..32] < id.0[..]);
-        for r in &recs[first..] {
-            if r[..32] != id.0[..] {
-                break;
-            }
-            out.push(decode(r).1);
-        }
-        Ok(())
+            .read_exact_at(buf, lo * RECORD as u64)
+            .map_err(io("reading", &self.path))
     }
 
     /// All records in order.
@@ -163,12 +199,41 @@ impl Run {
     }
 }
 
+/// Lookups that keep the last bucket read of each file (see [`LocalIndex::cursor`]).
+pub struct Cursor<'a> {
+    ix: &'a LocalIndex,
+    held: Vec<(usize, Vec<u8>)>,
+}
+
+impl Cursor<'_> {
+    /// Every copy of `id` the index lists, into `out` (cleared first).
+    pub fn lookup(&mut self, id: &ChunkId, out: &mut Vec<Hit>) -> Result<()> {
+        out.clear();
+        for (r, (at, buf)) in self.ix.runs.iter().zip(&mut self.held) {
+            let b = bucket(id, r.bits);
+            if *at != b {
+                *at = usize::MAX;
+                r.bucket(b, buf)?;
+                *at = b;
+            }
+            search(buf, id, out);
+        }
+        Ok(())
+    }
+}
+
 /// Writes sorted records as a file (temporary name, synced, renamed).
-fn write_run(path: &Path, records: impl Iterator<Item = Result<(ChunkId, Hit)>>) -> Result<()> {
+/// `total` is how many `records` yields (it sizes the fanout; a different count fails).
+fn write_run(
+    path: &Path,
+    total: u64,
+    records: impl Iterator<Item = Result<(ChunkId, Hit)>>,
+) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let f = File::create(&tmp).map_err(io("creating", &tmp))?;
     let mut w = BufWriter::with_capacity(1 << 20, f);
-    let mut counts = vec![0u64; FANOUT];
+    let bits = bits_for(total);
+    let mut counts = vec![0u64; (1 << bits) + 1];
     let mut n = 0u64;
     let mut rec = Vec::with_capacity(RECORD);
     for r in records {
@@ -176,17 +241,24 @@ fn write_run(path: &Path, records: impl Iterator<Item = Result<(ChunkId, Hit)>>)
         rec.clear();
         encode(&id, &h, &mut rec);
         w.write_all(&rec).map_err(io("writing", &tmp))?;
-        counts[bucket(&id) + 1] += 1;
+        counts[bucket(&id, bits) + 1] += 1;
         n += 1;
     }
-    let mut tail = Vec::with_capacity(FANOUT * 8 + TRAILER);
+    if n != total {
+        return Err(BackupError::invalid(
+            format!("local chunk index: writing {}", tmp.display()),
+            format!("{n} records instead of {total}"),
+        ));
+    }
+    let mut tail = Vec::with_capacity(counts.len() * 8 + TRAILER);
     let mut sum = 0u64;
     for c in counts {
         sum += c;
         tail.extend_from_slice(&sum.to_le_bytes());
     }
     tail.extend_from_slice(MAGIC);
-    tail.push(1);
+    tail.push(2);
+    tail.push(bits as u8);
     tail.extend_from_slice(&n.to_le_bytes());
     w.write_all(&tail).map_err(io("writing", &tmp))?;
     let f = w
@@ -195,6 +267,20 @@ fn write_run(path: &Path, records: impl Iterator<Item = Result<(ChunkId, Hit)>>)
     f.sync_all().map_err(io("syncing", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("renaming", &tmp))?;
     Ok(())
+}
+
+/// Removes an index's files (not its lock).
+fn wipe(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)
+        .map_err(io("listing", dir))?
+        .flatten()
+    {
+        let name = e.file_name();
+        if name != "lock" {
+            std::fs::remove_file(e.path()).map_err(io("removing", &e.path()))?;
+        }
+    }
+    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -206,7 +292,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 impl LocalIndex {
     /// Opens (or creates) the index in `dir`; a file that does not check is an error (the
     /// caller removes the directory and builds it again).
-    pub fn open(dir: &Path) -> Result<LocalIndex> {
+    fn open(dir: &Path) -> Result<LocalIndex> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let packs_path = dir.join("packs");
         let text = match std::fs::read_to_string(&packs_path) {
@@ -265,9 +351,82 @@ impl LocalIndex {
         })
     }
 
+    /// Brings the index in `dir` up to date with `listed` (the packs whose index objects
+    /// the caller's listing shows) and returns it. Under an exclusive lock on `dir/lock`,
+    /// so jobs of this and other processes update it one at a time (each sees what the
+    /// one before added); an index that does not open (a damaged file) or whose packs are
+    /// mostly no longer listed (gc deleted them) is removed and built again. The entries
+    /// of packs it lacks come from `fetch`, called with up to `batch` names at a time.
+    /// The index returned holds open files, not the lock: a later job's merge or rebuild
+    /// removes names, not the data this one reads.
+    pub fn sync(
+        dir: &Path,
+        listed: &[String],
+        batch: usize,
+        mut fetch: impl FnMut(&[String]) -> Result<Vec<Vec<PackEntry>>>,
+    ) -> Result<LocalIndex> {
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        let lock_path = dir.join("lock");
+        let lock = File::create(&lock_path).map_err(io("creating", &lock_path))?;
+        lock.lock().map_err(io("locking", &lock_path))?;
+        let mut ix = match LocalIndex::open(dir) {
+            Ok(ix) => ix,
+            Err(e) => {
+                log::warn!("{e}: building the local chunk index again");
+                wipe(dir)?;
+                LocalIndex::open(dir)?
+            }
+        };
+        let live = listed.iter().filter(|p| ix.has_pack(p)).count();
+        let dead = ix.packs.len() - live;
+        if dead >= 64 && dead > live {
+            log::info!(
+                "local chunk index {}: {dead} of its {} packs are gone; building it again",
+                dir.display(),
+                ix.packs.len()
+            );
+            drop(ix);
+            wipe(dir)?;
+            ix = LocalIndex::open(dir)?;
+        }
+        let todo: Vec<String> = listed.iter().filter(|p| !ix.has_pack(p)).cloned().collect();
+        let mut parts = todo.chunks(batch.max(1));
+        let mut ready: std::vec::IntoIter<(String, Vec<PackEntry>)> = Vec::new().into_iter();
+        let items = std::iter::from_fn(|| loop {
+            if let Some(p) = ready.next() {
+                return Some(Ok(p));
+            }
+            let names = parts.next()?;
+            match fetch(names) {
+                Ok(got) => {
+                    ready = names
+                        .iter()
+                        .cloned()
+                        .zip(got)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        });
+        ix.add(items)?;
+        drop(lock);
+        Ok(ix)
+    }
+
     /// Whether the records of `pack` are in the index.
     pub fn has_pack(&self, pack: &str) -> bool {
         self.numbers.contains_key(pack)
+    }
+
+    /// The number of pack `name`, if its records are in the index.
+    pub fn number(&self, name: &str) -> Option<u32> {
+        self.numbers.get(name).copied()
+    }
+
+    /// Packs in the pack table (numbers run 0..this).
+    pub fn pack_count(&self) -> usize {
+        self.packs.len()
     }
 
     /// The name of pack number `n`.
@@ -284,21 +443,45 @@ impl LocalIndex {
         self.len() == 0
     }
 
-    /// Every copy of `id` the index lists.
+    /// Every copy of `id` the index lists (one pread per file).
     pub fn lookup(&self, id: &ChunkId) -> Result<Vec<Hit>> {
         let mut out = Vec::new();
+        let mut buf = Vec::new();
         for r in &self.runs {
-            r.find(id, &mut out)?;
+            r.bucket(bucket(id, r.bits), &mut buf)?;
+            search(&buf, id, &mut out);
         }
         Ok(out)
     }
 
+    /// A reader for lookups in ascending id order: each file's bucket is read once
+    /// however many lookups fall in it, so looking up every id of a sorted list streams
+    /// the files once.
+    pub fn cursor(&self) -> Cursor<'_> {
+        Cursor {
+            ix: self,
+            held: self.runs.iter().map(|_| (usize::MAX, Vec::new())).collect(),
+        }
+    }
+
     /// Adds the entries of packs not in the index yet (others are skipped), sorting at
     /// most [`RUN_RECORDS`] in RAM at a time; merges the files when there are too many.
-    pub fn add(&mut self, packs: impl IntoIterator<Item = (String, Vec<PackEntry>)>) -> Result<()> {
+    /// A failed item stops the add: what was added before it stays (and is whole).
+    fn add(
+        &mut self,
+        packs: impl IntoIterator<Item = Result<(String, Vec<PackEntry>)>>,
+    ) -> Result<()> {
         let mut batch: Vec<(ChunkId, Hit)> = Vec::new();
         let mut new_packs: Vec<String> = Vec::new();
-        for (name, entries) in packs {
+        for item in packs {
+            let (name, entries) = match item {
+                Ok(p) => p,
+                Err(e) => {
+                    // Keep what came before: a retry fetches only the rest.
+                    self.flush(&mut batch, &new_packs)?;
+                    return Err(e);
+                }
+            };
             if self.numbers.contains_key(&name) || name.contains('\n') {
                 continue;
             }
@@ -356,7 +539,7 @@ impl LocalIndex {
         }
         batch.sort_unstable_by_key(|(id, h)| (id.0, h.pack));
         let path = self.dir.join(format!("chunks.{}", self.next_file));
-        write_run(&path, batch.drain(..).map(Ok))?;
+        write_run(&path, batch.len() as u64, batch.drain(..).map(Ok))?;
         sync_dir(&self.dir)?;
         self.next_file += 1;
         self.runs.push(Run::open(path)?);
@@ -394,7 +577,8 @@ impl LocalIndex {
                 out.map(Ok)
             });
             let path = self.dir.join(format!("chunks.{}", self.next_file));
-            write_run(&path, merged)?;
+            let total = self.runs.iter().map(|r| r.records).sum();
+            write_run(&path, total, merged)?;
             path
         };
         let merged = Run::open(path)?;
@@ -432,11 +616,11 @@ mod tests {
         let mut ix = LocalIndex::open(d.path()).unwrap();
         // Six adds: more files than kept, so they merge; chunk 5 is in two packs.
         for p in 0..6u64 {
-            ix.add([(format!("p{p}"), pack(p * 100, 100))]).unwrap();
+            ix.add([Ok((format!("p{p}"), pack(p * 100, 100)))]).unwrap();
         }
         ix.add([
-            ("again".to_string(), pack(5, 1)),
-            ("p0".to_string(), pack(0, 1)),
+            Ok(("again".to_string(), pack(5, 1))),
+            Ok(("p0".to_string(), pack(0, 1))),
         ])
         .unwrap();
         assert!(ix.runs.len() <= MAX_FILES + 1);
@@ -467,7 +651,7 @@ mod tests {
     fn a_damaged_file_is_refused_and_an_interrupted_write_is_dropped() {
         let d = tempfile::tempdir().unwrap();
         let mut ix = LocalIndex::open(d.path()).unwrap();
-        ix.add([("p".to_string(), pack(0, 50))]).unwrap();
+        ix.add([Ok(("p".to_string(), pack(0, 50)))]).unwrap();
         std::fs::write(d.path().join("chunks.9.tmp"), b"half").unwrap();
         let table = d.path().join("packs");
         let mut f = std::fs::OpenOptions::new()
@@ -479,7 +663,7 @@ mod tests {
         let mut ix = LocalIndex::open(d.path()).unwrap();
         assert!(!d.path().join("chunks.9.tmp").exists());
         assert!(!ix.has_pack("cut-sh"), "a cut line was read as a pack");
-        ix.add([("q".to_string(), pack(50, 1))]).unwrap();
+        ix.add([Ok(("q".to_string(), pack(50, 1)))]).unwrap();
         let hit = ix.lookup(&id(50)).unwrap()[0];
         drop(ix);
         let ix = LocalIndex::open(d.path()).unwrap();
@@ -495,12 +679,75 @@ mod tests {
         );
         let mut b = std::fs::read(&f).unwrap();
         b.push(0);
-        let at = 50 * RECORD + 8; // the fanout's second value
+        let at = 50 * RECORD; // the fanout's first value (must be 0)
         b[at] = b[at].wrapping_add(1);
         std::fs::write(&f, &b).unwrap();
         assert!(
             LocalIndex::open(d.path()).is_err(),
             "a bad fanout was opened"
         );
+    }
+
+    /// `sync` from several threads at once: each pack is added once, every index returned
+    /// finds what was listed; a damaged file and an index of mostly dead packs are
+    /// rebuilt.
+    #[test]
+    fn sync_adds_each_pack_once_and_rebuilds_what_does_not_serve() {
+        let d = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..100).map(|p| format!("p{p:03}")).collect();
+        let fetched = std::sync::atomic::AtomicUsize::new(0);
+        let fetch = |batch: &[String]| -> Result<Vec<Vec<PackEntry>>> {
+            fetched.fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
+            Ok(batch
+                .iter()
+                .map(|n| pack(n[1..].parse::<u64>().unwrap() * 10, 10))
+                .collect())
+        };
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let ix = LocalIndex::sync(d.path(), &names, 7, fetch).unwrap();
+                    for i in (0..1000u64).step_by(37) {
+                        let h = ix.lookup(&id(i)).unwrap();
+                        assert_eq!(h.len(), 1, "chunk {i}");
+                        assert_eq!(ix.pack_name(h[0].pack).unwrap(), format!("p{:03}", i / 10));
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            fetched.load(std::sync::atomic::Ordering::SeqCst),
+            100,
+            "a pack was fetched twice"
+        );
+        // A fetch failing part-way keeps what came before it.
+        let more: Vec<String> = (100..120).map(|p| format!("p{p:03}")).collect();
+        let failing = |batch: &[String]| -> Result<Vec<Vec<PackEntry>>> {
+            if batch.iter().any(|n| n == "p110") {
+                return Err(BackupError::invalid("test", "GET failed"));
+            }
+            fetch(batch)
+        };
+        assert!(LocalIndex::sync(d.path(), &more, 5, failing).is_err());
+        let ix = LocalIndex::sync(d.path(), &[], 5, fetch).unwrap();
+        assert!(ix.has_pack("p109") && !ix.has_pack("p110"));
+        drop(ix);
+        // A damaged file: rebuilt from what is listed.
+        let f = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with("chunks."))
+            .unwrap()
+            .path();
+        std::fs::write(&f, b"damaged").unwrap();
+        let ix = LocalIndex::sync(d.path(), &names, 7, fetch).unwrap();
+        assert_eq!(ix.pack_count(), 100);
+        assert_eq!(ix.lookup(&id(499)).unwrap().len(), 1);
+        drop(ix);
+        // Most packs gone (gc): rebuilt with only the live ones.
+        let ix = LocalIndex::sync(d.path(), &names[..10], 7, fetch).unwrap();
+        assert_eq!(ix.pack_count(), 10, "dead packs were kept");
+        assert!(ix.lookup(&id(499)).unwrap().is_empty());
+        assert_eq!(ix.lookup(&id(99)).unwrap().len(), 1);
     }
 }

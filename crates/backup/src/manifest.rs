@@ -7,16 +7,20 @@
 //! is a keyed hash of the cell's bytes, so header + table + chunks pin down the image byte
 //! for byte.
 //!
-//! The table's encoding is in [`crate::table`]. Reading a table never allocates by a size
-//! read from stored bytes: the object is fetched with a cap derived from the authenticated
-//! header's cell count, then decompressed and parsed as a stream.
+//! The table's encoding is in [`crate::table`]; in a format-4 repository it is stored in
+//! frames of 65,536 cells, one object each ([`crate::frame`]), so no object, and no
+//! buffer that writes or reads one, grows with the volume. Reading a table never
+//! allocates by a size read from stored bytes: each object is fetched with a cap derived
+//! from the authenticated header (its cell count, or the frame span), then decompressed
+//! and parsed as a stream.
 
 use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::SEAL_OVERHEAD;
+use crate::crypto::{ChunkId, SEAL_OVERHEAD};
 use crate::error::{BackupError, Result};
+use crate::frame;
 use crate::repo::{self, Repository};
 use crate::table::{Hashing, TableReader};
 pub use crate::table::{Table, MAX_ENTRIES};
@@ -76,6 +80,11 @@ pub struct Header {
     /// by `pool`).
     #[serde(default)]
     pub host: String,
+    /// The table is stored as frames (`tables/<id>/<k>`, repository format 4,
+    /// [`crate::frame`]) and `digest` hashes their plaintexts in order; false: one object
+    /// `tables/<id>` (format 1 of the table).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub framed: bool,
 }
 
 impl Header {
@@ -91,19 +100,30 @@ fn table_aad(id: &str) -> Vec<u8> {
     format!("snapblk table {id}").into_bytes()
 }
 
-/// Writes the table of a backup (before its catalog entry, the commit point).
-/// Compresses, seals and stores `table` (taken, so its cells are freed before the sealed
-/// copy is made: about one encoded table's worth of memory at a time on top of it).
-pub fn write_table(repo: &Repository, header: &Header, table: Table) -> Result<()> {
+/// How a table was stored: what its header records.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub digest: String,
+    pub framed: bool,
+}
+
+/// Writes the table of backup `id` (`name` for messages), before its catalog entry (the
+/// commit point): as frames in a format-4 repository ([`write_frames`]), else as one
+/// object. Takes `table`, so its cells are freed as soon as they are encoded.
+pub fn write_table(repo: &Repository, id: &str, name: &str, table: Table) -> Result<Stored> {
     if table.cells.len() as u64 > MAX_ENTRIES {
         return Err(BackupError::invalid(
-            header.name(),
+            name,
             format!(
                 "{} cells hold data; a backup table holds at most {MAX_ENTRIES} (use a larger --chunk-size)",
                 table.cells.len()
             ),
         ));
     }
+    if repo.config().version >= crate::config::VERSION_FRAMES {
+        return write_frames(repo, id, name, table);
+    }
+    let digest = digest(&table);
     let plain = Table::encoded_len(table.cells.len() as u64) as usize;
     let out = Vec::with_capacity(plain + plain / 128 + 4096);
     let mut z = zstd::stream::Encoder::new(out, 3).map_err(BackupError::Io)?;
@@ -111,11 +131,96 @@ pub fn write_table(repo: &Repository, header: &Header, table: Table) -> Result<(
     drop(table);
     let mut z = z.finish().map_err(BackupError::Io)?;
     z.shrink_to_fit();
-    repo.store().put(
-        &repo::table_key(&header.id),
-        &repo.keys().seal(&z, &table_aad(&header.id)),
-    )?;
-    Ok(())
+    repo.store()
+        .put(&repo::table_key(id), &repo.keys().seal(&z, &table_aad(id)))?;
+    Ok(Stored {
+        digest,
+        framed: false,
+    })
+}
+
+/// Writes `table` as its frames, sealed and put a few at a time (as many as the job's
+/// uploaders, each put on its own thread). Each frame is encoded from its slice of the
+/// table straight into its compressor (hashed for the digest on the way); the table is
+/// dropped once the last frame is compressed, before it is sealed. Memory: the table and
+/// a few compressed frames.
+fn write_frames(repo: &Repository, id: &str, name: &str, table: Table) -> Result<Stored> {
+    let cells = table.cell_count();
+    let n = frame::count(cells);
+    let bad = |d: &str| BackupError::invalid(name, d.to_string());
+    if table.cells.windows(2).any(|w| w[0].0 >= w[1].0)
+        || table.cells.last().is_some_and(|(c, _)| *c >= cells)
+    {
+        return Err(bad("its table is not in cell order inside the image"));
+    }
+    let mut digest = frame::Digest::default();
+    let batch = repo.parallelism().uploaders.max(1);
+    let mut ready: Vec<(u64, Vec<u8>)> = Vec::with_capacity(batch);
+    let put_all = |ready: &mut Vec<(u64, Vec<u8>)>| -> Result<()> {
+        crate::par::map(ready, ready.len(), |(k, sealed)| {
+            repo.paced(sealed.len() as u64, || {
+                repo.store().put(&frame::key(id, *k), sealed)
+            })
+            .map_err(BackupError::from)
+        })?;
+        ready.clear();
+        Ok(())
+    };
+    let mut table = Some(table);
+    let mut start = 0usize;
+    for k in 0..n {
+        let r = frame::range(cells, k);
+        let z = {
+            let all = table.as_ref().map_or(&[][..], |t| &t.cells[..]);
+            let end = start + all[start..].partition_point(|(c, _)| *c < r.end);
+            let part = &all[start..end];
+            start = end;
+            let plain = frame::F_HEAD + part.len() * crate::table::T_ENTRY as usize;
+            let out = Vec::with_capacity(plain / 2 + 4096);
+            let enc = zstd::stream::Encoder::new(out, 3).map_err(BackupError::Io)?;
+            let mut w = Tee {
+                inner: enc,
+                digest: &mut digest,
+            };
+            frame::write(&mut w, r.start, (r.end - r.start) as u32, part)
+                .map_err(BackupError::Io)?;
+            w.inner.finish().map_err(BackupError::Io)?
+        };
+        if k + 1 == n {
+            table = None;
+        }
+        let sealed = repo
+            .keys()
+            .seal(&z, frame::aad(id, k, k + 1 == n).as_bytes());
+        drop(z);
+        ready.push((k, sealed));
+        if ready.len() >= batch {
+            put_all(&mut ready)?;
+        }
+    }
+    drop(table);
+    put_all(&mut ready)?;
+    Ok(Stored {
+        digest: digest.hex(),
+        framed: true,
+    })
+}
+
+/// A writer that hashes what passes through it into a frame digest.
+struct Tee<'a, W> {
+    inner: W,
+    digest: &'a mut frame::Digest,
+}
+
+impl<W: std::io::Write> std::io::Write for Tee<'_, W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.digest.add(&b[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Writes the header object (after the catalog entry: a copy).
@@ -160,7 +265,6 @@ fn max_sealed_table(count: u64) -> u64 {
 /// Reads, authenticates and decodes the table of `h`, streaming: memory is the decoded
 /// entries plus the sealed object, whose size is capped by the header's cell count.
 pub fn read_table(repo: &Repository, h: &Header) -> Result<Table> {
-    let key = repo::table_key(&h.id);
     crate::config::check_chunk_size(h.chunk_size)
         .map_err(|e| BackupError::corrupt(repo::manifest_key(&h.id), e.to_string()))?;
     let image_cells = h.size.div_ceil(u64::from(h.chunk_size));
@@ -173,16 +277,111 @@ pub fn read_table(repo: &Repository, h: &Header) -> Result<Table> {
             ),
         ));
     }
+    if h.framed {
+        return read_frames(repo, h);
+    }
+    let key = repo::table_key(&h.id);
     let decoded = crate::cache::get_with(repo, &key, max_sealed_table(h.cells), |sealed| {
         decode_table(repo, h, &key, sealed)
     });
-    match decoded {
+    lost_if_gone(h, key, decoded)
+}
+
+/// A table object missing from the store is lost (a backup that cannot be restored).
+fn lost_if_gone<T>(h: &Header, key: String, r: Result<T>) -> Result<T> {
+    match r {
         Err(BackupError::Store(e)) if e.is_not_found() => Err(BackupError::Lost {
             backup: format!("{} ({})", h.name(), h.id),
             object: key,
         }),
         r => r,
     }
+}
+
+/// Largest sealed frame object (a whole frame of incompressible entries).
+fn max_sealed_frame() -> u64 {
+    let plain = (frame::F_HEAD as u64) + frame::SEG * crate::table::T_ENTRY;
+    plain + plain / 128 + 4096 + SEAL_OVERHEAD as u64
+}
+
+/// Decompresses `z` (a table or frame), refusing more than `limit` bytes of output.
+fn decompress(z: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
+    let mut dec = zstd::stream::read::Decoder::with_buffer(z)
+        .map_err(|e| format!("does not decompress: {e}"))?;
+    dec.window_log_max(TABLE_WINDOW_LOG_MAX)
+        .map_err(|e| format!("does not decompress: {e}"))?;
+    let mut out = Vec::new();
+    dec.take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("does not decompress: {e}"))?;
+    if out.len() as u64 > limit {
+        return Err("decompresses past its frame's span".to_string());
+    }
+    Ok(out)
+}
+
+/// One frame of `h`'s table, authenticated and decoded, with its plaintext (for the
+/// digest).
+fn read_frame(repo: &Repository, h: &Header, k: u64) -> Result<(frame::Frame, Vec<u8>)> {
+    let cells = h.size.div_ceil(u64::from(h.chunk_size));
+    let key = frame::key(&h.id, k);
+    let last = k + 1 == frame::count(cells);
+    let got = crate::cache::get_with(repo, &key, max_sealed_frame(), |sealed| {
+        let bad = |d: String| BackupError::corrupt(&key, d);
+        let z = repo
+            .keys()
+            .open(sealed, frame::aad(&h.id, k, last).as_bytes())
+            .ok_or_else(|| {
+                bad("fails authentication (altered, misplaced, or a table cut short)".into())
+            })?;
+        let span = frame::range(cells, k);
+        let limit = (frame::F_HEAD as u64) + (span.end - span.start) * crate::table::T_ENTRY;
+        let plain = decompress(&z, limit).map_err(bad)?;
+        let f = frame::Frame::decode(&plain, cells, k).map_err(bad)?;
+        Ok((f, plain))
+    });
+    lost_if_gone(h, key, got)
+}
+
+/// Reads every frame of `h`'s table (fetched [`crate::index::FETCH_THREADS`] at a time)
+/// and joins them, checking the entry count and the digest against the header.
+fn read_frames(repo: &Repository, h: &Header) -> Result<Table> {
+    let cells = h.size.div_ceil(u64::from(h.chunk_size));
+    let n = frame::count(cells);
+    let mut out: Vec<(u64, ChunkId)> = Vec::with_capacity(h.cells as usize);
+    let mut digest = frame::Digest::default();
+    let ks: Vec<u64> = (0..n).collect();
+    for part in ks.chunks(crate::index::FETCH_THREADS) {
+        let got = crate::par::map(part, part.len(), |k| read_frame(repo, h, *k))?;
+        for (f, plain) in got {
+            digest.add(&plain);
+            if (out.len() + f.cells.len()) as u64 > h.cells {
+                return Err(BackupError::corrupt(
+                    repo::table_key(&h.id),
+                    "its frames hold more entries than its manifest says",
+                ));
+            }
+            out.extend(f.cells);
+        }
+    }
+    let key = repo::table_key(&h.id);
+    if out.len() as u64 != h.cells {
+        return Err(BackupError::corrupt(
+            key,
+            "its frames hold fewer entries than its manifest says",
+        ));
+    }
+    if digest.hex() != h.digest {
+        return Err(BackupError::corrupt(
+            key,
+            "does not match the digest in its manifest",
+        ));
+    }
+    Ok(Table {
+        size: h.size,
+        chunk_size: h.chunk_size,
+        cells: out,
+    })
 }
 
 /// Authenticates, decompresses (as a stream) and parses the sealed table of `h`, checking
@@ -271,9 +470,17 @@ pub fn find<'a>(headers: &'a [Header], name: &str) -> Option<&'a Header> {
         .find(|h| h.name() == name || h.id == name)
 }
 
-/// Deletes a manifest: header first (it disappears from listings), then its table.
-pub fn delete(repo: &Repository, id: &str) -> Result<()> {
-    repo.store().delete(&repo::manifest_key(id))?;
-    repo.store().delete(&repo::table_key(id))?;
+/// Deletes a manifest: header first (it disappears from listings), then its table (each
+/// frame, the last first). What a crash leaves, gc removes as orphan table objects.
+pub fn delete(repo: &Repository, h: &Header) -> Result<()> {
+    repo.store().delete(&repo::manifest_key(&h.id))?;
+    if h.framed {
+        let cells = h.size.div_ceil(u64::from(h.chunk_size.max(1)));
+        for k in (0..frame::count(cells)).rev() {
+            repo.store().delete(&frame::key(&h.id, k))?;
+        }
+    } else {
+        repo.store().delete(&repo::table_key(&h.id))?;
+    }
     Ok(())
 }

@@ -270,7 +270,7 @@ fn remove_listed<'a>(
     }
     for h in hs {
         if !held.contains_key(&h.id) {
-            manifest::delete(repo, &h.id)?;
+            manifest::delete(repo, h)?;
         }
     }
     Ok(back)
@@ -319,7 +319,7 @@ pub fn forget(
             let ids: HashSet<&str> = hs.iter().map(|h| h.id.as_str()).collect();
             catalog::update(repo, pool, catalog::Change::Remove(&ids))?;
             for h in hs {
-                manifest::delete(repo, &h.id)?;
+                manifest::delete(repo, h)?;
             }
             continue;
         }
@@ -356,6 +356,7 @@ mod tests {
             base: None,
             stats: Default::default(),
             host: String::new(),
+            framed: false,
         }
     }
 

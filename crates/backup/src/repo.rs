@@ -48,6 +48,10 @@ pub struct InitOptions {
     pub chunk_size: u32,
     pub pack_size: u32,
     pub zstd_level: i32,
+    /// The format to create: [`VERSION`], or
+    /// [`crate::config::VERSION_WHOLE_TABLES`] for a repository hosts running an older
+    /// snapblk (format 3) share until they are upgraded.
+    pub version: u32,
 }
 
 impl Default for InitOptions {
@@ -56,6 +60,7 @@ impl Default for InitOptions {
             chunk_size: crate::config::DEFAULT_CHUNK_SIZE,
             pack_size: DEFAULT_PACK_SIZE,
             zstd_level: 3,
+            version: VERSION,
         }
     }
 }
@@ -141,10 +146,20 @@ impl Repository {
                 "must be between 1 MiB and 256 MiB",
             ));
         }
+        if !(crate::config::VERSION_WHOLE_TABLES..=VERSION).contains(&opts.version) {
+            return Err(BackupError::invalid(
+                "repository format",
+                format!(
+                    "{} cannot be created (only {} or {VERSION})",
+                    opts.version,
+                    crate::config::VERSION_WHOLE_TABLES
+                ),
+            ));
+        }
         let master: [u8; 32] = random_bytes();
         let config = RepoConfig {
             format: FORMAT.into(),
-            version: VERSION,
+            version: opts.version,
             id: uuid::Uuid::new_v4().to_string(),
             created: now(),
             chunk_size: opts.chunk_size,
@@ -200,10 +215,11 @@ impl Repository {
         Ok(Repository::with_parts(store, config, keys))
     }
 
-    /// Converts a format-1 or format-2 repository to format 3: authenticates its config as
-    /// it is now (format 1), then writes a catalog for every pool from the headers stored
-    /// now, so run it where you trust the store's current contents. Idempotent: an upgrade
-    /// cut short runs again from where it stopped.
+    /// Converts a repository to format 4: authenticates its config as it is now (format
+    /// 1), writes a catalog for every pool from the headers stored now (formats 1 and 2),
+    /// so run it where you trust the store's current contents; then raises the version,
+    /// after which new tables are written as frames and an older snapblk refuses the
+    /// repository. Idempotent: an upgrade cut short runs again from where it stopped.
     pub fn upgrade(store: Arc<dyn ObjectStore>, secret: &[u8]) -> Result<Repository> {
         let (config, keys) = unlock(&*store, secret)?;
         if config.version != VERSION_UNAUTHENTICATED {
@@ -218,7 +234,9 @@ impl Repository {
         if repo.config.version == VERSION_UNAUTHENTICATED {
             reseal_indexes(&*repo.store, &repo.keys)?;
         }
-        write_first_catalogs(&repo)?;
+        if repo.config.version < crate::config::VERSION_WHOLE_TABLES {
+            write_first_catalogs(&repo)?;
+        }
         let (config, bytes) = signed(
             RepoConfig {
                 version: VERSION,

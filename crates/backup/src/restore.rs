@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use snapblk_core::Export;
 
+use crate::chunks::Locations;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::{Loc, Locations};
+use crate::index::Loc;
 use crate::manifest::{self, Header, Table};
 use crate::par::lock;
 use crate::progress::Progress;

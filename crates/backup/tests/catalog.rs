@@ -84,7 +84,10 @@ fn deleting_the_newest_backup_fails_the_restore_instead_of_picking_an_older_one(
     let want2 = image(&p, "v@s");
     assert_ne!(want, want2);
     // The attacker removes every object named after the newest backup.
-    std::fs::remove_file(d.path().join("tables").join(&newest)).unwrap();
+    // (Its table is a directory of frames in format 4.)
+    let table = d.path().join("tables").join(&newest);
+    assert!(table.is_dir(), "a format-4 table is not framed");
+    std::fs::remove_dir_all(&table).unwrap();
     std::fs::remove_file(d.path().join("manifests").join(&newest)).unwrap();
     let e = restore_volume(&p, &r, "v@s", None, "r", &NoProgress).unwrap_err();
     assert!(e.to_string().contains("is gone"), "{e}");
@@ -120,10 +123,14 @@ fn a_pruned_backup_put_back_is_never_restored() {
     let r = init(d.path());
     let old = backup(&p, &r, "a", 1);
     backup(&p, &r, "b", 2);
-    let saved: Vec<(std::path::PathBuf, Vec<u8>)> = ["tables", "manifests"]
-        .iter()
-        .map(|k| {
-            let f = d.path().join(k).join(&old);
+    // The header, and the table's frames (a directory in format 4).
+    let mut files = vec![d.path().join("manifests").join(&old)];
+    for e in std::fs::read_dir(d.path().join("tables").join(&old)).unwrap() {
+        files.push(e.unwrap().path());
+    }
+    let saved: Vec<(std::path::PathBuf, Vec<u8>)> = files
+        .into_iter()
+        .map(|f| {
             let b = std::fs::read(&f).unwrap();
             (f, b)
         })
@@ -135,6 +142,7 @@ fn a_pruned_backup_put_back_is_never_restored() {
     let out = prune::run(&r, &policy, &Default::default(), false).unwrap();
     assert_eq!(out.removed.len(), 1);
     for (f, b) in &saved {
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(f, b).unwrap();
     }
     assert!(matches!(
@@ -156,6 +164,9 @@ fn a_pruned_backup_put_back_is_never_restored() {
     .unwrap();
     assert_eq!(g.leftovers_deleted.len(), 1, "{g:?}");
     assert!(!d.path().join("manifests").join(&old).exists());
+    let frames_left =
+        std::fs::read_dir(d.path().join("tables").join(&old)).map_or(0, |r| r.count());
+    assert_eq!(frames_left, 0, "the leftover's frames were kept");
 }
 
 /// Newest catalog generations deleted: every host that saw them refuses to work from the
@@ -278,7 +289,7 @@ fn upgrade_catalogues_existing_backups() {
         .to_string()
         .contains("repo upgrade"));
     let up = Repository::upgrade(store(d.path()), b"k").unwrap();
-    assert_eq!(up.config().version, 3);
+    assert_eq!(up.config().version, 4);
     assert_eq!(Catalogs::load(&up).unwrap().headers().len(), 2);
     // Idempotent.
     Repository::upgrade(store(d.path()), b"k").unwrap();

@@ -102,7 +102,7 @@ fn a_format_1_config_is_refused_until_upgraded() {
     let up = Repository::upgrade(store(d.path()), b"secret").unwrap();
     assert_eq!(
         (up.config().version, up.config().id.as_str()),
-        (3, id.as_str())
+        (snapblk_backup::config::VERSION, id.as_str())
     );
     Repository::open(store(d.path()), b"secret").expect("upgraded repository opens");
     assert!(Repository::upgrade(store(d.path()), b"wrong").is_err());
