@@ -143,7 +143,13 @@ snaps_in() { snapblk --json backup list "$1" --key-file "$T/key" | python3 -c '
 import json,sys; print(" ".join(sorted(b["snapshot"] for b in json.load(sys.stdin)["backups"] if b["volume"] == "a")))'; }
 python3 -c 'import sys; assert set(sys.argv[1].split()) <= set(sys.argv[2].split()), sys.argv' \
     "$(snaps_in "$USB")" "$(snaps_in "$VAULT")" || fail "vault lacks a backup usb holds"
-snapblk repo add vault "$VAULT" --key-file "$T/key" >/dev/null
+# Taking the schedule away is refused while a scheduled copy runs (every 2 s): retry.
+for _ in $(seq 50); do
+    snapblk repo add vault "$VAULT" --key-file "$T/key" >/dev/null 2>"$T/readd.err" && break
+    grep -q "is running" "$T/readd.err" || { cat "$T/readd.err" >&2; fail "repo add vault without a schedule"; }
+    sleep 0.2
+done
+grep -q "is running" "$T/readd.err" && fail "the scheduled copy never stopped running"
 
 status_is() { # VERDICT EXIT [VOLUME]
     local code=0

@@ -52,6 +52,33 @@ impl ObjectCache {
         self.dir.join(&repo.config().id).join("chunk-index")
     }
 
+    /// Where jobs keep private copies of what they read (crate::tablecopy): removed by the
+    /// job; what a killed one left is removed by the next ([`ObjectCache::sweep_scratch`]).
+    pub fn scratch_dir(&self, repo: &Repository) -> PathBuf {
+        self.dir.join(&repo.config().id).join("jobs")
+    }
+
+    /// Removes the entries of the scratch directory named `<prefix><pid>-...` whose
+    /// process is gone (a job killed before it cleaned up).
+    pub fn sweep_scratch(&self, repo: &Repository, prefix: &str) {
+        let Ok(entries) = std::fs::read_dir(self.scratch_dir(repo)) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(prefix)
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
     /// The cached copy of `key`, if any (at most `max` bytes).
     pub fn get(&self, repo: &Repository, key: &str, max: u64) -> Option<Vec<u8>> {
         let p = self.path(repo, key)?;

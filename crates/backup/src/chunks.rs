@@ -165,6 +165,22 @@ impl Chunks {
         Ok(out)
     }
 
+    /// The first chunk of `wanted` (sorted) no pack a restore may read holds.
+    pub fn first_missing(&self, wanted: &[ChunkId]) -> Result<Option<ChunkId>> {
+        let mut cur = self.ix.cursor();
+        let mut hits = Vec::new();
+        for id in wanted {
+            cur.lookup(id, &mut hits)?;
+            if !hits
+                .iter()
+                .any(|h| self.usable(h.pack, Purpose::Restore).is_some())
+            {
+                return Ok(Some(*id));
+            }
+        }
+        Ok(None)
+    }
+
     /// Where the chunks of `wanted` (sorted, distinct) lie, for a job reading them
     /// ([`Purpose::Restore`]). Where a chunk has several copies, the one in a pack that
     /// exists and is live (as every reader), then in the pack holding most of the job's

@@ -43,6 +43,7 @@ pub mod repo;
 pub mod restore;
 pub mod store;
 pub mod table;
+pub mod tablecopy;
 pub mod verify;
 pub mod volume;
 

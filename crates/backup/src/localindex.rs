@@ -34,8 +34,11 @@ use crate::pack::PackEntry;
 
 /// Bytes of one record.
 pub const RECORD: usize = 44;
-/// Bytes of the trailer: magic, version, fanout bits, record count.
-const TRAILER: usize = 14;
+/// Bytes of the trailer: magic 4, version 1, fanout bits 1, generation 8, packs needed 4,
+/// record count 8, BLAKE3 of everything before the hash 32.
+const TRAILER: usize = 58;
+/// First word of the pack table's first line (`snapblk-chunk-index <generation>`).
+const TABLE_HEAD: &str = "snapblk-chunk-index";
 /// Fanout bits: enough for ~16 records per bucket, within these bounds (a file of 1M
 /// records, the most one sort writes, has 16 bits: 512 KiB of fanout).
 const MIN_BITS: u32 = 4;
@@ -64,6 +67,9 @@ struct Run {
 
 pub struct LocalIndex {
     dir: PathBuf,
+    /// Random, fixed when the pack table is created: each file names it, so a file left
+    /// from an earlier table (an interrupted wipe) is never read against a new one.
+    generation: u64,
     packs: Vec<String>,
     numbers: HashMap<String, u32>,
     runs: Vec<Run>,
@@ -129,7 +135,9 @@ fn search(buf: &[u8], id: &ChunkId, out: &mut Vec<Hit>) {
 }
 
 impl Run {
-    fn open(path: PathBuf) -> Result<Run> {
+    /// Opens a file of the table `generation` holding `packs` packs: refused unless its
+    /// trailer, length, fanout and checksum check and it names no pack the table lacks.
+    fn open(path: PathBuf, generation: u64, packs: usize) -> Result<Run> {
         let file = File::open(&path).map_err(io("opening", &path))?;
         let len = file.metadata().map_err(io("reading", &path))?.len();
         let bad = |d: &str| BackupError::corrupt(path.display().to_string(), d.to_string());
@@ -139,20 +147,34 @@ impl Run {
         let mut t = [0u8; TRAILER];
         file.read_exact_at(&mut t, len - TRAILER as u64)
             .map_err(io("reading", &path))?;
-        if &t[..4] != MAGIC || t[4] != 2 {
-            return Err(bad("not a chunk index file"));
+        if &t[..4] != MAGIC || t[4] != 3 {
+            return Err(bad("not a chunk index file of this version"));
         }
         let bits = u32::from(t[5]);
         if !(MIN_BITS..=MAX_BITS).contains(&bits) {
             return Err(bad("its fanout size is out of range"));
         }
-        let mut n = [0u8; 8];
-        n.copy_from_slice(&t[6..14]);
-        let records = u64::from_le_bytes(n);
+        let u64at = |i: usize| u64::from_le_bytes(t[i..i + 8].try_into().expect("8 bytes"));
+        if u64at(6) != generation {
+            return Err(bad("it belongs to another pack table"));
+        }
+        let needed = u32::from_le_bytes(t[14..18].try_into().expect("4 bytes"));
+        if needed as usize > packs {
+            return Err(bad("it names packs its pack table lacks"));
+        }
+        let records = u64at(18);
         let entries = (1usize << bits) + 1;
         let tail_len = (entries * 8 + TRAILER) as u64;
-        if records.checked_mul(RECORD as u64) != len.checked_sub(tail_len) {
+        let body = len.checked_sub(tail_len);
+        if body.is_none() || records.checked_mul(RECORD as u64) != body {
             return Err(bad("its length does not match its record count"));
+        }
+        // The checksum covers every byte before it: records, fanout, trailer.
+        let mut h = blake3::Hasher::new();
+        let mut r = BufReader::with_capacity(1 << 20, (&file).take(len - 32));
+        std::io::copy(&mut r, &mut h).map_err(io("reading", &path))?;
+        if h.finalize().as_bytes() != &t[26..58] {
+            return Err(bad("its checksum does not match"));
         }
         let mut raw = vec![0u8; entries * 8];
         file.read_exact_at(&mut raw, len - tail_len)
@@ -188,7 +210,8 @@ impl Run {
 
     /// All records in order.
     fn records(&self) -> Result<impl Iterator<Item = Result<(ChunkId, Hit)>> + '_> {
-        let f = self.file.try_clone().map_err(io("reading", &self.path))?;
+        // Its own open file: a clone would share the offset other reads move.
+        let f = File::open(&self.path).map_err(io("opening", &self.path))?;
         let mut r = BufReader::with_capacity(1 << 20, f.take(self.records * RECORD as u64));
         let path = self.path.clone();
         Ok((0..self.records).map(move |_| {
@@ -222,25 +245,30 @@ impl Cursor<'_> {
     }
 }
 
-/// Writes sorted records as a file (temporary name, synced, renamed).
-/// `total` is how many `records` yields (it sizes the fanout; a different count fails).
+/// Writes sorted records as a file (temporary name, synced, renamed) of the table
+/// `generation`, naming packs below `needed`. `total` is how many `records` yields (it
+/// sizes the fanout; a different count fails).
 fn write_run(
     path: &Path,
+    generation: u64,
+    needed: u32,
     total: u64,
     records: impl Iterator<Item = Result<(ChunkId, Hit)>>,
 ) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let f = File::create(&tmp).map_err(io("creating", &tmp))?;
     let mut w = BufWriter::with_capacity(1 << 20, f);
+    let mut h = blake3::Hasher::new();
     let bits = bits_for(total);
     let mut counts = vec![0u64; (1 << bits) + 1];
     let mut n = 0u64;
     let mut rec = Vec::with_capacity(RECORD);
     for r in records {
-        let (id, h) = r?;
+        let (id, hit) = r?;
         rec.clear();
-        encode(&id, &h, &mut rec);
+        encode(&id, &hit, &mut rec);
         w.write_all(&rec).map_err(io("writing", &tmp))?;
+        h.update(&rec);
         counts[bucket(&id, bits) + 1] += 1;
         n += 1;
     }
@@ -257,9 +285,13 @@ fn write_run(
         tail.extend_from_slice(&sum.to_le_bytes());
     }
     tail.extend_from_slice(MAGIC);
-    tail.push(2);
+    tail.push(3);
     tail.push(bits as u8);
+    tail.extend_from_slice(&generation.to_le_bytes());
+    tail.extend_from_slice(&needed.to_le_bytes());
     tail.extend_from_slice(&n.to_le_bytes());
+    h.update(&tail);
+    tail.extend_from_slice(h.finalize().as_bytes());
     w.write_all(&tail).map_err(io("writing", &tmp))?;
     let f = w
         .into_inner()
@@ -269,18 +301,27 @@ fn write_run(
     Ok(())
 }
 
-/// Removes an index's files (not its lock).
+/// Removes an index's files (not its lock): the record files first, then the pack
+/// table (so what an interrupted wipe leaves is refused by its generation anyway).
 fn wipe(dir: &Path) -> Result<()> {
+    let mut table = None;
     for e in std::fs::read_dir(dir)
         .map_err(io("listing", dir))?
         .flatten()
     {
         let name = e.file_name();
-        if name != "lock" {
+        if name == "packs" {
+            table = Some(e.path());
+        } else if name != "lock" {
             std::fs::remove_file(e.path()).map_err(io("removing", &e.path()))?;
         }
     }
-    sync_dir(dir)
+    sync_dir(dir)?;
+    if let Some(t) = table {
+        std::fs::remove_file(&t).map_err(io("removing", &t))?;
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -300,8 +341,9 @@ impl LocalIndex {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(io("reading", &packs_path)(e)),
         };
-        // A line cut short by a crash names no pack (no record was written for it: the
-        // table is written first); drop it, so the next append starts a line of its own.
+        // A line cut short by a crash: drop it, so the next append starts a line of its
+        // own (the file written before it needs its pack, so it is refused and the index
+        // rebuilt).
         let whole = text.rfind('\n').map_or(0, |i| i + 1);
         if whole < text.len() {
             let f = std::fs::OpenOptions::new()
@@ -312,7 +354,30 @@ impl LocalIndex {
                 .and_then(|()| f.sync_all())
                 .map_err(io("truncating", &packs_path))?;
         }
-        let packs: Vec<String> = text[..whole].lines().map(str::to_string).collect();
+        let mut lines = text[..whole].lines();
+        let generation = match lines.next() {
+            Some(head) => head
+                .strip_prefix(TABLE_HEAD)
+                .and_then(|g| u64::from_str_radix(g.trim(), 16).ok())
+                .ok_or_else(|| {
+                    BackupError::corrupt(
+                        packs_path.display().to_string(),
+                        "not a chunk index's pack table",
+                    )
+                })?,
+            None => {
+                // A new table (or one whose first line a crash cut): a new generation,
+                // recorded before any file names it.
+                let g = u64::from_le_bytes(crate::crypto::random_bytes());
+                let mut f = File::create(&packs_path).map_err(io("creating", &packs_path))?;
+                writeln!(f, "{TABLE_HEAD} {g:016x}")
+                    .and_then(|()| f.sync_all())
+                    .map_err(io("writing", &packs_path))?;
+                sync_dir(dir)?;
+                g
+            }
+        };
+        let packs: Vec<String> = lines.map(str::to_string).collect();
         let mut numbered: Vec<(u64, PathBuf)> = Vec::new();
         for e in std::fs::read_dir(dir)
             .map_err(io("listing", dir))?
@@ -329,7 +394,7 @@ impl LocalIndex {
         let next_file = numbered.last().map_or(0, |(n, _)| n + 1);
         let runs = numbered
             .into_iter()
-            .map(|(_, p)| Run::open(p))
+            .map(|(_, p)| Run::open(p, generation, packs.len()))
             .collect::<Result<Vec<_>>>()?;
         if packs.len() as u64 > u64::from(u32::MAX) {
             return Err(BackupError::corrupt(
@@ -344,6 +409,7 @@ impl LocalIndex {
             .collect();
         Ok(LocalIndex {
             dir: dir.to_path_buf(),
+            generation,
             packs,
             numbers,
             runs,
@@ -515,13 +581,30 @@ impl LocalIndex {
         Ok(())
     }
 
-    /// Writes the pack table, then `batch` as a new file: a record never names a pack
-    /// the table on disk lacks.
+    /// Writes `batch` as a new file, then appends `new_packs` to the pack table: a file
+    /// whose packs the table on disk lacks (a crash in between) is refused when opened
+    /// (its trailer says how many packs it needs), and packs the table lists always have
+    /// their records on disk.
     fn flush(&mut self, batch: &mut Vec<(ChunkId, Hit)>, new_packs: &[String]) -> Result<()> {
+        if !batch.is_empty() {
+            batch.sort_unstable_by_key(|(id, h)| (id.0, h.pack));
+            let path = self.dir.join(format!("chunks.{}", self.next_file));
+            let needed = self.packs.len() as u32;
+            write_run(
+                &path,
+                self.generation,
+                needed,
+                batch.len() as u64,
+                batch.drain(..).map(Ok),
+            )?;
+            sync_dir(&self.dir)?;
+            self.next_file += 1;
+            self.runs
+                .push(Run::open(path, self.generation, self.packs.len())?);
+        }
         if !new_packs.is_empty() {
             let path = self.dir.join("packs");
             let f = std::fs::OpenOptions::new()
-                .create(true)
                 .append(true)
                 .open(&path)
                 .map_err(io("opening", &path))?;
@@ -534,15 +617,6 @@ impl LocalIndex {
                 .map_err(|e| io("writing", &path)(e.into_error()))?;
             f.sync_all().map_err(io("syncing", &path))?;
         }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        batch.sort_unstable_by_key(|(id, h)| (id.0, h.pack));
-        let path = self.dir.join(format!("chunks.{}", self.next_file));
-        write_run(&path, batch.len() as u64, batch.drain(..).map(Ok))?;
-        sync_dir(&self.dir)?;
-        self.next_file += 1;
-        self.runs.push(Run::open(path)?);
         Ok(())
     }
 
@@ -578,10 +652,16 @@ impl LocalIndex {
             });
             let path = self.dir.join(format!("chunks.{}", self.next_file));
             let total = self.runs.iter().map(|r| r.records).sum();
-            write_run(&path, total, merged)?;
+            write_run(
+                &path,
+                self.generation,
+                self.packs.len() as u32,
+                total,
+                merged,
+            )?;
             path
         };
-        let merged = Run::open(path)?;
+        let merged = Run::open(path, self.generation, self.packs.len())?;
         for r in std::mem::take(&mut self.runs) {
             std::fs::remove_file(&r.path).map_err(io("removing", &r.path))?;
         }
@@ -749,5 +829,67 @@ mod tests {
         assert_eq!(ix.pack_count(), 10, "dead packs were kept");
         assert!(ix.lookup(&id(499)).unwrap().is_empty());
         assert_eq!(ix.lookup(&id(99)).unwrap().len(), 1);
+    }
+
+    /// What an interrupted wipe or add leaves never makes a record name the wrong pack:
+    /// files of an earlier pack table (the table gone, rebuilt with other numbers) and a
+    /// file naming packs its table lacks (a crash before the table's lines were appended)
+    /// are refused, and the index is rebuilt from the listing.
+    #[test]
+    fn leftovers_of_a_cut_wipe_or_add_never_name_the_wrong_pack() {
+        let d = tempfile::tempdir().unwrap();
+        let fetch = |batch: &[String]| -> Result<Vec<Vec<PackEntry>>> {
+            Ok(batch
+                .iter()
+                .map(|n| pack(n[1..].parse::<u64>().unwrap() * 10, 10))
+                .collect())
+        };
+        let names: Vec<String> = (0..20).map(|p| format!("p{p:03}")).collect();
+        drop(LocalIndex::sync(d.path(), &names, 7, fetch).unwrap());
+        // A wipe cut after the pack table went, its files left.
+        std::fs::remove_file(d.path().join("packs")).unwrap();
+        let mut reversed = names.clone();
+        reversed.reverse();
+        let check = |ix: &LocalIndex| {
+            for i in 0..200u64 {
+                let h = ix.lookup(&id(i)).unwrap();
+                assert_eq!(h.len(), 1, "chunk {i}: {h:?}");
+                assert_eq!(ix.pack_name(h[0].pack).unwrap(), format!("p{:03}", i / 10));
+            }
+        };
+        let ix = LocalIndex::sync(d.path(), &reversed, 7, fetch).unwrap();
+        check(&ix);
+        drop(ix);
+        // An add cut after its file, before the table's lines: drop the last line.
+        let more: Vec<String> = (20..25).map(|p| format!("p{p:03}")).collect();
+        drop(LocalIndex::sync(d.path(), &more, 7, fetch).unwrap());
+        let t = d.path().join("packs");
+        let text = std::fs::read_to_string(&t).unwrap();
+        let cut = text.trim_end().rfind('\n').unwrap() + 1;
+        std::fs::write(&t, &text[..cut]).unwrap();
+        let all: Vec<String> = names.iter().chain(&more).cloned().collect();
+        let ix = LocalIndex::sync(d.path(), &all, 7, fetch).unwrap();
+        for i in 0..250u64 {
+            let h = ix.lookup(&id(i)).unwrap();
+            assert_eq!(h.len(), 1, "chunk {i}: {h:?}");
+            assert_eq!(ix.pack_name(h[0].pack).unwrap(), format!("p{:03}", i / 10));
+        }
+        // A flipped bit in a record: refused by the checksum, rebuilt.
+        drop(ix);
+        let f = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with("chunks."))
+            .unwrap()
+            .path();
+        let mut b = std::fs::read(&f).unwrap();
+        b[33] ^= 1; // the pack number of the first record
+        std::fs::write(&f, &b).unwrap();
+        assert!(
+            LocalIndex::open(d.path()).is_err(),
+            "a flipped bit was read"
+        );
+        let ix = LocalIndex::sync(d.path(), &all, 7, fetch).unwrap();
+        assert_eq!(ix.lookup(&id(0)).unwrap().len(), 1);
     }
 }

@@ -265,18 +265,7 @@ fn max_sealed_table(count: u64) -> u64 {
 /// Reads, authenticates and decodes the table of `h`, streaming: memory is the decoded
 /// entries plus the sealed object, whose size is capped by the header's cell count.
 pub fn read_table(repo: &Repository, h: &Header) -> Result<Table> {
-    crate::config::check_chunk_size(h.chunk_size)
-        .map_err(|e| BackupError::corrupt(repo::manifest_key(&h.id), e.to_string()))?;
-    let image_cells = h.size.div_ceil(u64::from(h.chunk_size));
-    if h.cells > image_cells.min(MAX_ENTRIES) {
-        return Err(BackupError::corrupt(
-            repo::manifest_key(&h.id),
-            format!(
-                "claims {} cells in an image of {image_cells} (at most {MAX_ENTRIES})",
-                h.cells
-            ),
-        ));
-    }
+    check_header(h)?;
     if h.framed {
         return read_frames(repo, h);
     }
@@ -320,41 +309,106 @@ fn decompress(z: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// One frame of `h`'s table, authenticated and decoded, with its plaintext (for the
-/// digest).
-fn read_frame(repo: &Repository, h: &Header, k: u64) -> Result<(frame::Frame, Vec<u8>)> {
+/// Checks what the header of a table read frame by frame claims, before any frame is read.
+pub(crate) fn check_header(h: &Header) -> Result<()> {
+    crate::config::check_chunk_size(h.chunk_size)
+        .map_err(|e| BackupError::corrupt(repo::manifest_key(&h.id), e.to_string()))?;
+    let image_cells = h.size.div_ceil(u64::from(h.chunk_size));
+    if h.cells > image_cells.min(MAX_ENTRIES) {
+        return Err(BackupError::corrupt(
+            repo::manifest_key(&h.id),
+            format!(
+                "claims {} cells in an image of {image_cells} (at most {MAX_ENTRIES})",
+                h.cells
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Frames of `h`'s table (`h` checked by [`check_header`]).
+pub(crate) fn frame_count(h: &Header) -> u64 {
+    frame::count(h.size.div_ceil(u64::from(h.chunk_size)))
+}
+
+/// Authenticates and decodes frame `k` of `h`'s table from its sealed bytes; returns it
+/// with its plaintext (for the digest).
+pub(crate) fn open_frame(
+    repo: &Repository,
+    h: &Header,
+    k: u64,
+    sealed: &[u8],
+) -> Result<(frame::Frame, Vec<u8>)> {
     let cells = h.size.div_ceil(u64::from(h.chunk_size));
     let key = frame::key(&h.id, k);
     let last = k + 1 == frame::count(cells);
+    let bad = |d: String| BackupError::corrupt(&key, d);
+    let z = repo
+        .keys()
+        .open(sealed, frame::aad(&h.id, k, last).as_bytes())
+        .ok_or_else(|| {
+            bad("fails authentication (altered, misplaced, or a table cut short)".into())
+        })?;
+    let span = frame::range(cells, k);
+    let limit = (frame::F_HEAD as u64) + (span.end - span.start) * crate::table::T_ENTRY;
+    let plain = decompress(&z, limit).map_err(bad)?;
+    let f = frame::Frame::decode(&plain, cells, k).map_err(bad)?;
+    Ok((f, plain))
+}
+
+/// The sealed bytes of frame `k` of `h`'s table (from the cache or the store; checked
+/// to open before they are returned).
+pub(crate) fn fetch_frame(repo: &Repository, h: &Header, k: u64) -> Result<Vec<u8>> {
+    let key = frame::key(&h.id, k);
     let got = crate::cache::get_with(repo, &key, max_sealed_frame(), |sealed| {
-        let bad = |d: String| BackupError::corrupt(&key, d);
-        let z = repo
-            .keys()
-            .open(sealed, frame::aad(&h.id, k, last).as_bytes())
-            .ok_or_else(|| {
-                bad("fails authentication (altered, misplaced, or a table cut short)".into())
-            })?;
-        let span = frame::range(cells, k);
-        let limit = (frame::F_HEAD as u64) + (span.end - span.start) * crate::table::T_ENTRY;
-        let plain = decompress(&z, limit).map_err(bad)?;
-        let f = frame::Frame::decode(&plain, cells, k).map_err(bad)?;
-        Ok((f, plain))
+        open_frame(repo, h, k, sealed)?;
+        Ok(sealed.to_vec())
     });
     lost_if_gone(h, key, got)
+}
+
+/// One frame of `h`'s table, authenticated and decoded.
+fn read_frame(repo: &Repository, h: &Header, k: u64) -> Result<frame::Frame> {
+    let key = frame::key(&h.id, k);
+    let got = crate::cache::get_with(repo, &key, max_sealed_frame(), |sealed| {
+        open_frame(repo, h, k, sealed).map(|(f, _)| f)
+    });
+    lost_if_gone(h, key, got)
+}
+
+/// Checks the frames' totals against `h`: the entry count and the digest.
+pub(crate) fn check_totals(h: &Header, entries: u64, digest: &frame::Digest) -> Result<()> {
+    let key = repo::table_key(&h.id);
+    if entries != h.cells {
+        return Err(BackupError::corrupt(
+            key,
+            format!(
+                "its frames hold {entries} entries, its manifest says {}",
+                h.cells
+            ),
+        ));
+    }
+    if digest.hex() != h.digest {
+        return Err(BackupError::corrupt(
+            key,
+            "does not match the digest in its manifest",
+        ));
+    }
+    Ok(())
 }
 
 /// Reads every frame of `h`'s table (fetched [`crate::index::FETCH_THREADS`] at a time)
 /// and joins them, checking the entry count and the digest against the header.
 fn read_frames(repo: &Repository, h: &Header) -> Result<Table> {
-    let cells = h.size.div_ceil(u64::from(h.chunk_size));
-    let n = frame::count(cells);
+    let n = frame_count(h);
     let mut out: Vec<(u64, ChunkId)> = Vec::with_capacity(h.cells as usize);
     let mut digest = frame::Digest::default();
     let ks: Vec<u64> = (0..n).collect();
     for part in ks.chunks(crate::index::FETCH_THREADS) {
         let got = crate::par::map(part, part.len(), |k| read_frame(repo, h, *k))?;
-        for (f, plain) in got {
-            digest.add(&plain);
+        for f in got {
+            // Decoding accepts one encoding only, so this is the plaintext read.
+            digest.add(&f.encode());
             if (out.len() + f.cells.len()) as u64 > h.cells {
                 return Err(BackupError::corrupt(
                     repo::table_key(&h.id),
@@ -364,19 +418,7 @@ fn read_frames(repo: &Repository, h: &Header) -> Result<Table> {
             out.extend(f.cells);
         }
     }
-    let key = repo::table_key(&h.id);
-    if out.len() as u64 != h.cells {
-        return Err(BackupError::corrupt(
-            key,
-            "its frames hold fewer entries than its manifest says",
-        ));
-    }
-    if digest.hex() != h.digest {
-        return Err(BackupError::corrupt(
-            key,
-            "does not match the digest in its manifest",
-        ));
-    }
+    check_totals(h, out.len() as u64, &digest)?;
     Ok(Table {
         size: h.size,
         chunk_size: h.chunk_size,

@@ -11,14 +11,15 @@ use std::time::Instant;
 
 use snapblk_core::Export;
 
-use crate::chunks::Locations;
+use crate::chunks::{Chunks, Locations};
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::index::Loc;
-use crate::manifest::{self, Header, Table};
+use crate::manifest::{Header, Table};
 use crate::par::lock;
 use crate::progress::Progress;
 use crate::repo::{self, Repository};
+use crate::tablecopy::{self, TableCopy};
 
 /// Largest single write into the restored volume.
 const MAX_WRITE: usize = 8 << 20;
@@ -237,6 +238,11 @@ impl<'a> ByChunk<'a> {
 
 /// Writes the image of `header` into `sink` (a new, empty volume of at least its size;
 /// cells not in the table are left unwritten and read as zeros).
+///
+/// The table is copied locally first ([`TableCopy`], under the lease: a prune + gc
+/// meanwhile cannot take it away), then every frame is checked to be located before the
+/// first write, then the image is written frame by frame, each with the locations of its
+/// own chunks only: memory follows a frame (65,536 cells), not the volume.
 pub fn run(
     repo: &Repository,
     header: &Header,
@@ -246,17 +252,74 @@ pub fn run(
 ) -> Result<Summary> {
     let t0 = Instant::now();
     let _lease = crate::lease::Lease::shared(repo, format!("restore {}", header.name()))?;
-    let table = manifest::read_table(repo, header)?;
+    let copy = TableCopy::take(repo, header)?;
+    let chunks = Chunks::load(repo)?;
     // Everything must be present before the first write.
-    let fetcher = Fetcher::new(repo, &table)?;
-    let by_chunk = ByChunk::new(&table);
-    let ids = fetcher.index.ids();
+    for k in 0..copy.count() {
+        let wanted = tablecopy::distinct(&copy.frame(k)?.cells);
+        if let Some(id) = chunks.first_missing(&wanted)? {
+            return Err(BackupError::MissingChunk(id.hex()));
+        }
+    }
     progress.start("restore", header.stored_bytes);
     let written = AtomicU64::new(0);
     let downloaded = AtomicU64::new(0);
+    let mut fetched = 0u64;
+    for k in 0..copy.count() {
+        let table = copy.frame(k)?;
+        if table.cells.is_empty() {
+            continue;
+        }
+        let fetcher = Fetcher {
+            repo: repo.clone(),
+            index: chunks.locations(tablecopy::distinct(&table.cells))?,
+        };
+        if let Some(id) = fetcher.index.first_missing() {
+            return Err(BackupError::MissingChunk(id.hex()));
+        }
+        fetched += fetcher.index.len() as u64;
+        write_frame(
+            header,
+            &table,
+            &fetcher,
+            sink,
+            threads,
+            progress,
+            &written,
+            &downloaded,
+        )?;
+    }
+    sink.flush()?;
+    Ok(Summary {
+        manifest: header.id.clone(),
+        volume: header.volume.clone(),
+        pool: header.pool.clone(),
+        host: header.host.clone(),
+        snapshot: header.snapshot.clone(),
+        size: header.size,
+        bytes_written: written.into_inner(),
+        bytes_downloaded: downloaded.into_inner(),
+        chunks: fetched,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes the cells of `table` (one frame's) into `sink`, fetching their chunks.
+#[allow(clippy::too_many_arguments)]
+fn write_frame(
+    header: &Header,
+    table: &Table,
+    fetcher: &Fetcher,
+    sink: &dyn Export,
+    threads: usize,
+    progress: &dyn Progress,
+    written: &AtomicU64,
+    downloaded: &AtomicU64,
+) -> Result<()> {
+    let by_chunk = ByChunk::new(table);
     let cs = u64::from(table.chunk_size);
     fetcher.fetch_many(
-        ids,
+        fetcher.index.ids(),
         threads,
         |chunks| {
             // Cells of one request are mostly adjacent: write runs of them at once.
@@ -292,19 +355,6 @@ pub fn run(
             }
             flush_run(&mut run, start)
         },
-        &downloaded,
-    )?;
-    sink.flush()?;
-    Ok(Summary {
-        manifest: header.id.clone(),
-        volume: header.volume.clone(),
-        pool: header.pool.clone(),
-        host: header.host.clone(),
-        snapshot: header.snapshot.clone(),
-        size: header.size,
-        bytes_written: written.into_inner(),
-        bytes_downloaded: downloaded.into_inner(),
-        chunks: ids.len() as u64,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+        downloaded,
+    )
 }

@@ -173,6 +173,12 @@ fn a_format_3_repository_keeps_whole_tables_until_upgraded() {
     assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
     prune::forget(&r, std::slice::from_ref(&a), None, prune::OnHold::Refuse).unwrap();
     assert!(!d.path().join("tables").join(&a).exists());
-    prune::forget(&r, std::slice::from_ref(&b.manifest), None, prune::OnHold::Refuse).unwrap();
+    prune::forget(
+        &r,
+        std::slice::from_ref(&b.manifest),
+        None,
+        prune::OnHold::Refuse,
+    )
+    .unwrap();
     assert!(frames_of(d.path(), &b.manifest).is_empty());
 }
