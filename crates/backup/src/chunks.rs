@@ -48,11 +48,20 @@ fn index_dir(repo: &Repository) -> Result<(PathBuf, Option<tempfile::TempDir>)> 
     if let Some(c) = repo.cache() {
         return Ok((c.chunk_index_dir(repo), None));
     }
-    let t = tempfile::Builder::new()
+    let t = scratch_index()?;
+    Ok((t.path().to_path_buf(), Some(t)))
+}
+
+/// A temporary directory for a job's own chunk index (removed when dropped).
+fn scratch_index() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
         .prefix("snapblk-chunk-index")
         .tempdir()
-        .map_err(|e| BackupError::invalid("a temporary chunk index", e.to_string()))?;
-    Ok((t.path().to_path_buf(), Some(t)))
+        .map_err(|e| BackupError::LocalState {
+            what: "a temporary chunk index".into(),
+            path: std::env::temp_dir().display().to_string(),
+            detail: e.to_string(),
+        })
 }
 
 impl Chunks {
@@ -92,11 +101,22 @@ impl Chunks {
                 repo.describe()
             );
         }
-        let (dir, scratch) = index_dir(repo)?;
         let names: Vec<String> = listed.iter().map(|(n, _)| n.clone()).collect();
-        let ix = LocalIndex::sync(&dir, &names, BATCH, |batch| {
-            crate::par::map(batch, FETCH_THREADS, |id| read_index(repo, id))
-        })?;
+        let fetch =
+            |batch: &[String]| crate::par::map(batch, FETCH_THREADS, |id| read_index(repo, id));
+        let (dir, mut scratch) = index_dir(repo)?;
+        let ix = match LocalIndex::sync(&dir, &names, BATCH, fetch) {
+            // This host's cache directory is unusable (full, read-only): the job still runs,
+            // with an index of its own in a temporary directory.
+            Err(e @ BackupError::LocalState { .. }) if scratch.is_none() => {
+                log::warn!("{e}; using a temporary chunk index for this job");
+                let t = scratch_index()?;
+                let ix = LocalIndex::sync(t.path(), &names, BATCH, fetch)?;
+                scratch = Some(t);
+                ix
+            }
+            r => r?,
+        };
         drop(names);
         let mut standing = vec![None; ix.pack_count()];
         for (name, modified) in &listed {

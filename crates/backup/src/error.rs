@@ -46,6 +46,14 @@ pub enum BackupError {
     Volume(#[from] snapblk_core::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// This host's own files (the local chunk index, a job's table copy) could not be
+    /// read or written: the repository is not at fault.
+    #[error("{what} {path}: {detail}")]
+    LocalState {
+        what: String,
+        path: String,
+        detail: String,
+    },
     #[error(
         "the repository at {repo} was rolled back: pool {pool}'s backup catalog is {found} but this host saw generation {seen}; \
          someone deleted newer catalog objects (if the store was restored from an older copy on purpose, remove {marks})"

@@ -77,8 +77,13 @@ pub struct LocalIndex {
 }
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> BackupError {
-    let what = format!("local chunk index: {what} {}", path.display());
-    move |e| BackupError::invalid(what, e.to_string())
+    let what = format!("local chunk index: {what}");
+    let path = path.display().to_string();
+    move |e| BackupError::LocalState {
+        what,
+        path,
+        detail: e.to_string(),
+    }
 }
 
 /// The bucket of `id` in a fanout of `bits` bits: its first `bits` bits.

@@ -44,11 +44,14 @@ impl TableCopy {
         manifest::check_header(h)?;
         let cells = h.size.div_ceil(u64::from(h.chunk_size));
         let source = if h.framed {
-            let scratch = |e: std::io::Error| {
-                BackupError::invalid(
-                    format!("a local copy of the table of {}", h.name()),
-                    e.to_string(),
-                )
+            let scratch = |e: std::io::Error| BackupError::LocalState {
+                what: format!("a local copy of the table of {}", h.name()),
+                path: repo
+                    .cache()
+                    .map_or_else(std::env::temp_dir, |c| c.scratch_dir(repo))
+                    .display()
+                    .to_string(),
+                detail: e.to_string(),
             };
             let dir = match repo.cache() {
                 Some(c) => {
@@ -116,11 +119,10 @@ impl TableCopy {
             }
             Source::Frames(dir) => {
                 let path = dir.path().join(k.to_string());
-                let sealed = std::fs::read(&path).map_err(|e| {
-                    BackupError::invalid(
-                        format!("the local copy of the table of {}", self.header.name()),
-                        format!("{}: {e}", path.display()),
-                    )
+                let sealed = std::fs::read(&path).map_err(|e| BackupError::LocalState {
+                    what: format!("the local copy of the table of {}", self.header.name()),
+                    path: path.display().to_string(),
+                    detail: e.to_string(),
                 })?;
                 manifest::open_frame(&self.repo, &self.header, k, &sealed)?
                     .0
