@@ -26,9 +26,9 @@ use std::path::PathBuf;
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::{read_index, Loc, Purpose, Rank, FETCH_THREADS};
+use crate::index::{read_index, Listing, Loc, Purpose, Rank, FETCH_THREADS};
 use crate::localindex::{Hit, LocalIndex};
-use crate::repo::{self, Repository};
+use crate::repo::Repository;
 
 /// Index objects fetched at a time while the local index catches up.
 const BATCH: usize = 4 * FETCH_THREADS;
@@ -69,31 +69,11 @@ impl Chunks {
     /// index up to date (GETs only of index objects neither it nor the object cache
     /// holds) and notes each pack's standing.
     pub fn load(repo: &Repository) -> Result<Chunks> {
-        let store = repo.store();
-        let condemned: HashSet<String> = store
-            .list(repo::TRASH)?
-            .into_iter()
-            .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
-            .collect();
-        let mut listed: Vec<(String, u64)> = store
-            .list(repo::INDEX)?
-            .into_iter()
-            .filter_map(|o| Some((o.key.strip_prefix(repo::INDEX)?.to_string(), o.modified)))
-            .collect();
-        listed.sort();
-        if let Some(c) = repo.cache() {
-            // Indexes gone from the store (their pack deleted) leave the cache too.
-            c.retain(repo, "index", |name| {
-                listed
-                    .binary_search_by(|(i, _)| i.as_str().cmp(name))
-                    .is_ok()
-            });
-        }
-        let packs: HashSet<String> = store
-            .list(repo::PACKS)?
-            .into_iter()
-            .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
-            .collect();
+        let Listing {
+            condemned,
+            indexes: listed,
+            packs,
+        } = Listing::take(repo)?;
         let orphans = listed.iter().filter(|(i, _)| !packs.contains(i)).count();
         if orphans > 0 {
             log::warn!(

@@ -86,6 +86,53 @@ pub enum Purpose {
     Backup,
 }
 
+/// What a job's listing of the repository shows about packs: 3 LISTs, in this order
+/// (trash marks first: a pack condemned after them is still seen to exist).
+pub struct Listing {
+    /// Packs marked in `trash/`.
+    pub condemned: HashSet<String>,
+    /// Index objects (pack id, when stored), sorted.
+    pub indexes: Vec<(String, u64)>,
+    /// Pack objects.
+    pub packs: HashSet<String>,
+}
+
+impl Listing {
+    /// Lists the repository; cached index objects no longer listed are dropped.
+    pub fn take(repo: &Repository) -> Result<Listing> {
+        let store = repo.store();
+        let condemned: HashSet<String> = store
+            .list(repo::TRASH)?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
+            .collect();
+        let mut indexes: Vec<(String, u64)> = store
+            .list(repo::INDEX)?
+            .into_iter()
+            .filter_map(|o| Some((o.key.strip_prefix(repo::INDEX)?.to_string(), o.modified)))
+            .collect();
+        indexes.sort();
+        if let Some(c) = repo.cache() {
+            // Indexes gone from the store (their pack deleted) leave the cache too.
+            c.retain(repo, "index", |name| {
+                indexes
+                    .binary_search_by(|(i, _)| i.as_str().cmp(name))
+                    .is_ok()
+            });
+        }
+        let packs: HashSet<String> = store
+            .list(repo::PACKS)?
+            .into_iter()
+            .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
+            .collect();
+        Ok(Listing {
+            condemned,
+            indexes,
+            packs,
+        })
+    }
+}
+
 /// Calls `f` with every index object `purpose` covers (condemned ones flagged; left out
 /// altogether for a backup), in pack-id order, holding at most [`BATCH`] at a time.
 pub fn visit(
@@ -93,29 +140,11 @@ pub fn visit(
     purpose: Purpose,
     mut f: impl FnMut(PackInfo) -> Result<()>,
 ) -> Result<()> {
-    let store = repo.store();
-    let condemned: HashSet<String> = store
-        .list(repo::TRASH)?
-        .into_iter()
-        .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
-        .collect();
-    let mut ids: Vec<(String, u64)> = store
-        .list(repo::INDEX)?
-        .into_iter()
-        .filter_map(|o| Some((o.key.strip_prefix(repo::INDEX)?.to_string(), o.modified)))
-        .collect();
-    ids.sort();
-    if let Some(c) = repo.cache() {
-        // Indexes gone from the store (their pack deleted) leave the cache too.
-        c.retain(repo, "index", |name| {
-            ids.binary_search_by(|(i, _)| i.as_str().cmp(name)).is_ok()
-        });
-    }
-    let packs: HashSet<String> = store
-        .list(repo::PACKS)?
-        .into_iter()
-        .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
-        .collect();
+    let Listing {
+        condemned,
+        indexes: mut ids,
+        packs,
+    } = Listing::take(repo)?;
     if purpose != Purpose::Read {
         let before = ids.len();
         ids.retain(|(id, _)| packs.contains(id));

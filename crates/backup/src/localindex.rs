@@ -695,6 +695,24 @@ mod tests {
             .collect()
     }
 
+    /// Some record file of the index in `dir`.
+    fn first_file(dir: &Path) -> PathBuf {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with("chunks."))
+            .unwrap()
+            .path()
+    }
+
+    /// The entries of packs named `p<n>`: chunks 10n .. 10n + 10.
+    fn fetch_packs(batch: &[String]) -> Result<Vec<Vec<PackEntry>>> {
+        Ok(batch
+            .iter()
+            .map(|n| pack(n[1..].parse::<u64>().unwrap() * 10, 10))
+            .collect())
+    }
+
     #[test]
     fn lookups_find_every_copy_across_files_merges_and_reopens() {
         let d = tempfile::tempdir().unwrap();
@@ -783,10 +801,7 @@ mod tests {
         let fetched = std::sync::atomic::AtomicUsize::new(0);
         let fetch = |batch: &[String]| -> Result<Vec<Vec<PackEntry>>> {
             fetched.fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
-            Ok(batch
-                .iter()
-                .map(|n| pack(n[1..].parse::<u64>().unwrap() * 10, 10))
-                .collect())
+            fetch_packs(batch)
         };
         std::thread::scope(|s| {
             for _ in 0..4 {
@@ -818,12 +833,7 @@ mod tests {
         assert!(ix.has_pack("p109") && !ix.has_pack("p110"));
         drop(ix);
         // A damaged file: rebuilt from what is listed.
-        let f = std::fs::read_dir(d.path())
-            .unwrap()
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().starts_with("chunks."))
-            .unwrap()
-            .path();
+        let f = first_file(d.path());
         std::fs::write(&f, b"damaged").unwrap();
         let ix = LocalIndex::sync(d.path(), &names, 7, fetch).unwrap();
         assert_eq!(ix.pack_count(), 100);
@@ -843,12 +853,7 @@ mod tests {
     #[test]
     fn leftovers_of_a_cut_wipe_or_add_never_name_the_wrong_pack() {
         let d = tempfile::tempdir().unwrap();
-        let fetch = |batch: &[String]| -> Result<Vec<Vec<PackEntry>>> {
-            Ok(batch
-                .iter()
-                .map(|n| pack(n[1..].parse::<u64>().unwrap() * 10, 10))
-                .collect())
-        };
+        let fetch = fetch_packs;
         let names: Vec<String> = (0..20).map(|p| format!("p{p:03}")).collect();
         drop(LocalIndex::sync(d.path(), &names, 7, fetch).unwrap());
         // A wipe cut after the pack table went, its files left.
@@ -881,12 +886,7 @@ mod tests {
         }
         // A flipped bit in a record: refused by the checksum, rebuilt.
         drop(ix);
-        let f = std::fs::read_dir(d.path())
-            .unwrap()
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().starts_with("chunks."))
-            .unwrap()
-            .path();
+        let f = first_file(d.path());
         let mut b = std::fs::read(&f).unwrap();
         b[33] ^= 1; // the pack number of the first record
         std::fs::write(&f, &b).unwrap();
