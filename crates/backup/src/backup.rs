@@ -4,14 +4,29 @@
 //! reader threads take cells in order, read them from the snapshot, drop all-zero cells,
 //! hash the rest and, for chunks not yet in the repository, compress and seal them ->
 //! one packer thread fills packs -> uploader threads store each pack, then its index.
-//! The manifest (table, then header) is written only after every upload succeeded.
+//!
+//! Streaming (docs/design.md §12): the image goes frame by frame (65,536 cells), in
+//! batches of frames holding about [`Repository::batch`] cells to read (a frame's worth). A batch runs the
+//! pipeline; then each of its frames is completed (the base's kept entries, from the
+//! job's local copy of the base table, and the cells read) and handed to the table
+//! writer, which seals it, keeps it locally and puts it. The packs a batch stored go into
+//! the job's own index, so later batches dedup against them. Memory: one batch's lists
+//! and a few frames, never the table or anything per chunk of the volume.
+//!
+//! Before the commit every chunk of the new table is confirmed to be in a live pack (the
+//! repository listed again, the frames read back from the local copy); a chunk gone (gc
+//! condemned its pack meanwhile) is read and stored again, at most twice. Only then does
+//! the header go into the pool's catalog (the commit point).
 //!
 //! Incremental: with a base manifest and the ranges `diff` reports between the base's
 //! snapshot and this one, only cells touching those ranges are read; every other cell is
 //! taken from the base's table. Resume: chunks already in the repository (from an
 //! interrupted earlier run whose packs and indexes were stored) are never uploaded again.
+//!
+//! Threading: `run` is one job's; the pipeline's threads are scoped inside each batch.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -23,13 +38,15 @@ use crate::catalog;
 use crate::chunks::Chunks;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
+use crate::frame;
 use crate::index;
 use crate::lease::Lease;
-use crate::manifest::{self, BackupStats, Header, Table};
-use crate::pack::{Pack, PackBuilder};
+use crate::manifest::{BackupStats, Header, TableWriter};
+use crate::pack::{Pack, PackBuilder, PackEntry};
 use crate::par::lock;
 use crate::progress::Progress;
 use crate::repo::{self, Repository};
+use crate::tablecopy::{self, TableCopy};
 
 /// Byte ranges `(offset, length)`.
 pub type Ranges = Vec<(u64, u64)>;
@@ -87,21 +104,119 @@ impl Summary {
     }
 }
 
-/// Cells (of `cs` bytes) that overlap any of `ranges`, within `cells`.
-fn cells_of(ranges: &[(u64, u64)], cs: u64, cells: u64) -> Vec<u64> {
-    let mut out = Vec::new();
-    for &(off, len) in ranges {
-        if len == 0 {
-            continue;
+/// The cells touching some byte ranges, as sorted, disjoint cell spans `[first, end)`.
+struct CellSpans(Vec<(u64, u64)>);
+
+impl CellSpans {
+    /// The cells of an image of `cells` cells of `cs` bytes touching the ranges of each
+    /// part that are at or past its own first cell.
+    fn new(parts: &[(&[(u64, u64)], u64)], cs: u64, cells: u64) -> CellSpans {
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for &(ranges, from) in parts {
+            for &(off, len) in ranges {
+                if len == 0 {
+                    continue;
+                }
+                let first = (off / cs).max(from);
+                let end = ((off.saturating_add(len) - 1) / cs + 1).min(cells);
+                if first < end {
+                    spans.push((first, end));
+                }
+            }
         }
-        let first = off / cs;
-        let last = (off.saturating_add(len) - 1) / cs;
-        out.extend((first..=last.min(cells.saturating_sub(1))).filter(|c| *c < cells));
+        spans.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+        for (a, b) in spans {
+            match out.last_mut() {
+                Some(l) if a <= l.1 => l.1 = l.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        out.shrink_to_fit();
+        CellSpans(out)
     }
-    out.sort_unstable();
-    out.dedup();
-    out.shrink_to_fit();
-    out
+
+    fn count(&self) -> u64 {
+        self.0.iter().map(|(a, b)| b - a).sum()
+    }
+
+    fn cursor(&self) -> SpanCursor<'_> {
+        SpanCursor {
+            spans: &self.0,
+            i: 0,
+        }
+    }
+}
+
+/// Takes the cells of [`CellSpans`] range by range, in increasing order.
+struct SpanCursor<'a> {
+    spans: &'a [(u64, u64)],
+    i: usize,
+}
+
+impl SpanCursor<'_> {
+    /// Appends the cells inside `r` (which starts at or past every earlier `r`'s end).
+    fn take(&mut self, r: Range<u64>, out: &mut Vec<u64>) {
+        while let Some(&(a, b)) = self.spans.get(self.i) {
+            if a >= r.end {
+                break;
+            }
+            out.extend(a.max(r.start)..b.min(r.end));
+            if b > r.end {
+                break;
+            }
+            self.i += 1;
+        }
+    }
+}
+
+/// An incremental base as the job reads it: its table (a local copy, taken under the
+/// lease) and the cell below which its entries are kept (its last, possibly short cell
+/// and anything past the new image are read again).
+struct BaseTable {
+    copy: TableCopy,
+    keep_below: u64,
+}
+
+impl BaseTable {
+    /// The entries of frame `k` the new table keeps: below `keep_below`, not among `read`
+    /// (sorted).
+    fn kept(&self, k: u64, read: &[u64]) -> Result<Vec<(u64, ChunkId)>> {
+        if k >= self.copy.count() {
+            return Ok(Vec::new());
+        }
+        let mut cells = self.copy.frame(k)?.cells;
+        cells.retain(|(c, _)| *c < self.keep_below && read.binary_search(c).is_err());
+        Ok(cells)
+    }
+}
+
+/// Plans compaction (crate::compact) from the base's kept entries, located frame by frame.
+fn plan_compaction(
+    repo: &Repository,
+    chunks: &Chunks,
+    base: &BaseTable,
+    reads: &CellSpans,
+    cells: u64,
+    cs: u64,
+) -> Result<Option<crate::compact::Plan>> {
+    let mut shares = crate::compact::Shares::default();
+    let mut cur = reads.cursor();
+    let mut read = Vec::new();
+    for k in 0..base.copy.count().min(frame::count(cells)) {
+        read.clear();
+        cur.take(frame::range(cells, k), &mut read);
+        let kept = base.kept(k, &read)?;
+        if !kept.is_empty() {
+            shares.add(&chunks.locations(tablecopy::distinct(&kept))?);
+        }
+    }
+    let new_bytes = reads.count().saturating_mul(cs);
+    Ok(crate::compact::plan(
+        shares,
+        new_bytes,
+        u64::from(repo.config().pack_size),
+    ))
 }
 
 pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summary> {
@@ -119,144 +234,180 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     }
     let size = job.source.size()?;
     let cs = repo.chunk_size();
-    let table0 = Table {
-        size,
-        chunk_size: repo.config().chunk_size,
-        cells: Vec::new(),
-    };
-    let ncells = table0.cell_count();
-    // The new table's cells, sorted by cell; memory is ~40 bytes per cell holding data.
-    let mut cells: Vec<(u64, ChunkId)> = Vec::new();
-    let to_read = match &job.base {
-        Some((bh, changed)) => {
-            let bt = manifest::read_table(repo, bh)?;
-            if bt.chunk_size != table0.chunk_size {
-                return Err(BackupError::invalid("base", "chunk size differs"));
-            }
-            let mut read = cells_of(changed, cs, ncells);
-            // A base cell whose length differs (the old last cell) must be read again.
-            let keep_below = bt.size.min(size) / cs;
-            cells = bt.cells;
-            cells.retain(|(c, _)| *c < keep_below && read.binary_search(c).is_err());
-            cells.shrink_to_fit();
-            // Cells past the base's end are read where they hold data.
-            let alloc = cells_of(&job.allocated, cs, ncells);
-            let tail = alloc.iter().copied().filter(|c| *c >= keep_below);
-            read.extend(tail);
-            read.sort_unstable();
-            read.dedup();
-            read
-        }
-        None => cells_of(&job.allocated, cs, ncells),
-    };
-    let mut stats = BackupStats::default();
-    let mut forced: HashSet<ChunkId> = HashSet::new();
-    let mut pending = to_read;
-    // The repository's chunks as this job sees them (the local index and each pack's
-    // standing): pass 0 dedups against them; with compaction they also locate the kept
-    // chunks.
-    let mut chunks = Chunks::load(repo)?;
-    if job.compact && job.base.is_some() && !cells.is_empty() {
-        // The kept chunks spread over too many packs: store the sparsest packs' again.
-        let new_bytes = (pending.len() as u64).saturating_mul(cs);
-        let locs = chunks.locations(crate::compact::wanted(&cells))?;
-        let plan = crate::compact::plan(repo, &cells, &locs, new_bytes)?;
-        drop(locs);
-        if let Some(p) = plan {
-            log::info!(
-                "backup {}@{}: compacting: {} chunks ({} bytes) stored again, {} packs -> about {}",
-                job.volume,
-                job.snapshot,
-                p.ids.len(),
-                p.bytes,
-                p.packs_before,
-                p.packs_after
-            );
-            cells.retain(|(c, _)| p.cells.binary_search(c).is_err());
-            pending.extend(p.cells);
-            pending.sort_unstable();
-            pending.dedup();
-            stats.chunks_compacted = p.ids.len() as u64;
-            stats.bytes_compacted = p.bytes;
-            forced = p.ids;
-        }
-    }
-    // Normally one pass; another when garbage collection condemned a pack holding a chunk
-    // we reused while we ran, or two new chunks shared an id prefix in `seen` (those
-    // cells are read and stored again).
-    for pass in 0..3 {
-        let dedup = Dedup {
-            known: &chunks,
-            forced: &forced,
-            // Sized once: a growing table holds two copies while it moves.
-            seen: Mutex::new(HashSet::with_capacity(pending.len())),
-        };
-        let (got, zeros) = pipeline(repo, &job, &table0, &pending, dedup, progress, &mut stats)?;
-        pending = Vec::new();
-        if pass == 0 {
-            // The cells read are not among the base's kept ones: append, then sort.
-            if cells.is_empty() {
-                cells = got;
-            } else {
-                cells.reserve_exact(got.len());
-                cells.extend(got);
-            }
-            cells.sort_unstable_by_key(|(c, _)| *c);
-        } else {
-            for (c, id) in got {
-                if let Ok(i) = cells.binary_search_by_key(&c, |(c, _)| *c) {
-                    cells[i].1 = id;
-                }
-            }
-            cells.retain(|(c, _)| zeros.binary_search(c).is_err());
-        }
-        // Everything referenced must be in a live pack now: listed again (this job's
-        // packs are new, gc may have condemned others meanwhile), confirmed by full id.
-        drop(chunks);
-        chunks = Chunks::load(repo)?;
-        let missing = chunks.missing(&cells)?;
-        if missing.is_empty() {
-            break;
-        }
-        pending = cells
-            .iter()
-            .filter(|(_, id)| missing.contains(id))
-            .map(|(c, _)| *c)
-            .collect();
-        forced = missing;
-    }
-    if !pending.is_empty() {
-        return Err(BackupError::invalid(
-            "backup",
-            "chunks kept disappearing from the repository while backing up (garbage collection running with no grace period?)",
-        ));
-    }
-    let table = Table { cells, ..table0 };
-    stats.seconds = t0.elapsed().as_secs_f64();
-    let stored: u64 = table.cells.iter().map(|(c, _)| table.cell_len(*c)).sum();
-    let ncells = table.cells.len() as u64;
-    let chunk_size = table.chunk_size;
-    let id = uuid::Uuid::new_v4().simple().to_string();
+    let chunk_size = repo.config().chunk_size;
+    let ncells = size.div_ceil(cs);
     let name = format!("{}@{}", job.volume, job.snapshot);
-    let written = manifest::write_table(repo, &id, &name, table)?;
-    let header = Header {
-        id,
+    let mut header = Header {
+        id: uuid::Uuid::new_v4().simple().to_string(),
         volume: job.volume.clone(),
         snapshot: job.snapshot.clone(),
         snapshot_id: job.snapshot_id,
         pool: job.pool.clone(),
         created: job.created,
-        backed_up: repo::now(),
+        backed_up: 0,
         size,
         chunk_size,
-        cells: ncells,
-        stored_bytes: stored,
-        digest: written.digest,
+        cells: 0,
+        stored_bytes: 0,
+        digest: String::new(),
         base: job.base.as_ref().map(|(h, _)| h.id.clone()),
-        stats: stats.clone(),
+        stats: BackupStats::default(),
         host: job.host.clone().unwrap_or_else(catalog::host_name),
-        framed: written.framed,
+        framed: false,
     };
+    // What to read: cells touching the changed ranges, and those past the base's end
+    // holding data; every other cell of the base is kept.
+    let (base, reads) = match &job.base {
+        Some((bh, changed)) => {
+            if bh.chunk_size != chunk_size {
+                return Err(BackupError::invalid("base", "chunk size differs"));
+            }
+            let keep_below = bh.size.min(size) / cs;
+            let base = BaseTable {
+                copy: TableCopy::take(repo, bh)?,
+                keep_below,
+            };
+            let parts = [(&changed[..], 0), (&job.allocated[..], keep_below)];
+            (Some(base), CellSpans::new(&parts, cs, ncells))
+        }
+        None => (None, CellSpans::new(&[(&job.allocated[..], 0)], cs, ncells)),
+    };
+    let mut stats = BackupStats::default();
+    // The repository's chunks as this job sees them (the local index and each pack's
+    // standing): the batches dedup against them (and against the job's own packs).
+    let mut chunks = Chunks::load(repo)?;
+    let compaction = match &base {
+        Some(b) if job.compact => plan_compaction(repo, &chunks, b, &reads, ncells, cs)?,
+        _ => None,
+    };
+    if let Some(p) = &compaction {
+        log::info!(
+            "backup {name}: compacting: the chunks it keeps in {} sparse packs ({} bytes) are stored again, {} packs -> about {}",
+            p.packs.len(),
+            p.bytes,
+            p.packs_before,
+            p.packs_after
+        );
+    }
+    progress.start(
+        "backup",
+        reads
+            .count()
+            .saturating_mul(cs)
+            .saturating_add(compaction.as_ref().map_or(0, |p| p.bytes))
+            .min(size),
+    );
+    let mut writer = TableWriter::new(repo, header.clone())?;
+    let frames = frame::count(ncells);
+    let limit = repo.batch();
+    let mut cur = reads.cursor();
+    let mut k = 0;
+    while k < frames {
+        let first = k;
+        // The batch's cells to read (sorted) and, with compaction, the kept chunks to
+        // store again.
+        let mut read: Vec<u64> = Vec::new();
+        let mut forced: HashSet<ChunkId> = HashSet::new();
+        while k < frames && (k == first || read.len() < limit) {
+            let at = read.len();
+            cur.take(frame::range(ncells, k), &mut read);
+            if let (Some(p), Some(b)) = (&compaction, &base) {
+                let kept = b.kept(k, &read[at..])?;
+                let locs = chunks.locations(tablecopy::distinct(&kept))?;
+                for (c, id) in kept {
+                    let Some(l) = locs.get(&id) else { continue };
+                    if p.packs.contains(locs.pack_id(&l)) {
+                        read.push(c);
+                        if forced.insert(id) {
+                            stats.chunks_compacted += 1;
+                            stats.bytes_compacted += u64::from(l.len);
+                        }
+                    }
+                }
+                read[at..].sort_unstable();
+            }
+            k += 1;
+        }
+        let dedup = Dedup {
+            known: &chunks,
+            forced: &forced,
+            seen: Mutex::new(HashSet::with_capacity(read.len())),
+        };
+        let out = pipeline(repo, &job, size, &read, dedup, progress, &mut stats)?;
+        chunks.remember(repo, out.packs)?;
+        let mut got = out.cells;
+        got.sort_unstable_by_key(|(c, _)| *c);
+        let (mut ri, mut gi) = (0, 0);
+        for kf in first..k {
+            let r = frame::range(ncells, kf);
+            let re = ri + read[ri..].partition_point(|c| *c < r.end);
+            let ge = gi + got[gi..].partition_point(|(c, _)| *c < r.end);
+            let mut cells = match &base {
+                Some(b) => b.kept(kf, &read[ri..re])?,
+                None => Vec::new(),
+            };
+            cells.extend_from_slice(&got[gi..ge]);
+            cells.sort_unstable_by_key(|(c, _)| *c);
+            writer.push(kf, &cells)?;
+            (ri, gi) = (re, ge);
+        }
+    }
+    drop(base);
+    let (written, table) = writer.finish()?;
+    // Everything referenced must be in a live pack now: listed again (this job's packs
+    // are new, gc may have condemned others meanwhile), confirmed by full id, frame by
+    // frame from the local copy. Chunks found missing are read and stored again.
+    let mut confirmed = false;
+    for attempt in 0..3 {
+        drop(chunks);
+        chunks = Chunks::load(repo)?;
+        let mut redo: Vec<(u64, ChunkId)> = Vec::new();
+        for kf in 0..table.count() {
+            let f = table.frame(kf)?;
+            let missing = chunks.missing(&f.cells)?;
+            if !missing.is_empty() {
+                redo.extend(f.cells.iter().filter(|(_, id)| missing.contains(id)));
+            }
+        }
+        if redo.is_empty() {
+            confirmed = true;
+            break;
+        }
+        if attempt == 2 {
+            break;
+        }
+        let forced: HashSet<ChunkId> = redo.iter().map(|(_, id)| *id).collect();
+        let cells: Vec<u64> = redo.iter().map(|(c, _)| *c).collect();
+        progress.start("backup", (cells.len() as u64).saturating_mul(cs));
+        let dedup = Dedup {
+            known: &chunks,
+            forced: &forced,
+            seen: Mutex::new(HashSet::with_capacity(cells.len())),
+        };
+        let out = pipeline(repo, &job, size, &cells, dedup, progress, &mut stats)?;
+        let mut got = out.cells;
+        got.sort_unstable_by_key(|(c, _)| *c);
+        if !out.zeros.is_empty() || got != redo {
+            return Err(BackupError::invalid(
+                &name,
+                "cells read again differ from the first read (the source changed while it was backed up)",
+            ));
+        }
+    }
+    if !confirmed {
+        return Err(BackupError::invalid(
+            "backup",
+            "chunks kept disappearing from the repository while backing up (garbage collection running with no grace period?)",
+        ));
+    }
+    drop(table);
+    stats.seconds = t0.elapsed().as_secs_f64();
+    header.backed_up = repo::now();
+    header.cells = written.cells;
+    header.stored_bytes = written.stored_bytes;
+    header.digest = written.digest;
+    header.framed = written.framed;
+    header.stats = stats.clone();
     lease.check()?;
     // The commit point: listed in the pool's catalog, the backup exists.
     if let Some(h) = catalog::update(repo, &job.pool, catalog::Change::Add(&header))? {
@@ -264,7 +415,7 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         return Ok(Summary::already_stored(h));
     }
     // A copy, for `repo repair` and as evidence should the catalog be rolled back.
-    if let Err(e) = manifest::write_header(repo, &header) {
+    if let Err(e) = crate::manifest::write_header(repo, &header) {
         log::warn!(
             "backup {} is committed but its header copy was not stored: {e}",
             header.name()
@@ -281,25 +432,35 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     })
 }
 
-/// What a pass read: each cell holding data with its chunk, and the all-zero cells
-/// (sorted).
-type PassOutput = (Vec<(u64, ChunkId)>, Vec<u64>);
+/// What one run of the pipeline did: each cell read holding data with its chunk (in no
+/// order), the all-zero cells, and the packs it stored (names and entries).
+struct PassOutput {
+    cells: Vec<(u64, ChunkId)>,
+    zeros: Vec<u64>,
+    packs: Vec<(String, Vec<PackEntry>)>,
+}
 
-/// Which chunks a pass stores: those no pack a backup may use holds, those confirmed
-/// missing by an earlier pass or chosen by compaction (`forced`), each at most once per
-/// pass.
+/// Which chunks a batch stores: those neither a pack a backup may use nor an earlier
+/// batch of this job holds, and those confirmed missing or chosen by compaction
+/// (`forced`) unless an earlier batch stored them; each at most once per batch.
 struct Dedup<'a> {
     known: &'a Chunks,
     forced: &'a HashSet<ChunkId>,
-    /// Id prefixes of the chunks stored in this pass (8 bytes each; a prefix shared by two
-    /// new chunks skips the second, which the full-id check before commit then stores).
+    /// Id prefixes of the chunks stored in this batch (8 bytes each, at most a batch of
+    /// them; a prefix shared by two new chunks skips the second, which the full-id check
+    /// before commit then stores).
     seen: Mutex<HashSet<u64>>,
 }
 
 impl Dedup<'_> {
     /// Whether `id` is to be stored now (false: stored already, or by another reader).
     fn store(&self, id: ChunkId) -> Result<bool> {
-        if !self.forced.contains(&id) && self.known.stored(&id)? {
+        let stored = if self.forced.contains(&id) {
+            self.known.stored_by_job(&id)?
+        } else {
+            self.known.stored(&id)? || self.known.stored_by_job(&id)?
+        };
+        if stored {
             return Ok(false);
         }
         Ok(lock(&self.seen).insert(index::prefix(&id)))
@@ -322,18 +483,17 @@ impl Abort {
     }
 }
 
-/// Reads `cells`, stores new chunks, returns each cell's chunk (None: all zeros).
+/// Reads `cells` of an image of `size` bytes, stores new chunks, returns each cell's
+/// chunk.
 fn pipeline(
     repo: &Repository,
     job: &Job,
-    table: &Table,
+    size: u64,
     cells: &[u64],
     dedup: Dedup<'_>,
     progress: &dyn Progress,
     stats: &mut BackupStats,
 ) -> Result<PassOutput> {
-    let total: u64 = cells.iter().map(|c| table.cell_len(*c)).sum();
-    progress.start("backup", total);
     let cs = repo.chunk_size();
     let level = repo.config().zstd_level;
     let pack_size = repo.config().pack_size as usize;
@@ -343,6 +503,7 @@ fn pipeline(
     // Cells read and their chunks; all-zero cells apart (8 bytes each).
     let out: Mutex<Vec<(u64, ChunkId)>> = Mutex::new(Vec::with_capacity(cells.len()));
     let zeros: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+    let stored: Mutex<Vec<(String, Vec<PackEntry>)>> = Mutex::new(Vec::new());
     let abort = Abort {
         flag: AtomicBool::new(false),
         err: Mutex::new(None),
@@ -371,7 +532,7 @@ fn pipeline(
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(&cell) = cells.get(i) else { return };
-                    let len = table.cell_len(cell) as usize;
+                    let len = cs.min(size - cell * cs) as usize;
                     let data = &mut buf[..len];
                     if let Err(e) = job.source.read(cell * cs, data) {
                         abort.set(e.into());
@@ -429,7 +590,7 @@ fn pipeline(
         }
         for _ in 0..job.uploaders.max(1) {
             let pack_rx = pack_rx.clone();
-            let (abort, uploaded, packs) = (&abort, &uploaded, &packs);
+            let (abort, uploaded, packs, stored) = (&abort, &uploaded, &packs, &stored);
             s.spawn(move || {
                 for p in pack_rx {
                     if abort.is_set() {
@@ -449,6 +610,7 @@ fn pipeline(
                             }
                             uploaded.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
                             packs.fetch_add(1, Ordering::Relaxed);
+                            lock(stored).push((p.id, p.entries));
                         }
                         Err(e) => {
                             abort.set(e.into());
@@ -469,22 +631,48 @@ fn pipeline(
     if let Some(e) = abort.err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    Ok((out.into_inner().unwrap_or_else(|p| p.into_inner()), {
-        let mut z = zeros.into_inner().unwrap_or_else(|p| p.into_inner());
-        z.sort_unstable();
-        z
-    }))
+    let mut zeros: Vec<u64> = inner(zeros);
+    zeros.sort_unstable();
+    Ok(PassOutput {
+        cells: inner(out),
+        zeros,
+        packs: inner(stored),
+    })
+}
+
+/// The value of a mutex no thread holds any more (a panicked holder's value is kept).
+fn inner<T>(m: Mutex<T>) -> T {
+    m.into_inner().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::cells_of;
+    use super::CellSpans;
+
+    fn all(s: &CellSpans, cells: u64, step: u64) -> Vec<u64> {
+        let mut cur = s.cursor();
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < cells {
+            cur.take(at..(at + step).min(cells), &mut out);
+            at += step;
+        }
+        out
+    }
 
     #[test]
-    fn cells_touching_ranges() {
-        assert_eq!(cells_of(&[(0, 1)], 4096, 10), vec![0]);
-        assert_eq!(cells_of(&[(4095, 2)], 4096, 10), vec![0, 1]);
-        assert_eq!(cells_of(&[(8192, 4096), (0, 0)], 4096, 10), vec![2]);
-        assert_eq!(cells_of(&[(36864, 1 << 20)], 4096, 10), vec![9]);
+    fn cells_touching_ranges_frame_by_frame() {
+        let one = |r: &[(u64, u64)]| CellSpans::new(&[(r, 0)], 4096, 10);
+        assert_eq!(all(&one(&[(0, 1)]), 10, 3), vec![0]);
+        assert_eq!(all(&one(&[(4095, 2)]), 10, 3), vec![0, 1]);
+        assert_eq!(all(&one(&[(8192, 4096), (0, 0)]), 10, 1), vec![2]);
+        assert_eq!(all(&one(&[(36864, 1 << 20)]), 10, 4), vec![9]);
+        // Overlapping and unsorted ranges, taken in pieces that cut spans.
+        let s = one(&[(5 * 4096, 3 * 4096), (4096, 4096 * 5), (0, 1)]);
+        assert_eq!(s.count(), 8);
+        assert_eq!(all(&s, 10, 3), vec![0, 1, 2, 3, 4, 5, 6, 7]);
+        // A part counts only from its first cell.
+        let s = CellSpans::new(&[(&[(0, 4096)], 0), (&[(0, 40960)], 8)], 4096, 10);
+        assert_eq!(all(&s, 10, 7), vec![0, 8, 9]);
     }
 }

@@ -40,6 +40,10 @@ pub struct Chunks {
     standing: Vec<Option<Rank>>,
     /// Where the index lives when the repository has no cache (removed on drop).
     _scratch: Option<tempfile::TempDir>,
+    /// The chunks this job stored itself since it loaded the index ([`Chunks::remember`]):
+    /// an index of its own in a private directory, so a backup dedups against what it
+    /// stored in its earlier batches without a set of them in RAM.
+    own: Option<(LocalIndex, tempfile::TempDir)>,
 }
 
 /// The directory of `repo`'s local chunk index: beside its object cache, or a temporary
@@ -109,7 +113,39 @@ impl Chunks {
             ix,
             standing,
             _scratch: scratch,
+            own: None,
         })
+    }
+
+    /// Records packs this job has just stored (their names and entries), so
+    /// [`Chunks::stored_by_job`] finds their chunks. Written to the job's own index, never to
+    /// the shared one (that one follows the repository's listing: the next load adds
+    /// them from the index objects the job cached).
+    pub fn remember(
+        &mut self,
+        repo: &Repository,
+        packs: Vec<(String, Vec<crate::pack::PackEntry>)>,
+    ) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
+        if self.own.is_none() {
+            let dir = crate::tablecopy::scratch(repo, "own-index-", "this job's chunk index")?;
+            let ix = LocalIndex::open(dir.path())?;
+            self.own = Some((ix, dir));
+        }
+        if let Some((ix, _)) = &mut self.own {
+            ix.add(packs.into_iter().map(Ok))?;
+        }
+        Ok(())
+    }
+
+    /// Whether this job stored `id` itself ([`Chunks::remember`]).
+    pub fn stored_by_job(&self, id: &ChunkId) -> Result<bool> {
+        match &self.own {
+            Some((ix, _)) => Ok(!ix.lookup(id)?.is_empty()),
+            None => Ok(false),
+        }
     }
 
     /// The standing of pack `n`, if `purpose` may use it.

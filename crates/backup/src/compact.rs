@@ -12,29 +12,43 @@
 //! average pack holds < 2P/3 of this backup, so the budget empties at least 3 + 3·new/P
 //! packs into ⌈(new + moved)/P⌉ new ones: the span stops growing with the chain.
 //!
-//! Memory: the kept cells' distinct chunk ids and their locations (44 bytes per chunk),
-//! freed before the pipeline starts. Requests: one pass over the index objects (cached
-//! locally) — the same a restore makes.
+//! The shares are gathered frame by frame, as restores locate chunks (each frame's kept
+//! chunks located on their own, [`crate::chunks::Chunks::locations`]); a chunk kept in
+//! several frames counts once per frame. Memory: a count per referenced pack (~100
+//! bytes each), plus one frame's locations at a time. Requests: none beyond the job's
+//! listing (the local chunk index answers).
 
 use std::collections::{HashMap, HashSet};
 
 use crate::chunks::Locations;
-use crate::crypto::ChunkId;
-use crate::error::Result;
-use crate::repo::Repository;
 
-/// What to store again.
+/// What to store again: the kept chunks located in `packs`.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Kept cells to read again from the snapshot (sorted).
-    pub cells: Vec<u64>,
-    /// Their chunks, to store even though the repository holds them.
-    pub ids: HashSet<ChunkId>,
+    /// The sparse packs to empty (by name).
+    pub packs: HashSet<String>,
     /// Packs the backup would reference without compaction, and expected with it.
     pub packs_before: usize,
     pub packs_after: usize,
-    /// Stored bytes of the chunks moved.
+    /// Stored bytes of the chunks to move.
     pub bytes: u64,
+}
+
+/// Each referenced pack's share of a backup's kept bytes, gathered frame by frame.
+#[derive(Debug, Default)]
+pub struct Shares {
+    packs: HashMap<String, u64>,
+}
+
+impl Shares {
+    /// Adds one frame's kept chunks, as located for that frame.
+    pub fn add(&mut self, locs: &Locations) {
+        for id in locs.ids() {
+            if let Some(l) = locs.get(id) {
+                *self.packs.entry(locs.pack_id(&l).to_string()).or_default() += u64::from(l.len);
+            }
+        }
+    }
 }
 
 /// The packs to empty, given each referenced pack's share of this backup's bytes, the
@@ -66,54 +80,33 @@ pub fn choose(shares: &[(u32, u64)], new_bytes: u64, pack_size: u64) -> (Vec<u32
     (chosen, after)
 }
 
-/// The distinct chunks of `kept`, sorted: what [`plan`] needs located.
-pub fn wanted(kept: &[(u64, ChunkId)]) -> Vec<ChunkId> {
-    let mut ids: Vec<ChunkId> = kept.iter().map(|(_, id)| *id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
-/// Plans the compaction of a backup keeping `kept` cells (sorted by cell), located by
-/// `locs` (of [`wanted`]`(kept)`), and storing about `new_bytes` anew; `None` when its
-/// packs are compact enough.
-pub fn plan(
-    repo: &Repository,
-    kept: &[(u64, ChunkId)],
-    locs: &Locations,
-    new_bytes: u64,
-) -> Result<Option<Plan>> {
-    if kept.is_empty() {
-        return Ok(None);
+/// Plans the compaction of a backup whose kept chunks lie as `shares` says and which
+/// stores about `new_bytes` anew; `None` when its packs are compact enough.
+pub fn plan(shares: Shares, new_bytes: u64, pack_size: u64) -> Option<Plan> {
+    let mut names: Vec<(String, u64)> = shares.packs.into_iter().collect();
+    if names.is_empty() {
+        return None;
     }
-    let mut shares: HashMap<u32, u64> = HashMap::new();
-    for id in locs.ids() {
-        if let Some(l) = locs.get(id) {
-            *shares.entry(l.pack).or_default() += u64::from(l.len);
-        }
-    }
-    let shares: Vec<(u32, u64)> = shares.into_iter().collect();
-    let pack_size = u64::from(repo.config().pack_size);
-    let (chosen, after) = choose(&shares, new_bytes, pack_size);
+    // Numbered in name order, so ties in `choose` fall the same way on every run.
+    names.sort_unstable();
+    let list: Vec<(u32, u64)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, (_, b))| (i as u32, *b))
+        .collect();
+    let (chosen, after) = choose(&list, new_bytes, pack_size);
     if chosen.is_empty() {
-        return Ok(None);
+        return None;
     }
-    let chosen: HashSet<u32> = chosen.into_iter().collect();
-    let mut out = Plan {
-        packs_before: shares.len() + new_bytes.div_ceil(pack_size.max(1)) as usize,
+    Some(Plan {
+        bytes: chosen.iter().map(|&i| list[i as usize].1).sum(),
+        packs: chosen
+            .iter()
+            .map(|&i| names[i as usize].0.clone())
+            .collect(),
+        packs_before: list.len() + new_bytes.div_ceil(pack_size.max(1)) as usize,
         packs_after: after,
-        ..Plan::default()
-    };
-    for (cell, id) in kept {
-        let Some(l) = locs.get(id) else { continue };
-        if chosen.contains(&l.pack) {
-            out.cells.push(*cell);
-            if out.ids.insert(*id) {
-                out.bytes += u64::from(l.len);
-            }
-        }
-    }
-    Ok(Some(out))
+    })
 }
 
 #[cfg(test)]

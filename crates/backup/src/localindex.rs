@@ -46,8 +46,9 @@ const MAX_BITS: u32 = 20;
 const MAGIC: &[u8; 4] = b"SBLI";
 /// Records sorted in RAM before they are written as a file (44 MiB).
 pub const RUN_RECORDS: usize = 1 << 20;
-/// Files kept before they are merged into one.
-const MAX_FILES: usize = 4;
+/// Most files kept: past this the newest are merged even if their sizes still fall
+/// geometrically (they do not reach it: 24 halvings from the largest file).
+const MAX_FILES: usize = 24;
 
 /// Where one copy of a chunk is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,7 +339,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 impl LocalIndex {
     /// Opens (or creates) the index in `dir`; a file that does not check is an error (the
     /// caller removes the directory and builds it again).
-    fn open(dir: &Path) -> Result<LocalIndex> {
+    pub(crate) fn open(dir: &Path) -> Result<LocalIndex> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let packs_path = dir.join("packs");
         let text = match std::fs::read_to_string(&packs_path) {
@@ -536,9 +537,10 @@ impl LocalIndex {
     }
 
     /// Adds the entries of packs not in the index yet (others are skipped), sorting at
-    /// most [`RUN_RECORDS`] in RAM at a time; merges the files when there are too many.
-    /// A failed item stops the add: what was added before it stays (and is whole).
-    fn add(
+    /// most [`RUN_RECORDS`] in RAM at a time; then merges the newest files as
+    /// [`LocalIndex::merge_newest`] says. A failed item stops the add: what was added before
+    /// it stays (and is whole).
+    pub(crate) fn add(
         &mut self,
         packs: impl IntoIterator<Item = Result<(String, Vec<PackEntry>)>>,
     ) -> Result<()> {
@@ -580,8 +582,32 @@ impl LocalIndex {
         if !batch.is_empty() || !new_packs.is_empty() {
             self.flush(&mut batch, &new_packs)?;
         }
-        if self.runs.len() > MAX_FILES {
-            self.merge()?;
+        self.merge_newest()
+    }
+
+    /// Keeps the files' sizes falling geometrically from the oldest (each file more than
+    /// twice the newer ones together): the newest files are merged, in one pass, with
+    /// every older file they reach half of (and with more, while there would be more than
+    /// [`MAX_FILES`]). A lookup then reads about log2(records / smallest file) files, and
+    /// each record is rewritten O(log) times over the index's life: an add costs what it
+    /// adds (amortised), never a rewrite of the whole index per add (a job's own index
+    /// grows a file per batch it stores), and an add of many files (a first sync) merges
+    /// them once, not one at a time.
+    fn merge_newest(&mut self) -> Result<()> {
+        let n = self.runs.len();
+        if n < 2 {
+            return Ok(());
+        }
+        let mut from = n - 1;
+        let mut tail = self.runs[from].records;
+        while from > 0
+            && (from >= MAX_FILES || tail.saturating_mul(2) >= self.runs[from - 1].records)
+        {
+            from -= 1;
+            tail = tail.saturating_add(self.runs[from].records);
+        }
+        if from < n - 1 {
+            self.merge(from)?;
         }
         Ok(())
     }
@@ -625,11 +651,12 @@ impl LocalIndex {
         Ok(())
     }
 
-    /// Merges every file into one (streamed: a buffer per file).
-    fn merge(&mut self) -> Result<()> {
+    /// Merges the files from position `from` on into one (streamed: a buffer per file),
+    /// numbered after every file (so it stays the newest).
+    fn merge(&mut self, from: usize) -> Result<()> {
         let path = {
             let mut iters = Vec::new();
-            for r in &self.runs {
+            for r in &self.runs[from..] {
                 let mut it = r.records()?;
                 let head = it.next().transpose()?;
                 iters.push((it, head));
@@ -656,7 +683,7 @@ impl LocalIndex {
                 out.map(Ok)
             });
             let path = self.dir.join(format!("chunks.{}", self.next_file));
-            let total = self.runs.iter().map(|r| r.records).sum();
+            let total = self.runs[from..].iter().map(|r| r.records).sum();
             write_run(
                 &path,
                 self.generation,
@@ -667,12 +694,16 @@ impl LocalIndex {
             path
         };
         let merged = Run::open(path, self.generation, self.packs.len())?;
-        for r in std::mem::take(&mut self.runs) {
+        // The merged file's name is durable before its inputs go (a power cut in between
+        // leaves both: duplicate records, which lookups tolerate).
+        sync_dir(&self.dir)?;
+        let inputs = self.runs.split_off(from);
+        self.runs.push(merged);
+        self.next_file += 1;
+        for r in inputs {
             std::fs::remove_file(&r.path).map_err(io("removing", &r.path))?;
         }
         sync_dir(&self.dir)?;
-        self.next_file += 1;
-        self.runs.push(merged);
         Ok(())
     }
 }
@@ -717,16 +748,18 @@ mod tests {
     fn lookups_find_every_copy_across_files_merges_and_reopens() {
         let d = tempfile::tempdir().unwrap();
         let mut ix = LocalIndex::open(d.path()).unwrap();
-        // Six adds: more files than kept, so they merge; chunk 5 is in two packs.
+        // Six adds of equal size merge as they come; chunk 5 is in two packs.
         for p in 0..6u64 {
             ix.add([Ok((format!("p{p}"), pack(p * 100, 100)))]).unwrap();
+            let sizes: Vec<u64> = ix.runs.iter().map(|r| r.records).collect();
+            assert!(sizes.windows(2).all(|w| w[0] > 2 * w[1]), "{sizes:?}");
         }
         ix.add([
             Ok(("again".to_string(), pack(5, 1))),
             Ok(("p0".to_string(), pack(0, 1))),
         ])
         .unwrap();
-        assert!(ix.runs.len() <= MAX_FILES + 1);
+        assert!(ix.runs.len() <= 3, "{}", ix.runs.len());
         let check = |ix: &LocalIndex| {
             assert_eq!(ix.len(), 601);
             for i in 0..600u64 {
@@ -748,6 +781,32 @@ mod tests {
         let again = LocalIndex::open(d.path()).unwrap();
         assert!(again.has_pack("p3") && !again.has_pack("p9"));
         check(&again);
+    }
+
+    #[test]
+    fn files_stay_few_and_geometric_under_many_small_adds() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ix = LocalIndex::open(d.path()).unwrap();
+        for p in 0..300u64 {
+            ix.add([Ok((format!("p{p}"), pack(p * 10, 10)))]).unwrap();
+            let sizes: Vec<u64> = ix.runs.iter().map(|r| r.records).collect();
+            assert!(
+                sizes.windows(2).all(|w| w[0] > 2 * w[1]),
+                "after {p}: {sizes:?}"
+            );
+            // 10 records a file at least: at most log2(total / 10) + 1 files.
+            let most = (64 - (p + 1).leading_zeros()) as usize + 1;
+            assert!(sizes.len() <= most, "after {p}: {sizes:?}");
+        }
+        assert_eq!(ix.len(), 3000);
+        assert_eq!(ix.lookup(&id(2345)).unwrap().len(), 1);
+        // Files on disk are exactly the index's (merged inputs removed).
+        let files = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("chunks."))
+            .count();
+        assert_eq!(files, ix.runs.len());
     }
 
     #[test]

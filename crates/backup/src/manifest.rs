@@ -24,6 +24,7 @@ use crate::frame;
 use crate::repo::{self, Repository};
 use crate::table::{Hashing, TableReader};
 pub use crate::table::{Table, MAX_ENTRIES};
+use crate::tablecopy::TableCopy;
 
 /// Largest sealed manifest header accepted (headers are a few hundred bytes of JSON).
 pub const MAX_HEADER_BYTES: u64 = 1 << 20;
@@ -105,105 +106,213 @@ fn table_aad(id: &str) -> Vec<u8> {
 pub struct Stored {
     pub digest: String,
     pub framed: bool,
+    /// Cells holding data, and their bytes.
+    pub cells: u64,
+    pub stored_bytes: u64,
 }
 
-/// Writes the table of backup `id` (`name` for messages), before its catalog entry (the
-/// commit point): as frames in a format-4 repository ([`write_frames`]), else as one
-/// object. Takes `table`, so its cells are freed as soon as they are encoded.
-pub fn write_table(repo: &Repository, id: &str, name: &str, table: Table) -> Result<Stored> {
-    if table.cells.len() as u64 > MAX_ENTRIES {
-        return Err(BackupError::invalid(
-            name,
-            format!(
-                "{} cells hold data; a backup table holds at most {MAX_ENTRIES} (use a larger --chunk-size)",
-                table.cells.len()
-            ),
-        ));
+/// Writes a new backup's table frame by frame, in order, before its catalog entry (the
+/// commit point). In a format-4 repository each frame is encoded straight into its
+/// compressor (hashed for the digest on the way), sealed, kept in a private local copy
+/// (what the job reads back to confirm its chunks: [`TableCopy`]) and put, as many at a
+/// time as the job has uploaders, as soon as it is complete: memory is a few frames,
+/// never the table. Before format 4 a table is one object, so its entries are held until
+/// [`TableWriter::finish`] writes it.
+pub(crate) struct TableWriter {
+    repo: Repository,
+    /// The new backup's header as far as it is known (id, names, size, chunk size): what
+    /// frames are sealed to and messages name.
+    header: Header,
+    /// Cells of the image, frames of the table, and the next frame expected.
+    cells: u64,
+    frames: u64,
+    next: u64,
+    entries: u64,
+    stored_bytes: u64,
+    out: Out,
+}
+
+enum Out {
+    Frames {
+        dir: tempfile::TempDir,
+        digest: Box<frame::Digest>,
+        ready: Vec<(u64, Vec<u8>)>,
+        batch: usize,
+    },
+    Whole(Vec<(u64, ChunkId)>),
+}
+
+impl TableWriter {
+    /// For the table of the backup `header` describes (its id, names, size and chunk
+    /// size are used).
+    pub(crate) fn new(repo: &Repository, header: Header) -> Result<TableWriter> {
+        let cells = header.size.div_ceil(u64::from(header.chunk_size));
+        let out = if repo.config().version >= crate::config::VERSION_FRAMES {
+            Out::Frames {
+                dir: crate::tablecopy::scratch(
+                    repo,
+                    "new-table-",
+                    &format!("the table of the new backup of {}", header.name()),
+                )?,
+                digest: Box::default(),
+                ready: Vec::new(),
+                batch: repo.parallelism().uploaders.max(1),
+            }
+        } else {
+            Out::Whole(Vec::new())
+        };
+        Ok(TableWriter {
+            repo: repo.clone(),
+            cells,
+            frames: frame::count(cells),
+            next: 0,
+            entries: 0,
+            stored_bytes: 0,
+            out,
+            header,
+        })
     }
-    if repo.config().version >= crate::config::VERSION_FRAMES {
-        return write_frames(repo, id, name, table);
+
+    /// Adds the entries of frame `k` (the next one: frames come in order, each once), in
+    /// cell order inside it.
+    pub(crate) fn push(&mut self, k: u64, part: &[(u64, ChunkId)]) -> Result<()> {
+        let name = self.header.name();
+        let bad = |d: String| BackupError::invalid(&name, d);
+        let r = frame::range(self.cells, k);
+        if k != self.next || k >= self.frames {
+            return Err(bad(format!("table frame {k} written out of order")));
+        }
+        if part.windows(2).any(|w| w[0].0 >= w[1].0)
+            || part.first().is_some_and(|(c, _)| *c < r.start)
+            || part.last().is_some_and(|(c, _)| *c >= r.end)
+        {
+            return Err(bad(format!(
+                "table frame {k} is not in cell order inside its span"
+            )));
+        }
+        if self.entries + part.len() as u64 > MAX_ENTRIES {
+            return Err(bad(format!(
+                "more than {MAX_ENTRIES} cells hold data; a backup table holds at most that many (use a larger --chunk-size)"
+            )));
+        }
+        self.next += 1;
+        self.entries += part.len() as u64;
+        let cs = u64::from(self.header.chunk_size);
+        let size = self.header.size;
+        self.stored_bytes += part.iter().map(|(c, _)| cs.min(size - c * cs)).sum::<u64>();
+        match &mut self.out {
+            Out::Whole(all) => all.extend_from_slice(part),
+            Out::Frames {
+                dir,
+                digest,
+                ready,
+                batch,
+            } => {
+                let plain = frame::F_HEAD + part.len() * crate::table::T_ENTRY as usize;
+                let enc = zstd::stream::Encoder::new(Vec::with_capacity(plain / 2 + 4096), 3)
+                    .map_err(BackupError::Io)?;
+                let mut w = Tee { inner: enc, digest };
+                frame::write(&mut w, r.start, (r.end - r.start) as u32, part)
+                    .map_err(BackupError::Io)?;
+                let z = w.inner.finish().map_err(BackupError::Io)?;
+                let id = &self.header.id;
+                let sealed = self
+                    .repo
+                    .keys()
+                    .seal(&z, frame::aad(id, k, k + 1 == self.frames).as_bytes());
+                let path = dir.path().join(k.to_string());
+                std::fs::write(&path, &sealed).map_err(|e| BackupError::LocalState {
+                    what: format!("the table of the new backup of {name}"),
+                    path: path.display().to_string(),
+                    detail: e.to_string(),
+                })?;
+                ready.push((k, sealed));
+                if ready.len() >= *batch {
+                    put_frames(&self.repo, id, ready)?;
+                }
+            }
+        }
+        Ok(())
     }
-    let digest = digest(&table);
+
+    /// Stores what is left (every frame must have been pushed) and returns what the
+    /// header records, with the table as the job reads it back.
+    pub(crate) fn finish(self) -> Result<(Stored, TableCopy)> {
+        if self.next != self.frames {
+            return Err(BackupError::invalid(
+                self.header.name(),
+                format!(
+                    "table ends after {} of its {} frames",
+                    self.next, self.frames
+                ),
+            ));
+        }
+        let mut header = self.header;
+        header.cells = self.entries;
+        header.stored_bytes = self.stored_bytes;
+        match self.out {
+            Out::Frames {
+                dir,
+                digest,
+                mut ready,
+                ..
+            } => {
+                put_frames(&self.repo, &header.id, &mut ready)?;
+                header.digest = digest.hex();
+                header.framed = true;
+                let stored = Stored {
+                    digest: header.digest.clone(),
+                    framed: true,
+                    cells: self.entries,
+                    stored_bytes: self.stored_bytes,
+                };
+                Ok((stored, TableCopy::written_frames(&self.repo, &header, dir)))
+            }
+            Out::Whole(cells) => {
+                let table = Table {
+                    size: header.size,
+                    chunk_size: header.chunk_size,
+                    cells,
+                };
+                let digest = write_whole(&self.repo, &header.id, &table)?;
+                header.digest = digest.clone();
+                let stored = Stored {
+                    digest,
+                    framed: false,
+                    cells: self.entries,
+                    stored_bytes: self.stored_bytes,
+                };
+                Ok((stored, TableCopy::written_whole(&self.repo, &header, table)))
+            }
+        }
+    }
+}
+
+/// Puts sealed frames of backup `id`'s table, each on its own thread, and empties `ready`.
+fn put_frames(repo: &Repository, id: &str, ready: &mut Vec<(u64, Vec<u8>)>) -> Result<()> {
+    crate::par::map(ready, ready.len(), |(k, sealed)| {
+        repo.paced(sealed.len() as u64, || {
+            repo.store().put(&frame::key(id, *k), sealed)
+        })
+        .map_err(BackupError::from)
+    })?;
+    ready.clear();
+    Ok(())
+}
+
+/// Writes `table` as the one object `tables/<id>` (a repository before format 4);
+/// returns its digest.
+fn write_whole(repo: &Repository, id: &str, table: &Table) -> Result<String> {
+    let digest = digest(table);
     let plain = Table::encoded_len(table.cells.len() as u64) as usize;
     let out = Vec::with_capacity(plain + plain / 128 + 4096);
     let mut z = zstd::stream::Encoder::new(out, 3).map_err(BackupError::Io)?;
     table.write_to(&mut z).map_err(BackupError::Io)?;
-    drop(table);
     let mut z = z.finish().map_err(BackupError::Io)?;
     z.shrink_to_fit();
     repo.store()
         .put(&repo::table_key(id), &repo.keys().seal(&z, &table_aad(id)))?;
-    Ok(Stored {
-        digest,
-        framed: false,
-    })
-}
-
-/// Writes `table` as its frames, sealed and put a few at a time (as many as the job's
-/// uploaders, each put on its own thread). Each frame is encoded from its slice of the
-/// table straight into its compressor (hashed for the digest on the way); the table is
-/// dropped once the last frame is compressed, before it is sealed. Memory: the table and
-/// a few compressed frames.
-fn write_frames(repo: &Repository, id: &str, name: &str, table: Table) -> Result<Stored> {
-    let cells = table.cell_count();
-    let n = frame::count(cells);
-    let bad = |d: &str| BackupError::invalid(name, d.to_string());
-    if table.cells.windows(2).any(|w| w[0].0 >= w[1].0)
-        || table.cells.last().is_some_and(|(c, _)| *c >= cells)
-    {
-        return Err(bad("its table is not in cell order inside the image"));
-    }
-    let mut digest = frame::Digest::default();
-    let batch = repo.parallelism().uploaders.max(1);
-    let mut ready: Vec<(u64, Vec<u8>)> = Vec::with_capacity(batch);
-    let put_all = |ready: &mut Vec<(u64, Vec<u8>)>| -> Result<()> {
-        crate::par::map(ready, ready.len(), |(k, sealed)| {
-            repo.paced(sealed.len() as u64, || {
-                repo.store().put(&frame::key(id, *k), sealed)
-            })
-            .map_err(BackupError::from)
-        })?;
-        ready.clear();
-        Ok(())
-    };
-    let mut table = Some(table);
-    let mut start = 0usize;
-    for k in 0..n {
-        let r = frame::range(cells, k);
-        let z = {
-            let all = table.as_ref().map_or(&[][..], |t| &t.cells[..]);
-            let end = start + all[start..].partition_point(|(c, _)| *c < r.end);
-            let part = &all[start..end];
-            start = end;
-            let plain = frame::F_HEAD + part.len() * crate::table::T_ENTRY as usize;
-            let out = Vec::with_capacity(plain / 2 + 4096);
-            let enc = zstd::stream::Encoder::new(out, 3).map_err(BackupError::Io)?;
-            let mut w = Tee {
-                inner: enc,
-                digest: &mut digest,
-            };
-            frame::write(&mut w, r.start, (r.end - r.start) as u32, part)
-                .map_err(BackupError::Io)?;
-            w.inner.finish().map_err(BackupError::Io)?
-        };
-        if k + 1 == n {
-            table = None;
-        }
-        let sealed = repo
-            .keys()
-            .seal(&z, frame::aad(id, k, k + 1 == n).as_bytes());
-        drop(z);
-        ready.push((k, sealed));
-        if ready.len() >= batch {
-            put_all(&mut ready)?;
-        }
-    }
-    drop(table);
-    put_all(&mut ready)?;
-    Ok(Stored {
-        digest: digest.hex(),
-        framed: true,
-    })
+    Ok(digest)
 }
 
 /// A writer that hashes what passes through it into a frame digest.

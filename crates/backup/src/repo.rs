@@ -80,6 +80,8 @@ pub struct Repository {
     pacer: Option<Arc<crate::pace::Pacer>>,
     /// Threads a job runs.
     parallelism: Parallelism,
+    /// Cells a backup reads per batch ([`Repository::with_batch`]).
+    batch: usize,
 }
 
 /// Threads a job runs (`--readers`, `--uploaders`, `--downloads`); each 1..=[`MAX_THREADS`].
@@ -124,6 +126,7 @@ impl Repository {
             cache: None,
             pacer: None,
             parallelism: Parallelism::default(),
+            batch: crate::frame::SEG as usize,
         }
     }
 
@@ -294,6 +297,20 @@ impl Repository {
 
     pub fn parallelism(&self) -> Parallelism {
         self.parallelism
+    }
+
+    /// The same repository, its backups reading about `cells` cells per batch (at least
+    /// 1; a batch also completes at least one table frame). A backup holds ~200 bytes
+    /// per cell of its batch, and its pipeline drains once per batch; the default is one
+    /// frame's worth (65,536 cells).
+    pub fn with_batch(mut self, cells: usize) -> Repository {
+        self.batch = cells.max(1);
+        self
+    }
+
+    /// Cells a backup reads per batch.
+    pub fn batch(&self) -> usize {
+        self.batch
     }
 
     /// The same repository, uploading packs at most `bytes_per_sec` on average.

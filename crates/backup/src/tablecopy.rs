@@ -42,32 +42,13 @@ impl TableCopy {
     /// gone ([`BackupError::Lost`]) or does not check.
     pub fn take(repo: &Repository, h: &Header) -> Result<TableCopy> {
         manifest::check_header(h)?;
-        let cells = h.size.div_ceil(u64::from(h.chunk_size));
         let source = if h.framed {
-            let scratch = |e: std::io::Error| BackupError::LocalState {
-                what: format!("a local copy of the table of {}", h.name()),
-                path: repo
-                    .cache()
-                    .map_or_else(std::env::temp_dir, |c| c.scratch_dir(repo))
-                    .display()
-                    .to_string(),
-                detail: e.to_string(),
-            };
-            let dir = match repo.cache() {
-                Some(c) => {
-                    c.sweep_scratch(repo, "table-");
-                    let base = c.scratch_dir(repo);
-                    std::fs::create_dir_all(&base).map_err(scratch)?;
-                    tempfile::Builder::new()
-                        .prefix(&format!("table-{}-", std::process::id()))
-                        .tempdir_in(base)
-                        .map_err(scratch)?
-                }
-                None => tempfile::Builder::new()
-                    .prefix("snapblk-table-")
-                    .tempdir()
-                    .map_err(scratch)?,
-            };
+            let dir = scratch(
+                repo,
+                "table-",
+                &format!("a local copy of the table of {}", h.name()),
+            )?;
+            let scratch_err = local_err(dir.path(), h);
             let n = manifest::frame_count(h);
             let mut digest = frame::Digest::default();
             let mut entries = 0u64;
@@ -79,7 +60,8 @@ impl TableCopy {
                     let (f, plain) = manifest::open_frame(repo, h, *k, &sealed)?;
                     digest.add(&plain);
                     entries += f.cells.len() as u64;
-                    std::fs::write(dir.path().join(k.to_string()), &sealed).map_err(scratch)?;
+                    std::fs::write(dir.path().join(k.to_string()), &sealed)
+                        .map_err(&scratch_err)?;
                 }
             }
             manifest::check_totals(h, entries, &digest)?;
@@ -87,15 +69,34 @@ impl TableCopy {
         } else {
             Source::Whole(manifest::read_table(repo, h)?)
         };
-        Ok(TableCopy {
+        Ok(TableCopy::new(repo, h, source))
+    }
+
+    fn new(repo: &Repository, h: &Header, source: Source) -> TableCopy {
+        TableCopy {
             size: h.size,
             chunk_size: h.chunk_size,
-            cells,
+            cells: h.size.div_ceil(u64::from(h.chunk_size)),
             entries: h.cells,
             source,
             repo: repo.clone(),
             header: h.clone(),
-        })
+        }
+    }
+
+    /// The table a job has just written ([`crate::manifest::TableWriter`]): its sealed
+    /// frames in `dir`, as [`TableCopy::take`] would have copied them.
+    pub(crate) fn written_frames(
+        repo: &Repository,
+        h: &Header,
+        dir: tempfile::TempDir,
+    ) -> TableCopy {
+        TableCopy::new(repo, h, Source::Frames(dir))
+    }
+
+    /// The whole table a job has just written (a repository before format 4).
+    pub(crate) fn written_whole(repo: &Repository, h: &Header, table: Table) -> TableCopy {
+        TableCopy::new(repo, h, Source::Whole(table))
     }
 
     /// Frames of the table.
@@ -135,6 +136,54 @@ impl TableCopy {
             cells,
         })
     }
+}
+
+/// An error writing a local copy of `h`'s table.
+fn local_err(dir: &std::path::Path, h: &Header) -> impl Fn(std::io::Error) -> BackupError {
+    let what = format!("a local copy of the table of {}", h.name());
+    let path = dir.display().to_string();
+    move |e| BackupError::LocalState {
+        what: what.clone(),
+        path: path.clone(),
+        detail: e.to_string(),
+    }
+}
+
+/// A private directory for this job's files (`what`, for messages), named
+/// `<prefix><pid>-...` beside the object cache (where a later job removes it should this
+/// process die first: [`crate::cache::ObjectCache::sweep_scratch`]), else in the system's
+/// temporary directory; removed when dropped.
+pub(crate) fn scratch(repo: &Repository, prefix: &str, what: &str) -> Result<tempfile::TempDir> {
+    let err = |base: &std::path::Path| {
+        let path = base.display().to_string();
+        move |e: std::io::Error| BackupError::LocalState {
+            what: what.to_string(),
+            path,
+            detail: e.to_string(),
+        }
+    };
+    if let Some(c) = repo.cache() {
+        let base = c.scratch_dir(repo);
+        c.sweep_scratch(repo, prefix);
+        let made = std::fs::create_dir_all(&base)
+            .and_then(|()| {
+                tempfile::Builder::new()
+                    .prefix(&format!("{prefix}{}-", std::process::id()))
+                    .tempdir_in(&base)
+            })
+            .map_err(err(&base));
+        match made {
+            Ok(d) => return Ok(d),
+            // This host's cache directory is unusable (full, read-only): the job still
+            // runs, with its files in the system's temporary directory.
+            Err(e) => log::warn!("{e}; using the system's temporary directory"),
+        }
+    }
+    let base = std::env::temp_dir();
+    tempfile::Builder::new()
+        .prefix(&format!("snapblk-{prefix}"))
+        .tempdir()
+        .map_err(err(&base))
 }
 
 /// The distinct chunks of `cells`, sorted.

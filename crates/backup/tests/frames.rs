@@ -182,3 +182,46 @@ fn a_format_3_repository_keeps_whole_tables_until_upgraded() {
     .unwrap();
     assert!(frames_of(d.path(), &b.manifest).is_empty());
 }
+
+/// A backup streams its image in batches of frames (docs/design.md §12): a chunk stored
+/// by an earlier batch is not stored again by a later one (the job's own index), an
+/// incremental across several batches keeps and reads exactly the right cells, and
+/// both kinds of repository (framed, whole tables) give the same images.
+#[test]
+fn batches_dedup_against_each_other_and_incrementals_span_them() {
+    let frame = SEG * CHUNK;
+    for version in [VERSION, VERSION_WHOLE_TABLES] {
+        let d = tempfile::tempdir().unwrap();
+        // A batch is one frame here (each holds 256 cells of data, over the limit).
+        let r = init(d.path(), version).with_batch(64);
+        let p = common::pool(64 * MIB);
+        p.create_volume("v", 3 * frame).unwrap();
+        let same = random_bytes(MIB as usize, 7);
+        put(&p, "v", 0, &same);
+        put(&p, "v", frame + 8 * CHUNK, &random_bytes(MIB as usize, 3));
+        put(&p, "v", 2 * frame + MIB, &same);
+        p.create_snapshot("v", "a").unwrap();
+        let a = backup_snapshot(&p, &r, "v@a", false, &NoProgress).unwrap();
+        // The third frame's chunks are the first's: stored by the first batch only.
+        assert_eq!(a.stats.chunks_new, 512, "{version}: {:?}", a.stats);
+        assert_eq!(a.stats.chunks_reused, 256, "{version}: {:?}", a.stats);
+        // Changes in the first and last frames, zeros over data in the middle one, the
+        // image grown by a frame with data at its end.
+        put(&p, "v", 100 * CHUNK, &random_bytes(3 * CHUNK as usize, 8));
+        put(&p, "v", frame + 10 * CHUNK, &vec![0u8; 2 * CHUNK as usize]);
+        put(&p, "v", 2 * frame + MIB + 5, &[1u8; 10]);
+        p.resize_volume("v", 4 * frame, false).unwrap();
+        put(&p, "v", 4 * frame - CHUNK, &random_bytes(CHUNK as usize, 9));
+        p.create_snapshot("v", "b").unwrap();
+        let b = backup_snapshot(&p, &r, "v@b", false, &NoProgress).unwrap();
+        assert!(b.base.is_some(), "{version}: not incremental");
+        // Read: 3 + 1 + 1 cells holding data (the zeroed ones are dropped).
+        let s = &b.stats;
+        assert_eq!(s.chunks_new + s.chunks_reused, 5, "{version}: {s:?}");
+        for s in ["v@a", "v@b"] {
+            let into = format!("r-{}", &s[2..]);
+            restore_volume(&p, &r, s, None, &into, &NoProgress).unwrap();
+            assert!(common::same(&p, s, &into), "{version}: {s} differs");
+        }
+    }
+}
