@@ -19,59 +19,102 @@
 //! Leases: a shared lease on the source while its chunks are read (gc there keeps them);
 //! the backup pipeline takes its own on the destination.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use snapblk_core::export::StatusRun;
 use snapblk_core::Export;
 
 use crate::backup::{self, Job, Summary};
 use crate::catalog::{self, Catalogs};
-use crate::crypto::ChunkId;
+use crate::chunks::Chunks;
 use crate::error::{BackupError, Result};
+use crate::frame;
 use crate::lease::Lease;
 use crate::manifest::{self, Header, Table};
+use crate::par::lock;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::restore::Fetcher;
+use crate::tablecopy::{self, TableCopy};
 
-/// A backed-up image, read-only, served from its repository chunk by chunk.
+/// A backed-up image, read-only, served from its repository chunk by chunk. Its table is
+/// a local copy (taken under the copy's lease on the source) read a frame at a time: the
+/// frames being read, with their chunks' locations, are held (the backup pipeline's
+/// readers move through the image in order, so two cover a frame boundary); memory
+/// follows a frame, not the image.
 pub struct BackupImage {
     name: String,
+    size: u64,
+    chunk_size: u32,
+    table: TableCopy,
+    chunks: Chunks,
+    repo: Repository,
+    recent: Mutex<Vec<(u64, Arc<FrameView>)>>,
+}
+
+/// One frame of the image: its entries and where their chunks are.
+struct FrameView {
     table: Table,
     fetcher: Fetcher,
 }
 
+/// Frames a [`BackupImage`] holds at once.
+const RECENT_FRAMES: usize = 2;
+
 impl BackupImage {
     pub fn open(repo: &Repository, h: &Header) -> Result<BackupImage> {
-        let table = manifest::read_table(repo, h)?;
-        let fetcher = Fetcher::new(repo, &table)?;
         Ok(BackupImage {
             name: h.name(),
-            table,
-            fetcher,
+            size: h.size,
+            chunk_size: h.chunk_size,
+            table: TableCopy::take(repo, h)?,
+            chunks: Chunks::load(repo)?,
+            repo: repo.clone(),
+            recent: Mutex::new(Vec::new()),
         })
     }
 
-    fn chunk_at(&self, cell: u64) -> Option<&ChunkId> {
-        self.table
-            .cells
-            .binary_search_by_key(&cell, |(c, _)| *c)
-            .ok()
-            .map(|i| &self.table.cells[i].1)
+    /// Frame `k` with its chunks located (every one of them, or the error naming the
+    /// first missing).
+    fn frame(&self, k: u64) -> Result<Arc<FrameView>> {
+        if let Some((_, f)) = lock(&self.recent).iter().find(|(at, _)| *at == k) {
+            return Ok(Arc::clone(f));
+        }
+        let table = self.table.frame(k)?;
+        let fetcher = Fetcher {
+            repo: self.repo.clone(),
+            index: self.chunks.locations(tablecopy::distinct(&table.cells))?,
+        };
+        if let Some(id) = fetcher.index.first_missing() {
+            return Err(BackupError::MissingChunk(id.hex()));
+        }
+        let f = Arc::new(FrameView { table, fetcher });
+        let mut recent = lock(&self.recent);
+        if !recent.iter().any(|(at, _)| *at == k) {
+            if recent.len() >= RECENT_FRAMES {
+                recent.remove(0);
+            }
+            recent.push((k, Arc::clone(&f)));
+        }
+        Ok(f)
     }
 
-    /// Byte ranges holding data (the cells the table lists).
-    fn allocated(&self) -> Vec<(u64, u64)> {
+    /// Byte ranges holding data (the cells the table lists), frame by frame.
+    fn allocated(&self) -> Result<Vec<(u64, u64)>> {
+        let cs = u64::from(self.chunk_size);
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (c, _) in &self.table.cells {
-            let off = c * u64::from(self.table.chunk_size);
-            let len = self.table.cell_len(*c);
-            match out.last_mut() {
-                Some(r) if r.0 + r.1 == off => r.1 += len,
-                _ => out.push((off, len)),
+        for k in 0..self.table.count() {
+            let t = self.table.frame(k)?;
+            for (c, _) in &t.cells {
+                let off = c * cs;
+                let len = t.cell_len(*c);
+                match out.last_mut() {
+                    Some(r) if r.0 + r.1 == off => r.1 += len,
+                    _ => out.push((off, len)),
+                }
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -88,7 +131,7 @@ fn core_err(name: &str, e: BackupError) -> snapblk_core::Error {
 
 impl Export for BackupImage {
     fn size(&self) -> snapblk_core::Result<u64> {
-        Ok(self.table.size)
+        Ok(self.size)
     }
     fn read_only(&self) -> bool {
         true
@@ -97,14 +140,14 @@ impl Export for BackupImage {
         &self.name
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> snapblk_core::Result<()> {
-        let cs = u64::from(self.table.chunk_size);
+        let cs = u64::from(self.chunk_size);
         let end = offset
             .checked_add(buf.len() as u64)
-            .filter(|e| *e <= self.table.size)
+            .filter(|e| *e <= self.size)
             .ok_or(snapblk_core::Error::OutOfRange {
                 offset,
                 len: buf.len() as u64,
-                size: self.table.size,
+                size: self.size,
             })?;
         let mut pos = offset;
         while pos < end {
@@ -112,15 +155,16 @@ impl Export for BackupImage {
             let in_cell = pos - cell * cs;
             let n = (cs - in_cell).min(end - pos) as usize;
             let out = &mut buf[(pos - offset) as usize..][..n];
-            match self.chunk_at(cell) {
-                None => out.fill(0),
-                Some(id) => {
-                    let data = self
-                        .fetcher
-                        .fetch(id)
-                        .map_err(|e| core_err(&self.name, e))?;
-                    self.table
-                        .check_cell(cell, id, &data)
+            let f = self
+                .frame(cell / frame::SEG)
+                .map_err(|e| core_err(&self.name, e))?;
+            let at = f.table.cells.binary_search_by_key(&cell, |(c, _)| *c);
+            match at.map(|i| f.table.cells[i].1) {
+                Err(_) => out.fill(0),
+                Ok(id) => {
+                    let data = f.fetcher.fetch(&id).map_err(|e| core_err(&self.name, e))?;
+                    f.table
+                        .check_cell(cell, &id, &data)
                         .map_err(|d| core_err(&self.name, BackupError::invalid("table", d)))?;
                     out.copy_from_slice(&data[in_cell as usize..][..n]);
                 }
@@ -143,7 +187,7 @@ impl Export for BackupImage {
     }
     fn block_status(&self, offset: u64, len: u64) -> snapblk_core::Result<Vec<StatusRun>> {
         // Data everywhere: the copy reads only the cells the table lists anyway.
-        Ok(vec![(len.min(self.table.size.saturating_sub(offset)), 0)])
+        Ok(vec![(len.min(self.size.saturating_sub(offset)), 0)])
     }
 }
 
@@ -300,9 +344,9 @@ fn copy_one(
 ) -> Result<Summary> {
     {
         let image = BackupImage::open(src, h)?;
-        let base = base_for(src, catalogs, in_dst, h, &image.table, dst)?;
+        let base = base_for(src, catalogs, in_dst, h, &image, dst)?;
         let job = Job {
-            allocated: image.allocated(),
+            allocated: image.allocated()?,
             volume: h.volume.clone(),
             snapshot: h.snapshot.clone(),
             snapshot_id: h.snapshot_id,
@@ -327,7 +371,7 @@ fn base_for(
     catalogs: &Catalogs,
     in_dst: &[Header],
     h: &Header,
-    table: &Table,
+    image: &BackupImage,
     dst: &Repository,
 ) -> Result<Option<backup::Base>> {
     let src_same: Vec<Header> = catalogs
@@ -345,11 +389,27 @@ fn base_for(
         let Some(s) = src_same.iter().find(|s| s.snapshot_id == d.snapshot_id) else {
             continue;
         };
-        if s.chunk_size != table.chunk_size {
+        if s.chunk_size != image.chunk_size {
             continue;
         }
-        let old = manifest::read_table(src, s)?;
-        return Ok(Some((d.clone(), changed(&old, table))));
+        // Compared frame by frame, from a local copy of the older table.
+        let old = TableCopy::take(src, s)?;
+        let mut ranges = Vec::new();
+        for k in 0..old.count().max(image.table.count()) {
+            let frame_of = |t: &TableCopy| {
+                if k < t.count() {
+                    t.frame(k)
+                } else {
+                    Ok(Table {
+                        size: t.size(),
+                        chunk_size: image.chunk_size,
+                        cells: Vec::new(),
+                    })
+                }
+            };
+            ranges.extend(changed(&frame_of(&old)?, &frame_of(&image.table)?));
+        }
+        return Ok(Some((d.clone(), ranges)));
     }
     Ok(None)
 }
@@ -357,6 +417,7 @@ fn base_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::ChunkId;
 
     #[test]
     fn changed_cells_of_two_tables() {

@@ -207,6 +207,8 @@ impl Fetcher {
             };
             got.push((*id, self.decode(id, l, sealed)?));
         }
+        // The raw range is decoded: free it before the sink copies the chunks again.
+        drop(b);
         sink(got)
     }
 }

@@ -99,6 +99,11 @@ impl TableCopy {
         TableCopy::new(repo, h, Source::Whole(table))
     }
 
+    /// The image's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Frames of the table.
     pub fn count(&self) -> u64 {
         frame::count(self.cells)

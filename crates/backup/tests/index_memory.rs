@@ -126,7 +126,7 @@ fn setup(bytes: u64) -> ([tempfile::TempDir; 2], Arc<Pool>, Repository) {
     // With an object cache, as the CLI and the daemon open repositories: the local chunk
     // index then lives beside it and each job adds only the packs new since the last.
     // (Without one, each job builds it in a temporary directory, sorting up to
-    // `localindex::RUN_RECORDS` records in RAM at a time: a fixed 44 MiB at most.)
+    // `localindex::RUN_RECORDS` records in RAM at a time: a fixed 2.75 MiB at most.)
     let cache = snapblk_backup::cache::ObjectCache::new(state.path().join("cache"));
     let r = Repository::init(store, b"test key", &opts)
         .unwrap()
@@ -341,5 +341,74 @@ fn backup_memory_follows_a_batch_not_the_volume() {
     assert!(
         per_cell <= 4.0,
         "a backup held {per_cell:.1} bytes per cell beyond one batch's (peaks {small} -> {big})"
+    );
+}
+
+/// `backup copy` reads its source a frame at a time (a local copy of the source's table,
+/// the frames being read with their chunks' locations), so copying a backup of 6 frames
+/// with 32 MiB of data in each peaks no higher than one of 2 such frames, within 48
+/// bytes per added cell (measured ~23: the destination's chunk index sorts the records
+/// of the packs the copy stored in RAM when its confirm adds them, up to
+/// `localindex::RUN_RECORDS`, 2.75 MiB, which these copies do not reach; holding the
+/// source's table and the locations of all its chunks took ~84 bytes per cell, the
+/// destination's table ~40 more). One uploader: the destination's sealed frames waiting
+/// to be put are then the same in both runs.
+#[test]
+fn copy_memory_follows_a_frame_not_the_volume() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (_dirs, p, r) = setup(600 * MIB);
+    let frame_bytes = snapblk_backup::frame::SEG * CHUNK;
+    let per_frame = 32 * MIB;
+    let one = snapblk_backup::repo::Parallelism {
+        readers: 2,
+        uploaders: 1,
+        downloads: 1,
+    };
+    let r = r.with_batch((per_frame / CHUNK) as usize);
+    let peak = |name: &str, frames: u64| {
+        let d = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(d.path()));
+        let opts = InitOptions {
+            chunk_size: CHUNK as u32,
+            pack_size: 1 << 20,
+            ..Default::default()
+        };
+        let state = tempfile::tempdir().unwrap();
+        let cache = snapblk_backup::cache::ObjectCache::new(state.path().join("cache"));
+        let dst = Repository::init(store, b"other key", &opts)
+            .unwrap()
+            .with_cache(Some(cache))
+            .with_parallelism(one)
+            .with_batch((per_frame / CHUNK) as usize);
+        p.create_volume(name, frames * frame_bytes).unwrap();
+        for f in 0..frames {
+            let data = random_bytes(per_frame as usize, 300 + f + 10 * frames);
+            put(&p, name, f * frame_bytes + 64 * MIB, &data);
+        }
+        p.create_snapshot(name, "s").unwrap();
+        backup_snapshot(&p, &r, &format!("{name}@s"), false, &NoProgress).unwrap();
+        let src = r.clone().with_parallelism(one);
+        let peak = peak_during(|| {
+            let copied =
+                snapblk_backup::copy::run(&src, &dst, None, Some(name), &NoProgress).unwrap();
+            assert_eq!(copied.len(), 1);
+        });
+        let into = format!("{name}-r");
+        restore_volume(&p, &dst, &format!("{name}@s"), None, &into, &NoProgress).unwrap();
+        assert!(
+            common::same(&p, &format!("{name}@s"), &into),
+            "{into} differs"
+        );
+        p.delete_volume(&into, true).unwrap();
+        peak
+    };
+    let small = peak("two", 2);
+    let big = peak("six", 6);
+    let cells = (4 * per_frame / CHUNK) as f64;
+    let per_cell = big.saturating_sub(small) as f64 / cells;
+    eprintln!("copy peak heap: 2 frames {small}, 6 frames {big}: {per_cell:.1} B per added cell");
+    assert!(
+        per_cell <= 48.0,
+        "a copy held {per_cell:.1} bytes per cell beyond one frame's (peaks {small} -> {big})"
     );
 }
