@@ -333,7 +333,17 @@ impl Locations {
     }
 
     pub fn pack_id(&self, loc: &Loc) -> &str {
-        &self.packs[loc.pack as usize].0
+        self.pack_name(loc.pack)
+    }
+
+    /// The name of pack number `n` of this answer's own list.
+    pub fn pack_name(&self, n: u32) -> &str {
+        self.packs.get(n as usize).map_or("", |p| p.0.as_str())
+    }
+
+    /// This answer's packs, by number: names and standing.
+    pub fn packs(&self) -> &[(String, Rank)] {
+        &self.packs
     }
 
     pub fn len(&self) -> usize {

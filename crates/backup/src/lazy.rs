@@ -59,14 +59,33 @@ use snapblk_core::export::{Export, ExportProvider, StatusRun};
 use snapblk_core::keys::Filling;
 use snapblk_core::{Error as VolError, Pool};
 
+use crate::cellmap::{CellMap, Entry};
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::manifest::{self, Header, Table};
+use crate::index::Loc;
+use crate::manifest::Header;
 use crate::par::lock;
 use crate::repo::Repository;
-use crate::restore::Fetcher;
+use crate::restore::{fetch_located, MAX_FETCH};
 
 const STRIPES: usize = 256;
+
+/// Positions (and cells) of each chunk a fetch brings.
+type Wanted = HashMap<ChunkId, Vec<(usize, u64)>>;
+
+/// The chunks of `entries` to fetch, each once, and where each goes.
+fn wanted(entries: Vec<(usize, Entry)>) -> (Wanted, Vec<(Loc, ChunkId)>) {
+    let mut at: Wanted = HashMap::new();
+    let mut items = Vec::new();
+    for (p, e) in entries {
+        let v = at.entry(e.id).or_default();
+        if v.is_empty() {
+            items.push((e.loc, e.id));
+        }
+        v.push((p, e.cell));
+    }
+    (at, items)
+}
 /// Ranged GETs a client request's misses run at once.
 const FETCH_THREADS: usize = 8;
 /// Largest ranged GET for a client request (several run at once, each decoded and
@@ -117,8 +136,10 @@ pub struct Hydration {
     hot: std::fs::File,
     commit: CommitFn,
     release: ReleaseFn,
-    fetcher: Fetcher,
-    table: Table,
+    repo: Repository,
+    /// The backup's table as hydration reads it: positions, cells, chunks, locations
+    /// (crate::cellmap: on local disk, a bitmap in RAM).
+    map: CellMap,
     sink: Arc<dyn Export>,
     done: Vec<AtomicU64>,
     stripes: Vec<Mutex<()>>,
@@ -319,13 +340,12 @@ impl Hydration {
                 )));
             }
         }
-        let table = manifest::read_table(repo, header)?;
-        let fetcher = Fetcher::new(repo, &table)?;
-        let n = table.cells.len();
+        std::fs::create_dir_all(dir)?;
+        let map = CellMap::build(repo, header, dir)?;
+        let n = map.len();
         let words = n.div_ceil(64);
         let done: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
         let saved: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
-        std::fs::create_dir_all(dir)?;
         let id = state.volume_id;
         if let Some(b) = read_bits(&bits_path(dir, id), words)? {
             for ((w, s), c) in done.iter().zip(&saved).zip(b.chunks_exact(8)) {
@@ -348,7 +368,7 @@ impl Hydration {
         let hot = open_hot(&hot_path(dir, id), &boot, &done)?;
         let bytes_total = header.stored_bytes;
         let h = Arc::new(Hydration {
-            fetcher,
+            repo: repo.clone(),
             sink,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             remaining: AtomicU64::new(n as u64),
@@ -373,18 +393,18 @@ impl Hydration {
             hot,
             commit,
             release,
-            table,
+            map,
             state,
         });
         let mut rem = 0u64;
         let mut bytes = 0u64;
-        for (p, (c, _)) in h.table.cells.iter().enumerate() {
+        h.map.visit_cells(0..n, |p, c| {
             if h.is_done(p) {
-                bytes += h.table.cell_len(*c);
+                bytes += h.map.cell_len(c);
             } else {
                 rem += 1;
             }
-        }
+        });
         h.remaining.store(rem, Ordering::Relaxed);
         h.bytes_done.store(bytes, Ordering::Relaxed);
         Ok(h)
@@ -437,31 +457,34 @@ impl Hydration {
     /// Writes fetched `chunks` at every position `at` lists for them, adjacent cells in
     /// one write each (a ranged GET's chunks are mostly adjacent cells): the stripe locks
     /// of a run are taken together, in ascending order (every other holder takes one).
-    fn put_chunks(
-        &self,
-        chunks: &[(ChunkId, Vec<u8>)],
-        at: &HashMap<ChunkId, Vec<usize>>,
-    ) -> Result<()> {
-        let mut cells: Vec<(usize, &[u8])> = Vec::with_capacity(chunks.len());
+    fn put_chunks(&self, chunks: &[(ChunkId, Vec<u8>)], at: &Wanted) -> Result<()> {
+        let mut cells: Vec<(usize, u64, &[u8])> = Vec::with_capacity(chunks.len());
         for (id, data) in chunks {
-            for &p in at.get(id).map(Vec::as_slice).unwrap_or(&[]) {
-                self.table
-                    .check_cell(self.table.cells[p].0, id, data)
-                    .map_err(|d| BackupError::invalid("lazy restore", d))?;
-                cells.push((p, data));
+            for &(p, cell) in at.get(id).map(Vec::as_slice).unwrap_or(&[]) {
+                let len = self.map.cell_len(cell);
+                if data.len() as u64 != len {
+                    return Err(BackupError::invalid(
+                        "lazy restore",
+                        format!(
+                            "cell {cell} is {len} bytes but chunk {} holds {}",
+                            id.hex(),
+                            data.len()
+                        ),
+                    ));
+                }
+                cells.push((p, cell, data));
             }
         }
-        cells.sort_unstable_by_key(|(p, _)| *p);
-        let adjacent = |a: usize, b: usize| self.table.cells[b].0 == self.table.cells[a].0 + 1;
+        cells.sort_unstable_by_key(|(p, _, _)| *p);
         let mut i = 0;
         while i < cells.len() {
             let mut j = i + 1;
-            let mut bytes = cells[i].1.len();
+            let mut bytes = cells[i].2.len();
             while j < cells.len()
-                && adjacent(cells[j - 1].0, cells[j].0)
-                && bytes + cells[j].1.len() <= MAX_RUN
+                && cells[j].1 == cells[j - 1].1 + 1
+                && bytes + cells[j].2.len() <= MAX_RUN
             {
-                bytes += cells[j].1.len();
+                bytes += cells[j].2.len();
                 j += 1;
             }
             self.put_run(&cells[i..j])?;
@@ -471,8 +494,8 @@ impl Hydration {
     }
 
     /// Writes a run of adjacent cells not hydrated yet, skipping those that are.
-    fn put_run(&self, run: &[(usize, &[u8])]) -> snapblk_core::Result<()> {
-        let mut stripes: Vec<usize> = run.iter().map(|(p, _)| p % STRIPES).collect();
+    fn put_run(&self, run: &[(usize, u64, &[u8])]) -> snapblk_core::Result<()> {
+        let mut stripes: Vec<usize> = run.iter().map(|(p, _, _)| p % STRIPES).collect();
         stripes.sort_unstable();
         stripes.dedup();
         let _held: Vec<_> = stripes.iter().map(|&s| lock(&self.stripes[s])).collect();
@@ -481,7 +504,7 @@ impl Hydration {
         if self.stop.load(Ordering::Acquire) {
             return Err(self.eio("the restore was stopped"));
         }
-        let cs = u64::from(self.table.chunk_size);
+        let cs = self.map.chunk_size();
         let mut buf: Vec<u8> = Vec::new();
         let mut i = 0;
         while i < run.len() {
@@ -492,12 +515,12 @@ impl Hydration {
             let mut j = i;
             buf.clear();
             while j < run.len() && !self.is_done(run[j].0) {
-                buf.extend_from_slice(run[j].1);
+                buf.extend_from_slice(run[j].2);
                 j += 1;
             }
-            let cell = self.table.cells[run[i].0].0;
+            let cell = run[i].1;
             self.sink.write(cell * cs, &buf, false)?;
-            for (p, data) in &run[i..j] {
+            for (p, _, data) in &run[i..j] {
                 self.mark_done(*p, data.len() as u64)?;
             }
             i = j;
@@ -532,29 +555,34 @@ impl Hydration {
         if self.is_complete() || len == 0 {
             return op();
         }
-        let cs = u64::from(self.table.chunk_size);
+        let cs = self.map.chunk_size();
         let end = off.saturating_add(len);
-        let covered = |p: usize| {
-            let cell = self.table.cells[p].0;
+        let covered = |cell: u64| {
             let a = cell * cs;
-            a >= off && a + self.table.cell_len(cell) <= end
+            a >= off && a + self.map.cell_len(cell) <= end
         };
         let range = self.positions(off, len);
-        for p in [range.start, range.end.wrapping_sub(1)] {
-            if range.contains(&p) && !covered(p) {
+        let cells = self.map.cells(range.clone());
+        for &(p, cell) in [cells.first(), cells.last()].into_iter().flatten() {
+            if !covered(cell) {
                 self.hydrate(p..p + 1).map_err(|e| self.eio(e))?;
             }
         }
-        let whole: Vec<usize> = range.filter(|&p| covered(p) && !self.is_done(p)).collect();
-        let mut stripes: Vec<usize> = whole.iter().map(|p| p % STRIPES).collect();
+        let whole: Vec<(usize, u64)> = cells
+            .into_iter()
+            .filter(|&(p, cell)| covered(cell) && !self.is_done(p))
+            .collect();
+        let mut stripes: Vec<usize> = whole.iter().map(|(p, _)| p % STRIPES).collect();
         stripes.sort_unstable();
         stripes.dedup();
         let _held: Vec<_> = stripes.iter().map(|&s| lock(&self.stripes[s])).collect();
-        let todo: Vec<usize> = whole.into_iter().filter(|&p| !self.is_done(p)).collect();
+        let todo: Vec<(usize, u64)> = whole
+            .into_iter()
+            .filter(|&(p, _)| !self.is_done(p))
+            .collect();
         op()?;
-        for p in todo {
-            let cell = self.table.cells[p].0;
-            self.mark_done(p, self.table.cell_len(cell))?;
+        for (p, cell) in todo {
+            self.mark_done(p, self.map.cell_len(cell))?;
         }
         Ok(())
     }
@@ -569,14 +597,7 @@ impl Hydration {
 
     /// Table positions of the cells overlapping `[off, off + len)`.
     fn positions(&self, off: u64, len: u64) -> std::ops::Range<usize> {
-        if len == 0 {
-            return 0..0;
-        }
-        let cs = u64::from(self.table.chunk_size);
-        let (first, last) = (off / cs, (off + len - 1) / cs);
-        let start = self.table.cells.partition_point(|(c, _)| *c < first);
-        let end = self.table.cells.partition_point(|(c, _)| *c <= last);
-        start..end.max(start)
+        self.map.positions(off, len)
     }
 
     /// Whether a cell in the range was hydrated since the bitmap was last saved: a FUA
@@ -705,15 +726,20 @@ impl Hydration {
 
     /// Fetches and writes the table positions of `range` not hydrated yet.
     fn hydrate(&self, range: std::ops::Range<usize>) -> Result<()> {
-        let mut wanted: HashMap<ChunkId, Vec<usize>> = HashMap::new();
-        for p in range.filter(|&p| !self.is_done(p)) {
-            wanted.entry(self.table.cells[p].1).or_default().push(p);
-        }
-        let ids: Vec<ChunkId> = wanted.keys().copied().collect();
-        self.fetcher.fetch_many_in(
-            &ids,
-            FETCH_THREADS,
-            CLIENT_FETCH,
+        let todo: Vec<usize> = range.filter(|&p| !self.is_done(p)).collect();
+        self.fetch_positions(&todo, FETCH_THREADS, CLIENT_FETCH)
+    }
+
+    /// Fetches the chunks of `positions` (ascending) and writes them where the table
+    /// has them, `threads` ranged GETs of at most `max_fetch` bytes at a time.
+    fn fetch_positions(&self, positions: &[usize], threads: usize, max_fetch: u64) -> Result<()> {
+        let (wanted, items) = wanted(self.map.entries(positions)?);
+        fetch_located(
+            &self.repo,
+            &self.map,
+            items,
+            threads,
+            max_fetch,
             |chunks| self.put_chunks(&chunks, &wanted),
             &AtomicU64::new(0),
         )
@@ -751,7 +777,7 @@ impl Hydration {
     fn renew_hold(&self) -> Result<()> {
         let s = &self.state;
         crate::hold::place(
-            &self.fetcher.repo,
+            &self.repo,
             &s.manifest,
             &s.backup,
             &s.pool,
@@ -762,7 +788,7 @@ impl Hydration {
     }
 
     fn background(self: Arc<Self>) {
-        let n = self.table.cells.len();
+        let n = self.map.len();
         let mut last_save = Instant::now();
         let mut last_hold = Instant::now();
         let mut backoff = Duration::from_secs(1);
@@ -798,18 +824,7 @@ impl Hydration {
                 *lock(&self.error) = None;
                 break;
             };
-            let mut by_id: HashMap<ChunkId, Vec<usize>> = HashMap::new();
-            for &p in &batch {
-                by_id.entry(self.table.cells[p].1).or_default().push(p);
-            }
-            let ids: Vec<ChunkId> = by_id.keys().copied().collect();
-            let dl = AtomicU64::new(0);
-            let r = self.fetcher.fetch_many(
-                &ids,
-                self.fetcher.repo.parallelism().downloads,
-                |chunks| self.put_chunks(&chunks, &by_id),
-                &dl,
-            );
+            let r = self.fetch_positions(&batch, self.repo.parallelism().downloads, MAX_FETCH);
             match r {
                 Ok(()) => {
                     *lock(&self.error) = None;
@@ -867,8 +882,7 @@ impl Hydration {
         self.complete.store(true, Ordering::Release);
         // The backup is no longer needed here; a hold left by a failure lapses in 30 days.
         let s = &self.state;
-        if let Err(e) = crate::hold::release(&self.fetcher.repo, &s.manifest, &s.pool, s.volume_id)
-        {
+        if let Err(e) = crate::hold::release(&self.repo, &s.manifest, &s.pool, s.volume_id) {
             log::warn!(
                 "lazy restore of {}: releasing its hold on {}: {e}",
                 s.volume,
@@ -1199,7 +1213,7 @@ impl Restores {
             return false;
         }
         h.stop();
-        self.suspend_from(h.state.clone(), Some(h.fetcher.repo.clone()));
+        self.suspend_from(h.state.clone(), Some(h.repo.clone()));
         true
     }
     pub fn stop_all(&self) {

@@ -16,6 +16,7 @@
 pub mod backup;
 pub mod cache;
 pub mod catalog;
+mod cellmap;
 pub mod chunk;
 pub mod chunks;
 pub mod compact;

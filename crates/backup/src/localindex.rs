@@ -44,9 +44,9 @@ const TABLE_HEAD: &str = "snapblk-chunk-index";
 const MIN_BITS: u32 = 4;
 const MAX_BITS: u32 = 20;
 const MAGIC: &[u8; 4] = b"SBLI";
-/// Records sorted in RAM before they are written as a file (2.75 MiB): the most an add
+/// Records sorted in RAM before they are written as a file (704 KiB): the most an add
 /// holds, however many packs it adds (more files merge as they come, geometrically).
-pub const RUN_RECORDS: usize = 1 << 16;
+pub const RUN_RECORDS: usize = 1 << 14;
 /// Most files kept: past this the newest are merged even if their sizes still fall
 /// geometrically (they do not reach it: 24 halvings from the largest file).
 const MAX_FILES: usize = 24;

@@ -25,7 +25,7 @@ use crate::tablecopy::{self, TableCopy};
 const MAX_WRITE: usize = 8 << 20;
 
 /// Largest coalesced ranged GET.
-const MAX_FETCH: u64 = 16 << 20;
+pub(crate) const MAX_FETCH: u64 = 16 << 20;
 
 /// Largest run of unneeded bytes inside one coalesced GET. After many incrementals a
 /// backup's chunks are scattered over its chain's packs with superseded chunks between
@@ -78,33 +78,10 @@ impl Fetcher {
             .ok_or_else(|| BackupError::MissingChunk(id.hex()))
     }
 
-    fn decode(&self, id: &ChunkId, loc: &Loc, sealed: &[u8]) -> Result<Vec<u8>> {
-        let max = self.repo.config().chunk_size as usize;
-        crate::chunk::decode(self.repo.keys(), id, sealed, max).map_err(|detail| {
-            BackupError::BadChunk {
-                chunk: id.hex(),
-                pack: self.index.pack_id(loc).to_string(),
-                detail,
-            }
-        })
-    }
-
     /// Fetches and verifies one chunk.
     pub fn fetch(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let loc = self.locate(id)?;
-        let key = repo::pack_key(self.index.pack_id(&loc));
-        let b = self
-            .repo
-            .store()
-            .get_range(&key, u64::from(loc.offset), u64::from(loc.len))?;
-        if b.len() != loc.len as usize {
-            return Err(BackupError::BadChunk {
-                chunk: id.hex(),
-                pack: self.index.pack_id(&loc).to_string(),
-                detail: format!("pack is truncated ({} of {} bytes)", b.len(), loc.len),
-            });
-        }
-        self.decode(id, &loc, &b)
+        fetch_one(&self.repo, &self.index, id, &loc)
     }
 
     /// Fetches `ids` (sorted into ranged GETs per pack) on `threads` threads, handing each
@@ -129,88 +106,158 @@ impl Fetcher {
         sink: impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync,
         downloaded: &AtomicU64,
     ) -> Result<()> {
-        // 16 bytes per chunk: where it is, and its place in `ids`.
-        let mut locs: Vec<(Loc, u32)> = Vec::with_capacity(ids.len());
-        for (i, id) in ids.iter().enumerate() {
-            locs.push((self.locate(id)?, i as u32));
+        let mut items: Vec<(Loc, ChunkId)> = Vec::with_capacity(ids.len());
+        for id in ids {
+            items.push((self.locate(id)?, *id));
         }
-        locs.sort_unstable_by_key(|(l, _)| (l.pack, l.offset));
-        // Group into requests (ranges of `locs`): same pack, gaps of at most MAX_GAP.
-        let mut reqs: Vec<std::ops::Range<usize>> = Vec::new();
-        for (k, (l, _)) in locs.iter().enumerate() {
-            if let Some(last) = reqs.last_mut() {
-                let (first, prev) = (locs[last.start].0, locs[last.end - 1].0);
-                let end = u64::from(prev.offset) + u64::from(prev.len);
-                let new_end = u64::from(l.offset) + u64::from(l.len);
-                if prev.pack == l.pack
-                    && u64::from(l.offset) >= end
-                    && u64::from(l.offset) - end <= MAX_GAP
-                    && new_end - u64::from(first.offset) <= max_fetch
-                {
-                    last.end = k + 1;
-                    continue;
-                }
-            }
-            reqs.push(k..k + 1);
-        }
-        let next = AtomicUsize::new(0);
-        let err: Mutex<Option<BackupError>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..threads.clamp(1, reqs.len().max(1)) {
-                s.spawn(|| loop {
-                    if lock(&err).is_some() {
-                        return;
-                    }
-                    let Some(req) = reqs.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                        return;
-                    };
-                    if let Err(e) = self.fetch_request(&locs[req.clone()], ids, &sink, downloaded) {
-                        lock(&err).get_or_insert(e);
-                        return;
-                    }
-                });
-            }
-        });
-        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        fetch_located(
+            &self.repo,
+            &self.index,
+            items,
+            threads,
+            max_fetch,
+            sink,
+            downloaded,
+        )
     }
+}
 
-    fn fetch_request(
-        &self,
-        req: &[(Loc, u32)],
-        ids: &[ChunkId],
-        sink: &(impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync),
-        downloaded: &AtomicU64,
-    ) -> Result<()> {
-        let (first, last) = (req[0].0, req[req.len() - 1].0);
-        let start = u64::from(first.offset);
-        let len = u64::from(last.offset) + u64::from(last.len) - start;
-        let pack = self.index.pack_id(&first);
-        let b = self
-            .repo
-            .store()
-            .get_range(&repo::pack_key(pack), start, len)?;
-        downloaded.fetch_add(b.len() as u64, Ordering::Relaxed);
-        let mut got = Vec::with_capacity(req.len());
-        for (l, i) in req {
-            let id = &ids[*i as usize];
-            let a = (u64::from(l.offset) - start) as usize;
-            let z = a + l.len as usize;
-            let Some(sealed) = b.get(a..z) else {
-                return Err(BackupError::BadChunk {
-                    chunk: id.hex(),
-                    pack: pack.to_string(),
-                    detail: format!("pack is truncated ({} bytes from offset {start})", b.len()),
-                });
-            };
-            got.push((*id, self.decode(id, l, sealed)?));
-        }
-        // The raw range is decoded: free it before the sink copies the chunks again.
-        drop(b);
-        sink(got)
+/// The name of a location's pack (locations number their packs).
+pub(crate) trait PackNames: Sync {
+    fn pack_name(&self, pack: u32) -> &str;
+}
+
+impl PackNames for Locations {
+    fn pack_name(&self, pack: u32) -> &str {
+        self.pack_name(pack)
     }
+}
+
+/// Decodes and verifies chunk `id`, read from `loc`.
+fn decode(
+    repo: &Repository,
+    packs: &dyn PackNames,
+    id: &ChunkId,
+    loc: &Loc,
+    sealed: &[u8],
+) -> Result<Vec<u8>> {
+    let max = repo.config().chunk_size as usize;
+    crate::chunk::decode(repo.keys(), id, sealed, max).map_err(|detail| BackupError::BadChunk {
+        chunk: id.hex(),
+        pack: packs.pack_name(loc.pack).to_string(),
+        detail,
+    })
+}
+
+/// Fetches and verifies chunk `id` at `loc`.
+pub(crate) fn fetch_one(
+    repo: &Repository,
+    packs: &dyn PackNames,
+    id: &ChunkId,
+    loc: &Loc,
+) -> Result<Vec<u8>> {
+    let pack = packs.pack_name(loc.pack);
+    let b = repo.store().get_range(
+        &repo::pack_key(pack),
+        u64::from(loc.offset),
+        u64::from(loc.len),
+    )?;
+    if b.len() != loc.len as usize {
+        return Err(BackupError::BadChunk {
+            chunk: id.hex(),
+            pack: pack.to_string(),
+            detail: format!("pack is truncated ({} of {} bytes)", b.len(), loc.len),
+        });
+    }
+    decode(repo, packs, id, loc, &b)
+}
+
+/// Fetches the chunks at `items`' locations (sorted into ranged GETs per pack: gaps of
+/// at most [`MAX_GAP`], at most `max_fetch` bytes each) on `threads` threads, handing
+/// each request's verified chunks to `sink` together. Stops at the first error.
+pub(crate) fn fetch_located(
+    repo: &Repository,
+    packs: &dyn PackNames,
+    mut items: Vec<(Loc, ChunkId)>,
+    threads: usize,
+    max_fetch: u64,
+    sink: impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync,
+    downloaded: &AtomicU64,
+) -> Result<()> {
+    items.sort_unstable_by_key(|(l, _)| (l.pack, l.offset));
+    // Group into requests (ranges of `items`): same pack, gaps of at most MAX_GAP.
+    let mut reqs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (k, (l, _)) in items.iter().enumerate() {
+        if let Some(last) = reqs.last_mut() {
+            let (first, prev) = (items[last.start].0, items[last.end - 1].0);
+            let end = u64::from(prev.offset) + u64::from(prev.len);
+            let new_end = u64::from(l.offset) + u64::from(l.len);
+            if prev.pack == l.pack
+                && u64::from(l.offset) >= end
+                && u64::from(l.offset) - end <= MAX_GAP
+                && new_end - u64::from(first.offset) <= max_fetch
+            {
+                last.end = k + 1;
+                continue;
+            }
+        }
+        reqs.push(k..k + 1);
+    }
+    let next = AtomicUsize::new(0);
+    let err: Mutex<Option<BackupError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, reqs.len().max(1)) {
+            s.spawn(|| loop {
+                if lock(&err).is_some() {
+                    return;
+                }
+                let Some(req) = reqs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    return;
+                };
+                let r = fetch_request(repo, packs, &items[req.clone()], &sink, downloaded);
+                if let Err(e) = r {
+                    lock(&err).get_or_insert(e);
+                    return;
+                }
+            });
+        }
+    });
+    match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// One ranged GET covering `req` (one pack, in offset order).
+fn fetch_request(
+    repo: &Repository,
+    packs: &dyn PackNames,
+    req: &[(Loc, ChunkId)],
+    sink: &(impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync),
+    downloaded: &AtomicU64,
+) -> Result<()> {
+    let (first, last) = (req[0].0, req[req.len() - 1].0);
+    let start = u64::from(first.offset);
+    let len = u64::from(last.offset) + u64::from(last.len) - start;
+    let pack = packs.pack_name(first.pack);
+    let b = repo.store().get_range(&repo::pack_key(pack), start, len)?;
+    downloaded.fetch_add(b.len() as u64, Ordering::Relaxed);
+    let mut got = Vec::with_capacity(req.len());
+    for (l, id) in req {
+        let a = (u64::from(l.offset) - start) as usize;
+        let z = a + l.len as usize;
+        let Some(sealed) = b.get(a..z) else {
+            return Err(BackupError::BadChunk {
+                chunk: id.hex(),
+                pack: pack.to_string(),
+                detail: format!("pack is truncated ({} bytes from offset {start})", b.len()),
+            });
+        };
+        got.push((*id, decode(repo, packs, id, l, sealed)?));
+    }
+    // The raw range is decoded: free it before the sink copies the chunks again.
+    drop(b);
+    sink(got)
 }
 
 /// Positions of `table`'s cells ordered by chunk id (4 bytes per cell): the cells holding
