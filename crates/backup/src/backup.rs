@@ -524,46 +524,49 @@ fn pipeline(
             let (next, out, zeros, abort) = (&next, &out, &zeros, &abort);
             let (bytes_read, bytes_new, chunks_new, reused) =
                 (&bytes_read, &bytes_new, &chunks_new, &reused);
+            // A one-pass read of the snapshot: kept out of the pool's caches.
             s.spawn(move || {
-                let mut buf = vec![0u8; cs as usize];
-                loop {
-                    if abort.is_set() {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(&cell) = cells.get(i) else { return };
-                    let len = cs.min(size - cell * cs) as usize;
-                    let data = &mut buf[..len];
-                    if let Err(e) = job.source.read(cell * cs, data) {
-                        abort.set(e.into());
-                        return;
-                    }
-                    bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                    progress.advance(len as u64);
-                    if data.iter().all(|b| *b == 0) {
-                        lock(zeros).push(cell);
-                        continue;
-                    }
-                    let id = keys.chunk_id(data);
-                    lock(out).push((cell, id));
-                    match known.store(id) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            reused.fetch_add(1, Ordering::Relaxed);
+                snapblk_core::meta::bulk_reads(|| {
+                    let mut buf = vec![0u8; cs as usize];
+                    loop {
+                        if abort.is_set() {
+                            return;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(&cell) = cells.get(i) else { return };
+                        let len = cs.min(size - cell * cs) as usize;
+                        let data = &mut buf[..len];
+                        if let Err(e) = job.source.read(cell * cs, data) {
+                            abort.set(e.into());
+                            return;
+                        }
+                        bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                        progress.advance(len as u64);
+                        if data.iter().all(|b| *b == 0) {
+                            lock(zeros).push(cell);
                             continue;
                         }
-                        Err(e) => {
-                            abort.set(e);
+                        let id = keys.chunk_id(data);
+                        lock(out).push((cell, id));
+                        match known.store(id) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                reused.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            Err(e) => {
+                                abort.set(e);
+                                return;
+                            }
+                        }
+                        let (_, sealed) = crate::chunk::encode(keys, level, data);
+                        bytes_new.fetch_add(len as u64, Ordering::Relaxed);
+                        chunks_new.fetch_add(1, Ordering::Relaxed);
+                        if chunk_tx.send((id, sealed)).is_err() {
                             return;
                         }
                     }
-                    let (_, sealed) = crate::chunk::encode(keys, level, data);
-                    bytes_new.fetch_add(len as u64, Ordering::Relaxed);
-                    chunks_new.fetch_add(1, Ordering::Relaxed);
-                    if chunk_tx.send((id, sealed)).is_err() {
-                        return;
-                    }
-                }
+                })
             });
         }
         drop(chunk_tx);

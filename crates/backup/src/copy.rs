@@ -19,7 +19,7 @@
 //! Leases: a shared lease on the source while its chunks are read (gc there keeps them);
 //! the backup pipeline takes its own on the destination.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use snapblk_core::export::StatusRun;
 use snapblk_core::Export;
@@ -49,7 +49,9 @@ pub struct BackupImage {
     table: TableCopy,
     chunks: Chunks,
     repo: Repository,
-    recent: Mutex<Vec<(u64, Arc<FrameView>)>>,
+    /// The frames read lately, each loaded once however many readers want it (they reach
+    /// a frame boundary together).
+    recent: Mutex<Vec<(u64, Slot)>>,
 }
 
 /// One frame of the image: its entries and where their chunks are.
@@ -58,28 +60,79 @@ struct FrameView {
     fetcher: Fetcher,
 }
 
+/// A frame as loaded once for every reader (None: its load failed).
+type Slot = Arc<OnceLock<Option<FrameView>>>;
+
 /// Frames a [`BackupImage`] holds at once.
 const RECENT_FRAMES: usize = 2;
 
 impl BackupImage {
+    /// Opens `h`'s image: its table copied locally and every chunk checked to be located
+    /// before anything is read (a copy fails before it uploads, naming the chunk).
     pub fn open(repo: &Repository, h: &Header) -> Result<BackupImage> {
+        let table = TableCopy::take(repo, h)?;
+        let chunks = Chunks::load(repo)?;
+        for k in 0..table.count() {
+            let wanted = tablecopy::distinct(&table.frame(k)?.cells);
+            if let Some(id) = chunks.first_missing(&wanted)? {
+                return Err(BackupError::MissingChunk(id.hex()));
+            }
+        }
         Ok(BackupImage {
             name: h.name(),
             size: h.size,
             chunk_size: h.chunk_size,
-            table: TableCopy::take(repo, h)?,
-            chunks: Chunks::load(repo)?,
+            table,
+            chunks,
             repo: repo.clone(),
             recent: Mutex::new(Vec::new()),
         })
     }
 
-    /// Frame `k` with its chunks located (every one of them, or the error naming the
-    /// first missing).
-    fn frame(&self, k: u64) -> Result<Arc<FrameView>> {
-        if let Some((_, f)) = lock(&self.recent).iter().find(|(at, _)| *at == k) {
-            return Ok(Arc::clone(f));
+    /// Frame `k` with its chunks located: loaded by the first reader that wants it while
+    /// the others wait for it; the [`RECENT_FRAMES`] newest are kept.
+    fn frame(&self, k: u64) -> Result<Slot> {
+        let slot = {
+            let mut recent = lock(&self.recent);
+            match recent.iter().find(|(at, _)| *at == k) {
+                Some((_, f)) => Arc::clone(f),
+                None => {
+                    if recent.len() >= RECENT_FRAMES {
+                        // The lowest frame: readers move forward.
+                        let oldest = (0..recent.len()).min_by_key(|&i| recent[i].0);
+                        if let Some(i) = oldest {
+                            recent.remove(i);
+                        }
+                    }
+                    let f = Arc::new(OnceLock::new());
+                    recent.push((k, Arc::clone(&f)));
+                    f
+                }
+            }
+        };
+        let mut err = None;
+        let got = slot.get_or_init(|| match self.load(k) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                err = Some(e);
+                None
+            }
+        });
+        if got.is_none() {
+            // Not kept: the next reader tries again.
+            lock(&self.recent).retain(|(_, f)| !Arc::ptr_eq(f, &slot));
+            return Err(err.unwrap_or_else(|| {
+                BackupError::invalid(
+                    &self.name,
+                    format!("frame {k} of its table could not be read (see the first error)"),
+                )
+            }));
         }
+        Ok(slot)
+    }
+
+    /// Reads frame `k` and locates its chunks.
+    fn load(&self, k: u64) -> Result<FrameView> {
         let table = self.table.frame(k)?;
         let fetcher = Fetcher {
             repo: self.repo.clone(),
@@ -88,15 +141,7 @@ impl BackupImage {
         if let Some(id) = fetcher.index.first_missing() {
             return Err(BackupError::MissingChunk(id.hex()));
         }
-        let f = Arc::new(FrameView { table, fetcher });
-        let mut recent = lock(&self.recent);
-        if !recent.iter().any(|(at, _)| *at == k) {
-            if recent.len() >= RECENT_FRAMES {
-                recent.remove(0);
-            }
-            recent.push((k, Arc::clone(&f)));
-        }
-        Ok(f)
+        Ok(FrameView { table, fetcher })
     }
 
     /// Byte ranges holding data (the cells the table lists), frame by frame.
@@ -155,9 +200,15 @@ impl Export for BackupImage {
             let in_cell = pos - cell * cs;
             let n = (cs - in_cell).min(end - pos) as usize;
             let out = &mut buf[(pos - offset) as usize..][..n];
-            let f = self
+            let slot = self
                 .frame(cell / frame::SEG)
                 .map_err(|e| core_err(&self.name, e))?;
+            let Some(f) = slot.get().and_then(Option::as_ref) else {
+                return Err(core_err(
+                    &self.name,
+                    BackupError::invalid("table", "a frame could not be read"),
+                ));
+            };
             let at = f.table.cells.binary_search_by_key(&cell, |(c, _)| *c);
             match at.map(|i| f.table.cells[i].1) {
                 Err(_) => out.fill(0),

@@ -124,11 +124,11 @@ impl Fetcher {
 
 /// The name of a location's pack (locations number their packs).
 pub(crate) trait PackNames: Sync {
-    fn pack_name(&self, pack: u32) -> &str;
+    fn name_of(&self, pack: u32) -> &str;
 }
 
 impl PackNames for Locations {
-    fn pack_name(&self, pack: u32) -> &str {
+    fn name_of(&self, pack: u32) -> &str {
         self.pack_name(pack)
     }
 }
@@ -144,7 +144,7 @@ fn decode(
     let max = repo.config().chunk_size as usize;
     crate::chunk::decode(repo.keys(), id, sealed, max).map_err(|detail| BackupError::BadChunk {
         chunk: id.hex(),
-        pack: packs.pack_name(loc.pack).to_string(),
+        pack: packs.name_of(loc.pack).to_string(),
         detail,
     })
 }
@@ -156,7 +156,7 @@ pub(crate) fn fetch_one(
     id: &ChunkId,
     loc: &Loc,
 ) -> Result<Vec<u8>> {
-    let pack = packs.pack_name(loc.pack);
+    let pack = packs.name_of(loc.pack);
     let b = repo.store().get_range(
         &repo::pack_key(pack),
         u64::from(loc.offset),
@@ -239,7 +239,7 @@ fn fetch_request(
     let (first, last) = (req[0].0, req[req.len() - 1].0);
     let start = u64::from(first.offset);
     let len = u64::from(last.offset) + u64::from(last.len) - start;
-    let pack = packs.pack_name(first.pack);
+    let pack = packs.name_of(first.pack);
     let b = repo.store().get_range(&repo::pack_key(pack), start, len)?;
     downloaded.fetch_add(b.len() as u64, Ordering::Relaxed);
     let mut got = Vec::with_capacity(req.len());

@@ -95,6 +95,26 @@ fn fill(p: &Arc<Pool>, r: &Repository, name: &str, seed: u64) {
     p.delete_volume(name, true).unwrap();
 }
 
+/// A volume `name` of `frames` table frames (of 4 KiB cells) with `per_frame` bytes of
+/// random data 64 MiB into each, snapshotted as `name@s` and backed up to `r`.
+fn framed_volume(
+    p: &Arc<Pool>,
+    r: &Repository,
+    name: &str,
+    frames: u64,
+    per_frame: u64,
+    seed: u64,
+) {
+    let frame_bytes = snapblk_backup::frame::SEG * CHUNK;
+    p.create_volume(name, frames * frame_bytes).unwrap();
+    for f in 0..frames {
+        let data = random_bytes(per_frame as usize, seed + f + 10 * frames);
+        put(p, name, f * frame_bytes + 64 * MIB, &data);
+    }
+    p.create_snapshot(name, "s").unwrap();
+    backup_snapshot(p, r, &format!("{name}@s"), false, &NoProgress).unwrap();
+}
+
 /// (peak of backing up `snap`, peak of restoring it into `into`).
 fn measure(p: &Arc<Pool>, r: &Repository, snap: &str, into: &str) -> (u64, u64) {
     let b = peak_during(|| {
@@ -253,15 +273,8 @@ fn restore_memory_follows_a_frame_not_the_volume() {
         downloads: 1,
         ..Default::default()
     });
-    let frame_bytes = snapblk_backup::frame::SEG * CHUNK;
     let peak = |name: &str, frames: u64| {
-        p.create_volume(name, frames * frame_bytes).unwrap();
-        for f in 0..frames {
-            let data = random_bytes((32 * MIB) as usize, 100 + f + 10 * frames);
-            put(&p, name, f * frame_bytes + 64 * MIB, &data);
-        }
-        p.create_snapshot(name, "s").unwrap();
-        backup_snapshot(&p, &r, &format!("{name}@s"), false, &NoProgress).unwrap();
+        framed_volume(&p, &r, name, frames, 32 * MIB, 100);
         let into = format!("{name}-r");
         let peak = peak_during(|| {
             restore_volume(&p, &r, &format!("{name}@s"), None, &into, &NoProgress).unwrap();
@@ -297,7 +310,6 @@ fn restore_memory_follows_a_frame_not_the_volume() {
 fn backup_memory_follows_a_batch_not_the_volume() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (_dirs, p, r) = setup(600 * MIB);
-    let frame_bytes = snapblk_backup::frame::SEG * CHUNK;
     let per_frame = 32 * MIB;
     // One uploader: the sealed frames waiting to be put (one per uploader) are then the
     // same in both runs.
@@ -308,13 +320,7 @@ fn backup_memory_follows_a_batch_not_the_volume() {
         },
     );
     let peak = |name: &str, frames: u64| {
-        p.create_volume(name, frames * frame_bytes).unwrap();
-        for f in 0..frames {
-            let data = random_bytes(per_frame as usize, 200 + f + 10 * frames);
-            put(&p, name, f * frame_bytes + 64 * MIB, &data);
-        }
-        p.create_snapshot(name, "s").unwrap();
-        backup_snapshot(&p, &r, &format!("{name}@s"), false, &NoProgress).unwrap();
+        framed_volume(&p, &r, name, frames, per_frame, 200);
         let clone = format!("{name}-clone");
         p.clone_snapshot(name, "s", &clone).unwrap();
         p.create_snapshot(&clone, "s").unwrap();
@@ -358,7 +364,6 @@ fn backup_memory_follows_a_batch_not_the_volume() {
 fn copy_memory_follows_a_frame_not_the_volume() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (_dirs, p, r) = setup(600 * MIB);
-    let frame_bytes = snapblk_backup::frame::SEG * CHUNK;
     let per_frame = 32 * MIB;
     let one = snapblk_backup::repo::Parallelism {
         readers: 2,
@@ -367,13 +372,7 @@ fn copy_memory_follows_a_frame_not_the_volume() {
     };
     let r = r.with_batch((per_frame / CHUNK) as usize);
     let peak = |name: &str, frames: u64| {
-        p.create_volume(name, frames * frame_bytes).unwrap();
-        for f in 0..frames {
-            let data = random_bytes(per_frame as usize, 300 + f + 10 * frames);
-            put(&p, name, f * frame_bytes + 64 * MIB, &data);
-        }
-        p.create_snapshot(name, "s").unwrap();
-        backup_snapshot(&p, &r, &format!("{name}@s"), false, &NoProgress).unwrap();
+        framed_volume(&p, &r, name, frames, per_frame, 300);
         let src = r.clone().with_parallelism(one);
         let mut most = 0;
         for _ in 0..2 {
@@ -431,7 +430,6 @@ fn lazy_restore_memory_follows_a_frame_not_the_volume() {
     use snapblk_backup::volume::restore_lazy;
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (_dirs, p, r) = setup(600 * MIB);
-    let frame_bytes = snapblk_backup::frame::SEG * CHUNK;
     let per_frame = 32 * MIB;
     let r = r.with_parallelism(snapblk_backup::repo::Parallelism {
         downloads: 1,
@@ -440,13 +438,7 @@ fn lazy_restore_memory_follows_a_frame_not_the_volume() {
     let state = tempfile::tempdir().unwrap();
     let restores = Arc::new(Restores::default());
     let run = |name: &str, frames: u64| {
-        p.create_volume(name, frames * frame_bytes).unwrap();
-        for f in 0..frames {
-            let data = random_bytes(per_frame as usize, 400 + f + 10 * frames);
-            put(&p, name, f * frame_bytes + 64 * MIB, &data);
-        }
-        p.create_snapshot(name, "s").unwrap();
-        backup_snapshot(&p, &r, &format!("{name}@s"), false, &NoProgress).unwrap();
+        framed_volume(&p, &r, name, frames, per_frame, 400);
         let before = LIVE.load(Ordering::Relaxed);
         let mut h = None;
         let peak = peak_during(|| {

@@ -14,8 +14,8 @@ use snapblk_backup::store::ObjectStore;
 use snapblk_backup::volume::{backup_snapshot, restore_volume};
 use snapblk_backup::{NoProgress, Repository};
 
-#[test]
-fn an_unusable_cache_directory_falls_back_to_a_temporary_index() {
+/// A repository of 64 KiB chunks with an object cache: (its directories, the cache, it).
+fn repo() -> ([tempfile::TempDir; 2], ObjectCache, Repository) {
     let d = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(d.path()));
@@ -28,24 +28,36 @@ fn an_unusable_cache_directory_falls_back_to_a_temporary_index() {
     let r = Repository::init(store, b"k", &opts)
         .unwrap()
         .with_cache(Some(cache.clone()));
-    // A file where the index's directory belongs: it cannot be created.
-    let dir = cache.chunk_index_dir(&r);
-    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-    std::fs::write(&dir, b"in the way").unwrap();
+    ([d, state], cache, r)
+}
+
+/// A full backup, an incremental that must dedup, and a restore that must match.
+fn backup_twice_and_restore(r: &Repository) -> Arc<snapblk_core::Pool> {
     let p = common::pool(64 * MIB);
     p.create_volume("v", 8 * MIB).unwrap();
     put(&p, "v", 0, &random_bytes(4 * MIB as usize, 1));
     p.create_snapshot("v", "a").unwrap();
-    backup_snapshot(&p, &r, "v@a", false, &NoProgress).unwrap();
+    backup_snapshot(&p, r, "v@a", false, &NoProgress).unwrap();
     put(&p, "v", MIB, &random_bytes(MIB as usize, 2));
     p.create_snapshot("v", "b").unwrap();
-    let b = backup_snapshot(&p, &r, "v@b", false, &NoProgress).unwrap();
+    let b = backup_snapshot(&p, r, "v@b", false, &NoProgress).unwrap();
     assert_eq!(
         b.stats.chunks_new, 16,
         "the incremental did not dedup: {b:?}"
     );
-    restore_volume(&p, &r, "v@b", None, "rb", &NoProgress).unwrap();
+    restore_volume(&p, r, "v@b", None, "rb", &NoProgress).unwrap();
     assert!(same(&p, "v@b", "rb"), "restored image differs");
+    p
+}
+
+#[test]
+fn an_unusable_cache_directory_falls_back_to_a_temporary_index() {
+    let (_dirs, cache, r) = repo();
+    // A file where the index's directory belongs: it cannot be created.
+    let dir = cache.chunk_index_dir(&r);
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    std::fs::write(&dir, b"in the way").unwrap();
+    backup_twice_and_restore(&r);
     // The table copies of the restore are gone with it.
     let jobs = cache.scratch_dir(&r);
     let left = std::fs::read_dir(&jobs).map_or(0, |e| e.count());
@@ -58,34 +70,10 @@ fn an_unusable_cache_directory_falls_back_to_a_temporary_index() {
 /// of a format-4 repository failed on such a host).
 #[test]
 fn an_unusable_scratch_directory_falls_back_to_the_temporary_directory() {
-    let d = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(d.path()));
-    let opts = InitOptions {
-        chunk_size: 64 << 10,
-        pack_size: 1 << 20,
-        ..Default::default()
-    };
-    let cache = ObjectCache::new(state.path().join("cache"));
-    let r = Repository::init(store, b"k", &opts)
-        .unwrap()
-        .with_cache(Some(cache.clone()))
-        .with_batch(16);
+    let (_dirs, cache, r) = repo();
+    let r = r.with_batch(16);
     let jobs = cache.scratch_dir(&r);
     std::fs::create_dir_all(jobs.parent().unwrap()).unwrap();
     std::fs::write(&jobs, b"in the way").unwrap();
-    let p = common::pool(64 * MIB);
-    p.create_volume("v", 8 * MIB).unwrap();
-    put(&p, "v", 0, &random_bytes(4 * MIB as usize, 1));
-    p.create_snapshot("v", "a").unwrap();
-    backup_snapshot(&p, &r, "v@a", false, &NoProgress).unwrap();
-    put(&p, "v", MIB, &random_bytes(MIB as usize, 2));
-    p.create_snapshot("v", "b").unwrap();
-    let b = backup_snapshot(&p, &r, "v@b", false, &NoProgress).unwrap();
-    assert_eq!(
-        b.stats.chunks_new, 16,
-        "the incremental did not dedup: {b:?}"
-    );
-    restore_volume(&p, &r, "v@b", None, "rb", &NoProgress).unwrap();
-    assert!(same(&p, "v@b", "rb"), "restored image differs");
+    backup_twice_and_restore(&r);
 }

@@ -58,6 +58,30 @@ impl WriteBatch {
 /// Visitor for [`MetaStore::scan`]: return `ControlFlow::Break(())` to stop early.
 pub type ScanVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
 
+thread_local! {
+    static BULK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's store reads marked *bulk*: a one-pass read of much data
+/// (a backup reading a whole snapshot) whose blocks a store should not keep in its
+/// caches (RocksDB: `fill_cache(false)`), so it neither evicts the live volumes' working
+/// set nor grows the process with the volume it reads. A hint: stores may ignore it.
+pub fn bulk_reads<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BULK.with(|b| b.set(self.0));
+        }
+    }
+    let _restore = Restore(BULK.with(|b| b.replace(true)));
+    f()
+}
+
+/// Whether this thread's reads are bulk ([`bulk_reads`]).
+pub fn is_bulk() -> bool {
+    BULK.with(|b| b.get())
+}
+
 /// Reads of one point in time (a [`MetaStore::view`]).
 pub trait MetaRead: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;

@@ -78,8 +78,18 @@ fn scan_raw<D: rocksdb::DBAccess>(
     it.status().map_err(err)
 }
 
-fn bounded(to: &[u8]) -> ReadOptions {
+/// Read options for this thread: blocks read in bulk (`snapblk_core::meta::bulk_reads`,
+/// a backup reading a snapshot) are not kept in the block cache.
+fn read_opts() -> ReadOptions {
     let mut ro = ReadOptions::default();
+    if snapblk_core::meta::is_bulk() {
+        ro.fill_cache(false);
+    }
+    ro
+}
+
+fn bounded(to: &[u8]) -> ReadOptions {
+    let mut ro = read_opts();
     ro.set_iterate_upper_bound(to.to_vec());
     ro
 }
@@ -91,7 +101,7 @@ struct RocksView<'a> {
 
 impl MetaRead for RocksView<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.snap.get(key).map_err(err)
+        self.snap.get_opt(key, read_opts()).map_err(err)
     }
     fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
         if from >= to {
@@ -103,7 +113,7 @@ impl MetaRead for RocksView<'_> {
 
 impl MetaStore for RocksStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db.get(key).map_err(err)
+        self.db.get_opt(key, &read_opts()).map_err(err)
     }
 
     fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
