@@ -297,14 +297,35 @@ fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
         .into());
     };
     let opened = open::open_pool(meta, data, "snapblk CLI")?;
+    let report = std::env::var_os("SNAPBLK_MEMORY_REPORT").is_some();
+    let rss_open = if report { proc_status_kib("VmRSS") } else { 0 };
     let bar = progress::Local::new(cli.json);
     let r = admin::execute(&opened.pool, None, cmd, &bar);
     bar.bar.finish();
+    if report {
+        // For benches/backup_scale.sh: what the command held beyond the open pool.
+        eprintln!(
+            "snapblk memory: {rss_open} KiB resident after opening the pool, peak {} KiB",
+            proc_status_kib("VmHWM")
+        );
+    }
     if admin::mutates(cmd) {
         opened.pool.reclaim_all()?;
     }
     opened.pool.shutdown()?;
     Ok(r?.to_value())
+}
+
+/// A `kB` field of /proc/self/status (0 when absent).
+fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
