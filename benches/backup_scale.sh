@@ -149,13 +149,15 @@ echo "phase 2: memory of full backups and restores..."
 # Peak RSS of a job run by the CLI on the pool directly (daemon A stopped), less the RSS
 # right after the pool was opened (the CLI reports both with SNAPBLK_MEMORY_REPORT): the
 # pool's own open state (RocksDB tables, caches warmed by opening) is not the job's.
+# Prints "job store": the job's peak above the open pool, and how much of it the pool's
+# store (RocksDB write buffers and block cache: bounded by its configuration) grew by.
 direct_rss() {
     SNAPBLK_MEMORY_REPORT=1 "$BIN" "$@" --meta "$W/A/meta" --data "$W/A/data.img" 2>&1 >/dev/null |
-        sed -n 's/^snapblk memory: \([0-9]*\) KiB resident after opening the pool, peak \([0-9]*\) KiB$/\1 \2/p' |
-        { read -r open peak; echo $((peak - open)); }
+        sed -n 's/^snapblk memory: \([0-9]*\) KiB resident after opening the pool, peak \([0-9]*\) KiB; store \([0-9]*\) KiB at open, \([0-9]*\) KiB at end$/\1 \2 \3 \4/p' |
+        { read -r open peak s0 s1; echo "$((peak - open)) $((s1 - s0))"; }
 }
 repo_kib() { du -sk "$W/s3/bench/repo" | cut -f1; }
-declare -A RSS
+declare -A RSS STORE
 FIRST=
 for m in $BIG_MIBS; do
     sb A volume create "big$m" --size "${m}M" >/dev/null
@@ -163,12 +165,12 @@ for m in $BIG_MIBS; do
     sb A snapshot create "big$m@s" >/dev/null
     stop_daemon A
     sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-    RSS[$m,backup]=$(direct_rss backup "big$m@s" --to "$REPO" --endpoint "$DIRECT")
+    read -r RSS[$m,backup] STORE[$m,backup] < <(direct_rss backup "big$m@s" --to "$REPO" --endpoint "$DIRECT")
     RSS[$m,repo]=$(repo_kib)
-    RSS[$m,restore]=$(direct_rss restore "$REPO" "big$m@s" --as rb --endpoint "$DIRECT")
+    read -r RSS[$m,restore] STORE[$m,restore] < <(direct_rss restore "$REPO" "big$m@s" --as rb --endpoint "$DIRECT")
     start_daemon A
     sb A volume delete rb >/dev/null
-    echo "${m} MiB: backup +$((RSS[$m,backup] / 1024)) MiB, restore +$((RSS[$m,restore] / 1024)) MiB, repository $((RSS[$m,repo] / 1024)) MiB"
+    echo "${m} MiB: backup +$((RSS[$m,backup] / 1024)) MiB (store +$((STORE[$m,backup] / 1024))), restore +$((RSS[$m,restore] / 1024)) MiB (store +$((STORE[$m,restore] / 1024))), repository $((RSS[$m,repo] / 1024)) MiB"
     if [ -z "$FIRST" ]; then
         FIRST=$m
         # Phase 3 on this one: lazy restore, first read, then a sequential unhydrated read.
@@ -221,7 +223,8 @@ if [ "$a" != "$b" ]; then
     for j in backup restore; do
         python3 -c "
 d = (${RSS[$b,$j]} - ${RSS[$a,$j]}) / 1024
+s = (${STORE[$b,$j]} - ${STORE[$a,$j]}) / 1024
 r = (${RSS[$b,repo]} - ${RSS[$a,repo]}) / 1024 / 1048576
-print(f'$j peak RSS slope: {d:.0f} MiB over {r * 1024:.1f} GiB of repository = {d / r:.0f} MiB per TiB (target <= 256)')"
+print(f'$j peak RSS slope: {d:.0f} MiB over {r * 1024:.1f} GiB of repository = {d / r:.0f} MiB per TiB (target <= 256); of it the pool store\'s write buffers and cache (capped by configuration) {s:.0f} MiB; the rest {(d - s) / r:.0f} MiB per TiB')"
     done
 fi

@@ -299,14 +299,18 @@ fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
     let opened = open::open_pool(meta, data, "snapblk CLI")?;
     let report = std::env::var_os("SNAPBLK_MEMORY_REPORT").is_some();
     let rss_open = if report { proc_status_kib("VmRSS") } else { 0 };
+    let store_open = opened.pool.store().memory() / 1024;
     let bar = progress::Local::new(cli.json);
     let r = admin::execute(&opened.pool, None, cmd, &bar);
     bar.bar.finish();
     if report {
-        // For benches/backup_scale.sh: what the command held beyond the open pool.
+        // For benches/backup_scale.sh: what the command held beyond the open pool, and
+        // what the pool's store held in RAM (its write buffers and caches, bounded by
+        // its configuration) when the pool was opened and when the command ended.
         eprintln!(
-            "snapblk memory: {rss_open} KiB resident after opening the pool, peak {} KiB",
-            proc_status_kib("VmHWM")
+            "snapblk memory: {rss_open} KiB resident after opening the pool, peak {} KiB; store {store_open} KiB at open, {} KiB at end",
+            proc_status_kib("VmHWM"),
+            opened.pool.store().memory() / 1024
         );
     }
     if admin::mutates(cmd) {

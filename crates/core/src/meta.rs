@@ -103,6 +103,11 @@ pub trait MetaStore: Send + Sync {
     fn sync(&self) -> Result<(), StoreError>;
     /// Approximate bytes the store occupies on disk (0 for memory stores).
     fn size_on_disk(&self) -> u64;
+    /// Approximate bytes the store holds in RAM for its write buffers and caches (bounded
+    /// by its configuration; 0 when it does not say).
+    fn memory(&self) -> u64 {
+        0
+    }
 }
 
 /// Visits `[from, to)` with a visitor that may fail: its first error stops the scan and is

@@ -155,4 +155,11 @@ impl MetaStore for RocksStore {
         let p = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
         p("rocksdb.total-sst-files-size") + p("rocksdb.size-all-mem-tables")
     }
+
+    fn memory(&self) -> u64 {
+        let p = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        p("rocksdb.cur-size-all-mem-tables")
+            + p("rocksdb.block-cache-usage")
+            + p("rocksdb.estimate-table-readers-mem")
+    }
 }
