@@ -178,6 +178,11 @@ impl CellMap {
         self.chunk_size
     }
 
+    /// Bytes of the restored image.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Bytes of cell `cell` (the last may be short).
     pub(crate) fn cell_len(&self, cell: u64) -> u64 {
         (self.size - cell * self.chunk_size).min(self.chunk_size)
