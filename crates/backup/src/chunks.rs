@@ -171,6 +171,34 @@ impl Chunks {
         self.ix.pack_name(n).unwrap_or("")
     }
 
+    /// Records in the local index (every copy of every chunk of the listed packs, and
+    /// records of packs deleted since it was last rebuilt).
+    pub fn records(&self) -> u64 {
+        self.ix.len()
+    }
+
+    /// Whether this job's listing has pack `name` in the local index.
+    pub fn knows(&self, name: &str) -> bool {
+        self.ix
+            .number(name)
+            .is_some_and(|n| self.usable(n, Purpose::Read).is_some())
+    }
+
+    /// Whether the copy of `id` in pack `name`, of standing `rank`, is the one every
+    /// reader picks ([`crate::index`]): no copy in a listed pack ranks higher, and none
+    /// ranks the same in a pack whose name sorts first. One lookup (a pread per file).
+    pub fn is_chosen(&self, id: &ChunkId, name: &str, rank: Rank) -> Result<bool> {
+        for h in self.ix.lookup(id)? {
+            let Some(r) = self.usable(h.pack, Purpose::Read) else {
+                continue;
+            };
+            if r > rank || (r == rank && self.pack_name(h.pack) < name) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// The chunks of `cells` no pack a backup may use holds now: what a backup about to
     /// commit must store again. Looks them up in id order (the local index streamed at
     /// most once); memory: 4 bytes per cell, and the answer.

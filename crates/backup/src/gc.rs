@@ -17,6 +17,13 @@
 //! Packs whose unreferenced share exceeds `max_unused` are repacked: their live chunks'
 //! sealed blobs are copied as they are into new packs, and the old pack is condemned.
 //!
+//! Memory (docs/design.md §12): the referenced chunks are a Bloom filter sized by the
+//! local chunk index (3 bytes per chunk stored, crate::liveset), filled from local copies
+//! of the pinning backups' tables a frame at a time; packs are visited a batch of index
+//! objects at a time, and which copy of a chunk counts is looked up in the local index.
+//! What stays per pack is its name and listing (~150 bytes). A dead chunk the filter
+//! wrongly takes for referenced (about 6 in 100,000) stays until a later run.
+//!
 //! With a grace period of zero, both phases happen in one run. Running jobs' leases set a
 //! cut-off; a grace period no longer than the clock slack cannot protect a job that starts
 //! during the run, so such a gc takes a sole lease: new jobs wait for it (crate::lease).
@@ -24,15 +31,18 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::catalog::Catalogs;
+use crate::chunks::Chunks;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::hold;
-use crate::index::{ChunkIndex, Purpose};
+use crate::index::{self, Purpose};
 use crate::lease::{self, Lease};
+use crate::liveset::LiveSet;
 use crate::manifest;
 use crate::pack::PackBuilder;
 use crate::progress::Progress;
 use crate::repo::{self, now, Repository};
+use crate::tablecopy::TableCopy;
 
 /// Clock difference allowed between hosts and the store, in seconds.
 const CLOCK_SLACK: u64 = 60;
@@ -174,10 +184,16 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             }
         }
     }
-    let mut live: HashSet<ChunkId> = HashSet::new();
+    // Which chunks the pinning backups reference: a filter over the local chunk index's
+    // size (crate::liveset: 3 bytes per chunk stored, never a miss; a dead chunk it
+    // wrongly keeps goes at a later run, whose seed differs), filled a table frame at a
+    // time from local copies. Which copy of a chunk counts is decided per pack below,
+    // as every reader decides it (crate::index), from the local index.
+    let chunks = Chunks::load(repo)?;
+    let mut live = LiveSet::with_capacity(chunks.records());
     for h in &pinning {
-        match manifest::read_table(repo, h) {
-            Ok(t) => live.extend(t.cells.into_iter().map(|(_, id)| id)),
+        let copy = match TableCopy::take(repo, h) {
+            Ok(c) => c,
             Err(e @ BackupError::Lost { .. }) => {
                 return Err(BackupError::invalid(
                     "gc",
@@ -187,9 +203,20 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
                 ))
             }
             Err(e) => return Err(e),
+        };
+        for k in 0..copy.count() {
+            for (_, id) in copy.frame(k)?.cells {
+                live.insert(&id);
+            }
         }
     }
-    let index = ChunkIndex::load(repo, Purpose::Read)?;
+    log::info!(
+        "gc of {}: {} references from {} backups in a {} KiB filter",
+        repo.describe(),
+        live.insertions(),
+        pinning.len(),
+        live.bytes() / 1024
+    );
     let marks: HashMap<String, u64> = store
         .list(repo::TRASH)?
         .into_iter()
@@ -200,16 +227,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         .into_iter()
         .filter_map(|o| Some((o.key.rsplit('/').next()?.to_string(), (o.size, o.modified))))
         .collect();
-    // Where each live chunk will be read from: the index prefers live packs.
-    let mut needed: HashMap<u32, Vec<ChunkId>> = HashMap::new();
-    for id in &live {
-        if let Some(loc) = index.map.get(id) {
-            needed.entry(loc.pack).or_default().push(*id);
-        }
-    }
-    rep.packs = index.packs.len() as u64;
-    rep.chunks_referenced = live.len() as u64;
-    progress.start("gc", index.packs.len() as u64);
+    progress.start("gc", objects.len() as u64);
     let delete_pack = |id: &str, rep: &mut Report, chunks: usize| -> Result<()> {
         rep.packs_deleted += 1;
         rep.chunks_deleted += chunks as u64;
@@ -229,13 +247,28 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         }
         Ok(())
     };
-    for (p, info) in index.packs.iter().enumerate() {
+    // Every pack with an index, a batch of index objects at a time.
+    let mut indexed: HashSet<String> = HashSet::new();
+    index::visit(repo, Purpose::Read, |info| {
         still_held()?;
         progress.advance(1);
-        let keep = needed.get(&(p as u32));
+        rep.packs += 1;
+        indexed.insert(info.id.clone());
+        // The entries restores read from this pack: referenced, and this pack's copy the
+        // one readers pick (a pack this job's listing did not have: every referenced
+        // entry, as only a pack newer than that listing can be, and gc keeps those).
+        let known = chunks.knows(&info.id);
+        let rank = info.rank();
+        let mut keep: HashSet<ChunkId> = HashSet::new();
+        for e in &info.entries {
+            if live.may_contain(&e.id) && (!known || chunks.is_chosen(&e.id, &info.id, rank)?) {
+                keep.insert(e.id);
+            }
+        }
+        rep.chunks_referenced += keep.len() as u64;
         let modified = objects.get(&info.id).map_or(0, |o| o.1);
         if info.condemned {
-            if keep.is_some() {
+            if !keep.is_empty() {
                 rep.packs_rescued += 1;
                 if !opts.dry_run {
                     store.delete(&repo::trash_key(&info.id))?;
@@ -244,37 +277,36 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
                 // (A mark missing from the listing counts as made now, not as ancient.)
                 delete_pack(&info.id, &mut rep, info.entries.len())?;
             }
-            continue;
+            return Ok(());
         }
-        let Some(keep) = keep else {
+        if keep.is_empty() {
             if old(modified) {
                 condemn(&info.id, &mut rep)?;
                 if old(t) {
                     delete_pack(&info.id, &mut rep, info.entries.len())?;
                 }
             }
-            continue;
-        };
+            return Ok(());
+        }
         let total: u64 = info.entries.iter().map(|e| u64::from(e.len)).sum();
-        let keep_set: HashSet<&ChunkId> = keep.iter().collect();
         let live_bytes: u64 = info
             .entries
             .iter()
-            .filter(|e| keep_set.contains(&e.id))
+            .filter(|e| keep.contains(&e.id))
             .map(|e| u64::from(e.len))
             .sum();
         let unused = 1.0 - live_bytes as f64 / total.max(1) as f64;
         if unused <= opts.max_unused || !old(modified) {
-            continue;
+            return Ok(());
         }
         rep.packs_repacked += 1;
         rep.bytes_repacked += live_bytes;
         if opts.dry_run {
-            continue;
+            return Ok(());
         }
         let bytes = store.get(&repo::pack_key(&info.id), crate::pack::MAX_PACK_OBJECT)?;
         let mut b = PackBuilder::default();
-        for e in info.entries.iter().filter(|e| keep_set.contains(&e.id)) {
+        for e in info.entries.iter().filter(|e| keep.contains(&e.id)) {
             let blob = bytes
                 .get(e.offset as usize..e.offset as usize + e.len as usize)
                 .ok_or_else(|| {
@@ -293,11 +325,11 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             let dead = info.entries.len() - keep.len();
             delete_pack(&info.id, &mut rep, dead)?;
         }
-    }
+        Ok(())
+    })?;
     // Packs without an index: a backup died between storing a pack and its index.
-    let indexed: HashSet<&str> = index.packs.iter().map(|p| p.id.as_str()).collect();
     for (id, (size, modified)) in &objects {
-        if !indexed.contains(id.as_str()) && old(*modified) {
+        if !indexed.contains(id) && old(*modified) {
             rep.orphans_deleted += 1;
             rep.bytes_deleted += size;
             if !opts.dry_run {

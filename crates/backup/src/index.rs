@@ -2,8 +2,9 @@
 //!
 //! Backups, restores and compaction use the local chunk index instead ([`crate::chunks`]:
 //! on disk, nothing in RAM per chunk stored); [`visit`] streams the index objects a batch
-//! at a time for it and for gc, verify and repair, which still load the whole map
-//! ([`ChunkIndex`]) — the next step of issue 12 moves them to the local index too.
+//! at a time for it and for gc (which decides pack by pack with the local index), and
+//! for verify and repair, which still load the whole map ([`ChunkIndex`]) — the next
+//! step of issue 12 moves them to the local index too.
 //!
 //! For a backup ([`Purpose::Backup`]) two kinds of pack are left out, so a backup never
 //! references a chunk it cannot count on: packs marked in `trash/` (condemned by garbage

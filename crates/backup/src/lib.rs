@@ -31,6 +31,7 @@ pub mod hold;
 pub mod index;
 pub mod lazy;
 pub mod lease;
+pub mod liveset;
 pub mod localindex;
 pub mod manifest;
 pub mod marks;

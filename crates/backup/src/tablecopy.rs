@@ -9,7 +9,7 @@
 //! them are checked against the header before the copy is returned, and each frame is
 //! authenticated again when read back (so the local copy is trusted no more than the
 //! store; a copy left by a killed job is removed by the next job that makes one).
-//! Memory: one frame at a time. A whole table (format 1, written before `repo
+//! Memory: one frame at a time, [`COPY_THREADS`] while copying. A whole table (format 1, written before `repo
 //! upgrade` to format 4) is held in memory as read, and handed out in frame-sized
 //! slices.
 //!
@@ -20,6 +20,10 @@ use crate::error::{BackupError, Result};
 use crate::frame;
 use crate::manifest::{self, Header, Table};
 use crate::repo::Repository;
+
+/// Frames fetched at once while copying. Each fetch holds one sealed frame (~2.6 MB for
+/// a full frame of 65,536 cells) until it is written out: 32 at once held ~84 MB.
+const COPY_THREADS: usize = 4;
 
 enum Source {
     Whole(Table),
@@ -50,19 +54,20 @@ impl TableCopy {
             )?;
             let scratch_err = local_err(dir.path(), h);
             let n = manifest::frame_count(h);
+            // Fetched (and authenticated) on a few threads, each writing its frame out
+            // as soon as it has it; then read back in order for the totals.
+            let ks: Vec<u64> = (0..n).collect();
+            crate::par::map(&ks, COPY_THREADS, |k| {
+                let sealed = manifest::fetch_frame(repo, h, *k)?;
+                std::fs::write(dir.path().join(k.to_string()), &sealed).map_err(&scratch_err)
+            })?;
             let mut digest = frame::Digest::default();
             let mut entries = 0u64;
-            let ks: Vec<u64> = (0..n).collect();
-            for part in ks.chunks(crate::index::FETCH_THREADS) {
-                let got =
-                    crate::par::map(part, part.len(), |k| manifest::fetch_frame(repo, h, *k))?;
-                for (k, sealed) in part.iter().zip(got) {
-                    let (f, plain) = manifest::open_frame(repo, h, *k, &sealed)?;
-                    digest.add(&plain);
-                    entries += f.cells.len() as u64;
-                    std::fs::write(dir.path().join(k.to_string()), &sealed)
-                        .map_err(&scratch_err)?;
-                }
+            for k in 0..n {
+                let sealed = std::fs::read(dir.path().join(k.to_string())).map_err(&scratch_err)?;
+                let (f, plain) = manifest::open_frame(repo, h, k, &sealed)?;
+                digest.add(&plain);
+                entries += f.cells.len() as u64;
             }
             manifest::check_totals(h, entries, &digest)?;
             Source::Frames(dir)
