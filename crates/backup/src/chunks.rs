@@ -17,7 +17,10 @@
 //!
 //! The local index is a cache: a record names a pack of this repository (the index
 //! objects it was built from were authenticated) and a chunk read through it is checked
-//! against its id, so a wrong record costs a failed read, never wrong data.
+//! against its id, so for a reader a wrong record costs a failed read, never wrong data.
+//! gc trusts it more: a record of a copy that does not exist, in a listed pack ranking
+//! above the real copy, would let gc condemn the real one. Records come only from
+//! authenticated index objects, and files are checksummed (crate::localindex).
 //!
 //! Threading: lookups take `&self` and may run on any number of threads.
 
@@ -73,11 +76,17 @@ impl Chunks {
     /// index up to date (GETs only of index objects neither it nor the object cache
     /// holds) and notes each pack's standing.
     pub fn load(repo: &Repository) -> Result<Chunks> {
+        Chunks::from_listing(repo, &Listing::take(repo)?)
+    }
+
+    /// As [`Chunks::load`], with a listing the caller took (gc judges every pack's copies
+    /// against the one listing it also visits the packs of).
+    pub fn from_listing(repo: &Repository, listing: &Listing) -> Result<Chunks> {
         let Listing {
             condemned,
             indexes: listed,
             packs,
-        } = Listing::take(repo)?;
+        } = listing;
         let orphans = listed.iter().filter(|(i, _)| !packs.contains(i)).count();
         if orphans > 0 {
             log::warn!(
@@ -103,7 +112,7 @@ impl Chunks {
         };
         drop(names);
         let mut standing = vec![None; ix.pack_count()];
-        for (name, modified) in &listed {
+        for (name, modified) in listed {
             if let Some(n) = ix.number(name) {
                 standing[n as usize] =
                     Some((packs.contains(name), !condemned.contains(name), *modified));

@@ -35,7 +35,7 @@ use crate::chunks::Chunks;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
 use crate::hold;
-use crate::index::{self, Purpose};
+use crate::index::{self, Listing, Purpose};
 use crate::lease::{self, Lease};
 use crate::liveset::LiveSet;
 use crate::manifest;
@@ -76,6 +76,8 @@ pub struct Report {
     pub bytes_deleted: u64,
     pub bytes_repacked: u64,
     pub orphans_deleted: u64,
+    /// Entries of packs kept because a backup may reference them (the copies readers
+    /// pick; a chunk in two packs, one of them new since the listing, counts twice).
     pub chunks_referenced: u64,
     /// Headers of backups removed from their catalog, deleted (an interrupted prune).
     pub leftovers_deleted: Vec<String>,
@@ -189,7 +191,11 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
     // wrongly keeps goes at a later run, whose seed differs), filled a table frame at a
     // time from local copies. Which copy of a chunk counts is decided per pack below,
     // as every reader decides it (crate::index), from the local index.
-    let chunks = Chunks::load(repo)?;
+    // One listing for every pack's standing: the copies of a chunk are ranked against
+    // each other as of one moment (two listings could see the chosen copy's pack lose
+    // rank in between, and no copy would be chosen).
+    let listing = Listing::take(repo)?;
+    let chunks = Chunks::from_listing(repo, &listing)?;
     let mut live = LiveSet::with_capacity(chunks.records());
     for h in &pinning {
         let copy = match TableCopy::take(repo, h) {
@@ -227,7 +233,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         .into_iter()
         .filter_map(|o| Some((o.key.rsplit('/').next()?.to_string(), (o.size, o.modified))))
         .collect();
-    progress.start("gc", objects.len() as u64);
+    progress.start("gc", listing.indexes.len() as u64);
     let delete_pack = |id: &str, rep: &mut Report, chunks: usize| -> Result<()> {
         rep.packs_deleted += 1;
         rep.chunks_deleted += chunks as u64;
@@ -249,7 +255,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
     };
     // Every pack with an index, a batch of index objects at a time.
     let mut indexed: HashSet<String> = HashSet::new();
-    index::visit(repo, Purpose::Read, |info| {
+    index::visit_listed(repo, Purpose::Read, &listing, |info| {
         still_held()?;
         progress.advance(1);
         rep.packs += 1;
@@ -266,7 +272,9 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             }
         }
         rep.chunks_referenced += keep.len() as u64;
-        let modified = objects.get(&info.id).map_or(0, |o| o.1);
+        // (A pack object missing from the later listing of `packs/` counts as stored now,
+        // not as ancient: too young to condemn.)
+        let modified = objects.get(&info.id).map_or(t, |o| o.1);
         if info.condemned {
             if !keep.is_empty() {
                 rep.packs_rescued += 1;

@@ -139,13 +139,24 @@ impl Listing {
 pub fn visit(
     repo: &Repository,
     purpose: Purpose,
+    f: impl FnMut(PackInfo) -> Result<()>,
+) -> Result<()> {
+    visit_listed(repo, purpose, &Listing::take(repo)?, f)
+}
+
+/// As [`visit`], over a listing the caller took.
+pub fn visit_listed(
+    repo: &Repository,
+    purpose: Purpose,
+    listing: &Listing,
     mut f: impl FnMut(PackInfo) -> Result<()>,
 ) -> Result<()> {
     let Listing {
         condemned,
-        indexes: mut ids,
+        indexes,
         packs,
-    } = Listing::take(repo)?;
+    } = listing;
+    let mut ids = indexes.clone();
     if purpose != Purpose::Read {
         let before = ids.len();
         ids.retain(|(id, _)| packs.contains(id));

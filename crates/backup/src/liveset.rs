@@ -33,6 +33,9 @@ const MAX_BITS: u64 = 1 << 33;
 pub struct LiveSet {
     words: Vec<u64>,
     bits: u64,
+    /// Probes per id: [`PROBES`], fewer when the size cap leaves less than
+    /// [`BITS_PER_ID`] per id (the optimum, bits per id x ln 2).
+    probes: u64,
     seed: [u64; 2],
     inserted: u64,
 }
@@ -54,13 +57,19 @@ fn word(id: &ChunkId, i: usize) -> u64 {
 /// word of the id (itself a keyed hash), positions in it drawn from a splitmix64 sequence
 /// started at another. (Not double hashing: within a 512-bit block its arithmetic
 /// progressions overlap, and the filter claimed ~1 in 1,000 absent ids.)
-fn probes(seed: [u64; 2], bits: u64, id: &ChunkId) -> impl Iterator<Item = usize> {
+fn probes(seed: [u64; 2], bits: u64, k: u64, id: &ChunkId) -> impl Iterator<Item = usize> {
     let block = mix(word(id, 0) ^ seed[0]) % (bits / BLOCK_BITS) * BLOCK_BITS;
     let start = word(id, 1) ^ seed[1];
-    (1..=PROBES).map(move |i| {
+    (1..=k).map(move |i| {
         let x = mix(start.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         (block + x % BLOCK_BITS) as usize
     })
+}
+
+/// Probes for `ids` ids in `bits` bits: bits per id x ln 2, at most [`PROBES`].
+fn probe_count(bits: u64, ids: u64) -> u64 {
+    let per_id = bits as f64 / ids.max(1) as f64;
+    ((per_id * std::f64::consts::LN_2).round() as u64).clamp(1, PROBES)
 }
 
 impl LiveSet {
@@ -80,13 +89,14 @@ impl LiveSet {
         LiveSet {
             words: vec![0; (bits / 64) as usize],
             bits,
+            probes: probe_count(bits, ids),
             seed,
             inserted: 0,
         }
     }
 
     pub fn insert(&mut self, id: &ChunkId) {
-        for b in probes(self.seed, self.bits, id) {
+        for b in probes(self.seed, self.bits, self.probes, id) {
             self.words[b / 64] |= 1 << (b % 64);
         }
         self.inserted += 1;
@@ -94,7 +104,8 @@ impl LiveSet {
 
     /// False only if `id` was never inserted.
     pub fn may_contain(&self, id: &ChunkId) -> bool {
-        probes(self.seed, self.bits, id).all(|b| self.words[b / 64] & (1 << (b % 64)) != 0)
+        probes(self.seed, self.bits, self.probes, id)
+            .all(|b| self.words[b / 64] & (1 << (b % 64)) != 0)
     }
 
     /// Insertions made (references, not distinct ids).
@@ -138,7 +149,11 @@ mod tests {
         let mut a = LiveSet::with_capacity(10);
         let b = LiveSet::with_capacity(10);
         assert_eq!(a.bytes(), MIN_BITS / 8);
+        assert_eq!(a.probes, PROBES);
         assert_ne!(a.seed, b.seed);
+        // At the size cap, fewer probes: 8 bits per id for 2^30 ids, 6 probes.
+        assert_eq!(probe_count(MAX_BITS, 1 << 30), 6);
+        assert_eq!(probe_count(24 << 20, 1 << 20), PROBES);
         for i in 0..2_000 {
             a.insert(&id(i));
         }

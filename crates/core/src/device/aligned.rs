@@ -6,7 +6,8 @@ use std::ptr::NonNull;
 
 use super::BLOCK_SIZE;
 
-/// A zero-initialised byte buffer whose start is `BLOCK_SIZE`-aligned.
+/// A byte buffer whose start is `BLOCK_SIZE`-aligned, every byte initialised (zeroed, or
+/// copied in at allocation).
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -33,6 +34,27 @@ impl AlignedBuf {
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout)
         };
+        AlignedBuf { ptr, len }
+    }
+
+    /// A buffer holding a copy of `data`, written once: no zeroing pass first (a
+    /// zeroed allocation of this alignment is memset by the allocator, then overwritten:
+    /// the write path copies every block it writes).
+    pub fn copy_of(data: &[u8]) -> Self {
+        let len = data.len();
+        if len == 0 {
+            return AlignedBuf::zeroed(0);
+        }
+        let layout = Self::layout(len);
+        // SAFETY: layout has non-zero size (len > 0) and a valid power-of-two alignment.
+        let raw = unsafe { alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: `raw` is a fresh allocation of `len` bytes, `data` is `len` readable bytes
+        // elsewhere (no overlap); after the copy every byte of the buffer is initialised, as
+        // Deref requires.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), raw, len) };
         AlignedBuf { ptr, len }
     }
 
@@ -72,7 +94,7 @@ impl DerefMut for AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.len > 0 {
-            // SAFETY: ptr was allocated by alloc_zeroed with exactly this layout.
+            // SAFETY: ptr was allocated (by alloc or alloc_zeroed) with exactly this layout.
             unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
         }
     }
@@ -92,6 +114,18 @@ mod tests {
                 assert_eq!(b.as_ptr() as usize % BLOCK_SIZE, 0);
                 b[len - 1] = 9;
                 assert_eq!(b[len - 1], 9);
+            }
+        }
+    }
+
+    #[test]
+    fn copies_are_aligned_and_exact() {
+        for len in [0, 1, 4096, 3 * 4096 + 17] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let b = AlignedBuf::copy_of(&data);
+            assert_eq!(&b[..], &data[..]);
+            if len > 0 {
+                assert_eq!(b.as_ptr() as usize % BLOCK_SIZE, 0);
             }
         }
     }

@@ -139,9 +139,7 @@ impl Pool2 {
         let head = (offset - b0 * BLOCK_SIZE_U64) as usize;
         let aligned = head == 0 && data.len().is_multiple_of(BLOCK_SIZE);
         let buf = if aligned {
-            let mut b = AlignedBuf::zeroed(data.len());
-            b.copy_from_slice(data);
-            b
+            AlignedBuf::copy_of(data)
         } else {
             // Read-modify-write of the edge blocks (their stripes are held).
             let t = Target::Volume(vol);
