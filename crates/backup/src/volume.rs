@@ -96,13 +96,19 @@ pub fn backup_snapshot(
     let (v, s) = parse_snap_ref(snapshot)?;
     let info = pool.snapshot_summary(v, s)?;
     let source: Arc<dyn Export> = Arc::new(VolumeHandle::open(pool, snapshot)?);
-    let base = if full {
-        None
-    } else {
-        choose_base(pool, repo, snapshot)?
-    };
+    // Choosing the base (diffs) and listing what the snapshot holds read its whole map
+    // once: in bulk, like the readers' reads, so they do not fill the pool's block cache
+    // with it (the pool's store grew by ~20 MiB during a backup of 16 GiB).
+    let (base, allocated) = snapblk_core::meta::bulk_reads(|| -> Result<_> {
+        let base = if full {
+            None
+        } else {
+            choose_base(pool, repo, snapshot)?
+        };
+        Ok((base, allocated(&*source)?))
+    })?;
     let job = backup::Job {
-        allocated: allocated(&*source)?,
+        allocated,
         source,
         volume: v.to_string(),
         snapshot: s.to_string(),
