@@ -1,9 +1,11 @@
 //! Backing up one frozen snapshot.
 //!
-//! Pipeline (bounded channels throughout, so memory stays at a few packs):
-//! reader threads take cells in order, read them from the snapshot, drop all-zero cells,
-//! hash the rest and, for chunks not yet in the repository, compress and seal them ->
-//! one packer thread fills packs -> uploader threads store each pack, then its index.
+//! Pipeline (bounded channels throughout): reader threads take cells in order, read them
+//! from the snapshot, drop all-zero cells, hash the rest and, for chunks not yet in the
+//! repository, compress and seal them -> one packer thread fills packs, each in a file of
+//! the job's scratch directory (`crate::spool`) -> uploader threads stream each pack's
+//! file to the store, then put its index. Memory: 64 sealed chunks and the packer's write
+//! buffer; a pack waiting or in flight is page cache, whatever the pack size.
 //!
 //! Streaming (docs/design.md §12): the image goes frame by frame (65,536 cells), in
 //! batches of frames holding about [`Repository::batch`] cells to read (a frame's worth). A batch runs the
@@ -42,10 +44,11 @@ use crate::frame;
 use crate::index;
 use crate::lease::Lease;
 use crate::manifest::{BackupStats, Header, TableWriter};
-use crate::pack::{Pack, PackBuilder, PackEntry};
+use crate::pack::PackEntry;
 use crate::par::lock;
 use crate::progress::Progress;
 use crate::repo::{self, Repository};
+use crate::spool::{SpoolBuilder, SpooledPack};
 use crate::tablecopy::{self, TableCopy};
 
 /// Byte ranges `(offset, length)`.
@@ -496,7 +499,7 @@ fn pipeline(
 ) -> Result<PassOutput> {
     let cs = repo.chunk_size();
     let level = repo.config().zstd_level;
-    let pack_size = repo.config().pack_size as usize;
+    let pack_size = u64::from(repo.config().pack_size);
     let keys = repo.keys();
     let next = AtomicU64::new(0);
     let known = &dedup;
@@ -517,7 +520,10 @@ fn pipeline(
         AtomicU64::new(0),
     );
     let (chunk_tx, chunk_rx) = bounded::<(ChunkId, Vec<u8>)>(64);
-    let (pack_tx, pack_rx) = bounded::<Pack>(2);
+    // Packs are files (crate::spool): waiting or in flight, they cost no memory. One
+    // finished pack waits while the uploaders are busy.
+    let (pack_tx, pack_rx) = bounded::<SpooledPack>(1);
+    let spool = tablecopy::scratch(repo, "packs-", "packs waiting for their upload")?;
     std::thread::scope(|s| {
         for _ in 0..job.readers.max(1) {
             let chunk_tx = chunk_tx.clone();
@@ -572,22 +578,35 @@ fn pipeline(
         drop(chunk_tx);
         {
             let abort = &abort;
+            let spool = spool.path();
             s.spawn(move || {
-                let mut b = PackBuilder::default();
-                for (id, sealed) in chunk_rx {
-                    b.add(id, &sealed);
-                    if b.len() >= pack_size {
-                        let p = std::mem::take(&mut b).finish(keys);
-                        if pack_tx.send(p).is_err() {
-                            return;
+                let mut b = SpoolBuilder::new(spool);
+                let mut step = || -> Result<bool> {
+                    for (id, sealed) in &chunk_rx {
+                        b.add(id, &sealed)?;
+                        if b.len() >= pack_size {
+                            if let Some(p) = b.finish(keys)? {
+                                if pack_tx.send(p).is_err() {
+                                    return Ok(false);
+                                }
+                            }
+                        }
+                        if abort.is_set() {
+                            return Ok(false);
                         }
                     }
-                    if abort.is_set() {
-                        return;
-                    }
-                }
-                if !b.is_empty() && !abort.is_set() {
-                    let _ = pack_tx.send(b.finish(keys));
+                    Ok(true)
+                };
+                match step() {
+                    Ok(true) if !abort.is_set() => match b.finish(keys) {
+                        Ok(Some(p)) => {
+                            let _ = pack_tx.send(p);
+                        }
+                        Ok(None) => {}
+                        Err(e) => abort.set(e),
+                    },
+                    Ok(_) => {}
+                    Err(e) => abort.set(e),
                 }
             });
         }
@@ -600,20 +619,28 @@ fn pipeline(
                         return;
                     }
                     let store = repo.store();
-                    let r = repo.paced((p.bytes.len() + p.index.len()) as u64, || {
+                    let SpooledPack {
+                        id,
+                        file,
+                        len,
+                        index,
+                        entries,
+                    } = p;
+                    let r = repo.paced(len + index.len() as u64, || {
                         store
-                            .put(&repo::pack_key(&p.id), &p.bytes)
-                            .and_then(|_| store.put(&repo::index_key(&p.id), &p.index))
+                            .put_file(&repo::pack_key(&id), file.path(), len)
+                            .and_then(|_| store.put(&repo::index_key(&id), &index))
                     });
+                    drop(file);
                     match r {
                         Ok(()) => {
                             // The confirm before commit reads it from here, not by a GET.
                             if let Some(c) = repo.cache() {
-                                c.put(repo, &repo::index_key(&p.id), &p.index);
+                                c.put(repo, &repo::index_key(&id), &index);
                             }
-                            uploaded.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+                            uploaded.fetch_add(len, Ordering::Relaxed);
                             packs.fetch_add(1, Ordering::Relaxed);
-                            lock(stored).push((p.id, p.entries));
+                            lock(stored).push((id, entries));
                         }
                         Err(e) => {
                             abort.set(e.into());

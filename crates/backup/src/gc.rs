@@ -325,7 +325,7 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         let np = b.finish(repo.keys());
         repo.paced((np.bytes.len() + np.index.len()) as u64, || {
             store
-                .put(&repo::pack_key(&np.id), &np.bytes)
+                .put_owned(&repo::pack_key(&np.id), np.bytes)
                 .and_then(|()| store.put(&repo::index_key(&np.id), &np.index))
         })?;
         condemn(&info.id, &mut rep)?;

@@ -43,6 +43,7 @@ pub mod prune;
 pub mod repair;
 pub mod repo;
 pub mod restore;
+pub mod spool;
 pub mod store;
 pub mod table;
 pub mod tablecopy;

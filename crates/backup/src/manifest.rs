@@ -15,6 +15,7 @@
 //! and parsed as a stream.
 
 use std::io::Read;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -114,8 +115,8 @@ pub struct Stored {
 /// Writes a new backup's table frame by frame, in order, before its catalog entry (the
 /// commit point). In a format-4 repository each frame is encoded straight into its
 /// compressor (hashed for the digest on the way), sealed, kept in a private local copy
-/// (what the job reads back to confirm its chunks: [`TableCopy`]) and put, as many at a
-/// time as the job has uploaders, as soon as it is complete: memory is a few frames,
+/// (what the job reads back to confirm its chunks: [`TableCopy`]) and put from that
+/// copy, as many at a time as the job has uploaders: memory is the frame being sealed,
 /// never the table. Before format 4 a table is one object, so its entries are held until
 /// [`TableWriter::finish`] writes it.
 pub(crate) struct TableWriter {
@@ -136,7 +137,8 @@ enum Out {
     Frames {
         dir: tempfile::TempDir,
         digest: Box<frame::Digest>,
-        ready: Vec<(u64, Vec<u8>)>,
+        /// Frames written locally, not stored yet: (number, length).
+        ready: Vec<(u64, u64)>,
         batch: usize,
     },
     Whole(Vec<(u64, ChunkId)>),
@@ -226,9 +228,10 @@ impl TableWriter {
                     path: path.display().to_string(),
                     detail: e.to_string(),
                 })?;
-                ready.push((k, sealed));
+                ready.push((k, sealed.len() as u64));
+                drop(sealed);
                 if ready.len() >= *batch {
-                    put_frames(&self.repo, id, ready)?;
+                    put_frames(&self.repo, id, dir.path(), ready)?;
                 }
             }
         }
@@ -257,7 +260,7 @@ impl TableWriter {
                 mut ready,
                 ..
             } => {
-                put_frames(&self.repo, &header.id, &mut ready)?;
+                put_frames(&self.repo, &header.id, dir.path(), &mut ready)?;
                 header.digest = digest.hex();
                 header.framed = true;
                 let stored = Stored {
@@ -288,11 +291,14 @@ impl TableWriter {
     }
 }
 
-/// Puts sealed frames of backup `id`'s table, each on its own thread, and empties `ready`.
-fn put_frames(repo: &Repository, id: &str, ready: &mut Vec<(u64, Vec<u8>)>) -> Result<()> {
-    crate::par::map(ready, ready.len(), |(k, sealed)| {
-        repo.paced(sealed.len() as u64, || {
-            repo.store().put(&frame::key(id, *k), sealed)
+/// Puts the sealed frames `ready` (number, length) of backup `id`'s table from their
+/// local copies in `dir` (streamed, not held in memory), each on its own thread, and
+/// empties `ready`.
+fn put_frames(repo: &Repository, id: &str, dir: &Path, ready: &mut Vec<(u64, u64)>) -> Result<()> {
+    crate::par::map(ready, ready.len(), |(k, len)| {
+        repo.paced(*len, || {
+            repo.store()
+                .put_file(&frame::key(id, *k), &dir.join(k.to_string()), *len)
         })
         .map_err(BackupError::from)
     })?;

@@ -23,7 +23,7 @@ pub const LEGACY_INDEX_AAD: &[u8] = b"snapblk pack index";
 pub fn index_aad(id: &str) -> Vec<u8> {
     format!("snapblk pack index {id}").into_bytes()
 }
-const MAGIC: &[u8; 4] = b"SBPK";
+pub(crate) const MAGIC: &[u8; 4] = b"SBPK";
 const IX_MAGIC: &[u8; 4] = b"SBIX";
 const ENTRY: usize = 40;
 /// Largest pack (or pack index) object read: a pack closes once it reaches the configured

@@ -54,6 +54,33 @@ pub trait ObjectStore: Send + Sync {
     /// Stores `data` under `key`, replacing any object there. Atomic: readers see the old
     /// object or the whole new one.
     fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError>;
+    /// [`ObjectStore::put`] of a buffer the caller gives up: a store that sends from an
+    /// owned buffer (S3) takes it without copying, so an upload of a pack holds its bytes
+    /// once, not twice, while in flight.
+    fn put_owned(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        self.put(key, &data)
+    }
+    /// [`ObjectStore::put`] of the `len` bytes of the file at `path` (a spooled pack,
+    /// `crate::spool`): a store that streams a body from a file (S3) never holds it in
+    /// memory. The default reads it whole, refusing a file of another length.
+    fn put_file(&self, key: &str, path: &std::path::Path, len: u64) -> Result<(), StoreError> {
+        let failed = |detail: String| StoreError::Failed {
+            store: self.describe(),
+            op: "put",
+            key: key.to_string(),
+            detail,
+        };
+        let data =
+            std::fs::read(path).map_err(|e| failed(format!("reading {}: {e}", path.display())))?;
+        if data.len() as u64 != len {
+            return Err(failed(format!(
+                "{} holds {} bytes, not {len}",
+                path.display(),
+                data.len()
+            )));
+        }
+        self.put_owned(key, data)
+    }
     /// Stores `data` only if `key` does not exist yet; returns false if it did.
     fn put_new(&self, key: &str, data: &[u8]) -> Result<bool, StoreError>;
     /// Every object whose key starts with `prefix`, in no particular order.

@@ -14,7 +14,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::Client;
 use snapblk_backup::store::MAX_PREALLOC;
 use snapblk_backup::{ObjectMeta, ObjectStore, StoreError};
@@ -24,6 +24,8 @@ use snapblk_backup::{ObjectMeta, ObjectStore, StoreError};
 pub const DEFAULT_MIN_RATE: u64 = 32 << 10;
 /// A whole-object GET's deadline assumes at most this many bytes (bounds are larger).
 const GET_DEADLINE_BYTES: u64 = 64 << 20;
+/// Read size of a file sent as a body (a spooled pack).
+const FILE_BUFFER: usize = 256 << 10;
 
 /// Where and how to reach the store.
 #[derive(Debug, Clone)]
@@ -469,14 +471,45 @@ impl ObjectStore for S3Store {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        self.put_owned(key, data.to_vec())
+    }
+
+    /// The body is the caller's buffer itself (no copy); the SDK's retries resend it.
+    fn put_owned(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        let len = data.len() as u64;
         self.rt.block_on(async {
             self.client
                 .put_object()
                 .bucket(&self.opts.bucket)
                 .key(self.key(key))
-                .body(ByteStream::from(data.to_vec()))
+                .body(ByteStream::from(data))
                 .customize()
-                .config_override(self.deadline(data.len() as u64, false))
+                .config_override(self.deadline(len, false))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.fail("put", key, describe_err(&e)))
+        })
+    }
+
+    /// Streams the file (reopened by the SDK for a retry): the pack is never in memory.
+    fn put_file(&self, key: &str, path: &std::path::Path, len: u64) -> Result<(), StoreError> {
+        self.rt.block_on(async {
+            let body = ByteStream::read_from()
+                .path(path)
+                .length(Length::Exact(len))
+                .buffer_size(FILE_BUFFER)
+                .build()
+                .await
+                .map_err(|e| self.fail("put", key, format!("reading {}: {e}", path.display())))?;
+            self.client
+                .put_object()
+                .bucket(&self.opts.bucket)
+                .key(self.key(key))
+                .content_length(len as i64)
+                .body(body)
+                .customize()
+                .config_override(self.deadline(len, false))
                 .send()
                 .await
                 .map(|_| ())
