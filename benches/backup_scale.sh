@@ -152,8 +152,12 @@ echo "phase 2: memory of full backups and restores..."
 # Prints "job store": the job's peak above the open pool, and how much of it the pool's
 # store (RocksDB write buffers and block cache: bounded by its configuration) grew by.
 direct_rss() {
-    SNAPBLK_MEMORY_REPORT=1 "$BIN" "$@" --meta "$W/A/meta" --data "$W/A/data.img" 2>&1 >/dev/null |
-        sed -n 's/^snapblk memory: \([0-9]*\) KiB resident after opening the pool, peak \([0-9]*\) KiB; store \([0-9]*\) KiB at open, \([0-9]*\) KiB at end$/\1 \2 \3 \4/p' |
+    if ! SNAPBLK_MEMORY_REPORT=1 "$BIN" "$@" --meta "$W/A/meta" --data "$W/A/data.img" >/dev/null 2>"$W/direct.err"; then
+        echo "snapblk $1 failed (free disk: $(df -h --output=avail "$W" | tail -1)):" >&2
+        cat "$W/direct.err" >&2
+        exit 1
+    fi
+    sed -n 's/^snapblk memory: \([0-9]*\) KiB resident after opening the pool, peak \([0-9]*\) KiB; store \([0-9]*\) KiB at open, \([0-9]*\) KiB at end$/\1 \2 \3 \4/p' "$W/direct.err" |
         { read -r open peak s0 s1; echo "$((peak - open)) $((s1 - s0))"; }
 }
 repo_kib() { du -sk "$W/s3/bench/repo" | cut -f1; }
@@ -165,9 +169,11 @@ for m in $BIG_MIBS; do
     sb A snapshot create "big$m@s" >/dev/null
     stop_daemon A
     sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-    read -r RSS[$m,backup] STORE[$m,backup] < <(direct_rss backup "big$m@s" --to "$REPO" --endpoint "$DIRECT")
+    direct_rss backup "big$m@s" --to "$REPO" --endpoint "$DIRECT" >"$W/rss"
+    read -r RSS[$m,backup] STORE[$m,backup] <"$W/rss"
     RSS[$m,repo]=$(repo_kib)
-    read -r RSS[$m,restore] STORE[$m,restore] < <(direct_rss restore "$REPO" "big$m@s" --as rb --endpoint "$DIRECT")
+    direct_rss restore "$REPO" "big$m@s" --as rb --endpoint "$DIRECT" >"$W/rss"
+    read -r RSS[$m,restore] STORE[$m,restore] <"$W/rss"
     start_daemon A
     sb A volume delete rb >/dev/null
     echo "${m} MiB: backup +$((RSS[$m,backup] / 1024)) MiB (store +$((STORE[$m,backup] / 1024))), restore +$((RSS[$m,restore] / 1024)) MiB (store +$((STORE[$m,restore] / 1024))), repository $((RSS[$m,repo] / 1024)) MiB"
@@ -208,6 +214,8 @@ print(f'{first:.2f}', f'{n / (time.time() - t) / 1048576:.1f}')
         # (the reader's disconnect reaches the daemon a moment later)
         for _ in $(seq 50); do sb A volume delete lz >/dev/null 2>&1 && break; sleep 0.2; done
         echo "lazy restore of ${FIRST} MiB: first read after ${FIRST_READ} s (target < 1 s; the command itself ${t_cmd} s); sequential unhydrated read ${SEQ_MBS} MB/s vs aws s3 cp ${AWS_MBS} MB/s = $(python3 -c "print(f'{$SEQ_MBS/$AWS_MBS:.2f}')")x (target >= 0.5x)"
+        # The daemon's account of what the first read waited for (table copy, chunk index, locating).
+        grep -o 'the map of the lazy restore.*' "$W/A/daemon.log" | tail -1 || true
     fi
     sb A volume delete "big$m" --recursive >/dev/null
 done

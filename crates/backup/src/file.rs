@@ -123,6 +123,30 @@ impl ObjectStore for FileStore {
         self.sync_dir(key, &path)
     }
 
+    /// Copies the file in the kernel (`copy_file_range`), never through memory.
+    fn put_file(&self, key: &str, src: &Path, len: u64) -> Result<(), StoreError> {
+        let path = self.path("put", key)?;
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).map_err(|e| self.fail("put", key, e))?;
+        let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+        let res = (|| {
+            let copied = fs::copy(src, &tmp)?;
+            if copied != len {
+                return Err(std::io::Error::other(format!(
+                    "{} holds {copied} bytes, not {len}",
+                    src.display()
+                )));
+            }
+            File::open(&tmp)?.sync_all()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.fail("put", key, e));
+        }
+        self.sync_dir(key, &path)
+    }
+
     fn put_new(&self, key: &str, data: &[u8]) -> Result<bool, StoreError> {
         let path = self.path("put", key)?;
         let tmp = self.write_tmp(key, &path, data)?;
