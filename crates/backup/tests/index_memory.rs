@@ -195,8 +195,13 @@ fn backup_and_restore_memory_does_not_grow_with_the_repository() {
     eprintln!(
         "peak heap: backup {b1} -> {b2} ({bp:.1} B per added chunk), restore {r1} -> {r2} ({rp:.1} B per added chunk)"
     );
+    // Per pack, not per chunk: the listing and the pack table, ~1.5 KiB a pack (256
+    // chunks of these 1 MiB packs). Since packs are files (`spool`) the backup's peak is
+    // no longer set by the packs in its pipeline but by its listing, which shows that
+    // cost in full: 6.1 B once in CI (3.2 when the pipeline's packs set the peak). An
+    // 8-byte entry per stored chunk, as before the local index, would be 14.
     assert!(
-        bp <= 6.0,
+        bp <= 8.0,
         "a backup's memory grew {bp:.1} bytes per chunk stored in the repository (peaks {b1} -> {b2})"
     );
     assert!(
