@@ -298,7 +298,7 @@ fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
     };
     let opened = open::open_pool(meta, data, "snapblk CLI")?;
     let report = std::env::var_os("SNAPBLK_MEMORY_REPORT").is_some();
-    let rss_open = if report { proc_status_kib("VmRSS") } else { 0 };
+    let rss_open = if report { memory_baseline() } else { 0 };
     let store_open = opened.pool.store().memory() / 1024;
     let bar = progress::Local::new(cli.json);
     let r = admin::execute(&opened.pool, None, cmd, &bar);
@@ -318,6 +318,25 @@ fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
     }
     opened.pool.shutdown()?;
     Ok(r?.to_value())
+}
+
+/// The resident set once the pool is open, as the base of a job's peak: memory the open
+/// freed is first handed back (glibc keeps it otherwise, and a job reusing it would look
+/// smaller by what the open happened to free, which differs from pool to pool), and the
+/// peak (VmHWM) is reset so that it covers the job alone.
+fn memory_baseline() -> u64 {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it has no
+    // preconditions and touches no memory the program holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    // "5" resets the peak resident set size (proc(5), Linux >= 4.0); without it the
+    // report's peak may be the open's.
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        log::warn!("memory report: the peak could not be reset: {e}");
+    }
+    proc_status_kib("VmRSS")
 }
 
 /// A `kB` field of /proc/self/status (0 when absent).
