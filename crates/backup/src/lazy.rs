@@ -326,26 +326,33 @@ impl Hydration {
             &state.volume,
             state.volume_id,
         )?;
-        if fresh {
+        std::fs::create_dir_all(dir)?;
+        // The map (table copy, chunk index) is built beside the check below: a first read
+        // waits for both. Built for nothing if the check fails; nothing is served from it.
+        let (listed, map) = std::thread::scope(|s| {
+            let map = s.spawn(|| CellMap::build(repo, header, dir));
             // The caller chose the backup from a catalog read before the hold existed: a
             // prune may have removed it since. Still listed now = listed after the hold
             // was placed, so every later prune sees the hold. (A resume's hold is older.)
-            let listed = crate::catalog::load_pool(repo, &header.pool)?
-                .is_some_and(|l| l.catalog.backups.iter().any(|b| b.id == header.id));
-            if !listed {
-                let s = &state;
-                if let Err(e) = crate::hold::release(repo, &header.id, &s.pool, s.volume_id) {
-                    log::warn!("releasing the hold on {}: {e}", header.name());
-                }
-                return Err(BackupError::NoSuchBackup(format!(
-                    "{} ({}): removed (pruned or forgotten) while the restore started",
-                    header.name(),
-                    header.id
-                )));
+            let listed = !fresh
+                || crate::catalog::load_pool(repo, &header.pool).map(|l| {
+                    l.is_some_and(|l| l.catalog.backups.iter().any(|b| b.id == header.id))
+                })?;
+            let map = map.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            Ok::<_, BackupError>((listed, map))
+        })?;
+        if !listed {
+            let s = &state;
+            if let Err(e) = crate::hold::release(repo, &header.id, &s.pool, s.volume_id) {
+                log::warn!("releasing the hold on {}: {e}", header.name());
             }
+            return Err(BackupError::NoSuchBackup(format!(
+                "{} ({}): removed (pruned or forgotten) while the restore started",
+                header.name(),
+                header.id
+            )));
         }
-        std::fs::create_dir_all(dir)?;
-        let map = CellMap::build(repo, header, dir)?;
+        let map = map?;
         let n = map.len();
         let words = n.div_ceil(64);
         let done: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
