@@ -296,7 +296,7 @@ fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
         }
         .into());
     };
-    let opened = open::open_pool(meta, data, "snapblk CLI")?;
+    let opened = open::open_pool(meta, data, "snapblk CLI", open::Memory::ONE_SHOT)?;
     let report = std::env::var_os("SNAPBLK_MEMORY_REPORT").is_some();
     let rss_open = if report { memory_baseline() } else { 0 };
     let store_open = opened.pool.store().memory() / 1024;

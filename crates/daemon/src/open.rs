@@ -8,6 +8,7 @@ use snapblk_core::device::uring::UringFile;
 use snapblk_core::device::{AlignedBuf, DataDevice, DeviceHeader, ReadSeg, BLOCK_SIZE};
 use snapblk_core::lock::PoolLock;
 use snapblk_core::Pool;
+pub use snapblk_rocks::Memory;
 use snapblk_rocks::RocksStore;
 
 use crate::error::{DaemonError, Result};
@@ -17,7 +18,9 @@ pub struct Opened {
     _lock: PoolLock,
 }
 
-pub fn open_pool(meta: &Path, data: &Path, holder: &str) -> Result<Opened> {
+/// Opens the pool under its lock; its store holds at most `memory` in RAM (a daemon's, or
+/// a one-shot command's: [`Memory`]).
+pub fn open_pool(meta: &Path, data: &Path, holder: &str, memory: Memory) -> Result<Opened> {
     if !meta.is_dir() {
         return Err(DaemonError::Invalid(format!(
             "metadata directory {} does not exist (create the pool with `snapblk pool create`)",
@@ -26,7 +29,7 @@ pub fn open_pool(meta: &Path, data: &Path, holder: &str) -> Result<Opened> {
     }
     let lock = PoolLock::acquire(meta, holder)?;
     crate::media::set_pool_paths(meta, data);
-    let (store, dev) = open_parts(meta, data)?;
+    let (store, dev) = open_parts(meta, data, memory)?;
     if !dev.is_direct() {
         log::info!(
             "{}: O_DIRECT not supported here; using buffered I/O",
@@ -44,8 +47,8 @@ pub fn open_pool(meta: &Path, data: &Path, holder: &str) -> Result<Opened> {
 }
 
 /// The metadata store in `<meta>/db` and the data device (the caller holds the lock).
-fn open_parts(meta: &Path, data: &Path) -> Result<(RocksStore, UringFile)> {
-    let store = RocksStore::open(&meta.join("db"), false)
+fn open_parts(meta: &Path, data: &Path, memory: Memory) -> Result<(RocksStore, UringFile)> {
+    let store = RocksStore::open_with(&meta.join("db"), false, memory)
         .map_err(|e| pool_err(e).context(format!("opening metadata in {}", meta.display())))?;
     let dev = UringFile::open(data).map_err(DaemonError::io(format!(
         "opening data device {}",
@@ -67,7 +70,7 @@ pub fn upgrade_pool(
         )));
     }
     let _lock = PoolLock::acquire(meta, "snapblk pool upgrade")?;
-    let (store, dev) = open_parts(meta, data)?;
+    let (store, dev) = open_parts(meta, data, Memory::DAEMON)?;
     snapblk_core::upgrade::upgrade(Arc::new(store), Arc::new(dev), progress).map_err(|e| {
         DaemonError::from(e).context(format!(
             "upgrading pool (meta {}, data {})",

@@ -146,7 +146,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     // iterator below instead of killing the process mid-write.
     let mut signals =
         Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::io("installing signal handlers"))?;
-    let opened = open_pool(&meta, &data, "snapblk daemon")?;
+    let opened = open_pool(&meta, &data, "snapblk daemon", crate::open::Memory::DAEMON)?;
     let pool = Arc::clone(&opened.pool);
     pool.start_background();
 

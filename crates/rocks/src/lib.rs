@@ -29,15 +29,45 @@ fn err(e: rocksdb::Error) -> StoreError {
     StoreError::Backend(e.into_string())
 }
 
+/// The RAM a store may hold for writes (each of up to two memtables: one filling, one
+/// being flushed) and for reads (the block cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    pub write_buffer: usize,
+    pub block_cache: usize,
+}
+
+impl Memory {
+    /// A daemon serving volumes for days: batches of many clients share large memtables
+    /// (fewer, larger flushes) and hot map blocks stay cached.
+    pub const DAEMON: Memory = Memory {
+        write_buffer: 64 << 20,
+        block_cache: 256 << 20,
+    };
+    /// One command run on the pool directly (`--meta`/`--data`, no daemon): a job writes
+    /// in bulk and exits, and may run on a small host (a rescue restore). Its memtables
+    /// flush every few GiB restored, so the store's share of a job's memory is reached
+    /// early and stays flat.
+    pub const ONE_SHOT: Memory = Memory {
+        write_buffer: 4 << 20,
+        block_cache: 32 << 20,
+    };
+}
+
 impl RocksStore {
-    /// Opens (or with `create`, creates) the store in `dir`.
+    /// Opens (or with `create`, creates) the store in `dir`, sized for a daemon.
     pub fn open(dir: &Path, create: bool) -> Result<Self, StoreError> {
+        RocksStore::open_with(dir, create, Memory::DAEMON)
+    }
+
+    /// As [`RocksStore::open`], holding at most `memory` in RAM.
+    pub fn open_with(dir: &Path, create: bool, memory: Memory) -> Result<Self, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(create);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
-        opts.set_write_buffer_size(64 << 20);
+        opts.set_write_buffer_size(memory.write_buffer);
         opts.set_max_total_wal_size(256 << 20);
         // After a power cut, recover the WAL up to its first damaged record: a prefix of
         // the committed batches, whole batches only (docs/design.md §5).
@@ -46,7 +76,7 @@ impl RocksStore {
         // 9-byte (prefix byte + layer id) prefix would not help range scans, so use a
         // plain block cache with whole-key blooms for `get`.
         let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&Cache::new_lru_cache(256 << 20));
+        table.set_block_cache(&Cache::new_lru_cache(memory.block_cache));
         table.set_bloom_filter(10.0, false);
         table.set_cache_index_and_filter_blocks(true);
         opts.set_block_based_table_factory(&table);
