@@ -187,6 +187,29 @@ impl Keys {
     pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
         open_with(&self.seal, sealed, aad)
     }
+
+    /// Opens the sealed blob `sealed` where it lies, without a copy: on success its
+    /// plaintext is `sealed[NONCE_LEN..sealed.len() - TAG_LEN]` (the range returned). On
+    /// failure the bytes in that range are unspecified.
+    pub fn open_in_place(&self, sealed: &mut [u8], aad: &[u8]) -> Option<std::ops::Range<usize>> {
+        if sealed.len() < SEAL_OVERHEAD {
+            return None;
+        }
+        let end = sealed.len() - TAG_LEN;
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&sealed[..NONCE_LEN]);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&sealed[end..]);
+        self.seal
+            .decrypt_in_place_detached(
+                XNonce::from_slice(&nonce),
+                aad,
+                &mut sealed[NONCE_LEN..end],
+                (&tag).into(),
+            )
+            .ok()?;
+        Some(NONCE_LEN..end)
+    }
 }
 
 #[cfg(test)]

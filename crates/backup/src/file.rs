@@ -105,12 +105,25 @@ impl ObjectStore for FileStore {
     }
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        let mut f = self.open_object(key)?;
-        let mut out = Vec::with_capacity(len.min(MAX_PREALLOC) as usize);
-        f.seek(SeekFrom::Start(offset))
-            .and_then(|_| f.take(len).read_to_end(&mut out))
-            .map_err(|e| self.fail("get", key, e))?;
+        let mut out = Vec::new();
+        self.get_range_into(key, offset, len, &mut out)?;
         Ok(out)
+    }
+
+    fn get_range_into(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let mut f = self.open_object(key)?;
+        out.clear();
+        out.reserve(len.min(MAX_PREALLOC) as usize);
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.take(len).read_to_end(out))
+            .map_err(|e| self.fail("get", key, e))?;
+        Ok(())
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {

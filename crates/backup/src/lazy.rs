@@ -55,6 +55,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use snapblk_core::device::AlignedVec;
 use snapblk_core::export::{Export, ExportProvider, StatusRun};
 use snapblk_core::keys::Filling;
 use snapblk_core::{Error as VolError, Pool};
@@ -66,7 +67,7 @@ use crate::index::Loc;
 use crate::manifest::Header;
 use crate::par::lock;
 use crate::repo::Repository;
-use crate::restore::{fetch_located, MAX_FETCH};
+use crate::restore::{fetch_located, Fetched, MAX_FETCH};
 
 const STRIPES: usize = 256;
 
@@ -468,10 +469,10 @@ impl Hydration {
     /// Writes fetched `chunks` at every position `at` lists for them, adjacent cells in
     /// one write each (a ranged GET's chunks are mostly adjacent cells): the stripe locks
     /// of a run are taken together, in ascending order (every other holder takes one).
-    fn put_chunks(&self, chunks: &[(ChunkId, Vec<u8>)], at: &Wanted) -> Result<()> {
-        let mut cells: Vec<(usize, u64, &[u8])> = Vec::with_capacity(chunks.len());
-        for (id, data) in chunks {
-            for &(p, cell) in at.get(id).map(Vec::as_slice).unwrap_or(&[]) {
+    fn put_chunks(&self, got: &Fetched, at: &Wanted, buf: &mut AlignedVec) -> Result<()> {
+        let mut cells: Vec<(usize, u64, &[u8])> = Vec::new();
+        for (id, data) in got.chunks() {
+            for &(p, cell) in at.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
                 let len = self.map.cell_len(cell);
                 if data.len() as u64 != len {
                     return Err(BackupError::invalid(
@@ -498,14 +499,19 @@ impl Hydration {
                 bytes += cells[j].2.len();
                 j += 1;
             }
-            self.put_run(&cells[i..j])?;
+            self.put_run(&cells[i..j], buf)?;
             i = j;
         }
         Ok(())
     }
 
-    /// Writes a run of adjacent cells not hydrated yet, skipping those that are.
-    fn put_run(&self, run: &[(usize, u64, &[u8])]) -> snapblk_core::Result<()> {
+    /// Writes a run of adjacent cells not hydrated yet, skipping those that are (`buf`:
+    /// the calling download thread's buffer for the run).
+    fn put_run(
+        &self,
+        run: &[(usize, u64, &[u8])],
+        buf: &mut AlignedVec,
+    ) -> snapblk_core::Result<()> {
         let mut stripes: Vec<usize> = run.iter().map(|(p, _, _)| p % STRIPES).collect();
         stripes.sort_unstable();
         stripes.dedup();
@@ -516,7 +522,6 @@ impl Hydration {
             return Err(self.eio("the restore was stopped"));
         }
         let cs = self.map.chunk_size();
-        let mut buf: Vec<u8> = Vec::new();
         let mut i = 0;
         while i < run.len() {
             if self.is_done(run[i].0) {
@@ -530,7 +535,7 @@ impl Hydration {
                 j += 1;
             }
             let cell = run[i].1;
-            self.sink.write(cell * cs, &buf, false)?;
+            self.sink.write(cell * cs, buf, false)?;
             for (p, _, data) in &run[i..j] {
                 self.mark_done(*p, data.len() as u64)?;
             }
@@ -818,7 +823,7 @@ impl Hydration {
             items,
             threads,
             max_fetch,
-            |chunks| self.put_chunks(&chunks, &wanted),
+            |got, buf| self.put_chunks(got, &wanted, buf),
             &AtomicU64::new(0),
         )
     }

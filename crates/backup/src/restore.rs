@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use snapblk_core::device::AlignedVec;
 use snapblk_core::Export;
 
+use crate::chunk::Decoded;
 use crate::chunks::{Chunks, Locations};
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
@@ -91,24 +93,11 @@ impl Fetcher {
 
     /// Fetches `ids` (sorted into ranged GETs per pack) on `threads` threads, handing each
     /// request's verified chunks to `sink` together. Stops at the first error.
-    pub fn fetch_many(
+    pub(crate) fn fetch_many(
         &self,
         ids: &[ChunkId],
         threads: usize,
-        sink: impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync,
-        downloaded: &AtomicU64,
-    ) -> Result<()> {
-        self.fetch_many_in(ids, threads, MAX_FETCH, sink, downloaded)
-    }
-
-    /// [`Fetcher::fetch_many`] with ranged GETs of at most `max_fetch` bytes (smaller ones
-    /// run in parallel: a client waiting on a few MiB gets them from several requests).
-    pub fn fetch_many_in(
-        &self,
-        ids: &[ChunkId],
-        threads: usize,
-        max_fetch: u64,
-        sink: impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync,
+        sink: impl Fn(&Fetched, &mut AlignedVec) -> Result<()> + Sync,
         downloaded: &AtomicU64,
     ) -> Result<()> {
         let mut items: Vec<(Loc, ChunkId)> = Vec::with_capacity(ids.len());
@@ -120,10 +109,35 @@ impl Fetcher {
             &self.index,
             items,
             threads,
-            max_fetch,
+            MAX_FETCH,
             sink,
             downloaded,
         )
+    }
+}
+
+/// The verified chunks of one ranged GET, decoded where they arrived (a raw chunk is
+/// used in the body's own bytes, a compressed one decompressed into `extra`). A download
+/// thread keeps one and reuses its buffers for every request it makes: its memory is
+/// reached on its first requests and then stays (no allocation per request, so no heap
+/// growth from fragmentation over a long job).
+#[derive(Default)]
+pub(crate) struct Fetched {
+    body: Vec<u8>,
+    extra: Vec<u8>,
+    chunks: Vec<(ChunkId, Decoded)>,
+}
+
+impl Fetched {
+    /// Each chunk of the request (in pack order) and its data.
+    pub(crate) fn chunks(&self) -> impl Iterator<Item = (ChunkId, &[u8])> + '_ {
+        self.chunks.iter().map(|(id, d)| {
+            let data = match d {
+                Decoded::InPlace(r) => &self.body[r.clone()],
+                Decoded::Appended(r) => &self.extra[r.clone()],
+            };
+            (*id, data)
+        })
     }
 }
 
@@ -179,14 +193,16 @@ pub(crate) fn fetch_one(
 
 /// Fetches the chunks at `items`' locations (sorted into ranged GETs per pack: gaps of
 /// at most [`MAX_GAP`], at most `max_fetch` bytes each) on `threads` threads, handing
-/// each request's verified chunks to `sink` together. Stops at the first error.
+/// each request's verified chunks to `sink` together, with a block-aligned buffer the
+/// thread keeps for it (data built there goes to the device without another copy). Stops
+/// at the first error.
 pub(crate) fn fetch_located(
     repo: &Repository,
     packs: &dyn PackNames,
     mut items: Vec<(Loc, ChunkId)>,
     threads: usize,
     max_fetch: u64,
-    sink: impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync,
+    sink: impl Fn(&Fetched, &mut AlignedVec) -> Result<()> + Sync,
     downloaded: &AtomicU64,
 ) -> Result<()> {
     items.sort_unstable_by_key(|(l, _)| (l.pack, l.offset));
@@ -212,17 +228,22 @@ pub(crate) fn fetch_located(
     let err: Mutex<Option<BackupError>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..threads.clamp(1, reqs.len().max(1)) {
-            s.spawn(|| loop {
-                if lock(&err).is_some() {
-                    return;
-                }
-                let Some(req) = reqs.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    return;
-                };
-                let r = fetch_request(repo, packs, &items[req.clone()], &sink, downloaded);
-                if let Err(e) = r {
-                    lock(&err).get_or_insert(e);
-                    return;
+            s.spawn(|| {
+                let mut got = Fetched::default();
+                let mut scratch = AlignedVec::default();
+                loop {
+                    if lock(&err).is_some() {
+                        return;
+                    }
+                    let Some(req) = reqs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    let r = fetch_request(repo, packs, &items[req.clone()], &mut got, downloaded)
+                        .and_then(|()| sink(&got, &mut scratch));
+                    if let Err(e) = r {
+                        lock(&err).get_or_insert(e);
+                        return;
+                    }
                 }
             });
         }
@@ -233,36 +254,49 @@ pub(crate) fn fetch_located(
     }
 }
 
-/// One ranged GET covering `req` (one pack, in offset order).
+/// One ranged GET covering `req` (one pack, in offset order), its chunks decoded and
+/// verified into `got`.
 fn fetch_request(
     repo: &Repository,
     packs: &dyn PackNames,
     req: &[(Loc, ChunkId)],
-    sink: &(impl Fn(Vec<(ChunkId, Vec<u8>)>) -> Result<()> + Sync),
+    got: &mut Fetched,
     downloaded: &AtomicU64,
 ) -> Result<()> {
     let (first, last) = (req[0].0, req[req.len() - 1].0);
     let start = u64::from(first.offset);
     let len = u64::from(last.offset) + u64::from(last.len) - start;
     let pack = packs.name_of(first.pack);
-    let b = repo.store().get_range(&repo::pack_key(pack), start, len)?;
-    downloaded.fetch_add(b.len() as u64, Ordering::Relaxed);
-    let mut got = Vec::with_capacity(req.len());
+    repo.store()
+        .get_range_into(&repo::pack_key(pack), start, len, &mut got.body)?;
+    downloaded.fetch_add(got.body.len() as u64, Ordering::Relaxed);
+    got.extra.clear();
+    got.chunks.clear();
+    let max = repo.config().chunk_size as usize;
     for (l, id) in req {
         let a = (u64::from(l.offset) - start) as usize;
         let z = a + l.len as usize;
-        let Some(sealed) = b.get(a..z) else {
+        let have = got.body.len();
+        let Some(sealed) = got.body.get_mut(a..z) else {
             return Err(BackupError::BadChunk {
                 chunk: id.hex(),
                 pack: pack.to_string(),
-                detail: format!("pack is truncated ({} bytes from offset {start})", b.len()),
+                detail: format!("pack is truncated ({have} bytes from offset {start})"),
             });
         };
-        got.push((*id, decode(repo, packs, id, l, sealed)?));
+        let at = crate::chunk::decode_in_place(repo.keys(), id, sealed, max, &mut got.extra)
+            .map_err(|detail| BackupError::BadChunk {
+                chunk: id.hex(),
+                pack: pack.to_string(),
+                detail,
+            })?;
+        let at = match at {
+            Decoded::InPlace(r) => Decoded::InPlace(a + r.start..a + r.end),
+            d => d,
+        };
+        got.chunks.push((*id, at));
     }
-    // The raw range is decoded: free it before the sink copies the chunks again.
-    drop(b);
-    sink(got)
+    Ok(())
 }
 
 /// Positions of `table`'s cells ordered by chunk id (4 bytes per cell): the cells holding
@@ -375,22 +409,22 @@ fn write_frame(
     fetcher.fetch_many(
         fetcher.index.ids(),
         threads,
-        |chunks| {
+        |got, run| {
             // Cells of one request are mostly adjacent: write runs of them at once.
             let mut cells: Vec<(u64, &[u8])> = Vec::new();
-            for (id, data) in &chunks {
-                for c in by_chunk.cells(*id) {
+            for (id, data) in got.chunks() {
+                for c in by_chunk.cells(id) {
                     table
-                        .check_cell(c, id, data)
+                        .check_cell(c, &id, data)
                         .map_err(|d| BackupError::corrupt(repo::table_key(&header.id), d))?;
                     cells.push((c, data));
                 }
             }
             cells.sort_unstable_by_key(|(c, _)| *c);
-            let mut run: Vec<u8> = Vec::with_capacity(MAX_WRITE.min(cells.len() * cs as usize));
+            run.clear();
             let mut start = 0u64;
             let mut next = u64::MAX;
-            let flush_run = |run: &mut Vec<u8>, start: u64| -> Result<()> {
+            let flush_run = |run: &mut AlignedVec, start: u64| -> Result<()> {
                 if !run.is_empty() {
                     sink.write(start * cs, run, false)?;
                     written.fetch_add(run.len() as u64, Ordering::Relaxed);
@@ -401,13 +435,13 @@ fn write_frame(
             };
             for (c, data) in cells {
                 if c != next || run.len() + data.len() > MAX_WRITE {
-                    flush_run(&mut run, start)?;
+                    flush_run(run, start)?;
                     start = c;
                 }
                 run.extend_from_slice(data);
                 next = c + 1;
             }
-            flush_run(&mut run, start)
+            flush_run(run, start)
         },
         downloaded,
     )

@@ -51,6 +51,19 @@ pub trait ObjectStore: Send + Sync {
     /// `len` bytes at `offset`; fewer only if the object ends first. A store that answers
     /// with more than `len` bytes is an error, not a larger buffer.
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError>;
+    /// [`ObjectStore::get_range`] into `out`, replacing what it held: a store that can
+    /// fills the caller's buffer, so a download thread reuses one buffer for every request
+    /// (its memory then stays put over a long job). The default allocates a new one.
+    fn get_range_into(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        *out = self.get_range(key, offset, len)?;
+        Ok(())
+    }
     /// Stores `data` under `key`, replacing any object there. Atomic: readers see the old
     /// object or the whole new one.
     fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError>;

@@ -352,8 +352,22 @@ impl S3Store {
         range: Option<(u64, u64)>,
         max: u64,
     ) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        self.get_impl_into(key, range, max, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`S3Store::get_impl`] into `out` (replacing its contents; its capacity is reused).
+    fn get_impl_into(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        max: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        out.clear();
         if range.is_some_and(|(_, len)| len == 0) {
-            return Ok(Vec::new());
+            return Ok(());
         }
         // The SDK retries a request until its response head arrives; a connection that
         // drops while the body streams is retried here, with the same attempt budget.
@@ -361,7 +375,7 @@ impl S3Store {
         let mut backoff = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
-            match self.get_once(key, range, max) {
+            match self.get_once(key, range, max, out) {
                 Err(BodyError(detail)) if attempt < attempts => {
                     log::warn!(
                         "get {key}: {detail}; retrying (attempt {} of {attempts})",
@@ -406,7 +420,8 @@ impl S3Store {
         key: &str,
         range: Option<(u64, u64)>,
         max: u64,
-    ) -> Result<Result<Vec<u8>, StoreError>, BodyError> {
+        v: &mut Vec<u8>,
+    ) -> Result<Result<(), StoreError>, BodyError> {
         self.rt.block_on(async {
             let mut req = self
                 .client
@@ -432,7 +447,9 @@ impl S3Store {
                     if declared > max {
                         return Ok(Err(self.too_large(key, max)));
                     }
-                    let mut v = Vec::with_capacity(declared.min(MAX_PREALLOC) as usize);
+                    // (A retried attempt starts again from an empty buffer.)
+                    v.clear();
+                    v.reserve(declared.min(MAX_PREALLOC) as usize);
                     let mut body = out.body;
                     while let Some(chunk) = body.next().await {
                         let chunk = chunk.map_err(|e| BodyError(e.to_string()))?;
@@ -441,13 +458,16 @@ impl S3Store {
                         }
                         v.extend_from_slice(&chunk);
                     }
-                    Ok(Ok(v))
+                    Ok(Ok(()))
                 }
                 Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
                     Ok(Err(self.not_found(key)))
                 }
                 Err(e) if status(&e) == Some(404) => Ok(Err(self.not_found(key))),
-                Err(e) if status(&e) == Some(416) => Ok(Ok(Vec::new())),
+                Err(e) if status(&e) == Some(416) => {
+                    v.clear();
+                    Ok(Ok(()))
+                }
                 Err(e) => Ok(Err(self.fail("get", key, describe_err(&e)))),
             }
         })
@@ -468,6 +488,16 @@ impl ObjectStore for S3Store {
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
         self.get_impl(key, Some((offset, len)), len)
+    }
+
+    fn get_range_into(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.get_impl_into(key, Some((offset, len)), len, out)
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {

@@ -100,9 +100,84 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// A growable byte buffer whose start is `BLOCK_SIZE`-aligned: a writer that builds its
+/// data in one hands the pool memory it can send to the device as it is (the pool copies
+/// unaligned data into an [`AlignedBuf`] first). Kept and reused, it costs no allocation
+/// per write.
+#[derive(Default)]
+pub struct AlignedVec {
+    buf: Option<AlignedBuf>,
+    len: usize,
+}
+
+impl AlignedVec {
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `data`, growing the buffer (to a power of two blocks) if it must.
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        let need = self.len + data.len();
+        let cap = self.buf.as_ref().map_or(0, |b| b.len());
+        if need > cap {
+            let new_cap = need.next_power_of_two().max(BLOCK_SIZE);
+            let mut b = AlignedBuf::zeroed(new_cap);
+            if let Some(old) = &self.buf {
+                b[..self.len].copy_from_slice(&old[..self.len]);
+            }
+            self.buf = Some(b);
+        }
+        if let Some(b) = &mut self.buf {
+            b[self.len..need].copy_from_slice(data);
+        }
+        self.len = need;
+    }
+}
+
+impl Deref for AlignedVec {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], |b| &b[..self.len])
+    }
+}
+
+/// Whether `data` may go to an O_DIRECT device as it is: its start is `BLOCK_SIZE`-aligned
+/// in memory.
+pub fn is_aligned(data: &[u8]) -> bool {
+    (data.as_ptr() as usize).is_multiple_of(BLOCK_SIZE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_vec_grows_keeps_and_stays_aligned() {
+        let mut v = AlignedVec::default();
+        assert!(v.is_empty());
+        let mut want = Vec::new();
+        for i in 0..40u32 {
+            let piece: Vec<u8> = (0..(i as usize * 1000 + 1))
+                .map(|k| (k as u32 ^ i) as u8)
+                .collect();
+            v.extend_from_slice(&piece);
+            want.extend_from_slice(&piece);
+            assert_eq!(&v[..], &want[..]);
+            assert!(is_aligned(&v));
+        }
+        v.clear();
+        assert!(v.is_empty());
+        v.extend_from_slice(b"abc");
+        assert_eq!(&v[..], b"abc");
+    }
 
     #[test]
     fn aligned_and_zeroed() {

@@ -12,7 +12,7 @@ pub mod uring;
 use std::io;
 use std::os::unix::io::RawFd;
 
-pub use aligned::AlignedBuf;
+pub use aligned::{is_aligned, AlignedBuf, AlignedVec};
 pub use header::DeviceHeader;
 
 pub const BLOCK_SIZE: usize = 4096;

@@ -138,6 +138,10 @@ impl Pool2 {
         let b1 = (offset + data.len() as u64).div_ceil(BLOCK_SIZE_U64);
         let head = (offset - b0 * BLOCK_SIZE_U64) as usize;
         let aligned = head == 0 && data.len().is_multiple_of(BLOCK_SIZE);
+        if aligned && crate::device::is_aligned(data) {
+            // Whole blocks in memory the device can take as it is (an AlignedVec's).
+            return self.write_blocks(vol, b0, data, fua);
+        }
         let buf = if aligned {
             AlignedBuf::copy_of(data)
         } else {
