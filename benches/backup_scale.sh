@@ -189,6 +189,8 @@ for m in $BIG_MIBS; do
         t1=$(date +%s.%N)
         AWS_MBS=$(python3 -c "print(f'{$m / ($t1 - $t0):.1f}')")
         rm "$W/down.img"; aws --endpoint-url "$DIRECT" s3 rm --quiet s3://raw/raw.img
+        # The comparison's 8 GiB of writes are not the restore's to wait for.
+        sync
         # One Python process, nbd imported before the clock starts (an interpreter's cold
         # start after drop_caches is not the restore's): the command, then the first 4 KiB
         # read in the middle, then 512 MiB sequential from the second half (unhydrated:

@@ -67,7 +67,7 @@ use crate::index::Loc;
 use crate::manifest::Header;
 use crate::par::lock;
 use crate::repo::Repository;
-use crate::restore::{fetch_located, Fetched, MAX_FETCH};
+use crate::restore::{fetch_located, Buffers, Downloads, Fetched, MAX_FETCH};
 
 const STRIPES: usize = 256;
 
@@ -821,8 +821,12 @@ impl Hydration {
             &self.repo,
             &self.map,
             items,
-            threads,
-            max_fetch,
+            Downloads {
+                threads,
+                max_fetch,
+                // Per call: a restore idle between misses keeps no download buffers.
+                buffers: &Buffers::default(),
+            },
             |got, buf| self.put_chunks(got, &wanted, buf),
             &AtomicU64::new(0),
         )

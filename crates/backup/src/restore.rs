@@ -26,12 +26,13 @@ use crate::tablecopy::{self, TableCopy};
 /// Largest single write into the restored volume.
 const MAX_WRITE: usize = 4 << 20;
 
-/// Largest coalesced ranged GET. What a download holds at its peak is about three times
-/// this (the body as received and copied out, then its decoded chunks, the run written
-/// and the pool's aligned copy of it), so with `--downloads` 8 a restore's buffers stay
-/// under ~100 MiB at any volume size; 16 MiB put them at ~250 MiB, and a longer job's
-/// peak RSS crept towards that bound (measured: the same restore at 4 and 16 GiB).
-/// 4 MiB is also what S3 serves well per request (the SDKs' default part size is 8).
+/// Largest coalesced ranged GET. A download thread keeps two buffers of about this size
+/// for its whole life (crate::restore::Fetched): the body as received, its chunks
+/// decoded in place, and the block-aligned run the pool writes as it is; so with
+/// `--downloads` 8 a restore's buffers stay near 64 MiB at any volume size, and stop
+/// growing after the first requests (a thread that allocated per request let glibc's heap
+/// creep by ~35 MiB over a 4 GiB restore). 4 MiB is also what S3 serves well per request
+/// (the SDKs' default part size is 8).
 pub(crate) const MAX_FETCH: u64 = 4 << 20;
 
 /// Largest run of unneeded bytes inside one coalesced GET. After many incrementals a
@@ -97,6 +98,7 @@ impl Fetcher {
         &self,
         ids: &[ChunkId],
         threads: usize,
+        buffers: &Buffers,
         sink: impl Fn(&Fetched, &mut AlignedVec) -> Result<()> + Sync,
         downloaded: &AtomicU64,
     ) -> Result<()> {
@@ -108,8 +110,11 @@ impl Fetcher {
             &self.repo,
             &self.index,
             items,
-            threads,
-            MAX_FETCH,
+            Downloads {
+                threads,
+                max_fetch: MAX_FETCH,
+                buffers,
+            },
             sink,
             downloaded,
         )
@@ -138,6 +143,29 @@ impl Fetched {
             };
             (*id, data)
         })
+    }
+}
+
+/// How [`fetch_located`] downloads: `threads` ranged GETs at once, each of at most
+/// `max_fetch` bytes, with buffers from `buffers`.
+pub(crate) struct Downloads<'a> {
+    pub threads: usize,
+    pub max_fetch: u64,
+    pub buffers: &'a Buffers,
+}
+
+/// The buffers of download threads that come and go (a restore starts its threads again
+/// for every frame of its table): a thread takes a set and gives it back when it ends, so
+/// the next frame's threads reuse them instead of allocating their own.
+#[derive(Default)]
+pub(crate) struct Buffers(Mutex<Vec<(Fetched, AlignedVec)>>);
+
+impl Buffers {
+    fn take(&self) -> (Fetched, AlignedVec) {
+        lock(&self.0).pop().unwrap_or_default()
+    }
+    fn give(&self, set: (Fetched, AlignedVec)) {
+        lock(&self.0).push(set);
     }
 }
 
@@ -200,11 +228,15 @@ pub(crate) fn fetch_located(
     repo: &Repository,
     packs: &dyn PackNames,
     mut items: Vec<(Loc, ChunkId)>,
-    threads: usize,
-    max_fetch: u64,
+    how: Downloads<'_>,
     sink: impl Fn(&Fetched, &mut AlignedVec) -> Result<()> + Sync,
     downloaded: &AtomicU64,
 ) -> Result<()> {
+    let Downloads {
+        threads,
+        max_fetch,
+        buffers,
+    } = how;
     items.sort_unstable_by_key(|(l, _)| (l.pack, l.offset));
     // Group into requests (ranges of `items`): same pack, gaps of at most MAX_GAP.
     let mut reqs: Vec<std::ops::Range<usize>> = Vec::new();
@@ -229,22 +261,22 @@ pub(crate) fn fetch_located(
     std::thread::scope(|s| {
         for _ in 0..threads.clamp(1, reqs.len().max(1)) {
             s.spawn(|| {
-                let mut got = Fetched::default();
-                let mut scratch = AlignedVec::default();
+                let (mut got, mut scratch) = buffers.take();
                 loop {
                     if lock(&err).is_some() {
-                        return;
+                        break;
                     }
                     let Some(req) = reqs.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                        return;
+                        break;
                     };
                     let r = fetch_request(repo, packs, &items[req.clone()], &mut got, downloaded)
                         .and_then(|()| sink(&got, &mut scratch));
                     if let Err(e) = r {
                         lock(&err).get_or_insert(e);
-                        return;
+                        break;
                     }
                 }
+                buffers.give((got, scratch));
             });
         }
     });
@@ -353,6 +385,7 @@ pub fn run(
     let written = AtomicU64::new(0);
     let downloaded = AtomicU64::new(0);
     let mut fetched = 0u64;
+    let buffers = Buffers::default();
     for k in 0..copy.count() {
         let table = copy.frame(k)?;
         if table.cells.is_empty() {
@@ -372,6 +405,7 @@ pub fn run(
             &fetcher,
             sink,
             threads,
+            &buffers,
             progress,
             &written,
             &downloaded,
@@ -400,6 +434,7 @@ fn write_frame(
     fetcher: &Fetcher,
     sink: &dyn Export,
     threads: usize,
+    buffers: &Buffers,
     progress: &dyn Progress,
     written: &AtomicU64,
     downloaded: &AtomicU64,
@@ -409,6 +444,7 @@ fn write_frame(
     fetcher.fetch_many(
         fetcher.index.ids(),
         threads,
+        buffers,
         |got, run| {
             // Cells of one request are mostly adjacent: write runs of them at once.
             let mut cells: Vec<(u64, &[u8])> = Vec::new();

@@ -327,7 +327,8 @@ impl Server {
             }
             let req = codec::parse_request(&hdr)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("request: {e}")))?;
-            let mut payload = Vec::new();
+            // Block-aligned: the pool writes whole blocks from it without copying them.
+            let mut payload = AlignedBuf::zeroed(0);
             if req.command == CMD_WRITE {
                 if req.length > MAX_PAYLOAD {
                     // The payload cannot be skipped safely; say why, then hang up.
@@ -338,7 +339,7 @@ impl Server {
                         format!("write of {} bytes", req.length),
                     ));
                 }
-                payload = vec![0u8; req.length as usize];
+                payload = AlignedBuf::zeroed(req.length as usize);
                 reader.read_exact(&mut payload)?;
             }
             if req.command == CMD_DISC {
@@ -360,7 +361,7 @@ impl Server {
 
 /// A request queued for the connection's workers: the request, its payload, the bytes of
 /// budget it holds, and when it arrived (for the export's meter).
-type Job = (Request, Vec<u8>, u64, Instant);
+type Job = (Request, AlignedBuf, u64, Instant);
 
 /// What a command is, for the export's meter (`None`: not metered: cache, block status).
 fn io_kind(command: u16) -> Option<IoKind> {
@@ -398,7 +399,7 @@ fn handle(
     conn: &Conn,
     session: &Session,
     req: Request,
-    payload: Vec<u8>,
+    payload: AlignedBuf,
     bytes: u64,
     reply: &mut ReplyBuf,
 ) -> bool {
