@@ -27,25 +27,21 @@ pub fn encode(keys: &Keys, level: i32, data: &[u8]) -> (ChunkId, Vec<u8>) {
     (id, keys.seal(&plain, &id.0))
 }
 
-/// Opens, decompresses and verifies a sealed chunk; the error says what failed.
+/// Opens, decompresses and verifies a sealed chunk; the error says what failed. A copying
+/// front of [`decode_in_place`] (one copy of the sealed bytes, as opening into a new
+/// buffer costs), for callers that want the data owned.
 pub fn decode(keys: &Keys, id: &ChunkId, sealed: &[u8], max_len: usize) -> Result<Vec<u8>, String> {
-    let mut plain = keys
-        .open(sealed, &id.0)
-        .ok_or("authentication failed: the stored bytes were altered (or belong to another key)")?;
-    let flag = plain.pop().ok_or("empty chunk")?;
-    let data = match flag {
-        RAW => plain,
-        ZSTD => zstd::bulk::decompress(&plain, max_len)
-            .map_err(|e| format!("zstd frame does not decompress: {e}"))?,
-        f => return Err(format!("unknown chunk encoding {f}")),
-    };
-    if data.len() > max_len {
-        return Err(format!("{} bytes, larger than a chunk", data.len()));
+    let mut buf = sealed.to_vec();
+    let mut out = Vec::new();
+    match decode_in_place(keys, id, &mut buf, max_len, &mut out)? {
+        Decoded::InPlace(r) => {
+            buf.truncate(r.end);
+            buf.drain(..r.start);
+            Ok(buf)
+        }
+        // `out` started empty, so the appended range is all of it.
+        Decoded::Appended(_) => Ok(out),
     }
-    if keys.chunk_id(&data) != *id {
-        return Err("content does not match the chunk id".into());
-    }
-    Ok(data)
 }
 
 /// Where [`decode_in_place`] left a chunk's data.
