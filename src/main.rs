@@ -645,10 +645,13 @@ fn print_outcome(cli: &Cli, out: repo_cmds::Outcome) -> Result<ExitCode> {
 }
 
 /// Memory goes back to the system when freed, so a long job's RSS follows what it holds:
-/// - Large buffers (ranged GETs and runs of chunks of up to 4 MiB, packs) get mappings of
-///   their own, returned when freed. Left alone, glibc raises its mmap threshold after the
-///   first such free and serves later ones from its arenas, whose pages stay resident: a
-///   restore's peak RSS was ~375 MiB instead of ~200 (8 downloads). 4 MiB, not lower: I/O
+/// - Large buffers (ranged GETs and runs of chunks of up to 4 MiB, packs, a restore's
+///   per-frame tables and locations of 2-3 MiB) get mappings of their own, returned when
+///   freed. Left alone, glibc raises its mmap threshold after the first such free and
+///   serves later ones from its arenas, whose pages stay resident: a restore's peak RSS
+///   was ~375 MiB instead of ~200 (8 downloads). 2 MiB: with 4, the per-frame vectors of
+///   a restore went to the arenas, and each frame left more of them resident (+4.4 MiB
+///   from a 4 to a 16 GiB restore, with a flat heap; +2.8 with 2 MiB). Not lower: I/O
 ///   request buffers (1 MiB and less) stay in the arenas, with no mmap/munmap per request.
 /// - At most one malloc arena per core (2..=8) instead of glibc's eight per core: every
 ///   thread that ever allocated holds an arena, and freed chunks scattered through many
@@ -664,7 +667,7 @@ fn return_freed_memory() {
         // SAFETY: mallopt only sets glibc's allocation policy; it runs before any other
         // thread exists, and allocations made under any setting are freed correctly.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
             libc::mallopt(libc::M_ARENA_MAX, arenas);
         }
     }

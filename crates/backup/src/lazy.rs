@@ -760,7 +760,7 @@ impl Hydration {
         let mut idle_since: Option<Instant> = None;
         // Kept for the stream's life (it ends when its reader pauses): a step's body and
         // runs are not allocated and faulted in again for every step.
-        let buffers = Buffers::default();
+        let buffers = Buffers::with_run(MAX_RUN);
         loop {
             if self.stop.load(Ordering::Relaxed)
                 || self.is_complete()
@@ -894,7 +894,7 @@ impl Hydration {
         let mut backoff = Duration::from_secs(1);
         // The background pass's download buffers, kept between its batches (as a full
         // restore keeps them between frames); freed when it ends.
-        let buffers = Buffers::default();
+        let buffers = Buffers::with_run(MAX_RUN);
         let mut p0 = 0;
         while p0 < n {
             if self.stop.load(Ordering::Relaxed) || self.background_off.load(Ordering::Relaxed) {

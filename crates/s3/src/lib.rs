@@ -449,7 +449,9 @@ impl S3Store {
                     }
                     // (A retried attempt starts again from an empty buffer.)
                     v.clear();
-                    v.reserve(declared.min(MAX_PREALLOC) as usize);
+                    // Exactly: `reserve` may double a kept buffer's capacity past what any body
+                    // needs (a restore keeps one per download thread).
+                    v.reserve_exact(declared.min(MAX_PREALLOC) as usize);
                     let mut body = out.body;
                     while let Some(chunk) = body.next().await {
                         let chunk = chunk.map_err(|e| BodyError(e.to_string()))?;

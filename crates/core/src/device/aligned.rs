@@ -123,17 +123,33 @@ impl AlignedVec {
         self.len == 0
     }
 
+    /// Makes room for `total` bytes in all (rounded up to whole blocks) at once, so a
+    /// buffer whose largest use is known is allocated once at that size and never grows
+    /// through the smaller sizes (each growth frees the last buffer into the allocator's
+    /// arenas, where its pages may stay resident).
+    pub fn reserve_total(&mut self, total: usize) {
+        let cap = self.buf.as_ref().map_or(0, |b| b.len());
+        if total > cap {
+            let b = AlignedBuf::zeroed(total.div_ceil(BLOCK_SIZE).max(1) * BLOCK_SIZE);
+            self.replace(b);
+        }
+    }
+
+    /// Moves the contents into `b` (at least `len` bytes) and keeps `b`.
+    fn replace(&mut self, mut b: AlignedBuf) {
+        if let Some(old) = &self.buf {
+            b[..self.len].copy_from_slice(&old[..self.len]);
+        }
+        self.buf = Some(b);
+    }
+
     /// Appends `data`, growing the buffer (to a power of two blocks) if it must.
     pub fn extend_from_slice(&mut self, data: &[u8]) {
         let need = self.len + data.len();
         let cap = self.buf.as_ref().map_or(0, |b| b.len());
         if need > cap {
             let new_cap = need.next_power_of_two().max(BLOCK_SIZE);
-            let mut b = AlignedBuf::zeroed(new_cap);
-            if let Some(old) = &self.buf {
-                b[..self.len].copy_from_slice(&old[..self.len]);
-            }
-            self.buf = Some(b);
+            self.replace(AlignedBuf::zeroed(new_cap));
         }
         if let Some(b) = &mut self.buf {
             b[self.len..need].copy_from_slice(data);
@@ -177,6 +193,28 @@ mod tests {
         assert!(v.is_empty());
         v.extend_from_slice(b"abc");
         assert_eq!(&v[..], b"abc");
+    }
+
+    #[test]
+    fn reserved_total_is_allocated_once_and_keeps_contents() {
+        let mut v = AlignedVec::default();
+        v.extend_from_slice(b"head");
+        v.reserve_total(3 * BLOCK_SIZE + 1);
+        assert_eq!(&v[..], b"head");
+        assert!(is_aligned(&v));
+        let at = v.as_ptr();
+        // Everything up to the reserved total fits without another allocation.
+        v.extend_from_slice(&vec![7u8; 4 * BLOCK_SIZE - 4]);
+        assert_eq!(v.as_ptr(), at);
+        assert_eq!(v.len(), 4 * BLOCK_SIZE);
+        assert_eq!(&v[..4], b"head");
+        // A smaller reservation changes nothing; past it the buffer grows as before.
+        v.reserve_total(BLOCK_SIZE);
+        assert_eq!(v.as_ptr(), at);
+        v.extend_from_slice(b"x");
+        assert_eq!(v.len(), 4 * BLOCK_SIZE + 1);
+        assert_eq!(v[4 * BLOCK_SIZE], b'x');
+        assert!(is_aligned(&v));
     }
 
     #[test]
