@@ -186,14 +186,25 @@ fn describe_err<E: std::error::Error + ProvideErrorMetadata + 'static>(e: &SdkEr
         (None, None) => match e {
             SdkError::TimeoutError(_) => "timed out".to_string(),
             SdkError::DispatchFailure(d) => {
-                let mut msg = "cannot reach the server".to_string();
+                // A connector timeout is a deadline, not an unreachable server: the SDK's
+                // stalled-stream protection (a body that moved nothing for its grace
+                // period) reports through here and races our per-request deadline.
+                let timeout = d.as_connector_error().is_some_and(|c| c.is_timeout());
+                let mut msg = if timeout {
+                    "timed out"
+                } else {
+                    "cannot reach the server"
+                }
+                .to_string();
                 // The connector error's own text is generic ("io error"); its sources
                 // say what happened ("Connection refused").
                 let mut src: Option<&dyn std::error::Error> =
                     d.as_connector_error().map(|c| c as &dyn std::error::Error);
                 while let Some(s) = src {
                     let t = s.to_string();
-                    if !msg.contains(&t) {
+                    // (A timeout's own text is just "timeout": said already.)
+                    let said = msg.contains(&t) || (timeout && t == "timeout");
+                    if !said {
                         msg = format!("{msg}: {t}");
                     }
                     src = s.source();
@@ -248,6 +259,20 @@ impl S3Store {
                     TimeoutConfig::builder()
                         .connect_timeout(Duration::from_secs(5))
                         .operation_attempt_timeout(opts.attempt_timeout)
+                        .build(),
+                )
+                // Uploads: no stalled-stream protection. It fails a body the HTTP client
+                // did not poll for its grace period (the SDK's default is 20 s), and on a
+                // slow link the client does not poll while the kernel's send buffer
+                // (up to 4 MiB) drains: a backup over a slow but moving link failed at
+                // random. An upload's deadline is ours (`deadline`: attempt timeout +
+                // bytes at --s3-min-rate). Downloads keep it, with the attempt timeout
+                // as its grace period: our deadline ends at the response head, and this
+                // is what ends a body that stops moving.
+                .stalled_stream_protection(
+                    aws_sdk_s3::config::StalledStreamProtectionConfig::enabled()
+                        .upload_enabled(false)
+                        .grace_period(opts.attempt_timeout)
                         .build(),
                 );
             if let Some(ep) = &opts.endpoint {
@@ -400,9 +425,10 @@ impl S3Store {
     /// Config for one request moving `bytes`: its attempts may take the attempt timeout
     /// plus the bytes' time at the slowest accepted rate. A download must also start
     /// answering within the attempt timeout (`read_timeout`: time to the first response
-    /// byte), so a server that hangs is noticed as fast as before; an upload's first
-    /// response byte comes after its body, so it has only the whole deadline (and the
-    /// SDK's stalled-stream protection, which fails a body that stops moving).
+    /// byte), so a server that hangs is noticed as fast as before, and the SDK's
+    /// stalled-stream protection ends a body that stops moving; an upload's first
+    /// response byte comes after its body, so it has the whole deadline (a stalled
+    /// upload fails when it passes).
     fn deadline(&self, bytes: u64, download: bool) -> aws_sdk_s3::config::Builder {
         let transfer = Duration::from_secs_f64(bytes as f64 / self.opts.min_rate.max(1) as f64);
         let mut t = TimeoutConfig::builder()
@@ -617,6 +643,24 @@ impl ObjectStore for S3Store {
 #[cfg(test)]
 mod tests {
     use super::S3Options;
+
+    #[test]
+    fn a_connector_timeout_says_timed_out() {
+        use aws_sdk_s3::error::{ConnectorError, SdkError};
+        use aws_sdk_s3::operation::put_object::PutObjectError;
+        let stalled: SdkError<PutObjectError> =
+            SdkError::dispatch_failure(ConnectorError::timeout(
+                "minimum throughput was specified at 1 B/s, but throughput of 0 B/s was observed"
+                    .into(),
+            ));
+        let msg = super::describe_err(&stalled);
+        assert!(msg.starts_with("timed out: minimum throughput"), "{msg}");
+        assert!(msg.contains("throughput of 0 B/s"), "{msg}");
+        let refused: SdkError<PutObjectError> = SdkError::dispatch_failure(ConnectorError::io(
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into(),
+        ));
+        assert!(super::describe_err(&refused).starts_with("cannot reach the server"));
+    }
 
     #[test]
     fn urls() {
