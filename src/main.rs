@@ -6,6 +6,7 @@ mod cli;
 mod control;
 mod exit;
 mod freeze;
+mod heap;
 mod logging;
 mod manpages;
 mod mount;
@@ -644,37 +645,8 @@ fn print_outcome(cli: &Cli, out: repo_cmds::Outcome) -> Result<ExitCode> {
     })
 }
 
-/// Memory goes back to the system when freed, so a long job's RSS follows what it holds:
-/// - Large buffers (ranged GETs and runs of chunks of up to 4 MiB, packs, a restore's
-///   per-frame tables and locations of 2-3 MiB) get mappings of their own, returned when
-///   freed. Left alone, glibc raises its mmap threshold after the first such free and
-///   serves later ones from its arenas, whose pages stay resident: a restore's peak RSS
-///   was ~375 MiB instead of ~200 (8 downloads). 2 MiB: with 4, the per-frame vectors of
-///   a restore went to the arenas, and each frame left more of them resident (+4.4 MiB
-///   from a 4 to a 16 GiB restore, with a flat heap; +2.8 with 2 MiB). Not lower: I/O
-///   request buffers (1 MiB and less) stay in the arenas, with no mmap/munmap per request.
-/// - At most one malloc arena per core (2..=8) instead of glibc's eight per core: every
-///   thread that ever allocated holds an arena, and freed chunks scattered through many
-///   arenas stay resident. Measured on a restore (2 cores, 8 downloads): peak RSS above
-///   the open pool 174 -> 255 MiB from a 4 to a 16 GiB volume with the default arenas,
-///   flat at 158 MiB with 2, and the restore ran faster.
-fn return_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    {
-        let arenas = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(2, 8) as libc::c_int;
-        // SAFETY: mallopt only sets glibc's allocation policy; it runs before any other
-        // thread exists, and allocations made under any setting are freed correctly.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
-            libc::mallopt(libc::M_ARENA_MAX, arenas);
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    return_freed_memory();
+    heap::return_freed_memory();
     let cli = Cli::parse();
     logging::init(cli.log_format, matches!(cli.cmd, Cmd::Daemon(_)));
     match run(cli) {

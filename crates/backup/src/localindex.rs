@@ -47,6 +47,10 @@ const MAGIC: &[u8; 4] = b"SBLI";
 /// Records sorted in RAM before they are written as a file (704 KiB): the most an add
 /// holds, however many packs it adds (more files merge as they come, geometrically).
 pub const RUN_RECORDS: usize = 1 << 14;
+/// Read buffers of one merge, shared by its inputs (each gets at least 64 KiB): a merge
+/// of many files holds no more than a merge of two, so a job's memory does not grow with
+/// the files its own index has reached (sequential reads: the kernel reads ahead anyway).
+const MERGE_READ_BUFFERS: usize = 1 << 20;
 /// Most files kept: past this the newest are merged even if their sizes still fall
 /// geometrically (they do not reach it: 24 halvings from the largest file).
 const MAX_FILES: usize = 24;
@@ -215,11 +219,11 @@ impl Run {
             .map_err(io("reading", &self.path))
     }
 
-    /// All records in order.
-    fn records(&self) -> Result<impl Iterator<Item = Result<(ChunkId, Hit)>> + '_> {
+    /// All records in order, read through a buffer of `buffer` bytes.
+    fn records(&self, buffer: usize) -> Result<impl Iterator<Item = Result<(ChunkId, Hit)>> + '_> {
         // Its own open file: a clone would share the offset other reads move.
         let f = File::open(&self.path).map_err(io("opening", &self.path))?;
-        let mut r = BufReader::with_capacity(1 << 20, f.take(self.records * RECORD as u64));
+        let mut r = BufReader::with_capacity(buffer, f.take(self.records * RECORD as u64));
         let path = self.path.clone();
         Ok((0..self.records).map(move |_| {
             let mut b = [0u8; RECORD];
@@ -653,13 +657,16 @@ impl LocalIndex {
         Ok(())
     }
 
-    /// Merges the files from position `from` on into one (streamed: a buffer per file),
+    /// Merges the files from position `from` on into one (streamed: the files share
+    /// [`MERGE_READ_BUFFERS`]),
     /// numbered after every file (so it stays the newest).
     fn merge(&mut self, from: usize) -> Result<()> {
         let path = {
             let mut iters = Vec::new();
+            let inputs = self.runs.len() - from;
+            let buffer = (MERGE_READ_BUFFERS / inputs.max(1)).max(64 << 10);
             for r in &self.runs[from..] {
-                let mut it = r.records()?;
+                let mut it = r.records(buffer)?;
                 let head = it.next().transpose()?;
                 iters.push((it, head));
             }
