@@ -76,6 +76,9 @@ pub struct Report {
     pub bytes_deleted: u64,
     pub bytes_repacked: u64,
     pub orphans_deleted: u64,
+    /// Marks in `trash/` naming neither a pack nor an index (left by a gc that died
+    /// between its deletes), removed.
+    pub stray_marks_deleted: u64,
     /// Entries of packs kept because a backup may reference them (the copies readers
     /// pick; a chunk in two packs, one of them new since the listing, counts twice).
     pub chunks_referenced: u64,
@@ -342,6 +345,20 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             rep.bytes_deleted += size;
             if !opts.dry_run {
                 store.delete(&repo::pack_key(id))?;
+            }
+        }
+    }
+    // Marks naming neither a pack nor an index: a gc that died between its three deletes
+    // (pack, index, mark) left them, and no visit reaches them again (gc visits indexed
+    // packs), so each stayed in every job's `trash/` listing for good. Only gc writes
+    // marks, for indexed packs, and pack ids are hashes of sealed blobs with random
+    // nonces: no pack appears under such a name later, and removing the mark changes
+    // nothing any job decides (its pack is absent from every listing already).
+    for id in marks.keys() {
+        if !indexed.contains(id) && !objects.contains_key(id) {
+            rep.stray_marks_deleted += 1;
+            if !opts.dry_run {
+                store.delete(&repo::trash_key(id))?;
             }
         }
     }

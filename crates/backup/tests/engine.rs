@@ -343,6 +343,70 @@ fn faulty(dir: &std::path::Path, allow_puts: u64, down: bool) -> (Hooked, Arc<At
 }
 
 #[test]
+fn a_gc_that_died_between_its_deletes_leaves_no_mark_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool();
+    let r = repo(dir.path(), 64 << 10);
+    let mut rng = Rng(12);
+    p.create_volume("v", 8 * MIB).unwrap();
+    write(&p, "v", 0, 4 * MIB as usize, &mut rng);
+    let s1 = snap(&p, "v", "s1");
+    let b1 = backup_snapshot(&p, &r, &s1, false, &NoProgress).unwrap();
+    prune::forget(
+        &r,
+        std::slice::from_ref(&b1.manifest),
+        None,
+        prune::OnHold::Refuse,
+    )
+    .unwrap();
+    let opts = gc::Options {
+        grace_secs: 1,
+        max_unused: 0.0,
+        dry_run: false,
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let g = gc::run(&r, &opts, &NoProgress).unwrap();
+    assert!(g.packs_condemned >= 2 && g.packs_deleted == 0, "{g:?}");
+    // The next gc dies after deleting a pack and its index, before its mark.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let dying: Arc<dyn ObjectStore> = Arc::new(Hooked::new(
+        Arc::new(FileStore::new(dir.path())),
+        |c| match c {
+            Call::Before(Op::Delete(key)) if key.starts_with("trash/") => {
+                Err(common::store_failure("delete", key, "killed"))
+            }
+            _ => Ok(()),
+        },
+    ));
+    let rd = Repository::open(dying, b"test key").unwrap();
+    let err = gc::run(&rd, &opts, &NoProgress).unwrap_err();
+    assert!(err.to_string().contains("killed"), "{err}");
+    let names = |prefix: &str| -> Vec<String> {
+        let mut v: Vec<String> = r
+            .store()
+            .list(prefix)
+            .unwrap()
+            .into_iter()
+            .filter_map(|o| Some(o.key.rsplit('/').next()?.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let (packs, indexes) = (names("packs/"), names("index/"));
+    let stray: Vec<String> = names("trash/")
+        .into_iter()
+        .filter(|m| !packs.contains(m) && !indexes.contains(m))
+        .collect();
+    assert_eq!(stray.len(), 1, "one pack went, its mark stayed");
+    // The next gc removes the stray mark (no visit reached it before: gc visits
+    // indexed packs) and finishes the rest.
+    let g = gc::run(&r, &opts, &NoProgress).unwrap();
+    assert!(g.stray_marks_deleted >= 1, "{g:?}");
+    assert!(names("trash/").is_empty(), "{:?}", names("trash/"));
+    assert!(names("packs/").is_empty() && names("index/").is_empty());
+}
+
+#[test]
 fn interrupted_backup_resumes_without_reuploading() {
     let dir = tempfile::tempdir().unwrap();
     let p = pool();

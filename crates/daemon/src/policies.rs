@@ -796,6 +796,12 @@ pub fn gc_text(r: &gc::Report) -> String {
         r.orphans_deleted,
         r.packs_rescued
     );
+    if r.stray_marks_deleted > 0 {
+        t.push_str(&format!(
+            "; {} marks of packs already gone removed",
+            r.stray_marks_deleted
+        ));
+    }
     if r.orphan_tables_deleted > 0 || !r.leftovers_deleted.is_empty() {
         t.push_str(&format!(
             "; {} tables of unfinished backups and {} headers of removed backups deleted",
