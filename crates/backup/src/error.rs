@@ -31,6 +31,17 @@ pub enum BackupError {
     Lost { backup: String, object: String },
     #[error("busy: {0}")]
     Busy(String),
+    #[error(
+        "this host's clock ({host}) is {seconds} s {} {store}'s; leases and gc's cut-offs need clocks within {} s of the store's: synchronise the clock (NTP) and run again",
+        if *ahead { "ahead of" } else { "behind" },
+        crate::lease::MAX_CLOCK_SKEW
+    )]
+    ClockSkew {
+        host: String,
+        store: String,
+        seconds: u64,
+        ahead: bool,
+    },
     #[error("no backup of {0} in the repository")]
     NoSuchBackup(String),
     #[error("{what}: {detail}")]

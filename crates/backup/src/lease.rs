@@ -45,6 +45,11 @@ const MAX_LOCK_BYTES: u64 = 64 << 10;
 const SOLE_WAIT: Duration = Duration::from_secs(30 * 60);
 /// How often a waiting taker lists the locks again.
 const SOLE_POLL: Duration = Duration::from_millis(500);
+/// Largest difference, in seconds, allowed between a lease taker's clock and the store's.
+/// gc compares lease start times (their hosts' clocks) with pack and mark times (the
+/// store's) less 60 s (`gc::CLOCK_SLACK`), and readers judge other hosts' leases live by
+/// their own clock: two hosts each within 30 s of the store are within 60 s of each other.
+pub const MAX_CLOCK_SKEW: u64 = 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,11 +84,16 @@ impl Record {
 
 /// A live sole lease other than `except`, if any.
 fn live_sole(repo: &Repository, except: &str) -> Result<Option<Record>> {
+    Ok(live_sole_in(&listed(repo)?, except))
+}
+
+/// A live sole lease of `leases` other than `except`, if any.
+fn live_sole_in(leases: &[Listed], except: &str) -> Option<Record> {
     let t = now();
-    Ok(list(repo)?
-        .into_iter()
-        .find(|(id, r)| id != except && r.sole && r.live_at(t))
-        .map(|(_, r)| r))
+    leases
+        .iter()
+        .find(|l| l.id != except && l.record.sole && l.record.live_at(t))
+        .map(|l| l.record.clone())
 }
 
 fn key(id: &str) -> String {
@@ -103,6 +113,22 @@ fn write(repo: &Repository, id: &str, r: &Record) -> Result<()> {
 /// Every lease stored, by id. Objects that do not open are skipped with a warning (a lock
 /// that is not ours cannot protect anything, and must not block gc forever).
 pub fn list(repo: &Repository) -> Result<Vec<(String, Record)>> {
+    Ok(listed(repo)?
+        .into_iter()
+        .map(|l| (l.id, l.record))
+        .collect())
+}
+
+/// A lease as listed: its id, its record and when the store last wrote its object (the
+/// store's clock, Unix seconds; 0 if the store gives no times).
+struct Listed {
+    id: String,
+    record: Record,
+    stamped: u64,
+}
+
+/// As [`list`], with each object's modification time.
+fn listed(repo: &Repository) -> Result<Vec<Listed>> {
     let mut out = Vec::new();
     for o in repo.store().list(LOCKS)? {
         let Some(id) = o.key.strip_prefix(LOCKS) else {
@@ -118,7 +144,11 @@ pub fn list(repo: &Repository) -> Result<Vec<(String, Record)>> {
             .open(&sealed, &aad(id))
             .and_then(|p| serde_json::from_slice::<Record>(&p).ok())
         {
-            Some(r) => out.push((id.to_string(), r)),
+            Some(record) => out.push(Listed {
+                id: id.to_string(),
+                record,
+                stamped: o.modified,
+            }),
             None => log::warn!(
                 "{}: {} is not a lease of this repository",
                 repo.describe(),
@@ -136,6 +166,8 @@ pub struct Lease {
     record: Record,
     /// Unix seconds of the last successful write.
     last_ok: Arc<AtomicU64>,
+    /// This host's clock just before and just after the first write of the lease object.
+    written: (u64, u64),
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
 }
@@ -157,7 +189,9 @@ impl Lease {
         let deadline = std::time::Instant::now() + SOLE_WAIT;
         loop {
             let lease = Lease::take(repo, Kind::Shared, job.clone(), false)?;
-            if live_sole(repo, &lease.id)?.is_none() {
+            let leases = listed(repo)?;
+            lease.check_clock(&leases)?;
+            if live_sole_in(&leases, &lease.id).is_none() {
                 return Ok(lease);
             }
             drop(lease);
@@ -187,8 +221,10 @@ impl Lease {
     /// The exclusive lease; `sole` also keeps new shared leases waiting while it lives.
     pub fn exclusive_with(repo: &Repository, job: impl Into<String>, sole: bool) -> Result<Lease> {
         let lease = Lease::take(repo, Kind::Exclusive, job.into(), sole)?;
+        let leases = listed(repo)?;
+        lease.check_clock(&leases)?;
         let t = now();
-        for (id, r) in list(repo)? {
+        for Listed { id, record: r, .. } in leases {
             if id != lease.id && r.kind == Kind::Exclusive && r.live_at(t) {
                 // Ours is dropped (deleted) on the way out.
                 return Err(BackupError::Busy(format!(
@@ -221,6 +257,7 @@ impl Lease {
             sole,
         };
         write(repo, &id, &record)?;
+        let written = (t, now());
         let last_ok = Arc::new(AtomicU64::new(t));
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let thread = {
@@ -235,8 +272,41 @@ impl Lease {
             id,
             record,
             last_ok,
+            written,
             stop,
             thread: Some(thread),
+        })
+    }
+
+    /// Refuses to go on when this host's clock is more than [`MAX_CLOCK_SKEW`] off the
+    /// store's, judged by the time the store gave this lease's object in `leases` (a
+    /// listing taken after it was written, which every taker takes anyway): the lease
+    /// protocol's safety argument assumes clocks within that (docs/design.md §12
+    /// "Leases"). A store that gives no times, or a listing without the object, is not
+    /// judged.
+    fn check_clock(&self, leases: &[Listed]) -> Result<()> {
+        let Some(stamped) = leases
+            .iter()
+            .find(|l| l.id == self.id)
+            .map(|l| l.stamped)
+            .filter(|&s| s > 0)
+        else {
+            return Ok(());
+        };
+        let (before, after) = self.written;
+        // Stores keep whole seconds: one more of slack each way.
+        let (ahead, seconds) = if stamped + MAX_CLOCK_SKEW + 1 < before {
+            (true, before - stamped)
+        } else if stamped > after + MAX_CLOCK_SKEW + 1 {
+            (false, stamped - after)
+        } else {
+            return Ok(());
+        };
+        Err(BackupError::ClockSkew {
+            host: self.record.host.clone(),
+            store: self.repo.describe(),
+            seconds,
+            ahead,
         })
     }
 

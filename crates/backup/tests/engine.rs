@@ -342,12 +342,20 @@ fn faulty(dir: &std::path::Path, allow_puts: u64, down: bool) -> (Hooked, Arc<At
     (store, down)
 }
 
-#[test]
-fn a_gc_that_died_between_its_deletes_leaves_no_mark_for_good() {
+/// gc with a grace period of a second and no repacking.
+const GRACE_1S: gc::Options = gc::Options {
+    grace_secs: 1,
+    max_unused: 0.0,
+    dry_run: false,
+};
+
+/// A repository in a new directory whose only backup (4 MiB of random data from `seed`,
+/// snapshot `v@s1` of the pool returned) was forgotten: all its packs are garbage.
+fn forgotten_backup(seed: u64) -> (tempfile::TempDir, Arc<Pool>, Repository, String) {
     let dir = tempfile::tempdir().unwrap();
     let p = pool();
     let r = repo(dir.path(), 64 << 10);
-    let mut rng = Rng(12);
+    let mut rng = Rng(seed);
     p.create_volume("v", 8 * MIB).unwrap();
     write(&p, "v", 0, 4 * MIB as usize, &mut rng);
     let s1 = snap(&p, "v", "s1");
@@ -359,11 +367,13 @@ fn a_gc_that_died_between_its_deletes_leaves_no_mark_for_good() {
         prune::OnHold::Refuse,
     )
     .unwrap();
-    let opts = gc::Options {
-        grace_secs: 1,
-        max_unused: 0.0,
-        dry_run: false,
-    };
+    (dir, p, r, s1)
+}
+
+#[test]
+fn a_gc_that_died_between_its_deletes_leaves_no_mark_for_good() {
+    let (dir, _p, r, _) = forgotten_backup(12);
+    let opts = GRACE_1S;
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let g = gc::run(&r, &opts, &NoProgress).unwrap();
     assert!(g.packs_condemned >= 2 && g.packs_deleted == 0, "{g:?}");
@@ -534,27 +544,9 @@ fn libc_eio() -> i32 {
 /// rather than referencing them, so deleting the marked packs later loses nothing.
 #[test]
 fn gc_marks_first_and_backups_avoid_marked_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = pool();
-    let r = repo(dir.path(), 64 << 10);
-    let mut rng = Rng(9);
-    p.create_volume("v", 8 * MIB).unwrap();
-    write(&p, "v", 0, 4 * MIB as usize, &mut rng);
-    let s1 = snap(&p, "v", "s1");
-    let b1 = backup_snapshot(&p, &r, &s1, false, &NoProgress).unwrap();
-    prune::forget(
-        &r,
-        std::slice::from_ref(&b1.manifest),
-        None,
-        prune::OnHold::Refuse,
-    )
-    .unwrap();
+    let (_dir, p, r, _) = forgotten_backup(9);
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let opts = gc::Options {
-        grace_secs: 1,
-        max_unused: 0.0,
-        dry_run: false,
-    };
+    let opts = GRACE_1S;
     let g = gc::run(&r, &opts, &NoProgress).unwrap();
     assert!(g.packs_condemned > 0 && g.packs_deleted == 0, "{g:?}");
     // Same data again: the marked chunks are not reused.

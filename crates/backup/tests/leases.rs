@@ -112,6 +112,51 @@ fn fill(p: &Arc<Pool>, vol: &str, s: &str, mib: u64, seed: u64) -> String {
     format!("{vol}@{s}")
 }
 
+/// A directory store whose clock (the times its listings give) runs `offset` seconds off
+/// this host's.
+fn skewed(dir: &Path, offset: i64) -> Repository {
+    let store = Hooked::new(Arc::new(FileStore::new(dir)), move |c| {
+        if let Call::Listed(_, objects) = c {
+            for o in objects.iter_mut() {
+                o.modified = o.modified.saturating_add_signed(offset);
+            }
+        }
+        Ok(())
+    });
+    Repository::open(Arc::new(store), b"k").unwrap()
+}
+
+#[test]
+fn a_host_whose_clock_is_off_the_stores_takes_no_lease() {
+    let d = tempfile::tempdir().unwrap();
+    init(d.path());
+    // Within the allowed skew either way: leases are taken.
+    for off in [-25, 25] {
+        let r = skewed(d.path(), off);
+        drop(Lease::shared(&r, "backup").unwrap());
+        drop(Lease::exclusive(&r, "gc").unwrap());
+    }
+    // Past it: refused, naming the clock, and no lease is left behind.
+    for (off, word) in [(-120, "ahead of"), (120, "behind")] {
+        let r = skewed(d.path(), off);
+        for taken in [Lease::shared(&r, "backup"), Lease::exclusive(&r, "gc")] {
+            match taken {
+                Err(e @ BackupError::ClockSkew { .. }) => {
+                    let m = e.to_string();
+                    assert!(m.contains(word) && m.contains("NTP"), "{m}");
+                }
+                other => panic!("a lease was taken {off} s off the store's clock: {other:?}"),
+            }
+        }
+        assert!(lease::list(&r).unwrap().is_empty());
+        // gc takes its lease first: it refuses too.
+        assert!(matches!(
+            gc::run(&r, &NOW, &NoProgress),
+            Err(BackupError::ClockSkew { .. })
+        ));
+    }
+}
+
 #[test]
 fn two_gc_runs_never_overlap() {
     let d = tempfile::tempdir().unwrap();
