@@ -211,8 +211,7 @@ impl TableWriter {
                 batch,
             } => {
                 let plain = frame::F_HEAD + part.len() * crate::table::T_ENTRY as usize;
-                let enc = zstd::stream::Encoder::new(Vec::with_capacity(plain / 2 + 4096), 3)
-                    .map_err(BackupError::Io)?;
+                let enc = frame_encoder(plain).map_err(BackupError::Io)?;
                 let mut w = Tee { inner: enc, digest };
                 frame::write(&mut w, r.start, (r.end - r.start) as u32, part)
                     .map_err(BackupError::Io)?;
@@ -408,14 +407,25 @@ fn max_sealed_frame() -> u64 {
     plain + plain / 128 + 4096 + SEAL_OVERHEAD as u64
 }
 
+/// The compressor of a frame of `plain` bytes: its header states that size, so a reader
+/// sizes its buffer to the frame, not to the frame's largest possible span
+/// ([`decompress`]; a sparse frame is a small fraction of that).
+fn frame_encoder(plain: usize) -> std::io::Result<zstd::stream::Encoder<'static, Vec<u8>>> {
+    let mut enc = zstd::stream::Encoder::new(Vec::with_capacity(plain / 2 + 4096), 3)?;
+    enc.set_pledged_src_size(Some(plain as u64))?;
+    enc.include_contentsize(true)?;
+    Ok(enc)
+}
+
 /// Decompresses `z` (a table or frame), refusing more than `limit` bytes of output.
 fn decompress(z: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
-    // The output is allocated once, at the size its header states (bounded by the span's
-    // limit) or at the limit: growing it by doubling through read_to_end left the smaller
-    // buffers of every frame a restore reads behind in the allocator (a 16 GiB restore
-    // held ~1 MiB more than a 4 GiB one at its peak). A full frame's limit (~2.6 MB) is
-    // past the mmap threshold the binary gives glibc (src/heap.rs), so pages a
-    // sparser frame leaves untouched cost nothing.
+    // The output is allocated once, at the size its header states (frames written since
+    // session 25: `frame_encoder`), bounded by the span's limit, or else at the limit:
+    // growing it by doubling through read_to_end left the smaller buffers of every frame
+    // a restore reads behind in the allocator (a 16 GiB restore held ~1 MiB more than a
+    // 4 GiB one at its peak). A full frame's limit (~2.6 MB) is past the mmap threshold
+    // the binary gives glibc (src/heap.rs), so pages an older, sparser frame leaves
+    // untouched are never resident.
     let past = || "decompresses past its frame's span".to_string();
     let cap = match zstd::zstd_safe::get_frame_content_size(z) {
         Ok(Some(n)) if n > limit => return Err(past()),
@@ -684,6 +694,24 @@ mod tests {
             decompress(&streamed(&short), p.len() as u64).unwrap(),
             short
         );
+    }
+
+    #[test]
+    fn a_sparse_frame_is_sized_by_its_header_not_its_span() {
+        // 1,000 entries of a span that could hold 65,536: the writer's frames state their
+        // size, and the reader allocates that, not the span's 2.6 MB.
+        let limit = (65_536 * 40 + 64) as u64;
+        let p = plain(1000 * 40 + 64);
+        let mut enc = super::frame_encoder(p.len()).unwrap();
+        enc.write_all(&p).unwrap();
+        let z = enc.finish().unwrap();
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&z).unwrap(),
+            Some(p.len() as u64)
+        );
+        let out = decompress(&z, limit).unwrap();
+        assert_eq!(out, p);
+        assert_eq!(out.capacity(), p.len());
     }
 
     #[test]
