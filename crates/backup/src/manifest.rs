@@ -669,7 +669,8 @@ mod tests {
     use super::decompress;
     use std::io::Write;
 
-    /// Compressed as the table writer does: a stream, no content size in its header.
+    /// Compressed as frames written before session 25 were (and format-1 tables are): a
+    /// stream with no content size in its header.
     fn streamed(plain: &[u8]) -> Vec<u8> {
         let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
         enc.write_all(plain).unwrap();
