@@ -224,6 +224,15 @@ impl ObjectStore for FileStore {
         Ok(out)
     }
 
+    fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let path = self.path("head", key)?;
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.fail("head", key, e)),
+        }
+    }
+
     fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path("delete", key)?;
         match fs::remove_file(&path) {

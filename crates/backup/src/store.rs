@@ -98,6 +98,23 @@ pub trait ObjectStore: Send + Sync {
     fn put_new(&self, key: &str, data: &[u8]) -> Result<bool, StoreError>;
     /// Every object whose key starts with `prefix`, in no particular order.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
+    /// The objects of [`ObjectStore::list`] whose key sorts after `after` (byte order),
+    /// in no particular order. A store that lists in key order sends only those (S3's
+    /// `StartAfter`: one page per 1,000 keys after `after`, whatever sorts before); the
+    /// default filters a whole listing.
+    fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let mut all = self.list(prefix)?;
+        all.retain(|o| o.key.as_str() > after);
+        Ok(all)
+    }
+    /// Whether `key` exists (S3: a HEAD). The default asks for its first byte.
+    fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.get_range(key, 0, 1) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
     /// Deletes `key`; deleting a missing object is not an error.
     fn delete(&self, key: &str) -> Result<(), StoreError>;
 }

@@ -599,6 +599,48 @@ impl ObjectStore for S3Store {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.list_impl(prefix, None)
+    }
+
+    fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.list_impl(prefix, Some(after))
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.rt.block_on(async {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.opts.bucket)
+                .key(self.key(key))
+                .send()
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if status(&e) == Some(404) => Ok(false),
+                Err(e) => Err(self.fail("head", key, describe_err(&e))),
+            }
+        })
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.rt.block_on(async {
+            self.client
+                .delete_object()
+                .bucket(&self.opts.bucket)
+                .key(self.key(key))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.fail("delete", key, describe_err(&e)))
+        })
+    }
+}
+
+impl S3Store {
+    /// Every object under `prefix` (after `after`, if given: S3 lists in key order, so
+    /// `StartAfter` skips what sorts before without sending it).
+    fn list_impl(&self, prefix: &str, after: Option<&str>) -> Result<Vec<ObjectMeta>, StoreError> {
         self.rt.block_on(async {
             let full = self.key(prefix);
             let mut out = Vec::new();
@@ -607,6 +649,7 @@ impl ObjectStore for S3Store {
                 .list_objects_v2()
                 .bucket(&self.opts.bucket)
                 .prefix(&full)
+                .set_start_after(after.map(|a| self.key(a)))
                 .into_paginator()
                 .send();
             while let Some(page) = pages.next().await {
@@ -623,19 +666,6 @@ impl ObjectStore for S3Store {
                 }
             }
             Ok(out)
-        })
-    }
-
-    fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.rt.block_on(async {
-            self.client
-                .delete_object()
-                .bucket(&self.opts.bucket)
-                .key(self.key(key))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| self.fail("delete", key, describe_err(&e)))
         })
     }
 }

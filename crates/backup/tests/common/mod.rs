@@ -62,10 +62,21 @@ pub fn store_failure(op: &'static str, key: &str, detail: &str) -> snapblk_backu
 #[derive(Debug, Clone, Copy)]
 pub enum Op<'a> {
     Get(&'a str),
-    GetRange { key: &'a str, offset: u64, len: u64 },
+    GetRange {
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    },
     Put(&'a str),
     PutNew(&'a str),
     List(&'a str),
+    /// A listing of the keys under a prefix after a key (S3's `StartAfter`).
+    ListAfter {
+        prefix: &'a str,
+        after: &'a str,
+    },
+    /// A HEAD.
+    Exists(&'a str),
     Delete(&'a str),
 }
 
@@ -140,6 +151,19 @@ impl snapblk_backup::ObjectStore for Hooked {
         let mut v = self.around(Op::List(prefix), || self.inner.list(prefix))?;
         (self.hook)(Call::Listed(prefix, &mut v))?;
         Ok(v)
+    }
+    fn list_after(
+        &self,
+        prefix: &str,
+        after: &str,
+    ) -> Result<Vec<snapblk_backup::ObjectMeta>, snapblk_backup::StoreError> {
+        let op = Op::ListAfter { prefix, after };
+        let mut v = self.around(op, || self.inner.list_after(prefix, after))?;
+        (self.hook)(Call::Listed(prefix, &mut v))?;
+        Ok(v)
+    }
+    fn exists(&self, key: &str) -> Result<bool, snapblk_backup::StoreError> {
+        self.around(Op::Exists(key), || self.inner.exists(key))
     }
     fn delete(&self, key: &str) -> Result<(), snapblk_backup::StoreError> {
         self.around(Op::Delete(key), || self.inner.delete(key))
