@@ -118,13 +118,13 @@ change tget
 # As a host that has not cached the pack indexes yet (its local chunk index is built
 # from them): this host's were cached when it uploaded them.
 rm -rf "$SNAPBLK_STATE_DIR/cache"
-preset; fault drop count=1 method=GET path=/index/
+preset; fault drop count=1 method=GET path=/ix/
 if snapblk backup v@tget --to "$S3" >"$T/tget.out" 2>&1; then
     [ "$(pstat fault_drop_get)" -eq 1 ] || fail "the proxy cut $(pstat fault_drop_get) responses, not 1"
 else
     cat "$T/tget.out" >&2
     [ "$(pstat fault_drop_get)" -eq 1 ] || fail "the proxy cut $(pstat fault_drop_get) responses, not 1"
-    grep -q "get index/.*reading the body" "$T/tget.out" || fail "unclear error for a cut response"
+    grep -q "get ix/.*reading the body" "$T/tget.out" || fail "unclear error for a cut response"
     case " $(listed) " in *" v@tget "*) fail "backup list shows the failed v@tget" ;; esac
     known_issue "a GET response cut after its head is not retried: one dropped connection fails the backup"
     fault pass

@@ -279,6 +279,8 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     // The repository's chunks as this job sees them (the local index and each pack's
     // standing): the batches dedup against them (and against the job's own packs).
     let mut chunks = Chunks::load(repo)?;
+    // Packs this job stored: its confirm takes them to exist without a HEAD.
+    let mut own: HashSet<String> = HashSet::new();
     let compaction = match &base {
         Some(b) if job.compact => plan_compaction(repo, &chunks, b, &reads, ncells, cs)?,
         _ => None,
@@ -333,10 +335,12 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         }
         let dedup = Dedup {
             known: &chunks,
+            lease: &lease,
             forced: &forced,
             seen: Mutex::new(HashSet::with_capacity(read.len())),
         };
         let out = pipeline(repo, &job, size, &read, dedup, progress, &mut stats)?;
+        own.extend(out.packs.iter().map(|(name, _)| name.clone()));
         chunks.remember(repo, out.packs)?;
         let mut got = out.cells;
         got.sort_unstable_by_key(|(c, _)| *c);
@@ -364,6 +368,7 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
     for attempt in 0..3 {
         drop(chunks);
         chunks = Chunks::load(repo)?;
+        chunks.trust(&own);
         let mut redo: Vec<(u64, ChunkId)> = Vec::new();
         for kf in 0..table.count() {
             let f = table.frame(kf)?;
@@ -384,10 +389,12 @@ pub fn run(repo: &Repository, job: Job, progress: &dyn Progress) -> Result<Summa
         progress.start("backup", (cells.len() as u64).saturating_mul(cs));
         let dedup = Dedup {
             known: &chunks,
+            lease: &lease,
             forced: &forced,
             seen: Mutex::new(HashSet::with_capacity(cells.len())),
         };
         let out = pipeline(repo, &job, size, &cells, dedup, progress, &mut stats)?;
+        own.extend(out.packs.iter().map(|(name, _)| name.clone()));
         let mut got = out.cells;
         got.sort_unstable_by_key(|(c, _)| *c);
         if !out.zeros.is_empty() || got != redo {
@@ -448,6 +455,8 @@ struct PassOutput {
 /// (`forced`) unless an earlier batch stored them; each at most once per batch.
 struct Dedup<'a> {
     known: &'a Chunks,
+    /// The job's lease: stamps and guards each index object put (crate::index::put_index).
+    lease: &'a Lease,
     forced: &'a HashSet<ChunkId>,
     /// Id prefixes of the chunks stored in this batch (8 bytes each, at most a batch of
     /// them; a prefix shared by two new chunks skips the second, which the full-id check
@@ -626,24 +635,21 @@ fn pipeline(
                         index,
                         entries,
                     } = p;
+                    // (put_index caches it: the confirm before commit reads it from
+                    // there, not by a GET.)
                     let r = repo.paced(len + index.len() as u64, || {
-                        store
-                            .put_file(&repo::pack_key(&id), file.path(), len)
-                            .and_then(|_| store.put(&repo::index_key(&id), &index))
+                        store.put_file(&repo::pack_key(&id), file.path(), len)?;
+                        crate::index::put_index(repo, Some(known.lease), &id, &index)
                     });
                     drop(file);
                     match r {
                         Ok(()) => {
-                            // The confirm before commit reads it from here, not by a GET.
-                            if let Some(c) = repo.cache() {
-                                c.put(repo, &repo::index_key(&id), &index);
-                            }
                             uploaded.fetch_add(len, Ordering::Relaxed);
                             packs.fetch_add(1, Ordering::Relaxed);
                             lock(stored).push((id, entries));
                         }
                         Err(e) => {
-                            abort.set(e.into());
+                            abort.set(e);
                             return;
                         }
                     }

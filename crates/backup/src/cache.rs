@@ -136,13 +136,25 @@ pub fn get_with<T>(
     max: u64,
     open: impl Fn(&[u8]) -> Result<T>,
 ) -> Result<T> {
+    get_as(repo, key, key, max, open)
+}
+
+/// As [`get_with`] for an object cached under another name than its store key (a
+/// format-5 index object, `ix/<t>-<id>`, is cached as `index/<id>`).
+pub fn get_as<T>(
+    repo: &Repository,
+    cached_as: &str,
+    key: &str,
+    max: u64,
+    open: impl Fn(&[u8]) -> Result<T>,
+) -> Result<T> {
     if let Some(c) = repo.cache() {
-        if let Some(bytes) = c.get(repo, key, max) {
+        if let Some(bytes) = c.get(repo, cached_as, max) {
             match open(&bytes) {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    log::warn!("cached {key} is unusable ({e}); fetching it again");
-                    c.remove(repo, key);
+                    log::warn!("cached {cached_as} is unusable ({e}); fetching it again");
+                    c.remove(repo, cached_as);
                 }
             }
         }
@@ -150,7 +162,7 @@ pub fn get_with<T>(
     let bytes = repo.store().get(key, max)?;
     let v = open(&bytes)?;
     if let Some(c) = repo.cache() {
-        c.put(repo, key, &bytes);
+        c.put(repo, cached_as, &bytes);
     }
     Ok(v)
 }

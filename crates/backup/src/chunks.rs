@@ -26,12 +26,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::{read_index, Listing, Loc, Purpose, Rank, FETCH_THREADS};
+use crate::index::{find, read_index, Listing, Loc, Purpose, Rank, FETCH_THREADS};
 use crate::localindex::{Hit, LocalIndex};
 use crate::repo::Repository;
+
+/// Pack states (`Chunks::state`).
+const SEEN: u8 = 0;
+const UNCONFIRMED: u8 = 1;
+const GONE: u8 = 2;
 
 /// Index objects fetched at a time while the local index catches up.
 const BATCH: usize = 4 * FETCH_THREADS;
@@ -41,6 +47,14 @@ pub struct Chunks {
     /// Per pack number of `ix`: its standing in this job's listing (None: its index
     /// object is not listed).
     standing: Vec<Option<Rank>>,
+    /// Per pack number: [`SEEN`], or [`UNCONFIRMED`] if this job's view takes the pack
+    /// to exist only because its index object is listed (crate::index::Listing::
+    /// unconfirmed) until a HEAD says [`SEEN`] or [`GONE`]. [`Chunks::missing`] and
+    /// [`Chunks::locations`] send a HEAD for those their answer depends on, once per
+    /// pack per load.
+    state: Vec<AtomicU8>,
+    /// For those HEADs.
+    repo: Repository,
     /// Where the index lives when the repository has no cache (removed on drop).
     _scratch: Option<tempfile::TempDir>,
     /// The chunks this job stored itself since it loaded the index ([`Chunks::remember`]):
@@ -76,7 +90,7 @@ impl Chunks {
     /// index up to date (GETs only of index objects neither it nor the object cache
     /// holds) and notes each pack's standing.
     pub fn load(repo: &Repository) -> Result<Chunks> {
-        Chunks::from_listing(repo, &Listing::take(repo)?)
+        Chunks::from_listing(repo, &Listing::for_job(repo)?)
     }
 
     /// As [`Chunks::load`], with a listing the caller took (gc judges every pack's copies
@@ -86,17 +100,25 @@ impl Chunks {
             condemned,
             indexes: listed,
             packs,
+            unconfirmed: window,
         } = listing;
-        let orphans = listed.iter().filter(|(i, _)| !packs.contains(i)).count();
+        let orphans = listed.iter().filter(|i| !packs.contains(&i.id)).count();
         if orphans > 0 {
             log::warn!(
                 "{}: {orphans} pack indexes have no pack; their chunks are stored again (run `snapblk repo repair`)",
                 repo.describe()
             );
         }
-        let names: Vec<String> = listed.iter().map(|(n, _)| n.clone()).collect();
-        let fetch =
-            |batch: &[String]| crate::par::map(batch, FETCH_THREADS, |id| read_index(repo, id));
+        let names: Vec<String> = listed.iter().map(|i| i.id.clone()).collect();
+        let fetch = |batch: &[String]| {
+            crate::par::map(batch, FETCH_THREADS, |id| match find(listed, id) {
+                Some(i) => read_index(repo, i),
+                None => Err(BackupError::invalid(
+                    format!("index of pack {id} in {}", repo.describe()),
+                    "asked for, but not listed",
+                )),
+            })
+        };
         let (dir, mut scratch) = index_dir(repo)?;
         let ix = match LocalIndex::sync(&dir, &names, BATCH, fetch) {
             // This host's cache directory is unusable (full, read-only): the job still runs,
@@ -112,15 +134,24 @@ impl Chunks {
         };
         drop(names);
         let mut standing = vec![None; ix.pack_count()];
-        for (name, modified) in listed {
-            if let Some(n) = ix.number(name) {
-                standing[n as usize] =
-                    Some((packs.contains(name), !condemned.contains(name), *modified));
+        let state: Vec<AtomicU8> = (0..ix.pack_count()).map(|_| AtomicU8::new(SEEN)).collect();
+        for i in listed {
+            if let Some(n) = ix.number(&i.id) {
+                standing[n as usize] = Some((
+                    packs.contains(&i.id),
+                    !condemned.contains(&i.id),
+                    i.modified,
+                ));
+                if window.contains(&i.id) {
+                    state[n as usize].store(UNCONFIRMED, Ordering::Relaxed);
+                }
             }
         }
         Ok(Chunks {
             ix,
             standing,
+            state,
+            repo: repo.clone(),
             _scratch: scratch,
             own: None,
         })
@@ -159,7 +190,8 @@ impl Chunks {
 
     /// The standing of pack `n`, if `purpose` may use it.
     fn usable(&self, n: u32, purpose: Purpose) -> Option<Rank> {
-        let r = (*self.standing.get(n as usize)?)?;
+        self.standing.get(n as usize)?.as_ref()?;
+        let r = self.rank_of(n);
         let (exists, live, _) = r;
         match purpose {
             Purpose::Read => Some(r),
@@ -208,32 +240,117 @@ impl Chunks {
         Ok(true)
     }
 
+    /// Takes the packs named (this job's own, stored by it) to exist without a HEAD.
+    pub fn trust(&self, own: &HashSet<String>) {
+        for name in own {
+            if let Some(n) = self.ix.number(name) {
+                self.state[n as usize].store(SEEN, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn unconfirmed(&self, n: u32) -> bool {
+        self.state[n as usize].load(Ordering::Relaxed) == UNCONFIRMED
+    }
+
+    /// Sends a HEAD for each of `packs` not confirmed yet (in parallel); a pack found
+    /// gone no longer counts as existing for this job. Returns whether any was gone.
+    fn confirm(&self, packs: impl IntoIterator<Item = u32>) -> Result<bool> {
+        let ask: Vec<u32> = packs
+            .into_iter()
+            .filter(|&n| self.unconfirmed(n))
+            .collect::<HashSet<u32>>()
+            .into_iter()
+            .collect();
+        if ask.is_empty() {
+            return Ok(false);
+        }
+        let there = crate::par::map(&ask, FETCH_THREADS, |&n| {
+            self.repo
+                .store()
+                .exists(&crate::repo::pack_key(self.pack_name(n)))
+                .map_err(BackupError::from)
+        })?;
+        let mut gone = false;
+        for (n, there) in ask.into_iter().zip(there) {
+            if !there {
+                gone = true;
+                log::warn!(
+                    "{}: pack {} is listed but gone; its chunks are read from other copies or stored again",
+                    self.repo.describe(),
+                    self.pack_name(n)
+                );
+            }
+            self.state[n as usize].store(if there { SEEN } else { GONE }, Ordering::Relaxed);
+        }
+        Ok(gone)
+    }
+
     /// The chunks of `cells` no pack a backup may use holds now: what a backup about to
     /// commit must store again. Looks them up in id order (the local index streamed at
-    /// most once); memory: 4 bytes per cell, and the answer.
+    /// most once, twice if the answer depends on packs seen only through the view's
+    /// `ix/` listing: those are confirmed by a HEAD each first — a pack lost or deleted
+    /// while its index object stayed is not counted on); memory: 4 bytes per cell, and
+    /// the answer.
     pub fn missing(&self, cells: &[(u64, ChunkId)]) -> Result<HashSet<ChunkId>> {
         let mut order: Vec<u32> = (0..cells.len() as u32).collect();
         order.sort_unstable_by_key(|&i| cells[i as usize].1 .0);
+        // Pass 1: the unconfirmed packs some chunk has no confirmed copy besides.
+        let mut ask: HashSet<u32> = HashSet::new();
+        if self
+            .state
+            .iter()
+            .any(|s| s.load(Ordering::Relaxed) == UNCONFIRMED)
+        {
+            self.scan(cells, &order, |hits, confirmed| {
+                if !confirmed {
+                    ask.extend(hits.iter().filter(|&&n| self.unconfirmed(n)));
+                }
+            })?;
+        }
+        self.confirm(ask)?;
+        let mut out = HashSet::new();
+        for (i, found) in self.scan(cells, &order, |hits, _| !hits.is_empty())? {
+            if !found {
+                out.insert(cells[i as usize].1);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` for each distinct chunk of `cells` (in `order`) with the packs holding a
+    /// copy a backup may use and whether one of them is confirmed; returns, per cell
+    /// index, what `f` answered.
+    fn scan<T: Copy>(
+        &self,
+        cells: &[(u64, ChunkId)],
+        order: &[u32],
+        mut f: impl FnMut(&[u32], bool) -> T,
+    ) -> Result<Vec<(u32, T)>> {
         let mut cur = self.ix.cursor();
         let mut hits = Vec::new();
-        let mut out = HashSet::new();
-        let mut last: Option<(ChunkId, bool)> = None;
-        for i in order {
+        let mut packs = Vec::new();
+        let mut out = Vec::with_capacity(order.len());
+        let mut last: Option<(ChunkId, T)> = None;
+        for &i in order {
             let id = cells[i as usize].1;
-            let found = match last {
-                Some((l, f)) if l == id => f,
+            let v = match last {
+                Some((l, v)) if l == id => v,
                 _ => {
                     cur.lookup(&id, &mut hits)?;
-                    let f = hits
-                        .iter()
-                        .any(|h| self.usable(h.pack, Purpose::Backup).is_some());
-                    last = Some((id, f));
-                    f
+                    packs.clear();
+                    packs.extend(
+                        hits.iter()
+                            .filter(|h| self.usable(h.pack, Purpose::Backup).is_some())
+                            .map(|h| h.pack),
+                    );
+                    let confirmed = packs.iter().any(|&n| !self.unconfirmed(n));
+                    let v = f(&packs, confirmed);
+                    last = Some((id, v));
+                    v
                 }
             };
-            if !found {
-                out.insert(id);
-            }
+            out.push((i, v));
         }
         Ok(out)
     }
@@ -261,7 +378,24 @@ impl Chunks {
     /// from as few packs as its copies allow (an old backup from its own packs, the
     /// newest from the packs compaction wrote for it). Memory: 44 bytes per chunk, 16 per
     /// extra copy found.
+    ///
+    /// Packs the answer reads from that the view has not confirmed are confirmed by a
+    /// HEAD first; if one is gone the answer is worked out again without it.
     pub fn locations(&self, wanted: Vec<ChunkId>) -> Result<Locations> {
+        let mut attempt = 0;
+        let mut wanted = wanted;
+        loop {
+            attempt += 1;
+            let (locs, numbers) = self.locations_once(wanted)?;
+            if attempt == 4 || !self.confirm(numbers)? {
+                return Ok(locs);
+            }
+            wanted = locs.ids;
+        }
+    }
+
+    /// [`Chunks::locations`] as this job's view stands; also the pack numbers it uses.
+    fn locations_once(&self, wanted: Vec<ChunkId>) -> Result<(Locations, Vec<u32>)> {
         let mut copies: Vec<(u32, Hit)> = Vec::new();
         let mut held: HashMap<u32, u64> = HashMap::new();
         let mut cur = self.ix.cursor();
@@ -284,7 +418,7 @@ impl Chunks {
             .map(|(p, n)| (*n, p as u32))
             .collect();
         let key = |n: u32| {
-            let (exists, live, modified) = self.standing[n as usize].unwrap_or_default();
+            let (exists, live, modified) = self.rank_of(n);
             (exists, live, held[&n], modified)
         };
         let nowhere = Loc {
@@ -315,18 +449,23 @@ impl Chunks {
         }
         let packs = numbers
             .iter()
-            .map(|n| {
-                (
-                    self.pack_name(*n).to_string(),
-                    self.standing[*n as usize].unwrap_or_default(),
-                )
-            })
+            .map(|n| (self.pack_name(*n).to_string(), self.rank_of(*n)))
             .collect();
-        Ok(Locations {
+        let locations = Locations {
             packs,
             ids: wanted,
             locs,
-        })
+        };
+        Ok((locations, numbers))
+    }
+
+    /// Pack `n`'s standing (a pack a HEAD found gone does not exist).
+    fn rank_of(&self, n: u32) -> Rank {
+        let mut r = self.standing[n as usize].unwrap_or_default();
+        if self.state[n as usize].load(Ordering::Relaxed) == GONE {
+            r.0 = false;
+        }
+        r
     }
 }
 

@@ -12,6 +12,9 @@
 //! Format 4 stores new backups' tables as frames (`crate::frame`); a format-3 repository
 //! is used as it is (whole tables) until `repo upgrade` raises it, which an older
 //! snapblk then refuses — so every host sharing it is upgraded first.
+//! Format 5 keys index objects by time (`ix/`) and lists them through index generations
+//! gc writes (`crate::generation`); a format-3 or -4 repository is used as it is (whole
+//! listings of `index/` and `packs/`) until `repo upgrade` raises it.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +22,10 @@ use crate::crypto::KeySlot;
 use crate::error::{BackupError, Result};
 
 pub const FORMAT: &str = "snapblk-backup";
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
+/// The first format whose index objects are keyed by time (`ix/`) and listed through
+/// generations gc writes (docs/design.md §12 "Index generations").
+pub const VERSION_GENERATIONS: u32 = 5;
 /// The first format whose new tables are written as frames.
 pub const VERSION_FRAMES: u32 = 4;
 /// The format before frames: read and written as it is (whole tables).

@@ -66,6 +66,16 @@ pub enum BackupError {
         detail: String,
     },
     #[error(
+        "the repository at {repo} was rolled back: its index generation {found} but this host saw generation {seen}; \
+         someone deleted or replaced gen/ objects (if the store was restored from an older copy on purpose, remove {marks})"
+    )]
+    IndexRolledBack {
+        repo: String,
+        seen: u64,
+        found: String,
+        marks: String,
+    },
+    #[error(
         "the repository at {repo} was rolled back: pool {pool}'s backup catalog is {found} but this host saw generation {seen}; \
          someone deleted newer catalog objects (if the store was restored from an older copy on purpose, remove {marks})"
     )]

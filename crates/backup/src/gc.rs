@@ -32,8 +32,10 @@ use std::collections::{HashMap, HashSet};
 
 use crate::catalog::Catalogs;
 use crate::chunks::Chunks;
+use crate::config::VERSION_GENERATIONS;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
+use crate::gcgen;
 use crate::hold;
 use crate::index::{self, Listing, Purpose};
 use crate::lease::{self, Lease};
@@ -94,6 +96,28 @@ pub struct Report {
     /// Start of the oldest job whose lease was live when gc listed the leases (less a
     /// minute): nothing newer was condemned or deleted.
     pub cutoff: Option<u64>,
+    /// The index generation this run wrote (format 5).
+    pub generation: Option<u64>,
+}
+
+/// How much earlier than gc's lease listing (or the oldest live job's start) a
+/// generation's cut lies: index objects stamped after it are listed by every job, so
+/// the slack covers hosts whose clocks differ (each within 30 s of the store's:
+/// crate::lease, Clocks) with a wide margin (docs/design.md §12 "Index generations",
+/// The cut).
+pub const CUT_SLACK_MS: u64 = 15 * 60 * 1000;
+
+/// The cut of the generation a gc that listed `leases` at `t` writes.
+fn cut_ms(t: u64, leases: &[(String, lease::Record)]) -> u64 {
+    let oldest = leases
+        .iter()
+        .filter(|(_, r)| r.kind == lease::Kind::Shared && r.live_at(t))
+        .map(|(_, r)| r.started)
+        .min()
+        .unwrap_or(t);
+    t.min(oldest)
+        .saturating_mul(1000)
+        .saturating_sub(CUT_SLACK_MS)
 }
 
 pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result<Report> {
@@ -237,15 +261,15 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         .filter_map(|o| Some((o.key.rsplit('/').next()?.to_string(), (o.size, o.modified))))
         .collect();
     progress.start("gc", listing.indexes.len() as u64);
-    let delete_pack = |id: &str, rep: &mut Report, chunks: usize| -> Result<()> {
+    // Packs to delete, decided during the visit and deleted only at the end, after the
+    // repack puts and the generation that no longer names them (docs/design.md §12
+    // "Index generations", gc's order).
+    let mut doomed: Vec<String> = Vec::new();
+    let mut delete_pack = |id: &str, rep: &mut Report, chunks: usize| -> Result<()> {
         rep.packs_deleted += 1;
         rep.chunks_deleted += chunks as u64;
         rep.bytes_deleted += objects.get(id).map_or(0, |o| o.0);
-        if !opts.dry_run {
-            store.delete(&repo::pack_key(id))?;
-            store.delete(&repo::index_key(id))?;
-            store.delete(&repo::trash_key(id))?;
-        }
+        doomed.push(id.to_string());
         Ok(())
     };
     let condemn = |id: &str, rep: &mut Report| -> Result<()> {
@@ -327,9 +351,8 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         }
         let np = b.finish(repo.keys());
         repo.paced((np.bytes.len() + np.index.len()) as u64, || {
-            store
-                .put_owned(&repo::pack_key(&np.id), np.bytes)
-                .and_then(|()| store.put(&repo::index_key(&np.id), &np.index))
+            store.put_owned(&repo::pack_key(&np.id), np.bytes)?;
+            index::put_index(repo, lease.as_ref(), &np.id, &np.index)
         })?;
         condemn(&info.id, &mut rep)?;
         if old(t) {
@@ -339,13 +362,12 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
         Ok(())
     })?;
     // Packs without an index: a backup died between storing a pack and its index.
+    let mut orphans: Vec<&String> = Vec::new();
     for (id, (size, modified)) in &objects {
         if !indexed.contains(id) && old(*modified) {
             rep.orphans_deleted += 1;
             rep.bytes_deleted += size;
-            if !opts.dry_run {
-                store.delete(&repo::pack_key(id))?;
-            }
+            orphans.push(id);
         }
     }
     // Marks naming neither a pack nor an index: a gc that died between its three deletes
@@ -354,13 +376,44 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
     // marks, for indexed packs, and pack ids are hashes of sealed blobs with random
     // nonces: no pack appears under such a name later, and removing the mark changes
     // nothing any job decides (its pack is absent from every listing already).
-    for id in marks.keys() {
-        if !indexed.contains(id) && !objects.contains_key(id) {
-            rep.stray_marks_deleted += 1;
-            if !opts.dry_run {
-                store.delete(&repo::trash_key(id))?;
-            }
+    let stray: Vec<&String> = marks
+        .keys()
+        .filter(|id| !indexed.contains(*id) && !objects.contains_key(*id))
+        .collect();
+    rep.stray_marks_deleted = stray.len() as u64;
+    if opts.dry_run {
+        return Ok(rep);
+    }
+    if repo.config().version >= VERSION_GENERATIONS {
+        still_held()?;
+        let deleted: Vec<&str> = doomed
+            .iter()
+            .map(String::as_str)
+            .chain(orphans.iter().map(|o| o.as_str()))
+            .collect();
+        let inputs = gcgen::Inputs {
+            listing: &listing,
+            objects: &objects,
+            deleted: &deleted,
+            cut_ms: cut_ms(t, &leases),
+            now: t,
+            retire_before: cutoff.min(t),
+        };
+        rep.generation = Some(gcgen::advance(repo, &inputs)?);
+    }
+    still_held()?;
+    for id in &doomed {
+        store.delete(&repo::pack_key(id))?;
+        if let Some(i) = index::find(&listing.indexes, id) {
+            store.delete(&i.key())?;
         }
+        store.delete(&repo::trash_key(id))?;
+    }
+    for id in orphans {
+        store.delete(&repo::pack_key(id))?;
+    }
+    for id in stray {
+        store.delete(&repo::trash_key(id))?;
     }
     Ok(rep)
 }

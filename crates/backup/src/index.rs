@@ -24,8 +24,11 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::config::VERSION_GENERATIONS;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
+use crate::generation;
+use crate::lease::Lease;
 use crate::pack::{decode_index, index_aad, PackEntry, MAX_PACK_OBJECT};
 use crate::repo::{self, Repository};
 
@@ -87,16 +90,124 @@ pub enum Purpose {
     Backup,
 }
 
-/// What a job's listing of the repository shows about packs: 3 LISTs, in this order
-/// (trash marks first: a pack condemned after them is still seen to exist).
+/// A pack's index object as listed: `index/<id>` (formats up to 4) or `ix/<t>-<id>`
+/// (format 5: `t` the writer's [`Lease::stamp`], 13 decimal digits of milliseconds, so
+/// keys sort by when they were written and a listing can start after a time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Indexed {
+    pub id: String,
+    /// `t` of an `ix/` key; None for `index/<id>`.
+    pub stamp: Option<u64>,
+    /// When the store says the object was stored (seconds; 0 if unknown): what ranks
+    /// copies of a chunk ([`PackInfo::rank`]).
+    pub modified: u64,
+}
+
+/// Digits of an `ix/` key's time.
+const STAMP_DIGITS: usize = 13;
+
+impl Indexed {
+    /// The object's key in the store.
+    pub fn key(&self) -> String {
+        match self.stamp {
+            Some(t) => ix_key(t, &self.id),
+            None => repo::index_key(&self.id),
+        }
+    }
+
+    /// The index object a listed key names; None for a key of neither form.
+    pub fn parse(key: &str, modified: u64) -> Option<Indexed> {
+        if let Some(id) = key.strip_prefix(repo::INDEX) {
+            return (!id.is_empty() && !id.contains('/')).then(|| Indexed {
+                id: id.to_string(),
+                stamp: None,
+                modified,
+            });
+        }
+        let (t, id) = key.strip_prefix(repo::IX)?.split_once('-')?;
+        if t.len() != STAMP_DIGITS || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        (!id.is_empty() && !id.contains('/')).then(|| Indexed {
+            id: id.to_string(),
+            stamp: t.parse().ok(),
+            modified,
+        })
+    }
+}
+
+/// `ix/<t>-<id>`.
+pub fn ix_key(stamp: u64, id: &str) -> String {
+    format!("{}{stamp:0width$}-{id}", repo::IX, width = STAMP_DIGITS)
+}
+
+/// Stores pack `id`'s sealed index object where the repository's format keeps it, and
+/// in the local cache (as `index/<id>` whatever its store key). Format 5: under an `ix/`
+/// key stamped by `lease`, checked first — a writer whose lease lapsed (paused past its
+/// life: gc may have deleted its pack as an orphan meanwhile) must not make that pack
+/// look present (docs/design.md §12 "Index generations", Writers).
+pub(crate) fn put_index(
+    repo: &Repository,
+    lease: Option<&Lease>,
+    id: &str,
+    index: &[u8],
+) -> Result<()> {
+    let key = if repo.config().version >= VERSION_GENERATIONS {
+        let lease = lease.ok_or_else(|| {
+            BackupError::invalid(
+                format!("index of pack {id} in {}", repo.describe()),
+                "a format-5 index object is written under a lease",
+            )
+        })?;
+        lease.check()?;
+        ix_key(lease.stamp(), id)
+    } else {
+        repo::index_key(id)
+    };
+    repo.store().put(&key, index)?;
+    if let Some(c) = repo.cache() {
+        c.put(repo, &repo::index_key(id), index);
+    }
+    Ok(())
+}
+
+/// Index objects under both prefixes, sorted by pack id; a pack with two (an `index/`
+/// key and an `ix/` key, left by `repo repair` or an upgrade) is listed once, by its
+/// newest key.
+pub fn list_indexes(repo: &Repository) -> Result<Vec<Indexed>> {
+    let store = repo.store();
+    let mut out: Vec<Indexed> = Vec::new();
+    for prefix in [repo::INDEX, repo::IX] {
+        out.extend(
+            store
+                .list(prefix)?
+                .into_iter()
+                .filter_map(|o| Indexed::parse(&o.key, o.modified)),
+        );
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id).then(b.stamp.cmp(&a.stamp)));
+    out.dedup_by(|later, first| later.id == first.id);
+    Ok(out)
+}
+
+/// What a job's listing of the repository shows about packs: LISTs of `trash/`, then
+/// the index objects, then `packs/` (trash marks first: a pack condemned after them is
+/// still seen to exist).
 pub struct Listing {
     /// Packs marked in `trash/`.
     pub condemned: HashSet<String>,
-    /// Index objects (pack id, when stored), sorted.
-    pub indexes: Vec<(String, u64)>,
-    /// Pack objects.
+    /// Index objects, sorted by pack id.
+    pub indexes: Vec<Indexed>,
+    /// Pack objects (a view: every pack its generation or its `ix/` listing names).
     pub packs: HashSet<String>,
+    /// Packs a view takes to exist only because their index object is listed (written
+    /// since its generation's cut): a backup confirms those its references use with a
+    /// HEAD ([`crate::chunks::Chunks::missing`]). Empty for a full listing.
+    pub unconfirmed: HashSet<String>,
 }
+
+/// Loads of a view started over when gc retired the generation being read.
+const VIEW_ATTEMPTS: usize = 4;
 
 impl Listing {
     /// Lists the repository; cached index objects no longer listed are dropped.
@@ -107,19 +218,10 @@ impl Listing {
             .into_iter()
             .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
             .collect();
-        let mut indexes: Vec<(String, u64)> = store
-            .list(repo::INDEX)?
-            .into_iter()
-            .filter_map(|o| Some((o.key.strip_prefix(repo::INDEX)?.to_string(), o.modified)))
-            .collect();
-        indexes.sort();
+        let indexes = list_indexes(repo)?;
         if let Some(c) = repo.cache() {
             // Indexes gone from the store (their pack deleted) leave the cache too.
-            c.retain(repo, "index", |name| {
-                indexes
-                    .binary_search_by(|(i, _)| i.as_str().cmp(name))
-                    .is_ok()
-            });
+            c.retain(repo, "index", |name| find(&indexes, name).is_some());
         }
         let packs: HashSet<String> = store
             .list(repo::PACKS)?
@@ -130,7 +232,104 @@ impl Listing {
             condemned,
             indexes,
             packs,
+            unconfirmed: HashSet::new(),
         })
+    }
+
+    /// What a job (backup, restore, verify of one backup, `backup list`) lists: from
+    /// format 5 a view ([`Listing::view`]: requests independent of the packs stored),
+    /// else the whole repository ([`Listing::take`]).
+    pub fn for_job(repo: &Repository) -> Result<Listing> {
+        if repo.config().version >= VERSION_GENERATIONS {
+            Listing::view(repo)
+        } else {
+            Listing::take(repo)
+        }
+    }
+
+    /// A format-5 job's view (docs/design.md §12 "Index generations", A job's view):
+    /// LIST `trash/`, LIST `gen/`, GET the newest head (its parts from the local cache
+    /// once fetched), LIST `ix/` after the generation's cut. A pack is present if the
+    /// generation or that listing names it and no recent gc run recorded it deleted.
+    /// No listing of `index/` or `packs/`.
+    pub fn view(repo: &Repository) -> Result<Listing> {
+        let store = repo.store();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let condemned: HashSet<String> = store
+                .list(repo::TRASH)?
+                .into_iter()
+                .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
+                .collect();
+            let (heads, _) = generation::list(repo)?;
+            let Some(&(newest, _)) = heads.last() else {
+                return Err(BackupError::invalid(
+                    format!("{} (format {})", repo.describe(), repo.config().version),
+                    "holds no index generation (gen/): it was not created or upgraded by snapblk, or they were deleted by hand; run `snapblk repo gc` to write one",
+                ));
+            };
+            let loaded = match generation::read(repo, newest) {
+                // Retired by a gc between our listing and the read: list again.
+                Err(BackupError::Store(e)) if e.is_not_found() && attempt < VIEW_ATTEMPTS => {
+                    continue
+                }
+                r => r?,
+            };
+            repo.check_index_generation(newest, &loaded.head_hash)?;
+            let g = loaded.generation;
+            let after = ix_key(g.cut_ms, "");
+            let after = after.trim_end_matches('-');
+            let deleted: HashSet<[u8; 32]> = g.deleted.iter().map(|d| d.0).collect();
+            let mut indexes: Vec<Indexed> = g
+                .packs
+                .iter()
+                .map(|p| Indexed {
+                    id: generation::id_string(&p.id),
+                    stamp: p.stamp,
+                    modified: p.modified,
+                })
+                .collect();
+            let named = indexes.len();
+            for o in store.list_after(repo::IX, after)? {
+                let Some(i) = Indexed::parse(&o.key, o.modified) else {
+                    continue;
+                };
+                if generation::id_bytes(&i.id).is_some_and(|b| deleted.contains(&b)) {
+                    continue;
+                }
+                indexes.push(i);
+            }
+            // The generation's entry of a pack first (its rank value), then one per pack.
+            let window: HashSet<String> = indexes[named..].iter().map(|i| i.id.clone()).collect();
+            let in_generation: HashSet<&str> =
+                indexes[..named].iter().map(|i| i.id.as_str()).collect();
+            let unconfirmed: HashSet<String> = window
+                .into_iter()
+                .filter(|id| !in_generation.contains(id.as_str()))
+                .collect();
+            drop(in_generation);
+            indexes.sort_by(|a, b| {
+                a.id.cmp(&b.id).then(
+                    unconfirmed
+                        .contains(&a.id)
+                        .cmp(&unconfirmed.contains(&b.id)),
+                )
+            });
+            // Equal ids: the generation's entry sorts first only when the id is in the
+            // generation, so keep the first of each id.
+            indexes.dedup_by(|later, first| later.id == first.id);
+            if let Some(c) = repo.cache() {
+                c.retain(repo, "index", |name| find(&indexes, name).is_some());
+            }
+            let packs: HashSet<String> = indexes.iter().map(|i| i.id.clone()).collect();
+            return Ok(Listing {
+                condemned,
+                indexes,
+                packs,
+                unconfirmed,
+            });
+        }
     }
 }
 
@@ -155,11 +354,12 @@ pub fn visit_listed(
         condemned,
         indexes,
         packs,
+        ..
     } = listing;
     let mut ids = indexes.clone();
     if purpose != Purpose::Read {
         let before = ids.len();
-        ids.retain(|(id, _)| packs.contains(id));
+        ids.retain(|i| packs.contains(&i.id));
         if ids.len() < before {
             log::warn!(
                 "{}: {} pack indexes have no pack; their chunks are stored again (run `snapblk repo repair`)",
@@ -169,16 +369,16 @@ pub fn visit_listed(
         }
     }
     if purpose == Purpose::Backup {
-        ids.retain(|(id, _)| !condemned.contains(id));
+        ids.retain(|i| !condemned.contains(&i.id));
     }
     for batch in ids.chunks(BATCH) {
-        let loaded = crate::par::map(batch, FETCH_THREADS, |(id, _)| read_index(repo, id))?;
-        for ((id, modified), entries) in batch.iter().zip(loaded) {
+        let loaded = crate::par::map(batch, FETCH_THREADS, |i| read_index(repo, i))?;
+        for (i, entries) in batch.iter().zip(loaded) {
             f(PackInfo {
-                condemned: condemned.contains(id),
-                exists: packs.contains(id),
-                modified: *modified,
-                id: id.clone(),
+                condemned: condemned.contains(&i.id),
+                exists: packs.contains(&i.id),
+                modified: i.modified,
+                id: i.id.clone(),
                 entries,
             })?;
         }
@@ -186,18 +386,32 @@ pub fn visit_listed(
     Ok(())
 }
 
-/// One pack's index, from the local cache or the store, authenticated.
-pub(crate) fn read_index(repo: &Repository, id: &str) -> Result<Vec<PackEntry>> {
-    let key = repo::index_key(id);
-    crate::cache::get_with(repo, &key, MAX_PACK_OBJECT, |sealed| {
-        let plain = repo.keys().open(sealed, &index_aad(id)).ok_or_else(|| {
+/// The listed index object of pack `id` in `indexes` (sorted by pack id).
+pub fn find<'a>(indexes: &'a [Indexed], id: &str) -> Option<&'a Indexed> {
+    let i = indexes.binary_search_by(|x| x.id.as_str().cmp(id)).ok()?;
+    indexes.get(i)
+}
+
+/// One pack's index, from the local cache (as `index/<id>`) or the store (at the key it
+/// was listed under), authenticated.
+pub(crate) fn read_index(repo: &Repository, listed: &Indexed) -> Result<Vec<PackEntry>> {
+    let id = listed.id.as_str();
+    let key = listed.key();
+    crate::cache::get_as(
+        repo,
+        &repo::index_key(id),
+        &key,
+        MAX_PACK_OBJECT,
+        |sealed| {
+            let plain = repo.keys().open(sealed, &index_aad(id)).ok_or_else(|| {
             BackupError::corrupt(
                 &key,
                 "fails authentication (altered, moved from another pack's name, or another repository's)",
             )
         })?;
-        decode_index(&plain, None).map_err(|d| BackupError::corrupt(&key, d))
-    })
+            decode_index(&plain, None).map_err(|d| BackupError::corrupt(&key, d))
+        },
+    )
 }
 
 /// Adds `e` of pack `p` to `map` unless the copy there ranks at least as high.

@@ -168,6 +168,8 @@ pub struct Lease {
     last_ok: Arc<AtomicU64>,
     /// This host's clock just before and just after the first write of the lease object.
     written: (u64, u64),
+    /// When `record.started` was read: [`Lease::stamp`] counts from it.
+    origin: std::time::Instant,
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
 }
@@ -218,6 +220,37 @@ impl Lease {
         Lease::exclusive_with(repo, job, false)
     }
 
+    /// Waits (up to 30 min, keeping this lease) until no other live shared lease is
+    /// left: with a sole lease held, no new job starts meanwhile, so afterwards none runs
+    /// (`repo upgrade`: format-4 jobs must not go on writing what the new format does
+    /// not list).
+    pub fn wait_for_shared(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + SOLE_WAIT;
+        loop {
+            let t = now();
+            let running = listed(&self.repo)?
+                .into_iter()
+                .find(|l| l.id != self.id && l.record.kind == Kind::Shared && l.record.live_at(t));
+            let Some(Listed { record: r, .. }) = running else {
+                return Ok(());
+            };
+            self.check()?;
+            if std::time::Instant::now() >= deadline {
+                return Err(BackupError::Busy(format!(
+                    "{}: waited {} s for {} (host {}, pid {}, since {}) to finish on {}",
+                    self.record.job,
+                    SOLE_WAIT.as_secs(),
+                    r.job,
+                    r.host,
+                    r.pid,
+                    r.started,
+                    self.repo.describe()
+                )));
+            }
+            std::thread::sleep(SOLE_POLL);
+        }
+    }
+
     /// The exclusive lease; `sole` also keeps new shared leases waiting while it lives.
     pub fn exclusive_with(repo: &Repository, job: impl Into<String>, sole: bool) -> Result<Lease> {
         let lease = Lease::take(repo, Kind::Exclusive, job.into(), sole)?;
@@ -243,6 +276,7 @@ impl Lease {
     }
 
     fn take(repo: &Repository, kind: Kind, job: String, sole: bool) -> Result<Lease> {
+        let origin = std::time::Instant::now();
         let t = now();
         let id = hex::encode(random_bytes::<16>());
         let ttl = repo.lease_ttl().max(6);
@@ -273,6 +307,7 @@ impl Lease {
             record,
             last_ok,
             written,
+            origin,
             stop,
             thread: Some(thread),
         })
@@ -333,6 +368,18 @@ impl Lease {
     }
     pub fn record(&self) -> &Record {
         &self.record
+    }
+
+    /// A time for an object this job writes now, in milliseconds since the Unix epoch: the
+    /// lease's start plus the monotonic time elapsed since, so never before the start
+    /// gc's cut-off is computed from, and never stepping back with the wall clock
+    /// (format-5 index object keys, docs/design.md §12 "Index generations").
+    pub fn stamp(&self) -> u64 {
+        let elapsed = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.record
+            .started
+            .saturating_mul(1000)
+            .saturating_add(elapsed)
     }
 
     /// Fails if the lease may have expired in gc's eyes (not refreshed for `ttl / 2`):

@@ -27,6 +27,8 @@ pub mod error;
 pub mod file;
 pub mod frame;
 pub mod gc;
+mod gcgen;
+pub mod generation;
 pub mod hold;
 pub mod index;
 pub mod lazy;

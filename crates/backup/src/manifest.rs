@@ -410,7 +410,9 @@ fn max_sealed_frame() -> u64 {
 /// The compressor of a frame of `plain` bytes: its header states that size, so a reader
 /// sizes its buffer to the frame, not to the frame's largest possible span
 /// ([`decompress`]; a sparse frame is a small fraction of that).
-fn frame_encoder(plain: usize) -> std::io::Result<zstd::stream::Encoder<'static, Vec<u8>>> {
+pub(crate) fn frame_encoder(
+    plain: usize,
+) -> std::io::Result<zstd::stream::Encoder<'static, Vec<u8>>> {
     let mut enc = zstd::stream::Encoder::new(Vec::with_capacity(plain / 2 + 4096), 3)?;
     enc.set_pledged_src_size(Some(plain as u64))?;
     enc.include_contentsize(true)?;
@@ -418,7 +420,7 @@ fn frame_encoder(plain: usize) -> std::io::Result<zstd::stream::Encoder<'static,
 }
 
 /// Decompresses `z` (a table or frame), refusing more than `limit` bytes of output.
-fn decompress(z: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
+pub(crate) fn decompress(z: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
     // The output is allocated once, at the size its header states (frames written since
     // session 25: `frame_encoder`), bounded by the span's limit, or else at the limit:
     // growing it by doubling through read_to_end left the smaller buffers of every frame

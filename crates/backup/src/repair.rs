@@ -15,7 +15,8 @@ use std::collections::{HashMap, HashSet};
 use crate::catalog::Catalogs;
 use crate::crypto::ChunkId;
 use crate::error::{BackupError, Result};
-use crate::index::{ChunkIndex, Purpose};
+use crate::index::{self, ChunkIndex, Purpose};
+use crate::lease::Lease;
 use crate::manifest;
 use crate::pack::{encode_index, index_aad, index_from_pack, MAX_PACK_OBJECT};
 use crate::repo::{self, Repository};
@@ -53,8 +54,16 @@ fn ids_under(repo: &Repository, prefix: &str) -> Result<HashSet<String>> {
 
 pub fn run(repo: &Repository, dry_run: bool) -> Result<Report> {
     let store = repo.store();
+    // Shared, as a backup's: a rebuilt format-5 index object is stamped by it, and gc
+    // keeps what this run's listing saw while it lives.
+    let lease = if dry_run {
+        None
+    } else {
+        Some(Lease::shared(repo, "repair")?)
+    };
     let packs = ids_under(repo, repo::PACKS)?;
-    let indexes = ids_under(repo, repo::INDEX)?;
+    let listed = index::list_indexes(repo)?;
+    let indexes: HashSet<String> = listed.iter().map(|i| i.id.clone()).collect();
     let mut rep = Report {
         packs: packs.len() as u64,
         indexes: indexes.len() as u64,
@@ -76,7 +85,7 @@ pub fn run(repo: &Repository, dry_run: bool) -> Result<Report> {
         match rebuilt {
             Ok(index) => {
                 if !dry_run {
-                    store.put(&repo::index_key(id), &index)?;
+                    index::put_index(repo, lease.as_ref(), id, &index)?;
                 }
                 rep.indexes_rebuilt.push(id.clone());
             }
@@ -86,8 +95,8 @@ pub fn run(repo: &Repository, dry_run: bool) -> Result<Report> {
     let mut gone: Vec<&String> = indexes.difference(&packs).collect();
     gone.sort();
     for id in gone {
-        if !dry_run {
-            store.delete(&repo::index_key(id))?;
+        if let (false, Some(i)) = (dry_run, index::find(&listed, id)) {
+            store.delete(&i.key())?;
         }
         rep.indexes_removed.push(id.clone());
     }

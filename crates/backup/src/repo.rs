@@ -22,9 +22,14 @@ use crate::store::ObjectStore;
 pub const CONFIG_KEY: &str = "config";
 pub const PACKS: &str = "packs/";
 pub const INDEX: &str = "index/";
+/// Format-5 index objects, keyed by time (crate::index::Indexed).
+pub const IX: &str = "ix/";
 pub const TABLES: &str = "tables/";
 pub const MANIFESTS: &str = "manifests/";
 pub const TRASH: &str = "trash/";
+/// The name, in this host's marks, of the newest index generation it saw (pool names
+/// cannot hold spaces or parentheses, so no pool's catalog mark shares it).
+pub const INDEX_MARK: &str = "(index generations)";
 
 pub fn pack_key(id: &str) -> String {
     format!("{PACKS}{}/{id}", id.get(..2).unwrap_or("00"))
@@ -40,6 +45,37 @@ pub fn manifest_key(id: &str) -> String {
 }
 pub fn trash_key(id: &str) -> String {
     format!("{TRASH}{id}")
+}
+
+/// Upgrade to format 5: takes a sole exclusive lease, waits for running jobs to end,
+/// then writes an index generation of every pack listed now (as gc would, deleting
+/// nothing). Returns the lease, to hold until the config is raised.
+fn write_first_generation(repo: &Repository) -> Result<crate::lease::Lease> {
+    let lease = crate::lease::Lease::exclusive_with(repo, "repo upgrade (format 5)", true)?;
+    lease.wait_for_shared()?;
+    let listing = crate::index::Listing::take(repo)?;
+    let objects: std::collections::HashMap<String, (u64, u64)> = repo
+        .store
+        .list(PACKS)?
+        .into_iter()
+        .filter_map(|o| Some((o.key.rsplit('/').next()?.to_string(), (o.size, o.modified))))
+        .collect();
+    let t = now();
+    lease.check()?;
+    crate::gcgen::advance(
+        repo,
+        &crate::gcgen::Inputs {
+            listing: &listing,
+            objects: &objects,
+            deleted: &[],
+            cut_ms: t
+                .saturating_mul(1000)
+                .saturating_sub(crate::gc::CUT_SLACK_MS),
+            now: t,
+            retire_before: 0,
+        },
+    )?;
+    Ok(lease)
 }
 
 /// Parameters of a new repository.
@@ -176,6 +212,7 @@ impl Repository {
         };
         let keys = Keys::from_master(&master);
         let (config, bytes) = signed(config, &keys)?;
+        let version = config.version;
         // Look first: some S3-compatible servers ignore If-None-Match, and a put over an
         // existing repository's config would make every backup in it unreadable.
         match store.get(CONFIG_KEY, MAX_CONFIG_BYTES) {
@@ -191,7 +228,21 @@ impl Repository {
         {
             return Err(BackupError::RepositoryExists(store.describe()));
         }
-        Ok(Repository::with_parts(store, config, keys))
+        let repo = Repository::with_parts(store, config, keys);
+        if version >= crate::config::VERSION_GENERATIONS {
+            // Its first index generation, empty (jobs of format 5 refuse a repository
+            // with none; a gc writes one if this init dies first).
+            let g = crate::generation::Generation {
+                number: 1,
+                created: now(),
+                cut_ms: now()
+                    .saturating_mul(1000)
+                    .saturating_sub(crate::gc::CUT_SLACK_MS),
+                ..Default::default()
+            };
+            crate::generation::write(&repo, &g, None)?;
+        }
+        Ok(repo)
     }
 
     /// Opens the repository in `store` with `secret`: unwraps the master key, then checks
@@ -240,6 +291,8 @@ impl Repository {
         if repo.config.version < crate::config::VERSION_WHOLE_TABLES {
             write_first_catalogs(&repo)?;
         }
+        // Held until the config is raised: no job starts meanwhile, none runs.
+        let _lease = write_first_generation(&repo)?;
         let (config, bytes) = signed(
             RepoConfig {
                 version: VERSION,
@@ -339,7 +392,7 @@ impl Repository {
     ) -> Result<()> {
         let Some(m) = &self.marks else { return Ok(()) };
         for (pool, seen) in m.get(&self.config.id)? {
-            if only.is_some_and(|o| o != pool) {
+            if only.is_some_and(|o| o != pool) || pool == INDEX_MARK {
                 continue;
             }
             let found = match newest.get(&pool) {
@@ -364,6 +417,42 @@ impl Repository {
                     marks: m.file(&self.config.id).display().to_string(),
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses index generation `number` (head hash `hash`) as the newest if this host
+    /// saw a newer one, or another head of that number (newer heads deleted, or the
+    /// store's `gen/` replaced: a rollback that would hide packs gc deleted since);
+    /// else raises this host's mark to it.
+    pub(crate) fn check_index_generation(&self, number: u64, hash: &str) -> Result<()> {
+        let Some(m) = &self.marks else { return Ok(()) };
+        if let Some(seen) = m.get(&self.config.id)?.get(INDEX_MARK) {
+            let found = if number < seen.generation {
+                Some(format!("is at {number}"))
+            } else if number == seen.generation && hash != seen.hash {
+                Some(format!("{number} is not the one this host saw (replaced)"))
+            } else {
+                None
+            };
+            if let Some(found) = found {
+                return Err(BackupError::IndexRolledBack {
+                    repo: self.describe(),
+                    seen: seen.generation,
+                    found,
+                    marks: m.file(&self.config.id).display().to_string(),
+                });
+            }
+            if number == seen.generation {
+                return Ok(());
+            }
+        }
+        let mark = crate::marks::Mark {
+            generation: number,
+            hash: hash.to_string(),
+        };
+        if let Err(e) = m.raise(&self.config.id, &[(INDEX_MARK.to_string(), mark)].into()) {
+            log::warn!("saving index generation high-water mark: {e}");
         }
         Ok(())
     }

@@ -272,7 +272,14 @@ fn catalog_objects_are_bound_to_their_names() {
 #[test]
 fn upgrade_catalogues_existing_backups() {
     let (d, p) = setup();
-    let r = init(d.path());
+    // Written as format 3 (whose index objects are `index/<pack>`, as format 1's).
+    let opts = InitOptions {
+        chunk_size: 64 << 10,
+        pack_size: 1 << 20,
+        version: 3,
+        ..Default::default()
+    };
+    let r = Repository::init(store(d.path()), b"k", &opts).unwrap();
     backup(&p, &r, "a", 1);
     let want = image(&p, "v@a");
     backup(&p, &r, "b", 2);
@@ -289,7 +296,7 @@ fn upgrade_catalogues_existing_backups() {
         .to_string()
         .contains("repo upgrade"));
     let up = Repository::upgrade(store(d.path()), b"k").unwrap();
-    assert_eq!(up.config().version, 4);
+    assert_eq!(up.config().version, snapblk_backup::config::VERSION);
     assert_eq!(Catalogs::load(&up).unwrap().headers().len(), 2);
     // Idempotent.
     Repository::upgrade(store(d.path()), b"k").unwrap();

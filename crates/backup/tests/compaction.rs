@@ -33,7 +33,7 @@ fn watched(dir: &std::path::Path, base: u64) -> (Hooked, PacksRead) {
             Call::Before(Op::GetRange { key, .. }) if key.starts_with("packs/") => {
                 seen.lock().unwrap().insert(key.to_string());
             }
-            Call::Before(Op::Put(key)) if key.starts_with("index/") => {
+            Call::Before(Op::Put(key)) if key.starts_with("ix/") => {
                 let mut o = order.lock().unwrap();
                 let n = o.len() as u64 + 1;
                 o.entry(key.to_string()).or_insert(n);

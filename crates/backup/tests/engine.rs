@@ -397,12 +397,13 @@ fn a_gc_that_died_between_its_deletes_leaves_no_mark_for_good() {
             .list(prefix)
             .unwrap()
             .into_iter()
-            .filter_map(|o| Some(o.key.rsplit('/').next()?.to_string()))
+            // (An index object's key is `ix/<time>-<pack>`.)
+            .filter_map(|o| Some(o.key.rsplit(['/', '-']).next()?.to_string()))
             .collect();
         v.sort();
         v
     };
-    let (packs, indexes) = (names("packs/"), names("index/"));
+    let (packs, indexes) = (names("packs/"), names("ix/"));
     let stray: Vec<String> = names("trash/")
         .into_iter()
         .filter(|m| !packs.contains(m) && !indexes.contains(m))
@@ -413,7 +414,7 @@ fn a_gc_that_died_between_its_deletes_leaves_no_mark_for_good() {
     let g = gc::run(&r, &opts, &NoProgress).unwrap();
     assert!(g.stray_marks_deleted >= 1, "{g:?}");
     assert!(names("trash/").is_empty(), "{:?}", names("trash/"));
-    assert!(names("packs/").is_empty() && names("index/").is_empty());
+    assert!(names("packs/").is_empty() && names("ix/").is_empty());
 }
 
 #[test]
@@ -432,7 +433,7 @@ fn interrupted_backup_resumes_without_reuploading() {
     assert!(err.to_string().contains("connection refused"), "{err}");
     let (h, _) = manifest::list(&r1).unwrap();
     assert!(h.is_empty(), "no manifest for a failed backup");
-    let stored_before: u64 = r1.store().list("index/").unwrap().len() as u64;
+    let stored_before: u64 = r1.store().list("ix/").unwrap().len() as u64;
     assert!(stored_before >= 3);
 
     let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(dir.path()));

@@ -32,6 +32,11 @@ fn files(dir: &Path, sub: &str) -> Vec<std::path::PathBuf> {
 }
 
 fn setup() -> (Arc<Pool>, tempfile::TempDir, Repository) {
+    setup_as(snapblk_backup::config::VERSION)
+}
+
+/// A repository of format `version` holding one backup, `v@a`.
+fn setup_as(version: u32) -> (Arc<Pool>, tempfile::TempDir, Repository) {
     let p = pool(256 * MIB);
     let d = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(d.path()));
@@ -40,6 +45,7 @@ fn setup() -> (Arc<Pool>, tempfile::TempDir, Repository) {
         b"k",
         &InitOptions {
             pack_size: 1 << 20,
+            version,
             ..Default::default()
         },
     )
@@ -66,12 +72,12 @@ fn a_backup_never_references_chunks_of_a_missing_pack() {
 #[test]
 fn repair_rebuilds_lost_indexes_and_names_lost_chunks() {
     let (p, d, r) = setup();
-    let indexes = files(d.path(), "index");
+    let indexes = files(d.path(), "ix");
     std::fs::remove_file(&indexes[0]).unwrap();
     let rep = repair::run(&r, false).unwrap();
     assert_eq!(rep.indexes_rebuilt.len(), 1, "{rep:?}");
     assert!(rep.is_clean(), "{rep:?}");
-    assert_eq!(files(d.path(), "index").len(), indexes.len());
+    assert_eq!(files(d.path(), "ix").len(), indexes.len());
     assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
     restore_volume(&p, &r, "v@a", None, "ra", &NoProgress).unwrap();
     assert!(image(&p, "v@a") == image(&p, "ra"));
@@ -81,7 +87,7 @@ fn repair_rebuilds_lost_indexes_and_names_lost_chunks() {
     std::fs::remove_file(&packs[0]).unwrap();
     let dry = repair::run(&r, true).unwrap();
     assert_eq!(
-        (dry.indexes_removed.len(), files(d.path(), "index").len()),
+        (dry.indexes_removed.len(), files(d.path(), "ix").len()),
         (1, indexes.len()),
         "a dry run changes nothing"
     );
@@ -102,7 +108,7 @@ fn repair_rebuilds_lost_indexes_and_names_lost_chunks() {
 #[test]
 fn a_pack_index_moved_to_another_name_does_not_open() {
     let (_p, d, r) = setup();
-    let indexes = files(d.path(), "index");
+    let indexes = files(d.path(), "ix");
     assert!(indexes.len() >= 2);
     std::fs::copy(&indexes[0], &indexes[1]).unwrap();
     let e = verify::run(&r, false, 2, &NoProgress).expect_err("a moved index was accepted");
@@ -114,7 +120,8 @@ fn a_pack_index_moved_to_another_name_does_not_open() {
 #[test]
 fn upgrade_binds_format_1_indexes_to_their_packs() {
     use snapblk_backup::pack::{index_aad, LEGACY_INDEX_AAD};
-    let (p, d, r) = setup();
+    // Written as format 3, whose index objects are `index/<pack>` as format 1's.
+    let (p, d, r) = setup_as(3);
     for f in files(d.path(), "index") {
         let id = f.file_name().unwrap().to_str().unwrap().to_string();
         let plain = r
@@ -131,6 +138,7 @@ fn upgrade_binds_format_1_indexes_to_their_packs() {
     let store: Arc<dyn ObjectStore> = Arc::new(FileStore::new(d.path()));
     assert!(Repository::open(Arc::clone(&store), b"k").is_err());
     let up = Repository::upgrade(Arc::clone(&store), b"k").unwrap();
+    assert_eq!(up.config().version, snapblk_backup::config::VERSION);
     assert!(verify::run(&up, true, 2, &NoProgress).unwrap().is_clean());
     restore_volume(&p, &up, "v@a", None, "ra", &NoProgress).unwrap();
     assert!(image(&p, "v@a") == image(&p, "ra"));
