@@ -337,8 +337,8 @@ fn list(r: &snapblk_backup::Repository, from: Option<&str>) -> Result<Outcome> {
         .into_iter()
         .filter(|h| pools.contains(&h.pool.as_str()))
         .collect();
-    let packs = r.store().list(snapblk_backup::repo::PACKS)?;
-    let stored: u64 = packs.iter().map(|p| p.size).sum();
+    // Format 5: the view's LISTs (trash, gen, ix/ since the last gc), not packs/ whole.
+    let (packs, stored) = snapblk_backup::index::Listing::for_job(r)?.stored();
     let logical: u64 = headers.iter().map(|h| h.stored_bytes).sum();
     let ratio = if stored == 0 {
         0.0
@@ -370,13 +370,13 @@ fn list(r: &snapblk_backup::Repository, from: Option<&str>) -> Result<Outcome> {
         "{} backups, {} of snapshot data in {} packs ({}): {:.2}x after dedup and compression",
         headers.len(),
         format_size(logical),
-        packs.len(),
+        packs,
         format_size(stored),
         ratio
     ));
     let json = json!({
         "backups": headers,
-        "packs": packs.len(),
+        "packs": packs,
         "stored_bytes": stored,
         "logical_bytes": logical,
         "dedup_ratio": ratio,

@@ -639,7 +639,7 @@ fn pipeline(
                     // there, not by a GET.)
                     let r = repo.paced(len + index.len() as u64, || {
                         store.put_file(&repo::pack_key(&id), file.path(), len)?;
-                        crate::index::put_index(repo, Some(known.lease), &id, &index)
+                        crate::index::put_index(repo, Some(known.lease), &id, len, &index)
                     });
                     drop(file);
                     match r {

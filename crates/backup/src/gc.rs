@@ -350,9 +350,10 @@ pub fn run(repo: &Repository, opts: &Options, progress: &dyn Progress) -> Result
             b.add(e.id, blob);
         }
         let np = b.finish(repo.keys());
-        repo.paced((np.bytes.len() + np.index.len()) as u64, || {
+        let len = np.bytes.len() as u64;
+        repo.paced(len + np.index.len() as u64, || {
             store.put_owned(&repo::pack_key(&np.id), np.bytes)?;
-            index::put_index(repo, lease.as_ref(), &np.id, &np.index)
+            index::put_index(repo, lease.as_ref(), &np.id, len, &np.index)
         })?;
         condemn(&info.id, &mut rep)?;
         if old(t) {

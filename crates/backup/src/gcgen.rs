@@ -56,7 +56,8 @@ pub fn advance(repo: &Repository, inp: &Inputs<'_>) -> Result<u64> {
                 id: id_bytes(&i.id)?,
                 stamp: i.stamp,
                 modified: i.modified,
-                size: *size,
+                // An `ix/` key names its size (jobs rebuild the key from this record).
+                size: if i.stamp.is_some() { i.size } else { *size },
             })
         })
         .collect();

@@ -90,9 +90,11 @@ pub enum Purpose {
     Backup,
 }
 
-/// A pack's index object as listed: `index/<id>` (formats up to 4) or `ix/<t>-<id>`
-/// (format 5: `t` the writer's [`Lease::stamp`], 13 decimal digits of milliseconds, so
-/// keys sort by when they were written and a listing can start after a time).
+/// A pack's index object as listed: `index/<id>` (formats up to 4) or
+/// `ix/<t>-<id>-<size>` (format 5: `t` the writer's [`Lease::stamp`], 13 decimal digits
+/// of milliseconds, so keys sort by when they were written and a listing can start
+/// after a time; `size` the pack object's, so a view knows what is stored without
+/// listing `packs/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Indexed {
     pub id: String,
@@ -101,6 +103,9 @@ pub struct Indexed {
     /// When the store says the object was stored (seconds; 0 if unknown): what ranks
     /// copies of a chunk ([`PackInfo::rank`]).
     pub modified: u64,
+    /// The pack object's size: from an `ix/` key, or from a listing of `packs/` (0 if
+    /// none was listed).
+    pub size: u64,
 }
 
 /// Digits of an `ix/` key's time.
@@ -110,35 +115,51 @@ impl Indexed {
     /// The object's key in the store.
     pub fn key(&self) -> String {
         match self.stamp {
-            Some(t) => ix_key(t, &self.id),
+            Some(t) => ix_key(t, &self.id, self.size),
             None => repo::index_key(&self.id),
         }
     }
 
     /// The index object a listed key names; None for a key of neither form.
     pub fn parse(key: &str, modified: u64) -> Option<Indexed> {
+        let plain = |id: &str| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric());
         if let Some(id) = key.strip_prefix(repo::INDEX) {
-            return (!id.is_empty() && !id.contains('/')).then(|| Indexed {
+            return plain(id).then(|| Indexed {
                 id: id.to_string(),
                 stamp: None,
                 modified,
+                size: 0,
             });
         }
-        let (t, id) = key.strip_prefix(repo::IX)?.split_once('-')?;
-        if t.len() != STAMP_DIGITS || !t.bytes().all(|b| b.is_ascii_digit()) {
+        let mut parts = key.strip_prefix(repo::IX)?.split('-');
+        let (t, id, size) = (parts.next()?, parts.next()?, parts.next()?);
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+        if parts.next().is_some() || t.len() != STAMP_DIGITS || !digits(t) || !digits(size) {
             return None;
         }
-        (!id.is_empty() && !id.contains('/')).then(|| Indexed {
+        let (stamp, size) = (t.parse().ok()?, size.parse().ok()?);
+        plain(id).then(|| Indexed {
             id: id.to_string(),
-            stamp: t.parse().ok(),
+            stamp: Some(stamp),
             modified,
+            size,
         })
     }
 }
 
-/// `ix/<t>-<id>`.
-pub fn ix_key(stamp: u64, id: &str) -> String {
-    format!("{}{stamp:0width$}-{id}", repo::IX, width = STAMP_DIGITS)
+/// `ix/<t>-<id>-<size>`.
+pub fn ix_key(stamp: u64, id: &str, size: u64) -> String {
+    format!(
+        "{}{stamp:0width$}-{id}-{size}",
+        repo::IX,
+        width = STAMP_DIGITS
+    )
+}
+
+/// Where listing `ix/` starts to return the keys stamped at or after `t`.
+pub fn ix_after(t: u64) -> String {
+    format!("{}{t:0width$}", repo::IX, width = STAMP_DIGITS)
 }
 
 /// Stores pack `id`'s sealed index object where the repository's format keeps it, and
@@ -150,6 +171,7 @@ pub(crate) fn put_index(
     repo: &Repository,
     lease: Option<&Lease>,
     id: &str,
+    pack_size: u64,
     index: &[u8],
 ) -> Result<()> {
     let key = if repo.config().version >= VERSION_GENERATIONS {
@@ -160,7 +182,7 @@ pub(crate) fn put_index(
             )
         })?;
         lease.check()?;
-        ix_key(lease.stamp(), id)
+        ix_key(lease.stamp(), id, pack_size)
     } else {
         repo::index_key(id)
     };
@@ -218,22 +240,34 @@ impl Listing {
             .into_iter()
             .filter_map(|o| o.key.strip_prefix(repo::TRASH).map(str::to_string))
             .collect();
-        let indexes = list_indexes(repo)?;
+        let mut indexes = list_indexes(repo)?;
         if let Some(c) = repo.cache() {
             // Indexes gone from the store (their pack deleted) leave the cache too.
             c.retain(repo, "index", |name| find(&indexes, name).is_some());
         }
-        let packs: HashSet<String> = store
+        let sizes: HashMap<String, u64> = store
             .list(repo::PACKS)?
             .into_iter()
-            .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
+            .filter_map(|o| Some((o.key.rsplit('/').next()?.to_string(), o.size)))
             .collect();
+        for i in indexes.iter_mut().filter(|i| i.stamp.is_none()) {
+            i.size = sizes.get(&i.id).copied().unwrap_or(0);
+        }
+        let packs: HashSet<String> = sizes.into_keys().collect();
         Ok(Listing {
             condemned,
             indexes,
             packs,
             unconfirmed: HashSet::new(),
         })
+    }
+
+    /// Packs listed with an index object and a pack object, and their bytes.
+    pub fn stored(&self) -> (u64, u64) {
+        self.indexes
+            .iter()
+            .filter(|i| self.packs.contains(&i.id))
+            .fold((0, 0), |(n, b), i| (n + 1, b + i.size))
     }
 
     /// What a job (backup, restore, verify of one backup, `backup list`) lists: from
@@ -278,8 +312,7 @@ impl Listing {
             };
             repo.check_index_generation(newest, &loaded.head_hash)?;
             let g = loaded.generation;
-            let after = ix_key(g.cut_ms, "");
-            let after = after.trim_end_matches('-');
+            let after = ix_after(g.cut_ms);
             let deleted: HashSet<[u8; 32]> = g.deleted.iter().map(|d| d.0).collect();
             let mut indexes: Vec<Indexed> = g
                 .packs
@@ -288,10 +321,11 @@ impl Listing {
                     id: generation::id_string(&p.id),
                     stamp: p.stamp,
                     modified: p.modified,
+                    size: p.size,
                 })
                 .collect();
             let named = indexes.len();
-            for o in store.list_after(repo::IX, after)? {
+            for o in store.list_after(repo::IX, &after)? {
                 let Some(i) = Indexed::parse(&o.key, o.modified) else {
                     continue;
                 };

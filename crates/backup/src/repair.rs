@@ -80,12 +80,13 @@ pub fn run(repo: &Repository, dry_run: bool) -> Result<Report> {
             .and_then(|bytes| {
                 let entries = index_from_pack(repo.keys(), id, &bytes)?;
                 // Sealed under the pack's name (a format-1 trailer is not).
-                Ok(repo.keys().seal(&encode_index(&entries), &index_aad(id)))
+                let sealed = repo.keys().seal(&encode_index(&entries), &index_aad(id));
+                Ok((sealed, bytes.len() as u64))
             });
         match rebuilt {
-            Ok(index) => {
+            Ok((index, size)) => {
                 if !dry_run {
-                    index::put_index(repo, lease.as_ref(), id, &index)?;
+                    index::put_index(repo, lease.as_ref(), id, size, &index)?;
                 }
                 rep.indexes_rebuilt.push(id.clone());
             }

@@ -397,8 +397,11 @@ fn a_gc_that_died_between_its_deletes_leaves_no_mark_for_good() {
             .list(prefix)
             .unwrap()
             .into_iter()
-            // (An index object's key is `ix/<time>-<pack>`.)
-            .filter_map(|o| Some(o.key.rsplit(['/', '-']).next()?.to_string()))
+            // (An index object's key is `ix/<time>-<pack>-<size>`.)
+            .filter_map(|o| {
+                let name = o.key.rsplit('/').next()?;
+                Some(name.split('-').nth(1).unwrap_or(name).to_string())
+            })
             .collect();
         v.sort();
         v
