@@ -150,7 +150,7 @@ if wait $bpid; then fail "backup succeeded with the S3 server gone"; fi
 cat "$T/kill.out" >&2
 grep -q "s3://snapblk-test/resume" "$T/kill.out" || fail "the error does not name the target"
 grep -Eq "cannot reach|timed out|failed" "$T/kill.out" || fail "unclear error when S3 is down"
-before=$(find "$S3_ROOT/snapblk-test/resume/index" -type f | wc -l)
+before=$(find "$S3_ROOT/snapblk-test/resume/ix" -type f | wc -l)
 start_s3
 snapblk --json backup big@x --to "$R" >"$T/resume.json"
 reused=$(jq_ 'v["stats"]["chunks_reused"]' <"$T/resume.json")
