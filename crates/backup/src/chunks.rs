@@ -273,7 +273,9 @@ impl Chunks {
         })?;
         let mut gone = false;
         for (n, there) in ask.into_iter().zip(there) {
-            if !there {
+            if there {
+                crate::index::note_seen(&self.repo, self.pack_name(n));
+            } else {
                 gone = true;
                 log::warn!(
                     "{}: pack {} is listed but gone; its chunks are read from other copies or stored again",
@@ -382,12 +384,12 @@ impl Chunks {
     /// Packs the answer reads from that the view has not confirmed are confirmed by a
     /// HEAD first; if one is gone the answer is worked out again without it.
     pub fn locations(&self, wanted: Vec<ChunkId>) -> Result<Locations> {
-        let mut attempt = 0;
+        // Ends: each pass that finds a pack gone confirms it for good (at most once per
+        // pack), and the next pass no longer uses it.
         let mut wanted = wanted;
         loop {
-            attempt += 1;
             let (locs, numbers) = self.locations_once(wanted)?;
-            if attempt == 4 || !self.confirm(numbers)? {
+            if !self.confirm(numbers)? {
                 return Ok(locs);
             }
             wanted = locs.ids;

@@ -87,6 +87,8 @@ pub struct Loaded {
     pub generation: Generation,
     pub head_hash: String,
     pub prev: Option<String>,
+    /// The hashes of its parts (what the local cache keeps them under, `gen/<hash>`).
+    pub parts: Vec<String>,
 }
 
 pub fn head_key(number: u64) -> String {
@@ -336,6 +338,7 @@ pub fn read(repo: &Repository, number: u64) -> Result<Loaded> {
         generation: g,
         head_hash,
         prev: head.prev,
+        parts: head.parts.into_iter().map(|p| p.hash).collect(),
     })
 }
 

@@ -189,8 +189,32 @@ pub(crate) fn put_index(
     repo.store().put(&key, index)?;
     if let Some(c) = repo.cache() {
         c.put(repo, &repo::index_key(id), index);
+        note_seen(repo, id);
     }
     Ok(())
+}
+
+/// Where this host notes a pack it wrote or found by a HEAD (crate::chunks, confirming
+/// packs a view names only through its `ix/` listing).
+fn seen_key(id: &str) -> String {
+    format!("seen/{id}")
+}
+
+/// Notes in the local cache that pack `id` exists (it was just written, or a HEAD found
+/// it): later jobs of this host send it no HEAD. A pack only leaves a view by gc (its
+/// generation lists it deleted, its index object goes), so a note never makes a pack
+/// gc deleted look present; a pack lost by other means is what gc, verify and repair
+/// report.
+pub(crate) fn note_seen(repo: &Repository, id: &str) {
+    if let Some(c) = repo.cache() {
+        c.put(repo, &seen_key(id), b"");
+    }
+}
+
+/// Whether this host noted pack `id` ([`note_seen`]).
+pub(crate) fn was_seen(repo: &Repository, id: &str) -> bool {
+    repo.cache()
+        .is_some_and(|c| c.get(repo, &seen_key(id), 0).is_some())
 }
 
 /// Index objects under both prefixes, sorted by pack id; a pack with two (an `index/`
@@ -310,13 +334,20 @@ impl Listing {
                 }
                 r => r?,
             };
-            repo.check_index_generation(newest, &loaded.head_hash)?;
+            match repo.check_index_generation(newest, &loaded.head_hash) {
+                // Another job of this host may have read a generation gc wrote after our
+                // listing of `gen/` (and raised the mark): list again before calling it a
+                // rollback.
+                Err(BackupError::IndexRolledBack { .. }) if attempt < VIEW_ATTEMPTS => continue,
+                r => r?,
+            }
             let g = loaded.generation;
             let after = ix_after(g.cut_ms);
             let deleted: HashSet<[u8; 32]> = g.deleted.iter().map(|d| d.0).collect();
+            // (Consumed: the generation's records are not held beside their entries.)
             let mut indexes: Vec<Indexed> = g
                 .packs
-                .iter()
+                .into_iter()
                 .map(|p| Indexed {
                     id: generation::id_string(&p.id),
                     stamp: p.stamp,
@@ -334,28 +365,32 @@ impl Listing {
                 }
                 indexes.push(i);
             }
-            // The generation's entry of a pack first (its rank value), then one per pack.
-            let window: HashSet<String> = indexes[named..].iter().map(|i| i.id.clone()).collect();
-            let in_generation: HashSet<&str> =
-                indexes[..named].iter().map(|i| i.id.as_str()).collect();
-            let unconfirmed: HashSet<String> = window
-                .into_iter()
-                .filter(|id| !in_generation.contains(id.as_str()))
+            drop(deleted);
+            // Packs only the window names (the generation's entries are sorted by id: hex
+            // of the ids it sorts by).
+            let in_generation = |id: &str| {
+                indexes[..named]
+                    .binary_search_by(|x| x.id.as_str().cmp(id))
+                    .is_ok()
+            };
+            let unconfirmed: HashSet<String> = indexes[named..]
+                .iter()
+                .filter(|i| !in_generation(&i.id))
+                .map(|i| i.id.clone())
                 .collect();
-            drop(in_generation);
-            indexes.sort_by(|a, b| {
-                a.id.cmp(&b.id).then(
-                    unconfirmed
-                        .contains(&a.id)
-                        .cmp(&unconfirmed.contains(&b.id)),
-                )
-            });
-            // Equal ids: the generation's entry sorts first only when the id is in the
-            // generation, so keep the first of each id.
+            indexes.sort_by(|a, b| a.id.cmp(&b.id));
+            // Equal ids (a pack in the generation and the window): the sort is stable and
+            // the generation's entry came first, so keep the first of each id (the rank
+            // value gc recorded).
             indexes.dedup_by(|later, first| later.id == first.id);
             if let Some(c) = repo.cache() {
                 c.retain(repo, "index", |name| find(&indexes, name).is_some());
+                c.retain(repo, "seen", |name| find(&indexes, name).is_some());
             }
+            let unconfirmed: HashSet<String> = unconfirmed
+                .into_iter()
+                .filter(|id| !was_seen(repo, id))
+                .collect();
             let packs: HashSet<String> = indexes.iter().map(|i| i.id.clone()).collect();
             return Ok(Listing {
                 condemned,

@@ -194,6 +194,7 @@ impl Lease {
             let leases = listed(repo)?;
             lease.check_clock(&leases)?;
             if live_sole_in(&leases, &lease.id).is_none() {
+                lease.check_format()?;
                 return Ok(lease);
             }
             drop(lease);
@@ -225,7 +226,8 @@ impl Lease {
     /// (`repo upgrade`: format-4 jobs must not go on writing what the new format does
     /// not list).
     pub fn wait_for_shared(&self) -> Result<()> {
-        let deadline = std::time::Instant::now() + SOLE_WAIT;
+        // Past a dead job's lease lifetime too (its lease then counts as stale).
+        let deadline = std::time::Instant::now() + SOLE_WAIT + Duration::from_secs(self.record.ttl);
         loop {
             let t = now();
             let running = listed(&self.repo)?
@@ -256,6 +258,7 @@ impl Lease {
         let lease = Lease::take(repo, Kind::Exclusive, job.into(), sole)?;
         let leases = listed(repo)?;
         lease.check_clock(&leases)?;
+        lease.check_format()?;
         let t = now();
         for Listed { id, record: r, .. } in leases {
             if id != lease.id && r.kind == Kind::Exclusive && r.live_at(t) {
@@ -273,6 +276,25 @@ impl Lease {
             }
         }
         Ok(lease)
+    }
+
+    /// Refuses to go on if the repository's format changed since `repo` was opened (a
+    /// `repo upgrade` this job waited out): a job must not write or list by the old
+    /// format's rules under the new one.
+    fn check_format(&self) -> Result<()> {
+        let bytes = self
+            .repo
+            .store()
+            .get(crate::repo::CONFIG_KEY, crate::config::MAX_CONFIG_BYTES)?;
+        let stored = crate::config::RepoConfig::parse(&bytes)?.version;
+        let opened = self.repo.config().version;
+        if stored != opened {
+            return Err(BackupError::invalid(
+                format!("{} on {}", self.record.job, self.repo.describe()),
+                format!("the repository is format {stored} now, not {opened} as when this job opened it (upgraded meanwhile); run it again"),
+            ));
+        }
+        Ok(())
     }
 
     fn take(repo: &Repository, kind: Kind, job: String, sole: bool) -> Result<Lease> {
@@ -422,7 +444,20 @@ fn refresh(
         if *stopped {
             return;
         }
-        record.refreshed = now();
+        // Not refreshed for half its life (a frozen or suspended process, a store out of
+        // reach): gc may have broken it and acted on that, so it is lost for good — a
+        // rewrite now would let `check` pass again over what gc deleted meanwhile.
+        let t = now();
+        if t.saturating_sub(last_ok.load(Ordering::Acquire)) > record.ttl / 2 {
+            last_ok.store(0, Ordering::Release);
+            log::warn!(
+                "lease {id} on {} lapsed (not refreshed for over {} s); the job stops",
+                repo.describe(),
+                record.ttl / 2
+            );
+            return;
+        }
+        record.refreshed = t;
         match write(repo, id, &record) {
             Ok(()) => last_ok.store(record.refreshed, Ordering::Release),
             Err(e) => log::warn!("refreshing lease {id} on {}: {e}", repo.describe()),

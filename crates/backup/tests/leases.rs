@@ -359,3 +359,69 @@ fn backup_inside_gc(prefix: &'static str, after: bool) {
     assert!(image(&p, &a) == image(&p, "r"));
     assert!(verify::run(&r, true, 2, &NoProgress).unwrap().is_clean());
 }
+
+/// A lease its holder could not refresh for half its life is lost for good: gc may have
+/// broken it (and deleted what it protected) meanwhile, so a refresh that succeeds later
+/// must not make `check` pass again (a frozen process resuming would otherwise put an
+/// index object for a pack gc deleted, and commit against it). Fails on the old code,
+/// whose next successful refresh revived the lease.
+#[test]
+fn a_lease_not_refreshed_for_half_its_life_stays_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path());
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let c = Arc::clone(&cut);
+    let store = Hooked::new(
+        Arc::new(FileStore::new(dir.path())),
+        move |call| match call {
+            Call::Before(Op::Put(k)) if k.starts_with("locks/") && c.load(Ordering::SeqCst) => {
+                Err(common::store_failure("put", k, "unreachable"))
+            }
+            _ => Ok(()),
+        },
+    );
+    let r = Repository::open(Arc::new(store), b"k")
+        .unwrap()
+        .with_lease_ttl(6);
+    let l = Lease::shared(&r, "backup v@s").unwrap();
+    l.check().unwrap();
+    cut.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(4_500));
+    assert!(l.check().is_err(), "not refreshed for 4.5 s of a 6 s lease");
+    cut.store(false, Ordering::SeqCst);
+    // Refreshes run every second: one would have succeeded by now.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let e = l.check().unwrap_err();
+    assert!(e.to_string().contains("not refreshed"), "{e}");
+}
+
+/// A job holding a repository opened before a `repo upgrade` (it waited out the
+/// upgrade's sole lease) refuses to go on under the new format: the version is read
+/// again once its lease is taken. Fails on the old code, which took the lease.
+#[test]
+fn a_job_that_waited_out_an_upgrade_reads_the_format_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = InitOptions {
+        chunk_size: 64 << 10,
+        pack_size: 1 << 20,
+        version: 4,
+        ..Default::default()
+    };
+    let old = Repository::init(Arc::new(FileStore::new(dir.path())), b"k", &opts).unwrap();
+    Lease::shared(&old, "backup before").unwrap();
+    Repository::upgrade(Arc::new(FileStore::new(dir.path())), b"k").unwrap();
+    let e = Lease::shared(&old, "backup v@s").unwrap_err();
+    assert!(e.to_string().contains("upgraded meanwhile"), "{e}");
+    let e = Lease::exclusive(&old, "gc").unwrap_err();
+    assert!(e.to_string().contains("format 5 now, not 4"), "{e}");
+    assert!(
+        lease::list(&old).unwrap().is_empty(),
+        "refused leases are dropped"
+    );
+    let p = common::pool(64 * MIB);
+    p.create_volume("v", 4 * MIB).unwrap();
+    put(&p, "v", 0, &random_bytes(MIB as usize, 5));
+    p.create_snapshot("v", "s").unwrap();
+    let e = backup_snapshot(&p, &old, "v@s", false, &NoProgress).unwrap_err();
+    assert!(e.to_string().contains("upgraded meanwhile"), "{e}");
+}
