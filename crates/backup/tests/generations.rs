@@ -135,6 +135,13 @@ fn backed_up_pool(r: &Repository) -> (Arc<Pool>, Vec<String>) {
     (p, names)
 }
 
+/// Restores `v@<s>` as `r<s>` and checks it holds the snapshot's bytes.
+fn restores_exactly(p: &Arc<Pool>, r: &Repository, s: &str) {
+    let (snap, into) = (format!("v@{s}"), format!("r{s}"));
+    restore_volume(p, r, &snap, None, &into, &NoProgress).unwrap();
+    assert!(same(p, &snap, &into), "{into} differs from {snap}");
+}
+
 const NOW: gc::Options = gc::Options {
     grace_secs: 0,
     max_unused: 0.0,
@@ -191,16 +198,7 @@ fn a_gc_killed_between_its_generation_and_its_deletes_leaves_every_job_right() {
         "deduplicated against packs gc is deleting"
     );
     for s in ["b", "c"] {
-        restore_volume(
-            &p,
-            &r,
-            &format!("v@{s}"),
-            None,
-            &format!("r{s}"),
-            &NoProgress,
-        )
-        .unwrap();
-        assert!(same(&p, &format!("v@{s}"), &format!("r{s}")));
+        restores_exactly(&p, &r, s);
     }
     // The next gc finishes.
     let g = gc::run(&r, &NOW, &NoProgress).unwrap();
@@ -282,16 +280,7 @@ fn upgrade_to_format_5_waits_for_running_jobs_and_keeps_every_backup() {
         "every pack is in the first generation"
     );
     for s in ["a", "b"] {
-        restore_volume(
-            &p,
-            &up,
-            &format!("v@{s}"),
-            None,
-            &format!("r{s}"),
-            &NoProgress,
-        )
-        .unwrap();
-        assert!(same(&p, &format!("v@{s}"), &format!("r{s}")));
+        restores_exactly(&p, &up, s);
     }
     put(&p, "v", 0, &random_bytes(MIB as usize, 30));
     p.create_snapshot("v", "c").unwrap();
