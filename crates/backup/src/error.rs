@@ -66,6 +66,16 @@ pub enum BackupError {
         detail: String,
     },
     #[error(
+        "the repository at {repo} was rolled back: its config is format {found} but this host saw format {seen}; \
+         someone put an older config back (if the store was restored from an older copy on purpose, remove {marks})"
+    )]
+    FormatRolledBack {
+        repo: String,
+        seen: u64,
+        found: u32,
+        marks: String,
+    },
+    #[error(
         "the repository at {repo} was rolled back: its index generation {found} but this host saw generation {seen}; \
          someone deleted or replaced gen/ objects (if the store was restored from an older copy on purpose, remove {marks})"
     )]

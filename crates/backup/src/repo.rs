@@ -30,6 +30,9 @@ pub const TRASH: &str = "trash/";
 /// The name, in this host's marks, of the newest index generation it saw (pool names
 /// cannot hold spaces or parentheses, so no pool's catalog mark shares it).
 pub const INDEX_MARK: &str = "(index generations)";
+/// The name, in this host's marks, of the highest repository format it saw (its
+/// `generation`; no hash).
+pub const FORMAT_MARK: &str = "(format)";
 
 pub fn pack_key(id: &str) -> String {
     format!("{PACKS}{}/{id}", id.get(..2).unwrap_or("00"))
@@ -392,7 +395,18 @@ impl Repository {
     ) -> Result<()> {
         let Some(m) = &self.marks else { return Ok(()) };
         for (pool, seen) in m.get(&self.config.id)? {
-            if only.is_some_and(|o| o != pool) || pool == INDEX_MARK {
+            if pool == FORMAT_MARK && u64::from(self.config.version) < seen.generation {
+                // An older config put back (from a copy of the bucket, or by someone with
+                // write access): older rules would ignore or undo what the newer format
+                // relies on (a format-4 gc writes no index generation).
+                return Err(BackupError::FormatRolledBack {
+                    repo: self.describe(),
+                    seen: seen.generation,
+                    found: self.config.version,
+                    marks: m.file(&self.config.id).display().to_string(),
+                });
+            }
+            if only.is_some_and(|o| o != pool) || pool == INDEX_MARK || pool == FORMAT_MARK {
                 continue;
             }
             let found = match newest.get(&pool) {
@@ -464,6 +478,10 @@ impl Repository {
         seen: impl IntoIterator<Item = &'a crate::catalog::Loaded>,
     ) {
         let Some(m) = &self.marks else { return };
+        let format = crate::marks::Mark {
+            generation: u64::from(self.config.version),
+            hash: String::new(),
+        };
         let seen = seen
             .into_iter()
             .map(|l| {
@@ -475,6 +493,7 @@ impl Repository {
                     },
                 )
             })
+            .chain([(FORMAT_MARK.to_string(), format)])
             .collect();
         if let Err(e) = m.raise(&self.config.id, &seen) {
             log::warn!("saving catalog high-water marks: {e}");

@@ -294,3 +294,30 @@ fn upgrade_to_format_5_waits_for_running_jobs_and_keeps_every_backup() {
     restore_volume(&p, &up, "v@c", None, "rc", &NoProgress).unwrap();
     assert!(image(&p, "v@c") == image(&p, "rc"));
 }
+
+/// A host that saw format 5 refuses the repository when an older config is put back
+/// (from a copy of the bucket, or by someone with write access): a format-4 gc would
+/// delete packs without writing the generation format-5 jobs trust. Fails on the old
+/// code, which used the older config as it found it.
+#[test]
+fn an_older_config_put_back_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let host = |r: Repository| r.with_marks(Some(snapblk_backup::marks::Marks::new(state.path())));
+    let open = || host(Repository::open(Arc::new(FileStore::new(d.path())), b"k").unwrap());
+    let r4 = host(init(d.path(), 4));
+    let (p, _) = backed_up_pool(&r4);
+    let old_config = std::fs::read(d.path().join("config")).unwrap();
+    Repository::upgrade(Arc::new(FileStore::new(d.path())), b"k").unwrap();
+    let r5 = open();
+    assert_eq!(r5.config().version, 5);
+    restores_exactly(&p, &r5, "b");
+    std::fs::write(d.path().join("config"), &old_config).unwrap();
+    let back = open();
+    assert_eq!(back.config().version, 4);
+    let e = restore_volume(&p, &back, "v@a", None, "ra", &NoProgress).unwrap_err();
+    assert!(matches!(e, BackupError::FormatRolledBack { .. }), "{e}");
+    assert!(e.to_string().contains("saw format 5"), "{e}");
+    let e = gc::run(&back, &gc::Options::default(), &NoProgress).unwrap_err();
+    assert!(matches!(e, BackupError::FormatRolledBack { .. }), "{e}");
+}
