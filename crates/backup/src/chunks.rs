@@ -292,8 +292,8 @@ impl Chunks {
     /// commit must store again. Looks them up in id order (the local index streamed at
     /// most once, twice if the answer depends on packs seen only through the view's
     /// `ix/` listing: those are confirmed by a HEAD each first — a pack lost or deleted
-    /// while its index object stayed is not counted on); memory: 4 bytes per cell, and
-    /// the answer.
+    /// while its index object stayed is not counted on); memory: 12 bytes per cell of
+    /// `cells` (the order, and one pass's answers), and the answer.
     pub fn missing(&self, cells: &[(u64, ChunkId)]) -> Result<HashSet<ChunkId>> {
         let mut order: Vec<u32> = (0..cells.len() as u32).collect();
         order.sort_unstable_by_key(|&i| cells[i as usize].1 .0);
