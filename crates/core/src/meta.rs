@@ -97,6 +97,20 @@ pub trait MetaStore: Send + Sync {
     /// it. Cheap to take; hold it only as long as a scan needs (RocksDB keeps the versions
     /// it sees from compaction meanwhile).
     fn view(&self) -> Result<Box<dyn MetaRead + '_>, StoreError>;
+    /// A view of the store as of now, like [`MetaStore::view`], for a few short reads (one
+    /// request's pages): a store may hand out one it kept from an earlier call, brought up
+    /// to date (RocksDB: a kept iterator refreshed, far cheaper than a new one per scan).
+    /// Its answers are one consistent state that includes every batch committed before the
+    /// call; drop it soon. A reader is for one thread, and a scan's visitor must not call
+    /// back into the reader it scans (RocksDB's answers such a call with an error).
+    /// Default: [`MetaStore::view`].
+    fn reader(&self) -> Result<Box<dyn MetaRead + '_>, StoreError> {
+        self.view()
+    }
+    /// Lets go of what the store keeps for reuse and no longer needs (RocksDB: readers'
+    /// iterators idle for a second, which pin old memtables and table files). Called about
+    /// every half second by a pool's background thread.
+    fn tidy(&self) {}
     /// Applies `batch` atomically; with `durable`, it is on stable storage when this returns.
     fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError>;
     /// Makes every batch committed so far durable.

@@ -3,15 +3,23 @@
 //! Writes go through the WAL (never disabled): a committed batch survives the death of the
 //! process; `sync` (and `durable` commits) fsync the WAL so it survives power loss too.
 //! Threading: `rocksdb::DB` is internally synchronised; this type is `Send + Sync`.
+//! Readers ([`MetaStore::reader`]) are used by one thread at a time; the iterators they
+//! hold are kept in a small pool between uses (`reader.rs`).
+
+mod reader;
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Mutex;
 
 use rocksdb::{BlockBasedOptions, Cache, Options, ReadOptions, WriteOptions, DB};
 use snapblk_core::meta::{BatchOp, MetaRead, MetaStore, ScanVisitor, WriteBatch};
 use snapblk_core::StoreError;
 
 pub struct RocksStore {
+    /// Iterators kept between readers. Declared before `db`, so dropped before it: no
+    /// iterator outlives the database it reads.
+    kept: Mutex<Vec<reader::Kept>>,
     db: DB,
 }
 
@@ -99,7 +107,10 @@ impl RocksStore {
             )));
         }
         let db = DB::open(&opts, dir).map_err(err)?;
-        Ok(RocksStore { db })
+        Ok(RocksStore {
+            kept: Mutex::new(Vec::new()),
+            db,
+        })
     }
 }
 
@@ -171,6 +182,14 @@ impl MetaStore for RocksStore {
         }))
     }
 
+    fn reader(&self) -> Result<Box<dyn MetaRead + '_>, StoreError> {
+        if snapblk_core::meta::is_bulk() {
+            // A bulk job's reads bypass the block cache; kept iterators fill it.
+            return self.view();
+        }
+        Ok(Box::new(self.take_reader()?))
+    }
+
     fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
         let mut b = rocksdb::WriteBatch::default();
         for op in batch.ops {
@@ -191,6 +210,10 @@ impl MetaStore for RocksStore {
 
     fn sync(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true).map_err(err)
+    }
+
+    fn tidy(&self) {
+        self.drop_idle_readers();
     }
 
     fn size_on_disk(&self) -> u64 {

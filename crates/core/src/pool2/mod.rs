@@ -316,7 +316,7 @@ impl Pool2 {
 }
 
 /// Syncs every half second when something changed, returning pending frees to the
-/// allocator. Takes the pool only to sync (periodic sync on), never while it waits or idles.
+/// allocator, and lets the store tidy what it keeps. Takes the pool only to sync (periodic sync on), never while it waits or idles.
 fn background(
     pool: std::sync::Weak<Pool2>,
     shared: Arc<Shared>,
@@ -333,6 +333,7 @@ fn background(
                     log::error!("periodic sync: {e}");
                 }
             }
+            p.store.tidy();
         }
         let (m, cv) = &*wake;
         let mut woken = lock(m);

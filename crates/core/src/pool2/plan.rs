@@ -17,7 +17,7 @@ use crate::device::{WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::VolId;
 use crate::pool::plan::{is_zero, whole_blocks, DeviceSeg, ReadPlan};
-use crate::v2::read::read_page;
+use crate::v2::read::{read_page, read_page_split, Bases};
 use crate::v2::{PageNo, PAGE_BLOCKS};
 
 use super::catalog::BaseMap;
@@ -105,8 +105,22 @@ impl Pool2 {
         let mut checks = Vec::new();
         let mut zeros: Vec<Range<usize>> = Vec::new();
         let mut zero_from = 0usize;
+        // A volume's own page is one get. What is read at a retained epoch (a snapshot, a
+        // clone's inherited pages) also scans dead records: those reads go through one
+        // store reader (a kept RocksDB iterator, refreshed) taken after the target was
+        // resolved, one state for the whole request (read_page_split says why it may
+        // trail the gets).
+        let store = &**self.store();
+        let reader = if src.at.is_some() || bases.base(src.lineage)?.is_some() {
+            Some(store.reader()?)
+        } else {
+            None
+        };
         for p in b0 / PAGE_BLOCKS..(b0 + n).div_ceil(PAGE_BLOCKS) {
-            let content = read_page(&**self.store(), &bases, src.lineage, src.at, PageNo(p))?;
+            let content = match &reader {
+                Some(r) => read_page_split(store, &**r, &bases, src.lineage, src.at, PageNo(p))?,
+                None => read_page(store, &bases, src.lineage, src.at, PageNo(p))?,
+            };
             for (k, slot) in content.iter().enumerate() {
                 let lba = p * PAGE_BLOCKS + k as u64;
                 let Some(b) = slot else { continue };

@@ -115,8 +115,38 @@ pub fn read_page_exact<S: MetaRead + ?Sized>(
     read_page_with(store, bases, l, at, p, false)
 }
 
+/// [`read_page`] with two sources: `live` for the live page of `l` when `at` is `None` (a
+/// volume's own page), `retained` for everything read at a retained epoch (a snapshot, or
+/// the base a clone's unwritten page inherits), which must be one consistent state as new
+/// as the request's target (a store reader: `MetaStore::reader`). Why that may be older
+/// than `live`'s get: the content of a retained epoch does not change while it is
+/// retained (I3; a snapshot's or a clone's base is, while the target exists), so any one
+/// state from after the target existed gives it; a volume's own page must be current.
+pub fn read_page_split<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
+    live: &L,
+    retained: &R,
+    bases: &dyn Bases,
+    l: LineageId,
+    at: Option<Epoch>,
+    p: PageNo,
+) -> Result<Content> {
+    read_page_in(live, retained, bases, l, at, p, true)
+}
+
 fn read_page_with<S: MetaRead + ?Sized>(
     store: &S,
+    bases: &dyn Bases,
+    l: LineageId,
+    at: Option<Epoch>,
+    p: PageNo,
+    checkpoints: bool,
+) -> Result<Content> {
+    read_page_in(store, store, bases, l, at, p, checkpoints)
+}
+
+fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
+    live: &L,
+    retained: &R,
     bases: &dyn Bases,
     mut l: LineageId,
     mut at: Option<Epoch>,
@@ -127,7 +157,10 @@ fn read_page_with<S: MetaRead + ?Sized>(
     // Bounded: each step moves to an older lineage, and lineage ids only grow.
     loop {
         let key = keys::page(l, p);
-        let page = store.get(&key)?;
+        let page = match at {
+            None => live.get(&key)?,
+            Some(_) => retained.get(&key)?,
+        };
         if page.is_none() {
             if let Some((lb, eb)) = bases.base(l)? {
                 if lb >= l {
@@ -146,7 +179,7 @@ fn read_page_with<S: MetaRead + ?Sized>(
         if let Some(e) = at {
             // From c(e) on: the checkpoint at e itself if any, then d(e+1), c(e+1), ...
             let (from, to) = keys::reads_from(l, p, e);
-            try_scan(store, &from, &to, |k, v| {
+            try_scan(retained, &from, &to, |k, v| {
                 let is_checkpoint = match keys::dead_key(k) {
                     Some(keys::DeadKey::Checkpoint(..)) => true,
                     Some(keys::DeadKey::Dead(..)) => false,
