@@ -62,6 +62,15 @@ churn() { # VOL MIB_OF_VOLUME PERCENT: random 4K writes over the whole volume
 }
 fill() { fio --name=f --ioengine=nbd --uri="$(uri "$1")" --rw=write --bs=1M --iodepth=8 --size="$2" >/dev/null 2>&1; }
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$DPID/stat"; }
+read_job() { # URI: 4K randread QD32; sets IOPS, and CPU = the daemon's CPU (us) per read
+    local c0 c1
+    c0=$(cpu_ticks)
+    IOPS=$(fio_json "$1" randread 4k 32 1G --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
+    c1=$(cpu_ticks)
+    CPU=$(python3 -c "import sys,os; c,i,t=map(float,sys.argv[1:]); print(f'{c*1e6/os.sysconf(\"SC_CLK_TCK\")/(i*t):.0f}')" \
+        "$((c1 - c0))" "$IOPS" "$((RUNTIME + 1))")
+}
 info() { "$BIN" --json "$@" pool info | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["metadata_size"], j["used"], j["reclaim_jobs"])'; }
 
 # ---------------------------------------------------------------- A
@@ -70,7 +79,7 @@ say "A: 1 GiB volume, reads and writes at 0/10/50/200 snapshots"
 pool a 6G
 "$BIN" volume create v --size 1G >/dev/null
 fill v 1G
-declare -A RR RW
+declare -A RR RW RC
 snaps=0
 for depth in 0 10 50 200; do
     while [ "$snaps" -lt "$depth" ]; do
@@ -78,13 +87,13 @@ for depth in 0 10 50 200; do
         "$BIN" snapshot create "v@s$snaps" >/dev/null
         churn v 1024 1
     done
-    RR[$depth]=$(fio_json "$(uri v)" randread 4k 32 1G --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
+    read_job "$(uri v)"; RR[$depth]=$IOPS; RC[$depth]=$CPU
     RW[$depth]=$(fio_json "$(uri v)" randwrite 4k 32 64M --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
     say "  depth $depth: randread ${RR[$depth]}, randwrite ${RW[$depth]} IOPS"
 done
-OLD=$(fio_json "$(uri v@s1)" randread 4k 32 1G --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
+read_job "$(uri v@s1)"; OLD=$IOPS; OLD_CPU=$CPU
 "$BIN" clone v@s1 c >/dev/null
-CLONE=$(fio_json "$(uri c)" randread 4k 32 1G --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
+read_job "$(uri c)"; CLONE=$IOPS; CLONE_CPU=$CPU
 say "  oldest snapshot read $OLD, clone of it $CLONE IOPS"
 fi
 
@@ -170,11 +179,11 @@ pct() { python3 -c "import sys; m,u=map(float,sys.argv[1:3]); print(f'{100*m/u:.
 echo
 if on A; then
 echo "A. 4K QD32 IOPS on a 1 GiB volume (ratio to 0 snapshots)"
-printf "%-10s %10s %8s %10s %8s\n" snapshots randread ratio randwrite ratio
+printf "%-10s %10s %8s %10s %8s %14s\n" snapshots randread ratio randwrite ratio "daemon us/read"
 for d in 0 10 50 200; do
-    printf "%-10s %10s %8s %10s %8s\n" "$d" "${RR[$d]}" "$(ratio "${RR[$d]}" "${RR[0]}")" "${RW[$d]}" "$(ratio "${RW[$d]}" "${RW[0]}")"
+    printf "%-10s %10s %8s %10s %8s %14s\n" "$d" "${RR[$d]}" "$(ratio "${RR[$d]}" "${RR[0]}")" "${RW[$d]}" "$(ratio "${RW[$d]}" "${RW[0]}")" "${RC[$d]}"
 done
-echo "oldest snapshot read: $OLD ($(ratio "$OLD" "${RR[0]}")); clone of it: $CLONE ($(ratio "$CLONE" "${RR[0]}"))"
+echo "oldest snapshot read: $OLD ($(ratio "$OLD" "${RR[0]}")), daemon $OLD_CPU us/read; clone of it: $CLONE ($(ratio "$CLONE" "${RR[0]}")), $CLONE_CPU us/read"
 echo
 fi
 on B && { echo "B. oldest-snapshot delete + reclaim: 2 GiB ${DEL[2]} ms, ${BIG} GiB ${DEL[$BIG]} ms, ratio $(ratio "${DEL[$BIG]}" "${DEL[2]}")"; echo; }
