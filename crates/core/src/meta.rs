@@ -108,8 +108,9 @@ pub trait MetaStore: Send + Sync {
         self.view()
     }
     /// Lets go of what the store keeps for reuse and no longer needs (RocksDB: readers'
-    /// iterators idle for a second, which pin old memtables and table files). Called about
-    /// every half second by a pool's background thread.
+    /// iterators idle for a second, which pin old memtables and table files). A daemon's
+    /// pool calls it about every half second (its background thread); a pool opened by one
+    /// command keeps them until its next `reader()` or until it closes.
     fn tidy(&self) {}
     /// Applies `batch` atomically; with `durable`, it is on stable storage when this returns.
     fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError>;
@@ -121,6 +122,38 @@ pub trait MetaStore: Send + Sync {
     /// by its configuration; 0 when it does not say).
     fn memory(&self) -> u64 {
         0
+    }
+}
+
+/// A [`MetaStore::reader`] taken at its first use: a request that reads only what the
+/// store's plain `get` answers (a volume's own pages) never takes one.
+pub struct LazyReader<'a> {
+    store: &'a dyn MetaStore,
+    reader: std::sync::OnceLock<Box<dyn MetaRead + 'a>>,
+}
+
+impl<'a> LazyReader<'a> {
+    pub fn new(store: &'a dyn MetaStore) -> Self {
+        LazyReader {
+            store,
+            reader: std::sync::OnceLock::new(),
+        }
+    }
+    fn reader(&self) -> Result<&(dyn MetaRead + 'a), StoreError> {
+        if let Some(r) = self.reader.get() {
+            return Ok(&**r);
+        }
+        let r = self.store.reader()?;
+        Ok(&**self.reader.get_or_init(|| r))
+    }
+}
+
+impl MetaRead for LazyReader<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.reader()?.get(key)
+    }
+    fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
+        self.reader()?.scan(from, to, visit)
     }
 }
 

@@ -137,7 +137,8 @@ fn readers(s: &dyn MetaStore) {
         s.commit(b, round % 2 == 0).unwrap();
         if round == 2 {
             // Past a small store's memtable (RocksDB with `Memory::ONE_SHOT`): the range
-            // deletes above then reach the readers from a table file, not the memtable.
+            // deletes above then reach the readers from an immutable memtable or, once the
+            // background flush ran, a table file (which of the two is up to RocksDB).
             let mut b = WriteBatch::new();
             for i in 0..64u8 {
                 b.put(vec![b'V', i], vec![i; 32 << 10]);

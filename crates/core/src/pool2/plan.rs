@@ -16,8 +16,9 @@ use std::sync::atomic::Ordering;
 use crate::device::{WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::VolId;
+use crate::meta::LazyReader;
 use crate::pool::plan::{is_zero, whole_blocks, DeviceSeg, ReadPlan};
-use crate::v2::read::{read_page, read_page_split, Bases};
+use crate::v2::read::read_page_split;
 use crate::v2::{PageNo, PAGE_BLOCKS};
 
 use super::catalog::BaseMap;
@@ -107,20 +108,14 @@ impl Pool2 {
         let mut zero_from = 0usize;
         // A volume's own page is one get. What is read at a retained epoch (a snapshot, a
         // clone's inherited pages) also scans dead records: those reads go through one
-        // store reader (a kept RocksDB iterator, refreshed) taken after the target was
-        // resolved, one state for the whole request (read_page_split says why it may
-        // trail the gets).
+        // store reader (a kept RocksDB iterator, refreshed), taken at its first use after
+        // the target was resolved and shared by the request's pages (read_page_split says
+        // why it may trail the gets).
         let store = &**self.store();
-        let reader = if src.at.is_some() || bases.base(src.lineage)?.is_some() {
-            Some(store.reader()?)
-        } else {
-            None
-        };
+        let retained = LazyReader::new(store);
         for p in b0 / PAGE_BLOCKS..(b0 + n).div_ceil(PAGE_BLOCKS) {
-            let content = match &reader {
-                Some(r) => read_page_split(store, &**r, &bases, src.lineage, src.at, PageNo(p))?,
-                None => read_page(store, &bases, src.lineage, src.at, PageNo(p))?,
-            };
+            let content =
+                read_page_split(store, &retained, &bases, src.lineage, src.at, PageNo(p))?;
             for (k, slot) in content.iter().enumerate() {
                 let lba = p * PAGE_BLOCKS + k as u64;
                 let Some(b) = slot else { continue };
@@ -306,8 +301,12 @@ impl Pool2 {
             _ => out.push((bytes, flags)),
         };
         let mut pos = offset;
+        let store = &**self.store();
+        // As plan_read: one store reader for what is read at a retained epoch.
+        let retained = LazyReader::new(store);
         for p in b0 / PAGE_BLOCKS..b1.div_ceil(PAGE_BLOCKS) {
-            let content = read_page(&**self.store(), &bases, src.lineage, src.at, PageNo(p))?;
+            let content =
+                read_page_split(store, &retained, &bases, src.lineage, src.at, PageNo(p))?;
             for (k, slot) in content.iter().enumerate() {
                 let lba = p * PAGE_BLOCKS + k as u64;
                 if slot.is_none() || lba < b0 || lba >= b1 {

@@ -121,7 +121,9 @@ pub fn read_page_exact<S: MetaRead + ?Sized>(
 /// as the request's target (a store reader: `MetaStore::reader`). Why that may be older
 /// than `live`'s get: the content of a retained epoch does not change while it is
 /// retained (I3; a snapshot's or a clone's base is, while the target exists), so any one
-/// state from after the target existed gives it; a volume's own page must be current.
+/// state from after the target existed gives it; a volume's own page must be current, and
+/// an open clone's live page, once made, is kept even when empty (only destroying the
+/// lineage removes it), so "absent now" means "absent in the reader's state" too.
 pub fn read_page_split<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     live: &L,
     retained: &R,
