@@ -104,6 +104,10 @@ impl RocksStore {
 
 /// Removes the idle iterators from the pool, for the caller to drop once it is unlocked.
 fn take_idle(pool: &mut Vec<Kept>) -> Vec<Kept> {
+    // Called on every reader taken: no allocation unless something is idle.
+    if !pool.iter().any(|k| k.used.elapsed() >= IDLE) {
+        return Vec::new();
+    }
     let (idle, busy): (Vec<Kept>, Vec<Kept>) =
         pool.drain(..).partition(|k| k.used.elapsed() >= IDLE);
     *pool = busy;
