@@ -33,8 +33,10 @@ esac
 args=$(printf '%q ' "$@")
 log=$(mktemp /tmp/snapblk-vm.XXXXXX.log)
 cmd="RUST_LOG=${RUST_LOG:-warn} SNAPBLK_BIN=$SNAPBLK_VM_BIN SNAPBLK_VM_OUT=$out bash $script $args >$out/guest.log 2>&1; st=\$?; sync -f $out/guest.log; echo SNAPBLK-VM-STATUS=\$st"
-# A boot that never reaches the script (seen once in CI, after 6 s) is retried once; a
-# script that started and then hung is not.
+# A boot that never reaches the script (seen once in CI, after 6 s) is retried once, and so
+# is a run whose guest kernel panicked (seen once in CI under TCG: `pcpu_alloc`, "Fatal
+# exception in interrupt", before the daemon did any I/O), its console tail printed first;
+# a script that started and then hung or failed is not.
 for attempt in 1 2; do
     rm -f "$out/guest.log"
     timeout --kill-after=10 "${VM_TIMEOUT:-600}" \
@@ -42,6 +44,12 @@ for attempt in 1 2; do
             ${VM_DISK:+--disk "$VM_DISK"} -e "$cmd" >"$log" 2>&1 || true
     status=$(grep -ao "SNAPBLK-VM-STATUS=[0-9]*" "$log" | tail -1 | cut -d= -f2 || true)
     [ -n "$status" ] && break
+    if grep -aq "Kernel panic" "$log"; then
+        echo "vm: the guest kernel panicked (attempt $attempt); guest log and console tail:" >&2
+        cat "$out/guest.log" >&2 2>/dev/null || true
+        grep -av 'powernow\|kvm_amd' "$log" | tail -40 >&2
+        continue
+    fi
     grep -aq "starting script" "$log" && break
     echo "vm: the guest did not boot (attempt $attempt); console tail:" >&2
     tail -20 "$log" >&2
