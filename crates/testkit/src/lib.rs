@@ -4,6 +4,7 @@
 pub mod cells;
 pub mod conformance;
 pub mod counting;
+pub mod groups;
 pub mod model;
 pub mod powerloss;
 
