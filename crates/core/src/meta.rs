@@ -102,10 +102,7 @@ pub trait MetaStore: Send + Sync {
     /// to date (RocksDB: a kept iterator refreshed, far cheaper than a new one per scan).
     /// Its answers are one consistent state that includes every batch committed before the
     /// call; drop it soon. A reader is for one thread, and a scan's visitor must not call
-    /// back into the reader it scans (RocksDB's answers such a call with an error). A scan
-    /// that may meet keys of pages' read groups (`v2::keys::may_hold_groups`) must stay
-    /// within one group (`v2::keys::within_group`): a store may refuse one that does not
-    /// with an error (RocksDB's readers seek by group and skip files by its filters).
+    /// back into the reader it scans (RocksDB's answers such a call with an error).
     /// Default: [`MetaStore::view`].
     fn reader(&self) -> Result<Box<dyn MetaRead + '_>, StoreError> {
         self.view()

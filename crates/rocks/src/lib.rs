@@ -12,9 +12,8 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rocksdb::{BlockBasedOptions, Cache, Options, ReadOptions, SliceTransform, WriteOptions, DB};
+use rocksdb::{BlockBasedOptions, Cache, Options, ReadOptions, WriteOptions, DB};
 use snapblk_core::meta::{BatchOp, MetaRead, MetaStore, ScanVisitor, WriteBatch};
-use snapblk_core::v2::keys;
 use snapblk_core::StoreError;
 
 pub struct RocksStore {
@@ -34,21 +33,6 @@ impl Drop for RocksStore {
     }
 }
 
-/// The prefix extractor's name, kept in every table file it built filters for: RocksDB
-/// uses a file's prefix filter only when this name matches (files written before, or by
-/// another extractor, are read without one). Change it whenever `read_group` changes.
-const GROUP_EXTRACTOR: &str = "snapblk.read-group.17";
-/// A memtable's prefix bloom, as a share of its size (64 MiB memtables: 1.3 MiB).
-const MEMTABLE_BLOOM_RATIO: f64 = 0.02;
-
-/// The prefix extractor (called by RocksDB only on keys in its domain; never panics).
-fn read_group(k: &[u8]) -> &[u8] {
-    keys::read_group(k).unwrap_or(k)
-}
-fn in_read_group(k: &[u8]) -> bool {
-    keys::read_group(k).is_some()
-}
-
 fn err(e: rocksdb::Error) -> StoreError {
     StoreError::Backend(e.into_string())
 }
@@ -60,8 +44,7 @@ pub struct Memory {
     pub write_buffer: usize,
     pub block_cache: usize,
     /// Largest table file a compaction writes: while it writes one it holds the hash of
-    /// every key of it and of each read group in it (for its bloom filter, 8 bytes each) and
-    /// the file's index.
+    /// every key of it (for its bloom filter, 8 bytes a key) and the file's index.
     pub table_file: u64,
 }
 
@@ -109,17 +92,9 @@ impl RocksStore {
         // After a power cut, recover the WAL up to its first damaged record: a prefix of
         // the committed batches, whole batches only (docs/design.md §5).
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
-        // Whole-key blooms for `get`, and blooms on read groups (`keys::read_group`: a
-        // page's record and dead records share `p`/`d` + lineage + page) in table files and
-        // memtables, so a reader's seeks for one page skip files and memtables holding
-        // nothing of it. Only readers' iterators seek by group; every other iterator reads
-        // in total order (`bounded`).
-        opts.set_prefix_extractor(SliceTransform::create(
-            GROUP_EXTRACTOR,
-            read_group,
-            Some(in_read_group),
-        ));
-        opts.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
+        // Point lookups and short range scans over 17-byte map keys: bloom filters on the
+        // 9-byte (prefix byte + layer id) prefix would not help range scans, so use a
+        // plain block cache with whole-key blooms for `get`.
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&Cache::new_lru_cache(memory.block_cache));
         table.set_bloom_filter(10.0, false);
@@ -136,32 +111,6 @@ impl RocksStore {
             kept: Mutex::new(Vec::new()),
             db,
         })
-    }
-}
-
-impl RocksStore {
-    /// Table files the store has now (tests).
-    pub fn table_files(&self) -> u64 {
-        self.db.live_files().map_or(0, |f| f.len() as u64)
-    }
-
-    /// Compacts everything into the last level (tests).
-    pub fn compact(&self) {
-        self.db.compact_range::<&[u8], &[u8]>(None, None);
-    }
-
-    /// Runs `f` and counts the table files and memtables this thread's seeks and gets
-    /// skipped by their bloom filters meanwhile (RocksDB's perf context; tests).
-    pub fn filter_skips<R>(f: impl FnOnce() -> R) -> (R, u64) {
-        use rocksdb::perf::{set_perf_stats, PerfContext, PerfMetric, PerfStatsLevel};
-        set_perf_stats(PerfStatsLevel::EnableCount);
-        let mut ctx = PerfContext::default();
-        ctx.reset();
-        let r = f();
-        let n = ctx.metric(PerfMetric::BloomSstMissCount)
-            + ctx.metric(PerfMetric::BloomMemtableMissCount);
-        set_perf_stats(PerfStatsLevel::Disable);
-        (r, n)
     }
 }
 
@@ -192,12 +141,8 @@ fn read_opts() -> ReadOptions {
     ro
 }
 
-/// Reads `[.., to)` in total order: with a prefix extractor set, an iterator's seek to a
-/// key in a read group would otherwise skip files by that group's filter, and keys of the
-/// next groups in those files would be missed.
 fn bounded(to: &[u8]) -> ReadOptions {
     let mut ro = read_opts();
-    ro.set_total_order_seek(true);
     ro.set_iterate_upper_bound(to.to_vec());
     ro
 }

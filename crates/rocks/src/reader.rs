@@ -17,18 +17,9 @@
 //!   an idle daemon holds none after about 1.5 s.
 //! * Every iterator is dropped before the database: the pool is a field of `RocksStore`
 //!   declared before `db`, and a reader borrows the store.
-//! * Seeks by read group (`keys::read_group`): a seek to a key of a group consults the
-//!   group's bloom filter in each table file and memtable and skips those holding nothing
-//!   of it; the answer is exact within the group only (keys after it in skipped files are
-//!   missed), and RocksDB may seek again in the middle of any scan to a key of a group
-//!   (past many versions of one key, or to a range tombstone's end). So a `get` compares
-//!   the key found, and a scan that may meet group keys (`keys::may_hold_groups`) must
-//!   stay within one group (`keys::within_group`) or is refused; other scans read in
-//!   total order (they meet no key a filter is consulted for).
-//! * Cost: a reader's `get` and the start of a scan are each a seek (in a group: only on
-//!   files and memtables whose filter may hold it), and a scan that reaches the end of its
-//!   range steps on to the next live key, past any deletions not yet compacted there (a
-//!   bounded iterator would stop at the bound); both are paid per request instead of
+//! * Cost: a reader's `get` is a seek (no bloom filter), and a scan that reaches the end of
+//!   its range steps on to the next live key, past any deletions not yet compacted there
+//!   (a bounded iterator would stop at the bound); both are paid per request instead of
 //!   building an iterator per page.
 //!
 //! Threading: the pool is a mutex held only to push or pop (iterators are dropped after it
@@ -42,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use rocksdb::{DBRawIteratorWithThreadMode, ReadOptions, DB};
 use snapblk_core::meta::{MetaRead, ScanVisitor};
-use snapblk_core::v2::keys;
 use snapblk_core::StoreError;
 
 use super::{err, RocksStore};
@@ -174,13 +164,6 @@ impl MetaRead for Reader<'_> {
     fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
         if from >= to {
             return Ok(());
-        }
-        if !keys::within_group(from, to) && keys::may_hold_groups(from, to) {
-            return Err(StoreError::Backend(format!(
-                "a store reader scans page keys within one page only; {} .. {} is wider (use a view)",
-                snapblk_core::keys::hex(from),
-                snapblk_core::keys::hex(to)
-            )));
         }
         self.with(|it| {
             it.seek(from);

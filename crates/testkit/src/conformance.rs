@@ -94,7 +94,6 @@ pub fn run_all(s: &dyn MetaStore) {
     views_and_ranges(s);
     readers(s);
     readers_under_commits(s);
-    crate::groups::grouped(s);
 }
 
 type Model = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;

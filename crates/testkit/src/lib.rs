@@ -4,7 +4,6 @@
 pub mod cells;
 pub mod conformance;
 pub mod counting;
-pub mod groups;
 pub mod model;
 pub mod powerloss;
 

@@ -38,35 +38,6 @@ fn rocksdb_small_memtables_conform() {
     conformance::run_all(&s);
 }
 
-/// Read groups spread over table files that hold some groups and not others (the store is
-/// closed, so flushed, after each batch; the first half compacted into the last level, the
-/// rest in level-0 files above it): seeks by group skip files by their filters (counted),
-/// so every scan that leaves a group must read in total order.
-#[test]
-fn rocksdb_reads_groups_across_table_files() {
-    use snapblk_testkit::groups;
-    for memory in [Memory::DAEMON, Memory::ONE_SHOT] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut m = groups::Model::new();
-        for n in 0..groups::BATCHES {
-            let s = RocksStore::open_with(dir.path(), n == 0, memory).unwrap();
-            groups::layer(&s, &mut m, n);
-            groups::check(&s, &m);
-            if n == groups::BATCHES / 2 - 1 {
-                s.compact();
-                groups::check(&s, &m);
-            }
-        }
-        let s = RocksStore::open_with(dir.path(), false, memory).unwrap();
-        assert!(s.table_files() >= 4, "{memory:?}");
-        let ((), skips) = RocksStore::filter_skips(|| groups::check(&s, &m));
-        assert!(
-            skips > 100,
-            "{memory:?}: {skips} files and memtables skipped"
-        );
-    }
-}
-
 /// Readers' iterators are kept (at most 8), let go once idle for a second when the store is
 /// tidied, and a visitor calling back into the reader it scans gets an error.
 #[test]

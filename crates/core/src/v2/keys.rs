@@ -39,48 +39,6 @@ pub fn fields<const N: usize>(k: &[u8], prefix: u8) -> Option<[u64; N]> {
     Some(out)
 }
 
-/// Length of a read group: the prefix byte, the lineage and the page.
-pub const GROUP_LEN: usize = 17;
-
-/// The read group of `k`: a page's record, its dead records and its checkpoints share their
-/// first [`GROUP_LEN`] bytes (`p`/`d` + lineage + page), and a read of one page at any
-/// epoch looks up nothing else of that lineage (format2.md §8a). `None` for every other
-/// key. A store may index keys by group (RocksDB: prefix bloom filters,
-/// `MetaStore::reader`).
-pub fn read_group(k: &[u8]) -> Option<&[u8]> {
-    match k.first() {
-        Some(&K_PAGE) | Some(&K_DEAD) if k.len() >= GROUP_LEN => Some(&k[..GROUP_LEN]),
-        _ => None,
-    }
-}
-
-/// Whether `[from, to)` stays in `from`'s read group (`false` when `from` is in none): `to`
-/// is at most the group's successor as a [`GROUP_LEN`]-byte number. Shorter keys between
-/// the two (a prefix of that successor) may lie in the range; format 2 stores no `p` or
-/// `d` key shorter than [`GROUP_LEN`], so none is ever there.
-pub fn within_group(from: &[u8], to: &[u8]) -> bool {
-    let Some(g) = read_group(from) else {
-        return false;
-    };
-    let mut after = g.to_vec();
-    for b in after.iter_mut().rev() {
-        if *b == 0xff {
-            *b = 0;
-        } else {
-            *b += 1;
-            return to <= after.as_slice();
-        }
-    }
-    true
-}
-
-/// Whether `[from, to)` may hold keys of read groups (it meets the `p` or `d` key range).
-pub fn may_hold_groups(from: &[u8], to: &[u8]) -> bool {
-    [K_PAGE, K_DEAD]
-        .iter()
-        .any(|&k| from < [k + 1].as_slice() && to > [k].as_slice())
-}
-
 pub fn next_ids() -> Vec<u8> {
     vec![K_NEXT]
 }
@@ -195,51 +153,6 @@ fn end_key(prefix: u8, a: u64, b: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A page read's keys share one group; its ranges end within it, wider ones do not.
-    #[test]
-    fn a_page_read_stays_in_its_group() {
-        for (l, p) in [
-            (5, 3),
-            (5, 0x1ff),
-            (0xff, 0xff),
-            (5, u64::MAX),
-            (u64::MAX, u64::MAX),
-            (0, 0),
-        ] {
-            let (l, p) = (LineageId(l), PageNo(p));
-            let g = read_group(&page(l, p)).unwrap().to_vec();
-            assert_eq!(g, page(l, p));
-            for e in [0, 7, u64::MAX] {
-                let dk = dead(l, p, Epoch(e));
-                let dg = read_group(&dk).unwrap();
-                assert_eq!(dg, read_group(&checkpoint(l, p, Epoch(e))).unwrap());
-                assert_eq!(dg[0], K_DEAD);
-                assert_eq!(dg[1..], g[1..]);
-                let (from, to) = reads_from(l, p, Epoch(e));
-                assert!(within_group(&from, &to), "{l:?} {p:?} {e}");
-                let (from, to) = deads_from(l, p, Epoch(e));
-                assert!(within_group(&from, &to));
-            }
-        }
-        let l = LineageId(5);
-        let (from, to) = pages(l, PageNo(3), PageNo(5));
-        assert!(!within_group(&from, &to));
-        let (from, to) = pages(l, PageNo(3), PageNo(4));
-        assert!(within_group(&from, &to));
-        let (from, to) = pages(l, PageNo(0x1ff), PageNo(0x200));
-        assert!(within_group(&from, &to));
-        let (from, to) = pages(l, PageNo(0x1ff), PageNo(0x201));
-        assert!(!within_group(&from, &to));
-        let (from, to) = all_pages(l);
-        assert!(read_group(&from).is_none() && !within_group(&from, &to));
-        assert!(read_group(&index(l, Epoch(1), PageNo(2))).is_none());
-        assert!(read_group(&lineage(l)).is_none());
-        assert!(may_hold_groups(b"c", b"q") && may_hold_groups(b"a", b"d\x00"));
-        assert!(may_hold_groups(&page(l, PageNo(3)), b"z"));
-        assert!(!may_hold_groups(b"a", b"d") && !may_hold_groups(b"e", b"p"));
-        assert!(!may_hold_groups(b"q", b"z") && !may_hold_groups(b"Q", b"V"));
-    }
 
     #[test]
     fn ranges_hold_their_keys_only() {
