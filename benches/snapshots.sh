@@ -11,12 +11,15 @@
 #  D. daemon start to serving with 1 GiB and with 8 GiB of 4K random writes in the pool;
 #     snapshot create latency after each.
 #  E. metadata bytes per data byte after sequential and after 4K random writes.
-# Usage: benches/snapshots.sh [RUNTIME_S=8] [BIG_GIB=8]   (SECTIONS="A B C D" to run a subset)
+#  F. A's reads at a larger size: a BIG_GIB volume filled once, 50 snapshots with ~1%
+#     churn before each: 4K randread QD32 of the volume, its oldest snapshot and a clone of
+#     it (a map spread over more table files than A's, most of it out of the memtable).
+# Usage: benches/snapshots.sh [RUNTIME_S=8] [BIG_GIB=8]   (SECTIONS="A B C D F" to run a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-8}
 BIG=${2:-8}
-SECTIONS=${SECTIONS:-A B C D}
+SECTIONS=${SECTIONS:-A B C D F}
 on() { [[ " $SECTIONS " == *" $1 "* ]]; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/snapblk/target}
 BIN=$CARGO_TARGET_DIR/release/snapblk
@@ -62,11 +65,24 @@ churn() { # VOL MIB_OF_VOLUME PERCENT: random 4K writes over the whole volume
 }
 fill() { fio --name=f --ioengine=nbd --uri="$(uri "$1")" --rw=write --bs=1M --iodepth=8 --size="$2" >/dev/null 2>&1; }
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$DPID/stat"; }
-read_job() { # URI: 4K randread QD32; sets IOPS, and CPU = the daemon's CPU (us) per read
+# The daemon's CPU ticks (user + system, its exited threads included) less those of its
+# RocksDB background threads (flushes, compactions: they outlive any one job, and a
+# compaction after the churn would otherwise be charged to the reads).
+cpu_ticks() {
+    local all bg=0 t
+    all=$(awk '{print $14 + $15}' "/proc/$DPID/stat")
+    for t in /proc/"$DPID"/task/*; do
+        if [[ $(cat "$t/comm" 2>/dev/null) == rocksdb:* ]]; then
+            bg=$((bg + $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null || echo 0)))
+        fi
+    done
+    echo $((all - bg))
+}
+read_job() { # URI [SIZE=1G]: 4K randread QD32; sets IOPS, and CPU = the daemon's CPU (us) per read
+    # serving it (background flushes and compactions not counted)
     local c0 c1
     c0=$(cpu_ticks)
-    IOPS=$(fio_json "$1" randread 4k 32 1G --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
+    IOPS=$(fio_json "$1" randread 4k 32 "${2:-1G}" --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
     c1=$(cpu_ticks)
     CPU=$(python3 -c "import sys,os; c,i,t=map(float,sys.argv[1:]); print(f'{c*1e6/os.sysconf(\"SC_CLK_TCK\")/(i*t):.0f}')" \
         "$((c1 - c0))" "$IOPS" "$((RUNTIME + 1))")
@@ -174,6 +190,20 @@ stop
 SEQ=$(info --meta "$W/meta" --data "$W/data.img" | cut -d' ' -f1,2)
 fi
 
+# ---------------------------------------------------------------- F
+if on F; then
+say "F: ${BIG} GiB volume, reads of the volume, its oldest snapshot and a clone at 50 snapshots"
+pool f "$((BIG * 2 + 2))G"
+"$BIN" volume create v --size "${BIG}G" >/dev/null
+fill v "${BIG}G"
+for i in $(seq 1 50); do "$BIN" snapshot create "v@s$i" >/dev/null; churn v "$((BIG * 1024))" 1; done
+read_job "$(uri v)" "${BIG}G"; F_LIVE=$IOPS; F_LIVE_CPU=$CPU
+read_job "$(uri v@s1)" "${BIG}G"; F_OLD=$IOPS; F_OLD_CPU=$CPU
+"$BIN" clone v@s1 c >/dev/null
+read_job "$(uri c)" "${BIG}G"; F_CLONE=$IOPS; F_CLONE_CPU=$CPU
+say "  live $F_LIVE, oldest snapshot $F_OLD, clone $F_CLONE IOPS"
+fi
+
 # ---------------------------------------------------------------- report
 pct() { python3 -c "import sys; m,u=map(float,sys.argv[1:3]); print(f'{100*m/u:.3f}%')" $1; }
 echo
@@ -192,4 +222,8 @@ if on D; then
 echo "D. daemon start to serving: 1 GiB ${START[1]} ms, ${BIG} GiB ${START[$BIG]} ms, ratio $(ratio "${START[$BIG]}" "${START[1]}"); snapshot create after them: ${SNAP[1]} us, ${SNAP[$BIG]} us"
 echo
 echo "E. metadata / data: sequential 1 GiB $(pct "$SEQ"); 4K random 1 GiB $(pct "${META[1]}"); 4K random ${BIG} GiB $(pct "${META[$BIG]}")"
+fi
+if on F; then
+echo
+echo "F. 4K randread QD32 on a ${BIG} GiB volume at 50 snapshots: live $F_LIVE ($F_LIVE_CPU us/read of daemon CPU); oldest snapshot $F_OLD ($(ratio "$F_OLD" "$F_LIVE"), $F_OLD_CPU us/read); clone of it $F_CLONE ($(ratio "$F_CLONE" "$F_LIVE"), $F_CLONE_CPU us/read)"
 fi

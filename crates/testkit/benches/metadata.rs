@@ -5,6 +5,9 @@
 //! clone of it; then the commit of a write of 1 block versus 8 blocks in one group (per
 //! block).
 //! `cargo bench -p snapblk-testkit --bench metadata`; results in docs/benchmarks.md.
+//! `SNAPBLK_BENCH_MIB` (default 64) and `SNAPBLK_BENCH_SNAPSHOTS` (default 200) scale the
+//! volume and the snapshots kept: at 64 MiB the whole map stays in RocksDB's memtable;
+//! at a few GiB it is spread over table files, as on a real pool.
 
 use std::sync::Arc;
 
@@ -14,21 +17,30 @@ use snapblk_core::export::Export;
 use snapblk_core::{Pool, VolumeHandle};
 use snapblk_rocks::RocksStore;
 
-const VOLUME: u64 = 64 << 20;
-const BLOCKS: u64 = VOLUME / 4096;
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 fn bench(c: &mut Criterion) {
+    let volume = env_u64("SNAPBLK_BENCH_MIB", 64).clamp(4, 64 << 10) << 20;
+    let snaps = env_u64("SNAPBLK_BENCH_SNAPSHOTS", 200).clamp(1, 10_000);
+    let blocks = volume / 4096;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("data");
-    UringFile::create_file(&path, (1 << 20) + (512 << 20)).expect("data file");
+    // The fill, each snapshot's 1% churn, and room for the write benches.
+    let data = volume + snaps * (volume / 100 + (1 << 20)) + (512 << 20);
+    UringFile::create_file(&path, data).expect("data file");
     let dev = Arc::new(UringFile::open(&path).expect("open data"));
     let store = Arc::new(RocksStore::open(&dir.path().join("meta"), true).expect("store"));
     Pool::format(&*store, &*dev).expect("format");
     let pool = Pool::open(store, dev).expect("open");
-    pool.create_volume("v", VOLUME).expect("volume");
+    pool.create_volume("v", volume).expect("volume");
     let h = VolumeHandle::open(&pool, "v").expect("handle");
     let mib = vec![5u8; 1 << 20];
-    for i in 0..VOLUME >> 20 {
+    for i in 0..volume >> 20 {
         h.write(i << 20, &mib, false).expect("fill");
     }
     pool.sync().expect("sync");
@@ -38,7 +50,7 @@ fn bench(c: &mut Criterion) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        x % BLOCKS
+        x % blocks
     };
     let mut g = c.benchmark_group("metadata");
     g.throughput(Throughput::Elements(1));
@@ -46,10 +58,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| drop(d.plan_read(next() * 4096, 4096).expect("plan")))
     });
     let churn = vec![9u8; 4096];
-    for s in 0..200 {
+    for s in 0..snaps {
         pool.create_snapshot("v", &format!("s{s}"))
             .expect("snapshot");
-        for _ in 0..BLOCKS / 100 {
+        for _ in 0..blocks / 100 {
             h.write(next() * 4096, &churn, false).expect("churn");
         }
     }
@@ -61,7 +73,7 @@ fn bench(c: &mut Criterion) {
     ] {
         let t = VolumeHandle::open(&pool, target).expect("handle");
         let td = t.direct().expect("direct I/O");
-        g.bench_function(format!("read_lookup_4k_200_snapshots_{name}"), |b| {
+        g.bench_function(format!("read_lookup_4k_{snaps}_snapshots_{name}"), |b| {
             b.iter(|| drop(td.plan_read(next() * 4096, 4096).expect("plan")))
         });
     }
