@@ -14,6 +14,9 @@
 #  F. A's reads at a larger size: a BIG_GIB volume filled once, 50 snapshots with ~1%
 #     churn before each: 4K randread QD32 of the volume, its oldest snapshot and a clone of
 #     it (a map spread over more table files than A's, most of it out of the memtable).
+#  A and F read the oldest snapshot and the clone twice: with the daemon's content cache
+#  (format2.md §8b, the default) and restarted with --snapshot-cache 0 (every snapshot page
+#  read from the store: a snapshot read larger than the cache).
 # Usage: benches/snapshots.sh [RUNTIME_S=8] [BIG_GIB=8]   (SECTIONS="A B C D F" to run a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,8 +42,8 @@ pool() { # NAME SIZE: a fresh pool and its daemon
     "$BIN" pool create --meta "$W/meta" --data "$W/data.img" --size "$2" >/dev/null
     start
 }
-start() {
-    "$BIN" daemon --meta "$W/meta" --data "$W/data.img" --nbd-socket "$W/nbd.sock" --nbd-tcp none 2>>"$W/daemon.log" &
+start() { # [daemon flags...]
+    "$BIN" daemon --meta "$W/meta" --data "$W/data.img" --nbd-socket "$W/nbd.sock" --nbd-tcp none "$@" 2>>"$W/daemon.log" &
     DPID=$!
     wait_sock "$W/nbd.sock"; wait_sock "$SNAPBLK_SOCKET"
 }
@@ -110,7 +113,11 @@ done
 read_job "$(uri v@s1)"; OLD=$IOPS; OLD_CPU=$CPU
 "$BIN" clone v@s1 c >/dev/null
 read_job "$(uri c)"; CLONE=$IOPS; CLONE_CPU=$CPU
-say "  oldest snapshot read $OLD, clone of it $CLONE IOPS"
+# The same reads with the content cache off (a snapshot read bigger than the cache).
+stop; start --snapshot-cache 0
+read_job "$(uri v@s1)"; OLD_NC=$IOPS; OLD_NC_CPU=$CPU
+read_job "$(uri c)"; CLONE_NC=$IOPS; CLONE_NC_CPU=$CPU
+say "  oldest snapshot read $OLD, clone of it $CLONE IOPS; without the content cache $OLD_NC, $CLONE_NC"
 fi
 
 # ---------------------------------------------------------------- B
@@ -201,7 +208,10 @@ read_job "$(uri v)" "${BIG}G"; F_LIVE=$IOPS; F_LIVE_CPU=$CPU
 read_job "$(uri v@s1)" "${BIG}G"; F_OLD=$IOPS; F_OLD_CPU=$CPU
 "$BIN" clone v@s1 c >/dev/null
 read_job "$(uri c)" "${BIG}G"; F_CLONE=$IOPS; F_CLONE_CPU=$CPU
-say "  live $F_LIVE, oldest snapshot $F_OLD, clone $F_CLONE IOPS"
+stop; start --snapshot-cache 0
+read_job "$(uri v@s1)" "${BIG}G"; F_OLD_NC=$IOPS; F_OLD_NC_CPU=$CPU
+read_job "$(uri c)" "${BIG}G"; F_CLONE_NC=$IOPS; F_CLONE_NC_CPU=$CPU
+say "  live $F_LIVE, oldest snapshot $F_OLD, clone $F_CLONE IOPS; without the content cache $F_OLD_NC, $F_CLONE_NC"
 fi
 
 # ---------------------------------------------------------------- report
@@ -214,6 +224,7 @@ for d in 0 10 50 200; do
     printf "%-10s %10s %8s %10s %8s %14s\n" "$d" "${RR[$d]}" "$(ratio "${RR[$d]}" "${RR[0]}")" "${RW[$d]}" "$(ratio "${RW[$d]}" "${RW[0]}")" "${RC[$d]}"
 done
 echo "oldest snapshot read: $OLD ($(ratio "$OLD" "${RR[0]}")), daemon $OLD_CPU us/read; clone of it: $CLONE ($(ratio "$CLONE" "${RR[0]}")), $CLONE_CPU us/read"
+echo "  content cache off: oldest snapshot $OLD_NC ($(ratio "$OLD_NC" "${RR[0]}")), $OLD_NC_CPU us/read; clone $CLONE_NC ($(ratio "$CLONE_NC" "${RR[0]}")), $CLONE_NC_CPU us/read"
 echo
 fi
 on B && { echo "B. oldest-snapshot delete + reclaim: 2 GiB ${DEL[2]} ms, ${BIG} GiB ${DEL[$BIG]} ms, ratio $(ratio "${DEL[$BIG]}" "${DEL[2]}")"; echo; }
@@ -226,4 +237,5 @@ fi
 if on F; then
 echo
 echo "F. 4K randread QD32 on a ${BIG} GiB volume at 50 snapshots: live $F_LIVE ($F_LIVE_CPU us/read of daemon CPU); oldest snapshot $F_OLD ($(ratio "$F_OLD" "$F_LIVE"), $F_OLD_CPU us/read); clone of it $F_CLONE ($(ratio "$F_CLONE" "$F_LIVE"), $F_CLONE_CPU us/read)"
+echo "   content cache off: oldest snapshot $F_OLD_NC ($(ratio "$F_OLD_NC" "$F_LIVE"), $F_OLD_NC_CPU us/read); clone $F_CLONE_NC ($(ratio "$F_CLONE_NC" "$F_LIVE"), $F_CLONE_NC_CPU us/read)"
 fi

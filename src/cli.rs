@@ -226,7 +226,8 @@ pub enum PoolCmd {
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
     /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, nbd_group, max_connections,
-    /// insecure, workers, tls_cert, tls_key, tls_client_ca, metrics_listen, ublk_on_stop.
+    /// insecure, workers, tls_cert, tls_key, tls_client_ca, metrics_listen, ublk_on_stop,
+    /// snapshot_cache.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Unix socket for NBD clients.
@@ -269,6 +270,11 @@ pub struct DaemonArgs {
     /// or keep them, their I/O held by the kernel, for the next daemon to take back.
     #[arg(long, value_parser = ["detach", "keep"])]
     pub ublk_on_stop: Option<String>,
+    /// RAM for the page contents of snapshots and clone bases that reads resolved (e.g.
+    /// 64M, the default; 0 turns it off; at most 64G). Reads it answers skip the metadata
+    /// store; ~300 bytes hold the map of 256 KiB of sequentially written data.
+    #[arg(long)]
+    pub snapshot_cache: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

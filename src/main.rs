@@ -297,7 +297,7 @@ fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
         }
         .into());
     };
-    let opened = open::open_pool(meta, data, "snapblk CLI", open::Memory::ONE_SHOT)?;
+    let opened = open::open_pool(meta, data, "snapblk CLI", open::Memory::ONE_SHOT, None)?;
     let report = std::env::var_os("SNAPBLK_MEMORY_REPORT").is_some();
     let rss_open = if report { memory_baseline() } else { 0 };
     let store_open = opened.pool.store().memory() / 1024;
@@ -374,6 +374,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tls_client_ca: a.tls_client_ca.clone(),
                 metrics_listen: a.metrics_listen.clone(),
                 ublk_on_stop: a.ublk_on_stop.clone(),
+                snapshot_cache: a.snapshot_cache.clone(),
             });
             daemon::run(cfg)?;
             Ok(ExitCode::SUCCESS)

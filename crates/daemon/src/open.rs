@@ -19,8 +19,15 @@ pub struct Opened {
 }
 
 /// Opens the pool under its lock; its store holds at most `memory` in RAM (a daemon's, or
-/// a one-shot command's: [`Memory`]).
-pub fn open_pool(meta: &Path, data: &Path, holder: &str, memory: Memory) -> Result<Opened> {
+/// a one-shot command's: [`Memory`]), its cache of snapshot page contents `snapshot_cache`
+/// bytes (`None`: a quarter of the store's block cache).
+pub fn open_pool(
+    meta: &Path,
+    data: &Path,
+    holder: &str,
+    memory: Memory,
+    snapshot_cache: Option<usize>,
+) -> Result<Opened> {
     if !meta.is_dir() {
         return Err(DaemonError::Invalid(format!(
             "metadata directory {} does not exist (create the pool with `snapblk pool create`)",
@@ -36,7 +43,13 @@ pub fn open_pool(meta: &Path, data: &Path, holder: &str, memory: Memory) -> Resu
             data.display()
         );
     }
-    let pool = Pool::open(Arc::new(store), Arc::new(dev)).map_err(|e| {
+    // Page contents at retained epochs (snapshot and clone reads) get by default a
+    // quarter of what the store caches: 64 MiB in a daemon, 512 KiB in a one-shot command.
+    let opts = snapblk_core::pool2::OpenOptions {
+        content_cache: snapshot_cache.unwrap_or(memory.block_cache / 4),
+        ..Default::default()
+    };
+    let pool = Pool::open_with(Arc::new(store), Arc::new(dev), &opts).map_err(|e| {
         DaemonError::from(e).context(format!(
             "opening pool (meta {}, data {})",
             meta.display(),

@@ -26,6 +26,8 @@ pub const DEFAULT_NBD_SOCKET: &str = "/run/snapblk/nbd.sock";
 /// NBD over TCP is opt-in (`--nbd-tcp ADDR`): plain NBD has no authentication, and any
 /// local user or container sharing the host network could reach a TCP port.
 pub const DEFAULT_NBD_TCP: &str = "none";
+/// Largest `snapshot_cache` accepted (a typo's "64T" must not be taken as a cap).
+const MAX_SNAPSHOT_CACHE: u64 = 64 << 30;
 
 /// Daemon settings: from the TOML config file, overridden by command-line flags.
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +57,9 @@ pub struct DaemonConfig {
     /// drains, the devices go) or "keep" (the pool is synced and the devices stay, their
     /// I/O held by the kernel until the next daemon takes them back, as after a crash).
     pub ublk_on_stop: Option<String>,
+    /// RAM for page contents of snapshots and clone bases as reads resolved them (a
+    /// size, e.g. "64M", the default; "0" turns it off; at most 64G).
+    pub snapshot_cache: Option<String>,
 }
 
 impl DaemonConfig {
@@ -84,6 +89,7 @@ impl DaemonConfig {
             tls_client_ca: other.tls_client_ca.or(self.tls_client_ca),
             metrics_listen: other.metrics_listen.or(self.metrics_listen),
             ublk_on_stop: other.ublk_on_stop.or(self.ublk_on_stop),
+            snapshot_cache: other.snapshot_cache.or(self.snapshot_cache),
         }
     }
 }
@@ -132,6 +138,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     if cfg.max_connections == Some(0) {
         return invalid("max_connections must be at least 1".into());
     }
+    let snapshot_cache = snapshot_cache_bytes(cfg.snapshot_cache.as_deref())?;
     let keep_devices = match cfg.ublk_on_stop.as_deref().unwrap_or("detach") {
         "detach" => false,
         "keep" => true,
@@ -146,7 +153,13 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     // iterator below instead of killing the process mid-write.
     let mut signals =
         Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::io("installing signal handlers"))?;
-    let opened = open_pool(&meta, &data, "snapblk daemon", crate::open::Memory::DAEMON)?;
+    let opened = open_pool(
+        &meta,
+        &data,
+        "snapblk daemon",
+        crate::open::Memory::DAEMON,
+        Some(snapshot_cache),
+    )?;
     let pool = Arc::clone(&opened.pool);
     pool.start_background();
 
@@ -430,9 +443,40 @@ fn status_line(pool: &Pool, devices: &Devices) -> String {
     )
 }
 
+/// The `snapshot_cache` setting in bytes: the default when absent, at most 64 GiB.
+fn snapshot_cache_bytes(v: Option<&str>) -> Result<usize> {
+    let bytes = match v {
+        None => return Ok(snapblk_core::pool2::CONTENT_CACHE),
+        Some(s) => snapblk_control::human::parse_size(s)
+            .map_err(|e| DaemonError::Invalid(format!("snapshot_cache: {e}")))?,
+    };
+    if bytes > MAX_SNAPSHOT_CACHE {
+        return invalid(format!(
+            "snapshot_cache {} is more than the limit of 64G",
+            v.unwrap_or_default()
+        ));
+    }
+    Ok(bytes as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_cache_is_a_bounded_size() {
+        assert_eq!(
+            snapshot_cache_bytes(None).unwrap(),
+            snapblk_core::pool2::CONTENT_CACHE
+        );
+        assert_eq!(snapshot_cache_bytes(Some("0")).unwrap(), 0);
+        assert_eq!(snapshot_cache_bytes(Some("256M")).unwrap(), 256 << 20);
+        assert_eq!(snapshot_cache_bytes(Some("64G")).unwrap(), 64 << 30);
+        for bad in ["65G", "1T", "lots", "-1", "99999999999999999999"] {
+            let e = snapshot_cache_bytes(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("snapshot_cache"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn finds_ublk_mounts_deepest_first() {

@@ -8,6 +8,8 @@
 //! `SNAPBLK_BENCH_MIB` (default 64) and `SNAPBLK_BENCH_SNAPSHOTS` (default 200) scale the
 //! volume and the snapshots kept: at 64 MiB the whole map stays in RocksDB's memtable;
 //! at a few GiB it is spread over table files, as on a real pool.
+//! `SNAPBLK_BENCH_CONTENT_CACHE_MIB` sizes the cache of snapshot page contents (default:
+//! the daemon's, 64; 0 turns it off, so every snapshot lookup reads the store).
 
 use std::sync::Arc;
 
@@ -36,7 +38,16 @@ fn bench(c: &mut Criterion) {
     let dev = Arc::new(UringFile::open(&path).expect("open data"));
     let store = Arc::new(RocksStore::open(&dir.path().join("meta"), true).expect("store"));
     Pool::format(&*store, &*dev).expect("format");
-    let pool = Pool::open(store, dev).expect("open");
+    let opts = snapblk_core::pool2::OpenOptions {
+        content_cache: env_u64(
+            "SNAPBLK_BENCH_CONTENT_CACHE_MIB",
+            snapblk_core::pool2::CONTENT_CACHE as u64 >> 20,
+        )
+        .min(4 << 10) as usize
+            * (1 << 20),
+        ..Default::default()
+    };
+    let pool = Pool::open_with(store, dev, &opts).expect("open");
     pool.create_volume("v", volume).expect("volume");
     let h = VolumeHandle::open(&pool, "v").expect("handle");
     let mib = vec![5u8; 1 << 20];

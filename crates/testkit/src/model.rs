@@ -160,12 +160,15 @@ macro_rules! model_pool {
 }
 model_pool!(Pool1, Pool1::open);
 // A read checkpoint every 2 dead records (the pool's default is 16), so that model and
-// power-loss runs read old snapshots both through checkpoints and past the newest one.
+// power-loss runs read old snapshots both through checkpoints and past the newest one;
+// a content cache of 64 KiB (a few dozen pages), so that reads are answered both from it
+// and from the store, and entries are evicted.
 model_pool!(Pool2, |s, d| Pool2::open_with(
     s,
     d,
     &snapblk_core::pool2::OpenOptions {
-        checkpoint_every: 2
+        checkpoint_every: 2,
+        content_cache: 64 << 10,
     }
 ));
 

@@ -9,18 +9,30 @@ use std::sync::Arc;
 
 use snapblk_core::device::mem::MemDevice;
 use snapblk_core::device::{DataDevice, ReadSeg, WriteSeg, DATA_START};
-use snapblk_core::pool2::Pool2;
+use snapblk_core::pool2::{OpenOptions, Pool2};
 use snapblk_core::{Error, Target};
 use snapblk_testkit::counting::CountingStore;
 use snapblk_testkit::powerloss::Rng;
 
 const BS: u64 = 4096;
 
+/// A pool without the content cache: the store work counted is every read's own.
 fn mem_pool(bytes: u64) -> (Arc<Pool2>, Arc<CountingStore>, Arc<MemDevice>) {
+    mem_pool_with(bytes, 0)
+}
+
+fn mem_pool_with(
+    bytes: u64,
+    content_cache: usize,
+) -> (Arc<Pool2>, Arc<CountingStore>, Arc<MemDevice>) {
     let store = Arc::new(CountingStore::new());
     let dev = Arc::new(MemDevice::new(bytes));
     Pool2::format(&*store, &*dev).unwrap();
-    let pool = Pool2::open(store.clone(), dev.clone()).unwrap();
+    let opts = OpenOptions {
+        content_cache,
+        ..Default::default()
+    };
+    let pool = Pool2::open_with(store.clone(), dev.clone(), &opts).unwrap();
     (pool, store, dev)
 }
 
@@ -125,6 +137,135 @@ fn live_reads_cost_the_same_at_any_snapshot_count() {
         clone.0 <= 400 && clone.1 <= 200,
         "clone-of-oldest reads: {clone:?}"
     );
+}
+
+/// Block `b` as written by `round` (a different pattern per block and round).
+fn block_data(b: u64, round: u64) -> Vec<u8> {
+    let tag = (b.wrapping_mul(31) ^ round.wrapping_mul(0x9E37)) as u8 | 1;
+    let mut v = vec![tag; 4096];
+    v[..8].copy_from_slice(&b.to_le_bytes());
+    v[8..16].copy_from_slice(&round.to_le_bytes());
+    v
+}
+
+fn read_all(pool: &Pool2, t: &Target, blocks: u64) -> Vec<u8> {
+    let mut out = vec![0u8; (blocks * BS) as usize];
+    for (i, c) in out.chunks_mut(4096).enumerate() {
+        pool.read(t, i as u64 * BS, c).unwrap();
+    }
+    out
+}
+
+/// Reads of a snapshot or a clone's inherited pages are answered from the content cache
+/// once resolved (no store work), and what the cache answers stays right while the volume
+/// and the clone change, neighbouring snapshots go and reclaim merges the dead records and
+/// drops the read checkpoints the first answers came from. A live page (the volume's, the
+/// clone's own) is never answered from it.
+#[test]
+fn snapshot_reads_repeat_from_the_content_cache_and_stay_right() {
+    let (pool, store, _) = mem_pool_with(256 << 20, 8 << 20);
+    let blocks = 2048; // 8 MiB: 32 pages
+    pool.create_volume("v", blocks * BS).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    let mut model: Vec<u64> = vec![0; blocks as usize]; // round that wrote each block
+    for b in 0..blocks {
+        pool.write(id, b * BS, &block_data(b, 0), false).unwrap();
+    }
+    let mut rng = Rng(11);
+    let mut at_snap: Vec<Vec<u64>> = Vec::new();
+    for s in 0..12u64 {
+        pool.create_snapshot("v", &format!("s{s}")).unwrap();
+        at_snap.push(model.clone());
+        for _ in 0..100 {
+            let b = rng.below(blocks);
+            pool.write(id, b * BS, &block_data(b, s + 1), false)
+                .unwrap();
+            model[b as usize] = s + 1;
+        }
+    }
+    let expect = |m: &[u64]| -> Vec<u8> {
+        m.iter()
+            .enumerate()
+            .flat_map(|(b, r)| block_data(b as u64, *r))
+            .collect()
+    };
+    let s2 = Target::Snapshot(id, "s2".into());
+    let first = cost(&store, || {
+        assert!(read_all(&pool, &s2, blocks) == expect(&at_snap[2]))
+    });
+    assert!(
+        first.0 >= 32 && first.1 >= 32,
+        "first read of s2: {first:?}"
+    );
+    let again = cost(&store, || {
+        assert!(read_all(&pool, &s2, blocks) == expect(&at_snap[2]))
+    });
+    assert_eq!(
+        (again.0, again.1),
+        (0, 0),
+        "s2 read again: every page from the cache"
+    );
+    // A clone of s2: its own (missing) page is a get each time; the base from the cache.
+    pool.clone_snapshot("v", "s2", "c").unwrap();
+    let c = pool.volume_id("c").unwrap();
+    let clone = cost(&store, || {
+        assert!(read_all(&pool, &Target::Volume(c), blocks) == expect(&at_snap[2]))
+    });
+    assert_eq!(
+        clone.1, 0,
+        "clone of s2: inherited pages from the cache: {clone:?}"
+    );
+    // The clone writes: its page is its own now, read live.
+    let mut clone_model = at_snap[2].clone();
+    for b in [0, 5, 64, 65, 2047] {
+        pool.write(c, b * BS, &block_data(b, 99), false).unwrap();
+        clone_model[b as usize] = 99;
+    }
+    assert!(read_all(&pool, &Target::Volume(c), blocks) == expect(&clone_model));
+    // The volume changes, its neighbours go, reclaim merges what s2 reads from.
+    for _ in 0..300 {
+        let b = rng.below(blocks);
+        pool.write(id, b * BS, &block_data(b, 50), false).unwrap();
+        model[b as usize] = 50;
+    }
+    for s in [0, 1, 3, 4, 5, 6, 7, 8, 9, 10] {
+        pool.delete_snapshot("v", &format!("s{s}")).unwrap();
+    }
+    pool.reclaim_all().unwrap();
+    assert!(read_all(&pool, &Target::Volume(id), blocks) == expect(&model));
+    let cached = cost(&store, || {
+        assert!(read_all(&pool, &s2, blocks) == expect(&at_snap[2]))
+    });
+    assert_eq!((cached.0, cached.1), (0, 0), "s2 after reclaim: {cached:?}");
+    // Epochs are not mixed up: s11, first read now, from the store.
+    let s11 = Target::Snapshot(id, "s11".into());
+    assert!(read_all(&pool, &s11, blocks) == expect(&at_snap[11]));
+    assert!(read_all(&pool, &Target::Volume(c), blocks) == expect(&clone_model));
+    // A snapshot of the clone: its unwritten pages are the base's, cached under the
+    // clone's snapshot too (the second read does no store work at all).
+    pool.create_snapshot("c", "cs").unwrap();
+    let cs = Target::Snapshot(c, "cs".into());
+    assert!(read_all(&pool, &cs, blocks) == expect(&clone_model));
+    let again = cost(&store, || {
+        assert!(read_all(&pool, &cs, blocks) == expect(&clone_model))
+    });
+    assert_eq!(
+        (again.0, again.1),
+        (0, 0),
+        "clone snapshot read again: {again:?}"
+    );
+    // A backup-style pass (bulk reads) fills nothing.
+    pool.create_snapshot("v", "s12").unwrap();
+    let s12 = Target::Snapshot(id, "s12".into());
+    let before = pool.content_cache_stats().entries;
+    snapblk_core::meta::bulk_reads(|| assert!(read_all(&pool, &s12, blocks) == expect(&model)));
+    assert_eq!(pool.content_cache_stats().entries, before);
+    assert!(read_all(&pool, &s12, blocks) == expect(&model));
+    assert_eq!(pool.content_cache_stats().entries, before + 32);
+    let st = pool.content_cache_stats();
+    assert!(st.hits >= 3 * 32 && st.entries >= 64, "{st:?}");
+    assert!(st.bytes <= 8 << 20, "{st:?}");
+    assert!(pool.check().unwrap().is_clean());
 }
 
 #[test]

@@ -439,6 +439,12 @@ impl Pool2 {
                 }
                 match meta.commit(group) {
                     Ok(done) => {
+                        // Order matters (format2.md §8b): the catalog shows the step
+                        // before any block it releases is deferred (here, or by a later
+                        // reclaim step on this thread), so a reader that resolved a
+                        // target before the release holds a pin older than every such
+                        // free — what keeps blocks named by the content cache, or by a
+                        // store read racing a delete, from reuse while it reads.
                         {
                             let mut cat = self.catalog_write();
                             apply(&mut cat);

@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::keys::{self, SuperRecord};
 use crate::meta::{MetaStore, WriteBatch};
 use crate::pool::ReadPin;
+use crate::v2::cache::{CacheStats, ContentCache};
 use crate::v2::Meta2;
 
 use catalog::Catalog;
@@ -78,6 +79,8 @@ pub struct Pool2 {
     wake: Arc<(Mutex<bool>, Condvar)>,
     /// Owned blocks per lineage, quota reservations, the relief hook (space.rs).
     usage: Mutex<space::Usage>,
+    /// Page contents at retained epochs, as reads resolved them (v2/cache.rs).
+    contents: ContentCache,
 }
 
 /// Engine settings of an open pool. The defaults are what the daemon uses; tests make
@@ -86,12 +89,19 @@ pub struct Pool2 {
 pub struct OpenOptions {
     /// Dead records a page gains between read checkpoints (format2.md §8a); 0: none.
     pub checkpoint_every: u64,
+    /// Bytes of page contents at retained epochs kept in RAM (format2.md §8b); 0: none.
+    pub content_cache: usize,
 }
+
+/// [`OpenOptions::content_cache`] of a daemon: ~200,000 sequentially written pages, the
+/// map of ~50 GiB of snapshot or clone base data.
+pub const CONTENT_CACHE: usize = 64 << 20;
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             checkpoint_every: crate::v2::CHECKPOINT_EVERY,
+            content_cache: CONTENT_CACHE,
         }
     }
 }
@@ -187,6 +197,7 @@ impl Pool2 {
             shutdown: AtomicBool::new(false),
             wake: Arc::new((Mutex::new(false), Condvar::new())),
             usage: Mutex::new(usage),
+            contents: ContentCache::new(opts.content_cache),
         });
         let weak = Arc::downgrade(&pool);
         let shared = Arc::clone(&pool.committer);
@@ -221,6 +232,10 @@ impl Pool2 {
     }
     pub fn data_blocks(&self) -> u64 {
         self.sup.data_blocks
+    }
+    /// What the cache of page contents at retained epochs holds and how it served reads.
+    pub fn content_cache_stats(&self) -> CacheStats {
+        self.contents.stats()
     }
     pub(crate) fn catalog_read(&self) -> RwLockReadGuard<'_, Catalog> {
         self.catalog.read().unwrap_or_else(|p| p.into_inner())

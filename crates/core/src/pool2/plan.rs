@@ -114,8 +114,15 @@ impl Pool2 {
         let store = &**self.store();
         let retained = LazyReader::new(store);
         for p in b0 / PAGE_BLOCKS..(b0 + n).div_ceil(PAGE_BLOCKS) {
-            let content =
-                read_page_split(store, &retained, &bases, src.lineage, src.at, PageNo(p))?;
+            let content = read_page_split(
+                store,
+                &retained,
+                &bases,
+                &self.contents,
+                src.lineage,
+                src.at,
+                PageNo(p),
+            )?;
             for (k, slot) in content.iter().enumerate() {
                 let lba = p * PAGE_BLOCKS + k as u64;
                 let Some(b) = slot else { continue };
@@ -305,8 +312,15 @@ impl Pool2 {
         // As plan_read: one store reader for what is read at a retained epoch.
         let retained = LazyReader::new(store);
         for p in b0 / PAGE_BLOCKS..b1.div_ceil(PAGE_BLOCKS) {
-            let content =
-                read_page_split(store, &retained, &bases, src.lineage, src.at, PageNo(p))?;
+            let content = read_page_split(
+                store,
+                &retained,
+                &bases,
+                &self.contents,
+                src.lineage,
+                src.at,
+                PageNo(p),
+            )?;
             for (k, slot) in content.iter().enumerate() {
                 let lba = p * PAGE_BLOCKS + k as u64;
                 if slot.is_none() || lba < b0 || lba >= b1 {

@@ -18,6 +18,7 @@
 //!
 //! Threading: `Meta2` is not synchronised; exactly one thread mutates it.
 
+pub mod cache;
 pub mod check;
 pub mod engine;
 pub mod ids;

@@ -15,6 +15,7 @@
 
 use std::ops::ControlFlow;
 
+use super::cache::ContentCache;
 use super::ids::{Epoch, LineageId, PageNo};
 use super::keys;
 use super::page::{DeadRecord, Page};
@@ -124,15 +125,20 @@ pub fn read_page_exact<S: MetaRead + ?Sized>(
 /// state from after the target existed gives it; a volume's own page must be current, and
 /// an open clone's live page, once made, is kept even when empty (only destroying the
 /// lineage removes it), so "absent now" means "absent in the reader's state" too.
+///
+/// `cache` holds contents at retained epochs (cache.rs says why they never go stale): the
+/// first lookup at a retained epoch — a snapshot's page, or the base a clone's unwritten
+/// page inherits — is answered from it when it can be, and remembered in it otherwise.
 pub fn read_page_split<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     live: &L,
     retained: &R,
     bases: &dyn Bases,
+    cache: &ContentCache,
     l: LineageId,
     at: Option<Epoch>,
     p: PageNo,
 ) -> Result<Content> {
-    read_page_in(live, retained, bases, l, at, p, true)
+    read_page_in(live, retained, bases, Some(cache), l, at, p, true)
 }
 
 fn read_page_with<S: MetaRead + ?Sized>(
@@ -143,21 +149,38 @@ fn read_page_with<S: MetaRead + ?Sized>(
     p: PageNo,
     checkpoints: bool,
 ) -> Result<Content> {
-    read_page_in(store, store, bases, l, at, p, checkpoints)
+    read_page_in(store, store, bases, None, l, at, p, checkpoints)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     live: &L,
     retained: &R,
     bases: &dyn Bases,
+    cache: Option<&ContentCache>,
     mut l: LineageId,
     mut at: Option<Epoch>,
     p: PageNo,
     checkpoints: bool,
 ) -> Result<Content> {
     let mut slots: Content = [None; PAGE_BLOCKS as usize];
+    // The retained (lineage, epoch)s this read looked up in the cache and missed: the
+    // content found is theirs too (a snapshot of a clone whose page was not written by
+    // then has its base's content at the base epoch), so each gets it.
+    let mut missed: smallvec::SmallVec<[(LineageId, Epoch); 2]> = smallvec::SmallVec::new();
     // Bounded: each step moves to an older lineage, and lineage ids only grow.
     loop {
+        // Slots are still empty whenever `at` is a retained epoch: a lookup only moves on
+        // to a base after finding no page, so a cached content is the whole answer.
+        if let (Some(c), Some(e)) = (cache, at) {
+            if let Some(hit) = c.get(l, e, p) {
+                for &(ml, me) in &missed {
+                    c.insert(ml, me, p, &hit);
+                }
+                return Ok(hit);
+            }
+            missed.push((l, e));
+        }
         let key = keys::page(l, p);
         let page = match at {
             None => live.get(&key)?,
@@ -197,6 +220,11 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
                     ControlFlow::Continue(())
                 })
             })?;
+            if let Some(c) = cache {
+                for &(ml, me) in &missed {
+                    c.insert(ml, me, p, &slots);
+                }
+            }
         }
         return Ok(slots);
     }
