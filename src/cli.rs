@@ -227,7 +227,7 @@ pub enum PoolCmd {
 pub struct DaemonArgs {
     /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, nbd_group, max_connections,
     /// insecure, workers, tls_cert, tls_key, tls_client_ca, metrics_listen, ublk_on_stop,
-    /// snapshot_cache.
+    /// snapshot_cache, data_cache.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Unix socket for NBD clients.
@@ -275,6 +275,11 @@ pub struct DaemonArgs {
     /// store; ~300 bytes hold the map of 256 KiB of sequentially written data.
     #[arg(long)]
     pub snapshot_cache: Option<String>,
+    /// Data I/O: "none" (default: O_DIRECT, the volumes' users cache) or "host" (through
+    /// the host's page cache, like qemu's cache=writeback: repeated reads from RAM, at
+    /// the cost of RAM and of syncs that write back what is dirty).
+    #[arg(long, value_parser = ["none", "host"])]
+    pub data_cache: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

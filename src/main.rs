@@ -297,7 +297,7 @@ fn run_command_raw(cli: &Cli, cmd: &Command) -> Result<serde_json::Value> {
         }
         .into());
     };
-    let opened = open::open_pool(meta, data, "snapblk CLI", open::Memory::ONE_SHOT, None)?;
+    let opened = open::open_pool(meta, data, "snapblk CLI", open::OpenSettings::ONE_SHOT)?;
     let report = std::env::var_os("SNAPBLK_MEMORY_REPORT").is_some();
     let rss_open = if report { memory_baseline() } else { 0 };
     let store_open = opened.pool.store().memory() / 1024;
@@ -375,6 +375,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 metrics_listen: a.metrics_listen.clone(),
                 ublk_on_stop: a.ublk_on_stop.clone(),
                 snapshot_cache: a.snapshot_cache.clone(),
+                data_cache: a.data_cache.clone(),
             });
             daemon::run(cfg)?;
             Ok(ExitCode::SUCCESS)

@@ -18,16 +18,30 @@ pub struct Opened {
     _lock: PoolLock,
 }
 
-/// Opens the pool under its lock; its store holds at most `memory` in RAM (a daemon's, or
-/// a one-shot command's: [`Memory`]), its cache of snapshot page contents `snapshot_cache`
-/// bytes (`None`: a quarter of the store's block cache).
-pub fn open_pool(
-    meta: &Path,
-    data: &Path,
-    holder: &str,
-    memory: Memory,
-    snapshot_cache: Option<usize>,
-) -> Result<Opened> {
+/// How an open pool uses RAM and the data device.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenSettings {
+    /// What the metadata store may hold (a daemon's, or a one-shot command's).
+    pub memory: Memory,
+    /// Bytes of snapshot page contents kept (`None`: a quarter of the store's block cache).
+    pub snapshot_cache: Option<usize>,
+    /// Data I/O through the host's page cache instead of O_DIRECT (`data_cache = "host"`).
+    pub host_data_cache: bool,
+}
+
+impl OpenSettings {
+    /// A one-shot command's: small caches, O_DIRECT data.
+    pub const ONE_SHOT: OpenSettings = OpenSettings {
+        memory: Memory::ONE_SHOT,
+        snapshot_cache: None,
+        host_data_cache: false,
+    };
+}
+
+/// Opens the pool under its lock, with `settings`.
+pub fn open_pool(meta: &Path, data: &Path, holder: &str, settings: OpenSettings) -> Result<Opened> {
+    let memory = settings.memory;
+    let snapshot_cache = settings.snapshot_cache;
     if !meta.is_dir() {
         return Err(DaemonError::Invalid(format!(
             "metadata directory {} does not exist (create the pool with `snapblk pool create`)",
@@ -36,8 +50,13 @@ pub fn open_pool(
     }
     let lock = PoolLock::acquire(meta, holder)?;
     crate::media::set_pool_paths(meta, data);
-    let (store, dev) = open_parts(meta, data, memory)?;
-    if !dev.is_direct() {
+    let (store, dev) = open_parts(meta, data, memory, !settings.host_data_cache)?;
+    if settings.host_data_cache {
+        log::info!(
+            "{}: data I/O through the host page cache (data_cache = \"host\")",
+            data.display()
+        );
+    } else if !dev.is_direct() {
         log::info!(
             "{}: O_DIRECT not supported here; using buffered I/O",
             data.display()
@@ -60,10 +79,15 @@ pub fn open_pool(
 }
 
 /// The metadata store in `<meta>/db` and the data device (the caller holds the lock).
-fn open_parts(meta: &Path, data: &Path, memory: Memory) -> Result<(RocksStore, UringFile)> {
+fn open_parts(
+    meta: &Path,
+    data: &Path,
+    memory: Memory,
+    direct: bool,
+) -> Result<(RocksStore, UringFile)> {
     let store = RocksStore::open_with(&meta.join("db"), false, memory)
         .map_err(|e| pool_err(e).context(format!("opening metadata in {}", meta.display())))?;
-    let dev = UringFile::open(data).map_err(DaemonError::io(format!(
+    let dev = UringFile::open_with(data, direct).map_err(DaemonError::io(format!(
         "opening data device {}",
         data.display()
     )))?;
@@ -83,7 +107,7 @@ pub fn upgrade_pool(
         )));
     }
     let _lock = PoolLock::acquire(meta, "snapblk pool upgrade")?;
-    let (store, dev) = open_parts(meta, data, Memory::DAEMON)?;
+    let (store, dev) = open_parts(meta, data, Memory::DAEMON, true)?;
     snapblk_core::upgrade::upgrade(Arc::new(store), Arc::new(dev), progress).map_err(|e| {
         DaemonError::from(e).context(format!(
             "upgrading pool (meta {}, data {})",

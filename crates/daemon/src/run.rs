@@ -60,6 +60,8 @@ pub struct DaemonConfig {
     /// RAM for page contents of snapshots and clone bases as reads resolved them (a
     /// size, e.g. "64M", the default; "0" turns it off; at most 64G).
     pub snapshot_cache: Option<String>,
+    /// Data I/O: "none" (the default: O_DIRECT) or "host" (through the host's page cache).
+    pub data_cache: Option<String>,
 }
 
 impl DaemonConfig {
@@ -90,6 +92,7 @@ impl DaemonConfig {
             metrics_listen: other.metrics_listen.or(self.metrics_listen),
             ublk_on_stop: other.ublk_on_stop.or(self.ublk_on_stop),
             snapshot_cache: other.snapshot_cache.or(self.snapshot_cache),
+            data_cache: other.data_cache.or(self.data_cache),
         }
     }
 }
@@ -139,6 +142,15 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         return invalid("max_connections must be at least 1".into());
     }
     let snapshot_cache = snapshot_cache_bytes(cfg.snapshot_cache.as_deref())?;
+    let host_data_cache = match cfg.data_cache.as_deref().unwrap_or("none") {
+        "none" => false,
+        "host" => true,
+        other => {
+            return invalid(format!(
+                "data_cache must be \"none\" or \"host\", not {other:?}"
+            ))
+        }
+    };
     let keep_devices = match cfg.ublk_on_stop.as_deref().unwrap_or("detach") {
         "detach" => false,
         "keep" => true,
@@ -157,8 +169,11 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         &meta,
         &data,
         "snapblk daemon",
-        crate::open::Memory::DAEMON,
-        Some(snapshot_cache),
+        crate::open::OpenSettings {
+            memory: crate::open::Memory::DAEMON,
+            snapshot_cache: Some(snapshot_cache),
+            host_data_cache,
+        },
     )?;
     let pool = Arc::clone(&opened.pool);
     pool.start_background();

@@ -2,7 +2,9 @@
 //! knows of jobs ([`Sources`]).
 //!
 //! Pool: `snapblk_pool_{capacity,used,free,pending_free,metadata}_bytes`,
-//! `snapblk_pool_reclaim_jobs` (reclaim backlog), `snapblk_pool_{volumes,snapshots,clones}`.
+//! `snapblk_pool_reclaim_jobs` (reclaim backlog), `snapblk_pool_{volumes,snapshots,clones}`,
+//! the snapshot content cache: `snapblk_snapshot_cache_{bytes,entries}` and the counters
+//! `snapblk_snapshot_cache_{hits,misses}_total`.
 //! Per volume (`volume`): `snapblk_volume_{size,used,written,snapshot,quota}_bytes`,
 //! `snapblk_volume_snapshots`, `snapblk_volume_open_exports`. From [`Sources`]:
 //! `snapblk_backup_age_seconds{volume, repository}`,
@@ -13,7 +15,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use snapblk_core::Pool;
 
 use crate::Result;
@@ -66,6 +68,10 @@ struct PoolGauges {
     volumes: IntGauge,
     snapshots: IntGauge,
     clones: IntGauge,
+    cache_bytes: IntGauge,
+    cache_entries: IntGauge,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
 }
 
 struct VolumeGauges {
@@ -103,6 +109,11 @@ impl State {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
+        let counter = |name: &str, help: &str| -> Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
         let vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec> {
             let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(g.clone()))?;
@@ -136,6 +147,22 @@ impl State {
             clones: gauge(
                 "snapblk_pool_clones",
                 "Volumes cloned from another volume's snapshot.",
+            )?,
+            cache_bytes: gauge(
+                "snapblk_snapshot_cache_bytes",
+                "RAM held by the cache of snapshot and clone-base page contents.",
+            )?,
+            cache_entries: gauge(
+                "snapblk_snapshot_cache_entries",
+                "Pages in the cache of snapshot and clone-base page contents.",
+            )?,
+            cache_hits: counter(
+                "snapblk_snapshot_cache_hits_total",
+                "Snapshot and clone-base page lookups answered from the cache.",
+            )?,
+            cache_misses: counter(
+                "snapblk_snapshot_cache_misses_total",
+                "Snapshot and clone-base page lookups that read the metadata store.",
             )?,
         };
         let v = VolumeGauges {
@@ -202,6 +229,14 @@ impl State {
         p.reclaim_jobs.set(clamp(info.reclaim_jobs));
         p.volumes.set(info.volumes as i64);
         p.snapshots.set(info.snapshots as i64);
+        let cache = self.pool.content_cache_stats();
+        p.cache_bytes.set(clamp(cache.bytes));
+        p.cache_entries.set(clamp(cache.entries));
+        // The pool counts from its open; the counters catch up (they only grow).
+        p.cache_hits
+            .inc_by(cache.hits.saturating_sub(p.cache_hits.get()));
+        p.cache_misses
+            .inc_by(cache.misses.saturating_sub(p.cache_misses.get()));
         let vols = self.pool.list_volumes();
         p.clones
             .set(vols.iter().filter(|v| v.origin.is_some()).count() as i64);

@@ -144,6 +144,16 @@ fn meters_gauges_and_sources_render_as_prometheus_text() {
         Some(250.0)
     );
     assert_eq!(sample(&t, "snapblk_jobs_running"), Some(2.0));
+    // Two 4K reads of the snapshot's one page: a miss, then a hit.
+    let snap = p.resolve_target("a@s").unwrap();
+    let mut b = vec![0u8; 4096];
+    p.read(&snap, 0, &mut b).unwrap();
+    p.read(&snap, 4096, &mut b).unwrap();
+    let t = m.render();
+    assert_eq!(sample(&t, "snapblk_snapshot_cache_hits_total"), Some(1.0));
+    assert_eq!(sample(&t, "snapblk_snapshot_cache_misses_total"), Some(1.0));
+    assert_eq!(sample(&t, "snapblk_snapshot_cache_entries"), Some(1.0));
+    assert!(sample(&t, "snapblk_snapshot_cache_bytes").unwrap() > 0.0);
     assert!(sample(&t, "process_resident_memory_bytes").unwrap() > 1e6);
     // Every family has its help and type; counters end in _total.
     for line in t.lines().filter(|l| l.starts_with("# TYPE")) {

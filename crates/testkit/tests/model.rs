@@ -18,13 +18,19 @@ fn rocks_env(dir: &std::path::Path) -> impl PoolEnv {
     std::fs::create_dir_all(&meta).unwrap();
     UringFile::create_file(&data, model::device_bytes()).unwrap();
     let mut first = true;
+    // Every reopen switches between O_DIRECT and the host page cache (the daemon's
+    // `data_cache`), as an admin changing the setting across restarts would.
+    let mut direct = false;
     FactoryEnv {
         make_store: move || -> Arc<dyn MetaStore> {
             let s = RocksStore::open(&meta, first).unwrap();
             first = false;
             Arc::new(s)
         },
-        make_dev: move || -> Arc<dyn DataDevice> { Arc::new(UringFile::open(&data).unwrap()) },
+        make_dev: move || -> Arc<dyn DataDevice> {
+            direct = !direct;
+            Arc::new(UringFile::open_with(&data, direct).unwrap())
+        },
         formatted: false,
     }
 }
