@@ -87,6 +87,14 @@ pub trait MetaRead: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Visits every key in `[from, to)` in ascending order.
     fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError>;
+    /// A `get` whose answer may come from a state *older* than later reads through this
+    /// view see, never a newer one (a [`LazyReader`] not taken yet answers from the
+    /// store's plain, bloom-filtered `get` and takes its state afterwards). For readers
+    /// that need "read X, then read Y from a state no older" rather than one state; a
+    /// view already fixed must answer from its own state. Default: [`MetaRead::get`].
+    fn get_leading(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(key)
+    }
 }
 
 pub trait MetaStore: Send + Sync {
@@ -151,6 +159,14 @@ impl<'a> LazyReader<'a> {
 impl MetaRead for LazyReader<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.reader()?.get(key)
+    }
+    fn get_leading(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.reader.get() {
+            Some(r) => r.get(key),
+            // The reader, taken at the next read, includes every batch committed before
+            // it, so it is at least as new as this answer.
+            None => self.store.get(key),
+        }
     }
     fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) -> Result<(), StoreError> {
         self.reader()?.scan(from, to, visit)

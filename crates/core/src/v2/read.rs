@@ -125,6 +125,13 @@ pub fn read_page_exact<S: MetaRead + ?Sized>(
 /// state from after the target existed gives it; a volume's own page must be current, and
 /// an open clone's live page, once made, is kept even when empty (only destroying the
 /// lineage removes it), so "absent now" means "absent in the reader's state" too.
+/// Within a retained read, the page record may come from a state *older* than the dead
+/// records' (`MetaRead::get_leading`: the first page of a request is a plain store get,
+/// the reader is taken afterwards, at its scan) but never newer: a piece visible at e is
+/// in the page when it is read or was moved to a dead record before, which the later
+/// state holds (§3.2), and nothing moves from a dead record back into a page; the dead
+/// records and the checkpoint that ends the scan are one state. (The other order would
+/// lose a piece moved between the scan and the page read.)
 ///
 /// `cache` holds contents at retained epochs (cache.rs says why they never go stale): the
 /// first lookup at a retained epoch — a snapshot's page, or the base a clone's unwritten
@@ -182,9 +189,12 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
             missed.push((l, e));
         }
         let key = keys::page(l, p);
+        // At a retained epoch the page is read first and the dead records after it, from
+        // a state no older (§3.2 needs no more than that): a reader not taken yet answers
+        // with the store's plain get and takes its state at the scan below.
         let page = match at {
             None => live.get(&key)?,
-            Some(_) => retained.get(&key)?,
+            Some(_) => retained.get_leading(&key)?,
         };
         if page.is_none() {
             if let Some((lb, eb)) = bases.base(l)? {
