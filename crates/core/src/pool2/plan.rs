@@ -17,11 +17,14 @@ use crate::device::{WriteSeg, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::VolId;
 use crate::meta::LazyReader;
+use crate::meta::MetaStore;
 use crate::pool::plan::{is_zero, whole_blocks, DeviceSeg, ReadPlan};
-use crate::v2::read::read_page_split;
+use crate::v2::cache::ContentCache;
+use crate::v2::read::{read_page_split, Content};
+use crate::v2::{Epoch, LineageId};
 use crate::v2::{PageNo, PAGE_BLOCKS};
 
-use super::catalog::BaseMap;
+use super::catalog::{BaseMap, Source};
 use super::committer::{Answer, Edits, Work};
 use super::{lock, Pool2, Target};
 
@@ -83,7 +86,43 @@ impl Drop for WritePlan<'_> {
     }
 }
 
+/// One request's page reads of one resolved target (plan_read, block_status).
+struct RequestPages<'a> {
+    store: &'a dyn MetaStore,
+    retained: LazyReader<'a>,
+    bases: BaseMap,
+    cache: &'a ContentCache,
+    lineage: LineageId,
+    at: Option<Epoch>,
+}
+
+impl RequestPages<'_> {
+    fn content(&self, p: PageNo) -> Result<Content> {
+        read_page_split(
+            self.store,
+            &self.retained,
+            &self.bases,
+            self.cache,
+            self.lineage,
+            self.at,
+            p,
+        )
+    }
+}
+
 impl Pool2 {
+    fn request_pages(&self, src: &Source, bases: BaseMap) -> RequestPages<'_> {
+        let store = &**self.store();
+        RequestPages {
+            store,
+            retained: LazyReader::new(store),
+            bases,
+            cache: &self.contents,
+            lineage: src.lineage,
+            at: src.at,
+        }
+    }
+
     /// Plans a read of `len` bytes (whole blocks) at `offset` of `t`.
     pub fn plan_read(&self, t: &Target, offset: u64, len: usize) -> Result<ReadPlan<'_>> {
         let (b0, n) = whole_blocks("read", offset, len)?;
@@ -107,22 +146,13 @@ impl Pool2 {
         let mut zeros: Vec<Range<usize>> = Vec::new();
         let mut zero_from = 0usize;
         // A volume's own page is one get. What is read at a retained epoch (a snapshot, a
-        // clone's inherited pages) also scans dead records: those reads go through one
-        // store reader (a kept RocksDB iterator, refreshed), taken at its first use after
-        // the target was resolved and shared by the request's pages (read_page_split says
-        // why it may trail the gets).
-        let store = &**self.store();
-        let retained = LazyReader::new(store);
+        // clone's inherited pages) comes from the content cache, or also scans dead
+        // records: those scans go through one store reader (a kept RocksDB iterator,
+        // refreshed), taken at its first scan after the target was resolved and shared by
+        // the request's pages (read_page_split says why it may trail the gets).
+        let pages = self.request_pages(&src, bases);
         for p in b0 / PAGE_BLOCKS..(b0 + n).div_ceil(PAGE_BLOCKS) {
-            let content = read_page_split(
-                store,
-                &retained,
-                &bases,
-                &self.contents,
-                src.lineage,
-                src.at,
-                PageNo(p),
-            )?;
+            let content = pages.content(PageNo(p))?;
             for (k, slot) in content.iter().enumerate() {
                 let lba = p * PAGE_BLOCKS + k as u64;
                 let Some(b) = slot else { continue };
@@ -308,19 +338,10 @@ impl Pool2 {
             _ => out.push((bytes, flags)),
         };
         let mut pos = offset;
-        let store = &**self.store();
         // As plan_read: one store reader for what is read at a retained epoch.
-        let retained = LazyReader::new(store);
+        let pages = self.request_pages(&src, bases);
         for p in b0 / PAGE_BLOCKS..b1.div_ceil(PAGE_BLOCKS) {
-            let content = read_page_split(
-                store,
-                &retained,
-                &bases,
-                &self.contents,
-                src.lineage,
-                src.at,
-                PageNo(p),
-            )?;
+            let content = pages.content(PageNo(p))?;
             for (k, slot) in content.iter().enumerate() {
                 let lba = p * PAGE_BLOCKS + k as u64;
                 if slot.is_none() || lba < b0 || lba >= b1 {
