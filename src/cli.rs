@@ -272,7 +272,8 @@ pub struct DaemonArgs {
     pub ublk_on_stop: Option<String>,
     /// RAM for the page contents of snapshots and clone bases that reads resolved (e.g.
     /// 64M, the default; 0 turns it off; at most 64G). Reads it answers skip the metadata
-    /// store; ~300 bytes hold the map of 256 KiB of sequentially written data.
+    /// store; ~450 bytes hold the map of 256 KiB of sequentially written data. Other
+    /// than 0, at least 64K.
     #[arg(long)]
     pub snapshot_cache: Option<String>,
     /// Data I/O: "none" (default: O_DIRECT, the volumes' users cache) or "host" (through

@@ -8,9 +8,9 @@
 #  2. crash_writer.py (libnbd, QD16, a flush every 32 writes), killed at a random moment
 #     with writes in flight; every write acknowledged before the last completed flush, and
 #     in fact every acknowledged write, must read back.
-# Restarts alternate the daemon's data I/O between O_DIRECT (the default) and the host page
-# cache (--data-cache host, which also turns the snapshot content cache off): acknowledged
-# writes in the page cache outlive a kill -9 too, and a pool moves between the modes.
+# Restarts alternate the daemon between its defaults and --data-cache host (data through
+# the host page cache) with --snapshot-cache 0: acknowledged writes in the page cache
+# outlive a kill -9 too, and a pool moves between the modes.
 # CRASH_CYCLES sets the number of cycles (default 10).
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/lib.sh"
@@ -27,12 +27,20 @@ fio_job() {
         --size=768M --verify=crc32c --randrepeat=1 --randseed="$cycle" "$@"
 }
 
-# Odd N: host page cache, no snapshot content cache; even N: the defaults.
-mode() {
+# Starts the daemon; odd N: host page cache, no snapshot content cache (checked in its
+# log); even N: the defaults.
+host_starts() { grep -c "through the host page cache" "$T/daemon.log" || true; }
+start_in_mode() {
+    local before
+    before=$(host_starts)
     if [ $(($1 % 2)) -eq 1 ]; then
         DAEMON_EXTRA="--data-cache host --snapshot-cache 0"
     else
         DAEMON_EXTRA=
+    fi
+    start_daemon
+    if [ -n "$DAEMON_EXTRA" ] && [ "$(host_starts)" -le "$before" ]; then
+        fail "start $1: the daemon did not take --data-cache host"
     fi
 }
 
@@ -49,12 +57,7 @@ for cycle in $(seq 1 "$CYCLES"); do
     wait "$DAEMON_PID" 2>/dev/null || true
     kill -0 "$DAEMON_PID" 2>/dev/null && fail "cycle $cycle: the fio trigger did not kill the daemon"
     DAEMON_PID=
-    mode "$cycle"
-    start_daemon
-    if [ -n "$DAEMON_EXTRA" ]; then
-        n=$(grep -c "through the host page cache" "$T/daemon.log" || true)
-        [ "$n" -ge "$(( (cycle + 1) / 2 ))" ] || fail "cycle $cycle: the daemon did not take --data-cache host"
-    fi
+    start_in_mode "$cycle"
     ls ./*.state >/dev/null 2>&1 || fail "cycle $cycle: fio saved no verify state"
     fio_job --verify_only=1 --verify_state_load=1 --verify_fatal=1 >"fio-v$cycle.out" 2>&1 ||
         { grep -E "err=|verify|io=" "fio-w$cycle.out" "fio-v$cycle.out" | head -20; fail "cycle $cycle: fio verify after kill -9 failed"; }
@@ -71,8 +74,7 @@ for cycle in $(seq 1 "$CYCLES"); do
     sleep "0.$((RANDOM % 9 + 1))"
     kill9_daemon
     wait "$writer" || true
-    mode "$((cycle + 1))"
-    start_daemon
+    start_in_mode "$((cycle + 1))"
     /usr/bin/python3 "$HERE/crash_writer.py" verify "$(uri cw)" "cw$cycle.log" 0 >"cw$cycle.verify" 2>&1 ||
         { cat "cw$cycle.out" "cw$cycle.verify"; fail "cycle $cycle: acknowledged writes lost after kill -9"; }
     assert_check_clean

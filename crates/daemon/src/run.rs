@@ -28,6 +28,8 @@ pub const DEFAULT_NBD_SOCKET: &str = "/run/snapblk/nbd.sock";
 pub const DEFAULT_NBD_TCP: &str = "none";
 /// Largest `snapshot_cache` accepted (a typo's "64T" must not be taken as a cap).
 const MAX_SNAPSHOT_CACHE: u64 = 64 << 30;
+/// Smallest non-zero `snapshot_cache`: room for a page with 64 scattered blocks per shard.
+const MIN_SNAPSHOT_CACHE: u64 = 64 << 10;
 
 /// Daemon settings: from the TOML config file, overridden by command-line flags.
 #[derive(Debug, Default, Deserialize)]
@@ -142,15 +144,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         return invalid("max_connections must be at least 1".into());
     }
     let snapshot_cache = snapshot_cache_bytes(cfg.snapshot_cache.as_deref())?;
-    let host_data_cache = match cfg.data_cache.as_deref().unwrap_or("none") {
-        "none" => false,
-        "host" => true,
-        other => {
-            return invalid(format!(
-                "data_cache must be \"none\" or \"host\", not {other:?}"
-            ))
-        }
-    };
+    let host_data_cache = host_data_cache(cfg.data_cache.as_deref())?;
     let keep_devices = match cfg.ublk_on_stop.as_deref().unwrap_or("detach") {
         "detach" => false,
         "keep" => true,
@@ -458,20 +452,37 @@ fn status_line(pool: &Pool, devices: &Devices) -> String {
     )
 }
 
-/// The `snapshot_cache` setting in bytes: the default when absent, at most 64 GiB.
+/// The `snapshot_cache` setting in bytes: the default when absent; 0, or 64 KiB to 64 GiB
+/// (a smaller cache could not hold a page per shard: refused rather than silently off).
 fn snapshot_cache_bytes(v: Option<&str>) -> Result<usize> {
     let bytes = match v {
         None => return Ok(snapblk_core::pool2::CONTENT_CACHE),
         Some(s) => snapblk_control::human::parse_size(s)
             .map_err(|e| DaemonError::Invalid(format!("snapshot_cache: {e}")))?,
     };
-    if bytes > MAX_SNAPSHOT_CACHE {
+    if bytes != 0 && !(MIN_SNAPSHOT_CACHE..=MAX_SNAPSHOT_CACHE).contains(&bytes) {
         return invalid(format!(
-            "snapshot_cache {} is more than the limit of 64G",
+            "snapshot_cache {} must be 0 (off) or between 64K and 64G",
             v.unwrap_or_default()
         ));
     }
-    Ok(bytes as usize)
+    usize::try_from(bytes).map_err(|_| {
+        DaemonError::Invalid(format!(
+            "snapshot_cache {} does not fit this machine's address space",
+            v.unwrap_or_default()
+        ))
+    })
+}
+
+/// The `data_cache` setting: whether data I/O goes through the host page cache.
+fn host_data_cache(v: Option<&str>) -> Result<bool> {
+    match v.unwrap_or("none") {
+        "none" => Ok(false),
+        "host" => Ok(true),
+        other => invalid(format!(
+            "data_cache must be \"none\" or \"host\", not {other:?}"
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -487,9 +498,32 @@ mod tests {
         assert_eq!(snapshot_cache_bytes(Some("0")).unwrap(), 0);
         assert_eq!(snapshot_cache_bytes(Some("256M")).unwrap(), 256 << 20);
         assert_eq!(snapshot_cache_bytes(Some("64G")).unwrap(), 64 << 30);
-        for bad in ["65G", "1T", "lots", "-1", "99999999999999999999"] {
+        assert_eq!(snapshot_cache_bytes(Some("64K")).unwrap(), 64 << 10);
+        for bad in [
+            "65G",
+            "1T",
+            "lots",
+            "-1",
+            "99999999999999999999",
+            "1",
+            "63K",
+        ] {
             let e = snapshot_cache_bytes(Some(bad)).unwrap_err().to_string();
             assert!(e.contains("snapshot_cache"), "{bad}: {e}");
+        }
+        // The smallest accepted size turns the cache on.
+        let c = snapblk_core::v2::cache::ContentCache::new(MIN_SNAPSHOT_CACHE as usize);
+        assert!(c.enabled());
+    }
+
+    #[test]
+    fn data_cache_is_none_or_host() {
+        assert!(!host_data_cache(None).unwrap());
+        assert!(!host_data_cache(Some("none")).unwrap());
+        assert!(host_data_cache(Some("host")).unwrap());
+        for bad in ["Host", "writeback", ""] {
+            let e = host_data_cache(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("data_cache"), "{bad}: {e}");
         }
     }
 

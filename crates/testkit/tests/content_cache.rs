@@ -36,7 +36,8 @@ fn snapshot_and_clone_reads_stay_right_under_writes_deletes_and_reclaim() {
     Pool2::format(&*store, &*dev).unwrap();
     let opts = OpenOptions {
         checkpoint_every: 2,
-        // ~20 pages' worth per shard at most: fewer than the pages the readers visit.
+        // 4 sequentially written pages per shard (64 in all): fewer than the 128 (lineage,
+        // epoch, page) entries the readers visit.
         content_cache: 16 * 2048,
     };
     let pool = Pool2::open_with(store, dev, &opts).unwrap();
@@ -69,13 +70,19 @@ fn snapshot_and_clone_reads_stay_right_under_writes_deletes_and_reclaim() {
     ];
     let stop = AtomicBool::new(false);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    // Every loop also ends a while past the deadline: a failing thread must fail the
+    // test, not leave the others running.
+    let over = || {
+        stop.load(Ordering::Relaxed)
+            || std::time::Instant::now() > deadline + std::time::Duration::from_secs(30)
+    };
     std::thread::scope(|s| {
         for seed in [11u64, 12] {
-            let (pool, targets, stop) = (&pool, &targets, &stop);
+            let (pool, targets, over) = (&pool, &targets, &over);
             s.spawn(move || {
                 let mut rng = Rng(seed);
                 let mut reads = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                while !over() {
                     let (t, m) = &targets[rng.below(targets.len() as u64) as usize];
                     // 1 block, or up to 3 pages from a random block.
                     let n = if rng.below(2) == 0 {
@@ -101,11 +108,11 @@ fn snapshot_and_clone_reads_stay_right_under_writes_deletes_and_reclaim() {
                 assert!(reads > 100, "only {reads} reads");
             });
         }
-        let (pool, stop) = (&pool, &stop);
+        let (pool, stop, over) = (&pool, &stop, &over);
         s.spawn(move || {
             let mut rng = Rng(21);
             let mut round = 10;
-            while !stop.load(Ordering::Relaxed) {
+            while !over() {
                 for _ in 0..64 {
                     let b = rng.below(BLOCKS);
                     pool.write(id, b * BS, &block(b, round), false).unwrap();

@@ -93,8 +93,8 @@ pub struct OpenOptions {
     pub content_cache: usize,
 }
 
-/// [`OpenOptions::content_cache`] of a daemon: ~200,000 sequentially written pages, the
-/// map of ~50 GiB of snapshot or clone base data.
+/// [`OpenOptions::content_cache`] of a daemon: ~150,000 sequentially written pages, the
+/// map of ~35 GiB of snapshot or clone base data.
 pub const CONTENT_CACHE: usize = 64 << 20;
 
 impl Default for OpenOptions {
@@ -158,7 +158,8 @@ impl Pool2 {
         Self::open_with(store, dev, &OpenOptions::default())
     }
 
-    /// [`Pool2::open`] with engine settings other than the defaults (tests).
+    /// [`Pool2::open`] with engine settings other than the defaults (the daemon's cache
+    /// size, tests).
     pub fn open_with(
         store: Arc<dyn MetaStore>,
         dev: Arc<dyn DataDevice>,

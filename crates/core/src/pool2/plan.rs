@@ -21,8 +21,7 @@ use crate::meta::MetaStore;
 use crate::pool::plan::{is_zero, whole_blocks, DeviceSeg, ReadPlan};
 use crate::v2::cache::ContentCache;
 use crate::v2::read::{read_page_split, Content};
-use crate::v2::{Epoch, LineageId};
-use crate::v2::{PageNo, PAGE_BLOCKS};
+use crate::v2::{Epoch, LineageId, PageNo, PAGE_BLOCKS};
 
 use super::catalog::{BaseMap, Source};
 use super::committer::{Answer, Edits, Work};

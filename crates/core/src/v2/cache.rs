@@ -10,8 +10,9 @@
 //! eviction. Data blocks an entry names stay unreused while a reader uses them: the read
 //! takes its pin before it resolves the target (as for a read from the store).
 //!
-//! Entries are packed (runs of contiguous blocks plus one CRC per block: ~300 bytes for a
-//! sequentially written page) and weighed in bytes; the cache holds at most its capacity,
+//! Entries are packed (runs of contiguous blocks plus one CRC per block: ~450 bytes with
+//! their overhead for a sequentially written page) and weighed in bytes (an estimate of
+//! what they hold in RAM); the cache holds at most its capacity,
 //! evicting least recently used entries shard by shard. Capacity 0 disables it.
 //!
 //! Threading: any number of readers; each call holds one shard's mutex for a hash lookup
@@ -27,8 +28,12 @@ use super::read::{Block, Content};
 use super::PAGE_BLOCKS;
 
 const SHARDS: usize = 16;
-/// Bytes an entry costs besides its runs and CRCs: key, LRU links, hash slot, Arc header.
-const ENTRY_OVERHEAD: usize = 96;
+/// Bytes an entry costs besides its runs and CRCs, estimated: the LRU node (key, value
+/// pointer, links), its hash slot at the map's load factor, the Arc header and the two
+/// boxed slices with their allocator headers.
+const ENTRY_OVERHEAD: usize = 176;
+// A run's offset and length are u8.
+const _: () = assert!(PAGE_BLOCKS <= 255);
 /// A shard smaller than this could not hold one page with 64 scattered blocks.
 const MIN_SHARD: usize = 2048;
 
@@ -156,23 +161,24 @@ impl ContentCache {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The cached content of page `p` of `l` at retained epoch `e`.
+    /// The cached content of page `p` of `l` at retained epoch `e`. Bulk reads are not
+    /// counted in the hits and misses (a backup's one pass would drown the hit rate of
+    /// the reads the cache is for).
     pub fn get(&self, l: LineageId, e: Epoch, p: PageNo) -> Option<Content> {
         if !self.enabled() {
             return None;
         }
         let k = (l, e, p);
         let hit = self.shard(&k).lru.get(&k).cloned();
-        match hit {
-            Some(v) => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                Some(v.unpack())
-            }
-            None => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                None
-            }
+        if !crate::meta::is_bulk() {
+            let n = if hit.is_some() {
+                &self.hits
+            } else {
+                &self.misses
+            };
+            n.fetch_add(1, Ordering::Relaxed);
         }
+        hit.map(|v| v.unpack())
     }
 
     /// Remembers `c` as the content of page `p` of `l` at retained epoch `e` — unless
@@ -309,5 +315,7 @@ mod tests {
         cache.insert(LineageId(1), Epoch(2), PageNo(3), &a);
         let hit = crate::meta::bulk_reads(|| cache.get(LineageId(1), Epoch(2), PageNo(3)));
         assert_eq!(hit, Some(a), "bulk reads still use what is there");
+        let st = cache.stats();
+        assert_eq!((st.hits, st.misses), (0, 1), "bulk lookups are not counted");
     }
 }
