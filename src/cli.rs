@@ -276,10 +276,12 @@ pub struct DaemonArgs {
     /// than 0, at least 64K.
     #[arg(long)]
     pub snapshot_cache: Option<String>,
-    /// Data I/O: "none" (default: O_DIRECT, the volumes' users cache) or "host" (through
-    /// the host's page cache, like qemu's cache=writeback: repeated reads from RAM, at
-    /// the cost of RAM and of syncs that write back what is dirty).
-    #[arg(long, value_parser = ["none", "host"])]
+    /// Data I/O: "reads" (default: writes O_DIRECT, reads through the host's page cache:
+    /// repeated reads from RAM and read-ahead for large reads, at the cost of RAM), "none"
+    /// (O_DIRECT both ways, like qemu's cache=none: the volumes' users cache) or "host"
+    /// (reads and writes through the page cache, like qemu's cache=writeback; syncs write
+    /// back what is dirty).
+    #[arg(long, value_parser = ["none", "reads", "host"])]
     pub data_cache: Option<String>,
 }
 

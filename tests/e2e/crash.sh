@@ -8,9 +8,11 @@
 #  2. crash_writer.py (libnbd, QD16, a flush every 32 writes), killed at a random moment
 #     with writes in flight; every write acknowledged before the last completed flush, and
 #     in fact every acknowledged write, must read back.
-# Restarts alternate the daemon between its defaults and --data-cache host (data through
-# the host page cache) with --snapshot-cache 0: acknowledged writes in the page cache
-# outlive a kill -9 too, and a pool moves between the modes.
+# Restarts rotate the daemon through its data_cache modes: the default ("reads": writes
+# O_DIRECT, reads through the host page cache), "host" (writes through the page cache too)
+# with --snapshot-cache 0, and "none" (O_DIRECT both ways): acknowledged writes in the page
+# cache outlive a kill -9 too, a read never sees a stale cached block, and a pool moves
+# between the modes.
 # CRASH_CYCLES sets the number of cycles (default 10).
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/lib.sh"
@@ -27,20 +29,21 @@ fio_job() {
         --size=768M --verify=crc32c --randrepeat=1 --randseed="$cycle" "$@"
 }
 
-# Starts the daemon; odd N: host page cache, no snapshot content cache (checked in its
-# log); even N: the defaults.
-host_starts() { grep -c "through the host page cache" "$T/daemon.log" || true; }
+# Starts the daemon in mode N % 3 (0: the defaults, 1: host page cache without the
+# snapshot content cache, 2: O_DIRECT); checks in its log that the mode was taken.
+MODES=(reads host none)
+mode_starts() { grep -c "(data_cache = \"$1\")" "$T/daemon.log" || true; }
 start_in_mode() {
-    local before
-    before=$(host_starts)
-    if [ $(($1 % 2)) -eq 1 ]; then
-        DAEMON_EXTRA="--data-cache host --snapshot-cache 0"
-    else
-        DAEMON_EXTRA=
-    fi
+    local mode=${MODES[$(($1 % 3))]} before
+    before=$(mode_starts "$mode")
+    case $mode in
+        reads) DAEMON_EXTRA= ;;
+        host) DAEMON_EXTRA="--data-cache host --snapshot-cache 0" ;;
+        none) DAEMON_EXTRA="--data-cache none" ;;
+    esac
     start_daemon
-    if [ -n "$DAEMON_EXTRA" ] && [ "$(host_starts)" -le "$before" ]; then
-        fail "start $1: the daemon did not take --data-cache host"
+    if [ "$(mode_starts "$mode")" -le "$before" ]; then
+        fail "start $1: the daemon did not run with data_cache = $mode"
     fi
 }
 

@@ -141,7 +141,11 @@ impl Export for Metered {
 /// validated like `Export::read`/`write`. The caller reads or writes the plan's device
 /// segments on `data_fd` (block-aligned offsets, lengths and buffers), then finishes it.
 pub trait DirectIo {
+    /// The data device's descriptor for writes.
     fn data_fd(&self) -> RawFd;
+    /// The data device's descriptor for reads (the same one unless reads go through the
+    /// page cache while writes do not).
+    fn data_read_fd(&self) -> RawFd;
     /// Offset and length must be whole 4 KiB blocks.
     fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>>;
     /// Offset and length must be whole 4 KiB blocks. Never waits for space relief: a
@@ -208,6 +212,9 @@ impl Export for ReadOnly {
 impl DirectIo for ReadOnly {
     fn data_fd(&self) -> RawFd {
         self.0.direct().map_or(-1, |d| d.data_fd())
+    }
+    fn data_read_fd(&self) -> RawFd {
+        self.0.direct().map_or(-1, |d| d.data_read_fd())
     }
     fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>> {
         match self.0.direct() {

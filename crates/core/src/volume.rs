@@ -110,6 +110,9 @@ impl DirectIo for VolumeHandle {
         // `direct` hands this trait out only for devices with a descriptor.
         self.pool.device().raw_fd().unwrap_or(-1)
     }
+    fn data_read_fd(&self) -> std::os::unix::io::RawFd {
+        self.pool.device().raw_read_fd().unwrap_or(-1)
+    }
     fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>> {
         self.check(offset, len as u64, false, true)?;
         self.pool.plan_read(&self.target, offset, len)

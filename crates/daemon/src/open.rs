@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use snapblk_core::device::uring::UringFile;
+use snapblk_core::device::uring::{DataCache, UringFile};
 use snapblk_core::device::{AlignedBuf, DataDevice, DeviceHeader, ReadSeg, BLOCK_SIZE};
 use snapblk_core::lock::PoolLock;
 use snapblk_core::Pool;
@@ -25,8 +25,8 @@ pub struct OpenSettings {
     pub memory: Memory,
     /// Bytes of snapshot page contents kept (`None`: a quarter of the store's block cache).
     pub snapshot_cache: Option<usize>,
-    /// Data I/O through the host's page cache instead of O_DIRECT (`data_cache = "host"`).
-    pub host_data_cache: bool,
+    /// How data I/O uses the host's page cache (`data_cache`).
+    pub data_cache: DataCache,
 }
 
 impl OpenSettings {
@@ -34,7 +34,7 @@ impl OpenSettings {
     pub const ONE_SHOT: OpenSettings = OpenSettings {
         memory: Memory::ONE_SHOT,
         snapshot_cache: None,
-        host_data_cache: false,
+        data_cache: DataCache::None,
     };
 }
 
@@ -50,17 +50,24 @@ pub fn open_pool(meta: &Path, data: &Path, holder: &str, settings: OpenSettings)
     }
     let lock = PoolLock::acquire(meta, holder)?;
     crate::media::set_pool_paths(meta, data);
-    let (store, dev) = open_parts(meta, data, memory, !settings.host_data_cache)?;
-    if settings.host_data_cache {
-        log::info!(
-            "{}: data I/O through the host page cache (data_cache = \"host\")",
-            data.display()
-        );
-    } else if !dev.is_direct() {
-        log::info!(
+    let (store, dev) = open_parts(meta, data, memory, settings.data_cache)?;
+    match (settings.data_cache, dev.data_cache()) {
+        (asked, got) if asked != got => log::info!(
             "{}: O_DIRECT not supported here; using buffered I/O",
             data.display()
-        );
+        ),
+        (DataCache::None, _) => log::info!(
+            "{}: data I/O with O_DIRECT (data_cache = \"none\")",
+            data.display()
+        ),
+        (DataCache::Reads, _) => log::info!(
+            "{}: data writes with O_DIRECT, reads through the host page cache (data_cache = \"reads\")",
+            data.display()
+        ),
+        (DataCache::Host, _) => log::info!(
+            "{}: data I/O through the host page cache (data_cache = \"host\")",
+            data.display()
+        ),
     }
     // Page contents at retained epochs (snapshot and clone reads) get by default a
     // quarter of what the store caches: 64 MiB in a daemon, 512 KiB in a one-shot command.
@@ -83,11 +90,11 @@ fn open_parts(
     meta: &Path,
     data: &Path,
     memory: Memory,
-    direct: bool,
+    cache: DataCache,
 ) -> Result<(RocksStore, UringFile)> {
     let store = RocksStore::open_with(&meta.join("db"), false, memory)
         .map_err(|e| pool_err(e).context(format!("opening metadata in {}", meta.display())))?;
-    let dev = UringFile::open_with(data, direct).map_err(DaemonError::io(format!(
+    let dev = UringFile::open_cached(data, cache).map_err(DaemonError::io(format!(
         "opening data device {}",
         data.display()
     )))?;
@@ -107,7 +114,7 @@ pub fn upgrade_pool(
         )));
     }
     let _lock = PoolLock::acquire(meta, "snapblk pool upgrade")?;
-    let (store, dev) = open_parts(meta, data, Memory::DAEMON, true)?;
+    let (store, dev) = open_parts(meta, data, Memory::DAEMON, DataCache::None)?;
     snapblk_core::upgrade::upgrade(Arc::new(store), Arc::new(dev), progress).map_err(|e| {
         DaemonError::from(e).context(format!(
             "upgrading pool (meta {}, data {})",

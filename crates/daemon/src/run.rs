@@ -15,6 +15,7 @@ use serde::Deserialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use snapblk_core::device::uring::DataCache;
 use snapblk_core::Pool;
 
 use crate::devices::Devices;
@@ -144,7 +145,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         return invalid("max_connections must be at least 1".into());
     }
     let snapshot_cache = snapshot_cache_bytes(cfg.snapshot_cache.as_deref())?;
-    let host_data_cache = host_data_cache(cfg.data_cache.as_deref())?;
+    let data_cache = data_cache_mode(cfg.data_cache.as_deref())?;
     let keep_devices = match cfg.ublk_on_stop.as_deref().unwrap_or("detach") {
         "detach" => false,
         "keep" => true,
@@ -166,7 +167,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         crate::open::OpenSettings {
             memory: crate::open::Memory::DAEMON,
             snapshot_cache: Some(snapshot_cache),
-            host_data_cache,
+            data_cache,
         },
     )?;
     let pool = Arc::clone(&opened.pool);
@@ -474,13 +475,14 @@ fn snapshot_cache_bytes(v: Option<&str>) -> Result<usize> {
     })
 }
 
-/// The `data_cache` setting: whether data I/O goes through the host page cache.
-fn host_data_cache(v: Option<&str>) -> Result<bool> {
-    match v.unwrap_or("none") {
-        "none" => Ok(false),
-        "host" => Ok(true),
+/// The `data_cache` setting: how data I/O uses the host page cache.
+fn data_cache_mode(v: Option<&str>) -> Result<DataCache> {
+    match v.unwrap_or("reads") {
+        "none" => Ok(DataCache::None),
+        "reads" => Ok(DataCache::Reads),
+        "host" => Ok(DataCache::Host),
         other => invalid(format!(
-            "data_cache must be \"none\" or \"host\", not {other:?}"
+            "data_cache must be \"none\", \"reads\" or \"host\", not {other:?}"
         )),
     }
 }
@@ -517,12 +519,13 @@ mod tests {
     }
 
     #[test]
-    fn data_cache_is_none_or_host() {
-        assert!(!host_data_cache(None).unwrap());
-        assert!(!host_data_cache(Some("none")).unwrap());
-        assert!(host_data_cache(Some("host")).unwrap());
-        for bad in ["Host", "writeback", ""] {
-            let e = host_data_cache(Some(bad)).unwrap_err().to_string();
+    fn data_cache_is_none_reads_or_host() {
+        assert_eq!(data_cache_mode(None).unwrap(), DataCache::Reads);
+        assert_eq!(data_cache_mode(Some("none")).unwrap(), DataCache::None);
+        assert_eq!(data_cache_mode(Some("reads")).unwrap(), DataCache::Reads);
+        assert_eq!(data_cache_mode(Some("host")).unwrap(), DataCache::Host);
+        for bad in ["Host", "writeback", "", "read"] {
+            let e = data_cache_mode(Some(bad)).unwrap_err().to_string();
             assert!(e.contains("data_cache"), "{bad}: {e}");
         }
     }

@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use snapblk_core::device::mem::MemDevice;
-use snapblk_core::device::uring::UringFile;
+use snapblk_core::device::uring::{DataCache, UringFile};
 use snapblk_core::device::{AlignedBuf, BLOCK_SIZE};
 use snapblk_core::export::{Export, ReadOnly};
 use snapblk_core::{Error, MemStore, Pool, VolumeHandle};
@@ -14,7 +14,8 @@ use snapblk_core::{Error, MemStore, Pool, VolumeHandle};
 fn file_pool(dir: &tempfile::TempDir) -> Arc<Pool> {
     let path = dir.path().join("data");
     UringFile::create_file(&path, (1 << 20) + (32 << 20)).expect("create");
-    let dev = Arc::new(UringFile::open(&path).expect("open"));
+    // The daemon's default: reads through the page cache, writes O_DIRECT.
+    let dev = Arc::new(UringFile::open_cached(&path, DataCache::Reads).expect("open"));
     let store = Arc::new(MemStore::new());
     Pool::format(&*store, &*dev).expect("format");
     let p = Pool::open(store, dev).expect("open pool");
@@ -52,7 +53,7 @@ fn direct_read(e: &dyn Export, offset: u64, len: usize) -> snapblk_core::Result<
     for z in &plan.zeros {
         buf[z.clone()].fill(0);
     }
-    let f = device_file(d.data_fd());
+    let f = device_file(d.data_read_fd());
     for s in &plan.segs {
         f.read_exact_at(&mut buf[s.buf_offset..s.buf_offset + s.len], s.dev_offset)
             .expect("read");

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use snapblk_core::device::mem::MemDevice;
-use snapblk_core::device::uring::UringFile;
+use snapblk_core::device::uring::{DataCache, UringFile};
 use snapblk_core::device::DataDevice;
 use snapblk_core::MetaStore;
 use snapblk_core::{MemStore, Pool1};
@@ -18,9 +18,11 @@ fn rocks_env(dir: &std::path::Path) -> impl PoolEnv {
     std::fs::create_dir_all(&meta).unwrap();
     UringFile::create_file(&data, model::device_bytes()).unwrap();
     let mut first = true;
-    // Every reopen switches between O_DIRECT and the host page cache (the daemon's
-    // `data_cache`), as an admin changing the setting across restarts would.
-    let mut direct = false;
+    // Every reopen moves to the next of the daemon's `data_cache` modes (O_DIRECT, reads
+    // through the page cache, everything through it), as an admin changing the setting
+    // across restarts would.
+    let modes = [DataCache::None, DataCache::Reads, DataCache::Host];
+    let mut opens = 0usize;
     FactoryEnv {
         make_store: move || -> Arc<dyn MetaStore> {
             let s = RocksStore::open(&meta, first).unwrap();
@@ -28,8 +30,12 @@ fn rocks_env(dir: &std::path::Path) -> impl PoolEnv {
             Arc::new(s)
         },
         make_dev: move || -> Arc<dyn DataDevice> {
-            direct = !direct;
-            Arc::new(UringFile::open_with(&data, direct).unwrap())
+            let mode = modes[opens % modes.len()];
+            opens += 1;
+            let dev = UringFile::open_cached(&data, mode).unwrap();
+            // tmpfs refuses O_DIRECT: then every mode is Host.
+            assert!(dev.data_cache() == mode || !dev.is_direct());
+            Arc::new(dev)
         },
         formatted: false,
     }

@@ -225,7 +225,7 @@ async fn direct_read(
             b.fill(0);
         }
     }
-    transfer(q, d.data_fd(), buf, &plan.segs, Dir::Read)
+    transfer(q, d.data_read_fd(), buf, &plan.segs, Dir::Read)
         .await
         .map_err(|e| snapblk_core::Error::device("read", e))?;
     plan.finish(buf)

@@ -50,6 +50,11 @@ pub trait DataDevice: Send + Sync {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+    /// The descriptor such a caller reads through: [`DataDevice::raw_fd`] unless reads go
+    /// through the page cache while writes do not (`data_cache = "reads"`).
+    fn raw_read_fd(&self) -> Option<RawFd> {
+        self.raw_fd()
+    }
 }
 
 /// Checks the alignment invariant; backends call it so a caller bug is an error, not UB.

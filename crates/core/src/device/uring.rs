@@ -28,8 +28,26 @@ enum RingState {
     Unavailable,
 }
 
+/// How data I/O uses the host's page cache (the daemon's `data_cache` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataCache {
+    /// O_DIRECT reads and writes (qemu's `cache=none`).
+    None,
+    /// O_DIRECT writes, reads through the page cache (RocksDB's direct writes with buffered
+    /// reads): reads of data the host caches skip the device and large reads get the
+    /// kernel's read-ahead, while writes cost what they cost with `None`. Coherent: a
+    /// direct write writes back and drops cached pages of its range before and after it
+    /// reaches the device, and no page of the file is ever dirtied in the page cache.
+    Reads,
+    /// Reads and writes through the page cache (qemu's `cache=writeback`).
+    Host,
+}
+
 pub struct UringFile {
+    /// Writes (and reads unless `reads` is set) go to this descriptor.
     file: File,
+    /// With [`DataCache::Reads`], a second, buffered descriptor of the same file for reads.
+    reads: Option<File>,
     path: PathBuf,
     len: u64,
     direct: bool,
@@ -47,7 +65,20 @@ impl UringFile {
     /// durable only after `sync` or with FUA (`RWF_DSYNC`), as on a device with a
     /// volatile write cache — which is what the pool's durability rules already assume.
     pub fn open_with(path: &Path, direct: bool) -> io::Result<Self> {
-        let direct = direct
+        UringFile::open_cached(
+            path,
+            if direct {
+                DataCache::None
+            } else {
+                DataCache::Host
+            },
+        )
+    }
+
+    /// Opens with the page-cache use `cache` asks for ([`DataCache`]); where the file
+    /// system refuses O_DIRECT, everything goes through the page cache.
+    pub fn open_cached(path: &Path, cache: DataCache) -> io::Result<Self> {
+        let direct = (cache != DataCache::Host)
             .then(|| {
                 OpenOptions::new()
                     .read(true)
@@ -62,9 +93,14 @@ impl UringFile {
             Some(f) => (f, true),
             None => (OpenOptions::new().read(true).write(true).open(path)?, false),
         };
+        let reads = match (cache, direct) {
+            (DataCache::Reads, true) => Some(OpenOptions::new().read(true).open(path)?),
+            _ => None,
+        };
         let len = (&file).seek(SeekFrom::End(0))?;
         Ok(UringFile {
             file,
+            reads,
             path: path.to_path_buf(),
             len,
             direct,
@@ -83,8 +119,22 @@ impl UringFile {
         f.sync_all()
     }
 
+    /// Whether writes bypass the page cache.
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// What this device actually does (O_DIRECT refused by the file system means `Host`).
+    pub fn data_cache(&self) -> DataCache {
+        match (self.direct, self.reads.is_some()) {
+            (false, _) => DataCache::Host,
+            (true, true) => DataCache::Reads,
+            (true, false) => DataCache::None,
+        }
+    }
+
+    fn read_file(&self) -> &File {
+        self.reads.as_ref().unwrap_or(&self.file)
     }
 
     pub fn path(&self) -> &Path {
@@ -231,7 +281,7 @@ impl DataDevice for UringFile {
                 len: s.buf.len(),
             })
             .collect();
-        let fd = self.file.as_raw_fd();
+        let fd = self.read_file().as_raw_fd();
         let results = self.with_ring(|ring| match ring {
             Some(r) => run_ops(r, fd, &ops, false, false).map(Some),
             None => Ok(None),
@@ -240,7 +290,7 @@ impl DataDevice for UringFile {
             let done = results.as_ref().map_or(0, |r| r[i].max(0) as usize);
             if done < s.buf.len() {
                 // Short or retryable completion (or no ring): finish synchronously.
-                self.file
+                self.read_file()
                     .read_exact_at(&mut s.buf[done..], s.offset + done as u64)?;
             }
         }
@@ -286,6 +336,10 @@ impl DataDevice for UringFile {
     fn raw_fd(&self) -> Option<std::os::unix::io::RawFd> {
         Some(self.file.as_raw_fd())
     }
+
+    fn raw_read_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        Some(self.read_file().as_raw_fd())
+    }
 }
 
 #[cfg(test)]
@@ -300,6 +354,45 @@ mod tests {
     #[test]
     fn read_write_roundtrip_through_the_page_cache() {
         roundtrip(false);
+    }
+
+    /// With reads through the page cache and writes around it, a read after an overwrite
+    /// sees the new contents even though the old ones were cached (what the pool relies
+    /// on when it reuses a freed block).
+    #[test]
+    fn direct_writes_drop_what_buffered_reads_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dev");
+        UringFile::create_file(&p, 1 << 20).unwrap();
+        let d = UringFile::open_cached(&p, DataCache::Reads).unwrap();
+        if !d.is_direct() {
+            assert_eq!(d.data_cache(), DataCache::Host);
+            return; // tmpfs: no O_DIRECT, nothing to split
+        }
+        assert_eq!(d.data_cache(), DataCache::Reads);
+        assert_ne!(d.raw_fd(), d.raw_read_fd());
+        for round in 0..8u8 {
+            let mut w = AlignedBuf::zeroed(16384);
+            w.fill(round.wrapping_mul(37) | 1);
+            d.write(
+                &[WriteSeg {
+                    offset: 8192,
+                    buf: &w,
+                }],
+                false,
+            )
+            .unwrap();
+            // Twice: the second read is served from the page cache the first filled.
+            for _ in 0..2 {
+                let mut r = AlignedBuf::zeroed(32768);
+                d.read(&mut [ReadSeg {
+                    offset: 0,
+                    buf: &mut r,
+                }])
+                .unwrap();
+                assert!(r[8192..24576].iter().all(|&x| x == w[0]), "round {round}");
+            }
+        }
     }
 
     fn roundtrip(direct: bool) {
