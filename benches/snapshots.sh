@@ -14,6 +14,8 @@
 #  F. A's reads at a larger size: a BIG_GIB volume filled once, 50 snapshots with ~1%
 #     churn before each: 4K randread QD32 of the volume, its oldest snapshot and a clone of
 #     it (a map spread over more table files than A's, most of it out of the memtable).
+#  Each read job first reads its target once sequentially (data then comes from the page
+#  cache: the timed reads compare metadata paths, the harshest case for their ratios).
 #  A and F read the oldest snapshot and the clone twice: with the daemon's content cache
 #  (format2.md §8b, the default) and restarted with --snapshot-cache 0 (every snapshot page
 #  read from the store: a snapshot read larger than the cache).
@@ -82,8 +84,13 @@ cpu_ticks() {
     echo $((all - bg))
 }
 read_job() { # URI [SIZE=1G]: 4K randread QD32; sets IOPS, and CPU = the daemon's CPU (us) per read
-    # serving it (background flushes and compactions not counted)
+    # serving it (background flushes and compactions not counted). One sequential pass over
+    # the target first: the daemon's default data_cache ("reads") reads data through the host
+    # page cache, so without it a job would measure how much of its data an earlier job had
+    # cached (churn moves blocks to new, uncached offsets). After it every timed read's data
+    # is in RAM and what differs between targets and depths is the metadata path alone.
     local c0 c1
+    fio_json "$1" read 1M 8 "${2:-1G}" >/dev/null
     c0=$(cpu_ticks)
     IOPS=$(fio_json "$1" randread 4k 32 "${2:-1G}" --time_based --runtime="$RUNTIME" --ramp_time=1 | iops)
     c1=$(cpu_ticks)
