@@ -14,17 +14,22 @@
 #  F. A's reads at a larger size: a BIG_GIB volume filled once, 50 snapshots with ~1%
 #     churn before each: 4K randread QD32 of the volume, its oldest snapshot and a clone of
 #     it (a map spread over more table files than A's, most of it out of the memtable).
+#  G. A's live reads, paired: two 1 GiB volumes filled once and churned alike (~1% random 4K
+#     writes per round); one takes a snapshot before each round, the other never does. At 0,
+#     50 and 200 rounds, 4K randread QD32 of each, alternating twice (kept, none, kept,
+#     none): ratio kept / none. Same data layout and LSM, only the snapshots differ, so the
+#     machine's drift between jobs cancels instead of showing as depth.
 #  Each read job first reads its target once sequentially (data then comes from the page
 #  cache: the timed reads compare metadata paths, the harshest case for their ratios).
 #  A and F read the oldest snapshot and the clone twice: with the daemon's content cache
 #  (format2.md §8b, the default) and restarted with --snapshot-cache 0 (every snapshot page
 #  read from the store: a snapshot read larger than the cache).
-# Usage: benches/snapshots.sh [RUNTIME_S=8] [BIG_GIB=8]   (SECTIONS="A B C D F" to run a subset)
+# Usage: benches/snapshots.sh [RUNTIME_S=8] [BIG_GIB=8]   (SECTIONS="A B C D F G" to run a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-8}
 BIG=${2:-8}
-SECTIONS=${SECTIONS:-A B C D F}
+SECTIONS=${SECTIONS:-A B C D F G}
 on() { [[ " $SECTIONS " == *" $1 "* ]]; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/snapblk/target}
 BIN=$CARGO_TARGET_DIR/release/snapblk
@@ -221,6 +226,30 @@ read_job "$(uri c)" "${BIG}G"; F_CLONE_NC=$IOPS; F_CLONE_NC_CPU=$CPU
 say "  live $F_LIVE, oldest snapshot $F_OLD, clone $F_CLONE IOPS; without the content cache $F_OLD_NC, $F_CLONE_NC"
 fi
 
+# ---------------------------------------------------------------- G
+if on G; then
+say "G: live reads of two 1 GiB volumes churned alike, one keeping a snapshot per round"
+pool g 8G
+for v in kept none; do "$BIN" volume create "$v" --size 1G >/dev/null; fill "$v" 1G; done
+declare -A GK GN GKC GNC
+rounds=0
+for depth in 0 50 200; do
+    while [ "$rounds" -lt "$depth" ]; do
+        rounds=$((rounds + 1))
+        "$BIN" snapshot create "kept@s$rounds" >/dev/null
+        churn kept 1024 1
+        churn none 1024 1
+    done
+    GK[$depth]=0; GN[$depth]=0; GKC[$depth]=0; GNC[$depth]=0
+    for _ in 1 2; do
+        read_job "$(uri kept)"; GK[$depth]=$((GK[$depth] + IOPS / 2)); GKC[$depth]=$((GKC[$depth] + CPU))
+        read_job "$(uri none)"; GN[$depth]=$((GN[$depth] + IOPS / 2)); GNC[$depth]=$((GNC[$depth] + CPU))
+    done
+    GKC[$depth]=$((GKC[$depth] / 2)); GNC[$depth]=$((GNC[$depth] / 2))
+    say "  $depth rounds: kept ${GK[$depth]}, none ${GN[$depth]} IOPS"
+done
+fi
+
 # ---------------------------------------------------------------- report
 pct() { python3 -c "import sys; m,u=map(float,sys.argv[1:3]); print(f'{100*m/u:.3f}%')" $1; }
 echo
@@ -245,4 +274,12 @@ if on F; then
 echo
 echo "F. 4K randread QD32 on a ${BIG} GiB volume at 50 snapshots: live $F_LIVE ($F_LIVE_CPU us/read of daemon CPU); oldest snapshot $F_OLD ($(ratio "$F_OLD" "$F_LIVE"), $F_OLD_CPU us/read); clone of it $F_CLONE ($(ratio "$F_CLONE" "$F_LIVE"), $F_CLONE_CPU us/read)"
 echo "   content cache off: oldest snapshot $F_OLD_NC ($(ratio "$F_OLD_NC" "$F_LIVE"), $F_OLD_NC_CPU us/read); clone $F_CLONE_NC ($(ratio "$F_CLONE_NC" "$F_LIVE"), $F_CLONE_NC_CPU us/read)"
+fi
+if on G; then
+echo
+echo "G. 4K randread QD32, 1 GiB volumes churned alike: with a snapshot kept per round vs none (mean of 2 alternating jobs each)"
+printf "%-8s %12s %12s %8s %16s\n" rounds kept none ratio "us/read kept/none"
+for d in 0 50 200; do
+    printf "%-8s %12s %12s %8s %16s\n" "$d" "${GK[$d]}" "${GN[$d]}" "$(ratio "${GK[$d]}" "${GN[$d]}")" "${GKC[$d]}/${GNC[$d]}"
+done
 fi
