@@ -277,7 +277,8 @@ pub struct DaemonArgs {
     #[arg(long)]
     pub snapshot_cache: Option<String>,
     /// Data I/O: "reads" (default: writes O_DIRECT, reads through the host's page cache:
-    /// repeated reads from RAM and read-ahead for large reads, at the cost of RAM), "none"
+    /// repeated reads from RAM and read-ahead for large reads, at the cost of RAM; on a
+    /// block device reads stay O_DIRECT), "none"
     /// (O_DIRECT both ways, like qemu's cache=none: the volumes' users cache) or "host"
     /// (reads and writes through the page cache, like qemu's cache=writeback; syncs write
     /// back what is dirty).

@@ -32,7 +32,8 @@ fio_job() {
 # Starts the daemon in mode N % 3 (0: the defaults, 1: host page cache without the
 # snapshot content cache, 2: O_DIRECT); checks in its log that the mode was taken.
 MODES=(reads host none)
-mode_starts() { grep -c "(data_cache = \"$1\")" "$T/daemon.log" || true; }
+# (Where the file system refuses O_DIRECT every mode is buffered, and the log says so.)
+mode_starts() { grep -c -e "(data_cache = \"$1\")" -e "O_DIRECT not supported here" "$T/daemon.log" || true; }
 start_in_mode() {
     local mode=${MODES[$(($1 % 3))]} before
     before=$(mode_starts "$mode")

@@ -52,6 +52,11 @@ pub fn open_pool(meta: &Path, data: &Path, holder: &str, settings: OpenSettings)
     crate::media::set_pool_paths(meta, data);
     let (store, dev) = open_parts(meta, data, memory, settings.data_cache)?;
     match (settings.data_cache, dev.data_cache()) {
+        (DataCache::Reads, DataCache::None) => log::info!(
+            "{}: a block device: reads with O_DIRECT too, since its direct writes do not drop \
+             cached pages when they complete (data_cache = \"none\")",
+            data.display()
+        ),
         (asked, got) if asked != got => log::info!(
             "{}: O_DIRECT not supported here; using buffered I/O",
             data.display()

@@ -63,7 +63,8 @@ pub struct DaemonConfig {
     /// RAM for page contents of snapshots and clone bases as reads resolved them (a
     /// size, e.g. "64M", the default; "0" turns it off; at most 64G).
     pub snapshot_cache: Option<String>,
-    /// Data I/O: "none" (the default: O_DIRECT) or "host" (through the host's page cache).
+    /// Data I/O: "reads" (the default: writes O_DIRECT, reads through the host's page
+    /// cache), "none" (O_DIRECT both ways) or "host" (both through the page cache).
     pub data_cache: Option<String>,
 }
 

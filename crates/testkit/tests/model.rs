@@ -18,10 +18,10 @@ fn rocks_env(dir: &std::path::Path) -> impl PoolEnv {
     std::fs::create_dir_all(&meta).unwrap();
     UringFile::create_file(&data, model::device_bytes()).unwrap();
     let mut first = true;
-    // Every reopen moves to the next of the daemon's `data_cache` modes (O_DIRECT, reads
-    // through the page cache, everything through it), as an admin changing the setting
-    // across restarts would.
-    let modes = [DataCache::None, DataCache::Reads, DataCache::Host];
+    // Each case starts in the daemon's default `data_cache` mode (reads through the page
+    // cache) and every reopen moves to the next (O_DIRECT, then everything through it),
+    // as an admin changing the setting across restarts would.
+    let modes = [DataCache::Reads, DataCache::None, DataCache::Host];
     let mut opens = 0usize;
     FactoryEnv {
         make_store: move || -> Arc<dyn MetaStore> {

@@ -43,7 +43,8 @@ pub trait DataDevice: Send + Sync {
     fn write(&self, segs: &[WriteSeg<'_>], fua: bool) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
-    /// The device's file descriptor, for a caller that submits block I/O on its own
+    /// The device's file descriptor for writes (and reads, see [`DataDevice::raw_read_fd`]),
+    /// for a caller that submits block I/O on its own
     /// io_uring (a ublk queue) under the same invariants (block-aligned offsets, lengths
     /// and buffers). `None` (the default) for devices that are not one plain file: memory,
     /// test wrappers that inject faults. Callers then use `read` and `write`.

@@ -169,10 +169,13 @@ impl Pool2 {
         while k < u64::from(x.len) {
             let n = (u64::from(x.len) - k).min(MAX_RUN);
             let mut buf = AlignedBuf::zeroed((n * BLOCK_SIZE_U64) as usize);
-            let read = self.device().read(&mut [ReadSeg {
-                offset: self.block_offset(x.pba + k),
-                buf: &mut buf,
-            }]);
+            // Bulk: from the media, not a page-cache copy (device::uring).
+            let read = crate::meta::bulk_reads(|| {
+                self.device().read(&mut [ReadSeg {
+                    offset: self.block_offset(x.pba + k),
+                    buf: &mut buf,
+                }])
+            });
             for i in 0..n {
                 let crc = x.crcs[(k + i) as usize];
                 let detail = match &read {
