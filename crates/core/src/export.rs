@@ -148,6 +148,10 @@ pub trait DirectIo {
     fn data_read_fd(&self) -> RawFd;
     /// Offset and length must be whole 4 KiB blocks.
     fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>>;
+    /// Checks a planned read's checksums once its device reads (on `data_read_fd`) are in
+    /// `buf` (`ReadPlan::finish_on`: a copy from the host page cache that fails is read
+    /// again from the media).
+    fn finish_read(&self, plan: ReadPlan<'_>, buf: &mut [u8]) -> Result<()>;
     /// Offset and length must be whole 4 KiB blocks. Never waits for space relief: a
     /// full pool answers `NoSpace` at once, and the caller retries the write through
     /// [`Export::write`] where it may block (ublk: the queue's helper thread).
@@ -215,6 +219,12 @@ impl DirectIo for ReadOnly {
     }
     fn data_read_fd(&self) -> RawFd {
         self.0.direct().map_or(-1, |d| d.data_read_fd())
+    }
+    fn finish_read(&self, plan: ReadPlan<'_>, buf: &mut [u8]) -> Result<()> {
+        match self.0.direct() {
+            Some(d) => d.finish_read(plan, buf),
+            None => plan.finish(buf),
+        }
     }
     fn plan_read(&self, offset: u64, len: usize) -> Result<ReadPlan<'_>> {
         match self.0.direct() {

@@ -117,6 +117,9 @@ impl DirectIo for VolumeHandle {
         self.check(offset, len as u64, false, true)?;
         self.pool.plan_read(&self.target, offset, len)
     }
+    fn finish_read(&self, plan: ReadPlan<'_>, buf: &mut [u8]) -> Result<()> {
+        plan.finish_on(buf, &**self.pool.device())
+    }
     fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan<'_>> {
         self.check(offset, data.len() as u64, true, true)?;
         self.pool.plan_write_now(self.vol()?, offset, data, fua)

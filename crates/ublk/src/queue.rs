@@ -228,7 +228,7 @@ async fn direct_read(
     transfer(q, d.data_read_fd(), buf, &plan.segs, Dir::Read)
         .await
         .map_err(|e| snapblk_core::Error::device("read", e))?;
-    plan.finish(buf)
+    d.finish_read(plan, buf)
 }
 
 async fn direct_write(

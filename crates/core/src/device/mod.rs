@@ -56,6 +56,14 @@ pub trait DataDevice: Send + Sync {
     fn raw_read_fd(&self) -> Option<RawFd> {
         self.raw_fd()
     }
+    /// Whether reads may be answered from a cache of the host's that writes do not pass
+    /// through (`data_cache = "reads"`), so a read that fails its checksum is worth
+    /// reading again from the media (`ReadPlan::finish_on`).
+    fn reads_cached(&self) -> bool {
+        false
+    }
+    /// Drops what such a cache holds of `len` bytes at `offset` (a hint).
+    fn forget_cached(&self, _offset: u64, _len: u64) {}
 }
 
 /// Checks the alignment invariant; backends call it so a caller bug is an error, not UB.

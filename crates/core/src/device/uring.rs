@@ -355,6 +355,21 @@ impl DataDevice for UringFile {
     fn raw_read_fd(&self) -> Option<std::os::unix::io::RawFd> {
         Some(self.reads.as_ref().unwrap_or(&self.file).as_raw_fd())
     }
+
+    fn reads_cached(&self) -> bool {
+        self.reads.is_some()
+    }
+
+    fn forget_cached(&self, offset: u64, len: u64) {
+        if let (Some(r), Ok(off), Ok(len)) = (
+            &self.reads,
+            libc::off_t::try_from(offset),
+            libc::off_t::try_from(len),
+        ) {
+            // SAFETY: an advisory call on a descriptor this device owns; no memory passed.
+            unsafe { libc::posix_fadvise(r.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
 }
 
 #[cfg(test)]

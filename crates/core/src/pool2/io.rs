@@ -66,7 +66,7 @@ impl Pool2 {
                 .read(&mut plan.device_reads(&mut buf))
                 .map_err(|e| Error::device("read", e))?;
         }
-        plan.finish(&buf)?;
+        plan.finish_on(&mut buf, &**self.device())?;
         Ok(buf)
     }
 
@@ -90,7 +90,7 @@ impl Pool2 {
                     .read(&mut plan.device_reads(out))
                     .map_err(|e| Error::device("read", e))?;
             }
-            return plan.finish(out);
+            return plan.finish_on(out, &**self.device());
         }
         let b0 = offset / BLOCK_SIZE_U64;
         let end = offset
