@@ -1,4 +1,5 @@
-//! The data device on a file or block device, with I/O through io_uring.
+//! The data device on a file or block device, with I/O through io_uring: writes on an
+//! O_DIRECT descriptor, reads on it too or on a second, buffered one ([`DataCache`]).
 //!
 //! Threading: every I/O thread lazily creates its own ring (thread-local, 64 entries), so
 //! threads never contend on a ring and a request's segments are submitted in one system call
