@@ -63,7 +63,7 @@ thread_local! {
 }
 
 /// Runs `f` with this thread's store reads marked *bulk*: a one-pass read of much data
-/// (a backup reading a whole snapshot, scrub) whose blocks a store should not keep in its
+/// (a backup reading a whole snapshot; scrub's data reads) whose blocks a store should not keep in its
 /// caches (RocksDB: `fill_cache(false)`), so it neither evicts the live volumes' working
 /// set nor grows the process with the volume it reads. The data device reads such data
 /// around the host page cache too (`device::uring`). A hint: stores may ignore it.

@@ -58,7 +58,7 @@ fn direct_read(e: &dyn Export, offset: u64, len: usize) -> snapblk_core::Result<
         f.read_exact_at(&mut buf[s.buf_offset..s.buf_offset + s.len], s.dev_offset)
             .expect("read");
     }
-    plan.finish(&buf)?;
+    d.finish_read(plan, &mut buf)?;
     Ok(buf.to_vec())
 }
 

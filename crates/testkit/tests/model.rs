@@ -33,7 +33,7 @@ fn rocks_env(dir: &std::path::Path) -> impl PoolEnv {
             let mode = modes[opens % modes.len()];
             opens += 1;
             let dev = UringFile::open_cached(&data, mode).unwrap();
-            // tmpfs refuses O_DIRECT: then every mode is Host.
+            // Where the file system refuses O_DIRECT every mode is Host.
             assert!(dev.data_cache() == mode || !dev.is_direct());
             Arc::new(dev)
         },

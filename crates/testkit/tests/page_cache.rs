@@ -4,7 +4,7 @@
 //! a device without such a cache reports the mismatch as before.
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use snapblk_core::device::mem::MemDevice;
@@ -13,10 +13,11 @@ use snapblk_core::pool2::Pool2;
 use snapblk_core::{Error, MemStore, Target};
 
 /// A device whose next `stale` non-bulk reads come back with a flipped byte, as a stale
-/// page-cache copy would; bulk reads (the media) are always right.
+/// page-cache copy would; bulk reads (the media) are right unless `bad_media` is set.
 struct StaleCache {
     inner: MemDevice,
     cached: bool,
+    bad_media: AtomicBool,
     stale: AtomicU32,
     forgot: AtomicU32,
     media_reads: AtomicU32,
@@ -30,6 +31,11 @@ impl DataDevice for StaleCache {
         self.inner.read(segs)?;
         if snapblk_core::meta::is_bulk() {
             self.media_reads.fetch_add(1, Ordering::SeqCst);
+            if self.bad_media.load(Ordering::SeqCst) {
+                if let Some(s) = segs.first_mut() {
+                    s.buf[200] ^= 0xff;
+                }
+            }
         } else if self
             .stale
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -60,6 +66,7 @@ fn pool(cached: bool) -> (Arc<Pool2>, Arc<StaleCache>) {
     let dev = Arc::new(StaleCache {
         inner: MemDevice::new(DATA_START + (16 << 20)),
         cached,
+        bad_media: AtomicBool::new(false),
         stale: AtomicU32::new(0),
         forgot: AtomicU32::new(0),
         media_reads: AtomicU32::new(0),
@@ -116,4 +123,21 @@ fn without_such_a_cache_a_mismatch_is_an_error() {
     let r = p.read(&Target::Volume(id), 8192, &mut out);
     assert!(matches!(r, Err(Error::Checksum(_))), "{r:?}");
     assert_eq!(dev.media_reads.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn bad_media_behind_a_cache_is_still_an_error() {
+    let (p, dev) = pool(true);
+    let id = p.volume_id("v").unwrap();
+    p.write(id, 8192, &pattern(), false).unwrap();
+    dev.stale.store(1, Ordering::SeqCst);
+    dev.bad_media.store(true, Ordering::SeqCst);
+    let mut out = snapblk_core::device::AlignedBuf::zeroed(8192);
+    let r = p.read(&Target::Volume(id), 8192, &mut out);
+    assert!(matches!(r, Err(Error::Checksum(_))), "{r:?}");
+    assert_eq!(dev.media_reads.load(Ordering::SeqCst), 1, "read again once");
+    // A bulk read (a backup's) already reads the media: no second read.
+    let r = snapblk_core::meta::bulk_reads(|| p.read(&Target::Volume(id), 8192, &mut out));
+    assert!(matches!(r, Err(Error::Checksum(_))), "{r:?}");
+    assert_eq!(dev.media_reads.load(Ordering::SeqCst), 2);
 }

@@ -13,6 +13,8 @@
 //! Threading: everything here runs on the queue thread; tasks are `!Send`. What a task
 //! holds across an `.await` never blocks another task: a read plan holds a pin, not a lock
 //! (snapblk-core `pool/pins.rs`), and a write plan holds only blocks nobody else sees.
+//! One rare step blocks the queue thread: a read whose page-cache copy fails its checksum
+//! is read again from the device synchronously (`DirectIo::finish_read`).
 //!
 //! Invariants: every request is completed exactly once. A task never returns while a data
 //! SQE it submitted is in flight (it awaits every one, also after errors). Should the

@@ -94,18 +94,22 @@ impl<'a> ReadPlan<'a> {
     /// kernel keeps that cache coherent with direct writes only as a best effort — and
     /// fails only if the media's data is wrong too.
     pub fn finish_on(self, buf: &mut [u8], dev: &dyn DataDevice) -> Result<()> {
-        if !dev.reads_cached() {
+        // A bulk read already read the media (device::uring).
+        if !dev.reads_cached() || crate::meta::is_bulk() {
             return self.finish(buf);
         }
         match self.verify(buf, false) {
             Err(Error::Checksum(m)) => {
-                log::warn!("{m}: in the host page cache's copy; reading it from the device");
                 for s in &self.segs {
                     dev.forget_cached(s.dev_offset, s.len as u64);
                 }
                 crate::meta::bulk_reads(|| dev.read(&mut self.device_reads(buf)))
                     .map_err(|e| Error::device("read", e))?;
-                self.finish(buf)
+                let r = self.finish(buf);
+                if r.is_ok() {
+                    log::warn!("{m} in the host page cache's copy; the device has it right (read again, cached copy dropped)");
+                }
+                r
             }
             r => r,
         }
