@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::pool::plan::ReadPlan;
-use crate::pool2::WritePlan;
+use crate::pool2::{WritePlan, WriteThen};
 
 /// Block status run: `(bytes, flags)` with NBD base:allocation flags.
 pub type StatusRun = (u64, u32);
@@ -21,6 +21,12 @@ pub trait Export: Send + Sync {
     /// Fills all of `buf` (the NBD server reuses reply buffers between requests).
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
+    /// Writes like [`Export::write`] but may return before the write's metadata commits:
+    /// `then` gets the outcome, here or later on the pool's committer thread, where it must
+    /// not block (a frontend sends its reply from it). `data` is not used after return.
+    fn write_then(&self, offset: u64, data: &[u8], fua: bool, then: WriteThen) {
+        then(self.write(offset, data, fua))
+    }
     fn flush(&self) -> Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
     /// With `fast`, fails with `Error::Unsupported` rather than writing data (NBD FAST_ZERO).
@@ -33,7 +39,7 @@ pub trait Export: Send + Sync {
         None
     }
     /// Where the frontend reports each request it served (`Metered`); `None`: nowhere.
-    fn meter(&self) -> Option<&dyn IoMeter> {
+    fn meter(&self) -> Option<Arc<dyn IoMeter>> {
         None
     }
 }
@@ -117,6 +123,9 @@ impl Export for Metered {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.inner.write(offset, data, fua)
     }
+    fn write_then(&self, offset: u64, data: &[u8], fua: bool, then: WriteThen) {
+        self.inner.write_then(offset, data, fua, then)
+    }
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
@@ -132,8 +141,8 @@ impl Export for Metered {
     fn direct(&self) -> Option<&dyn DirectIo> {
         self.inner.direct()
     }
-    fn meter(&self) -> Option<&dyn IoMeter> {
-        Some(&*self.meter)
+    fn meter(&self) -> Option<Arc<dyn IoMeter>> {
+        Some(Arc::clone(&self.meter))
     }
 }
 
@@ -207,7 +216,7 @@ impl Export for ReadOnly {
     fn direct(&self) -> Option<&dyn DirectIo> {
         self.0.direct().map(|_| self as &dyn DirectIo)
     }
-    fn meter(&self) -> Option<&dyn IoMeter> {
+    fn meter(&self) -> Option<Arc<dyn IoMeter>> {
         self.0.meter()
     }
 }

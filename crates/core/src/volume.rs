@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::export::{DirectIo, Export, ExportProvider, StatusRun};
 use crate::pool::plan::ReadPlan;
 use crate::pool::Target;
-use crate::pool2::{Pool2 as Pool, WritePlan};
+use crate::pool2::{Pool2 as Pool, WritePlan, WriteThen};
 
 /// Largest single read or write (NBD's maximum block size advertises the same).
 pub const MAX_IO: u64 = 32 << 20;
@@ -80,6 +80,15 @@ impl Export for VolumeHandle {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check(offset, data.len() as u64, true, true)?;
         self.pool.write(self.vol()?, offset, data, fua)
+    }
+    fn write_then(&self, offset: u64, data: &[u8], fua: bool, then: WriteThen) {
+        match self
+            .check(offset, data.len() as u64, true, true)
+            .and_then(|()| self.vol())
+        {
+            Ok(vol) => self.pool.write_then(vol, offset, data, fua, then),
+            Err(e) => then(Err(e)),
+        }
     }
     fn flush(&self) -> Result<()> {
         self.pool.sync()

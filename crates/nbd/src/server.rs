@@ -1,17 +1,30 @@
 //! The transmission phase. Threading (as nbdkit does it): one thread per connection reads
 //! requests (and WRITE payloads) in order and hands them to that connection's own workers,
 //! which execute them and write each reply whole under the connection's writer mutex, so
-//! replies may complete out of order (as NBD allows) but never interleave. A client that
-//! stops reading its replies therefore stalls only its own connection. A per-connection
-//! budget (bytes and requests) bounds the memory held by requests in flight, and
-//! `admission` bounds how many connections are served at once, so the whole server holds
-//! at most `max_connections` x `CONN_BUDGET` of payload.
+//! replies may complete out of order (as NBD allows) but never interleave.
+//!
+//! Writes on a plain socket are the exception: the worker writes the data and goes on to
+//! its next request; the reply is sent by the pool's committer thread once the write's
+//! metadata group commits (`Export::write_then`), which saves each write a sleep and a
+//! wake-up. That thread serves every volume, so it never blocks on a socket
+//! (`Conn::send_nowait`: MSG_DONTWAIT, and only when it gets the writer mutex at once);
+//! what it cannot send goes to the connection's `late` queue, which the next worker reply
+//! or the connection's flusher thread sends first. A client that stops reading its
+//! replies therefore stalls only its own connection. On TLS (and on a caller's own
+//! stream) a write's worker waits for the commit and replies itself.
+//!
+//! A per-connection budget (bytes and requests, counted until the reply is written)
+//! bounds the memory held by requests in flight, and `admission` bounds how many
+//! connections are served at once, so the whole server holds at most `max_connections` x
+//! `CONN_BUDGET` of payload. A connection ends only once every reply it owes was sent.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -96,6 +109,22 @@ struct Conn {
     /// Set after a failed write: later replies are dropped (the client is gone).
     broken: AtomicBool,
     budget: Budget,
+    /// The socket once more, for replies sent without blocking ([`Conn::send_nowait`]).
+    /// `None` (TLS, or a caller's own stream): a write's worker waits for its commit and
+    /// replies itself.
+    nowait: Option<OwnedFd>,
+    /// Replies (or a reply's unsent tail) that could not go out without blocking, in
+    /// order: the next sender, or the connection's flusher thread, sends them first.
+    late: Mutex<Late>,
+    late_cv: Condvar,
+}
+
+/// Replies waiting for the socket, each with the budget bytes it releases once sent.
+#[derive(Default)]
+struct Late {
+    queue: VecDeque<(Vec<u8>, u64)>,
+    /// Set when the connection ends: the flusher exits once the queue is empty.
+    stop: bool,
 }
 
 /// (payload bytes in flight, requests in flight); a request counts until its reply has been
@@ -106,9 +135,25 @@ struct Budget {
 }
 
 impl Conn {
+    fn new(writer: Box<dyn Write + Send>, nowait: Option<OwnedFd>) -> Conn {
+        Conn {
+            writer: Mutex::new(writer),
+            broken: AtomicBool::new(false),
+            budget: Budget {
+                inflight: Mutex::new((0, 0)),
+                cv: Condvar::new(),
+            },
+            nowait,
+            late: Mutex::new(Late::default()),
+            late_cv: Condvar::new(),
+        }
+    }
+
+    /// Sends a reply whole, blocking while the socket is full (a worker's replies).
     fn send(&self, bytes: u64, parts: &[&[u8]]) {
         {
             let mut w = lock(&self.writer);
+            self.send_late(&mut w);
             if !self.broken.load(Ordering::Acquire) {
                 let r = parts
                     .iter()
@@ -121,6 +166,92 @@ impl Conn {
             }
         }
         self.budget.done(bytes);
+    }
+
+    /// Sends the replies that wait in `late`, with the writer held (so no other reply
+    /// starts meanwhile; one queued there may be the tail of a reply already begun).
+    fn send_late(&self, w: &mut Box<dyn Write + Send>) {
+        loop {
+            let queued = std::mem::take(&mut lock(&self.late).queue);
+            if queued.is_empty() {
+                return;
+            }
+            for (msg, bytes) in queued {
+                if !self.broken.load(Ordering::Acquire) {
+                    if let Err(e) = w.write_all(&msg).and_then(|()| w.flush()) {
+                        log::debug!("nbd: reply not sent: {e}");
+                        self.broken.store(true, Ordering::Release);
+                    }
+                }
+                self.budget.done(bytes);
+            }
+        }
+    }
+
+    /// Sends a reply without ever blocking (from the pool's committer thread, which
+    /// serves every volume: a client that stops reading must stall only itself). When
+    /// the writer is busy, earlier replies wait, or the socket is full, the reply (or its
+    /// unsent tail) joins `late` for the flusher.
+    fn send_nowait(&self, bytes: u64, msg: &[u8]) {
+        let Some(fd) = &self.nowait else {
+            return self.send(bytes, &[msg]);
+        };
+        let writer = match self.writer.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        let mut late = lock(&self.late);
+        let mut at = 0;
+        if writer.is_some() && late.queue.is_empty() {
+            if self.broken.load(Ordering::Acquire) {
+                drop((late, writer));
+                return self.budget.done(bytes);
+            }
+            let sock = socket2::SockRef::from(fd);
+            while at < msg.len() {
+                match sock.send_with_flags(&msg[at..], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        log::debug!("nbd: reply not sent: {e}");
+                        self.broken.store(true, Ordering::Release);
+                        at = msg.len();
+                    }
+                }
+            }
+            if at == msg.len() {
+                drop((late, writer));
+                return self.budget.done(bytes);
+            }
+        }
+        late.queue.push_back((msg[at..].to_vec(), bytes));
+        drop((late, writer));
+        self.late_cv.notify_one();
+    }
+
+    /// The connection's flusher: sends what `send_nowait` left in `late` until the
+    /// connection ends.
+    fn flusher(&self) {
+        loop {
+            {
+                let mut late = lock(&self.late);
+                while late.queue.is_empty() && !late.stop {
+                    late = self.late_cv.wait(late).unwrap_or_else(|p| p.into_inner());
+                }
+                if late.queue.is_empty() {
+                    return;
+                }
+            }
+            let mut w = lock(&self.writer);
+            self.send_late(&mut w);
+        }
+    }
+
+    fn stop_flusher(&self) {
+        lock(&self.late).stop = true;
+        self.late_cv.notify_all();
     }
 }
 
@@ -139,6 +270,14 @@ impl Budget {
         g.0 -= bytes;
         g.1 -= 1;
         self.cv.notify_all();
+    }
+
+    /// Waits until every admitted request has been answered.
+    fn drain(&self) {
+        let mut g = lock(&self.inflight);
+        while g.1 > 0 {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -223,7 +362,7 @@ impl Server {
         match haggle(&mut app, &*self.provider, g.no_zeroes, TlsState::Active)? {
             Outcome::Session(session) => {
                 let writer = app.try_clone()?;
-                self.transmit(session, app, Box::new(writer))
+                self.transmit(session, app, Box::new(writer), None)
             }
             Outcome::StartTls | Outcome::Done => Ok(()),
         }
@@ -234,6 +373,7 @@ impl Server {
     fn serve_socket<S: Stream>(&self, s: S) -> io::Result<()> {
         s.read_timeout(Some(self.handshake_timeout))?;
         let writer = s.clone_stream()?;
+        let nowait = Some(s.clone_stream()?.into());
         let mut d = Duplex {
             r: s,
             w: Box::new(writer) as Box<dyn Write + Send>,
@@ -242,7 +382,7 @@ impl Server {
             return Ok(());
         };
         d.r.read_timeout(None)?;
-        self.transmit(session, d.r, d.w)
+        self.transmit(session, d.r, d.w, nowait)
     }
 
     /// Serves one connection to the end: handshake, then requests until NBD_CMD_DISC or
@@ -255,7 +395,7 @@ impl Server {
         let Some(session) = negotiate(&mut d, &*self.provider)? else {
             return Ok(());
         };
-        self.transmit(session, d.r, d.w)
+        self.transmit(session, d.r, d.w, None)
     }
 
     /// The transmission phase of a negotiated connection; in-flight requests finish before
@@ -265,15 +405,9 @@ impl Server {
         session: Session,
         mut reader: impl Read,
         writer: Box<dyn Write + Send>,
+        nowait: Option<OwnedFd>,
     ) -> io::Result<()> {
-        let conn = Conn {
-            writer: Mutex::new(writer),
-            broken: AtomicBool::new(false),
-            budget: Budget {
-                inflight: Mutex::new((0, 0)),
-                cv: Condvar::new(),
-            },
-        };
+        let conn = Arc::new(Conn::new(writer, nowait));
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         std::thread::scope(|scope| {
             let mut workers = Vec::with_capacity(self.workers);
@@ -286,7 +420,11 @@ impl Server {
                         let mut reply = ReplyBuf::default();
                         for (req, payload, bytes, arrived) in rx {
                             let (kind, len) = (io_kind(req.command), u64::from(req.length));
-                            let ok = handle(conn, session, req, payload, bytes, &mut reply);
+                            let job = (req, payload, bytes, arrived);
+                            // `None`: the reply (and its report) comes later.
+                            let Some(ok) = handle(conn, session, job, &mut reply) else {
+                                continue;
+                            };
                             if let (Some(m), Some(kind)) = (session.export.meter(), kind) {
                                 m.record(kind, len, arrived.elapsed(), ok);
                             }
@@ -298,6 +436,19 @@ impl Server {
                     Err(_) => break,
                 }
             }
+            let flusher = std::thread::Builder::new()
+                .name("nbd-flusher".into())
+                .spawn_scoped(scope, || conn.flusher());
+            let flusher = match flusher {
+                Ok(h) => h,
+                Err(e) => {
+                    drop(tx);
+                    for h in workers {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            };
             let r = self.transmission(&mut reader, &conn, &tx);
             // Closing the queue ends the workers once they have drained it. Joining them
             // here (rather than leaving it to the scope) waits until each thread has fully
@@ -307,6 +458,12 @@ impl Server {
                 if let Err(panic) = h.join() {
                     std::panic::resume_unwind(panic);
                 }
+            }
+            // Writes answered after their commit still hold the connection.
+            conn.budget.drain();
+            conn.stop_flusher();
+            if let Err(panic) = flusher.join() {
+                std::panic::resume_unwind(panic);
             }
             r
         })
@@ -394,20 +551,62 @@ fn error_reply(
 }
 
 /// Executes one request and queues exactly one reply (which releases `bytes` of budget);
-/// returns whether it succeeded.
-fn handle(
+/// returns whether it succeeded, or `None` for a write whose reply (and report to the
+/// export's meter) is sent once it commits (`Export::write_then`).
+fn handle(conn: &Arc<Conn>, session: &Session, job: Job, reply: &mut ReplyBuf) -> Option<bool> {
+    let (req, payload, bytes, arrived) = job;
+    let export: &dyn Export = &*session.export;
+    if req.flags & !CMD_FLAGS_KNOWN != 0 {
+        return Some(error_reply(
+            conn,
+            session,
+            &req,
+            bytes,
+            EINVAL,
+            "unknown command flags",
+        ));
+    }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    if req.command == CMD_WRITE && conn.nowait.is_some() {
+        let conn = Arc::clone(conn);
+        let meter = export.meter();
+        let (cookie, off, len) = (req.cookie, req.offset, u64::from(req.length));
+        let name = export.name().to_string();
+        export.write_then(
+            off,
+            &payload,
+            fua,
+            Box::new(move |r| {
+                let ok = r.is_ok();
+                let err = match r {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        log::debug!("nbd {name}: write at {off}+{len}: {e}");
+                        nbd_error(e.errno())
+                    }
+                };
+                conn.send_nowait(bytes, &codec::simple_reply(err, cookie));
+                if let Some(m) = meter {
+                    m.record(IoKind::Write, len, arrived.elapsed(), ok);
+                }
+            }),
+        );
+        return None;
+    }
+    Some(handle_sync(conn, session, req, &payload, bytes, fua, reply))
+}
+
+/// Executes a request other than a write; see [`handle`].
+fn handle_sync(
     conn: &Conn,
     session: &Session,
     req: Request,
-    payload: AlignedBuf,
+    payload: &[u8],
     bytes: u64,
+    fua: bool,
     reply: &mut ReplyBuf,
 ) -> bool {
     let export: &dyn Export = &*session.export;
-    if req.flags & !CMD_FLAGS_KNOWN != 0 {
-        return error_reply(conn, session, &req, bytes, EINVAL, "unknown command flags");
-    }
-    let fua = req.flags & CMD_FLAG_FUA != 0;
     let (off, len) = (req.offset, u64::from(req.length));
     let result = match req.command {
         CMD_READ => {
@@ -457,7 +656,7 @@ fn handle(
                 Err(e) => Err(e),
             }
         }
-        CMD_WRITE => export.write(off, &payload, fua),
+        CMD_WRITE => export.write(off, payload, fua),
         CMD_FLUSH => export.flush(),
         CMD_TRIM => export.trim(off, len, fua),
         CMD_WRITE_ZEROES => export.write_zeroes(off, len, fua, req.flags & CMD_FLAG_FAST_ZERO != 0),
@@ -591,7 +790,7 @@ pub fn serve_tcp(server: Arc<Server>, listener: TcpListener) {
     }
 }
 
-trait Stream: Read + Write + Send + 'static + Sized {
+trait Stream: Read + Write + Send + 'static + Sized + Into<OwnedFd> {
     fn read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
     fn clone_stream(&self) -> io::Result<Self>;
 }

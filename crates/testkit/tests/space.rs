@@ -210,6 +210,69 @@ fn concurrent_writers_do_not_overshoot_a_quota() {
     clean(&pool);
 }
 
+/// Writes whose callers do not wait for the commit (`write_then`, the NBD path): the
+/// committer settles each write's quota reservation and blocks before its callback, which
+/// is called exactly once; errors known before the commit come back on the caller's thread.
+#[test]
+fn writes_answered_by_the_committer_settle_quota_and_blocks() {
+    let (pool, _, _) = mem_pool(DATA_START + 64 * MIB);
+    pool.create_volume("v", 32 * MIB).unwrap();
+    let v = pool.volume_id("v").unwrap();
+    pool.set_quota("v", Some(MIB)).unwrap();
+    let data = snapblk_core::device::AlignedBuf::copy_of(&[5u8; BS as usize]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (pool, tx, data) = (&pool, tx.clone(), &data);
+            s.spawn(move || {
+                for i in 0..64u64 {
+                    let tx = tx.clone();
+                    let lba = t * 64 + i;
+                    pool.write_then(
+                        v,
+                        lba * BS,
+                        data,
+                        false,
+                        Box::new(move |r| tx.send((lba, r)).unwrap()),
+                    );
+                }
+            });
+        }
+    });
+    drop(tx);
+    let mut answered = vec![0; 256];
+    for (lba, r) in rx {
+        r.unwrap_or_else(|e| panic!("write of block {lba}: {e}"));
+        answered[lba as usize] += 1;
+    }
+    assert!(answered.iter().all(|&n| n == 1), "{answered:?}");
+    assert_eq!(used(&pool, "v"), MIB);
+    // The quota is full: one more block is refused, on this thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cb = |tx: std::sync::mpsc::Sender<_>| -> snapblk_core::pool2::WriteThen {
+        Box::new(move |r| tx.send(r).unwrap())
+    };
+    pool.write_then(v, 300 * BS, &data, false, cb(tx.clone()));
+    assert!(is_quota(&rx.try_recv().unwrap().unwrap_err()));
+    // Once a block is trimmed there is room for exactly one again: every reservation
+    // of the writes above was given back.
+    pool.trim(v, 0, BS, false).unwrap();
+    pool.write_then(v, 300 * BS, &data, true, cb(tx.clone()));
+    rx.recv().unwrap().unwrap();
+    pool.write_then(v, 301 * BS, &data, false, cb(tx.clone()));
+    assert!(is_quota(&rx.recv().unwrap().unwrap_err()));
+    pool.write_then(v, 32 * MIB, &data, false, cb(tx));
+    assert!(matches!(
+        rx.try_recv().unwrap(),
+        Err(Error::OutOfRange { .. })
+    ));
+    let t = pool.resolve_target("v").unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    pool.read(&t, 300 * BS, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 5));
+    clean(&pool);
+}
+
 /// Deletes the oldest snapshot of each call, as the daemon's space guard does.
 struct DeleteOldest {
     pool: Weak<Pool2>,

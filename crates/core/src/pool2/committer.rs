@@ -10,7 +10,9 @@
 //! Fail-stop: once a commit fails (or a management step fails after changing the engine),
 //! every later Txn is answered with an error until the pool is reopened (format2.md C3).
 //!
-//! Threading: callers block on their Txn's answer; the committer never waits for a caller.
+//! Threading: callers block on their Txn's answer, or go on and have the committer call
+//! them back (`submit_then`: a frontend that replies from the callback); the committer
+//! never waits for a caller.
 //! Snapshot create may *defer* a lineage: its writes wait in `held` until the snapshot
 //! commits (format2.md §3.3), other volumes go on.
 
@@ -23,6 +25,7 @@ use crate::keys::VolId;
 use crate::v2::{Edit, Group, LineageId, Meta2};
 
 use super::catalog::Catalog;
+use super::plan::Settle;
 use super::{lock, Pool2};
 
 /// Blocks `lba..lba+len`, mapped to new data at `pba` with one CRC per block, or unmapped.
@@ -90,16 +93,36 @@ pub(crate) enum Answer {
     Failed(Error),
 }
 
+/// Called with a Txn's answer on the committer thread (after the pool is released): must
+/// not block.
+pub(crate) type Then = Box<dyn FnOnce(Answer) + Send>;
+
+/// How a Txn's answer reaches its caller.
+enum Reply {
+    /// The caller waits on the slot.
+    Wait(Arc<(Mutex<Option<Answer>>, Condvar)>),
+    /// The caller went on; the committer calls this.
+    Call(Then),
+}
+
 struct Txn {
     work: Work,
-    reply: Arc<(Mutex<Option<Answer>>, Condvar)>,
+    reply: Reply,
+    /// A write's blocks and reservation, settled by the committer once answered (for a
+    /// caller that does not wait).
+    settle: Option<Settle>,
 }
 
 impl Txn {
     fn answer(self, a: Answer) {
-        let (m, cv) = &*self.reply;
-        *lock(m) = Some(a);
-        cv.notify_all();
+        match self.reply {
+            Reply::Wait(slot) => {
+                let (m, cv) = &*slot;
+                *lock(m) = Some(a);
+                cv.notify_all();
+            }
+            Reply::Call(f) => f(a),
+        }
     }
 }
 
@@ -130,7 +153,8 @@ impl Shared {
             }
             q.txns.push_back(Txn {
                 work,
-                reply: Arc::clone(&reply),
+                reply: Reply::Wait(Arc::clone(&reply)),
+                settle: None,
             });
         }
         self.cv.notify_all();
@@ -142,6 +166,29 @@ impl Shared {
             }
             slot = cv.wait(slot).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Queues `work` and returns at once; the committer settles `settle` and then calls
+    /// `then` with the answer. After shutdown, hands both back.
+    pub(crate) fn submit_then(
+        &self,
+        work: Work,
+        settle: Settle,
+        then: Then,
+    ) -> std::result::Result<(), (Settle, Then)> {
+        {
+            let mut q = lock(&self.queue);
+            if q.shutdown {
+                return Err((settle, then));
+            }
+            q.txns.push_back(Txn {
+                work,
+                reply: Reply::Call(then),
+                settle: Some(settle),
+            });
+        }
+        self.cv.notify_all();
+        Ok(())
     }
 
     pub(crate) fn shutdown(&self) {
@@ -226,6 +273,11 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
             pool.reclaim_once(&mut meta);
         }
         pool.process(&mut meta, &mut st, batch);
+        for (t, a) in &mut st.out {
+            if let Some(s) = t.settle.take() {
+                pool.settle(s, a);
+            }
+        }
         drop(pool);
         for (t, a) in st.out.drain(..) {
             t.answer(a);
@@ -327,6 +379,7 @@ impl Pool2 {
                     let reply = Txn {
                         work: Work::Flush,
                         reply: txn.reply,
+                        settle: None,
                     };
                     let released = self.run_mgmt(meta, st, f, reply);
                     if !released.is_empty() {

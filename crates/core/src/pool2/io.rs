@@ -13,6 +13,7 @@ use crate::v2::{PageNo, PAGE_BLOCKS};
 
 use super::catalog::BaseMap;
 use super::committer::{Answer, Work};
+use super::plan::WriteThen;
 use super::{lock, Pool2, Target, STRIPES};
 
 /// Blocks unmapped per Txn by trim and zero (a long range becomes several groups).
@@ -159,6 +160,33 @@ impl Pool2 {
             b
         };
         self.write_blocks(vol, b0, &buf, fua)
+    }
+
+    /// [`Pool2::write`] that does not wait for the metadata commit: `then` gets the outcome,
+    /// on this thread when it is known before the commit (an error, an empty write, a
+    /// sub-block write, which waits as `write` does), otherwise on the committer thread
+    /// once the write's group commits (it must not block). The data write itself is done
+    /// before this returns, so `data` is not needed afterwards.
+    pub fn write_then(&self, vol: VolId, offset: u64, data: &[u8], fua: bool, then: WriteThen) {
+        let whole = offset.is_multiple_of(BLOCK_SIZE_U64)
+            && data.len().is_multiple_of(BLOCK_SIZE)
+            && crate::device::is_aligned(data);
+        if data.is_empty() || !whole {
+            return then(self.write(vol, offset, data, fua));
+        }
+        if let Err(e) = self.check_range(vol, offset, data.len() as u64) {
+            return then(Err(e));
+        }
+        let plan = match self.plan_write(vol, offset, data, fua) {
+            Ok(p) => p,
+            Err(e) => return then(Err(e)),
+        };
+        let io = if plan.segs.is_empty() {
+            Ok(())
+        } else {
+            self.device().write(&plan.device_writes(data), fua)
+        };
+        self.finish_write_then(plan, io, then)
     }
 
     /// Allocates, writes and commits whole blocks.

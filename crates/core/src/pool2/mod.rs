@@ -19,7 +19,7 @@ mod io;
 mod plan;
 mod records;
 mod space;
-pub use plan::WritePlan;
+pub use plan::{WritePlan, WriteThen};
 pub use space::SpaceRelief;
 mod ops;
 

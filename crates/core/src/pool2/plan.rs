@@ -73,6 +73,24 @@ impl WritePlan<'_> {
     }
 }
 
+/// A write's outcome, delivered to a caller that did not wait for its commit.
+pub type WriteThen = Box<dyn FnOnce(Result<()>) + Send>;
+
+fn write_result(a: Answer) -> Result<()> {
+    match a {
+        Answer::Value(_) => Ok(()),
+        Answer::Rejected(e) | Answer::Failed(e) => Err(e),
+        Answer::Retry => Err(Error::Busy("write refused for retry".into())),
+    }
+}
+
+/// What a write planned to commit holds until its Txn is answered ([`Pool2::settle`]).
+pub(crate) struct Settle {
+    vol: VolId,
+    reserved: u64,
+    allocated: Vec<u64>,
+}
+
 impl Drop for WritePlan<'_> {
     fn drop(&mut self) {
         self.pool.unreserve(self.vol, self.reserved);
@@ -269,12 +287,10 @@ impl Pool2 {
         })
     }
 
-    /// Completes a planned write with the data I/O's outcome `io`.
-    pub fn finish_write(&self, mut plan: WritePlan<'_>, io: io::Result<()>) -> Result<()> {
+    /// The committer's work for a planned write whose data I/O succeeded, and what it
+    /// holds until answered.
+    fn commit_parts(&self, mut plan: WritePlan<'_>) -> (Work, Settle) {
         debug_assert!(std::ptr::eq(self, plan.pool), "a plan of another pool");
-        if let Err(e) = io {
-            return Err(Error::device("write", e));
-        }
         if !plan.segs.is_empty() {
             self.data_dirty.store(true, Ordering::SeqCst);
         }
@@ -289,28 +305,65 @@ impl Pool2 {
             fua: plan.fua,
             counter,
         };
-        match self.committer.submit(work) {
-            Answer::Value(_) => {
-                plan.allocated.clear();
-                // The commit published the volume's new usage: the reservation goes now.
-                self.unreserve(plan.vol, std::mem::take(&mut plan.reserved));
-                Ok(())
+        let settle = Settle {
+            vol: plan.vol,
+            reserved: std::mem::take(&mut plan.reserved),
+            allocated: std::mem::take(&mut plan.allocated),
+        };
+        (work, settle)
+    }
+
+    /// Releases what a write held once its Txn is answered: on success the blocks are
+    /// referenced and the reservation goes (the commit published the volume's new usage);
+    /// if nothing was applied the blocks return at once; after a failed commit they stay
+    /// out of use until the next open decides (the batch may survive in the store's log).
+    pub(crate) fn settle(&self, s: Settle, a: &Answer) {
+        self.unreserve(s.vol, s.reserved);
+        match a {
+            Answer::Value(_) => {}
+            Answer::Rejected(_) | Answer::Retry => {
+                let mut alloc = lock(&self.alloc);
+                for &b in &s.allocated {
+                    alloc.free_now(b);
+                }
             }
-            // Nothing applied: dropping the plan frees its blocks.
-            Answer::Rejected(e) => Err(e),
-            Answer::Retry => Err(Error::Busy("write refused for retry".into())),
-            Answer::Failed(e) => {
-                // The failed batch may survive in the store's log: keep the blocks out of
-                // use until the next open decides.
-                if !plan.allocated.is_empty() {
+            Answer::Failed(_) => {
+                if !s.allocated.is_empty() {
                     log::warn!(
                         "commit of a write failed: {} data blocks set aside until the pool is reopened",
-                        plan.allocated.len()
+                        s.allocated.len()
                     );
                 }
-                plan.allocated.clear();
-                Err(e)
             }
+        }
+    }
+
+    /// Completes a planned write with the data I/O's outcome `io`.
+    pub fn finish_write(&self, plan: WritePlan<'_>, io: io::Result<()>) -> Result<()> {
+        if let Err(e) = io {
+            // Dropping the plan frees its blocks.
+            return Err(Error::device("write", e));
+        }
+        let (work, settle) = self.commit_parts(plan);
+        let a = self.committer.submit(work);
+        self.settle(settle, &a);
+        write_result(a)
+    }
+
+    /// [`Pool2::finish_write`] that does not wait for the commit: `then` gets the outcome,
+    /// on this thread if it is known at once, otherwise on the committer thread after the
+    /// commit (it must not block).
+    pub fn finish_write_then(&self, plan: WritePlan<'_>, io: io::Result<()>, then: WriteThen) {
+        if let Err(e) = io {
+            drop(plan);
+            return then(Err(Error::device("write", e)));
+        }
+        let (work, settle) = self.commit_parts(plan);
+        let cb: super::committer::Then = Box::new(move |a| then(write_result(a)));
+        if let Err((settle, cb)) = self.committer.submit_then(work, settle, cb) {
+            let a = Answer::Rejected(Error::Shutdown);
+            self.settle(settle, &a);
+            cb(a);
         }
     }
 
