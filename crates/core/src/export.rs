@@ -167,6 +167,11 @@ pub trait DirectIo {
     fn plan_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<WritePlan<'_>>;
     /// Commits a planned write after its data I/O, or frees its blocks if `io` failed.
     fn finish_write(&self, plan: WritePlan<'_>, io: std::io::Result<()>) -> Result<()>;
+    /// [`DirectIo::finish_write`] that does not wait for the commit: `then` gets the
+    /// outcome, here or later on the pool's committer thread (it must not block).
+    fn finish_write_then(&self, plan: WritePlan<'_>, io: std::io::Result<()>, then: WriteThen) {
+        then(self.finish_write(plan, io))
+    }
 }
 
 /// Resolves export names for a frontend.

@@ -136,6 +136,9 @@ impl DirectIo for VolumeHandle {
     fn finish_write(&self, plan: WritePlan<'_>, io: std::io::Result<()>) -> Result<()> {
         self.pool.finish_write(plan, io)
     }
+    fn finish_write_then(&self, plan: WritePlan<'_>, io: std::io::Result<()>, then: WriteThen) {
+        self.pool.finish_write_then(plan, io, then)
+    }
 }
 
 /// Exports every volume (read-write) and snapshot (read-only) of a pool by name.

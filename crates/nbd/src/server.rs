@@ -255,6 +255,15 @@ impl Conn {
     }
 }
 
+/// Stops the connection's flusher when dropped.
+struct StopFlusher<'a>(&'a Conn);
+
+impl Drop for StopFlusher<'_> {
+    fn drop(&mut self) {
+        self.0.stop_flusher();
+    }
+}
+
 impl Budget {
     fn admit(&self, bytes: u64) {
         let mut g = lock(&self.inflight);
@@ -449,6 +458,8 @@ impl Server {
                     return Err(e);
                 }
             };
+            // Dropped also while a panic unwinds: the scope would wait for the flusher.
+            let stop = StopFlusher(&conn);
             let r = self.transmission(&mut reader, &conn, &tx);
             // Closing the queue ends the workers once they have drained it. Joining them
             // here (rather than leaving it to the scope) waits until each thread has fully
@@ -461,7 +472,7 @@ impl Server {
             }
             // Writes answered after their commit still hold the connection.
             conn.budget.drain();
-            conn.stop_flusher();
+            drop(stop);
             if let Err(panic) = flusher.join() {
                 std::panic::resume_unwind(panic);
             }
@@ -585,10 +596,12 @@ fn handle(conn: &Arc<Conn>, session: &Session, job: Job, reply: &mut ReplyBuf) -
                         nbd_error(e.errno())
                     }
                 };
-                conn.send_nowait(bytes, &codec::simple_reply(err, cookie));
+                // Recorded before the reply: once the last reply is out the connection
+                // may end, and its requests should all be counted by then.
                 if let Some(m) = meter {
                     m.record(IoKind::Write, len, arrived.elapsed(), ok);
                 }
+                conn.send_nowait(bytes, &codec::simple_reply(err, cookie));
             }),
         );
         return None;

@@ -6,8 +6,10 @@
 //! its own thread and io_uring, created by libublk, and one async task per tag
 //! (queue.rs). Whole-block reads and writes do their data-device I/O on the queue's own
 //! ring, so a request's data never hops to another thread and a queue serves up to
-//! `--depth` requests at once. FLUSH, DISCARD and WRITE_ZEROES run on a helper thread per
-//! queue (offload.rs); other requests run synchronously on the queue thread (request.rs).
+//! `--depth` requests at once; a direct write's metadata commit completes on the pool's
+//! committer thread, which wakes the task through an eventfd on that ring (wakeup.rs).
+//! FLUSH, DISCARD and WRITE_ZEROES run on a helper thread per queue (offload.rs); other
+//! requests run synchronously on the queue thread (request.rs).
 //!
 //! Invariants: every request is completed exactly once, with the byte count or a negative
 //! errno; an invalid request (unknown op, a length beyond the I/O buffer) gets -EINVAL and
@@ -31,6 +33,7 @@ mod offload;
 mod queue;
 mod request;
 mod transfer;
+mod wakeup;
 
 pub use request::execute;
 

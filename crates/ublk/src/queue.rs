@@ -4,7 +4,8 @@
 //! next request) and so on until the queue goes down. Whole-block reads and writes of an
 //! export that offers [`DirectIo`] are planned in the pool, and their data-device I/O is
 //! submitted on this queue's own io_uring (the ring that carries the ublk commands): no
-//! thread hop, and while one task awaits its data the other tags' tasks go on. FLUSH,
+//! thread hop, and while one task awaits its data, or its write's metadata commit (woken
+//! by the committer through an eventfd on this ring), the other tags' tasks go on. FLUSH,
 //! DISCARD and WRITE_ZEROES, which can block for long, run on the queue's helper thread
 //! while the task awaits them on the ring (offload.rs). The rest (requests not aligned to
 //! 4 KiB, exports without direct I/O such as lazy restores) runs synchronously through the
@@ -12,7 +13,8 @@
 //!
 //! Threading: everything here runs on the queue thread; tasks are `!Send`. What a task
 //! holds across an `.await` never blocks another task: a read plan holds a pin, not a lock
-//! (snapblk-core `pool/pins.rs`), and a write plan holds only blocks nobody else sees.
+//! (snapblk-core `pool/pins.rs`), and a write plan holds only blocks nobody else sees (a
+//! write awaiting its commit holds nothing: the committer settles its blocks).
 //! One rare step blocks the queue thread: a read whose page-cache copy fails its checksum
 //! is read again from the device synchronously (`DirectIo::finish_read`).
 //!
@@ -38,6 +40,7 @@ use snapblk_core::Export;
 
 use crate::offload::Offload;
 use crate::request::execute;
+use crate::wakeup::Wakeup;
 use crate::IoStats;
 
 pub(crate) fn queue_main(qid: u16, dev: &UblkDev, export: &Arc<dyn Export>, stats: &Arc<IoStats>) {
@@ -242,7 +245,19 @@ async fn direct_write(
 ) -> snapblk_core::Result<()> {
     let plan = d.plan_write(off, buf, fua)?;
     let io = transfer(q, d.data_fd(), buf, &plan.segs, Dir::Write { fua }).await;
-    d.finish_write(plan, io)
+    // The commit completes on the pool's committer thread; the other tags go on meanwhile
+    // (and their writes may join this one's group).
+    let Some(done) = Wakeup::new() else {
+        return d.finish_write(plan, io);
+    };
+    let wake = Arc::clone(&done);
+    d.finish_write_then(plan, io, Box::new(move |r| wake.complete(r)));
+    done.wait(q).await.unwrap_or_else(|| {
+        Err(snapblk_core::Error::device(
+            "write",
+            std::io::Error::other("commit result lost"),
+        ))
+    })
 }
 
 #[derive(Clone, Copy)]

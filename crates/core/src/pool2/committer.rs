@@ -121,7 +121,13 @@ impl Txn {
                 *lock(m) = Some(a);
                 cv.notify_all();
             }
-            Reply::Call(f) => f(a),
+            Reply::Call(f) => {
+                // A callback that panics must not take the committer (every volume's
+                // writes) down with it; its caller is left without an answer.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(a))).is_err() {
+                    log::error!("a write's completion callback panicked");
+                }
+            }
         }
     }
 }
@@ -251,7 +257,8 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
         let (batch, shutdown) = shared.take(Duration::from_millis(if busy { 0 } else { 20 }));
         if batch.is_empty() {
             if shutdown {
-                fail_all(st.held.drain(..).map(|(_, t)| t).collect(), Error::Shutdown);
+                let held = st.held.drain(..).map(|(_, t)| t).collect();
+                fail_all(held, Error::Shutdown, pool.upgrade());
                 return;
             }
             if !(shared.background_on() && meta.pending_jobs() > 0 && meta.failed().is_none()) {
@@ -262,7 +269,7 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
             continue;
         }
         let Some(pool) = pool.upgrade() else {
-            fail_all(batch, Error::Shutdown);
+            fail_all(batch, Error::Shutdown, None);
             return;
         };
         // Every 8th group, a reclaim step first, while the batch's callers wait: nothing
@@ -285,9 +292,21 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
     }
 }
 
-fn fail_all(txns: VecDeque<Txn>, e: Error) {
+/// Refuses `txns`; writes' blocks and reservations are settled first while the pool is
+/// still there (after `shutdown` on a pool still in use; a dropped pool's go with it),
+/// and the pool is released before any answer.
+fn fail_all(txns: VecDeque<Txn>, e: Error, pool: Option<Arc<Pool2>>) {
+    let refused = || Answer::Rejected(Error::Busy(e.to_string()));
+    let mut txns = txns;
+    if let Some(pool) = pool {
+        for t in &mut txns {
+            if let Some(s) = t.settle.take() {
+                pool.settle(s, &refused());
+            }
+        }
+    }
     for t in txns {
-        t.answer(Answer::Rejected(Error::Busy(e.to_string())));
+        t.answer(refused());
     }
 }
 

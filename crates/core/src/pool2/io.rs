@@ -166,7 +166,8 @@ impl Pool2 {
     /// on this thread when it is known before the commit (an error, an empty write, a
     /// sub-block write, which waits as `write` does), otherwise on the committer thread
     /// once the write's group commits (it must not block). The data write itself is done
-    /// before this returns, so `data` is not needed afterwards.
+    /// before this returns, so `data` is not needed afterwards. Keep the pool alive until
+    /// `then` has run ([`Pool2::finish_write_then`]).
     pub fn write_then(&self, vol: VolId, offset: u64, data: &[u8], fua: bool, then: WriteThen) {
         let whole = offset.is_multiple_of(BLOCK_SIZE_U64)
             && data.len().is_multiple_of(BLOCK_SIZE)

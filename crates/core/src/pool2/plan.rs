@@ -352,7 +352,9 @@ impl Pool2 {
 
     /// [`Pool2::finish_write`] that does not wait for the commit: `then` gets the outcome,
     /// on this thread if it is known at once, otherwise on the committer thread after the
-    /// commit (it must not block).
+    /// commit (it must not block). The caller keeps the pool alive until `then` has run
+    /// (as a frontend does through its export), so the committer never drops the last
+    /// reference to its own pool.
     pub fn finish_write_then(&self, plan: WritePlan<'_>, io: io::Result<()>, then: WriteThen) {
         if let Err(e) = io {
             drop(plan);
