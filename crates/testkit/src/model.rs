@@ -22,6 +22,10 @@ pub trait ModelPool {
     fn check_errors(&self) -> Vec<String>;
     fn create_volume(&self, name: &str, size: u64) -> Result<(), Error>;
     fn write(&self, vol: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), Error>;
+    /// A write answered the way the NBD server's are where the pool can (format 2:
+    /// `write_then`, the committer settling the write and calling back after its group
+    /// commits), waited for here; format 1: `write`.
+    fn write_answered(&self, vol: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), Error>;
     fn zero(&self, vol: u64, offset: u64, len: u64, fua: bool) -> Result<(), Error>;
     fn trim(&self, vol: u64, offset: u64, len: u64, fua: bool) -> Result<(), Error>;
     fn create_snapshot(&self, vol: &str, snap: &str) -> Result<(), Error>;
@@ -81,6 +85,15 @@ macro_rules! model_pool {
             }
             fn write(&self, vol: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), Error> {
                 <$t>::write(self, vol, offset, data, fua)
+            }
+            fn write_answered(
+                &self,
+                vol: u64,
+                offset: u64,
+                data: &[u8],
+                fua: bool,
+            ) -> Result<(), Error> {
+                Answered::write_answered(self, vol, offset, data, fua)
             }
             fn zero(&self, vol: u64, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
                 <$t>::zero(self, vol, offset, len, fua)
@@ -171,6 +184,34 @@ model_pool!(Pool2, |s, d| Pool2::open_with(
         content_cache: 64 << 10,
     }
 ));
+
+trait Answered {
+    fn write_answered(&self, vol: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), Error>;
+}
+impl Answered for Pool1 {
+    fn write_answered(&self, vol: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), Error> {
+        self.write(vol, offset, data, fua)
+    }
+}
+impl Answered for Pool2 {
+    fn write_answered(&self, vol: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), Error> {
+        // Block-aligned memory, as the NBD server's payloads are: whole-block writes then
+        // take the path that does not wait for the commit.
+        let data = snapblk_core::device::AlignedBuf::copy_of(data);
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.write_then(
+            vol,
+            offset,
+            &data,
+            fua,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv()
+            .unwrap_or_else(|_| Err(Error::Busy("a write's answer was lost".into())))
+    }
+}
 
 trait Background {
     fn start(self: &Arc<Self>);
@@ -368,7 +409,12 @@ pub fn build<P: ModelPool>(open: &mut dyn FnMut() -> Arc<P>, ops: &[Op]) -> (Arc
                 let off = sector * SECTOR;
                 let len = sectors * SECTOR;
                 let buf = pattern(seed, len as usize, zeros);
-                let r = pool.write(id, off, &buf, fua);
+                // Every other seed's write is answered as the NBD server's are.
+                let r = if seed % 2 == 0 {
+                    pool.write(id, off, &buf, fua)
+                } else {
+                    pool.write_answered(id, off, &buf, fua)
+                };
                 if off + len > data.len() as u64 {
                     assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
                 } else {
