@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use snapblk_core::device::AlignedBuf;
-use snapblk_core::export::IoKind;
+use snapblk_core::export::{IoKind, IoMeter};
 use snapblk_core::{Export, ExportProvider};
 
 use crate::admission::{Admission, Slot, DEFAULT_MAX_CONNECTIONS};
@@ -579,34 +579,66 @@ fn handle(conn: &Arc<Conn>, session: &Session, job: Job, reply: &mut ReplyBuf) -
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     if req.command == CMD_WRITE && conn.nowait.is_some() {
-        let conn = Arc::clone(conn);
-        let meter = export.meter();
-        let (cookie, off, len) = (req.cookie, req.offset, u64::from(req.length));
-        let name = export.name().to_string();
-        export.write_then(
-            off,
-            &payload,
-            fua,
-            Box::new(move |r| {
-                let ok = r.is_ok();
-                let err = match r {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        log::debug!("nbd {name}: write at {off}+{len}: {e}");
-                        nbd_error(e.errno())
-                    }
-                };
-                // Recorded before the reply: once the last reply is out the connection
-                // may end, and its requests should all be counted by then.
-                if let Some(m) = meter {
-                    m.record(IoKind::Write, len, arrived.elapsed(), ok);
-                }
-                conn.send_nowait(bytes, &codec::simple_reply(err, cookie));
-            }),
-        );
+        let answer = WriteReply {
+            conn: Some(Arc::clone(conn)),
+            meter: export.meter(),
+            name: export.name().to_string(),
+            cookie: req.cookie,
+            off: req.offset,
+            len: u64::from(req.length),
+            bytes,
+            arrived,
+        };
+        export.write_then(req.offset, &payload, fua, Box::new(move |r| answer.send(r)));
         return None;
     }
     Some(handle_sync(conn, session, req, &payload, bytes, fua, reply))
+}
+
+/// The reply of a write answered after its commit, sent exactly once: with the write's
+/// outcome, or with EIO if the callback holding it is dropped uncalled (a committer that
+/// panicked or stopped), so the connection never waits for it forever.
+struct WriteReply {
+    conn: Option<Arc<Conn>>,
+    meter: Option<Arc<dyn IoMeter>>,
+    name: String,
+    cookie: u64,
+    off: u64,
+    len: u64,
+    bytes: u64,
+    arrived: Instant,
+}
+
+impl WriteReply {
+    fn send(mut self, r: snapblk_core::Result<()>) {
+        let err = match r {
+            Ok(()) => 0,
+            Err(e) => {
+                log::debug!("nbd {}: write at {}+{}: {e}", self.name, self.off, self.len);
+                nbd_error(e.errno())
+            }
+        };
+        self.finish(err);
+    }
+
+    fn finish(&mut self, err: u32) {
+        let Some(conn) = self.conn.take() else { return };
+        // Recorded before the reply: once the last reply is out the connection may end,
+        // and its requests should all be counted by then.
+        if let Some(m) = &self.meter {
+            m.record(IoKind::Write, self.len, self.arrived.elapsed(), err == 0);
+        }
+        conn.send_nowait(self.bytes, &codec::simple_reply(err, self.cookie));
+    }
+}
+
+impl Drop for WriteReply {
+    fn drop(&mut self) {
+        if self.conn.is_some() {
+            log::error!("nbd {}: a write's answer was lost; failing it", self.name);
+            self.finish(EIO);
+        }
+    }
 }
 
 /// Executes a request other than a write; see [`handle`].
@@ -852,6 +884,33 @@ mod tests {
         fn list(&self) -> Vec<String> {
             Vec::new()
         }
+    }
+
+    /// A write answer whose callback is dropped uncalled (a committer that panicked or
+    /// stopped) still replies, with EIO, and releases its budget.
+    #[test]
+    fn a_lost_write_answer_fails_the_write() {
+        let (ours, mut client) = UnixStream::pair().expect("socket pair");
+        let writer = ours.try_clone().expect("clone");
+        let conn = Arc::new(Conn::new(Box::new(writer), Some(ours.into())));
+        conn.budget.admit(4096);
+        let answer = WriteReply {
+            conn: Some(Arc::clone(&conn)),
+            meter: None,
+            name: "v".into(),
+            cookie: 42,
+            off: 0,
+            len: 4096,
+            bytes: 4096,
+            arrived: Instant::now(),
+        };
+        let then: Box<dyn FnOnce(snapblk_core::Result<()>) + Send> =
+            Box::new(move |r| answer.send(r));
+        drop(then);
+        let mut reply = [0u8; 16];
+        client.read_exact(&mut reply).expect("a reply");
+        assert_eq!(reply, codec::simple_reply(EIO, 42));
+        assert_eq!(*lock(&conn.budget.inflight), (0, 0), "budget released");
     }
 
     #[test]

@@ -15,13 +15,16 @@
 //! holds across an `.await` never blocks another task: a read plan holds a pin, not a lock
 //! (snapblk-core `pool/pins.rs`), and a write plan holds only blocks nobody else sees (a
 //! write awaiting its commit holds nothing: the committer settles its blocks).
-//! One rare step blocks the queue thread: a read whose page-cache copy fails its checksum
-//! is read again from the device synchronously (`DirectIo::finish_read`).
+//! Rare steps block the queue thread: a read whose page-cache copy fails its checksum is
+//! read again from the device synchronously (`DirectIo::finish_read`); a write whose
+//! eventfd cannot be made commits synchronously (`finish_write`); and the mapping lookup
+//! of a read runs inline (µs).
 //!
-//! Invariants: every request is completed exactly once. A task never returns while a data
-//! SQE it submitted is in flight (it awaits every one, also after errors). Should the
-//! executor be dropped with tasks still pending (the event loop failed), their I/O buffers
-//! are leaked rather than freed under the kernel's feet (`ManuallyDrop`).
+//! Invariants: every request is completed exactly once. A task never returns while an SQE
+//! it submitted is in flight (data, or the eventfd read of wakeup.rs; it awaits every one,
+//! also after errors). Should the executor be dropped with tasks still pending (the event
+//! loop failed), their I/O buffers are leaked rather than freed under the kernel's feet
+//! (`ManuallyDrop`), and so is the export of a write awaiting its commit (`KeepAlive`).
 
 use std::mem::ManuallyDrop;
 use std::panic::AssertUnwindSafe;
@@ -196,7 +199,8 @@ async fn serve(
     let r = if op == sys::UBLK_IO_OP_READ {
         direct_read(q, d, off, buf).await
     } else {
-        direct_write(q, d, off, buf, op_flags & sys::UBLK_IO_F_FUA != 0).await
+        let fua = op_flags & sys::UBLK_IO_F_FUA != 0;
+        direct_write(q, ctx.export, d, off, buf, fua).await
     };
     let res = match r {
         Ok(()) => len as i32,
@@ -238,6 +242,7 @@ async fn direct_read(
 
 async fn direct_write(
     q: &UblkQueue<'_>,
+    export: &Arc<dyn Export>,
     d: &dyn DirectIo,
     off: u64,
     buf: &mut [u8],
@@ -250,14 +255,60 @@ async fn direct_write(
     let Some(done) = Wakeup::new() else {
         return d.finish_write(plan, io);
     };
-    let wake = Arc::clone(&done);
-    d.finish_write_then(plan, io, Box::new(move |r| wake.complete(r)));
-    done.wait(q).await.unwrap_or_else(|| {
+    let answer = Answer(Some(Arc::clone(&done)));
+    // Should this future be dropped before the answer (the queue's event loop failed),
+    // the export is kept alive for good rather than possibly left for the committer to
+    // drop last, on its own thread.
+    let keep = KeepAlive(Some(Arc::clone(export)));
+    d.finish_write_then(plan, io, Box::new(move |r| answer.give(r)));
+    let r = done.wait(q).await;
+    keep.release();
+    r.unwrap_or_else(|| {
         Err(snapblk_core::Error::device(
             "write",
             std::io::Error::other("commit result lost"),
         ))
     })
+}
+
+/// A direct write's answer: given once with the commit's outcome, or, if the callback
+/// holding it is dropped uncalled (a committer that panicked or stopped), as an error,
+/// so the tag never waits forever.
+struct Answer(Option<Arc<Wakeup<snapblk_core::Result<()>>>>);
+
+impl Answer {
+    fn give(mut self, r: snapblk_core::Result<()>) {
+        if let Some(w) = self.0.take() {
+            w.complete(r);
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.take() {
+            w.complete(Err(snapblk_core::Error::Busy(
+                "the write's commit was abandoned".into(),
+            )));
+        }
+    }
+}
+
+/// Holds an export across an await; forgets it (a leak) if dropped before `release`.
+struct KeepAlive(Option<Arc<dyn Export>>);
+
+impl KeepAlive {
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        if let Some(e) = self.0.take() {
+            std::mem::forget(e);
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -322,5 +373,34 @@ mod tests {
         assert_eq!(direct_range(sys::UBLK_IO_OP_FLUSH, 0, 8, 1 << 20), None);
         assert_eq!(direct_range(sys::UBLK_IO_OP_DISCARD, 0, 8, 1 << 20), None);
         assert_eq!(direct_range(r, u64::MAX / 256, 8, 1 << 20), None);
+    }
+
+    /// A direct write's answer is given once: with the outcome, or as an error when the
+    /// callback holding it is dropped uncalled; either way the eventfd is written.
+    #[test]
+    fn a_write_answer_is_given_once_even_if_dropped() {
+        use std::io::Read;
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let counter = |w: &Wakeup<snapblk_core::Result<()>>| {
+            // SAFETY: dup(2) of a descriptor `w` owns; the new one is ours (File closes it).
+            let fd = unsafe { libc::dup(w.event_fd().as_raw_fd()) };
+            assert!(fd >= 0);
+            // SAFETY: `fd` was just created and is owned by nobody else.
+            let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+            let mut b = [0u8; 8];
+            f.read_exact(&mut b).expect("eventfd read");
+            u64::from_ne_bytes(b)
+        };
+        let given = Wakeup::new().expect("eventfd");
+        Answer(Some(Arc::clone(&given))).give(Ok(()));
+        assert_eq!(counter(&given), 1);
+        assert!(matches!(given.take(), Some(Ok(()))));
+        let dropped = Wakeup::new().expect("eventfd");
+        let answer = Answer(Some(Arc::clone(&dropped)));
+        let then: Box<dyn FnOnce(snapblk_core::Result<()>) + Send> =
+            Box::new(move |r| answer.give(r));
+        drop(then);
+        assert_eq!(counter(&dropped), 1);
+        assert!(matches!(dropped.take(), Some(Err(_))));
     }
 }

@@ -54,12 +54,18 @@ impl<T> Wakeup<T> {
         }
     }
 
-    fn take(&self) -> Option<T> {
+    #[cfg(test)]
+    pub(crate) fn event_fd(&self) -> &File {
+        &self.event
+    }
+
+    pub(crate) fn take(&self) -> Option<T> {
         self.result.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Awaits the result on the queue's ring (`None` only if the eventfd could not be
-    /// read and the result never came: not expected).
+    /// Awaits the result on the queue's ring (`None` only if the counter was read and no
+    /// result was stored: not expected). If the eventfd cannot be read, polls for the
+    /// result on this thread instead (blocking the queue until it comes).
     pub(crate) async fn wait(&self, q: &UblkQueue<'_>) -> Option<T> {
         let mut counter = ManuallyDrop::new(Box::new([0u8; 8]));
         loop {
