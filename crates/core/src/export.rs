@@ -148,7 +148,8 @@ impl Export for Metered {
 
 /// Whole-block reads and writes split into plan → data I/O → finish (`pool/plan.rs`),
 /// validated like `Export::read`/`write`. The caller reads the plan's device segments on
-/// `data_read_fd` or writes them on `data_fd` (block-aligned offsets, lengths and buffers), then finishes it.
+/// `data_read_fd` or writes them on `data_fd` (block-aligned offsets, lengths and
+/// buffers), then finishes it.
 pub trait DirectIo {
     /// The data device's descriptor for writes.
     fn data_fd(&self) -> RawFd;

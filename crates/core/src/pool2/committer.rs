@@ -123,7 +123,8 @@ impl Txn {
             }
             Reply::Call(f) => {
                 // A callback that panics must not take the committer (every volume's
-                // writes) down with it; its caller is left without an answer.
+                // writes) down with it. The frontends' callbacks fail their request if
+                // dropped uncalled (NBD `WriteReply`, ublk `Answer`), so none waits forever.
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(a))).is_err() {
                     log::error!("a write's completion callback panicked");
                 }
