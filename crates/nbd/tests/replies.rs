@@ -5,7 +5,8 @@
 //!
 //! Checked to fail when `Conn::send_nowait` sends with a blocking write instead: the
 //! committer then blocks on the stalled client's full socket, and the other client's
-//! writes time out.
+//! writes time out. And replies never interleave when the committer (write replies) and
+//! the workers (read and flush replies) answer one connection at once.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -50,6 +51,40 @@ fn connect(sock: &Path, export: &str) -> UnixStream {
     let mut info = [0u8; 10];
     s.read_exact(&mut info).expect("export info");
     s
+}
+
+/// A block's content, different for every (block, version).
+fn block(lba: u64, version: u64) -> Vec<u8> {
+    let mut x =
+        lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version.wrapping_mul(0xA24B_AED4_963E_E407);
+    let mut v = Vec::with_capacity(BLOCK);
+    while v.len() < BLOCK {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+fn request(command: u16, cookie: u64, lba: u64, data: Option<&[u8]>) -> Vec<u8> {
+    let length = match command {
+        CMD_READ | CMD_WRITE => BLOCK as u32,
+        _ => 0,
+    };
+    let offset = if length == 0 { 0 } else { lba * BLOCK as u64 };
+    let mut b = encode_request(&Request {
+        flags: 0,
+        command,
+        cookie,
+        offset,
+        length,
+    })
+    .to_vec();
+    if let Some(d) = data {
+        b.extend_from_slice(d);
+    }
+    b
 }
 
 fn write_request(cookie: u64, offset: u64, fill: u8) -> Vec<u8> {
@@ -144,5 +179,97 @@ fn a_client_that_stops_reading_replies_stalls_only_itself() {
             buf.iter().all(|&x| x == (i % 251) as u8),
             "block of write {i}"
         );
+    }
+}
+
+/// One connection, requests pipelined: writes (answered by the committer), reads and
+/// flushes (answered by the workers) at once. Every reply arrives whole and once, reads
+/// return their blocks exactly, and every write is there afterwards.
+#[test]
+fn mixed_replies_on_one_connection_never_interleave() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("nbd.sock");
+    let pool = pool();
+    let server = Server::new(Arc::new(PoolExports(Arc::clone(&pool))), 16).expect("server");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    std::thread::spawn(move || serve_unix(server, listener));
+
+    // Blocks 2048.. are read in the mixed phase: fill them first.
+    let mut c = connect(&sock, "a");
+    for lba in 2048..4096u64 {
+        c.write_all(&request(CMD_WRITE, lba, lba, Some(&block(lba, 0))))
+            .expect("fill");
+        assert_eq!(reply(&mut c), (0, lba), "fill of block {lba}");
+    }
+
+    // Cookie = request number * 4 + kind (0 write, 1 read, 2 flush); writes go to blocks
+    // 0..2048, each once, reads to 2048.. (not written meanwhile).
+    const N: u64 = 6000;
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut reqs = Vec::new();
+    let mut writes = 0u64;
+    for i in 0..N {
+        let r = next();
+        let kind = match r % 10 {
+            0 => 2,
+            1..=4 if writes < 2048 => 0,
+            _ => 1,
+        };
+        let lba = match kind {
+            0 => {
+                writes += 1;
+                writes - 1
+            }
+            1 => 2048 + (r >> 8) % 2048,
+            _ => 0,
+        };
+        reqs.push((i * 4 + kind, lba));
+    }
+    let expected: std::collections::HashMap<u64, u64> = reqs.iter().copied().collect();
+    let mut send = c.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        for (cookie, lba) in reqs {
+            let b = match cookie % 4 {
+                0 => request(CMD_WRITE, cookie, lba, Some(&block(lba, 1))),
+                1 => request(CMD_READ, cookie, lba, None),
+                _ => request(CMD_FLUSH, cookie, 0, None),
+            };
+            send.write_all(&b).expect("send");
+        }
+    });
+    let mut seen = std::collections::HashSet::new();
+    let mut data = vec![0u8; BLOCK];
+    for i in 0..N {
+        // Reading slowly now and then lets the socket fill: replies are then sent in
+        // parts, and the committer finds the writer busy or the socket full.
+        if i % 32 == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let (err, cookie) = reply(&mut c);
+        assert_eq!(err, 0, "request {cookie} failed");
+        let lba = *expected
+            .get(&cookie)
+            .unwrap_or_else(|| panic!("reply with an unknown cookie {cookie:#x}"));
+        assert!(seen.insert(cookie), "two replies to {cookie}");
+        if cookie % 4 == 1 {
+            c.read_exact(&mut data).expect("read data");
+            assert!(
+                data == block(lba, 0),
+                "read of block {lba} (request {cookie})"
+            );
+        }
+    }
+    sender.join().expect("sender");
+    let t = pool.resolve_target("a").expect("a");
+    let mut buf = vec![0u8; BLOCK];
+    for lba in 0..writes {
+        pool.read(&t, lba * BLOCK as u64, &mut buf).expect("read a");
+        assert!(buf == block(lba, 1), "block {lba} after its write");
     }
 }
