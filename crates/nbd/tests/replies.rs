@@ -112,14 +112,19 @@ fn reply(s: &mut UnixStream) -> (u32, u64) {
     )
 }
 
-#[test]
-fn a_client_that_stops_reading_replies_stalls_only_itself() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Serves `pool`'s volumes on a Unix socket in `dir`, `workers` per connection.
+fn serve(dir: &tempfile::TempDir, pool: &Arc<Pool>, workers: usize) -> std::path::PathBuf {
     let sock = dir.path().join("nbd.sock");
-    let pool = pool();
-    let server = Server::new(Arc::new(PoolExports(Arc::clone(&pool))), 4).expect("server");
+    let server = Server::new(Arc::new(PoolExports(Arc::clone(pool))), workers).expect("server");
     let listener = UnixListener::bind(&sock).expect("bind");
     std::thread::spawn(move || serve_unix(server, listener));
+    sock
+}
+
+#[test]
+fn a_client_that_stops_reading_replies_stalls_only_itself() {
+    let (dir, pool) = (tempfile::tempdir().expect("tempdir"), pool());
+    let sock = serve(&dir, &pool, 4);
 
     // Client A sends writes and never reads: its replies fill the socket, then wait in
     // the server (its budget of requests in flight stops the server reading more).
@@ -187,12 +192,8 @@ fn a_client_that_stops_reading_replies_stalls_only_itself() {
 /// return their blocks exactly, and every write is there afterwards.
 #[test]
 fn mixed_replies_on_one_connection_never_interleave() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("nbd.sock");
-    let pool = pool();
-    let server = Server::new(Arc::new(PoolExports(Arc::clone(&pool))), 16).expect("server");
-    let listener = UnixListener::bind(&sock).expect("bind");
-    std::thread::spawn(move || serve_unix(server, listener));
+    let (dir, pool) = (tempfile::tempdir().expect("tempdir"), pool());
+    let sock = serve(&dir, &pool, 16);
 
     // Blocks 2048.. are read in the mixed phase: fill them first.
     let mut c = connect(&sock, "a");
