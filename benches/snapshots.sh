@@ -21,9 +21,11 @@
 #     machine's drift between jobs cancels instead of showing as depth.
 #  Each read job first reads its target once sequentially (data then comes from the page
 #  cache: the timed reads compare metadata paths, the harshest case for their ratios).
-#  A and F read the oldest snapshot and the clone twice: with the daemon's content cache
-#  (format2.md §8b, the default) and restarted with --snapshot-cache 0 (every snapshot page
-#  read from the store: a snapshot read larger than the cache).
+#  A and F read the oldest snapshot and the clone three times: with the daemon's content
+#  cache (format2.md §8b, the default), restarted with --snapshot-cache 0 (no RAM tier:
+#  every snapshot page from the contents kept on the metadata disk, §8c — a snapshot read
+#  larger than the RAM), and with --snapshot-cache-disk 0 too (every page resolved from
+#  the map's dead records: a read larger than both, or the first read of a page).
 # Usage: benches/snapshots.sh [RUNTIME_S=8] [BIG_GIB=8]   (SECTIONS="A B C D F G" to run a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -129,7 +131,10 @@ read_job "$(uri c)"; CLONE=$IOPS; CLONE_CPU=$CPU
 stop; start --snapshot-cache 0
 read_job "$(uri v@s1)"; OLD_NC=$IOPS; OLD_NC_CPU=$CPU
 read_job "$(uri c)"; CLONE_NC=$IOPS; CLONE_NC_CPU=$CPU
-say "  oldest snapshot read $OLD, clone of it $CLONE IOPS; without the content cache $OLD_NC, $CLONE_NC"
+stop; start --snapshot-cache 0 --snapshot-cache-disk 0
+read_job "$(uri v@s1)"; OLD_NONE=$IOPS; OLD_NONE_CPU=$CPU
+read_job "$(uri c)"; CLONE_NONE=$IOPS; CLONE_NONE_CPU=$CPU
+say "  oldest snapshot read $OLD, clone of it $CLONE IOPS; no RAM tier $OLD_NC, $CLONE_NC; no cache $OLD_NONE, $CLONE_NONE"
 fi
 
 # ---------------------------------------------------------------- B
@@ -223,7 +228,10 @@ read_job "$(uri c)" "${BIG}G"; F_CLONE=$IOPS; F_CLONE_CPU=$CPU
 stop; start --snapshot-cache 0
 read_job "$(uri v@s1)" "${BIG}G"; F_OLD_NC=$IOPS; F_OLD_NC_CPU=$CPU
 read_job "$(uri c)" "${BIG}G"; F_CLONE_NC=$IOPS; F_CLONE_NC_CPU=$CPU
-say "  live $F_LIVE, oldest snapshot $F_OLD, clone $F_CLONE IOPS; without the content cache $F_OLD_NC, $F_CLONE_NC"
+stop; start --snapshot-cache 0 --snapshot-cache-disk 0
+read_job "$(uri v@s1)" "${BIG}G"; F_OLD_NONE=$IOPS; F_OLD_NONE_CPU=$CPU
+read_job "$(uri c)" "${BIG}G"; F_CLONE_NONE=$IOPS; F_CLONE_NONE_CPU=$CPU
+say "  live $F_LIVE, oldest snapshot $F_OLD, clone $F_CLONE IOPS; no RAM tier $F_OLD_NC, $F_CLONE_NC; no cache $F_OLD_NONE, $F_CLONE_NONE"
 fi
 
 # ---------------------------------------------------------------- G
@@ -260,7 +268,8 @@ for d in 0 10 50 200; do
     printf "%-10s %10s %8s %10s %8s %14s\n" "$d" "${RR[$d]}" "$(ratio "${RR[$d]}" "${RR[0]}")" "${RW[$d]}" "$(ratio "${RW[$d]}" "${RW[0]}")" "${RC[$d]}"
 done
 echo "oldest snapshot read: $OLD ($(ratio "$OLD" "${RR[0]}")), daemon $OLD_CPU us/read; clone of it: $CLONE ($(ratio "$CLONE" "${RR[0]}")), $CLONE_CPU us/read"
-echo "  content cache off: oldest snapshot $OLD_NC ($(ratio "$OLD_NC" "${RR[0]}")), $OLD_NC_CPU us/read; clone $CLONE_NC ($(ratio "$CLONE_NC" "${RR[0]}")), $CLONE_NC_CPU us/read"
+echo "  no RAM tier (kept on disk): oldest snapshot $OLD_NC ($(ratio "$OLD_NC" "${RR[0]}")), $OLD_NC_CPU us/read; clone $CLONE_NC ($(ratio "$CLONE_NC" "${RR[0]}")), $CLONE_NC_CPU us/read"
+echo "  no content cache at all: oldest snapshot $OLD_NONE ($(ratio "$OLD_NONE" "${RR[0]}")), $OLD_NONE_CPU us/read; clone $CLONE_NONE ($(ratio "$CLONE_NONE" "${RR[0]}")), $CLONE_NONE_CPU us/read"
 echo
 fi
 on B && { echo "B. oldest-snapshot delete + reclaim: 2 GiB ${DEL[2]} ms, ${BIG} GiB ${DEL[$BIG]} ms, ratio $(ratio "${DEL[$BIG]}" "${DEL[2]}")"; echo; }
@@ -273,7 +282,8 @@ fi
 if on F; then
 echo
 echo "F. 4K randread QD32 on a ${BIG} GiB volume at 50 snapshots: live $F_LIVE ($F_LIVE_CPU us/read of daemon CPU); oldest snapshot $F_OLD ($(ratio "$F_OLD" "$F_LIVE"), $F_OLD_CPU us/read); clone of it $F_CLONE ($(ratio "$F_CLONE" "$F_LIVE"), $F_CLONE_CPU us/read)"
-echo "   content cache off: oldest snapshot $F_OLD_NC ($(ratio "$F_OLD_NC" "$F_LIVE"), $F_OLD_NC_CPU us/read); clone $F_CLONE_NC ($(ratio "$F_CLONE_NC" "$F_LIVE"), $F_CLONE_NC_CPU us/read)"
+echo "   no RAM tier (kept on disk): oldest snapshot $F_OLD_NC ($(ratio "$F_OLD_NC" "$F_LIVE"), $F_OLD_NC_CPU us/read); clone $F_CLONE_NC ($(ratio "$F_CLONE_NC" "$F_LIVE"), $F_CLONE_NC_CPU us/read)"
+echo "   no content cache at all: oldest snapshot $F_OLD_NONE ($(ratio "$F_OLD_NONE" "$F_LIVE"), $F_OLD_NONE_CPU us/read); clone $F_CLONE_NONE ($(ratio "$F_CLONE_NONE" "$F_LIVE"), $F_CLONE_NONE_CPU us/read)"
 fi
 if on G; then
 echo

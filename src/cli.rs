@@ -227,7 +227,7 @@ pub enum PoolCmd {
 pub struct DaemonArgs {
     /// TOML file with meta, data, socket, nbd_socket, nbd_tcp, nbd_group, max_connections,
     /// insecure, workers, tls_cert, tls_key, tls_client_ca, metrics_listen, ublk_on_stop,
-    /// snapshot_cache, data_cache.
+    /// snapshot_cache, snapshot_cache_disk, data_cache.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Unix socket for NBD clients.
@@ -276,6 +276,11 @@ pub struct DaemonArgs {
     /// than 0, at least 64K.
     #[arg(long)]
     pub snapshot_cache: Option<String>,
+    /// Metadata-disk space (in <meta>/db/derived) for the same contents past the RAM, so
+    /// that snapshot reads beyond it cost one lookup like a volume's (e.g. 1G, the
+    /// default; 0 turns it off; 64M to 16T). The oldest entries go first past it.
+    #[arg(long)]
+    pub snapshot_cache_disk: Option<String>,
     /// Data I/O: "reads" (default: writes O_DIRECT, reads through the host's page cache:
     /// repeated reads from RAM and read-ahead for large reads, at the cost of RAM; on a
     /// block device reads stay O_DIRECT), "none"

@@ -375,6 +375,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 metrics_listen: a.metrics_listen.clone(),
                 ublk_on_stop: a.ublk_on_stop.clone(),
                 snapshot_cache: a.snapshot_cache.clone(),
+                snapshot_cache_disk: a.snapshot_cache_disk.clone(),
                 data_cache: a.data_cache.clone(),
             });
             daemon::run(cfg)?;

@@ -252,7 +252,7 @@ pub fn render(cmd: &Command, r: &Reply) -> String {
                 ));
             }
             s.push_str(&format!(
-                "pool check: {} ({} volumes, {} snapshots, {} lineages, {} pages, {} dead records, {} data blocks, {} reclaim jobs pending)",
+                "pool check: {} ({} volumes, {} snapshots, {} lineages, {} pages, {} dead records, {} data blocks, {} reclaim jobs pending, {} kept snapshot pages)",
                 if c.is_clean() {
                     "clean".to_string()
                 } else {
@@ -264,7 +264,8 @@ pub fn render(cmd: &Command, r: &Reply) -> String {
                 c.pages,
                 c.dead_records,
                 c.owned_blocks,
-                c.pending_jobs
+                c.pending_jobs,
+                c.kept_contents
             ));
             s
         }

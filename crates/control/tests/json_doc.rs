@@ -83,7 +83,8 @@ fn samples() -> Vec<(&'static str, Command, Value)> {
             cmd(json!({"cmd": "pool_check"})),
             json!({"errors": ["e"], "error_count": 1,
             "volumes": 0, "snapshots": 0, "lineages": 0, "pages": 0, "dead_records": 0,
-            "checkpoints": 0, "index_entries": 0, "owned_blocks": 0, "pending_jobs": 0}),
+            "checkpoints": 0, "index_entries": 0, "owned_blocks": 0, "pending_jobs": 0,
+            "kept_contents": 0}),
         ),
         (
             "Scrub",

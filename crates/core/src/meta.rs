@@ -132,6 +132,110 @@ pub trait MetaStore: Send + Sync {
     fn memory(&self) -> u64 {
         0
     }
+
+    /// Whether the store keeps *derived* entries: a second key space, apart from the
+    /// batches, for what callers can compute again from the map (format2.md §8c: page
+    /// contents at retained epochs). Its contract is a cache's: a `derived_put` is not in
+    /// any batch nor ordered with them, may be lost at a crash, and any entry may vanish
+    /// at any time (the store bounds the space by dropping old entries); an entry never
+    /// changes by itself. Default: none kept.
+    fn derived(&self) -> bool {
+        false
+    }
+    /// The derived entry under `key`, if the store still has it.
+    fn derived_get(&self, _key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
+    /// Keeps `value` under `key` as a derived entry (nothing when derived entries are off).
+    fn derived_put(&self, _key: &[u8], _value: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Visits the derived entries in `[from, to)` in ascending key order.
+    fn derived_scan(
+        &self,
+        _from: &[u8],
+        _to: &[u8],
+        _visit: &mut ScanVisitor<'_>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Drops every derived entry in `[from, to)`.
+    fn derived_delete_range(&self, _from: &[u8], _to: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Approximate bytes the derived entries occupy (memory or disk).
+    fn derived_size(&self) -> u64 {
+        0
+    }
+}
+
+/// Derived entries kept in memory: by [`MemStore`] and the test stores. Holds at most
+/// `cap` entries, dropping the lowest keys past it (the contract lets any entry vanish).
+#[derive(Debug)]
+pub struct DerivedMap {
+    map: Mutex<Map>,
+    cap: usize,
+}
+
+impl DerivedMap {
+    pub fn new(cap: usize) -> Self {
+        DerivedMap {
+            map: Mutex::new(Map::new()),
+            cap,
+        }
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Map> {
+        // Each operation leaves the map whole; poisoning carries no meaning.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.lock().get(key).cloned()
+    }
+    pub fn put(&self, key: &[u8], value: &[u8]) {
+        let mut m = self.lock();
+        m.insert(key.to_vec(), value.to_vec());
+        while m.len() > self.cap {
+            m.pop_first();
+        }
+    }
+    pub fn scan(&self, from: &[u8], to: &[u8], visit: &mut ScanVisitor<'_>) {
+        if from >= to {
+            return;
+        }
+        let items: Vec<(Vec<u8>, Vec<u8>)> = self
+            .lock()
+            .range(from.to_vec()..to.to_vec())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in items {
+            if visit(&k, &v).is_break() {
+                break;
+            }
+        }
+    }
+    pub fn delete_range(&self, from: &[u8], to: &[u8]) {
+        if from < to {
+            self.lock()
+                .retain(|k, _| k.as_slice() < from || k.as_slice() >= to);
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Keeps each entry or drops it as `keep` says (a simulated crash: which entries had
+    /// reached the disk).
+    pub fn retain(&self, mut keep: impl FnMut() -> bool) {
+        self.lock().retain(|_, _| keep());
+    }
+    pub fn bytes(&self) -> u64 {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum()
+    }
 }
 
 /// A [`MetaStore::reader`] taken at its first use: a request that reads only what the
@@ -246,9 +350,22 @@ impl MetaRead for MapView {
 
 /// In-memory store for tests and models. A clone of an `Arc<MemStore>` "reopens" it. The
 /// map is shared copy-on-write with views: a commit copies it only while a view lives.
-#[derive(Default)]
 pub struct MemStore {
     map: Mutex<Arc<Map>>,
+    derived: DerivedMap,
+}
+
+/// Derived entries a [`MemStore`] keeps: enough for the tests' pools to hit, few enough
+/// that long runs also see entries dropped.
+pub const MEM_DERIVED_ENTRIES: usize = 4096;
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore {
+            map: Mutex::default(),
+            derived: DerivedMap::new(MEM_DERIVED_ENTRIES),
+        }
+    }
 }
 
 impl MemStore {
@@ -295,5 +412,32 @@ impl MetaStore for MemStore {
 
     fn size_on_disk(&self) -> u64 {
         0
+    }
+
+    fn derived(&self) -> bool {
+        true
+    }
+    fn derived_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.derived.get(key))
+    }
+    fn derived_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.derived.put(key, value);
+        Ok(())
+    }
+    fn derived_scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut ScanVisitor<'_>,
+    ) -> Result<(), StoreError> {
+        self.derived.scan(from, to, visit);
+        Ok(())
+    }
+    fn derived_delete_range(&self, from: &[u8], to: &[u8]) -> Result<(), StoreError> {
+        self.derived.delete_range(from, to);
+        Ok(())
+    }
+    fn derived_size(&self) -> u64 {
+        self.derived.bytes()
     }
 }

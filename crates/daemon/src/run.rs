@@ -31,6 +31,10 @@ pub const DEFAULT_NBD_TCP: &str = "none";
 const MAX_SNAPSHOT_CACHE: u64 = 64 << 30;
 /// Smallest non-zero `snapshot_cache`: room for a page with 64 scattered blocks per shard.
 const MIN_SNAPSHOT_CACHE: u64 = 64 << 10;
+/// `snapshot_cache_disk` bounds: below 64 MiB a few table files would be the whole space;
+/// 16 TiB is far past any metadata SSD of a pool this daemon serves.
+const MIN_SNAPSHOT_CACHE_DISK: u64 = 64 << 20;
+const MAX_SNAPSHOT_CACHE_DISK: u64 = 16 << 40;
 
 /// Daemon settings: from the TOML config file, overridden by command-line flags.
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +67,9 @@ pub struct DaemonConfig {
     /// RAM for page contents of snapshots and clone bases as reads resolved them (a
     /// size, e.g. "64M", the default; "0" turns it off; at most 64G).
     pub snapshot_cache: Option<String>,
+    /// Metadata-disk space for the same contents past the RAM (a size: "1G", the
+    /// default; "0" turns it off; 64M to 16T), in `<meta>/db/derived`.
+    pub snapshot_cache_disk: Option<String>,
     /// Data I/O: "reads" (the default: writes O_DIRECT, reads through the host's page
     /// cache), "none" (O_DIRECT both ways) or "host" (both through the page cache).
     pub data_cache: Option<String>,
@@ -96,6 +103,7 @@ impl DaemonConfig {
             metrics_listen: other.metrics_listen.or(self.metrics_listen),
             ublk_on_stop: other.ublk_on_stop.or(self.ublk_on_stop),
             snapshot_cache: other.snapshot_cache.or(self.snapshot_cache),
+            snapshot_cache_disk: other.snapshot_cache_disk.or(self.snapshot_cache_disk),
             data_cache: other.data_cache.or(self.data_cache),
         }
     }
@@ -146,6 +154,7 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         return invalid("max_connections must be at least 1".into());
     }
     let snapshot_cache = snapshot_cache_bytes(cfg.snapshot_cache.as_deref())?;
+    let snapshot_cache_disk = snapshot_cache_disk_bytes(cfg.snapshot_cache_disk.as_deref())?;
     let data_cache = data_cache_mode(cfg.data_cache.as_deref())?;
     let keep_devices = match cfg.ublk_on_stop.as_deref().unwrap_or("detach") {
         "detach" => false,
@@ -166,7 +175,10 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
         &data,
         "snapblk daemon",
         crate::open::OpenSettings {
-            memory: crate::open::Memory::DAEMON,
+            memory: crate::open::Memory {
+                derived: snapshot_cache_disk,
+                ..crate::open::Memory::DAEMON
+            },
             snapshot_cache: Some(snapshot_cache),
             data_cache,
         },
@@ -476,6 +488,23 @@ fn snapshot_cache_bytes(v: Option<&str>) -> Result<usize> {
     })
 }
 
+/// The `snapshot_cache_disk` setting in bytes: the default when absent; 0, or 64 MiB to
+/// 16 TiB.
+fn snapshot_cache_disk_bytes(v: Option<&str>) -> Result<u64> {
+    let bytes = match v {
+        None => return Ok(snapblk_rocks::DERIVED),
+        Some(s) => snapblk_control::human::parse_size(s)
+            .map_err(|e| DaemonError::Invalid(format!("snapshot_cache_disk: {e}")))?,
+    };
+    if bytes != 0 && !(MIN_SNAPSHOT_CACHE_DISK..=MAX_SNAPSHOT_CACHE_DISK).contains(&bytes) {
+        return invalid(format!(
+            "snapshot_cache_disk {} must be 0 (off) or between 64M and 16T",
+            v.unwrap_or_default()
+        ));
+    }
+    Ok(bytes)
+}
+
 /// The `data_cache` setting: how data I/O uses the host page cache.
 fn data_cache_mode(v: Option<&str>) -> Result<DataCache> {
     match v.unwrap_or("reads") {
@@ -491,6 +520,23 @@ fn data_cache_mode(v: Option<&str>) -> Result<DataCache> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_cache_disk_is_a_bounded_size() {
+        assert_eq!(
+            snapshot_cache_disk_bytes(None).unwrap(),
+            snapblk_rocks::DERIVED
+        );
+        assert_eq!(snapshot_cache_disk_bytes(Some("0")).unwrap(), 0);
+        assert_eq!(snapshot_cache_disk_bytes(Some("64M")).unwrap(), 64 << 20);
+        assert_eq!(snapshot_cache_disk_bytes(Some("16T")).unwrap(), 16 << 40);
+        for bad in ["1M", "17T", "lots", "-1G"] {
+            let e = snapshot_cache_disk_bytes(Some(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("snapshot_cache_disk"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn snapshot_cache_is_a_bounded_size() {

@@ -4,7 +4,8 @@
 //! Pool: `snapblk_pool_{capacity,used,free,pending_free,metadata}_bytes`,
 //! `snapblk_pool_reclaim_jobs` (reclaim backlog), `snapblk_pool_{volumes,snapshots,clones}`,
 //! the snapshot content cache: `snapblk_snapshot_cache_{bytes,entries}` and the counters
-//! `snapblk_snapshot_cache_{hits,misses}_total`.
+//! `snapblk_snapshot_cache_{hits,misses}_total`; its store tier:
+//! `snapblk_snapshot_cache_disk_bytes`, `snapblk_snapshot_cache_disk_{hits,errors}_total`.
 //! Per volume (`volume`): `snapblk_volume_{size,used,written,snapshot,quota}_bytes`,
 //! `snapblk_volume_snapshots`, `snapblk_volume_open_exports`. From [`Sources`]:
 //! `snapblk_backup_age_seconds{volume, repository}`,
@@ -72,6 +73,9 @@ struct PoolGauges {
     cache_entries: IntGauge,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
+    cache_disk_bytes: IntGauge,
+    cache_disk_hits: IntCounter,
+    cache_disk_errors: IntCounter,
 }
 
 struct VolumeGauges {
@@ -162,7 +166,19 @@ impl State {
             )?,
             cache_misses: counter(
                 "snapblk_snapshot_cache_misses_total",
-                "Snapshot and clone-base page lookups that read the metadata store.",
+                "Snapshot and clone-base page lookups the RAM cache did not answer.",
+            )?,
+            cache_disk_bytes: gauge(
+                "snapblk_snapshot_cache_disk_bytes",
+                "Metadata-disk bytes of snapshot and clone-base page contents kept past the RAM.",
+            )?,
+            cache_disk_hits: counter(
+                "snapblk_snapshot_cache_disk_hits_total",
+                "Of the RAM misses, lookups answered by the contents kept on the metadata disk.",
+            )?,
+            cache_disk_errors: counter(
+                "snapblk_snapshot_cache_disk_errors_total",
+                "Failed lookups or puts of contents kept on the metadata disk (taken as misses).",
             )?,
         };
         let v = VolumeGauges {
@@ -237,6 +253,14 @@ impl State {
             .inc_by(cache.hits.saturating_sub(p.cache_hits.get()));
         p.cache_misses
             .inc_by(cache.misses.saturating_sub(p.cache_misses.get()));
+        p.cache_disk_bytes.set(clamp(cache.stored_bytes));
+        p.cache_disk_hits
+            .inc_by(cache.stored_hits.saturating_sub(p.cache_disk_hits.get()));
+        p.cache_disk_errors.inc_by(
+            cache
+                .stored_errors
+                .saturating_sub(p.cache_disk_errors.get()),
+        );
         let vols = self.pool.list_volumes();
         p.clones
             .set(vols.iter().filter(|v| v.origin.is_some()).count() as i64);

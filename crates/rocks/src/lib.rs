@@ -6,6 +6,7 @@
 //! Readers ([`MetaStore::reader`]) are used by one thread at a time; the iterators they
 //! hold are kept in a small pool between uses (`reader.rs`).
 
+mod derived;
 mod reader;
 
 use std::ops::ControlFlow;
@@ -20,6 +21,8 @@ pub struct RocksStore {
     /// Iterators kept between readers. Declared before `db`, so dropped before it: no
     /// iterator outlives the database it reads.
     kept: Mutex<Vec<reader::Kept>>,
+    /// The derived key space (`derived.rs`), when kept. Dropped before `db` (flushed).
+    derived: Option<derived::Derived>,
     db: DB,
 }
 
@@ -46,6 +49,9 @@ pub struct Memory {
     /// Largest table file a compaction writes: while it writes one it holds the hash of
     /// every key of it (for its bloom filter, 8 bytes a key) and the file's index.
     pub table_file: u64,
+    /// Disk bytes for derived entries (snapshot contents resolved by reads, format2.md
+    /// §8c) in `<db>/derived`; 0: none kept. Its memtable adds up to 32 MiB of RAM.
+    pub derived: u64,
 }
 
 impl Memory {
@@ -55,6 +61,7 @@ impl Memory {
         write_buffer: 64 << 20,
         block_cache: 256 << 20,
         table_file: 64 << 20,
+        derived: DERIVED,
     };
     /// One command run on the pool directly (`--meta`/`--data`, no daemon): a job writes
     /// in bulk and exits, and may run on a small host (a rescue restore). Its memtables
@@ -70,8 +77,13 @@ impl Memory {
         write_buffer: 1 << 20,
         block_cache: 2 << 20,
         table_file: 2 << 20,
+        derived: 0,
     };
 }
+
+/// A daemon's default [`Memory::derived`]: the contents of ~3.5 million sequentially written
+/// snapshot pages (~900 GiB of snapshot data read).
+pub const DERIVED: u64 = 1 << 30;
 
 impl RocksStore {
     /// Opens (or with `create`, creates) the store in `dir`, sized for a daemon.
@@ -96,7 +108,8 @@ impl RocksStore {
         // 9-byte (prefix byte + layer id) prefix would not help range scans, so use a
         // plain block cache with whole-key blooms for `get`.
         let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&Cache::new_lru_cache(memory.block_cache));
+        let cache = Cache::new_lru_cache(memory.block_cache);
+        table.set_block_cache(&cache);
         table.set_bloom_filter(10.0, false);
         table.set_cache_index_and_filter_blocks(true);
         opts.set_block_based_table_factory(&table);
@@ -107,8 +120,12 @@ impl RocksStore {
             )));
         }
         let db = DB::open(&opts, dir).map_err(err)?;
+        let derived = (memory.derived > 0)
+            .then(|| derived::Derived::open(dir, memory.derived, &cache))
+            .flatten();
         Ok(RocksStore {
             kept: Mutex::new(Vec::new()),
+            derived,
             db,
         })
     }
@@ -226,5 +243,33 @@ impl MetaStore for RocksStore {
         p("rocksdb.cur-size-all-mem-tables")
             + p("rocksdb.block-cache-usage")
             + p("rocksdb.estimate-table-readers-mem")
+    }
+
+    fn derived(&self) -> bool {
+        self.derived.is_some()
+    }
+    fn derived_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.derived.as_ref().map_or(Ok(None), |d| d.get(key))
+    }
+    fn derived_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.derived.as_ref().map_or(Ok(()), |d| d.put(key, value))
+    }
+    fn derived_scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut ScanVisitor<'_>,
+    ) -> Result<(), StoreError> {
+        self.derived
+            .as_ref()
+            .map_or(Ok(()), |d| d.scan(from, to, visit))
+    }
+    fn derived_delete_range(&self, from: &[u8], to: &[u8]) -> Result<(), StoreError> {
+        self.derived
+            .as_ref()
+            .map_or(Ok(()), |d| d.delete_range(from, to))
+    }
+    fn derived_size(&self) -> u64 {
+        self.derived.as_ref().map_or(0, |d| d.size())
     }
 }

@@ -32,7 +32,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use snapblk_core::device::{DataDevice, ReadSeg, WriteSeg, BLOCK_SIZE};
-use snapblk_core::meta::{apply_op, MapView, MetaRead, MetaStore, ScanVisitor, WriteBatch};
+use snapblk_core::meta::{
+    apply_op, DerivedMap, MapView, MetaRead, MetaStore, ScanVisitor, WriteBatch,
+    MEM_DERIVED_ENTRIES,
+};
 use snapblk_core::StoreError;
 
 /// A small deterministic generator (splitmix64), so a failing seed replays exactly.
@@ -74,6 +77,8 @@ struct State {
     meta_durable: BTreeMap<Vec<u8>, Vec<u8>>,
     meta_view: BTreeMap<Vec<u8>, Vec<u8>>,
     log: Vec<WriteBatch>,
+    /// Derived entries: a cut keeps each or loses it at random (puts skip any log).
+    derived: Arc<DerivedMap>,
 }
 
 /// What the last cut did.
@@ -128,6 +133,7 @@ impl PowerLoss {
             meta_durable: BTreeMap::new(),
             meta_view: BTreeMap::new(),
             log: Vec::new(),
+            derived: Arc::new(DerivedMap::new(MEM_DERIVED_ENTRIES)),
         };
         PowerLoss {
             st: Arc::new(Mutex::new(st)),
@@ -206,6 +212,7 @@ impl PowerLoss {
             for b in &log[..keep] {
                 apply(&mut st.meta_durable, b);
             }
+            st.derived.retain(|| rng.below(2) == 0);
             stats.batches_kept = keep as u64;
             stats.batches_dropped = (log.len() - keep) as u64;
             st.view = st.durable.clone();
@@ -399,5 +406,36 @@ impl MetaStore for SimStore {
 
     fn size_on_disk(&self) -> u64 {
         0
+    }
+
+    fn derived(&self) -> bool {
+        true
+    }
+    fn derived_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.derived_map()?.get(key))
+    }
+    fn derived_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.derived_map()?.put(key, value);
+        Ok(())
+    }
+    fn derived_scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        visit: &mut ScanVisitor<'_>,
+    ) -> Result<(), StoreError> {
+        self.derived_map()?.scan(from, to, visit);
+        Ok(())
+    }
+    fn derived_delete_range(&self, from: &[u8], to: &[u8]) -> Result<(), StoreError> {
+        self.derived_map()?.delete_range(from, to);
+        Ok(())
+    }
+}
+
+impl SimStore {
+    /// The derived entries, while this boot is live (outside the state lock after).
+    fn derived_map(&self) -> Result<Arc<DerivedMap>, io::Error> {
+        Ok(Arc::clone(&self.power.live(self.epoch)?.derived))
     }
 }

@@ -6,7 +6,8 @@
 //! reclaim merging the dead records and dropping the read checkpoints the kept snapshots'
 //! first answers came from), on RocksDB with small memtables (table files, flushes,
 //! compactions, kept iterators refreshed) and a cache too small for the pages read
-//! (entries are evicted and resolved again).
+//! (entries are evicted and resolved again). Run twice: with the RAM tier alone, and with
+//! no RAM tier and the contents kept in the store's derived database (format2.md §8c).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,15 +31,33 @@ fn block(b: u64, round: u64) -> Vec<u8> {
 
 #[test]
 fn snapshot_and_clone_reads_stay_right_under_writes_deletes_and_reclaim() {
+    // 4 sequentially written pages per shard (64 in all): fewer than the 128 (lineage,
+    // epoch, page) entries the readers visit.
+    let st = reads_under_load(Memory::ONE_SHOT, 16 * 2048);
+    assert!(st.hits > 0 && st.misses > 0, "{st:?}");
+    assert!(st.bytes <= 16 * 2048, "{st:?}");
+    assert_eq!(st.stored_hits, 0, "{st:?}");
+}
+
+#[test]
+fn snapshot_and_clone_reads_stay_right_from_contents_kept_in_the_store() {
+    let memory = Memory {
+        derived: 64 << 20,
+        ..Memory::ONE_SHOT
+    };
+    let st = reads_under_load(memory, 0);
+    assert!(st.stored_hits > 0 && st.stored_bytes > 0, "{st:?}");
+    assert_eq!(st.stored_errors, 0, "{st:?}");
+}
+
+fn reads_under_load(memory: Memory, ram: usize) -> snapblk_core::v2::cache::CacheStats {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(RocksStore::open_with(dir.path(), true, Memory::ONE_SHOT).unwrap());
+    let store = Arc::new(RocksStore::open_with(dir.path(), true, memory).unwrap());
     let dev = Arc::new(MemDevice::new(512 << 20));
     Pool2::format(&*store, &*dev).unwrap();
     let opts = OpenOptions {
         checkpoint_every: 2,
-        // 4 sequentially written pages per shard (64 in all): fewer than the 128 (lineage,
-        // epoch, page) entries the readers visit.
-        content_cache: 16 * 2048,
+        content_cache: ram,
     };
     let pool = Pool2::open_with(store, dev, &opts).unwrap();
     pool.start_background();
@@ -139,8 +158,7 @@ fn snapshot_and_clone_reads_stay_right_under_writes_deletes_and_reclaim() {
         });
     });
     let st = pool.content_cache_stats();
-    assert!(st.hits > 0 && st.misses > 0, "{st:?}");
-    assert!(st.bytes <= 16 * 2048, "{st:?}");
     pool.reclaim_all().unwrap();
     assert!(pool.check().unwrap().is_clean());
+    st
 }

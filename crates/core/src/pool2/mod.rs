@@ -177,6 +177,22 @@ impl Pool2 {
             owned: meta.lineages().values().map(|l| (l.id, l.owned)).collect(),
             ..Default::default()
         };
+        // The store tier of the content cache serves only once its entries of epochs not
+        // retained now are gone (v2/cache.rs): if that sweep fails, RAM only.
+        let mut contents = ContentCache::with_store(opts.content_cache, Some(Arc::clone(&store)));
+        let retained = |l, e| {
+            meta.lineages()
+                .get(&l)
+                .is_some_and(|lin| lin.retained.contains(e))
+        };
+        match contents.sweep(&retained) {
+            Ok(0) => {}
+            Ok(n) => log::info!("dropped the kept snapshot contents of {n} epochs not retained"),
+            Err(e) => {
+                log::warn!("not using the kept snapshot contents: sweeping them failed: {e}");
+                contents = ContentCache::new(opts.content_cache);
+            }
+        }
         let pool = Arc::new(Pool2 {
             store,
             dev,
@@ -198,7 +214,7 @@ impl Pool2 {
             shutdown: AtomicBool::new(false),
             wake: Arc::new((Mutex::new(false), Condvar::new())),
             usage: Mutex::new(usage),
-            contents: ContentCache::new(opts.content_cache),
+            contents,
         });
         let weak = Arc::downgrade(&pool);
         let shared = Arc::clone(&pool.committer);

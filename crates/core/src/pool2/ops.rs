@@ -784,6 +784,18 @@ impl Pool2 {
                 ));
             }
         }
+        // Contents kept on the metadata disk (format2.md §8c) at retained epochs: what
+        // reads would be given. Entries put after the view was taken are compared with
+        // it too (a retained epoch's content is the same in every state).
+        let retained =
+            |l: LineageId, e: Epoch| lineages.get(&l).is_some_and(|lin| lin.retained.contains(e));
+        let (n, bad) = self.contents.verify(&retained, &mut |l, e, p| {
+            crate::v2::read::read_page(&*view, &lineages, l, Some(e), p)
+        })?;
+        report.kept_contents = n;
+        for b in bad {
+            report.add_error(b);
+        }
         Ok(report)
     }
 }

@@ -40,6 +40,9 @@ pub struct Report {
     pub index_entries: u64,
     pub owned_blocks: u64,
     pub pending_jobs: u64,
+    /// Snapshot contents kept on the metadata disk (format2.md §8c) compared with the map.
+    #[serde(default)]
+    pub kept_contents: u64,
 }
 
 impl Report {

@@ -12,6 +12,9 @@ pub const K_INDEX: u8 = b'x';
 pub const K_REGION: u8 = b'r';
 pub const K_JOB: u8 = b'q';
 pub const K_COUNTER: u8 = b'k';
+/// In the store's *derived* key space (not the map's): `e`+L+E+page, the content of a
+/// page at retained epoch E (format2.md §8c).
+pub const K_CONTENT: u8 = b'e';
 /// Suffix of a read checkpoint's key: `dead(L, page, E) + 'c'` sorts after the dead record
 /// of E and before that of E + 1, so one ordered scan of a page's dead records meets the
 /// checkpoints among them (format2.md §8a).
@@ -125,6 +128,18 @@ pub fn counter(l: LineageId) -> Vec<u8> {
 }
 pub fn counters() -> (Vec<u8>, Vec<u8>) {
     (vec![K_COUNTER], vec![K_COUNTER + 1])
+}
+/// Derived key of the content of page `p` of `l` at retained epoch `e`.
+pub fn content(l: LineageId, e: Epoch, p: PageNo) -> Vec<u8> {
+    key(K_CONTENT, &[l.0, e.0, p.0])
+}
+/// Derived keys of every page of `l` at `e`.
+pub fn contents_at(l: LineageId, e: Epoch) -> (Vec<u8>, Vec<u8>) {
+    (key(K_CONTENT, &[l.0, e.0]), end_key(K_CONTENT, l.0, e.0))
+}
+/// Every derived content key.
+pub fn all_contents() -> (Vec<u8>, Vec<u8>) {
+    (vec![K_CONTENT], vec![K_CONTENT + 1])
 }
 pub fn region(n: u64) -> Vec<u8> {
     key(K_REGION, &[n])
