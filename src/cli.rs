@@ -278,7 +278,8 @@ pub struct DaemonArgs {
     pub snapshot_cache: Option<String>,
     /// Metadata-disk space (in <meta>/db/derived) for the same contents past the RAM, so
     /// that snapshot reads beyond it cost one lookup like a volume's (e.g. 1G, the
-    /// default; 0 turns it off; 64M to 16T). The oldest entries go first past it.
+    /// default; 0 turns it off; 64M to 64G). The oldest entries go first past it; ~1.3% of
+    /// it is held in RAM (filters). Count it in the metadata disk's size.
     #[arg(long)]
     pub snapshot_cache_disk: Option<String>,
     /// Data I/O: "reads" (default: writes O_DIRECT, reads through the host's page cache:

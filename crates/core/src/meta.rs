@@ -159,10 +159,14 @@ pub trait MetaStore: Send + Sync {
     ) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Drops every derived entry in `[from, to)`.
-    fn derived_delete_range(&self, _from: &[u8], _to: &[u8]) -> Result<(), StoreError> {
+    /// Drops every derived entry in each `[from, to)` of `ranges`, for good: no crash
+    /// brings them back once this returns.
+    fn derived_delete_ranges(&self, _ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Forgets every derived entry, now and for later opens of the store (what a caller
+    /// does when it cannot tell which ones are still right). Best effort; logged.
+    fn derived_forget(&self) {}
     /// Approximate bytes the derived entries occupy (memory or disk).
     fn derived_size(&self) -> u64 {
         0
@@ -433,9 +437,14 @@ impl MetaStore for MemStore {
         self.derived.scan(from, to, visit);
         Ok(())
     }
-    fn derived_delete_range(&self, from: &[u8], to: &[u8]) -> Result<(), StoreError> {
-        self.derived.delete_range(from, to);
+    fn derived_delete_ranges(&self, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+        for (from, to) in ranges {
+            self.derived.delete_range(from, to);
+        }
         Ok(())
+    }
+    fn derived_forget(&self) {
+        self.derived.delete_range(&[], &[0xff; 2]);
     }
     fn derived_size(&self) -> u64 {
         self.derived.bytes()

@@ -32,9 +32,10 @@ const MAX_SNAPSHOT_CACHE: u64 = 64 << 30;
 /// Smallest non-zero `snapshot_cache`: room for a page with 64 scattered blocks per shard.
 const MIN_SNAPSHOT_CACHE: u64 = 64 << 10;
 /// `snapshot_cache_disk` bounds: below 64 MiB a few table files would be the whole space;
-/// 16 TiB is far past any metadata SSD of a pool this daemon serves.
+/// past 64 GiB its pinned filters and indexes (~1.3%) would take GiBs of RAM, and its
+/// ~64 table files per GiB the process's open files.
 const MIN_SNAPSHOT_CACHE_DISK: u64 = 64 << 20;
-const MAX_SNAPSHOT_CACHE_DISK: u64 = 16 << 40;
+const MAX_SNAPSHOT_CACHE_DISK: u64 = 64 << 30;
 
 /// Daemon settings: from the TOML config file, overridden by command-line flags.
 #[derive(Debug, Default, Deserialize)]
@@ -68,7 +69,7 @@ pub struct DaemonConfig {
     /// size, e.g. "64M", the default; "0" turns it off; at most 64G).
     pub snapshot_cache: Option<String>,
     /// Metadata-disk space for the same contents past the RAM (a size: "1G", the
-    /// default; "0" turns it off; 64M to 16T), in `<meta>/db/derived`.
+    /// default; "0" turns it off; 64M to 64G), in `<meta>/db/derived`.
     pub snapshot_cache_disk: Option<String>,
     /// Data I/O: "reads" (the default: writes O_DIRECT, reads through the host's page
     /// cache), "none" (O_DIRECT both ways) or "host" (both through the page cache).
@@ -489,7 +490,7 @@ fn snapshot_cache_bytes(v: Option<&str>) -> Result<usize> {
 }
 
 /// The `snapshot_cache_disk` setting in bytes: the default when absent; 0, or 64 MiB to
-/// 16 TiB.
+/// 64 GiB.
 fn snapshot_cache_disk_bytes(v: Option<&str>) -> Result<u64> {
     let bytes = match v {
         None => return Ok(snapblk_rocks::DERIVED),
@@ -498,7 +499,7 @@ fn snapshot_cache_disk_bytes(v: Option<&str>) -> Result<u64> {
     };
     if bytes != 0 && !(MIN_SNAPSHOT_CACHE_DISK..=MAX_SNAPSHOT_CACHE_DISK).contains(&bytes) {
         return invalid(format!(
-            "snapshot_cache_disk {} must be 0 (off) or between 64M and 16T",
+            "snapshot_cache_disk {} must be 0 (off) or between 64M and 64G",
             v.unwrap_or_default()
         ));
     }
@@ -529,8 +530,8 @@ mod tests {
         );
         assert_eq!(snapshot_cache_disk_bytes(Some("0")).unwrap(), 0);
         assert_eq!(snapshot_cache_disk_bytes(Some("64M")).unwrap(), 64 << 20);
-        assert_eq!(snapshot_cache_disk_bytes(Some("16T")).unwrap(), 16 << 40);
-        for bad in ["1M", "17T", "lots", "-1G"] {
+        assert_eq!(snapshot_cache_disk_bytes(Some("64G")).unwrap(), 64 << 30);
+        for bad in ["1M", "65G", "16T", "lots", "-1G"] {
             let e = snapshot_cache_disk_bytes(Some(bad))
                 .unwrap_err()
                 .to_string();

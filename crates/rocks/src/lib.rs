@@ -24,6 +24,7 @@ pub struct RocksStore {
     /// The derived key space (`derived.rs`), when kept. Dropped before `db` (flushed).
     derived: Option<derived::Derived>,
     db: DB,
+    dir: std::path::PathBuf,
 }
 
 /// A clean close writes the memtables to SST files, so the next open replays no WAL (start
@@ -120,13 +121,17 @@ impl RocksStore {
             )));
         }
         let db = DB::open(&opts, dir).map_err(err)?;
-        let derived = (memory.derived > 0)
-            .then(|| derived::Derived::open(dir, memory.derived, &cache))
-            .flatten();
+        let derived = if memory.derived > 0 {
+            derived::Derived::open(dir, memory.derived, &cache)?
+        } else {
+            derived::Derived::remove(dir)?;
+            None
+        };
         Ok(RocksStore {
             kept: Mutex::new(Vec::new()),
             derived,
             db,
+            dir: dir.to_path_buf(),
         })
     }
 }
@@ -264,10 +269,15 @@ impl MetaStore for RocksStore {
             .as_ref()
             .map_or(Ok(()), |d| d.scan(from, to, visit))
     }
-    fn derived_delete_range(&self, from: &[u8], to: &[u8]) -> Result<(), StoreError> {
+    fn derived_delete_ranges(&self, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
         self.derived
             .as_ref()
-            .map_or(Ok(()), |d| d.delete_range(from, to))
+            .map_or(Ok(()), |d| d.delete_ranges(ranges))
+    }
+    fn derived_forget(&self) {
+        if let Some(d) = &self.derived {
+            d.forget(&self.dir);
+        }
     }
     fn derived_size(&self) -> u64 {
         self.derived.as_ref().map_or(0, |d| d.size())

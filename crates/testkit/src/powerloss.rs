@@ -427,8 +427,11 @@ impl MetaStore for SimStore {
         self.derived_map()?.scan(from, to, visit);
         Ok(())
     }
-    fn derived_delete_range(&self, from: &[u8], to: &[u8]) -> Result<(), StoreError> {
-        self.derived_map()?.delete_range(from, to);
+    fn derived_delete_ranges(&self, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+        let map = self.derived_map()?;
+        for (from, to) in ranges {
+            map.delete_range(from, to);
+        }
         Ok(())
     }
 }

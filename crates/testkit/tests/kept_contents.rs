@@ -221,3 +221,32 @@ fn a_pool_made_anew_in_the_same_directory_starts_without_kept_contents() {
     write(&pool, 0..BLOCKS, 8, &mut model);
     check_snapshot(&pool, "s", &at_s);
 }
+
+/// An open that does not keep the contents up to date (a one-shot command, or a daemon
+/// with `snapshot_cache_disk = "0"`) may change the pool without sweeping them; it removes
+/// them, so no later open trusts entries that missed its changes.
+#[test]
+fn an_open_that_does_not_keep_contents_removes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory = Memory {
+        derived: 64 << 20,
+        ..Memory::ONE_SHOT
+    };
+    let dev = Arc::new(MemDevice::new(64 << 20));
+    let mut model = vec![0u64; BLOCKS as usize];
+    {
+        let store = Arc::new(RocksStore::open_with(dir.path(), true, memory).unwrap());
+        Pool2::format(&*store, &*dev).unwrap();
+        let pool = Pool2::open_with(store, dev.clone(), &opts()).unwrap();
+        pool.create_volume("v", BLOCKS * BS).unwrap();
+        write(&pool, 0..BLOCKS, 1, &mut model);
+        pool.create_snapshot("v", "s").unwrap();
+        check_snapshot(&pool, "s", &model);
+        pool.shutdown().unwrap();
+    }
+    assert!(dir.path().join("derived/OWNER").is_file());
+    drop(RocksStore::open_with(dir.path(), false, Memory::ONE_SHOT).unwrap());
+    assert!(!dir.path().join("derived").exists());
+    let store = Arc::new(RocksStore::open_with(dir.path(), false, memory).unwrap());
+    assert!(store.derived() && derived_entries(&*store).is_empty());
+}

@@ -178,7 +178,8 @@ impl Pool2 {
             ..Default::default()
         };
         // The store tier of the content cache serves only once its entries of epochs not
-        // retained now are gone (v2/cache.rs): if that sweep fails, RAM only.
+        // retained now are gone (v2/cache.rs): if that sweep fails, they are forgotten
+        // (for later opens too) and this pool keeps contents in RAM only.
         let mut contents = ContentCache::with_store(opts.content_cache, Some(Arc::clone(&store)));
         let retained = |l, e| {
             meta.lineages()
@@ -190,7 +191,7 @@ impl Pool2 {
             Ok(n) => log::info!("dropped the kept snapshot contents of {n} epochs not retained"),
             Err(e) => {
                 log::warn!("not using the kept snapshot contents: sweeping them failed: {e}");
-                contents = ContentCache::new(opts.content_cache);
+                contents.forget_stored();
             }
         }
         let pool = Arc::new(Pool2 {

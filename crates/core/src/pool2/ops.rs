@@ -789,9 +789,16 @@ impl Pool2 {
         // it too (a retained epoch's content is the same in every state).
         let retained =
             |l: LineageId, e: Epoch| lineages.get(&l).is_some_and(|lin| lin.retained.contains(e));
-        let (n, bad) = self.contents.verify(&retained, &mut |l, e, p| {
-            crate::v2::read::read_page(&*view, &lineages, l, Some(e), p)
-        })?;
+        let still_retained = &mut |l: LineageId, e: Epoch| {
+            let now =
+                (self.store().view().ok()).and_then(|v| crate::v2::engine::load_lineages(&*v).ok());
+            now.is_none_or(|now| now.get(&l).is_some_and(|lin| lin.retained.contains(e)))
+        };
+        let (n, bad) = self.contents.verify(
+            &retained,
+            &mut |l, e, p| crate::v2::read::read_page(&*view, &lineages, l, Some(e), p),
+            still_retained,
+        )?;
         report.kept_contents = n;
         for b in bad {
             report.add_error(b);

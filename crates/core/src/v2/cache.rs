@@ -301,54 +301,63 @@ impl ContentCache {
         }
     }
 
-    /// Compares every store-tier entry at an epoch its lineage retains with the content
-    /// the map gives there (`read`); returns how many were compared and what differs or
-    /// does not decode (`pool check`: a wrong entry would be served to reads).
+    /// Compares every store-tier entry at an epoch `retained` holds with the content the
+    /// map gives there (`read`), one entry at a time; `mismatch` is asked before an entry
+    /// that differs is reported (a reader racing a delete may have put one for an epoch
+    /// released since: never read again, not an error). Returns how many were compared
+    /// and what is wrong (`pool check`: a wrong entry would be served to reads).
     pub fn verify(
         &self,
         retained: &dyn Fn(LineageId, Epoch) -> bool,
         read: &mut dyn FnMut(LineageId, Epoch, PageNo) -> crate::error::Result<Content>,
+        still_retained: &mut dyn FnMut(LineageId, Epoch) -> bool,
     ) -> crate::error::Result<(u64, Vec<String>)> {
         let Some(store) = &self.store else {
             return Ok((0, Vec::new()));
         };
         let (from, to) = keys::all_contents();
-        let mut entries = Vec::new();
+        let mut bad = Vec::new();
+        let mut n = 0u64;
         store.derived_scan(&from, &to, &mut |k, v| {
-            if let Some([l, e, p]) = keys::fields::<3>(k, keys::K_CONTENT) {
-                if retained(LineageId(l), Epoch(e)) {
-                    entries.push((LineageId(l), Epoch(e), PageNo(p), v.to_vec()));
+            let Some([l, e, p]) = keys::fields::<3>(k, keys::K_CONTENT) else {
+                return ControlFlow::Continue(());
+            };
+            let (l, e, p) = (LineageId(l), Epoch(e), PageNo(p));
+            if !retained(l, e) {
+                return ControlFlow::Continue(());
+            }
+            n += 1;
+            let what = format!("kept snapshot content of lineage {l} epoch {e} page {p}");
+            let wrong = match (Packed::decode(v), read(l, e, p)) {
+                (Err(why), _) => Some(format!("{what} does not decode: {why}")),
+                (_, Err(err)) => Some(format!("{what}: reading the map there: {err}")),
+                (Ok(got), Ok(want)) => {
+                    (got.unpack() != want).then(|| format!("{what} differs from the map"))
                 }
+            };
+            if let Some(w) = wrong {
+                if still_retained(l, e) {
+                    bad.push(w);
+                }
+            }
+            if bad.len() > 100 {
+                bad.push("... (more not listed)".into());
+                return ControlFlow::Break(());
             }
             ControlFlow::Continue(())
         })?;
-        let mut bad = Vec::new();
-        let n = entries.len() as u64;
-        for (l, e, p, v) in entries {
-            match Packed::decode(&v) {
-                Err(why) => bad.push(format!(
-                    "kept snapshot content of lineage {l} epoch {e} page {p} does not decode: {why}"
-                )),
-                Ok(got) => {
-                    if got.unpack() != read(l, e, p)? {
-                        bad.push(format!(
-                            "kept snapshot content of lineage {l} epoch {e} page {p} differs from the map"
-                        ));
-                    }
-                }
-            }
-        }
         Ok((n, bad))
     }
 
     /// Drops every store-tier entry whose (lineage, epoch) `retained` does not hold: one
-    /// scan step per distinct (lineage, epoch) found, run at open (module doc).
+    /// scan step per distinct (lineage, epoch) found, then one durable batch of range
+    /// deletes (run at open, module doc). Returns how many (lineage, epoch)s went.
     pub fn sweep(&self, retained: &dyn Fn(LineageId, Epoch) -> bool) -> Result<u64, StoreError> {
         let Some(store) = &self.store else {
             return Ok(0);
         };
         let (mut from, to) = keys::all_contents();
-        let mut dropped = 0;
+        let mut drop = Vec::new();
         loop {
             let mut first = None;
             store.derived_scan(&from, &to, &mut |k, _| {
@@ -356,7 +365,7 @@ impl ContentCache {
                 ControlFlow::Break(())
             })?;
             let Some(k) = first else {
-                return Ok(dropped);
+                break;
             };
             let (a, b) = match keys::fields::<3>(&k, keys::K_CONTENT) {
                 Some([l, e, _]) => {
@@ -375,9 +384,19 @@ impl ContentCache {
                     (k, b)
                 }
             };
-            store.derived_delete_range(&a, &b)?;
-            dropped += 1;
-            from = b;
+            from = b.clone();
+            drop.push((a, b));
+        }
+        if !drop.is_empty() {
+            store.derived_delete_ranges(&drop)?;
+        }
+        Ok(drop.len() as u64)
+    }
+
+    /// Forgets the store tier's entries for good and stops using it (a failed sweep).
+    pub fn forget_stored(&mut self) {
+        if let Some(store) = self.store.take() {
+            store.derived_forget();
         }
     }
 
