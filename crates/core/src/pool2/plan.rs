@@ -240,7 +240,7 @@ impl Pool2 {
         let nonzero: Vec<bool> = blocks.iter().map(|b| !is_zero(b)).collect();
         let ndata = nonzero.iter().filter(|x| **x).count() as u64;
         let reserved = self.reserve(vol, ndata)?;
-        let runs = match self.allocate(ndata, relief) {
+        let runs = match self.allocate(vol, ndata, relief) {
             Ok(r) => r,
             Err(e) => {
                 self.unreserve(vol, reserved);

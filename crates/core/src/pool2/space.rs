@@ -210,13 +210,19 @@ impl Pool2 {
         lock(&self.usage).relief.as_ref().and_then(Weak::upgrade)
     }
 
-    /// Allocates `n` blocks: after a sync if frees are pending, then after relief while it
-    /// frees something.
-    pub(crate) fn allocate(&self, n: u64, relief: bool) -> Result<Vec<crate::alloc::Run>> {
+    /// Allocates `n` blocks for volume `vol`'s stream (alloc.rs: its new data stays
+    /// contiguous): after a sync if frees are pending, then after relief while it frees
+    /// something.
+    pub(crate) fn allocate(
+        &self,
+        vol: VolId,
+        n: u64,
+        relief: bool,
+    ) -> Result<Vec<crate::alloc::Run>> {
         let mut reliefs = 0;
         loop {
             for attempt in 0..2 {
-                if let Some(runs) = lock(&self.alloc).alloc(n) {
+                if let Some(runs) = lock(&self.alloc).alloc_for(vol, n) {
                     return Ok(runs);
                 }
                 if attempt == 0 {
