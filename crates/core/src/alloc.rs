@@ -7,12 +7,16 @@
 //! use only after the metadata change that freed it is durable.
 //!
 //! **Streams** (format2.md §5, [`Allocator::alloc_for`]): a writer that names its stream (a
-//! volume) continues where its last allocation ended while the blocks there are free, and
-//! otherwise starts in a *chunk* (4096 blocks, 16 MiB) that nothing uses, so volumes
+//! volume) continues where its last allocation ended, in the free blocks of that chunk,
+//! and otherwise starts in a *chunk* (4096 blocks, 16 MiB) that nothing uses, so volumes
 //! written at the same time do not interleave their data in request-sized pieces: on an
 //! HDD each volume's sequentially written data stays in 16 MiB runs or longer. Only when no
 //! chunk is wholly free does it fall back to first fit (holes left by frees). A count of
-//! used blocks per chunk finds a free chunk without reading the bitmap.
+//! used blocks per chunk finds a free chunk without reading the bitmap. Allocations of
+//! fewer than [`STREAM_MIN`] blocks (4K random writes) take holes first fit as before:
+//! they are scattered by nature, and on an image file holes are blocks the host file
+//! system has allocated already (measured: 4K random overwrites into fresh chunks of a
+//! sparse image ran ~25% slower).
 //!
 //! Threading: not synchronised; the pool keeps it in a Mutex.
 
@@ -22,6 +26,8 @@ use bitvec::prelude::*;
 
 /// Blocks per chunk: the unit a stream starts in.
 pub const CHUNK: usize = 4096;
+/// Smallest allocation that goes to its stream (64 KiB); smaller ones fill holes.
+pub const STREAM_MIN: u64 = 16;
 /// Streams whose position is remembered; past it the map starts over (a position is only
 /// a hint).
 const MAX_STREAMS: usize = 65_536;
@@ -113,10 +119,10 @@ impl Allocator {
 
     /// Allocates `n` blocks for `stream` (module doc): continuing its last allocation
     /// while the blocks there are free, then from wholly free chunks, then first fit; all
-    /// or nothing.
+    /// or nothing. Fewer than [`STREAM_MIN`]: first fit.
     pub fn alloc_for(&mut self, stream: u64, n: u64) -> Option<Vec<Run>> {
-        if n == 0 {
-            return Some(Vec::new());
+        if n < STREAM_MIN {
+            return self.alloc(n);
         }
         if self.free < n {
             return None;
@@ -124,9 +130,19 @@ impl Allocator {
         let mut runs: Vec<Run> = Vec::new();
         let mut need = n as usize;
         if let Some(&at) = self.streams.get(&stream) {
-            let got = self.take_from(at as usize, need);
-            push(&mut runs, at as usize, got);
-            need -= got;
+            // The rest of the stream's chunk, past what others took meanwhile.
+            // (`at` is one past the stream's last block: its chunk is that block's.)
+            let mut pos = at as usize;
+            let end = ((pos.saturating_sub(1) / CHUNK + 1) * CHUNK).min(self.used.len());
+            while need > 0 && pos < end {
+                let Some(off) = self.used[pos..end].first_zero() else {
+                    break;
+                };
+                let got = self.take_from(pos + off, need.min(end - pos - off));
+                push(&mut runs, pos + off, got);
+                need -= got;
+                pos += off + got;
+            }
         }
         while need > 0 {
             let Some(c) = self.free_chunk() else { break };
@@ -322,29 +338,39 @@ mod tests {
     fn a_stream_fills_holes_when_no_chunk_is_free_and_is_all_or_nothing() {
         let mut a = Allocator::new(CHUNK as u64 * 2);
         a.alloc_for(1, CHUNK as u64 * 2).unwrap();
-        for pba in [5, 6, 700, 5000] {
+        let holes: Vec<u64> = (5..10).chain(700..705).chain(5000..5010).collect();
+        for &pba in &holes {
             a.free_now(pba);
         }
-        assert!(a.alloc_for(2, 5).is_none());
-        assert_eq!(a.free(), 4);
-        assert_eq!(blocks(&a.alloc_for(2, 4).unwrap()), vec![5, 6, 700, 5000]);
+        assert!(a.alloc_for(2, 21).is_none());
+        assert_eq!(a.free(), 20);
+        assert_eq!(blocks(&a.alloc_for(2, 20).unwrap()), holes);
         // A chunk freed whole is a stream's again.
         for pba in CHUNK as u64..2 * CHUNK as u64 {
             a.free_now(pba);
         }
+        for k in 0..2 {
+            assert_eq!(
+                a.alloc_for(3, 16).unwrap(),
+                vec![Run {
+                    start: CHUNK as u64 + 16 * k,
+                    len: 16
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn small_allocations_fill_holes_first() {
+        let mut a = Allocator::new(CHUNK as u64 * 2);
+        a.alloc_for(1, 64).unwrap();
+        a.free_now(10);
+        // A 4K write takes the hole, not the stream's next block.
+        assert_eq!(blocks(&a.alloc_for(1, 1).unwrap()), vec![10]);
+        assert_eq!(blocks(&a.alloc_for(1, 1).unwrap()), vec![64]);
         assert_eq!(
-            a.alloc_for(3, 10).unwrap(),
-            vec![Run {
-                start: CHUNK as u64,
-                len: 10
-            }]
-        );
-        assert_eq!(
-            a.alloc_for(3, 10).unwrap(),
-            vec![Run {
-                start: CHUNK as u64 + 10,
-                len: 10
-            }]
+            a.alloc_for(1, 16).unwrap(),
+            vec![Run { start: 65, len: 16 }]
         );
     }
 
