@@ -23,7 +23,6 @@
 //! Threading: `rocksdb::DB` is internally synchronised; gets and puts come from readers'
 //! threads.
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -170,15 +169,7 @@ impl Derived {
         }
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(to.to_vec());
-        let mut it = self.db.raw_iterator_opt(ro);
-        it.seek(from);
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if visit(k, v) == ControlFlow::Break(()) {
-                return Ok(());
-            }
-            it.next();
-        }
-        it.status().map_err(err)
+        crate::scan_raw(self.db.raw_iterator_opt(ro), from, visit)
     }
 
     pub(crate) fn delete_ranges(&self, ranges: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {

@@ -138,7 +138,7 @@ impl RocksStore {
 
 /// Visits `[from, to)` with a raw iterator: keys and values are borrowed from RocksDB, not
 /// copied into boxes per entry (a snapshot read visits up to ~17 entries per 4K read).
-fn scan_raw<D: rocksdb::DBAccess>(
+pub(crate) fn scan_raw<D: rocksdb::DBAccess>(
     mut it: rocksdb::DBRawIteratorWithThreadMode<'_, D>,
     from: &[u8],
     visit: &mut ScanVisitor<'_>,

@@ -70,21 +70,31 @@ fn derived_entries(store: &dyn MetaStore) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
-#[test]
-fn kept_contents_answer_snapshot_reads_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
+/// A RocksDB store keeping derived entries (64 MiB) in `dir`.
+fn disk_store(dir: &std::path::Path, create: bool) -> Arc<RocksStore> {
     let memory = Memory {
         derived: 64 << 20,
         ..Memory::ONE_SHOT
     };
+    Arc::new(RocksStore::open_with(dir, create, memory).unwrap())
+}
+
+/// A new pool on `store` and `dev` with volume "v", opened without a RAM tier.
+fn new_pool(store: Arc<dyn MetaStore>, dev: Arc<MemDevice>) -> Arc<Pool2> {
+    Pool2::format(&*store, &*dev).unwrap();
+    let pool = Pool2::open_with(store, dev, &opts()).unwrap();
+    pool.create_volume("v", BLOCKS * BS).unwrap();
+    pool
+}
+
+#[test]
+fn kept_contents_answer_snapshot_reads_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
     let dev = Arc::new(MemDevice::new(64 << 20));
     let mut model = vec![0u64; BLOCKS as usize];
     let at_s;
     {
-        let store = Arc::new(RocksStore::open_with(dir.path(), true, memory).unwrap());
-        Pool2::format(&*store, &*dev).unwrap();
-        let pool = Pool2::open_with(store, dev.clone(), &opts()).unwrap();
-        pool.create_volume("v", BLOCKS * BS).unwrap();
+        let pool = new_pool(disk_store(dir.path(), true), dev.clone());
         write(&pool, 0..BLOCKS, 1, &mut model);
         pool.create_snapshot("v", "s").unwrap();
         at_s = model.clone();
@@ -94,7 +104,7 @@ fn kept_contents_answer_snapshot_reads_after_a_restart() {
         assert_eq!(st.stored_hits, 0, "{st:?}");
         pool.shutdown().unwrap();
     }
-    let store = Arc::new(RocksStore::open_with(dir.path(), false, memory).unwrap());
+    let store = disk_store(dir.path(), false);
     let pool = Pool2::open_with(store.clone(), dev, &opts()).unwrap();
     check_snapshot(&pool, "s", &at_s);
     let st = pool.content_cache_stats();
@@ -138,9 +148,7 @@ fn metadata_put_back_from_an_older_copy_does_not_see_newer_kept_contents() {
     let mut model = vec![0u64; BLOCKS as usize];
     let b = Arc::new(MemStore::new());
     {
-        Pool2::format(&*a, &*dev).unwrap();
-        let pool = Pool2::open_with(a.clone(), dev.clone(), &opts()).unwrap();
-        pool.create_volume("v", BLOCKS * BS).unwrap();
+        let pool = new_pool(a.clone(), dev.clone());
         write(&pool, 0..BLOCKS, 1, &mut model);
         pool.create_snapshot("v", "s0").unwrap();
         pool.sync().unwrap();
@@ -183,17 +191,10 @@ fn metadata_put_back_from_an_older_copy_does_not_see_newer_kept_contents() {
 #[test]
 fn a_pool_made_anew_in_the_same_directory_starts_without_kept_contents() {
     let dir = tempfile::tempdir().unwrap();
-    let memory = Memory {
-        derived: 64 << 20,
-        ..Memory::ONE_SHOT
-    };
     let mut model = vec![0u64; BLOCKS as usize];
     {
         let dev = Arc::new(MemDevice::new(64 << 20));
-        let store = Arc::new(RocksStore::open_with(dir.path(), true, memory).unwrap());
-        Pool2::format(&*store, &*dev).unwrap();
-        let pool = Pool2::open_with(store, dev, &opts()).unwrap();
-        pool.create_volume("v", BLOCKS * BS).unwrap();
+        let pool = new_pool(disk_store(dir.path(), true), dev);
         write(&pool, 0..BLOCKS, 1, &mut model);
         pool.create_snapshot("v", "s").unwrap();
         let at_s = model.clone();
@@ -209,11 +210,9 @@ fn a_pool_made_anew_in_the_same_directory_starts_without_kept_contents() {
     }
     assert!(dir.path().join("derived").is_dir());
     let dev = Arc::new(MemDevice::new(64 << 20));
-    let store = Arc::new(RocksStore::open_with(dir.path(), true, memory).unwrap());
+    let store = disk_store(dir.path(), true);
     assert!(derived_entries(&*store).is_empty(), "old entries kept");
-    Pool2::format(&*store, &*dev).unwrap();
-    let pool = Pool2::open_with(store, dev, &opts()).unwrap();
-    pool.create_volume("v", BLOCKS * BS).unwrap();
+    let pool = new_pool(store, dev);
     let mut model = vec![0u64; BLOCKS as usize];
     write(&pool, 0..BLOCKS / 2, 7, &mut model);
     pool.create_snapshot("v", "s").unwrap();
@@ -228,17 +227,10 @@ fn a_pool_made_anew_in_the_same_directory_starts_without_kept_contents() {
 #[test]
 fn an_open_that_does_not_keep_contents_removes_them() {
     let dir = tempfile::tempdir().unwrap();
-    let memory = Memory {
-        derived: 64 << 20,
-        ..Memory::ONE_SHOT
-    };
     let dev = Arc::new(MemDevice::new(64 << 20));
     let mut model = vec![0u64; BLOCKS as usize];
     {
-        let store = Arc::new(RocksStore::open_with(dir.path(), true, memory).unwrap());
-        Pool2::format(&*store, &*dev).unwrap();
-        let pool = Pool2::open_with(store, dev.clone(), &opts()).unwrap();
-        pool.create_volume("v", BLOCKS * BS).unwrap();
+        let pool = new_pool(disk_store(dir.path(), true), dev.clone());
         write(&pool, 0..BLOCKS, 1, &mut model);
         pool.create_snapshot("v", "s").unwrap();
         check_snapshot(&pool, "s", &model);
@@ -247,6 +239,6 @@ fn an_open_that_does_not_keep_contents_removes_them() {
     assert!(dir.path().join("derived/OWNER").is_file());
     drop(RocksStore::open_with(dir.path(), false, Memory::ONE_SHOT).unwrap());
     assert!(!dir.path().join("derived").exists());
-    let store = Arc::new(RocksStore::open_with(dir.path(), false, memory).unwrap());
+    let store = disk_store(dir.path(), false);
     assert!(store.derived() && derived_entries(&*store).is_empty());
 }
