@@ -210,6 +210,8 @@ done
 pool e 3G
 "$BIN" volume create v --size 1G >/dev/null
 fill v 1G
+# Checksum consolidation (format2.md §9b) runs behind the writes: let it finish.
+sleep 3
 stop
 SEQ=$(info --meta "$W/meta" --data "$W/data.img" | cut -d' ' -f1,2)
 fi

@@ -124,6 +124,12 @@ impl Allocator {
         if n < STREAM_MIN {
             return self.alloc(n);
         }
+        self.alloc_streamed(stream, n)
+    }
+
+    /// [`Allocator::alloc_for`] at any size: what keeps small allocations of one kind
+    /// together (checksum blocks, one at a time, in their own chunks).
+    pub fn alloc_streamed(&mut self, stream: u64, n: u64) -> Option<Vec<Run>> {
         if self.free < n {
             return None;
         }

@@ -33,6 +33,7 @@ use crate::pool::Pool as Pool1;
 use crate::pool2::catalog::{self, Catalog, Ids, SnapRec, VolRec};
 use crate::pool2::FORMAT2;
 use crate::v2::read::{read_page, Bases};
+use crate::v2::sums::NoSumBlocks;
 use crate::v2::{Edit, Epoch, LineageId, Meta2, PageNo, PAGE_BLOCKS};
 
 /// Entries replayed per group commit.
@@ -116,7 +117,7 @@ pub fn upgrade(
     convert(&old, &store, &mut report, progress)?;
     progress("verifying every volume and snapshot against format 1");
     verify(&old, &store, &mut report)?;
-    let chk = crate::v2::check::check(&*store.view()?, sup.data_blocks)?;
+    let chk = crate::v2::check::check(&*store.view()?, sup.data_blocks, &NoSumBlocks)?;
     if !chk.is_clean() {
         return Err(Error::Corrupt(format!(
             "converted metadata fails check (format 1 is unchanged; nothing switched): {:?}",
@@ -189,7 +190,7 @@ fn convert(
     let tree = old.tree_read();
     let plans = plan(&tree)?;
     report.lineages = plans.len();
-    let mut meta = Meta2::open(Arc::clone(store), old.data_blocks())?;
+    let mut meta = Meta2::open(Arc::clone(store), old.data_blocks(), Arc::new(NoSumBlocks))?;
     // Layer -> (plan index, position in the plan); layer -> epoch once frozen.
     let mut where_: HashMap<LayerId, usize> = HashMap::new();
     for (i, p) in plans.iter().enumerate() {
@@ -485,7 +486,7 @@ fn verify(old: &Pool1, store: &Arc<dyn MetaStore>, report: &mut UpgradeReport) -
         for p in 0..blocks.div_ceil(PAGE_BLOCKS) {
             let (b0, b1) = (p * PAGE_BLOCKS, ((p + 1) * PAGE_BLOCKS).min(blocks));
             let want = crate::pool::mapping::resolve(&**old.store(), &chain, b0, b1)?;
-            let got = read_page(&*view, &bases, l, at, PageNo(p))?;
+            let got = read_page(&*view, &bases, &NoSumBlocks, l, at, PageNo(p))?;
             for lba in b0..b1 {
                 let w = match want.get(&lba) {
                     Some(MapValue::Data { pba, crc }) => Some((*pba, *crc)),

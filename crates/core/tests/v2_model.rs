@@ -7,14 +7,23 @@
 //!   freed once (the region bitmap refuses a second free);
 //! * `check` is clean (it also compares every read checkpoint with the dead records);
 //! * once the reclaim jobs drain, the allocated blocks are exactly the referenced ones.
+//!
+//! Histories also consolidate checksums (format2.md §9b): live pieces, some of them no
+//! longer live as offered, move their CRCs into checksum blocks; a checksum block counts
+//! as referenced while the model references any block whose CRC it holds, so the checks
+//! above also say that it is freed exactly when its last such block goes, and never before.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use proptest::prelude::*;
 use snapblk_core::v2::check::check;
+use snapblk_core::v2::engine::Candidate;
+use snapblk_core::v2::page::Page;
+use snapblk_core::v2::piece::{Sums, SUM_SLOTS};
 use snapblk_core::v2::read::Block;
-use snapblk_core::v2::{Edit, Epoch, LineageId, Meta2, PageNo, PAGE_BLOCKS};
+use snapblk_core::v2::sums::{self, MemSumBlocks};
+use snapblk_core::v2::{keys, Edit, Epoch, LineageId, Meta2, PageNo, PAGE_BLOCKS};
 use snapblk_core::{MemStore, MetaStore};
 
 const PAGES: u64 = 3;
@@ -53,6 +62,10 @@ struct World {
     next_crc: u32,
     /// Dead records between read checkpoints (0: none), so histories exercise both.
     checkpoint_every: u64,
+    /// The data device's checksum blocks, and for each one still allocated the data
+    /// blocks whose CRCs it holds.
+    sums: Arc<MemSumBlocks>,
+    sum_blocks: BTreeMap<u64, BTreeSet<u64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +110,13 @@ enum Op {
         steps: usize,
     },
     Reopen,
+    /// Consolidates the live pieces of a volume picked by `pick`'s bits, plus (if
+    /// `stale`) one that is no longer live as offered.
+    Consolidate {
+        vol: usize,
+        pick: u64,
+        stale: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -113,6 +133,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), any::<bool>()).prop_map(|(vol, one_by_one)| Op::DeleteVolume { vol, one_by_one }),
         3 => (1..6usize).prop_map(|steps| Op::Reclaim { steps }),
         1 => Just(Op::Reopen),
+        3 => (any::<usize>(), any::<u64>(), any::<bool>())
+            .prop_map(|(vol, pick, stale)| Op::Consolidate { vol, pick, stale }),
     ]
 }
 
@@ -120,10 +142,18 @@ impl World {
     fn new(checkpoint_every: u64) -> World {
         let store = Arc::new(MemStore::new());
         Meta2::format(&*store).unwrap();
-        let mut meta = Meta2::open(store.clone() as Arc<dyn MetaStore>, DATA_BLOCKS).unwrap();
+        let sums = Arc::new(MemSumBlocks::default());
+        let mut meta = Meta2::open(
+            store.clone() as Arc<dyn MetaStore>,
+            DATA_BLOCKS,
+            sums.clone(),
+        )
+        .unwrap();
         meta.set_checkpoint_every(checkpoint_every);
         World {
             checkpoint_every,
+            sums,
+            sum_blocks: BTreeMap::new(),
             store,
             meta,
             vols: Vec::new(),
@@ -143,6 +173,13 @@ impl World {
                 r.extend(c.values().map(|b| b.pba));
             }
         }
+        let sums: Vec<u64> = self
+            .sum_blocks
+            .iter()
+            .filter(|(_, data)| data.iter().any(|b| r.contains(b)))
+            .map(|(at, _)| *at)
+            .collect();
+        r.extend(sums);
         r
     }
 
@@ -207,6 +244,12 @@ impl World {
     /// Commits `g`, checking that what it freed is referenced by nothing.
     fn commit(&mut self, g: snapblk_core::v2::Group) {
         let done = self.meta.commit(g).unwrap();
+        // Freed data blocks leave the checksum blocks' sets first (they may be reused).
+        for (pba, len) in &done.freed {
+            for data in self.sum_blocks.values_mut() {
+                data.retain(|b| !(*pba..*pba + *len).contains(b));
+            }
+        }
         let referenced = self.referenced();
         for (pba, len) in done.freed {
             for b in pba..pba + len {
@@ -215,7 +258,80 @@ impl World {
                     "block {b} freed while the model references it"
                 );
                 assert!(self.free.insert(b), "block {b} freed twice");
+                self.sum_blocks.remove(&b);
             }
+        }
+    }
+
+    /// Moves the CRCs of some live pieces of `vol` into a new checksum block.
+    fn consolidate(&mut self, vol: usize, pick: u64, stale: bool) {
+        let l = self.vols[vol].lineage;
+        let mut cands = Vec::new();
+        let mut slot = 0usize;
+        let mut bit = 0;
+        for p in 0..PAGES {
+            let Some(v) = self.store.get(&keys::page(l, PageNo(p))).unwrap() else {
+                continue;
+            };
+            for x in Page::decode(&v).unwrap().pieces {
+                bit += 1;
+                if !x.owned() || x.sums.inline().is_none() || pick & (1 << (bit % 64)) == 0 {
+                    continue;
+                }
+                // Sometimes only part of the piece.
+                let x = if pick & 1 != 0 && x.len > 2 {
+                    x.slice(x.start() + 1, x.end())
+                } else {
+                    x
+                };
+                if slot + usize::from(x.len) > SUM_SLOTS {
+                    break;
+                }
+                cands.push(Candidate {
+                    lineage: l,
+                    page: PageNo(p),
+                    slot: slot as u16,
+                    piece: x.clone(),
+                });
+                slot += usize::from(x.len);
+            }
+        }
+        let live: u64 = cands.iter().map(|c| u64::from(c.piece.len)).sum();
+        let data: BTreeSet<u64> = cands
+            .iter()
+            .flat_map(|c| c.piece.pba..c.piece.pba + u64::from(c.piece.len))
+            .collect();
+        if stale && slot < SUM_SLOTS {
+            // Blocks no piece holds (free now): the engine must skip it.
+            let pba = *self.free.iter().next().unwrap();
+            cands.push(Candidate {
+                lineage: l,
+                page: PageNo(0),
+                slot: slot as u16,
+                piece: snapblk_core::v2::Piece {
+                    off: 0,
+                    len: 1,
+                    pba,
+                    birth: Epoch(1),
+                    flags: snapblk_core::v2::PieceFlags::OWN,
+                    sums: Sums::Inline(smallvec_one(7)),
+                },
+            });
+        }
+        let mut block = [0u32; SUM_SLOTS];
+        for c in &cands {
+            let s = usize::from(c.slot);
+            block[s..s + usize::from(c.piece.len)].copy_from_slice(c.piece.sums.inline().unwrap());
+        }
+        let at = *self.free.iter().next_back().unwrap();
+        self.sums.write(at, sums::encode(&block));
+        let mut g = self.meta.begin().unwrap();
+        let n = self.meta.consolidate(&mut g, at, &block, &cands).unwrap();
+        self.commit(g);
+        assert_eq!(n, live, "blocks consolidated");
+        if n > 0 {
+            self.free.remove(&at);
+            self.sum_blocks.insert(at, data);
         }
     }
 
@@ -432,6 +548,7 @@ impl World {
                 }
             }
             Op::Reopen => self.reopen(),
+            Op::Consolidate { vol, pick, stale } => self.consolidate(vol % n, pick, stale),
         }
     }
 
@@ -443,7 +560,12 @@ impl World {
     }
 
     fn reopen(&mut self) {
-        self.meta = Meta2::open(self.store.clone() as Arc<dyn MetaStore>, DATA_BLOCKS).unwrap();
+        self.meta = Meta2::open(
+            self.store.clone() as Arc<dyn MetaStore>,
+            DATA_BLOCKS,
+            self.sums.clone(),
+        )
+        .unwrap();
         self.meta.set_checkpoint_every(self.checkpoint_every);
     }
 
@@ -477,7 +599,7 @@ impl World {
                 );
             }
         }
-        let report = check(&*self.store.view().unwrap(), DATA_BLOCKS).unwrap();
+        let report = check(&*self.store.view().unwrap(), DATA_BLOCKS, &*self.sums).unwrap();
         assert!(report.is_clean(), "check: {:#?}", report.errors);
     }
 
@@ -512,7 +634,7 @@ fn run_history(ops: &[Op], checkpoint_every: u64) {
     }
     w.drain();
     w.verify();
-    let r = check(&*w.store.view().unwrap(), DATA_BLOCKS).unwrap();
+    let r = check(&*w.store.view().unwrap(), DATA_BLOCKS, &*w.sums).unwrap();
     assert_eq!(
         (
             r.lineages,
@@ -535,6 +657,80 @@ proptest! {
     ) {
         run_history(&ops, k);
     }
+}
+
+/// Checksum blocks across a life: a fully written volume's CRCs consolidated, then
+/// snapshots, partial overwrites, a clone of the oldest snapshot (which copies references
+/// up), deletes and reopen; every step reads right and `check` agrees with the counts, and
+/// the checksum blocks are freed exactly when the last block they cover goes.
+#[test]
+fn checksum_blocks_follow_their_data() {
+    let mut w = World::new(2);
+    w.run(&Op::NewVolume);
+    w.run(&Op::Write {
+        vol: 0,
+        lba: 0,
+        len: BLOCKS,
+        scatter: false,
+    });
+    w.run(&Op::Consolidate {
+        vol: 0,
+        pick: u64::MAX - 1,
+        stale: true,
+    });
+    assert_eq!(w.sum_blocks.len(), 1, "one checksum block for the volume");
+    w.verify();
+    for i in 0..6u64 {
+        w.run(&Op::Snapshot { vol: 0 });
+        w.run(&Op::Write {
+            vol: 0,
+            lba: i * 29 % BLOCKS,
+            len: 20,
+            scatter: i % 2 == 0,
+        });
+        w.run(&Op::Consolidate {
+            vol: 0,
+            pick: u64::MAX - 1,
+            stale: false,
+        });
+        if i == 3 {
+            w.run(&Op::Clone { vol: 0, idx: 0 });
+            w.run(&Op::Write {
+                vol: 1,
+                lba: 70,
+                len: 3,
+                scatter: false,
+            });
+            w.run(&Op::Reopen);
+        }
+        w.verify();
+    }
+    assert!(w.sum_blocks.len() > 3, "{:?}", w.sum_blocks.keys());
+    let clone = w.meta.read(w.vols[1].lineage, None, PageNo(1)).unwrap();
+    assert!(
+        clone.iter().flatten().count() > 60,
+        "the clone copied pieces up"
+    );
+    for _ in 0..6 {
+        w.run(&Op::DeleteSnapshot { vol: 0, idx: 0 });
+        w.verify();
+    }
+    w.run(&Op::Write {
+        vol: 0,
+        lba: 0,
+        len: BLOCKS,
+        scatter: false,
+    });
+    w.drain();
+    w.verify();
+    w.run(&Op::DeleteVolume {
+        vol: 1,
+        one_by_one: true,
+    });
+    w.drain();
+    w.verify();
+    // Only the volume's last write is left, whose CRCs are inline: no checksum block.
+    assert!(w.sum_blocks.is_empty(), "{:?}", w.sum_blocks);
 }
 
 /// Deep chains: 250 snapshots with ~2% churn between them, rolling retention of 40, clones
@@ -592,7 +788,7 @@ fn deep_chain(checkpoint_every: u64) {
         }
     }
     w.verify();
-    let r = check(&*w.store.view().unwrap(), DATA_BLOCKS).unwrap();
+    let r = check(&*w.store.view().unwrap(), DATA_BLOCKS, &*w.sums).unwrap();
     assert!(r.checkpoints > 0, "no read checkpoint made: {r:?}");
     w.drain();
     w.verify();
@@ -664,4 +860,8 @@ fn thinning_merges_dead_records_per_retained_interval() {
             keep.len()
         );
     }
+}
+
+fn smallvec_one(c: u32) -> snapblk_core::v2::piece::Crcs {
+    std::iter::once(c).collect()
 }

@@ -76,6 +76,10 @@ struct PoolGauges {
     cache_disk_bytes: IntGauge,
     cache_disk_hits: IntCounter,
     cache_disk_errors: IntCounter,
+    sum_blocks: IntCounter,
+    sum_moved: IntCounter,
+    sum_dropped: IntCounter,
+    sum_loads: IntCounter,
 }
 
 struct VolumeGauges {
@@ -180,6 +184,22 @@ impl State {
                 "snapblk_snapshot_cache_disk_errors_total",
                 "Failed lookups or puts of contents kept on the metadata disk (taken as misses).",
             )?,
+            sum_blocks: counter(
+                "snapblk_checksum_blocks_written_total",
+                "Checksum blocks written to the data device and named by the map (consolidation).",
+            )?,
+            sum_moved: counter(
+                "snapblk_checksum_blocks_moved_total",
+                "Data blocks whose CRCs moved from the metadata store into checksum blocks.",
+            )?,
+            sum_dropped: counter(
+                "snapblk_checksum_offers_dropped_total",
+                "Blocks of large writes left with inline CRCs because consolidation was behind.",
+            )?,
+            sum_loads: counter(
+                "snapblk_checksum_block_loads_total",
+                "Checksum blocks read from the data device (cache misses).",
+            )?,
         };
         let v = VolumeGauges {
             size: vol("snapblk_volume_size_bytes", "Volume size.")?,
@@ -261,6 +281,15 @@ impl State {
                 .stored_errors
                 .saturating_sub(p.cache_disk_errors.get()),
         );
+        let sums = self.pool.checksum_stats();
+        for (c, v) in [
+            (&p.sum_blocks, sums.blocks_written),
+            (&p.sum_moved, sums.blocks_moved),
+            (&p.sum_dropped, sums.offers_dropped),
+            (&p.sum_loads, sums.loads),
+        ] {
+            c.inc_by(v.saturating_sub(c.get()));
+        }
         let vols = self.pool.list_volumes();
         p.clones
             .set(vols.iter().filter(|v| v.origin.is_some()).count() as i64);

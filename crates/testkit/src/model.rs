@@ -175,13 +175,16 @@ model_pool!(Pool1, Pool1::open);
 // A read checkpoint every 2 dead records (the pool's default is 16), so that model and
 // power-loss runs read old snapshots both through checkpoints and past the newest one;
 // a content cache of 64 KiB (a few dozen pages), so that reads are answered both from it
-// and from the store, and entries are evicted.
+// and from the store, and entries are evicted; a checksum block as soon as 16 blocks of
+// large writes are queued, so that consolidation races the runs' writes, snapshots and
+// deletes (format2.md §9b).
 model_pool!(Pool2, |s, d| Pool2::open_with(
     s,
     d,
     &snapblk_core::pool2::OpenOptions {
         checkpoint_every: 2,
         content_cache: 64 << 10,
+        consolidate: Some(16),
     }
 ));
 

@@ -58,6 +58,7 @@ fn reads_under_load(memory: Memory, ram: usize) -> snapblk_core::v2::cache::Cach
     let opts = OpenOptions {
         checkpoint_every: 2,
         content_cache: ram,
+        ..Default::default()
     };
     let pool = Pool2::open_with(store, dev, &opts).unwrap();
     pool.start_background();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use snapblk_core::device::mem::MemDevice;
 use snapblk_core::device::{DataDevice, ReadSeg, WriteSeg, DATA_START};
 use snapblk_core::pool2::{OpenOptions, Pool2};
-use snapblk_core::{Error, Target};
+use snapblk_core::{Error, MetaStore, Target};
 use snapblk_testkit::counting::CountingStore;
 use snapblk_testkit::powerloss::Rng;
 
@@ -21,17 +21,30 @@ fn mem_pool(bytes: u64) -> (Arc<Pool2>, Arc<CountingStore>, Arc<MemDevice>) {
     mem_pool_with(bytes, 0)
 }
 
+/// Checksum consolidation off: its background steps would be counted with the work
+/// measured (the tests of consolidation turn it on).
 fn mem_pool_with(
     bytes: u64,
     content_cache: usize,
 ) -> (Arc<Pool2>, Arc<CountingStore>, Arc<MemDevice>) {
+    mem_pool_opts(
+        bytes,
+        &OpenOptions {
+            content_cache,
+            consolidate: None,
+            ..Default::default()
+        },
+    )
+}
+
+fn mem_pool_opts(
+    bytes: u64,
+    opts: &OpenOptions,
+) -> (Arc<Pool2>, Arc<CountingStore>, Arc<MemDevice>) {
     let store = Arc::new(CountingStore::new());
     let dev = Arc::new(MemDevice::new(bytes));
     Pool2::format(&*store, &*dev).unwrap();
-    let opts = OpenOptions {
-        content_cache,
-        ..Default::default()
-    };
+    let opts = opts.clone();
     let pool = Pool2::open_with(store.clone(), dev.clone(), &opts).unwrap();
     (pool, store, dev)
 }
@@ -837,7 +850,9 @@ fn origin_is_a_clones_source_only() {
 /// per request (plain first fit left 64 runs per volume here).
 #[test]
 fn volumes_written_together_keep_their_data_contiguous() {
-    let (pool, _, _) = mem_pool(256 << 20);
+    // With checksum consolidation on: its blocks take chunks of their own, not holes in
+    // the volumes' streams.
+    let (pool, _, _) = mem_pool_opts(256 << 20, &OpenOptions::default());
     let mib = 1u64 << 20;
     for v in ["a", "b"] {
         pool.create_volume(v, 64 * mib).unwrap();
@@ -861,5 +876,148 @@ fn volumes_written_together_keep_their_data_contiguous() {
             segs.len()
         );
         assert!(segs.iter().all(|s| s.buf.len() as u64 >= 16 * mib));
+    }
+    wait_consolidated(&pool, 2 * 64 * 256);
+}
+
+/// Waits until `blocks` data blocks' CRCs are in checksum blocks.
+fn wait_consolidated(pool: &Pool2, blocks: u64) {
+    let t0 = std::time::Instant::now();
+    while pool.checksum_stats().blocks_moved < blocks {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "consolidation stalled: {:?}",
+            pool.checksum_stats()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Store bytes (keys and values) of live pages.
+fn page_bytes(store: &CountingStore) -> u64 {
+    let mut n = 0;
+    store
+        .scan(b"p", b"q", &mut |k, v| {
+            n += (k.len() + v.len()) as u64;
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    n
+}
+
+/// Checksum consolidation (format2.md §9b) end to end: 1 MiB writes move their CRCs into
+/// checksum blocks (page records shrink ~6x), every byte reads back through them, before
+/// and after a reopen (empty checksum-block cache), `check` and `scrub` are clean, and a
+/// damaged checksum block makes the reads it covers fail and scrub report every block it
+/// covers — never a read of unverified data.
+#[test]
+fn large_writes_move_their_checksums_to_the_data_device() {
+    let mib = 1u64 << 20;
+    let (pool, store, dev) = mem_pool_opts(256 << 20, &OpenOptions::default());
+    pool.create_volume("v", 64 * mib).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    let fill = |i: u64| -> Vec<u8> { (0..mib).map(|b| (b.wrapping_mul(31) ^ i) as u8).collect() };
+    for i in 0..64u64 {
+        pool.write(id, i * mib, &fill(i), false).unwrap();
+    }
+    wait_consolidated(&pool, 64 * 256);
+    // The same writes with consolidation off, to compare.
+    let inline = {
+        let (p, s, _) = mem_pool(256 << 20);
+        p.create_volume("v", 64 * mib).unwrap();
+        let v = p.volume_id("v").unwrap();
+        for i in 0..64u64 {
+            p.write(v, i * mib, &fill(i), false).unwrap();
+        }
+        page_bytes(&s)
+    };
+    let stats = pool.checksum_stats();
+    assert_eq!(stats.blocks_written, 16, "{stats:?}");
+    let moved = page_bytes(&store);
+    assert!(moved * 5 < inline, "page bytes {inline} -> {moved}");
+    let read_all = |pool: &Pool2| {
+        for i in 0..64u64 {
+            let mut out = vec![0u8; mib as usize];
+            pool.read(&Target::Volume(id), i * mib, &mut out).unwrap();
+            assert!(out == fill(i), "MiB {i}");
+        }
+    };
+    read_all(&pool);
+    let report = pool.check().unwrap();
+    assert!(report.is_clean(), "{:?}", report.errors);
+    assert!(pool.scrub(&|_, _| {}).unwrap().is_clean());
+    pool.create_snapshot("v", "s").unwrap();
+    pool.write(id, 3 * mib + 8192, &[9u8; 8192], false).unwrap();
+    let mut b = vec![0u8; 4096];
+    pool.read(&Target::Volume(id), 3 * mib + 8192, &mut b)
+        .unwrap();
+    assert_eq!(b, vec![9u8; 4096]);
+    drop(pool);
+
+    let pool = Pool2::open_with(store.clone(), dev.clone(), &OpenOptions::default()).unwrap();
+    read_all_at(&pool, "v", "s", &fill);
+    let report = pool.check().unwrap();
+    assert!(report.is_clean(), "{:?}", report.errors);
+    assert!(
+        pool.checksum_stats().loads > 0,
+        "reads loaded checksum blocks"
+    );
+    // Damage the first checksum block on the device.
+    let mut first = None;
+    store
+        .scan(b"b", b"c", &mut |k, _| {
+            first = Some(u64::from_be_bytes(k[1..9].try_into().unwrap()));
+            std::ops::ControlFlow::Break(())
+        })
+        .unwrap();
+    let at = first.expect("a checksum block");
+    drop(pool);
+    let mut junk = snapblk_core::device::AlignedBuf::zeroed(4096);
+    junk[17] = 1;
+    dev.write(
+        &[WriteSeg {
+            offset: DATA_START + at * BS,
+            buf: &junk,
+        }],
+        true,
+    )
+    .unwrap();
+    let pool = Pool2::open_with(store.clone(), dev.clone(), &OpenOptions::default()).unwrap();
+    let mut bad_reads = 0;
+    for i in 0..64u64 {
+        let mut out = vec![0u8; mib as usize];
+        match pool.read(&Target::Volume(id), i * mib, &mut out) {
+            Ok(()) => assert!(i == 3 || out == fill(i), "MiB {i} read wrong data"),
+            Err(e) => {
+                assert!(e.to_string().contains("checksum block"), "{e}");
+                bad_reads += 1;
+            }
+        }
+    }
+    assert_eq!(bad_reads, 4, "one checksum block covers 4 MiB");
+    let scrub = pool.scrub(&|_, _| {}).unwrap();
+    assert_eq!(scrub.bad.len(), 1024, "every block the damaged one covers");
+    assert!(scrub
+        .bad
+        .iter()
+        .all(|b| b.detail.contains(&format!("checksum block {at}"))));
+}
+
+/// Every MiB of volume `v` and its snapshot `s` (taken before MiB 3 was partly rewritten)
+/// reads as `fill` says.
+fn read_all_at(pool: &Pool2, v: &str, s: &str, fill: &dyn Fn(u64) -> Vec<u8>) {
+    let mib = 1u64 << 20;
+    let id = pool.volume_id(v).unwrap();
+    let snap = Target::Snapshot(id, s.to_string());
+    for i in 0..64u64 {
+        let mut out = vec![0u8; mib as usize];
+        pool.read(&snap, i * mib, &mut out).unwrap();
+        assert!(out == fill(i), "snapshot MiB {i}");
+        pool.read(&Target::Volume(id), i * mib, &mut out).unwrap();
+        if i == 3 {
+            assert_eq!(&out[8192..16384], &[9u8; 8192][..]);
+        } else {
+            assert!(out == fill(i), "MiB {i}");
+        }
     }
 }

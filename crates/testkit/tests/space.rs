@@ -380,3 +380,35 @@ fn a_rolled_back_history_counts_until_it_is_freed() {
     assert_eq!(pool.info().used, 3 * MIB, "v's base and w's data");
     clean(&pool);
 }
+
+/// Writes that together fill the quota exactly are all accepted, however their commits
+/// and reservations interleave: a commit publishes its blocks as owned and releases their
+/// reservations under one lock. (Before, the reservation went when the writer woke up,
+/// after the publication: a write arriving in between counted those blocks twice and was
+/// refused below the quota — checked to fail that way when the release is moved back.)
+#[test]
+fn writes_that_fill_the_quota_exactly_are_never_refused() {
+    let (pool, _, _) = mem_pool(DATA_START + 64 * MIB);
+    let data = vec![3u8; BS as usize];
+    for round in 0..40u64 {
+        let name = format!("v{round}");
+        pool.create_volume(&name, 32 * MIB).unwrap();
+        let v = pool.volume_id(&name).unwrap();
+        pool.set_quota(&name, Some(MIB / 2)).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (pool, data) = (&pool, &data);
+                s.spawn(move || {
+                    for i in 0..32u64 {
+                        let lba = t * 32 + i;
+                        pool.write(v, lba * BS, data, false)
+                            .unwrap_or_else(|e| panic!("round {round}, block {lba}: {e}"));
+                    }
+                });
+            }
+        });
+        assert_eq!(used(&pool, &name), MIB / 2);
+        pool.delete_volume(&name, true).unwrap();
+    }
+    clean(&pool);
+}

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::keys::VolId;
-use crate::v2::{Edit, Group, LineageId, Meta2};
+use crate::v2::{Edit, Epoch, Group, LineageId, Meta2};
 
 use super::catalog::Catalog;
 use super::plan::Settle;
@@ -41,6 +41,10 @@ pub(crate) enum Work {
         edits: Edits,
         fua: bool,
         counter: u64,
+        /// Blocks reserved against the volume's quota: released with the publication of
+        /// the commit's owned counts (one `usage` lock, so no writer counts them twice),
+        /// or when the write is refused.
+        reserved: u64,
     },
     Mgmt(MgmtFn),
     /// A durable group, even if empty: makes every earlier commit durable.
@@ -241,6 +245,9 @@ struct State {
 struct Pending {
     group: Group,
     members: Vec<Txn>,
+    /// Large writes to offer for checksum consolidation once committed: lineage, birth,
+    /// lba, pba, CRCs.
+    offers: Vec<(LineageId, Epoch, u64, u64, Vec<u32>)>,
 }
 
 pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
@@ -282,6 +289,7 @@ pub(crate) fn run(pool: Weak<Pool2>, shared: Arc<Shared>, mut meta: Meta2) {
         }
         pool.process(&mut meta, &mut st, batch);
         for (t, a) in &mut st.out {
+            pool.release_reservation(t, a);
             if let Some(s) = t.settle.take() {
                 pool.settle(s, a);
             }
@@ -301,6 +309,7 @@ fn fail_all(txns: VecDeque<Txn>, e: Error, pool: Option<Arc<Pool2>>) {
     let mut txns = txns;
     if let Some(pool) = pool {
         for t in &mut txns {
+            pool.release_reservation(t, &refused());
             if let Some(s) = t.settle.take() {
                 pool.settle(s, &refused());
             }
@@ -343,6 +352,7 @@ impl Pool2 {
                     let p = pending.get_or_insert_with(|| Pending {
                         group: Group::default(),
                         members: Vec::new(),
+                        offers: Vec::new(),
                     });
                     let Work::Write {
                         edits,
@@ -370,6 +380,22 @@ impl Pool2 {
                     }
                     match r {
                         Ok(()) => {
+                            if self.consolidator.is_some() {
+                                let birth = meta.lineage(lineage).map(|l| l.epoch).ok();
+                                for (lba, len, map) in edits {
+                                    if let (Some((pba, crcs)), Some(birth)) = (map, birth) {
+                                        if *len >= super::consolidate::OFFER_MIN {
+                                            p.offers.push((
+                                                lineage,
+                                                birth,
+                                                *lba,
+                                                *pba,
+                                                crcs.clone(),
+                                            ));
+                                        }
+                                    }
+                                }
+                            }
                             let w = st.written.entry(lineage).or_insert(0);
                             *w = (*w).max(*counter);
                             if *fua {
@@ -385,6 +411,7 @@ impl Pool2 {
                     let p = pending.get_or_insert_with(|| Pending {
                         group: Group::default(),
                         members: Vec::new(),
+                        offers: Vec::new(),
                     });
                     p.group.set_durable();
                     p.members.push(txn);
@@ -448,9 +475,22 @@ impl Pool2 {
     fn commit_writes(&self, meta: &mut Meta2, st: &mut State, p: Pending) {
         match meta.commit(p.group) {
             Ok(done) => {
-                self.committed(&done);
+                let released: Vec<(VolId, u64)> = p
+                    .members
+                    .iter()
+                    .filter_map(|t| match &t.work {
+                        Work::Write { vol, reserved, .. } => Some((*vol, *reserved)),
+                        _ => None,
+                    })
+                    .collect();
+                self.committed_releasing(&done, &released);
                 for t in p.members {
                     st.out.push((t, Answer::Value(0)));
+                }
+                if let Some(c) = &self.consolidator {
+                    for (l, birth, lba, pba, crcs) in &p.offers {
+                        c.offer(*l, *birth, *lba, *pba, crcs);
+                    }
                 }
             }
             Err(e) => {
@@ -539,10 +579,25 @@ impl Pool2 {
         }
     }
 
+    /// A write's quota reservation when it is answered other than by its commit (which
+    /// released it already).
+    fn release_reservation(&self, t: &Txn, a: &Answer) {
+        if let (Work::Write { vol, reserved, .. }, false) = (&t.work, matches!(a, Answer::Value(_)))
+        {
+            self.unreserve(*vol, *reserved);
+        }
+    }
+
     /// After any commit: frees become pending, destroyed lineages leave the catalog.
     fn committed(&self, done: &crate::v2::engine::Committed) {
+        self.committed_releasing(done, &[]);
+    }
+
+    /// [`Pool2::committed`], releasing the committed writes' quota reservations as their
+    /// blocks are published.
+    fn committed_releasing(&self, done: &crate::v2::engine::Committed, released: &[(VolId, u64)]) {
         self.defer_frees(&done.freed);
-        self.publish_owned(&done.owned);
+        self.publish_owned(&done.owned, released);
         if !done.destroyed.is_empty() {
             let mut c = self.catalog_write();
             c.gen += 1;

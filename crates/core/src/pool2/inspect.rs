@@ -41,8 +41,8 @@ impl Pool2 {
             .into_iter()
             .filter(|p| p.0.saturating_mul(PAGE_BLOCKS) < min_blocks)
         {
-            let ca: Content = read_page(&*view, &bases, sa.lineage, sa.at, p)?;
-            let cb: Content = read_page(&*view, &bases, sb.lineage, sb.at, p)?;
+            let ca: Content = read_page(&*view, &bases, &*self.sums, sa.lineage, sa.at, p)?;
+            let cb: Content = read_page(&*view, &bases, &*self.sums, sb.lineage, sb.at, p)?;
             for k in 0..PAGE_BLOCKS as usize {
                 let lba = p.0 * PAGE_BLOCKS + k as u64;
                 if lba < min_blocks && ca[k] != cb[k] {
@@ -165,6 +165,17 @@ impl Pool2 {
         affects: &BTreeMap<LineageId, Vec<String>>,
         rep: &mut ScrubReport,
     ) {
+        // CRCs in a checksum block are read from the media too; if that block is bad,
+        // every block it covers is reported with it.
+        let block = match x.sums.block().map(|r| self.sums.read_fresh(r)).transpose() {
+            Ok(b) => b,
+            Err(e) => {
+                for i in 0..u64::from(x.len) {
+                    self.scrub_bad(l, page, x, i, format!("{e}"), affects, rep);
+                }
+                return;
+            }
+        };
         let mut k = 0u64;
         while k < u64::from(x.len) {
             let n = (u64::from(x.len) - k).min(MAX_RUN);
@@ -177,34 +188,50 @@ impl Pool2 {
                 }])
             });
             for i in 0..n {
-                let crc = x.crcs[(k + i) as usize];
-                let detail = match &read {
-                    Err(e) => Some(format!("read error: {e}")),
-                    Ok(()) => {
+                let crc = crate::v2::sums::resolve(x.sums.get((k + i) as usize), block.as_deref());
+                let detail = match (&read, crc) {
+                    (Err(e), _) => Some(format!("read error: {e}")),
+                    (_, Err(e)) => Some(e.to_string()),
+                    (Ok(()), Ok(crc)) => {
                         let s = (i * BLOCK_SIZE_U64) as usize;
                         let got = crc32c::crc32c(&buf[s..s + BLOCK_SIZE]);
                         (got != crc).then(|| format!("stored crc32c {crc:08x}, data has {got:08x}"))
                     }
                 };
                 if let Some(detail) = detail {
-                    let lba = page
-                        .saturating_mul(PAGE_BLOCKS)
-                        .saturating_add(u64::from(x.off) + k + i);
-                    let pba = x.pba + k + i;
-                    log::error!("scrub: lineage {l} lba {lba} pba {pba}: {detail}");
-                    rep.bad.push(BadBlock {
-                        layer: l.0,
-                        lba,
-                        pba,
-                        detail,
-                        affects: affects.get(&l).cloned().unwrap_or_default(),
-                    });
+                    self.scrub_bad(l, page, x, k + i, detail, affects, rep);
                 }
             }
             rep.blocks += n;
             rep.bytes += n * BLOCK_SIZE_U64;
             k += n;
         }
+    }
+
+    /// Reports block `i` of piece `x` bad.
+    #[allow(clippy::too_many_arguments)]
+    fn scrub_bad(
+        &self,
+        l: LineageId,
+        page: u64,
+        x: &Piece,
+        i: u64,
+        detail: String,
+        affects: &BTreeMap<LineageId, Vec<String>>,
+        rep: &mut ScrubReport,
+    ) {
+        let lba = page
+            .saturating_mul(PAGE_BLOCKS)
+            .saturating_add(u64::from(x.off) + i);
+        let pba = x.pba + i;
+        log::error!("scrub: lineage {l} lba {lba} pba {pba}: {detail}");
+        rep.bad.push(BadBlock {
+            layer: l.0,
+            lba,
+            pba,
+            detail,
+            affects: affects.get(&l).cloned().unwrap_or_default(),
+        });
     }
 }
 

@@ -53,7 +53,14 @@ impl Pool2 {
             (cat.source(t)?, BaseMap(cat.bases.clone()))
         };
         let p = lba / PAGE_BLOCKS;
-        let content = read_page(&**self.store(), &bases, src.lineage, src.at, PageNo(p))?;
+        let content = read_page(
+            &**self.store(),
+            &bases,
+            &*self.sums,
+            src.lineage,
+            src.at,
+            PageNo(p),
+        )?;
         Ok(content[(lba % PAGE_BLOCKS) as usize].map(|b| self.block_offset(b.pba)))
     }
 
@@ -211,6 +218,7 @@ impl Pool2 {
                 edits: vec![(at, n, None)],
                 fua: fua && at + n == b1,
                 counter: 0,
+                reserved: 0,
             }))?;
             at += n;
         }

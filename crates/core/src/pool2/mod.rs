@@ -14,11 +14,13 @@
 //! * `stripes`: a sub-block write holds its edge blocks' stripes across its read-modify-write.
 
 mod committer;
+mod consolidate;
 mod inspect;
 mod io;
 mod plan;
 mod records;
 mod space;
+mod sums;
 pub use plan::{WritePlan, WriteThen};
 pub use space::SpaceRelief;
 mod ops;
@@ -43,6 +45,19 @@ use catalog::Catalog;
 use committer::Shared;
 
 pub use crate::pool::Target;
+
+/// Checksum consolidation counters ([`Pool2::checksum_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SumStats {
+    /// Checksum blocks written and named by the map.
+    pub blocks_written: u64,
+    /// Data blocks whose CRCs moved into them.
+    pub blocks_moved: u64,
+    /// Blocks of large writes left inline because the queue was full.
+    pub offers_dropped: u64,
+    /// Checksum blocks read from the device (cache misses).
+    pub loads: u64,
+}
 
 /// The superblock and device-header version of format 2.
 pub const FORMAT2: u32 = 2;
@@ -81,6 +96,10 @@ pub struct Pool2 {
     usage: Mutex<space::Usage>,
     /// Page contents at retained epochs, as reads resolved them (v2/cache.rs).
     contents: ContentCache,
+    /// Checksum blocks (format2.md §9b), for every reader of the map.
+    sums: Arc<sums::DeviceSums>,
+    /// Checksum consolidation's queue; `None` when off.
+    consolidator: Option<Arc<consolidate::Consolidator>>,
 }
 
 /// Engine settings of an open pool. The defaults are what the daemon uses; tests make
@@ -91,6 +110,10 @@ pub struct OpenOptions {
     pub checkpoint_every: u64,
     /// Bytes of page contents at retained epochs kept in RAM (format2.md §8b); 0: none.
     pub content_cache: usize,
+    /// Move the CRCs of large writes into checksum blocks (format2.md §9b) once this many
+    /// are queued (1..=1024; a partly filled block after a second without offers); `None`:
+    /// keep them inline. Tests use small values so that blocks are written often.
+    pub consolidate: Option<u64>,
 }
 
 /// [`OpenOptions::content_cache`] of a daemon: ~150,000 sequentially written pages, the
@@ -102,6 +125,7 @@ impl Default for OpenOptions {
         OpenOptions {
             checkpoint_every: crate::v2::CHECKPOINT_EVERY,
             content_cache: CONTENT_CACHE,
+            consolidate: Some(crate::v2::piece::SUM_SLOTS as u64),
         }
     }
 }
@@ -166,7 +190,12 @@ impl Pool2 {
         opts: &OpenOptions,
     ) -> Result<Arc<Pool2>> {
         let sup = Self::check_identity(&*store, &*dev)?;
-        let mut meta = Meta2::open(Arc::clone(&store), sup.data_blocks)?;
+        let sums = Arc::new(sums::DeviceSums::new(
+            Arc::clone(&dev),
+            sup.data_start,
+            sup.data_blocks,
+        ));
+        let mut meta = Meta2::open(Arc::clone(&store), sup.data_blocks, sums.clone())?;
         meta.set_checkpoint_every(opts.checkpoint_every);
         let catalog = Catalog::load(&*store, meta.lineages())?;
         let mut alloc = Allocator::new(sup.data_blocks);
@@ -216,6 +245,10 @@ impl Pool2 {
             wake: Arc::new((Mutex::new(false), Condvar::new())),
             usage: Mutex::new(usage),
             contents,
+            sums,
+            consolidator: opts
+                .consolidate
+                .map(|fill| Arc::new(consolidate::Consolidator::new(fill))),
         });
         let weak = Arc::downgrade(&pool);
         let shared = Arc::clone(&pool.committer);
@@ -230,7 +263,18 @@ impl Pool2 {
             .name("snapblk-sync".into())
             .spawn(move || background(weak, shared, wake))
             .map_err(|e| Error::device("starting the sync thread", e))?;
-        *lock(&pool.threads) = vec![c, b];
+        let mut threads = vec![c, b];
+        if let Some(work) = &pool.consolidator {
+            let weak = Arc::downgrade(&pool);
+            let work = Arc::clone(work);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("snapblk-csum".into())
+                    .spawn(move || consolidate::run(weak, work))
+                    .map_err(|e| Error::device("starting the checksum thread", e))?,
+            );
+        }
+        *lock(&pool.threads) = threads;
         Ok(pool)
     }
 
@@ -250,6 +294,22 @@ impl Pool2 {
     }
     pub fn data_blocks(&self) -> u64 {
         self.sup.data_blocks
+    }
+    /// What checksum consolidation did so far (format2.md §9b).
+    pub fn checksum_stats(&self) -> SumStats {
+        let (written, moved, dropped) = self.consolidator.as_ref().map_or((0, 0, 0), |c| {
+            (
+                c.blocks_written.load(Ordering::Relaxed),
+                c.blocks_moved.load(Ordering::Relaxed),
+                c.dropped.load(Ordering::Relaxed),
+            )
+        });
+        SumStats {
+            blocks_written: written,
+            blocks_moved: moved,
+            offers_dropped: dropped,
+            loads: self.sums.loads(),
+        }
     }
     /// What the cache of page contents at retained epochs holds and how it served reads.
     pub fn content_cache_stats(&self) -> CacheStats {
@@ -334,6 +394,9 @@ impl Pool2 {
     fn stop_threads(&self) {
         self.shutdown.store(true, Ordering::Release);
         self.committer.shutdown();
+        if let Some(c) = &self.consolidator {
+            c.shutdown();
+        }
         {
             let (m, cv) = &*self.wake;
             *lock(m) = true;

@@ -740,7 +740,7 @@ impl Pool2 {
     /// catalog against the lineages' retained sets.
     pub fn check(&self) -> Result<crate::v2::check::Report> {
         let view = self.store().view()?;
-        let mut report = crate::v2::check::check(&*view, self.data_blocks())?;
+        let mut report = crate::v2::check::check(&*view, self.data_blocks(), &*self.sums)?;
         let lineages = crate::v2::engine::load_lineages(&*view)?;
         let c = Catalog::load(&*view, &lineages)?;
         report.volumes = c.volumes.len() as u64;
@@ -796,7 +796,9 @@ impl Pool2 {
         };
         let (n, bad) = self.contents.verify(
             &retained,
-            &mut |l, e, p| crate::v2::read::read_page(&*view, &lineages, l, Some(e), p),
+            &mut |l, e, p| {
+                crate::v2::read::read_page(&*view, &lineages, &*self.sums, l, Some(e), p)
+            },
             still_retained,
         )?;
         report.kept_contents = n;

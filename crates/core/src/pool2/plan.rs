@@ -86,8 +86,6 @@ fn write_result(a: Answer) -> Result<()> {
 
 /// What a write planned to commit holds until its Txn is answered ([`Pool2::settle`]).
 pub(crate) struct Settle {
-    vol: VolId,
-    reserved: u64,
     allocated: Vec<u64>,
 }
 
@@ -109,6 +107,7 @@ struct RequestPages<'a> {
     retained: LazyReader<'a>,
     bases: BaseMap,
     cache: &'a ContentCache,
+    sums: &'a dyn crate::v2::sums::SumBlocks,
     lineage: LineageId,
     at: Option<Epoch>,
 }
@@ -119,6 +118,7 @@ impl RequestPages<'_> {
             self.store,
             &self.retained,
             &self.bases,
+            self.sums,
             self.cache,
             self.lineage,
             self.at,
@@ -135,6 +135,7 @@ impl Pool2 {
             retained: LazyReader::new(store),
             bases,
             cache: &self.contents,
+            sums: &*self.sums,
             lineage: src.lineage,
             at: src.at,
         }
@@ -304,21 +305,19 @@ impl Pool2 {
             edits: plan.edits(),
             fua: plan.fua,
             counter,
+            // The committer releases it (committer.rs `Work::Write`).
+            reserved: std::mem::take(&mut plan.reserved),
         };
         let settle = Settle {
-            vol: plan.vol,
-            reserved: std::mem::take(&mut plan.reserved),
             allocated: std::mem::take(&mut plan.allocated),
         };
         (work, settle)
     }
 
-    /// Releases what a write held once its Txn is answered: on success the blocks are
-    /// referenced and the reservation goes (the commit published the volume's new usage);
-    /// if nothing was applied the blocks return at once; after a failed commit they stay
+    /// Releases the blocks a write held once its Txn is answered (its quota reservation
+    /// is the committer's to release): on success the blocks are referenced; if nothing was applied the blocks return at once; after a failed commit they stay
     /// out of use until the next open decides (the batch may survive in the store's log).
     pub(crate) fn settle(&self, s: Settle, a: &Answer) {
-        self.unreserve(s.vol, s.reserved);
         match a {
             Answer::Value(_) => {}
             Answer::Rejected(_) | Answer::Retry => {

@@ -89,6 +89,15 @@ fn lineages_of(c: &Catalog, v: &VolRec) -> Vec<LineageId> {
 }
 
 impl Usage {
+    fn unreserve(&mut self, vol: VolId, n: u64) {
+        if let Some(r) = self.reserved.get_mut(&vol) {
+            *r = r.saturating_sub(n);
+            if *r == 0 {
+                self.reserved.remove(&vol);
+            }
+        }
+    }
+
     pub fn volume_blocks(&mut self, c: &Catalog, v: &VolRec) -> u64 {
         let fresh = matches!(self.lineages.get(&v.id), Some((g, _)) if *g == c.gen);
         if !fresh {
@@ -110,9 +119,16 @@ impl Pool2 {
             .saturating_mul(BLOCK_SIZE_U64)
     }
 
-    /// Publishes owned-block counts a commit wrote.
-    pub(crate) fn publish_owned(&self, owned: &[(LineageId, Option<u64>)]) {
-        if owned.is_empty() {
+    /// Publishes owned-block counts a commit wrote and, under the same lock, releases the
+    /// reservations of the writes it committed: a concurrent [`Pool2::reserve`] sees their
+    /// blocks either reserved or owned, never both (that double count refused writes
+    /// below the quota).
+    pub(crate) fn publish_owned(
+        &self,
+        owned: &[(LineageId, Option<u64>)],
+        released: &[(VolId, u64)],
+    ) {
+        if owned.is_empty() && released.iter().all(|(_, n)| *n == 0) {
             return;
         }
         let mut u = lock(&self.usage);
@@ -121,6 +137,9 @@ impl Pool2 {
                 Some(n) => u.owned.insert(*l, *n),
                 None => u.owned.remove(l),
             };
+        }
+        for (vol, n) in released.iter().filter(|(_, n)| *n > 0) {
+            u.unreserve(*vol, *n);
         }
     }
 
@@ -156,13 +175,7 @@ impl Pool2 {
         if n == 0 {
             return;
         }
-        let mut u = lock(&self.usage);
-        if let Some(r) = u.reserved.get_mut(&vol) {
-            *r = r.saturating_sub(n);
-            if *r == 0 {
-                u.reserved.remove(&vol);
-            }
-        }
+        lock(&self.usage).unreserve(vol, n);
     }
 
     /// Sets (or with `None` removes) the quota of volume `name`: the bytes it and its

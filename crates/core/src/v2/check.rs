@@ -8,17 +8,18 @@
 //! Cost: one pass over the metadata, plus one get per page with dead records and per
 //! change-index entry. Memory: two bits per data block plus one page's pieces.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
 
-use super::engine::{load, X_DEAD};
+use super::engine::{decode_sum_count, load, X_DEAD};
 use super::ids::{Epoch, LineageId, PageNo};
 use super::jobs::{Job, JobKind};
 use super::keys;
 use super::lineage::Lineage;
 use super::piece::Piece;
-use super::read;
+use super::read::{self, Raw, RawContent};
 use super::region::Regions;
+use super::sums::SumBlocks;
 use super::PAGE_BLOCKS;
 use crate::error::{Error, Result};
 use crate::meta::{try_scan, MetaRead};
@@ -70,6 +71,10 @@ struct Ctx<'a> {
     born: BTreeMap<LineageId, u64>,
     /// Owned blocks per lineage (live pages and dead records).
     owned_by: BTreeMap<LineageId, u64>,
+    /// Owned blocks per checksum block naming it (format2.md §9b).
+    sum_counts: BTreeMap<u64, u64>,
+    /// Every checksum block any piece names (owned, inherited or in a checkpoint).
+    sum_named: BTreeSet<u64>,
     report: Report,
 }
 
@@ -80,6 +85,12 @@ impl Ctx<'_> {
 
     fn pieces(&mut self, what: &str, l: LineageId, pieces: &[Piece]) {
         for x in pieces {
+            if let Some(r) = x.sums.block() {
+                self.sum_named.insert(r.at);
+            }
+            if let Some(at) = x.counted_in() {
+                *self.sum_counts.entry(at).or_default() += u64::from(x.len);
+            }
             if x.owned() {
                 self.report.owned_blocks += u64::from(x.len);
                 *self.owned_by.entry(l).or_default() += u64::from(x.len);
@@ -154,6 +165,7 @@ impl Ctx<'_> {
 fn check_checkpoint(
     c: &mut Ctx,
     view: &dyn MetaRead,
+    sums: &dyn SumBlocks,
     k: &[u8],
     v: &[u8],
     (l, p, e): (LineageId, PageNo, Epoch),
@@ -179,9 +191,11 @@ fn check_checkpoint(
         }
         return Ok(());
     }
-    let want = read::read_page_exact(view, c.lineages, l, Some(e), p)?;
-    let mut got: read::Content = [None; PAGE_BLOCKS as usize];
+    let mut raw: RawContent = [None; PAGE_BLOCKS as usize];
     for x in &rec.pieces {
+        if let Some(r) = x.sums.block() {
+            c.sum_named.insert(r.at);
+        }
         if x.birth > e {
             c.report.err(format!(
                 "lineage {l} page {p}: read checkpoint at {e} holds a piece born at {}",
@@ -189,13 +203,25 @@ fn check_checkpoint(
             ));
         }
         for i in 0..x.len as usize {
-            got[x.off as usize + i] = Some(read::Block {
+            raw[x.off as usize + i] = Some(Raw {
                 pba: x.pba + i as u64,
-                crc: x.crcs[i],
+                sum: x.sums.get(i),
             });
         }
     }
-    if got != want {
+    let compared = read::read_page_exact(view, c.lineages, sums, l, Some(e), p)
+        .and_then(|want| Ok(read::resolve(&raw, sums)? == want));
+    let same = match compared {
+        Ok(same) => same,
+        Err(Error::Corrupt(why)) => {
+            c.report.err(format!(
+                "lineage {l} page {p}: read checkpoint at {e} not compared: {why}"
+            ));
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    if !same {
         c.report.err(format!(
             "lineage {l} page {p}: read checkpoint at {e} differs from the content there"
         ));
@@ -204,7 +230,9 @@ fn check_checkpoint(
 }
 
 /// Checks the format-2 metadata seen by `view` for a data device of `data_blocks` blocks.
-pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
+///
+/// `sums` loads checksum blocks, to compare read checkpoints with the content they cache.
+pub fn check(view: &dyn MetaRead, data_blocks: u64, sums: &dyn SumBlocks) -> Result<Report> {
     let st = load(view, data_blocks)?;
     let jobs: Vec<Job> = st.jobs.iter().cloned().collect();
     let mut c = Ctx {
@@ -214,6 +242,8 @@ pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
         based: Regions::new(data_blocks),
         born: BTreeMap::new(),
         owned_by: BTreeMap::new(),
+        sum_counts: BTreeMap::new(),
+        sum_named: BTreeSet::new(),
         report: Report {
             lineages: st.lineages.len() as u64,
             pending_jobs: jobs.len() as u64,
@@ -296,7 +326,7 @@ pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
             Some(keys::DeadKey::Dead(l, p, d)) => (l, p, d),
             Some(keys::DeadKey::Checkpoint(l, p, e)) => {
                 c.report.checkpoints += 1;
-                check_checkpoint(&mut c, view, k, v, (l, p, e))?;
+                check_checkpoint(&mut c, view, sums, k, v, (l, p, e))?;
                 return Ok(ControlFlow::Continue(()));
             }
             None => {
@@ -393,6 +423,40 @@ pub fn check(view: &dyn MetaRead, data_blocks: u64) -> Result<Report> {
                 lin.id, lin.owned
             ));
         }
+    }
+
+    // Checksum blocks: each counted exactly by the owned blocks naming it, and owned like
+    // a data block (so I1 and I4 below include them).
+    let mut stored = BTreeMap::new();
+    let (a, b) = keys::sum_counts();
+    try_scan(view, &a, &b, |k, v| {
+        match (keys::fields::<1>(k, keys::K_SUM_COUNT), decode_sum_count(v)) {
+            (Some([at]), Some(n)) => {
+                stored.insert(at, n);
+            }
+            _ => c.report.err(format!(
+                "malformed checksum-block count {} = {}",
+                read::hex(k),
+                read::hex(v)
+            )),
+        }
+        Ok::<_, Error>(ControlFlow::Continue(()))
+    })?;
+    for (&at, &n) in &stored {
+        let want = c.sum_counts.get(&at).copied().unwrap_or(0);
+        if n != want {
+            c.report.err(format!(
+                "checksum block {at}: count says {n} blocks name it, pieces own {want}"
+            ));
+        }
+        if let Err(e) = c.owned.set(at, 1) {
+            c.report.err(format!("checksum block {at}: {e}"));
+        }
+    }
+    for at in c.sum_named.iter().filter(|at| !stored.contains_key(at)) {
+        c.report.err(format!(
+            "checksum block {at} is named by a piece but has no count (freed)"
+        ));
     }
 
     // I4: allocated ⇔ referenced; inherited blocks are owned somewhere.

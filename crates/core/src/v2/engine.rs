@@ -22,12 +22,28 @@ use super::jobs::{Job, JobKind};
 use super::keys;
 use super::lineage::Lineage;
 use super::page::{self, DeadRecord, Page};
-use super::piece::{Piece, PieceFlags, MAX_PBA};
+use super::piece::{Piece, PieceFlags, SumRef, Sums, MAX_PBA};
 use super::read::{self, Bases};
 use super::region::Regions;
+use super::sums::{self, SumBlock, SumBlocks};
 use super::PAGE_BLOCKS;
 use crate::error::{Error, Result};
 use crate::meta::{try_scan, BatchOp, MetaRead, MetaStore, WriteBatch};
+
+/// A live piece whose inline CRCs a checksum block now holds, from slot `slot` on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub lineage: LineageId,
+    pub page: PageNo,
+    /// As committed: owned, inline CRCs.
+    pub piece: Piece,
+    pub slot: u16,
+}
+
+/// A `b` record: owned blocks naming the checksum block (u64 LE).
+pub(super) fn decode_sum_count(v: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(v.try_into().ok()?)).filter(|n| *n > 0)
+}
 
 /// Change-index flag: `d(L, page, w)` exists.
 pub const X_DEAD: u8 = 1;
@@ -65,6 +81,8 @@ pub struct Group {
     allocated: Vec<(u64, u64)>,
     destroyed: Vec<LineageId>,
     durable: bool,
+    /// Checksum-block counts read or changed by this group (`None`: no record).
+    sum_counts: BTreeMap<u64, Cached<u64>>,
 }
 
 impl Group {
@@ -138,6 +156,7 @@ pub struct Meta2 {
     pub(super) jobs: VecDeque<Job>,
     next: NextIds,
     failed: Option<String>,
+    sums: Arc<dyn SumBlocks>,
 }
 
 impl Bases for BTreeMap<LineageId, Lineage> {
@@ -298,7 +317,13 @@ impl Meta2 {
     /// A pool written before owned-block counts were kept gets them here, once: the pages
     /// and dead records of those lineages are counted (O(their metadata)) and the counts
     /// written in one durable batch.
-    pub fn open(store: Arc<dyn MetaStore>, data_blocks: u64) -> Result<Meta2> {
+    ///
+    /// `sums` loads checksum blocks (format2.md §9b) for reads and copy-up.
+    pub fn open(
+        store: Arc<dyn MetaStore>,
+        data_blocks: u64,
+        sums: Arc<dyn SumBlocks>,
+    ) -> Result<Meta2> {
         let mut st = load(&*store, data_blocks)?;
         if !st.legacy_owned.is_empty() {
             let mut b = WriteBatch::new();
@@ -323,6 +348,7 @@ impl Meta2 {
             jobs: st.jobs,
             next: st.next,
             failed: None,
+            sums,
         })
     }
 
@@ -441,7 +467,8 @@ impl Meta2 {
         Ok(())
     }
 
-    /// Frees `piece` of lineage `l` (its owned blocks; an inherited piece frees nothing).
+    /// Frees `piece` of lineage `l` (its owned blocks; an inherited piece frees nothing),
+    /// and its checksum block once no owned block names it.
     pub(super) fn free_piece(&mut self, g: &mut Group, l: LineageId, piece: &Piece) -> Result<()> {
         if piece.owned() {
             let n = u64::from(piece.len);
@@ -451,8 +478,140 @@ impl Meta2 {
                 lin.owned = lin.owned.saturating_sub(n);
                 g.counters.insert(l);
             }
+            if let Some(at) = piece.counted_in() {
+                let c = self.sum_count_mut(g, at)?;
+                let left = c.value.and_then(|v| v.checked_sub(n)).ok_or_else(|| {
+                    corrupt(format!(
+                        "checksum block {at}: fewer counted blocks than lineage {l} frees ({n})"
+                    ))
+                })?;
+                c.value = (left > 0).then_some(left);
+                c.dirty = true;
+                if left == 0 {
+                    self.regions.clear(at, 1).map_err(corrupt)?;
+                    g.freed.push((at, 1));
+                }
+            }
         }
         Ok(())
+    }
+
+    fn sum_count_mut<'g>(&self, g: &'g mut Group, at: u64) -> Result<&'g mut Cached<u64>> {
+        match g.sum_counts.entry(at) {
+            btree_map::Entry::Occupied(o) => Ok(o.into_mut()),
+            btree_map::Entry::Vacant(slot) => {
+                let value = match self.store.get(&keys::sum_count(at))? {
+                    Some(v) => Some(decode_sum_count(&v).ok_or_else(|| {
+                        corrupt(format!("count of checksum block {at}: {} bytes", v.len()))
+                    })?),
+                    None => None,
+                };
+                Ok(slot.insert(Cached {
+                    value,
+                    dirty: false,
+                }))
+            }
+        }
+    }
+
+    /// Moves the inline CRCs of live pieces into checksum block `at`, which holds `block`
+    /// and is durable on the data device (format2.md §9b). Each candidate whose blocks
+    /// are still live, owned and born as given in its lineage's live page, with the same
+    /// CRCs as `block`'s slots from `slot` on, is rewritten to name the block; others
+    /// (overwritten, trimmed, their lineage closed since) are skipped. Returns the blocks
+    /// rewritten: at 0 nothing names `at` and the caller frees it; otherwise `at` is
+    /// allocated and counted in this group.
+    pub fn consolidate(
+        &mut self,
+        g: &mut Group,
+        at: u64,
+        block: &SumBlock,
+        candidates: &[Candidate],
+    ) -> Result<u64> {
+        if self.regions.is_set(at) || at >= self.regions.blocks() {
+            return Err(Error::invalid(
+                "checksum block",
+                format!("block {at} is in use or beyond the device"),
+            ));
+        }
+        let r = SumRef {
+            at,
+            slot: 0,
+            crc: sums::block_crc(block),
+        };
+        let mut n = 0u64;
+        for c in candidates {
+            let slots =
+                block.get(usize::from(c.slot)..usize::from(c.slot) + usize::from(c.piece.len));
+            if c.piece.sums.inline() != slots || c.piece.len == 0 {
+                return Err(Error::invalid(
+                    "checksum block",
+                    format!("block {at}: a candidate's CRCs are not in its slots"),
+                ));
+            }
+            if self
+                .lineages
+                .get(&c.lineage)
+                .is_none_or(|l| l.closed.is_some())
+            {
+                continue;
+            }
+            let done = self.consolidate_one(g, c, r);
+            n += self.stop_on_error(done)?;
+        }
+        if n > 0 {
+            let r = self.regions.set(at, 1).map_err(corrupt);
+            self.stop_on_error(r)?;
+            g.allocated.push((at, 1));
+            let c = self.sum_count_mut(g, at)?;
+            if c.value.is_some() {
+                let e = corrupt(format!("checksum block {at} already has a count"));
+                return self.stop_on_error(Err(e));
+            }
+            c.value = Some(n);
+            c.dirty = true;
+        }
+        Ok(n)
+    }
+
+    fn consolidate_one(&mut self, g: &mut Group, c: &Candidate, r: SumRef) -> Result<u64> {
+        let cached = self.page_mut(g, c.lineage, c.page)?;
+        let Some(page) = cached.value.as_mut() else {
+            return Ok(0);
+        };
+        let want = &c.piece;
+        let Some(x) = page
+            .pieces
+            .iter()
+            .find(|x| x.start() <= want.start() && want.end() <= x.end())
+        else {
+            return Ok(0);
+        };
+        let skip = (want.start() - x.start()) as usize;
+        let same = x.owned()
+            && want.owned()
+            && x.birth == want.birth
+            && x.pba + skip as u64 == want.pba
+            && x.sums
+                .inline()
+                .and_then(|s| s.get(skip..skip + usize::from(want.len)))
+                == want.sums.inline();
+        if !same {
+            return Ok(0);
+        }
+        page::cut(&mut page.pieces, want.start(), want.end());
+        let moved = Piece {
+            sums: Sums::Block(SumRef { slot: c.slot, ..r }),
+            ..want.clone()
+        };
+        page::insert(&mut page.pieces, moved).map_err(|e| {
+            corrupt(format!(
+                "lineage {} page {}: consolidating: {e}",
+                c.lineage, c.page
+            ))
+        })?;
+        cached.dirty = true;
+        Ok(u64::from(want.len))
     }
 
     // ---- lineages and snapshots ----
@@ -664,7 +823,10 @@ impl Meta2 {
             None => match lin.base {
                 // Copy-up: the base content becomes BASE pieces of this lineage.
                 Some((lb, eb)) => {
-                    let content = read::read_page(&*self.store, &self.lineages, lb, Some(eb), p)?;
+                    // References to checksum blocks are copied as they are: the base's
+                    // owners keep those blocks while `eb` is retained.
+                    let content =
+                        read::read_page_raw(&*self.store, &self.lineages, lb, Some(eb), p)?;
                     let pieces = read::to_pieces(&content, Epoch::ZERO, PieceFlags::BASE);
                     if pieces.is_empty() && edit.map.is_none() {
                         return Ok(());
@@ -721,7 +883,7 @@ impl Meta2 {
                 pba: pba + skip as u64,
                 birth: w,
                 flags: PieceFlags::OWN,
-                crcs: crate::v2::piece::Crcs::from_slice(&crcs[skip..skip + n]),
+                sums: Sums::Inline(crate::v2::piece::Crcs::from_slice(&crcs[skip..skip + n])),
             };
             page::insert(&mut page.pieces, piece).map_err(corrupt)?;
         }
@@ -850,6 +1012,14 @@ impl Meta2 {
                 }
             }
         }
+        for (at, c) in &g.sum_counts {
+            if c.dirty {
+                match c.value {
+                    Some(n) => b.put(keys::sum_count(*at), n.to_le_bytes().to_vec()),
+                    None => b.delete(keys::sum_count(*at)),
+                }
+            }
+        }
         for n in self.regions.take_dirty() {
             b.put(keys::region(n), self.regions.encode(n));
         }
@@ -900,6 +1070,6 @@ impl Meta2 {
 
     /// The content of page `p` of `l` at `at` (`None` = live), as committed.
     pub fn read(&self, l: LineageId, at: Option<Epoch>, p: PageNo) -> Result<read::Content> {
-        read::read_page(&*self.store, &self.lineages, l, at, p)
+        read::read_page(&*self.store, &self.lineages, &*self.sums, l, at, p)
     }
 }

@@ -12,6 +12,8 @@ pub const K_INDEX: u8 = b'x';
 pub const K_REGION: u8 = b'r';
 pub const K_JOB: u8 = b'q';
 pub const K_COUNTER: u8 = b'k';
+/// `b`+block: owned blocks whose CRCs checksum block `block` holds (format2.md §9b).
+pub const K_SUM_COUNT: u8 = b'b';
 /// In the store's *derived* key space (not the map's): `e`+L+E+page, the content of a
 /// page at retained epoch E (format2.md §8c).
 pub const K_CONTENT: u8 = b'e';
@@ -140,6 +142,12 @@ pub fn contents_at(l: LineageId, e: Epoch) -> (Vec<u8>, Vec<u8>) {
 /// Every derived content key.
 pub fn all_contents() -> (Vec<u8>, Vec<u8>) {
     (vec![K_CONTENT], vec![K_CONTENT + 1])
+}
+pub fn sum_count(at: u64) -> Vec<u8> {
+    key(K_SUM_COUNT, &[at])
+}
+pub fn sum_counts() -> (Vec<u8>, Vec<u8>) {
+    (vec![K_SUM_COUNT], vec![K_SUM_COUNT + 1])
 }
 pub fn region(n: u64) -> Vec<u8> {
     key(K_REGION, &[n])

@@ -30,6 +30,7 @@ pub mod piece;
 pub mod read;
 pub mod region;
 pub mod retained;
+pub mod sums;
 mod varint;
 
 pub use engine::{Edit, Group, Meta2, CHECKPOINT_EVERY};

@@ -19,7 +19,8 @@ use super::cache::ContentCache;
 use super::ids::{Epoch, LineageId, PageNo};
 use super::keys;
 use super::page::{DeadRecord, Page};
-use super::piece::{Piece, PieceFlags, PieceView};
+use super::piece::{Piece, PieceFlags, PieceView, Sum, SumRef, Sums};
+use super::sums::{SumBlock, SumBlocks};
 use super::PAGE_BLOCKS;
 use crate::error::{Error, Result};
 use crate::meta::{try_scan, MetaRead};
@@ -49,10 +50,24 @@ pub fn hex(k: &[u8]) -> String {
     k.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// One mapped block before its checksum is looked up: where it is, and its CRC or the
+/// checksum-block slot holding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Raw {
+    pub pba: u64,
+    pub sum: Sum,
+}
+
+/// A page's content with checksums not looked up yet (copy-up keeps references as they are).
+pub type RawContent = [Option<Raw>; PAGE_BLOCKS as usize];
+
 /// Adds the pieces of one encoded record (`page`: a live page, else a dead record or
-/// checkpoint) born at or before `at` to `slots`, without allocating.
+/// checkpoint) born at or before `at` to `slots`, without allocating. Two pieces giving a
+/// slot different blocks, or different checksums of one form, are corruption; the same
+/// block with its CRC inline once and in a checksum block once is not (a reader may meet a
+/// piece before and after consolidation, format2.md §9b).
 fn fill_from(
-    slots: &mut Content,
+    slots: &mut RawContent,
     key: &[u8],
     v: &[u8],
     page: bool,
@@ -64,16 +79,25 @@ fn fill_from(
             return;
         }
         for i in 0..usize::from(p.len) {
-            let b = Block {
+            let b = Raw {
                 pba: p.pba + i as u64,
-                crc: p.crc(i),
+                sum: p.sum(i),
             };
             let s = &mut slots[usize::from(p.off) + i];
             match s {
-                Some(old) if *old != b => {
+                Some(old) if old.pba != b.pba => {
                     clash.get_or_insert(usize::from(p.off) + i);
                 }
-                _ => *s = Some(b),
+                Some(old) => {
+                    let same_form = matches!(
+                        (old.sum, b.sum),
+                        (Sum::Crc(_), Sum::Crc(_)) | (Sum::Slot(_), Sum::Slot(_))
+                    );
+                    if same_form && old.sum != b.sum {
+                        clash.get_or_insert(usize::from(p.off) + i);
+                    }
+                }
+                None => *s = Some(b),
             }
         }
     };
@@ -93,15 +117,40 @@ fn fill_from(
     }
 }
 
+/// `raw` with every checksum looked up (one load per checksum block met).
+pub fn resolve(raw: &RawContent, sums: &dyn SumBlocks) -> Result<Content> {
+    let mut out: Content = [None; PAGE_BLOCKS as usize];
+    let mut loaded: Option<(SumRef, std::sync::Arc<SumBlock>)> = None;
+    for (o, r) in out.iter_mut().zip(raw) {
+        let Some(r) = r else { continue };
+        let crc = match r.sum {
+            Sum::Crc(c) => c,
+            Sum::Slot(s) => {
+                let same = loaded
+                    .as_ref()
+                    .is_some_and(|(l, _)| l.at == s.at && l.crc == s.crc);
+                if !same {
+                    loaded = Some((s, sums.load(s)?));
+                }
+                let block = loaded.as_ref().map(|(_, b)| &**b);
+                super::sums::resolve(r.sum, block)?
+            }
+        };
+        *o = Some(Block { pba: r.pba, crc });
+    }
+    Ok(out)
+}
+
 /// The content of page `p` of lineage `l` at epoch `at` (`None`: the live content).
 pub fn read_page<S: MetaRead + ?Sized>(
     store: &S,
     bases: &dyn Bases,
+    sums: &dyn SumBlocks,
     l: LineageId,
     at: Option<Epoch>,
     p: PageNo,
 ) -> Result<Content> {
-    read_page_with(store, bases, l, at, p, true)
+    read_page_with(store, bases, sums, l, at, p, true)
 }
 
 /// [`read_page`] from the dead records alone, ignoring read checkpoints: what `check`
@@ -109,11 +158,12 @@ pub fn read_page<S: MetaRead + ?Sized>(
 pub fn read_page_exact<S: MetaRead + ?Sized>(
     store: &S,
     bases: &dyn Bases,
+    sums: &dyn SumBlocks,
     l: LineageId,
     at: Option<Epoch>,
     p: PageNo,
 ) -> Result<Content> {
-    read_page_with(store, bases, l, at, p, false)
+    read_page_with(store, bases, sums, l, at, p, false)
 }
 
 /// [`read_page`] with two sources: `live` for the live page of `l` when `at` is `None` (a
@@ -136,27 +186,30 @@ pub fn read_page_exact<S: MetaRead + ?Sized>(
 /// `cache` holds contents at retained epochs (cache.rs says why they never go stale): the
 /// first lookup at a retained epoch — a snapshot's page, or the base a clone's unwritten
 /// page inherits — is answered from it when it can be, and remembered in it otherwise.
+#[allow(clippy::too_many_arguments)]
 pub fn read_page_split<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     live: &L,
     retained: &R,
     bases: &dyn Bases,
+    sums: &dyn SumBlocks,
     cache: &ContentCache,
     l: LineageId,
     at: Option<Epoch>,
     p: PageNo,
 ) -> Result<Content> {
-    read_page_in(live, retained, bases, Some(cache), l, at, p, true)
+    read_page_in(live, retained, bases, sums, Some(cache), l, at, p, true)
 }
 
 fn read_page_with<S: MetaRead + ?Sized>(
     store: &S,
     bases: &dyn Bases,
+    sums: &dyn SumBlocks,
     l: LineageId,
     at: Option<Epoch>,
     p: PageNo,
     checkpoints: bool,
 ) -> Result<Content> {
-    read_page_in(store, store, bases, None, l, at, p, checkpoints)
+    read_page_in(store, store, bases, sums, None, l, at, p, checkpoints)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -164,27 +217,90 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     live: &L,
     retained: &R,
     bases: &dyn Bases,
+    sums: &dyn SumBlocks,
     cache: Option<&ContentCache>,
-    mut l: LineageId,
-    mut at: Option<Epoch>,
+    l: LineageId,
+    at: Option<Epoch>,
     p: PageNo,
     checkpoints: bool,
 ) -> Result<Content> {
-    let mut slots: Content = [None; PAGE_BLOCKS as usize];
     // The retained (lineage, epoch)s this read looked up in the cache and missed: the
     // content found is theirs too (a snapshot of a clone whose page was not written by
     // then has its base's content at the base epoch), so each gets it.
     let mut missed: smallvec::SmallVec<[(LineageId, Epoch); 2]> = smallvec::SmallVec::new();
+    let mut raw: RawContent = [None; PAGE_BLOCKS as usize];
+    let hit = read_raw_in(
+        live,
+        retained,
+        bases,
+        cache,
+        &mut missed,
+        &mut raw,
+        l,
+        at,
+        p,
+        checkpoints,
+    )?;
+    let content = match hit {
+        Some(hit) => hit,
+        None => resolve(&raw, sums)?,
+    };
+    if let Some(c) = cache {
+        for &(ml, me) in &missed {
+            c.insert(ml, me, p, &content);
+        }
+    }
+    Ok(content)
+}
+
+/// The content of page `p` of `l` at `at`, checksums not looked up: what copy-up copies.
+pub fn read_page_raw<S: MetaRead + ?Sized>(
+    store: &S,
+    bases: &dyn Bases,
+    l: LineageId,
+    at: Option<Epoch>,
+    p: PageNo,
+) -> Result<RawContent> {
+    let mut missed = smallvec::SmallVec::new();
+    let mut raw: RawContent = [None; PAGE_BLOCKS as usize];
+    read_raw_in(
+        store,
+        store,
+        bases,
+        None,
+        &mut missed,
+        &mut raw,
+        l,
+        at,
+        p,
+        true,
+    )?;
+    Ok(raw)
+}
+
+/// Fills `slots` with the content of page `p` of `l` at `at`, or returns the content the
+/// cache holds for it (`slots` then empty); `missed` gets the retained (lineage, epoch)s
+/// the cache was asked for and did not have.
+#[allow(clippy::too_many_arguments)]
+fn read_raw_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
+    live: &L,
+    retained: &R,
+    bases: &dyn Bases,
+    cache: Option<&ContentCache>,
+    missed: &mut smallvec::SmallVec<[(LineageId, Epoch); 2]>,
+    slots: &mut RawContent,
+    mut l: LineageId,
+    mut at: Option<Epoch>,
+    p: PageNo,
+    checkpoints: bool,
+) -> Result<Option<Content>> {
     // Bounded: each step moves to an older lineage, and lineage ids only grow.
     loop {
         // Slots are still empty whenever `at` is a retained epoch: a lookup only moves on
         // to a base after finding no page, so a cached content is the whole answer.
         if let (Some(c), Some(e)) = (cache, at) {
             if let Some(hit) = c.get(l, e, p) {
-                for &(ml, me) in &missed {
-                    c.insert(ml, me, p, &hit);
-                }
-                return Ok(hit);
+                return Ok(Some(hit));
             }
             missed.push((l, e));
         }
@@ -209,7 +325,7 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
             }
         }
         if let Some(v) = &page {
-            fill_from(&mut slots, &key, v, true, at)?;
+            fill_from(slots, &key, v, true, at)?;
         }
         if let Some(e) = at {
             // From c(e) on: the checkpoint at e itself if any, then d(e+1), c(e+1), ...
@@ -223,43 +339,44 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
                 if is_checkpoint && !checkpoints {
                     return Ok(ControlFlow::Continue(()));
                 }
-                fill_from(&mut slots, k, v, false, Some(e))?;
+                fill_from(slots, k, v, false, Some(e))?;
                 Ok::<_, Error>(if is_checkpoint {
                     ControlFlow::Break(())
                 } else {
                     ControlFlow::Continue(())
                 })
             })?;
-            if let Some(c) = cache {
-                for &(ml, me) in &missed {
-                    c.insert(ml, me, p, &slots);
-                }
-            }
         }
-        return Ok(slots);
+        return Ok(None);
     }
 }
 
-/// `content` as pieces with `flags` and `birth`, merging contiguous blocks.
-pub fn to_pieces(content: &Content, birth: Epoch, flags: PieceFlags) -> Vec<Piece> {
+/// `content` as pieces with `flags` and `birth`, merging contiguous blocks whose checksums
+/// continue (inline, or consecutive slots of one checksum block).
+pub fn to_pieces(content: &RawContent, birth: Epoch, flags: PieceFlags) -> Vec<Piece> {
     let mut out: Vec<Piece> = Vec::new();
     for (i, s) in content.iter().enumerate() {
         let Some(b) = s else { continue };
-        if let Some(last) = out.last_mut() {
-            if last.end() == i as u64 && last.pba + u64::from(last.len) == b.pba {
-                last.len += 1;
-                last.crcs.push(b.crc);
-                continue;
-            }
-        }
-        out.push(Piece {
+        let sums = match b.sum {
+            Sum::Crc(c) => Sums::Inline(smallvec::smallvec![c]),
+            Sum::Slot(r) => Sums::Block(r),
+        };
+        let piece = Piece {
             off: i as u8,
             len: 1,
             pba: b.pba,
             birth,
             flags,
-            crcs: smallvec::smallvec![b.crc],
-        });
+            sums,
+        };
+        if let Some(last) = out.last_mut() {
+            if last.joins(&piece) {
+                last.len += 1;
+                last.sums.append(piece.sums);
+                continue;
+            }
+        }
+        out.push(piece);
     }
     out
 }

@@ -1,0 +1,249 @@
+//! Checksum consolidation (format2.md §9b): the inline CRCs of large writes move into
+//! checksum blocks on the data device, so the metadata store keeps ~12 bytes per piece
+//! instead of 4 bytes per block.
+//!
+//! Flow: the committer offers the pieces of each committed write of at least
+//! [`OFFER_MIN`] blocks (in commit order, no rescan); the worker thread packs them into
+//! 1024 slots, writes the block durably (FUA) into a freshly allocated data block, and
+//! only then submits a management step in which the engine rewrites those pieces still
+//! live as committed to name the block (`Meta2::consolidate`). A step that rewrote
+//! nothing returns the block to the allocator.
+//!
+//! Crash consistency: before the step's batch is in the store, the block is free in the
+//! region records, so a crash leaves the pieces inline and the block free; after it, the
+//! block was durable first. Nothing here blocks writers: offers are dropped when the
+//! queue is full (those pieces keep inline CRCs, as before).
+//!
+//! Threading: one worker thread per pool; the queue's mutex is held for µs, never across
+//! I/O or a submit.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::device::{AlignedBuf, WriteSeg};
+use crate::error::{Error, Result};
+use crate::v2::engine::Candidate;
+use crate::v2::piece::{SumRef, Sums, SUM_SLOTS};
+use crate::v2::sums::{self, SumBlock};
+use crate::v2::{Epoch, LineageId, PageNo, Piece, PieceFlags, PAGE_BLOCKS};
+
+use super::committer::{Answer, Outcome, Work};
+use super::{lock, Pool2};
+
+/// The allocator stream of checksum blocks (volume ids never reach it).
+const SUM_STREAM: u64 = u64::MAX;
+/// Writes of at least this many blocks (64 KiB) are offered: what sequential writers send.
+/// Smaller ones keep inline CRCs (random 4 KiB writes would scatter checksum blocks).
+pub const OFFER_MIN: u64 = 16;
+/// Blocks waiting at most (1 GiB of data, ~1.5 MiB of RAM); more offers are dropped.
+const MAX_QUEUED: u64 = 256 * SUM_SLOTS as u64;
+/// A partly filled block is written once offers stopped for this long, if it has at least
+/// [`PARTIAL_MIN`] slots (below that, 4 KiB of data device for less than 1 KiB of store).
+const IDLE: Duration = Duration::from_secs(1);
+const PARTIAL_MIN: u64 = 256;
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Candidate>,
+    blocks: u64,
+    last_offer: Option<Instant>,
+    shutdown: bool,
+}
+
+pub(crate) struct Consolidator {
+    /// Queued slots that make a block (`OpenOptions::consolidate`).
+    fill: u64,
+    queue: Mutex<Queue>,
+    cv: Condvar,
+    /// Checksum blocks written / pieces' blocks rewritten to name them / offers dropped.
+    pub(crate) blocks_written: AtomicU64,
+    pub(crate) blocks_moved: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+}
+
+impl Consolidator {
+    pub(crate) fn new(fill: u64) -> Consolidator {
+        Consolidator {
+            fill: fill.clamp(1, SUM_SLOTS as u64),
+            queue: Mutex::default(),
+            cv: Condvar::new(),
+            blocks_written: AtomicU64::new(0),
+            blocks_moved: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Offers the pieces of a committed write: `len` blocks of `l` at `lba`, stored at
+    /// `pba` with `crcs`, born at `birth` (committer; never blocks beyond the queue lock).
+    pub(crate) fn offer(&self, l: LineageId, birth: Epoch, lba: u64, pba: u64, crcs: &[u32]) {
+        let len = crcs.len() as u64;
+        if len < OFFER_MIN {
+            return;
+        }
+        let mut q = lock(&self.queue);
+        if q.shutdown || q.blocks + len > MAX_QUEUED {
+            drop(q);
+            self.dropped.fetch_add(len, Ordering::Relaxed);
+            return;
+        }
+        let mut b = lba;
+        while b < lba + len {
+            let page = b / PAGE_BLOCKS;
+            let to = (lba + len).min((page + 1) * PAGE_BLOCKS);
+            let skip = (b - lba) as usize;
+            let n = (to - b) as usize;
+            q.items.push_back(Candidate {
+                lineage: l,
+                page: PageNo(page),
+                piece: Piece {
+                    off: (b - page * PAGE_BLOCKS) as u8,
+                    len: n as u8,
+                    pba: pba + skip as u64,
+                    birth,
+                    flags: PieceFlags::OWN,
+                    sums: Sums::Inline(crcs[skip..skip + n].iter().copied().collect()),
+                },
+                slot: 0,
+            });
+            b = to;
+        }
+        q.blocks += len;
+        q.last_offer = Some(Instant::now());
+        if q.blocks >= self.fill {
+            self.cv.notify_all();
+        }
+    }
+
+    pub(crate) fn shutdown(&self) {
+        lock(&self.queue).shutdown = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits for a block's worth of candidates (or a partial one after [`IDLE`]); `None`
+    /// at shutdown.
+    fn next_block(&self) -> Option<Vec<Candidate>> {
+        let mut q = lock(&self.queue);
+        loop {
+            if q.shutdown {
+                return None;
+            }
+            let idle = q.last_offer.is_some_and(|t| t.elapsed() >= IDLE);
+            if q.blocks >= self.fill || (idle && q.blocks >= PARTIAL_MIN.min(self.fill)) {
+                return Some(take_block(&mut q));
+            }
+            q = self
+                .cv
+                .wait_timeout(q, IDLE)
+                .map(|r| r.0)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+/// Up to 1024 slots of candidates from the front, assigning slots; a piece that does not
+/// fit is split and its rest stays first in the queue.
+fn take_block(q: &mut Queue) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    let mut slot = 0usize;
+    while slot < SUM_SLOTS {
+        let Some(mut c) = q.items.pop_front() else {
+            break;
+        };
+        let room = SUM_SLOTS - slot;
+        if usize::from(c.piece.len) > room {
+            let rest = c.piece.slice(c.piece.start() + room as u64, c.piece.end());
+            c.piece = c
+                .piece
+                .slice(c.piece.start(), c.piece.start() + room as u64);
+            q.items.push_front(Candidate {
+                piece: rest,
+                ..c.clone()
+            });
+        }
+        c.slot = slot as u16;
+        slot += usize::from(c.piece.len);
+        q.blocks = q.blocks.saturating_sub(u64::from(c.piece.len));
+        out.push(c);
+    }
+    out
+}
+
+/// The worker thread: packs, writes and commits checksum blocks until shutdown.
+pub(crate) fn run(pool: Weak<Pool2>, work: Arc<Consolidator>) {
+    while let Some(cands) = work.next_block() {
+        let Some(p) = pool.upgrade() else { return };
+        if let Err(e) = p.write_sum_block(&work, cands) {
+            log::warn!("checksum consolidation: {e} (those pieces keep inline checksums)");
+        }
+    }
+}
+
+impl Pool2 {
+    fn write_sum_block(&self, work: &Consolidator, cands: Vec<Candidate>) -> Result<()> {
+        let mut block: SumBlock = [0; SUM_SLOTS];
+        for c in &cands {
+            let crcs = c.piece.sums.inline().unwrap_or_default();
+            let slot = usize::from(c.slot);
+            if let Some(dst) = block.get_mut(slot..slot + crcs.len()) {
+                dst.copy_from_slice(crcs);
+            }
+        }
+        let image = sums::encode(&block);
+        let r = SumRef {
+            at: 0,
+            slot: 0,
+            crc: crc32c::crc32c(&image),
+        };
+        // Their own stream: checksum blocks fill chunks of their own instead of holes in
+        // the volumes' streams. No space (even after frees pending a sync): stay inline.
+        let runs = lock(&self.alloc).alloc_streamed(SUM_STREAM, 1);
+        let Some(at) = runs.as_ref().and_then(|r| r.first()).map(|r| r.start) else {
+            let free = lock(&self.alloc).free();
+            return Err(Error::NoSpace { needed: 1, free });
+        };
+        let free_now = |pool: &Pool2| lock(&pool.alloc).free_now(at);
+        // Durable before any batch names it (format2.md §9b).
+        let written = self.device().write(
+            &[WriteSeg {
+                offset: self.block_offset(at),
+                buf: &AlignedBuf::copy_of(&image),
+            }],
+            true,
+        );
+        if let Err(e) = written {
+            free_now(self);
+            return Err(Error::device(format!("writing checksum block {at}"), e));
+        }
+        let block = Arc::new(block);
+        self.sums.written(SumRef { at, ..r }, Arc::clone(&block));
+        let step = Arc::clone(&block);
+        let answer = self.committer.submit(Work::Mgmt(Box::new(move |ctx| {
+            let (meta, g) = ctx.parts();
+            let n = meta.consolidate(g, at, &step, &cands)?;
+            Ok(Outcome::Done {
+                apply: Box::new(|_| {}),
+                value: n,
+                undefer: Vec::new(),
+                durable: false,
+            })
+        })));
+        match answer {
+            Answer::Value(0) => free_now(self),
+            Answer::Value(n) => {
+                work.blocks_written.fetch_add(1, Ordering::Relaxed);
+                work.blocks_moved.fetch_add(n, Ordering::Relaxed);
+            }
+            Answer::Rejected(e) => {
+                free_now(self);
+                return Err(e);
+            }
+            Answer::Retry => free_now(self),
+            // The batch may survive in the store's log: the block stays out of use until
+            // the next open decides (as a failed write's blocks do).
+            Answer::Failed(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
