@@ -57,8 +57,16 @@ fn writer<P: ModelPool>(pool: &P, vol: &str, seed: u64) -> Vec<Cell> {
         return cells;
     };
     for _ in 0..OPS {
-        let b = rng.below(VOL_BLOCKS);
-        let n = 1 + rng.below((VOL_BLOCKS - b).min(4));
+        // One in eight requests is large (16+ blocks): format 2 then moves its CRCs into a
+        // checksum block while the others run (format2.md §9b; the model pool does so at
+        // 16 queued blocks), so cuts also land around consolidation steps.
+        let (b, n) = if rng.below(8) == 0 {
+            let b = rng.below(VOL_BLOCKS - 15);
+            (b, 16 + rng.below(VOL_BLOCKS - 15 - b))
+        } else {
+            let b = rng.below(VOL_BLOCKS);
+            (b, 1 + rng.below((VOL_BLOCKS - b).min(4)))
+        };
         let range = b as usize..(b + n) as usize;
         match rng.below(100) {
             0..=54 => {

@@ -63,6 +63,10 @@ pub(crate) struct MgmtCtx<'a> {
 }
 
 impl MgmtCtx<'_> {
+    /// The engine, to look at only (does not mark the step as touched).
+    pub fn meta(&self) -> &Meta2 {
+        self.meta
+    }
     /// The engine and this step's group, to apply an engine operation.
     pub fn parts(&mut self) -> (&mut Meta2, &mut Group) {
         self.touched = true;

@@ -19,19 +19,24 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::device::{AlignedBuf, WriteSeg};
-use crate::error::{Error, Result};
+use crate::alloc::Allocator;
+use crate::device::{AlignedBuf, DataDevice, WriteSeg};
+use crate::error::Error;
 use crate::v2::engine::Candidate;
 use crate::v2::piece::{SumRef, Sums, SUM_SLOTS};
 use crate::v2::sums::{self, SumBlock};
 use crate::v2::{Epoch, LineageId, PageNo, Piece, PieceFlags, PAGE_BLOCKS};
 
-use super::committer::{Answer, Outcome, Work};
+use super::committer::{Answer, Outcome, Shared, Work};
+use super::sums::DeviceSums;
 use super::{lock, Pool2};
 
+/// Below this many free blocks (64 MiB, or an eighth of a smaller device) no checksum
+/// block is allocated.
+const FREE_FLOOR: u64 = 16 * 1024;
 /// The allocator stream of checksum blocks (volume ids never reach it).
 const SUM_STREAM: u64 = u64::MAX;
 /// Writes of at least this many blocks (64 KiB) are offered: what sequential writers send.
@@ -170,18 +175,46 @@ fn take_block(q: &mut Queue) -> Vec<Candidate> {
     out
 }
 
-/// The worker thread: packs, writes and commits checksum blocks until shutdown.
-pub(crate) fn run(pool: Weak<Pool2>, work: Arc<Consolidator>) {
-    while let Some(cands) = work.next_block() {
-        let Some(p) = pool.upgrade() else { return };
-        if let Err(e) = p.write_sum_block(&work, cands) {
-            log::warn!("checksum consolidation: {e} (those pieces keep inline checksums)");
-        }
-    }
+/// The worker thread's parts of the pool. It holds no reference to the pool itself: a
+/// pool its owner drops is dropped on the owner's thread, which stops and joins this one
+/// (as the committer's callers rely on: nothing of a dropped pool runs afterwards).
+pub(crate) struct Worker {
+    work: Arc<Consolidator>,
+    committer: Arc<Shared>,
+    dev: Arc<dyn DataDevice>,
+    alloc: Arc<Mutex<Allocator>>,
+    sums: Arc<DeviceSums>,
+    data_start: u64,
 }
 
-impl Pool2 {
-    fn write_sum_block(&self, work: &Consolidator, cands: Vec<Candidate>) -> Result<()> {
+impl Worker {
+    pub(crate) fn new(pool: &Pool2, work: Arc<Consolidator>) -> Worker {
+        Worker {
+            work,
+            committer: Arc::clone(&pool.committer),
+            dev: Arc::clone(&pool.dev),
+            alloc: Arc::clone(&pool.alloc),
+            sums: Arc::clone(&pool.sums),
+            data_start: pool.sup.data_start,
+        }
+    }
+
+    /// Packs, writes and commits checksum blocks until shutdown, or until the engine
+    /// stopped (a failed commit: the pool must be reopened).
+    pub(crate) fn run(self) {
+        while let Some(cands) = self.work.next_block() {
+            match self.write_block(cands) {
+                Ok(()) => {}
+                Err(Stop(e)) => {
+                    log::error!("checksum consolidation stops: {e}");
+                    self.work.shutdown();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write_block(&self, cands: Vec<Candidate>) -> std::result::Result<(), Stop> {
         let mut block: SumBlock = [0; SUM_SLOTS];
         for c in &cands {
             let crcs = c.piece.sums.inline().unwrap_or_default();
@@ -191,35 +224,46 @@ impl Pool2 {
             }
         }
         let image = sums::encode(&block);
-        let r = SumRef {
-            at: 0,
-            slot: 0,
-            crc: crc32c::crc32c(&image),
-        };
+        let crc = crc32c::crc32c(&image);
         // Their own stream: checksum blocks fill chunks of their own instead of holes in
         // the volumes' streams. No space (even after frees pending a sync): stay inline.
-        let runs = lock(&self.alloc).alloc_streamed(SUM_STREAM, 1);
-        let Some(at) = runs.as_ref().and_then(|r| r.first()).map(|r| r.start) else {
-            let free = lock(&self.alloc).free();
-            return Err(Error::NoSpace { needed: 1, free });
+        // Nor when space is short: the last free blocks are for volumes' data.
+        let runs = {
+            let mut a = lock(&self.alloc);
+            if a.free() < FREE_FLOOR.min(a.capacity() / 8) {
+                None
+            } else {
+                a.alloc_streamed(SUM_STREAM, 1)
+            }
         };
-        let free_now = |pool: &Pool2| lock(&pool.alloc).free_now(at);
+        let Some(at) = runs.as_ref().and_then(|r| r.first()).map(|r| r.start) else {
+            log::debug!("checksum consolidation: no free block; pieces keep inline checksums");
+            return Ok(());
+        };
+        let free_now = || lock(&self.alloc).free_now(at);
         // Durable before any batch names it (format2.md §9b).
-        let written = self.device().write(
+        let offset = self
+            .data_start
+            .saturating_add(at.saturating_mul(crate::device::BLOCK_SIZE_U64));
+        let written = self.dev.write(
             &[WriteSeg {
-                offset: self.block_offset(at),
+                offset,
                 buf: &AlignedBuf::copy_of(&image),
             }],
             true,
         );
         if let Err(e) = written {
-            free_now(self);
-            return Err(Error::device(format!("writing checksum block {at}"), e));
+            free_now();
+            log::warn!("checksum consolidation: writing checksum block {at}: {e}; pieces keep inline checksums");
+            return Ok(());
         }
         let block = Arc::new(block);
-        self.sums.written(SumRef { at, ..r }, Arc::clone(&block));
+        self.sums
+            .written(SumRef { at, slot: 0, crc }, Arc::clone(&block));
         let step = Arc::clone(&block);
         let answer = self.committer.submit(Work::Mgmt(Box::new(move |ctx| {
+            // Refused before the engine is touched: a refusal never stops the pool.
+            ctx.meta().check_consolidation(at, &step, &cands)?;
             let (meta, g) = ctx.parts();
             let n = meta.consolidate(g, at, &step, &cands)?;
             Ok(Outcome::Done {
@@ -230,20 +274,23 @@ impl Pool2 {
             })
         })));
         match answer {
-            Answer::Value(0) => free_now(self),
+            Answer::Value(0) => free_now(),
             Answer::Value(n) => {
-                work.blocks_written.fetch_add(1, Ordering::Relaxed);
-                work.blocks_moved.fetch_add(n, Ordering::Relaxed);
+                self.work.blocks_written.fetch_add(1, Ordering::Relaxed);
+                self.work.blocks_moved.fetch_add(n, Ordering::Relaxed);
             }
+            Answer::Rejected(Error::Shutdown) | Answer::Retry => free_now(),
             Answer::Rejected(e) => {
-                free_now(self);
-                return Err(e);
+                free_now();
+                log::warn!("checksum consolidation: block {at} refused: {e}");
             }
-            Answer::Retry => free_now(self),
             // The batch may survive in the store's log: the block stays out of use until
             // the next open decides (as a failed write's blocks do).
-            Answer::Failed(e) => return Err(e),
+            Answer::Failed(e) => return Err(Stop(e)),
         }
         Ok(())
     }
 }
+
+/// The engine stopped: consolidation ends with it.
+struct Stop(Error);

@@ -8,7 +8,7 @@
 use crate::device::{AlignedBuf, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::error::{Error, Result};
 use crate::keys::VolId;
-use crate::v2::read::read_page;
+use crate::v2::read::read_page_raw;
 use crate::v2::{PageNo, PAGE_BLOCKS};
 
 use super::catalog::BaseMap;
@@ -53,14 +53,7 @@ impl Pool2 {
             (cat.source(t)?, BaseMap(cat.bases.clone()))
         };
         let p = lba / PAGE_BLOCKS;
-        let content = read_page(
-            &**self.store(),
-            &bases,
-            &*self.sums,
-            src.lineage,
-            src.at,
-            PageNo(p),
-        )?;
+        let content = read_page_raw(&**self.store(), &bases, src.lineage, src.at, PageNo(p))?;
         Ok(content[(lba % PAGE_BLOCKS) as usize].map(|b| self.block_offset(b.pba)))
     }
 

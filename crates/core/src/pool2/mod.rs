@@ -77,7 +77,7 @@ pub struct Pool2 {
     committer: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     mgmt: Mutex<()>,
-    alloc: Mutex<Allocator>,
+    alloc: Arc<Mutex<Allocator>>,
     pins: crate::pool::PinTable,
     generation: AtomicU64,
     sync_lock: Mutex<()>,
@@ -231,7 +231,7 @@ impl Pool2 {
             committer: Arc::new(Shared::default()),
             threads: Mutex::new(Vec::new()),
             mgmt: Mutex::new(()),
-            alloc: Mutex::new(alloc),
+            alloc: Arc::new(Mutex::new(alloc)),
             pins: Default::default(),
             generation: AtomicU64::new(1),
             sync_lock: Mutex::new(()),
@@ -265,12 +265,11 @@ impl Pool2 {
             .map_err(|e| Error::device("starting the sync thread", e))?;
         let mut threads = vec![c, b];
         if let Some(work) = &pool.consolidator {
-            let weak = Arc::downgrade(&pool);
-            let work = Arc::clone(work);
+            let w = consolidate::Worker::new(&pool, Arc::clone(work));
             threads.push(
                 std::thread::Builder::new()
                     .name("snapblk-csum".into())
-                    .spawn(move || consolidate::run(weak, work))
+                    .spawn(move || w.run())
                     .map_err(|e| Error::device("starting the checksum thread", e))?,
             );
         }

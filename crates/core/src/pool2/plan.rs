@@ -20,7 +20,7 @@ use crate::meta::LazyReader;
 use crate::meta::MetaStore;
 use crate::pool::plan::{is_zero, whole_blocks, DeviceSeg, ReadPlan};
 use crate::v2::cache::ContentCache;
-use crate::v2::read::{read_page_split, Content};
+use crate::v2::read::{read_page_split, read_page_split_raw, Content, RawContent};
 use crate::v2::{Epoch, LineageId, PageNo, PAGE_BLOCKS};
 
 use super::catalog::{BaseMap, Source};
@@ -119,6 +119,18 @@ impl RequestPages<'_> {
             &self.retained,
             &self.bases,
             self.sums,
+            self.cache,
+            self.lineage,
+            self.at,
+            p,
+        )
+    }
+    /// Where the page's blocks are, checksums not looked up (block status).
+    fn locations(&self, p: PageNo) -> Result<RawContent> {
+        read_page_split_raw(
+            self.store,
+            &self.retained,
+            &self.bases,
             self.cache,
             self.lineage,
             self.at,
@@ -394,7 +406,7 @@ impl Pool2 {
         // As plan_read: one store reader for what is read at a retained epoch.
         let pages = self.request_pages(&src, bases);
         for p in b0 / PAGE_BLOCKS..b1.div_ceil(PAGE_BLOCKS) {
-            let content = pages.content(PageNo(p))?;
+            let content = pages.locations(PageNo(p))?;
             for (k, slot) in content.iter().enumerate() {
                 let lba = p * PAGE_BLOCKS + k as u64;
                 if slot.is_none() || lba < b0 || lba >= b1 {

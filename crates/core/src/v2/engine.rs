@@ -528,12 +528,7 @@ impl Meta2 {
         block: &SumBlock,
         candidates: &[Candidate],
     ) -> Result<u64> {
-        if self.regions.is_set(at) || at >= self.regions.blocks() {
-            return Err(Error::invalid(
-                "checksum block",
-                format!("block {at} is in use or beyond the device"),
-            ));
-        }
+        self.check_consolidation(at, block, candidates)?;
         let r = SumRef {
             at,
             slot: 0,
@@ -541,14 +536,6 @@ impl Meta2 {
         };
         let mut n = 0u64;
         for c in candidates {
-            let slots =
-                block.get(usize::from(c.slot)..usize::from(c.slot) + usize::from(c.piece.len));
-            if c.piece.sums.inline() != slots || c.piece.len == 0 {
-                return Err(Error::invalid(
-                    "checksum block",
-                    format!("block {at}: a candidate's CRCs are not in its slots"),
-                ));
-            }
             if self
                 .lineages
                 .get(&c.lineage)
@@ -572,6 +559,34 @@ impl Meta2 {
             c.dirty = true;
         }
         Ok(n)
+    }
+
+    /// Why [`Meta2::consolidate`] would refuse, checked before it changes anything: `at`
+    /// in use or beyond the device, a candidate not owned and inline, or whose CRCs are not
+    /// in its slots of `block`.
+    pub fn check_consolidation(
+        &self,
+        at: u64,
+        block: &SumBlock,
+        candidates: &[Candidate],
+    ) -> Result<()> {
+        if self.regions.is_set(at) || at >= self.regions.blocks() {
+            return Err(Error::invalid(
+                "checksum block",
+                format!("block {at} is in use or beyond the device"),
+            ));
+        }
+        for c in candidates {
+            let (from, n) = (usize::from(c.slot), usize::from(c.piece.len));
+            let slots = block.get(from..from + n);
+            if n == 0 || !c.piece.owned() || c.piece.sums.inline() != slots {
+                return Err(Error::invalid(
+                    "checksum block",
+                    format!("block {at}: a candidate's CRCs are not in its slots"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn consolidate_one(&mut self, g: &mut Group, c: &Candidate, r: SumRef) -> Result<u64> {

@@ -253,7 +253,46 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     Ok(content)
 }
 
-/// The content of page `p` of `l` at `at`, checksums not looked up: what copy-up copies.
+/// [`read_page_split`] without looking checksums up: where blocks are and which are holes
+/// (block status), never a checksum-block read. Answers from the cache when it can; what
+/// it finds is not cached (the cache holds resolved contents).
+#[allow(clippy::too_many_arguments)]
+pub fn read_page_split_raw<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
+    live: &L,
+    retained: &R,
+    bases: &dyn Bases,
+    cache: &ContentCache,
+    l: LineageId,
+    at: Option<Epoch>,
+    p: PageNo,
+) -> Result<RawContent> {
+    let mut missed = smallvec::SmallVec::new();
+    let mut raw: RawContent = [None; PAGE_BLOCKS as usize];
+    let hit = read_raw_in(
+        live,
+        retained,
+        bases,
+        Some(cache),
+        &mut missed,
+        &mut raw,
+        l,
+        at,
+        p,
+        true,
+    )?;
+    if let Some(hit) = hit {
+        for (r, b) in raw.iter_mut().zip(hit.iter()) {
+            *r = b.map(|b| Raw {
+                pba: b.pba,
+                sum: Sum::Crc(b.crc),
+            });
+        }
+    }
+    Ok(raw)
+}
+
+/// The content of page `p` of `l` at `at`, checksums not looked up: what copy-up copies,
+/// and what needs only where blocks are (diff, block location).
 pub fn read_page_raw<S: MetaRead + ?Sized>(
     store: &S,
     bases: &dyn Bases,
