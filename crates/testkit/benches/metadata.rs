@@ -55,6 +55,12 @@ fn bench(c: &mut Criterion) {
         h.write(i << 20, &mib, false).expect("fill");
     }
     pool.sync().expect("sync");
+    // Lookups of what the fill wrote go through checksum blocks (format2.md §9b) once
+    // consolidation caught up (10 s at most).
+    let t0 = std::time::Instant::now();
+    while pool.checksum_stats().blocks_moved < blocks && t0.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let d = h.direct().expect("direct I/O");
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {

@@ -76,4 +76,10 @@ impl SumBlocks for DeviceSums {
     fn load(&self, r: SumRef) -> Result<Arc<SumBlock>> {
         self.cache.get_or_load(r, || self.read(r))
     }
+    fn with_block(&self, r: SumRef, f: &mut dyn FnMut(&SumBlock)) -> Result<()> {
+        if !self.cache.with(r, f) {
+            f(&*self.load(r)?);
+        }
+        Ok(())
+    }
 }

@@ -157,7 +157,14 @@ pub struct Meta2 {
     next: NextIds,
     failed: Option<String>,
     sums: Arc<dyn SumBlocks>,
+    /// Committed checksum-block counts recently read or written (this engine is their
+    /// only writer, so they stay right): random overwrites of consolidated data then cost
+    /// a count put per group, not a get too. Bounded: cleared at [`SUM_COUNTS_CACHED`].
+    sum_counts: HashMap<u64, u64>,
 }
+
+/// Checksum-block counts [`Meta2`] keeps in memory at most (~1.5 MiB).
+const SUM_COUNTS_CACHED: usize = 65536;
 
 impl Bases for BTreeMap<LineageId, Lineage> {
     fn base(&self, l: LineageId) -> Result<Option<(LineageId, Epoch)>> {
@@ -349,6 +356,7 @@ impl Meta2 {
             next: st.next,
             failed: None,
             sums,
+            sum_counts: HashMap::new(),
         })
     }
 
@@ -500,11 +508,14 @@ impl Meta2 {
         match g.sum_counts.entry(at) {
             btree_map::Entry::Occupied(o) => Ok(o.into_mut()),
             btree_map::Entry::Vacant(slot) => {
-                let value = match self.store.get(&keys::sum_count(at))? {
-                    Some(v) => Some(decode_sum_count(&v).ok_or_else(|| {
-                        corrupt(format!("count of checksum block {at}: {} bytes", v.len()))
-                    })?),
-                    None => None,
+                let value = match self.sum_counts.get(&at) {
+                    Some(n) => Some(*n),
+                    None => match self.store.get(&keys::sum_count(at))? {
+                        Some(v) => Some(decode_sum_count(&v).ok_or_else(|| {
+                            corrupt(format!("count of checksum block {at}: {} bytes", v.len()))
+                        })?),
+                        None => None,
+                    },
                 };
                 Ok(slot.insert(Cached {
                     value,
@@ -1034,6 +1045,16 @@ impl Meta2 {
                     None => b.delete(keys::sum_count(*at)),
                 }
             }
+        }
+        if self.sum_counts.len() + g.sum_counts.len() > SUM_COUNTS_CACHED {
+            self.sum_counts.clear();
+        }
+        // As the batch says (if the store refuses it, the engine stops and this is moot).
+        for (at, c) in &g.sum_counts {
+            match c.value {
+                Some(n) => self.sum_counts.insert(*at, n),
+                None => self.sum_counts.remove(at),
+            };
         }
         for n in self.regions.take_dirty() {
             b.put(keys::region(n), self.regions.encode(n));

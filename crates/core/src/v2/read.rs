@@ -61,29 +61,21 @@ pub struct Raw {
 /// A page's content with checksums not looked up yet (copy-up keeps references as they are).
 pub type RawContent = [Option<Raw>; PAGE_BLOCKS as usize];
 
-/// Adds the pieces of one encoded record (`page`: a live page, else a dead record or
-/// checkpoint) born at or before `at` to `slots`, without allocating. Two pieces giving a
-/// slot different blocks, or different checksums of one form, are corruption; the same
-/// block with its CRC inline once and in a checksum block once is not (a reader may meet a
-/// piece before and after consolidation, format2.md §9b).
-fn fill_from(
-    slots: &mut RawContent,
-    key: &[u8],
-    v: &[u8],
-    page: bool,
-    at: Option<Epoch>,
-) -> Result<()> {
-    let mut clash = None;
-    let visit = |p: &PieceView<'_>| {
-        if at.is_some_and(|e| p.birth > e) {
-            return;
-        }
+/// Where [`fill_from`] puts a record's pieces: returns the first slot on which a piece
+/// disagrees with what an earlier one put there.
+trait Sink {
+    fn add(&mut self, p: &PieceView<'_>) -> Option<usize>;
+}
+
+impl Sink for RawContent {
+    fn add(&mut self, p: &PieceView<'_>) -> Option<usize> {
+        let mut clash = None;
         for i in 0..usize::from(p.len) {
             let b = Raw {
                 pba: p.pba + i as u64,
                 sum: p.sum(i),
             };
-            let s = &mut slots[usize::from(p.off) + i];
+            let s = &mut self[usize::from(p.off) + i];
             match s {
                 Some(old) if old.pba != b.pba => {
                     clash.get_or_insert(usize::from(p.off) + i);
@@ -99,6 +91,163 @@ fn fill_from(
                 }
                 None => *s = Some(b),
             }
+        }
+        clash
+    }
+}
+
+/// A content being read: blocks whose CRC is inline are final; the others are marked
+/// `pending` with their checksum block (an index into `blocks`, the distinct ones met:
+/// usually one) and slot, to be looked up once per checksum block by
+/// [`Filling::resolve`]. What a read costs: no copy of the page, no allocation.
+struct Filling {
+    content: Content,
+    pending: u64,
+    slots: [u16; PAGE_BLOCKS as usize],
+    which: [u8; PAGE_BLOCKS as usize],
+    blocks: smallvec::SmallVec<[SumRef; 2]>,
+}
+
+impl Filling {
+    fn new() -> Filling {
+        Filling {
+            content: [None; PAGE_BLOCKS as usize],
+            pending: 0,
+            slots: [0; PAGE_BLOCKS as usize],
+            which: [0; PAGE_BLOCKS as usize],
+            blocks: smallvec::SmallVec::new(),
+        }
+    }
+
+    /// The index of checksum block `r` in `blocks` (added if new). A page names at most
+    /// 64 of them: it fits a u8.
+    fn block_index(&mut self, r: SumRef) -> u8 {
+        let k = match self
+            .blocks
+            .iter()
+            .position(|b| b.at == r.at && b.crc == r.crc)
+        {
+            Some(k) => k,
+            None => {
+                self.blocks.push(r);
+                self.blocks.len() - 1
+            }
+        };
+        k as u8
+    }
+
+    /// Marks slot `idx` (block `pba`) as having its CRC in slot `r.slot` of block `r`.
+    fn defer(&mut self, idx: usize, pba: u64, r: SumRef) {
+        let k = self.block_index(r);
+        self.content[idx] = Some(Block { pba, crc: 0 });
+        self.pending |= 1 << idx;
+        self.slots[idx] = r.slot;
+        self.which[idx] = k;
+    }
+
+    /// The content, every pending CRC looked up through `sums`.
+    fn resolve(mut self, sums: &dyn SumBlocks) -> Result<Content> {
+        for k in 0..self.blocks.len() {
+            let want = self.blocks[k];
+            let (content, pending, slots, which) = (
+                &mut self.content,
+                &mut self.pending,
+                &self.slots,
+                &self.which,
+            );
+            let only = self.blocks.len() == 1;
+            sums.with_block(want, &mut |block: &SumBlock| {
+                let mut bits = *pending;
+                while bits != 0 {
+                    let idx = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if !only && usize::from(which[idx]) != k {
+                        continue;
+                    }
+                    if let (Some(b), Some(crc)) =
+                        (&mut content[idx], block.get(usize::from(slots[idx])))
+                    {
+                        b.crc = *crc;
+                        *pending &= !(1 << idx);
+                    }
+                }
+            })?;
+        }
+        if self.pending != 0 {
+            return Err(Error::Corrupt(format!(
+                "block {} of a page: its checksum slot is beyond its checksum block",
+                self.pending.trailing_zeros()
+            )));
+        }
+        Ok(self.content)
+    }
+}
+
+impl Sink for Filling {
+    fn add(&mut self, p: &PieceView<'_>) -> Option<usize> {
+        let (off, len) = (usize::from(p.off), usize::from(p.len));
+        if let Some(r) = p.sum_block() {
+            if self.content[off..off + len].iter().all(Option::is_none) {
+                // The common case, a whole piece into empty slots: one block lookup.
+                let k = self.block_index(r);
+                for i in 0..len {
+                    self.content[off + i] = Some(Block {
+                        pba: p.pba + i as u64,
+                        crc: 0,
+                    });
+                    self.slots[off + i] = r.slot + i as u16;
+                    self.which[off + i] = k;
+                }
+                let mask = if len == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << len) - 1) << off
+                };
+                self.pending |= mask;
+                return None;
+            }
+        }
+        let mut clash = None;
+        for i in 0..usize::from(p.len) {
+            let idx = usize::from(p.off) + i;
+            let pba = p.pba + i as u64;
+            match (&self.content[idx], p.sum(i)) {
+                (Some(old), _) if old.pba != pba => {
+                    clash.get_or_insert(idx);
+                }
+                // Both inline: they must agree. A CRC in a checksum block is compared
+                // with nothing (a reader may meet a piece in both forms, §9b).
+                (Some(old), Sum::Crc(c)) if self.pending & (1 << idx) == 0 && old.crc != c => {
+                    clash.get_or_insert(idx);
+                }
+                (Some(_), _) => {}
+                (None, Sum::Crc(crc)) => self.content[idx] = Some(Block { pba, crc }),
+                (None, Sum::Slot(r)) => self.defer(idx, pba, r),
+            }
+        }
+        clash
+    }
+}
+
+/// Adds the pieces of one encoded record (`page`: a live page, else a dead record or
+/// checkpoint) born at or before `at` to `slots`, without allocating. Two pieces giving a
+/// slot different blocks, or different checksums of one form, are corruption; the same
+/// block with its CRC inline once and in a checksum block once is not (a reader may meet a
+/// piece before and after consolidation, format2.md §9b).
+fn fill_from<S: Sink>(
+    slots: &mut S,
+    key: &[u8],
+    v: &[u8],
+    page: bool,
+    at: Option<Epoch>,
+) -> Result<()> {
+    let mut clash = None;
+    let visit = |p: &PieceView<'_>| {
+        if at.is_some_and(|e| p.birth > e) {
+            return;
+        }
+        if let Some(i) = slots.add(p) {
+            clash.get_or_insert(i);
         }
     };
     let decoded = if page {
@@ -117,28 +266,17 @@ fn fill_from(
     }
 }
 
-/// `raw` with every checksum looked up (one load per checksum block met).
+/// `raw` with every checksum looked up (one lookup per checksum block met).
 pub fn resolve(raw: &RawContent, sums: &dyn SumBlocks) -> Result<Content> {
-    let mut out: Content = [None; PAGE_BLOCKS as usize];
-    let mut loaded: Option<(SumRef, std::sync::Arc<SumBlock>)> = None;
-    for (o, r) in out.iter_mut().zip(raw) {
+    let mut f = Filling::new();
+    for (i, r) in raw.iter().enumerate() {
         let Some(r) = r else { continue };
-        let crc = match r.sum {
-            Sum::Crc(c) => c,
-            Sum::Slot(s) => {
-                let same = loaded
-                    .as_ref()
-                    .is_some_and(|(l, _)| l.at == s.at && l.crc == s.crc);
-                if !same {
-                    loaded = Some((s, sums.load(s)?));
-                }
-                let block = loaded.as_ref().map(|(_, b)| &**b);
-                super::sums::resolve(r.sum, block)?
-            }
-        };
-        *o = Some(Block { pba: r.pba, crc });
+        match r.sum {
+            Sum::Crc(crc) => f.content[i] = Some(Block { pba: r.pba, crc }),
+            Sum::Slot(s) => f.defer(i, r.pba, s),
+        }
     }
-    Ok(out)
+    f.resolve(sums)
 }
 
 /// The content of page `p` of lineage `l` at epoch `at` (`None`: the live content).
@@ -228,14 +366,14 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     // content found is theirs too (a snapshot of a clone whose page was not written by
     // then has its base's content at the base epoch), so each gets it.
     let mut missed: smallvec::SmallVec<[(LineageId, Epoch); 2]> = smallvec::SmallVec::new();
-    let mut raw: RawContent = [None; PAGE_BLOCKS as usize];
+    let mut filling = Filling::new();
     let hit = read_raw_in(
         live,
         retained,
         bases,
         cache,
         &mut missed,
-        &mut raw,
+        &mut filling,
         l,
         at,
         p,
@@ -243,7 +381,7 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     )?;
     let content = match hit {
         Some(hit) => hit,
-        None => resolve(&raw, sums)?,
+        None => filling.resolve(sums)?,
     };
     if let Some(c) = cache {
         for &(ml, me) in &missed {
@@ -321,13 +459,13 @@ pub fn read_page_raw<S: MetaRead + ?Sized>(
 /// cache holds for it (`slots` then empty); `missed` gets the retained (lineage, epoch)s
 /// the cache was asked for and did not have.
 #[allow(clippy::too_many_arguments)]
-fn read_raw_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
+fn read_raw_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized, S: Sink>(
     live: &L,
     retained: &R,
     bases: &dyn Bases,
     cache: Option<&ContentCache>,
     missed: &mut smallvec::SmallVec<[(LineageId, Epoch); 2]>,
-    slots: &mut RawContent,
+    slots: &mut S,
     mut l: LineageId,
     mut at: Option<Epoch>,
     p: PageNo,

@@ -13,7 +13,7 @@
 //! the committer (copy-up) load blocks concurrently.
 
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use lru::LruCache;
 
@@ -27,6 +27,13 @@ pub type SumBlock = [u32; SUM_SLOTS];
 pub trait SumBlocks: Send + Sync {
     /// The block `r` names, checked against `r.crc`.
     fn load(&self, r: SumRef) -> Result<Arc<SumBlock>>;
+    /// Calls `f` with the block `r` names: what reads use (a cache may answer without
+    /// handing out a reference).
+    fn with_block(&self, r: SumRef, f: &mut dyn FnMut(&SumBlock)) -> Result<()> {
+        let b = self.load(r)?;
+        f(&b);
+        Ok(())
+    }
 }
 
 /// For readers with no data device (offline tools that never meet consolidated pieces):
@@ -94,28 +101,49 @@ pub fn resolve(sum: Sum, block: Option<&SumBlock>) -> Result<u32> {
     }
 }
 
+/// Shards of [`SumCache`]: readers of different blocks take different locks.
+const SHARDS: usize = 16;
+
+type Shard = RwLock<LruCache<(u64, u32), Arc<SumBlock>>>;
+
 /// Recently loaded checksum blocks, keyed by reference (block and CRC): 4 KiB of RAM holds
-/// the checksums of 4 MiB of data. Shared by readers; a miss loads outside the lock.
+/// the checksums of 4 MiB of data. Readers share a shard's read lock (a hit does not
+/// reorder the LRU: eviction is by insertion order, promoted only by a reload); a miss
+/// loads outside every lock.
 pub struct SumCache {
-    lru: Mutex<LruCache<(u64, u32), Arc<SumBlock>>>,
+    shards: Box<[Shard]>,
 }
 
 impl SumCache {
     pub fn new(blocks: usize) -> SumCache {
+        let per = NonZeroUsize::new(blocks.div_ceil(SHARDS).max(1)).unwrap_or(NonZeroUsize::MIN);
         SumCache {
-            lru: Mutex::new(LruCache::new(
-                NonZeroUsize::new(blocks.max(1)).unwrap_or(NonZeroUsize::MIN),
-            )),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(LruCache::new(per)))
+                .collect(),
         }
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<(u64, u32), Arc<SumBlock>>> {
-        self.lru.lock().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, r: SumRef) -> &Shard {
+        &self.shards[(r.at % SHARDS as u64) as usize]
+    }
+    /// Calls `f` with the cached block, if it is cached.
+    pub fn with(&self, r: SumRef, f: &mut dyn FnMut(&SumBlock)) -> bool {
+        let g = self.shard(r).read().unwrap_or_else(|p| p.into_inner());
+        match g.peek(&(r.at, r.crc)) {
+            Some(b) => {
+                f(b);
+                true
+            }
+            None => false,
+        }
     }
     pub fn get(&self, r: SumRef) -> Option<Arc<SumBlock>> {
-        self.lock().get(&(r.at, r.crc)).cloned()
+        let g = self.shard(r).read().unwrap_or_else(|p| p.into_inner());
+        g.peek(&(r.at, r.crc)).cloned()
     }
     pub fn put(&self, r: SumRef, b: Arc<SumBlock>) {
-        self.lock().put((r.at, r.crc), b);
+        let mut g = self.shard(r).write().unwrap_or_else(|p| p.into_inner());
+        g.put((r.at, r.crc), b);
     }
     /// The cached block, else `load`'s (then cached).
     pub fn get_or_load(
