@@ -34,6 +34,9 @@ use super::committer::{Answer, Outcome, Shared, Work};
 use super::sums::DeviceSums;
 use super::{lock, Pool2};
 
+/// Checksum blocks written at most per FUA write and management step (64 MiB of data):
+/// a FUA write costs a device flush, so one per 4 MiB would let the writers outrun it.
+const BATCH: usize = 16;
 /// Below this many free blocks (64 MiB, or an eighth of a smaller device) no checksum
 /// block is allocated.
 const FREE_FLOOR: u64 = 16 * 1024;
@@ -126,9 +129,9 @@ impl Consolidator {
         self.cv.notify_all();
     }
 
-    /// Waits for a block's worth of candidates (or a partial one after [`IDLE`]); `None`
-    /// at shutdown.
-    fn next_block(&self) -> Option<Vec<Candidate>> {
+    /// Waits for a block's worth of candidates (or a partial one after [`IDLE`]), and
+    /// takes up to [`BATCH`] blocks' worth if queued; `None` at shutdown.
+    fn next_blocks(&self) -> Option<Vec<Vec<Candidate>>> {
         let mut q = lock(&self.queue);
         loop {
             if q.shutdown {
@@ -136,7 +139,11 @@ impl Consolidator {
             }
             let idle = q.last_offer.is_some_and(|t| t.elapsed() >= IDLE);
             if q.blocks >= self.fill || (idle && q.blocks >= PARTIAL_MIN.min(self.fill)) {
-                return Some(take_block(&mut q));
+                let mut batch = vec![take_block(&mut q)];
+                while batch.len() < BATCH && q.blocks >= self.fill {
+                    batch.push(take_block(&mut q));
+                }
+                return Some(batch);
             }
             q = self
                 .cv
@@ -202,8 +209,8 @@ impl Worker {
     /// Packs, writes and commits checksum blocks until shutdown, or until the engine
     /// stopped (a failed commit: the pool must be reopened).
     pub(crate) fn run(self) {
-        while let Some(cands) = self.work.next_block() {
-            match self.write_block(cands) {
+        while let Some(batch) = self.work.next_blocks() {
+            match self.write_blocks(batch) {
                 Ok(()) => {}
                 Err(Stop(e)) => {
                     log::error!("checksum consolidation stops: {e}");
@@ -214,77 +221,116 @@ impl Worker {
         }
     }
 
-    fn write_block(&self, cands: Vec<Candidate>) -> std::result::Result<(), Stop> {
-        let mut block: SumBlock = [0; SUM_SLOTS];
-        for c in &cands {
-            let crcs = c.piece.sums.inline().unwrap_or_default();
-            let slot = usize::from(c.slot);
-            if let Some(dst) = block.get_mut(slot..slot + crcs.len()) {
-                dst.copy_from_slice(crcs);
-            }
-        }
-        let image = sums::encode(&block);
-        let crc = crc32c::crc32c(&image);
+    /// Writes the checksum blocks of `batch` (each block's candidates) in one FUA device
+    /// write, then names them in one management step.
+    fn write_blocks(&self, batch: Vec<Vec<Candidate>>) -> std::result::Result<(), Stop> {
+        let n = batch.len() as u64;
         // Their own stream: checksum blocks fill chunks of their own instead of holes in
         // the volumes' streams. No space (even after frees pending a sync): stay inline.
         // Nor when space is short: the last free blocks are for volumes' data.
         let runs = {
             let mut a = lock(&self.alloc);
-            if a.free() < FREE_FLOOR.min(a.capacity() / 8) {
+            if a.free() < FREE_FLOOR.min(a.capacity() / 8).saturating_add(n) {
                 None
             } else {
-                a.alloc_streamed(SUM_STREAM, 1)
+                a.alloc_streamed(SUM_STREAM, n)
             }
         };
-        let Some(at) = runs.as_ref().and_then(|r| r.first()).map(|r| r.start) else {
+        let Some(runs) = runs else {
             log::debug!("checksum consolidation: no free block; pieces keep inline checksums");
             return Ok(());
         };
-        let free_now = || lock(&self.alloc).free_now(at);
-        // Durable before any batch names it (format2.md §9b).
-        let offset = self
-            .data_start
-            .saturating_add(at.saturating_mul(crate::device::BLOCK_SIZE_U64));
-        let written = self.dev.write(
-            &[WriteSeg {
-                offset,
-                buf: &AlignedBuf::copy_of(&image),
-            }],
-            true,
-        );
-        if let Err(e) = written {
-            free_now();
-            log::warn!("checksum consolidation: writing checksum block {at}: {e}; pieces keep inline checksums");
+        let at: Vec<u64> = runs.iter().flat_map(|r| r.start..r.start + r.len).collect();
+        let free_now = |which: &[u64]| {
+            let mut a = lock(&self.alloc);
+            for b in which {
+                a.free_now(*b);
+            }
+        };
+        let mut blocks = Vec::with_capacity(batch.len());
+        let mut images = Vec::with_capacity(batch.len());
+        for cands in &batch {
+            let mut block: SumBlock = [0; SUM_SLOTS];
+            for c in cands {
+                let crcs = c.piece.sums.inline().unwrap_or_default();
+                let slot = usize::from(c.slot);
+                if let Some(dst) = block.get_mut(slot..slot + crcs.len()) {
+                    dst.copy_from_slice(crcs);
+                }
+            }
+            images.push(AlignedBuf::copy_of(&sums::encode(&block)));
+            blocks.push(Arc::new(block));
+        }
+        // Durable before any batch names them (format2.md §9b): one FUA write for all.
+        let segs: Vec<WriteSeg<'_>> = at
+            .iter()
+            .zip(&images)
+            .map(|(b, image)| WriteSeg {
+                offset: self
+                    .data_start
+                    .saturating_add(b.saturating_mul(crate::device::BLOCK_SIZE_U64)),
+                buf: image,
+            })
+            .collect();
+        if let Err(e) = self.dev.write(&segs, true) {
+            free_now(&at);
+            log::warn!("checksum consolidation: writing {n} checksum blocks: {e}; pieces keep inline checksums");
             return Ok(());
         }
-        let block = Arc::new(block);
-        self.sums
-            .written(SumRef { at, slot: 0, crc }, Arc::clone(&block));
-        let step = Arc::clone(&block);
+        for ((b, image), block) in at.iter().zip(&images).zip(&blocks) {
+            let r = SumRef {
+                at: *b,
+                slot: 0,
+                crc: crc32c::crc32c(image),
+            };
+            self.sums.written(r, Arc::clone(block));
+        }
+        // Blocks rewritten per checksum block, as the step reports them.
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let (step_at, step_done) = (at.clone(), Arc::clone(&done));
         let answer = self.committer.submit(Work::Mgmt(Box::new(move |ctx| {
             // Refused before the engine is touched: a refusal never stops the pool.
-            ctx.meta().check_consolidation(at, &step, &cands)?;
+            for ((b, block), cands) in step_at.iter().zip(&blocks).zip(&batch) {
+                ctx.meta().check_consolidation(*b, block, cands)?;
+            }
             let (meta, g) = ctx.parts();
-            let n = meta.consolidate(g, at, &step, &cands)?;
+            let mut total = 0;
+            let mut each = Vec::with_capacity(step_at.len());
+            for ((b, block), cands) in step_at.iter().zip(&blocks).zip(&batch) {
+                let n = meta.consolidate(g, *b, block, cands)?;
+                each.push(n);
+                total += n;
+            }
+            *lock(&step_done) = each;
             Ok(Outcome::Done {
                 apply: Box::new(|_| {}),
-                value: n,
+                value: total,
                 undefer: Vec::new(),
                 durable: false,
             })
         })));
         match answer {
-            Answer::Value(0) => free_now(),
-            Answer::Value(n) => {
-                self.work.blocks_written.fetch_add(1, Ordering::Relaxed);
-                self.work.blocks_moved.fetch_add(n, Ordering::Relaxed);
+            Answer::Value(_) => {
+                let each = std::mem::take(&mut *lock(&done));
+                let unused: Vec<u64> = at
+                    .iter()
+                    .zip(&each)
+                    .filter(|(_, n)| **n == 0)
+                    .map(|(b, _)| *b)
+                    .collect();
+                free_now(&unused);
+                let named = each.iter().filter(|n| **n > 0).count() as u64;
+                self.work.blocks_written.fetch_add(named, Ordering::Relaxed);
+                self.work
+                    .blocks_moved
+                    .fetch_add(each.iter().sum(), Ordering::Relaxed);
             }
-            Answer::Rejected(Error::Shutdown) | Answer::Retry => free_now(),
+            Answer::Rejected(Error::Shutdown) | Answer::Retry => free_now(&at),
             Answer::Rejected(e) => {
-                free_now();
-                log::warn!("checksum consolidation: block {at} refused: {e}");
+                free_now(&at);
+                log::warn!("checksum consolidation: {n} blocks refused: {e}");
             }
-            // The batch may survive in the store's log: the block stays out of use until
+            // The batch may survive in the store's log: the blocks stay out of use until
             // the next open decides (as a failed write's blocks do).
             Answer::Failed(e) => return Err(Stop(e)),
         }
