@@ -3,7 +3,7 @@
 //! overwritten or truncated, arbitrary keys inserted), then opened, checked offline and
 //! online, read, diffed and reclaimed. Every decoder must return a typed error naming the
 //! key instead of panicking, and a damaged tree (parent loops, dangling layers) must not
-//! hang or crash the pool.
+//! hang or crash the pool. The base pool has a consolidated piece (checksum block).
 #![no_main]
 
 use std::ops::ControlFlow;
@@ -23,10 +23,21 @@ fn base() -> &'static (Kv, Arc<MemDevice>) {
         let store = Arc::new(MemStore::new());
         let dev = Arc::new(MemDevice::new((1 << 20) + (2 << 20)));
         Pool::format(&*store, &*dev).expect("format");
-        let pool = Pool::open(store.clone(), dev.clone()).expect("open");
+        // Checksums of 16 blocks moved into a checksum block (format2.md §9b), so that
+        // consolidated pieces and their count record are among the records damaged.
+        let opts = snapblk_core::pool2::OpenOptions {
+            consolidate: Some(16),
+            ..Default::default()
+        };
+        let pool = Pool::open_with(store.clone(), dev.clone(), &opts).expect("open");
         pool.create_volume("a", 256 << 10).expect("volume");
         let id = pool.volume_id("a").expect("id");
         pool.write(id, 0, &[1u8; 16384], false).expect("write");
+        pool.write(id, 131072, &[3u8; 65536], false).expect("write");
+        let t0 = std::time::Instant::now();
+        while pool.checksum_stats().blocks_moved < 16 && t0.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         pool.create_snapshot("a", "s1").expect("snapshot");
         pool.write(id, 8192, &[2u8; 8192], false).expect("write");
         pool.zero(id, 65536, 65536, false).expect("zero");
@@ -98,7 +109,7 @@ fuzz_target!(|data: &[u8]| {
         b.put(k, v);
     }
     store.commit(b, true).expect("commit");
-    let _ = snapblk_core::v2::check::check(&*store, 512);
+    let _ = snapblk_core::v2::check::check(&*store, 512, &snapblk_core::v2::sums::NoSumBlocks);
     let dev: Arc<dyn DataDevice> = dev.clone();
     let Ok(pool) = Pool::open(store, dev) else {
         return;

@@ -163,6 +163,19 @@ impl World {
         }
     }
 
+    /// A world with one volume written whole, sequentially.
+    fn filled(checkpoint_every: u64) -> World {
+        let mut w = World::new(checkpoint_every);
+        w.run(&Op::NewVolume);
+        w.run(&Op::Write {
+            vol: 0,
+            lba: 0,
+            len: BLOCKS,
+            scatter: false,
+        });
+        w
+    }
+
     fn referenced(&self) -> BTreeSet<u64> {
         let mut r = BTreeSet::new();
         for v in &self.vols {
@@ -665,14 +678,7 @@ proptest! {
 /// the checksum blocks are freed exactly when the last block they cover goes.
 #[test]
 fn checksum_blocks_follow_their_data() {
-    let mut w = World::new(2);
-    w.run(&Op::NewVolume);
-    w.run(&Op::Write {
-        vol: 0,
-        lba: 0,
-        len: BLOCKS,
-        scatter: false,
-    });
+    let mut w = World::filled(2);
     w.run(&Op::Consolidate {
         vol: 0,
         pick: u64::MAX - 1,
@@ -743,14 +749,7 @@ fn deep_chain_rolling_retention() {
 }
 
 fn deep_chain(checkpoint_every: u64) {
-    let mut w = World::new(checkpoint_every);
-    w.run(&Op::NewVolume);
-    w.run(&Op::Write {
-        vol: 0,
-        lba: 0,
-        len: BLOCKS,
-        scatter: false,
-    });
+    let mut w = World::filled(checkpoint_every);
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rnd = move |m: u64| {
         seed ^= seed << 13;
@@ -801,14 +800,7 @@ fn deep_chain(checkpoint_every: u64) {
 fn thinning_merges_dead_records_per_retained_interval() {
     // Read checkpoints every 2 records: thinning must delete the ones of released epochs
     // (check says if one is left behind or disagrees with the merged records).
-    let mut w = World::new(2);
-    w.run(&Op::NewVolume);
-    w.run(&Op::Write {
-        vol: 0,
-        lba: 0,
-        len: BLOCKS,
-        scatter: false,
-    });
+    let mut w = World::filled(2);
     for i in 0..100u64 {
         w.run(&Op::Snapshot { vol: 0 });
         w.run(&Op::Write {

@@ -404,21 +404,8 @@ pub fn read_page_split_raw<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     at: Option<Epoch>,
     p: PageNo,
 ) -> Result<RawContent> {
-    let mut missed = smallvec::SmallVec::new();
     let mut raw: RawContent = [None; PAGE_BLOCKS as usize];
-    let hit = read_raw_in(
-        live,
-        retained,
-        bases,
-        Some(cache),
-        &mut missed,
-        &mut raw,
-        l,
-        at,
-        p,
-        true,
-    )?;
-    if let Some(hit) = hit {
+    if let Some(hit) = raw_in(live, retained, bases, Some(cache), &mut raw, l, at, p)? {
         for (r, b) in raw.iter_mut().zip(hit.iter()) {
             *r = b.map(|b| Raw {
                 pba: b.pba,
@@ -438,21 +425,36 @@ pub fn read_page_raw<S: MetaRead + ?Sized>(
     at: Option<Epoch>,
     p: PageNo,
 ) -> Result<RawContent> {
-    let mut missed = smallvec::SmallVec::new();
     let mut raw: RawContent = [None; PAGE_BLOCKS as usize];
+    raw_in(store, store, bases, None, &mut raw, l, at, p)?;
+    Ok(raw)
+}
+
+/// [`read_raw_in`] into `raw`, with checkpoints and nothing to remember about misses.
+#[allow(clippy::too_many_arguments)]
+fn raw_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
+    live: &L,
+    retained: &R,
+    bases: &dyn Bases,
+    cache: Option<&ContentCache>,
+    raw: &mut RawContent,
+    l: LineageId,
+    at: Option<Epoch>,
+    p: PageNo,
+) -> Result<Option<Content>> {
+    let mut missed = smallvec::SmallVec::new();
     read_raw_in(
-        store,
-        store,
+        live,
+        retained,
         bases,
-        None,
+        cache,
         &mut missed,
-        &mut raw,
+        raw,
         l,
         at,
         p,
         true,
-    )?;
-    Ok(raw)
+    )
 }
 
 /// Fills `slots` with the content of page `p` of `l` at `at`, or returns the content the
