@@ -327,8 +327,9 @@ impl Pool2 {
     }
 
     /// Releases the blocks a write held once its Txn is answered (its quota reservation
-    /// is the committer's to release): on success the blocks are referenced; if nothing was applied the blocks return at once; after a failed commit they stay
-    /// out of use until the next open decides (the batch may survive in the store's log).
+    /// is the committer's to release): on success the blocks are referenced; if nothing
+    /// was applied they return at once; after a failed commit they stay out of use until
+    /// the next open decides (the batch may survive in the store's log).
     pub(crate) fn settle(&self, s: Settle, a: &Answer) {
         match a {
             Answer::Value(_) => {}

@@ -145,8 +145,12 @@ impl Filling {
         self.which[idx] = k;
     }
 
-    /// The content, every pending CRC looked up through `sums`.
-    fn resolve(mut self, sums: &dyn SumBlocks) -> Result<Content> {
+    /// Looks every pending CRC up through `sums` (in place: a page's content is 1 KiB,
+    /// and reads should not copy it more than once).
+    fn resolve(&mut self, sums: &dyn SumBlocks) -> Result<()> {
+        if self.pending == 0 {
+            return Ok(());
+        }
         for k in 0..self.blocks.len() {
             let want = self.blocks[k];
             let (content, pending, slots, which) = (
@@ -179,7 +183,7 @@ impl Filling {
                 self.pending.trailing_zeros()
             )));
         }
-        Ok(self.content)
+        Ok(())
     }
 }
 
@@ -276,7 +280,8 @@ pub fn resolve(raw: &RawContent, sums: &dyn SumBlocks) -> Result<Content> {
             Sum::Slot(s) => f.defer(i, r.pba, s),
         }
     }
-    f.resolve(sums)
+    f.resolve(sums)?;
+    Ok(f.content)
 }
 
 /// The content of page `p` of lineage `l` at epoch `at` (`None`: the live content).
@@ -381,7 +386,10 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     )?;
     let content = match hit {
         Some(hit) => hit,
-        None => filling.resolve(sums)?,
+        None => {
+            filling.resolve(sums)?;
+            filling.content
+        }
     };
     if let Some(c) = cache {
         for &(ml, me) in &missed {
