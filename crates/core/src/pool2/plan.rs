@@ -113,7 +113,8 @@ struct RequestPages<'a> {
 }
 
 impl RequestPages<'_> {
-    fn content(&self, p: PageNo) -> Result<Content> {
+    /// The page's content; only the slots in `want` are sure to be filled.
+    fn content(&self, p: PageNo, want: Range<usize>) -> Result<Content> {
         read_page_split(
             self.store,
             &self.retained,
@@ -123,6 +124,7 @@ impl RequestPages<'_> {
             self.lineage,
             self.at,
             p,
+            want,
         )
     }
     /// Where the page's blocks are, checksums not looked up (block status).
@@ -182,7 +184,11 @@ impl Pool2 {
         // the request's pages (read_page_split says why it may trail the gets).
         let pages = self.request_pages(&src, bases);
         for p in b0 / PAGE_BLOCKS..(b0 + n).div_ceil(PAGE_BLOCKS) {
-            let content = pages.content(PageNo(p))?;
+            // The request's slots of this page: a volume's own page fills only those.
+            let first = p * PAGE_BLOCKS;
+            let want = (b0.max(first) - first) as usize
+                ..((b0 + n).min(first + PAGE_BLOCKS) - first) as usize;
+            let content = pages.content(PageNo(p), want)?;
             for (k, slot) in content.iter().enumerate() {
                 let lba = p * PAGE_BLOCKS + k as u64;
                 let Some(b) = slot else { continue };

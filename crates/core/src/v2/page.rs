@@ -4,6 +4,8 @@
 //! has no `dead_run`); `dead` and read checkpoints: `u8 version=1 | varint n | n × piece`
 //! (format2.md §2). Decoders check order, overlap and counts before trusting them.
 
+use std::ops::ControlFlow;
+
 use super::ids::Epoch;
 use super::piece::{Piece, PieceView};
 use super::{varint, PAGE_BLOCKS};
@@ -70,13 +72,21 @@ fn encode_list(out: &mut Vec<u8>, list: &[Piece]) {
 
 fn decode_list(buf: &mut &[u8]) -> Result<Vec<Piece>, String> {
     let mut list: Vec<Piece> = Vec::new();
-    visit_list(buf, |p| list.push(p.to_piece()))?;
+    visit_list(buf, |p| {
+        list.push(p.to_piece());
+        ControlFlow::Continue(())
+    })?;
     Ok(list)
 }
 
 /// Decodes a piece list, handing each piece to `f` in order without allocating; checks the
 /// count, order, overlap and trailing bytes (an error may come after some pieces were seen).
-fn visit_list<'a>(buf: &mut &'a [u8], mut f: impl FnMut(&PieceView<'a>)) -> Result<(), String> {
+/// When `f` breaks, the list is left there: the pieces after it are neither decoded nor
+/// checked (a read past the slots it wants; `check` decodes every record whole).
+fn visit_list<'a>(
+    buf: &mut &'a [u8],
+    mut f: impl FnMut(&PieceView<'a>) -> ControlFlow<()>,
+) -> Result<(), String> {
     let n = varint::take(buf).ok_or("piece count truncated")?;
     if n > PAGE_BLOCKS {
         return Err(format!("{n} pieces in one page"));
@@ -88,7 +98,9 @@ fn visit_list<'a>(buf: &mut &'a [u8], mut f: impl FnMut(&PieceView<'a>)) -> Resu
             return Err("pieces out of order or overlapping".into());
         }
         prev_end = p.end();
-        f(&p);
+        if f(&p).is_break() {
+            return Ok(());
+        }
     }
     if !buf.is_empty() {
         return Err("trailing bytes".into());
@@ -124,8 +136,12 @@ impl Page {
             pieces,
         })
     }
-    /// The pieces of an encoded page, without decoding the rest (reads).
-    pub fn visit<'a>(mut buf: &'a [u8], f: impl FnMut(&PieceView<'a>)) -> Result<(), String> {
+    /// The pieces of an encoded page in order, without decoding the rest (reads), until
+    /// `f` breaks.
+    pub fn visit<'a>(
+        mut buf: &'a [u8],
+        f: impl FnMut(&PieceView<'a>) -> ControlFlow<()>,
+    ) -> Result<(), String> {
         Self::header(&mut buf)?;
         visit_list(&mut buf, f)
     }
@@ -164,8 +180,12 @@ impl DeadRecord {
             pieces: decode_list(&mut buf)?,
         })
     }
-    /// The pieces of an encoded dead record or read checkpoint, without allocating (reads).
-    pub fn visit<'a>(mut buf: &'a [u8], f: impl FnMut(&PieceView<'a>)) -> Result<(), String> {
+    /// The pieces of an encoded dead record or read checkpoint in order, without
+    /// allocating (reads), until `f` breaks.
+    pub fn visit<'a>(
+        mut buf: &'a [u8],
+        f: impl FnMut(&PieceView<'a>) -> ControlFlow<()>,
+    ) -> Result<(), String> {
         Self::header(&mut buf)?;
         visit_list(&mut buf, f)
     }

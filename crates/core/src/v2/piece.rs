@@ -255,6 +255,7 @@ impl<'a> PieceView<'a> {
         }
     }
 
+    #[inline]
     pub fn decode(buf: &mut &'a [u8]) -> Result<PieceView<'a>, &'static str> {
         if buf.len() < 9 {
             return Err("piece header truncated");

@@ -13,7 +13,7 @@
 //! there in the same batch if that epoch is no longer retained; records never move across a
 //! retained one. So the checkpoint a scan meets and the records before it always agree.
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 
 use super::cache::ContentCache;
 use super::ids::{Epoch, LineageId, PageNo};
@@ -65,6 +65,14 @@ pub type RawContent = [Option<Raw>; PAGE_BLOCKS as usize];
 /// disagrees with what an earlier one put there.
 trait Sink {
     fn add(&mut self, p: &PieceView<'_>) -> Option<usize>;
+    /// From now on every slot is wanted (a read that moves on to a retained epoch, whose
+    /// content the cache keeps whole).
+    fn want_all(&mut self) {}
+    /// The slot past the last one wanted: pieces are in slot order, so a record's pieces
+    /// starting there or later are not visited.
+    fn wanted_end(&self) -> usize {
+        PAGE_BLOCKS as usize
+    }
 }
 
 impl Sink for RawContent {
@@ -99,9 +107,13 @@ impl Sink for RawContent {
 /// A content being read: blocks whose CRC is inline are final; the others are marked
 /// `pending` with their checksum block (an index into `blocks`, the distinct ones met:
 /// usually one) and slot, to be looked up once per checksum block by
-/// [`Filling::resolve`]. What a read costs: no copy of the page, no allocation.
+/// [`Filling::resolve`]. What a read costs: no copy of the page, no allocation. Only the
+/// slots in `want` are filled (a 4 KiB read of a volume's own page decodes the page but
+/// copies one block's location): slots outside it stay `None`, and pieces outside it are
+/// neither checked against others nor resolved.
 struct Filling {
     content: Content,
+    want: Range<usize>,
     pending: u64,
     slots: [u16; PAGE_BLOCKS as usize],
     which: [u8; PAGE_BLOCKS as usize],
@@ -109,9 +121,10 @@ struct Filling {
 }
 
 impl Filling {
-    fn new() -> Filling {
+    fn new(want: Range<usize>) -> Filling {
         Filling {
             content: [None; PAGE_BLOCKS as usize],
+            want,
             pending: 0,
             slots: [0; PAGE_BLOCKS as usize],
             which: [0; PAGE_BLOCKS as usize],
@@ -188,18 +201,31 @@ impl Filling {
 }
 
 impl Sink for Filling {
+    fn want_all(&mut self) {
+        self.want = 0..PAGE_BLOCKS as usize;
+    }
+    fn wanted_end(&self) -> usize {
+        self.want.end
+    }
+
     fn add(&mut self, p: &PieceView<'_>) -> Option<usize> {
-        let (off, len) = (usize::from(p.off), usize::from(p.len));
+        let (start, end) = (usize::from(p.off), usize::from(p.off) + usize::from(p.len));
+        let (from, to) = (start.max(self.want.start), end.min(self.want.end));
+        if from >= to {
+            return None;
+        }
+        let (off, len) = (from, to - from);
         if let Some(r) = p.sum_block() {
             if self.content[off..off + len].iter().all(Option::is_none) {
                 // The common case, a whole piece into empty slots: one block lookup.
                 let k = self.block_index(r);
+                let skip = off - start;
                 for i in 0..len {
                     self.content[off + i] = Some(Block {
-                        pba: p.pba + i as u64,
+                        pba: p.pba + (skip + i) as u64,
                         crc: 0,
                     });
-                    self.slots[off + i] = r.slot + i as u16;
+                    self.slots[off + i] = r.slot + (skip + i) as u16;
                     self.which[off + i] = k;
                 }
                 let mask = if len == 64 {
@@ -212,8 +238,8 @@ impl Sink for Filling {
             }
         }
         let mut clash = None;
-        for i in 0..usize::from(p.len) {
-            let idx = usize::from(p.off) + i;
+        for idx in off..to {
+            let i = idx - start;
             let pba = p.pba + i as u64;
             match (&self.content[idx], p.sum(i)) {
                 (Some(old), _) if old.pba != pba => {
@@ -234,7 +260,8 @@ impl Sink for Filling {
 }
 
 /// Adds the pieces of one encoded record (`page`: a live page, else a dead record or
-/// checkpoint) born at or before `at` to `slots`, without allocating. Two pieces giving a
+/// checkpoint) born at or before `at` to `slots`, without allocating (nor decoding pieces
+/// past the slots `slots` wants). Two pieces giving a
 /// slot different blocks, or different checksums of one form, are corruption; the same
 /// block with its CRC inline once and in a checksum block once is not (a reader may meet a
 /// piece before and after consolidation, format2.md §9b).
@@ -246,13 +273,18 @@ fn fill_from<S: Sink>(
     at: Option<Epoch>,
 ) -> Result<()> {
     let mut clash = None;
+    let end = slots.wanted_end();
     let visit = |p: &PieceView<'_>| {
+        if usize::from(p.off) >= end {
+            return ControlFlow::Break(());
+        }
         if at.is_some_and(|e| p.birth > e) {
-            return;
+            return ControlFlow::Continue(());
         }
         if let Some(i) = slots.add(p) {
             clash.get_or_insert(i);
         }
+        ControlFlow::Continue(())
     };
     let decoded = if page {
         Page::visit(v, visit)
@@ -272,7 +304,7 @@ fn fill_from<S: Sink>(
 
 /// `raw` with every checksum looked up (one lookup per checksum block met).
 pub fn resolve(raw: &RawContent, sums: &dyn SumBlocks) -> Result<Content> {
-    let mut f = Filling::new();
+    let mut f = Filling::new(0..PAGE_BLOCKS as usize);
     for (i, r) in raw.iter().enumerate() {
         let Some(r) = r else { continue };
         match r.sum {
@@ -329,6 +361,10 @@ pub fn read_page_exact<S: MetaRead + ?Sized>(
 /// `cache` holds contents at retained epochs (cache.rs says why they never go stale): the
 /// first lookup at a retained epoch — a snapshot's page, or the base a clone's unwritten
 /// page inherits — is answered from it when it can be, and remembered in it otherwise.
+///
+/// Only the slots in `want` are sure to be filled: a volume's own page fills just those
+/// (a 4 KiB read copies one block's location out of the page); what is read at a
+/// retained epoch is filled whole, for the cache.
 #[allow(clippy::too_many_arguments)]
 pub fn read_page_split<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     live: &L,
@@ -339,8 +375,20 @@ pub fn read_page_split<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     l: LineageId,
     at: Option<Epoch>,
     p: PageNo,
+    want: Range<usize>,
 ) -> Result<Content> {
-    read_page_in(live, retained, bases, sums, Some(cache), l, at, p, true)
+    read_page_in(
+        live,
+        retained,
+        bases,
+        sums,
+        Some(cache),
+        l,
+        at,
+        p,
+        true,
+        want,
+    )
 }
 
 fn read_page_with<S: MetaRead + ?Sized>(
@@ -352,7 +400,8 @@ fn read_page_with<S: MetaRead + ?Sized>(
     p: PageNo,
     checkpoints: bool,
 ) -> Result<Content> {
-    read_page_in(store, store, bases, sums, None, l, at, p, checkpoints)
+    let all = 0..PAGE_BLOCKS as usize;
+    read_page_in(store, store, bases, sums, None, l, at, p, checkpoints, all)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -366,12 +415,13 @@ fn read_page_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized>(
     at: Option<Epoch>,
     p: PageNo,
     checkpoints: bool,
+    want: Range<usize>,
 ) -> Result<Content> {
     // The retained (lineage, epoch)s this read looked up in the cache and missed: the
     // content found is theirs too (a snapshot of a clone whose page was not written by
     // then has its base's content at the base epoch), so each gets it.
     let mut missed: smallvec::SmallVec<[(LineageId, Epoch); 2]> = smallvec::SmallVec::new();
-    let mut filling = Filling::new();
+    let mut filling = Filling::new(want);
     let hit = read_raw_in(
         live,
         retained,
@@ -485,6 +535,9 @@ fn read_raw_in<L: MetaRead + ?Sized, R: MetaRead + ?Sized, S: Sink>(
     loop {
         // Slots are still empty whenever `at` is a retained epoch: a lookup only moves on
         // to a base after finding no page, so a cached content is the whole answer.
+        if at.is_some() {
+            slots.want_all();
+        }
         if let (Some(c), Some(e)) = (cache, at) {
             if let Some(hit) = c.get(l, e, p) {
                 return Ok(Some(hit));

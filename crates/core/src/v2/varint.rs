@@ -10,6 +10,7 @@ pub fn put(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Reads one varint from the front of `buf`, advancing it.
+#[inline]
 pub fn take(buf: &mut &[u8]) -> Option<u64> {
     let mut v: u64 = 0;
     for i in 0..10 {
