@@ -10,7 +10,9 @@
 #     run.
 #  D. daemon start to serving with 1 GiB and with 8 GiB of 4K random writes in the pool;
 #     snapshot create latency after each.
-#  E. metadata bytes per data byte after sequential and after 4K random writes.
+#  E. metadata bytes per data byte after sequential and after 4K random writes: once the
+#     store holds only live entries (`pool compact`), and as the table files are right after
+#     the writes (old page versions wait for RocksDB's own compactions).
 #  F. A's reads at a larger size: a BIG_GIB volume filled once, 50 snapshots with ~1%
 #     churn before each: 4K randread QD32 of the volume, its oldest snapshot and a clone of
 #     it (a map spread over more table files than A's, most of it out of the memtable).
@@ -105,6 +107,8 @@ read_job() { # URI [SIZE=1G]: 4K randread QD32; sets IOPS, and CPU = the daemon'
         "$((c1 - c0))" "$IOPS" "$((RUNTIME + 1))")
 }
 info() { "$BIN" --json "$@" pool info | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["metadata_size"], j["used"], j["reclaim_jobs"])'; }
+# Metadata size and data used once the store holds only live entries (`pool compact`, offline).
+compacted() { "$BIN" --json --meta "$W/meta" --data "$W/data.img" pool compact | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["metadata_size"], j["used"])'; }
 
 # ---------------------------------------------------------------- A
 if on A; then
@@ -194,7 +198,7 @@ fi
 # ---------------------------------------------------------------- D, E
 if on D; then
 say "D/E: start time and metadata size after 1 GiB and ${BIG} GiB of 4K random writes"
-declare -A START SNAP META
+declare -A START SNAP META METAC
 for gib in 1 "$BIG"; do
     pool d "$((gib + 2))G"
     "$BIN" volume create v --size "${gib}G" >/dev/null
@@ -205,7 +209,9 @@ for gib in 1 "$BIG"; do
     META[$gib]=$(info --meta "$W/meta" --data "$W/data.img" | cut -d' ' -f1,2)
     t0=$(date +%s%N); start; "$BIN" volume list >/dev/null
     START[$gib]=$(( ($(date +%s%N) - t0) / 1000000 ))
-    say "  ${gib} GiB: start ${START[$gib]} ms, snapshot ${SNAP[$gib]} us, metadata/used ${META[$gib]}"
+    stop
+    METAC[$gib]=$(compacted)
+    say "  ${gib} GiB: start ${START[$gib]} ms, snapshot ${SNAP[$gib]} us, metadata/used ${META[$gib]}, compacted ${METAC[$gib]}"
 done
 pool e 3G
 "$BIN" volume create v --size 1G >/dev/null
@@ -214,6 +220,7 @@ fill v 1G
 sleep 3
 stop
 SEQ=$(info --meta "$W/meta" --data "$W/data.img" | cut -d' ' -f1,2)
+SEQC=$(compacted)
 fi
 
 # ---------------------------------------------------------------- F
@@ -279,7 +286,8 @@ on C && { echo "C. 4K randwrite QD32 p99 (us): alone $BASE; rolling retention ($
 if on D; then
 echo "D. daemon start to serving: 1 GiB ${START[1]} ms, ${BIG} GiB ${START[$BIG]} ms, ratio $(ratio "${START[$BIG]}" "${START[1]}"); snapshot create after them: ${SNAP[1]} us, ${SNAP[$BIG]} us"
 echo
-echo "E. metadata / data: sequential 1 GiB $(pct "$SEQ"); 4K random 1 GiB $(pct "${META[1]}"); 4K random ${BIG} GiB $(pct "${META[$BIG]}")"
+echo "E. metadata / data, live entries (after pool compact): sequential 1 GiB $(pct "$SEQC"); 4K random 1 GiB $(pct "${METAC[1]}"); 4K random ${BIG} GiB $(pct "${METAC[$BIG]}")"
+echo "   table files right after the writes (old versions not compacted yet): $(pct "$SEQ"); $(pct "${META[1]}"); $(pct "${META[$BIG]}")"
 fi
 if on F; then
 echo

@@ -201,6 +201,10 @@ pub enum PoolCmd {
     /// Read every stored data block and verify its checksum; exit 1 naming each bad
     /// block and the volumes and snapshots it can affect.
     Scrub,
+    /// Rewrite the metadata store so it holds only live entries (a full RocksDB
+    /// compaction), then print `pool info`: frees the metadata disk after many deletes,
+    /// and makes `metadata_size` what the metadata takes. I/O goes on meanwhile.
+    Compact,
     /// Show or set the space guard: when free space falls under --min-free percent of the
     /// pool, the daemon deletes the oldest snapshots policies made that nothing needs
     /// (never protected ones, backup bases, a policy's newest or hand-made ones) until

@@ -48,6 +48,7 @@ fn command(cmd: &Cmd) -> Result<Command> {
         Cmd::Pool(PoolCmd::Info) => Command::PoolInfo,
         Cmd::Pool(PoolCmd::Check) => Command::PoolCheck,
         Cmd::Pool(PoolCmd::Scrub) => Command::PoolScrub,
+        Cmd::Pool(PoolCmd::Compact) => Command::PoolCompact,
         Cmd::Volume(VolumeCmd::Create { name, size }) => Command::VolumeCreate {
             name: name.clone(),
             size: parse_size(size)?,

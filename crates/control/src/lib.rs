@@ -99,6 +99,7 @@ pub enum Command {
     PoolInfo,
     PoolCheck,
     PoolScrub,
+    PoolCompact,
     VolumeCreate {
         name: String,
         size: u64,

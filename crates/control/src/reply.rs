@@ -253,7 +253,7 @@ impl Reply {
         }
         use Command as C;
         let r = match cmd {
-            C::PoolInfo => as_(v).map(Reply::Pool),
+            C::PoolInfo | C::PoolCompact => as_(v).map(Reply::Pool),
             C::PoolCheck => as_(v).map(Reply::Check),
             C::PoolScrub => as_(v).map(Reply::Scrub),
             C::VolumeCreate { .. }

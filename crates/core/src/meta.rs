@@ -127,6 +127,14 @@ pub trait MetaStore: Send + Sync {
     fn sync(&self) -> Result<(), StoreError>;
     /// Approximate bytes the store occupies on disk (0 for memory stores).
     fn size_on_disk(&self) -> u64;
+    /// Rewrites the store's files so they hold only live entries (RocksDB: the memtables
+    /// flushed, then every level compacted into the last): what `size_on_disk` reports
+    /// afterwards is what the pool's metadata takes, without old versions and deletions
+    /// waiting for a background compaction. Takes time and I/O proportional to the store;
+    /// reads and commits go on meanwhile. Default: nothing to do.
+    fn compact(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Approximate bytes the store holds in RAM for its write buffers and caches (bounded
     /// by its configuration; 0 when it does not say).
     fn memory(&self) -> u64 {

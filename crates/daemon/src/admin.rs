@@ -127,6 +127,7 @@ pub fn execute(
         Command::Detach { what } => Reply::Device(devices::need(devices)?.detach(what)?),
         Command::List => Reply::Devices(devices::need(devices)?.list()),
         Command::PoolInfo => Reply::Pool(pool.info()),
+        Command::PoolCompact => Reply::Pool(pool.compact_metadata()?),
         Command::PoolCheck => Reply::Check(pool.check()?),
         Command::PoolScrub => {
             let started = std::sync::atomic::AtomicBool::new(false);
@@ -335,6 +336,7 @@ pub fn mutates(cmd: &Command) -> bool {
     !matches!(
         cmd,
         Command::PoolInfo
+            | Command::PoolCompact
             | Command::PoolCheck
             | Command::PoolScrub
             | Command::VolumeList

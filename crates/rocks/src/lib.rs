@@ -238,6 +238,18 @@ impl MetaStore for RocksStore {
         self.drop_idle_readers();
     }
 
+    fn compact(&self) -> Result<(), StoreError> {
+        // Kept iterators pin the table files they read: let those not in use go (a reader
+        // takes its iterator out of the pool while it reads), so the files compaction
+        // replaces are deleted rather than kept for them.
+        self.drop_kept_readers();
+        self.db.flush().map_err(err)?;
+        let mut o = rocksdb::CompactOptions::default();
+        o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db.compact_range_opt(None::<&[u8]>, None::<&[u8]>, &o);
+        Ok(())
+    }
+
     fn size_on_disk(&self) -> u64 {
         let p = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
         p("rocksdb.total-sst-files-size") + p("rocksdb.size-all-mem-tables")

@@ -96,6 +96,12 @@ impl RocksStore {
         drop(idle);
     }
 
+    /// Drops every iterator kept and not in use now (before a compaction).
+    pub(crate) fn drop_kept_readers(&self) {
+        let kept = std::mem::take(&mut *lock(&self.kept));
+        drop(kept);
+    }
+
     /// Iterators kept for readers now (tests).
     pub fn kept_readers(&self) -> usize {
         lock(&self.kept).len()

@@ -132,6 +132,13 @@ impl Pool2 {
         .map(|_| ())
     }
 
+    /// Compacts the metadata store ([`MetaStore::compact`]: only live entries kept) and
+    /// answers [`Pool2::info`] after it. Runs beside I/O and management commands.
+    pub fn compact_metadata(&self) -> Result<crate::pool::PoolInfo> {
+        self.store().compact()?;
+        Ok(self.info())
+    }
+
     /// Space and object counts; `hidden_layers` counts lineages that back no volume and
     /// hold no snapshot (clones' origins, reclaim in progress).
     pub fn info(&self) -> crate::pool::PoolInfo {
