@@ -80,6 +80,8 @@ struct PoolGauges {
     sum_moved: IntCounter,
     sum_dropped: IntCounter,
     sum_loads: IntCounter,
+    sum_swept: IntCounter,
+    sum_sweeps: IntCounter,
 }
 
 struct VolumeGauges {
@@ -200,6 +202,14 @@ impl State {
                 "snapblk_checksum_block_loads_total",
                 "Checksum blocks read from the data device (cache misses).",
             )?,
+            sum_swept: counter(
+                "snapblk_checksum_swept_blocks_total",
+                "Blocks with inline CRCs that sweeps over the live pages offered for consolidation.",
+            )?,
+            sum_sweeps: counter(
+                "snapblk_checksum_sweeps_total",
+                "Sweeps over the live pages completed (one is due after start and after dropped offers).",
+            )?,
         };
         let v = VolumeGauges {
             size: vol("snapblk_volume_size_bytes", "Volume size.")?,
@@ -287,6 +297,8 @@ impl State {
             (&p.sum_moved, sums.blocks_moved),
             (&p.sum_dropped, sums.offers_dropped),
             (&p.sum_loads, sums.loads),
+            (&p.sum_swept, sums.swept),
+            (&p.sum_sweeps, sums.sweeps),
         ] {
             c.inc_by(v.saturating_sub(c.get()));
         }

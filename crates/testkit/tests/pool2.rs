@@ -1005,6 +1005,88 @@ fn large_writes_move_their_checksums_to_the_data_device() {
 
 /// Every MiB of volume `v` and its snapshot `s` (taken before MiB 3 was partly rewritten)
 /// reads as `fill` says.
+/// Pieces written while consolidation was off (as by a pool written before it existed, or
+/// offers dropped or still queued at close) are found by a sweep over the live pages once
+/// a daemon's pool runs background work, and move into checksum blocks like fresh ones;
+/// small pieces stay inline, a one-shot open (background off) sweeps nothing, and every
+/// byte reads back, check and scrub clean. Fails without the sweep (nothing ever offers
+/// those pieces again).
+#[test]
+fn pieces_left_inline_are_swept_into_checksum_blocks() {
+    let mib = 1u64 << 20;
+    let (pool, store, dev) = mem_pool(256 << 20);
+    pool.create_volume("v", 32 * mib).unwrap();
+    let id = pool.volume_id("v").unwrap();
+    let fill = |i: u64| -> Vec<u8> { (0..mib).map(|b| (b.wrapping_mul(17) ^ i) as u8).collect() };
+    for i in 0..32u64 {
+        pool.write(id, i * mib, &fill(i), false).unwrap();
+    }
+    pool.create_snapshot("v", "s").unwrap();
+    // Two small writes after the snapshot: pieces of 2 blocks stay inline.
+    pool.write(id, 5 * mib, &[3u8; 8192], false).unwrap();
+    pool.write(id, 9 * mib + 4096, &[4u8; 8192], false).unwrap();
+    let inline = page_bytes(&store);
+    drop(pool);
+
+    // A one-shot open: background work off, no sweep.
+    let pool = Pool2::open_with(store.clone(), dev.clone(), &OpenOptions::default()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    assert_eq!(
+        pool.checksum_stats().swept,
+        0,
+        "{:?}",
+        pool.checksum_stats()
+    );
+    drop(pool);
+
+    let pool = Pool2::open_with(store.clone(), dev.clone(), &OpenOptions::default()).unwrap();
+    pool.start_background();
+    // 32 MiB less the 4 blocks rewritten since and the 1-block piece left before the
+    // second small write (below the 16 blocks worth a slot run).
+    wait_consolidated(&pool, 32 * 256 - 5);
+    let stats = pool.checksum_stats();
+    assert_eq!(stats.sweeps, 1, "{stats:?}");
+    assert_eq!(stats.blocks_moved, 32 * 256 - 5, "{stats:?}");
+    let moved = page_bytes(&store);
+    assert!(moved * 4 < inline, "page bytes {inline} -> {moved}");
+    let check = |pool: &Pool2| {
+        let snap = Target::Snapshot(id, "s".into());
+        for i in 0..32u64 {
+            let mut out = vec![0u8; mib as usize];
+            pool.read(&snap, i * mib, &mut out).unwrap();
+            assert!(out == fill(i), "snapshot MiB {i}");
+            let mut want = fill(i);
+            match i {
+                5 => want[..8192].fill(3),
+                9 => want[4096..12288].fill(4),
+                _ => {}
+            }
+            pool.read(&Target::Volume(id), i * mib, &mut out).unwrap();
+            assert!(out == want, "MiB {i}");
+        }
+        let report = pool.check().unwrap();
+        assert!(report.is_clean(), "{:?}", report.errors);
+        assert!(pool.scrub(&|_, _| {}).unwrap().is_clean());
+    };
+    check(&pool);
+    drop(pool);
+    // Reopened: nothing left to sweep, the same content.
+    let pool = Pool2::open_with(store.clone(), dev.clone(), &OpenOptions::default()).unwrap();
+    pool.start_background();
+    let t0 = std::time::Instant::now();
+    while pool.checksum_stats().sweeps == 0 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        pool.checksum_stats().swept,
+        0,
+        "{:?}",
+        pool.checksum_stats()
+    );
+    check(&pool);
+}
+
 fn read_all_at(pool: &Pool2, v: &str, s: &str, fill: &dyn Fn(u64) -> Vec<u8>) {
     let mib = 1u64 << 20;
     let id = pool.volume_id(v).unwrap();

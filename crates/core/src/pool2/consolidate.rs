@@ -3,7 +3,7 @@
 //! instead of 4 bytes per block.
 //!
 //! Flow: the committer offers the pieces of each committed write of at least
-//! [`OFFER_MIN`] blocks (in commit order, no rescan); the worker thread packs them into
+//! [`OFFER_MIN`] blocks (in commit order); the worker thread packs them into
 //! 1024 slots, writes the block durably (FUA) into a freshly allocated data block, and
 //! only then submits a management step in which the engine rewrites those pieces still
 //! live as committed to name the block (`Meta2::consolidate`). A step that rewrote
@@ -12,7 +12,17 @@
 //! Crash consistency: before the step's batch is in the store, the block is free in the
 //! region records, so a crash leaves the pieces inline and the block free; after it, the
 //! block was durable first. Nothing here blocks writers: offers are dropped when the
-//! queue is full (those pieces keep inline CRCs, as before).
+//! queue is full (those pieces keep inline CRCs for now).
+//!
+//! Sweeps: what was never offered or not consolidated — offers dropped, offers still
+//! queued when the pool closed, pools written before consolidation existed or converted by
+//! `pool upgrade` — is found by a sweep over the live pages, which offers every owned
+//! piece of at least [`OFFER_MIN`] blocks with inline CRCs. One pass is due after open and
+//! after any offer was dropped; it runs only while background work is on (a daemon's pool,
+//! not a one-shot command) and no write offered anything for [`IDLE`], [`SWEEP_PAGES`]
+//! pages per step, [`SWEEP_PAUSE`] apart. A swept candidate is checked by the engine like
+//! any other (still live as read, else skipped), so a page changed since the sweep read
+//! it costs a slot, nothing more.
 //!
 //! Threading: one worker thread per pool; the queue's mutex is held for µs, never across
 //! I/O or a submit.
@@ -25,7 +35,10 @@ use std::time::{Duration, Instant};
 use crate::alloc::Allocator;
 use crate::device::{AlignedBuf, DataDevice, WriteSeg};
 use crate::error::Error;
+use crate::meta::MetaStore;
 use crate::v2::engine::Candidate;
+use crate::v2::keys;
+use crate::v2::page::Page;
 use crate::v2::piece::{SumRef, Sums, SUM_SLOTS};
 use crate::v2::sums::{self, SumBlock};
 use crate::v2::{Epoch, LineageId, PageNo, Piece, PieceFlags, PAGE_BLOCKS};
@@ -51,6 +64,11 @@ const MAX_QUEUED: u64 = 256 * SUM_SLOTS as u64;
 /// [`PARTIAL_MIN`] slots (below that, 4 KiB of data device for less than 1 KiB of store).
 const IDLE: Duration = Duration::from_secs(1);
 const PARTIAL_MIN: u64 = 256;
+/// Live pages a sweep reads per step (at most 64 Ki slots, 64 checksum blocks, offered),
+/// and the pause between its steps: a pass over 1 TiB of data (4 Mi pages) takes ~1.5
+/// minutes of mostly sleeping.
+const SWEEP_PAGES: usize = 1024;
+const SWEEP_PAUSE: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct Queue {
@@ -58,6 +76,18 @@ struct Queue {
     blocks: u64,
     last_offer: Option<Instant>,
     shutdown: bool,
+    /// A sweep pass is wanted (format2.md §9b): set at open and when an offer is dropped.
+    sweep_due: bool,
+    /// The page key the pass in progress goes on from; `None` between passes.
+    sweep_at: Option<Vec<u8>>,
+}
+
+/// What the worker does next.
+enum Next {
+    /// Write and name these checksum blocks (each one's candidates).
+    Blocks(Vec<Vec<Candidate>>),
+    /// Read the live pages from this key on and offer what they hold inline.
+    Sweep(Vec<u8>),
 }
 
 pub(crate) struct Consolidator {
@@ -69,17 +99,25 @@ pub(crate) struct Consolidator {
     pub(crate) blocks_written: AtomicU64,
     pub(crate) blocks_moved: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    /// Blocks sweeps offered, and sweep passes completed.
+    pub(crate) swept: AtomicU64,
+    pub(crate) sweeps: AtomicU64,
 }
 
 impl Consolidator {
     pub(crate) fn new(fill: u64) -> Consolidator {
         Consolidator {
             fill: fill.clamp(1, SUM_SLOTS as u64),
-            queue: Mutex::default(),
+            queue: Mutex::new(Queue {
+                sweep_due: true,
+                ..Queue::default()
+            }),
             cv: Condvar::new(),
             blocks_written: AtomicU64::new(0),
             blocks_moved: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            swept: AtomicU64::new(0),
+            sweeps: AtomicU64::new(0),
         }
     }
 
@@ -92,6 +130,8 @@ impl Consolidator {
         }
         let mut q = lock(&self.queue);
         if q.shutdown || q.blocks + len > MAX_QUEUED {
+            // A later sweep finds these pieces.
+            q.sweep_due = true;
             drop(q);
             self.dropped.fetch_add(len, Ordering::Relaxed);
             return;
@@ -129,21 +169,61 @@ impl Consolidator {
         self.cv.notify_all();
     }
 
+    /// Candidates a sweep found in pages up to the key before `next` (`None`: the pass is
+    /// over). Dropped if the queue cannot take them (another pass is then due).
+    fn add_swept(&self, found: Vec<Candidate>, next: Option<Vec<u8>>) {
+        let len: u64 = found.iter().map(|c| u64::from(c.piece.len)).sum();
+        let mut q = lock(&self.queue);
+        if q.blocks + len > MAX_QUEUED {
+            q.sweep_due = true;
+        } else {
+            q.items.extend(found);
+            q.blocks += len;
+            self.swept.fetch_add(len, Ordering::Relaxed);
+        }
+        if next.is_none() {
+            self.sweeps.fetch_add(1, Ordering::Relaxed);
+        }
+        q.sweep_at = next;
+    }
+
+    /// Waits `d` unless shutdown comes first (between sweep steps).
+    fn pause(&self, d: Duration) {
+        let q = lock(&self.queue);
+        if !q.shutdown {
+            let _ = self.cv.wait_timeout(q, d);
+        }
+    }
+
     /// Waits for a block's worth of candidates (or a partial one after [`IDLE`]), and
-    /// takes up to [`BATCH`] blocks' worth if queued; `None` at shutdown.
-    fn next_blocks(&self) -> Option<Vec<Vec<Candidate>>> {
+    /// takes up to [`BATCH`] blocks' worth if queued; else, once writes have offered
+    /// nothing for [`IDLE`] and `sweeping()` allows, a sweep step. `None` at shutdown.
+    fn next(&self, sweeping: &dyn Fn() -> bool) -> Option<Next> {
         let mut q = lock(&self.queue);
         loop {
             if q.shutdown {
                 return None;
             }
-            let idle = q.last_offer.is_some_and(|t| t.elapsed() >= IDLE);
-            if q.blocks >= self.fill || (idle && q.blocks >= PARTIAL_MIN.min(self.fill)) {
+            // No write offered anything for IDLE: a partial block is written, unless a
+            // sweep pass is under way (it fills blocks faster than writes do).
+            let quiet = q.last_offer.is_none_or(|t| t.elapsed() >= IDLE);
+            let partial = quiet && q.sweep_at.is_none() && q.blocks >= PARTIAL_MIN.min(self.fill);
+            if q.blocks >= self.fill || partial {
                 let mut batch = vec![take_block(&mut q)];
                 while batch.len() < BATCH && q.blocks >= self.fill {
                     batch.push(take_block(&mut q));
                 }
-                return Some(batch);
+                return Some(Next::Blocks(batch));
+            }
+            if quiet && (q.sweep_due || q.sweep_at.is_some()) && sweeping() {
+                let from = match q.sweep_at.take() {
+                    Some(k) => k,
+                    None => {
+                        q.sweep_due = false;
+                        vec![keys::K_PAGE]
+                    }
+                };
+                return Some(Next::Sweep(from));
             }
             q = self
                 .cv
@@ -191,6 +271,7 @@ pub(crate) struct Worker {
     dev: Arc<dyn DataDevice>,
     alloc: Arc<Mutex<Allocator>>,
     sums: Arc<DeviceSums>,
+    store: Arc<dyn MetaStore>,
     data_start: u64,
 }
 
@@ -202,6 +283,7 @@ impl Worker {
             dev: Arc::clone(&pool.dev),
             alloc: Arc::clone(&pool.alloc),
             sums: Arc::clone(&pool.sums),
+            store: Arc::clone(&pool.store),
             data_start: pool.sup.data_start,
         }
     }
@@ -209,7 +291,16 @@ impl Worker {
     /// Packs, writes and commits checksum blocks until shutdown, or until the engine
     /// stopped (a failed commit: the pool must be reopened).
     pub(crate) fn run(self) {
-        while let Some(batch) = self.work.next_blocks() {
+        let sweeping = || self.committer.background_on();
+        while let Some(next) = self.work.next(&sweeping) {
+            let batch = match next {
+                Next::Blocks(batch) => batch,
+                Next::Sweep(from) => {
+                    self.sweep_step(from);
+                    self.work.pause(SWEEP_PAUSE);
+                    continue;
+                }
+            };
             match self.write_blocks(batch) {
                 Ok(()) => {}
                 Err(Stop(e)) => {
@@ -219,6 +310,53 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Reads up to [`SWEEP_PAGES`] live pages from key `from` on and offers their owned
+    /// pieces of [`OFFER_MIN`] blocks or more that keep inline CRCs. A page that does not
+    /// decode is skipped (`pool check` reports it; consolidation leaves it alone).
+    fn sweep_step(&self, from: Vec<u8>) {
+        let to = [keys::K_PAGE + 1];
+        let mut found = Vec::new();
+        let (mut pages, mut last) = (0usize, None);
+        let scanned = self.store.scan(&from, &to, &mut |k, v| {
+            pages += 1;
+            if let (Some([l, p]), Ok(page)) = (keys::fields::<2>(k, keys::K_PAGE), Page::decode(v))
+            {
+                found.extend(
+                    page.pieces
+                        .into_iter()
+                        .filter(|x| {
+                            x.owned() && x.sums.inline().is_some() && u64::from(x.len) >= OFFER_MIN
+                        })
+                        .map(|piece| Candidate {
+                            lineage: LineageId(l),
+                            page: PageNo(p),
+                            piece,
+                            slot: 0,
+                        }),
+                );
+            }
+            if pages >= SWEEP_PAGES {
+                last = Some(k.to_vec());
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        });
+        if let Err(e) = scanned {
+            log::warn!("checksum sweep: reading live pages: {e}; the pass ends here");
+            last = None;
+        }
+        // The next step starts just past the last key read.
+        let next = last.map(|mut k| {
+            k.push(0);
+            k
+        });
+        if next.is_none() {
+            log::debug!("checksum sweep: pass over the live pages done");
+        }
+        self.work.add_swept(found, next);
     }
 
     /// Writes the checksum blocks of `batch` (each block's candidates) in one FUA device

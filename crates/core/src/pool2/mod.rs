@@ -57,6 +57,9 @@ pub struct SumStats {
     pub offers_dropped: u64,
     /// Checksum blocks read from the device (cache misses).
     pub loads: u64,
+    /// Blocks sweeps over the live pages offered (inline pieces found), and passes done.
+    pub swept: u64,
+    pub sweeps: u64,
 }
 
 /// The superblock and device-header version of format 2.
@@ -296,19 +299,18 @@ impl Pool2 {
     }
     /// What checksum consolidation did so far (format2.md §9b).
     pub fn checksum_stats(&self) -> SumStats {
-        let (written, moved, dropped) = self.consolidator.as_ref().map_or((0, 0, 0), |c| {
-            (
-                c.blocks_written.load(Ordering::Relaxed),
-                c.blocks_moved.load(Ordering::Relaxed),
-                c.dropped.load(Ordering::Relaxed),
-            )
-        });
-        SumStats {
-            blocks_written: written,
-            blocks_moved: moved,
-            offers_dropped: dropped,
+        let mut stats = SumStats {
             loads: self.sums.loads(),
+            ..SumStats::default()
+        };
+        if let Some(c) = &self.consolidator {
+            stats.blocks_written = c.blocks_written.load(Ordering::Relaxed);
+            stats.blocks_moved = c.blocks_moved.load(Ordering::Relaxed);
+            stats.offers_dropped = c.dropped.load(Ordering::Relaxed);
+            stats.swept = c.swept.load(Ordering::Relaxed);
+            stats.sweeps = c.sweeps.load(Ordering::Relaxed);
         }
+        stats
     }
     /// What the cache of page contents at retained epochs holds and how it served reads.
     pub fn content_cache_stats(&self) -> CacheStats {
