@@ -3,7 +3,9 @@
 #  A. 4K randread / randwrite QD32 on a 1 GiB volume filled once, at 0, 10, 50 and 200
 #     retained snapshots with ~1% random churn before each (the volume is never rewritten;
 #     randwrite stays inside its first 64 MiB so reads keep seeing the history); reads of the
-#     oldest snapshot and of a clone of it at 200.
+#     oldest snapshot and of a clone of it at 200, also paired: alternating twice with a
+#     volume filled alike that never had snapshots (the oldest snapshot's content is the
+#     fill), so the machine's drift between jobs minutes apart cancels.
 #  B. deleting the oldest snapshot of a fully written 2 GiB vs 8 GiB volume (same churn).
 #  C. p99 write latency of fio 4K randwrite with and without 100 rounds of rolling retention
 #     (create the newest snapshot, delete the oldest), and while diff, pool check, pool scrub
@@ -116,6 +118,9 @@ say "A: 1 GiB volume, reads and writes at 0/10/50/200 snapshots"
 pool a 6G
 "$BIN" volume create v --size 1G >/dev/null
 fill v 1G
+# The paired baseline: filled like v, no snapshots, no churn (the content of v@s1).
+"$BIN" volume create z --size 1G >/dev/null
+fill z 1G
 declare -A RR RW RC
 snaps=0
 for depth in 0 10 50 200; do
@@ -131,6 +136,14 @@ done
 read_job "$(uri v@s1)"; OLD=$IOPS; OLD_CPU=$CPU
 "$BIN" clone v@s1 c >/dev/null
 read_job "$(uri c)"; CLONE=$IOPS; CLONE_CPU=$CPU
+# Paired: baseline, oldest, clone, twice (means).
+PZ=0; PO=0; PC=0
+for _ in 1 2; do
+    read_job "$(uri z)"; PZ=$((PZ + IOPS / 2))
+    read_job "$(uri v@s1)"; PO=$((PO + IOPS / 2))
+    read_job "$(uri c)"; PC=$((PC + IOPS / 2))
+done
+say "  paired: never-snapshotted volume $PZ, oldest snapshot $PO, clone $PC IOPS"
 # The same reads with the content cache off (a snapshot read bigger than the cache).
 stop; start --snapshot-cache 0
 read_job "$(uri v@s1)"; OLD_NC=$IOPS; OLD_NC_CPU=$CPU
@@ -277,6 +290,7 @@ for d in 0 10 50 200; do
     printf "%-10s %10s %8s %10s %8s %14s\n" "$d" "${RR[$d]}" "$(ratio "${RR[$d]}" "${RR[0]}")" "${RW[$d]}" "$(ratio "${RW[$d]}" "${RW[0]}")" "${RC[$d]}"
 done
 echo "oldest snapshot read: $OLD ($(ratio "$OLD" "${RR[0]}")), daemon $OLD_CPU us/read; clone of it: $CLONE ($(ratio "$CLONE" "${RR[0]}")), $CLONE_CPU us/read"
+echo "  paired with a volume filled alike, never snapshotted (mean of 2 alternating jobs): $PZ; oldest snapshot $PO ($(ratio "$PO" "$PZ")), clone $PC ($(ratio "$PC" "$PZ"))"
 echo "  no RAM tier (kept on disk): oldest snapshot $OLD_NC ($(ratio "$OLD_NC" "${RR[0]}")), $OLD_NC_CPU us/read; clone $CLONE_NC ($(ratio "$CLONE_NC" "${RR[0]}")), $CLONE_NC_CPU us/read"
 echo "  no content cache at all: oldest snapshot $OLD_NONE ($(ratio "$OLD_NONE" "${RR[0]}")), $OLD_NONE_CPU us/read; clone $CLONE_NONE ($(ratio "$CLONE_NONE" "${RR[0]}")), $CLONE_NONE_CPU us/read"
 echo
