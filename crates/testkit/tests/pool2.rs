@@ -1003,14 +1003,13 @@ fn large_writes_move_their_checksums_to_the_data_device() {
         .all(|b| b.detail.contains(&format!("checksum block {at}"))));
 }
 
-/// Every MiB of volume `v` and its snapshot `s` (taken before MiB 3 was partly rewritten)
-/// reads as `fill` says.
 /// Pieces written while consolidation was off (as by a pool written before it existed, or
 /// offers dropped or still queued at close) are found by a sweep over the live pages once
 /// a daemon's pool runs background work, and move into checksum blocks like fresh ones;
-/// small pieces stay inline, a one-shot open (background off) sweeps nothing, and every
-/// byte reads back, check and scrub clean. Fails without the sweep (nothing ever offers
-/// those pieces again).
+/// small pieces stay inline, a closed lineage's pieces (a volume rolled back: its old
+/// lineage's pages stay while the snapshot does) are not offered, a one-shot open
+/// (background off) sweeps nothing, and every byte reads back, check and scrub clean.
+/// Fails without the sweep (nothing ever offers those pieces again).
 #[test]
 fn pieces_left_inline_are_swept_into_checksum_blocks() {
     let mib = 1u64 << 20;
@@ -1026,6 +1025,15 @@ fn pieces_left_inline_are_swept_into_checksum_blocks() {
     pool.write(id, 5 * mib, &[3u8; 8192], false).unwrap();
     pool.write(id, 9 * mib + 4096, &[4u8; 8192], false).unwrap();
     let inline = page_bytes(&store);
+    // A volume rolled back to its snapshot: its first lineage, closed, keeps 8 MiB of
+    // inline pieces in its live pages.
+    pool.create_volume("w", 8 * mib).unwrap();
+    let w = pool.volume_id("w").unwrap();
+    pool.write(w, 0, &vec![5u8; 8 * mib as usize], false)
+        .unwrap();
+    pool.create_snapshot("w", "k").unwrap();
+    pool.rollback("w", "k").unwrap();
+    let closed = page_bytes(&store) - inline;
     drop(pool);
 
     // A one-shot open: background work off, no sweep.
@@ -1047,7 +1055,9 @@ fn pieces_left_inline_are_swept_into_checksum_blocks() {
     let stats = pool.checksum_stats();
     assert_eq!(stats.sweeps, 1, "{stats:?}");
     assert_eq!(stats.blocks_moved, 32 * 256 - 5, "{stats:?}");
-    let moved = page_bytes(&store);
+    assert_eq!(stats.swept, 32 * 256 - 5, "only open lineages: {stats:?}");
+    // The closed lineage's pages are as they were.
+    let moved = page_bytes(&store) - closed;
     assert!(moved * 4 < inline, "page bytes {inline} -> {moved}");
     let check = |pool: &Pool2| {
         let snap = Target::Snapshot(id, "s".into());
@@ -1064,6 +1074,10 @@ fn pieces_left_inline_are_swept_into_checksum_blocks() {
             pool.read(&Target::Volume(id), i * mib, &mut out).unwrap();
             assert!(out == want, "MiB {i}");
         }
+        let w = pool.volume_id("w").unwrap();
+        let mut out = vec![0u8; 8 * mib as usize];
+        pool.read(&Target::Volume(w), 0, &mut out).unwrap();
+        assert!(out == vec![5u8; 8 * mib as usize], "w rolled back");
         let report = pool.check().unwrap();
         assert!(report.is_clean(), "{:?}", report.errors);
         assert!(pool.scrub(&|_, _| {}).unwrap().is_clean());
@@ -1087,6 +1101,8 @@ fn pieces_left_inline_are_swept_into_checksum_blocks() {
     check(&pool);
 }
 
+/// Every MiB of volume `v` and its snapshot `s` (taken before MiB 3 was partly rewritten)
+/// reads as `fill` says.
 fn read_all_at(pool: &Pool2, v: &str, s: &str, fill: &dyn Fn(u64) -> Vec<u8>) {
     let mib = 1u64 << 20;
     let id = pool.volume_id(v).unwrap();

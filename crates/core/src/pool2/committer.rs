@@ -492,6 +492,7 @@ impl Pool2 {
                     st.out.push((t, Answer::Value(0)));
                 }
                 if let Some(c) = &self.consolidator {
+                    c.committed();
                     for (l, birth, lba, pba, crcs) in &p.offers {
                         c.offer(*l, *birth, *lba, *pba, crcs);
                     }

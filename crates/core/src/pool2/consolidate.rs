@@ -17,17 +17,18 @@
 //! Sweeps: what was never offered or not consolidated — offers dropped, offers still
 //! queued when the pool closed, pools written before consolidation existed or converted by
 //! `pool upgrade` — is found by a sweep over the live pages, which offers every owned
-//! piece of at least [`OFFER_MIN`] blocks with inline CRCs. One pass is due after open and
-//! after any offer was dropped; it runs only while background work is on (a daemon's pool,
-//! not a one-shot command) and no write offered anything for [`IDLE`], [`SWEEP_PAGES`]
-//! pages per step, [`SWEEP_PAUSE`] apart. A swept candidate is checked by the engine like
-//! any other (still live as read, else skipped), so a page changed since the sweep read
-//! it costs a slot, nothing more.
+//! piece of at least [`OFFER_MIN`] blocks with inline CRCs in lineages still open. One
+//! pass is due after open and after any offer was dropped; it runs only while background
+//! work is on (a daemon's pool, not a one-shot command) and no write group committed for
+//! [`IDLE`], [`SWEEP_PAGES`] pages per step, [`SWEEP_PAUSE`] apart, as bulk reads (not
+//! kept in the store's cache). A swept candidate is checked by the engine like any other
+//! (still live as read, else skipped), so a page changed since the sweep read it costs a
+//! slot, nothing more.
 //!
 //! Threading: one worker thread per pool; the queue's mutex is held for µs, never across
 //! I/O or a submit.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +39,7 @@ use crate::error::Error;
 use crate::meta::MetaStore;
 use crate::v2::engine::Candidate;
 use crate::v2::keys;
+use crate::v2::lineage::Lineage;
 use crate::v2::page::Page;
 use crate::v2::piece::{SumRef, Sums, SUM_SLOTS};
 use crate::v2::sums::{self, SumBlock};
@@ -102,6 +104,9 @@ pub(crate) struct Consolidator {
     /// Blocks sweeps offered, and sweep passes completed.
     pub(crate) swept: AtomicU64,
     pub(crate) sweeps: AtomicU64,
+    /// When a write group last committed: milliseconds since `born`, plus one (0: never).
+    born: Instant,
+    last_commit: AtomicU64,
 }
 
 impl Consolidator {
@@ -118,6 +123,8 @@ impl Consolidator {
             dropped: AtomicU64::new(0),
             swept: AtomicU64::new(0),
             sweeps: AtomicU64::new(0),
+            born: Instant::now(),
+            last_commit: AtomicU64::new(0),
         }
     }
 
@@ -164,14 +171,32 @@ impl Consolidator {
         }
     }
 
+    /// A write group committed (committer): sweeps wait until writes pause for [`IDLE`].
+    pub(crate) fn committed(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_commit.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// No write group committed for [`IDLE`].
+    fn writes_idle(&self) -> bool {
+        match self.last_commit.load(Ordering::Relaxed) {
+            0 => true,
+            t => {
+                let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+                now.saturating_sub(t - 1) >= IDLE.as_millis() as u64
+            }
+        }
+    }
+
     pub(crate) fn shutdown(&self) {
         lock(&self.queue).shutdown = true;
         self.cv.notify_all();
     }
 
-    /// Candidates a sweep found in pages up to the key before `next` (`None`: the pass is
-    /// over). Dropped if the queue cannot take them (another pass is then due).
-    fn add_swept(&self, found: Vec<Candidate>, next: Option<Vec<u8>>) {
+    /// Candidates a sweep found in pages up to the key before `next` (`None`: the pass
+    /// ends; `finished`: it read every page). Dropped if the queue cannot take them
+    /// (another pass is then due).
+    fn add_swept(&self, found: Vec<Candidate>, next: Option<Vec<u8>>, finished: bool) {
         let len: u64 = found.iter().map(|c| u64::from(c.piece.len)).sum();
         let mut q = lock(&self.queue);
         if q.blocks + len > MAX_QUEUED {
@@ -181,7 +206,7 @@ impl Consolidator {
             q.blocks += len;
             self.swept.fetch_add(len, Ordering::Relaxed);
         }
-        if next.is_none() {
+        if next.is_none() && finished {
             self.sweeps.fetch_add(1, Ordering::Relaxed);
         }
         q.sweep_at = next;
@@ -215,7 +240,8 @@ impl Consolidator {
                 }
                 return Some(Next::Blocks(batch));
             }
-            if quiet && (q.sweep_due || q.sweep_at.is_some()) && sweeping() {
+            let sweep = q.sweep_due || q.sweep_at.is_some();
+            if sweep && quiet && self.writes_idle() && sweeping() {
                 let from = match q.sweep_at.take() {
                     Some(k) => k,
                     None => {
@@ -313,22 +339,34 @@ impl Worker {
     }
 
     /// Reads up to [`SWEEP_PAGES`] live pages from key `from` on and offers their owned
-    /// pieces of [`OFFER_MIN`] blocks or more that keep inline CRCs. A page that does not
-    /// decode is skipped (`pool check` reports it; consolidation leaves it alone).
+    /// pieces of [`OFFER_MIN`] blocks or more that keep inline CRCs, in lineages still open
+    /// (the engine consolidates no other: a closed lineage's pieces would cost slots on
+    /// every pass). A page that does not decode is skipped (`pool check` reports it;
+    /// consolidation leaves it alone). Bulk reads: the pages do not enter the store's cache.
     fn sweep_step(&self, from: Vec<u8>) {
         let to = [keys::K_PAGE + 1];
+        let store = &*self.store;
+        let mut open: HashMap<u64, bool> = HashMap::new();
+        let mut is_open = |l: u64| {
+            *open.entry(l).or_insert_with(|| {
+                let rec = store.get(&keys::lineage(LineageId(l))).ok().flatten();
+                rec.and_then(|v| Lineage::decode(&v).ok())
+                    .is_some_and(|x| x.closed.is_none())
+            })
+        };
         let mut found = Vec::new();
         let (mut pages, mut last) = (0usize, None);
-        let scanned = self.store.scan(&from, &to, &mut |k, v| {
+        let mut visit = |k: &[u8], v: &[u8]| {
             pages += 1;
-            if let (Some([l, p]), Ok(page)) = (keys::fields::<2>(k, keys::K_PAGE), Page::decode(v))
-            {
+            let key = keys::fields::<2>(k, keys::K_PAGE).filter(|[l, _]| is_open(*l));
+            if let (Some([l, p]), Ok(page)) = (key, Page::decode(v)) {
+                let wanted = |x: &Piece| {
+                    x.owned() && x.sums.inline().is_some() && u64::from(x.len) >= OFFER_MIN
+                };
                 found.extend(
                     page.pieces
                         .into_iter()
-                        .filter(|x| {
-                            x.owned() && x.sums.inline().is_some() && u64::from(x.len) >= OFFER_MIN
-                        })
+                        .filter(wanted)
                         .map(|piece| Candidate {
                             lineage: LineageId(l),
                             page: PageNo(p),
@@ -343,20 +381,25 @@ impl Worker {
             } else {
                 std::ops::ControlFlow::Continue(())
             }
-        });
-        if let Err(e) = scanned {
-            log::warn!("checksum sweep: reading live pages: {e}; the pass ends here");
-            last = None;
-        }
+        };
+        let scanned = crate::meta::bulk_reads(|| store.scan(&from, &to, &mut visit));
+        let finished = match scanned {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("checksum sweep: reading live pages: {e}; the pass ends here");
+                last = None;
+                false
+            }
+        };
         // The next step starts just past the last key read.
         let next = last.map(|mut k| {
             k.push(0);
             k
         });
         if next.is_none() {
-            log::debug!("checksum sweep: pass over the live pages done");
+            log::debug!("checksum sweep: pass over the live pages ended");
         }
-        self.work.add_swept(found, next);
+        self.work.add_swept(found, next, finished);
     }
 
     /// Writes the checksum blocks of `batch` (each block's candidates) in one FUA device
