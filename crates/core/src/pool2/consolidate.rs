@@ -346,20 +346,12 @@ impl Worker {
     fn sweep_step(&self, from: Vec<u8>) {
         let to = [keys::K_PAGE + 1];
         let store = &*self.store;
-        let mut open: HashMap<u64, bool> = HashMap::new();
-        let mut is_open = |l: u64| {
-            *open.entry(l).or_insert_with(|| {
-                let rec = store.get(&keys::lineage(LineageId(l))).ok().flatten();
-                rec.and_then(|v| Lineage::decode(&v).ok())
-                    .is_some_and(|x| x.closed.is_none())
-            })
-        };
         let mut found = Vec::new();
         let (mut pages, mut last) = (0usize, None);
         let mut visit = |k: &[u8], v: &[u8]| {
             pages += 1;
-            let key = keys::fields::<2>(k, keys::K_PAGE).filter(|[l, _]| is_open(*l));
-            if let (Some([l, p]), Ok(page)) = (key, Page::decode(v)) {
+            if let (Some([l, p]), Ok(page)) = (keys::fields::<2>(k, keys::K_PAGE), Page::decode(v))
+            {
                 let wanted = |x: &Piece| {
                     x.owned() && x.sums.inline().is_some() && u64::from(x.len) >= OFFER_MIN
                 };
@@ -383,6 +375,14 @@ impl Worker {
             }
         };
         let scanned = crate::meta::bulk_reads(|| store.scan(&from, &to, &mut visit));
+        let mut open: HashMap<LineageId, bool> = HashMap::new();
+        found.retain(|c| {
+            *open.entry(c.lineage).or_insert_with(|| {
+                let rec = store.get(&keys::lineage(c.lineage)).ok().flatten();
+                rec.and_then(|v| Lineage::decode(&v).ok())
+                    .is_some_and(|x| x.closed.is_none())
+            })
+        });
         let finished = match scanned {
             Ok(()) => true,
             Err(e) => {
